@@ -1,0 +1,178 @@
+//! The MMU audit (KVM's `mmu_audit.c`): checks, under `mmu_lock`, that the
+//! shadow page tables, the hash, the active list, the rmaps and the parent
+//! lists agree, and (optionally) the dirty logging invariant.
+//!
+//! The dirty logging invariant: a writable leaf spte in a slot that logs
+//! dirty pages has its page's bit set in the dirty bitmap. It is what makes
+//! harvesting correct (a page that can be written without a fault has been,
+//! or will be, reported). In the locked design it holds whenever `mmu_lock`
+//! is free. Check it with vCPUs stopped.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::shadow_page::{SpPtr, page_header};
+use crate::spte::{
+    KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte,
+    is_last_spte, is_shadow_present_pte, is_writable_pte, level_base_gfn, pages_per_spte,
+    spte_level, spte_to_pfn,
+};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::vm::Kvm;
+
+/// What to check beyond structure.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditOptions {
+    /// Check the dirty logging invariant (module docs).
+    pub dirty_log: bool,
+}
+
+/// What the audit counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Shadow pages on the active list.
+    pub shadow_pages: usize,
+    /// Present leaf sptes.
+    pub leaf_sptes: usize,
+    /// ... of which large.
+    pub large_sptes: usize,
+    /// ... of which writable.
+    pub writable_sptes: usize,
+    /// Entries in all rmaps.
+    pub rmap_entries: usize,
+    /// Longest rmap.
+    pub max_rmap_len: usize,
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)*) => {
+        if !$cond {
+            return Err(format!($($fmt)*));
+        }
+    };
+}
+
+impl Kvm {
+    /// Runs the audit.
+    pub(crate) fn audit(&self, opts: AuditOptions) -> Result<AuditReport, String> {
+        let g = self.mmu.lock.lock();
+        let slots = self.memslots.load_full();
+        let mut report = AuditReport::default();
+
+        // rmaps: structure, and where each entry is.
+        let mut rmap_entries: HashMap<usize, (u32, u8, usize)> = HashMap::new();
+        for slot in slots.iter() {
+            for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+                for (idx, head) in slot.rmaps(level).iter().enumerate() {
+                    // SAFETY: we hold mmu_lock, so no writer runs; descriptors
+                    // are type-stable pool memory.
+                    let n = unsafe { head.check_invariants() };
+                    report.rmap_entries += n;
+                    report.max_rmap_len = report.max_rmap_len.max(n);
+                    // SAFETY: as above.
+                    for sptep in unsafe { head.iter() } {
+                        let prev = rmap_entries.insert(sptep.as_ptr() as usize, (slot.id(), level, idx));
+                        ensure!(prev.is_none(), "spte {sptep:p} in two rmaps");
+                    }
+                }
+            }
+        }
+
+        // Shadow pages.
+        let active: Vec<SpPtr> = g.active_pages().collect();
+        report.shadow_pages = active.len();
+        ensure!(active.len() == g.n_used_mmu_pages, "active list {} != n_used {}", active.len(), g.n_used_mmu_pages);
+        ensure!(g.hash.len() == g.n_used_mmu_pages, "hash {} != n_used {}", g.hash.len(), g.n_used_mmu_pages);
+        let live: HashSet<SpPtr> = active.iter().copied().collect();
+        let mut parents_seen: HashMap<SpPtr, usize> = HashMap::new();
+        for &sp in &active {
+            let p = sp.get();
+            let role = p.role();
+            ensure!(!p.is_invalid(), "{p:?} invalid but active");
+            ensure!(g.hash.get(&(p.gfn(), role)) == Some(&sp), "{p:?} not hashed under its key");
+            for (i, sptep) in p.spt().iter().enumerate() {
+                let spte = sptep.load(Ordering::Relaxed);
+                if !is_shadow_present_pte(spte) {
+                    ensure!(spte == 0, "{p:?}[{i}]: non-present spte {spte:#x} is not 0");
+                    continue;
+                }
+                ensure!(spte_level(spte) == role.level, "{p:?}[{i}]: spte {spte:#x} encodes another level");
+                let gfn = p.spte_gfn(i);
+                if is_last_spte(spte, role.level) {
+                    self.audit_leaf(&mut report, &rmap_entries, &slots, opts, sptep, spte, gfn, role.level)?;
+                } else {
+                    // SAFETY: a present non-leaf spte of one of our tables.
+                    let child = unsafe { SpPtr::from_nonleaf_spte(spte) };
+                    ensure!(live.contains(&child), "{p:?}[{i}] points to a dead page");
+                    let c = child.get();
+                    ensure!(c.role().level + 1 == role.level, "{p:?}[{i}]: child level {}", c.role().level);
+                    ensure!(c.gfn() == level_base_gfn(gfn, role.level), "{p:?}[{i}]: child gfn {:#x}", c.gfn());
+                    // SAFETY: we hold mmu_lock.
+                    let has = unsafe { c.parent_ptes().iter() }.any(|q| std::ptr::eq(q.as_ptr(), sptep));
+                    ensure!(has, "{p:?}[{i}] missing from its child's parent_ptes");
+                    *parents_seen.entry(child).or_default() += 1;
+                }
+            }
+        }
+        for &sp in &active {
+            // SAFETY: we hold mmu_lock.
+            let n = unsafe { sp.get().parent_ptes().check_invariants() };
+            let seen = parents_seen.get(&sp).copied().unwrap_or(0);
+            ensure!(n == seen, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get());
+            if sp.get().root_count() > 0 {
+                ensure!(n == 0, "{:?}: a root with parents", sp.get());
+            }
+        }
+        ensure!(
+            report.leaf_sptes == report.rmap_entries,
+            "{} leaf sptes but {} rmap entries",
+            report.leaf_sptes,
+            report.rmap_entries
+        );
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_leaf(
+        &self,
+        report: &mut AuditReport,
+        rmap_entries: &HashMap<usize, (u32, u8, usize)>,
+        slots: &crate::memslot::Memslots,
+        opts: AuditOptions,
+        sptep: &AtomicU64,
+        spte: u64,
+        gfn: u64,
+        level: u8,
+    ) -> Result<(), String> {
+        report.leaf_sptes += 1;
+        ensure!(level <= crate::spte::PT_MAX_HUGEPAGE_LEVEL, "leaf at level {level}");
+        ensure!((level > PT_PAGE_TABLE_LEVEL) == is_large_pte(spte), "spte {spte:#x} at level {level}");
+        let slot = slots.find(gfn).ok_or_else(|| format!("leaf for gfn {gfn:#x} outside memslots"))?;
+        ensure!(!slot.is_invalid(), "leaf into deleted slot {}", slot.id());
+        ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), "gfn {gfn:#x}: spte pfn is not the slot's");
+        let at = rmap_entries.get(&(sptep as *const AtomicU64 as usize));
+        let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
+        ensure!(at == Some(&want), "gfn {gfn:#x} level {level}: spte in rmap {at:?}, want {want:?}");
+        // SAFETY: `sptep` is in one of our tables.
+        ensure!(unsafe { page_header(sptep) }.get().role().level == level, "page_header disagrees");
+        if is_large_pte(spte) {
+            report.large_sptes += 1;
+            ensure!(slot.lpage_ok(gfn), "large spte over a slot edge at gfn {gfn:#x}");
+        }
+        if is_writable_pte(spte) {
+            report.writable_sptes += 1;
+            let both = SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE;
+            ensure!(spte & both == both, "writable spte {spte:#x} without HW|MW");
+            ensure!(!slot.readonly(), "writable spte into read-only slot {}", slot.id());
+            if opts.dirty_log && slot.dirty_logging() {
+                ensure!(!is_large_pte(spte), "writable large spte in logged slot {}", slot.id());
+                for g in gfn..gfn + pages_per_spte(level) {
+                    ensure!(
+                        slot.dirty_bitmap().test(g - slot.base_gfn()),
+                        "dirty log invariant: gfn {g:#x} writable but not marked dirty"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

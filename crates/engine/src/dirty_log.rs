@@ -1,0 +1,94 @@
+//! `KVM_GET_DIRTY_LOG` (`kvm_vm_ioctl_get_dirty_log`).
+//!
+//! For each word of the slot's bitmap: swap it with 0, copy it out, and
+//! write-protect the pages whose bits were set, so that the next write to
+//! each of them faults and marks it again. The caller copies the pages it was
+//! told about only after this returns: by then every write that was not
+//! reported by this call will be reported by the next.
+
+use std::time::Instant;
+
+use thiserror::Error;
+
+use crate::memslot::Memslot;
+use crate::mmu::MmuDesign;
+use crate::vm::Kvm;
+
+/// Why `get_dirty_log` was refused. Nothing is harvested when one is
+/// returned; the log and the VM are unchanged.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DirtyLogError {
+    /// No slot has this id.
+    #[error("slot {0} does not exist")]
+    NoSuchSlot(u32),
+    /// The slot does not log dirty pages.
+    #[error("slot {0} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES is off)")]
+    NotLogging(u32),
+    /// The bitmap buffer has the wrong size.
+    #[error("slot {slot} has {npages} pages: its dirty bitmap is {expected} u64 words, not {got}")]
+    BitmapSize {
+        /// Slot id.
+        slot: u32,
+        /// Pages in the slot.
+        npages: u64,
+        /// Words needed.
+        expected: usize,
+        /// Words given.
+        got: usize,
+    },
+}
+
+impl Kvm {
+    /// `kvm_vm_ioctl_get_dirty_log`.
+    pub(crate) fn kvm_vm_ioctl_get_dirty_log(
+        &self,
+        slot_id: u32,
+        out: &mut [u64],
+    ) -> Result<u64, DirtyLogError> {
+        let _slots = self.slots_lock.lock();
+        let slots = self.memslots.load_full();
+        let slot = slots.get(slot_id).ok_or(DirtyLogError::NoSuchSlot(slot_id))?;
+        if !slot.dirty_logging() {
+            return Err(DirtyLogError::NotLogging(slot_id));
+        }
+        let expected = slot.dirty_bitmap().len_words();
+        if out.len() != expected {
+            return Err(DirtyLogError::BitmapSize {
+                slot: slot_id,
+                npages: slot.npages(),
+                expected,
+                got: out.len(),
+            });
+        }
+        let t0 = Instant::now();
+        let pages = match self.mmu.design {
+            MmuDesign::Locked => self.get_dirty_log_locked(slot, out),
+        };
+        let stats = &self.mmu.stats;
+        stats.get_dirty_log_calls.inc();
+        stats.get_dirty_log_ns.add(t0.elapsed().as_nanos() as u64);
+        stats.pages_harvested.add(pages);
+        Ok(pages)
+    }
+
+    /// The locked design: the whole harvest under `mmu_lock`, remote TLB
+    /// flush inside it.
+    fn get_dirty_log_locked(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
+        let g = self.mmu.lock.lock();
+        let bitmap = slot.dirty_bitmap();
+        let mut pages = 0;
+        for (i, word) in out.iter_mut().enumerate() {
+            let mask = bitmap.take_word(i);
+            *word = mask;
+            if mask == 0 {
+                continue;
+            }
+            pages += u64::from(mask.count_ones());
+            self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
+        }
+        if pages > 0 {
+            self.kvm_flush_remote_tlbs();
+        }
+        pages
+    }
+}

@@ -1,0 +1,219 @@
+//! The slow page fault path of a direct map: `tdp_page_fault` ->
+//! `__direct_map` -> `mmu_set_spte` -> `set_spte`, under `mmu_lock`.
+//!
+//! The order inside `set_spte` is the seed's (patch 06/15): the spte is made
+//! present (and writable, if it is to be) first, then added to its rmap, then
+//! a release fence, then the dirty bit is set. Whoever harvests that bit
+//! (with an acquire swap) and walks the rmap is then sure to find the
+//! writable spte; the locked design gets this from `mmu_lock` anyway, the
+//! lockless one depends on it.
+
+use std::time::Instant;
+
+use super::lock::MmuGuard;
+use super::{MmuCaches, RMAP_RECYCLE_THRESHOLD};
+use crate::memslot::Memslot;
+use crate::shadow_page::SpPtr;
+use crate::spte::{
+    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_large_pte, is_shadow_present_pte,
+    is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
+};
+use crate::sync::atomic::{AtomicU64, Ordering, fence};
+use crate::vm::Kvm;
+
+/// Why a fault could not be fixed: the access goes to userspace as MMIO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FaultExit {
+    /// No memslot holds the gfn.
+    NoSlot,
+    /// A write to a read-only memslot.
+    ReadOnly,
+}
+
+impl Kvm {
+    /// The slow page fault handler for `gfn` in address space `asid`. Runs
+    /// with the vCPU outside guest mode.
+    pub(crate) fn page_fault(
+        &self,
+        caches: &mut MmuCaches,
+        gfn: u64,
+        write: bool,
+        asid: u16,
+    ) -> Result<(), FaultExit> {
+        loop {
+            // Never allocate under mmu_lock.
+            self.mmu.topup_memory_caches(caches);
+            let slots = self.memslots.load_full();
+            let slot = slots.find(gfn).ok_or(FaultExit::NoSlot)?;
+            if write && slot.readonly() {
+                return Err(FaultExit::ReadOnly);
+            }
+            let mut g = self.mmu.lock.lock();
+            if slot.is_invalid() {
+                // Being deleted: its sptes are zapped under this lock and the
+                // set without it is published next. Look it up again.
+                drop(g);
+                std::thread::yield_now();
+                continue;
+            }
+            self.make_mmu_pages_available(&mut g);
+            let level = self.mapping_level(slot, gfn);
+            self.__direct_map(&mut g, caches, slot, gfn, level, write, asid);
+            return Ok(());
+        }
+    }
+
+    /// `mapping_level`: 2 MiB where the whole 2 MiB lies in one slot that does
+    /// not log dirty pages; 4 KiB otherwise. Under `mmu_lock`, so that it is
+    /// consistent with enabling dirty logging.
+    fn mapping_level(&self, slot: &Memslot, gfn: u64) -> u8 {
+        if self.mmu.large_pages && !slot.dirty_logging() && slot.lpage_ok(gfn) {
+            PT_DIRECTORY_LEVEL
+        } else {
+            PT_PAGE_TABLE_LEVEL
+        }
+    }
+
+    /// `__direct_map`: walks from the root to `level`, creating and linking
+    /// the missing tables, then maps `gfn`.
+    #[allow(clippy::too_many_arguments)]
+    fn __direct_map(
+        &self,
+        g: &mut MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        slot: &Memslot,
+        gfn: u64,
+        level: u8,
+        write: bool,
+        asid: u16,
+    ) {
+        let mut sp = self.mmu_alloc_direct_root(g, caches, asid);
+        let mut cur = PT64_ROOT_LEVEL;
+        while cur > level {
+            let sptep = sp.get().spte(spte_index(gfn, cur));
+            // A large leaf where we need a table: drop it (patch 03's
+            // `drop_large_spte` in `__direct_map`). The locked design drops
+            // large sptes when it write-protects them, so this only fires
+            // there if a slot's logging was enabled after a large mapping was
+            // made read-only, which it never is; it is kept in both designs
+            // so that the walk below never treats a leaf as a table.
+            self.drop_large_spte(g, sptep);
+            let spte = sptep.load(Ordering::Relaxed);
+            sp = if is_shadow_present_pte(spte) {
+                // SAFETY: a present non-leaf spte of one of our tables.
+                unsafe { SpPtr::from_nonleaf_spte(spte) }
+            } else {
+                let child = self.kvm_mmu_get_page(g, caches, level_base_gfn(gfn, cur), cur - 1, asid);
+                self.link_shadow_page(g, caches, sptep, child, cur);
+                child
+            };
+            cur -= 1;
+        }
+        let base = level_base_gfn(gfn, level);
+        let sptep = sp.get().spte(spte_index(gfn, level));
+        self.mmu_set_spte(g, caches, slot, sptep, level, base, slot.gfn_to_pfn(base), write);
+    }
+
+    /// `mmu_set_spte`: clears whatever `sptep` held that the new mapping
+    /// replaces, then `set_spte`.
+    #[allow(clippy::too_many_arguments)]
+    fn mmu_set_spte(
+        &self,
+        g: &MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        slot: &Memslot,
+        sptep: &AtomicU64,
+        level: u8,
+        gfn: u64,
+        pfn: u64,
+        write: bool,
+    ) {
+        let old = sptep.load(Ordering::Relaxed);
+        if is_shadow_present_pte(old) {
+            if level > PT_PAGE_TABLE_LEVEL && !is_large_pte(old) {
+                // A table where a large page goes (logging was turned off):
+                // unlink the child table; it stays until shrunk.
+                // SAFETY: a present non-leaf spte of one of our tables.
+                let child = unsafe { SpPtr::from_nonleaf_spte(old) };
+                self.drop_parent_pte(g, child, sptep);
+                self.kvm_flush_remote_tlbs();
+            } else if spte_to_pfn(old) != pfn {
+                self.drop_spte(g, sptep);
+                self.kvm_flush_remote_tlbs();
+            }
+        }
+        self.set_spte(g, caches, slot, sptep, level, gfn, pfn, write);
+    }
+
+    /// `set_spte`, in the order of patch 06/15.
+    #[allow(clippy::too_many_arguments)]
+    fn set_spte(
+        &self,
+        g: &MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        slot: &Memslot,
+        sptep: &AtomicU64,
+        level: u8,
+        gfn: u64,
+        pfn: u64,
+        write: bool,
+    ) {
+        let remap = is_shadow_present_pte(sptep.load(Ordering::Relaxed));
+        let host_writable = !slot.readonly();
+        // In a logged slot only a write makes the spte writable, and it marks
+        // the page dirty below. A read maps the page read-only (with MW set,
+        // so the lockless design may fix a later write fault fast).
+        let logging = slot.dirty_logging();
+        let writable = host_writable && (write || !logging);
+        let spte = make_leaf_spte(pfn, level, host_writable, writable);
+
+        // (1) The spte becomes present/writable.
+        if self.mmu_spte_update(g, sptep, spte) {
+            self.kvm_flush_remote_tlbs();
+        }
+        // (2) It is added to the rmap.
+        if !remap {
+            if self.rmap_add(g, caches, slot, sptep, gfn, level) > RMAP_RECYCLE_THRESHOLD {
+                self.rmap_recycle(g, slot, gfn, level);
+            }
+            self.mmu.stats.sptes_mapped.inc();
+            if level > PT_PAGE_TABLE_LEVEL {
+                self.mmu.stats.large_sptes_mapped.inc();
+            }
+        }
+        // (3) smp_wmb(): both stores above are ordered before the dirty bit.
+        // Pairs with the AcqRel swap of `get_dirty_log` (`take_word`), which
+        // then walks the rmap. Without it a harvester could take the bit and
+        // walk the rmap before the writable spte is in it (the first race of
+        // patch 06), or see the spte in the rmap while still read-only and
+        // leave it writable afterwards (the second).
+        fence(Ordering::Release);
+        // (4) The dirty bit.
+        if is_writable_pte(spte) && logging {
+            slot.mark_page_dirty(gfn);
+            self.mmu.stats.pages_marked_dirty.inc();
+        }
+    }
+
+    /// `rmap_recycle`: an rmap grew past `RMAP_RECYCLE_THRESHOLD`: zap every
+    /// spte in it (`kvm_unmap_rmapp`), and flush.
+    fn rmap_recycle(&self, g: &MmuGuard<'_>, slot: &Memslot, gfn: u64, level: u8) {
+        let head = slot.rmap(gfn, level);
+        loop {
+            // SAFETY: we hold mmu_lock; one entry at a time, then over.
+            let first = unsafe { head.iter() }.next();
+            let Some(sptep) = first else { break };
+            // SAFETY: rmap entries point to sptes in our type-stable tables.
+            self.drop_spte(g, unsafe { sptep.as_ref() });
+        }
+        self.kvm_flush_remote_tlbs();
+    }
+
+    /// `kvm_flush_remote_tlbs`, with accounting.
+    pub(crate) fn kvm_flush_remote_tlbs(&self) {
+        let t0 = Instant::now();
+        self.vcpus.kvm_flush_remote_tlbs();
+        self.mmu.stats.remote_tlb_flushes.inc();
+        self.mmu.stats.remote_tlb_flush_ns.add(t0.elapsed().as_nanos() as u64);
+    }
+}

@@ -1,0 +1,105 @@
+//! `mmu_lock`: the lock the slow page fault path, zapping and (in the locked
+//! design) dirty logging take, with accounting of how long it is waited for
+//! and held.
+//!
+//! The lock guards [`MmuLocked`] (the shadow page hash, the active list and
+//! the page budget). Shadow page tables, rmaps and shadow page headers are
+//! atomics outside it, but their *writers* all hold it: holding an
+//! [`MmuGuard`] is the proof the pte_list writer functions ask for.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::MmuLocked;
+use crate::stats::Counter;
+
+/// Accounting of `mmu_lock`.
+#[derive(Debug, Default)]
+pub struct LockStats {
+    /// Times the lock was taken.
+    pub acquisitions: Counter,
+    /// Times a taker found it held and had to wait.
+    pub contended: Counter,
+    /// Total nanoseconds spent waiting for it.
+    pub wait_ns: Counter,
+    /// Total nanoseconds it was held.
+    pub hold_ns: Counter,
+}
+
+/// `kvm->mmu_lock`.
+pub(crate) struct MmuLock {
+    mutex: Mutex<MmuLocked>,
+    /// Threads blocked in `lock` (for `spin_needbreak`).
+    waiters: AtomicU32,
+    pub(crate) stats: LockStats,
+}
+
+impl MmuLock {
+    pub(crate) fn new(state: MmuLocked) -> Self {
+        Self { mutex: Mutex::new(state), waiters: AtomicU32::new(0), stats: LockStats::default() }
+    }
+
+    /// `spin_lock(&kvm->mmu_lock)`.
+    pub(crate) fn lock(&self) -> MmuGuard<'_> {
+        let guard = match self.mutex.try_lock() {
+            Some(g) => g,
+            None => {
+                let t0 = Instant::now();
+                // Relaxed: a hint for `needbreak`; the mutex orders everything
+                // that matters.
+                self.waiters.fetch_add(1, Ordering::Relaxed);
+                let g = self.mutex.lock();
+                self.waiters.fetch_sub(1, Ordering::Relaxed);
+                self.stats.contended.inc();
+                self.stats.wait_ns.add(t0.elapsed().as_nanos() as u64);
+                g
+            }
+        };
+        self.stats.acquisitions.inc();
+        MmuGuard { guard, lock: self, since: Instant::now() }
+    }
+}
+
+/// A held `mmu_lock`.
+pub(crate) struct MmuGuard<'a> {
+    guard: MutexGuard<'a, MmuLocked>,
+    lock: &'a MmuLock,
+    since: Instant,
+}
+
+impl MmuGuard<'_> {
+    /// `spin_needbreak`: is another thread waiting for the lock?
+    pub(crate) fn needbreak(&self) -> bool {
+        // Relaxed: a hint (see `MmuLock::waiters`).
+        self.lock.waiters.load(Ordering::Relaxed) > 0
+    }
+
+    /// `cond_resched_lock`: lets waiters take the lock, then takes it back.
+    pub(crate) fn cond_resched(&mut self) {
+        self.lock.stats.hold_ns.add(self.since.elapsed().as_nanos() as u64);
+        MutexGuard::bump(&mut self.guard);
+        self.since = Instant::now();
+    }
+}
+
+impl Deref for MmuGuard<'_> {
+    type Target = MmuLocked;
+    fn deref(&self) -> &MmuLocked {
+        &self.guard
+    }
+}
+
+impl DerefMut for MmuGuard<'_> {
+    fn deref_mut(&mut self) -> &mut MmuLocked {
+        &mut self.guard
+    }
+}
+
+impl Drop for MmuGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.stats.hold_ns.add(self.since.elapsed().as_nanos() as u64);
+    }
+}

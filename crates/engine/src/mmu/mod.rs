@@ -1,0 +1,198 @@
+//! The shadow MMU: a direct map of guest physical memory built from shadow
+//! pages, with rmaps from every gfn to the sptes that map it.
+//!
+//! The functions are named after `arch/x86/kvm/mmu.c` and `x86.c` and live in
+//! `impl Kvm` blocks, one file per concern:
+//! - `spte_ops.rs`: updating one spte and its rmap (`mmu_spte_*`,
+//!   `drop_spte`, `rmap_add`/`rmap_remove`);
+//! - `page.rs`: shadow page life (`kvm_mmu_get_page`, `link_shadow_page`,
+//!   prepare/commit zapping, the shrinker);
+//! - `fault.rs`: the slow page fault (`__direct_map`, `set_spte`);
+//! - `write_protect.rs`: dirty logging (enable-logging and
+//!   `get_dirty_log`'s write protection).
+//!
+//! # Locking
+//!
+//! `mmu_lock` ([`lock::MmuLock`]) serialises every writer of shadow page
+//! tables, rmaps and shadow page headers. Readers outside it: vCPUs in guest
+//! mode walking the tables (like the hardware page walker), and the
+//! statistics. Shadow pages and pte_list descriptors come from type-stable
+//! pools, so a reader that races with a zap never touches freed memory;
+//! a zapped page's memory is reused only after `kvm_flush_remote_tlbs`
+//! has waited for every vCPU in guest mode.
+//!
+//! # Designs
+//!
+//! [`MmuDesign`] selects, at run time, how dirty logging write-protects.
+//! `Locked` is KVM before the seed: enable-logging and `get_dirty_log` walk
+//! rmaps under `mmu_lock` and flush TLBs inside it; large sptes are dropped
+//! when write-protected; write faults on logged pages take the slow path.
+
+pub(crate) mod fault;
+pub(crate) mod lock;
+pub(crate) mod page;
+pub(crate) mod spte_ops;
+pub(crate) mod write_protect;
+
+use std::collections::HashMap;
+
+use crate::pool::{MemoryCache, Pool};
+use crate::pte_list::PteListDesc;
+use crate::shadow_page::{ShadowPage, SpPtr, SpRole};
+use crate::stats::MmuStats;
+use crate::sync::atomic::{AtomicPtr, Ordering};
+use lock::MmuLock;
+
+/// How dirty logging write-protects guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MmuDesign {
+    /// KVM before the seed: write protection under `mmu_lock`.
+    #[default]
+    Locked,
+}
+
+impl MmuDesign {
+    /// All designs, for tests and benchmarks that run each.
+    pub const ALL: [MmuDesign; 1] = [MmuDesign::Locked];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            MmuDesign::Locked => "locked",
+        }
+    }
+}
+
+impl std::fmt::Display for MmuDesign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MmuDesign {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "locked" => Ok(MmuDesign::Locked),
+            other => Err(format!("unknown MMU design {other:?} (known: locked)")),
+        }
+    }
+}
+
+/// Fewest pages a VM's shadow page budget may be (`KVM_MIN_ALLOC_MMU_PAGES`).
+pub const KVM_MIN_ALLOC_MMU_PAGES: usize = 64;
+/// Shadow pages per 1000 guest pages by default (`KVM_PERMILLE_MMU_PAGES`).
+pub const KVM_PERMILLE_MMU_PAGES: u64 = 20;
+/// The fault path zaps when fewer pages than this are left (`KVM_MIN_FREE_MMU_PAGES`).
+pub const KVM_MIN_FREE_MMU_PAGES: usize = 5;
+/// ... until this many are free again (`KVM_REFILL_PAGES`).
+pub const KVM_REFILL_PAGES: usize = 25;
+/// An rmap longer than this is recycled on add (`RMAP_RECYCLE_THRESHOLD`).
+pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
+/// Descriptors a fault may need: one per level for parent ptes, one for the
+/// rmap, with KVM's margin (`8 + PTE_PREFETCH_NUM`).
+pub const PTE_LIST_DESC_CACHE_MIN: usize = 16;
+/// Shadow pages a fault may need: one per level below the root, and a root.
+pub const MMU_PAGE_CACHE_MIN: usize = 4;
+
+/// `kvm_mmu_calculate_mmu_pages`: the default shadow page budget for a VM
+/// with `guest_pages` pages of memory.
+pub fn default_max_mmu_pages(guest_pages: u64) -> usize {
+    ((guest_pages * KVM_PERMILLE_MMU_PAGES / 1000) as usize).max(KVM_MIN_ALLOC_MMU_PAGES)
+}
+
+/// State guarded by `mmu_lock`.
+pub(crate) struct MmuLocked {
+    /// `mmu_page_hash`: shadow pages by (gfn, role).
+    pub(crate) hash: HashMap<(u64, SpRole), SpPtr>,
+    /// `active_mmu_pages`: newest at the head, oldest at the tail.
+    pub(crate) active_head: Option<SpPtr>,
+    pub(crate) active_tail: Option<SpPtr>,
+    /// `n_used_mmu_pages`.
+    pub(crate) n_used_mmu_pages: usize,
+    /// `n_max_mmu_pages`.
+    pub(crate) n_max_mmu_pages: usize,
+    /// Did the user set the budget (`n_requested_mmu_pages`)? If not, it
+    /// follows the size of guest memory.
+    pub(crate) n_requested_mmu_pages: Option<usize>,
+}
+
+/// A vCPU's memory caches (`mmu_pte_list_desc_cache`, `mmu_page_cache`).
+#[derive(Default)]
+pub struct MmuCaches {
+    pub(crate) desc: MemoryCache<PteListDesc>,
+    pub(crate) sp: MemoryCache<ShadowPage>,
+}
+
+impl std::fmt::Debug for MmuCaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmuCaches").field("desc", &self.desc.len()).field("sp", &self.sp.len()).finish()
+    }
+}
+
+/// The MMU of one VM.
+pub(crate) struct Mmu {
+    pub(crate) design: MmuDesign,
+    pub(crate) lock: MmuLock,
+    pub(crate) sp_pool: Pool<ShadowPage>,
+    pub(crate) desc_pool: Pool<PteListDesc>,
+    /// Root of each address space (`root_hpa`), published with release
+    /// stores under `mmu_lock`, read by vCPU page walks with acquire loads.
+    roots: Box<[AtomicPtr<ShadowPage>]>,
+    pub(crate) large_pages: bool,
+    pub(crate) stats: MmuStats,
+}
+
+impl Mmu {
+    pub(crate) fn new(design: MmuDesign, address_spaces: u16, large_pages: bool, max: Option<usize>) -> Self {
+        Self {
+            design,
+            lock: MmuLock::new(MmuLocked {
+                hash: HashMap::new(),
+                active_head: None,
+                active_tail: None,
+                n_used_mmu_pages: 0,
+                n_max_mmu_pages: max.unwrap_or(KVM_MIN_ALLOC_MMU_PAGES),
+                n_requested_mmu_pages: max,
+            }),
+            sp_pool: Pool::new(),
+            desc_pool: Pool::new(),
+            roots: (0..address_spaces).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+            large_pages,
+            stats: MmuStats::default(),
+        }
+    }
+
+    /// Number of address spaces.
+    pub(crate) fn address_spaces(&self) -> u16 {
+        self.roots.len() as u16
+    }
+
+    /// The root of `asid`, if built (a vCPU's page walk reads it).
+    #[inline]
+    pub(crate) fn root(&self, asid: u16) -> Option<SpPtr> {
+        // Acquire: pairs with the release store in `set_root`, so the walker
+        // sees the root's initialised (empty) table.
+        let p = self.roots[asid as usize].load(Ordering::Acquire);
+        std::ptr::NonNull::new(p).map(SpPtr::from_pool)
+    }
+
+    /// Publishes (or clears) the root of `asid`. Under `mmu_lock`.
+    pub(crate) fn set_root(&self, asid: u16, sp: Option<SpPtr>) {
+        let p = sp.map_or(std::ptr::null_mut(), |sp| sp.as_non_null().as_ptr());
+        // Release: see `root`.
+        self.roots[asid as usize].store(p, Ordering::Release);
+    }
+
+    /// `mmu_topup_memory_caches`: called before taking `mmu_lock`.
+    pub(crate) fn topup_memory_caches(&self, caches: &mut MmuCaches) {
+        caches.desc.topup(&self.desc_pool, PTE_LIST_DESC_CACHE_MIN);
+        caches.sp.topup(&self.sp_pool, MMU_PAGE_CACHE_MIN);
+    }
+
+    /// `mmu_free_memory_caches`.
+    pub(crate) fn free_memory_caches(&self, caches: &mut MmuCaches) {
+        caches.desc.release(&self.desc_pool);
+        caches.sp.release(&self.sp_pool);
+    }
+}

@@ -1,0 +1,286 @@
+//! The life of a shadow page: lookup and creation (`kvm_mmu_get_page`),
+//! linking into its parent (`link_shadow_page`), zapping in two steps
+//! (`kvm_mmu_prepare_zap_page`, `kvm_mmu_commit_zap_page`) and the shrinker
+//! (`make_mmu_pages_available`).
+//!
+//! Zapping is prepare, then commit:
+//! - prepare (under `mmu_lock`): unlink the page's children and parents,
+//!   mark it invalid, move it from the active list to an invalid list. It is
+//!   unreachable from any root afterwards, but a vCPU that loaded a pointer
+//!   to it before may still be walking it.
+//! - commit: flush remote TLBs, which waits for every vCPU in guest mode to
+//!   reach an access boundary, so no walk of the page is in flight; then
+//!   isolate it (remove it from the hash, patch 11) and free it to the
+//!   type-stable pool.
+//!
+//! Roots are pinned: each address space's root holds a root reference
+//! (`root_count`) for the life of the VM, and the shrinker skips pages with
+//! root references, so only [`Kvm::kvm_mmu_zap_all`] zaps roots.
+
+use super::lock::MmuGuard;
+use super::{KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, MmuCaches, MmuLocked};
+use crate::memslot::Memslot;
+use crate::shadow_page::{SpPtr, SpRole};
+use crate::spte::{
+    KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte,
+    make_nonleaf_spte,
+};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::vm::Kvm;
+
+impl MmuLocked {
+    fn active_push_head(&mut self, sp: SpPtr) {
+        let p = sp.get();
+        p.set_link_prev(None);
+        p.set_link_next(self.active_head);
+        match self.active_head {
+            Some(h) => h.get().set_link_prev(Some(sp)),
+            None => self.active_tail = Some(sp),
+        }
+        self.active_head = Some(sp);
+    }
+
+    fn active_remove(&mut self, sp: SpPtr) {
+        let p = sp.get();
+        let (prev, next) = (p.link_prev(), p.link_next());
+        match prev {
+            Some(prev) => prev.get().set_link_next(next),
+            None => self.active_head = next,
+        }
+        match next {
+            Some(next) => next.get().set_link_prev(prev),
+            None => self.active_tail = prev,
+        }
+        p.set_link_prev(None);
+        p.set_link_next(None);
+    }
+
+    /// Shadow pages on the active list, newest first.
+    pub(crate) fn active_pages(&self) -> impl Iterator<Item = SpPtr> + '_ {
+        std::iter::successors(self.active_head, |sp| sp.get().link_next())
+    }
+}
+
+impl Kvm {
+    /// `kvm_mmu_get_page`: the shadow page for (`gfn`, `level`, `asid`),
+    /// found in the hash or made from the vCPU's cache.
+    pub(crate) fn kvm_mmu_get_page(
+        &self,
+        g: &mut MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        gfn: u64,
+        level: u8,
+        asid: u16,
+    ) -> SpPtr {
+        let role = SpRole { level, direct: true, asid };
+        if let Some(&sp) = g.hash.get(&(gfn, role)) {
+            debug_assert!(!sp.get().is_invalid());
+            return sp;
+        }
+        let sp = SpPtr::from_pool(caches.sp.alloc());
+        let p = sp.get();
+        debug_assert!(p.is_empty() && p.parent_ptes().is_empty());
+        p.init(gfn, role);
+        g.hash.insert((gfn, role), sp);
+        g.active_push_head(sp);
+        g.n_used_mmu_pages += 1;
+        self.mmu.stats.sp_created.inc();
+        sp
+    }
+
+    /// `link_shadow_page`: points `sptep`, in a table of `level`, at `child`.
+    pub(crate) fn link_shadow_page(
+        &self,
+        g: &MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        sptep: &AtomicU64,
+        child: SpPtr,
+        level: u8,
+    ) {
+        self.mmu_page_add_parent_pte(g, caches, child, sptep);
+        self.mmu_spte_set(g, sptep, make_nonleaf_spte(child.get().table_addr(), level));
+    }
+
+    /// `mmu_alloc_direct_roots`: the root of `asid`, built and pinned on first
+    /// use.
+    pub(crate) fn mmu_alloc_direct_root(
+        &self,
+        g: &mut MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        asid: u16,
+    ) -> SpPtr {
+        if let Some(root) = self.mmu.root(asid) {
+            return root;
+        }
+        let root = self.kvm_mmu_get_page(g, caches, 0, PT64_ROOT_LEVEL, asid);
+        root.get().get_root();
+        self.mmu.set_root(asid, Some(root));
+        root
+    }
+
+    /// `mmu_page_zap_pte`: clears one spte of `sp`, dropping a leaf from its
+    /// rmap or unlinking a child table.
+    pub(crate) fn mmu_page_zap_pte(&self, g: &MmuGuard<'_>, sp: SpPtr, sptep: &AtomicU64) {
+        let pte = sptep.load(Ordering::Relaxed);
+        if !is_shadow_present_pte(pte) {
+            return;
+        }
+        if is_last_spte(pte, sp.get().role().level) {
+            self.drop_spte(g, sptep);
+        } else {
+            // SAFETY: a present non-leaf spte of one of our tables.
+            let child = unsafe { SpPtr::from_nonleaf_spte(pte) };
+            self.drop_parent_pte(g, child, sptep);
+        }
+    }
+
+    /// `kvm_mmu_page_unlink_children`.
+    fn kvm_mmu_page_unlink_children(&self, g: &MmuGuard<'_>, sp: SpPtr) {
+        for sptep in sp.get().spt() {
+            self.mmu_page_zap_pte(g, sp, sptep);
+        }
+    }
+
+    /// `kvm_mmu_unlink_parents`.
+    fn kvm_mmu_unlink_parents(&self, g: &MmuGuard<'_>, sp: SpPtr) {
+        loop {
+            // SAFETY: we hold mmu_lock; the list is not modified while the
+            // iterator is used (we take one entry, then start over).
+            let first = unsafe { sp.get().parent_ptes().iter() }.next();
+            let Some(parent) = first else { break };
+            // SAFETY: parent_ptes holds pointers to sptes in our tables, which
+            // are type-stable.
+            let parent = unsafe { parent.as_ref() };
+            self.drop_parent_pte(g, sp, parent);
+        }
+    }
+
+    /// `kvm_mmu_prepare_zap_page`: unlinks `sp` and queues it on
+    /// `invalid_list`. Returns the number of pages queued.
+    pub(crate) fn kvm_mmu_prepare_zap_page(
+        &self,
+        g: &mut MmuGuard<'_>,
+        sp: SpPtr,
+        invalid_list: &mut Vec<SpPtr>,
+    ) -> usize {
+        let p = sp.get();
+        assert_eq!(p.root_count(), 0, "zapping a pinned root");
+        debug_assert!(!p.is_invalid());
+        self.kvm_mmu_page_unlink_children(g, sp);
+        self.kvm_mmu_unlink_parents(g, sp);
+        p.set_invalid();
+        g.active_remove(sp);
+        g.n_used_mmu_pages -= 1;
+        invalid_list.push(sp);
+        self.mmu.stats.sp_zapped.inc();
+        1
+    }
+
+    /// `kvm_mmu_isolate_page` (patch 11): removes `sp` from the hash; the
+    /// table is still valid memory for walkers that hold it.
+    fn kvm_mmu_isolate_page(&self, g: &mut MmuGuard<'_>, sp: SpPtr) {
+        let p = sp.get();
+        debug_assert!(p.is_empty(), "isolating a shadow page with present sptes");
+        let removed = g.hash.remove(&(p.gfn(), p.role()));
+        debug_assert_eq!(removed, Some(sp));
+    }
+
+    /// `kvm_mmu_free_page`: hands `sp` back to the pool.
+    fn kvm_mmu_free_page(&self, sp: SpPtr) {
+        self.mmu.sp_pool.free(sp.as_non_null());
+    }
+
+    /// `kvm_mmu_commit_zap_page`: flushes remote TLBs, then frees the pages.
+    pub(crate) fn kvm_mmu_commit_zap_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut Vec<SpPtr>) {
+        if invalid_list.is_empty() {
+            return;
+        }
+        // Wait for every vCPU in guest mode: none can still walk or use a
+        // translation through the pages we are about to reuse.
+        self.kvm_flush_remote_tlbs();
+        for sp in invalid_list.drain(..) {
+            self.kvm_mmu_isolate_page(g, sp);
+            self.kvm_mmu_free_page(sp);
+        }
+    }
+
+    /// `prepare_zap_oldest_mmu_page`: zaps the oldest page that is not a
+    /// root.
+    fn prepare_zap_oldest_mmu_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut Vec<SpPtr>) -> bool {
+        let mut cur = g.active_tail;
+        while let Some(sp) = cur {
+            if sp.get().root_count() == 0 {
+                self.kvm_mmu_prepare_zap_page(g, sp, invalid_list);
+                self.mmu.stats.sp_shrunk.inc();
+                return true;
+            }
+            cur = sp.get().link_prev();
+        }
+        false
+    }
+
+    /// `make_mmu_pages_available`: the shrinker, run by the fault path before
+    /// it may create shadow pages.
+    pub(crate) fn make_mmu_pages_available(&self, g: &mut MmuGuard<'_>) {
+        if g.n_max_mmu_pages.saturating_sub(g.n_used_mmu_pages) >= KVM_MIN_FREE_MMU_PAGES {
+            return;
+        }
+        let mut invalid_list = Vec::new();
+        while g.n_max_mmu_pages.saturating_sub(g.n_used_mmu_pages) < KVM_REFILL_PAGES {
+            if !self.prepare_zap_oldest_mmu_page(g, &mut invalid_list) {
+                break;
+            }
+        }
+        self.kvm_mmu_commit_zap_page(g, &mut invalid_list);
+    }
+
+    /// `kvm_mmu_change_mmu_pages`: sets the budget and zaps down to it.
+    pub(crate) fn kvm_mmu_change_mmu_pages(&self, g: &mut MmuGuard<'_>, goal: usize) {
+        let mut invalid_list = Vec::new();
+        while g.n_used_mmu_pages > goal {
+            if !self.prepare_zap_oldest_mmu_page(g, &mut invalid_list) {
+                break;
+            }
+        }
+        self.kvm_mmu_commit_zap_page(g, &mut invalid_list);
+        g.n_max_mmu_pages = goal;
+    }
+
+    /// `kvm_mmu_zap_all`: unpins the roots and zaps every shadow page.
+    pub(crate) fn kvm_mmu_zap_all(&self, g: &mut MmuGuard<'_>) {
+        for asid in 0..self.mmu.address_spaces() {
+            if let Some(root) = self.mmu.root(asid) {
+                self.mmu.set_root(asid, None);
+                root.get().put_root();
+            }
+        }
+        let mut invalid_list = Vec::new();
+        while let Some(sp) = g.active_head {
+            self.kvm_mmu_prepare_zap_page(g, sp, &mut invalid_list);
+        }
+        self.kvm_mmu_commit_zap_page(g, &mut invalid_list);
+        debug_assert_eq!(g.n_used_mmu_pages, 0);
+    }
+
+    /// Zaps every spte that maps `slot`, through its rmaps
+    /// (`kvm_arch_flush_shadow_memslot`), then flushes remote TLBs. Shadow
+    /// pages stay; they are reused or shrunk later.
+    pub(crate) fn kvm_mmu_zap_memslot(&self, g: &MmuGuard<'_>, slot: &Memslot) {
+        let mut zapped = false;
+        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+            for head in slot.rmaps(level) {
+                loop {
+                    // SAFETY: we hold mmu_lock; one entry at a time, then over.
+                    let first = unsafe { head.iter() }.next();
+                    let Some(sptep) = first else { break };
+                    // SAFETY: rmap entries point to sptes in our type-stable tables.
+                    self.drop_spte(g, unsafe { sptep.as_ref() });
+                    zapped = true;
+                }
+            }
+        }
+        if zapped {
+            self.kvm_flush_remote_tlbs();
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Updating one spte, and keeping its rmap in step (`mmu_spte_set`,
+//! `mmu_spte_update`, `drop_spte`, `rmap_add`, `rmap_remove`, parent ptes).
+//!
+//! All functions here are called with `mmu_lock` held; the guard is passed
+//! as the proof. Every store that makes an spte present is a release store:
+//! vCPU page walks load sptes with acquire ordering and must see the table
+//! or page the spte points to fully set up.
+
+use std::ptr::NonNull;
+
+use super::MmuCaches;
+use super::lock::MmuGuard;
+use crate::memslot::Memslot;
+use crate::shadow_page::{SpPtr, page_header};
+use crate::spte::{is_large_pte, is_shadow_present_pte, is_writable_pte};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::vm::Kvm;
+
+impl Kvm {
+    /// `mmu_spte_set`: makes a non-present spte present.
+    pub(crate) fn mmu_spte_set(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) {
+        debug_assert!(!is_shadow_present_pte(sptep.load(Ordering::Relaxed)));
+        // Release: pairs with the acquire loads of vCPU page walks (and of
+        // lockless readers): what the spte points to is initialised first.
+        sptep.store(new, Ordering::Release);
+    }
+
+    /// `mmu_spte_update`: replaces a (possibly present) spte; returns whether
+    /// remote TLBs must be flushed because a vCPU may still cache a more
+    /// permissive translation.
+    ///
+    /// Locked design (KVM before patch 04): flush when W goes from set to
+    /// clear. Nothing changes an spte without `mmu_lock` in this design, so a
+    /// plain load and a release store suffice.
+    pub(crate) fn mmu_spte_update(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) -> bool {
+        let old = sptep.load(Ordering::Relaxed);
+        // Release: as in `mmu_spte_set`.
+        sptep.store(new, Ordering::Release);
+        if !is_shadow_present_pte(old) {
+            return false;
+        }
+        is_writable_pte(old) && !is_writable_pte(new)
+    }
+
+    /// `mmu_spte_clear_track_bits`: makes an spte non-present, returns the old
+    /// value.
+    pub(crate) fn mmu_spte_clear_track_bits(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) -> u64 {
+        let old = sptep.load(Ordering::Relaxed);
+        // Release: a walker that reads 0 faults; one that read the old value
+        // is covered by the remote TLB flush the caller owes.
+        sptep.store(0, Ordering::Release);
+        old
+    }
+
+    /// `mmu_spte_clear_no_track`: clears a non-leaf spte.
+    pub(crate) fn mmu_spte_clear_no_track(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) {
+        // Release: as in `mmu_spte_clear_track_bits`.
+        sptep.store(0, Ordering::Release);
+    }
+
+    /// `rmap_add`: records that `sptep` maps `gfn` at `level`; returns the
+    /// rmap's length before.
+    pub(crate) fn rmap_add(
+        &self,
+        _g: &MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        slot: &Memslot,
+        sptep: &AtomicU64,
+        gfn: u64,
+        level: u8,
+    ) -> usize {
+        // SAFETY: we hold mmu_lock (the guard), which serialises every writer
+        // of every rmap; descriptors come from this VM's type-stable pool
+        // through the vCPU's cache, clean.
+        unsafe { slot.rmap(gfn, level).add(NonNull::from(sptep), &mut || caches.desc.alloc()) }
+    }
+
+    /// `rmap_remove`: forgets that the leaf `sptep` maps its gfn. The gfn and
+    /// level come from the shadow page the spte sits in.
+    pub(crate) fn rmap_remove(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) {
+        // SAFETY: every leaf spte with an rmap entry sits in a shadow page
+        // table of this VM.
+        let sp = unsafe { page_header(sptep) }.get();
+        let gfn = sp.spte_gfn(sp.spte_index_of(sptep));
+        let level = sp.role().level;
+        let slots = self.memslots.load();
+        // Memslot deletion zaps every spte of a slot while the slot is still
+        // published (marked invalid), so a mapped gfn always has its slot.
+        let slot = slots.find(gfn).expect("rmap_remove: mapped gfn has no memslot");
+        // SAFETY: we hold mmu_lock; freed descriptors go back to the VM's
+        // type-stable pool, which keeps their memory.
+        unsafe {
+            slot.rmap(gfn, level).remove(NonNull::from(sptep), &mut |d| self.mmu.desc_pool.free(d))
+        };
+    }
+
+    /// `drop_spte`: makes a leaf non-present and removes it from its rmap.
+    /// The caller owes a remote TLB flush.
+    pub(crate) fn drop_spte(&self, g: &MmuGuard<'_>, sptep: &AtomicU64) {
+        let old = self.mmu_spte_clear_track_bits(g, sptep);
+        if is_shadow_present_pte(old) {
+            self.rmap_remove(g, sptep);
+        }
+    }
+
+    /// `mmu_page_add_parent_pte`.
+    pub(crate) fn mmu_page_add_parent_pte(
+        &self,
+        _g: &MmuGuard<'_>,
+        caches: &mut MmuCaches,
+        sp: SpPtr,
+        parent_pte: &AtomicU64,
+    ) {
+        // SAFETY: we hold mmu_lock, which serialises the writers of every
+        // parent_ptes list; descriptors come from the vCPU's cache.
+        unsafe { sp.get().parent_ptes().add(NonNull::from(parent_pte), &mut || caches.desc.alloc()) };
+    }
+
+    /// `drop_parent_pte`: unlinks `sp` from the table of `parent_pte`.
+    pub(crate) fn drop_parent_pte(&self, g: &MmuGuard<'_>, sp: SpPtr, parent_pte: &AtomicU64) {
+        // SAFETY: as in `rmap_remove`.
+        unsafe {
+            sp.get().parent_ptes().remove(NonNull::from(parent_pte), &mut |d| self.mmu.desc_pool.free(d))
+        };
+        self.mmu_spte_clear_no_track(g, parent_pte);
+    }
+
+    /// `__drop_large_spte`: drops `sptep` if it is a large leaf. Returns
+    /// whether it did (and a remote TLB flush is owed).
+    pub(crate) fn __drop_large_spte(&self, g: &MmuGuard<'_>, sptep: &AtomicU64) -> bool {
+        let spte = sptep.load(Ordering::Relaxed);
+        if is_shadow_present_pte(spte) && is_large_pte(spte) {
+            self.drop_spte(g, sptep);
+            self.mmu.stats.large_sptes_dropped.inc();
+            return true;
+        }
+        false
+    }
+
+    /// `drop_large_spte`: drops a large leaf in the way of a smaller mapping,
+    /// and flushes.
+    pub(crate) fn drop_large_spte(&self, g: &MmuGuard<'_>, sptep: &AtomicU64) {
+        if self.__drop_large_spte(g, sptep) {
+            self.kvm_flush_remote_tlbs();
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! pte_list: the list of spte pointers behind every rmap head and every shadow
+//! page's `parent_ptes`, with the algorithm of the seed (patches 07, 08, 10
+//! and 15 of "KVM: MMU: locklessly write-protect").
+//!
+//! # Layout
+//!
+//! A head ([`PteListHead`]) is one word:
+//! - `0`: empty;
+//! - an spte pointer (bit 0 clear): exactly one entry;
+//! - a descriptor pointer | 1: a chain of [`PteListDesc`], each holding up to
+//!   [`PTE_LIST_EXT`] spte pointers and a `more` link.
+//!
+//! The last descriptor's `more` is the *nulls marker*: the address of the head
+//! | 1 (patch 08). A reader that ends on a nulls marker that is not its own
+//! head's has been carried into another list by a descriptor that was freed
+//! and reused, and must restart.
+//!
+//! # Invariants (kept by the writers, under the caller's lock)
+//!
+//! 1. Only the first descriptor may have free entries; every later one is
+//!    full. Entries of a descriptor are packed from index 0.
+//! 2. New descriptors are pushed at the head (patch 07), so the chain after
+//!    the first descriptor never changes while entries are added.
+//! 3. Removal moves the *last used entry of the first descriptor* into the
+//!    hole (forward move, patch 07). An entry therefore only ever moves to a
+//!    position that a top-down, head-to-tail walker reaches later.
+//! 4. A descriptor that is handed back to the allocator has all entries 0; its
+//!    fields are set once by a constructor ([`PteListDesc::new`]) and never
+//!    zeroed wholesale again (patch 10). `more` keeps a stale value.
+//! 5. A list never uses a descriptor for a single entry.
+//!
+//! # Publication
+//!
+//! Every store a writer makes to a head, an entry or a `more` field is a
+//! release store (the seed's `rcu_assign_pointer`, patch 15), so that a
+//! lockless reader's acquire load of a pointer also sees what it points to.
+//! Writers' own loads are relaxed: writers are serialised by the caller's
+//! lock (`mmu_lock`), which orders them.
+//!
+//! # Safety contract
+//!
+//! The writer methods are `unsafe`: the caller must serialise every writer of
+//! the same list, and every descriptor in a list must come from an allocator
+//! whose memory stays a valid `PteListDesc` for as long as any reader may
+//! hold a pointer to it (a type-stable pool). The list knows nothing of
+//! vCPUs, locks or pools beyond that.
+
+use std::ptr::NonNull;
+
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Entries per descriptor (`PTE_LIST_EXT`).
+pub const PTE_LIST_EXT: usize = 3;
+
+/// A pointer to an spte, as stored in a pte_list.
+pub type SptePtr = NonNull<AtomicU64>;
+
+/// A descriptor: `PTE_LIST_EXT` spte pointers and the link to the next one.
+#[repr(C, align(8))]
+#[derive(Debug)]
+pub struct PteListDesc {
+    sptes: [AtomicUsize; PTE_LIST_EXT],
+    more: AtomicUsize,
+}
+
+impl PteListDesc {
+    /// The constructor (`pte_list_desc_ctor`, patch 10): all entries and
+    /// `more` null. Runs once per object, when the pool first creates it.
+    pub fn new() -> Self {
+        Self { sptes: std::array::from_fn(|_| AtomicUsize::new(0)), more: AtomicUsize::new(0) }
+    }
+
+    /// Are all entries 0, as a free descriptor's must be?
+    pub fn is_clean(&self) -> bool {
+        self.sptes.iter().all(|s| s.load(Ordering::Relaxed) == 0)
+    }
+}
+
+impl Default for PteListDesc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl crate::pool::PoolObject for PteListDesc {
+    /// `pte_list_desc_ctor`, the constructor of the type-stable pool.
+    fn construct() -> Box<Self> {
+        Box::new(Self::new())
+    }
+
+    fn is_clean(&self) -> bool {
+        PteListDesc::is_clean(self)
+    }
+}
+
+/// Is this `more` value a nulls marker (`desc_is_a_nulls`)?
+#[inline]
+pub const fn desc_is_a_nulls(more: usize) -> bool {
+    more & 1 != 0
+}
+
+/// The head address a nulls marker names (`desc_get_nulls_value`).
+#[inline]
+pub const fn desc_get_nulls_value(more: usize) -> usize {
+    more & !1
+}
+
+/// Dereferences a descriptor pointer taken from a list.
+///
+/// # Safety
+/// `desc` must be a descriptor pointer read from a list whose descriptors
+/// come from a type-stable allocator that is still alive (the module's
+/// safety contract).
+#[inline]
+pub(crate) unsafe fn desc_ref<'a>(desc: usize) -> &'a PteListDesc {
+    debug_assert!(desc != 0 && desc & 1 == 0);
+    // SAFETY: by the caller's contract the address is a live, type-stable
+    // `PteListDesc`, whose fields are all atomics and so may be shared.
+    unsafe { &*(desc as *const PteListDesc) }
+}
+
+/// A pte_list head: an rmap slot or a shadow page's `parent_ptes`.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct PteListHead {
+    val: AtomicUsize,
+}
+
+impl Default for PteListHead {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Number of free entries at the front of a descriptor's packed entries
+/// (`__find_first_free`).
+#[inline]
+fn find_first_free(desc: &PteListDesc) -> usize {
+    desc.sptes.iter().position(|s| s.load(Ordering::Relaxed) == 0).unwrap_or(PTE_LIST_EXT)
+}
+
+impl PteListHead {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self { val: AtomicUsize::new(0) }
+    }
+
+    /// The nulls marker of this list: its address | 1 (`desc_mark_nulls`).
+    #[inline]
+    pub fn nulls_marker(&self) -> usize {
+        (self as *const Self as usize) | 1
+    }
+
+    /// The raw head word, relaxed (writers, and statistics).
+    #[inline]
+    pub fn raw(&self) -> usize {
+        self.val.load(Ordering::Relaxed)
+    }
+
+    /// Is the list empty?
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.raw() == 0
+    }
+
+    #[inline]
+    fn publish_head(&self, val: usize) {
+        // Release: pairs with a lockless reader's acquire load of the head, so
+        // the descriptor or spte it names is initialised as far as the reader
+        // can see.
+        self.val.store(val, Ordering::Release);
+    }
+
+    /// `pte_list_add`: adds `spte`, returns the number of entries the list
+    /// had before.
+    ///
+    /// # Safety
+    /// The module's safety contract: the caller serialises all writers of this
+    /// list; `alloc` returns clean descriptors (all entries 0) from a
+    /// type-stable allocator, never one that is in a list.
+    pub unsafe fn add(
+        &self,
+        spte: SptePtr,
+        alloc: &mut impl FnMut() -> NonNull<PteListDesc>,
+    ) -> usize {
+        let spte = spte.as_ptr() as usize;
+        debug_assert!(spte & 1 == 0);
+        let v = self.raw();
+        if v == 0 {
+            self.publish_head(spte);
+            return 0;
+        }
+        if v & 1 == 0 {
+            // 1 -> many.
+            let desc = alloc();
+            // SAFETY: `alloc` hands out live, type-stable descriptors.
+            let d = unsafe { desc.as_ref() };
+            debug_assert!(d.is_clean());
+            d.sptes[0].store(v, Ordering::Release);
+            d.sptes[1].store(spte, Ordering::Release);
+            // desc_mark_nulls: the new tail ends on our marker.
+            d.more.store(self.nulls_marker(), Ordering::Release);
+            self.publish_head(desc.as_ptr() as usize | 1);
+            return 1;
+        }
+        // many -> many.
+        // SAFETY: a tagged head names a live descriptor of this list (contract).
+        let mut d = unsafe { desc_ref(v & !1) };
+        if d.sptes[PTE_LIST_EXT - 1].load(Ordering::Relaxed) != 0 {
+            // No free entry in the first descriptor: push a new one at the
+            // head (patch 07), linked to the old first before publication.
+            let new = alloc();
+            // SAFETY: as above.
+            let n = unsafe { new.as_ref() };
+            debug_assert!(n.is_clean());
+            n.more.store(v & !1, Ordering::Release);
+            self.publish_head(new.as_ptr() as usize | 1);
+            d = n;
+        }
+        let free_pos = find_first_free(d);
+        debug_assert!(free_pos < PTE_LIST_EXT);
+        d.sptes[free_pos].store(spte, Ordering::Release);
+        // SAFETY: `d` is this list's first descriptor (contract).
+        unsafe { count_spte_number(d) - 1 }
+    }
+
+    /// `pte_list_remove`: removes `spte`, which must be in the list.
+    ///
+    /// # Panics
+    /// If `spte` is not in the list (KVM's `BUG()`): the MMU's bookkeeping is
+    /// corrupt and continuing could lose dirty pages.
+    ///
+    /// # Safety
+    /// The module's safety contract; `free` receives each descriptor that
+    /// leaves the list, clean, and must not release its memory to the system
+    /// while lockless readers may hold it.
+    pub unsafe fn remove(&self, spte: SptePtr, free: &mut impl FnMut(NonNull<PteListDesc>)) {
+        let spte = spte.as_ptr() as usize;
+        let v = self.raw();
+        assert!(v != 0, "pte_list_remove: {spte:#x} 0->BUG");
+        if v & 1 == 0 {
+            assert_eq!(v, spte, "pte_list_remove: {spte:#x} 1->BUG");
+            self.publish_head(0);
+            return;
+        }
+        let mut desc = v & !1;
+        while !desc_is_a_nulls(desc) {
+            // SAFETY: `desc` is a descriptor of this list (contract).
+            let d = unsafe { desc_ref(desc) };
+            for i in 0..PTE_LIST_EXT {
+                let s = d.sptes[i].load(Ordering::Relaxed);
+                if s == 0 {
+                    break;
+                }
+                if s == spte {
+                    // SAFETY: `d` is in this list, `i` holds `spte`; contract.
+                    unsafe { self.desc_remove_entry(d, i, free) };
+                    return;
+                }
+            }
+            desc = d.more.load(Ordering::Relaxed);
+        }
+        panic!("pte_list_remove: {spte:#x} many->BUG");
+    }
+
+    /// `pte_list_desc_remove_entry`: fills the hole at `desc.sptes[i]` with the
+    /// last used entry of the first descriptor (forward move, patch 07).
+    ///
+    /// # Safety
+    /// As [`Self::remove`]; `desc` is in this list and `desc.sptes[i]` is used.
+    unsafe fn desc_remove_entry(
+        &self,
+        desc: &PteListDesc,
+        i: usize,
+        free: &mut impl FnMut(NonNull<PteListDesc>),
+    ) {
+        let first_ptr = self.raw() & !1;
+        // SAFETY: the head names this list's first descriptor (contract).
+        let first = unsafe { desc_ref(first_ptr) };
+        let free_pos = find_first_free(first);
+        assert!(free_pos > 0, "pte_list: first descriptor is empty");
+        let last_used = free_pos - 1;
+
+        // Move the entry from the first descriptor into the hole. The order
+        // matters to a lockless walker: the entry is written at its new place
+        // (reached later by a top-down, head-to-tail walk) before it is
+        // cleared at its old place, so a walker sees it at least once.
+        let moved = first.sptes[last_used].load(Ordering::Relaxed);
+        desc.sptes[i].store(moved, Ordering::Release);
+        first.sptes[last_used].store(0, Ordering::Release);
+
+        if first.sptes[0].load(Ordering::Relaxed) == 0 {
+            // The first descriptor is empty: unlink and free it. The seed
+            // frees before it updates the head; we unpublish first, since our
+            // pool may hand the descriptor out again at once.
+            let next = first.more.load(Ordering::Relaxed);
+            assert!(!desc_is_a_nulls(next), "pte_list: one entry left in a descriptor chain");
+            self.publish_head(next | 1);
+            free(NonNull::from(first));
+            return;
+        }
+
+        if first.sptes[1].load(Ordering::Relaxed) == 0
+            && desc_is_a_nulls(first.more.load(Ordering::Relaxed))
+        {
+            // One entry left in the only descriptor: move it into the head and
+            // free the descriptor (invariant 5), clean (invariant 4).
+            let only = first.sptes[0].load(Ordering::Relaxed);
+            self.publish_head(only);
+            first.sptes[0].store(0, Ordering::Release);
+            free(NonNull::from(first));
+        }
+    }
+
+    /// `pte_list_walk`: calls `f` on every entry, in list order (locked).
+    ///
+    /// # Safety
+    /// The module's contract; no writer runs concurrently (the caller holds
+    /// the writers' lock), and `f` does not modify this list.
+    pub unsafe fn walk(&self, mut f: impl FnMut(SptePtr)) {
+        // SAFETY: forwarded contract.
+        for spte in unsafe { self.iter() } {
+            f(spte);
+        }
+    }
+
+    /// `rmap_get_first`: an iterator over the entries (locked).
+    ///
+    /// # Safety
+    /// The module's contract; no writer modifies the list while the iterator
+    /// is in use (a caller that removes an entry starts a new iterator, as
+    /// KVM's callers of `rmap_get_first` do).
+    pub unsafe fn iter(&self) -> RmapIter<'_> {
+        let v = self.raw();
+        let state = if v == 0 {
+            IterState::Done
+        } else if v & 1 == 0 {
+            IterState::Single(v)
+        } else {
+            IterState::Desc { desc: v & !1, pos: 0 }
+        };
+        RmapIter { head: self, state }
+    }
+
+    /// Number of entries (locked).
+    ///
+    /// # Safety
+    /// As [`Self::iter`].
+    pub unsafe fn count(&self) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { self.iter() }.count()
+    }
+
+    /// Checks invariants 1, 4 (for the head), 5 and the nulls marker; returns
+    /// the number of entries. For tests and debug assertions.
+    ///
+    /// # Safety
+    /// As [`Self::iter`].
+    pub unsafe fn check_invariants(&self) -> usize {
+        let v = self.raw();
+        if v == 0 {
+            return 0;
+        }
+        if v & 1 == 0 {
+            return 1;
+        }
+        let mut desc = v & !1;
+        let mut n = 0;
+        let mut first = true;
+        while !desc_is_a_nulls(desc) {
+            // SAFETY: forwarded contract.
+            let d = unsafe { desc_ref(desc) };
+            let used = find_first_free(d);
+            assert!(
+                d.sptes[used..].iter().all(|s| s.load(Ordering::Relaxed) == 0),
+                "pte_list: entries not packed"
+            );
+            assert!(first || used == PTE_LIST_EXT, "pte_list: a non-first descriptor is not full");
+            assert!(used > 0, "pte_list: empty descriptor in a list");
+            n += used;
+            first = false;
+            desc = d.more.load(Ordering::Relaxed);
+        }
+        assert_eq!(desc, self.nulls_marker(), "pte_list: chain ends on another list's nulls");
+        assert!(n >= 2, "pte_list: a descriptor holds a single entry");
+        n
+    }
+}
+
+/// `count_spte_number`: entries in a chain, from its first descriptor.
+///
+/// # Safety
+/// `first` is the first descriptor of a list, under the module's contract.
+unsafe fn count_spte_number(first: &PteListDesc) -> usize {
+    let first_free = find_first_free(first);
+    let mut desc_num = 0;
+    let mut more = first.more.load(Ordering::Relaxed);
+    while !desc_is_a_nulls(more) {
+        desc_num += 1;
+        // SAFETY: `more` is a descriptor of the same list (contract).
+        more = unsafe { desc_ref(more) }.more.load(Ordering::Relaxed);
+    }
+    first_free + desc_num * PTE_LIST_EXT
+}
+
+enum IterState {
+    Done,
+    Single(usize),
+    Desc { desc: usize, pos: usize },
+}
+
+/// Locked iterator over a pte_list (`rmap_get_first` / `rmap_get_next`).
+pub struct RmapIter<'a> {
+    head: &'a PteListHead,
+    state: IterState,
+}
+
+impl Iterator for RmapIter<'_> {
+    type Item = SptePtr;
+
+    fn next(&mut self) -> Option<SptePtr> {
+        loop {
+            match self.state {
+                IterState::Done => return None,
+                IterState::Single(v) => {
+                    self.state = IterState::Done;
+                    return NonNull::new(v as *mut AtomicU64);
+                }
+                IterState::Desc { desc, pos } => {
+                    if desc_is_a_nulls(desc) {
+                        debug_assert_eq!(desc, self.head.nulls_marker());
+                        self.state = IterState::Done;
+                        return None;
+                    }
+                    // SAFETY: the iterator was created under the module's
+                    // contract and the list is not modified while it lives.
+                    let d = unsafe { desc_ref(desc) };
+                    if pos < PTE_LIST_EXT {
+                        let s = d.sptes[pos].load(Ordering::Relaxed);
+                        if s != 0 {
+                            self.state = IterState::Desc { desc, pos: pos + 1 };
+                            return NonNull::new(s as *mut AtomicU64);
+                        }
+                    }
+                    self.state = IterState::Desc { desc: d.more.load(Ordering::Relaxed), pos: 0 };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A test allocator: boxes descriptors and keeps every one alive until
+    /// drop, so freed descriptors stay type-stable (and get reused).
+    #[derive(Default)]
+    struct TestPool {
+        all: Vec<NonNull<PteListDesc>>,
+        free: Vec<NonNull<PteListDesc>>,
+    }
+
+    impl TestPool {
+        fn alloc(&mut self) -> NonNull<PteListDesc> {
+            if let Some(d) = self.free.pop() {
+                return d;
+            }
+            let d = NonNull::from(Box::leak(Box::new(PteListDesc::new())));
+            self.all.push(d);
+            d
+        }
+        fn free(&mut self, d: NonNull<PteListDesc>) {
+            // SAFETY: `d` came from this pool and is still allocated.
+            assert!(unsafe { d.as_ref() }.is_clean(), "descriptor freed dirty");
+            self.free.push(d);
+        }
+        fn live(&self) -> usize {
+            self.all.len() - self.free.len()
+        }
+    }
+
+    impl Drop for TestPool {
+        fn drop(&mut self) {
+            for d in self.all.drain(..) {
+                // SAFETY: every pointer came from `Box::leak` and is freed once.
+                drop(unsafe { Box::from_raw(d.as_ptr()) });
+            }
+        }
+    }
+
+    fn sptes(n: usize) -> Vec<AtomicU64> {
+        (0..n).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    fn ptr(s: &AtomicU64) -> SptePtr {
+        NonNull::from(s)
+    }
+
+    fn contents(head: &PteListHead) -> BTreeSet<usize> {
+        // SAFETY: single-threaded test; the pool outlives the list.
+        unsafe { head.iter() }.map(|p| p.as_ptr() as usize).collect()
+    }
+
+    #[test]
+    fn add_counts_and_pushes_descriptors_at_the_head() {
+        let mut pool = TestPool::default();
+        let s = sptes(10);
+        let head = PteListHead::new();
+        for (i, spte) in s.iter().enumerate() {
+            // SAFETY: single writer; pool outlives the list.
+            let before = unsafe { head.add(ptr(spte), &mut || pool.alloc()) };
+            assert_eq!(before, i, "count before add");
+            // SAFETY: as above.
+            assert_eq!(unsafe { head.check_invariants() }, i + 1);
+        }
+        // 10 entries: 3 full descriptors behind a first one holding 1.
+        assert_eq!(pool.live(), 4);
+        let v = head.raw();
+        assert_eq!(v & 1, 1);
+        // SAFETY: the head names a live descriptor.
+        let first = unsafe { desc_ref(v & !1) };
+        assert_eq!(find_first_free(first), 1, "newest descriptor is first and holds the newest entry");
+        assert_eq!(first.sptes[0].load(Ordering::Relaxed), ptr(&s[9]).as_ptr() as usize);
+        assert_eq!(contents(&head).len(), 10);
+    }
+
+    #[test]
+    fn remove_moves_the_first_descriptors_last_entry_forward() {
+        let mut pool = TestPool::default();
+        let s = sptes(7);
+        let head = PteListHead::new();
+        for spte in &s {
+            // SAFETY: single writer; pool outlives the list.
+            unsafe { head.add(ptr(spte), &mut || pool.alloc()) };
+        }
+        // Layout now: first = [s6], then [s3, s4, s5], then [s0, s1, s2].
+        // Remove s1 (in the last descriptor): s6 must move into its hole and
+        // the emptied first descriptor must be freed.
+        // SAFETY: single writer; pool outlives the list.
+        unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
+        assert_eq!(pool.live(), 2);
+        // SAFETY: as above.
+        assert_eq!(unsafe { head.check_invariants() }, 6);
+        let last = {
+            // SAFETY: as above.
+            let first = unsafe { desc_ref(head.raw() & !1) };
+            // SAFETY: as above.
+            unsafe { desc_ref(first.more.load(Ordering::Relaxed)) }
+        };
+        assert_eq!(last.sptes[1].load(Ordering::Relaxed), ptr(&s[6]).as_ptr() as usize);
+        let expect: BTreeSet<usize> =
+            [0, 2, 3, 4, 5, 6].iter().map(|&i| ptr(&s[i]).as_ptr() as usize).collect();
+        assert_eq!(contents(&head), expect);
+    }
+
+    #[test]
+    fn shrinks_back_to_a_single_entry_and_empty() {
+        let mut pool = TestPool::default();
+        let s = sptes(3);
+        let head = PteListHead::new();
+        for spte in &s {
+            // SAFETY: single writer; pool outlives the list.
+            unsafe { head.add(ptr(spte), &mut || pool.alloc()) };
+        }
+        // SAFETY: as above.
+        unsafe { head.remove(ptr(&s[0]), &mut |d| pool.free(d)) };
+        // SAFETY: as above.
+        unsafe { head.remove(ptr(&s[2]), &mut |d| pool.free(d)) };
+        assert_eq!(head.raw(), ptr(&s[1]).as_ptr() as usize, "single entry lives in the head");
+        assert_eq!(pool.live(), 0, "descriptor freed (and clean)");
+        // SAFETY: as above.
+        unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
+        assert!(head.is_empty());
+    }
+
+    #[test]
+    fn nulls_marker_names_the_head() {
+        let mut pool = TestPool::default();
+        let s = sptes(2);
+        let head = PteListHead::new();
+        for spte in &s {
+            // SAFETY: single writer; pool outlives the list.
+            unsafe { head.add(ptr(spte), &mut || pool.alloc()) };
+        }
+        // SAFETY: as above.
+        let d = unsafe { desc_ref(head.raw() & !1) };
+        let more = d.more.load(Ordering::Relaxed);
+        assert!(desc_is_a_nulls(more));
+        assert_eq!(desc_get_nulls_value(more), &head as *const _ as usize);
+    }
+
+    #[test]
+    #[should_panic(expected = "1->BUG")]
+    fn removing_a_missing_entry_is_a_bug() {
+        let mut pool = TestPool::default();
+        let s = sptes(2);
+        let head = PteListHead::new();
+        // SAFETY: single writer; pool outlives the list.
+        unsafe { head.add(ptr(&s[0]), &mut || pool.alloc()) };
+        // SAFETY: as above.
+        unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
+    }
+
+    /// Random adds and removes against a model set, checking the invariants
+    /// and the contents after every step, with descriptors reused at once.
+    #[test]
+    fn random_operations_match_a_model() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let mut pool = TestPool::default();
+        let s = sptes(64);
+        let heads: Vec<PteListHead> = (0..4).map(|_| PteListHead::new()).collect();
+        let mut model: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); heads.len()];
+        for _ in 0..20_000 {
+            let h = rng.usize(..heads.len());
+            let i = rng.usize(..s.len());
+            let p = ptr(&s[i]).as_ptr() as usize;
+            let in_any = model.iter().any(|m| m.contains(&p));
+            if model[h].contains(&p) {
+                // SAFETY: single writer; pool outlives the lists.
+                unsafe { heads[h].remove(ptr(&s[i]), &mut |d| pool.free(d)) };
+                model[h].remove(&p);
+            } else if !in_any {
+                // SAFETY: as above.
+                let before = unsafe { heads[h].add(ptr(&s[i]), &mut || pool.alloc()) };
+                assert_eq!(before, model[h].len());
+                model[h].insert(p);
+            }
+            // SAFETY: as above.
+            assert_eq!(unsafe { heads[h].check_invariants() }, model[h].len());
+            assert_eq!(contents(&heads[h]), model[h]);
+            // SAFETY: as above.
+            assert_eq!(unsafe { heads[h].count() }, model[h].len());
+        }
+        let descs_needed: usize = model
+            .iter()
+            .map(|m| if m.len() < 2 { 0 } else { m.len().div_ceil(PTE_LIST_EXT) })
+            .sum();
+        assert_eq!(pool.live(), descs_needed, "no descriptor leaked or double-freed");
+    }
+}

@@ -1,0 +1,309 @@
+//! Software vCPUs.
+//!
+//! A [`Vcpu`] is driven by one OS thread calling [`Vcpu::run`]. It executes a
+//! guest program's accesses in guest mode: TLB lookup, else a walk of the
+//! shadow page tables (what the hardware page walker does), else a VM exit
+//! to the page fault handler. Every access ends as a real load or store in
+//! the host memory that backs the guest page.
+//!
+//! The remote TLB flush protocol, and the modes it relies on, are in
+//! [`requests`]; the TLB is in [`tlb`].
+//!
+//! Invariants:
+//! - the vCPU is in guest mode exactly while it may use TLB entries, walk
+//!   shadow page tables or touch guest memory for the guest;
+//! - it checks its requests at every access boundary and before every entry
+//!   to guest mode;
+//! - it never blocks in guest mode: before it waits for `mmu_lock` (or
+//!   anything else) it leaves guest mode, so a flusher holding `mmu_lock`
+//!   never waits for a vCPU waiting for `mmu_lock`.
+
+pub mod requests;
+pub mod tlb;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use thiserror::Error;
+
+use crate::guest::{GuestCode, GuestOp};
+use crate::memory::host_word;
+use crate::mmu::MmuCaches;
+use crate::mmu::fault::FaultExit;
+use crate::shadow_page::SpPtr;
+use crate::spte::{
+    PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte,
+    pages_per_spte, spte_index, spte_to_pfn,
+};
+use crate::sync::atomic::Ordering;
+use crate::vm::Kvm;
+use requests::{KVM_REQ_TLB_FLUSH, VcpuShared};
+use tlb::{Tlb, Translation};
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The guest made a hypercall (`KVM_EXIT_HYPERCALL`).
+    Hypercall(u64),
+    /// The guest accessed an address no memslot backs, or wrote to a
+    /// read-only slot (`KVM_EXIT_MMIO`). Running again continues with the
+    /// next operation, as if userspace had emulated this one.
+    Mmio {
+        /// Guest physical address.
+        gpa: u64,
+        /// Was it a store?
+        write: bool,
+        /// The stored value (0 for a load).
+        value: u64,
+    },
+}
+
+/// A guest operation the vCPU cannot execute.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuError {
+    /// Accesses are 8 bytes, 8-aligned.
+    #[error("guest access at {0:#x} is not 8-byte aligned")]
+    Unaligned(u64),
+    /// The address space does not exist.
+    #[error("address space {asid} does not exist (the VM has {max})")]
+    BadAddressSpace {
+        /// Asked for.
+        asid: u16,
+        /// Configured.
+        max: u16,
+    },
+}
+
+/// Counters of one vCPU, kept by its thread.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// Guest loads executed.
+    pub reads: u64,
+    /// Guest stores executed.
+    pub writes: u64,
+    /// Accesses served by the TLB.
+    pub tlb_hits: u64,
+    /// Walks of the shadow page tables.
+    pub page_walks: u64,
+    /// Page faults handled.
+    pub page_faults: u64,
+    /// ... of which on stores.
+    pub write_faults: u64,
+    /// Nanoseconds spent handling page faults.
+    pub fault_ns: u64,
+    /// TLB flush requests handled.
+    pub tlb_flushes: u64,
+    /// MMIO exits.
+    pub mmio_exits: u64,
+}
+
+impl std::ops::AddAssign for VcpuStats {
+    fn add_assign(&mut self, o: Self) {
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.tlb_hits += o.tlb_hits;
+        self.page_walks += o.page_walks;
+        self.page_faults += o.page_faults;
+        self.write_faults += o.write_faults;
+        self.fault_ns += o.fault_ns;
+        self.tlb_flushes += o.tlb_flushes;
+        self.mmio_exits += o.mmio_exits;
+    }
+}
+
+/// A vCPU (the `kvm_vcpu` of one thread). Create with
+/// [`crate::Vm::create_vcpu`], move to a thread, call [`Vcpu::run`].
+pub struct Vcpu {
+    kvm: Arc<Kvm>,
+    shared: Arc<VcpuShared>,
+    tlb: Tlb,
+    caches: MmuCaches,
+    asid: u16,
+    stats: VcpuStats,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id()).field("asid", &self.asid).finish()
+    }
+}
+
+enum Stop {
+    Exit(VcpuExit),
+    Error(VcpuError),
+}
+
+impl Vcpu {
+    pub(crate) fn new(kvm: Arc<Kvm>, shared: Arc<VcpuShared>) -> Self {
+        let tlb = Tlb::new(kvm.config.tlb_entries);
+        Self { kvm, shared, tlb, caches: MmuCaches::default(), asid: 0, stats: VcpuStats::default() }
+    }
+
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.shared.id()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> VcpuStats {
+        self.stats
+    }
+
+    /// The current address space.
+    pub fn address_space(&self) -> u16 {
+        self.asid
+    }
+
+    /// `KVM_RUN`: executes `guest` until it makes a hypercall or an access
+    /// exits to userspace.
+    pub fn run<G: GuestCode + ?Sized>(&mut self, guest: &mut G) -> Result<VcpuExit, VcpuError> {
+        self.enter_guest();
+        let mut last_read = 0;
+        let stop = loop {
+            // The access boundary: take pending requests (the IPI).
+            if self.shared.pending_requests() != 0 {
+                self.shared.exit_guest_mode();
+                self.enter_guest();
+            }
+            match guest.next_op(last_read) {
+                GuestOp::Read(gpa) => match self.access(gpa, false, 0) {
+                    Ok(v) => last_read = v,
+                    Err(stop) => break stop,
+                },
+                GuestOp::Write(gpa, value) => {
+                    if let Err(stop) = self.access(gpa, true, value) {
+                        break stop;
+                    }
+                }
+                GuestOp::SetAddressSpace(asid) => {
+                    let max = self.kvm.mmu.address_spaces();
+                    if asid >= max {
+                        break Stop::Error(VcpuError::BadAddressSpace { asid, max });
+                    }
+                    self.asid = asid;
+                    self.tlb.flush();
+                }
+                GuestOp::Hypercall(code) => break Stop::Exit(VcpuExit::Hypercall(code)),
+            }
+        };
+        self.shared.exit_guest_mode();
+        match stop {
+            Stop::Exit(e) => Ok(e),
+            Stop::Error(e) => Err(e),
+        }
+    }
+
+    /// Handles requests outside guest mode, then enters guest mode with none
+    /// pending (`vcpu_enter_guest`).
+    fn enter_guest(&mut self) {
+        loop {
+            if self.shared.pending_requests() & KVM_REQ_TLB_FLUSH != 0 {
+                // Flush first, then clear the request (requests.rs, point 2):
+                // nothing is cached between the two.
+                self.tlb.flush();
+                self.shared.ack_tlb_flush();
+                self.stats.tlb_flushes += 1;
+            }
+            if self.shared.try_enter_guest_mode() {
+                return;
+            }
+        }
+    }
+
+    /// One guest access, in guest mode.
+    #[inline]
+    fn access(&mut self, gpa: u64, write: bool, value: u64) -> Result<u64, Stop> {
+        if gpa % 8 != 0 {
+            return Err(Stop::Error(VcpuError::Unaligned(gpa)));
+        }
+        let gfn = gpa >> PAGE_SHIFT;
+        loop {
+            let t = match self.tlb.lookup(gfn) {
+                Some(t) if !write || t.writable => {
+                    self.stats.tlb_hits += 1;
+                    t
+                }
+                _ => match self.page_walk(gfn, write) {
+                    Some(t) => {
+                        self.tlb.insert(gfn, t);
+                        t
+                    }
+                    None => {
+                        self.page_fault(gpa, write, value)?;
+                        continue;
+                    }
+                },
+            };
+            // SAFETY: `t.pfn` comes from a present leaf spte read by our page
+            // walk in guest mode, or from a TLB entry filled that way since our
+            // last flush, and we have stayed in guest mode since. Host memory
+            // is unmapped only after the sptes into it are zapped and a remote
+            // TLB flush has waited for every vCPU in guest mode to leave it or
+            // flush (requests.rs); so the page is mapped until this access,
+            // which completes before our next access boundary, is done.
+            let word = unsafe { host_word(t.pfn, gpa & (crate::spte::PAGE_SIZE - 1)) };
+            // Relaxed: guest data. Ordering with the harvester comes from the
+            // flush protocol (the release store of our mode or request ack).
+            return Ok(if write {
+                word.store(value, std::sync::atomic::Ordering::Relaxed);
+                self.stats.writes += 1;
+                value
+            } else {
+                self.stats.reads += 1;
+                word.load(std::sync::atomic::Ordering::Relaxed)
+            });
+        }
+    }
+
+    /// The hardware page walk over the shadow page tables of our address
+    /// space. `None` means a page fault.
+    #[inline]
+    fn page_walk(&mut self, gfn: u64, write: bool) -> Option<Translation> {
+        self.stats.page_walks += 1;
+        let mut sp: SpPtr = self.kvm.mmu.root(self.asid)?;
+        let mut level = PT64_ROOT_LEVEL;
+        loop {
+            // Acquire: pairs with the release stores that make sptes present
+            // (mmu_spte_set, mmu_spte_update), so a child table or a mapping
+            // is seen fully set up. A table cannot be freed and reused during
+            // the walk: that needs a remote TLB flush, which waits for us.
+            let spte = sp.get().spte(spte_index(gfn, level)).load(Ordering::Acquire);
+            if !is_shadow_present_pte(spte) {
+                return None;
+            }
+            if is_last_spte(spte, level) {
+                if write && !is_writable_pte(spte) {
+                    return None;
+                }
+                let pfn = spte_to_pfn(spte) + (gfn & (pages_per_spte(level) - 1));
+                return Some(Translation { pfn, writable: is_writable_pte(spte) });
+            }
+            // SAFETY: a present non-leaf spte of one of our tables.
+            sp = unsafe { SpPtr::from_nonleaf_spte(spte) };
+            level -= 1;
+        }
+    }
+
+    /// A VM exit for a page fault: leave guest mode, handle, re-enter.
+    fn page_fault(&mut self, gpa: u64, write: bool, value: u64) -> Result<(), Stop> {
+        self.shared.exit_guest_mode();
+        let t0 = Instant::now();
+        let r = self.kvm.page_fault(&mut self.caches, gpa >> PAGE_SHIFT, write, self.asid);
+        self.stats.fault_ns += t0.elapsed().as_nanos() as u64;
+        self.stats.page_faults += 1;
+        self.stats.write_faults += u64::from(write);
+        self.enter_guest();
+        r.map_err(|e| {
+            debug_assert!(matches!(e, FaultExit::NoSlot | FaultExit::ReadOnly));
+            self.stats.mmio_exits += 1;
+            Stop::Exit(VcpuExit::Mmio { gpa, write, value })
+        })
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        self.shared.exit_guest_mode();
+        self.kvm.mmu.free_memory_caches(&mut self.caches);
+    }
+}

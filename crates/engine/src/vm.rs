@@ -1,0 +1,370 @@
+//! The VM: [`Vm`] is the public handle, shaped after KVM's VM ioctls;
+//! [`Kvm`] is the shared state (`struct kvm`) the MMU and the vCPUs use.
+//!
+//! Locks, in the order they are taken: `slots_lock` (memslot changes and
+//! `get_dirty_log`, as `kvm->slots_lock`), then `mmu_lock`, then the pools'
+//! internal locks.
+//!
+//! Memslot deletion, and why a vCPU never touches unmapped memory:
+//! 1. under `mmu_lock`: mark the slot invalid (faults that get the lock
+//!    later look the slot up again instead of mapping it), zap every spte
+//!    that maps it, flush remote TLBs (waits for vCPUs in guest mode);
+//! 2. publish the memslot set without the slot;
+//! 3. drop our reference: the host memory is unmapped when the last
+//!    reference goes, and no spte or TLB entry points into it any more.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use thiserror::Error;
+
+use crate::dirty_log::DirtyLogError;
+use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
+use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, default_max_mmu_pages};
+use crate::vcpu::Vcpu;
+use crate::vcpu::requests::{VcpuSet, VcpuShared};
+use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
+
+/// Most vCPUs a VM may have (`KVM_MAX_VCPUS`).
+pub const KVM_MAX_VCPUS: u32 = 1024;
+/// Most address spaces a VM may have.
+pub const MAX_ADDRESS_SPACES: u16 = 64;
+
+/// How to build a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The dirty logging design.
+    pub mmu: MmuDesign,
+    /// Shadow page budget (`KVM_SET_NR_MMU_PAGES`); `None` follows the size
+    /// of guest memory, as KVM does (2%, at least 64 pages).
+    pub max_mmu_pages: Option<usize>,
+    /// Guest address spaces (see `SpRole::asid`); 1 for a plain direct map.
+    pub address_spaces: u16,
+    /// Entries of each vCPU's TLB.
+    pub tlb_entries: usize,
+    /// Map 2 MiB pages where possible.
+    pub large_pages: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mmu: MmuDesign::default(),
+            max_mmu_pages: None,
+            address_spaces: 1,
+            tlb_entries: DEFAULT_TLB_ENTRIES,
+            large_pages: true,
+        }
+    }
+}
+
+/// VM-level errors.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum VmError {
+    /// A configuration value is out of range.
+    #[error("bad VM configuration: {0}")]
+    BadConfig(String),
+    /// The vCPU id is taken or out of range.
+    #[error("vCPU id {id} is taken or not below {max}")]
+    BadVcpuId {
+        /// Asked for.
+        id: u32,
+        /// `KVM_MAX_VCPUS`.
+        max: u32,
+    },
+    /// The shadow page budget is too small.
+    #[error("shadow page budget {0} is below the minimum of {KVM_MIN_ALLOC_MMU_PAGES}")]
+    BudgetTooSmall(usize),
+}
+
+/// The shared state of a VM (`struct kvm`).
+pub(crate) struct Kvm {
+    pub(crate) config: VmConfig,
+    pub(crate) memslots: ArcSwap<Memslots>,
+    pub(crate) slots_lock: Mutex<()>,
+    pub(crate) mmu: Mmu,
+    pub(crate) vcpus: VcpuSet,
+}
+
+impl Drop for Kvm {
+    fn drop(&mut self) {
+        // Every vCPU handle is gone (each holds an `Arc<Kvm>`); zap all so the
+        // pools hold no page or descriptor that is still linked.
+        let mut g = self.mmu.lock.lock();
+        self.kvm_mmu_zap_all(&mut g);
+    }
+}
+
+/// A VM. Cheap to clone: clones share the VM.
+#[derive(Clone)]
+pub struct Vm {
+    kvm: Arc<Kvm>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.kvm.config).finish()
+    }
+}
+
+/// A snapshot of a VM's MMU figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Shadow pages in use (`n_used_mmu_pages`).
+    pub mmu_pages_used: usize,
+    /// Shadow page budget (`n_max_mmu_pages`).
+    pub mmu_pages_max: usize,
+    /// Shadow pages created.
+    pub sp_created: u64,
+    /// Shadow pages zapped.
+    pub sp_zapped: u64,
+    /// ... by the shrinker.
+    pub sp_shrunk: u64,
+    /// Leaf sptes installed.
+    pub sptes_mapped: u64,
+    /// Large leaf sptes installed.
+    pub large_sptes_mapped: u64,
+    /// Large sptes dropped.
+    pub large_sptes_dropped: u64,
+    /// Leaf sptes write-protected for dirty logging.
+    pub sptes_write_protected: u64,
+    /// Remote TLB flushes.
+    pub remote_tlb_flushes: u64,
+    /// Nanoseconds in remote TLB flushes.
+    pub remote_tlb_flush_ns: u64,
+    /// Pages marked dirty.
+    pub pages_marked_dirty: u64,
+    /// Dirty pages returned by `get_dirty_log`.
+    pub pages_harvested: u64,
+    /// `get_dirty_log` calls.
+    pub get_dirty_log_calls: u64,
+    /// Nanoseconds in `get_dirty_log`.
+    pub get_dirty_log_ns: u64,
+    /// `mmu_lock` acquisitions.
+    pub mmu_lock_acquisitions: u64,
+    /// ... that had to wait.
+    pub mmu_lock_contended: u64,
+    /// Nanoseconds waiting for `mmu_lock`.
+    pub mmu_lock_wait_ns: u64,
+    /// Nanoseconds `mmu_lock` was held.
+    pub mmu_lock_hold_ns: u64,
+    /// Shadow pages whose memory the pool holds.
+    pub sp_pool_allocated: usize,
+    /// pte_list descriptors whose memory the pool holds.
+    pub desc_pool_allocated: usize,
+    /// ... in use.
+    pub desc_pool_in_use: usize,
+}
+
+impl Vm {
+    /// Creates a VM with no memory and no vCPUs (`KVM_CREATE_VM`).
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        if config.address_spaces == 0 || config.address_spaces > MAX_ADDRESS_SPACES {
+            return Err(VmError::BadConfig(format!(
+                "address_spaces must be 1..={MAX_ADDRESS_SPACES}, not {}",
+                config.address_spaces
+            )));
+        }
+        if config.tlb_entries == 0 || config.tlb_entries > 1 << 20 {
+            return Err(VmError::BadConfig(format!(
+                "tlb_entries must be 1..=1048576, not {}",
+                config.tlb_entries
+            )));
+        }
+        if let Some(n) = config.max_mmu_pages
+            && n < KVM_MIN_ALLOC_MMU_PAGES
+        {
+            return Err(VmError::BudgetTooSmall(n));
+        }
+        let mmu =
+            Mmu::new(config.mmu, config.address_spaces, config.large_pages, config.max_mmu_pages);
+        let kvm = Kvm {
+            config,
+            memslots: ArcSwap::from_pointee(Memslots::default()),
+            slots_lock: Mutex::new(()),
+            mmu,
+            vcpus: VcpuSet::default(),
+        };
+        Ok(Self { kvm: Arc::new(kvm) })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.kvm.config
+    }
+
+    /// The MMU design.
+    pub fn design(&self) -> MmuDesign {
+        self.kvm.mmu.design
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: creates, deletes (size 0) or re-flags a
+    /// slot. A refused change leaves the VM as it was.
+    pub fn set_user_memory_region(&self, r: UserMemoryRegion) -> Result<(), MemslotError> {
+        let kvm = &*self.kvm;
+        let _slots = kvm.slots_lock.lock();
+        let cur = kvm.memslots.load_full();
+        match cur.prepare(&r)? {
+            MemslotChange::Create(slot) => {
+                kvm.memslots.store(Arc::new(cur.with(slot)));
+                kvm.update_default_mmu_pages();
+            }
+            MemslotChange::Delete(slot) => {
+                {
+                    let g = kvm.mmu.lock.lock();
+                    slot.set_invalid();
+                    kvm.kvm_mmu_zap_memslot(&g, &slot);
+                }
+                kvm.memslots.store(Arc::new(cur.without(slot.id())));
+                kvm.update_default_mmu_pages();
+            }
+            MemslotChange::FlagsOnly(slot, flags) => {
+                let enabling = !slot.dirty_logging() && flags.contains(MemFlags::LOG_DIRTY_PAGES);
+                let mut g = kvm.mmu.lock.lock();
+                if enabling {
+                    // A fresh, clean log, as KVM allocates a zeroed bitmap.
+                    slot.dirty_bitmap().clear_all();
+                }
+                slot.set_flags(flags);
+                if enabling {
+                    kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes slot `slot` (`KVM_SET_USER_MEMORY_REGION` with size 0).
+    pub fn delete_memory_region(&self, slot: u32) -> Result<(), MemslotError> {
+        self.set_user_memory_region(UserMemoryRegion {
+            slot,
+            flags: MemFlags::empty(),
+            guest_phys_addr: 0,
+            memory_size: 0,
+            memory: None,
+            memory_offset: 0,
+        })
+    }
+
+    fn set_log_flag(&self, slot: u32, on: bool) -> Result<(), MemslotError> {
+        let cur = self.kvm.memslots.load_full();
+        let s = cur.get(slot).ok_or(MemslotError::NoSuchSlot { slot })?;
+        let flags = if on {
+            s.flags().union(MemFlags::LOG_DIRTY_PAGES)
+        } else {
+            s.flags().difference(MemFlags::LOG_DIRTY_PAGES)
+        };
+        self.set_user_memory_region(UserMemoryRegion {
+            slot,
+            flags,
+            guest_phys_addr: s.guest_phys_addr(),
+            memory_size: s.memory_size(),
+            memory: None,
+            memory_offset: s.host_page_index(s.base_gfn()) << crate::spte::PAGE_SHIFT,
+        })
+    }
+
+    /// Turns dirty logging on for `slot` (re-flags it with
+    /// `KVM_MEM_LOG_DIRTY_PAGES`), write-protecting all of it.
+    pub fn enable_dirty_logging(&self, slot: u32) -> Result<(), MemslotError> {
+        self.set_log_flag(slot, true)
+    }
+
+    /// Turns dirty logging off for `slot`.
+    pub fn disable_dirty_logging(&self, slot: u32) -> Result<(), MemslotError> {
+        self.set_log_flag(slot, false)
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: copies the dirty bitmap of `slot` into `bitmap`
+    /// (KVM's layout, one `u64` per 64 pages), clears it, and write-protects
+    /// the dirty pages. Returns the number of dirty pages.
+    pub fn get_dirty_log(&self, slot: u32, bitmap: &mut [u64]) -> Result<u64, DirtyLogError> {
+        self.kvm.kvm_vm_ioctl_get_dirty_log(slot, bitmap)
+    }
+
+    /// `KVM_CREATE_VCPU`.
+    pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
+        if id >= KVM_MAX_VCPUS || self.kvm.vcpus.ids().contains(&id) {
+            return Err(VmError::BadVcpuId { id, max: KVM_MAX_VCPUS });
+        }
+        let shared = Arc::new(VcpuShared::new(id));
+        self.kvm.vcpus.add(shared.clone());
+        Ok(Vcpu::new(self.kvm.clone(), shared))
+    }
+
+    /// `KVM_SET_NR_MMU_PAGES`: sets the shadow page budget, zapping the
+    /// oldest pages down to it.
+    pub fn set_nr_mmu_pages(&self, n: usize) -> Result<(), VmError> {
+        if n < KVM_MIN_ALLOC_MMU_PAGES {
+            return Err(VmError::BudgetTooSmall(n));
+        }
+        let mut g = self.kvm.mmu.lock.lock();
+        g.n_requested_mmu_pages = Some(n);
+        self.kvm.kvm_mmu_change_mmu_pages(&mut g, n);
+        Ok(())
+    }
+
+    /// The current memslots.
+    pub fn memslots(&self) -> Arc<Memslots> {
+        self.kvm.memslots.load_full()
+    }
+
+    /// `kvm_flush_remote_tlbs`, for tests and tools.
+    pub fn flush_remote_tlbs(&self) {
+        self.kvm.kvm_flush_remote_tlbs();
+    }
+
+    /// A snapshot of the MMU's figures.
+    pub fn stats(&self) -> VmStats {
+        let kvm = &*self.kvm;
+        let (used, max) = {
+            let g = kvm.mmu.lock.lock();
+            (g.n_used_mmu_pages, g.n_max_mmu_pages)
+        };
+        let s = &kvm.mmu.stats;
+        let l = &kvm.mmu.lock.stats;
+        VmStats {
+            mmu_pages_used: used,
+            mmu_pages_max: max,
+            sp_created: s.sp_created.get(),
+            sp_zapped: s.sp_zapped.get(),
+            sp_shrunk: s.sp_shrunk.get(),
+            sptes_mapped: s.sptes_mapped.get(),
+            large_sptes_mapped: s.large_sptes_mapped.get(),
+            large_sptes_dropped: s.large_sptes_dropped.get(),
+            sptes_write_protected: s.sptes_write_protected.get(),
+            remote_tlb_flushes: s.remote_tlb_flushes.get(),
+            remote_tlb_flush_ns: s.remote_tlb_flush_ns.get(),
+            pages_marked_dirty: s.pages_marked_dirty.get(),
+            pages_harvested: s.pages_harvested.get(),
+            get_dirty_log_calls: s.get_dirty_log_calls.get(),
+            get_dirty_log_ns: s.get_dirty_log_ns.get(),
+            mmu_lock_acquisitions: l.acquisitions.get(),
+            mmu_lock_contended: l.contended.get(),
+            mmu_lock_wait_ns: l.wait_ns.get(),
+            mmu_lock_hold_ns: l.hold_ns.get(),
+            sp_pool_allocated: kvm.mmu.sp_pool.allocated(),
+            desc_pool_allocated: kvm.mmu.desc_pool.allocated(),
+            desc_pool_in_use: kvm.mmu.desc_pool.in_use(),
+        }
+    }
+
+    /// Checks the MMU's invariants (KVM's `mmu_audit.c`); see
+    /// [`crate::audit`]. Takes `mmu_lock`.
+    pub fn audit(&self, opts: crate::audit::AuditOptions) -> Result<crate::audit::AuditReport, String> {
+        self.kvm.audit(opts)
+    }
+}
+
+impl Kvm {
+    /// Follows the size of guest memory with the shadow page budget, unless
+    /// the user set it.
+    fn update_default_mmu_pages(&self) {
+        let pages = self.memslots.load().total_pages();
+        let mut g = self.mmu.lock.lock();
+        if g.n_requested_mmu_pages.is_none() {
+            self.kvm_mmu_change_mmu_pages(&mut g, default_max_mmu_pages(pages));
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Guest workloads: the access patterns of KVM's `dirty_log_perf_test` and
+//! `dirty_log_test`, as [`GuestCode`].
+//!
+//! Each vCPU works on its own slice of guest memory (vCPU `v` of `n` gets
+//! pages `[v*N/n, (v+1)*N/n)`), as `dirty_log_perf_test` gives each vCPU its
+//! own region. A pass makes as many accesses as the slice has pages:
+//! - [`AccessPattern::Seq`]: one access per page, in order (the perf test);
+//! - [`AccessPattern::Random`]: uniformly random pages of the slice;
+//! - [`AccessPattern::Hot`]: a share of the accesses goes to a hot set at the
+//!   start of the slice, the rest uniformly.
+//!
+//! Each access is a store with probability `write_pct`%, else a load. vCPU
+//! `v` always stores to word `v % 512` of a page, and every value it stores
+//! is distinct and increasing ([`encode_value`]: the iteration read from the
+//! host, the vCPU id, a per-vCPU sequence number), so each word has one
+//! writer whose values only grow, and a checker can tell from a value which
+//! iteration wrote it.
+//!
+//! # The cut (how the oracle gets a clean "before")
+//!
+//! The host bumps [`GuestControl::iteration`] and then waits until every
+//! running vCPU has published, in its `seen` word, an access made with the
+//! new iteration ([`GuestControl::cut`]). Since a vCPU publishes `seen` only
+//! after its access has completed, every store tagged with an older
+//! iteration is complete (and visible) when the cut returns. A vCPU that is
+//! parked (between runs) publishes [`PARKED`]; on resume it first clears its
+//! `seen` and then reads the iteration, both SeqCst, so that a resumed vCPU
+//! cannot slip a store with an old tag past a cut.
+
+use std::sync::Arc;
+
+use crossbeam_utils::{Backoff, CachePadded};
+
+use crate::guest::{GuestCode, GuestOp};
+use crate::memory::WORDS_PER_PAGE;
+use crate::spte::PAGE_SHIFT;
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Hypercall code: the workload stopped because the host asked.
+pub const HC_STOP: u64 = 1;
+/// Hypercall code: a pass is done (only with `exit_each_pass`).
+pub const HC_PASS_DONE: u64 = 2;
+
+/// `seen` value of a parked vCPU.
+pub const PARKED: u64 = u64::MAX;
+
+/// Bits of a value holding the sequence number.
+const SEQ_BITS: u32 = 32;
+/// Bits of a value holding the vCPU id.
+const VCPU_BITS: u32 = 8;
+
+/// Most vCPUs a workload supports (the id must fit its values).
+pub const MAX_WORKLOAD_VCPUS: u32 = 1 << VCPU_BITS;
+
+/// The value vCPU `vcpu` stores as its `seq`-th store in iteration `tag`.
+#[inline]
+pub const fn encode_value(tag: u64, vcpu: u32, seq: u32) -> u64 {
+    (tag << (SEQ_BITS + VCPU_BITS)) | ((vcpu as u64) << SEQ_BITS) | seq as u64
+}
+
+/// The iteration a stored value was written in (0: never written).
+#[inline]
+pub const fn value_tag(v: u64) -> u64 {
+    v >> (SEQ_BITS + VCPU_BITS)
+}
+
+/// The vCPU that wrote a value.
+#[inline]
+pub const fn value_vcpu(v: u64) -> u32 {
+    ((v >> SEQ_BITS) & ((1 << VCPU_BITS) - 1)) as u32
+}
+
+/// Which pages a vCPU touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessPattern {
+    /// Every page of the slice in order.
+    Seq,
+    /// Uniformly random pages of the slice.
+    Random,
+    /// `hot_access_pct`% of accesses to the first `hot_pages_pct`% of the
+    /// slice, the rest uniform.
+    Hot {
+        /// Share of the slice that is hot, in percent (1..=100).
+        hot_pages_pct: u8,
+        /// Share of accesses to the hot set, in percent (0..=100).
+        hot_access_pct: u8,
+    },
+}
+
+impl std::fmt::Display for AccessPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessPattern::Seq => write!(f, "seq"),
+            AccessPattern::Random => write!(f, "random"),
+            AccessPattern::Hot { hot_pages_pct, hot_access_pct } => {
+                write!(f, "hot({hot_access_pct}% of accesses to {hot_pages_pct}% of pages)")
+            }
+        }
+    }
+}
+
+/// A workload, the same for every vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Access pattern.
+    pub pattern: AccessPattern,
+    /// Share of accesses that are stores, in percent (0..=100).
+    pub write_pct: u8,
+    /// Address spaces the vCPUs rotate through (1: stay in address space 0).
+    pub address_spaces: u16,
+    /// Accesses between address space switches, when there are several.
+    pub switch_every: u32,
+    /// Return to the host (`HC_PASS_DONE`) after each pass.
+    pub exit_each_pass: bool,
+    /// Seed of the vCPUs' random choices.
+    pub seed: u64,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        Self {
+            pattern: AccessPattern::Seq,
+            write_pct: 100,
+            address_spaces: 1,
+            switch_every: 4096,
+            exit_each_pass: false,
+            seed: 1,
+        }
+    }
+}
+
+/// What the host and the guest programs share: the iteration number the
+/// guests tag their stores with, a stop flag, and each vCPU's `seen` word.
+#[derive(Debug)]
+pub struct GuestControl {
+    iteration: AtomicU64,
+    stop: AtomicBool,
+    seen: Box<[CachePadded<AtomicU64>]>,
+}
+
+impl GuestControl {
+    /// For `vcpus` vCPUs, at iteration 1, all parked.
+    pub fn new(vcpus: u32) -> Arc<Self> {
+        Arc::new(Self {
+            iteration: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            seen: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(PARKED))).collect(),
+        })
+    }
+
+    /// The current iteration.
+    pub fn iteration(&self) -> u64 {
+        // Relaxed: only the host writes it; the host reads its own value.
+        self.iteration.load(Ordering::Relaxed)
+    }
+
+    /// Asks the guests to stop at their next access.
+    pub fn request_stop(&self) {
+        // Relaxed: the stop is observed eventually; the host joins the vCPU
+        // threads, which orders everything after.
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Undoes [`Self::request_stop`], to run the guests again.
+    pub fn clear_stop(&self) {
+        // Relaxed: see `request_stop`.
+        self.stop.store(false, Ordering::Relaxed);
+    }
+
+    /// Marks vCPU `vcpu` parked, for a vCPU thread that stopped running its
+    /// guest program without the program parking itself (an error exit).
+    pub fn park(&self, vcpu: u32) {
+        // Release: as a guest's own parking (`WorkloadGuest::park`).
+        self.seen[vcpu as usize].store(PARKED, Ordering::Release);
+    }
+
+    /// Starts a new iteration and waits until no store tagged with an older
+    /// one is in flight (module docs). Returns the last old iteration: every
+    /// store tagged with it or earlier is complete and visible.
+    pub fn cut(&self) -> u64 {
+        let old = self.iteration.load(Ordering::Relaxed);
+        let new = old + 1;
+        // SeqCst: pairs with a resuming vCPU's SeqCst clear of `seen` and load
+        // of `iteration` (store buffering): either we see its cleared `seen`
+        // and wait, or it reads the new iteration.
+        self.iteration.store(new, Ordering::SeqCst);
+        for seen in self.seen.iter() {
+            let backoff = Backoff::new();
+            // SeqCst (at least acquire): pairs with the release publication of
+            // `seen` after a completed access, making that access's store
+            // visible to us.
+            while seen.load(Ordering::SeqCst) < new {
+                backoff.snooze();
+            }
+        }
+        old
+    }
+}
+
+/// The guest program of one vCPU.
+#[derive(Debug)]
+pub struct WorkloadGuest {
+    spec: WorkloadSpec,
+    vcpu: u32,
+    base_gfn: u64,
+    slice_start: u64,
+    slice_len: u64,
+    hot_len: u64,
+    word_offset: u64,
+    ctl: Arc<GuestControl>,
+    rng: fastrand::Rng,
+    pos: u64,
+    seq: u32,
+    /// The tag of the access whose completion we publish next, if any.
+    pending_seen: Option<u64>,
+    parked: bool,
+    accesses: u64,
+    asid: u16,
+}
+
+impl WorkloadGuest {
+    /// vCPU `vcpu` of `vcpus`, on the guest pages `[base_gfn, base_gfn+npages)`.
+    ///
+    /// # Panics
+    /// If `vcpu >= MAX_WORKLOAD_VCPUS`, `vcpus` exceeds the pages, or the
+    /// percentages are out of range.
+    pub fn new(
+        spec: WorkloadSpec,
+        vcpu: u32,
+        vcpus: u32,
+        base_gfn: u64,
+        npages: u64,
+        ctl: Arc<GuestControl>,
+    ) -> Self {
+        assert!(vcpu < vcpus && vcpus <= MAX_WORKLOAD_VCPUS, "vCPU {vcpu} of {vcpus}");
+        assert!(u64::from(vcpus) <= npages, "{vcpus} vCPUs need at least as many pages");
+        assert!(spec.write_pct <= 100, "write_pct {}", spec.write_pct);
+        let slice_start = npages * u64::from(vcpu) / u64::from(vcpus);
+        let slice_end = npages * u64::from(vcpu + 1) / u64::from(vcpus);
+        let slice_len = slice_end - slice_start;
+        let hot_len = match spec.pattern {
+            AccessPattern::Hot { hot_pages_pct, hot_access_pct } => {
+                assert!((1..=100).contains(&hot_pages_pct) && hot_access_pct <= 100);
+                (slice_len * u64::from(hot_pages_pct) / 100).max(1)
+            }
+            _ => slice_len,
+        };
+        let asid = (vcpu % u32::from(spec.address_spaces.max(1))) as u16;
+        Self {
+            rng: fastrand::Rng::with_seed(spec.seed ^ (u64::from(vcpu) << 32 | 0x9e37_79b9)),
+            spec,
+            vcpu,
+            base_gfn,
+            slice_start,
+            slice_len,
+            hot_len,
+            word_offset: u64::from(vcpu) % WORDS_PER_PAGE as u64 * 8,
+            ctl,
+            pos: 0,
+            seq: 0,
+            pending_seen: None,
+            parked: true,
+            accesses: 0,
+            asid,
+        }
+    }
+
+    /// Accesses made so far.
+    pub fn accesses(&self) -> u64 {
+        self.accesses
+    }
+
+    /// The guest physical address of word `vcpu % 512` in the slice's
+    /// `index`-th page.
+    fn gpa(&self, index: u64) -> u64 {
+        ((self.base_gfn + self.slice_start + index) << PAGE_SHIFT) | self.word_offset
+    }
+
+    fn park(&mut self, code: u64) -> GuestOp {
+        self.parked = true;
+        // Release: as the publication in `next_op`.
+        self.ctl.seen[self.vcpu as usize].store(PARKED, Ordering::Release);
+        GuestOp::Hypercall(code)
+    }
+}
+
+impl GuestCode for WorkloadGuest {
+    fn next_op(&mut self, _last_read: u64) -> GuestOp {
+        let seen = &self.ctl.seen[self.vcpu as usize];
+        if let Some(tag) = self.pending_seen.take() {
+            // Release: our last access has completed; pairs with the SeqCst
+            // load in `GuestControl::cut`.
+            seen.store(tag, Ordering::Release);
+        }
+        // Relaxed: see `GuestControl::request_stop`.
+        if self.ctl.stop.load(Ordering::Relaxed) {
+            return self.park(HC_STOP);
+        }
+        if self.spec.exit_each_pass && self.accesses > 0 && self.pos == 0 && !self.parked {
+            return self.park(HC_PASS_DONE);
+        }
+        if std::mem::take(&mut self.parked) {
+            // SeqCst: see the module docs (a resumed vCPU vs a cut).
+            seen.store(0, Ordering::SeqCst);
+        }
+        if self.spec.address_spaces > 1 && self.accesses > 0 && self.accesses % u64::from(self.spec.switch_every) == 0 {
+            self.asid = (self.asid + 1) % self.spec.address_spaces;
+            self.accesses += 1;
+            return GuestOp::SetAddressSpace(self.asid);
+        }
+        // SeqCst: see the module docs; after a resume this load must not be
+        // satisfied before our clear of `seen` is visible.
+        let tag = self.ctl.iteration.load(Ordering::SeqCst);
+        let index = match self.spec.pattern {
+            AccessPattern::Seq => self.pos,
+            AccessPattern::Random => self.rng.u64(..self.slice_len),
+            AccessPattern::Hot { hot_access_pct, .. } => {
+                if self.rng.u8(..100) < hot_access_pct {
+                    self.rng.u64(..self.hot_len)
+                } else {
+                    self.rng.u64(..self.slice_len)
+                }
+            }
+        };
+        self.pos = (self.pos + 1) % self.slice_len;
+        self.accesses += 1;
+        self.pending_seen = Some(tag);
+        let gpa = self.gpa(index);
+        if self.spec.write_pct == 100 || self.rng.u8(..100) < self.spec.write_pct {
+            self.seq = self.seq.wrapping_add(1);
+            GuestOp::Write(gpa, encode_value(tag, self.vcpu, self.seq))
+        } else {
+            GuestOp::Read(gpa)
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_encode_tag_and_vcpu_and_grow() {
+        let a = encode_value(3, 7, 10);
+        assert_eq!(value_tag(a), 3);
+        assert_eq!(value_vcpu(a), 7);
+        assert!(encode_value(3, 7, 11) > a);
+        assert!(encode_value(4, 7, 0) > a);
+        assert_eq!(value_tag(0), 0);
+    }
+
+    #[test]
+    fn seq_sweeps_its_slice_with_one_write_per_page() {
+        let ctl = GuestControl::new(2);
+        let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
+        let mut g = WorkloadGuest::new(spec, 1, 2, 100, 10, ctl);
+        let mut gpas = Vec::new();
+        loop {
+            match g.next_op(0) {
+                GuestOp::Write(gpa, v) => {
+                    assert_eq!(value_vcpu(v), 1);
+                    assert_eq!(value_tag(v), 1);
+                    gpas.push(gpa);
+                }
+                GuestOp::Hypercall(HC_PASS_DONE) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let want: Vec<u64> = (105..110).map(|gfn| (gfn << 12) | 8).collect();
+        assert_eq!(gpas, want, "vCPU 1 of 2 owns pages 5..10, word 1");
+    }
+
+    #[test]
+    fn write_pct_and_hot_set_shape_the_stream() {
+        let ctl = GuestControl::new(1);
+        let spec = WorkloadSpec {
+            pattern: AccessPattern::Hot { hot_pages_pct: 10, hot_access_pct: 90 },
+            write_pct: 30,
+            ..WorkloadSpec::default()
+        };
+        let mut g = WorkloadGuest::new(spec, 0, 1, 0, 1000, ctl);
+        let (mut writes, mut hot, n) = (0, 0, 20_000);
+        for _ in 0..n {
+            let gpa = match g.next_op(0) {
+                GuestOp::Write(gpa, _) => {
+                    writes += 1;
+                    gpa
+                }
+                GuestOp::Read(gpa) => gpa,
+                other => panic!("{other:?}"),
+            };
+            hot += u32::from(gpa >> 12 < 100);
+        }
+        // Binomial(20000, p): 10 standard deviations either side.
+        assert!((5350..=6650).contains(&writes), "writes {writes}");
+        assert!((17_700..=18_500).contains(&hot), "hot {hot}");
+    }
+
+    #[test]
+    fn address_spaces_rotate() {
+        let ctl = GuestControl::new(1);
+        let spec = WorkloadSpec { address_spaces: 3, switch_every: 2, ..WorkloadSpec::default() };
+        let mut g = WorkloadGuest::new(spec, 0, 1, 0, 8, ctl);
+        let switches: Vec<u16> = (0..12)
+            .filter_map(|_| match g.next_op(0) {
+                GuestOp::SetAddressSpace(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(&switches[..3], &[1, 2, 0]);
+    }
+
+    #[test]
+    fn cut_waits_for_running_vcpus_only() {
+        let ctl = GuestControl::new(2);
+        // Both parked: the cut returns at once.
+        assert_eq!(ctl.cut(), 1);
+        let mut g = WorkloadGuest::new(WorkloadSpec::default(), 0, 2, 0, 4, ctl.clone());
+        assert!(matches!(g.next_op(0), GuestOp::Write(_, v) if value_tag(v) == 2));
+        // vCPU 0 is running with an access of tag 2 in flight: a cut must wait
+        // until it publishes an access tagged 3.
+        let cutter = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || ctl.cut())
+        };
+        while ctl.iteration() < 3 {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!cutter.is_finished());
+        // Completes tag 2 (publishes 2), then makes an access with tag 3.
+        assert!(matches!(g.next_op(0), GuestOp::Write(_, v) if value_tag(v) == 3));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!cutter.is_finished(), "the tag-3 access has not completed yet");
+        // Completing it publishes 3.
+        ctl.request_stop();
+        assert_eq!(g.next_op(0), GuestOp::Hypercall(HC_STOP));
+        assert_eq!(cutter.join().unwrap(), 2);
+    }
+}

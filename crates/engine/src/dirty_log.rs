@@ -84,9 +84,11 @@ impl Kvm {
                 continue;
             }
             pages += u64::from(mask.count_ones());
-            self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
+            if !broken!(self, skip_write_protect) {
+                self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
+            }
         }
-        if pages > 0 {
+        if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();
         }
         pages

@@ -56,6 +56,9 @@ pub struct RunConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// Rules to break (tests only).
+    #[cfg(feature = "break-rules")]
+    pub breakage: crate::breakage::Breakage,
 }
 
 impl Default for RunConfig {
@@ -72,6 +75,8 @@ impl Default for RunConfig {
             max_mmu_pages: None,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            #[cfg(feature = "break-rules")]
+            breakage: crate::breakage::Breakage::default(),
         }
     }
 }
@@ -246,6 +251,8 @@ pub fn run(
         address_spaces: cfg.workload.address_spaces,
         tlb_entries: cfg.tlb_entries,
         large_pages: cfg.large_pages,
+        #[cfg(feature = "break-rules")]
+        breakage: cfg.breakage,
     })?;
     let mem = HostMemory::anonymous(cfg.guest_bytes)?;
     vm.set_user_memory_region(UserMemoryRegion {
@@ -351,5 +358,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         max_mmu_pages,
         tlb_entries: [1, 64, 1024, 4096][rng.usize(..4)],
         large_pages: rng.u8(..4) != 0,
+        #[cfg(feature = "break-rules")]
+        breakage: crate::breakage::Breakage::default(),
     }
 }

@@ -37,11 +37,29 @@
 
 #![warn(missing_docs)]
 
+/// `broken!(kvm, rule)`: is `rule` of [`breakage::Breakage`] broken in this
+/// VM? A literal `false` without the `break-rules` feature.
+#[cfg(feature = "break-rules")]
+macro_rules! broken {
+    ($kvm:expr, $rule:ident) => {
+        $kvm.config.breakage.$rule
+    };
+}
+#[cfg(not(feature = "break-rules"))]
+macro_rules! broken {
+    ($kvm:expr, $rule:ident) => {
+        false
+    };
+}
+
 pub mod audit;
+#[cfg(feature = "break-rules")]
+pub mod breakage;
 pub mod dirty_bitmap;
 pub mod dirty_log;
 pub mod guest;
 pub mod harness;
+mod lockdep;
 pub mod memory;
 pub mod memslot;
 pub mod mmu;

@@ -81,7 +81,12 @@ impl<T: PoolObject> Pool<T> {
     }
 
     /// Moves up to `n` objects into `out`: reused ones first, new ones after.
+    ///
+    /// # Panics
+    /// If the calling thread holds `mmu_lock`: the fault path tops up its
+    /// caches before it takes the lock, and nothing else allocates.
     pub fn alloc_into(&self, n: usize, out: &mut Vec<NonNull<T>>) {
+        assert!(!crate::lockdep::holds_mmu_lock(), "pool allocation under mmu_lock");
         let mut free = self.free.lock();
         let reuse = n.min(free.len());
         let at = free.len() - reuse;

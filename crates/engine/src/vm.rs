@@ -45,6 +45,9 @@ pub struct VmConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// Rules to break, for tests that show they are load-bearing.
+    #[cfg(feature = "break-rules")]
+    pub breakage: crate::breakage::Breakage,
 }
 
 impl Default for VmConfig {
@@ -55,6 +58,8 @@ impl Default for VmConfig {
             address_spaces: 1,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            #[cfg(feature = "break-rules")]
+            breakage: crate::breakage::Breakage::default(),
         }
     }
 }

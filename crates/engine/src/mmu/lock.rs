@@ -59,6 +59,7 @@ impl MmuLock {
             }
         };
         self.stats.acquisitions.inc();
+        crate::lockdep::set_holds_mmu_lock(true);
         MmuGuard { guard, lock: self, since: Instant::now() }
     }
 }
@@ -100,6 +101,7 @@ impl DerefMut for MmuGuard<'_> {
 
 impl Drop for MmuGuard<'_> {
     fn drop(&mut self) {
+        crate::lockdep::set_holds_mmu_lock(false);
         self.lock.stats.hold_ns.add(self.since.elapsed().as_nanos() as u64);
     }
 }

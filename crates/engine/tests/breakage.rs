@@ -1,0 +1,69 @@
+//! Every rule is load-bearing: each `break-rules` switch must make a test
+//! fail, and the same test passes with the switch off (the other tests).
+//! Run with `--features break-rules`.
+#![cfg(feature = "break-rules")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use shadow_mmu_engine::breakage::Breakage;
+use shadow_mmu_engine::harness::{self, RunConfig};
+use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
+use shadow_mmu_engine::{MmuDesign, VmConfig};
+
+/// An oracle run small and hot enough that vCPUs keep translations in their
+/// TLBs across harvests.
+fn hot_run(mmu: MmuDesign, breakage: Breakage) -> harness::RunReport {
+    let cfg = RunConfig {
+        mmu,
+        vcpus: 2,
+        guest_bytes: 8 << 20,
+        duration: Duration::from_secs(60),
+        max_collections: Some(200),
+        interval: Duration::from_millis(1),
+        warmup: Duration::from_millis(20),
+        workload: WorkloadSpec {
+            pattern: AccessPattern::Hot { hot_pages_pct: 10, hot_access_pct: 90 },
+            ..WorkloadSpec::default()
+        },
+        breakage,
+        ..RunConfig::default()
+    };
+    harness::run(&cfg, |_, _| {}).unwrap()
+}
+
+fn assert_oracle_catches(breakage: Breakage) {
+    for mmu in MmuDesign::ALL {
+        let r = hot_run(mmu, breakage);
+        assert!(r.lost_pages > 0, "{mmu}: {breakage:?} went unnoticed: {r:?}");
+        let first = &r.lost[0];
+        assert!(first.to_string().contains(&format!("gfn {:#x}", first.gfn)), "the report names the gfn");
+    }
+}
+
+#[test]
+fn skipping_the_get_dirty_log_flush_is_caught() {
+    let b = Breakage { skip_get_dirty_log_flush: true, ..Breakage::default() };
+    let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..VmConfig::default() }, 300);
+    assert!(violations > 0, "stale TLB entries went unnoticed");
+    assert_oracle_catches(b);
+}
+
+#[test]
+fn skipping_write_protection_is_caught() {
+    let b = Breakage { skip_write_protect: true, ..Breakage::default() };
+    let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..VmConfig::default() }, 300);
+    assert!(violations > 0);
+    assert_oracle_catches(b);
+}
+
+#[test]
+fn with_no_switch_on_the_same_runs_pass() {
+    for mmu in MmuDesign::ALL {
+        let r = hot_run(mmu, Breakage::default());
+        assert!(r.ok(), "{r:?}");
+    }
+    assert_eq!(stale_tlb_violations(VmConfig::default(), 300).0, 0);
+}

@@ -1,0 +1,108 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use shadow_mmu_engine::{
+    AuditOptions, AuditReport, GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit,
+    Vm, VmConfig,
+};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn region(slot: u32, gpa: u64, size: u64, mem: &Arc<HostMemory>, flags: MemFlags) -> UserMemoryRegion {
+    UserMemoryRegion { slot, flags, guest_phys_addr: gpa, memory_size: size, memory: Some(mem.clone()), memory_offset: 0 }
+}
+
+/// A VM with one slot of `size` bytes at guest physical 0.
+pub fn vm_with_slot(config: VmConfig, size: u64, flags: MemFlags) -> (Vm, Arc<HostMemory>) {
+    let vm = Vm::new(config).unwrap();
+    let mem = HostMemory::anonymous(size).unwrap();
+    vm.set_user_memory_region(region(0, 0, size, &mem, flags)).unwrap();
+    (vm, mem)
+}
+
+/// Runs `ops` on `vcpu`; expects the script to finish (hypercall 0) and
+/// returns the values read.
+pub fn run_ops(vcpu: &mut Vcpu, ops: impl IntoIterator<Item = GuestOp>) -> Vec<u64> {
+    let mut script = Script::new(ops);
+    assert_eq!(vcpu.run(&mut script).unwrap(), VcpuExit::Hypercall(0));
+    script.reads
+}
+
+/// Runs one op, returns the exit.
+pub fn run_one(vcpu: &mut Vcpu, op: GuestOp) -> VcpuExit {
+    let mut script = Script::new([op]);
+    vcpu.run(&mut script).unwrap()
+}
+
+pub fn page(gfn: u64) -> u64 {
+    gfn << 12
+}
+
+pub fn audit(vm: &Vm) -> AuditReport {
+    vm.audit(AuditOptions { dirty_log: true }).unwrap_or_else(|e| panic!("MMU audit failed: {e}"))
+}
+
+/// Page numbers set in a bitmap.
+pub fn set_pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (i, w) in bitmap.iter().enumerate() {
+        for b in 0..64 {
+            if w & (1 << b) != 0 {
+                v.push(i as u64 * 64 + b);
+            }
+        }
+    }
+    v
+}
+
+/// A guest that stores an increasing counter to one word until told to stop.
+pub struct Hammer {
+    pub gpa: u64,
+    pub n: u64,
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl shadow_mmu_engine::GuestCode for Hammer {
+    fn next_op(&mut self, _: u64) -> GuestOp {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return GuestOp::Hypercall(0);
+        }
+        self.n += 1;
+        GuestOp::Write(self.gpa, self.n)
+    }
+}
+
+/// The remote flush property, measured: a vCPU stores to page 0 through its
+/// TLB in a loop; the host harvests repeatedly. A store that completes after
+/// one `get_dirty_log` returns must be reported by the next one. Returns
+/// (violations, rounds in which the page changed between two harvests).
+pub fn stale_tlb_violations(config: VmConfig, rounds: u32) -> (u32, u32) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (vm, mem) = vm_with_slot(config, 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut guest = Hammer { gpa: 0, n: 0, stop: stop.clone() };
+    let t = std::thread::spawn(move || vcpu.run(&mut guest).unwrap());
+    let word = &mem.page(0)[0];
+    let mut bm = vec![0u64; 8];
+    while word.load(Ordering::Relaxed) == 0 {
+        std::hint::spin_loop();
+    }
+    vm.get_dirty_log(0, &mut bm).unwrap();
+    let (mut violations, mut changed) = (0, 0);
+    for _ in 0..rounds {
+        let after_last = word.load(Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        let before_next = word.load(Ordering::Relaxed);
+        vm.get_dirty_log(0, &mut bm).unwrap();
+        if after_last != before_next {
+            changed += 1;
+            violations += u32::from(bm[0] & 1 == 0);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(t.join().unwrap(), shadow_mmu_engine::VcpuExit::Hypercall(0));
+    (violations, changed)
+}

@@ -1,0 +1,86 @@
+//! The oracle, in the manner of KVM's `dirty_log_test`, against every design.
+//! CI parameters: 2 vCPUs, 256 MiB, 50 collections. The long version is
+//! `shadow-mmu stress` (see the README).
+
+use std::time::Duration;
+
+use shadow_mmu_engine::MmuDesign;
+use shadow_mmu_engine::harness::{self, RunConfig, RunReport};
+use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
+
+fn check(cfg: &RunConfig) -> RunReport {
+    let r = harness::run(cfg, |_, _| {}).unwrap();
+    assert!(r.ok(), "{cfg:?}\nlost {}: {:?}\nerrors: {:?}", r.lost_pages, r.lost, r.errors);
+    assert_eq!(Some(r.collections), cfg.max_collections, "ran every collection");
+    assert!(r.harvested_pages > 0 && r.vcpu.page_faults > 0, "{r:?}");
+    r
+}
+
+#[test]
+fn ci_two_vcpus_256_mib_50_collections() {
+    for mmu in MmuDesign::ALL {
+        let cfg = RunConfig {
+            mmu,
+            vcpus: 2,
+            guest_bytes: 256 << 20,
+            duration: Duration::from_secs(600),
+            max_collections: Some(50),
+            interval: Duration::from_millis(10),
+            warmup: Duration::from_millis(100),
+            ..RunConfig::default()
+        };
+        let r = check(&cfg);
+        assert!(r.vm.sptes_write_protected > 0);
+    }
+}
+
+#[test]
+fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
+    for mmu in MmuDesign::ALL {
+        let cfg = RunConfig {
+            mmu,
+            vcpus: 3,
+            guest_bytes: 64 << 20,
+            duration: Duration::from_secs(600),
+            max_collections: Some(50),
+            interval: Duration::from_millis(3),
+            warmup: Duration::from_millis(50),
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Random,
+                write_pct: 70,
+                address_spaces: 4,
+                switch_every: 500,
+                ..WorkloadSpec::default()
+            },
+            max_mmu_pages: Some(64),
+            ..RunConfig::default()
+        };
+        let r = check(&cfg);
+        assert!(r.vm.sp_shrunk > 0, "the shrinker ran");
+        assert!(r.vcpu.reads > 0 && r.vcpu.writes > 0);
+    }
+}
+
+#[test]
+fn hot_set_through_small_tlbs_with_pass_exits() {
+    for mmu in MmuDesign::ALL {
+        let cfg = RunConfig {
+            mmu,
+            vcpus: 4,
+            guest_bytes: 16 << 20,
+            duration: Duration::from_secs(600),
+            max_collections: Some(50),
+            interval: Duration::from_millis(2),
+            warmup: Duration::from_millis(20),
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Hot { hot_pages_pct: 5, hot_access_pct: 95 },
+                exit_each_pass: true,
+                ..WorkloadSpec::default()
+            },
+            tlb_entries: 64,
+            ..RunConfig::default()
+        };
+        let r = check(&cfg);
+        assert!(r.vcpu.tlb_hits > 0, "the TLB served accesses, so stale entries matter");
+    }
+}

@@ -1,0 +1,110 @@
+//! Human-readable reports of runs.
+
+use std::fmt::Write;
+
+use engine::harness::{RunConfig, RunReport};
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// One line describing a configuration.
+pub fn describe(cfg: &RunConfig) -> String {
+    format!(
+        "mmu={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} interval={} ms \
+         budget={} tlb={} large-pages={}",
+        cfg.mmu,
+        cfg.vcpus,
+        cfg.guest_bytes >> 20,
+        cfg.workload.pattern,
+        cfg.workload.write_pct,
+        cfg.workload.address_spaces,
+        cfg.interval.as_millis(),
+        cfg.max_mmu_pages.map_or("default".to_string(), |n| n.to_string()),
+        cfg.tlb_entries,
+        cfg.large_pages,
+    )
+}
+
+/// The summary `shadow-mmu run` prints.
+pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
+    let mut s = String::new();
+    let v = &r.vcpu;
+    let m = &r.vm;
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let max_gdl = r.get_dirty_log_ns.iter().copied().max().unwrap_or(0);
+    let _ = writeln!(s, "  elapsed               {:.2} s, {} collections + final", secs, r.collections);
+    let _ = writeln!(
+        s,
+        "  guest accesses        {} ({} writes, {} reads), {:.1} M/s, TLB hits {}",
+        v.reads + v.writes,
+        v.writes,
+        v.reads,
+        (v.reads + v.writes) as f64 / secs / 1e6,
+        v.tlb_hits
+    );
+    let _ = writeln!(
+        s,
+        "  pages faulted         {} ({} on writes), avg fault {:.0} ns",
+        v.page_faults,
+        v.write_faults,
+        v.fault_ns as f64 / v.page_faults.max(1) as f64
+    );
+    let _ = writeln!(s, "  pages dirtied         {} (marked in the dirty bitmap)", m.pages_marked_dirty);
+    let _ = writeln!(
+        s,
+        "  pages harvested       {} ({} with no new content)",
+        r.harvested_pages, r.dirty_unchanged
+    );
+    let _ = writeln!(
+        s,
+        "  enable dirty logging  {:.3} ms",
+        ms(r.enable_logging_ns)
+    );
+    let _ = writeln!(
+        s,
+        "  get_dirty_log         avg {:.3} ms, max {:.3} ms, {} sptes write-protected",
+        ms(r.get_dirty_log_avg_ns()),
+        ms(max_gdl),
+        m.sptes_write_protected
+    );
+    let _ = writeln!(
+        s,
+        "  mmu_lock              held {:.1} ms ({:.1}% of the run), waited {:.1} ms, {} acquisitions, {} contended",
+        ms(m.mmu_lock_hold_ns),
+        ms(m.mmu_lock_hold_ns) / 10.0 / secs,
+        ms(m.mmu_lock_wait_ns),
+        m.mmu_lock_acquisitions,
+        m.mmu_lock_contended
+    );
+    let _ = writeln!(
+        s,
+        "  TLB flushes           {} remote ({:.1} ms waiting), {} handled by vCPUs",
+        m.remote_tlb_flushes,
+        ms(m.remote_tlb_flush_ns),
+        v.tlb_flushes
+    );
+    let _ = writeln!(
+        s,
+        "  shadow pages          {} used of {}, {} created, {} zapped ({} by the shrinker)",
+        m.mmu_pages_used, m.mmu_pages_max, m.sp_created, m.sp_zapped, m.sp_shrunk
+    );
+    let _ = writeln!(
+        s,
+        "  sptes                 {} mapped ({} large, {} large dropped), longest rmap {}",
+        m.sptes_mapped, m.large_sptes_mapped, m.large_sptes_dropped, r.audit.max_rmap_len
+    );
+    let _ = writeln!(s, "  lost pages            {}", r.lost_pages);
+    for l in &r.lost {
+        let _ = writeln!(s, "    {l}");
+    }
+    if r.stray_bits > 0 {
+        let _ = writeln!(s, "  stray bitmap bits     {}", r.stray_bits);
+    }
+    for e in &r.errors {
+        let _ = writeln!(s, "  error: {e}");
+    }
+    let _ = writeln!(s, "{}", if r.ok() { "OK" } else { "FAILED" });
+    let _ = cfg;
+    s
+}

@@ -56,11 +56,7 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         "  pages harvested       {} ({} with no new content)",
         r.harvested_pages, r.dirty_unchanged
     );
-    let _ = writeln!(
-        s,
-        "  enable dirty logging  {:.3} ms",
-        ms(r.enable_logging_ns)
-    );
+    let _ = writeln!(s, "  enable dirty logging  {:.3} ms", ms(r.enable_logging_ns));
     let _ = writeln!(
         s,
         "  get_dirty_log         avg {:.3} ms, max {:.3} ms, {} sptes write-protected",

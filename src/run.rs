@@ -79,10 +79,9 @@ impl RunArgs {
         let pattern = match self.workload {
             Pattern::Seq => AccessPattern::Seq,
             Pattern::Random => AccessPattern::Random,
-            Pattern::Hot => AccessPattern::Hot {
-                hot_pages_pct: self.hot_pages_pct,
-                hot_access_pct: self.hot_access_pct,
-            },
+            Pattern::Hot => {
+                AccessPattern::Hot { hot_pages_pct: self.hot_pages_pct, hot_access_pct: self.hot_access_pct }
+            }
         };
         Ok(RunConfig {
             mmu: self.mmu,

@@ -11,15 +11,25 @@ pub struct StressArgs {
     /// Minutes to run for.
     #[arg(long, default_value_t = 10.0)]
     pub minutes: f64,
-    /// Seed of the sequence of runs (default: from the clock; printed).
-    #[arg(long)]
+    /// Seed of the sequence of runs, decimal or 0x-hex (default: from the
+    /// clock; printed).
+    #[arg(long, value_parser = parse_u64)]
     pub seed: Option<u64>,
     /// Longest harvesting time of one run, seconds.
     #[arg(long, default_value_t = 20)]
     pub max_run_seconds: u64,
     /// Replay one run: the seed a failing run printed.
-    #[arg(long, conflicts_with = "seed")]
+    #[arg(long, conflicts_with = "seed", value_parser = parse_u64)]
     pub run_seed: Option<u64>,
+}
+
+/// A u64 in decimal or with a 0x prefix in hex.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a decimal or 0x-hex u64: {e}"))
 }
 
 /// SplitMix64: run seeds from the sequence seed.
@@ -57,7 +67,10 @@ pub fn main(args: &StressArgs) -> Result<bool, HarnessError> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
-    println!("stress: seed {seed:#x}, {} minutes (replay all: shadow-mmu stress --seed {seed:#x})", args.minutes);
+    println!(
+        "stress: seed {seed:#x}, {} minutes (replay all: shadow-mmu stress --seed {seed:#x})",
+        args.minutes
+    );
     let deadline = Instant::now() + Duration::from_secs_f64(args.minutes.max(0.0) * 60.0);
     let mut i = 0;
     while Instant::now() < deadline {

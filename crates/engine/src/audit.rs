@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{
     KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte,
-    is_last_spte, is_shadow_present_pte, is_writable_pte, level_base_gfn, pages_per_spte,
-    spte_level, spte_to_pfn,
+    is_last_spte, is_shadow_present_pte, is_writable_pte, level_base_gfn, pages_per_spte, spte_level,
+    spte_to_pfn,
 };
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
@@ -80,7 +80,12 @@ impl Kvm {
         // Shadow pages.
         let active: Vec<SpPtr> = g.active_pages().collect();
         report.shadow_pages = active.len();
-        ensure!(active.len() == g.n_used_mmu_pages, "active list {} != n_used {}", active.len(), g.n_used_mmu_pages);
+        ensure!(
+            active.len() == g.n_used_mmu_pages,
+            "active list {} != n_used {}",
+            active.len(),
+            g.n_used_mmu_pages
+        );
         ensure!(g.hash.len() == g.n_used_mmu_pages, "hash {} != n_used {}", g.hash.len(), g.n_used_mmu_pages);
         let live: HashSet<SpPtr> = active.iter().copied().collect();
         let mut parents_seen: HashMap<SpPtr, usize> = HashMap::new();
@@ -105,7 +110,11 @@ impl Kvm {
                     ensure!(live.contains(&child), "{p:?}[{i}] points to a dead page");
                     let c = child.get();
                     ensure!(c.role().level + 1 == role.level, "{p:?}[{i}]: child level {}", c.role().level);
-                    ensure!(c.gfn() == level_base_gfn(gfn, role.level), "{p:?}[{i}]: child gfn {:#x}", c.gfn());
+                    ensure!(
+                        c.gfn() == level_base_gfn(gfn, role.level),
+                        "{p:?}[{i}]: child gfn {:#x}",
+                        c.gfn()
+                    );
                     // SAFETY: we hold mmu_lock.
                     let has = unsafe { c.parent_ptes().iter() }.any(|q| std::ptr::eq(q.as_ptr(), sptep));
                     ensure!(has, "{p:?}[{i}] missing from its child's parent_ptes");

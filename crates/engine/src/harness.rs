@@ -27,8 +27,7 @@ use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
 use crate::vcpu::{VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig, VmError, VmStats};
 use crate::workload::{
-    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest,
-    WorkloadSpec,
+    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest, WorkloadSpec,
 };
 
 /// A run.
@@ -151,7 +150,7 @@ impl RunConfig {
         if self.vcpus == 0 || self.vcpus > MAX_WORKLOAD_VCPUS {
             return bad(format!("vcpus must be 1..={MAX_WORKLOAD_VCPUS}, not {}", self.vcpus));
         }
-        if self.guest_bytes == 0 || self.guest_bytes % PAGE_SIZE != 0 {
+        if self.guest_bytes == 0 || !self.guest_bytes.is_multiple_of(PAGE_SIZE) {
             return bad(format!("guest size {:#x} is not a non-zero multiple of 4096", self.guest_bytes));
         }
         if self.guest_bytes / PAGE_SIZE < u64::from(self.vcpus) {
@@ -205,7 +204,12 @@ impl Drop for Vcpus {
     }
 }
 
-fn spawn_vcpus(vm: &Vm, cfg: &RunConfig, npages: u64, ctl: &Arc<GuestControl>) -> Result<Vcpus, HarnessError> {
+fn spawn_vcpus(
+    vm: &Vm,
+    cfg: &RunConfig,
+    npages: u64,
+    ctl: &Arc<GuestControl>,
+) -> Result<Vcpus, HarnessError> {
     let mut vcpus = Vcpus { ctl: ctl.clone(), threads: Vec::new() };
     for id in 0..cfg.vcpus {
         let mut vcpu = vm.create_vcpu(id)?;

@@ -60,10 +60,7 @@ unsafe impl Sync for HostMemory {}
 
 impl std::fmt::Debug for HostMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostMemory")
-            .field("base", &self.base)
-            .field("pages", &self.pages)
-            .finish()
+        f.debug_struct("HostMemory").field("base", &self.base).field("pages", &self.pages).finish()
     }
 }
 
@@ -71,7 +68,7 @@ impl HostMemory {
     /// Maps `bytes` of zeroed anonymous memory. Pages are populated lazily by
     /// the host kernel on first touch, as for a real VMM.
     pub fn anonymous(bytes: u64) -> Result<Arc<Self>, MemoryError> {
-        if bytes == 0 || bytes % PAGE_SIZE != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize(bytes));
         }
         let len = usize::try_from(bytes).map_err(|_| MemoryError::BadSize(bytes))?;
@@ -79,8 +76,8 @@ impl HostMemory {
             .len(len)
             .map_anon()
             .map_err(|e| MemoryError::Mmap { bytes, reason: e.to_string() })?;
-        let base = NonNull::new(map.as_mut_ptr().cast::<AtomicU64>())
-            .expect("mmap never returns a null mapping");
+        let base =
+            NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()).expect("mmap never returns a null mapping");
         Ok(Arc::new(Self { map, base, pages: bytes / PAGE_SIZE }))
     }
 
@@ -119,9 +116,7 @@ impl HostMemory {
     pub fn page(&self, index: u64) -> &PageWords {
         assert!(index < self.pages, "page {index} out of {} pages", self.pages);
         let start = index as usize * WORDS_PER_PAGE;
-        self.words()[start..start + WORDS_PER_PAGE]
-            .try_into()
-            .expect("slice has exactly one page of words")
+        self.words()[start..start + WORDS_PER_PAGE].try_into().expect("slice has exactly one page of words")
     }
 
     /// Host pfn (virtual address >> 12) of page `index`.
@@ -141,7 +136,7 @@ impl HostMemory {
 /// every vCPU in guest mode, has returned.
 #[inline]
 pub(crate) unsafe fn host_word<'a>(pfn: u64, offset: u64) -> &'a AtomicU64 {
-    debug_assert!(offset < PAGE_SIZE && offset % 8 == 0);
+    debug_assert!(offset < PAGE_SIZE && offset.is_multiple_of(8));
     let addr = ((pfn << PAGE_SHIFT) + offset) as usize as *const AtomicU64;
     // SAFETY: by the caller's contract the address is inside a live mapping
     // for 'a; it is 8-aligned because the page is 4 KiB-aligned and the offset

@@ -134,7 +134,9 @@ pub enum MemslotError {
         bits: u32,
     },
     /// The range overlaps another slot.
-    #[error("range {gpa:#x}+{size:#x} of slot {slot} overlaps slot {other} at {other_gpa:#x}+{other_size:#x}")]
+    #[error(
+        "range {gpa:#x}+{size:#x} of slot {slot} overlaps slot {other} at {other_gpa:#x}+{other_size:#x}"
+    )]
     Overlap {
         /// The id.
         slot: u32,
@@ -460,9 +462,8 @@ impl Memslots {
             });
         }
         if let Some(old) = old {
-            let same_memory =
-                r.memory.as_ref().is_none_or(|m| Arc::ptr_eq(m, &old.memory))
-                    && r.memory_offset >> PAGE_SHIFT == old.first_page;
+            let same_memory = r.memory.as_ref().is_none_or(|m| Arc::ptr_eq(m, &old.memory))
+                && r.memory_offset >> PAGE_SHIFT == old.first_page;
             if old.guest_phys_addr() != r.guest_phys_addr
                 || old.memory_size() != r.memory_size
                 || !same_memory
@@ -568,7 +569,10 @@ mod tests {
         let big = HostMemory::anonymous(8 << 20).unwrap();
         let cases: Vec<(UserMemoryRegion, MemslotError)> = vec![
             (region(KVM_USER_MEM_SLOTS, 0, 4096, &mem), MemslotError::InvalidSlotId { slot: 509, max: 509 }),
-            (region(1, 0x1001, 4096, &mem), MemslotError::Unaligned { field: "guest_phys_addr", value: 0x1001 }),
+            (
+                region(1, 0x1001, 4096, &mem),
+                MemslotError::Unaligned { field: "guest_phys_addr", value: 0x1001 },
+            ),
             (region(1, 1 << 20, 100, &mem), MemslotError::Unaligned { field: "memory_size", value: 100 }),
             (region(1, 1 << 20, 0, &mem), MemslotError::ZeroSize { slot: 1 }),
             (
@@ -587,12 +591,10 @@ mod tests {
                 },
             ),
             (region(0, 1 << 20, 1 << 20, &mem), MemslotError::Duplicate { slot: 0, gpa: 0, size: 1 << 20 }),
-            (region(1, 1 << 20, 2 << 20, &mem), MemslotError::MemoryTooSmall {
-                slot: 1,
-                offset: 0,
-                size: 2 << 20,
-                len: 1 << 20,
-            }),
+            (
+                region(1, 1 << 20, 2 << 20, &mem),
+                MemslotError::MemoryTooSmall { slot: 1, offset: 0, size: 2 << 20, len: 1 << 20 },
+            ),
         ];
         for (r, want) in cases {
             assert_eq!(slots.prepare(&r).unwrap_err(), want, "{r:?}");
@@ -618,9 +620,14 @@ mod tests {
         let slots = created(&Memslots::default(), &region(0, 0, 1 << 20, &mem));
         let mut logging = region(0, 0, 1 << 20, &mem);
         logging.flags = MemFlags::LOG_DIRTY_PAGES;
-        assert!(matches!(slots.prepare(&logging).unwrap(), MemslotChange::FlagsOnly(_, f) if f == MemFlags::LOG_DIRTY_PAGES));
+        assert!(
+            matches!(slots.prepare(&logging).unwrap(), MemslotChange::FlagsOnly(_, f) if f == MemFlags::LOG_DIRTY_PAGES)
+        );
         logging.memory = None;
-        assert!(matches!(slots.prepare(&logging).unwrap(), MemslotChange::FlagsOnly(..)), "memory may be omitted");
+        assert!(
+            matches!(slots.prepare(&logging).unwrap(), MemslotChange::FlagsOnly(..)),
+            "memory may be omitted"
+        );
         let del = region(0, 0, 0, &mem);
         assert!(matches!(slots.prepare(&del).unwrap(), MemslotChange::Delete(_)));
         assert!(slots.without(0).is_empty());

@@ -122,7 +122,9 @@ impl Oracle {
     fn stray_bits(&self, bitmap: &[u64]) -> u64 {
         let tail = self.npages % 64;
         let mut n = 0;
-        if tail != 0 && let Some(last) = bitmap.last() {
+        if tail != 0
+            && let Some(last) = bitmap.last()
+        {
             n += u64::from((last >> tail).count_ones());
         }
         n

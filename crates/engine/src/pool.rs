@@ -67,10 +67,7 @@ impl<T: PoolObject> Default for Pool<T> {
 
 impl<T: PoolObject> std::fmt::Debug for Pool<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("allocated", &self.allocated())
-            .field("in_use", &self.in_use())
-            .finish()
+        f.debug_struct("Pool").field("allocated", &self.allocated()).field("in_use", &self.in_use()).finish()
     }
 }
 

@@ -178,11 +178,7 @@ impl PteListHead {
     /// The module's safety contract: the caller serialises all writers of this
     /// list; `alloc` returns clean descriptors (all entries 0) from a
     /// type-stable allocator, never one that is in a list.
-    pub unsafe fn add(
-        &self,
-        spte: SptePtr,
-        alloc: &mut impl FnMut() -> NonNull<PteListDesc>,
-    ) -> usize {
+    pub unsafe fn add(&self, spte: SptePtr, alloc: &mut impl FnMut() -> NonNull<PteListDesc>) -> usize {
         let spte = spte.as_ptr() as usize;
         debug_assert!(spte & 1 == 0);
         let v = self.raw();
@@ -300,8 +296,7 @@ impl PteListHead {
             return;
         }
 
-        if first.sptes[1].load(Ordering::Relaxed) == 0
-            && desc_is_a_nulls(first.more.load(Ordering::Relaxed))
+        if first.sptes[1].load(Ordering::Relaxed) == 0 && desc_is_a_nulls(first.more.load(Ordering::Relaxed))
         {
             // One entry left in the only descriptor: move it into the head and
             // free the descriptor (invariant 5), clean (invariant 4).
@@ -633,10 +628,8 @@ mod tests {
             // SAFETY: as above.
             assert_eq!(unsafe { heads[h].count() }, model[h].len());
         }
-        let descs_needed: usize = model
-            .iter()
-            .map(|m| if m.len() < 2 { 0 } else { m.len().div_ceil(PTE_LIST_EXT) })
-            .sum();
+        let descs_needed: usize =
+            model.iter().map(|m| if m.len() < 2 { 0 } else { m.len().div_ceil(PTE_LIST_EXT) }).sum();
         assert_eq!(pool.live(), descs_needed, "no descriptor leaked or double-freed");
     }
 }

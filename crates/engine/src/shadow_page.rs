@@ -29,7 +29,7 @@ use std::ptr::NonNull;
 
 use crate::pool::PoolObject;
 use crate::pte_list::PteListHead;
-use crate::spte::{PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, PT_PAGE_TABLE_LEVEL, pages_per_spte};
+use crate::spte::{PT_PAGE_TABLE_LEVEL, PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, pages_per_spte};
 use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// The role of a shadow page (`union kvm_mmu_page_role`), reduced to what a
@@ -107,7 +107,7 @@ impl ShadowPage {
     #[inline]
     pub fn spte_index_of(&self, sptep: *const AtomicU64) -> usize {
         let off = sptep as usize - self.spt.as_ptr() as usize;
-        debug_assert!(off % 8 == 0 && off < 4096);
+        debug_assert!(off.is_multiple_of(8) && off < 4096);
         off / 8
     }
 

@@ -182,8 +182,7 @@ impl Vm {
         {
             return Err(VmError::BudgetTooSmall(n));
         }
-        let mmu =
-            Mmu::new(config.mmu, config.address_spaces, config.large_pages, config.max_mmu_pages);
+        let mmu = Mmu::new(config.mmu, config.address_spaces, config.large_pages, config.max_mmu_pages);
         let kvm = Kvm {
             config,
             memslots: ArcSwap::from_pointee(Memslots::default()),

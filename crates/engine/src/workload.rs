@@ -303,7 +303,10 @@ impl GuestCode for WorkloadGuest {
             // SeqCst: see the module docs (a resumed vCPU vs a cut).
             seen.store(0, Ordering::SeqCst);
         }
-        if self.spec.address_spaces > 1 && self.accesses > 0 && self.accesses % u64::from(self.spec.switch_every) == 0 {
+        if self.spec.address_spaces > 1
+            && self.accesses > 0
+            && self.accesses.is_multiple_of(u64::from(self.spec.switch_every))
+        {
             self.asid = (self.asid + 1) % self.spec.address_spaces;
             self.accesses += 1;
             return GuestOp::SetAddressSpace(self.asid);

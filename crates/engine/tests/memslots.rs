@@ -16,45 +16,43 @@ fn refused_changes_leave_the_vm_running() {
     run_ops(&mut vcpu, [GuestOp::Write(page(3), 33), GuestOp::Write(8 * MIB + page(1), 81)]);
 
     let bad: Vec<(shadow_mmu_engine::UserMemoryRegion, MemslotError)> = vec![
-        (region(2, 3 * MIB, 2 * MIB, &other, MemFlags::empty()), MemslotError::Overlap {
-            slot: 2,
-            gpa: 3 * MIB,
-            size: 2 * MIB,
-            other: 0,
-            other_gpa: 0,
-            other_size: 4 * MIB,
-        }),
-        (region(2, 16 * MIB + 512, MIB, &other, MemFlags::empty()), MemslotError::Unaligned {
-            field: "guest_phys_addr",
-            value: 16 * MIB + 512,
-        }),
+        (
+            region(2, 3 * MIB, 2 * MIB, &other, MemFlags::empty()),
+            MemslotError::Overlap {
+                slot: 2,
+                gpa: 3 * MIB,
+                size: 2 * MIB,
+                other: 0,
+                other_gpa: 0,
+                other_size: 4 * MIB,
+            },
+        ),
+        (
+            region(2, 16 * MIB + 512, MIB, &other, MemFlags::empty()),
+            MemslotError::Unaligned { field: "guest_phys_addr", value: 16 * MIB + 512 },
+        ),
         (region(2, 16 * MIB, 0, &other, MemFlags::empty()), MemslotError::ZeroSize { slot: 2 }),
-        (region(2, (1 << 48) - MIB, 2 * MIB, &other, MemFlags::empty()), MemslotError::OutOfRange {
-            gpa: (1 << 48) - MIB,
-            size: 2 * MIB,
-            bits: 48,
-        }),
-        (region(1, 12 * MIB, 2 * MIB, &other, MemFlags::empty()), MemslotError::Duplicate {
-            slot: 1,
-            gpa: 8 * MIB,
-            size: 2 * MIB,
-        }),
-        (region(1, 8 * MIB, 2 * MIB, &mem, MemFlags::empty()), MemslotError::Duplicate {
-            slot: 1,
-            gpa: 8 * MIB,
-            size: 2 * MIB,
-        }),
+        (
+            region(2, (1 << 48) - MIB, 2 * MIB, &other, MemFlags::empty()),
+            MemslotError::OutOfRange { gpa: (1 << 48) - MIB, size: 2 * MIB, bits: 48 },
+        ),
+        (
+            region(1, 12 * MIB, 2 * MIB, &other, MemFlags::empty()),
+            MemslotError::Duplicate { slot: 1, gpa: 8 * MIB, size: 2 * MIB },
+        ),
+        (
+            region(1, 8 * MIB, 2 * MIB, &mem, MemFlags::empty()),
+            MemslotError::Duplicate { slot: 1, gpa: 8 * MIB, size: 2 * MIB },
+        ),
         (region(1, 8 * MIB, 2 * MIB, &other, MemFlags::READONLY), MemslotError::ReadonlyChange { slot: 1 }),
-        (region(600, 16 * MIB, MIB, &other, MemFlags::empty()), MemslotError::InvalidSlotId {
-            slot: 600,
-            max: 509,
-        }),
-        (region(2, 16 * MIB, 4 * MIB, &other, MemFlags::empty()), MemslotError::MemoryTooSmall {
-            slot: 2,
-            offset: 0,
-            size: 4 * MIB,
-            len: 2 * MIB,
-        }),
+        (
+            region(600, 16 * MIB, MIB, &other, MemFlags::empty()),
+            MemslotError::InvalidSlotId { slot: 600, max: 509 },
+        ),
+        (
+            region(2, 16 * MIB, 4 * MIB, &other, MemFlags::empty()),
+            MemslotError::MemoryTooSmall { slot: 2, offset: 0, size: 4 * MIB, len: 2 * MIB },
+        ),
     ];
     for (r, want) in bad {
         let msg = format!("{r:?}");
@@ -73,7 +71,8 @@ fn refused_changes_leave_the_vm_running() {
 
 #[test]
 fn deleting_a_slot_zaps_every_spte_that_maps_it() {
-    let (vm, _mem) = vm_with_slot(VmConfig { address_spaces: 3, ..VmConfig::default() }, 4 * MIB, MemFlags::empty());
+    let (vm, _mem) =
+        vm_with_slot(VmConfig { address_spaces: 3, ..VmConfig::default() }, 4 * MIB, MemFlags::empty());
     let mem1 = HostMemory::anonymous(4 * MIB).unwrap();
     vm.set_user_memory_region(region(1, 4 * MIB, 4 * MIB, &mem1, MemFlags::empty())).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
@@ -115,9 +114,15 @@ fn read_only_slots_and_holes_exit_as_mmio() {
     vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::READONLY)).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     assert_eq!(run_ops(&mut vcpu, [GuestOp::Read(page(5))]), vec![55]);
-    assert_eq!(run_one(&mut vcpu, GuestOp::Write(page(5), 9)), VcpuExit::Mmio { gpa: page(5), write: true, value: 9 });
+    assert_eq!(
+        run_one(&mut vcpu, GuestOp::Write(page(5), 9)),
+        VcpuExit::Mmio { gpa: page(5), write: true, value: 9 }
+    );
     assert_eq!(mem.page(5)[0].load(std::sync::atomic::Ordering::Relaxed), 55, "the write did not land");
-    assert_eq!(run_one(&mut vcpu, GuestOp::Read(64 * MIB)), VcpuExit::Mmio { gpa: 64 * MIB, write: false, value: 0 });
+    assert_eq!(
+        run_one(&mut vcpu, GuestOp::Read(64 * MIB)),
+        VcpuExit::Mmio { gpa: 64 * MIB, write: false, value: 0 }
+    );
     assert_eq!(vcpu.stats().mmio_exits, 2);
     let a = audit(&vm);
     assert_eq!(a.writable_sptes, 0);

@@ -19,7 +19,8 @@ fn large_pages_only_where_the_slot_allows() {
     run_ops(&mut vcpu, (0..512).map(|i| GuestOp::Write(page(i), i)));
     assert_eq!(vcpu.stats().page_faults, faults);
 
-    let (vm, _mem) = vm_with_slot(VmConfig { large_pages: false, ..VmConfig::default() }, 3 * MIB, MemFlags::empty());
+    let (vm, _mem) =
+        vm_with_slot(VmConfig { large_pages: false, ..VmConfig::default() }, 3 * MIB, MemFlags::empty());
     let mut vcpu = vm.create_vcpu(0).unwrap();
     run_ops(&mut vcpu, [GuestOp::Write(page(5), 1), GuestOp::Write(page(600), 2)]);
     assert_eq!(audit(&vm).large_sptes, 0);
@@ -50,7 +51,8 @@ fn enabling_logging_drops_large_sptes_and_write_protects_the_rest() {
     assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 2);
     assert_eq!(set_pages(&bm), vec![2, 1000]);
     // Values survive all of it.
-    let reads = run_ops(&mut vcpu, gfns.iter().filter(|&&g| g != 2 && g != 1000).map(|&g| GuestOp::Read(page(g))));
+    let reads =
+        run_ops(&mut vcpu, gfns.iter().filter(|&&g| g != 2 && g != 1000).map(|&g| GuestOp::Read(page(g))));
     let want: Vec<u64> = gfns.iter().copied().filter(|&g| g != 2 && g != 1000).collect();
     assert_eq!(reads, want);
 }
@@ -107,7 +109,8 @@ fn get_dirty_log_refuses_bad_input_and_keeps_the_log() {
 
 #[test]
 fn the_shrinker_keeps_the_vm_within_its_budget() {
-    let cfg = VmConfig { max_mmu_pages: Some(64), address_spaces: 4, large_pages: false, ..VmConfig::default() };
+    let cfg =
+        VmConfig { max_mmu_pages: Some(64), address_spaces: 4, large_pages: false, ..VmConfig::default() };
     let (vm, _mem) = vm_with_slot(cfg, 64 * MIB, MemFlags::LOG_DIRTY_PAGES);
     let mut vcpu = vm.create_vcpu(0).unwrap();
     // 16384 pages in 4 address spaces need about 4 * (32 + 3) tables.

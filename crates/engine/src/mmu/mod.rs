@@ -196,3 +196,32 @@ impl Mmu {
         caches.sp.release(&self.sp_pool);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "pool allocation under mmu_lock")]
+    fn allocating_under_mmu_lock_is_caught() {
+        let mmu = Mmu::new(MmuDesign::Locked, 1, true, None);
+        let _g = mmu.lock.lock();
+        let mut caches = MmuCaches::default();
+        mmu.topup_memory_caches(&mut caches);
+    }
+
+    #[test]
+    fn topping_up_outside_the_lock_is_fine() {
+        let mmu = Mmu::new(MmuDesign::Locked, 1, true, None);
+        let mut caches = MmuCaches::default();
+        mmu.topup_memory_caches(&mut caches);
+        {
+            let _g = mmu.lock.lock();
+            // Taking from a cache under the lock is what the fault path does.
+            mmu.desc_pool.free(caches.desc.alloc());
+        }
+        mmu.topup_memory_caches(&mut caches);
+        mmu.free_memory_caches(&mut caches);
+        assert_eq!(mmu.desc_pool.in_use(), 0);
+    }
+}

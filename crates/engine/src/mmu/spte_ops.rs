@@ -89,9 +89,7 @@ impl Kvm {
         let slot = slots.find(gfn).expect("rmap_remove: mapped gfn has no memslot");
         // SAFETY: we hold mmu_lock; freed descriptors go back to the VM's
         // type-stable pool, which keeps their memory.
-        unsafe {
-            slot.rmap(gfn, level).remove(NonNull::from(sptep), &mut |d| self.mmu.desc_pool.free(d))
-        };
+        unsafe { slot.rmap(gfn, level).remove(NonNull::from(sptep), &mut |d| self.mmu.desc_pool.free(d)) };
     }
 
     /// `drop_spte`: makes a leaf non-present and removes it from its rmap.

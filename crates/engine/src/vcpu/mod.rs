@@ -32,8 +32,8 @@ use crate::mmu::MmuCaches;
 use crate::mmu::fault::FaultExit;
 use crate::shadow_page::SpPtr;
 use crate::spte::{
-    PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte,
-    pages_per_spte, spte_index, spte_to_pfn,
+    PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, pages_per_spte,
+    spte_index, spte_to_pfn,
 };
 use crate::sync::atomic::Ordering;
 use crate::vm::Kvm;
@@ -213,7 +213,7 @@ impl Vcpu {
     /// One guest access, in guest mode.
     #[inline]
     fn access(&mut self, gpa: u64, write: bool, value: u64) -> Result<u64, Stop> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(Stop::Error(VcpuError::Unaligned(gpa)));
         }
         let gfn = gpa >> PAGE_SHIFT;

@@ -153,8 +153,7 @@ impl VcpuShared {
         // before it) to a flusher that sees the bit clear; acquire reads the
         // latest flusher's fetch_or, ordering the sptes it changed before
         // our next page walk.
-        self.state.requests.fetch_and(!KVM_REQ_TLB_FLUSH, Ordering::AcqRel) & KVM_REQ_TLB_FLUSH
-            != 0
+        self.state.requests.fetch_and(!KVM_REQ_TLB_FLUSH, Ordering::AcqRel) & KVM_REQ_TLB_FLUSH != 0
     }
 
     #[inline]

@@ -4,14 +4,21 @@
 use std::sync::Arc;
 
 use shadow_mmu_engine::{
-    AuditOptions, AuditReport, GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit,
-    Vm, VmConfig,
+    AuditOptions, AuditReport, GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit, Vm,
+    VmConfig,
 };
 
 pub const MIB: u64 = 1 << 20;
 
 pub fn region(slot: u32, gpa: u64, size: u64, mem: &Arc<HostMemory>, flags: MemFlags) -> UserMemoryRegion {
-    UserMemoryRegion { slot, flags, guest_phys_addr: gpa, memory_size: size, memory: Some(mem.clone()), memory_offset: 0 }
+    UserMemoryRegion {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        memory: Some(mem.clone()),
+        memory_offset: 0,
+    }
 }
 
 /// A VM with one slot of `size` bytes at guest physical 0.

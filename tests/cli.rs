@@ -15,7 +15,17 @@ fn shadow_mmu(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn run_reports_faults_dirty_pages_lock_time_and_no_lost_page() {
     let (code, out, err) = shadow_mmu(&[
-        "run", "--mmu", "locked", "--vcpus", "2", "--guest-mib", "16", "--seconds", "0.5", "--workload", "seq",
+        "run",
+        "--mmu",
+        "locked",
+        "--vcpus",
+        "2",
+        "--guest-mib",
+        "16",
+        "--seconds",
+        "0.5",
+        "--workload",
+        "seq",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     for line in ["pages faulted", "pages dirtied", "pages harvested", "mmu_lock", "lost pages            0"] {

@@ -101,6 +101,7 @@ impl RunArgs {
             max_mmu_pages: self.max_mmu_pages,
             tlb_entries: self.tlb_entries,
             large_pages: !self.no_large_pages,
+            ..RunConfig::default()
         })
     }
 }

@@ -83,6 +83,10 @@ impl RunArgs {
                 AccessPattern::Hot { hot_pages_pct: self.hot_pages_pct, hot_access_pct: self.hot_access_pct }
             }
         };
+        // The update fills fields that only exist with the engine's test-only
+        // `break-rules` feature (on under `--all-features`); without it, every
+        // field is already given.
+        #[allow(clippy::needless_update)]
         Ok(RunConfig {
             mmu: self.mmu,
             vcpus: self.vcpus,

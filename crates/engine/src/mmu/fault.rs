@@ -21,6 +21,16 @@ use crate::spte::{
 use crate::sync::atomic::{AtomicU64, Ordering, fence};
 use crate::vm::Kvm;
 
+/// The mapping a fault installs: `gfn` (the first of the region for a large
+/// page) of `slot`, at `level`, to host `pfn`.
+struct MapRequest<'a> {
+    slot: &'a Memslot,
+    gfn: u64,
+    level: u8,
+    pfn: u64,
+    write: bool,
+}
+
 /// Why a fault could not be fixed: the access goes to userspace as MMIO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultExit {
@@ -43,7 +53,8 @@ impl Kvm {
         loop {
             // Never allocate under mmu_lock.
             self.mmu.topup_memory_caches(caches);
-            let slots = self.memslots.load_full();
+            // A guard, not a clone: no shared refcount bounces between vCPUs.
+            let slots = self.memslots.load();
             let slot = slots.find(gfn).ok_or(FaultExit::NoSlot)?;
             if write && slot.readonly() {
                 return Err(FaultExit::ReadOnly);
@@ -111,53 +122,39 @@ impl Kvm {
         }
         let base = level_base_gfn(gfn, level);
         let sptep = sp.get().spte(spte_index(gfn, level));
-        self.mmu_set_spte(g, caches, slot, sptep, level, base, slot.gfn_to_pfn(base), write);
+        let req = MapRequest { slot, gfn: base, level, pfn: slot.gfn_to_pfn(base), write };
+        self.mmu_set_spte(g, caches, sptep, &req);
     }
 
     /// `mmu_set_spte`: clears whatever `sptep` held that the new mapping
     /// replaces, then `set_spte`.
-    #[allow(clippy::too_many_arguments)]
     fn mmu_set_spte(
         &self,
         g: &MmuGuard<'_>,
         caches: &mut MmuCaches,
-        slot: &Memslot,
         sptep: &AtomicU64,
-        level: u8,
-        gfn: u64,
-        pfn: u64,
-        write: bool,
+        req: &MapRequest<'_>,
     ) {
         let old = sptep.load(Ordering::Relaxed);
         if is_shadow_present_pte(old) {
-            if level > PT_PAGE_TABLE_LEVEL && !is_large_pte(old) {
+            if req.level > PT_PAGE_TABLE_LEVEL && !is_large_pte(old) {
                 // A table where a large page goes (logging was turned off):
                 // unlink the child table; it stays until shrunk.
                 // SAFETY: a present non-leaf spte of one of our tables.
                 let child = unsafe { SpPtr::from_nonleaf_spte(old) };
                 self.drop_parent_pte(g, child, sptep);
                 self.kvm_flush_remote_tlbs();
-            } else if spte_to_pfn(old) != pfn {
+            } else if spte_to_pfn(old) != req.pfn {
                 self.drop_spte(g, sptep);
                 self.kvm_flush_remote_tlbs();
             }
         }
-        self.set_spte(g, caches, slot, sptep, level, gfn, pfn, write);
+        self.set_spte(g, caches, sptep, req);
     }
 
     /// `set_spte`, in the order of patch 06/15.
-    #[allow(clippy::too_many_arguments)]
-    fn set_spte(
-        &self,
-        g: &MmuGuard<'_>,
-        caches: &mut MmuCaches,
-        slot: &Memslot,
-        sptep: &AtomicU64,
-        level: u8,
-        gfn: u64,
-        pfn: u64,
-        write: bool,
-    ) {
+    fn set_spte(&self, g: &MmuGuard<'_>, caches: &mut MmuCaches, sptep: &AtomicU64, req: &MapRequest<'_>) {
+        let MapRequest { slot, gfn, level, pfn, write } = *req;
         let remap = is_shadow_present_pte(sptep.load(Ordering::Relaxed));
         let host_writable = !slot.readonly();
         // In a logged slot only a write makes the spte writable, and it marks
@@ -196,17 +193,11 @@ impl Kvm {
     }
 
     /// `rmap_recycle`: an rmap grew past `RMAP_RECYCLE_THRESHOLD`: zap every
-    /// spte in it (`kvm_unmap_rmapp`), and flush.
+    /// spte in it, and flush.
     fn rmap_recycle(&self, g: &MmuGuard<'_>, slot: &Memslot, gfn: u64, level: u8) {
-        let head = slot.rmap(gfn, level);
-        loop {
-            // SAFETY: we hold mmu_lock; one entry at a time, then over.
-            let first = unsafe { head.iter() }.next();
-            let Some(sptep) = first else { break };
-            // SAFETY: rmap entries point to sptes in our type-stable tables.
-            self.drop_spte(g, unsafe { sptep.as_ref() });
+        if self.kvm_unmap_rmapp(g, slot.rmap(gfn, level)) {
+            self.kvm_flush_remote_tlbs();
         }
-        self.kvm_flush_remote_tlbs();
     }
 
     /// `kvm_flush_remote_tlbs`, with accounting.

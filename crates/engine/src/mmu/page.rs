@@ -20,6 +20,7 @@
 use super::lock::MmuGuard;
 use super::{KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, MmuCaches, MmuLocked};
 use crate::memslot::Memslot;
+use crate::pte_list::PteListHead;
 use crate::shadow_page::{SpPtr, SpRole};
 use crate::spte::{
     KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte,
@@ -262,6 +263,20 @@ impl Kvm {
         debug_assert_eq!(g.n_used_mmu_pages, 0);
     }
 
+    /// `kvm_unmap_rmapp`: drops every spte in one rmap. Returns whether it
+    /// dropped any (and the caller owes a remote TLB flush).
+    pub(crate) fn kvm_unmap_rmapp(&self, g: &MmuGuard<'_>, head: &PteListHead) -> bool {
+        let mut dropped = false;
+        loop {
+            // SAFETY: we hold mmu_lock; one entry at a time, then over.
+            let first = unsafe { head.iter() }.next();
+            let Some(sptep) = first else { return dropped };
+            // SAFETY: rmap entries point to sptes in our type-stable tables.
+            self.drop_spte(g, unsafe { sptep.as_ref() });
+            dropped = true;
+        }
+    }
+
     /// Zaps every spte that maps `slot`, through its rmaps
     /// (`kvm_arch_flush_shadow_memslot`), then flushes remote TLBs. Shadow
     /// pages stay; they are reused or shrunk later.
@@ -269,14 +284,7 @@ impl Kvm {
         let mut zapped = false;
         for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
             for head in slot.rmaps(level) {
-                loop {
-                    // SAFETY: we hold mmu_lock; one entry at a time, then over.
-                    let first = unsafe { head.iter() }.next();
-                    let Some(sptep) = first else { break };
-                    // SAFETY: rmap entries point to sptes in our type-stable tables.
-                    self.drop_spte(g, unsafe { sptep.as_ref() });
-                    zapped = true;
-                }
+                zapped |= self.kvm_unmap_rmapp(g, head);
             }
         }
         if zapped {

@@ -95,6 +95,7 @@ impl Kvm {
             ensure!(!p.is_invalid(), "{p:?} invalid but active");
             ensure!(g.hash.get(&(p.gfn(), role)) == Some(&sp), "{p:?} not hashed under its key");
             for (i, sptep) in p.spt().iter().enumerate() {
+                // Relaxed: we hold mmu_lock, which orders every writer before us.
                 let spte = sptep.load(Ordering::Relaxed);
                 if !is_shadow_present_pte(spte) {
                     ensure!(spte == 0, "{p:?}[{i}]: non-present spte {spte:#x} is not 0");

@@ -112,6 +112,8 @@ impl Oracle {
         let r = p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE;
         let mut changed = false;
         for (c, m) in self.copy[r.clone()].iter_mut().zip(&mem[r]) {
+            // Relaxed: guest data; the cut and get_dirty_log order the stores
+            // we must see (module docs).
             let v = m.load(Ordering::Relaxed);
             changed |= *c != v;
             *c = v;
@@ -156,6 +158,7 @@ impl Oracle {
             }
             let base = p * WORDS_PER_PAGE;
             for w in 0..WORDS_PER_PAGE {
+                // Relaxed: as in `copy_page`.
                 let cur = mem[base + w].load(Ordering::Relaxed);
                 let old = self.copy[base + w];
                 // A store tagged above the cut may race with this harvest; the
@@ -191,6 +194,8 @@ impl Oracle {
                 }
             }
         }
+        // Relaxed loads below: the vCPU threads are joined, which orders all
+        // their stores before us.
         for p in 0..self.npages as usize {
             let base = p * WORDS_PER_PAGE;
             if let Some(w) =

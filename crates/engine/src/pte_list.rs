@@ -215,6 +215,7 @@ impl PteListHead {
         }
         let free_pos = find_first_free(d);
         debug_assert!(free_pos < PTE_LIST_EXT);
+        // Release: publishes the entry to lockless readers' acquire loads.
         d.sptes[free_pos].store(spte, Ordering::Release);
         // SAFETY: `d` is this list's first descriptor (contract).
         unsafe { count_spte_number(d) - 1 }
@@ -254,6 +255,7 @@ impl PteListHead {
                     return;
                 }
             }
+            // Relaxed: writers are serialised by the caller's lock.
             desc = d.more.load(Ordering::Relaxed);
         }
         panic!("pte_list_remove: {spte:#x} many->BUG");
@@ -296,6 +298,7 @@ impl PteListHead {
             return;
         }
 
+        // Relaxed: writers are serialised by the caller's lock (module docs).
         if first.sptes[1].load(Ordering::Relaxed) == 0 && desc_is_a_nulls(first.more.load(Ordering::Relaxed))
         {
             // One entry left in the only descriptor: move it into the head and
@@ -362,6 +365,7 @@ impl PteListHead {
         let mut desc = v & !1;
         let mut n = 0;
         let mut first = true;
+        // Relaxed loads below: the caller excludes writers, as for `iter`.
         while !desc_is_a_nulls(desc) {
             // SAFETY: forwarded contract.
             let d = unsafe { desc_ref(desc) };
@@ -437,6 +441,7 @@ impl Iterator for RmapIter<'_> {
                             return NonNull::new(s as *mut AtomicU64);
                         }
                     }
+                    // Relaxed: the locked iterator runs with writers excluded.
                     self.state = IterState::Desc { desc: d.more.load(Ordering::Relaxed), pos: 0 };
                 }
             }

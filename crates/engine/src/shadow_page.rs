@@ -169,7 +169,8 @@ impl ShadowPage {
         self.spt.iter().all(|s| s.load(Ordering::Relaxed) == 0)
     }
 
-    // --- Header updates, all under mmu_lock (the callers hold it). ---
+    // --- Header updates and list links, all under mmu_lock (the callers
+    // hold it): every access below is relaxed because the lock orders them.
 
     /// Initialises the header of a page fresh from a memory cache.
     pub(crate) fn init(&self, gfn: u64, role: SpRole) {
@@ -186,27 +187,33 @@ impl ShadowPage {
     }
 
     pub(crate) fn get_root(&self) {
+        // Relaxed: under mmu_lock.
         self.root_count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn put_root(&self) {
+        // Relaxed: under mmu_lock.
         let old = self.root_count.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(old > 0);
     }
 
     pub(crate) fn link_prev(&self) -> Option<SpPtr> {
+        // Relaxed: under mmu_lock.
         NonNull::new(self.link_prev.load(Ordering::Relaxed)).map(SpPtr)
     }
 
     pub(crate) fn link_next(&self) -> Option<SpPtr> {
+        // Relaxed: under mmu_lock.
         NonNull::new(self.link_next.load(Ordering::Relaxed)).map(SpPtr)
     }
 
     pub(crate) fn set_link_prev(&self, p: Option<SpPtr>) {
+        // Relaxed: under mmu_lock.
         self.link_prev.store(p.map_or(std::ptr::null_mut(), |p| p.0.as_ptr()), Ordering::Relaxed);
     }
 
     pub(crate) fn set_link_next(&self, p: Option<SpPtr>) {
+        // Relaxed: under mmu_lock.
         self.link_next.store(p.map_or(std::ptr::null_mut(), |p| p.0.as_ptr()), Ordering::Relaxed);
     }
 }

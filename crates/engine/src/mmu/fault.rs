@@ -135,6 +135,7 @@ impl Kvm {
         sptep: &AtomicU64,
         req: &MapRequest<'_>,
     ) {
+        // Relaxed: under mmu_lock, which every spte writer of this design holds.
         let old = sptep.load(Ordering::Relaxed);
         if is_shadow_present_pte(old) {
             if req.level > PT_PAGE_TABLE_LEVEL && !is_large_pte(old) {

@@ -250,6 +250,7 @@ impl Vcpu {
                 value
             } else {
                 self.stats.reads += 1;
+                // Relaxed: guest data, as the store above.
                 word.load(std::sync::atomic::Ordering::Relaxed)
             });
         }

@@ -1,17 +1,56 @@
-//! Test-only switches, each breaking one rule of the design, to show that
-//! the tests catch it (`--features break-rules`; never in a shipped build).
+//! Test-only switches, each breaking one rule of the design, so that the
+//! tests can show they catch it.
 //!
-//! With the feature off this module is empty and no check is compiled in.
-//! With it on, each switch is off unless a test sets it in
-//! [`crate::VmConfig::breakage`].
+//! The type is always compiled, because the lock-free primitives take it as a
+//! parameter (so that the loom models run the very code the engine runs), but
+//! only a `--features break-rules` build lets a VM be configured with a
+//! switch on ([`crate::VmConfig::breakage`]); every normal build passes
+//! `Breakage::SEED`, all off, and the checks fold away.
 
-/// Which rules to break.
+/// Which rules to break. All false: the seed's design.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Breakage {
-    /// `get_dirty_log` does not flush remote TLBs after write-protecting: a
-    /// vCPU keeps writing through its stale writable TLB entry, unlogged.
+    /// Locked design: `get_dirty_log` does not flush remote TLBs after
+    /// write-protecting: a vCPU keeps writing through its stale writable TLB
+    /// entry, unlogged.
     pub skip_get_dirty_log_flush: bool,
-    /// `get_dirty_log` harvests bits without write-protecting the pages:
-    /// the next write to them does not fault, and is not logged.
+    /// Locked design: `get_dirty_log` harvests bits without write-protecting
+    /// the pages.
     pub skip_write_protect: bool,
+    /// No release fence between making an spte writable (and adding it to its
+    /// rmap) and setting the dirty bit (patch 06).
+    pub skip_dirty_bit_fence: bool,
+    /// The lockless walker reads each descriptor bottom-up (index 0 first)
+    /// instead of top-down (patch 09).
+    pub bottom_up_walk: bool,
+    /// Removal moves the last entry of the *last* descriptor into the hole,
+    /// as before the seed (patch 07).
+    pub remove_from_last_desc: bool,
+    /// The lockless walker stops at any nulls marker, without checking that it
+    /// is its own rmap's (patch 08/09).
+    pub skip_nulls_check: bool,
+    /// `mmu_spte_update` asks for a TLB flush only when the old spte was
+    /// writable, not when it was locklessly modifiable (patch 04).
+    pub skip_patch04_flush_rule: bool,
+    /// `fast_page_fault` fixes large sptes too (the bug KVM reverted in
+    /// commit 6b73a9606; patch 03).
+    pub fast_fix_large_sptes: bool,
+    /// Shadow page memory goes back to the system with no grace period
+    /// (patch 12 and its review).
+    pub free_shadow_pages_without_grace_period: bool,
+}
+
+impl Breakage {
+    /// The seed's design: nothing broken.
+    pub const SEED: Breakage = Breakage {
+        skip_get_dirty_log_flush: false,
+        skip_write_protect: false,
+        skip_dirty_bit_fence: false,
+        bottom_up_walk: false,
+        remove_from_last_desc: false,
+        skip_nulls_check: false,
+        skip_patch04_flush_rule: false,
+        fast_fix_large_sptes: false,
+        free_shadow_pages_without_grace_period: false,
+    };
 }

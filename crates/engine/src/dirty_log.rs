@@ -63,6 +63,7 @@ impl Kvm {
         let t0 = Instant::now();
         let pages = match self.mmu.design {
             MmuDesign::Locked => self.get_dirty_log_locked(slot, out),
+            MmuDesign::Lockless => self.get_dirty_log_lockless(slot, out),
         };
         let stats = &self.mmu.stats;
         stats.get_dirty_log_calls.inc();
@@ -88,6 +89,36 @@ impl Kvm {
                 self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
             }
         }
+        if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
+            self.kvm_flush_remote_tlbs();
+        }
+        pages
+    }
+
+    /// The lockless design (patches 05, 12, 13): no `mmu_lock`; the walk is
+    /// a read-side section of the grace period (`kvm_mmu_rcu_free_page_begin`
+    /// .. `_end`), and the remote TLB flush comes after it, with no lock held.
+    ///
+    /// The swap of each word acquires the release fence every marker issued
+    /// after making its spte writable and adding it to its rmap (patch 06;
+    /// `lockless.rs`), so the walks below find every writable spte behind the
+    /// bits taken.
+    fn get_dirty_log_lockless(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
+        let guard = self.mmu.rcu.read_lock();
+        let bitmap = slot.dirty_bitmap();
+        let mut pages = 0;
+        for (i, word) in out.iter_mut().enumerate() {
+            let mask = bitmap.take_word(i);
+            *word = mask;
+            if mask == 0 {
+                continue;
+            }
+            pages += u64::from(mask.count_ones());
+            if !broken!(self, skip_write_protect) {
+                self.kvm_mmu_write_protect_pt_masked_lockless(slot, i as u64 * 64, mask);
+            }
+        }
+        drop(guard);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();
         }

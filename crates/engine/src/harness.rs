@@ -257,6 +257,7 @@ pub fn run(
         large_pages: cfg.large_pages,
         #[cfg(feature = "break-rules")]
         breakage: cfg.breakage,
+        ..VmConfig::default()
     })?;
     let mem = HostMemory::anonymous(cfg.guest_bytes)?;
     vm.set_user_memory_region(UserMemoryRegion {

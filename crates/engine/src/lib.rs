@@ -53,7 +53,6 @@ macro_rules! broken {
 }
 
 pub mod audit;
-#[cfg(feature = "break-rules")]
 pub mod breakage;
 pub mod dirty_bitmap;
 pub mod dirty_log;
@@ -66,6 +65,7 @@ pub mod mmu;
 pub mod oracle;
 pub mod pool;
 pub mod pte_list;
+pub mod rcu;
 pub mod shadow_page;
 pub mod spte;
 pub mod stats;

@@ -47,6 +47,7 @@
 
 use std::ptr::NonNull;
 
+use crate::breakage::Breakage;
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Entries per descriptor (`PTE_LIST_EXT`).
@@ -91,7 +92,21 @@ impl crate::pool::PoolObject for PteListDesc {
     fn is_clean(&self) -> bool {
         PteListDesc::is_clean(self)
     }
+
+    #[cfg(feature = "break-rules")]
+    fn poison(&self) {
+        for s in &self.sptes {
+            // Relaxed: see `ShadowPage::poison`.
+            s.store(DESC_POISON, Ordering::Relaxed);
+        }
+        self.more.store(DESC_POISON, Ordering::Relaxed);
+    }
 }
+
+/// What a descriptor holds after its memory was "returned" in a
+/// `break-rules` build (an even, non-null value no allocation has).
+#[cfg(feature = "break-rules")]
+pub const DESC_POISON: usize = 0xdead_0000_0000_0000;
 
 /// Is this `more` value a nulls marker (`desc_is_a_nulls`)?
 #[inline]
@@ -232,6 +247,20 @@ impl PteListHead {
     /// leaves the list, clean, and must not release its memory to the system
     /// while lockless readers may hold it.
     pub unsafe fn remove(&self, spte: SptePtr, free: &mut impl FnMut(NonNull<PteListDesc>)) {
+        // SAFETY: forwarded contract.
+        unsafe { self.remove_with(spte, free, &Breakage::SEED) }
+    }
+
+    /// [`Self::remove`], with the rules `b` may break (tests only).
+    ///
+    /// # Safety
+    /// As [`Self::remove`].
+    pub(crate) unsafe fn remove_with(
+        &self,
+        spte: SptePtr,
+        free: &mut impl FnMut(NonNull<PteListDesc>),
+        b: &Breakage,
+    ) {
         let spte = spte.as_ptr() as usize;
         let v = self.raw();
         assert!(v != 0, "pte_list_remove: {spte:#x} 0->BUG");
@@ -250,8 +279,13 @@ impl PteListHead {
                     break;
                 }
                 if s == spte {
-                    // SAFETY: `d` is in this list, `i` holds `spte`; contract.
-                    unsafe { self.desc_remove_entry(d, i, free) };
+                    if b.remove_from_last_desc {
+                        // SAFETY: as below.
+                        unsafe { self.desc_remove_entry_from_last(d, i, free) };
+                    } else {
+                        // SAFETY: `d` is in this list, `i` holds `spte`; contract.
+                        unsafe { self.desc_remove_entry(d, i, free) };
+                    }
                     return;
                 }
             }
@@ -307,6 +341,137 @@ impl PteListHead {
             self.publish_head(only);
             first.sptes[0].store(0, Ordering::Release);
             free(NonNull::from(first));
+        }
+    }
+
+    /// The pre-seed removal, kept only as a `break-rules` switch: fill the hole
+    /// with the last used entry of the *last* descriptor, which a head-to-tail
+    /// walker reaches last, so a walker that already passed the hole misses
+    /// the moved entry (the bug patch 07 fixes).
+    ///
+    /// # Safety
+    /// As [`Self::desc_remove_entry`].
+    unsafe fn desc_remove_entry_from_last(
+        &self,
+        desc: &PteListDesc,
+        i: usize,
+        free: &mut impl FnMut(NonNull<PteListDesc>),
+    ) {
+        // Find the last descriptor and the one before it.
+        let mut prev: Option<&PteListDesc> = None;
+        // SAFETY: the head names this list's first descriptor (contract).
+        let mut last = unsafe { desc_ref(self.raw() & !1) };
+        loop {
+            // Relaxed: writers are serialised by the caller's lock.
+            let more = last.more.load(Ordering::Relaxed);
+            if desc_is_a_nulls(more) {
+                break;
+            }
+            prev = Some(last);
+            // SAFETY: a descriptor of this list (contract).
+            last = unsafe { desc_ref(more) };
+        }
+        let last_used = find_first_free(last) - 1;
+        let moved = last.sptes[last_used].load(Ordering::Relaxed);
+        desc.sptes[i].store(moved, Ordering::Release);
+        last.sptes[last_used].store(0, Ordering::Release);
+        if last_used > 0 {
+            return;
+        }
+        // The last descriptor is empty: unlink it.
+        match prev {
+            Some(p) => p.more.store(self.nulls_marker(), Ordering::Release),
+            None => self.publish_head(0),
+        }
+        free(NonNull::from(last));
+        // Never leave a single entry in a descriptor (invariant 5).
+        let v = self.raw();
+        if v & 1 != 0 {
+            // SAFETY: a tagged head names a descriptor of this list.
+            let first = unsafe { desc_ref(v & !1) };
+            if first.sptes[1].load(Ordering::Relaxed) == 0
+                && desc_is_a_nulls(first.more.load(Ordering::Relaxed))
+            {
+                let only = first.sptes[0].load(Ordering::Relaxed);
+                self.publish_head(only);
+                first.sptes[0].store(0, Ordering::Release);
+                free(NonNull::from(first));
+            }
+        }
+    }
+
+    /// `pte_list_walk_lockless` (patch 09): calls `f` on the entries of the
+    /// list without the writers' lock. Every entry that is in the list for
+    /// the whole walk is passed to `f` at least once; entries that come or go
+    /// during the walk may or may not be, and an entry may be passed twice.
+    ///
+    /// - Reload the head on every (re)start.
+    /// - Walk each descriptor top-down, highest index first: the forward move
+    ///   of removal only ever moves an entry to a lower index of the first
+    ///   descriptor or into a later descriptor, both still ahead of a walker.
+    /// - Restart when `more` is 0: the descriptor is fresh from its
+    ///   constructor and being initialised.
+    /// - Restart when the chain ends on another list's nulls marker: a
+    ///   descriptor was freed and reused by another list under us.
+    ///
+    /// Returns the number of restarts. `b` may break rules (tests only).
+    ///
+    /// # Safety
+    /// Descriptors and sptes of the list come from type-stable pools, and the
+    /// caller is inside a read-side section of the grace period that guards
+    /// their memory (so none is returned to the system during the walk).
+    pub(crate) unsafe fn walk_lockless(&self, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
+        let mut restarts = 0;
+        'restart: loop {
+            // Acquire: pairs with the writers' release stores of the head.
+            let v = self.val.load(Ordering::Acquire);
+            if v == 0 {
+                return restarts;
+            }
+            if v & 1 == 0 {
+                f(NonNull::new(v as *mut AtomicU64).expect("non-zero"));
+                return restarts;
+            }
+            let mut desc = v & !1;
+            while !desc_is_a_nulls(desc) {
+                #[cfg(feature = "break-rules")]
+                if desc == DESC_POISON {
+                    crate::stats::POISON_READS.inc();
+                    restarts += 1;
+                    continue 'restart;
+                }
+                // SAFETY: a descriptor pointer read from this list with acquire
+                // ordering, inside a read-side section: type-stable memory that
+                // is not returned to the system before we leave the section.
+                let d = unsafe { desc_ref(desc) };
+                for k in 0..PTE_LIST_EXT {
+                    let i = if b.bottom_up_walk { k } else { PTE_LIST_EXT - 1 - k };
+                    // Acquire: pairs with the writers' release stores of entries,
+                    // so the spte the entry names is initialised.
+                    let s = d.sptes[i].load(Ordering::Acquire);
+                    #[cfg(feature = "break-rules")]
+                    if s == DESC_POISON {
+                        crate::stats::POISON_READS.inc();
+                        continue;
+                    }
+                    if let Some(spte) = NonNull::new(s as *mut AtomicU64) {
+                        f(spte);
+                    }
+                }
+                // Acquire: pairs with the release stores of `more`.
+                desc = d.more.load(Ordering::Acquire);
+                if desc == 0 {
+                    // Being initialised.
+                    restarts += 1;
+                    continue 'restart;
+                }
+            }
+            if !b.skip_nulls_check && desc_get_nulls_value(desc) != self as *const Self as usize {
+                // Moved to another list under us.
+                restarts += 1;
+                continue 'restart;
+            }
+            return restarts;
         }
     }
 

@@ -248,6 +248,16 @@ impl PoolObject for ShadowPage {
     fn is_clean(&self) -> bool {
         self.is_empty() && self.parent_ptes.is_empty() && self.root_count() == 0
     }
+
+    #[cfg(feature = "break-rules")]
+    fn poison(&self) {
+        for s in &self.spt {
+            // Relaxed: a reader that comes too late reads it with whatever
+            // ordering; the check is for the value.
+            s.store(crate::spte::SPTE_POISON, Ordering::Relaxed);
+        }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A pointer to a shadow page of this VM's pool.

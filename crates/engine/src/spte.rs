@@ -80,6 +80,12 @@ pub const SPTE_LEVEL_SHIFT: u32 = 52;
 /// The level field (bits 52..=54).
 pub const SPTE_LEVEL_MASK: u64 = 0x7 << SPTE_LEVEL_SHIFT;
 
+/// What a shadow page's table holds after its memory was "returned" in a
+/// `break-rules` build: a value the MMU never makes (level 7), that lockless
+/// readers check for, to catch reads of memory returned too early.
+#[cfg(feature = "break-rules")]
+pub const SPTE_POISON: u64 = PT_PRESENT_MASK | PT_WRITABLE_MASK | (7 << SPTE_LEVEL_SHIFT) | 0xdead_b000;
+
 /// Is the spte present?
 #[inline]
 pub const fn is_shadow_present_pte(spte: u64) -> bool {

@@ -11,6 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    /// Zero.
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
     /// Adds one.
     #[inline]
     pub fn inc(&self) {
@@ -31,6 +36,12 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// Reads of poisoned (returned) descriptor or shadow page memory by lockless
+/// walkers, process-wide. Only `break-rules` builds poison returned memory;
+/// a correct grace period keeps this at 0.
+#[cfg(feature = "break-rules")]
+pub static POISON_READS: Counter = Counter::new();
 
 /// VM-wide MMU statistics.
 #[derive(Debug, Default)]
@@ -60,6 +71,10 @@ pub struct MmuStats {
     pub pages_harvested: Counter,
     /// `get_dirty_log` calls.
     pub get_dirty_log_calls: Counter,
+    /// Write faults fixed by `fast_page_fault`.
+    pub fast_page_faults: Counter,
+    /// Restarts of lockless rmap walks.
+    pub lockless_walk_restarts: Counter,
     /// Nanoseconds spent in `get_dirty_log`.
     pub get_dirty_log_ns: Counter,
 }

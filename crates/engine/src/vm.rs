@@ -21,7 +21,8 @@ use thiserror::Error;
 
 use crate::dirty_log::DirtyLogError;
 use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
-use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, default_max_mmu_pages};
+use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, MmuParams, default_max_mmu_pages};
+use crate::pool::PoolLimits;
 use crate::vcpu::Vcpu;
 use crate::vcpu::requests::{VcpuSet, VcpuShared};
 use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
@@ -45,6 +46,15 @@ pub struct VmConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// Freed shadow pages kept for immediate reuse; more go back to the
+    /// system after a grace period.
+    pub max_free_shadow_pages: usize,
+    /// Freed pte_list descriptors kept for immediate reuse.
+    pub max_free_descs: usize,
+    /// Bytes of freed memory (per pool) that may wait for a grace period
+    /// before the freeing side waits for one itself (the review's bound on
+    /// deferred frees).
+    pub max_deferred_bytes: usize,
     /// Rules to break, for tests that show they are load-bearing.
     #[cfg(feature = "break-rules")]
     pub breakage: crate::breakage::Breakage,
@@ -58,6 +68,9 @@ impl Default for VmConfig {
             address_spaces: 1,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            max_free_shadow_pages: 256,
+            max_free_descs: 4096,
+            max_deferred_bytes: 16 << 20,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
         }
@@ -144,6 +157,18 @@ pub struct VmStats {
     pub pages_harvested: u64,
     /// `get_dirty_log` calls.
     pub get_dirty_log_calls: u64,
+    /// Write faults fixed by `fast_page_fault`.
+    pub fast_page_faults: u64,
+    /// Restarts of lockless rmap walks.
+    pub lockless_walk_restarts: u64,
+    /// Grace periods waited for (`synchronize`).
+    pub grace_periods_waited: u64,
+    /// Pool objects returned to the system after their grace period.
+    pub pool_objects_returned: u64,
+    /// Times a free waited for a grace period because the backlog was full.
+    pub pool_backlog_waits: u64,
+    /// Bytes waiting for a grace period now.
+    pub pool_deferred_bytes: usize,
     /// Nanoseconds in `get_dirty_log`.
     pub get_dirty_log_ns: u64,
     /// `mmu_lock` acquisitions.
@@ -182,7 +207,19 @@ impl Vm {
         {
             return Err(VmError::BudgetTooSmall(n));
         }
-        let mmu = Mmu::new(config.mmu, config.address_spaces, config.large_pages, config.max_mmu_pages);
+        let deferred = config.max_deferred_bytes;
+        let mmu = Mmu::new(MmuParams {
+            design: config.mmu,
+            address_spaces: config.address_spaces,
+            large_pages: config.large_pages,
+            max_mmu_pages: config.max_mmu_pages,
+            sp_limits: PoolLimits { max_free: config.max_free_shadow_pages, max_deferred_bytes: deferred },
+            desc_limits: PoolLimits { max_free: config.max_free_descs, max_deferred_bytes: deferred },
+            #[cfg(feature = "break-rules")]
+            breakage: config.breakage,
+            #[cfg(not(feature = "break-rules"))]
+            breakage: crate::breakage::Breakage::SEED,
+        });
         let kvm = Kvm {
             config,
             memslots: ArcSwap::from_pointee(Memslots::default()),
@@ -230,9 +267,22 @@ impl Vm {
                     // A fresh, clean log, as KVM allocates a zeroed bitmap.
                     slot.dirty_bitmap().clear_all();
                 }
+                // Under mmu_lock: the slow fault path reads the flags under it,
+                // so each fault maps by the old flags (and is then protected by
+                // the walk below) or by the new ones.
                 slot.set_flags(flags);
                 if enabling {
-                    kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot);
+                    match kvm.mmu.design {
+                        MmuDesign::Locked => kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot),
+                        MmuDesign::Lockless => {
+                            drop(g);
+                            // SeqCst: pairs with the fast path's fence between
+                            // setting W and reading the flag (`fast_fault.rs`):
+                            // either it marks the page, or our walk sees its W.
+                            crate::sync::atomic::fence(crate::sync::atomic::Ordering::SeqCst);
+                            kvm.kvm_mmu_slot_remove_write_access_lockless(&slot);
+                        }
+                    }
                 }
             }
         }
@@ -343,6 +393,14 @@ impl Vm {
             pages_marked_dirty: s.pages_marked_dirty.get(),
             pages_harvested: s.pages_harvested.get(),
             get_dirty_log_calls: s.get_dirty_log_calls.get(),
+            fast_page_faults: s.fast_page_faults.get(),
+            lockless_walk_restarts: s.lockless_walk_restarts.get(),
+            grace_periods_waited: kvm.mmu.rcu.synchronize_calls.get(),
+            pool_objects_returned: kvm.mmu.sp_pool.stats.returned.get()
+                + kvm.mmu.desc_pool.stats.returned.get(),
+            pool_backlog_waits: kvm.mmu.sp_pool.stats.backlog_waits.get()
+                + kvm.mmu.desc_pool.stats.backlog_waits.get(),
+            pool_deferred_bytes: kvm.mmu.sp_pool.deferred_bytes() + kvm.mmu.desc_pool.deferred_bytes(),
             get_dirty_log_ns: s.get_dirty_log_ns.get(),
             mmu_lock_acquisitions: l.acquisitions.get(),
             mmu_lock_contended: l.contended.get(),

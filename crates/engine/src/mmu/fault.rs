@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use super::lock::MmuGuard;
+use super::lockless::mark_page_dirty_after_publish;
 use super::{MmuCaches, RMAP_RECYCLE_THRESHOLD};
 use crate::memslot::Memslot;
 use crate::shadow_page::SpPtr;
@@ -18,7 +19,8 @@ use crate::spte::{
     PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_large_pte, is_shadow_present_pte,
     is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
 };
-use crate::sync::atomic::{AtomicU64, Ordering, fence};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
 
 /// The mapping a fault installs: `gfn` (the first of the region for a large
@@ -31,6 +33,19 @@ struct MapRequest<'a> {
     write: bool,
 }
 
+/// A page fault, as the vCPU's page walk found it (its error code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageFault {
+    /// The faulting gfn.
+    pub(crate) gfn: u64,
+    /// A store?
+    pub(crate) write: bool,
+    /// Did the walk find a present (read-only) leaf?
+    pub(crate) present: bool,
+    /// The vCPU's address space.
+    pub(crate) asid: u16,
+}
+
 /// Why a fault could not be fixed: the access goes to userspace as MMIO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultExit {
@@ -41,15 +56,21 @@ pub(crate) enum FaultExit {
 }
 
 impl Kvm {
-    /// The slow page fault handler for `gfn` in address space `asid`. Runs
-    /// with the vCPU outside guest mode.
+    /// The page fault handler for `gfn` in address space `asid`
+    /// (`tdp_page_fault`). Runs with the vCPU outside guest mode. `present`:
+    /// the fault hit a present spte (a write to a read-only one).
     pub(crate) fn page_fault(
         &self,
+        vcpu: &VcpuShared,
         caches: &mut MmuCaches,
-        gfn: u64,
-        write: bool,
-        asid: u16,
+        fault: PageFault,
     ) -> Result<(), FaultExit> {
+        let PageFault { gfn, write, present, asid } = fault;
+        // `page_fault_can_be_fast`: a write to a present page, lockless
+        // design only (the locked baseline takes the slow path).
+        if self.mmu.design.is_lockless() && write && present && self.fast_page_fault(vcpu, gfn, asid) {
+            return Ok(());
+        }
         loop {
             // Never allocate under mmu_lock.
             self.mmu.topup_memory_caches(caches);
@@ -179,16 +200,15 @@ impl Kvm {
                 self.mmu.stats.large_sptes_mapped.inc();
             }
         }
-        // (3) smp_wmb(): both stores above are ordered before the dirty bit.
-        // Pairs with the AcqRel swap of `get_dirty_log` (`take_word`), which
-        // then walks the rmap. Without it a harvester could take the bit and
-        // walk the rmap before the writable spte is in it (the first race of
-        // patch 06), or see the spte in the rmap while still read-only and
-        // leave it writable afterwards (the second).
-        fence(Ordering::Release);
-        // (4) The dirty bit.
+        // (3) smp_wmb(), then (4) the dirty bit: both stores above are
+        // ordered before the bit. Pairs with the AcqRel swap of
+        // `get_dirty_log` (`take_word`), which then walks the rmap. Without it
+        // a lockless harvester could take the bit and walk the rmap before the
+        // writable spte is in it (the first race of patch 06), or see the spte
+        // in the rmap while still read-only and leave it writable afterwards
+        // (the second). See `lockless.rs`.
         if is_writable_pte(spte) && logging {
-            slot.mark_page_dirty(gfn);
+            mark_page_dirty_after_publish(slot.dirty_bitmap(), gfn - slot.base_gfn(), &self.mmu.breakage);
             self.mmu.stats.pages_marked_dirty.inc();
         }
     }

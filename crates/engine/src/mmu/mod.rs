@@ -24,20 +24,33 @@
 //! # Designs
 //!
 //! [`MmuDesign`] selects, at run time, how dirty logging write-protects.
-//! `Locked` is KVM before the seed: enable-logging and `get_dirty_log` walk
-//! rmaps under `mmu_lock` and flush TLBs inside it; large sptes are dropped
-//! when write-protected; write faults on logged pages take the slow path.
+//! - `Locked` is KVM before the seed: enable-logging and `get_dirty_log` walk
+//!   rmaps under `mmu_lock` and flush TLBs inside it; large sptes are dropped
+//!   when write-protected; write faults on logged pages take the slow path.
+//! - `Lockless` is the seed (patches 02-15) with its review's outcome:
+//!   write protection walks the rmaps without `mmu_lock` (`lockless.rs`,
+//!   `pte_list.rs`), inside a grace period (`rcu.rs`) that keeps descriptor
+//!   and shadow page memory from going back to the system; large sptes are
+//!   made read-only and dropped at fault time; write faults on pages
+//!   protected only for logging are fixed by a compare-exchange
+//!   (`fast_fault.rs`); TLB flushes happen after the walk, out of any lock,
+//!   and `mmu_spte_update` flushes by patch 04's rule.
 
+pub(crate) mod fast_fault;
 pub(crate) mod fault;
 pub(crate) mod lock;
+pub(crate) mod lockless;
 pub(crate) mod page;
 pub(crate) mod spte_ops;
 pub(crate) mod write_protect;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use crate::pool::{MemoryCache, Pool};
+use crate::breakage::Breakage;
+use crate::pool::{MemoryCache, Pool, PoolLimits};
 use crate::pte_list::PteListDesc;
+use crate::rcu::Rcu;
 use crate::shadow_page::{ShadowPage, SpPtr, SpRole};
 use crate::stats::MmuStats;
 use crate::sync::atomic::{AtomicPtr, Ordering};
@@ -49,17 +62,25 @@ pub enum MmuDesign {
     /// KVM before the seed: write protection under `mmu_lock`.
     #[default]
     Locked,
+    /// The seed: lockless write protection.
+    Lockless,
 }
 
 impl MmuDesign {
     /// All designs, for tests and benchmarks that run each.
-    pub const ALL: [MmuDesign; 1] = [MmuDesign::Locked];
+    pub const ALL: [MmuDesign; 2] = [MmuDesign::Locked, MmuDesign::Lockless];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             MmuDesign::Locked => "locked",
+            MmuDesign::Lockless => "lockless",
         }
+    }
+
+    /// Is this the lockless design?
+    pub fn is_lockless(self) -> bool {
+        self == MmuDesign::Lockless
     }
 }
 
@@ -74,7 +95,8 @@ impl std::str::FromStr for MmuDesign {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "locked" => Ok(MmuDesign::Locked),
-            other => Err(format!("unknown MMU design {other:?} (known: locked)")),
+            "lockless" => Ok(MmuDesign::Lockless),
+            other => Err(format!("unknown MMU design {other:?} (known: locked, lockless)")),
         }
     }
 }
@@ -130,10 +152,44 @@ impl std::fmt::Debug for MmuCaches {
     }
 }
 
+/// How one VM's MMU is built.
+#[derive(Debug, Clone)]
+pub(crate) struct MmuParams {
+    pub(crate) design: MmuDesign,
+    pub(crate) address_spaces: u16,
+    pub(crate) large_pages: bool,
+    pub(crate) max_mmu_pages: Option<usize>,
+    pub(crate) sp_limits: PoolLimits,
+    pub(crate) desc_limits: PoolLimits,
+    pub(crate) breakage: Breakage,
+}
+
+impl MmuParams {
+    #[cfg(test)]
+    pub(crate) fn for_tests(design: MmuDesign) -> Self {
+        let limits = PoolLimits { max_free: 64, max_deferred_bytes: 1 << 20 };
+        Self {
+            design,
+            address_spaces: 1,
+            large_pages: true,
+            max_mmu_pages: None,
+            sp_limits: limits,
+            desc_limits: limits,
+            breakage: Breakage::SEED,
+        }
+    }
+}
+
 /// The MMU of one VM.
 pub(crate) struct Mmu {
     pub(crate) design: MmuDesign,
+    /// Rules broken on purpose (`Breakage::SEED` unless a `break-rules`
+    /// build configured otherwise).
+    pub(crate) breakage: Breakage,
     pub(crate) lock: MmuLock,
+    /// Grace periods for lockless walkers: descriptor and shadow page memory
+    /// goes back to the system only after one.
+    pub(crate) rcu: Arc<Rcu>,
     pub(crate) sp_pool: Pool<ShadowPage>,
     pub(crate) desc_pool: Pool<PteListDesc>,
     /// Root of each address space (`root_hpa`), published with release
@@ -144,9 +200,19 @@ pub(crate) struct Mmu {
 }
 
 impl Mmu {
-    pub(crate) fn new(design: MmuDesign, address_spaces: u16, large_pages: bool, max: Option<usize>) -> Self {
+    pub(crate) fn new(p: MmuParams) -> Self {
+        let rcu = Arc::new(Rcu::default());
+        #[allow(unused_mut)]
+        let mut sp_pool = Pool::new(p.sp_limits, rcu.clone());
+        #[cfg(feature = "break-rules")]
+        if p.breakage.free_shadow_pages_without_grace_period {
+            sp_pool.break_grace_period();
+        }
+        let max = p.max_mmu_pages;
         Self {
-            design,
+            design: p.design,
+            breakage: p.breakage,
+            rcu: rcu.clone(),
             lock: MmuLock::new(MmuLocked {
                 hash: HashMap::new(),
                 active_head: None,
@@ -155,10 +221,10 @@ impl Mmu {
                 n_max_mmu_pages: max.unwrap_or(KVM_MIN_ALLOC_MMU_PAGES),
                 n_requested_mmu_pages: max,
             }),
-            sp_pool: Pool::new(),
-            desc_pool: Pool::new(),
-            roots: (0..address_spaces).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
-            large_pages,
+            sp_pool,
+            desc_pool: Pool::new(p.desc_limits, rcu),
+            roots: (0..p.address_spaces).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+            large_pages: p.large_pages,
             stats: MmuStats::default(),
         }
     }
@@ -204,7 +270,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "pool allocation under mmu_lock")]
     fn allocating_under_mmu_lock_is_caught() {
-        let mmu = Mmu::new(MmuDesign::Locked, 1, true, None);
+        let mmu = Mmu::new(MmuParams::for_tests(MmuDesign::Locked));
         let _g = mmu.lock.lock();
         let mut caches = MmuCaches::default();
         mmu.topup_memory_caches(&mut caches);
@@ -212,7 +278,7 @@ mod tests {
 
     #[test]
     fn topping_up_outside_the_lock_is_fine() {
-        let mmu = Mmu::new(MmuDesign::Locked, 1, true, None);
+        let mmu = Mmu::new(MmuParams::for_tests(MmuDesign::Locked));
         let mut caches = MmuCaches::default();
         mmu.topup_memory_caches(&mut caches);
         {

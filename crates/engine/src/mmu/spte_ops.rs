@@ -12,7 +12,7 @@ use super::MmuCaches;
 use super::lock::MmuGuard;
 use crate::memslot::Memslot;
 use crate::shadow_page::{SpPtr, page_header};
-use crate::spte::{is_large_pte, is_shadow_present_pte, is_writable_pte};
+use crate::spte::{is_large_pte, is_shadow_present_pte};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
 
@@ -25,31 +25,48 @@ impl Kvm {
         sptep.store(new, Ordering::Release);
     }
 
+    /// Replaces the spte, returning the old value. In the locked design no
+    /// one changes an spte without `mmu_lock`, so a plain load and a release
+    /// store suffice (KVM's `__update_clear_spte_fast`); in the lockless design
+    /// the fast path and lockless write protection change W without the lock,
+    /// so the old value must be read and replaced in one atomic swap
+    /// (`__update_clear_spte_slow`), or their change would be lost.
+    #[inline]
+    fn spte_exchange(&self, sptep: &AtomicU64, new: u64) -> u64 {
+        if self.mmu.design.is_lockless() {
+            // AcqRel: release as in `mmu_spte_set`; acquire pairs with the
+            // lockless compare-exchanges whose result we replace.
+            sptep.swap(new, Ordering::AcqRel)
+        } else {
+            // Relaxed: under mmu_lock, which every writer of this design holds.
+            let old = sptep.load(Ordering::Relaxed);
+            // Release: as in `mmu_spte_set`.
+            sptep.store(new, Ordering::Release);
+            old
+        }
+    }
+
     /// `mmu_spte_update`: replaces a (possibly present) spte; returns whether
     /// remote TLBs must be flushed because a vCPU may still cache a more
-    /// permissive translation.
-    ///
-    /// Locked design (KVM before patch 04): flush when W goes from set to
-    /// clear. Nothing changes an spte without `mmu_lock` in this design, so a
-    /// plain load and a release store suffice.
+    /// permissive translation: when W is lost (locked design), or when the
+    /// old spte was locklessly modifiable (lockless design, patch 04; see
+    /// `lockless::spte_update_needs_flush`).
     pub(crate) fn mmu_spte_update(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) -> bool {
-        let old = sptep.load(Ordering::Relaxed);
-        // Release: as in `mmu_spte_set`.
-        sptep.store(new, Ordering::Release);
-        if !is_shadow_present_pte(old) {
-            return false;
-        }
-        is_writable_pte(old) && !is_writable_pte(new)
+        let old = self.spte_exchange(sptep, new);
+        is_shadow_present_pte(old)
+            && super::lockless::spte_update_needs_flush(
+                old,
+                new,
+                self.mmu.design.is_lockless(),
+                &self.mmu.breakage,
+            )
     }
 
     /// `mmu_spte_clear_track_bits`: makes an spte non-present, returns the old
-    /// value.
+    /// value. A walker that reads 0 faults; one that read the old value is
+    /// covered by the remote TLB flush the caller owes.
     pub(crate) fn mmu_spte_clear_track_bits(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) -> u64 {
-        let old = sptep.load(Ordering::Relaxed);
-        // Release: a walker that reads 0 faults; one that read the old value
-        // is covered by the remote TLB flush the caller owes.
-        sptep.store(0, Ordering::Release);
-        old
+        self.spte_exchange(sptep, 0)
     }
 
     /// `mmu_spte_clear_no_track`: clears a non-leaf spte.
@@ -88,8 +105,15 @@ impl Kvm {
         // published (marked invalid), so a mapped gfn always has its slot.
         let slot = slots.find(gfn).expect("rmap_remove: mapped gfn has no memslot");
         // SAFETY: we hold mmu_lock; freed descriptors go back to the VM's
-        // type-stable pool, which keeps their memory.
-        unsafe { slot.rmap(gfn, level).remove(NonNull::from(sptep), &mut |d| self.mmu.desc_pool.free(d)) };
+        // type-stable pool, whose memory outlives lockless readers' read-side
+        // sections (`pool.rs`).
+        unsafe {
+            slot.rmap(gfn, level).remove_with(
+                NonNull::from(sptep),
+                &mut |d| self.mmu.desc_pool.free(d),
+                &self.mmu.breakage,
+            )
+        };
     }
 
     /// `drop_spte`: makes a leaf non-present and removes it from its rmap.

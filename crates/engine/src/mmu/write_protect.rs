@@ -1,4 +1,6 @@
-//! Write protection for dirty logging, locked design (KVM before the seed).
+//! Write protection for dirty logging, in both designs.
+//!
+//! # Locked design (KVM before the seed)
 //!
 //! - Enabling logging on a slot (`kvm_mmu_slot_remove_write_access`) walks
 //!   every rmap of the slot, at every level, under `mmu_lock`: writable
@@ -11,8 +13,18 @@
 //! under the lock, the next taker of the lock (say, a fault that syncs a
 //! page) must not see a read-only spte that some vCPU can still write
 //! through its TLB.
-
+//!
+//! # Lockless design (patches 03, 05, 13)
+//!
+//! The same walks without `mmu_lock`, inside a read-side section of the
+//! VM's grace period, clearing W by compare-exchange
+//! (`lockless::spte_write_protect_lockless`). Large sptes are made read-only
+//! like any other (patch 03), and dropped later by the fault path when it
+//! needs 4 KiB mappings. Remote TLBs are flushed after the walk, with no
+//! lock held (patch 05): a locked path that meets one of our read-only sptes
+//! before that flush flushes itself, by patch 04's rule.
 use super::lock::MmuGuard;
+use super::lockless::rmap_write_protect_lockless;
 use crate::memslot::Memslot;
 use crate::pte_list::PteListHead;
 use crate::spte::{KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte};
@@ -87,6 +99,66 @@ impl Kvm {
                 }
             }
         }
+        self.kvm_flush_remote_tlbs();
+    }
+
+    /// `kvm_mmu_write_protect_pt_masked_lockless` (patch 13): as
+    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`. Returns
+    /// whether any W was cleared.
+    ///
+    /// The caller is inside a read-side section of `self.mmu.rcu`.
+    pub(crate) fn kvm_mmu_write_protect_pt_masked_lockless(
+        &self,
+        slot: &Memslot,
+        gfn_offset: u64,
+        mut mask: u64,
+    ) -> bool {
+        let mut flush = false;
+        while mask != 0 {
+            let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
+            // SAFETY: the caller is inside a read-side section of the grace
+            // period that guards descriptor and shadow page memory.
+            flush |= unsafe { self.rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL)) };
+            mask &= mask - 1;
+        }
+        flush
+    }
+
+    /// `rmap_write_protect_lockless`, with the VM's accounting.
+    ///
+    /// # Safety
+    /// The caller is inside a read-side section of `self.mmu.rcu`.
+    unsafe fn rmap_write_protect_lockless(&self, head: &PteListHead) -> bool {
+        // SAFETY: forwarded contract.
+        let (cleared, restarts) = unsafe { rmap_write_protect_lockless(head, &self.mmu.breakage) };
+        if restarts > 0 {
+            self.mmu.stats.lockless_walk_restarts.add(restarts as u64);
+        }
+        if cleared > 0 {
+            self.mmu.stats.sptes_write_protected.add(cleared as u64);
+        }
+        cleared > 0
+    }
+
+    /// `kvm_mmu_slot_remove_write_access_lockless` (patch 13): write-protects
+    /// all of `slot`, at every level, without `mmu_lock`, then flushes remote
+    /// TLBs out of any lock (patch 05). Leaves the read-side section now and
+    /// then, as the seed does when `need_resched()`, so that a freeing side
+    /// waiting for a grace period is not held up by a long walk.
+    pub(crate) fn kvm_mmu_slot_remove_write_access_lockless(&self, slot: &Memslot) {
+        /// rmaps walked between two quiescent points.
+        const RMAPS_PER_SECTION: usize = 1024;
+        let mut guard = self.mmu.rcu.read_lock();
+        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+            for (i, head) in slot.rmaps(level).iter().enumerate() {
+                // SAFETY: we are inside a read-side section (`guard`).
+                unsafe { self.rmap_write_protect_lockless(head) };
+                if i % RMAPS_PER_SECTION == RMAPS_PER_SECTION - 1 {
+                    guard.quiesce();
+                }
+            }
+        }
+        drop(guard);
         self.kvm_flush_remote_tlbs();
     }
 }

@@ -29,7 +29,7 @@ use thiserror::Error;
 use crate::guest::{GuestCode, GuestOp};
 use crate::memory::host_word;
 use crate::mmu::MmuCaches;
-use crate::mmu::fault::FaultExit;
+use crate::mmu::fault::{FaultExit, PageFault};
 use crate::shadow_page::SpPtr;
 use crate::spte::{
     PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, pages_per_spte,
@@ -133,6 +133,15 @@ enum Stop {
     Error(VcpuError),
 }
 
+/// What the page walk found.
+enum Walk {
+    Hit(Translation),
+    /// A page fault; `present`: on a present, read-only leaf.
+    Fault {
+        present: bool,
+    },
+}
+
 impl Vcpu {
     pub(crate) fn new(kvm: Arc<Kvm>, shared: Arc<VcpuShared>) -> Self {
         let tlb = Tlb::new(kvm.config.tlb_entries);
@@ -224,12 +233,12 @@ impl Vcpu {
                     t
                 }
                 _ => match self.page_walk(gfn, write) {
-                    Some(t) => {
+                    Walk::Hit(t) => {
                         self.tlb.insert(gfn, t);
                         t
                     }
-                    None => {
-                        self.page_fault(gpa, write, value)?;
+                    Walk::Fault { present } => {
+                        self.page_fault(gpa, write, present, value)?;
                         continue;
                     }
                 },
@@ -257,11 +266,11 @@ impl Vcpu {
     }
 
     /// The hardware page walk over the shadow page tables of our address
-    /// space. `None` means a page fault.
+    /// space.
     #[inline]
-    fn page_walk(&mut self, gfn: u64, write: bool) -> Option<Translation> {
+    fn page_walk(&mut self, gfn: u64, write: bool) -> Walk {
         self.stats.page_walks += 1;
-        let mut sp: SpPtr = self.kvm.mmu.root(self.asid)?;
+        let Some(mut sp) = self.kvm.mmu.root(self.asid) else { return Walk::Fault { present: false } };
         let mut level = PT64_ROOT_LEVEL;
         loop {
             // Acquire: pairs with the release stores that make sptes present
@@ -270,14 +279,14 @@ impl Vcpu {
             // the walk: that needs a remote TLB flush, which waits for us.
             let spte = sp.get().spte(spte_index(gfn, level)).load(Ordering::Acquire);
             if !is_shadow_present_pte(spte) {
-                return None;
+                return Walk::Fault { present: false };
             }
             if is_last_spte(spte, level) {
                 if write && !is_writable_pte(spte) {
-                    return None;
+                    return Walk::Fault { present: true };
                 }
                 let pfn = spte_to_pfn(spte) + (gfn & (pages_per_spte(level) - 1));
-                return Some(Translation { pfn, writable: is_writable_pte(spte) });
+                return Walk::Hit(Translation { pfn, writable: is_writable_pte(spte) });
             }
             // SAFETY: a present non-leaf spte of one of our tables.
             sp = unsafe { SpPtr::from_nonleaf_spte(spte) };
@@ -286,10 +295,11 @@ impl Vcpu {
     }
 
     /// A VM exit for a page fault: leave guest mode, handle, re-enter.
-    fn page_fault(&mut self, gpa: u64, write: bool, value: u64) -> Result<(), Stop> {
+    fn page_fault(&mut self, gpa: u64, write: bool, present: bool, value: u64) -> Result<(), Stop> {
         self.shared.exit_guest_mode();
         let t0 = Instant::now();
-        let r = self.kvm.page_fault(&mut self.caches, gpa >> PAGE_SHIFT, write, self.asid);
+        let fault = PageFault { gfn: gpa >> PAGE_SHIFT, write, present, asid: self.asid };
+        let r = self.kvm.page_fault(&self.shared, &mut self.caches, fault);
         self.stats.fault_ns += t0.elapsed().as_nanos() as u64;
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);

@@ -145,6 +145,16 @@ impl VcpuShared {
         self.state.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
     }
 
+    /// Enters `READING_SHADOW_PAGE_TABLES` (`walk_shadow_page_lockless_begin`),
+    /// from outside guest mode. Leave with [`Self::exit_guest_mode`].
+    #[inline]
+    pub(crate) fn begin_lockless_walk(&self) {
+        // SeqCst: as `try_enter_guest_mode`: a flusher either sees this mode
+        // and waits for us, or the shadow page changes it flushes for are
+        // visible to the walk that follows.
+        self.state.mode.store(READING_SHADOW_PAGE_TABLES, Ordering::SeqCst);
+    }
+
     /// Takes the pending TLB flush request, if any, clearing its bit. The
     /// caller flushes its TLB *before* calling this (module docs, point 2).
     #[inline]
@@ -262,5 +272,24 @@ mod tests {
         assert!(v.ack_tlb_flush());
         flusher.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn flush_waits_for_a_lockless_walker() {
+        let set = Arc::new(VcpuSet::default());
+        let v = Arc::new(VcpuShared::new(0));
+        set.add(v.clone());
+        v.begin_lockless_walk();
+        let flusher = {
+            let set = set.clone();
+            std::thread::spawn(move || set.kvm_flush_remote_tlbs())
+        };
+        while v.pending_requests() == 0 {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!flusher.is_finished(), "flush must wait for READING_SHADOW_PAGE_TABLES");
+        v.exit_guest_mode();
+        flusher.join().unwrap();
     }
 }

@@ -1,0 +1,98 @@
+//! `fast_page_fault` (patches 02 and 03), lockless design only.
+//!
+//! A write fault on a present leaf spte that is read-only only because dirty
+//! logging write-protected it ([`spte_is_locklessly_modifiable`]) is fixed by
+//! one compare-exchange that sets W, without `mmu_lock`, then the page is
+//! marked dirty (in patch 06's order, see `lockless.rs`).
+//!
+//! - The vCPU walks the shadow page tables in `READING_SHADOW_PAGE_TABLES`
+//!   mode (`walk_shadow_page_lockless_begin`), so a remote TLB flush, which
+//!   every shadow page free waits for, waits for the walk: the tables it
+//!   reads are not freed or reused under it, and their headers are stable.
+//! - The level is the shadow page's (patch 02), not the caller's.
+//! - Large sptes are never fixed here (patch 03): marking the first 4 KiB of
+//!   the 2 MiB dirty would leave the other 511 pages writable and unlogged,
+//!   the bug KVM reverted once (commit 6b73a9606). They take the slow path,
+//!   which maps 4 KiB pages.
+//!
+//! Enabling dirty logging without the lock races with this path: the enabler
+//! sets the slot's flag, then walks the rmaps clearing W; we set W, then read
+//! the flag to decide whether to mark. A SeqCst fence on each side (store
+//! buffering) makes sure that either we see the flag and mark the page, or the
+//! enabler's walk sees our W and clears it.
+
+use super::lockless::{fast_pf_fix_direct_spte, mark_page_dirty_after_publish};
+use crate::shadow_page::{SpPtr, page_header};
+use crate::spte::{
+    PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, spte_index,
+    spte_is_locklessly_modifiable,
+};
+use crate::sync::atomic::{Ordering, fence};
+use crate::vcpu::requests::VcpuShared;
+use crate::vm::Kvm;
+
+impl Kvm {
+    /// `fast_page_fault`: tries to fix a write fault on `gfn` without
+    /// `mmu_lock`. Returns true when the access can be retried (fixed, or
+    /// found already writable: a spurious fault), false to take the slow path.
+    pub(crate) fn fast_page_fault(&self, vcpu: &VcpuShared, gfn: u64, asid: u16) -> bool {
+        let Some(root) = self.mmu.root(asid) else { return false };
+        vcpu.begin_lockless_walk();
+        let fixed = self.fast_page_fault_walk(root, gfn);
+        // walk_shadow_page_lockless_end.
+        vcpu.exit_guest_mode();
+        fixed
+    }
+
+    fn fast_page_fault_walk(&self, root: SpPtr, gfn: u64) -> bool {
+        let mut sp = root;
+        let mut level = PT64_ROOT_LEVEL;
+        let (sptep, spte) = loop {
+            let sptep = sp.get().spte(spte_index(gfn, level));
+            // Acquire: pairs with the release stores that make sptes present.
+            let spte = sptep.load(Ordering::Acquire);
+            if !is_shadow_present_pte(spte) {
+                return false;
+            }
+            if is_last_spte(spte, level) {
+                break (sptep, spte);
+            }
+            // SAFETY: a present non-leaf spte of one of our tables.
+            sp = unsafe { SpPtr::from_nonleaf_spte(spte) };
+            level -= 1;
+        };
+        // Patch 02: the level of the shadow page the spte sits in.
+        // SAFETY: `sptep` points into one of our tables.
+        let sp = unsafe { page_header(sptep) }.get();
+        let sp_level = sp.role().level;
+        if !is_last_spte(spte, sp_level) {
+            return false;
+        }
+        if is_writable_pte(spte) {
+            // Someone fixed it already.
+            return true;
+        }
+        if !spte_is_locklessly_modifiable(spte) {
+            return false;
+        }
+        // Patch 03: never fix a large spte here.
+        if sp_level > PT_PAGE_TABLE_LEVEL && !self.mmu.breakage.fast_fix_large_sptes {
+            return false;
+        }
+        let gfn = sp.spte_gfn(sp.spte_index_of(sptep));
+        if fast_pf_fix_direct_spte(sptep, spte) {
+            // SeqCst: pairs with the fence enable-logging issues between
+            // setting the flag and walking the rmaps (module docs).
+            fence(Ordering::SeqCst);
+            let slots = self.memslots.load();
+            if let Some(slot) = slots.find(gfn)
+                && slot.dirty_logging()
+            {
+                mark_page_dirty_after_publish(slot.dirty_bitmap(), gfn - slot.base_gfn(), &self.mmu.breakage);
+                self.mmu.stats.pages_marked_dirty.inc();
+            }
+            self.mmu.stats.fast_page_faults.inc();
+        }
+        true
+    }
+}

@@ -39,9 +39,10 @@
 
 use std::time::Instant;
 
-use crossbeam_utils::{Backoff, CachePadded};
+use crossbeam_utils::CachePadded;
 
 use crate::stats::Counter;
+use crate::sync::Backoff;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
 /// Default number of reader slots per VM: concurrent read-side sections.

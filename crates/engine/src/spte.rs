@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn leaf_encoding_round_trips() {
-        let pfn = 0x7f12_3456_7u64;
+        let pfn = 0x0007_f123_4567_u64;
         let s = make_leaf_spte(pfn, 1, true, true);
         assert!(is_shadow_present_pte(s));
         assert!(is_writable_pte(s));

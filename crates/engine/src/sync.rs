@@ -1,13 +1,37 @@
 //! The atomics the lock-free parts of the engine use, swapped for loom's under
-//! `cfg(loom)` (run `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`).
+//! `cfg(loom)` (see the README for the loom commands).
 //!
 //! Only the structures that lockless readers share go through this module:
-//! sptes, pte_list heads and descriptors, dirty bitmap words and the vCPU
-//! mode and request words. Guest memory itself is always std atomics: it is
-//! the host's memory, not a structure whose interleavings we model.
+//! sptes, pte_list heads and descriptors, dirty bitmap words, the grace
+//! period's epoch and slots, and the vCPU mode and request words. Guest memory
+//! itself is always std atomics: it is the host's memory, not a structure
+//! whose interleavings we model.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic;
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic;
+
+/// Waiting for another thread: crossbeam's exponential backoff, or, under
+/// loom, a yield to loom's scheduler (a spin loop would never let the other
+/// thread run).
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    #[cfg(not(loom))]
+    inner: crossbeam_utils::Backoff,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    #[inline]
+    pub(crate) fn snooze(&self) {
+        #[cfg(not(loom))]
+        self.inner.snooze();
+        #[cfg(loom)]
+        loom::thread::yield_now();
+    }
+}

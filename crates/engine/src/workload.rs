@@ -29,11 +29,12 @@
 
 use std::sync::Arc;
 
-use crossbeam_utils::{Backoff, CachePadded};
+use crossbeam_utils::CachePadded;
 
 use crate::guest::{GuestCode, GuestOp};
 use crate::memory::WORDS_PER_PAGE;
 use crate::spte::PAGE_SHIFT;
+use crate::sync::Backoff;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Hypercall code: the workload stopped because the host asked.

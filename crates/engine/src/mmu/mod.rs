@@ -165,7 +165,7 @@ pub(crate) struct MmuParams {
 }
 
 impl MmuParams {
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn for_tests(design: MmuDesign) -> Self {
         let limits = PoolLimits { max_free: 64, max_deferred_bytes: 1 << 20 };
         Self {

@@ -59,10 +59,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_utils::{Backoff, CachePadded};
+use crossbeam_utils::CachePadded;
 use parking_lot::RwLock;
 
 use crate::stats::Counter;
+use crate::sync::Backoff;
 use crate::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 /// The vCPU runs host code.

@@ -939,10 +939,19 @@ mod loom_tests {
         builder.check(move || {
             let (w, mut a) = world(heads, sptes, descs);
             setup(&w, &mut a);
-            let w2 = w.clone();
-            let wr = loom::thread::spawn(move || writer(&w2, &mut a, &b));
+            // Each thread starts with an RMW on a shared counter: with a load
+            // first, loom 0.7 may explore nothing (tokio-rs/loom#392).
+            let go = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
+            let (w2, go2) = (w.clone(), go.clone());
+            let wr = loom::thread::spawn(move || {
+                go2.fetch_add(1, Ordering::Relaxed);
+                writer(&w2, &mut a, &b)
+            });
             let w3 = w.clone();
-            let walker = loom::thread::spawn(move || w3.walk(walk_head, &b));
+            let walker = loom::thread::spawn(move || {
+                go.fetch_add(1, Ordering::Relaxed);
+                w3.walk(walk_head, &b)
+            });
             wr.join().unwrap();
             let mut seen = walker.join().unwrap();
             assert_visited(&seen, stable);

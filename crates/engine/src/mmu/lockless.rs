@@ -32,7 +32,8 @@ use crate::breakage::Breakage;
 use crate::dirty_bitmap::DirtyBitmap;
 use crate::pte_list::PteListHead;
 use crate::spte::{
-    PT_WRITABLE_MASK, is_last_spte_by_encoding, is_writable_pte, spte_is_locklessly_modifiable,
+    PT_WRITABLE_MASK, SPTE_MMU_WRITEABLE, is_last_spte_by_encoding, is_shadow_present_pte, is_writable_pte,
+    spte_is_locklessly_modifiable,
 };
 use crate::sync::atomic::{AtomicU64, Ordering, fence};
 
@@ -65,6 +66,54 @@ pub(crate) fn spte_update_needs_flush(old: u64, new: u64, lockless: bool, b: &Br
     } else {
         is_writable_pte(old) && !is_writable_pte(new)
     }
+}
+
+/// Replaces the spte under `mmu_lock`, returning the old value. In the locked
+/// design no one changes an spte without the lock, so a plain load and a
+/// release store suffice (KVM's `__update_clear_spte_fast`); in the lockless
+/// design the fast path and lockless write protection change W without the
+/// lock, so the old value must be read and replaced in one atomic swap
+/// (`__update_clear_spte_slow`), or their change would be lost.
+#[inline]
+pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, lockless: bool) -> u64 {
+    if lockless {
+        // AcqRel: release pairs with the acquire loads of page walks (the new
+        // spte is set up); acquire pairs with the lockless compare-exchanges
+        // whose result we replace.
+        sptep.swap(new, Ordering::AcqRel)
+    } else {
+        // Relaxed: under mmu_lock, which every writer of this design holds.
+        let old = sptep.load(Ordering::Relaxed);
+        // Release: pairs with the acquire loads of page walks.
+        sptep.store(new, Ordering::Release);
+        old
+    }
+}
+
+/// `mmu_spte_update`, under `mmu_lock`: replaces the spte, returns whether
+/// remote TLBs must be flushed.
+#[inline]
+pub(crate) fn mmu_spte_update(sptep: &AtomicU64, new: u64, lockless: bool, b: &Breakage) -> bool {
+    let old = spte_exchange(sptep, new, lockless);
+    is_shadow_present_pte(old) && spte_update_needs_flush(old, new, lockless, b)
+}
+
+/// `spte_write_protect` with `pt_protect` (patch 14's form), under
+/// `mmu_lock`: write-protects an spte for good (page write tracking; KVM
+/// also uses it to shadow guest page tables), clearing W *and* MW so that no
+/// fast path makes it writable again. Returns whether remote TLBs must be
+/// flushed, by `mmu_spte_update`'s rule: patch 04's race is exactly a
+/// lockless write protection that cleared W (and has not flushed yet) right
+/// before this.
+#[inline]
+pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, lockless: bool, b: &Breakage) -> bool {
+    // Relaxed: a hint; the exchange in `mmu_spte_update` reads the real old
+    // value.
+    let spte = sptep.load(Ordering::Relaxed);
+    if !is_shadow_present_pte(spte) || (!is_writable_pte(spte) && !spte_is_locklessly_modifiable(spte)) {
+        return false;
+    }
+    mmu_spte_update(sptep, spte & !(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), lockless, b)
 }
 
 /// `__rmap_write_protect_lockless` (patch 13): clears W on `sptep` if it is a
@@ -175,5 +224,277 @@ mod tests {
         assert!(fast_pf_fix_direct_spte(&sptep, s));
         assert!(is_writable_pte(sptep.load(Ordering::Relaxed)));
         assert!(!fast_pf_fix_direct_spte(&sptep, s), "the value changed: no fix");
+    }
+}
+
+/// loom models of the seed's races, over the primitives above (the code the
+/// engine runs). Workers are spawned and the main thread only joins
+/// (tokio-rs/loom#392: loom explores nothing when a thread spawned from the
+/// main thread starts with an atomic load), and each model must see at least
+/// two different outcomes, so that a model loom does not explore cannot pass.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use std::collections::BTreeSet;
+    use std::fmt::Debug;
+    use std::ptr::NonNull;
+
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::spte::{make_leaf_spte, make_nonleaf_spte};
+
+    fn check<T: Ord + Debug + Send + 'static>(f: impl Fn() -> T + Sync + Send + 'static) {
+        let outcomes = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let all = outcomes.clone();
+        let mut b = loom::model::Builder::new();
+        if b.preemption_bound.is_none() {
+            b.preemption_bound = Some(3);
+        }
+        b.check(move || {
+            let o = f();
+            all.lock().unwrap().insert(format!("{o:?}"));
+        });
+        let n = outcomes.lock().unwrap().len();
+        assert!(n >= 2, "the model saw a single outcome: loom explored nothing");
+    }
+
+    /// One gfn: its spte, its rmap, its dirty bitmap, and a vCPU's cached W.
+    struct Gfn {
+        spte: AtomicU64,
+        rmap: PteListHead,
+        bitmap: DirtyBitmap,
+        tlb_writable: AtomicBool,
+    }
+
+    impl Gfn {
+        fn new(spte: u64, in_rmap: bool, dirty: bool) -> Arc<Self> {
+            let g = Arc::new(Self {
+                spte: AtomicU64::new(spte),
+                rmap: PteListHead::new(),
+                bitmap: DirtyBitmap::new(1),
+                tlb_writable: AtomicBool::new(is_writable_pte(spte)),
+            });
+            if in_rmap {
+                g.rmap_add();
+            }
+            if dirty {
+                g.bitmap.mark(0);
+            }
+            g
+        }
+        fn sptep(&self) -> NonNull<AtomicU64> {
+            NonNull::from(&self.spte)
+        }
+        /// rmap_add, by the single writer (mmu_lock).
+        fn rmap_add(&self) {
+            // SAFETY: one writer (the model's mmu_lock holder); a single entry
+            // needs no descriptor.
+            unsafe { self.rmap.add(self.sptep(), &mut || unreachable!("one entry needs no descriptor")) };
+        }
+        /// The harvester of `get_dirty_log_lockless`, for this one gfn.
+        fn harvest(&self, b: &Breakage) -> u64 {
+            let mask = self.bitmap.take_word(0);
+            if mask != 0 {
+                // SAFETY: the rmap's sptes live for the whole model.
+                unsafe { rmap_write_protect_lockless(&self.rmap, b) };
+                // kvm_flush_remote_tlbs, after the walk (patch 05).
+                self.tlb_writable.store(false, Ordering::SeqCst);
+            }
+            mask
+        }
+        /// The dirty logging invariant: writable implies marked dirty.
+        fn assert_logged(&self) {
+            let s = self.spte.load(Ordering::SeqCst);
+            assert!(
+                !is_writable_pte(s) || self.bitmap.test(0),
+                "lost dirty page: the spte is writable and its dirty bit was harvested"
+            );
+        }
+    }
+
+    /// Runs `a` and `b` on two spawned threads. Each starts with an RMW on a
+    /// shared counter: with a load first, loom 0.7 may explore nothing
+    /// (tokio-rs/loom#392).
+    fn two<A, B>(a: impl FnOnce() -> A + Send + 'static, b: impl FnOnce() -> B + Send + 'static) -> (A, B)
+    where
+        A: Send + 'static,
+        B: Send + 'static,
+    {
+        let go = Arc::new(crate::sync::atomic::AtomicUsize::new(0));
+        let go2 = go.clone();
+        let ta = loom::thread::spawn(move || {
+            go.fetch_add(1, Ordering::Relaxed);
+            a()
+        });
+        let tb = loom::thread::spawn(move || {
+            go2.fetch_add(1, Ordering::Relaxed);
+            b()
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    }
+
+    /// Patch 06, first interleaving: `set_spte` of a new writable spte (spte,
+    /// then rmap, then fence, then bit) against `get_dirty_log`.
+    fn set_spte_new_vs_get_dirty_log(b: Breakage) {
+        check(move || {
+            let g = Gfn::new(0, false, false);
+            let (w, h) = (g.clone(), g.clone());
+            let (_, mask) = two(
+                move || {
+                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), true, &b);
+                    w.rmap_add();
+                    mark_page_dirty_after_publish(&w.bitmap, 0, &b);
+                },
+                move || h.harvest(&b),
+            );
+            g.assert_logged();
+            mask
+        });
+    }
+
+    /// Patch 06, second interleaving: `set_spte` making an spte that is
+    /// already in the rmap writable (a remap after a read fault).
+    fn set_spte_remap_vs_get_dirty_log(b: Breakage) {
+        check(move || {
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, false);
+            let (w, h) = (g.clone(), g.clone());
+            let (_, mask) = two(
+                move || {
+                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), true, &b);
+                    mark_page_dirty_after_publish(&w.bitmap, 0, &b);
+                },
+                move || h.harvest(&b),
+            );
+            g.assert_logged();
+            mask
+        });
+    }
+
+    #[test]
+    fn loom_set_spte_against_get_dirty_log() {
+        set_spte_new_vs_get_dirty_log(Breakage::SEED);
+        set_spte_remap_vs_get_dirty_log(Breakage::SEED);
+    }
+
+    /// Patch 04: lockless write protection (W cleared, TLB flush not yet
+    /// done) against a locked write protection (write tracking) of the same
+    /// spte, which must not return while a vCPU may still write through a
+    /// stale TLB entry.
+    fn patch_04_race(b: Breakage) {
+        check(move || {
+            let g = Gfn::new(make_leaf_spte(7, 1, true, true), true, true);
+            let (h, t) = (g.clone(), g.clone());
+            let (mask, (flushed, saw_writable)) = two(
+                move || h.harvest(&b),
+                move || {
+                    // Which side went first (for the outcome record only).
+                    let saw_writable = is_writable_pte(t.spte.load(Ordering::SeqCst));
+                    let flush = spte_write_protect_pt(&t.spte, true, &b);
+                    if flush {
+                        t.tlb_writable.store(false, Ordering::SeqCst);
+                    }
+                    assert!(
+                        !t.tlb_writable.load(Ordering::SeqCst),
+                        "write tracking returned with a writable TLB entry left"
+                    );
+                    (flush, saw_writable)
+                },
+            );
+            (mask, flushed, saw_writable)
+        });
+    }
+
+    #[test]
+    fn loom_patch_04_race() {
+        patch_04_race(Breakage::SEED);
+    }
+
+    /// `fast_page_fault` against the lockless write protection of the same
+    /// spte, with the page's bit set or clear before.
+    fn fast_page_fault_vs_write_protect(b: Breakage, dirty: bool) {
+        check(move || {
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, dirty);
+            let (v, h) = (g.clone(), g.clone());
+            let (fixed, mask) = two(
+                move || {
+                    // Acquire: as the fast path's walk.
+                    let s = v.spte.load(Ordering::Acquire);
+                    let fixed = !is_writable_pte(s)
+                        && spte_is_locklessly_modifiable(s)
+                        && fast_pf_fix_direct_spte(&v.spte, s);
+                    if fixed {
+                        fence(Ordering::SeqCst);
+                        mark_page_dirty_after_publish(&v.bitmap, 0, &b);
+                    }
+                    fixed
+                },
+                move || h.harvest(&b),
+            );
+            g.assert_logged();
+            (fixed, mask, is_writable_pte(g.spte.load(Ordering::SeqCst)))
+        });
+    }
+
+    #[test]
+    fn loom_fast_page_fault_against_lockless_write_protect() {
+        fast_page_fault_vs_write_protect(Breakage::SEED, false);
+        fast_page_fault_vs_write_protect(Breakage::SEED, true);
+    }
+
+    /// A shadow page zapped and reused while a lockless walker holds a
+    /// pointer into it (patch 12's review): the leaf the walker found becomes
+    /// a pointer to a table in the reused page. The walker must never clear W
+    /// on it.
+    #[test]
+    fn loom_shadow_page_reused_under_a_walker() {
+        check(|| {
+            let table = make_nonleaf_spte(0x5000, 2);
+            let g = Gfn::new(make_leaf_spte(7, 1, true, true), true, true);
+            let (z, h) = (g.clone(), g.clone());
+            let (_, cleared) = two(
+                move || {
+                    // Zap (under mmu_lock): clear the spte, drop it from its
+                    // rmap; the page is freed and at once reused as a level-2
+                    // table whose entry at this index points to a table.
+                    spte_exchange(&z.spte, 0, true);
+                    // SAFETY: the model's only writer.
+                    unsafe { z.rmap.remove(z.sptep(), &mut |_| unreachable!("no descriptor")) };
+                    z.spte.store(table, Ordering::Release);
+                },
+                move || {
+                    // SAFETY: the spte's memory lives for the whole model
+                    // (type-stable).
+                    let (cleared, _) = unsafe { rmap_write_protect_lockless(&h.rmap, &Breakage::SEED) };
+                    cleared
+                },
+            );
+            let s = g.spte.load(Ordering::SeqCst);
+            assert_eq!(s, table, "a table pointer lost W");
+            cleared
+        });
+    }
+
+    // The switches.
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "lost dirty page")]
+    fn loom_no_fence_before_the_dirty_bit_is_caught() {
+        set_spte_remap_vs_get_dirty_log(Breakage { skip_dirty_bit_fence: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "lost dirty page")]
+    fn loom_no_fence_before_the_dirty_bit_is_caught_for_new_sptes() {
+        set_spte_new_vs_get_dirty_log(Breakage { skip_dirty_bit_fence: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "writable TLB entry left")]
+    fn loom_skipping_the_patch_04_rule_is_caught() {
+        patch_04_race(Breakage { skip_patch04_flush_rule: true, ..Breakage::SEED });
     }
 }

@@ -25,48 +25,20 @@ impl Kvm {
         sptep.store(new, Ordering::Release);
     }
 
-    /// Replaces the spte, returning the old value. In the locked design no
-    /// one changes an spte without `mmu_lock`, so a plain load and a release
-    /// store suffice (KVM's `__update_clear_spte_fast`); in the lockless design
-    /// the fast path and lockless write protection change W without the lock,
-    /// so the old value must be read and replaced in one atomic swap
-    /// (`__update_clear_spte_slow`), or their change would be lost.
-    #[inline]
-    fn spte_exchange(&self, sptep: &AtomicU64, new: u64) -> u64 {
-        if self.mmu.design.is_lockless() {
-            // AcqRel: release as in `mmu_spte_set`; acquire pairs with the
-            // lockless compare-exchanges whose result we replace.
-            sptep.swap(new, Ordering::AcqRel)
-        } else {
-            // Relaxed: under mmu_lock, which every writer of this design holds.
-            let old = sptep.load(Ordering::Relaxed);
-            // Release: as in `mmu_spte_set`.
-            sptep.store(new, Ordering::Release);
-            old
-        }
-    }
-
     /// `mmu_spte_update`: replaces a (possibly present) spte; returns whether
     /// remote TLBs must be flushed because a vCPU may still cache a more
     /// permissive translation: when W is lost (locked design), or when the
     /// old spte was locklessly modifiable (lockless design, patch 04; see
     /// `lockless::spte_update_needs_flush`).
     pub(crate) fn mmu_spte_update(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) -> bool {
-        let old = self.spte_exchange(sptep, new);
-        is_shadow_present_pte(old)
-            && super::lockless::spte_update_needs_flush(
-                old,
-                new,
-                self.mmu.design.is_lockless(),
-                &self.mmu.breakage,
-            )
+        super::lockless::mmu_spte_update(sptep, new, self.mmu.design.is_lockless(), &self.mmu.breakage)
     }
 
     /// `mmu_spte_clear_track_bits`: makes an spte non-present, returns the old
     /// value. A walker that reads 0 faults; one that read the old value is
     /// covered by the remote TLB flush the caller owes.
     pub(crate) fn mmu_spte_clear_track_bits(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) -> u64 {
-        self.spte_exchange(sptep, 0)
+        super::lockless::spte_exchange(sptep, 0, self.mmu.design.is_lockless())
     }
 
     /// `mmu_spte_clear_no_track`: clears a non-leaf spte.

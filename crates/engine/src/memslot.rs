@@ -28,7 +28,7 @@ use crate::spte::{
     GFN_LIMIT, KVM_NR_PAGE_SIZES, PAGE_SHIFT, PAGE_SIZE, PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL,
     level_base_gfn, pages_per_spte,
 };
-use crate::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
 /// Number of user memslots (`KVM_USER_MEM_SLOTS` of the x86 KVM of 2013).
 pub const KVM_USER_MEM_SLOTS: u32 = 509;
@@ -209,6 +209,11 @@ pub struct Memslot {
     first_page: u64,
     rmap: [Box<[PteListHead]>; KVM_NR_PAGE_SIZES],
     dirty_bitmap: DirtyBitmap,
+    /// Write-tracking count of each page (`gfn_track[KVM_PAGE_TRACK_WRITE]`).
+    write_track: Box<[AtomicU16]>,
+    /// Tracked pages in each 2 MiB region (`disallow_lpage`): no large spte
+    /// may map a region with one.
+    lpage_track: Box<[AtomicU16]>,
 }
 
 /// `gfn_to_index`: index of the rmap head of `gfn` at `level` in a slot
@@ -250,6 +255,8 @@ impl Memslot {
             invalid: AtomicBool::new(false),
             memory,
             first_page: r.memory_offset >> PAGE_SHIFT,
+            write_track: (0..npages).map(|_| AtomicU16::new(0)).collect(),
+            lpage_track: (0..=gfn_to_index(last, base_gfn, PT_DIRECTORY_LEVEL)).map(|_| AtomicU16::new(0)).collect(),
             rmap,
             dirty_bitmap: DirtyBitmap::new(npages),
         }
@@ -355,6 +362,36 @@ impl Memslot {
     pub fn lpage_ok(&self, gfn: u64) -> bool {
         let base = level_base_gfn(gfn, PT_DIRECTORY_LEVEL);
         base >= self.base_gfn && base + pages_per_spte(PT_DIRECTORY_LEVEL) <= self.base_gfn + self.npages
+    }
+
+    /// Is `gfn` write-tracked (`kvm_page_track_is_active`)? The fault path and
+    /// the trackers read and change the counts under `mmu_lock`.
+    #[inline]
+    pub fn is_write_tracked(&self, gfn: u64) -> bool {
+        // Relaxed: under mmu_lock (see the doc).
+        self.write_track[(gfn - self.base_gfn) as usize].load(Ordering::Relaxed) != 0
+    }
+
+    /// Does the 2 MiB region of `gfn` hold a tracked page?
+    #[inline]
+    pub fn lpage_tracked(&self, gfn: u64) -> bool {
+        // Relaxed: under mmu_lock.
+        self.lpage_track[gfn_to_index(gfn, self.base_gfn, PT_DIRECTORY_LEVEL)].load(Ordering::Relaxed) != 0
+    }
+
+    /// Adds (`delta` = 1) or drops (-1) one write-tracking reference of `gfn`;
+    /// returns false, changing nothing, if that would go below 0 or above
+    /// `u16::MAX`. Under `mmu_lock`.
+    pub(crate) fn update_write_track(&self, gfn: u64, delta: i32) -> bool {
+        let i = (gfn - self.base_gfn) as usize;
+        // Relaxed: under mmu_lock.
+        let n = i32::from(self.write_track[i].load(Ordering::Relaxed)) + delta;
+        let Ok(n) = u16::try_from(n) else { return false };
+        self.write_track[i].store(n, Ordering::Relaxed);
+        let l = &self.lpage_track[gfn_to_index(gfn, self.base_gfn, PT_DIRECTORY_LEVEL)];
+        let ln = i32::from(l.load(Ordering::Relaxed)) + delta;
+        l.store(u16::try_from(ln).expect("region count follows page counts"), Ordering::Relaxed);
+        true
     }
 
     /// The dirty bitmap.

@@ -337,6 +337,18 @@ impl Vm {
         self.kvm.kvm_vm_ioctl_get_dirty_log(slot, bitmap)
     }
 
+    /// Tracks guest writes to page `gfn` (KVM's page tracking,
+    /// `KVM_PAGE_TRACK_WRITE`): from the return on, every write to it exits
+    /// to userspace as [`crate::VcpuExit::WriteTracked`]. Counted.
+    pub fn track_write(&self, gfn: u64) -> Result<(), crate::TrackError> {
+        self.kvm.kvm_slot_page_track_add_page(gfn)
+    }
+
+    /// Drops one write-tracking reference of page `gfn`.
+    pub fn untrack_write(&self, gfn: u64) -> Result<(), crate::TrackError> {
+        self.kvm.kvm_slot_page_track_remove_page(gfn)
+    }
+
     /// `KVM_CREATE_VCPU`.
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
         if id >= KVM_MAX_VCPUS || self.kvm.vcpus.ids().contains(&id) {

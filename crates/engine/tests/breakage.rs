@@ -67,3 +67,26 @@ fn with_no_switch_on_the_same_runs_pass() {
     }
     assert_eq!(stale_tlb_violations(VmConfig::default(), 300).0, 0);
 }
+
+/// Patch 04 in a running VM. The race window (between a lockless write
+/// protection and its TLB flush) is a few microseconds, so this is a
+/// probabilistic demonstration, not a CI test: it runs rounds until a store
+/// slips past write tracking, for up to two minutes. The deterministic catch
+/// of this switch is the loom model `loom_skipping_the_patch_04_rule_is_caught`.
+/// `cargo test --release --features break-rules --test breakage -- --ignored`
+#[test]
+#[ignore = "probabilistic, up to 2 minutes: run with --ignored"]
+fn skipping_the_patch_04_rule_lets_stores_slip_past_write_tracking() {
+    let b = Breakage { skip_patch04_flush_rule: true, ..Breakage::default() };
+    let cfg = VmConfig { mmu: MmuDesign::Lockless, breakage: b, ..VmConfig::default() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut rounds = 0;
+    while std::time::Instant::now() < deadline {
+        let (violations, n) = tracking_violations(cfg.clone(), 500);
+        rounds += n;
+        if violations > 0 {
+            return;
+        }
+    }
+    panic!("no store slipped past write tracking in {rounds} rounds");
+}

@@ -16,7 +16,8 @@ use super::{MmuCaches, RMAP_RECYCLE_THRESHOLD};
 use crate::memslot::Memslot;
 use crate::shadow_page::SpPtr;
 use crate::spte::{
-    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_large_pte, is_shadow_present_pte,
+    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, SPTE_MMU_WRITEABLE, is_large_pte,
+    is_shadow_present_pte,
     is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
 };
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +54,8 @@ pub(crate) enum FaultExit {
     NoSlot,
     /// A write to a read-only memslot.
     ReadOnly,
+    /// A write to a write-tracked page: userspace (the tracker) handles it.
+    WriteTracked,
 }
 
 impl Kvm {
@@ -88,6 +91,11 @@ impl Kvm {
                 std::thread::yield_now();
                 continue;
             }
+            if write && slot.is_write_tracked(gfn) {
+                // Under mmu_lock, where tracking changes: a write to a
+                // tracked page is never mapped.
+                return Err(FaultExit::WriteTracked);
+            }
             self.make_mmu_pages_available(&mut g);
             let level = self.mapping_level(slot, gfn);
             self.__direct_map(&mut g, caches, slot, gfn, level, write, asid);
@@ -99,7 +107,7 @@ impl Kvm {
     /// not log dirty pages; 4 KiB otherwise. Under `mmu_lock`, so that it is
     /// consistent with enabling dirty logging.
     fn mapping_level(&self, slot: &Memslot, gfn: u64) -> u8 {
-        if self.mmu.large_pages && !slot.dirty_logging() && slot.lpage_ok(gfn) {
+        if self.mmu.large_pages && !slot.dirty_logging() && slot.lpage_ok(gfn) && !slot.lpage_tracked(gfn) {
             PT_DIRECTORY_LEVEL
         } else {
             PT_PAGE_TABLE_LEVEL
@@ -183,8 +191,14 @@ impl Kvm {
         // the page dirty below. A read maps the page read-only (with MW set,
         // so the lockless design may fix a later write fault fast).
         let logging = slot.dirty_logging();
-        let writable = host_writable && (write || !logging);
-        let spte = make_leaf_spte(pfn, level, host_writable, writable);
+        let tracked = level == PT_PAGE_TABLE_LEVEL && slot.is_write_tracked(gfn);
+        let writable = host_writable && !tracked && (write || !logging);
+        let mut spte = make_leaf_spte(pfn, level, host_writable, writable);
+        if tracked {
+            // Write-protected for good, not only for logging: no fast path
+            // may make it writable (MW clear).
+            spte &= !SPTE_MMU_WRITEABLE;
+        }
 
         // (1) The spte becomes present/writable.
         if self.mmu_spte_update(g, sptep, spte) {

@@ -56,6 +56,15 @@ pub enum VcpuExit {
         /// The stored value (0 for a load).
         value: u64,
     },
+    /// The guest wrote to a write-tracked page ([`crate::Vm::track_write`]);
+    /// the store did not happen. Userspace emulates it (or not), then runs
+    /// again.
+    WriteTracked {
+        /// Guest physical address.
+        gpa: u64,
+        /// The value the guest stored.
+        value: u64,
+    },
 }
 
 /// A guest operation the vCPU cannot execute.
@@ -304,10 +313,12 @@ impl Vcpu {
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);
         self.enter_guest();
-        r.map_err(|e| {
-            debug_assert!(matches!(e, FaultExit::NoSlot | FaultExit::ReadOnly));
-            self.stats.mmio_exits += 1;
-            Stop::Exit(VcpuExit::Mmio { gpa, write, value })
+        r.map_err(|e| match e {
+            FaultExit::NoSlot | FaultExit::ReadOnly => {
+                self.stats.mmio_exits += 1;
+                Stop::Exit(VcpuExit::Mmio { gpa, write, value })
+            }
+            FaultExit::WriteTracked => Stop::Exit(VcpuExit::WriteTracked { gpa, value }),
         })
     }
 }

@@ -113,3 +113,98 @@ pub fn stale_tlb_violations(config: VmConfig, rounds: u32) -> (u32, u32) {
     assert_eq!(t.join().unwrap(), shadow_mmu_engine::VcpuExit::Hypercall(0));
     (violations, changed)
 }
+
+/// A guest that stores to pages `first..first+n` in turn until told to stop.
+pub struct Sweeper {
+    pub first: u64,
+    pub n: u64,
+    pub i: u64,
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl shadow_mmu_engine::GuestCode for Sweeper {
+    fn next_op(&mut self, _: u64) -> GuestOp {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return GuestOp::Hypercall(0);
+        }
+        self.i += 1;
+        GuestOp::Write(page(self.first + self.i % self.n), self.i)
+    }
+}
+
+/// Patch 04's race, measured: vCPU 0 stores consecutive values to page 0
+/// through its TLB, vCPU 1 keeps pages 1..512 dirty (so that each harvest,
+/// after it clears W on page 0, has more walking to do before its TLB
+/// flush); a harvester loops over `get_dirty_log`; the main thread tracks
+/// writes to page 0, checks, and untracks, `rounds` times. After
+/// `track_write` returns, no store may land in memory without a
+/// `WriteTracked` exit: the first exit must carry the value right after the
+/// one memory held when tracking returned. Returns (violations, rounds).
+pub fn tracking_violations(config: VmConfig, rounds: u32) -> (u32, u32) {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (vm, mem) = vm_with_slot(config, 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+    let stop = Arc::new(AtomicBool::new(false));
+    let exits: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let vcpu_thread = {
+        let (stop, exits, mem) = (stop.clone(), exits.clone(), mem.clone());
+        std::thread::spawn(move || {
+            let mut guest = Hammer { gpa: 0, n: 0, stop };
+            loop {
+                match vcpu.run(&mut guest).unwrap() {
+                    VcpuExit::WriteTracked { gpa: 0, value } => {
+                        // Emulate the store, as a tracker would, and go on.
+                        let mut e = exits.lock().unwrap();
+                        mem.page(0)[0].store(value, Ordering::Relaxed);
+                        e.push(value);
+                    }
+                    VcpuExit::Hypercall(0) => break,
+                    other => panic!("unexpected exit {other:?}"),
+                }
+            }
+        })
+    };
+    let mut vcpu1 = vm.create_vcpu(1).unwrap();
+    let sweeper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut guest = Sweeper { first: 1, n: 511, i: 0, stop };
+            assert_eq!(vcpu1.run(&mut guest).unwrap(), VcpuExit::Hypercall(0));
+        })
+    };
+    let harvester = {
+        let (stop, vm) = (stop.clone(), vm.clone());
+        std::thread::spawn(move || {
+            let mut bm = vec![0u64; 8];
+            while !stop.load(Ordering::Relaxed) {
+                vm.get_dirty_log(0, &mut bm).unwrap();
+            }
+        })
+    };
+    let word = &mem.page(0)[0];
+    while word.load(Ordering::Relaxed) == 0 {
+        std::hint::spin_loop();
+    }
+    let mut violations = 0;
+    for _ in 0..rounds {
+        exits.lock().unwrap().clear();
+        vm.track_write(0).unwrap();
+        let m0 = word.load(Ordering::Relaxed);
+        let first = loop {
+            if let Some(&v) = exits.lock().unwrap().first() {
+                break v;
+            }
+            std::thread::yield_now();
+        };
+        if first > m0 + 1 {
+            violations += 1;
+        }
+        vm.untrack_write(0).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    vcpu_thread.join().unwrap();
+    sweeper.join().unwrap();
+    harvester.join().unwrap();
+    (violations, rounds)
+}

@@ -8,6 +8,12 @@
 //!    pages and copy the dirty ones.
 //! 4. Stop the vCPUs, audit the MMU (with the dirty logging invariant), take
 //!    a last harvest and run the oracle's exact final check.
+//!
+//! With `slot_churn`, a second memslot (slot 1, above guest memory) is
+//! deleted and re-added over and over by another thread during all of this,
+//! while an extra vCPU writes to it (and takes MMIO exits while it is gone):
+//! deletions zap sptes under the same shadow pages, in the same rmaps' pools,
+//! as the harvest of slot 0.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -55,6 +61,11 @@ pub struct RunConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// Delete and re-add a second memslot during the run (module docs).
+    pub slot_churn: bool,
+    /// Freed shadow pages kept for reuse (the rest go back to the system
+    /// after a grace period); `None`: the VM's default.
+    pub max_free_shadow_pages: Option<usize>,
     /// Rules to break (tests only).
     #[cfg(feature = "break-rules")]
     pub breakage: crate::breakage::Breakage,
@@ -74,6 +85,8 @@ impl Default for RunConfig {
             max_mmu_pages: None,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            slot_churn: false,
+            max_free_shadow_pages: None,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
         }
@@ -125,6 +138,8 @@ pub struct RunReport {
     pub lost: Vec<LostWrite>,
     /// Bits set past the end of the slot.
     pub stray_bits: u64,
+    /// Deletions and re-additions of the churned slot.
+    pub slot_churn_cycles: u64,
     /// The audit after the vCPUs stopped.
     pub audit: AuditReport,
     /// vCPU errors, unexpected exits, audit failures.
@@ -243,6 +258,120 @@ fn spawn_vcpus(
     Ok(vcpus)
 }
 
+/// Size of the churned slot.
+const CHURN_SLOT_BYTES: u64 = 8 << 20;
+
+/// The guest of the churn vCPU: random stores to the churned slot until told
+/// to stop; stores to it while it is deleted exit as MMIO, and go on.
+struct ChurnGuest {
+    base_gfn: u64,
+    pages: u64,
+    rng: fastrand::Rng,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::guest::GuestCode for ChurnGuest {
+    fn next_op(&mut self, _: u64) -> crate::guest::GuestOp {
+        // Relaxed: the host joins this thread after setting the flag.
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return crate::guest::GuestOp::Hypercall(HC_STOP);
+        }
+        let gfn = self.base_gfn + self.rng.u64(..self.pages);
+        crate::guest::GuestOp::Write(gfn << crate::spte::PAGE_SHIFT, self.rng.u64(..))
+    }
+}
+
+/// The churn of slot 1: an extra vCPU writing to it, and a thread deleting
+/// and re-adding it. Stopped and joined by `stop`, or when dropped (an error
+/// return).
+struct Churn {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    vcpu: Option<JoinHandle<Vec<String>>>,
+    churner: Option<JoinHandle<Result<u64, MemslotError>>>,
+}
+
+impl Churn {
+    fn start(vm: &Vm, cfg: &RunConfig, seed: u64) -> Result<Self, HarnessError> {
+        let base = cfg.guest_bytes.next_multiple_of(2 << 20) + (2 << 20);
+        let mem = HostMemory::anonymous(CHURN_SLOT_BYTES)?;
+        let region = UserMemoryRegion {
+            slot: 1,
+            flags: MemFlags::empty(),
+            guest_phys_addr: base,
+            memory_size: CHURN_SLOT_BYTES,
+            memory: Some(mem),
+            memory_offset: 0,
+        };
+        vm.set_user_memory_region(region.clone())?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut vcpu = vm.create_vcpu(cfg.vcpus)?;
+        let mut guest = ChurnGuest {
+            base_gfn: base >> crate::spte::PAGE_SHIFT,
+            pages: CHURN_SLOT_BYTES / PAGE_SIZE,
+            rng: fastrand::Rng::with_seed(seed),
+            stop: stop.clone(),
+        };
+        let vcpu = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            loop {
+                match vcpu.run(&mut guest) {
+                    Ok(VcpuExit::Hypercall(HC_STOP)) => break,
+                    Ok(VcpuExit::Mmio { .. }) => continue,
+                    Ok(other) => errors.push(format!("churn vCPU: unexpected exit {other:?}")),
+                    Err(e) => errors.push(format!("churn vCPU: {e}")),
+                }
+                break;
+            }
+            errors
+        });
+        let (vm2, stop2) = (vm.clone(), stop.clone());
+        let churner = std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed ^ 0xc4u64);
+            let mut cycles = 0;
+            // Relaxed: joined after the flag is set.
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(rng.u64(0..2000)));
+                vm2.delete_memory_region(1)?;
+                std::thread::sleep(Duration::from_micros(rng.u64(0..2000)));
+                let mut r = region.clone();
+                if rng.bool() {
+                    r.flags = MemFlags::LOG_DIRTY_PAGES;
+                }
+                vm2.set_user_memory_region(r)?;
+                cycles += 1;
+            }
+            Ok(cycles)
+        });
+        Ok(Self { stop, vcpu: Some(vcpu), churner: Some(churner) })
+    }
+
+    fn stop(mut self, report: &mut RunReport) {
+        // Relaxed: the joins below order everything after.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.vcpu.take().map(JoinHandle::join) {
+            Some(Ok(errors)) => report.errors.extend(errors),
+            Some(Err(_)) => report.errors.push("the churn vCPU thread panicked".into()),
+            None => {}
+        }
+        match self.churner.take().map(JoinHandle::join) {
+            Some(Ok(Ok(cycles))) => report.slot_churn_cycles = cycles,
+            Some(Ok(Err(e))) => report.errors.push(format!("slot churn: {e}")),
+            Some(Err(_)) => report.errors.push("the slot churn thread panicked".into()),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        // Relaxed: as in `stop`.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Errors are reported by `stop`; here we only make sure nothing runs on.
+        let _ = self.vcpu.take().map(JoinHandle::join);
+        let _ = self.churner.take().map(JoinHandle::join);
+    }
+}
+
 /// Runs `cfg`; calls `on_collection` after each checked collection.
 pub fn run(
     cfg: &RunConfig,
@@ -255,6 +384,7 @@ pub fn run(
         address_spaces: cfg.workload.address_spaces,
         tlb_entries: cfg.tlb_entries,
         large_pages: cfg.large_pages,
+        max_free_shadow_pages: cfg.max_free_shadow_pages.unwrap_or(VmConfig::default().max_free_shadow_pages),
         #[cfg(feature = "break-rules")]
         breakage: cfg.breakage,
         ..VmConfig::default()
@@ -271,6 +401,7 @@ pub fn run(
     let npages = cfg.guest_bytes / PAGE_SIZE;
     let ctl = GuestControl::new(cfg.vcpus);
     let mut vcpus = spawn_vcpus(&vm, cfg, npages, &ctl)?;
+    let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
     std::thread::sleep(cfg.warmup);
 
     let mut report = RunReport::default();
@@ -308,6 +439,9 @@ pub fn run(
     let (vcpu_stats, errors) = vcpus.stop();
     report.vcpu = vcpu_stats;
     report.errors = errors;
+    if let Some(churn) = churn {
+        churn.stop(&mut report);
+    }
     match vm.audit(AuditOptions { dirty_log: true }) {
         Ok(a) => report.audit = a,
         Err(e) => report.errors.push(format!("MMU audit: {e}")),
@@ -363,6 +497,8 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         max_mmu_pages,
         tlb_entries: [1, 64, 1024, 4096][rng.usize(..4)],
         large_pages: rng.u8(..4) != 0,
+        slot_churn: rng.bool(),
+        max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
         #[cfg(feature = "break-rules")]
         breakage: crate::breakage::Breakage::default(),
     }

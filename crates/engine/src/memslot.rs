@@ -256,7 +256,9 @@ impl Memslot {
             memory,
             first_page: r.memory_offset >> PAGE_SHIFT,
             write_track: (0..npages).map(|_| AtomicU16::new(0)).collect(),
-            lpage_track: (0..=gfn_to_index(last, base_gfn, PT_DIRECTORY_LEVEL)).map(|_| AtomicU16::new(0)).collect(),
+            lpage_track: (0..=gfn_to_index(last, base_gfn, PT_DIRECTORY_LEVEL))
+                .map(|_| AtomicU16::new(0))
+                .collect(),
             rmap,
             dirty_bitmap: DirtyBitmap::new(npages),
         }

@@ -442,3 +442,70 @@ impl Kvm {
         }
     }
 }
+
+#[cfg(all(test, feature = "break-rules", not(loom)))]
+mod tests {
+    use super::*;
+    use crate::breakage::Breakage;
+    use crate::guest::{GuestOp, Script};
+    use crate::memory::HostMemory;
+    use crate::spte::SPTE_POISON;
+    use crate::sync::atomic::Ordering;
+
+    /// A lockless reader holds a pointer into a shadow page (taken from an
+    /// rmap inside a read-side section) while another thread zaps every
+    /// shadow page and returns their memory. With the grace period, the
+    /// memory cannot go back while the reader is inside its section; without
+    /// it (the switch), the reader reads what was given back (poison, in a
+    /// `break-rules` build).
+    fn reader_sees_poison(breakage: Breakage) -> bool {
+        let vm = Vm::new(VmConfig {
+            mmu: MmuDesign::Lockless,
+            max_free_shadow_pages: 0,
+            large_pages: false,
+            breakage,
+            ..VmConfig::default()
+        })
+        .unwrap();
+        let mem = HostMemory::anonymous(2 << 20).unwrap();
+        vm.set_user_memory_region(UserMemoryRegion {
+            slot: 0,
+            flags: MemFlags::empty(),
+            guest_phys_addr: 0,
+            memory_size: 2 << 20,
+            memory: Some(mem),
+            memory_offset: 0,
+        })
+        .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.run(&mut Script::new([GuestOp::Write(0x3000, 1)])).unwrap();
+        let kvm = vm.kvm.clone();
+        let slot = vm.memslots().get(0).unwrap().clone();
+        let guard = kvm.mmu.rcu.read_lock();
+        let mut sptep = None;
+        // SAFETY: inside a read-side section; the walk only records the pointer.
+        unsafe { slot.rmap(3, 1).walk_lockless(&Breakage::SEED, |p| sptep = Some(p.as_ptr() as usize)) };
+        let sptep = sptep.expect("gfn 3 is mapped");
+        let zapper = {
+            let kvm = kvm.clone();
+            std::thread::spawn(move || {
+                let mut g = kvm.mmu.lock.lock();
+                kvm.kvm_mmu_change_mmu_pages(&mut g, 0);
+            })
+        };
+        zapper.join().unwrap();
+        // SAFETY: the pointer is into type-stable shadow page memory, which the
+        // grace period (or, in this build, the graveyard) keeps allocated.
+        let spte = unsafe { &*(sptep as *const crate::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
+        drop(guard);
+        drop(vcpu);
+        spte == SPTE_POISON
+    }
+
+    #[test]
+    fn a_reader_never_sees_returned_shadow_page_memory_unless_the_grace_period_is_skipped() {
+        assert!(!reader_sees_poison(Breakage::SEED), "memory returned under a reader");
+        let b = Breakage { free_shadow_pages_without_grace_period: true, ..Breakage::SEED };
+        assert!(reader_sees_poison(b), "the switch must return memory at once");
+    }
+}

@@ -90,3 +90,24 @@ fn skipping_the_patch_04_rule_lets_stores_slip_past_write_tracking() {
     }
     panic!("no store slipped past write tracking in {rounds} rounds");
 }
+
+#[test]
+fn fast_fixing_large_sptes_is_caught() {
+    let b = Breakage { fast_fix_large_sptes: true, ..Breakage::default() };
+    let cfg = RunConfig {
+        mmu: MmuDesign::Lockless,
+        vcpus: 2,
+        guest_bytes: 16 << 20,
+        duration: Duration::from_secs(60),
+        max_collections: Some(50),
+        interval: Duration::from_millis(2),
+        warmup: Duration::from_millis(100),
+        breakage: b,
+        ..RunConfig::default()
+    };
+    let r = harness::run(&cfg, |_, _| {}).unwrap();
+    assert!(r.lost_pages > 0, "large sptes fixed by the fast path went unnoticed: {r:?}");
+    // Off, the same run passes.
+    let r = harness::run(&RunConfig { breakage: Breakage::default(), ..cfg }, |_, _| {}).unwrap();
+    assert!(r.ok(), "{r:?}");
+}

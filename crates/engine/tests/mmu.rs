@@ -213,3 +213,46 @@ fn disabling_logging_lets_large_pages_come_back() {
     assert_eq!(reads, (0..512).step_by(50).collect::<Vec<u64>>());
     audit(&vm);
 }
+
+#[test]
+fn lockless_enable_logging_keeps_large_sptes_read_only_and_drops_them_at_fault() {
+    let cfg = VmConfig { mmu: shadow_mmu_engine::MmuDesign::Lockless, ..VmConfig::default() };
+    let (vm, _mem) = vm_with_slot(cfg, 4 * MIB, MemFlags::empty());
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    run_ops(&mut vcpu, (0..1024).step_by(8).map(|g| GuestOp::Write(page(g), g)));
+    assert_eq!(audit(&vm).large_sptes, 2);
+    vm.enable_dirty_logging(0).unwrap();
+    let a = audit(&vm);
+    assert_eq!((a.large_sptes, a.writable_sptes), (2, 0), "patch 03: read-only, not dropped: {a:?}");
+    assert_eq!(vm.stats().large_sptes_dropped, 0);
+    // Reads of the logged slot do not fault.
+    let faults = vcpu.stats().page_faults;
+    let reads = run_ops(&mut vcpu, (0..1024).step_by(8).map(|g| GuestOp::Read(page(g))));
+    assert_eq!(reads, (0..1024).step_by(8).collect::<Vec<u64>>());
+    assert_eq!(vcpu.stats().page_faults, faults, "reads hit the read-only large sptes");
+    // A write drops the large spte of its region (lazily) and maps 4 KiB.
+    run_ops(&mut vcpu, [GuestOp::Write(page(600), 1)]);
+    assert_eq!(vm.stats().large_sptes_dropped, 1);
+    let a = audit(&vm);
+    assert_eq!(a.large_sptes, 1, "the other region keeps its large spte");
+    let mut bm = vec![0u64; 16];
+    assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 1);
+    assert_eq!(set_pages(&bm), vec![600]);
+    // The next write to a protected 4 KiB page takes the fast path.
+    run_ops(&mut vcpu, [GuestOp::Write(page(600), 2)]);
+    assert_eq!(vm.stats().fast_page_faults, 1);
+    assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 1);
+}
+
+#[test]
+fn the_locked_design_never_takes_the_fast_path() {
+    let (vm, _mem) = vm_with_slot(VmConfig::default(), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut bm = vec![0u64; 8];
+    for round in 0..3 {
+        run_ops(&mut vcpu, [GuestOp::Write(page(9), round)]);
+        assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 1);
+    }
+    assert_eq!(vm.stats().fast_page_faults, 0);
+    assert_eq!(vcpu.stats().write_faults, 3, "each write after a harvest takes the slow path");
+}

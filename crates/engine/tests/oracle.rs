@@ -84,3 +84,32 @@ fn hot_set_through_small_tlbs_with_pass_exits() {
         assert!(r.vcpu.tlb_hits > 0, "the TLB served accesses, so stale entries matter");
     }
 }
+
+#[test]
+fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
+    for mmu in MmuDesign::ALL {
+        let cfg = RunConfig {
+            mmu,
+            vcpus: 2,
+            guest_bytes: 64 << 20,
+            duration: Duration::from_secs(600),
+            max_collections: Some(50),
+            interval: Duration::from_millis(3),
+            warmup: Duration::from_millis(50),
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Random,
+                address_spaces: 3,
+                switch_every: 300,
+                ..WorkloadSpec::default()
+            },
+            max_mmu_pages: Some(64),
+            max_free_shadow_pages: Some(0),
+            slot_churn: true,
+            ..RunConfig::default()
+        };
+        let r = check(&cfg);
+        assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");
+        assert!(r.slot_churn_cycles > 0, "{mmu}: the slot was deleted and re-added");
+        assert!(r.vm.pool_objects_returned > 0, "{mmu}: shadow page memory went back after grace periods");
+    }
+}

@@ -42,6 +42,9 @@ fn tracked_pages_exit_on_write_and_come_back_when_untracked() {
 fn tracking_survives_concurrent_lockless_write_protection() {
     for mmu in MmuDesign::ALL {
         let (violations, rounds) = tracking_violations(VmConfig { mmu, ..VmConfig::default() }, 300);
-        assert_eq!(violations, 0, "{mmu}: stores slipped past write tracking in {violations} of {rounds} rounds");
+        assert_eq!(
+            violations, 0,
+            "{mmu}: stores slipped past write tracking in {violations} of {rounds} rounds"
+        );
     }
 }

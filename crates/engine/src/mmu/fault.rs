@@ -17,8 +17,7 @@ use crate::memslot::Memslot;
 use crate::shadow_page::SpPtr;
 use crate::spte::{
     PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, SPTE_MMU_WRITEABLE, is_large_pte,
-    is_shadow_present_pte,
-    is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
+    is_shadow_present_pte, is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
 };
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vcpu::requests::VcpuShared;

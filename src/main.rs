@@ -1,6 +1,7 @@
 //! `shadow-mmu`: runs VMs on the engine under dirty logging, checked by the
 //! oracle, and stress-tests them.
 
+mod bench;
 mod report;
 mod run;
 mod stress;
@@ -26,6 +27,9 @@ enum Command {
     /// Run random configurations for a while; stop at the first failure and
     /// print how to replay it.
     Stress(stress::StressArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let ok = match cli.command {
         Command::Run(args) => run::main(&args),
         Command::Stress(args) => stress::main(&args),
+        Command::Bench(bench::BenchCommand::MigratePerf(args)) => bench::migrate_perf(&args),
     };
     match ok {
         Ok(true) => ExitCode::SUCCESS,

@@ -78,6 +78,7 @@ impl Kvm {
         let g = self.mmu.lock.lock();
         let bitmap = slot.dirty_bitmap();
         let mut pages = 0;
+        let mut protected = 0;
         for (i, word) in out.iter_mut().enumerate() {
             let mask = bitmap.take_word(i);
             *word = mask;
@@ -86,9 +87,10 @@ impl Kvm {
             }
             pages += u64::from(mask.count_ones());
             if !broken!(self, skip_write_protect) {
-                self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
+                protected += self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
             }
         }
+        self.mmu.stats.sptes_write_protected.add(protected);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();
         }
@@ -107,6 +109,7 @@ impl Kvm {
         let guard = self.mmu.rcu.read_lock();
         let bitmap = slot.dirty_bitmap();
         let mut pages = 0;
+        let mut tally = (0, 0);
         for (i, word) in out.iter_mut().enumerate() {
             let mask = bitmap.take_word(i);
             *word = mask;
@@ -115,10 +118,11 @@ impl Kvm {
             }
             pages += u64::from(mask.count_ones());
             if !broken!(self, skip_write_protect) {
-                self.kvm_mmu_write_protect_pt_masked_lockless(slot, i as u64 * 64, mask);
+                self.kvm_mmu_write_protect_pt_masked_lockless(slot, i as u64 * 64, mask, &mut tally);
             }
         }
         drop(guard);
+        self.account_lockless_walks(tally);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();
         }

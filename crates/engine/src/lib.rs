@@ -64,6 +64,7 @@ pub mod memslot;
 pub mod mmu;
 pub mod oracle;
 pub mod page_track;
+pub mod perf;
 pub mod pool;
 pub mod pte_list;
 pub mod rcu;

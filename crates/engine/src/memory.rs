@@ -68,14 +68,27 @@ impl HostMemory {
     /// Maps `bytes` of zeroed anonymous memory. Pages are populated lazily by
     /// the host kernel on first touch, as for a real VMM.
     pub fn anonymous(bytes: u64) -> Result<Arc<Self>, MemoryError> {
+        Self::map(bytes, false)
+    }
+
+    /// As [`Self::anonymous`], with every page populated up front
+    /// (`MAP_POPULATE`), so that benchmarks measure the shadow MMU and not the
+    /// host kernel's first-touch faults.
+    pub fn anonymous_populated(bytes: u64) -> Result<Arc<Self>, MemoryError> {
+        Self::map(bytes, true)
+    }
+
+    fn map(bytes: u64, populate: bool) -> Result<Arc<Self>, MemoryError> {
         if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::BadSize(bytes));
         }
         let len = usize::try_from(bytes).map_err(|_| MemoryError::BadSize(bytes))?;
-        let mut map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_anon()
-            .map_err(|e| MemoryError::Mmap { bytes, reason: e.to_string() })?;
+        let mut opts = memmap2::MmapOptions::new();
+        opts.len(len);
+        if populate {
+            opts.populate();
+        }
+        let mut map = opts.map_anon().map_err(|e| MemoryError::Mmap { bytes, reason: e.to_string() })?;
         let base =
             NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()).expect("mmap never returns a null mapping");
         Ok(Arc::new(Self { map, base, pages: bytes / PAGE_SIZE }))

@@ -6,8 +6,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A statistic counter.
+/// A statistic counter, alone in its cache line: counters that different
+/// threads bump (vCPUs, the harvester) must not share a line, or every bump
+/// is a cache miss for the others.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Counter(AtomicU64);
 
 impl Counter {

@@ -162,6 +162,12 @@ impl GuestControl {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// Has a stop been requested?
+    pub fn stop_requested(&self) -> bool {
+        // Relaxed: see `request_stop`.
+        self.stop.load(Ordering::Relaxed)
+    }
+
     /// Undoes [`Self::request_stop`], to run the guests again.
     pub fn clear_stop(&self) {
         // Relaxed: see `request_stop`.

@@ -68,33 +68,36 @@ pub(crate) fn spte_update_needs_flush(old: u64, new: u64, lockless: bool, b: &Br
     }
 }
 
-/// Replaces the spte under `mmu_lock`, returning the old value. In the locked
-/// design no one changes an spte without the lock, so a plain load and a
-/// release store suffice (KVM's `__update_clear_spte_fast`); in the lockless
-/// design the fast path and lockless write protection change W without the
-/// lock, so the old value must be read and replaced in one atomic swap
-/// (`__update_clear_spte_slow`), or their change would be lost.
+/// Replaces the spte under `mmu_lock`, returning the old value: a load and
+/// a release store (KVM's `__update_clear_spte_fast`).
+///
+/// Where we differ from KVM: in the lockless design the fast path and
+/// lockless write protection change W without the lock, and KVM then uses
+/// `xchg` (`__update_clear_spte_slow`) for any spte with such "volatile"
+/// bits, so as not to lose the accessed and dirty bits the hardware sets in
+/// between. We model no hardware A/D bits, and a W changed by a lockless
+/// writer between our load and our store is harmless: presence, host- and
+/// MMU-writable (all that decides rmap membership and, by patch 04's rule,
+/// the TLB flush) only ever change under `mmu_lock`; our store either makes
+/// the spte writable (and the caller then marks the page dirty, patch 06) or
+/// takes W away (and the caller flushes by that rule). An `xchg` here would
+/// cost the fault path about 5% (see the README).
 #[inline]
-pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, lockless: bool) -> u64 {
-    if lockless {
-        // AcqRel: release pairs with the acquire loads of page walks (the new
-        // spte is set up); acquire pairs with the lockless compare-exchanges
-        // whose result we replace.
-        sptep.swap(new, Ordering::AcqRel)
-    } else {
-        // Relaxed: under mmu_lock, which every writer of this design holds.
-        let old = sptep.load(Ordering::Relaxed);
-        // Release: pairs with the acquire loads of page walks.
-        sptep.store(new, Ordering::Release);
-        old
-    }
+pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64) -> u64 {
+    // Relaxed: under mmu_lock, which every writer of an spte's presence and
+    // of HW/MW holds; a lockless writer's W may be stale (see above).
+    let old = sptep.load(Ordering::Relaxed);
+    // Release: pairs with the acquire loads of page walks and of the fast
+    // path: the table or page the spte points to is set up first.
+    sptep.store(new, Ordering::Release);
+    old
 }
 
 /// `mmu_spte_update`, under `mmu_lock`: replaces the spte, returns whether
 /// remote TLBs must be flushed.
 #[inline]
 pub(crate) fn mmu_spte_update(sptep: &AtomicU64, new: u64, lockless: bool, b: &Breakage) -> bool {
-    let old = spte_exchange(sptep, new, lockless);
+    let old = spte_exchange(sptep, new);
     is_shadow_present_pte(old) && spte_update_needs_flush(old, new, lockless, b)
 }
 
@@ -457,7 +460,7 @@ mod loom_tests {
                     // Zap (under mmu_lock): clear the spte, drop it from its
                     // rmap; the page is freed and at once reused as a level-2
                     // table whose entry at this index points to a table.
-                    spte_exchange(&z.spte, 0, true);
+                    spte_exchange(&z.spte, 0);
                     // SAFETY: the model's only writer.
                     unsafe { z.rmap.remove(z.sptep(), &mut |_| unreachable!("no descriptor")) };
                     z.spte.store(table, Ordering::Release);

@@ -38,7 +38,7 @@ impl Kvm {
     /// value. A walker that reads 0 faults; one that read the old value is
     /// covered by the remote TLB flush the caller owes.
     pub(crate) fn mmu_spte_clear_track_bits(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) -> u64 {
-        super::lockless::spte_exchange(sptep, 0, self.mmu.design.is_lockless())
+        super::lockless::spte_exchange(sptep, 0)
     }
 
     /// `mmu_spte_clear_no_track`: clears a non-leaf spte.

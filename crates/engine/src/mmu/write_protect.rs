@@ -36,6 +36,7 @@ impl Kvm {
     /// Returns `(flush, dropped)`: whether a remote TLB flush is owed, and
     /// whether the spte was dropped (a large spte), which changes the rmap.
     fn spte_write_protect(&self, g: &MmuGuard<'_>, sptep: &AtomicU64) -> (bool, bool) {
+        // Relaxed: under mmu_lock, which every spte writer of this design holds.
         let spte = sptep.load(Ordering::Relaxed);
         if !is_writable_pte(spte) {
             return (false, false);
@@ -43,21 +44,20 @@ impl Kvm {
         if self.__drop_large_spte(g, sptep) {
             return (true, true);
         }
-        self.mmu.stats.sptes_write_protected.inc();
         (self.mmu_spte_update(g, sptep, spte & !PT_WRITABLE_MASK), false)
     }
 
     /// `__rmap_write_protect`: write-protects every spte in one rmap.
-    /// Returns whether a remote TLB flush is owed.
-    pub(crate) fn __rmap_write_protect(&self, g: &MmuGuard<'_>, head: &PteListHead) -> bool {
-        let mut flush = false;
+    /// Returns how many needed a remote TLB flush.
+    pub(crate) fn __rmap_write_protect(&self, g: &MmuGuard<'_>, head: &PteListHead) -> u64 {
+        let mut flush = 0;
         // SAFETY: we hold mmu_lock (no other writer); after a drop changes the
         // list, we start a new iterator (as KVM restarts at `rmap_get_first`).
         let mut it = unsafe { head.iter() };
         while let Some(sptep) = it.next() {
             // SAFETY: rmap entries point to sptes in our type-stable tables.
             let (f, dropped) = self.spte_write_protect(g, unsafe { sptep.as_ref() });
-            flush |= f;
+            flush += u64::from(f);
             if dropped {
                 // SAFETY: as above.
                 it = unsafe { head.iter() };
@@ -68,29 +68,32 @@ impl Kvm {
 
     /// `kvm_mmu_write_protect_pt_masked`: write-protects the 4 KiB sptes of
     /// the gfns set in `mask`, which covers pages `gfn_offset..gfn_offset+64`
-    /// of `slot`.
+    /// of `slot`. Returns how many sptes lost W.
     pub(crate) fn kvm_mmu_write_protect_pt_masked(
         &self,
         g: &MmuGuard<'_>,
         slot: &Memslot,
         gfn_offset: u64,
         mut mask: u64,
-    ) {
+    ) -> u64 {
+        let mut protected = 0;
         while mask != 0 {
             let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
-            self.__rmap_write_protect(g, slot.rmap(gfn, PT_PAGE_TABLE_LEVEL));
+            protected += self.__rmap_write_protect(g, slot.rmap(gfn, PT_PAGE_TABLE_LEVEL));
             // Clear the lowest set bit.
             mask &= mask - 1;
         }
+        protected
     }
 
     /// `kvm_mmu_slot_remove_write_access`: write-protects all of `slot`, at
     /// every level, for enabling dirty logging.
     pub(crate) fn kvm_mmu_slot_remove_write_access(&self, g: &mut MmuGuard<'_>, slot: &Memslot) {
+        let mut protected = 0;
         for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
             for head in slot.rmaps(level) {
                 if !head.is_empty() {
-                    self.__rmap_write_protect(g, head);
+                    protected += self.__rmap_write_protect(g, head);
                 }
                 if g.needbreak() {
                     // Flush before letting anyone in (see the module docs).
@@ -99,12 +102,13 @@ impl Kvm {
                 }
             }
         }
+        self.mmu.stats.sptes_write_protected.add(protected);
         self.kvm_flush_remote_tlbs();
     }
 
     /// `kvm_mmu_write_protect_pt_masked_lockless` (patch 13): as
-    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`. Returns
-    /// whether any W was cleared.
+    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`. Adds to
+    /// `tally` the sptes that lost W and the walk restarts.
     ///
     /// The caller is inside a read-side section of `self.mmu.rcu`.
     pub(crate) fn kvm_mmu_write_protect_pt_masked_lockless(
@@ -112,32 +116,27 @@ impl Kvm {
         slot: &Memslot,
         gfn_offset: u64,
         mut mask: u64,
-    ) -> bool {
-        let mut flush = false;
+        tally: &mut (usize, usize),
+    ) {
         while mask != 0 {
             let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
             // SAFETY: the caller is inside a read-side section of the grace
             // period that guards descriptor and shadow page memory.
-            flush |= unsafe { self.rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL)) };
+            let (cleared, restarts) = unsafe {
+                rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL), &self.mmu.breakage)
+            };
+            tally.0 += cleared;
+            tally.1 += restarts;
             mask &= mask - 1;
         }
-        flush
     }
 
-    /// `rmap_write_protect_lockless`, with the VM's accounting.
-    ///
-    /// # Safety
-    /// The caller is inside a read-side section of `self.mmu.rcu`.
-    unsafe fn rmap_write_protect_lockless(&self, head: &PteListHead) -> bool {
-        // SAFETY: forwarded contract.
-        let (cleared, restarts) = unsafe { rmap_write_protect_lockless(head, &self.mmu.breakage) };
-        if restarts > 0 {
-            self.mmu.stats.lockless_walk_restarts.add(restarts as u64);
-        }
-        if cleared > 0 {
-            self.mmu.stats.sptes_write_protected.add(cleared as u64);
-        }
-        cleared > 0
+    /// Adds a lockless walk's tally to the VM's figures (once per call, not
+    /// per page: a shared counter bumped per page would bounce between the
+    /// harvester and the vCPUs).
+    pub(crate) fn account_lockless_walks(&self, (cleared, restarts): (usize, usize)) {
+        self.mmu.stats.sptes_write_protected.add(cleared as u64);
+        self.mmu.stats.lockless_walk_restarts.add(restarts as u64);
     }
 
     /// `kvm_mmu_slot_remove_write_access_lockless` (patch 13): write-protects
@@ -149,16 +148,20 @@ impl Kvm {
         /// rmaps walked between two quiescent points.
         const RMAPS_PER_SECTION: usize = 1024;
         let mut guard = self.mmu.rcu.read_lock();
+        let mut tally = (0, 0);
         for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
             for (i, head) in slot.rmaps(level).iter().enumerate() {
                 // SAFETY: we are inside a read-side section (`guard`).
-                unsafe { self.rmap_write_protect_lockless(head) };
+                let (cleared, restarts) = unsafe { rmap_write_protect_lockless(head, &self.mmu.breakage) };
+                tally.0 += cleared;
+                tally.1 += restarts;
                 if i % RMAPS_PER_SECTION == RMAPS_PER_SECTION - 1 {
                     guard.quiesce();
                 }
             }
         }
         drop(guard);
+        self.account_lockless_walks(tally);
         self.kvm_flush_remote_tlbs();
     }
 }

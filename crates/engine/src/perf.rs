@@ -1,0 +1,338 @@
+//! `migrate-perf`: dirty logging measured the way KVM's
+//! `dirty_log_perf_test` reports it, plus the seed's two claims.
+//!
+//! Procedure, per design, in `dirty_log_perf_test`'s rhythm:
+//! 1. vCPU threads start; each sweeps its slice of guest memory once, one
+//!    8-byte store per page (or the chosen mix of loads and stores), then
+//!    waits for the host to release its next pass. The first pass of every
+//!    vCPU is the *populate* time.
+//! 2. Dirty logging is enabled (timed), and the harvester copies all of
+//!    memory (the bulk copy of a migration).
+//! 3. Iteration `i`: the vCPUs' pass `i` (every page write-protected by the
+//!    last harvest, so every store faults) is the *dirty memory* time. Then
+//!    the host releases pass `i + 1` and times `get_dirty_log` while the vCPUs
+//!    are write-faulting again, and lets the oracle check the harvest and
+//!    copy the dirty pages.
+//! 4. The vCPUs stop; the oracle's exact final check counts lost pages.
+//!
+//! The no-regression claim is measured separately ([`fault_heavy`]): a
+//! fault-heavy workload with dirty logging off, whose shadow page budget is
+//! too small to hold the map, so every pass faults on every page again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::dirty_bitmap::bitmap_words;
+use crate::harness::HarnessError;
+use crate::memory::HostMemory;
+use crate::memslot::{MemFlags, UserMemoryRegion};
+use crate::mmu::MmuDesign;
+use crate::oracle::Oracle;
+use crate::spte::PAGE_SIZE;
+use crate::vcpu::{VcpuExit, VcpuStats};
+use crate::vm::{Vm, VmConfig, VmStats};
+use crate::workload::{AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WorkloadGuest, WorkloadSpec};
+
+/// A `migrate-perf` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigratePerfConfig {
+    /// Design.
+    pub mmu: MmuDesign,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, bytes.
+    pub guest_bytes: u64,
+    /// Iterations (harvests) after the bulk copy.
+    pub iterations: u32,
+    /// Share of accesses that are stores, percent.
+    pub write_pct: u8,
+    /// Random pages instead of a sequential sweep.
+    pub random: bool,
+    /// Map 2 MiB pages where possible (before logging).
+    pub large_pages: bool,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+/// One iteration of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Iteration {
+    /// The slowest vCPU's last full pass over its memory (one store per
+    /// page): `dirty_log_perf_test`'s "dirty memory time".
+    pub dirty_memory_ns: u64,
+    /// Time of `get_dirty_log`.
+    pub get_dirty_log_ns: u64,
+    /// Pages it reported dirty.
+    pub dirty_pages: u64,
+}
+
+/// What a `migrate-perf` run measured.
+#[derive(Debug, Clone, Default)]
+pub struct MigratePerfRun {
+    /// Time for every vCPU to complete its first pass, dirty logging off.
+    pub populate_ns: u64,
+    /// Time to enable dirty logging.
+    pub enable_dirty_logging_ns: u64,
+    /// Each iteration.
+    pub iterations: Vec<Iteration>,
+    /// Lost dirty pages the oracle found (all checks, final included).
+    pub lost_pages: u64,
+    /// vCPU counters, summed, over the whole run.
+    pub vcpu: VcpuStats,
+    /// MMU figures at the end.
+    pub vm: VmStats,
+}
+
+impl MigratePerfRun {
+    fn avg(&self, f: impl Fn(&Iteration) -> u64) -> u64 {
+        let n = self.iterations.len().max(1) as u64;
+        self.iterations.iter().map(f).sum::<u64>() / n
+    }
+
+    /// Mean `get_dirty_log` time.
+    pub fn get_dirty_log_avg_ns(&self) -> u64 {
+        self.avg(|i| i.get_dirty_log_ns)
+    }
+
+    /// Mean dirty memory time.
+    pub fn dirty_memory_avg_ns(&self) -> u64 {
+        self.avg(|i| i.dirty_memory_ns)
+    }
+
+    /// Mean dirty pages per harvest.
+    pub fn dirty_pages_avg(&self) -> u64 {
+        self.avg(|i| i.dirty_pages)
+    }
+}
+
+/// A vCPU's pass count and the duration of its last pass.
+#[derive(Default)]
+struct PassClock {
+    passes: AtomicU64,
+    last_pass_ns: AtomicU64,
+}
+
+/// vCPU threads that sweep their memory pass by pass, as far as the host
+/// releases them (`allowed`), counting and timing their passes.
+struct Sweepers {
+    ctl: Arc<GuestControl>,
+    passes: Arc<[CachePadded<PassClock>]>,
+    allowed: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<Result<VcpuStats, String>>>,
+}
+
+impl Sweepers {
+    /// Starts `vcpus` sweepers, allowed `allowed` passes before they wait.
+    fn start(
+        vm: &Vm,
+        vcpus: u32,
+        npages: u64,
+        spec: WorkloadSpec,
+        allowed: u64,
+    ) -> Result<Self, HarnessError> {
+        let ctl = GuestControl::new(vcpus);
+        let passes: Arc<[CachePadded<PassClock>]> =
+            (0..vcpus).map(|_| CachePadded::new(PassClock::default())).collect();
+        let allowed = Arc::new(AtomicU64::new(allowed));
+        let mut threads = Vec::new();
+        for id in 0..vcpus {
+            let mut vcpu = vm.create_vcpu(id)?;
+            let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
+            let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
+            threads.push(std::thread::spawn(move || {
+                let clock = &passes[id as usize];
+                let mut done = 0;
+                let mut pass_start = Instant::now();
+                let r = loop {
+                    match vcpu.run(&mut guest) {
+                        Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
+                            // Relaxed: published by the release increment below.
+                            clock
+                                .last_pass_ns
+                                .store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                            done += 1;
+                            // Release: pairs with `wait_passes`' acquire load.
+                            clock.passes.store(done, Ordering::Release);
+                            // Outside guest mode (the guest parked): wait until the
+                            // host releases the next pass, or stops us.
+                            // Acquire: pairs with `release`.
+                            while allowed.load(Ordering::Acquire) <= done && !ctl.stop_requested() {
+                                std::thread::sleep(Duration::from_micros(20));
+                            }
+                            pass_start = Instant::now();
+                        }
+                        Ok(VcpuExit::Hypercall(HC_STOP)) => break Ok(vcpu.stats()),
+                        Ok(other) => break Err(format!("vCPU {id}: unexpected exit {other:?}")),
+                        Err(e) => break Err(format!("vCPU {id}: {e}")),
+                    }
+                };
+                ctl.park(id);
+                r
+            }));
+        }
+        Ok(Self { ctl, passes, allowed, threads })
+    }
+
+    /// Lets every vCPU go on up to pass `n`.
+    fn release(&self, n: u64) {
+        // Release: pairs with the vCPUs' acquire load.
+        self.allowed.store(n, Ordering::Release);
+    }
+
+    /// Passes each vCPU has completed.
+    fn passes(&self) -> Vec<u64> {
+        // Acquire: pairs with the vCPU's release increment.
+        self.passes.iter().map(|p| p.passes.load(Ordering::Acquire)).collect()
+    }
+
+    /// Waits until every vCPU has completed more passes than `since`;
+    /// returns the longest of their last passes.
+    fn wait_passes(&self, since: &[u64]) -> u64 {
+        for (p, &s) in self.passes.iter().zip(since) {
+            // Acquire: as in `passes`.
+            while p.passes.load(Ordering::Acquire) <= s {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        // Relaxed: each read after the acquire load that saw the increment
+        // its store precedes.
+        self.passes.iter().map(|p| p.last_pass_ns.load(Ordering::Relaxed)).max().unwrap_or(0)
+    }
+
+    fn stop(&mut self) -> Result<VcpuStats, String> {
+        self.ctl.request_stop();
+        let mut stats = VcpuStats::default();
+        for t in self.threads.drain(..) {
+            stats += t.join().map_err(|_| "a vCPU thread panicked".to_string())??;
+        }
+        Ok(stats)
+    }
+}
+
+impl Drop for Sweepers {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// A VM with one slot over pre-populated host memory: the first pass then
+/// measures shadow page faults, not the host kernel's first-touch faults
+/// (which would also make whichever design runs first look slower).
+fn vm_with_memory(config: VmConfig, guest_bytes: u64) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
+    let vm = Vm::new(config)?;
+    let mem = HostMemory::anonymous_populated(guest_bytes)?;
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: MemFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: guest_bytes,
+        memory: Some(mem.clone()),
+        memory_offset: 0,
+    })?;
+    Ok((vm, mem))
+}
+
+/// Runs one `migrate-perf` configuration; `on_iteration` sees each
+/// iteration as it completes.
+pub fn migrate_perf(
+    cfg: &MigratePerfConfig,
+    mut on_iteration: impl FnMut(u32, &Iteration),
+) -> Result<MigratePerfRun, HarnessError> {
+    if cfg.vcpus == 0 || cfg.guest_bytes / PAGE_SIZE < u64::from(cfg.vcpus) || cfg.write_pct > 100 {
+        return Err(HarnessError::BadConfig(format!("{cfg:?}")));
+    }
+    let (vm, mem) = vm_with_memory(
+        VmConfig { mmu: cfg.mmu, large_pages: cfg.large_pages, ..VmConfig::default() },
+        cfg.guest_bytes,
+    )?;
+    let npages = cfg.guest_bytes / PAGE_SIZE;
+    let spec = WorkloadSpec {
+        pattern: if cfg.random { AccessPattern::Random } else { AccessPattern::Seq },
+        write_pct: cfg.write_pct,
+        exit_each_pass: true,
+        seed: cfg.seed,
+        ..WorkloadSpec::default()
+    };
+    let mut run = MigratePerfRun::default();
+    let t0 = Instant::now();
+    let mut sweepers = Sweepers::start(&vm, cfg.vcpus, npages, spec, 1)?;
+    sweepers.wait_passes(&vec![0; cfg.vcpus as usize]);
+    run.populate_ns = t0.elapsed().as_nanos() as u64;
+
+    let mut oracle = Oracle::new(0, npages);
+    let mut bitmap = vec![0u64; bitmap_words(npages)];
+    sweepers.ctl.cut();
+    let t = Instant::now();
+    vm.enable_dirty_logging(0)?;
+    run.enable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
+    oracle.full_copy(mem.words());
+
+    // Pass 2 dirties the memory for the first harvest.
+    sweepers.release(2);
+    for i in 0..cfg.iterations {
+        let pass = 2 + u64::from(i);
+        let dirty_memory_ns = sweepers.wait_passes(&vec![pass - 1; cfg.vcpus as usize]);
+        // The vCPUs go on write-faulting during the harvest.
+        sweepers.release(pass + 1);
+        let cut = sweepers.ctl.cut();
+        let t = Instant::now();
+        let dirty_pages = vm.get_dirty_log(0, &mut bitmap)?;
+        let it = Iteration { dirty_memory_ns, get_dirty_log_ns: t.elapsed().as_nanos() as u64, dirty_pages };
+        run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
+        on_iteration(i + 1, &it);
+        run.iterations.push(it);
+    }
+    run.vcpu = sweepers.stop().map_err(HarnessError::BadConfig)?;
+    vm.get_dirty_log(0, &mut bitmap)?;
+    run.lost_pages += oracle.finish(mem.words(), &bitmap).lost_pages;
+    run.vm = vm.stats();
+    Ok(run)
+}
+
+/// What [`fault_heavy`] measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FaultHeavy {
+    /// Page faults handled per second.
+    pub faults_per_sec: f64,
+    /// Guest accesses per second.
+    pub accesses_per_sec: f64,
+    /// Shadow pages zapped by the shrinker.
+    pub sp_shrunk: u64,
+}
+
+/// The no-regression workload: `vcpus` vCPUs sweep `guest_bytes` with 4 KiB
+/// mappings and a shadow page budget of 64 pages, so the shrinker zaps the
+/// map as fast as it is built and every pass faults on every page; dirty
+/// logging is off. Runs for `duration` after one warm-up pass.
+pub fn fault_heavy(
+    mmu: MmuDesign,
+    vcpus: u32,
+    guest_bytes: u64,
+    duration: Duration,
+) -> Result<FaultHeavy, HarnessError> {
+    let config = VmConfig { mmu, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
+    let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
+    let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
+    let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX)?;
+    sweepers.wait_passes(&vec![0; vcpus as usize]);
+    let stats0 = vm.stats();
+    // Faults are counted by the MMU (leaf sptes installed, one per fault
+    // with 4 KiB mappings), passes by the sweepers.
+    let start_passes = sweepers.passes();
+    let t0 = Instant::now();
+    std::thread::sleep(duration);
+    let secs = t0.elapsed().as_secs_f64();
+    let passes: u64 = sweepers.passes().iter().zip(&start_passes).map(|(a, b)| a - b).sum();
+    let stats = vm.stats();
+    sweepers.stop().map_err(HarnessError::BadConfig)?;
+    let pages = guest_bytes / PAGE_SIZE;
+    Ok(FaultHeavy {
+        faults_per_sec: (stats.sptes_mapped - stats0.sptes_mapped) as f64 / secs,
+        accesses_per_sec: (passes * pages / u64::from(vcpus)) as f64 / secs,
+        sp_shrunk: stats.sp_shrunk - stats0.sp_shrunk,
+    })
+}

@@ -119,7 +119,7 @@ fn fault_heavy(a: &MigratePerfArgs) -> Result<Vec<f64>, HarnessError> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); a.mmu.len()];
     for _ in 0..3 {
         for (i, &mmu) in a.mmu.iter().enumerate() {
-            let f = perf::fault_heavy(mmu, a.vcpus, (a.guest_mib << 20).min(256 << 20), per)?;
+            let f = perf::fault_heavy(mmu, a.vcpus, per)?;
             samples[i].push(f.faults_per_sec);
         }
     }
@@ -164,7 +164,11 @@ pub fn migrate_perf(a: &MigratePerfArgs) -> Result<bool, HarnessError> {
     }
     let faults = if a.fault_heavy_seconds > 0.0 { Some(fault_heavy(a)?) } else { None };
     if let Some(f) = &faults {
-        println!("== fault-heavy, dirty logging off (4 KiB pages, 64 shadow pages, {} vCPUs)", a.vcpus);
+        println!(
+            "== fault-heavy, dirty logging off ({} MiB, 4 KiB pages, 64 shadow pages, {} vCPUs)",
+            perf::FAULT_HEAVY_GUEST_BYTES >> 20,
+            a.vcpus
+        );
         for (mmu, x) in a.mmu.iter().zip(f) {
             println!("{mmu}: {:.0} faults/s", x);
         }

@@ -12,7 +12,7 @@ fn ms(ns: u64) -> f64 {
 pub fn describe(cfg: &RunConfig) -> String {
     format!(
         "mmu={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} interval={} ms \
-         budget={} tlb={} large-pages={}",
+         budget={} tlb={} large-pages={} slot-churn={}",
         cfg.mmu,
         cfg.vcpus,
         cfg.guest_bytes >> 20,
@@ -23,6 +23,7 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.max_mmu_pages.map_or("default".to_string(), |n| n.to_string()),
         cfg.tlb_entries,
         cfg.large_pages,
+        cfg.slot_churn,
     )
 }
 
@@ -50,7 +51,11 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         v.write_faults,
         v.fault_ns as f64 / v.page_faults.max(1) as f64
     );
-    let _ = writeln!(s, "  pages dirtied         {} (marked in the dirty bitmap)", m.pages_marked_dirty);
+    let _ = writeln!(
+        s,
+        "  pages dirtied         {} (marked in the dirty bitmap), {} write faults fixed by fast_page_fault",
+        m.pages_marked_dirty, m.fast_page_faults
+    );
     let _ = writeln!(
         s,
         "  pages harvested       {} ({} with no new content)",
@@ -90,6 +95,20 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         "  sptes                 {} mapped ({} large, {} large dropped), longest rmap {}",
         m.sptes_mapped, m.large_sptes_mapped, m.large_sptes_dropped, r.audit.max_rmap_len
     );
+    if cfg.mmu.is_lockless() {
+        let _ = writeln!(
+            s,
+            "  lockless              {} rmap walk restarts, {} grace periods waited, {} pool objects returned, {} backlog waits",
+            m.lockless_walk_restarts, m.grace_periods_waited, m.pool_objects_returned, m.pool_backlog_waits
+        );
+    }
+    if r.slot_churn_cycles > 0 {
+        let _ = writeln!(
+            s,
+            "  slot churn            {} deletions and re-additions of slot 1",
+            r.slot_churn_cycles
+        );
+    }
     let _ = writeln!(s, "  lost pages            {}", r.lost_pages);
     for l in &r.lost {
         let _ = writeln!(s, "    {l}");
@@ -101,6 +120,5 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         let _ = writeln!(s, "  error: {e}");
     }
     let _ = writeln!(s, "{}", if r.ok() { "OK" } else { "FAILED" });
-    let _ = cfg;
     s
 }

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Never map 2 MiB pages.
     #[arg(long)]
     pub no_large_pages: bool,
+    /// Delete and re-add a second memslot during the run, with an extra vCPU
+    /// writing to it.
+    #[arg(long)]
+    pub slot_churn: bool,
     /// Seed of the workload's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -105,6 +109,7 @@ impl RunArgs {
             max_mmu_pages: self.max_mmu_pages,
             tlb_entries: self.tlb_entries,
             large_pages: !self.no_large_pages,
+            slot_churn: self.slot_churn,
             ..RunConfig::default()
         })
     }

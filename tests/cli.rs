@@ -56,3 +56,52 @@ fn stress_replays_one_run_by_seed() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("run-seed=0x0000000000001234"), "{out}");
 }
+
+#[test]
+fn bench_migrate_perf_writes_json_for_both_designs() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("mp.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "migrate-perf",
+        "--backend",
+        "engine",
+        "--mmu",
+        "locked,lockless",
+        "--vcpus",
+        "1",
+        "--guest-mib",
+        "16",
+        "--iterations",
+        "2",
+        "--fault-heavy-seconds",
+        "0.3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "Populate memory time",
+        "Enabling dirty logging time",
+        "Get dirty log over 2 iterations",
+        "lockless/locked",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (r, mmu) in runs.iter().zip(["locked", "lockless"]) {
+        assert_eq!(r["backend"], "engine");
+        assert_eq!(r["mmu"], mmu);
+        assert_eq!(r["lost_pages"], 0);
+        assert!(r["get_dirty_log_avg_ns"].as_u64().unwrap() > 0);
+        assert_eq!(r["iterations"].as_array().unwrap().len(), 2);
+        assert!(r["fault_heavy_faults_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let (code, _, err) = shadow_mmu(&["bench", "migrate-perf", "--backend", "qemu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown backend"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -72,13 +72,13 @@ impl Kvm {
         Ok(pages)
     }
 
-    /// The locked design: the whole harvest under `mmu_lock`, remote TLB
-    /// flush inside it.
-    fn get_dirty_log_locked(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
-        let g = self.mmu.lock.lock();
+    /// The loop both designs share: swap each word of `slot`'s bitmap with
+    /// 0, copy it to `out`, and hand the bits taken to `protect` (with the
+    /// offset of their first page). Returns the number of dirty pages.
+    #[inline]
+    fn harvest_words(&self, slot: &Memslot, out: &mut [u64], mut protect: impl FnMut(u64, u64)) -> u64 {
         let bitmap = slot.dirty_bitmap();
         let mut pages = 0;
-        let mut protected = 0;
         for (i, word) in out.iter_mut().enumerate() {
             let mask = bitmap.take_word(i);
             *word = mask;
@@ -87,9 +87,20 @@ impl Kvm {
             }
             pages += u64::from(mask.count_ones());
             if !broken!(self, skip_write_protect) {
-                protected += self.kvm_mmu_write_protect_pt_masked(&g, slot, i as u64 * 64, mask);
+                protect(i as u64 * 64, mask);
             }
         }
+        pages
+    }
+
+    /// The locked design: the whole harvest under `mmu_lock`, remote TLB
+    /// flush inside it.
+    fn get_dirty_log_locked(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
+        let g = self.mmu.lock.lock();
+        let mut protected = 0;
+        let pages = self.harvest_words(slot, out, |offset, mask| {
+            protected += self.kvm_mmu_write_protect_pt_masked(&g, slot, offset, mask);
+        });
         self.mmu.stats.sptes_write_protected.add(protected);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();
@@ -107,20 +118,10 @@ impl Kvm {
     /// bits taken.
     fn get_dirty_log_lockless(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
         let guard = self.mmu.rcu.read_lock();
-        let bitmap = slot.dirty_bitmap();
-        let mut pages = 0;
         let mut tally = (0, 0);
-        for (i, word) in out.iter_mut().enumerate() {
-            let mask = bitmap.take_word(i);
-            *word = mask;
-            if mask == 0 {
-                continue;
-            }
-            pages += u64::from(mask.count_ones());
-            if !broken!(self, skip_write_protect) {
-                self.kvm_mmu_write_protect_pt_masked_lockless(slot, i as u64 * 64, mask, &mut tally);
-            }
-        }
+        let pages = self.harvest_words(slot, out, |offset, mask| {
+            self.kvm_mmu_write_protect_pt_masked_lockless(slot, offset, mask, &mut tally);
+        });
         drop(guard);
         self.account_lockless_walks(tally);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {

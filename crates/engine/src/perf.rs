@@ -304,16 +304,16 @@ pub struct FaultHeavy {
     pub sp_shrunk: u64,
 }
 
-/// The no-regression workload: `vcpus` vCPUs sweep `guest_bytes` with 4 KiB
+/// Guest memory of the fault-heavy workload: 128 page tables' worth, twice
+/// the shadow page budget.
+pub const FAULT_HEAVY_GUEST_BYTES: u64 = 256 << 20;
+
+/// The no-regression workload: `vcpus` vCPUs sweep 256 MiB with 4 KiB
 /// mappings and a shadow page budget of 64 pages, so the shrinker zaps the
 /// map as fast as it is built and every pass faults on every page; dirty
 /// logging is off. Runs for `duration` after one warm-up pass.
-pub fn fault_heavy(
-    mmu: MmuDesign,
-    vcpus: u32,
-    guest_bytes: u64,
-    duration: Duration,
-) -> Result<FaultHeavy, HarnessError> {
+pub fn fault_heavy(mmu: MmuDesign, vcpus: u32, duration: Duration) -> Result<FaultHeavy, HarnessError> {
+    let guest_bytes = FAULT_HEAVY_GUEST_BYTES;
     let config = VmConfig { mmu, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
     let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
     let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };

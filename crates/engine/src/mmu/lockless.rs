@@ -460,10 +460,16 @@ mod loom_tests {
                     // Zap (under mmu_lock): clear the spte, drop it from its
                     // rmap; the page is freed and at once reused as a level-2
                     // table whose entry at this index points to a table.
-                    spte_exchange(&z.spte, 0);
+                    // The engine clears and sets with plain stores
+                    // (`spte_exchange`); here they are swaps, because loom lets
+                    // a compare-exchange read a value older than two later
+                    // plain stores (tokio-rs/loom#282; `loom_probe` below),
+                    // which C++ forbids. The property under test is the
+                    // walker's: it never clears W on a table pointer.
+                    z.spte.swap(0, Ordering::AcqRel);
                     // SAFETY: the model's only writer.
                     unsafe { z.rmap.remove(z.sptep(), &mut |_| unreachable!("no descriptor")) };
-                    z.spte.store(table, Ordering::Release);
+                    z.spte.swap(table, Ordering::AcqRel);
                 },
                 move || {
                     // SAFETY: the spte's memory lives for the whole model
@@ -499,5 +505,43 @@ mod loom_tests {
     #[should_panic(expected = "writable TLB entry left")]
     fn loom_skipping_the_patch_04_rule_is_caught() {
         patch_04_race(Breakage { skip_patch04_flush_rule: true, ..Breakage::SEED });
+    }
+}
+
+/// A loom limitation our models work around (tokio-rs/loom#282): one
+/// thread stores 0 then 2; another compare-exchanges 1 -> 3 from the initial
+/// 1. In the C++ model the final value is always 2 (a successful RMW reads
+/// the value just before its own write in modification order, so it cannot
+/// follow the store of 2 and still see 1), but loom 0.7 lets the
+/// compare-exchange succeed last. This test expects loom's wrong answer: if
+/// loom is fixed, it fails, and the swaps in
+/// `loom_shadow_page_reused_under_a_walker` can go back to plain stores.
+#[cfg(all(test, loom))]
+mod loom_probe {
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    #[test]
+    #[should_panic(expected = "final value")]
+    fn loom_rmw_modification_order_limitation() {
+        loom::model(|| {
+            let x = Arc::new(AtomicU64::new(1));
+            let go = Arc::new(AtomicUsize::new(0));
+            let (x1, g1) = (x.clone(), go.clone());
+            let a = loom::thread::spawn(move || {
+                g1.fetch_add(1, Ordering::Relaxed);
+                let _ = x1.load(Ordering::Relaxed);
+                x1.store(0, Ordering::Release);
+                x1.store(2, Ordering::Release);
+            });
+            let (x2, g2) = (x.clone(), go.clone());
+            let b = loom::thread::spawn(move || {
+                g2.fetch_add(1, Ordering::Relaxed);
+                let _ = x2.compare_exchange(1, 3, Ordering::AcqRel, Ordering::Relaxed);
+            });
+            a.join().unwrap();
+            b.join().unwrap();
+            assert_eq!(x.load(Ordering::SeqCst), 2, "final value");
+        });
     }
 }

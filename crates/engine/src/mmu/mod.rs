@@ -202,6 +202,7 @@ pub(crate) struct Mmu {
 impl Mmu {
     pub(crate) fn new(p: MmuParams) -> Self {
         let rcu = Arc::new(Rcu::default());
+        // `mut` only for the break-rules switch below.
         #[allow(unused_mut)]
         let mut sp_pool = Pool::new(p.sp_limits, rcu.clone());
         #[cfg(feature = "break-rules")]

@@ -59,6 +59,8 @@ pub mod dirty_log;
 pub mod guest;
 pub mod harness;
 mod lockdep;
+#[cfg(all(test, loom))]
+mod loom_support;
 pub mod memory;
 pub mod memslot;
 pub mod mmu;

@@ -913,12 +913,8 @@ mod loom_tests {
     }
 
     /// Runs a model: `setup` builds the world, then `writer` and a walker of
-    /// rmap `walk_head` run on two spawned threads (the main thread only
-    /// joins: loom 0.7 explores nothing when a thread spawned from the main
-    /// thread starts with an atomic load, tokio-rs/loom#392), and `check`
-    /// judges what the walker saw. Also requires that the walker saw at least
-    /// two different things over all executions, so that a model that loom
-    /// does not explore cannot pass.
+    /// rmap `walk_head` run on two threads (`loom_support::two`), and the
+    /// walker must have visited every entry of `stable`.
     #[allow(clippy::too_many_arguments)]
     fn model(
         heads: usize,
@@ -930,36 +926,16 @@ mod loom_tests {
         walk_head: usize,
         stable: &'static [usize],
     ) {
-        let outcomes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let seen_all = outcomes.clone();
-        let mut builder = loom::model::Builder::new();
-        if builder.preemption_bound.is_none() {
-            builder.preemption_bound = Some(3);
-        }
-        builder.check(move || {
+        crate::loom_support::check(move || {
             let (w, mut a) = world(heads, sptes, descs);
             setup(&w, &mut a);
-            // Each thread starts with an RMW on a shared counter: with a load
-            // first, loom 0.7 may explore nothing (tokio-rs/loom#392).
-            let go = Arc::new(loom::sync::atomic::AtomicUsize::new(0));
-            let (w2, go2) = (w.clone(), go.clone());
-            let wr = loom::thread::spawn(move || {
-                go2.fetch_add(1, Ordering::Relaxed);
-                writer(&w2, &mut a, &b)
-            });
-            let w3 = w.clone();
-            let walker = loom::thread::spawn(move || {
-                go.fetch_add(1, Ordering::Relaxed);
-                w3.walk(walk_head, &b)
-            });
-            wr.join().unwrap();
-            let mut seen = walker.join().unwrap();
+            let (w2, w3) = (w.clone(), w.clone());
+            let ((), mut seen) =
+                crate::loom_support::two(move || writer(&w2, &mut a, &b), move || w3.walk(walk_head, &b));
             assert_visited(&seen, stable);
             seen.sort();
-            seen_all.lock().unwrap().insert(seen);
+            seen
         });
-        let n = outcomes.lock().unwrap().len();
-        assert!(n >= 2, "the model saw a single outcome: loom explored nothing");
     }
 
     fn assert_visited(seen: &[usize], stable: &[usize]) {

@@ -283,8 +283,7 @@ mod tests {
 
 /// loom model of the grace period: a reader that loaded a pointer inside a
 /// read-side section must never see the object freed before the section
-/// ends. Workers are spawned and start with an RMW on a shared counter
-/// (tokio-rs/loom#392); the model must see two outcomes.
+/// ends (see `loom_support` for how loom is driven).
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -298,47 +297,36 @@ mod loom_tests {
     }
 
     fn reader_vs_free(grace: bool) {
-        let outcomes = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let all = outcomes.clone();
-        let mut b = loom::model::Builder::new();
-        if b.preemption_bound.is_none() {
-            b.preemption_bound = Some(3);
-        }
-        b.check(move || {
+        crate::loom_support::check(move || {
             let w =
                 Arc::new(World { rcu: Rcu::new(2), ptr: AtomicUsize::new(1), freed: AtomicBool::new(false) });
-            let go = Arc::new(AtomicUsize::new(0));
-            let (wr, go_r) = (w.clone(), go.clone());
-            let reader = loom::thread::spawn(move || {
-                go_r.fetch_add(1, Ordering::Relaxed);
-                let g = wr.rcu.read_lock();
-                // Acquire: as a lockless walker's load of a pointer.
-                let p = wr.ptr.load(Ordering::Acquire);
-                if p != 0 {
-                    // Relaxed: what matters is whether it can read true.
-                    assert!(
-                        !wr.freed.load(Ordering::Relaxed),
-                        "read of freed memory inside a read-side section"
-                    );
-                }
-                drop(g);
-                p
-            });
-            let wu = w.clone();
-            let updater = loom::thread::spawn(move || {
-                go.fetch_add(1, Ordering::Relaxed);
-                // Unlink, wait for a grace period, free.
-                wu.ptr.store(0, Ordering::Release);
-                if grace {
-                    wu.rcu.synchronize();
-                }
-                wu.freed.store(true, Ordering::Relaxed);
-            });
-            updater.join().unwrap();
-            let p = reader.join().unwrap();
-            all.lock().unwrap().insert(p);
+            let (wr, wu) = (w.clone(), w.clone());
+            let (p, ()) = crate::loom_support::two(
+                move || {
+                    let g = wr.rcu.read_lock();
+                    // Acquire: as a lockless walker's load of a pointer.
+                    let p = wr.ptr.load(Ordering::Acquire);
+                    if p != 0 {
+                        // Relaxed: what matters is whether it can read true.
+                        assert!(
+                            !wr.freed.load(Ordering::Relaxed),
+                            "read of freed memory inside a read-side section"
+                        );
+                    }
+                    drop(g);
+                    p
+                },
+                move || {
+                    // Unlink, wait for a grace period, free.
+                    wu.ptr.store(0, Ordering::Release);
+                    if grace {
+                        wu.rcu.synchronize();
+                    }
+                    wu.freed.store(true, Ordering::Relaxed);
+                },
+            );
+            p
         });
-        assert!(outcomes.lock().unwrap().len() >= 2, "the model saw a single outcome: loom explored nothing");
     }
 
     #[test]

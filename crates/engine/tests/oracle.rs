@@ -8,6 +8,11 @@ use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_engine::harness::{self, RunConfig, RunReport};
 use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 
+/// The CI shape: 50 collections (the duration only bounds them), for `mmu`.
+fn fifty_collections(mmu: MmuDesign) -> RunConfig {
+    RunConfig { mmu, duration: Duration::from_secs(600), max_collections: Some(50), ..RunConfig::default() }
+}
+
 fn check(cfg: &RunConfig) -> RunReport {
     let r = harness::run(cfg, |_, _| {}).unwrap();
     assert!(r.ok(), "{cfg:?}\nlost {}: {:?}\nerrors: {:?}", r.lost_pages, r.lost, r.errors);
@@ -20,14 +25,11 @@ fn check(cfg: &RunConfig) -> RunReport {
 fn ci_two_vcpus_256_mib_50_collections() {
     for mmu in MmuDesign::ALL {
         let cfg = RunConfig {
-            mmu,
             vcpus: 2,
             guest_bytes: 256 << 20,
-            duration: Duration::from_secs(600),
-            max_collections: Some(50),
             interval: Duration::from_millis(10),
             warmup: Duration::from_millis(100),
-            ..RunConfig::default()
+            ..fifty_collections(mmu)
         };
         let r = check(&cfg);
         assert!(r.vm.sptes_write_protected > 0);
@@ -38,11 +40,8 @@ fn ci_two_vcpus_256_mib_50_collections() {
 fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
     for mmu in MmuDesign::ALL {
         let cfg = RunConfig {
-            mmu,
             vcpus: 3,
             guest_bytes: 64 << 20,
-            duration: Duration::from_secs(600),
-            max_collections: Some(50),
             interval: Duration::from_millis(3),
             warmup: Duration::from_millis(50),
             workload: WorkloadSpec {
@@ -53,7 +52,7 @@ fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
                 ..WorkloadSpec::default()
             },
             max_mmu_pages: Some(64),
-            ..RunConfig::default()
+            ..fifty_collections(mmu)
         };
         let r = check(&cfg);
         assert!(r.vm.sp_shrunk > 0, "the shrinker ran");
@@ -65,11 +64,8 @@ fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
 fn hot_set_through_small_tlbs_with_pass_exits() {
     for mmu in MmuDesign::ALL {
         let cfg = RunConfig {
-            mmu,
             vcpus: 4,
             guest_bytes: 16 << 20,
-            duration: Duration::from_secs(600),
-            max_collections: Some(50),
             interval: Duration::from_millis(2),
             warmup: Duration::from_millis(20),
             workload: WorkloadSpec {
@@ -78,7 +74,7 @@ fn hot_set_through_small_tlbs_with_pass_exits() {
                 ..WorkloadSpec::default()
             },
             tlb_entries: 64,
-            ..RunConfig::default()
+            ..fifty_collections(mmu)
         };
         let r = check(&cfg);
         assert!(r.vcpu.tlb_hits > 0, "the TLB served accesses, so stale entries matter");
@@ -89,11 +85,8 @@ fn hot_set_through_small_tlbs_with_pass_exits() {
 fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
     for mmu in MmuDesign::ALL {
         let cfg = RunConfig {
-            mmu,
             vcpus: 2,
             guest_bytes: 64 << 20,
-            duration: Duration::from_secs(600),
-            max_collections: Some(50),
             interval: Duration::from_millis(3),
             warmup: Duration::from_millis(50),
             workload: WorkloadSpec {
@@ -105,7 +98,7 @@ fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
             max_mmu_pages: Some(64),
             max_free_shadow_pages: Some(0),
             slot_churn: true,
-            ..RunConfig::default()
+            ..fifty_collections(mmu)
         };
         let r = check(&cfg);
         assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");

@@ -231,36 +231,17 @@ mod tests {
 }
 
 /// loom models of the seed's races, over the primitives above (the code the
-/// engine runs). Workers are spawned and the main thread only joins
-/// (tokio-rs/loom#392: loom explores nothing when a thread spawned from the
-/// main thread starts with an atomic load), and each model must see at least
-/// two different outcomes, so that a model loom does not explore cannot pass.
+/// engine runs); see `loom_support` for how loom is driven.
 #[cfg(all(test, loom))]
 mod loom_tests {
-    use std::collections::BTreeSet;
-    use std::fmt::Debug;
     use std::ptr::NonNull;
 
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicBool;
 
     use super::*;
+    use crate::loom_support::{check, two};
     use crate::spte::{make_leaf_spte, make_nonleaf_spte};
-
-    fn check<T: Ord + Debug + Send + 'static>(f: impl Fn() -> T + Sync + Send + 'static) {
-        let outcomes = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-        let all = outcomes.clone();
-        let mut b = loom::model::Builder::new();
-        if b.preemption_bound.is_none() {
-            b.preemption_bound = Some(3);
-        }
-        b.check(move || {
-            let o = f();
-            all.lock().unwrap().insert(format!("{o:?}"));
-        });
-        let n = outcomes.lock().unwrap().len();
-        assert!(n >= 2, "the model saw a single outcome: loom explored nothing");
-    }
 
     /// One gfn: its spte, its rmap, its dirty bitmap, and a vCPU's cached W.
     struct Gfn {
@@ -314,27 +295,6 @@ mod loom_tests {
                 "lost dirty page: the spte is writable and its dirty bit was harvested"
             );
         }
-    }
-
-    /// Runs `a` and `b` on two spawned threads. Each starts with an RMW on a
-    /// shared counter: with a load first, loom 0.7 may explore nothing
-    /// (tokio-rs/loom#392).
-    fn two<A, B>(a: impl FnOnce() -> A + Send + 'static, b: impl FnOnce() -> B + Send + 'static) -> (A, B)
-    where
-        A: Send + 'static,
-        B: Send + 'static,
-    {
-        let go = Arc::new(crate::sync::atomic::AtomicUsize::new(0));
-        let go2 = go.clone();
-        let ta = loom::thread::spawn(move || {
-            go.fetch_add(1, Ordering::Relaxed);
-            a()
-        });
-        let tb = loom::thread::spawn(move || {
-            go2.fetch_add(1, Ordering::Relaxed);
-            b()
-        });
-        (ta.join().unwrap(), tb.join().unwrap())
     }
 
     /// Patch 06, first interleaving: `set_spte` of a new writable spte (spte,
@@ -508,13 +468,13 @@ mod loom_tests {
     }
 }
 
-/// A loom limitation our models work around (tokio-rs/loom#282): one
-/// thread stores 0 then 2; another compare-exchanges 1 -> 3 from the initial
-/// 1. In the C++ model the final value is always 2 (a successful RMW reads
-/// the value just before its own write in modification order, so it cannot
-/// follow the store of 2 and still see 1), but loom 0.7 lets the
-/// compare-exchange succeed last. This test expects loom's wrong answer: if
-/// loom is fixed, it fails, and the swaps in
+/// A loom limitation our models work around (tokio-rs/loom#282). One thread
+/// stores 0 then 2; another compare-exchanges 1 to 3 from the initial value
+/// of one. In the C++ model the final value is always 2: a successful RMW
+/// reads the value just before its own write in modification order, so it
+/// cannot follow the store of 2 and still see the initial value. Loom 0.7 lets
+/// the compare-exchange succeed last. This test expects loom's wrong answer:
+/// if loom is fixed, it fails, and the swaps in
 /// `loom_shadow_page_reused_under_a_walker` can go back to plain stores.
 #[cfg(all(test, loom))]
 mod loom_probe {

@@ -86,14 +86,15 @@ impl Kvm {
             active.len(),
             g.n_used_mmu_pages
         );
-        ensure!(g.hash.len() == g.n_used_mmu_pages, "hash {} != n_used {}", g.hash.len(), g.n_used_mmu_pages);
+        let hashed = g.hash_len();
+        ensure!(hashed == g.n_used_mmu_pages, "hash {hashed} != n_used {}", g.n_used_mmu_pages);
         let live: HashSet<SpPtr> = active.iter().copied().collect();
         let mut parents_seen: HashMap<SpPtr, usize> = HashMap::new();
         for &sp in &active {
             let p = sp.get();
             let role = p.role();
             ensure!(!p.is_invalid(), "{p:?} invalid but active");
-            ensure!(g.hash.get(&(p.gfn(), role)) == Some(&sp), "{p:?} not hashed under its key");
+            ensure!(g.hash_lookup(p.gfn(), role) == Some(sp), "{p:?} not hashed under its key");
             for (i, sptep) in p.spt().iter().enumerate() {
                 // Relaxed: we hold mmu_lock, which orders every writer before us.
                 let spte = sptep.load(Ordering::Relaxed);

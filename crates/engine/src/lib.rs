@@ -58,7 +58,8 @@ pub mod dirty_bitmap;
 pub mod dirty_log;
 pub mod guest;
 pub mod harness;
-mod lockdep;
+#[doc(hidden)]
+pub mod lockdep;
 #[cfg(all(test, loom))]
 mod loom_support;
 pub mod memory;

@@ -14,8 +14,8 @@ pub(crate) fn set_holds_mmu_lock(held: bool) {
     HOLDS_MMU_LOCK.with(|c| c.set(held));
 }
 
-/// Does this thread hold `mmu_lock`?
+/// Does this thread hold `mmu_lock`? (Public for the allocation test.)
 #[inline]
-pub(crate) fn holds_mmu_lock() -> bool {
+pub fn holds_mmu_lock() -> bool {
     HOLDS_MMU_LOCK.with(Cell::get)
 }

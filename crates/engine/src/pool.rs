@@ -89,6 +89,11 @@ pub struct PoolStats {
 }
 
 /// A type-stable pool of `T`.
+///
+/// Freeing never allocates (it runs under `mmu_lock`): the free list and the
+/// retired queue are reserved up front for their bounds (`max_free + 1`
+/// objects; the backlog's bytes), and past the backlog's bound the freeing
+/// side waits for a grace period and returns everything instead of queueing.
 pub struct Pool<T: PoolObject> {
     free: Mutex<Vec<Owned<T>>>,
     retired: Mutex<VecDeque<(u64, Owned<T>)>>,
@@ -102,11 +107,6 @@ pub struct Pool<T: PoolObject> {
     /// Return memory with no grace period (the `break-rules` switch).
     #[cfg(feature = "break-rules")]
     no_grace_period: bool,
-    /// Poisoned objects "returned" to the system (`break-rules` builds keep
-    /// them, so that a reader that comes too late reads poison, not freed
-    /// memory).
-    #[cfg(feature = "break-rules")]
-    graveyard: Mutex<Vec<Owned<T>>>,
 }
 
 impl<T: PoolObject> std::fmt::Debug for Pool<T> {
@@ -122,9 +122,10 @@ impl<T: PoolObject> std::fmt::Debug for Pool<T> {
 impl<T: PoolObject> Pool<T> {
     /// An empty pool whose grace periods are `rcu`'s.
     pub fn new(limits: PoolLimits, rcu: Arc<Rcu>) -> Self {
+        let backlog = limits.max_deferred_bytes / std::mem::size_of::<T>() + 1;
         Self {
-            free: Mutex::new(Vec::new()),
-            retired: Mutex::new(VecDeque::new()),
+            free: Mutex::new(Vec::with_capacity(limits.max_free + 1)),
+            retired: Mutex::new(VecDeque::with_capacity(backlog)),
             retired_bytes: AtomicUsize::new(0),
             allocated: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
@@ -133,8 +134,6 @@ impl<T: PoolObject> Pool<T> {
             stats: PoolStats::default(),
             #[cfg(feature = "break-rules")]
             no_grace_period: false,
-            #[cfg(feature = "break-rules")]
-            graveyard: Mutex::new(Vec::new()),
         }
     }
 
@@ -177,75 +176,67 @@ impl<T: PoolObject> Pool<T> {
     /// # Panics
     /// In debug builds, if the object is not clean.
     pub fn free(&self, obj: NonNull<T>) {
-        self.free_all([obj]);
+        // SAFETY: `obj` came from this pool and is in use, so its memory is a
+        // live `T`.
+        debug_assert!(unsafe { obj.as_ref() }.is_clean(), "pool object freed dirty");
+        // Relaxed: a statistic.
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        let mut free = self.free.lock();
+        if free.len() < self.limits.max_free {
+            // Within the reserved capacity: no allocation.
+            free.push(Owned(obj));
+            return;
+        }
+        drop(free);
+        self.retire(Owned(obj));
     }
 
     /// Hands back many objects.
     pub fn free_all(&self, objs: impl IntoIterator<Item = NonNull<T>>) {
-        let mut free = self.free.lock();
-        let mut n = 0;
         for obj in objs {
-            // SAFETY: `obj` came from this pool and is in use, so its memory is
-            // a live `T`.
-            debug_assert!(unsafe { obj.as_ref() }.is_clean(), "pool object freed dirty");
-            free.push(Owned(obj));
-            n += 1;
+            self.free(obj);
         }
-        // Relaxed: a statistic.
-        self.in_use.fetch_sub(n, Ordering::Relaxed);
-        if free.len() <= self.limits.max_free {
-            return;
-        }
-        let excess_len = free.len() - self.limits.max_free;
-        let excess: Vec<Owned<T>> = free.drain(..excess_len).collect();
-        drop(free);
-        self.retire(excess);
     }
 
-    /// Queues `objs` for return to the system after a grace period, waiting
-    /// for one if the backlog would exceed its bound.
-    fn retire(&self, objs: Vec<Owned<T>>) {
+    /// Queues `o` for return to the system after a grace period, or, if the
+    /// backlog is full, waits for one and returns everything queued.
+    fn retire(&self, o: Owned<T>) {
         #[cfg(feature = "break-rules")]
         if self.no_grace_period {
-            for o in objs {
-                self.release(o);
-            }
+            self.release(o);
             return;
         }
+        let size = std::mem::size_of::<T>();
         let tag = self.rcu.tag();
-        let bytes = objs.len() * std::mem::size_of::<T>();
         let mut retired = self.retired.lock();
-        retired.extend(objs.into_iter().map(|o| (tag, o)));
         // Relaxed: only changed under the `retired` lock.
-        let total = self.retired_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if total > self.limits.max_deferred_bytes {
+        if self.retired_bytes.load(Ordering::Relaxed) + size > self.limits.max_deferred_bytes {
             // The backlog is full: wait for a grace period instead of
-            // queueing more. Everything queued was unlinked before now.
+            // queueing more. Everything queued, and `o`, was unlinked before
+            // now.
             self.stats.backlog_waits.inc();
             self.rcu.synchronize();
-            let all: Vec<_> = retired.drain(..).map(|(_, o)| o).collect();
-            self.retired_bytes.store(0, Ordering::Relaxed);
-            drop(retired);
-            for o in all {
-                self.release(o);
+            while let Some((_, q)) = retired.pop_front() {
+                self.release(q);
             }
+            self.retired_bytes.store(0, Ordering::Relaxed);
+            self.release(o);
             return;
         }
+        // Within the reserved capacity: no allocation.
+        retired.push_back((tag, o));
+        self.retired_bytes.fetch_add(size, Ordering::Relaxed);
         // Opportunistically return what has waited long enough; tags only
         // grow along the queue, so one poll answers for a run of equal tags.
-        let mut ready = Vec::new();
         while let Some(&(t, _)) = retired.front() {
             if !self.rcu.poll(t) {
                 break;
             }
             while retired.front().is_some_and(|&(u, _)| u <= t) {
-                ready.push(retired.pop_front().expect("front exists").1);
+                let (_, q) = retired.pop_front().expect("front exists");
+                self.release(q);
+                self.retired_bytes.fetch_sub(size, Ordering::Relaxed);
             }
-        }
-        self.retired_bytes.fetch_sub(ready.len() * std::mem::size_of::<T>(), Ordering::Relaxed);
-        drop(retired);
-        for o in ready {
-            self.release(o);
         }
     }
 
@@ -255,12 +246,12 @@ impl<T: PoolObject> Pool<T> {
         self.stats.returned.inc();
         // Relaxed: a statistic.
         self.allocated.fetch_sub(1, Ordering::Relaxed);
+        // In a `break-rules` build the object is poisoned and its memory
+        // kept, never freed: a reader that comes too late (the switch) reads
+        // poison, which it counts, rather than freed memory.
         #[cfg(feature = "break-rules")]
-        {
-            // SAFETY: the object is owned by the pool and alive.
-            unsafe { o.0.as_ref() }.poison();
-            self.graveyard.lock().push(o);
-        }
+        // SAFETY: the object is owned by the pool and alive.
+        unsafe { o.0.as_ref() }.poison();
         #[cfg(not(feature = "break-rules"))]
         // SAFETY: the object was made by `Box::leak` in `alloc_into`, handed
         // back and unlinked, and a grace period has passed since, so no reader
@@ -302,11 +293,7 @@ impl<T: PoolObject> Drop for Pool<T> {
         debug_assert_eq!(self.in_use(), 0, "pool dropped with objects in use");
         let free = self.free.get_mut().drain(..);
         let retired = self.retired.get_mut().drain(..).map(|(_, o)| o);
-        #[cfg(feature = "break-rules")]
-        let graveyard: Vec<Owned<T>> = self.graveyard.get_mut().drain(..).collect();
-        #[cfg(not(feature = "break-rules"))]
-        let graveyard: Vec<Owned<T>> = Vec::new();
-        for Owned(obj) in free.chain(retired).chain(graveyard) {
+        for Owned(obj) in free.chain(retired) {
             // SAFETY: every object here was made by `Box::leak` in `alloc_into`
             // and is owned by the pool, which is being dropped (`&mut self`):
             // no user and no reader remain. Each is released once.

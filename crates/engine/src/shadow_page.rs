@@ -70,9 +70,12 @@ pub struct ShadowPage {
     generation: AtomicU64,
     /// The sptes that point to this page (`sp->parent_ptes`).
     parent_ptes: PteListHead,
-    /// Links of `active_mmu_pages`, newest at the head (under `mmu_lock`).
+    /// Links of `active_mmu_pages`, newest at the head, or of an invalid
+    /// list between prepare and commit (under `mmu_lock`).
     link_prev: AtomicPtr<ShadowPage>,
     link_next: AtomicPtr<ShadowPage>,
+    /// Next page in the same `mmu_page_hash` bucket (under `mmu_lock`).
+    hash_next: AtomicPtr<ShadowPage>,
 }
 
 const _: () = assert!(std::mem::offset_of!(ShadowPage, spt) == 0);
@@ -216,6 +219,16 @@ impl ShadowPage {
         // Relaxed: under mmu_lock.
         self.link_next.store(p.map_or(std::ptr::null_mut(), |p| p.0.as_ptr()), Ordering::Relaxed);
     }
+
+    pub(crate) fn hash_next(&self) -> Option<SpPtr> {
+        // Relaxed: under mmu_lock.
+        NonNull::new(self.hash_next.load(Ordering::Relaxed)).map(SpPtr)
+    }
+
+    pub(crate) fn set_hash_next(&self, p: Option<SpPtr>) {
+        // Relaxed: under mmu_lock.
+        self.hash_next.store(p.map_or(std::ptr::null_mut(), |p| p.0.as_ptr()), Ordering::Relaxed);
+    }
 }
 
 impl PoolObject for ShadowPage {
@@ -242,6 +255,7 @@ impl PoolObject for ShadowPage {
             parent_ptes: PteListHead::new(),
             link_prev: AtomicPtr::new(std::ptr::null_mut()),
             link_next: AtomicPtr::new(std::ptr::null_mut()),
+            hash_next: AtomicPtr::new(std::ptr::null_mut()),
         })
     }
 

@@ -51,10 +51,12 @@ pub struct VmConfig {
     pub max_free_shadow_pages: usize,
     /// Freed pte_list descriptors kept for immediate reuse.
     pub max_free_descs: usize,
-    /// Bytes of freed memory (per pool) that may wait for a grace period
-    /// before the freeing side waits for one itself (the review's bound on
-    /// deferred frees).
+    /// Bytes of freed shadow pages that may wait for a grace period before
+    /// the freeing side waits for one itself (the review's bound on deferred
+    /// frees).
     pub max_deferred_bytes: usize,
+    /// The same bound for pte_list descriptors.
+    pub max_deferred_desc_bytes: usize,
     /// Rules to break, for tests that show they are load-bearing.
     #[cfg(feature = "break-rules")]
     pub breakage: crate::breakage::Breakage,
@@ -71,6 +73,7 @@ impl Default for VmConfig {
             max_free_shadow_pages: 256,
             max_free_descs: 4096,
             max_deferred_bytes: 16 << 20,
+            max_deferred_desc_bytes: 1 << 20,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
         }
@@ -207,14 +210,19 @@ impl Vm {
         {
             return Err(VmError::BudgetTooSmall(n));
         }
-        let deferred = config.max_deferred_bytes;
         let mmu = Mmu::new(MmuParams {
             design: config.mmu,
             address_spaces: config.address_spaces,
             large_pages: config.large_pages,
             max_mmu_pages: config.max_mmu_pages,
-            sp_limits: PoolLimits { max_free: config.max_free_shadow_pages, max_deferred_bytes: deferred },
-            desc_limits: PoolLimits { max_free: config.max_free_descs, max_deferred_bytes: deferred },
+            sp_limits: PoolLimits {
+                max_free: config.max_free_shadow_pages,
+                max_deferred_bytes: config.max_deferred_bytes,
+            },
+            desc_limits: PoolLimits {
+                max_free: config.max_free_descs,
+                max_deferred_bytes: config.max_deferred_desc_bytes,
+            },
             #[cfg(feature = "break-rules")]
             breakage: config.breakage,
             #[cfg(not(feature = "break-rules"))]
@@ -495,7 +503,7 @@ mod tests {
         };
         zapper.join().unwrap();
         // SAFETY: the pointer is into type-stable shadow page memory, which the
-        // grace period (or, in this build, the graveyard) keeps allocated.
+        // grace period (or, in this build, the poisoned leak) keeps allocated.
         let spte = unsafe { &*(sptep as *const crate::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
         drop(guard);
         drop(vcpu);

@@ -44,14 +44,13 @@ pub(crate) mod page;
 pub(crate) mod spte_ops;
 pub(crate) mod write_protect;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::breakage::Breakage;
 use crate::pool::{MemoryCache, Pool, PoolLimits};
 use crate::pte_list::PteListDesc;
 use crate::rcu::Rcu;
-use crate::shadow_page::{ShadowPage, SpPtr, SpRole};
+use crate::shadow_page::{ShadowPage, SpPtr};
 use crate::stats::MmuStats;
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use lock::MmuLock;
@@ -123,10 +122,15 @@ pub fn default_max_mmu_pages(guest_pages: u64) -> usize {
     ((guest_pages * KVM_PERMILLE_MMU_PAGES / 1000) as usize).max(KVM_MIN_ALLOC_MMU_PAGES)
 }
 
-/// State guarded by `mmu_lock`.
+/// Buckets of `mmu_page_hash` (`KVM_NUM_MMU_PAGES`).
+pub const KVM_NUM_MMU_PAGES: usize = 1 << 12;
+
+/// State guarded by `mmu_lock`. Nothing here allocates after the VM is
+/// built: the hash has a fixed number of buckets chained through the shadow
+/// pages' headers, and the lists are intrusive, as in KVM.
 pub(crate) struct MmuLocked {
     /// `mmu_page_hash`: shadow pages by (gfn, role).
-    pub(crate) hash: HashMap<(u64, SpRole), SpPtr>,
+    pub(crate) hash: Box<[Option<SpPtr>]>,
     /// `active_mmu_pages`: newest at the head, oldest at the tail.
     pub(crate) active_head: Option<SpPtr>,
     pub(crate) active_tail: Option<SpPtr>,
@@ -215,7 +219,7 @@ impl Mmu {
             breakage: p.breakage,
             rcu: rcu.clone(),
             lock: MmuLock::new(MmuLocked {
-                hash: HashMap::new(),
+                hash: vec![None; KVM_NUM_MMU_PAGES].into_boxed_slice(),
                 active_head: None,
                 active_tail: None,
                 n_used_mmu_pages: 0,

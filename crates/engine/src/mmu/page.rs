@@ -18,7 +18,7 @@
 //! root references, so only [`Kvm::kvm_mmu_zap_all`] zaps roots.
 
 use super::lock::MmuGuard;
-use super::{KVM_MIN_FREE_MMU_PAGES, KVM_REFILL_PAGES, MmuCaches, MmuLocked};
+use super::{KVM_MIN_FREE_MMU_PAGES, KVM_NUM_MMU_PAGES, KVM_REFILL_PAGES, MmuCaches, MmuLocked};
 use crate::memslot::Memslot;
 use crate::pte_list::PteListHead;
 use crate::shadow_page::{SpPtr, SpRole};
@@ -60,6 +60,79 @@ impl MmuLocked {
     pub(crate) fn active_pages(&self) -> impl Iterator<Item = SpPtr> + '_ {
         std::iter::successors(self.active_head, |sp| sp.get().link_next())
     }
+
+    /// `kvm_page_table_hashfn`, over gfn and role (direct pages at one level
+    /// have gfns aligned alike, so the role must spread them too).
+    fn bucket(gfn: u64, role: SpRole) -> usize {
+        let key = gfn ^ (u64::from(role.level) << 56) ^ (u64::from(role.asid) << 40);
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - KVM_NUM_MMU_PAGES.trailing_zeros())) as usize
+    }
+
+    /// The page for (`gfn`, `role`), if hashed (`for_each_gfn_sp`).
+    pub(crate) fn hash_lookup(&self, gfn: u64, role: SpRole) -> Option<SpPtr> {
+        let mut cur = self.hash[Self::bucket(gfn, role)];
+        while let Some(sp) = cur {
+            let p = sp.get();
+            if p.gfn() == gfn && p.role() == role {
+                return Some(sp);
+            }
+            cur = p.hash_next();
+        }
+        None
+    }
+
+    fn hash_insert(&mut self, sp: SpPtr) {
+        let p = sp.get();
+        let b = Self::bucket(p.gfn(), p.role());
+        p.set_hash_next(self.hash[b]);
+        self.hash[b] = Some(sp);
+    }
+
+    fn hash_remove(&mut self, sp: SpPtr) {
+        let p = sp.get();
+        let b = Self::bucket(p.gfn(), p.role());
+        let next = p.hash_next();
+        p.set_hash_next(None);
+        if self.hash[b] == Some(sp) {
+            self.hash[b] = next;
+            return;
+        }
+        let mut cur = self.hash[b];
+        while let Some(c) = cur {
+            if c.get().hash_next() == Some(sp) {
+                c.get().set_hash_next(next);
+                return;
+            }
+            cur = c.get().hash_next();
+        }
+        panic!("{:?} is not in mmu_page_hash", sp.get());
+    }
+
+    /// Pages in the hash (walks every bucket; for the audit).
+    pub(crate) fn hash_len(&self) -> usize {
+        self.hash.iter().map(|b| std::iter::successors(*b, |sp| sp.get().hash_next()).count()).sum()
+    }
+}
+
+/// Pages between prepare and commit (`invalid_list`), chained through the
+/// links they no longer use on the active list.
+#[derive(Default)]
+pub(crate) struct InvalidList {
+    head: Option<SpPtr>,
+}
+
+impl InvalidList {
+    fn push(&mut self, sp: SpPtr) {
+        sp.get().set_link_next(self.head);
+        self.head = Some(sp);
+    }
+
+    fn pop(&mut self) -> Option<SpPtr> {
+        let sp = self.head?;
+        self.head = sp.get().link_next();
+        sp.get().set_link_next(None);
+        Some(sp)
+    }
 }
 
 impl Kvm {
@@ -74,7 +147,7 @@ impl Kvm {
         asid: u16,
     ) -> SpPtr {
         let role = SpRole { level, direct: true, asid };
-        if let Some(&sp) = g.hash.get(&(gfn, role)) {
+        if let Some(sp) = g.hash_lookup(gfn, role) {
             debug_assert!(!sp.get().is_invalid());
             return sp;
         }
@@ -82,7 +155,7 @@ impl Kvm {
         let p = sp.get();
         debug_assert!(p.is_empty() && p.parent_ptes().is_empty());
         p.init(gfn, role);
-        g.hash.insert((gfn, role), sp);
+        g.hash_insert(sp);
         g.active_push_head(sp);
         g.n_used_mmu_pages += 1;
         self.mmu.stats.sp_created.inc();
@@ -162,7 +235,7 @@ impl Kvm {
         &self,
         g: &mut MmuGuard<'_>,
         sp: SpPtr,
-        invalid_list: &mut Vec<SpPtr>,
+        invalid_list: &mut InvalidList,
     ) -> usize {
         let p = sp.get();
         assert_eq!(p.root_count(), 0, "zapping a pinned root");
@@ -182,8 +255,7 @@ impl Kvm {
     fn kvm_mmu_isolate_page(&self, g: &mut MmuGuard<'_>, sp: SpPtr) {
         let p = sp.get();
         debug_assert!(p.is_empty(), "isolating a shadow page with present sptes");
-        let removed = g.hash.remove(&(p.gfn(), p.role()));
-        debug_assert_eq!(removed, Some(sp));
+        g.hash_remove(sp);
     }
 
     /// `kvm_mmu_free_page`: hands `sp` back to the pool.
@@ -192,14 +264,14 @@ impl Kvm {
     }
 
     /// `kvm_mmu_commit_zap_page`: flushes remote TLBs, then frees the pages.
-    pub(crate) fn kvm_mmu_commit_zap_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut Vec<SpPtr>) {
-        if invalid_list.is_empty() {
+    pub(crate) fn kvm_mmu_commit_zap_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut InvalidList) {
+        if invalid_list.head.is_none() {
             return;
         }
         // Wait for every vCPU in guest mode: none can still walk or use a
         // translation through the pages we are about to reuse.
         self.kvm_flush_remote_tlbs();
-        for sp in invalid_list.drain(..) {
+        while let Some(sp) = invalid_list.pop() {
             self.kvm_mmu_isolate_page(g, sp);
             self.kvm_mmu_free_page(sp);
         }
@@ -207,7 +279,7 @@ impl Kvm {
 
     /// `prepare_zap_oldest_mmu_page`: zaps the oldest page that is not a
     /// root.
-    fn prepare_zap_oldest_mmu_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut Vec<SpPtr>) -> bool {
+    fn prepare_zap_oldest_mmu_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut InvalidList) -> bool {
         let mut cur = g.active_tail;
         while let Some(sp) = cur {
             if sp.get().root_count() == 0 {
@@ -226,7 +298,7 @@ impl Kvm {
         if g.n_max_mmu_pages.saturating_sub(g.n_used_mmu_pages) >= KVM_MIN_FREE_MMU_PAGES {
             return;
         }
-        let mut invalid_list = Vec::new();
+        let mut invalid_list = InvalidList::default();
         while g.n_max_mmu_pages.saturating_sub(g.n_used_mmu_pages) < KVM_REFILL_PAGES {
             if !self.prepare_zap_oldest_mmu_page(g, &mut invalid_list) {
                 break;
@@ -237,7 +309,7 @@ impl Kvm {
 
     /// `kvm_mmu_change_mmu_pages`: sets the budget and zaps down to it.
     pub(crate) fn kvm_mmu_change_mmu_pages(&self, g: &mut MmuGuard<'_>, goal: usize) {
-        let mut invalid_list = Vec::new();
+        let mut invalid_list = InvalidList::default();
         while g.n_used_mmu_pages > goal {
             if !self.prepare_zap_oldest_mmu_page(g, &mut invalid_list) {
                 break;
@@ -255,7 +327,7 @@ impl Kvm {
                 root.get().put_root();
             }
         }
-        let mut invalid_list = Vec::new();
+        let mut invalid_list = InvalidList::default();
         while let Some(sp) = g.active_head {
             self.kvm_mmu_prepare_zap_page(g, sp, &mut invalid_list);
         }

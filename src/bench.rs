@@ -43,9 +43,9 @@ pub struct MigratePerfArgs {
     /// Never map 2 MiB pages.
     #[arg(long)]
     pub no_large_pages: bool,
-    /// Seconds of the fault-heavy (logging off) measurement, per design; 0
-    /// skips it.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds of the fault-heavy (logging off) measurement, per design,
+    /// spread over five alternations of the designs; 0 skips it.
+    #[arg(long, default_value_t = 6.0)]
     pub fault_heavy_seconds: f64,
     /// Write the results as JSON to this file.
     #[arg(long)]
@@ -112,12 +112,16 @@ fn run_json(mmu: MmuDesign, a: &MigratePerfArgs, r: &MigratePerfRun, faults_per_
     })
 }
 
-/// The fault-heavy measurement, designs alternated three times; the median
-/// of each.
+/// Alternations of the designs in the fault-heavy measurement.
+const FAULT_HEAVY_ROUNDS: usize = 5;
+
+/// The fault-heavy measurement, designs alternated `FAULT_HEAVY_ROUNDS`
+/// times (so that drift of a shared machine hits both alike); the median of
+/// each.
 fn fault_heavy(a: &MigratePerfArgs) -> Result<Vec<f64>, HarnessError> {
-    let per = Duration::from_secs_f64(a.fault_heavy_seconds / 3.0);
+    let per = Duration::from_secs_f64(a.fault_heavy_seconds / FAULT_HEAVY_ROUNDS as f64);
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); a.mmu.len()];
-    for _ in 0..3 {
+    for _ in 0..FAULT_HEAVY_ROUNDS {
         for (i, &mmu) in a.mmu.iter().enumerate() {
             let f = perf::fault_heavy(mmu, a.vcpus, per)?;
             samples[i].push(f.faults_per_sec);

@@ -74,6 +74,7 @@ pub mod rcu;
 pub mod shadow_page;
 pub mod spte;
 pub mod stats;
+pub mod trace;
 mod sync;
 pub mod vcpu;
 pub mod vm;

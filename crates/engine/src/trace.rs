@@ -1,0 +1,1 @@
+//! Page-level access traces of real programs (being written).

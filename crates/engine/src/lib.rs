@@ -58,6 +58,7 @@ pub mod dirty_bitmap;
 pub mod dirty_log;
 pub mod guest;
 pub mod harness;
+pub mod kernbench;
 #[doc(hidden)]
 pub mod lockdep;
 #[cfg(all(test, loom))]
@@ -88,5 +89,5 @@ pub use memory::{HostMemory, MemoryError};
 pub use memslot::{MemFlags, MemslotError, UserMemoryRegion};
 pub use mmu::MmuDesign;
 pub use page_track::TrackError;
-pub use vcpu::{Vcpu, VcpuError, VcpuExit, VcpuStats};
+pub use vcpu::{FaultObserver, Vcpu, VcpuError, VcpuExit, VcpuStats};
 pub use vm::{Vm, VmConfig, VmError, VmStats};

@@ -13,11 +13,22 @@
 //!    the host releases pass `i + 1` and times `get_dirty_log` while the vCPUs
 //!    are write-faulting again, and lets the oracle check the harvest and
 //!    copy the dirty pages.
-//! 4. The vCPUs stop; the oracle's exact final check counts lost pages.
+//! 4. The vCPUs finish their pass and make one more while nobody harvests;
+//!    then, with every vCPU parked, one harvest of the freshly dirtied guest
+//!    is timed alone (`quiet`).
+//! 5. The vCPUs stop; the oracle's exact final check counts lost pages.
 //!
 //! The no-regression claim is measured separately ([`fault_heavy`]): a
 //! fault-heavy workload with dirty logging off, whose shadow page budget is
 //! too small to hold the map, so every pass faults on every page again.
+//!
+//! Every vCPU carries a [`LatencyProbe`]: each write fault's latency, from
+//! the exit of guest mode to the re-entry, goes into one HDR histogram if a
+//! harvest ran at any time during the fault, into another if none did. The
+//! host brackets each `get_dirty_log` with two increments of a harvest
+//! sequence number (odd: a harvest runs), which the probe reads at both ends
+//! of the fault. [`cmpxchg_floor`] gives the cost a harvest cannot go below:
+//! one compare-exchange per dirty page over a plain array.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
+use hdrhistogram::Histogram;
 
 use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
@@ -33,7 +45,7 @@ use crate::memslot::{MemFlags, UserMemoryRegion};
 use crate::mmu::MmuDesign;
 use crate::oracle::Oracle;
 use crate::spte::PAGE_SIZE;
-use crate::vcpu::{VcpuExit, VcpuStats};
+use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig, VmStats};
 use crate::workload::{AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WorkloadGuest, WorkloadSpec};
 
@@ -79,12 +91,148 @@ pub struct MigratePerfRun {
     pub enable_dirty_logging_ns: u64,
     /// Each iteration.
     pub iterations: Vec<Iteration>,
+    /// After the iterations: a harvest of a guest the vCPUs have just fully
+    /// dirtied (with `write_pct` 100), with every vCPU parked.
+    pub quiet: Iteration,
     /// Lost dirty pages the oracle found (all checks, final included).
     pub lost_pages: u64,
     /// vCPU counters, summed, over the whole run.
     pub vcpu: VcpuStats,
     /// MMU figures at the end.
     pub vm: VmStats,
+    /// Latencies of the vCPUs' write faults that overlapped a harvest, ns.
+    pub fault_latency_harvest: LatencyHistogram,
+    /// Latencies of the vCPUs' write faults with no harvest running, ns.
+    pub fault_latency_idle: LatencyHistogram,
+}
+
+/// A histogram of latencies in nanoseconds (1 ns to 100 s, 3 significant
+/// digits).
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram(pub Histogram<u64>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self(Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid bounds"))
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one latency (clamped into the histogram's range).
+    pub fn record(&mut self, ns: u64) {
+        self.0.saturating_record(ns.max(1));
+    }
+
+    /// The latency at `quantile` (0.0 to 1.0); 0 if empty.
+    pub fn quantile_ns(&self, quantile: f64) -> u64 {
+        if self.0.is_empty() { 0 } else { self.0.value_at_quantile(quantile) }
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// The largest latency; 0 if empty.
+    pub fn max_ns(&self) -> u64 {
+        if self.0.is_empty() { 0 } else { self.0.max() }
+    }
+
+    /// Merges `other` in.
+    pub fn add(&mut self, other: &Self) {
+        // Both have the same bounds, and the bounds auto-resize anyway.
+        self.0.add(&other.0).expect("histograms of the same bounds");
+    }
+}
+
+/// The harvest sequence number: odd while the host harvests.
+#[derive(Debug, Default)]
+pub struct HarvestClock(CachePadded<AtomicU64>);
+
+impl HarvestClock {
+    /// Brackets `f`, a harvest, so that the probes see it.
+    pub fn harvest<T>(&self, f: impl FnOnce() -> T) -> T {
+        // Relaxed: a classification for statistics, read by the probes with
+        // relaxed loads. A fault that overlaps a harvest by less than the
+        // time a store takes to reach the other core may be counted idle.
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let r = f();
+        // Relaxed: as above.
+        self.0.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn now(&self) -> u64 {
+        // Relaxed: see `harvest`.
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A vCPU's fault probe: write-fault latencies, split by whether a harvest
+/// overlapped the fault.
+#[derive(Debug)]
+pub struct LatencyProbe {
+    clock: Arc<HarvestClock>,
+    begin: u64,
+    /// Write faults that overlapped a harvest.
+    pub harvest: LatencyHistogram,
+    /// Write faults with no harvest running.
+    pub idle: LatencyHistogram,
+}
+
+impl LatencyProbe {
+    /// A probe that reads `clock`.
+    pub fn new(clock: Arc<HarvestClock>) -> Self {
+        Self { clock, begin: 0, harvest: LatencyHistogram::default(), idle: LatencyHistogram::default() }
+    }
+}
+
+impl FaultObserver for LatencyProbe {
+    fn fault_begin(&mut self) {
+        self.begin = self.clock.now();
+    }
+
+    fn fault_end(&mut self, write: bool, ns: u64) {
+        if !write {
+            return;
+        }
+        let end = self.clock.now();
+        // A harvest ran at some time during the fault if one was running at
+        // either end, or one started or ended in between.
+        if self.begin % 2 == 1 || end != self.begin {
+            self.harvest.record(ns);
+        } else {
+            self.idle.record(ns);
+        }
+    }
+}
+
+/// The floor of a harvest: one compare-exchange that clears the writable
+/// bit per page, over a plain array of `pages` u64 (no rmap, no bitmap, no
+/// shadow page), on one thread. Returns ns per page, the best of 3 runs.
+pub fn cmpxchg_floor(pages: u64) -> f64 {
+    use crate::spte::PT_WRITABLE_MASK;
+    let pages = pages.max(1);
+    let array: Vec<AtomicU64> = (0..pages).map(|i| AtomicU64::new((i << 12) | 0x7)).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        for a in &array {
+            // Relaxed: single-threaded setup.
+            a.fetch_or(PT_WRITABLE_MASK, Ordering::Relaxed);
+        }
+        let t = Instant::now();
+        for a in &array {
+            // Relaxed loads and a relaxed compare-exchange: the floor measures
+            // the locked read-modify-write itself (on x86 every ordering
+            // compiles to the same `lock cmpxchg`), as
+            // `spte_write_protect_lockless` does once per writable spte.
+            let old = a.load(Ordering::Relaxed);
+            let _ = a.compare_exchange(old, old & !PT_WRITABLE_MASK, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / pages as f64);
+    }
+    std::hint::black_box(&array);
+    best
 }
 
 impl MigratePerfRun {
@@ -122,7 +270,15 @@ struct Sweepers {
     ctl: Arc<GuestControl>,
     passes: Arc<[CachePadded<PassClock>]>,
     allowed: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<Result<VcpuStats, String>>>,
+    threads: Vec<JoinHandle<Result<(VcpuStats, Option<Box<LatencyProbe>>), String>>>,
+}
+
+/// What the sweepers leave when they stop.
+#[derive(Debug, Default)]
+struct SweepResult {
+    stats: VcpuStats,
+    harvest: LatencyHistogram,
+    idle: LatencyHistogram,
 }
 
 impl Sweepers {
@@ -133,6 +289,7 @@ impl Sweepers {
         npages: u64,
         spec: WorkloadSpec,
         allowed: u64,
+        clock: Option<Arc<HarvestClock>>,
     ) -> Result<Self, HarnessError> {
         let ctl = GuestControl::new(vcpus);
         let passes: Arc<[CachePadded<PassClock>]> =
@@ -141,6 +298,9 @@ impl Sweepers {
         let mut threads = Vec::new();
         for id in 0..vcpus {
             let mut vcpu = vm.create_vcpu(id)?;
+            if let Some(c) = &clock {
+                vcpu.set_fault_observer(Some(Box::new(LatencyProbe::new(c.clone()))));
+            }
             let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
             let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
             threads.push(std::thread::spawn(move || {
@@ -165,7 +325,13 @@ impl Sweepers {
                             }
                             pass_start = Instant::now();
                         }
-                        Ok(VcpuExit::Hypercall(HC_STOP)) => break Ok(vcpu.stats()),
+                        Ok(VcpuExit::Hypercall(HC_STOP)) => {
+                            let probe = vcpu.set_fault_observer(None).map(|o| {
+                                let o: Box<dyn std::any::Any> = o;
+                                o.downcast::<LatencyProbe>().expect("the probe we installed")
+                            });
+                            break Ok((vcpu.stats(), probe));
+                        }
                         Ok(other) => break Err(format!("vCPU {id}: unexpected exit {other:?}")),
                         Err(e) => break Err(format!("vCPU {id}: {e}")),
                     }
@@ -203,13 +369,18 @@ impl Sweepers {
         self.passes.iter().map(|p| p.last_pass_ns.load(Ordering::Relaxed)).max().unwrap_or(0)
     }
 
-    fn stop(&mut self) -> Result<VcpuStats, String> {
+    fn stop(&mut self) -> Result<SweepResult, String> {
         self.ctl.request_stop();
-        let mut stats = VcpuStats::default();
+        let mut r = SweepResult::default();
         for t in self.threads.drain(..) {
-            stats += t.join().map_err(|_| "a vCPU thread panicked".to_string())??;
+            let (stats, probe) = t.join().map_err(|_| "a vCPU thread panicked".to_string())??;
+            r.stats += stats;
+            if let Some(p) = probe {
+                r.harvest.add(&p.harvest);
+                r.idle.add(&p.idle);
+            }
         }
-        Ok(stats)
+        Ok(r)
     }
 }
 
@@ -258,8 +429,9 @@ pub fn migrate_perf(
         ..WorkloadSpec::default()
     };
     let mut run = MigratePerfRun::default();
+    let clock = Arc::new(HarvestClock::default());
     let t0 = Instant::now();
-    let mut sweepers = Sweepers::start(&vm, cfg.vcpus, npages, spec, 1)?;
+    let mut sweepers = Sweepers::start(&vm, cfg.vcpus, npages, spec, 1, Some(clock.clone()))?;
     sweepers.wait_passes(&vec![0; cfg.vcpus as usize]);
     run.populate_ns = t0.elapsed().as_nanos() as u64;
 
@@ -279,14 +451,37 @@ pub fn migrate_perf(
         // The vCPUs go on write-faulting during the harvest.
         sweepers.release(pass + 1);
         let cut = sweepers.ctl.cut();
-        let t = Instant::now();
-        let dirty_pages = vm.get_dirty_log(0, &mut bitmap)?;
-        let it = Iteration { dirty_memory_ns, get_dirty_log_ns: t.elapsed().as_nanos() as u64, dirty_pages };
+        let (dirty_pages, get_dirty_log_ns) = clock.harvest(|| {
+            let t = Instant::now();
+            let r = vm.get_dirty_log(0, &mut bitmap);
+            (r, t.elapsed().as_nanos() as u64)
+        });
+        let it = Iteration { dirty_memory_ns, get_dirty_log_ns, dirty_pages: dirty_pages? };
         run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
         on_iteration(i + 1, &it);
         run.iterations.push(it);
     }
-    run.vcpu = sweepers.stop().map_err(HarnessError::BadConfig)?;
+    // The harvest alone: the vCPUs finish the pass they are in (harvested
+    // untimed), then make one more full pass and park, and one harvesting
+    // thread write-protects a fully dirtied guest with nothing running
+    // beside it.
+    let pass = 2 + u64::from(cfg.iterations);
+    sweepers.wait_passes(&vec![pass - 1; cfg.vcpus as usize]);
+    let cut = sweepers.ctl.cut();
+    vm.get_dirty_log(0, &mut bitmap)?;
+    run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
+    sweepers.release(pass + 1);
+    let dirty_memory_ns = sweepers.wait_passes(&vec![pass; cfg.vcpus as usize]);
+    let cut = sweepers.ctl.cut();
+    let t = Instant::now();
+    let dirty_pages = vm.get_dirty_log(0, &mut bitmap)?;
+    run.quiet = Iteration { dirty_memory_ns, get_dirty_log_ns: t.elapsed().as_nanos() as u64, dirty_pages };
+    run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
+
+    let swept = sweepers.stop().map_err(HarnessError::BadConfig)?;
+    run.vcpu = swept.stats;
+    run.fault_latency_harvest = swept.harvest;
+    run.fault_latency_idle = swept.idle;
     vm.get_dirty_log(0, &mut bitmap)?;
     run.lost_pages += oracle.finish(mem.words(), &bitmap).lost_pages;
     run.vm = vm.stats();
@@ -317,7 +512,7 @@ pub fn fault_heavy(mmu: MmuDesign, vcpus: u32, duration: Duration) -> Result<Fau
     let config = VmConfig { mmu, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
     let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
     let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
-    let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX)?;
+    let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX, None)?;
     sweepers.wait_passes(&vec![0; vcpus as usize]);
     let stats0 = vm.stats();
     // Faults are counted by the MMU (leaf sptes installed, one per fault

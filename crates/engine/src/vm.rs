@@ -338,6 +338,21 @@ impl Vm {
         self.set_log_flag(slot, false)
     }
 
+    /// The mmu notifier's `invalidate_range_start` for the host memory behind
+    /// guest physical `[gpa, gpa + size)`: drops every spte that maps it and
+    /// flushes remote TLBs (see `mmu/notifier.rs`). vCPUs fault the pages in
+    /// again on their next access. Returns how many rmaps had sptes to drop.
+    pub fn mmu_notifier_invalidate_range(&self, gpa: u64, size: u64) -> Result<u64, VmError> {
+        let page = crate::spte::PAGE_SIZE;
+        if !gpa.is_multiple_of(page) || !size.is_multiple_of(page) || gpa.checked_add(size).is_none() {
+            return Err(VmError::BadConfig(format!(
+                "invalidate range [{gpa:#x}, +{size:#x}) is not page aligned or overflows"
+            )));
+        }
+        let shift = crate::spte::PAGE_SHIFT;
+        Ok(self.kvm.kvm_unmap_gfn_range(gpa >> shift, (gpa + size) >> shift))
+    }
+
     /// `KVM_GET_DIRTY_LOG`: copies the dirty bitmap of `slot` into `bitmap`
     /// (KVM's layout, one `u64` per 64 pages), clears it, and write-protects
     /// the dirty pages. Returns the number of dirty pages.

@@ -40,6 +40,7 @@ pub(crate) mod fast_fault;
 pub(crate) mod fault;
 pub(crate) mod lock;
 pub(crate) mod lockless;
+pub(crate) mod notifier;
 pub(crate) mod page;
 pub(crate) mod spte_ops;
 pub(crate) mod write_protect;

@@ -120,6 +120,18 @@ impl std::ops::AddAssign for VcpuStats {
     }
 }
 
+/// A probe that sees every page fault of one vCPU, for benchmarks (the
+/// fault latency histograms of `bench migrate-perf`). It runs on the vCPU's
+/// thread, outside guest mode.
+pub trait FaultObserver: std::any::Any + Send {
+    /// A page fault exits guest mode.
+    fn fault_begin(&mut self);
+    /// The vCPU is back in guest mode, `ns` after the exit: the fault's
+    /// latency as the guest sees it, including waits for `mmu_lock` and the
+    /// requests handled on entry.
+    fn fault_end(&mut self, write: bool, ns: u64);
+}
+
 /// A vCPU (the `kvm_vcpu` of one thread). Create with
 /// [`crate::Vm::create_vcpu`], move to a thread, call [`Vcpu::run`].
 pub struct Vcpu {
@@ -129,6 +141,7 @@ pub struct Vcpu {
     caches: MmuCaches,
     asid: u16,
     stats: VcpuStats,
+    observer: Option<Box<dyn FaultObserver>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -154,7 +167,24 @@ enum Walk {
 impl Vcpu {
     pub(crate) fn new(kvm: Arc<Kvm>, shared: Arc<VcpuShared>) -> Self {
         let tlb = Tlb::new(kvm.config.tlb_entries);
-        Self { kvm, shared, tlb, caches: MmuCaches::default(), asid: 0, stats: VcpuStats::default() }
+        Self {
+            kvm,
+            shared,
+            tlb,
+            caches: MmuCaches::default(),
+            asid: 0,
+            stats: VcpuStats::default(),
+            observer: None,
+        }
+    }
+
+    /// Installs (or with `None` removes) a probe that sees every page fault;
+    /// returns the previous one.
+    pub fn set_fault_observer(
+        &mut self,
+        observer: Option<Box<dyn FaultObserver>>,
+    ) -> Option<Box<dyn FaultObserver>> {
+        std::mem::replace(&mut self.observer, observer)
     }
 
     /// The vCPU id.
@@ -305,6 +335,10 @@ impl Vcpu {
 
     /// A VM exit for a page fault: leave guest mode, handle, re-enter.
     fn page_fault(&mut self, gpa: u64, write: bool, present: bool, value: u64) -> Result<(), Stop> {
+        let exit = self.observer.as_mut().map(|o| {
+            o.fault_begin();
+            Instant::now()
+        });
         self.shared.exit_guest_mode();
         let t0 = Instant::now();
         let fault = PageFault { gfn: gpa >> PAGE_SHIFT, write, present, asid: self.asid };
@@ -313,6 +347,9 @@ impl Vcpu {
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);
         self.enter_guest();
+        if let (Some(o), Some(exit)) = (self.observer.as_mut(), exit) {
+            o.fault_end(write, exit.elapsed().as_nanos() as u64);
+        }
         r.map_err(|e| match e {
             FaultExit::NoSlot | FaultExit::ReadOnly => {
                 self.stats.mmio_exits += 1;

@@ -1,0 +1,210 @@
+//! `kernbench`: the seed's no-regression claim, as a fault-heavy workload
+//! with dirty logging off.
+//!
+//! The seed ran kernbench in a 12-vCPU guest under shadow paging and saw no
+//! change. What a kernel compile asks of the MMU is faults: processes come
+//! and go, memory is faulted in, the host reclaims and migrates pages behind
+//! the guest (mmu notifier invalidations), and the shadow page budget is
+//! always full, so the shrinker zaps pages as fast as faults build them.
+//! Here, for the run's duration:
+//! - each vCPU runs its guest program: a sweep over its slice of guest
+//!   memory ([`Workload::Sweep`]), or a replay of a recorded page-access trace
+//!   of a real program ([`Workload::Replay`]), each vCPU on its own copy of
+//!   the trace's pages, as separate processes would be;
+//! - a host thread plays the mmu notifier: every `invalidate_every` it
+//!   invalidates a random 2 MiB of guest memory, whose pages then fault in
+//!   again;
+//! - the shadow page budget is `max_mmu_pages`, far below what the guest's
+//!   map needs.
+//!
+//! The figure is guest accesses (loads and stores) completed per second, the
+//! stand-in for kernbench's compile time. Nothing is oracle-checked here: no
+//! slot logs dirty pages.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::guest::{GuestCode, GuestOp};
+use crate::harness::HarnessError;
+use crate::memory::HostMemory;
+use crate::memslot::{MemFlags, UserMemoryRegion};
+use crate::mmu::MmuDesign;
+use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
+use crate::vcpu::{VcpuExit, VcpuStats};
+use crate::vm::{Vm, VmConfig};
+use crate::workload::{GuestControl, HC_STOP, WorkloadGuest, WorkloadSpec};
+
+/// Bytes each invalidation covers: one 2 MiB region, as THP collapse or a
+/// reclaim batch would.
+pub const INVALIDATE_BYTES: u64 = 2 << 20;
+
+/// What the vCPUs run.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// Each vCPU sweeps its slice of guest memory, one store per page.
+    Sweep,
+    /// Each vCPU replays a page-level trace: entries `page << 1 | write`,
+    /// pages dense from 0 to `pages`.
+    Replay {
+        /// The trace's entries.
+        entries: Arc<[u32]>,
+        /// Distinct pages in the trace.
+        pages: u32,
+    },
+}
+
+/// A kernbench run.
+#[derive(Debug, Clone)]
+pub struct KernbenchConfig {
+    /// Design.
+    pub mmu: MmuDesign,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory for [`Workload::Sweep`]; a replay sizes the guest to hold
+    /// one copy of the trace's pages per vCPU.
+    pub guest_bytes: u64,
+    /// The guest program.
+    pub workload: Workload,
+    /// Shadow page budget (`KVM_SET_NR_MMU_PAGES`).
+    pub max_mmu_pages: usize,
+    /// Interval between two invalidations; `None`: no notifier.
+    pub invalidate_every: Option<Duration>,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+/// What a kernbench run measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KernbenchRun {
+    /// Guest accesses per second, all vCPUs together.
+    pub ops_per_sec: f64,
+    /// Page faults per second.
+    pub faults_per_sec: f64,
+    /// Invalidations the notifier made.
+    pub invalidations: u64,
+    /// Shadow pages the shrinker zapped.
+    pub sp_shrunk: u64,
+    /// Guest bytes.
+    pub guest_bytes: u64,
+}
+
+/// A replaying vCPU: walks the trace from `start`, wrapping around, mapping
+/// trace page `p` to guest page `base + p`; one 8-byte access per entry, at
+/// a word that moves with the entry index so a page's accesses spread over
+/// it.
+struct ReplayGuest {
+    entries: Arc<[u32]>,
+    pos: usize,
+    base_gfn: u64,
+    stop: Arc<AtomicBool>,
+}
+
+impl GuestCode for ReplayGuest {
+    fn next_op(&mut self, _last_read: u64) -> GuestOp {
+        // Relaxed: a stop request needs no ordering; the host joins the thread.
+        if self.stop.load(Ordering::Relaxed) {
+            return GuestOp::Hypercall(HC_STOP);
+        }
+        let e = self.entries[self.pos];
+        let gpa = ((self.base_gfn + u64::from(e >> 1)) << PAGE_SHIFT) | ((self.pos as u64 % 512) * 8);
+        self.pos += 1;
+        if self.pos == self.entries.len() {
+            self.pos = 0;
+        }
+        if e & 1 == 1 { GuestOp::Write(gpa, self.pos as u64) } else { GuestOp::Read(gpa) }
+    }
+}
+
+/// Runs one kernbench configuration.
+pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
+    let guest_bytes = match &cfg.workload {
+        Workload::Sweep => cfg.guest_bytes,
+        Workload::Replay { entries, pages } => {
+            if entries.is_empty() || entries.iter().any(|e| e >> 1 >= *pages) {
+                return Err(HarnessError::BadConfig("the trace is empty or names a page past its count".into()));
+            }
+            (u64::from(*pages) * u64::from(cfg.vcpus) * PAGE_SIZE).next_multiple_of(INVALIDATE_BYTES)
+        }
+    };
+    if cfg.vcpus == 0 || guest_bytes / PAGE_SIZE < u64::from(cfg.vcpus) || !guest_bytes.is_multiple_of(PAGE_SIZE) {
+        return Err(HarnessError::BadConfig(format!("{} vCPUs on {guest_bytes} bytes", cfg.vcpus)));
+    }
+    let config = VmConfig {
+        mmu: cfg.mmu,
+        large_pages: false,
+        max_mmu_pages: Some(cfg.max_mmu_pages),
+        ..VmConfig::default()
+    };
+    let vm = Vm::new(config)?;
+    let mem = HostMemory::anonymous_populated(guest_bytes)?;
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: MemFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: guest_bytes,
+        memory: Some(mem),
+        memory_offset: 0,
+    })?;
+    let npages = guest_bytes / PAGE_SIZE;
+    let ctl = GuestControl::new(cfg.vcpus);
+    let stop = Arc::new(AtomicBool::new(false));
+    let spec = WorkloadSpec { seed: cfg.seed, ..WorkloadSpec::default() };
+    let mut threads = Vec::new();
+    let stats0 = vm.stats();
+    let t0 = Instant::now();
+    for id in 0..cfg.vcpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        let mut guest: Box<dyn GuestCode + Send> = match &cfg.workload {
+            Workload::Sweep => Box::new(WorkloadGuest::new(spec, id, cfg.vcpus, 0, npages, ctl.clone())),
+            Workload::Replay { entries, pages } => Box::new(ReplayGuest {
+                pos: entries.len() * id as usize / cfg.vcpus as usize,
+                entries: entries.clone(),
+                base_gfn: u64::from(*pages) * u64::from(id),
+                stop: stop.clone(),
+            }),
+        };
+        threads.push(std::thread::spawn(move || -> Result<VcpuStats, String> {
+            match vcpu.run(&mut *guest) {
+                Ok(VcpuExit::Hypercall(HC_STOP)) => Ok(vcpu.stats()),
+                Ok(other) => Err(format!("vCPU {id}: unexpected exit {other:?}")),
+                Err(e) => Err(format!("vCPU {id}: {e}")),
+            }
+        }));
+    }
+    let mut invalidations = 0;
+    let mut rng = fastrand::Rng::with_seed(cfg.seed);
+    let regions = guest_bytes.div_ceil(INVALIDATE_BYTES);
+    while t0.elapsed() < cfg.duration {
+        match cfg.invalidate_every {
+            Some(every) => {
+                std::thread::sleep(every);
+                let gpa = rng.u64(..regions) * INVALIDATE_BYTES;
+                vm.mmu_notifier_invalidate_range(gpa, INVALIDATE_BYTES.min(guest_bytes - gpa))?;
+                invalidations += 1;
+            }
+            None => std::thread::sleep(cfg.duration.saturating_sub(t0.elapsed())),
+        }
+    }
+    ctl.request_stop();
+    // Relaxed: see `ReplayGuest::next_op`.
+    stop.store(true, Ordering::Relaxed);
+    let mut total = VcpuStats::default();
+    for t in threads {
+        total += t.join().map_err(|_| HarnessError::BadConfig("a vCPU thread panicked".into()))?
+            .map_err(HarnessError::BadConfig)?;
+    }
+    // The vCPUs stop within one access of the request: the window is the
+    // measured time up to the request.
+    let secs = t0.elapsed().as_secs_f64();
+    let stats = vm.stats();
+    Ok(KernbenchRun {
+        ops_per_sec: (total.reads + total.writes) as f64 / secs,
+        faults_per_sec: total.page_faults as f64 / secs,
+        invalidations,
+        sp_shrunk: stats.sp_shrunk - stats0.sp_shrunk,
+        guest_bytes,
+    })
+}

@@ -1,0 +1,58 @@
+//! The mmu notifier's `invalidate_range_start`: the host is about to change
+//! the host pages behind a range of guest memory (reclaim, page migration,
+//! KSM, THP collapse), so every spte that maps them is dropped, and remote
+//! TLBs are flushed before the host may touch the pages
+//! (`kvm_mmu_notifier_invalidate_range_start` -> `kvm_unmap_hva_range` ->
+//! `kvm_unmap_rmapp`).
+//!
+//! Where we differ from KVM, and why:
+//! - KVM is told a host virtual range and maps it onto the gfns of every slot
+//!   that covers it (`hva_to_gfn_memslot`). Each of our slots owns its host
+//!   memory, so we take the guest physical range directly.
+//! - KVM's faults resolve the pfn before they take `mmu_lock`, so they check
+//!   `mmu_notifier_seq`/`mmu_notifier_count` under the lock and retry if an
+//!   invalidation ran in between. Ours resolve it under `mmu_lock`
+//!   (`gfn_to_pfn` in `__direct_map`: the memory is pinned), so a fault runs
+//!   wholly before the invalidation (and is zapped by it) or wholly after
+//!   (and maps the page again, as a refault after reclaim does). No retry
+//!   protocol is needed.
+//!
+//! Invariants: the sptes are dropped under `mmu_lock` (as every spte is);
+//! when this returns, no vCPU can reach the range through a TLB entry or an
+//! spte until it faults again.
+
+use crate::spte::{KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, level_base_gfn, pages_per_spte};
+use crate::vm::Kvm;
+
+impl Kvm {
+    /// Drops every spte that maps a gfn in `[start, end)`, at every level,
+    /// then flushes remote TLBs if any was dropped. Returns how many rmaps
+    /// had sptes to drop.
+    pub(crate) fn kvm_unmap_gfn_range(&self, start: u64, end: u64) -> u64 {
+        let slots = self.memslots.load();
+        let g = self.mmu.lock.lock();
+        let mut unmapped = 0;
+        for slot in slots.iter() {
+            let lo = start.max(slot.base_gfn());
+            let hi = end.min(slot.base_gfn() + slot.npages());
+            if lo >= hi {
+                continue;
+            }
+            for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+                // One rmap per level-sized region: a large spte maps the range
+                // if its region overlaps it at all.
+                let mut gfn = level_base_gfn(lo, level).max(slot.base_gfn());
+                while gfn < hi {
+                    unmapped += u64::from(self.kvm_unmap_rmapp(&g, slot.rmap(gfn, level)));
+                    gfn = level_base_gfn(gfn, level) + pages_per_spte(level);
+                }
+            }
+        }
+        if unmapped > 0 {
+            // Under mmu_lock, as KVM flushes before `invalidate_range_start`
+            // returns: after this the host may free or change the pages.
+            self.kvm_flush_remote_tlbs();
+        }
+        unmapped
+    }
+}

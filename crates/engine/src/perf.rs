@@ -270,8 +270,11 @@ struct Sweepers {
     ctl: Arc<GuestControl>,
     passes: Arc<[CachePadded<PassClock>]>,
     allowed: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<Result<(VcpuStats, Option<Box<LatencyProbe>>), String>>>,
+    threads: Vec<JoinHandle<SweeperExit>>,
 }
+
+/// What a sweeper thread returns: its vCPU's counters and its probe.
+type SweeperExit = Result<(VcpuStats, Option<Box<LatencyProbe>>), String>;
 
 /// What the sweepers leave when they stop.
 #[derive(Debug, Default)]

@@ -44,7 +44,7 @@ fn invalidation_of_a_bad_range_is_refused_and_the_vm_goes_on() {
     let (vm, _mem) = vm_with_slot(VmConfig::default(), 2 * MIB, MemFlags::empty());
     let mut vcpu = vm.create_vcpu(0).unwrap();
     run_ops(&mut vcpu, [GuestOp::Write(page(3), 3)]);
-    for (gpa, size) in [(4095, 4096), (0, 100), (u64::MAX & !4095, 8192)] {
+    for (gpa, size) in [(4095, 4096), (0, 100), (!4095, 8192)] {
         assert!(
             matches!(vm.mmu_notifier_invalidate_range(gpa, size), Err(VmError::BadConfig(_))),
             "[{gpa:#x}, +{size:#x})"

@@ -1,1 +1,48 @@
-//! placeholder until the backend lands
+//! # shadow-mmu on real KVM
+//!
+//! The shadow-mmu dirty-logging workloads run on the machine's own KVM,
+//! through `/dev/kvm` (with `kvm-ioctls`, `kvm-bindings` and
+//! `vmm-sys-util`), as a reference for the engine's dirty-log semantics and
+//! harvest cost:
+//!
+//! - [`probe`]: is `/dev/kvm` usable, which flavour (PVM, VMX, SVM), are
+//!   guests executed by the CPU or by KVM's instruction emulator, which
+//!   dirty-log capabilities;
+//! - [`vm`]: a VM with a code/control slot and a test slot that can log
+//!   dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`), `KVM_GET_DIRTY_LOG` and
+//!   `KVM_CLEAR_DIRTY_LOG` into caller-owned bitmaps;
+//! - [`ioctls`]: the dirty-log ioctls `kvm-ioctls` does not wrap;
+//! - [`guest`]: guest code generated at run time (hand-encoded x86);
+//! - [`perf`]: `migrate-perf` as `dirty_log_perf_test` does it, one thread
+//!   per vCPU, exits to the host at pass boundaries;
+//! - [`script`]: a vCPU that executes host-chosen writes, for differential
+//!   tests against the engine.
+//!
+//! ```no_run
+//! let p = shadow_mmu_kvm::probe();
+//! println!("{p}");
+//! if p.is_usable() {
+//!     let mut vm = shadow_mmu_kvm::KvmScriptVm::new(2 << 20, false)?;
+//!     vm.enable_dirty_logging()?;
+//!     vm.run_writes(&[(0x3008, 42)])?;
+//!     let mut bitmap = vec![0u64; 8];
+//!     assert_eq!(vm.get_dirty_log(&mut bitmap)?, 1);
+//!     assert_eq!(bitmap[0], 1 << 3);
+//! }
+//! # Ok::<(), shadow_mmu_kvm::KvmError>(())
+//! ```
+
+mod asm;
+pub mod error;
+pub mod guest;
+pub mod ioctls;
+pub mod perf;
+pub mod probe;
+pub mod script;
+pub mod vm;
+
+pub use error::KvmError;
+pub use perf::{KvmIteration, KvmPerfConfig, KvmPerfRun, KvmPerfVm, migrate_perf};
+pub use probe::{Capabilities, Execution, Flavour, Probe, probe};
+pub use script::KvmScriptVm;
+pub use vm::{KvmVm, VmSetup, bitmap_words};

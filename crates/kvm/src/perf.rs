@@ -1,0 +1,527 @@
+//! `migrate-perf` on real KVM, in the manner of KVM's
+//! `tools/testing/selftests/kvm/dirty_log_perf_test.c` and in the rhythm of
+//! the engine's `perf.rs` (its `Sweepers`).
+//!
+//! Each vCPU has its own thread (created per vCPU) and its own slice of the
+//! test slot, pages `[id * n / vcpus, (id + 1) * n / vcpus)`. Its guest
+//! ([`crate::guest::pass_program`]) makes passes: one 8-byte access per page
+//! of the slice, storing the pass number (1, 2, ...) with probability
+//! `write_pct`%, in order or at LCG-chosen pages; after each pass it exits
+//! to the host with a ucall and its thread waits, outside `KVM_RUN`, until
+//! the host releases the next pass.
+//!
+//! Procedure ([`migrate_perf`]; [`KvmPerfVm`] gives the steps to a caller
+//! that wants its own):
+//! 1. `release(1)`: the first pass of every vCPU, logging off, is the
+//!    *populate* time;
+//! 2. dirty logging is enabled (timed);
+//! 3. iteration `i`: pass `i + 1` (every page write-protected by the last
+//!    harvest) is the *dirty memory* time; the host releases the next pass
+//!    and times `KVM_GET_DIRTY_LOG` while the vCPUs run, then, with manual
+//!    protect, `KVM_CLEAR_DIRTY_LOG` of what it got;
+//! 4. the harvest alone: the vCPUs finish their pass (harvested untimed),
+//!    make one more full pass and park; the log is harvested (timed) with no
+//!    vCPU running;
+//! 5. the vCPUs stop.
+//!
+//! Lost pages are counted as a migration would find them
+//! ([`MigrationCopy`]): a copy of word 0 of every page is taken when logging
+//! is enabled, and after each harvest (untimed) the dirty pages are copied
+//! again. After the quiet harvest no vCPU runs, so every store has been
+//! followed by a harvest that reported its page and a copy that read it;
+//! a page whose copy differs from memory is a lost dirty page.
+//!
+//! Invariants:
+//! - a vCPU is in `KVM_RUN` only for the passes the host has released:
+//!   after its pass `k` it publishes `k` and waits until `allowed > k` (or a
+//!   stop); so with no pass released beyond those completed, no guest runs
+//!   and the test slot holds still;
+//! - no vCPU thread outlives its [`KvmPerfVm`]: [`KvmPerfVm::stop`] joins
+//!   them and `Drop` calls it before any field goes (the guest memory
+//!   would be safe regardless: each vCPU holds it, see [`crate::vm`]);
+//! - a vCPU thread that fails records why and stops; [`KvmPerfVm::wait_passes`]
+//!   then returns the failure instead of waiting forever.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::KvmError;
+use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
+use crate::vm::{KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup, bitmap_words};
+
+/// Most vCPUs a [`KvmPerfVm`] runs.
+pub const MAX_PERF_VCPUS: u32 = 256;
+/// Bytes of control slot each vCPU's code may take.
+const CODE_STRIDE: u64 = 256;
+/// Bytes between two vCPUs' pass words (their own cache lines).
+const PASS_WORD_STRIDE: u64 = 64;
+
+/// A `migrate-perf` run on KVM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvmPerfConfig {
+    /// vCPUs (1..=[`MAX_PERF_VCPUS`]), one thread each.
+    pub vcpus: u32,
+    /// Bytes of the test slot: a multiple of 4 KiB, at least one page per
+    /// vCPU, at most 2 GiB.
+    pub guest_bytes: u64,
+    /// Share of accesses that are stores, percent (0..=100).
+    pub write_pct: u8,
+    /// LCG-chosen pages (with replacement) instead of a sequential sweep.
+    pub random: bool,
+    /// Seed of the vCPUs' LCGs.
+    pub seed: u64,
+    /// Enable `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: `KVM_GET_DIRTY_LOG` only
+    /// copies the log and `KVM_CLEAR_DIRTY_LOG` re-protects.
+    pub manual_protect: bool,
+}
+
+impl Default for KvmPerfConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            guest_bytes: 16 << 20,
+            write_pct: 100,
+            random: false,
+            seed: 1,
+            manual_protect: false,
+        }
+    }
+}
+
+impl KvmPerfConfig {
+    fn check(&self) -> Result<(), KvmError> {
+        let why = if self.vcpus == 0 || self.vcpus > MAX_PERF_VCPUS {
+            format!("vcpus must be 1..={MAX_PERF_VCPUS}")
+        } else if !self.guest_bytes.is_multiple_of(PAGE_SIZE) {
+            "guest_bytes must be a multiple of 4 KiB".into()
+        } else if self.guest_bytes / PAGE_SIZE < u64::from(self.vcpus) {
+            "guest_bytes must give every vCPU at least one page".into()
+        } else if self.guest_bytes > MAX_TEST_BYTES {
+            format!("guest_bytes must be at most {MAX_TEST_BYTES} (the test slot ends below 4 GiB)")
+        } else if self.write_pct > 100 {
+            "write_pct must be 0..=100".into()
+        } else {
+            return Ok(());
+        };
+        Err(KvmError::BadConfig(format!("{why}: {self:?}")))
+    }
+
+    /// vCPU `id`'s pass program.
+    pub fn pass_program(&self, id: u32) -> PassProgram {
+        let pages = self.guest_bytes / PAGE_SIZE;
+        let (start, end) = slice(pages, id, self.vcpus);
+        PassProgram {
+            // The test slot ends below 4 GiB (checked), so these fit.
+            base_gpa: (TEST_GPA + start * PAGE_SIZE) as u32,
+            pages: (end - start) as u32,
+            write_pct: self.write_pct,
+            random: self.random,
+            pass_word_gpa: (pass_words_gpa(self.vcpus) + u64::from(id) * PASS_WORD_STRIDE) as u32,
+        }
+    }
+
+    /// vCPU `id`'s LCG state before its first pass (for
+    /// [`crate::guest::model_pass`]): `seed` folded to 32 bits, mixed with
+    /// the id.
+    pub fn initial_lcg(&self, id: u32) -> u32 {
+        (self.seed as u32) ^ ((self.seed >> 32) as u32) ^ id.wrapping_add(1).wrapping_mul(0x9e37_79b9)
+    }
+}
+
+/// vCPU `id` of `vcpus`' slice of `pages` pages: `[start, end)`.
+pub fn slice(pages: u64, id: u32, vcpus: u32) -> (u64, u64) {
+    (pages * u64::from(id) / u64::from(vcpus), pages * u64::from(id + 1) / u64::from(vcpus))
+}
+
+/// Where the pass words start in the control slot: after the code, on a
+/// page of their own (so guest stores never land on a code page).
+fn pass_words_gpa(vcpus: u32) -> u64 {
+    (u64::from(vcpus) * CODE_STRIDE).next_multiple_of(PAGE_SIZE)
+}
+
+/// A vCPU's pass count and the duration of its last pass, on a cache line
+/// of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct PassClock {
+    passes: AtomicU64,
+    last_pass_ns: AtomicU64,
+}
+
+/// What the host and the vCPU threads share.
+#[derive(Debug)]
+struct PerfShared {
+    clocks: Box<[PassClock]>,
+    /// Passes each vCPU may complete.
+    allowed: AtomicU64,
+    stop: AtomicBool,
+    /// Set when a vCPU thread failed; the reason is in `failure`.
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+/// A VM running `migrate-perf` vCPU threads on KVM.
+#[derive(Debug)]
+pub struct KvmPerfVm {
+    shared: Arc<PerfShared>,
+    threads: Vec<JoinHandle<Result<(), KvmError>>>,
+    vm: KvmVm,
+    cfg: KvmPerfConfig,
+}
+
+/// A vCPU thread: runs a pass each time the host allows one.
+fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> {
+    let id = vcpu.id();
+    let clock = &shared.clocks[id as usize];
+    let mut done = 0u64;
+    loop {
+        // Acquire: pairs with `release`'s store (nothing else is published
+        // through it, but it keeps "released" meaning "released before").
+        while shared.allowed.load(Ordering::Acquire) <= done {
+            // Relaxed: a stop is seen eventually; `stop` joins us, which
+            // orders everything after.
+            if shared.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        let t = Instant::now();
+        let code = vcpu.run_to_ucall();
+        let ns = t.elapsed().as_nanos() as u64;
+        let err = match code {
+            Ok(UCALL_PASS_DONE) => None,
+            Ok(other) => Some(KvmError::UnexpectedExit(format!("vCPU {id}: ucall {other} in a pass"))),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = err {
+            if let Ok(mut f) = shared.failure.lock() {
+                f.get_or_insert_with(|| e.to_string());
+            }
+            // Release: pairs with `wait_passes`' acquire load; the reason is
+            // under the mutex anyway.
+            shared.failed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        // Relaxed: published by the release store of `passes` below.
+        clock.last_pass_ns.store(ns, Ordering::Relaxed);
+        done += 1;
+        // Release: pairs with the acquire loads in `passes`/`wait_passes`:
+        // whoever sees pass `done` complete also sees its duration and every
+        // guest store of the pass (KVM_RUN returned before this store).
+        clock.passes.store(done, Ordering::Release);
+    }
+}
+
+impl KvmPerfVm {
+    /// Creates the VM (test slot populated, logging off), generates each
+    /// vCPU's code and starts the vCPU threads, waiting for [`Self::release`].
+    pub fn new(cfg: &KvmPerfConfig) -> Result<Self, KvmError> {
+        cfg.check()?;
+        let words_gpa = pass_words_gpa(cfg.vcpus);
+        let control_bytes = (words_gpa + u64::from(cfg.vcpus) * PASS_WORD_STRIDE).next_multiple_of(PAGE_SIZE);
+        let vm = KvmVm::new(VmSetup {
+            control_bytes,
+            test_bytes: cfg.guest_bytes,
+            manual_protect: cfg.manual_protect,
+            // As the engine: the first pass measures KVM, not the host
+            // kernel's first-touch faults.
+            populate: true,
+        })?;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let code = pass_program(&cfg.pass_program(id))?;
+            if code.len() as u64 > CODE_STRIDE {
+                return Err(KvmError::BadConfig(format!("pass program of {} bytes", code.len())));
+            }
+            let eip = u64::from(id) * CODE_STRIDE;
+            vm.write_control(eip, &code)?;
+            // ebp = 0 passes done, esi = LCG seed.
+            vcpus.push(vm.create_vcpu(id, eip as u32, [0, 0, 0, 0, 0, 0, cfg.initial_lcg(id), 0])?);
+        }
+        let shared = Arc::new(PerfShared {
+            clocks: (0..cfg.vcpus).map(|_| PassClock::default()).collect(),
+            allowed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
+        for vcpu in vcpus {
+            let shared = this.shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("kvm-vcpu-{}", vcpu.id()))
+                .spawn(move || vcpu_thread(vcpu, shared))
+                .map_err(|source| KvmError::Ioctl { op: "spawn vCPU thread", source })?;
+            this.threads.push(t);
+        }
+        Ok(this)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvmPerfConfig {
+        &self.cfg
+    }
+
+    /// Pages of the test slot.
+    pub fn pages(&self) -> u64 {
+        self.vm.test_pages()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &KvmVm {
+        &self.vm
+    }
+
+    /// Lets every vCPU go on up to pass `n`.
+    pub fn release(&self, n: u64) {
+        // Release: pairs with the vCPU threads' acquire load.
+        self.shared.allowed.store(n, Ordering::Release);
+    }
+
+    /// Passes each vCPU has completed.
+    pub fn passes(&self) -> Vec<u64> {
+        // Acquire: pairs with the vCPU thread's release store.
+        self.shared.clocks.iter().map(|c| c.passes.load(Ordering::Acquire)).collect()
+    }
+
+    /// Waits until every vCPU has completed more passes than `since` (one
+    /// entry per vCPU); returns the longest of their last passes, in ns
+    /// (`dirty_log_perf_test`'s per-iteration time). Fails if a vCPU thread
+    /// failed (or had failed) instead of waiting.
+    pub fn wait_passes(&self, since: &[u64]) -> Result<u64, KvmError> {
+        if since.len() != self.shared.clocks.len() {
+            return Err(KvmError::BadConfig(format!(
+                "wait_passes needs one entry per vCPU ({}), not {}",
+                self.shared.clocks.len(),
+                since.len()
+            )));
+        }
+        for (c, &s) in self.shared.clocks.iter().zip(since) {
+            // Acquire: pairs with the vCPU thread's release store of `passes`.
+            while c.passes.load(Ordering::Acquire) <= s {
+                // Acquire: pairs with the failing thread's release store.
+                if self.shared.failed.load(Ordering::Acquire) {
+                    let why = self.shared.failure.lock().ok().and_then(|f| f.clone());
+                    return Err(KvmError::UnexpectedExit(
+                        why.unwrap_or_else(|| "a vCPU thread failed".into()),
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        // Relaxed: each read after the acquire load that saw the pass its
+        // store precedes.
+        Ok(self.shared.clocks.iter().map(|c| c.last_pass_ns.load(Ordering::Relaxed)).max().unwrap_or(0))
+    }
+
+    /// Turns dirty logging on; returns the time of the ioctl in ns.
+    pub fn enable_dirty_logging(&mut self) -> Result<u64, KvmError> {
+        self.vm.enable_dirty_logging()
+    }
+
+    /// Turns dirty logging off; returns the time of the ioctl in ns.
+    pub fn disable_dirty_logging(&mut self) -> Result<u64, KvmError> {
+        self.vm.disable_dirty_logging()
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the test slot (see [`KvmVm::get_dirty_log`]).
+    pub fn get_dirty_log(&self, bitmap: &mut [u64]) -> Result<u64, KvmError> {
+        self.vm.get_dirty_log(bitmap)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the whole test slot with `bitmap` (one word
+    /// per 64 pages, as `get_dirty_log`'s); needs `manual_protect`.
+    pub fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), KvmError> {
+        let expected = bitmap_words(self.pages());
+        if bitmap.len() != expected {
+            return Err(KvmError::BadBitmapSize { pages: self.pages(), expected, got: bitmap.len() });
+        }
+        self.vm.clear_dirty_log(0, bitmap)
+    }
+
+    /// The test slot's memory, as words (word 0 of each page holds the last
+    /// pass number stored to it).
+    pub fn memory(&self) -> &[AtomicU64] {
+        self.vm.memory().test.words()
+    }
+
+    /// Stops the vCPU threads (each finishes the pass it is in) and joins
+    /// them; returns the first failure. Idempotent.
+    pub fn stop(&mut self) -> Result<(), KvmError> {
+        // Relaxed: see `vcpu_thread`; the joins below order the rest.
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let mut first = Ok(());
+        for t in self.threads.drain(..) {
+            let r =
+                t.join().unwrap_or_else(|_| Err(KvmError::UnexpectedExit("a vCPU thread panicked".into())));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for KvmPerfVm {
+    fn drop(&mut self) {
+        // Joins the vCPU threads before `vm` (and the memory) go. A failure
+        // was already reported to whoever waited for passes.
+        let _ = self.stop();
+    }
+}
+
+/// One iteration of [`migrate_perf`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvmIteration {
+    /// The slowest vCPU's last full pass: the "dirty memory time".
+    pub dirty_memory_ns: u64,
+    /// Time of `KVM_GET_DIRTY_LOG`.
+    pub get_dirty_log_ns: u64,
+    /// Time of `KVM_CLEAR_DIRTY_LOG` (0 without manual protect).
+    pub clear_dirty_log_ns: u64,
+    /// Pages reported dirty.
+    pub dirty_pages: u64,
+}
+
+/// What [`migrate_perf`] measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KvmPerfRun {
+    /// Time for every vCPU to complete its first pass, logging off.
+    pub populate_ns: u64,
+    /// Time to enable dirty logging.
+    pub enable_dirty_logging_ns: u64,
+    /// Each iteration.
+    pub iterations: Vec<KvmIteration>,
+    /// The harvest alone: one full pass, then the log harvested with every
+    /// vCPU parked.
+    pub quiet: KvmIteration,
+    /// Pages whose last store no harvest reported ([`MigrationCopy`]).
+    pub lost_pages: u64,
+}
+
+/// The destination of a migration, reduced to word 0 of each page (the only
+/// word the guests store to).
+#[derive(Debug)]
+pub struct MigrationCopy(Vec<u64>);
+
+impl MigrationCopy {
+    /// The bulk copy, taken when logging is enabled.
+    pub fn full(memory: &[AtomicU64], pages: u64) -> Self {
+        // Relaxed: guest data; the copy's ordering comes from the harvest
+        // (the ioctl returns after the dirty bits were fetched and cleared).
+        Self((0..pages).map(|p| memory[(p * PAGE_SIZE / 8) as usize].load(Ordering::Relaxed)).collect())
+    }
+
+    /// Copies the pages set in `bitmap`, after the harvest that returned it.
+    pub fn copy_dirty(&mut self, memory: &[AtomicU64], bitmap: &[u64]) {
+        for (w, &bits) in bitmap.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                let p = w * 64 + b.trailing_zeros() as usize;
+                b &= b - 1;
+                // Relaxed: as in `full`.
+                self.0[p] = memory[p * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Pages whose copy differs from memory; call with no vCPU running,
+    /// after a last harvest and copy.
+    pub fn lost_pages(&self, memory: &[AtomicU64]) -> u64 {
+        let word = |p: usize| memory[p * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed);
+        self.0.iter().enumerate().filter(|&(p, &v)| word(p) != v).count() as u64
+    }
+}
+
+impl KvmPerfRun {
+    fn avg(&self, f: impl Fn(&KvmIteration) -> u64) -> u64 {
+        let n = self.iterations.len().max(1) as u64;
+        self.iterations.iter().map(f).sum::<u64>() / n
+    }
+
+    /// Mean `KVM_GET_DIRTY_LOG` time.
+    pub fn get_dirty_log_avg_ns(&self) -> u64 {
+        self.avg(|i| i.get_dirty_log_ns)
+    }
+
+    /// Mean `KVM_CLEAR_DIRTY_LOG` time.
+    pub fn clear_dirty_log_avg_ns(&self) -> u64 {
+        self.avg(|i| i.clear_dirty_log_ns)
+    }
+
+    /// Mean dirty memory time.
+    pub fn dirty_memory_avg_ns(&self) -> u64 {
+        self.avg(|i| i.dirty_memory_ns)
+    }
+
+    /// Mean dirty pages per harvest.
+    pub fn dirty_pages_avg(&self) -> u64 {
+        self.avg(|i| i.dirty_pages)
+    }
+}
+
+/// Runs `migrate-perf` on KVM (module docs); `on_iteration` sees each
+/// iteration as it completes.
+pub fn migrate_perf(
+    cfg: &KvmPerfConfig,
+    iterations: u32,
+    mut on_iteration: impl FnMut(u32, &KvmIteration),
+) -> Result<KvmPerfRun, KvmError> {
+    // The host memory is populated by `new` (MAP_POPULATE), outside the
+    // populate time, as in the engine's run.
+    let mut vm = KvmPerfVm::new(cfg)?;
+    let vcpus = cfg.vcpus as usize;
+    let mut run = KvmPerfRun::default();
+    let t0 = Instant::now();
+    vm.release(1);
+    vm.wait_passes(&vec![0; vcpus])?;
+    run.populate_ns = t0.elapsed().as_nanos() as u64;
+
+    run.enable_dirty_logging_ns = vm.enable_dirty_logging()?;
+    let mut copy = MigrationCopy::full(vm.memory(), vm.pages());
+    let mut bitmap = vec![0u64; bitmap_words(vm.pages())];
+    // Pass 2 dirties the memory for the first harvest.
+    vm.release(2);
+    for i in 0..iterations {
+        let pass = 2 + u64::from(i);
+        let dirty_memory_ns = vm.wait_passes(&vec![pass - 1; vcpus])?;
+        // The vCPUs go on dirtying memory during the harvest.
+        vm.release(pass + 1);
+        let it = harvest(&vm, &mut bitmap, dirty_memory_ns)?;
+        copy.copy_dirty(vm.memory(), &bitmap);
+        on_iteration(i + 1, &it);
+        run.iterations.push(it);
+    }
+    // The harvest alone, as the engine's run: the vCPUs finish the pass they
+    // are in (harvested untimed), make one more full pass and park, and the
+    // log is harvested with nothing running beside it.
+    let pass = 2 + u64::from(iterations);
+    vm.wait_passes(&vec![pass - 1; vcpus])?;
+    harvest(&vm, &mut bitmap, 0)?;
+    copy.copy_dirty(vm.memory(), &bitmap);
+    vm.release(pass + 1);
+    let dirty_memory_ns = vm.wait_passes(&vec![pass; vcpus])?;
+    run.quiet = harvest(&vm, &mut bitmap, dirty_memory_ns)?;
+    copy.copy_dirty(vm.memory(), &bitmap);
+    // Every vCPU is parked after its last released pass.
+    run.lost_pages = copy.lost_pages(vm.memory());
+    vm.stop()?;
+    Ok(run)
+}
+
+/// A timed `KVM_GET_DIRTY_LOG`, then, with manual protect, a timed
+/// `KVM_CLEAR_DIRTY_LOG` of what it returned.
+fn harvest(vm: &KvmPerfVm, bitmap: &mut [u64], dirty_memory_ns: u64) -> Result<KvmIteration, KvmError> {
+    let t = Instant::now();
+    let dirty_pages = vm.get_dirty_log(bitmap)?;
+    let get_dirty_log_ns = t.elapsed().as_nanos() as u64;
+    let mut clear_dirty_log_ns = 0;
+    if vm.config().manual_protect {
+        let t = Instant::now();
+        vm.clear_dirty_log(bitmap)?;
+        clear_dirty_log_ns = t.elapsed().as_nanos() as u64;
+    }
+    Ok(KvmIteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })
+}

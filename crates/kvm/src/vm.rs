@@ -1,0 +1,517 @@
+//! A KVM VM with the two memslots every workload here uses, and its vCPUs.
+//!
+//! Guest physical memory, as `struct kvm_userspace_memory_region`s:
+//! - slot [`CONTROL_SLOT`] at gpa 0: guest code and host-written tables,
+//!   never logged;
+//! - slot [`TEST_SLOT`] at [`TEST_GPA`] (1 GiB), up to [`MAX_TEST_BYTES`]
+//!   (2 GiB): the memory the workloads dirty, logged while
+//!   [`KvmVm::dirty_logging`] (`KVM_MEM_LOG_DIRTY_PAGES`).
+//!
+//! vCPUs start in 32-bit protected mode with paging off (CR0.PE only; flat
+//! 4 GiB code and data segments loaded straight into the segment registers
+//! with `KVM_SET_SREGS`, so no GDT in guest memory), so a guest linear
+//! address is a guest physical address and the whole test slot lies below
+//! 4 GiB.
+//!
+//! Dirty bitmaps are indexed by page within the test slot, 64 pages per
+//! `u64` (bit `i` of word `w` is page `64 * w + i`), as the engine's.
+//!
+//! Invariants:
+//! - the host mappings behind both slots ([`GuestMemory`]) are unmapped
+//!   only after the VM fd and every vCPU fd are closed: [`KvmVm`] and each
+//!   [`Vcpu`] hold an `Arc` of them, dropped after their fd (field order), so
+//!   KVM never holds a `userspace_addr` into memory we gave back (which the
+//!   allocator could hand out again for something else);
+//! - the slots' sizes never change after [`KvmVm::new`], so the bitmap size
+//!   checks done here are the ones KVM relies on;
+//! - host access to guest memory goes through `AtomicU64` words only: the
+//!   guest writes it concurrently (through KVM), so no `&[u8]` or `&mut`
+//!   view of it is ever made.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use kvm_bindings::{
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_enable_cap, kvm_segment, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::error::KvmError;
+use crate::ioctls;
+
+/// Bytes in a page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Memslot of guest code and control tables.
+pub const CONTROL_SLOT: u32 = 0;
+/// Memslot of the memory the workloads dirty.
+pub const TEST_SLOT: u32 = 1;
+/// Guest physical address of the test slot.
+pub const TEST_GPA: u64 = 1 << 30;
+/// Largest test slot: it must end below 4 GiB, where 32-bit code can reach.
+pub const MAX_TEST_BYTES: u64 = 2 << 30;
+/// Largest control slot: it must end below the test slot.
+pub const MAX_CONTROL_BYTES: u64 = TEST_GPA;
+/// The I/O port of the guests' exits to the host (KVM selftests' ucalls):
+/// `out UCALL_PORT, al` with the ucall code in `al`.
+pub const UCALL_PORT: u16 = 0x10;
+
+/// `u64` words of a dirty bitmap for `pages` pages.
+pub const fn bitmap_words(pages: u64) -> usize {
+    pages.div_ceil(64) as usize
+}
+
+/// An anonymous, private, page-aligned host mapping that backs a memslot.
+#[derive(Debug)]
+pub struct GuestMemory {
+    base: NonNull<AtomicU64>,
+    bytes: u64,
+}
+
+// SAFETY: the mapping is only accessed through `AtomicU64` (which is
+// `Sync`) and by KVM; the pointer and size never change after `map`.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps `bytes` (a non-zero multiple of the page size) of zeroed memory;
+    /// `populate` faults every page in up front (`MAP_POPULATE`).
+    pub fn map(bytes: u64, populate: bool) -> Result<Self, KvmError> {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
+            return Err(KvmError::BadConfig(format!("{bytes:#x} bytes is not a non-zero multiple of 4 KiB")));
+        }
+        let len = usize::try_from(bytes)
+            .map_err(|_| KvmError::BadConfig(format!("{bytes:#x} bytes do not fit the address space")))?;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's
+        // choosing (NULL hint, no MAP_FIXED) cannot overlap anything of ours;
+        // no fd is involved. The result is checked below.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(KvmError::last_os_error("mmap"));
+        }
+        let base = NonNull::new(p.cast::<AtomicU64>()).ok_or_else(|| KvmError::last_os_error("mmap"))?;
+        Ok(Self { base, bytes })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Always false: a mapping has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The host virtual address, for `userspace_addr`.
+    fn host_addr(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
+    /// The whole mapping as words.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `base` starts a live mapping of `bytes` bytes, unmapped only
+        // in `drop` (excluded by the borrow of `self`); it is page-aligned, so
+        // aligned for `AtomicU64`; every bit pattern is a valid u64; and all
+        // our accesses are atomic, so sharing with other threads is
+        // race-free. Guest stores arrive from outside the program (the CPU
+        // in guest mode, or KVM's emulator copying to user memory); an
+        // atomic load concurrent with one may see the old or the new value,
+        // never undefined behaviour (the workloads read words only while the
+        // vCPUs that write them are parked).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), (self.bytes / 8) as usize) }
+    }
+
+    /// Copies `bytes` into the mapping at byte `offset` (8-aligned), word by
+    /// word. For code and tables, written while no vCPU runs.
+    fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<(), KvmError> {
+        let end = offset.checked_add(bytes.len() as u64);
+        if !offset.is_multiple_of(8) || end.is_none_or(|e| e > self.bytes) {
+            return Err(KvmError::BadConfig(format!(
+                "{} bytes at {offset:#x} do not fit a {:#x}-byte slot",
+                bytes.len(),
+                self.bytes
+            )));
+        }
+        let words = &self.words()[(offset / 8) as usize..];
+        for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            // Relaxed: no vCPU runs this code yet; KVM_RUN (a syscall) orders
+            // these stores before the guest's fetches.
+            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`bytes` are exactly what mmap returned, unmapped once
+        // (here). No reference from `words` outlives `self`, and the module
+        // invariant keeps KVM from using the range after this: every VM and
+        // vCPU fd that could reach it has been closed before the last `Arc`
+        // of the owning `VmMemory` goes.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes as usize) };
+    }
+}
+
+/// The host mappings behind a VM's two slots.
+#[derive(Debug)]
+pub struct VmMemory {
+    /// Slot [`CONTROL_SLOT`].
+    pub control: GuestMemory,
+    /// Slot [`TEST_SLOT`].
+    pub test: GuestMemory,
+}
+
+/// How to build a [`KvmVm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSetup {
+    /// Bytes of the control slot (code and tables), a multiple of 4 KiB.
+    pub control_bytes: u64,
+    /// Bytes of the test slot, a multiple of 4 KiB up to [`MAX_TEST_BYTES`].
+    pub test_bytes: u64,
+    /// Enable `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (with
+    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` only, not `INITIALLY_SET`).
+    pub manual_protect: bool,
+    /// Fault the test slot's host memory in up front.
+    pub populate: bool,
+}
+
+/// A VM: `/dev/kvm`, `KVM_CREATE_VM`, the two memslots.
+pub struct KvmVm {
+    // Field order is drop order: the VM fd closes before the memory's Arc
+    // goes (module invariant).
+    vm: VmFd,
+    memory: Arc<VmMemory>,
+    test_pages: u64,
+    logging: bool,
+    manual_protect: bool,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("test_pages", &self.test_pages)
+            .field("logging", &self.logging)
+            .field("manual_protect", &self.manual_protect)
+            .finish()
+    }
+}
+
+/// Opens `/dev/kvm` and creates a VM, checking the API version.
+pub(crate) fn open_vm() -> Result<VmFd, KvmError> {
+    let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("cannot open /dev/kvm: {e}")))?;
+    let api = kvm.get_api_version();
+    if api < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(KvmError::Unavailable(format!("KVM_GET_API_VERSION on /dev/kvm failed: {e}")));
+    }
+    if api != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(KvmError::Unavailable(format!(
+            "KVM_GET_API_VERSION is {api}, not {}",
+            kvm_bindings::KVM_API_VERSION
+        )));
+    }
+    kvm.create_vm().map_err(|e| KvmError::Unavailable(format!("KVM_CREATE_VM failed: {e}")))
+}
+
+impl KvmVm {
+    /// Creates the VM and its two slots, dirty logging off.
+    pub fn new(setup: VmSetup) -> Result<Self, KvmError> {
+        let VmSetup { control_bytes, test_bytes, manual_protect, populate } = setup;
+        if control_bytes == 0 || control_bytes > MAX_CONTROL_BYTES || !control_bytes.is_multiple_of(PAGE_SIZE)
+        {
+            return Err(KvmError::BadConfig(format!(
+                "control slot of {control_bytes:#x} bytes: must be a multiple of 4 KiB in 4 KiB..=1 GiB"
+            )));
+        }
+        if test_bytes == 0 || test_bytes > MAX_TEST_BYTES || !test_bytes.is_multiple_of(PAGE_SIZE) {
+            return Err(KvmError::BadConfig(format!(
+                "test slot of {test_bytes:#x} bytes: must be a multiple of 4 KiB in 4 KiB..=2 GiB"
+            )));
+        }
+        let vm = open_vm()?;
+        if manual_protect {
+            let caps = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+            if caps & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+                return Err(KvmError::Unavailable(format!(
+                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is {caps}: no manual dirty log protection"
+                )));
+            }
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap).map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP", e))?;
+        }
+        let memory = Arc::new(VmMemory {
+            control: GuestMemory::map(control_bytes, false)?,
+            test: GuestMemory::map(test_bytes, populate)?,
+        });
+        let this = Self { vm, memory, test_pages: test_bytes / PAGE_SIZE, logging: false, manual_protect };
+        this.set_region(CONTROL_SLOT, 0, &this.memory.control, 0)?;
+        this.set_region(TEST_SLOT, TEST_GPA, &this.memory.test, 0)?;
+        Ok(this)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION` of `slot` over all of `mem`.
+    fn set_region(&self, slot: u32, gpa: u64, mem: &GuestMemory, flags: u32) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: mem.len(),
+            userspace_addr: mem.host_addr(),
+        };
+        // SAFETY: `userspace_addr..+memory_size` is one live, page-aligned,
+        // read-write mapping (`mem`, owned by `self.memory`), and the module
+        // invariant keeps it mapped until the VM fd and every vCPU fd are
+        // closed, so KVM never accesses it after it is gone.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    /// Pages of the test slot.
+    pub fn test_pages(&self) -> u64 {
+        self.test_pages
+    }
+
+    /// Is dirty logging on for the test slot?
+    pub fn dirty_logging(&self) -> bool {
+        self.logging
+    }
+
+    /// Was manual dirty log protection enabled?
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// The host mappings.
+    pub fn memory(&self) -> &VmMemory {
+        &self.memory
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` on this VM (see [`ioctls::reset_dirty_rings`]).
+    /// The VM fd itself is not handed out: a slot resized behind our back
+    /// would break the bitmap size checks `get_dirty_log` relies on.
+    pub fn reset_dirty_rings(&self) -> Result<u32, KvmError> {
+        ioctls::reset_dirty_rings(&self.vm)
+            .map_err(|source| KvmError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", source })
+    }
+
+    /// Copies `code` to byte `offset` of the control slot.
+    pub fn write_control(&self, offset: u64, code: &[u8]) -> Result<(), KvmError> {
+        self.memory.control.write_bytes(offset, code)
+    }
+
+    fn set_logging(&mut self, on: bool) -> Result<u64, KvmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        let t = Instant::now();
+        self.set_region(TEST_SLOT, TEST_GPA, &self.memory.test, flags)?;
+        let ns = t.elapsed().as_nanos() as u64;
+        self.logging = on;
+        Ok(ns)
+    }
+
+    /// Turns dirty logging on for the test slot: re-issues
+    /// `KVM_SET_USER_MEMORY_REGION` with `KVM_MEM_LOG_DIRTY_PAGES`. KVM
+    /// allocates a zeroed log and (without manual protect's `INITIALLY_SET`)
+    /// write-protects the slot. Returns the ioctl's time in ns.
+    pub fn enable_dirty_logging(&mut self) -> Result<u64, KvmError> {
+        self.set_logging(true)
+    }
+
+    /// Turns dirty logging off (KVM frees the log). Returns its time in ns.
+    pub fn disable_dirty_logging(&mut self) -> Result<u64, KvmError> {
+        self.set_logging(false)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the test slot into `bitmap`, which must have
+    /// exactly [`bitmap_words`]`(test_pages)` words. Returns the number of
+    /// dirty pages. Without manual protect KVM also clears its log and
+    /// write-protects the reported pages; with it, the log is only copied.
+    pub fn get_dirty_log(&self, bitmap: &mut [u64]) -> Result<u64, KvmError> {
+        let expected = bitmap_words(self.test_pages);
+        if bitmap.len() != expected {
+            return Err(KvmError::BadBitmapSize { pages: self.test_pages, expected, got: bitmap.len() });
+        }
+        // SAFETY: the test slot has `test_pages` pages (fixed since `new`)
+        // and `bitmap` has one bit for each of them, checked just above.
+        match unsafe { ioctls::get_dirty_log(&self.vm, TEST_SLOT, bitmap) } {
+            Ok(()) => Ok(bitmap.iter().map(|w| u64::from(w.count_ones())).sum()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(KvmError::NotLogging),
+            Err(source) => Err(KvmError::Ioctl { op: "KVM_GET_DIRTY_LOG", source }),
+        }
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the test slot: clears (and write-protects)
+    /// the pages set in `bitmap`, whose bit `i` of word `w` is page
+    /// `first_page + 64 * w + i`. `first_page` must be a multiple of 64 and
+    /// `bitmap` no longer than the rest of the slot (a range shorter than
+    /// the rest is a whole number of words, as KVM requires). Needs manual
+    /// protect.
+    pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> Result<(), KvmError> {
+        if !self.manual_protect {
+            return Err(KvmError::ManualProtectNotEnabled);
+        }
+        if !first_page.is_multiple_of(64) || first_page >= self.test_pages {
+            return Err(KvmError::BadConfig(format!(
+                "first_page {first_page} must be a multiple of 64 below {}",
+                self.test_pages
+            )));
+        }
+        let rest = self.test_pages - first_page;
+        if bitmap.is_empty() || bitmap.len() > bitmap_words(rest) {
+            return Err(KvmError::BadBitmapSize {
+                pages: rest,
+                expected: bitmap_words(rest),
+                got: bitmap.len(),
+            });
+        }
+        let num_pages = rest.min(64 * bitmap.len() as u64);
+        let num_pages = u32::try_from(num_pages)
+            .map_err(|_| KvmError::BadConfig(format!("{num_pages} pages in one KVM_CLEAR_DIRTY_LOG")))?;
+        match ioctls::clear_dirty_log(&self.vm, TEST_SLOT, first_page, num_pages, bitmap) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(KvmError::NotLogging),
+            Err(source) => Err(KvmError::Ioctl { op: "KVM_CLEAR_DIRTY_LOG", source }),
+        }
+    }
+
+    /// `KVM_CREATE_VCPU` `id`, in 32-bit protected mode with paging off
+    /// (module docs), about to execute at `eip` with the general registers
+    /// `regs` (eax, ecx, edx, ebx, esp, ebp, esi, edi).
+    pub fn create_vcpu(&self, id: u32, eip: u32, regs: [u32; 8]) -> Result<Vcpu, KvmError> {
+        let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+        let mut sregs = fd.get_sregs().map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
+        let flat = |selector: u16, type_: u8| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        // Type 0xb: code, execute/read, accessed; 0x3: data, read/write, accessed.
+        sregs.cs = flat(0x08, 0xb);
+        let data = flat(0x10, 0x3);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        // CR0.PE | CR0.ET; paging, caching-disable, EM and TS off (MMX usable).
+        sregs.cr0 = 0x11;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        fd.set_sregs(&sregs).map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
+        let [eax, ecx, edx, ebx, esp, ebp, esi, edi] = regs.map(u64::from);
+        let r = kvm_bindings::kvm_regs {
+            rax: eax,
+            rcx: ecx,
+            rdx: edx,
+            rbx: ebx,
+            rsp: esp,
+            rbp: ebp,
+            rsi: esi,
+            rdi: edi,
+            rip: u64::from(eip),
+            rflags: 0x2,
+            ..Default::default()
+        };
+        fd.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+        Ok(Vcpu { fd, id, _memory: self.memory.clone() })
+    }
+}
+
+/// A vCPU of a [`KvmVm`]; may move to its own thread.
+pub struct Vcpu {
+    // Field order is drop order: the vCPU fd closes before the memory's Arc
+    // goes (module invariant).
+    fd: VcpuFd,
+    id: u32,
+    _memory: Arc<VmMemory>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id).finish()
+    }
+}
+
+/// How a `KVM_RUN` of a [`Vcpu`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// `out UCALL_PORT, al`: a ucall with code `al`.
+    Ucall(u8),
+    /// `KVM_EXIT_INTERNAL_ERROR` with `KVM_INTERNAL_ERROR_EMULATION`: KVM's
+    /// instruction emulator met an instruction it does not implement.
+    EmulationFailure,
+    /// Anything else, described.
+    Other(String),
+}
+
+impl Vcpu {
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// One `KVM_RUN` (re-entered on `EINTR`/`EAGAIN`).
+    pub fn run(&mut self) -> Result<GuestExit, KvmError> {
+        loop {
+            let other = match self.fd.run() {
+                Ok(VcpuExit::IoOut(UCALL_PORT, [code])) => return Ok(GuestExit::Ucall(*code)),
+                Ok(VcpuExit::IoOut(port, data)) => format!("out to port {port:#x} of {data:x?}"),
+                Ok(VcpuExit::IoIn(port, _)) => format!("in from port {port:#x}"),
+                Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::InternalError) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: KVM_RUN returned with exit_reason
+                    // KVM_EXIT_INTERNAL_ERROR (that is what `InternalError`
+                    // decodes), for which KVM fills the `internal` member of
+                    // the union; it is plain integers, valid for any bits.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+                        return Ok(GuestExit::EmulationFailure);
+                    }
+                    format!("KVM_EXIT_INTERNAL_ERROR, suberror {}", internal.suberror)
+                }
+                Ok(other) => format!("{other:?}"),
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
+                Err(e) => return Err(KvmError::ioctl("KVM_RUN", e)),
+            };
+            let eip =
+                self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|e| format!("? ({e})"));
+            return Ok(GuestExit::Other(format!("{other} at eip {eip}")));
+        }
+    }
+
+    /// `KVM_RUN` until the guest makes a ucall; returns its code. Any other
+    /// exit is an [`KvmError::UnexpectedExit`] naming it and the guest's eip.
+    pub fn run_to_ucall(&mut self) -> Result<u8, KvmError> {
+        match self.run()? {
+            GuestExit::Ucall(code) => Ok(code),
+            GuestExit::EmulationFailure => Err(KvmError::UnexpectedExit(format!(
+                "vCPU {}: KVM's instruction emulator failed on a guest instruction",
+                self.id
+            ))),
+            GuestExit::Other(what) => Err(KvmError::UnexpectedExit(format!("vCPU {}: {what}", self.id))),
+        }
+    }
+}

@@ -2,9 +2,11 @@
 //! oracle, and stress-tests them.
 
 mod bench;
+mod plot;
 mod report;
 mod run;
 mod stress;
+mod trace_cmd;
 
 use std::process::ExitCode;
 
@@ -30,14 +32,18 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Page traces of real programs, for kernbench's replay.
+    #[command(subcommand)]
+    Trace(trace_cmd::TraceCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ok = match cli.command {
-        Command::Run(args) => run::main(&args),
-        Command::Stress(args) => stress::main(&args),
-        Command::Bench(bench::BenchCommand::MigratePerf(args)) => bench::migrate_perf(&args),
+    let ok: Result<bool, Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => run::main(&args).map_err(Into::into),
+        Command::Stress(args) => stress::main(&args).map_err(Into::into),
+        Command::Bench(cmd) => bench::main(&cmd),
+        Command::Trace(cmd) => trace_cmd::main(&cmd),
     };
     match ok {
         Ok(true) => ExitCode::SUCCESS,

@@ -124,12 +124,17 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         Workload::Sweep => cfg.guest_bytes,
         Workload::Replay { entries, pages } => {
             if entries.is_empty() || entries.iter().any(|e| e >> 1 >= *pages) {
-                return Err(HarnessError::BadConfig("the trace is empty or names a page past its count".into()));
+                return Err(HarnessError::BadConfig(
+                    "the trace is empty or names a page past its count".into(),
+                ));
             }
             (u64::from(*pages) * u64::from(cfg.vcpus) * PAGE_SIZE).next_multiple_of(INVALIDATE_BYTES)
         }
     };
-    if cfg.vcpus == 0 || guest_bytes / PAGE_SIZE < u64::from(cfg.vcpus) || !guest_bytes.is_multiple_of(PAGE_SIZE) {
+    if cfg.vcpus == 0
+        || guest_bytes / PAGE_SIZE < u64::from(cfg.vcpus)
+        || !guest_bytes.is_multiple_of(PAGE_SIZE)
+    {
         return Err(HarnessError::BadConfig(format!("{} vCPUs on {guest_bytes} bytes", cfg.vcpus)));
     }
     let config = VmConfig {
@@ -193,7 +198,9 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
     stop.store(true, Ordering::Relaxed);
     let mut total = VcpuStats::default();
     for t in threads {
-        total += t.join().map_err(|_| HarnessError::BadConfig("a vCPU thread panicked".into()))?
+        total += t
+            .join()
+            .map_err(|_| HarnessError::BadConfig("a vCPU thread panicked".into()))?
             .map_err(HarnessError::BadConfig)?;
     }
     // The vCPUs stop within one access of the request: the window is the

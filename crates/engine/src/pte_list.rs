@@ -441,11 +441,15 @@ impl PteListHead {
     ///
     /// Returns the number of restarts. `b` may break rules (tests only).
     ///
+    /// Public (hidden) for the benchmarks in `benches/rmap.rs`; the engine
+    /// reaches it through `mmu::lockless`.
+    ///
     /// # Safety
     /// Descriptors and sptes of the list come from type-stable pools, and the
     /// caller is inside a read-side section of the grace period that guards
     /// their memory (so none is returned to the system during the walk).
-    pub(crate) unsafe fn walk_lockless(&self, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
+    #[doc(hidden)]
+    pub unsafe fn walk_lockless(&self, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
         let mut restarts = 0;
         'restart: loop {
             // Acquire: pairs with the writers' release stores of the head.

@@ -204,8 +204,8 @@ fn migrate_perf_reports_every_figure() {
 
 #[test]
 fn the_migration_copy_finds_a_store_no_harvest_reported() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     use shadow_mmu_kvm::perf::MigrationCopy;
+    use std::sync::atomic::{AtomicU64, Ordering};
     // Four pages of 512 words.
     let mem: Vec<AtomicU64> = (0..4 * 512).map(|_| AtomicU64::new(0)).collect();
     let mut copy = MigrationCopy::full(&mem, 4);

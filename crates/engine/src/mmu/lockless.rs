@@ -95,8 +95,11 @@ pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64) -> u64 {
 
 /// `mmu_spte_update`, under `mmu_lock`: replaces the spte, returns whether
 /// remote TLBs must be flushed.
+///
+/// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
+#[doc(hidden)]
 #[inline]
-pub(crate) fn mmu_spte_update(sptep: &AtomicU64, new: u64, lockless: bool, b: &Breakage) -> bool {
+pub fn mmu_spte_update(sptep: &AtomicU64, new: u64, lockless: bool, b: &Breakage) -> bool {
     let old = spte_exchange(sptep, new);
     is_shadow_present_pte(old) && spte_update_needs_flush(old, new, lockless, b)
 }
@@ -129,8 +132,11 @@ pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, lockless: bool, b: &Break
 /// non-leaf entry (never touched) or some other leaf (W cleared, which costs
 /// that leaf one extra fault), never freed memory (shadow pages are
 /// type-stable).
+///
+/// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
+#[doc(hidden)]
 #[inline]
-pub(crate) fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
+pub fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
     // Relaxed: the compare-exchange below is what orders; a stale value only
     // makes it fail and retry.
     let mut spte = sptep.load(Ordering::Relaxed);

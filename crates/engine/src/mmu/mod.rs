@@ -39,7 +39,10 @@
 pub(crate) mod fast_fault;
 pub(crate) mod fault;
 pub(crate) mod lock;
-pub(crate) mod lockless;
+/// Public (hidden) only so that `benches/rmap.rs` can time one spte's write
+/// protection in each design; not an API.
+#[doc(hidden)]
+pub mod lockless;
 pub(crate) mod notifier;
 pub(crate) mod page;
 pub(crate) mod spte_ops;

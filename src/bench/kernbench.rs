@@ -1,0 +1,155 @@
+//! `bench kernbench`: the seed's no-regression run. A fault-heavy workload
+//! with dirty logging off, under mmu notifier invalidations and shrinker
+//! pressure, per design; the designs alternate round by round so that the
+//! drift of a shared machine hits both alike, and each reports its median.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use engine::MmuDesign;
+use engine::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
+use engine::trace::PageTrace;
+use serde_json::json;
+
+use super::migrate_perf::median;
+use super::{BenchResult, Progress, write_json};
+
+#[derive(Debug, Args)]
+pub struct KernbenchArgs {
+    /// Designs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
+    pub mmu: Vec<MmuDesign>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub vcpus: u32,
+    /// What the vCPUs run.
+    #[arg(long, value_enum, default_value_t = KernbenchWorkload::Sweep)]
+    pub workload: KernbenchWorkload,
+    /// The page trace a replay runs (see traces/README.md).
+    #[arg(long, default_value = "traces/cc1-O2.smtrace")]
+    pub trace: PathBuf,
+    /// Guest memory of a sweep, MiB (a replay sizes the guest to the trace).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..=1 << 20))]
+    pub guest_mib: u64,
+    /// Shadow page budget, pages (KVM's minimum is 64).
+    #[arg(long, default_value_t = 64)]
+    pub max_mmu_pages: usize,
+    /// Microseconds between two 2 MiB mmu notifier invalidations; 0: none.
+    #[arg(long, default_value_t = 500)]
+    pub invalidate_every_us: u64,
+    /// Measured seconds per design, spread over the rounds.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Alternations of the designs.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: u32,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// A kernbench guest program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernbenchWorkload {
+    /// Each vCPU sweeps its slice of memory, one store per page.
+    Sweep,
+    /// Each vCPU replays the recorded trace of a real program.
+    Replay,
+}
+
+pub fn main(a: &KernbenchArgs) -> BenchResult {
+    if !(a.seconds.is_finite() && a.seconds > 0.0) {
+        return Err(format!("--seconds {}", a.seconds).into());
+    }
+    let (workload, what) = match a.workload {
+        KernbenchWorkload::Sweep => (Workload::Sweep, format!("sweep over {} MiB", a.guest_mib)),
+        KernbenchWorkload::Replay => {
+            let trace = PageTrace::load(&a.trace).map_err(|e| format!("{}: {e}", a.trace.display()))?;
+            let what = format!("replay of {} ({trace})", a.trace.display());
+            (
+                Workload::Replay {
+                    entries: trace.iter().map(|(p, w)| p << 1 | u32::from(w)).collect(),
+                    pages: trace.pages(),
+                },
+                what,
+            )
+        }
+    };
+    let per = Duration::from_secs_f64(a.seconds / f64::from(a.rounds));
+    println!(
+        "== kernbench: {what}; {} vCPUs, shadow page budget {}, {}, dirty logging off",
+        a.vcpus,
+        a.max_mmu_pages,
+        if a.invalidate_every_us == 0 {
+            "no invalidations".to_string()
+        } else {
+            format!("a 2 MiB invalidation every {} us", a.invalidate_every_us)
+        }
+    );
+    let p = Progress::new(u64::from(a.rounds) * a.mmu.len() as u64, "kernbench");
+    let mut samples: Vec<Vec<KernbenchRun>> = vec![Vec::new(); a.mmu.len()];
+    for round in 0..a.rounds {
+        for (i, &mmu) in a.mmu.iter().enumerate() {
+            let cfg = KernbenchConfig {
+                mmu,
+                vcpus: a.vcpus,
+                guest_bytes: a.guest_mib << 20,
+                workload: workload.clone(),
+                max_mmu_pages: a.max_mmu_pages,
+                invalidate_every: (a.invalidate_every_us > 0)
+                    .then(|| Duration::from_micros(a.invalidate_every_us)),
+                duration: per,
+                seed: a.seed.wrapping_add(u64::from(round)),
+            };
+            let r = kernbench(&cfg)?;
+            p.line(format!(
+                "round {} {mmu}: {:.0} ops/s, {:.0} faults/s, {} invalidations, {} shadow pages shrunk",
+                round + 1,
+                r.ops_per_sec,
+                r.faults_per_sec,
+                r.invalidations,
+                r.sp_shrunk
+            ));
+            p.step(format!("{mmu} round {}", round + 1));
+            samples[i].push(r);
+        }
+    }
+    p.finish();
+    let mut runs = Vec::new();
+    let mut medians = Vec::new();
+    for (mmu, s) in a.mmu.iter().zip(&samples) {
+        let ops = median(s.iter().map(|r| r.ops_per_sec).collect());
+        let faults = median(s.iter().map(|r| r.faults_per_sec).collect());
+        println!("{mmu}: median {ops:.0} ops/s, {faults:.0} faults/s over {} rounds", s.len());
+        medians.push(ops);
+        runs.push(json!({
+            "mmu": mmu.name(),
+            "workload": format!("{:?}", a.workload).to_lowercase(),
+            "vcpus": a.vcpus,
+            "guest_bytes": s[0].guest_bytes,
+            "ops_per_sec": ops,
+            "faults_per_sec": faults,
+            "max_mmu_pages": a.max_mmu_pages,
+            "invalidate_every_us": a.invalidate_every_us,
+            "rounds": s.iter().map(|r| json!({
+                "ops_per_sec": r.ops_per_sec,
+                "faults_per_sec": r.faults_per_sec,
+                "invalidations": r.invalidations,
+                "sp_shrunk": r.sp_shrunk,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
+    if let (Some(l), Some(ll)) = (pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
+        println!("lockless/locked kernbench throughput: {:.3} (target >= 0.98)", medians[ll] / medians[l]);
+    }
+    if let Some(path) = &a.json {
+        write_json(path, runs)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(true)
+}

@@ -1,0 +1,479 @@
+//! `bench migrate-perf`: `dirty_log_perf_test`'s report, per backend, design
+//! and guest size, plus what the seed cared about: get-dirty-log ns per dirty
+//! page against a compare-exchange floor, and the vCPUs' write-fault latency
+//! with and without a harvest running.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use engine::MmuDesign;
+use engine::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun};
+use serde_json::{Value, json};
+
+use super::{BenchResult, Progress, parse_size, secs, write_json};
+use crate::plot;
+
+#[derive(Debug, Args)]
+pub struct MigratePerfArgs {
+    /// Backends, comma-separated: engine, kvm (the machine's /dev/kvm).
+    #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
+    pub backend: Vec<Backend>,
+    /// Designs of the engine, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
+    pub mmu: Vec<MmuDesign>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub vcpus: u32,
+    /// Guest memory in MiB, all vCPUs together; a comma-separated list runs
+    /// each size (the plot's x axis).
+    #[arg(long, value_delimiter = ',', conflicts_with = "bytes_per_vcpu")]
+    pub guest_mib: Vec<u64>,
+    /// Guest memory per vCPU (`dirty_log_perf_test -b`): bytes with an
+    /// optional K, M, G suffix; a comma-separated list runs each size.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub bytes_per_vcpu: Vec<u64>,
+    /// Iterations (harvests after the bulk copy).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub iterations: u32,
+    /// Share of accesses that are writes, percent.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub write_pct: u8,
+    /// Random pages instead of a sequential sweep.
+    #[arg(long)]
+    pub random: bool,
+    /// Never map 2 MiB pages (engine).
+    #[arg(long)]
+    pub no_large_pages: bool,
+    /// Seconds of the fault-heavy (logging off) measurement of the engine,
+    /// per design, spread over five alternations of the designs; 0 skips it.
+    #[arg(long, default_value_t = 6.0)]
+    pub fault_heavy_seconds: f64,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write SVG charts into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Where the workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Our engine, each design.
+    Engine,
+    /// The machine's KVM, through /dev/kvm.
+    Kvm,
+}
+
+/// One iteration, whichever the backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Iter {
+    pub(super) dirty_memory_ns: u64,
+    pub(super) get_dirty_log_ns: u64,
+    pub(super) clear_dirty_log_ns: Option<u64>,
+    pub(super) dirty_pages: u64,
+}
+
+/// One run, whichever the backend.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    pub(super) backend: &'static str,
+    /// The engine's design; KVM's own MMU otherwise.
+    pub(super) mmu: String,
+    pub(super) vcpus: u32,
+    pub(super) guest_bytes: u64,
+    pub(super) populate_ns: u64,
+    pub(super) enable_dirty_logging_ns: u64,
+    pub(super) iterations: Vec<Iter>,
+    pub(super) floor_ns_per_page: f64,
+    /// Engine only: KVM's faults cannot be timed from userspace.
+    pub(super) latency: Option<(LatencyHistogram, LatencyHistogram)>,
+    pub(super) lost_pages: u64,
+    pub(super) fault_heavy_faults_per_sec: Option<f64>,
+    /// A harvest with no vCPU running, of a guest just fully dirtied.
+    pub(super) quiet: Option<Iter>,
+    pub(super) extra: Value,
+}
+
+impl Record {
+    fn avg(&self, f: impl Fn(&Iter) -> u64) -> u64 {
+        self.iterations.iter().map(f).sum::<u64>() / self.iterations.len().max(1) as u64
+    }
+
+    /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
+    /// protection is done there (KVM's manual protect).
+    fn harvest_avg(&self) -> u64 {
+        self.avg(|i| i.get_dirty_log_ns + i.clear_dirty_log_ns.unwrap_or(0))
+    }
+
+    /// Harvest time per dirty page.
+    fn ns_per_dirty_page(&self) -> f64 {
+        self.harvest_avg() as f64 / self.avg(|i| i.dirty_pages).max(1) as f64
+    }
+
+    fn clear_avg(&self) -> Option<u64> {
+        let c: Option<Vec<u64>> = self.iterations.iter().map(|i| i.clear_dirty_log_ns).collect();
+        c.filter(|c| !c.is_empty()).map(|c| c.iter().sum::<u64>() / c.len() as u64)
+    }
+
+    fn label(&self) -> String {
+        format!("{} {}", self.backend, self.mmu)
+    }
+
+    fn json(&self) -> Value {
+        let lat = |h: Option<&LatencyHistogram>| {
+            h.map(|h| {
+                json!({
+                    "count": h.count(),
+                    "p50_ns": h.quantile_ns(0.5),
+                    "p99_ns": h.quantile_ns(0.99),
+                    "p999_ns": h.quantile_ns(0.999),
+                    "max_ns": h.max_ns(),
+                })
+            })
+        };
+        let (harvest, idle) = match &self.latency {
+            Some((h, i)) => (Some(h), Some(i)),
+            None => (None, None),
+        };
+        json!({
+            "backend": self.backend,
+            "mmu": self.mmu,
+            "vcpus": self.vcpus,
+            "guest_bytes": self.guest_bytes,
+            "populate_ns": self.populate_ns,
+            "enable_dirty_logging_ns": self.enable_dirty_logging_ns,
+            "dirty_memory_avg_ns": self.avg(|i| i.dirty_memory_ns),
+            "get_dirty_log_avg_ns": self.avg(|i| i.get_dirty_log_ns),
+            "clear_dirty_log_avg_ns": self.clear_avg(),
+            "dirty_pages_avg": self.avg(|i| i.dirty_pages),
+            "ns_per_dirty_page": self.ns_per_dirty_page(),
+            "floor_ns_per_page": self.floor_ns_per_page,
+            "vcpu_fault_p99_ns_harvest": harvest.map(|h| h.quantile_ns(0.99)),
+            "vcpu_fault_p99_ns_idle": idle.map(|h| h.quantile_ns(0.99)),
+            "vcpu_fault_latency_harvest": lat(harvest),
+            "vcpu_fault_latency_idle": lat(idle),
+            "lost_pages": self.lost_pages,
+            "quiet_get_dirty_log_ns": self.quiet.map(|q| q.get_dirty_log_ns),
+            "quiet_dirty_pages": self.quiet.map(|q| q.dirty_pages),
+            "quiet_ns_per_dirty_page": self.quiet.map(|q| q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64),
+            "fault_heavy_faults_per_sec": self.fault_heavy_faults_per_sec,
+            "iterations": self.iterations.iter().map(|i| json!({
+                "dirty_memory_ns": i.dirty_memory_ns,
+                "get_dirty_log_ns": i.get_dirty_log_ns,
+                "clear_dirty_log_ns": i.clear_dirty_log_ns,
+                "dirty_pages": i.dirty_pages,
+            })).collect::<Vec<_>>(),
+            "details": self.extra,
+        })
+    }
+}
+
+fn latency_line(what: &str, h: &LatencyHistogram) -> String {
+    let us = |ns: u64| ns as f64 / 1e3;
+    format!(
+        "vCPU write-fault latency {what}: p50 {:.2} us, p99 {:.2} us, p99.9 {:.2} us, max {:.2} us ({} faults)",
+        us(h.quantile_ns(0.5)),
+        us(h.quantile_ns(0.99)),
+        us(h.quantile_ns(0.999)),
+        us(h.max_ns()),
+        h.count()
+    )
+}
+
+/// `dirty_log_perf_test`'s closing lines, and ours.
+pub fn print_summary(p: &Progress, r: &Record) {
+    let n = r.iterations.len() as u64;
+    p.line(format!(
+        "Dirty memory time over {n} iterations: {} (avg {}/iteration)",
+        secs(r.avg(|i| i.dirty_memory_ns) * n),
+        secs(r.avg(|i| i.dirty_memory_ns))
+    ));
+    p.line(format!(
+        "Get dirty log over {n} iterations took {}. (Avg {}/iteration)",
+        secs(r.avg(|i| i.get_dirty_log_ns) * n),
+        secs(r.avg(|i| i.get_dirty_log_ns))
+    ));
+    if let Some(c) = r.clear_avg() {
+        p.line(format!(
+            "Clear dirty log over {n} iterations took {}. (Avg {}/iteration)",
+            secs(c * n),
+            secs(c)
+        ));
+    }
+    let per = r.ns_per_dirty_page();
+    p.line(format!(
+        "{} per dirty page: {per:.2} ns ({} dirty pages avg); floor (one compare-exchange per \
+         page over a plain array): {:.2} ns; = {:.2} x floor",
+        if r.clear_avg().is_some() { "Get + clear dirty log" } else { "Get dirty log" },
+        r.avg(|i| i.dirty_pages),
+        r.floor_ns_per_page,
+        per / r.floor_ns_per_page
+    ));
+    if let Some(q) = r.quiet {
+        let ns = q.get_dirty_log_ns + q.clear_dirty_log_ns.unwrap_or(0);
+        let per = ns as f64 / q.dirty_pages.max(1) as f64;
+        p.line(format!(
+            "Harvest with no vCPU running: {} for {} dirty pages, {per:.2} ns per page = {:.2} x floor",
+            secs(ns),
+            q.dirty_pages,
+            per / r.floor_ns_per_page
+        ));
+    }
+    match &r.latency {
+        Some((harvest, idle)) => {
+            p.line(latency_line("during harvest", harvest));
+            p.line(latency_line("with no harvest", idle));
+        }
+        None => p.line("vCPU write-fault latency: not measurable from userspace on this backend"),
+    }
+    p.line(format!("Lost pages: {}", r.lost_pages));
+}
+
+fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
+    let cfg = MigratePerfConfig {
+        mmu,
+        vcpus: a.vcpus,
+        guest_bytes,
+        iterations: a.iterations,
+        write_pct: a.write_pct,
+        random: a.random,
+        large_pages: !a.no_large_pages,
+        seed: a.seed,
+    };
+    p.line(format!(
+        "== backend=engine mmu={mmu} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        a.vcpus,
+        guest_bytes >> 20,
+        (guest_bytes / u64::from(a.vcpus)) >> 20
+    ));
+    let r: MigratePerfRun = perf::migrate_perf(&cfg, |i, it| {
+        p.line(format!("Iteration {i} dirty memory time: {}", secs(it.dirty_memory_ns)));
+        p.line(format!("Iteration {i} get dirty log time: {}", secs(it.get_dirty_log_ns)));
+        p.step(format!("engine {mmu} {} MiB", guest_bytes >> 20));
+    })?;
+    let rec = Record {
+        backend: "engine",
+        mmu: mmu.name().to_string(),
+        vcpus: a.vcpus,
+        guest_bytes,
+        populate_ns: r.populate_ns,
+        enable_dirty_logging_ns: r.enable_dirty_logging_ns,
+        iterations: r
+            .iterations
+            .iter()
+            .map(|i| Iter {
+                dirty_memory_ns: i.dirty_memory_ns,
+                get_dirty_log_ns: i.get_dirty_log_ns,
+                clear_dirty_log_ns: None,
+                dirty_pages: i.dirty_pages,
+            })
+            .collect(),
+        floor_ns_per_page: perf::cmpxchg_floor(r.dirty_pages_avg()),
+        latency: Some((r.fault_latency_harvest.clone(), r.fault_latency_idle.clone())),
+        lost_pages: r.lost_pages,
+        fault_heavy_faults_per_sec: None,
+        quiet: Some(Iter {
+            dirty_memory_ns: r.quiet.dirty_memory_ns,
+            get_dirty_log_ns: r.quiet.get_dirty_log_ns,
+            clear_dirty_log_ns: None,
+            dirty_pages: r.quiet.dirty_pages,
+        }),
+        extra: json!({
+            "write_pct": a.write_pct,
+            "random": a.random,
+            "vcpu_write_faults": r.vcpu.write_faults,
+            "fast_page_faults": r.vm.fast_page_faults,
+            "mmu_lock_hold_ns": r.vm.mmu_lock_hold_ns,
+            "remote_tlb_flushes": r.vm.remote_tlb_flushes,
+        }),
+    };
+    p.line(format!("Populate memory time: {}", secs(rec.populate_ns)));
+    p.line(format!("Enabling dirty logging time: {}", secs(rec.enable_dirty_logging_ns)));
+    print_summary(p, &rec);
+    p.line(format!(
+        "vCPU write faults: {} ({} fixed by fast_page_fault), mmu_lock held {:.1} ms",
+        r.vcpu.write_faults,
+        r.vm.fast_page_faults,
+        r.vm.mmu_lock_hold_ns as f64 / 1e6
+    ));
+    Ok(rec)
+}
+
+/// Alternations of the designs in the fault-heavy measurement.
+const FAULT_HEAVY_ROUNDS: usize = 5;
+
+/// The fault-heavy measurement, designs alternated `FAULT_HEAVY_ROUNDS`
+/// times (so that drift of a shared machine hits both alike); the median of
+/// each.
+fn fault_heavy(a: &MigratePerfArgs) -> BenchResult<Vec<f64>> {
+    let per = Duration::from_secs_f64(a.fault_heavy_seconds / FAULT_HEAVY_ROUNDS as f64);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); a.mmu.len()];
+    for _ in 0..FAULT_HEAVY_ROUNDS {
+        for (i, &mmu) in a.mmu.iter().enumerate() {
+            samples[i].push(perf::fault_heavy(mmu, a.vcpus, per)?.faults_per_sec);
+        }
+    }
+    Ok(samples.into_iter().map(median).collect())
+}
+
+/// The median of `s`.
+pub fn median(mut s: Vec<f64>) -> f64 {
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn guest_sizes(a: &MigratePerfArgs) -> Result<Vec<u64>, String> {
+    let sizes: Vec<u64> = if !a.bytes_per_vcpu.is_empty() {
+        a.bytes_per_vcpu.iter().map(|b| b * u64::from(a.vcpus)).collect()
+    } else if !a.guest_mib.is_empty() {
+        a.guest_mib.iter().map(|m| m << 20).collect()
+    } else {
+        vec![1 << 30]
+    };
+    for &s in &sizes {
+        if s == 0 || !s.is_multiple_of(4096) || s / 4096 < u64::from(a.vcpus) || s > 1 << 40 {
+            return Err(format!("guest size {s} bytes: not a positive multiple of 4 KiB, one page per vCPU"));
+        }
+    }
+    Ok(sizes)
+}
+
+pub fn main(a: &MigratePerfArgs) -> BenchResult {
+    if !(a.fault_heavy_seconds.is_finite() && a.fault_heavy_seconds >= 0.0) {
+        return Err(format!("--fault-heavy-seconds {}", a.fault_heavy_seconds).into());
+    }
+    let sizes = guest_sizes(a)?;
+    let engine = a.backend.contains(&Backend::Engine);
+    let kvm = a.backend.contains(&Backend::Kvm).then(super::kvm::KvmBench::probe);
+    if let Some(k) = &kvm {
+        println!("{}", k.describe());
+    }
+    let per_size = if engine { a.mmu.len() as u64 } else { 0 }
+        + kvm.as_ref().filter(|k| k.usable()).map_or(0, |k| k.modes().len() as u64);
+    let p = Progress::new(sizes.len() as u64 * per_size * u64::from(a.iterations), "migrate-perf");
+    let mut records = Vec::new();
+    for &size in &sizes {
+        if engine {
+            for &mmu in &a.mmu {
+                records.push(engine_run(a, &p, mmu, size)?);
+            }
+        }
+        if let Some(k) = kvm.as_ref().filter(|k| k.usable()) {
+            for manual_protect in k.modes() {
+                records.push(k.run(a, &p, size, manual_protect)?);
+            }
+        }
+    }
+    let faults = if engine && a.fault_heavy_seconds > 0.0 {
+        p.line(format!(
+            "== fault-heavy, dirty logging off ({} MiB, 4 KiB pages, 64 shadow pages, {} vCPUs)",
+            perf::FAULT_HEAVY_GUEST_BYTES >> 20,
+            a.vcpus
+        ));
+        let f = fault_heavy(a)?;
+        for (mmu, x) in a.mmu.iter().zip(&f) {
+            p.line(format!("{mmu}: {x:.0} faults/s"));
+        }
+        Some(f)
+    } else {
+        None
+    };
+    p.finish();
+    if let Some(f) = &faults {
+        for r in records.iter_mut().filter(|r| r.backend == "engine") {
+            let i = a.mmu.iter().position(|m| m.name() == r.mmu).expect("a design we ran");
+            r.fault_heavy_faults_per_sec = Some(f[i]);
+        }
+    }
+    print_ratios(&records, &sizes, faults.as_deref(), a);
+    if let Some(dir) = &a.plot {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut written = plot::dirty_log_vs_size(
+            dir,
+            &records.iter().map(|r| (r.label(), r.guest_bytes, r.harvest_avg())).collect::<Vec<_>>(),
+        )?;
+        let largest = sizes.iter().max().copied().unwrap_or(0);
+        let lat: Vec<(String, &LatencyHistogram)> = records
+            .iter()
+            .filter(|r| r.guest_bytes == largest)
+            .filter_map(|r| r.latency.as_ref().map(|(h, _)| (r.label(), h)))
+            .collect();
+        if !lat.is_empty() {
+            written.push(plot::fault_latency(dir, &lat, largest)?);
+        }
+        for w in written {
+            println!("wrote {}", w.display());
+        }
+    }
+    if let Some(path) = &a.json {
+        write_json(path, records.iter().map(Record::json).collect())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(records.iter().all(|r| r.lost_pages == 0))
+}
+
+/// The seed's claims, as ratios of runs of this process.
+fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &MigratePerfArgs) {
+    let find = |size: u64, backend: &str, mmu: &str| {
+        records.iter().find(|r| r.guest_bytes == size && r.backend == backend && r.mmu == mmu)
+    };
+    for &size in sizes {
+        let (Some(l), Some(ll)) = (find(size, "engine", "locked"), find(size, "engine", "lockless")) else {
+            continue;
+        };
+        let ratio = ll.avg(|i| i.get_dirty_log_ns) as f64 / l.avg(|i| i.get_dirty_log_ns).max(1) as f64;
+        println!(
+            "{} MiB: lockless/locked get_dirty_log time: {ratio:.3} (the seed: 0.53; target <= 0.5)",
+            size >> 20
+        );
+        if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
+            println!(
+                "{} MiB: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
+                size >> 20,
+                lh.quantile_ns(0.99) as f64 / 1e3,
+                llh.quantile_ns(0.99) as f64 / 1e3
+            );
+        }
+        println!(
+            "{} MiB: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
+             faulting; {} with none (target <= 2)",
+            size >> 20,
+            ll.ns_per_dirty_page(),
+            ll.ns_per_dirty_page() / ll.floor_ns_per_page,
+            ll.quiet.map_or("-".into(), |q| format!(
+                "{:.2} = {:.2} x",
+                q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64,
+                q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64 / ll.floor_ns_per_page
+            ))
+        );
+        println!(
+            "{} MiB: enabling dirty logging: locked {}, lockless {}",
+            size >> 20,
+            secs(l.enable_dirty_logging_ns),
+            secs(ll.enable_dirty_logging_ns)
+        );
+        for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm") {
+            println!(
+                "{} MiB: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
+                size >> 20,
+                k.mmu,
+                if k.clear_avg().is_some() {
+                    "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
+                } else {
+                    "KVM_GET_DIRTY_LOG"
+                },
+                l.harvest_avg() as f64 / k.harvest_avg().max(1) as f64,
+                ll.harvest_avg() as f64 / k.harvest_avg().max(1) as f64
+            );
+        }
+    }
+    let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
+    if let (Some(f), Some(l), Some(ll)) = (faults, pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
+        println!("lockless/locked fault-heavy throughput: {:.3} (target >= 0.98)", f[ll] / f[l]);
+    }
+}

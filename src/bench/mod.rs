@@ -1,0 +1,126 @@
+//! `shadow-mmu bench`: benchmarks in the manner of KVM's
+//! `dirty_log_perf_test`, and the seed's kernbench no-regression run.
+
+mod kernbench;
+mod kvm;
+mod migrate_perf;
+
+use std::error::Error;
+use std::path::Path;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::Value;
+
+pub use kernbench::KernbenchArgs;
+pub use migrate_perf::MigratePerfArgs;
+
+/// What a bench returns: whether every check passed.
+pub type BenchResult<T = bool> = Result<T, Box<dyn Error>>;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// get_dirty_log time with vCPUs write-faulting, per backend and design,
+    /// with the vCPUs' fault latency and a compare-exchange floor
+    /// (`dirty_log_perf_test`'s report, and the seed's first claim).
+    MigratePerf(MigratePerfArgs),
+    /// The no-regression run: a fault-heavy workload with logging off, under
+    /// mmu notifier invalidations and shrinker pressure, swept or replayed
+    /// from a real program's trace (the seed's second claim).
+    Kernbench(KernbenchArgs),
+}
+
+/// Runs a bench.
+pub fn main(cmd: &BenchCommand) -> BenchResult {
+    match cmd {
+        BenchCommand::MigratePerf(a) => migrate_perf::main(a),
+        BenchCommand::Kernbench(a) => kernbench::main(a),
+    }
+}
+
+/// Seconds with nanosecond digits, as `dirty_log_perf_test` prints them.
+pub fn secs(ns: u64) -> String {
+    format!("{}.{:09}s", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+/// A progress bar on a terminal's stderr; nothing at all otherwise. Report
+/// lines go through [`Progress::line`] so they never tear the bar.
+pub struct Progress(ProgressBar);
+
+impl Progress {
+    /// A bar of `total` steps.
+    pub fn new(total: u64, what: &str) -> Self {
+        // `stderr()` draws only when stderr is a terminal.
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .expect("a valid template"),
+        );
+        bar.set_message(what.to_string());
+        Self(bar)
+    }
+
+    /// Prints a report line on stdout.
+    pub fn line(&self, s: impl AsRef<str>) {
+        self.0.suspend(|| println!("{}", s.as_ref()));
+    }
+
+    /// One step done.
+    pub fn step(&self, msg: impl Into<String>) {
+        self.0.set_message(msg.into());
+        self.0.inc(1);
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Writes `{"command": ..., "runs": runs}` to `path`.
+pub fn write_json(path: &Path, runs: Vec<Value>) -> Result<(), Box<dyn Error>> {
+    let v = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "runs": runs,
+    });
+    let text = serde_json::to_string_pretty(&v)?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Parses a size as `dirty_log_perf_test`'s `-b` does: a number with an
+/// optional K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    n.checked_mul(1 << shift).filter(|&b| b > 0).ok_or_else(|| format!("{s:?}: zero or too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

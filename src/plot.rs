@@ -1,0 +1,116 @@
+//! SVG charts of the benchmarks (plotters' SVG backend: no system
+//! libraries, no fonts to load; text is left to the SVG viewer).
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use engine::perf::LatencyHistogram;
+use plotters::prelude::*;
+
+/// Colours of the series, in order.
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+/// The series of `points` (label, guest bytes, value), one per label, in
+/// order of first appearance, each sorted by guest size.
+fn series(points: &[(String, u64, u64)]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for (label, bytes, ns) in points {
+        let p = (*bytes as f64 / f64::from(1u32 << 20), *ns as f64 / 1e6);
+        match out.iter_mut().find(|(l, _)| l == label) {
+            Some((_, v)) => v.push(p),
+            None => out.push((label.clone(), vec![p])),
+        }
+    }
+    for (_, v) in &mut out {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+/// `get-dirty-log.svg`: get-dirty-log time (ms) against guest size (MiB),
+/// one line per backend and design. `points`: (label, guest bytes, ns).
+pub fn dirty_log_vs_size(dir: &Path, points: &[(String, u64, u64)]) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    let path = dir.join("get-dirty-log.svg");
+    let data = series(points);
+    let max_x = data.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let max_y = data.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(1e-3, f64::max);
+    let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("get_dirty_log time, vCPUs write-faulting", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y * 1.15)?;
+    chart.configure_mesh().x_desc("guest memory (MiB)").y_desc("get_dirty_log (ms)").draw()?;
+    for (i, (label, v)) in data.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(v.iter().copied(), c.stroke_width(2)))?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(v.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    drop(chart);
+    drop(root);
+    Ok(vec![path])
+}
+
+/// The quantiles of the latency chart's x axis, as `-log10(1 - q)`.
+const QUANTILES: [f64; 9] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999];
+
+/// `fault-latency.svg`: the vCPUs' write-fault latency during harvests, as a
+/// percentile spectrum (x: the percentile on a log scale of `1 - q`, y: the
+/// latency on a log scale), one line per design; the max is the last point.
+pub fn fault_latency(
+    dir: &Path,
+    hists: &[(String, &LatencyHistogram)],
+    guest_bytes: u64,
+) -> Result<PathBuf, Box<dyn Error>> {
+    let path = dir.join("fault-latency.svg");
+    let x_of = |q: f64| -(1.0 - q).log10();
+    let x_max = x_of(QUANTILES[QUANTILES.len() - 1]) + 0.5;
+    let y_max = hists.iter().map(|(_, h)| h.max_ns()).max().unwrap_or(1).max(10) as f64 / 1e3 * 2.0;
+    let y_min = hists.iter().map(|(_, h)| h.quantile_ns(0.5)).min().unwrap_or(1).max(1) as f64 / 1e3 / 2.0;
+    let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!("vCPU write-fault latency during get_dirty_log ({} MiB guest)", guest_bytes >> 20);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (us)")
+        .x_labels(6)
+        .x_label_formatter(&|x| format!("{}", 100.0 * (1.0 - 10f64.powf(-x))))
+        .draw()?;
+    for (i, (label, h)) in hists.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        let mut pts: Vec<(f64, f64)> =
+            QUANTILES.iter().map(|&q| (x_of(q), h.quantile_ns(q).max(1) as f64 / 1e3)).collect();
+        pts.push((x_max, h.max_ns().max(1) as f64 / 1e3));
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(format!("{label} ({} faults)", h.count()))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    drop(chart);
+    drop(root);
+    Ok(path)
+}

@@ -44,12 +44,16 @@ pub fn dirty_log_vs_size(dir: &Path, points: &[(String, u64, u64)]) -> Result<Ve
     let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("get_dirty_log time, vCPUs write-faulting", ("sans-serif", 22))
+        .caption("Harvest time with vCPUs write-faulting", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y * 1.15)?;
-    chart.configure_mesh().x_desc("guest memory (MiB)").y_desc("get_dirty_log (ms)").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("guest memory (MiB)")
+        .y_desc("harvest (ms): get_dirty_log, + clear_dirty_log for KVM's manual protect")
+        .draw()?;
     for (i, (label, v)) in data.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         chart
@@ -58,7 +62,12 @@ pub fn dirty_log_vs_size(dir: &Path, points: &[(String, u64, u64)]) -> Result<Ve
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(v.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     root.present()?;
     drop(chart);
     drop(root);

@@ -29,7 +29,8 @@ pub struct KernbenchArgs {
     /// The page trace a replay runs (see traces/README.md).
     #[arg(long, default_value = "traces/cc1-O2.smtrace")]
     pub trace: PathBuf,
-    /// Guest memory of a sweep, MiB (a replay sizes the guest to the trace).
+    /// Guest memory, MiB. A replay cuts it into copies of the trace's pages
+    /// and runs each lap of the trace in the next copy.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..=1 << 20))]
     pub guest_mib: u64,
     /// Shadow page budget, pages (KVM's minimum is 64).
@@ -69,7 +70,7 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
         KernbenchWorkload::Sweep => (Workload::Sweep, format!("sweep over {} MiB", a.guest_mib)),
         KernbenchWorkload::Replay => {
             let trace = PageTrace::load(&a.trace).map_err(|e| format!("{}: {e}", a.trace.display()))?;
-            let what = format!("replay of {} ({trace})", a.trace.display());
+            let what = format!("replay of {} ({trace}) over {} MiB", a.trace.display(), a.guest_mib);
             (
                 Workload::Replay {
                     entries: trace.iter().map(|(p, w)| p << 1 | u32::from(w)).collect(),

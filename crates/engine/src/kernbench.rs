@@ -9,8 +9,11 @@
 //! Here, for the run's duration:
 //! - each vCPU runs its guest program: a sweep over its slice of guest
 //!   memory ([`Workload::Sweep`]), or a replay of a recorded page-access trace
-//!   of a real program ([`Workload::Replay`]), each vCPU on its own copy of
-//!   the trace's pages, as separate processes would be;
+//!   of a real program ([`Workload::Replay`]) over and over, as a kernel
+//!   build runs one compiler process after another: guest memory is cut into
+//!   as many copies of the trace's pages as fit, each lap of the trace runs
+//!   in the next copy along (a new process in memory an old one left), and
+//!   vCPUs start in different copies;
 //! - a host thread plays the mmu notifier: every `invalidate_every` it
 //!   invalidates a random 2 MiB of guest memory, whose pages then fault in
 //!   again;
@@ -61,8 +64,8 @@ pub struct KernbenchConfig {
     pub mmu: MmuDesign,
     /// vCPUs.
     pub vcpus: u32,
-    /// Guest memory for [`Workload::Sweep`]; a replay sizes the guest to hold
-    /// one copy of the trace's pages per vCPU.
+    /// Guest memory. A replay needs room for one copy of the trace's pages
+    /// per vCPU.
     pub guest_bytes: u64,
     /// The guest program.
     pub workload: Workload,
@@ -91,14 +94,17 @@ pub struct KernbenchRun {
     pub guest_bytes: u64,
 }
 
-/// A replaying vCPU: walks the trace from `start`, wrapping around, mapping
-/// trace page `p` to guest page `base + p`; one 8-byte access per entry, at
-/// a word that moves with the entry index so a page's accesses spread over
-/// it.
+/// A replaying vCPU: walks the trace, mapping trace page `p` to guest page
+/// `copy * pages + p`; one 8-byte access per entry, at a word that moves
+/// with the entry index so a page's accesses spread over it. At the end of
+/// the trace it moves `stride` copies on and starts again.
 struct ReplayGuest {
     entries: Arc<[u32]>,
+    pages: u64,
     pos: usize,
-    base_gfn: u64,
+    copy: u64,
+    copies: u64,
+    stride: u64,
     stop: Arc<AtomicBool>,
 }
 
@@ -109,10 +115,12 @@ impl GuestCode for ReplayGuest {
             return GuestOp::Hypercall(HC_STOP);
         }
         let e = self.entries[self.pos];
-        let gpa = ((self.base_gfn + u64::from(e >> 1)) << PAGE_SHIFT) | ((self.pos as u64 % 512) * 8);
+        let gfn = self.copy * self.pages + u64::from(e >> 1);
+        let gpa = (gfn << PAGE_SHIFT) | ((self.pos as u64 % 512) * 8);
         self.pos += 1;
         if self.pos == self.entries.len() {
             self.pos = 0;
+            self.copy = (self.copy + self.stride) % self.copies;
         }
         if e & 1 == 1 { GuestOp::Write(gpa, self.pos as u64) } else { GuestOp::Read(gpa) }
     }
@@ -120,17 +128,17 @@ impl GuestCode for ReplayGuest {
 
 /// Runs one kernbench configuration.
 pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
-    let guest_bytes = match &cfg.workload {
-        Workload::Sweep => cfg.guest_bytes,
-        Workload::Replay { entries, pages } => {
-            if entries.is_empty() || entries.iter().any(|e| e >> 1 >= *pages) {
-                return Err(HarnessError::BadConfig(
-                    "the trace is empty or names a page past its count".into(),
-                ));
-            }
-            (u64::from(*pages) * u64::from(cfg.vcpus) * PAGE_SIZE).next_multiple_of(INVALIDATE_BYTES)
+    let guest_bytes = cfg.guest_bytes;
+    if let Workload::Replay { entries, pages } = &cfg.workload {
+        if entries.is_empty() || entries.iter().any(|e| e >> 1 >= *pages) {
+            return Err(HarnessError::BadConfig("the trace is empty or names a page past its count".into()));
         }
-    };
+        if guest_bytes / PAGE_SIZE / u64::from(*pages) < u64::from(cfg.vcpus) {
+            return Err(HarnessError::BadConfig(format!(
+                "{guest_bytes} bytes of guest memory do not hold a copy of the trace's {pages} pages per vCPU"
+            )));
+        }
+    }
     if cfg.vcpus == 0
         || guest_bytes / PAGE_SIZE < u64::from(cfg.vcpus)
         || !guest_bytes.is_multiple_of(PAGE_SIZE)
@@ -165,9 +173,12 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         let mut guest: Box<dyn GuestCode + Send> = match &cfg.workload {
             Workload::Sweep => Box::new(WorkloadGuest::new(spec, id, cfg.vcpus, 0, npages, ctl.clone())),
             Workload::Replay { entries, pages } => Box::new(ReplayGuest {
-                pos: entries.len() * id as usize / cfg.vcpus as usize,
                 entries: entries.clone(),
-                base_gfn: u64::from(*pages) * u64::from(id),
+                pages: u64::from(*pages),
+                pos: 0,
+                copy: u64::from(id),
+                copies: npages / u64::from(*pages),
+                stride: u64::from(cfg.vcpus),
                 stop: stop.clone(),
             }),
         };

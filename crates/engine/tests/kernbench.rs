@@ -85,10 +85,16 @@ fn kernbench_replays_a_trace_on_a_copy_per_vcpu() {
     // A toy trace: 40 pages, reads then writes, with revisits.
     let entries: Arc<[u32]> = (0..400u32).map(|i| ((i * 7) % 40) << 1 | (i % 3 == 0) as u32).collect();
     for mmu in DESIGNS {
+        // 192 MiB hold 1228 copies of 40 pages: each lap runs in fresh memory,
+        // so the shrinker works too.
         let r = kernbench(&config(mmu, Workload::Replay { entries: entries.clone(), pages: 40 })).unwrap();
-        assert_eq!(r.guest_bytes, 2 * MIB, "{mmu}: 2 x 40 pages, rounded up to 2 MiB");
         assert!(r.ops_per_sec > 0.0 && r.faults_per_sec > 0.0, "{mmu}: {r:?}");
+        assert!(r.sp_shrunk > 0, "{mmu}: {r:?}");
     }
+    // Two vCPUs need two copies.
+    let mut small = config(MmuDesign::Locked, Workload::Replay { entries: entries.clone(), pages: 40 });
+    small.guest_bytes = 79 * 4096;
+    assert!(kernbench(&small).is_err());
     let bad: Arc<[u32]> = Arc::from([3u32 << 1, 80 << 1]);
     assert!(kernbench(&config(MmuDesign::Lockless, Workload::Replay { entries: bad, pages: 40 })).is_err());
     let empty: Arc<[u32]> = Arc::from([]);

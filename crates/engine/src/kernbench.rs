@@ -30,12 +30,11 @@ use std::time::{Duration, Instant};
 
 use crate::guest::{GuestCode, GuestOp};
 use crate::harness::HarnessError;
-use crate::memory::HostMemory;
-use crate::memslot::{MemFlags, UserMemoryRegion};
 use crate::mmu::MmuDesign;
+use crate::perf::vm_with_memory;
 use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
 use crate::vcpu::{VcpuExit, VcpuStats};
-use crate::vm::{Vm, VmConfig};
+use crate::vm::VmConfig;
 use crate::workload::{GuestControl, HC_STOP, WorkloadGuest, WorkloadSpec};
 
 /// Bytes each invalidation covers: one 2 MiB region, as THP collapse or a
@@ -151,16 +150,7 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         max_mmu_pages: Some(cfg.max_mmu_pages),
         ..VmConfig::default()
     };
-    let vm = Vm::new(config)?;
-    let mem = HostMemory::anonymous_populated(guest_bytes)?;
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: MemFlags::empty(),
-        guest_phys_addr: 0,
-        memory_size: guest_bytes,
-        memory: Some(mem),
-        memory_offset: 0,
-    })?;
+    let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
     let npages = guest_bytes / PAGE_SIZE;
     let ctl = GuestControl::new(cfg.vcpus);
     let stop = Arc::new(AtomicBool::new(false));

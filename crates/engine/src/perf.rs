@@ -396,7 +396,10 @@ impl Drop for Sweepers {
 /// A VM with one slot over pre-populated host memory: the first pass then
 /// measures shadow page faults, not the host kernel's first-touch faults
 /// (which would also make whichever design runs first look slower).
-fn vm_with_memory(config: VmConfig, guest_bytes: u64) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
+pub(crate) fn vm_with_memory(
+    config: VmConfig,
+    guest_bytes: u64,
+) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
     let vm = Vm::new(config)?;
     let mem = HostMemory::anonymous_populated(guest_bytes)?;
     vm.set_user_memory_region(UserMemoryRegion {

@@ -94,6 +94,14 @@ pub enum VmError {
         /// `KVM_MAX_VCPUS`.
         max: u32,
     },
+    /// A guest physical range that is not page aligned, or overflows.
+    #[error("guest physical range [{gpa:#x}, +{size:#x}) is not page aligned or overflows")]
+    BadRange {
+        /// Start.
+        gpa: u64,
+        /// Length in bytes.
+        size: u64,
+    },
     /// The shadow page budget is too small.
     #[error("shadow page budget {0} is below the minimum of {KVM_MIN_ALLOC_MMU_PAGES}")]
     BudgetTooSmall(usize),
@@ -345,9 +353,7 @@ impl Vm {
     pub fn mmu_notifier_invalidate_range(&self, gpa: u64, size: u64) -> Result<u64, VmError> {
         let page = crate::spte::PAGE_SIZE;
         if !gpa.is_multiple_of(page) || !size.is_multiple_of(page) || gpa.checked_add(size).is_none() {
-            return Err(VmError::BadConfig(format!(
-                "invalidate range [{gpa:#x}, +{size:#x}) is not page aligned or overflows"
-            )));
+            return Err(VmError::BadRange { gpa, size });
         }
         let shift = crate::spte::PAGE_SHIFT;
         Ok(self.kvm.kvm_unmap_gfn_range(gpa >> shift, (gpa + size) >> shift))

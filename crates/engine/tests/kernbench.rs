@@ -46,7 +46,7 @@ fn invalidation_of_a_bad_range_is_refused_and_the_vm_goes_on() {
     run_ops(&mut vcpu, [GuestOp::Write(page(3), 3)]);
     for (gpa, size) in [(4095, 4096), (0, 100), (!4095, 8192)] {
         assert!(
-            matches!(vm.mmu_notifier_invalidate_range(gpa, size), Err(VmError::BadConfig(_))),
+            vm.mmu_notifier_invalidate_range(gpa, size) == Err(VmError::BadRange { gpa, size }),
             "[{gpa:#x}, +{size:#x})"
         );
     }

@@ -187,3 +187,35 @@ fn bench_kernbench_sweeps_and_replays_the_shipped_trace() {
     assert!(err.contains("corrupt.smtrace"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_migrate_perf_without_kvm_skips_the_kvm_runs_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-nodev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("mp.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_shadow-mmu"))
+        .env("SHADOW_MMU_KVM_DEVICE", "/dev/null")
+        .args([
+            "bench",
+            "migrate-perf",
+            "--guest-mib",
+            "8",
+            "--iterations",
+            "1",
+            "--fault-heavy-seconds",
+            "0",
+        ])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let skip: Vec<&str> = stdout.lines().filter(|l| l.contains("kvm")).collect();
+    assert_eq!(skip.len(), 1, "{stdout}");
+    assert!(skip[0].starts_with("kvm: unavailable: ") && skip[0].ends_with("KVM runs skipped"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let backends: Vec<&str> =
+        v["runs"].as_array().unwrap().iter().map(|r| r["backend"].as_str().unwrap()).collect();
+    assert_eq!(backends, ["engine", "engine"]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -209,13 +209,27 @@ impl std::fmt::Debug for KvmVm {
     }
 }
 
-/// Opens `/dev/kvm` and creates a VM, checking the API version.
+/// The environment variable that names another device than `/dev/kvm`:
+/// the tests point it at a file that is not KVM, to check that every KVM
+/// run is skipped with one line and the rest goes on.
+pub const DEVICE_ENV: &str = "SHADOW_MMU_KVM_DEVICE";
+
+/// The KVM device: `/dev/kvm`, or the path in [`DEVICE_ENV`].
+pub fn device_path() -> String {
+    std::env::var(DEVICE_ENV).unwrap_or_else(|_| "/dev/kvm".to_string())
+}
+
+/// Opens the KVM device and creates a VM, checking the API version.
 pub(crate) fn open_vm() -> Result<VmFd, KvmError> {
-    let kvm = Kvm::new().map_err(|e| KvmError::Unavailable(format!("cannot open /dev/kvm: {e}")))?;
+    let path = device_path();
+    let cpath = std::ffi::CString::new(path.clone())
+        .map_err(|_| KvmError::Unavailable(format!("{DEVICE_ENV}={path:?} has a NUL byte")))?;
+    let kvm =
+        Kvm::new_with_path(&cpath).map_err(|e| KvmError::Unavailable(format!("cannot open {path}: {e}")))?;
     let api = kvm.get_api_version();
     if api < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(KvmError::Unavailable(format!("KVM_GET_API_VERSION on /dev/kvm failed: {e}")));
+        return Err(KvmError::Unavailable(format!("KVM_GET_API_VERSION on {path} failed: {e}")));
     }
     if api != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(KvmError::Unavailable(format!(

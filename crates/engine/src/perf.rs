@@ -537,3 +537,57 @@ pub fn fault_heavy(mmu: MmuDesign, vcpus: u32, duration: Duration) -> Result<Fau
         sp_shrunk: stats.sp_shrunk - stats0.sp_shrunk,
     })
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_files_a_fault_under_harvest_if_any_harvest_overlapped_it() {
+        let clock = Arc::new(HarvestClock::default());
+        let mut p = LatencyProbe::new(clock.clone());
+        // No harvest at all: idle.
+        p.fault_begin();
+        p.fault_end(true, 100);
+        // Begins and ends inside one harvest.
+        clock.harvest(|| {
+            p.fault_begin();
+            p.fault_end(true, 200);
+        });
+        // Begins before a harvest that ends before the fault does.
+        p.fault_begin();
+        clock.harvest(|| ());
+        p.fault_end(true, 300);
+        // Begins inside a harvest, ends after it.
+        clock.harvest(|| p.fault_begin());
+        p.fault_end(true, 400);
+        // Read faults are not write faults: not recorded.
+        clock.harvest(|| {
+            p.fault_begin();
+            p.fault_end(false, 500);
+        });
+        assert_eq!((p.idle.count(), p.harvest.count()), (1, 3));
+        assert_eq!(p.idle.max_ns(), 100);
+        assert_eq!((p.harvest.quantile_ns(0.0), p.harvest.max_ns()), (200, 400));
+    }
+
+    #[test]
+    fn histograms_merge_and_clamp() {
+        let mut a = LatencyHistogram::default();
+        let mut b = LatencyHistogram::default();
+        assert_eq!((a.quantile_ns(0.99), a.max_ns(), a.count()), (0, 0, 0), "empty");
+        a.record(0);
+        b.record(1_000);
+        b.record(u64::MAX);
+        a.add(&b);
+        assert_eq!(a.count(), 3);
+        assert_eq!(a.quantile_ns(0.0), 1, "0 ns is recorded as the lowest value");
+        assert!(a.max_ns() >= 100_000_000_000 - 100_000_000, "clamped to the top of the range");
+    }
+
+    #[test]
+    fn the_floor_is_a_positive_time_per_page() {
+        let f = cmpxchg_floor(4096);
+        assert!(f.is_finite() && f > 0.0, "{f}");
+    }
+}

@@ -78,6 +78,19 @@ pub struct Iter {
     pub(super) dirty_pages: u64,
 }
 
+impl Iter {
+    /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
+    /// protection is done there (KVM's manual protect).
+    fn harvest_ns(&self) -> u64 {
+        self.get_dirty_log_ns + self.clear_dirty_log_ns.unwrap_or(0)
+    }
+
+    /// Harvest time per dirty page.
+    fn ns_per_page(&self) -> f64 {
+        self.harvest_ns() as f64 / self.dirty_pages.max(1) as f64
+    }
+}
+
 /// One run, whichever the backend.
 #[derive(Debug, Clone, Default)]
 pub struct Record {
@@ -107,7 +120,7 @@ impl Record {
     /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
     /// protection is done there (KVM's manual protect).
     fn harvest_avg(&self) -> u64 {
-        self.avg(|i| i.get_dirty_log_ns + i.clear_dirty_log_ns.unwrap_or(0))
+        self.avg(Iter::harvest_ns)
     }
 
     /// Harvest time per dirty page.
@@ -160,7 +173,7 @@ impl Record {
             "lost_pages": self.lost_pages,
             "quiet_get_dirty_log_ns": self.quiet.map(|q| q.get_dirty_log_ns),
             "quiet_dirty_pages": self.quiet.map(|q| q.dirty_pages),
-            "quiet_ns_per_dirty_page": self.quiet.map(|q| q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64),
+            "quiet_ns_per_dirty_page": self.quiet.map(|q| q.ns_per_page()),
             "fault_heavy_faults_per_sec": self.fault_heavy_faults_per_sec,
             "iterations": self.iterations.iter().map(|i| json!({
                 "dirty_memory_ns": i.dirty_memory_ns,
@@ -215,11 +228,10 @@ pub fn print_summary(p: &Progress, r: &Record) {
         per / r.floor_ns_per_page
     ));
     if let Some(q) = r.quiet {
-        let ns = q.get_dirty_log_ns + q.clear_dirty_log_ns.unwrap_or(0);
-        let per = ns as f64 / q.dirty_pages.max(1) as f64;
+        let per = q.ns_per_page();
         p.line(format!(
             "Harvest with no vCPU running: {} for {} dirty pages, {per:.2} ns per page = {:.2} x floor",
-            secs(ns),
+            secs(q.harvest_ns()),
             q.dirty_pages,
             per / r.floor_ns_per_page
         ));
@@ -447,8 +459,8 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
             ll.ns_per_dirty_page() / ll.floor_ns_per_page,
             ll.quiet.map_or("-".into(), |q| format!(
                 "{:.2} = {:.2} x",
-                q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64,
-                q.get_dirty_log_ns as f64 / q.dirty_pages.max(1) as f64 / ll.floor_ns_per_page
+                q.ns_per_page(),
+                q.ns_per_page() / ll.floor_ns_per_page
             ))
         );
         println!(

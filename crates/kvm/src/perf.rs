@@ -401,6 +401,13 @@ pub struct KvmPerfRun {
     pub lost_pages: u64,
 }
 
+/// Word 0 of page `page` of the test slot.
+fn word0(memory: &[AtomicU64], page: usize) -> u64 {
+    // Relaxed: guest data; a copy's ordering comes from the harvest (the
+    // ioctl returns after the dirty bits were fetched and cleared).
+    memory[page * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed)
+}
+
 /// The destination of a migration, reduced to word 0 of each page (the only
 /// word the guests store to).
 #[derive(Debug)]
@@ -409,9 +416,7 @@ pub struct MigrationCopy(Vec<u64>);
 impl MigrationCopy {
     /// The bulk copy, taken when logging is enabled.
     pub fn full(memory: &[AtomicU64], pages: u64) -> Self {
-        // Relaxed: guest data; the copy's ordering comes from the harvest
-        // (the ioctl returns after the dirty bits were fetched and cleared).
-        Self((0..pages).map(|p| memory[(p * PAGE_SIZE / 8) as usize].load(Ordering::Relaxed)).collect())
+        Self((0..pages as usize).map(|p| word0(memory, p)).collect())
     }
 
     /// Copies the pages set in `bitmap`, after the harvest that returned it.
@@ -421,8 +426,7 @@ impl MigrationCopy {
             while b != 0 {
                 let p = w * 64 + b.trailing_zeros() as usize;
                 b &= b - 1;
-                // Relaxed: as in `full`.
-                self.0[p] = memory[p * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed);
+                self.0[p] = word0(memory, p);
             }
         }
     }
@@ -430,8 +434,7 @@ impl MigrationCopy {
     /// Pages whose copy differs from memory; call with no vCPU running,
     /// after a last harvest and copy.
     pub fn lost_pages(&self, memory: &[AtomicU64]) -> u64 {
-        let word = |p: usize| memory[p * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed);
-        self.0.iter().enumerate().filter(|&(p, &v)| word(p) != v).count() as u64
+        self.0.iter().enumerate().filter(|&(p, &v)| word0(memory, p) != v).count() as u64
     }
 }
 

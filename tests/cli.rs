@@ -96,10 +96,18 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         "vCPU write-fault latency during harvest: p50",
         "vCPU write-fault latency with no harvest: p50",
         "16 MiB: lockless/locked get_dirty_log time",
+        "16 MiB: the floor bounds that ratio from below: ",
         "lockless/locked fault-heavy throughput",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
+    let bound: f64 = out
+        .split("16 MiB: the floor bounds that ratio from below: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a number after the bound's label");
+    assert!(bound.is_finite() && bound > 0.0, "bound {bound} in:\n{out}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 4, "2 sizes x 2 designs");

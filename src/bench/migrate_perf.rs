@@ -438,7 +438,8 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
         let (Some(l), Some(ll)) = (find(size, "engine", "locked"), find(size, "engine", "lockless")) else {
             continue;
         };
-        let ratio = ll.avg(|i| i.get_dirty_log_ns) as f64 / l.avg(|i| i.get_dirty_log_ns).max(1) as f64;
+        let locked_ns = l.avg(|i| i.get_dirty_log_ns).max(1) as f64;
+        let ratio = ll.avg(|i| i.get_dirty_log_ns) as f64 / locked_ns;
         println!(
             "{} MiB: lockless/locked get_dirty_log time: {ratio:.3} (the seed: 0.53; target <= 0.5)",
             size >> 20
@@ -447,7 +448,7 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
         // dirty page, so it cannot take less than the floor per page; set
         // against this locked run, that bounds the ratio above from below.
         let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
-        let bound = floor * ll.avg(|i| i.dirty_pages) as f64 / l.avg(|i| i.get_dirty_log_ns).max(1) as f64;
+        let bound = floor * ll.avg(|i| i.dirty_pages) as f64 / locked_ns;
         println!(
             "{} MiB: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
              nothing else, against this locked run)",

@@ -38,6 +38,16 @@ pub struct Breakage {
     /// Shadow page memory goes back to the system with no grace period
     /// (patch 12 and its review).
     pub free_shadow_pages_without_grace_period: bool,
+    /// The single-entry collapse clears the freed descriptor's entry 0 after
+    /// moving it into the head, as the seed does (patches 07, 10, 15).
+    pub seed_collapse_clears_entry0: bool,
+    /// A descriptor taken from the allocator gets its entries before its
+    /// `more` (no "being initialised" 0 first): our order before issue 9.
+    pub entries_before_more_on_reuse: bool,
+    /// Locked design with `fast_page_fault` on: spte updates under
+    /// `mmu_lock` are a plain load and store, not KVM 3.11's `xchg` for
+    /// sptes with volatile bits.
+    pub locked_plain_spte_update: bool,
 }
 
 impl Breakage {
@@ -52,5 +62,8 @@ impl Breakage {
         skip_patch04_flush_rule: false,
         fast_fix_large_sptes: false,
         free_shadow_pages_without_grace_period: false,
+        seed_collapse_clears_entry0: false,
+        entries_before_more_on_reuse: false,
+        locked_plain_spte_update: false,
     };
 }

@@ -30,6 +30,9 @@
 //!    again (patch 10); the allocation paths of `add` overwrite entry 0 and
 //!    `more` before they publish a descriptor.
 //! 5. A list never uses a descriptor for a single entry.
+//! 6. A descriptor taken from the allocator gets `more` = 0 ("being
+//!    initialised") before any entry is written; its real `more` is written
+//!    after its entries (see "Reuse by another list").
 //!
 //! # Where we differ from the seed: the single-entry collapse
 //!
@@ -45,7 +48,51 @@
 //! keeps a stale copy of the entry until it is reused, and whoever reuses it
 //! overwrites entry 0 before publishing it (invariant 4). A walker that races
 //! with the collapse then sees the entry in the descriptor, or in the head
-//! after a restart; at worst it visits it twice, which is harmless.
+//! after a restart; at worst it visits it twice, which is harmless. The
+//! `break-rules` switch `seed_collapse_clears_entry0` puts the seed's clear
+//! back, and the model catches it.
+//!
+//! # Reuse by another list (invariant 6)
+//!
+//! A freed descriptor is handed out again at once, possibly to another list,
+//! while a walker of its old list may still be inside it. The stale state it
+//! carries is entry 0 (after a collapse) and `more`, which after a collapse is
+//! still the old list's own nulls marker. If the new owner wrote its entries
+//! first and `more` last (our order until issue 9), a walker could read a new
+//! entry at index 0, then the stale `more`, match its own marker and stop:
+//! - R0's only descriptor F holds [A, B]; a walker of R0 has loaded F;
+//! - B is removed: A moves into R0's head, F is freed (entry 0 still A);
+//! - R1 (one entry X) takes F: F[0] = X, F[1] = Y, then F.more = R1's marker;
+//! - the walker reads F[0] = X, then F.more = R0's marker: done, A unseen.
+//!
+//! A was in R0 for the whole walk and its spte keeps W after its dirty bit
+//! was harvested: its next writes are lost. Pushing F at the head of a full
+//! list has the same shape (F[0] first, `more` after). Hence invariant 6.
+//! Proof that a walker of R0 inside a reused F still visits every entry that
+//! stays in R0:
+//! - The walker reads F's entries top-down, then `more`, all with acquire.
+//! - If every entry it read is from R0's time, it saw F's entries as R0 had
+//!   them (a collapse leaves entry 0 a copy of the entry that moved into the
+//!   head). Its load of `more` then returns R0's marker (F was R0's only
+//!   descriptor, all of whose entries it saw), R0's next descriptor (F was an
+//!   emptied first descriptor: the walk goes on in R0), 0 (restart), or the
+//!   new owner's pointer or marker (restart, by the nulls check, at the end
+//!   of the new owner's chain).
+//! - If it read an entry the new owner wrote, that acquire load
+//!   synchronises with the owner's release store of the entry, which is
+//!   sequenced after the owner's store of 0 to `more`; the walker's later
+//!   load of `more` therefore reads 0 or a later value: the new owner's
+//!   pointer or marker. 0 restarts; the new owner's chain ends on a marker
+//!   that is not R0's and restarts. It never reads R0's stale marker.
+//! - A restart reloads R0's head, where every entry that stayed is found.
+//!
+//! Freeing the emptied first descriptor leaves `more` pointing at R0's next
+//! descriptor; a walker that reads it goes on in R0, which is correct, so
+//! that path was never lost, and invariant 6 keeps it so. The loom models
+//! below cover all four ways a freed descriptor reaches another list (from
+//! a collapse or as an emptied first descriptor, reused as a new single
+//! descriptor or pushed at a head); the switch `entries_before_more_on_reuse`
+//! puts the old order back, and the model of the shape above catches it.
 //!
 //! # Publication
 //!
@@ -166,6 +213,19 @@ impl Default for PteListHead {
     }
 }
 
+/// Invariant 6: a descriptor taken from the allocator reads "being
+/// initialised" (`more` = 0) before any of its entries is written. The store
+/// is relaxed: the release stores of the entries that follow order it before
+/// them, so a walker whose acquire load returns a new entry reads a `more`
+/// of 0 or later, never the stale nulls marker of the list the descriptor
+/// was freed from (module docs, "Reuse by another list").
+#[inline]
+fn mark_being_initialised(d: &PteListDesc, b: &Breakage) {
+    if !b.entries_before_more_on_reuse {
+        d.more.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Number of free entries at the front of a descriptor's packed entries
 /// (`__find_first_free`).
 #[inline]
@@ -213,6 +273,20 @@ impl PteListHead {
     /// list; `alloc` returns clean descriptors (all entries 0) from a
     /// type-stable allocator, never one that is in a list.
     pub unsafe fn add(&self, spte: SptePtr, alloc: &mut impl FnMut() -> NonNull<PteListDesc>) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { self.add_with(spte, alloc, &Breakage::SEED) }
+    }
+
+    /// [`Self::add`], with the rules `b` may break (tests only).
+    ///
+    /// # Safety
+    /// As [`Self::add`].
+    pub(crate) unsafe fn add_with(
+        &self,
+        spte: SptePtr,
+        alloc: &mut impl FnMut() -> NonNull<PteListDesc>,
+        b: &Breakage,
+    ) -> usize {
         let spte = spte.as_ptr() as usize;
         debug_assert!(spte & 1 == 0);
         let v = self.raw();
@@ -226,6 +300,8 @@ impl PteListHead {
             // SAFETY: `alloc` hands out live, type-stable descriptors.
             let d = unsafe { desc.as_ref() };
             debug_assert!(d.is_clean());
+            // Invariant 6: "being initialised" before any entry is written.
+            mark_being_initialised(d, b);
             d.sptes[0].store(v, Ordering::Release);
             d.sptes[1].store(spte, Ordering::Release);
             // desc_mark_nulls: the new tail ends on our marker.
@@ -247,6 +323,8 @@ impl PteListHead {
             // SAFETY: as above.
             let n = unsafe { new.as_ref() };
             debug_assert!(n.is_clean());
+            // Invariant 6, as above.
+            mark_being_initialised(n, b);
             n.sptes[0].store(spte, Ordering::Release);
             n.more.store(v & !1, Ordering::Release);
             self.publish_head(new.as_ptr() as usize | 1);
@@ -309,7 +387,7 @@ impl PteListHead {
                         unsafe { self.desc_remove_entry_from_last(d, i, free) };
                     } else {
                         // SAFETY: `d` is in this list, `i` holds `spte`; contract.
-                        unsafe { self.desc_remove_entry(d, i, free) };
+                        unsafe { self.desc_remove_entry(d, i, free, b) };
                     }
                     return;
                 }
@@ -330,6 +408,7 @@ impl PteListHead {
         desc: &PteListDesc,
         i: usize,
         free: &mut impl FnMut(NonNull<PteListDesc>),
+        b: &Breakage,
     ) {
         let first_ptr = self.raw() & !1;
         // SAFETY: the head names this list's first descriptor (contract).
@@ -366,6 +445,10 @@ impl PteListHead {
             // concurrent walker miss the entry).
             let only = first.sptes[0].load(Ordering::Relaxed);
             self.publish_head(only);
+            if b.seed_collapse_clears_entry0 {
+                // The seed's order (patches 07, 10, 15): head, then clear.
+                first.sptes[0].store(0, Ordering::Release);
+            }
             free(NonNull::from(first));
         }
     }
@@ -490,8 +573,10 @@ impl PteListHead {
                 // Acquire: pairs with the release stores of `more`.
                 desc = d.more.load(Ordering::Acquire);
                 if desc == 0 {
-                    // Being initialised.
+                    // Being initialised (invariant 6): its writer is between
+                    // two stores; wait for it a little.
                     restarts += 1;
+                    crate::sync::spin_loop();
                     continue 'restart;
                 }
             }
@@ -887,9 +972,12 @@ mod loom_tests {
         /// Writers: a model has exactly one, the setup and then the writer
         /// thread, which owns the only `Alloc`.
         fn add(&self, head: usize, spte: usize, a: &mut Alloc) {
+            self.add_with(head, spte, a, &Breakage::SEED);
+        }
+        fn add_with(&self, head: usize, spte: usize, a: &mut Alloc, b: &Breakage) {
             // SAFETY: single writer (see above); descriptors live for the
             // whole model.
-            unsafe { self.heads[head].add(self.spte(spte), &mut || a.alloc()) };
+            unsafe { self.heads[head].add_with(self.spte(spte), &mut || a.alloc(), b) };
         }
         fn remove(&self, head: usize, spte: usize, a: &mut Alloc, b: &Breakage) {
             // SAFETY: as `add`.
@@ -1056,7 +1144,96 @@ mod loom_tests {
         );
     }
 
+    /// Issue 9's race: a descriptor freed by the single-entry collapse is
+    /// reused at once by another rmap (1 -> many) while a walker of the old
+    /// one is inside it. R0 = [A, B], R1 = X; remove B from R0 (A moves into
+    /// the head, the descriptor is freed with entry 0 still A), add Y to R1
+    /// (which takes the descriptor). A is in R0 throughout.
+    fn collapse_then_reuse_by_another_rmap(b: Breakage) {
+        model(
+            2,
+            4,
+            1,
+            b,
+            |w, a| {
+                add_all(2)(w, a);
+                w.add(1, 2, a);
+            },
+            |w, a, b| {
+                w.remove(0, 1, a, b);
+                w.add_with(1, 3, a, b);
+            },
+            0,
+            &[0],
+        );
+    }
+
+    #[test]
+    fn loom_collapse_then_reuse_by_another_rmap() {
+        collapse_then_reuse_by_another_rmap(Breakage::SEED);
+    }
+
+    /// The same descriptor, pushed at the head of another rmap's full chain:
+    /// R0 = [A, B], R1 = [X, Y, Z]; remove B from R0, add W to R1.
+    #[test]
+    fn loom_collapse_then_push_at_another_rmaps_head() {
+        model(
+            2,
+            6,
+            2,
+            Breakage::SEED,
+            |w, a| {
+                add_all(2)(w, a);
+                (2..5).for_each(|i| w.add(1, i, a));
+            },
+            |w, a, b| {
+                w.remove(0, 1, a, b);
+                w.add_with(1, 5, a, b);
+            },
+            0,
+            &[0],
+        );
+    }
+
+    /// An emptied first descriptor pushed at the head of another rmap's full
+    /// chain: R0 = [D] -> [A, B, C], R1 = [X, Y, Z]; remove D from R0, add W
+    /// to R1. (The 1 -> many reuse of an emptied first descriptor is
+    /// `loom_descriptor_moved_to_another_rmap_mid_walk`.)
+    #[test]
+    fn loom_freed_first_descriptor_pushed_at_another_rmaps_head() {
+        model(
+            2,
+            8,
+            3,
+            Breakage::SEED,
+            |w, a| {
+                add_all(4)(w, a);
+                (4..7).for_each(|i| w.add(1, i, a));
+            },
+            |w, a, b| {
+                w.remove(0, 3, a, b);
+                w.add_with(1, 7, a, b);
+            },
+            0,
+            &[0, 1, 2],
+        );
+    }
+
     // The switches: each must make its model fail.
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "missed stable entry")]
+    fn loom_the_seeds_collapse_is_caught() {
+        collapse_to_single(Breakage { seed_collapse_clears_entry0: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "missed stable entry")]
+    fn loom_entries_before_more_on_reuse_is_caught() {
+        collapse_then_reuse_by_another_rmap(Breakage { entries_before_more_on_reuse: true, ..Breakage::SEED });
+    }
 
     #[test]
     #[cfg(feature = "break-rules")]

@@ -35,3 +35,14 @@ impl Backoff {
         loom::thread::yield_now();
     }
 }
+
+/// One turn of a wait for another thread's progress that has no backoff
+/// state (a lockless walker restarting on a descriptor that is being
+/// initialised): a spin hint, or, under loom, a yield to its scheduler.
+#[inline]
+pub(crate) fn spin_loop() {
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}

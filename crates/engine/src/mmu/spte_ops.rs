@@ -61,7 +61,9 @@ impl Kvm {
         // SAFETY: we hold mmu_lock (the guard), which serialises every writer
         // of every rmap; descriptors come from this VM's type-stable pool
         // through the vCPU's cache, clean.
-        unsafe { slot.rmap(gfn, level).add(NonNull::from(sptep), &mut || caches.desc.alloc()) }
+        unsafe {
+            slot.rmap(gfn, level).add_with(NonNull::from(sptep), &mut || caches.desc.alloc(), &self.mmu.breakage)
+        }
     }
 
     /// `rmap_remove`: forgets that the leaf `sptep` maps its gfn. The gfn and
@@ -107,7 +109,13 @@ impl Kvm {
     ) {
         // SAFETY: we hold mmu_lock, which serialises the writers of every
         // parent_ptes list; descriptors come from the vCPU's cache.
-        unsafe { sp.get().parent_ptes().add(NonNull::from(parent_pte), &mut || caches.desc.alloc()) };
+        unsafe {
+            sp.get().parent_ptes().add_with(
+                NonNull::from(parent_pte),
+                &mut || caches.desc.alloc(),
+                &self.mmu.breakage,
+            )
+        };
     }
 
     /// `drop_parent_pte`: unlinks `sp` from the table of `parent_pte`.

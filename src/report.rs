@@ -11,9 +11,10 @@ fn ms(ns: u64) -> f64 {
 /// One line describing a configuration.
 pub fn describe(cfg: &RunConfig) -> String {
     format!(
-        "mmu={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} interval={} ms \
-         budget={} tlb={} large-pages={} slot-churn={}",
+        "mmu={} fast-page-fault={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} \
+         interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={}",
         cfg.mmu,
+        cfg.fast_page_fault,
         cfg.vcpus,
         cfg.guest_bytes >> 20,
         cfg.workload.pattern,
@@ -24,6 +25,7 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.tlb_entries,
         cfg.large_pages,
         cfg.slot_churn,
+        cfg.relog_every.map_or("never".to_string(), |n| n.to_string()),
     )
 }
 
@@ -98,9 +100,22 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     if cfg.mmu.is_lockless() {
         let _ = writeln!(
             s,
-            "  lockless              {} rmap walk restarts, {} grace periods waited, {} pool objects returned, {} backlog waits",
-            m.lockless_walk_restarts, m.grace_periods_waited, m.pool_objects_returned, m.pool_backlog_waits
+            "  lockless              {} rmap walk restarts, {} grace periods waited, {} pool objects returned, \
+             {} harvest read-side sections",
+            m.lockless_walk_restarts,
+            m.grace_periods_waited,
+            m.pool_objects_returned,
+            m.harvest_read_sections
         );
+    }
+    let _ = writeln!(
+        s,
+        "  pool backlog          {} waits for a grace period under mmu_lock, longest {:.1} us",
+        m.pool_backlog_waits,
+        m.pool_backlog_wait_max_ns as f64 / 1e3
+    );
+    if r.relogs > 0 {
+        let _ = writeln!(s, "  logging re-enabled    {} times with the vCPUs running", r.relogs);
     }
     if r.slot_churn_cycles > 0 {
         let _ = writeln!(

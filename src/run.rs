@@ -66,6 +66,15 @@ pub struct RunArgs {
     /// Never map 2 MiB pages.
     #[arg(long)]
     pub no_large_pages: bool,
+    /// Turn `fast_page_fault` off: every write fault on a page protected for
+    /// logging takes the slow path under mmu_lock, and the locked design
+    /// updates sptes with plain stores (the baseline before issue 9).
+    #[arg(long)]
+    pub no_fast_page_fault: bool,
+    /// Every N collections, turn logging off for one interval and on again
+    /// with the vCPUs running.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub relog_every: Option<u64>,
     /// Delete and re-add a second memslot during the run, with an extra vCPU
     /// writing to it.
     #[arg(long)]
@@ -93,6 +102,8 @@ impl RunArgs {
         #[allow(clippy::needless_update)]
         Ok(RunConfig {
             mmu: self.mmu,
+            fast_page_fault: !self.no_fast_page_fault,
+            relog_every: self.relog_every,
             vcpus: self.vcpus,
             guest_bytes: self.guest_mib << 20,
             duration: Duration::from_secs_f64(self.seconds),

@@ -45,6 +45,10 @@ pub struct KernbenchArgs {
     /// Alternations of the designs.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: u32,
+    /// Turn `fast_page_fault` off (the locked design then updates sptes with
+    /// plain stores).
+    #[arg(long)]
+    pub no_fast_page_fault: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -97,6 +101,7 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
         for (i, &mmu) in a.mmu.iter().enumerate() {
             let cfg = KernbenchConfig {
                 mmu,
+                fast_page_fault: !a.no_fast_page_fault,
                 vcpus: a.vcpus,
                 guest_bytes: a.guest_mib << 20,
                 workload: workload.clone(),

@@ -45,6 +45,11 @@ pub struct MigratePerfArgs {
     /// Never map 2 MiB pages (engine).
     #[arg(long)]
     pub no_large_pages: bool,
+    /// Turn the engine's `fast_page_fault` off, in both designs: the
+    /// baseline of issues 2 to 4, where a write fault on a logged page takes
+    /// the slow path and the locked design updates sptes with plain stores.
+    #[arg(long)]
+    pub no_fast_page_fault: bool,
     /// Seconds of the fault-heavy (logging off) measurement of the engine,
     /// per design, spread over five alternations of the designs; 0 skips it.
     #[arg(long, default_value_t = 6.0)]
@@ -249,6 +254,7 @@ pub fn print_summary(p: &Progress, r: &Record) {
 fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
     let cfg = MigratePerfConfig {
         mmu,
+        fast_page_fault: !a.no_fast_page_fault,
         vcpus: a.vcpus,
         guest_bytes,
         iterations: a.iterations,
@@ -299,8 +305,12 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
             "write_pct": a.write_pct,
             "random": a.random,
             "vcpu_write_faults": r.vcpu.write_faults,
+            "fast_page_fault": !a.no_fast_page_fault,
             "fast_page_faults": r.vm.fast_page_faults,
             "mmu_lock_hold_ns": r.vm.mmu_lock_hold_ns,
+            "pool_backlog_waits": r.vm.pool_backlog_waits,
+            "pool_backlog_wait_max_ns": r.vm.pool_backlog_wait_max_ns,
+            "harvest_read_sections": r.vm.harvest_read_sections,
             "remote_tlb_flushes": r.vm.remote_tlb_flushes,
         }),
     };
@@ -308,10 +318,16 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
     p.line(format!("Enabling dirty logging time: {}", secs(rec.enable_dirty_logging_ns)));
     print_summary(p, &rec);
     p.line(format!(
-        "vCPU write faults: {} ({} fixed by fast_page_fault), mmu_lock held {:.1} ms",
+        "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
         r.vcpu.write_faults,
         r.vm.fast_page_faults,
+        if a.no_fast_page_fault { ", which is off" } else { "" },
         r.vm.mmu_lock_hold_ns as f64 / 1e6
+    ));
+    p.line(format!(
+        "Pool backlog waits under mmu_lock: {} (longest {:.1} us)",
+        r.vm.pool_backlog_waits,
+        r.vm.pool_backlog_wait_max_ns as f64 / 1e3
     ));
     Ok(rec)
 }
@@ -327,7 +343,7 @@ fn fault_heavy(a: &MigratePerfArgs) -> BenchResult<Vec<f64>> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); a.mmu.len()];
     for _ in 0..FAULT_HEAVY_ROUNDS {
         for (i, &mmu) in a.mmu.iter().enumerate() {
-            samples[i].push(perf::fault_heavy(mmu, a.vcpus, per)?.faults_per_sec);
+            samples[i].push(perf::fault_heavy(mmu, !a.no_fast_page_fault, a.vcpus, per)?.faults_per_sec);
         }
     }
     Ok(samples.into_iter().map(median).collect())

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
 use shadow_mmu_engine::breakage::Breakage;
-use shadow_mmu_engine::mmu::lockless::{mmu_spte_update, spte_write_protect_lockless};
+use shadow_mmu_engine::mmu::lockless::{SpteUpdate, mmu_spte_update, spte_write_protect_lockless};
 use shadow_mmu_engine::pool::{MemoryCache, Pool, PoolLimits};
 use shadow_mmu_engine::pte_list::{PteListDesc, PteListHead, SptePtr};
 use shadow_mmu_engine::rcu::Rcu;
@@ -187,21 +187,34 @@ fn rcu_read_section(bencher: Bencher) {
 
 /// `Kvm::spte_write_protect` (`write_protect.rs`) for a 4 KiB spte, with
 /// `mmu_lock` held by the caller: a large spte would be dropped instead.
+/// `rule`: KVM 3.11's `xchg`, or the plain store of a locked design with no
+/// fast path.
 #[inline]
-fn spte_write_protect_locked(sptep: &AtomicU64) -> bool {
+fn spte_write_protect_locked(sptep: &AtomicU64, rule: SpteUpdate) -> bool {
     // Relaxed: under mmu_lock, which every spte writer of this design holds.
     let spte = sptep.load(Ordering::Relaxed);
     if !is_writable_pte(spte) {
         return false;
     }
     assert!(!is_large_pte(spte), "4 KiB sptes only");
-    mmu_spte_update(sptep, spte & !PT_WRITABLE_MASK, false, &Breakage::SEED)
+    mmu_spte_update(sptep, spte & !PT_WRITABLE_MASK, rule, &Breakage::SEED)
 }
 
+/// The locked design, KVM 3.11 (`fast_page_fault` on): `xchg`.
 #[divan::bench]
 fn write_protect_one_spte_locked(bencher: Bencher) {
     bencher.with_inputs(|| AtomicU64::new(WRITABLE_4K)).bench_local_refs(|s| {
-        let flush = spte_write_protect_locked(s);
+        let flush = spte_write_protect_locked(s, SpteUpdate::Xchg);
+        debug_assert!(flush && !is_writable_pte(s.load(Ordering::Relaxed)));
+        flush
+    });
+}
+
+/// The locked design with `fast_page_fault` off: a load and a store.
+#[divan::bench]
+fn write_protect_one_spte_locked_no_fast_page_fault(bencher: Bencher) {
+    bencher.with_inputs(|| AtomicU64::new(WRITABLE_4K)).bench_local_refs(|s| {
+        let flush = spte_write_protect_locked(s, SpteUpdate::Plain);
         debug_assert!(flush && !is_writable_pte(s.load(Ordering::Relaxed)));
         flush
     });

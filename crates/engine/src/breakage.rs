@@ -48,6 +48,10 @@ pub struct Breakage {
     /// `mmu_lock` are a plain load and store, not KVM 3.11's `xchg` for
     /// sptes with volatile bits.
     pub locked_plain_spte_update: bool,
+    /// Enabling dirty logging write-protects without first waiting for the
+    /// fast page faults that may have read the old flags (KVM 3.11's
+    /// `synchronize_srcu_expedited` in the memslot update).
+    pub skip_memslot_synchronize: bool,
 }
 
 impl Breakage {
@@ -65,5 +69,6 @@ impl Breakage {
         seed_collapse_clears_entry0: false,
         entries_before_more_on_reuse: false,
         locked_plain_spte_update: false,
+        skip_memslot_synchronize: false,
     };
 }

@@ -14,6 +14,10 @@ use crate::memslot::Memslot;
 use crate::mmu::MmuDesign;
 use crate::vm::Kvm;
 
+/// Dirty pages the lockless harvest write-protects in one read-side section
+/// (about 7 µs of walking at the engine's 7 ns per page).
+pub const PAGES_PER_READ_SECTION: u32 = 1024;
+
 /// Why `get_dirty_log` was refused. Nothing is harvested when one is
 /// returned; the log and the VM are unchanged.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -116,13 +120,32 @@ impl Kvm {
     /// after making its spte writable and adding it to its rmap (patch 06;
     /// `lockless.rs`), so the walks below find every writable spte behind the
     /// bits taken.
+    ///
+    /// The read-side section is bounded: every [`PAGES_PER_READ_SECTION`]
+    /// dirty pages the walk leaves and re-enters it (`quiesce`), as
+    /// enable-logging does between rmaps. A free under `mmu_lock` whose pool
+    /// backlog is full waits for a grace period (`Pool::retire`); with one
+    /// section over the whole bitmap, that free (and the fault or zap
+    /// holding the lock, and every vCPU queued behind it) would wait for the
+    /// whole harvest. Nothing carries across a quiescent point: each word's
+    /// walk is complete in itself, and no pointer loaded before it is used
+    /// after it.
     fn get_dirty_log_lockless(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
-        let guard = self.mmu.rcu.read_lock();
+        let mut guard = self.mmu.rcu.read_lock();
+        let mut sections = 1;
+        let mut since_quiesce = 0;
         let mut tally = (0, 0);
         let pages = self.harvest_words(slot, out, |offset, mask| {
             self.kvm_mmu_write_protect_pt_masked_lockless(slot, offset, mask, &mut tally);
+            since_quiesce += mask.count_ones();
+            if since_quiesce >= PAGES_PER_READ_SECTION {
+                guard.quiesce();
+                sections += 1;
+                since_quiesce = 0;
+            }
         });
         drop(guard);
+        self.mmu.stats.harvest_read_sections.add(sections);
         self.account_lockless_walks(tally);
         if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
             self.kvm_flush_remote_tlbs();

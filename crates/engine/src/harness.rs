@@ -9,11 +9,22 @@
 //! 4. Stop the vCPUs, audit the MMU (with the dirty logging invariant), take
 //!    a last harvest and run the oracle's exact final check.
 //!
-//! With `slot_churn`, a second memslot (slot 1, above guest memory) is
+//! With `slots` above 1, guest memory is that many memslots over the same
+//! host mapping, all logged; each collection harvests each, and each has its
+//! own oracle.
+//!
+//! With `slot_churn`, one more memslot (the next id, above guest memory) is
 //! deleted and re-added over and over by another thread during all of this,
 //! while an extra vCPU writes to it (and takes MMIO exits while it is gone):
 //! deletions zap sptes under the same shadow pages, in the same rmaps' pools,
-//! as the harvest of slot 0.
+//! as the harvest of guest memory.
+//!
+//! With `invalidate_every`, a host thread plays the mmu notifier during
+//! logging: it drops the sptes of a random 64 KiB of guest memory each time
+//! (`Vm::mmu_notifier_invalidate_range`), and the vCPUs fault them back in.
+//!
+//! With `relog_every`, logging is turned off and on again with the vCPUs
+//! running, every so many collections.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -41,6 +52,12 @@ use crate::workload::{
 pub struct RunConfig {
     /// Dirty logging design.
     pub mmu: MmuDesign,
+    /// `fast_page_fault` on (`VmConfig::fast_page_fault`).
+    pub fast_page_fault: bool,
+    /// Every this many collections, turn logging off for one interval and
+    /// on again with the vCPUs running (the migration restarts: a full copy
+    /// follows); `None`: never.
+    pub relog_every: Option<u64>,
     /// vCPU threads.
     pub vcpus: u32,
     /// Guest memory, bytes.
@@ -63,6 +80,11 @@ pub struct RunConfig {
     pub large_pages: bool,
     /// Delete and re-add a second memslot during the run (module docs).
     pub slot_churn: bool,
+    /// Memslots guest memory is split into, all logged (module docs).
+    pub slots: u32,
+    /// Time between two mmu notifier invalidations during logging (module
+    /// docs); `None`: none.
+    pub invalidate_every: Option<Duration>,
     /// Freed shadow pages kept for reuse (the rest go back to the system
     /// after a grace period); `None`: the VM's default.
     pub max_free_shadow_pages: Option<usize>,
@@ -75,6 +97,8 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             mmu: MmuDesign::Locked,
+            fast_page_fault: true,
+            relog_every: None,
             vcpus: 2,
             guest_bytes: 256 << 20,
             duration: Duration::from_secs(5),
@@ -86,6 +110,8 @@ impl Default for RunConfig {
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
             slot_churn: false,
+            slots: 1,
+            invalidate_every: None,
             max_free_shadow_pages: None,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
@@ -140,6 +166,10 @@ pub struct RunReport {
     pub stray_bits: u64,
     /// Deletions and re-additions of the churned slot.
     pub slot_churn_cycles: u64,
+    /// Times logging was turned off and on again (`RunConfig::relog_every`).
+    pub relogs: u64,
+    /// mmu notifier invalidations during logging (`RunConfig::invalidate_every`).
+    pub invalidations: u64,
     /// The audit after the vCPUs stopped.
     pub audit: AuditReport,
     /// vCPU errors, unexpected exits, audit failures.
@@ -181,6 +211,14 @@ impl RunConfig {
         }
         if self.workload.address_spaces == 0 || self.workload.switch_every == 0 {
             return bad("address spaces and switch interval must be at least 1".into());
+        }
+        if !(1..=MAX_SLOTS).contains(&self.slots)
+            || !self.guest_bytes.is_multiple_of(u64::from(self.slots) * PAGE_SIZE)
+        {
+            return bad(format!(
+                "{} slots: must be 1..={MAX_SLOTS} and divide guest memory into whole pages",
+                self.slots
+            ));
         }
         Ok(())
     }
@@ -258,6 +296,58 @@ fn spawn_vcpus(
     Ok(vcpus)
 }
 
+/// Most memslots guest memory may be split into.
+pub const MAX_SLOTS: u32 = 16;
+
+/// Bytes each mmu notifier invalidation of a run drops.
+const INVALIDATE_BYTES: u64 = 64 << 10;
+
+/// The mmu notifier thread of a run (`RunConfig::invalidate_every`).
+struct Notifier {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<Result<u64, VmError>>>,
+}
+
+impl Notifier {
+    fn start(vm: &Vm, guest_bytes: u64, every: Duration, seed: u64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vm, stop2) = (vm.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed ^ 0x1e7);
+            let ranges = (guest_bytes / INVALIDATE_BYTES).max(1);
+            let mut n = 0;
+            // Relaxed: joined after the flag is set.
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(every);
+                let gpa = rng.u64(..ranges) * INVALIDATE_BYTES;
+                vm.mmu_notifier_invalidate_range(gpa, INVALIDATE_BYTES.min(guest_bytes - gpa))?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self, report: &mut RunReport) {
+        // Relaxed: the join orders everything after.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(n))) => report.invalidations = n,
+            Some(Ok(Err(e))) => report.errors.push(format!("mmu notifier: {e}")),
+            Some(Err(_)) => report.errors.push("the mmu notifier thread panicked".into()),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        // Relaxed: as in `stop`.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.take().map(JoinHandle::join);
+    }
+}
+
 /// Size of the churned slot.
 const CHURN_SLOT_BYTES: u64 = 8 << 20;
 
@@ -294,8 +384,9 @@ impl Churn {
     fn start(vm: &Vm, cfg: &RunConfig, seed: u64) -> Result<Self, HarnessError> {
         let base = cfg.guest_bytes.next_multiple_of(2 << 20) + (2 << 20);
         let mem = HostMemory::anonymous(CHURN_SLOT_BYTES)?;
+        let slot = cfg.slots;
         let region = UserMemoryRegion {
-            slot: 1,
+            slot,
             flags: MemFlags::empty(),
             guest_phys_addr: base,
             memory_size: CHURN_SLOT_BYTES,
@@ -331,7 +422,7 @@ impl Churn {
             // Relaxed: joined after the flag is set.
             while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_micros(rng.u64(0..2000)));
-                vm2.delete_memory_region(1)?;
+                vm2.delete_memory_region(slot)?;
                 std::thread::sleep(Duration::from_micros(rng.u64(0..2000)));
                 let mut r = region.clone();
                 if rng.bool() {
@@ -380,6 +471,7 @@ pub fn run(
     cfg.validate()?;
     let vm = Vm::new(VmConfig {
         mmu: cfg.mmu,
+        fast_page_fault: cfg.fast_page_fault,
         max_mmu_pages: cfg.max_mmu_pages,
         address_spaces: cfg.workload.address_spaces,
         tlb_entries: cfg.tlb_entries,
@@ -390,30 +482,47 @@ pub fn run(
         ..VmConfig::default()
     })?;
     let mem = HostMemory::anonymous(cfg.guest_bytes)?;
-    vm.set_user_memory_region(UserMemoryRegion {
-        slot: 0,
-        flags: MemFlags::empty(),
-        guest_phys_addr: 0,
-        memory_size: cfg.guest_bytes,
-        memory: Some(mem.clone()),
-        memory_offset: 0,
-    })?;
+    let slot_bytes = cfg.guest_bytes / u64::from(cfg.slots);
+    for i in 0..cfg.slots {
+        vm.set_user_memory_region(UserMemoryRegion {
+            slot: i,
+            flags: MemFlags::empty(),
+            guest_phys_addr: u64::from(i) * slot_bytes,
+            memory_size: slot_bytes,
+            memory: Some(mem.clone()),
+            memory_offset: u64::from(i) * slot_bytes,
+        })?;
+    }
     let npages = cfg.guest_bytes / PAGE_SIZE;
+    let slot_pages = slot_bytes / PAGE_SIZE;
+    let slots = 0..cfg.slots;
+    // Slot `i`'s words of guest memory.
+    let words = |i: u32| {
+        let w = slot_pages as usize * crate::memory::WORDS_PER_PAGE;
+        &mem.words()[i as usize * w..(i as usize + 1) * w]
+    };
     let ctl = GuestControl::new(cfg.vcpus);
     let mut vcpus = spawn_vcpus(&vm, cfg, npages, &ctl)?;
     let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
     std::thread::sleep(cfg.warmup);
 
     let mut report = RunReport::default();
-    let mut oracle = Oracle::new(0, npages);
-    let mut bitmap = vec![0u64; bitmap_words(npages)];
+    let mut oracles: Vec<Oracle> =
+        slots.clone().map(|i| Oracle::new(u64::from(i) * slot_pages, slot_pages)).collect();
+    let mut bitmap = vec![0u64; bitmap_words(slot_pages)];
 
     // Collection 0: enable dirty logging, bulk copy.
     ctl.cut();
     let start = Instant::now();
-    vm.enable_dirty_logging(0)?;
+    for i in slots.clone() {
+        vm.enable_dirty_logging(i)?;
+    }
     report.enable_logging_ns = start.elapsed().as_nanos() as u64;
-    oracle.full_copy(mem.words());
+    for i in slots.clone() {
+        oracles[i as usize].full_copy(words(i));
+    }
+    let notifier =
+        cfg.invalidate_every.map(|every| Notifier::start(&vm, cfg.guest_bytes, every, cfg.workload.seed));
 
     let accumulate = |report: &mut RunReport, st: &CollectStats| {
         report.harvested_pages += st.dirty_pages;
@@ -424,21 +533,45 @@ pub fn run(
     while start.elapsed() < cfg.duration && cfg.max_collections.is_none_or(|m| report.collections < m) {
         std::thread::sleep(cfg.interval);
         let cut = ctl.cut();
-        let t0 = Instant::now();
-        vm.get_dirty_log(0, &mut bitmap)?;
-        report.get_dirty_log_ns.push(t0.elapsed().as_nanos() as u64);
-        let st = oracle.collect(mem.words(), &bitmap, cut);
+        let mut st = CollectStats::default();
+        let mut harvest_ns = 0;
+        for i in slots.clone() {
+            let t0 = Instant::now();
+            vm.get_dirty_log(i, &mut bitmap)?;
+            harvest_ns += t0.elapsed().as_nanos() as u64;
+            st += oracles[i as usize].collect(words(i), &bitmap, cut);
+        }
+        report.get_dirty_log_ns.push(harvest_ns);
         on_collection(report.collections, &st);
         report.collections += 1;
         accumulate(&mut report, &st);
         if st.lost_pages > 0 || st.stray_bits > 0 {
             break;
         }
+        if cfg.relog_every.is_some_and(|n| report.collections.is_multiple_of(n)) {
+            // Logging off for an interval, with the vCPUs running (faults now
+            // map writable and large pages again, and the fast path fixes
+            // read-only sptes without marking), then on again: the oracle's
+            // copy starts over, as a migration that restarts does.
+            for i in slots.clone() {
+                vm.disable_dirty_logging(i)?;
+            }
+            std::thread::sleep(cfg.interval);
+            ctl.cut();
+            for i in slots.clone() {
+                vm.enable_dirty_logging(i)?;
+                oracles[i as usize].full_copy(words(i));
+            }
+            report.relogs += 1;
+        }
     }
 
+    if let Some(n) = notifier {
+        n.stop(&mut report);
+    }
     let (vcpu_stats, errors) = vcpus.stop();
     report.vcpu = vcpu_stats;
-    report.errors = errors;
+    report.errors.extend(errors);
     if let Some(churn) = churn {
         churn.stop(&mut report);
     }
@@ -446,13 +579,18 @@ pub fn run(
         Ok(a) => report.audit = a,
         Err(e) => report.errors.push(format!("MMU audit: {e}")),
     }
-    let t0 = Instant::now();
-    vm.get_dirty_log(0, &mut bitmap)?;
-    report.get_dirty_log_ns.push(t0.elapsed().as_nanos() as u64);
-    let st = oracle.finish(mem.words(), &bitmap);
+    let mut st = CollectStats::default();
+    let mut harvest_ns = 0;
+    for i in slots.clone() {
+        let t0 = Instant::now();
+        vm.get_dirty_log(i, &mut bitmap)?;
+        harvest_ns += t0.elapsed().as_nanos() as u64;
+        st += oracles[i as usize].finish(words(i), &bitmap);
+    }
+    report.get_dirty_log_ns.push(harvest_ns);
     accumulate(&mut report, &st);
     report.elapsed = start.elapsed();
-    report.lost = oracle.lost().to_vec();
+    report.lost = oracles.iter().flat_map(|o| o.lost().iter().cloned()).collect();
     report.vm = vm.stats();
     Ok(report)
 }
@@ -480,6 +618,8 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
     let max_ms = max_duration.as_millis().max(200) as u64;
     RunConfig {
         mmu: MmuDesign::ALL[rng.usize(..MmuDesign::ALL.len())],
+        fast_page_fault: rng.u8(..4) != 0,
+        relog_every: if rng.u8(..4) == 0 { Some(rng.u64(2..=10)) } else { None },
         vcpus,
         guest_bytes: guest_mib << 20,
         duration: Duration::from_millis(rng.u64(max_ms / 4..=max_ms)),
@@ -498,6 +638,8 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         tlb_entries: [1, 64, 1024, 4096][rng.usize(..4)],
         large_pages: rng.u8(..4) != 0,
         slot_churn: rng.bool(),
+        slots: if rng.u8(..3) == 0 { [2, 4][rng.usize(..2)] } else { 1 },
+        invalidate_every: rng.bool().then(|| Duration::from_micros(rng.u64(100..=5000))),
         max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
         #[cfg(feature = "break-rules")]
         breakage: crate::breakage::Breakage::default(),

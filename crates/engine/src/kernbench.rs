@@ -61,6 +61,8 @@ pub enum Workload {
 pub struct KernbenchConfig {
     /// Design.
     pub mmu: MmuDesign,
+    /// `fast_page_fault` on (`VmConfig::fast_page_fault`).
+    pub fast_page_fault: bool,
     /// vCPUs.
     pub vcpus: u32,
     /// Guest memory. A replay needs room for one copy of the trace's pages
@@ -146,6 +148,7 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
     }
     let config = VmConfig {
         mmu: cfg.mmu,
+        fast_page_fault: cfg.fast_page_fault,
         large_pages: false,
         max_mmu_pages: Some(cfg.max_mmu_pages),
         ..VmConfig::default()

@@ -289,12 +289,17 @@ impl Memslot {
     #[inline]
     pub fn flags(&self) -> MemFlags {
         // Relaxed: flags change only under slots_lock and mmu_lock; readers
-        // that act on them (the fault path, get_dirty_log) hold one of the two.
+        // that act on them hold one of the two (the slow fault path,
+        // get_dirty_log), or read them inside a lockless walk, which the
+        // SeqCst fences of `begin_lockless_walk` and
+        // `synchronize_lockless_walks` order against the change
+        // (`mmu/fast_fault.rs`).
         MemFlags(self.flags.load(Ordering::Relaxed))
     }
 
     pub(crate) fn set_flags(&self, flags: MemFlags) {
-        // Relaxed: see `flags`.
+        // Relaxed: see `flags`; a change that lockless walks must see is
+        // followed by `synchronize_lockless_walks`, whose fence orders it.
         self.flags.store(flags.bits(), Ordering::Relaxed);
     }
 

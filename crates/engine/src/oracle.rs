@@ -72,6 +72,16 @@ pub struct CollectStats {
     pub stray_bits: u64,
 }
 
+impl std::ops::AddAssign for CollectStats {
+    /// Sums two collections' figures (of two memslots harvested together).
+    fn add_assign(&mut self, o: Self) {
+        self.dirty_pages += o.dirty_pages;
+        self.dirty_unchanged += o.dirty_unchanged;
+        self.lost_pages += o.lost_pages;
+        self.stray_bits += o.stray_bits;
+    }
+}
+
 /// The destination copy of one memslot, and the checks.
 #[derive(Debug)]
 pub struct Oracle {

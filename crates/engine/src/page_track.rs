@@ -50,7 +50,7 @@ impl Kvm {
             for sptep in unsafe { slot.rmap(gfn, level).iter() } {
                 // SAFETY: as above.
                 let sptep = unsafe { sptep.as_ref() };
-                flush |= spte_write_protect_pt(sptep, self.mmu.design.is_lockless(), &self.mmu.breakage);
+                flush |= spte_write_protect_pt(sptep, self.mmu.spte_update, &self.mmu.breakage);
             }
         }
         if flush {

@@ -54,6 +54,8 @@ use crate::workload::{AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, Worklo
 pub struct MigratePerfConfig {
     /// Design.
     pub mmu: MmuDesign,
+    /// `fast_page_fault` on (`VmConfig::fast_page_fault`).
+    pub fast_page_fault: bool,
     /// vCPUs.
     pub vcpus: u32,
     /// Guest memory, bytes.
@@ -423,7 +425,12 @@ pub fn migrate_perf(
         return Err(HarnessError::BadConfig(format!("{cfg:?}")));
     }
     let (vm, mem) = vm_with_memory(
-        VmConfig { mmu: cfg.mmu, large_pages: cfg.large_pages, ..VmConfig::default() },
+        VmConfig {
+            mmu: cfg.mmu,
+            fast_page_fault: cfg.fast_page_fault,
+            large_pages: cfg.large_pages,
+            ..VmConfig::default()
+        },
         cfg.guest_bytes,
     )?;
     let npages = cfg.guest_bytes / PAGE_SIZE;
@@ -513,9 +520,15 @@ pub const FAULT_HEAVY_GUEST_BYTES: u64 = 256 << 20;
 /// mappings and a shadow page budget of 64 pages, so the shrinker zaps the
 /// map as fast as it is built and every pass faults on every page; dirty
 /// logging is off. Runs for `duration` after one warm-up pass.
-pub fn fault_heavy(mmu: MmuDesign, vcpus: u32, duration: Duration) -> Result<FaultHeavy, HarnessError> {
+pub fn fault_heavy(
+    mmu: MmuDesign,
+    fast_page_fault: bool,
+    vcpus: u32,
+    duration: Duration,
+) -> Result<FaultHeavy, HarnessError> {
     let guest_bytes = FAULT_HEAVY_GUEST_BYTES;
-    let config = VmConfig { mmu, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
+    let config =
+        VmConfig { mmu, fast_page_fault, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
     let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
     let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
     let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX, None)?;

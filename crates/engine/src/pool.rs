@@ -86,6 +86,10 @@ pub struct PoolStats {
     pub returned: Counter,
     /// Times a free waited for a grace period because the backlog was full.
     pub backlog_waits: Counter,
+    /// The longest such wait, nanoseconds. Frees run under `mmu_lock`, so
+    /// this is how long a full backlog can hold the lock (and every fault
+    /// behind it) waiting for lockless readers.
+    pub backlog_wait_max_ns: Counter,
 }
 
 /// A type-stable pool of `T`.
@@ -215,7 +219,9 @@ impl<T: PoolObject> Pool<T> {
             // queueing more. Everything queued, and `o`, was unlinked before
             // now.
             self.stats.backlog_waits.inc();
+            let t0 = std::time::Instant::now();
             self.rcu.synchronize();
+            self.stats.backlog_wait_max_ns.max(t0.elapsed().as_nanos() as u64);
             while let Some((_, q)) = retired.pop_front() {
                 self.release(q);
             }

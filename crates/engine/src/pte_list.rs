@@ -1232,7 +1232,10 @@ mod loom_tests {
     #[cfg(feature = "break-rules")]
     #[should_panic(expected = "missed stable entry")]
     fn loom_entries_before_more_on_reuse_is_caught() {
-        collapse_then_reuse_by_another_rmap(Breakage { entries_before_more_on_reuse: true, ..Breakage::SEED });
+        collapse_then_reuse_by_another_rmap(Breakage {
+            entries_before_more_on_reuse: true,
+            ..Breakage::SEED
+        });
     }
 
     #[test]

@@ -125,6 +125,17 @@ pub const fn spte_is_locklessly_modifiable(spte: u64) -> bool {
     spte & (SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE) == (SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE)
 }
 
+/// `spte_has_volatile_bits` (KVM 3.11): may a writer outside `mmu_lock`
+/// change this spte, so that a locked update must read the old value with the
+/// same atomic that writes the new one (`xchg`)? In 3.11 that is a locklessly
+/// modifiable spte (the fast page fault may set W), or one whose accessed or
+/// dirty bit the hardware may still set. We model no hardware A/D bits, so
+/// only the first clause applies.
+#[inline]
+pub const fn spte_has_volatile_bits(spte: u64) -> bool {
+    spte_is_locklessly_modifiable(spte)
+}
+
 /// The level of the table the spte sits in (0 for a non-present spte).
 #[inline]
 pub const fn spte_level(spte: u64) -> u8 {

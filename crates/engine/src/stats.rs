@@ -32,6 +32,13 @@ impl Counter {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Raises the value to `n` if it is lower (a running maximum).
+    #[inline]
+    pub fn max(&self, n: u64) {
+        // Relaxed: a statistic (module docs).
+        self.0.fetch_max(n, Ordering::Relaxed);
+    }
+
     /// Current value.
     #[inline]
     pub fn get(&self) -> u64 {
@@ -78,6 +85,9 @@ pub struct MmuStats {
     pub fast_page_faults: Counter,
     /// Restarts of lockless rmap walks.
     pub lockless_walk_restarts: Counter,
+    /// Read-side sections the lockless harvest opened: one per call, and one
+    /// more at each quiescent point between chunks (`dirty_log.rs`).
+    pub harvest_read_sections: Counter,
     /// Nanoseconds spent in `get_dirty_log`.
     pub get_dirty_log_ns: Counter,
 }

@@ -37,6 +37,12 @@ pub const MAX_ADDRESS_SPACES: u16 = 64;
 pub struct VmConfig {
     /// The dirty logging design.
     pub mmu: MmuDesign,
+    /// Fix write faults on pages protected only for dirty logging with
+    /// `fast_page_fault` (one compare-exchange, no `mmu_lock`), in either
+    /// design. On by default, as in KVM since 3.6; off gives the baseline of
+    /// issues 2 to 4, where every such fault takes the slow path and the
+    /// locked design updates sptes with plain stores.
+    pub fast_page_fault: bool,
     /// Shadow page budget (`KVM_SET_NR_MMU_PAGES`); `None` follows the size
     /// of guest memory, as KVM does (2%, at least 64 pages).
     pub max_mmu_pages: Option<usize>,
@@ -66,6 +72,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         Self {
             mmu: MmuDesign::default(),
+            fast_page_fault: true,
             max_mmu_pages: None,
             address_spaces: 1,
             tlb_entries: DEFAULT_TLB_ENTRIES,
@@ -178,6 +185,11 @@ pub struct VmStats {
     pub pool_objects_returned: u64,
     /// Times a free waited for a grace period because the backlog was full.
     pub pool_backlog_waits: u64,
+    /// The longest of those waits, nanoseconds (under `mmu_lock`).
+    pub pool_backlog_wait_max_ns: u64,
+    /// Read-side sections the lockless harvest opened (one per call plus
+    /// one per quiescent point between its chunks).
+    pub harvest_read_sections: u64,
     /// Bytes waiting for a grace period now.
     pub pool_deferred_bytes: usize,
     /// Nanoseconds in `get_dirty_log`.
@@ -220,6 +232,7 @@ impl Vm {
         }
         let mmu = Mmu::new(MmuParams {
             design: config.mmu,
+            fast_page_fault: config.fast_page_fault,
             address_spaces: config.address_spaces,
             large_pages: config.large_pages,
             max_mmu_pages: config.max_mmu_pages,
@@ -278,26 +291,31 @@ impl Vm {
             }
             MemslotChange::FlagsOnly(slot, flags) => {
                 let enabling = !slot.dirty_logging() && flags.contains(MemFlags::LOG_DIRTY_PAGES);
-                let mut g = kvm.mmu.lock.lock();
-                if enabling {
-                    // A fresh, clean log, as KVM allocates a zeroed bitmap.
-                    slot.dirty_bitmap().clear_all();
+                {
+                    let _g = kvm.mmu.lock.lock();
+                    if enabling {
+                        // A fresh, clean log, as KVM allocates a zeroed bitmap.
+                        slot.dirty_bitmap().clear_all();
+                    }
+                    // Under mmu_lock: the slow fault path reads the flags under
+                    // it, so each fault maps by the old flags (and is then
+                    // protected by the walk below) or by the new ones.
+                    slot.set_flags(flags);
                 }
-                // Under mmu_lock: the slow fault path reads the flags under it,
-                // so each fault maps by the old flags (and is then protected by
-                // the walk below) or by the new ones.
-                slot.set_flags(flags);
                 if enabling {
+                    // KVM 3.11's order: install the new flags, wait for every
+                    // fast page fault that may have read the old ones
+                    // (`synchronize_srcu_expedited`), then write-protect
+                    // (`kvm_arch_commit_memory_region`). See `fast_fault.rs`.
+                    if !broken!(kvm, skip_memslot_synchronize) {
+                        kvm.vcpus.synchronize_lockless_walks();
+                    }
                     match kvm.mmu.design {
-                        MmuDesign::Locked => kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot),
-                        MmuDesign::Lockless => {
-                            drop(g);
-                            // SeqCst: pairs with the fast path's fence between
-                            // setting W and reading the flag (`fast_fault.rs`):
-                            // either it marks the page, or our walk sees its W.
-                            crate::sync::atomic::fence(crate::sync::atomic::Ordering::SeqCst);
-                            kvm.kvm_mmu_slot_remove_write_access_lockless(&slot);
+                        MmuDesign::Locked => {
+                            let mut g = kvm.mmu.lock.lock();
+                            kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot);
                         }
+                        MmuDesign::Lockless => kvm.kvm_mmu_slot_remove_write_access_lockless(&slot),
                     }
                 }
             }
@@ -441,6 +459,14 @@ impl Vm {
                 + kvm.mmu.desc_pool.stats.returned.get(),
             pool_backlog_waits: kvm.mmu.sp_pool.stats.backlog_waits.get()
                 + kvm.mmu.desc_pool.stats.backlog_waits.get(),
+            pool_backlog_wait_max_ns: kvm
+                .mmu
+                .sp_pool
+                .stats
+                .backlog_wait_max_ns
+                .get()
+                .max(kvm.mmu.desc_pool.stats.backlog_wait_max_ns.get()),
+            harvest_read_sections: s.harvest_read_sections.get(),
             pool_deferred_bytes: kvm.mmu.sp_pool.deferred_bytes() + kvm.mmu.desc_pool.deferred_bytes(),
             get_dirty_log_ns: s.get_dirty_log_ns.get(),
             mmu_lock_acquisitions: l.acquisitions.get(),

@@ -15,9 +15,10 @@ use shadow_mmu_engine::{MmuDesign, VmConfig};
 
 /// An oracle run small and hot enough that vCPUs keep translations in their
 /// TLBs across harvests.
-fn hot_run(mmu: MmuDesign, breakage: Breakage) -> harness::RunReport {
+fn hot_run(design: &VmConfig, breakage: Breakage) -> harness::RunReport {
     let cfg = RunConfig {
-        mmu,
+        mmu: design.mmu,
+        fast_page_fault: design.fast_page_fault,
         vcpus: 2,
         guest_bytes: 8 << 20,
         duration: Duration::from_secs(60),
@@ -35,9 +36,9 @@ fn hot_run(mmu: MmuDesign, breakage: Breakage) -> harness::RunReport {
 }
 
 fn assert_oracle_catches(breakage: Breakage) {
-    for mmu in MmuDesign::ALL {
-        let r = hot_run(mmu, breakage);
-        assert!(r.lost_pages > 0, "{mmu}: {breakage:?} went unnoticed: {r:?}");
+    for design in every_design() {
+        let r = hot_run(&design, breakage);
+        assert!(r.lost_pages > 0, "{}: {breakage:?} went unnoticed: {r:?}", describe(&design));
         let first = &r.lost[0];
         assert!(first.to_string().contains(&format!("gfn {:#x}", first.gfn)), "the report names the gfn");
     }
@@ -46,26 +47,32 @@ fn assert_oracle_catches(breakage: Breakage) {
 #[test]
 fn skipping_the_get_dirty_log_flush_is_caught() {
     let b = Breakage { skip_get_dirty_log_flush: true, ..Breakage::default() };
-    let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..VmConfig::default() }, 300);
-    assert!(violations > 0, "stale TLB entries went unnoticed");
+    for base in every_design() {
+        let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..base.clone() }, 300);
+        assert!(violations > 0, "{}: stale TLB entries went unnoticed", describe(&base));
+    }
     assert_oracle_catches(b);
 }
 
 #[test]
 fn skipping_write_protection_is_caught() {
     let b = Breakage { skip_write_protect: true, ..Breakage::default() };
-    let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..VmConfig::default() }, 300);
-    assert!(violations > 0);
+    for base in every_design() {
+        let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..base.clone() }, 300);
+        assert!(violations > 0, "{}: unprotected pages went unnoticed", describe(&base));
+    }
     assert_oracle_catches(b);
 }
 
 #[test]
 fn with_no_switch_on_the_same_runs_pass() {
-    for mmu in MmuDesign::ALL {
-        let r = hot_run(mmu, Breakage::default());
-        assert!(r.ok(), "{r:?}");
+    for design in every_design() {
+        let r = hot_run(&design, Breakage::default());
+        assert!(r.ok(), "{}: {r:?}", describe(&design));
     }
-    assert_eq!(stale_tlb_violations(VmConfig::default(), 300).0, 0);
+    for base in every_design() {
+        assert_eq!(stale_tlb_violations(base.clone(), 300).0, 0, "{}", describe(&base));
+    }
 }
 
 /// Patch 04 in a running VM. The race window (between a lockless write

@@ -2,15 +2,25 @@
 //! CI parameters: 2 vCPUs, 256 MiB, 50 collections. The long version is
 //! `shadow-mmu stress` (see the README).
 
+mod common;
+
 use std::time::Duration;
 
-use shadow_mmu_engine::MmuDesign;
+use common::{describe, every_design};
+use shadow_mmu_engine::VmConfig;
 use shadow_mmu_engine::harness::{self, RunConfig, RunReport};
 use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 
-/// The CI shape: 50 collections (the duration only bounds them), for `mmu`.
-fn fifty_collections(mmu: MmuDesign) -> RunConfig {
-    RunConfig { mmu, duration: Duration::from_secs(600), max_collections: Some(50), ..RunConfig::default() }
+/// The CI shape: 50 collections (the duration only bounds them), for the
+/// design of `d` (its MMU design and `fast_page_fault`).
+fn fifty_collections(d: &VmConfig) -> RunConfig {
+    RunConfig {
+        mmu: d.mmu,
+        fast_page_fault: d.fast_page_fault,
+        duration: Duration::from_secs(600),
+        max_collections: Some(50),
+        ..RunConfig::default()
+    }
 }
 
 fn check(cfg: &RunConfig) -> RunReport {
@@ -23,13 +33,13 @@ fn check(cfg: &RunConfig) -> RunReport {
 
 #[test]
 fn ci_two_vcpus_256_mib_50_collections() {
-    for mmu in MmuDesign::ALL {
+    for d in every_design() {
         let cfg = RunConfig {
             vcpus: 2,
             guest_bytes: 256 << 20,
             interval: Duration::from_millis(10),
             warmup: Duration::from_millis(100),
-            ..fifty_collections(mmu)
+            ..fifty_collections(&d)
         };
         let r = check(&cfg);
         assert!(r.vm.sptes_write_protected > 0);
@@ -38,7 +48,8 @@ fn ci_two_vcpus_256_mib_50_collections() {
 
 #[test]
 fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
-    for mmu in MmuDesign::ALL {
+    for d in every_design() {
+        let mmu = describe(&d);
         let cfg = RunConfig {
             vcpus: 3,
             guest_bytes: 64 << 20,
@@ -52,17 +63,17 @@ fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
                 ..WorkloadSpec::default()
             },
             max_mmu_pages: Some(64),
-            ..fifty_collections(mmu)
+            ..fifty_collections(&d)
         };
         let r = check(&cfg);
-        assert!(r.vm.sp_shrunk > 0, "the shrinker ran");
-        assert!(r.vcpu.reads > 0 && r.vcpu.writes > 0);
+        assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");
+        assert!(r.vcpu.reads > 0 && r.vcpu.writes > 0, "{mmu}");
     }
 }
 
 #[test]
 fn hot_set_through_small_tlbs_with_pass_exits() {
-    for mmu in MmuDesign::ALL {
+    for d in every_design() {
         let cfg = RunConfig {
             vcpus: 4,
             guest_bytes: 16 << 20,
@@ -74,7 +85,7 @@ fn hot_set_through_small_tlbs_with_pass_exits() {
                 ..WorkloadSpec::default()
             },
             tlb_entries: 64,
-            ..fifty_collections(mmu)
+            ..fifty_collections(&d)
         };
         let r = check(&cfg);
         assert!(r.vcpu.tlb_hits > 0, "the TLB served accesses, so stale entries matter");
@@ -83,7 +94,8 @@ fn hot_set_through_small_tlbs_with_pass_exits() {
 
 #[test]
 fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
-    for mmu in MmuDesign::ALL {
+    for d in every_design() {
+        let mmu = describe(&d);
         let cfg = RunConfig {
             vcpus: 2,
             guest_bytes: 64 << 20,
@@ -98,11 +110,76 @@ fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
             max_mmu_pages: Some(64),
             max_free_shadow_pages: Some(0),
             slot_churn: true,
-            ..fifty_collections(mmu)
+            ..fifty_collections(&d)
         };
         let r = check(&cfg);
         assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");
         assert!(r.slot_churn_cycles > 0, "{mmu}: the slot was deleted and re-added");
         assert!(r.vm.pool_objects_returned > 0, "{mmu}: shadow page memory went back after grace periods");
+    }
+}
+
+#[test]
+fn logging_turned_off_and_on_again_with_the_vcpus_running() {
+    for d in every_design() {
+        let mmu = describe(&d);
+        let cfg = RunConfig {
+            vcpus: 2,
+            guest_bytes: 32 << 20,
+            interval: Duration::from_millis(3),
+            warmup: Duration::from_millis(30),
+            relog_every: Some(5),
+            ..fifty_collections(&d)
+        };
+        let r = check(&cfg);
+        assert_eq!(r.relogs, 10, "{mmu}");
+        if d.fast_page_fault {
+            assert!(r.vm.fast_page_faults > 0, "{mmu}: the fast path ran across the re-enables");
+        }
+    }
+}
+
+#[test]
+fn mmu_notifier_invalidations_during_dirty_logging() {
+    for d in every_design() {
+        let mmu = describe(&d);
+        let cfg = RunConfig {
+            vcpus: 2,
+            guest_bytes: 32 << 20,
+            interval: Duration::from_millis(3),
+            warmup: Duration::from_millis(30),
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Random,
+                write_pct: 80,
+                ..WorkloadSpec::default()
+            },
+            invalidate_every: Some(Duration::from_micros(300)),
+            ..fifty_collections(&d)
+        };
+        let r = check(&cfg);
+        assert!(r.invalidations > 10, "{mmu}: {} invalidations", r.invalidations);
+    }
+}
+
+#[test]
+fn logging_on_several_slots_at_once() {
+    for d in every_design() {
+        let mmu = describe(&d);
+        let cfg = RunConfig {
+            vcpus: 3,
+            guest_bytes: 48 << 20,
+            slots: 3,
+            interval: Duration::from_millis(3),
+            warmup: Duration::from_millis(30),
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Random,
+                address_spaces: 2,
+                ..WorkloadSpec::default()
+            },
+            ..fifty_collections(&d)
+        };
+        let r = check(&cfg);
+        assert!(r.vm.sptes_write_protected > 0, "{mmu}");
+        assert_eq!(r.vm.get_dirty_log_calls, 3 * (r.collections + 1), "{mmu}: each slot, each collection");
     }
 }

@@ -1,4 +1,5 @@
-//! `fast_page_fault` (patches 02 and 03), lockless design only.
+//! `fast_page_fault` (KVM 3.6, with the seed's patches 02 and 03), in both
+//! designs unless the VM is built without it (`VmConfig::fast_page_fault`).
 //!
 //! A write fault on a present leaf spte that is read-only only because dirty
 //! logging write-protected it ([`spte_is_locklessly_modifiable`]) is fixed by
@@ -15,11 +16,25 @@
 //!   the bug KVM reverted once (commit 6b73a9606). They take the slow path,
 //!   which maps 4 KiB pages.
 //!
-//! Enabling dirty logging without the lock races with this path: the enabler
-//! sets the slot's flag, then walks the rmaps clearing W; we set W, then read
-//! the flag to decide whether to mark. A SeqCst fence on each side (store
-//! buffering) makes sure that either we see the flag and mark the page, or the
-//! enabler's walk sees our W and clears it.
+//! - In the locked design the spte updates under `mmu_lock` use `xchg` on
+//!   sptes this path may change (KVM 3.11's `spte_has_volatile_bits`), so
+//!   that a W we set between a locked writer's load and store is seen and
+//!   flushed for (`lockless::SpteUpdate`); the lockless design keeps a plain
+//!   store and patch 04's flush rule instead.
+//!
+//! Enabling dirty logging races with this path: the enabler sets the slot's
+//! flag, then walks the rmaps clearing W; we set W, then read the flag to
+//! decide whether to mark. KVM 3.11 orders the two with its SRCU memslot
+//! update: the new memslots are installed, `synchronize_srcu_expedited` waits
+//! for every vCPU that may still use the old ones, and only then does
+//! `kvm_arch_commit_memory_region` write-protect. Our read-side section is
+//! the `READING_SHADOW_PAGE_TABLES` mode this walk runs in, and the
+//! enabler's wait is `VcpuSet::synchronize_lockless_walks`. Either our walk
+//! began after the enabler's fence (`begin_lockless_walk`'s fence and the
+//! enabler's are both SeqCst, so one precedes the other), and then we read
+//! the new flag and mark the page; or the enabler saw us in this mode and
+//! waited for our release store of `OUTSIDE_GUEST_MODE`, and then its walk
+//! happens after our compare-exchange, sees W and clears it.
 
 use super::lockless::{fast_pf_fix_direct_spte, mark_page_dirty_after_publish};
 use crate::shadow_page::{SpPtr, page_header};
@@ -27,7 +42,7 @@ use crate::spte::{
     PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, spte_index,
     spte_is_locklessly_modifiable,
 };
-use crate::sync::atomic::{Ordering, fence};
+use crate::sync::atomic::Ordering;
 use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
 
@@ -81,9 +96,7 @@ impl Kvm {
         }
         let gfn = sp.spte_gfn(sp.spte_index_of(sptep));
         if fast_pf_fix_direct_spte(sptep, spte) {
-            // SeqCst: pairs with the fence enable-logging issues between
-            // setting the flag and walking the rmaps (module docs).
-            fence(Ordering::SeqCst);
+            // The flag is read inside our read-side section (module docs).
             let slots = self.memslots.load();
             if let Some(slot) = slots.find(gfn)
                 && slot.dirty_logging()

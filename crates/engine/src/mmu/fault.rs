@@ -68,9 +68,9 @@ impl Kvm {
         fault: PageFault,
     ) -> Result<(), FaultExit> {
         let PageFault { gfn, write, present, asid } = fault;
-        // `page_fault_can_be_fast`: a write to a present page, lockless
-        // design only (the locked baseline takes the slow path).
-        if self.mmu.design.is_lockless() && write && present && self.fast_page_fault(vcpu, gfn, asid) {
+        // `page_fault_can_be_fast`: a write to a present page, in both designs
+        // (KVM has had it since 3.6), unless the VM was built without it.
+        if self.mmu.fast_page_fault && write && present && self.fast_page_fault(vcpu, gfn, asid) {
             return Ok(());
         }
         loop {

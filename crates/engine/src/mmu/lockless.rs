@@ -1,6 +1,7 @@
 //! The seed's lock-free operations, as free functions over the primitive
 //! structures (one spte, one pte_list, one dirty bitmap), so that the engine
-//! and the loom models (`crate::loom_models`) run the very same code.
+//! and the loom models (`loom_tests` below, and `pte_list.rs`'s) run the very
+//! same code.
 //!
 //! # The ordering argument (patch 06, in our words)
 //!
@@ -33,7 +34,7 @@ use crate::dirty_bitmap::DirtyBitmap;
 use crate::pte_list::PteListHead;
 use crate::spte::{
     PT_WRITABLE_MASK, SPTE_MMU_WRITEABLE, is_last_spte_by_encoding, is_shadow_present_pte, is_writable_pte,
-    spte_is_locklessly_modifiable,
+    spte_has_volatile_bits, spte_is_locklessly_modifiable,
 };
 use crate::sync::atomic::{AtomicU64, Ordering, fence};
 
@@ -50,43 +51,88 @@ pub(crate) fn mark_page_dirty_after_publish(bitmap: &DirtyBitmap, rel_gfn: u64, 
     bitmap.mark(rel_gfn);
 }
 
+/// How `mmu_spte_update` replaces an spte under `mmu_lock`, and when it asks
+/// for a remote TLB flush. One per VM, fixed when the VM is built
+/// ([`SpteUpdate::for_mmu`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpteUpdate {
+    /// KVM 3.11, the locked design with `fast_page_fault`: an spte with
+    /// volatile bits (`spte_has_volatile_bits`) is replaced by `xchg`
+    /// (`__update_clear_spte_slow`), others by a load and a store
+    /// (`__update_clear_spte_fast`); a flush is owed when the old spte, as
+    /// the exchange read it, was writable and the new one is not.
+    Xchg,
+    /// No writer outside `mmu_lock` at all (the locked design with
+    /// `fast_page_fault` off, our baseline before issue 9): a load and a
+    /// store, and a flush when W is lost. Exact, since nothing can change the
+    /// spte between the two.
+    Plain,
+    /// The seed (lockless design): a load and a store, and patch 04's flush
+    /// rule: a flush when the old spte was locklessly modifiable and the new
+    /// one is not writable, whatever its W (see [`spte_update_needs_flush`]
+    /// for the proof that the plain store then loses nothing).
+    Patch04,
+}
+
+impl SpteUpdate {
+    /// The rule of a VM of `design` (lockless or not) with the fast page
+    /// fault on or off; `b` may break the rule (tests only).
+    pub fn for_mmu(lockless: bool, fast_page_fault: bool, b: &Breakage) -> Self {
+        if lockless {
+            SpteUpdate::Patch04
+        } else if fast_page_fault && !b.locked_plain_spte_update {
+            SpteUpdate::Xchg
+        } else {
+            SpteUpdate::Plain
+        }
+    }
+}
+
 /// `mmu_spte_update`'s answer: must remote TLBs be flushed after replacing
 /// `old` by `new`?
 ///
-/// Patch 04: in the lockless design an spte may lose W without `mmu_lock`
-/// (lockless write protection) and without a flush yet (that comes after the
-/// walk). A locked path that then makes the same spte read-only must not
-/// conclude from "W was already clear" that no vCPU can write through it:
-/// the vCPU's TLB may still hold W. So it asks whether the spte *could* be
-/// writable without the lock (host- and MMU-writable), not whether it is.
+/// - `Xchg` and `Plain`: when W is lost. With `Xchg`, `old` was read by the
+///   same `xchg` that wrote `new`, so a W that the fast page fault set a
+///   moment before is seen; with `Plain` no such writer exists.
+/// - `Patch04`: in the lockless design an spte may lose W without
+///   `mmu_lock` (lockless write protection) and without a flush yet (that
+///   comes after the walk). A locked path that then makes the same spte
+///   read-only must not conclude from "W was already clear" that no vCPU can
+///   write through it: the vCPU's TLB may still hold W. So it asks whether
+///   the spte *could* be writable without the lock (host- and MMU-writable),
+///   not whether it is. This is also why the seed's design may keep the
+///   plain store: a W that the fast path sets between our load and our store
+///   is either kept (our new spte is writable, and the caller marks the page
+///   dirty, patch 06) or taken away (then the old spte was locklessly
+///   modifiable, and the rule flushes). Presence, host- and MMU-writable,
+///   all that decides rmap membership and this rule, change only under
+///   `mmu_lock`. We model no hardware A/D bits that a plain store could lose.
 #[inline]
-pub(crate) fn spte_update_needs_flush(old: u64, new: u64, lockless: bool, b: &Breakage) -> bool {
-    if lockless && !b.skip_patch04_flush_rule {
+pub(crate) fn spte_update_needs_flush(old: u64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
+    if rule == SpteUpdate::Patch04 && !b.skip_patch04_flush_rule {
         spte_is_locklessly_modifiable(old) && !is_writable_pte(new)
     } else {
         is_writable_pte(old) && !is_writable_pte(new)
     }
 }
 
-/// Replaces the spte under `mmu_lock`, returning the old value: a load and
-/// a release store (KVM's `__update_clear_spte_fast`).
-///
-/// Where we differ from KVM: in the lockless design the fast path and
-/// lockless write protection change W without the lock, and KVM then uses
-/// `xchg` (`__update_clear_spte_slow`) for any spte with such "volatile"
-/// bits, so as not to lose the accessed and dirty bits the hardware sets in
-/// between. We model no hardware A/D bits, and a W changed by a lockless
-/// writer between our load and our store is harmless: presence, host- and
-/// MMU-writable (all that decides rmap membership and, by patch 04's rule,
-/// the TLB flush) only ever change under `mmu_lock`; our store either makes
-/// the spte writable (and the caller then marks the page dirty, patch 06) or
-/// takes W away (and the caller flushes by that rule). An `xchg` here would
-/// cost the fault path about 5% (see the README).
+/// Replaces the spte under `mmu_lock`, returning the old value: `xchg` for an
+/// spte with volatile bits under [`SpteUpdate::Xchg`], otherwise a load and a
+/// release store (KVM's `__update_clear_spte_fast`). Why the plain store is
+/// exact under the other two rules: see [`SpteUpdate`] and
+/// [`spte_update_needs_flush`].
 #[inline]
-pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64) -> u64 {
+pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u64 {
     // Relaxed: under mmu_lock, which every writer of an spte's presence and
-    // of HW/MW holds; a lockless writer's W may be stale (see above).
+    // of HW/MW holds; only W may change under us, and only where the rule
+    // says (see above).
     let old = sptep.load(Ordering::Relaxed);
+    if rule == SpteUpdate::Xchg && spte_has_volatile_bits(old) {
+        // AcqRel: the acquire half pairs with the fast path's compare-exchange
+        // that set W, so the W we return is the latest; the release half is
+        // the store below's.
+        return sptep.swap(new, Ordering::AcqRel);
+    }
     // Release: pairs with the acquire loads of page walks and of the fast
     // path: the table or page the spte points to is set up first.
     sptep.store(new, Ordering::Release);
@@ -99,27 +145,30 @@ pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64) -> u64 {
 /// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
 #[doc(hidden)]
 #[inline]
-pub fn mmu_spte_update(sptep: &AtomicU64, new: u64, lockless: bool, b: &Breakage) -> bool {
-    let old = spte_exchange(sptep, new);
-    is_shadow_present_pte(old) && spte_update_needs_flush(old, new, lockless, b)
+pub fn mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
+    let old = spte_exchange(sptep, new, rule);
+    is_shadow_present_pte(old) && spte_update_needs_flush(old, new, rule, b)
 }
 
 /// `spte_write_protect` with `pt_protect` (patch 14's form), under
 /// `mmu_lock`: write-protects an spte for good (page write tracking; KVM
 /// also uses it to shadow guest page tables), clearing W *and* MW so that no
 /// fast path makes it writable again. Returns whether remote TLBs must be
-/// flushed, by `mmu_spte_update`'s rule: patch 04's race is exactly a
-/// lockless write protection that cleared W (and has not flushed yet) right
-/// before this.
+/// flushed, by `mmu_spte_update`'s rule. Two races meet here:
+/// - patch 04's (lockless design): a lockless write protection cleared W and
+///   has not flushed yet;
+/// - KVM 3.11's (locked design with the fast path): the fast path sets W
+///   between our load and our store; only the `xchg` of [`SpteUpdate::Xchg`]
+///   sees it and flushes (`locked_plain_spte_update` breaks this).
 #[inline]
-pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, lockless: bool, b: &Breakage) -> bool {
+pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Breakage) -> bool {
     // Relaxed: a hint; the exchange in `mmu_spte_update` reads the real old
     // value.
     let spte = sptep.load(Ordering::Relaxed);
     if !is_shadow_present_pte(spte) || (!is_writable_pte(spte) && !spte_is_locklessly_modifiable(spte)) {
         return false;
     }
-    mmu_spte_update(sptep, spte & !(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), lockless, b)
+    mmu_spte_update(sptep, spte & !(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), rule, b)
 }
 
 /// `__rmap_write_protect_lockless` (patch 13): clears W on `sptep` if it is a
@@ -219,11 +268,14 @@ mod tests {
         let protected = make_leaf_spte(7, 1, true, false);
         let ro_host = make_leaf_spte(7, 1, false, false);
         let b = Breakage::SEED;
-        assert!(spte_update_needs_flush(protected, protected & !crate::spte::SPTE_MMU_WRITEABLE, true, &b));
-        assert!(!spte_update_needs_flush(protected, protected, false, &b), "locked: W was clear");
-        assert!(!spte_update_needs_flush(ro_host, ro_host, true, &b), "never writable: no flush");
+        let p04 = SpteUpdate::Patch04;
+        assert!(spte_update_needs_flush(protected, protected & !crate::spte::SPTE_MMU_WRITEABLE, p04, &b));
+        for locked in [SpteUpdate::Xchg, SpteUpdate::Plain] {
+            assert!(!spte_update_needs_flush(protected, protected, locked, &b), "locked: W was clear");
+        }
+        assert!(!spte_update_needs_flush(ro_host, ro_host, p04, &b), "never writable: no flush");
         let broken = Breakage { skip_patch04_flush_rule: true, ..b };
-        assert!(!spte_update_needs_flush(protected, protected, true, &broken));
+        assert!(!spte_update_needs_flush(protected, protected, p04, &broken));
     }
 
     #[test]
@@ -293,6 +345,32 @@ mod loom_tests {
             }
             mask
         }
+        /// The harvester of the locked design's `get_dirty_log` for this one
+        /// gfn: the bit, then (under `mmu_lock`, which the fast path does not
+        /// take) `spte_write_protect` by `rule`, then the flush.
+        fn harvest_locked(&self, rule: SpteUpdate, b: &Breakage) -> u64 {
+            let mask = self.bitmap.take_word(0);
+            if mask != 0 {
+                let s = self.spte.load(Ordering::Relaxed);
+                if is_writable_pte(s) && mmu_spte_update(&self.spte, s & !PT_WRITABLE_MASK, rule, b) {
+                    self.tlb_writable.store(false, Ordering::SeqCst);
+                }
+            }
+            mask
+        }
+        /// `fast_page_fault` on this gfn: the compare-exchange that sets W,
+        /// then the vCPU's retried store fills its TLB with W.
+        fn fast_page_fault(&self) -> bool {
+            // Acquire: as the fast path's walk.
+            let s = self.spte.load(Ordering::Acquire);
+            let fixed = !is_writable_pte(s)
+                && spte_is_locklessly_modifiable(s)
+                && fast_pf_fix_direct_spte(&self.spte, s);
+            if fixed {
+                self.tlb_writable.store(true, Ordering::SeqCst);
+            }
+            fixed
+        }
         /// The dirty logging invariant: writable implies marked dirty.
         fn assert_logged(&self) {
             let s = self.spte.load(Ordering::SeqCst);
@@ -311,7 +389,7 @@ mod loom_tests {
             let (w, h) = (g.clone(), g.clone());
             let (_, mask) = two(
                 move || {
-                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), true, &b);
+                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
                     w.rmap_add();
                     mark_page_dirty_after_publish(&w.bitmap, 0, &b);
                 },
@@ -330,7 +408,7 @@ mod loom_tests {
             let (w, h) = (g.clone(), g.clone());
             let (_, mask) = two(
                 move || {
-                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), true, &b);
+                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
                     mark_page_dirty_after_publish(&w.bitmap, 0, &b);
                 },
                 move || h.harvest(&b),
@@ -359,7 +437,7 @@ mod loom_tests {
                 move || {
                     // Which side went first (for the outcome record only).
                     let saw_writable = is_writable_pte(t.spte.load(Ordering::SeqCst));
-                    let flush = spte_write_protect_pt(&t.spte, true, &b);
+                    let flush = spte_write_protect_pt(&t.spte, SpteUpdate::Patch04, &b);
                     if flush {
                         t.tlb_writable.store(false, Ordering::SeqCst);
                     }
@@ -387,13 +465,8 @@ mod loom_tests {
             let (v, h) = (g.clone(), g.clone());
             let (fixed, mask) = two(
                 move || {
-                    // Acquire: as the fast path's walk.
-                    let s = v.spte.load(Ordering::Acquire);
-                    let fixed = !is_writable_pte(s)
-                        && spte_is_locklessly_modifiable(s)
-                        && fast_pf_fix_direct_spte(&v.spte, s);
+                    let fixed = v.fast_page_fault();
                     if fixed {
-                        fence(Ordering::SeqCst);
                         mark_page_dirty_after_publish(&v.bitmap, 0, &b);
                     }
                     fixed
@@ -409,6 +482,113 @@ mod loom_tests {
     fn loom_fast_page_fault_against_lockless_write_protect() {
         fast_page_fault_vs_write_protect(Breakage::SEED, false);
         fast_page_fault_vs_write_protect(Breakage::SEED, true);
+    }
+
+    /// KVM 3.11's race, the shape of patch 04 in the locked design: the fast
+    /// page fault sets W on a read-only, locklessly modifiable spte while
+    /// write tracking write-protects it for good under `mmu_lock`. Tracking
+    /// must see that W and flush, or the vCPU goes on writing the tracked page
+    /// through its TLB. The flush waits for the vCPU (its fast path runs in
+    /// `READING_SHADOW_PAGE_TABLES`), so it is modelled after the join.
+    fn fast_page_fault_vs_write_tracking(rule: SpteUpdate, b: Breakage) {
+        check(move || {
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, false);
+            let (v, t) = (g.clone(), g.clone());
+            let (fixed, flushed) =
+                two(move || v.fast_page_fault(), move || spte_write_protect_pt(&t.spte, rule, &b));
+            if flushed {
+                g.tlb_writable.store(false, Ordering::SeqCst);
+            }
+            let s = g.spte.load(Ordering::SeqCst);
+            assert!(
+                !g.tlb_writable.load(Ordering::SeqCst) || is_writable_pte(s),
+                "write tracking returned with a writable TLB entry left"
+            );
+            (fixed, flushed)
+        });
+    }
+
+    #[test]
+    fn loom_fast_page_fault_against_write_tracking() {
+        // KVM 3.11's locked design, and the seed.
+        fast_page_fault_vs_write_tracking(SpteUpdate::for_mmu(false, true, &Breakage::SEED), Breakage::SEED);
+        fast_page_fault_vs_write_tracking(SpteUpdate::for_mmu(true, true, &Breakage::SEED), Breakage::SEED);
+    }
+
+    /// The locked design's `get_dirty_log` (KVM 3.11) against the fast page
+    /// fault of the same page, with the page's bit set or clear before.
+    fn fast_page_fault_vs_locked_get_dirty_log(b: Breakage, dirty: bool) {
+        check(move || {
+            let rule = SpteUpdate::for_mmu(false, true, &b);
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, dirty);
+            let (v, h) = (g.clone(), g.clone());
+            let (fixed, mask) = two(
+                move || {
+                    let fixed = v.fast_page_fault();
+                    if fixed {
+                        mark_page_dirty_after_publish(&v.bitmap, 0, &b);
+                    }
+                    fixed
+                },
+                move || h.harvest_locked(rule, &b),
+            );
+            g.assert_logged();
+            (fixed, mask, is_writable_pte(g.spte.load(Ordering::SeqCst)))
+        });
+    }
+
+    #[test]
+    fn loom_fast_page_fault_against_locked_get_dirty_log() {
+        fast_page_fault_vs_locked_get_dirty_log(Breakage::SEED, false);
+        fast_page_fault_vs_locked_get_dirty_log(Breakage::SEED, true);
+    }
+
+    /// Enabling dirty logging while a vCPU fast-faults the same page (KVM
+    /// 3.11's memslot update, `mmu/fast_fault.rs`): the enabler sets the
+    /// flag, waits for the lockless walks that may have read the old one,
+    /// then write-protects; the vCPU, in `READING_SHADOW_PAGE_TABLES`, sets
+    /// W and marks the page if it reads the flag set. A writable spte must
+    /// have its bit set after both. The write protection is the lockless
+    /// one; the locked design's differs only in holding `mmu_lock`, which
+    /// the fast path does not take.
+    fn enable_logging_vs_fast_page_fault(b: Breakage) {
+        use crate::vcpu::requests::{VcpuSet, VcpuShared};
+        check(move || {
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, false);
+            let flag = Arc::new(AtomicBool::new(false));
+            // std's Arc: what `VcpuSet` holds (the atomics inside are loom's).
+            let vcpus = std::sync::Arc::new(VcpuSet::default());
+            let v = std::sync::Arc::new(VcpuShared::new(0));
+            vcpus.add(v.clone());
+            let (gv, ge, fv, fe) = (g.clone(), g.clone(), flag.clone(), flag);
+            let (fixed, ()) = two(
+                move || {
+                    v.begin_lockless_walk();
+                    let fixed = gv.fast_page_fault();
+                    // Relaxed: as `Memslot::flags`.
+                    if fixed && fv.load(Ordering::Relaxed) {
+                        mark_page_dirty_after_publish(&gv.bitmap, 0, &b);
+                    }
+                    v.exit_guest_mode();
+                    fixed
+                },
+                move || {
+                    // Relaxed: as `Memslot::set_flags`.
+                    fe.store(true, Ordering::Relaxed);
+                    if !b.skip_memslot_synchronize {
+                        vcpus.synchronize_lockless_walks();
+                    }
+                    spte_write_protect_lockless(&ge.spte);
+                },
+            );
+            g.assert_logged();
+            (fixed, is_writable_pte(g.spte.load(Ordering::SeqCst)))
+        });
+    }
+
+    #[test]
+    fn loom_enabling_logging_against_fast_page_fault() {
+        enable_logging_vs_fast_page_fault(Breakage::SEED);
     }
 
     /// A shadow page zapped and reused while a lockless walker holds a
@@ -464,6 +644,21 @@ mod loom_tests {
     #[should_panic(expected = "lost dirty page")]
     fn loom_no_fence_before_the_dirty_bit_is_caught_for_new_sptes() {
         set_spte_new_vs_get_dirty_log(Breakage { skip_dirty_bit_fence: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "lost dirty page")]
+    fn loom_enabling_logging_without_the_memslot_synchronize_is_caught() {
+        enable_logging_vs_fast_page_fault(Breakage { skip_memslot_synchronize: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "writable TLB entry left")]
+    fn loom_a_plain_store_in_the_locked_design_is_caught() {
+        let b = Breakage { locked_plain_spte_update: true, ..Breakage::SEED };
+        fast_page_fault_vs_write_tracking(SpteUpdate::for_mmu(false, true, &b), b);
     }
 
     #[test]

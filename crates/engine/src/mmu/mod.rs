@@ -58,6 +58,7 @@ use crate::shadow_page::{ShadowPage, SpPtr};
 use crate::stats::MmuStats;
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use lock::MmuLock;
+use lockless::SpteUpdate;
 
 /// How dirty logging write-protects guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -164,6 +165,7 @@ impl std::fmt::Debug for MmuCaches {
 #[derive(Debug, Clone)]
 pub(crate) struct MmuParams {
     pub(crate) design: MmuDesign,
+    pub(crate) fast_page_fault: bool,
     pub(crate) address_spaces: u16,
     pub(crate) large_pages: bool,
     pub(crate) max_mmu_pages: Option<usize>,
@@ -178,6 +180,7 @@ impl MmuParams {
         let limits = PoolLimits { max_free: 64, max_deferred_bytes: 1 << 20 };
         Self {
             design,
+            fast_page_fault: true,
             address_spaces: 1,
             large_pages: true,
             max_mmu_pages: None,
@@ -191,6 +194,11 @@ impl MmuParams {
 /// The MMU of one VM.
 pub(crate) struct Mmu {
     pub(crate) design: MmuDesign,
+    /// Does a write fault on a page protected only for logging try
+    /// `fast_page_fault` first (both designs; `VmConfig::fast_page_fault`)?
+    pub(crate) fast_page_fault: bool,
+    /// How spte updates under `mmu_lock` are made, and when they flush.
+    pub(crate) spte_update: SpteUpdate,
     /// Rules broken on purpose (`Breakage::SEED` unless a `break-rules`
     /// build configured otherwise).
     pub(crate) breakage: Breakage,
@@ -220,6 +228,8 @@ impl Mmu {
         let max = p.max_mmu_pages;
         Self {
             design: p.design,
+            fast_page_fault: p.fast_page_fault,
+            spte_update: SpteUpdate::for_mmu(p.design.is_lockless(), p.fast_page_fault, &p.breakage),
             breakage: p.breakage,
             rcu: rcu.clone(),
             lock: MmuLock::new(MmuLocked {

@@ -27,18 +27,19 @@ impl Kvm {
 
     /// `mmu_spte_update`: replaces a (possibly present) spte; returns whether
     /// remote TLBs must be flushed because a vCPU may still cache a more
-    /// permissive translation: when W is lost (locked design), or when the
-    /// old spte was locklessly modifiable (lockless design, patch 04; see
-    /// `lockless::spte_update_needs_flush`).
+    /// permissive translation: when W is lost (locked design, read by `xchg`
+    /// as KVM 3.11 does when the fast path may set it), or when the old spte
+    /// was locklessly modifiable (lockless design, patch 04). See
+    /// `lockless::SpteUpdate`.
     pub(crate) fn mmu_spte_update(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) -> bool {
-        super::lockless::mmu_spte_update(sptep, new, self.mmu.design.is_lockless(), &self.mmu.breakage)
+        super::lockless::mmu_spte_update(sptep, new, self.mmu.spte_update, &self.mmu.breakage)
     }
 
     /// `mmu_spte_clear_track_bits`: makes an spte non-present, returns the old
     /// value. A walker that reads 0 faults; one that read the old value is
     /// covered by the remote TLB flush the caller owes.
     pub(crate) fn mmu_spte_clear_track_bits(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) -> u64 {
-        super::lockless::spte_exchange(sptep, 0)
+        super::lockless::spte_exchange(sptep, 0, self.mmu.spte_update)
     }
 
     /// `mmu_spte_clear_no_track`: clears a non-leaf spte.
@@ -62,7 +63,11 @@ impl Kvm {
         // of every rmap; descriptors come from this VM's type-stable pool
         // through the vCPU's cache, clean.
         unsafe {
-            slot.rmap(gfn, level).add_with(NonNull::from(sptep), &mut || caches.desc.alloc(), &self.mmu.breakage)
+            slot.rmap(gfn, level).add_with(
+                NonNull::from(sptep),
+                &mut || caches.desc.alloc(),
+                &self.mmu.breakage,
+            )
         }
     }
 

@@ -64,7 +64,7 @@ use parking_lot::RwLock;
 
 use crate::stats::Counter;
 use crate::sync::Backoff;
-use crate::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use crate::sync::atomic::{AtomicU8, AtomicU32, Ordering, fence};
 
 /// The vCPU runs host code.
 pub const OUTSIDE_GUEST_MODE: u8 = 0;
@@ -150,10 +150,17 @@ impl VcpuShared {
     /// from outside guest mode. Leave with [`Self::exit_guest_mode`].
     #[inline]
     pub(crate) fn begin_lockless_walk(&self) {
-        // SeqCst: as `try_enter_guest_mode`: a flusher either sees this mode
-        // and waits for us, or the shadow page changes it flushes for are
-        // visible to the walk that follows.
-        self.state.mode.store(READING_SHADOW_PAGE_TABLES, Ordering::SeqCst);
+        // Relaxed: the fence below orders it (KVM: the store, then smp_mb()).
+        self.state.mode.store(READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
+        // SeqCst fence: pairs with the SeqCst fence of a flusher
+        // (`make_all_cpus_request`, between its requests and its loads of
+        // `mode`) and of `synchronize_lockless_walks` (between a memslot
+        // flag's store and its loads of `mode`). Of two SeqCst fences one
+        // precedes the other: either that side's load of `mode` sees this
+        // store and it waits for our walk, or the walk below sees every
+        // store it made before its fence (the sptes it changed, the flag it
+        // set).
+        fence(Ordering::SeqCst);
     }
 
     /// Takes the pending TLB flush request, if any, clearing its bit. The
@@ -215,6 +222,11 @@ impl VcpuSet {
         for v in vcpus.iter() {
             v.make_request(req);
         }
+        // SeqCst fence (KVM's smp_mb__after_atomic in
+        // kvm_make_vcpus_request_mask): pairs with the fence of
+        // `begin_lockless_walk`. A lockless walk whose mode store we do not
+        // see below sees every spte change we made before this point.
+        fence(Ordering::SeqCst);
         let t0 = Instant::now();
         for v in vcpus.iter() {
             let backoff = Backoff::new();
@@ -223,6 +235,30 @@ impl VcpuSet {
             }
         }
         self.flush_wait_ns.add(t0.elapsed().as_nanos() as u64);
+    }
+
+    /// The `synchronize_srcu_expedited(&kvm->srcu)` of a memslot update, for
+    /// the one reader that matters to it: returns when every lockless walk
+    /// (`READING_SHADOW_PAGE_TABLES`, the fast page fault) that may have read
+    /// the memslot flags as they were before the call has ended. The caller
+    /// changed a flag before calling; see `mmu/fast_fault.rs` for the proof.
+    ///
+    /// Where we differ from SRCU: we poll the mode, so a vCPU that starts a
+    /// new walk each time we look keeps us waiting; each walk is a few
+    /// hundred nanoseconds and a vCPU runs guest code between two, so in
+    /// practice this ends at once.
+    pub fn synchronize_lockless_walks(&self) {
+        // SeqCst fence: pairs with `begin_lockless_walk`'s (see there).
+        fence(Ordering::SeqCst);
+        let vcpus = self.vcpus.read();
+        for v in vcpus.iter() {
+            let backoff = Backoff::new();
+            // Acquire: pairs with `exit_guest_mode`'s release store, so the
+            // walk's compare-exchange happens before our caller's rmap walk.
+            while v.state.mode.load(Ordering::Acquire) == READING_SHADOW_PAGE_TABLES {
+                backoff.snooze();
+            }
+        }
     }
 
     /// `kvm_flush_remote_tlbs`.

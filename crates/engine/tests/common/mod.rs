@@ -4,11 +4,27 @@
 use std::sync::Arc;
 
 use shadow_mmu_engine::{
-    AuditOptions, AuditReport, GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit, Vm,
-    VmConfig,
+    AuditOptions, AuditReport, GuestOp, HostMemory, MemFlags, MmuDesign, Script, UserMemoryRegion, Vcpu,
+    VcpuExit, Vm, VmConfig,
 };
 
 pub const MIB: u64 = 1 << 20;
+
+/// Every design the engine runs: each MMU design, with `fast_page_fault` on
+/// (KVM 3.11 and the seed) and off (the baseline of issues 2 to 4).
+pub fn every_design() -> Vec<VmConfig> {
+    MmuDesign::ALL.into_iter().flat_map(designs_of).collect()
+}
+
+/// `mmu`, with `fast_page_fault` on and off.
+pub fn designs_of(mmu: MmuDesign) -> Vec<VmConfig> {
+    [true, false].map(|fast_page_fault| VmConfig { mmu, fast_page_fault, ..VmConfig::default() }).to_vec()
+}
+
+/// The design of `c`, for messages.
+pub fn describe(c: &VmConfig) -> String {
+    format!("{}{}", c.mmu, if c.fast_page_fault { "" } else { ", no fast_page_fault" })
+}
 
 pub fn region(slot: u32, gpa: u64, size: u64, mem: &Arc<HostMemory>, flags: MemFlags) -> UserMemoryRegion {
     UserMemoryRegion {

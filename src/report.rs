@@ -12,7 +12,8 @@ fn ms(ns: u64) -> f64 {
 pub fn describe(cfg: &RunConfig) -> String {
     format!(
         "mmu={} fast-page-fault={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} \
-         interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={}",
+         interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={} slots={} \
+         invalidate-every={}",
         cfg.mmu,
         cfg.fast_page_fault,
         cfg.vcpus,
@@ -26,6 +27,8 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.large_pages,
         cfg.slot_churn,
         cfg.relog_every.map_or("never".to_string(), |n| n.to_string()),
+        cfg.slots,
+        cfg.invalidate_every.map_or("never".to_string(), |d| format!("{} us", d.as_micros())),
     )
 }
 
@@ -114,6 +117,9 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         m.pool_backlog_waits,
         m.pool_backlog_wait_max_ns as f64 / 1e3
     );
+    if r.invalidations > 0 {
+        let _ = writeln!(s, "  mmu notifier          {} invalidations during logging", r.invalidations);
+    }
     if r.relogs > 0 {
         let _ = writeln!(s, "  logging re-enabled    {} times with the vCPUs running", r.relogs);
     }

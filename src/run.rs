@@ -75,6 +75,13 @@ pub struct RunArgs {
     /// with the vCPUs running.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub relog_every: Option<u64>,
+    /// Memslots guest memory is split into, all logged and harvested.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// Microseconds between two mmu notifier invalidations (64 KiB each)
+    /// during logging; 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub invalidate_every_us: u64,
     /// Delete and re-add a second memslot during the run, with an extra vCPU
     /// writing to it.
     #[arg(long)]
@@ -121,6 +128,9 @@ impl RunArgs {
             tlb_entries: self.tlb_entries,
             large_pages: !self.no_large_pages,
             slot_churn: self.slot_churn,
+            slots: self.slots,
+            invalidate_every: (self.invalidate_every_us > 0)
+                .then(|| Duration::from_micros(self.invalidate_every_us)),
             ..RunConfig::default()
         })
     }

@@ -35,6 +35,50 @@ fn run_reports_faults_dirty_pages_lock_time_and_no_lost_page() {
 }
 
 #[test]
+fn run_with_the_fast_path_off_several_slots_notifier_and_relogging() {
+    let (code, out, err) = shadow_mmu(&[
+        "run",
+        "--mmu",
+        "locked",
+        "--no-fast-page-fault",
+        "--vcpus",
+        "2",
+        "--guest-mib",
+        "16",
+        "--slots",
+        "2",
+        "--relog-every",
+        "3",
+        "--invalidate-every-us",
+        "500",
+        "--interval-ms",
+        "5",
+        "--collections",
+        "9",
+        "--seconds",
+        "30",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "fast-page-fault=false",
+        "slots=2",
+        "0 write faults fixed by fast_page_fault",
+        "logging re-enabled    3 times",
+        "invalidations during logging",
+        "pool backlog",
+        "lost pages            0",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let (code, out, err) = shadow_mmu(&["run", "--mmu", "lockless", "--guest-mib", "8", "--seconds", "0.3"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("fast-page-fault=true") && out.contains("harvest read-side sections"), "{out}");
+    let (code, _, err) = shadow_mmu(&["run", "--guest-mib", "1", "--slots", "3"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("3 slots"), "{err}");
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_clear_message() {
     let (code, _, err) = shadow_mmu(&["run", "--mmu", "nonsense"]);
     assert_eq!(code, 2);
@@ -127,6 +171,12 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
             "vcpu_fault_p99_ns_idle",
         ] {
             assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
+        }
+        assert_eq!(r["details"]["fast_page_fault"], true, "{r}");
+        for key in
+            ["fast_page_faults", "pool_backlog_waits", "pool_backlog_wait_max_ns", "harvest_read_sections"]
+        {
+            assert!(r["details"][key].is_u64(), "{key}: {r}");
         }
         // With 2 iterations a harvest may meet no fault: the key is there.
         assert!(r["vcpu_fault_p99_ns_harvest"].is_u64(), "{r}");

@@ -532,11 +532,36 @@ impl PteListHead {
     /// caller is inside a read-side section of the grace period that guards
     /// their memory (so none is returned to the system during the walk).
     #[doc(hidden)]
+    #[inline]
     pub unsafe fn walk_lockless(&self, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
+        // The common case, an empty or single-entry head, inline; chains out
+        // of line (a harvest walks one rmap per dirty page, and a call per
+        // page cost the lockless harvest about 8% against the locked one's
+        // inlined iterator).
+        // Acquire: pairs with the writers' release stores of the head.
+        let v = self.val.load(Ordering::Acquire);
+        if v & 1 == 0 {
+            if let Some(spte) = NonNull::new(v as *mut AtomicU64) {
+                f(spte);
+            }
+            return 0;
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.walk_lockless_chain(v, b, f) }
+    }
+
+    /// [`Self::walk_lockless`] from a head `v` that named a descriptor chain.
+    ///
+    /// # Safety
+    /// As [`Self::walk_lockless`].
+    #[inline(never)]
+    unsafe fn walk_lockless_chain(&self, mut v: usize, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
         let mut restarts = 0;
         'restart: loop {
-            // Acquire: pairs with the writers' release stores of the head.
-            let v = self.val.load(Ordering::Acquire);
+            if restarts > 0 {
+                // Acquire: pairs with the writers' release stores of the head.
+                v = self.val.load(Ordering::Acquire);
+            }
             if v == 0 {
                 return restarts;
             }

@@ -50,8 +50,8 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(mmu: MmuDesign) -> Self {
-        let vm = Vm::new(VmConfig { mmu, ..VmConfig::default() }).expect("engine VM");
+    fn new(mmu: MmuDesign, fast_page_fault: bool) -> Self {
+        let vm = Vm::new(VmConfig { mmu, fast_page_fault, ..VmConfig::default() }).expect("engine VM");
         assert!(vm.config().large_pages, "the bulk region needs large pages on");
         let mem = HostMemory::anonymous(SLOT_BYTES).expect("host memory");
         vm.set_user_memory_region(UserMemoryRegion {
@@ -70,7 +70,8 @@ impl Engine {
 
 impl Backend for Engine {
     fn name(&self) -> String {
-        format!("engine {:?}", self.vm.design())
+        let fast = if self.vm.config().fast_page_fault { "" } else { ", no fast_page_fault" };
+        format!("engine {:?}{fast}", self.vm.design())
     }
 
     fn write(&mut self, writes: &[(u64, u64)]) {
@@ -176,8 +177,10 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
         return;
     }
     let mut backends: Vec<Box<dyn Backend>> = vec![
-        Box::new(Engine::new(MmuDesign::Locked)),
-        Box::new(Engine::new(MmuDesign::Lockless)),
+        Box::new(Engine::new(MmuDesign::Locked, true)),
+        Box::new(Engine::new(MmuDesign::Lockless, true)),
+        Box::new(Engine::new(MmuDesign::Locked, false)),
+        Box::new(Engine::new(MmuDesign::Lockless, false)),
         Box::new(Kvm { vm: KvmScriptVm::new(SLOT_BYTES, false).expect("KVM VM"), manual: false }),
         Box::new(Kvm { vm: KvmScriptVm::new(SLOT_BYTES, true).expect("KVM VM"), manual: true }),
     ];

@@ -24,17 +24,25 @@
 //! # Designs
 //!
 //! [`MmuDesign`] selects, at run time, how dirty logging write-protects.
-//! - `Locked` is KVM before the seed: enable-logging and `get_dirty_log` walk
-//!   rmaps under `mmu_lock` and flush TLBs inside it; large sptes are dropped
-//!   when write-protected; write faults on logged pages take the slow path.
+//! - `Locked` is KVM 3.11, the kernel the seed patched: enable-logging and
+//!   `get_dirty_log` walk rmaps under `mmu_lock` and flush TLBs inside it;
+//!   large sptes are dropped when write-protected; write faults on 4 KiB
+//!   pages protected only for logging are fixed by `fast_page_fault`
+//!   (`fast_fault.rs`, KVM since 3.6), so spte updates under the lock use
+//!   `xchg` on sptes it may change (`lockless::SpteUpdate::Xchg`).
 //! - `Lockless` is the seed (patches 02-15) with its review's outcome:
 //!   write protection walks the rmaps without `mmu_lock` (`lockless.rs`,
 //!   `pte_list.rs`), inside a grace period (`rcu.rs`) that keeps descriptor
 //!   and shadow page memory from going back to the system; large sptes are
-//!   made read-only and dropped at fault time; write faults on pages
-//!   protected only for logging are fixed by a compare-exchange
-//!   (`fast_fault.rs`); TLB flushes happen after the walk, out of any lock,
-//!   and `mmu_spte_update` flushes by patch 04's rule.
+//!   made read-only and dropped at fault time; TLB flushes happen after the
+//!   walk, out of any lock, and `mmu_spte_update` flushes by patch 04's rule
+//!   (with a plain store under the lock; the proof is at
+//!   `lockless::spte_update_needs_flush`).
+//!
+//! `VmConfig::fast_page_fault` turns the fast path off in either design (the
+//! baseline of issues 2 to 4): every write fault then takes the slow path,
+//! and the locked design, with no lockless writer left, updates sptes with
+//! plain stores (`SpteUpdate::Plain`).
 
 pub(crate) mod fast_fault;
 pub(crate) mod fault;

@@ -1,6 +1,6 @@
 //! Write protection for dirty logging, in both designs.
 //!
-//! # Locked design (KVM before the seed)
+//! # Locked design (KVM 3.11, before the seed)
 //!
 //! - Enabling logging on a slot (`kvm_mmu_slot_remove_write_access`) walks
 //!   every rmap of the slot, at every level, under `mmu_lock`: writable
@@ -12,7 +12,12 @@
 //! Both flush remote TLBs before they release `mmu_lock`: with W cleared
 //! under the lock, the next taker of the lock (say, a fault that syncs a
 //! page) must not see a read-only spte that some vCPU can still write
-//! through its TLB.
+//! through its TLB. W is cleared by `mmu_spte_update`, which is an `xchg`
+//! here (KVM 3.11's `spte_has_volatile_bits`: `fast_page_fault` may set W
+//! on these sptes without the lock), or a plain store with the fast path
+//! off. A W the fast path sets after our load saw it clear is followed by
+//! its mark of the page (patch 06's order, which 3.11's fast path already
+//! had), so the next harvest has it.
 //!
 //! # Lockless design (patches 03, 05, 13)
 //!

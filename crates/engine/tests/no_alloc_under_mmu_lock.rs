@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use shadow_mmu_engine::{GuestOp, HostMemory, MemFlags, MmuDesign, VcpuExit, VmConfig};
+use shadow_mmu_engine::{GuestOp, HostMemory, MemFlags, VcpuExit, VmConfig};
 
 struct CountUnderLock;
 
@@ -45,15 +45,15 @@ static ALLOC: CountUnderLock = CountUnderLock;
 
 #[test]
 fn nothing_allocates_under_mmu_lock() {
-    for mmu in MmuDesign::ALL {
+    for d in common::every_design() {
+        let mmu = common::describe(&d);
         let cfg = VmConfig {
-            mmu,
             max_mmu_pages: Some(64),
             address_spaces: 3,
             max_free_shadow_pages: 0,
             max_free_descs: 16,
             large_pages: false,
-            ..VmConfig::default()
+            ..d
         };
         // 4 KiB pages over 64 MiB in 3 address spaces: about 100 tables
         // against a budget of 64, so the shrinker runs all along.

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
 use shadow_mmu_engine::breakage::Breakage;
-use shadow_mmu_engine::mmu::lockless::{SpteUpdate, mmu_spte_update, spte_write_protect_lockless};
+use shadow_mmu_engine::mmu::lockless::{__mmu_spte_update, SpteUpdate, spte_write_protect_lockless};
 use shadow_mmu_engine::pool::{MemoryCache, Pool, PoolLimits};
 use shadow_mmu_engine::pte_list::{PteListDesc, PteListHead, SptePtr};
 use shadow_mmu_engine::rcu::Rcu;
@@ -197,7 +197,7 @@ fn spte_write_protect_locked(sptep: &AtomicU64, rule: SpteUpdate) -> bool {
         return false;
     }
     assert!(!is_large_pte(spte), "4 KiB sptes only");
-    mmu_spte_update(sptep, spte & !PT_WRITABLE_MASK, rule, &Breakage::SEED)
+    __mmu_spte_update(sptep, spte & !PT_WRITABLE_MASK, rule, &Breakage::SEED)
 }
 
 /// The locked design, KVM 3.11 (`fast_page_fault` on): `xchg`.

@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{
-    KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte,
-    is_last_spte, is_shadow_present_pte, is_writable_pte, level_base_gfn, pages_per_spte, spte_level,
+    PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte, is_last_spte,
+    is_shadow_present_pte, is_writable_pte, level_base_gfn, mapping_levels, pages_per_spte, spte_level,
     spte_to_pfn,
 };
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ impl Kvm {
         // rmaps: structure, and where each entry is.
         let mut rmap_entries: HashMap<usize, (u32, u8, usize)> = HashMap::new();
         for slot in slots.iter() {
-            for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+            for level in mapping_levels() {
                 for (idx, head) in slot.rmaps(level).iter().enumerate() {
                     // SAFETY: we hold mmu_lock, so no writer runs; descriptors
                     // are type-stable pool memory.

@@ -53,3 +53,42 @@ where
     });
     (ta.join().unwrap(), tb.join().unwrap())
 }
+
+/// A loom limitation our models work around (tokio-rs/loom#282). One thread
+/// stores 0 then 2; another compare-exchanges 1 to 3 from the initial value
+/// of one. In the C++ model the final value is always 2: a successful RMW
+/// reads the value just before its own write in modification order, so it
+/// cannot follow the store of 2 and still see the initial value. Loom 0.7 lets
+/// the compare-exchange succeed last. This test expects loom's wrong answer:
+/// if loom is fixed, it fails, and the swaps in
+/// `mmu::lockless`'s `loom_shadow_page_reused_under_a_walker` can go back to
+/// plain stores.
+#[cfg(test)]
+mod loom_probe {
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    #[test]
+    #[should_panic(expected = "final value")]
+    fn loom_rmw_modification_order_limitation() {
+        loom::model(|| {
+            let x = Arc::new(AtomicU64::new(1));
+            let go = Arc::new(AtomicUsize::new(0));
+            let (x1, g1) = (x.clone(), go.clone());
+            let a = loom::thread::spawn(move || {
+                g1.fetch_add(1, Ordering::Relaxed);
+                let _ = x1.load(Ordering::Relaxed);
+                x1.store(0, Ordering::Release);
+                x1.store(2, Ordering::Release);
+            });
+            let (x2, g2) = (x.clone(), go.clone());
+            let b = loom::thread::spawn(move || {
+                g2.fetch_add(1, Ordering::Relaxed);
+                let _ = x2.compare_exchange(1, 3, Ordering::AcqRel, Ordering::Relaxed);
+            });
+            a.join().unwrap();
+            b.join().unwrap();
+            assert_eq!(x.load(Ordering::SeqCst), 2, "final value");
+        });
+    }
+}

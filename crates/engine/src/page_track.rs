@@ -15,7 +15,7 @@
 use thiserror::Error;
 
 use crate::mmu::lockless::spte_write_protect_pt;
-use crate::spte::{KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL};
+use crate::spte::mapping_levels;
 use crate::vm::Kvm;
 
 /// Why a tracking change was refused. Nothing changed when one is returned.
@@ -44,7 +44,7 @@ impl Kvm {
         }
         // kvm_mmu_slot_gfn_write_protect: every spte that maps the page.
         let mut flush = false;
-        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+        for level in mapping_levels() {
             // SAFETY: we hold mmu_lock, so no writer changes the rmap while we
             // iterate; its entries point into our type-stable tables.
             for sptep in unsafe { slot.rmap(gfn, level).iter() } {

@@ -44,6 +44,13 @@ pub const PT_MAX_HUGEPAGE_LEVEL: u8 = PT_DIRECTORY_LEVEL;
 /// Number of page sizes we map, and thus of rmap arrays per memslot (`KVM_NR_PAGE_SIZES`).
 pub const KVM_NR_PAGE_SIZES: usize = PT_MAX_HUGEPAGE_LEVEL as usize;
 
+/// Every level a leaf may sit at, 4 KiB first (KVM's `for (i =
+/// PT_PAGE_TABLE_LEVEL; i < PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES; ++i)`).
+#[inline]
+pub fn mapping_levels() -> std::ops::RangeInclusive<u8> {
+    PT_PAGE_TABLE_LEVEL..=PT_MAX_HUGEPAGE_LEVEL
+}
+
 /// sptes per shadow page table (`PT64_ENT_PER_PAGE`).
 pub const PT64_ENT_PER_PAGE: usize = 512;
 /// log2 of the guest and host page size.

@@ -45,7 +45,7 @@
 //! offset  size  field
 //!      0     8  magic: the bytes "SMMUTRC2"
 //!      8     4  pages: u32, the number of distinct pages
-//!     12     4  window: u32, the LRU window (1..=MAX_WINDOW)
+//!     12     4  window: u32, the FIFO window (1..=MAX_WINDOW)
 //!     16     8  entries: u64, the number of entries
 //!     24     -  entries, one LEB128 varint each (1 to 5 bytes for valid ids):
 //!               (zigzag(page - prev) << 1) | write
@@ -489,7 +489,7 @@ impl PageTrace {
         Ok(PageTrace { pages, window, entries: out, writes })
     }
 
-    /// The LRU window the trace was filtered through.
+    /// The FIFO window the trace was filtered through.
     pub fn window(&self) -> u32 {
         self.window
     }
@@ -586,7 +586,7 @@ impl PageTraceBuilder {
         Self::with_window(1).expect("a valid window")
     }
 
-    /// An empty builder with an LRU window of `window` pages.
+    /// An empty builder with a FIFO window of `window` pages.
     ///
     /// # Errors
     /// [`TraceError::BadWindow`] unless `1 <= window <= MAX_WINDOW`.

@@ -139,13 +139,15 @@ pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u6
     old
 }
 
-/// `mmu_spte_update`, under `mmu_lock`: replaces the spte, returns whether
-/// remote TLBs must be flushed.
+/// The body of `mmu_spte_update`, under `mmu_lock`: replaces the spte by
+/// `rule`, returns whether remote TLBs must be flushed. `Kvm::mmu_spte_update`
+/// (`spte_ops.rs`) calls it with the VM's rule and the lock's guard; the
+/// loom models call it directly.
 ///
 /// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
 #[doc(hidden)]
 #[inline]
-pub fn mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
+pub fn __mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
     let old = spte_exchange(sptep, new, rule);
     is_shadow_present_pte(old) && spte_update_needs_flush(old, new, rule, b)
 }
@@ -168,7 +170,7 @@ pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Bre
     if !is_shadow_present_pte(spte) || (!is_writable_pte(spte) && !spte_is_locklessly_modifiable(spte)) {
         return false;
     }
-    mmu_spte_update(sptep, spte & !(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), rule, b)
+    __mmu_spte_update(sptep, spte & !(PT_WRITABLE_MASK | SPTE_MMU_WRITEABLE), rule, b)
 }
 
 /// `__rmap_write_protect_lockless` (patch 13): clears W on `sptep` if it is a
@@ -352,7 +354,7 @@ mod loom_tests {
             let mask = self.bitmap.take_word(0);
             if mask != 0 {
                 let s = self.spte.load(Ordering::Relaxed);
-                if is_writable_pte(s) && mmu_spte_update(&self.spte, s & !PT_WRITABLE_MASK, rule, b) {
+                if is_writable_pte(s) && __mmu_spte_update(&self.spte, s & !PT_WRITABLE_MASK, rule, b) {
                     self.tlb_writable.store(false, Ordering::SeqCst);
                 }
             }
@@ -389,7 +391,7 @@ mod loom_tests {
             let (w, h) = (g.clone(), g.clone());
             let (_, mask) = two(
                 move || {
-                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
+                    __mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
                     w.rmap_add();
                     mark_page_dirty_after_publish(&w.bitmap, 0, &b);
                 },
@@ -408,7 +410,7 @@ mod loom_tests {
             let (w, h) = (g.clone(), g.clone());
             let (_, mask) = two(
                 move || {
-                    mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
+                    __mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
                     mark_page_dirty_after_publish(&w.bitmap, 0, &b);
                 },
                 move || h.harvest(&b),
@@ -609,7 +611,7 @@ mod loom_tests {
                     // The engine clears and sets with plain stores
                     // (`spte_exchange`); here they are swaps, because loom lets
                     // a compare-exchange read a value older than two later
-                    // plain stores (tokio-rs/loom#282; `loom_probe` below),
+                    // plain stores (tokio-rs/loom#282; `loom_support::loom_probe`),
                     // which C++ forbids. The property under test is the
                     // walker's: it never clears W on a table pointer.
                     z.spte.swap(0, Ordering::AcqRel);
@@ -666,43 +668,5 @@ mod loom_tests {
     #[should_panic(expected = "writable TLB entry left")]
     fn loom_skipping_the_patch_04_rule_is_caught() {
         patch_04_race(Breakage { skip_patch04_flush_rule: true, ..Breakage::SEED });
-    }
-}
-
-/// A loom limitation our models work around (tokio-rs/loom#282). One thread
-/// stores 0 then 2; another compare-exchanges 1 to 3 from the initial value
-/// of one. In the C++ model the final value is always 2: a successful RMW
-/// reads the value just before its own write in modification order, so it
-/// cannot follow the store of 2 and still see the initial value. Loom 0.7 lets
-/// the compare-exchange succeed last. This test expects loom's wrong answer:
-/// if loom is fixed, it fails, and the swaps in
-/// `loom_shadow_page_reused_under_a_walker` can go back to plain stores.
-#[cfg(all(test, loom))]
-mod loom_probe {
-    use loom::sync::Arc;
-    use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-    #[test]
-    #[should_panic(expected = "final value")]
-    fn loom_rmw_modification_order_limitation() {
-        loom::model(|| {
-            let x = Arc::new(AtomicU64::new(1));
-            let go = Arc::new(AtomicUsize::new(0));
-            let (x1, g1) = (x.clone(), go.clone());
-            let a = loom::thread::spawn(move || {
-                g1.fetch_add(1, Ordering::Relaxed);
-                let _ = x1.load(Ordering::Relaxed);
-                x1.store(0, Ordering::Release);
-                x1.store(2, Ordering::Release);
-            });
-            let (x2, g2) = (x.clone(), go.clone());
-            let b = loom::thread::spawn(move || {
-                g2.fetch_add(1, Ordering::Relaxed);
-                let _ = x2.compare_exchange(1, 3, Ordering::AcqRel, Ordering::Relaxed);
-            });
-            a.join().unwrap();
-            b.join().unwrap();
-            assert_eq!(x.load(Ordering::SeqCst), 2, "final value");
-        });
     }
 }

@@ -21,7 +21,7 @@
 //! when this returns, no vCPU can reach the range through a TLB entry or an
 //! spte until it faults again.
 
-use crate::spte::{KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, level_base_gfn, pages_per_spte};
+use crate::spte::{level_base_gfn, mapping_levels, pages_per_spte};
 use crate::vm::Kvm;
 
 impl Kvm {
@@ -38,7 +38,7 @@ impl Kvm {
             if lo >= hi {
                 continue;
             }
-            for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+            for level in mapping_levels() {
                 // One rmap per level-sized region: a large spte maps the range
                 // if its region overlaps it at all.
                 let mut gfn = level_base_gfn(lo, level).max(slot.base_gfn());

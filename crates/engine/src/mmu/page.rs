@@ -22,10 +22,7 @@ use super::{KVM_MIN_FREE_MMU_PAGES, KVM_NUM_MMU_PAGES, KVM_REFILL_PAGES, MmuCach
 use crate::memslot::Memslot;
 use crate::pte_list::PteListHead;
 use crate::shadow_page::{SpPtr, SpRole};
-use crate::spte::{
-    KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte,
-    make_nonleaf_spte,
-};
+use crate::spte::{PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, make_nonleaf_spte, mapping_levels};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
 
@@ -354,7 +351,7 @@ impl Kvm {
     /// pages stay; they are reused or shrunk later.
     pub(crate) fn kvm_mmu_zap_memslot(&self, g: &MmuGuard<'_>, slot: &Memslot) {
         let mut zapped = false;
-        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+        for level in mapping_levels() {
             for head in slot.rmaps(level) {
                 zapped |= self.kvm_unmap_rmapp(g, head);
             }

@@ -32,7 +32,7 @@ impl Kvm {
     /// was locklessly modifiable (lockless design, patch 04). See
     /// `lockless::SpteUpdate`.
     pub(crate) fn mmu_spte_update(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64, new: u64) -> bool {
-        super::lockless::mmu_spte_update(sptep, new, self.mmu.spte_update, &self.mmu.breakage)
+        super::lockless::__mmu_spte_update(sptep, new, self.mmu.spte_update, &self.mmu.breakage)
     }
 
     /// `mmu_spte_clear_track_bits`: makes an spte non-present, returns the old

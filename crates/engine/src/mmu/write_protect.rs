@@ -32,7 +32,7 @@ use super::lock::MmuGuard;
 use super::lockless::rmap_write_protect_lockless;
 use crate::memslot::Memslot;
 use crate::pte_list::PteListHead;
-use crate::spte::{KVM_NR_PAGE_SIZES, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte};
+use crate::spte::{PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte, mapping_levels};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
 
@@ -95,7 +95,7 @@ impl Kvm {
     /// every level, for enabling dirty logging.
     pub(crate) fn kvm_mmu_slot_remove_write_access(&self, g: &mut MmuGuard<'_>, slot: &Memslot) {
         let mut protected = 0;
-        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+        for level in mapping_levels() {
             for head in slot.rmaps(level) {
                 if !head.is_empty() {
                     protected += self.__rmap_write_protect(g, head);
@@ -154,7 +154,7 @@ impl Kvm {
         const RMAPS_PER_SECTION: usize = 1024;
         let mut guard = self.mmu.rcu.read_lock();
         let mut tally = (0, 0);
-        for level in PT_PAGE_TABLE_LEVEL..PT_PAGE_TABLE_LEVEL + KVM_NR_PAGE_SIZES as u8 {
+        for level in mapping_levels() {
             for (i, head) in slot.rmaps(level).iter().enumerate() {
                 // SAFETY: we are inside a read-side section (`guard`).
                 let (cleared, restarts) = unsafe { rmap_write_protect_lockless(head, &self.mmu.breakage) };

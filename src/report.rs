@@ -138,8 +138,19 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         let _ = writeln!(s, "  stray bitmap bits     {}", r.stray_bits);
     }
     for e in &r.errors {
-        let _ = writeln!(s, "  error: {e}");
+        let _ = writeln!(s, "  error: {}", error_chain(e));
     }
     let _ = writeln!(s, "{}", if r.ok() { "OK" } else { "FAILED" });
+    s
+}
+
+/// An error and each of its causes, on one line: `outer: cause: root`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
     s
 }

@@ -43,17 +43,61 @@ pub struct AuditReport {
     pub max_rmap_len: usize,
 }
 
+/// Which of the MMU's structural invariants an audit found broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invariant {
+    /// pte_list structure, or an spte in two rmaps.
+    Rmap,
+    /// The shadow page hash, the active list and `n_used_mmu_pages` agree.
+    PageLists,
+    /// A shadow page table: encodings, children, parent ptes.
+    Table,
+    /// A leaf spte: level, pfn, slot, rmap entry, permissions.
+    Leaf,
+}
+
+impl std::fmt::Display for Invariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Invariant::Rmap => "rmaps",
+            Invariant::PageLists => "shadow page lists",
+            Invariant::Table => "shadow page tables",
+            Invariant::Leaf => "leaf sptes",
+        })
+    }
+}
+
+/// What an audit found wrong (the first thing; the audit stops there).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    /// The dirty logging invariant: a writable spte in a logged slot, for a
+    /// page whose dirty bit is clear. Its next writes would be lost.
+    #[error("dirty log invariant: gfn {gfn:#x} writable but not marked dirty")]
+    DirtyLog {
+        /// The page.
+        gfn: u64,
+    },
+    /// A structural invariant of the MMU.
+    #[error("MMU invariant ({invariant}): {detail}")]
+    Structure {
+        /// Which.
+        invariant: Invariant,
+        /// What was found, for a person.
+        detail: String,
+    },
+}
+
 macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)*) => {
+    ($cond:expr, $inv:ident, $($fmt:tt)*) => {
         if !$cond {
-            return Err(format!($($fmt)*));
+            return Err(AuditError::Structure { invariant: Invariant::$inv, detail: format!($($fmt)*) });
         }
     };
 }
 
 impl Kvm {
     /// Runs the audit.
-    pub(crate) fn audit(&self, opts: AuditOptions) -> Result<AuditReport, String> {
+    pub(crate) fn audit(&self, opts: AuditOptions) -> Result<AuditReport, AuditError> {
         let g = self.mmu.lock.lock();
         let slots = self.memslots.load_full();
         let mut report = AuditReport::default();
@@ -71,7 +115,7 @@ impl Kvm {
                     // SAFETY: as above.
                     for sptep in unsafe { head.iter() } {
                         let prev = rmap_entries.insert(sptep.as_ptr() as usize, (slot.id(), level, idx));
-                        ensure!(prev.is_none(), "spte {sptep:p} in two rmaps");
+                        ensure!(prev.is_none(), Rmap, "spte {sptep:p} in two rmaps");
                     }
                 }
             }
@@ -82,44 +126,55 @@ impl Kvm {
         report.shadow_pages = active.len();
         ensure!(
             active.len() == g.n_used_mmu_pages,
+            PageLists,
             "active list {} != n_used {}",
             active.len(),
             g.n_used_mmu_pages
         );
         let hashed = g.hash_len();
-        ensure!(hashed == g.n_used_mmu_pages, "hash {hashed} != n_used {}", g.n_used_mmu_pages);
+        ensure!(hashed == g.n_used_mmu_pages, PageLists, "hash {hashed} != n_used {}", g.n_used_mmu_pages);
         let live: HashSet<SpPtr> = active.iter().copied().collect();
         let mut parents_seen: HashMap<SpPtr, usize> = HashMap::new();
         for &sp in &active {
             let p = sp.get();
             let role = p.role();
-            ensure!(!p.is_invalid(), "{p:?} invalid but active");
-            ensure!(g.hash_lookup(p.gfn(), role) == Some(sp), "{p:?} not hashed under its key");
+            ensure!(!p.is_invalid(), PageLists, "{p:?} invalid but active");
+            ensure!(g.hash_lookup(p.gfn(), role) == Some(sp), PageLists, "{p:?} not hashed under its key");
             for (i, sptep) in p.spt().iter().enumerate() {
                 // Relaxed: we hold mmu_lock, which orders every writer before us.
                 let spte = sptep.load(Ordering::Relaxed);
                 if !is_shadow_present_pte(spte) {
-                    ensure!(spte == 0, "{p:?}[{i}]: non-present spte {spte:#x} is not 0");
+                    ensure!(spte == 0, Table, "{p:?}[{i}]: non-present spte {spte:#x} is not 0");
                     continue;
                 }
-                ensure!(spte_level(spte) == role.level, "{p:?}[{i}]: spte {spte:#x} encodes another level");
+                ensure!(
+                    spte_level(spte) == role.level,
+                    Table,
+                    "{p:?}[{i}]: spte {spte:#x} encodes another level"
+                );
                 let gfn = p.spte_gfn(i);
                 if is_last_spte(spte, role.level) {
                     self.audit_leaf(&mut report, &rmap_entries, &slots, opts, sptep, spte, gfn, role.level)?;
                 } else {
                     // SAFETY: a present non-leaf spte of one of our tables.
                     let child = unsafe { SpPtr::from_nonleaf_spte(spte) };
-                    ensure!(live.contains(&child), "{p:?}[{i}] points to a dead page");
+                    ensure!(live.contains(&child), Table, "{p:?}[{i}] points to a dead page");
                     let c = child.get();
-                    ensure!(c.role().level + 1 == role.level, "{p:?}[{i}]: child level {}", c.role().level);
+                    ensure!(
+                        c.role().level + 1 == role.level,
+                        Table,
+                        "{p:?}[{i}]: child level {}",
+                        c.role().level
+                    );
                     ensure!(
                         c.gfn() == level_base_gfn(gfn, role.level),
+                        Table,
                         "{p:?}[{i}]: child gfn {:#x}",
                         c.gfn()
                     );
                     // SAFETY: we hold mmu_lock.
                     let has = unsafe { c.parent_ptes().iter() }.any(|q| std::ptr::eq(q.as_ptr(), sptep));
-                    ensure!(has, "{p:?}[{i}] missing from its child's parent_ptes");
+                    ensure!(has, Table, "{p:?}[{i}] missing from its child's parent_ptes");
                     *parents_seen.entry(child).or_default() += 1;
                 }
             }
@@ -128,13 +183,14 @@ impl Kvm {
             // SAFETY: we hold mmu_lock.
             let n = unsafe { sp.get().parent_ptes().check_invariants() };
             let seen = parents_seen.get(&sp).copied().unwrap_or(0);
-            ensure!(n == seen, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get());
+            ensure!(n == seen, Table, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get());
             if sp.get().root_count() > 0 {
-                ensure!(n == 0, "{:?}: a root with parents", sp.get());
+                ensure!(n == 0, Table, "{:?}: a root with parents", sp.get());
             }
         }
         ensure!(
             report.leaf_sptes == report.rmap_entries,
+            Rmap,
             "{} leaf sptes but {} rmap entries",
             report.leaf_sptes,
             report.rmap_entries
@@ -153,34 +209,36 @@ impl Kvm {
         spte: u64,
         gfn: u64,
         level: u8,
-    ) -> Result<(), String> {
+    ) -> Result<(), AuditError> {
         report.leaf_sptes += 1;
-        ensure!(level <= crate::spte::PT_MAX_HUGEPAGE_LEVEL, "leaf at level {level}");
-        ensure!((level > PT_PAGE_TABLE_LEVEL) == is_large_pte(spte), "spte {spte:#x} at level {level}");
-        let slot = slots.find(gfn).ok_or_else(|| format!("leaf for gfn {gfn:#x} outside memslots"))?;
-        ensure!(!slot.is_invalid(), "leaf into deleted slot {}", slot.id());
-        ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), "gfn {gfn:#x}: spte pfn is not the slot's");
+        ensure!(level <= crate::spte::PT_MAX_HUGEPAGE_LEVEL, Leaf, "leaf at level {level}");
+        ensure!((level > PT_PAGE_TABLE_LEVEL) == is_large_pte(spte), Leaf, "spte {spte:#x} at level {level}");
+        let slot = slots.find(gfn).ok_or_else(|| AuditError::Structure {
+            invariant: Invariant::Leaf,
+            detail: format!("leaf for gfn {gfn:#x} outside memslots"),
+        })?;
+        ensure!(!slot.is_invalid(), Leaf, "leaf into deleted slot {}", slot.id());
+        ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), Leaf, "gfn {gfn:#x}: spte pfn is not the slot's");
         let at = rmap_entries.get(&(sptep as *const AtomicU64 as usize));
         let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
-        ensure!(at == Some(&want), "gfn {gfn:#x} level {level}: spte in rmap {at:?}, want {want:?}");
+        ensure!(at == Some(&want), Leaf, "gfn {gfn:#x} level {level}: spte in rmap {at:?}, want {want:?}");
         // SAFETY: `sptep` is in one of our tables.
-        ensure!(unsafe { page_header(sptep) }.get().role().level == level, "page_header disagrees");
+        ensure!(unsafe { page_header(sptep) }.get().role().level == level, Leaf, "page_header disagrees");
         if is_large_pte(spte) {
             report.large_sptes += 1;
-            ensure!(slot.lpage_ok(gfn), "large spte over a slot edge at gfn {gfn:#x}");
+            ensure!(slot.lpage_ok(gfn), Leaf, "large spte over a slot edge at gfn {gfn:#x}");
         }
         if is_writable_pte(spte) {
             report.writable_sptes += 1;
             let both = SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE;
-            ensure!(spte & both == both, "writable spte {spte:#x} without HW|MW");
-            ensure!(!slot.readonly(), "writable spte into read-only slot {}", slot.id());
+            ensure!(spte & both == both, Leaf, "writable spte {spte:#x} without HW|MW");
+            ensure!(!slot.readonly(), Leaf, "writable spte into read-only slot {}", slot.id());
             if opts.dirty_log && slot.dirty_logging() {
-                ensure!(!is_large_pte(spte), "writable large spte in logged slot {}", slot.id());
+                ensure!(!is_large_pte(spte), Leaf, "writable large spte in logged slot {}", slot.id());
                 for g in gfn..gfn + pages_per_spte(level) {
-                    ensure!(
-                        slot.dirty_bitmap().test(g - slot.base_gfn()),
-                        "dirty log invariant: gfn {g:#x} writable but not marked dirty"
-                    );
+                    if !slot.dirty_bitmap().test(g - slot.base_gfn()) {
+                        return Err(AuditError::DirtyLog { gfn: g });
+                    }
                 }
             }
         }

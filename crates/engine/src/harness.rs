@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::audit::{AuditOptions, AuditReport};
+use crate::audit::{AuditError, AuditOptions, AuditReport};
 use crate::dirty_bitmap::bitmap_words;
 use crate::dirty_log::DirtyLogError;
 use crate::memory::{HostMemory, MemoryError};
@@ -41,7 +41,7 @@ use crate::mmu::MmuDesign;
 use crate::oracle::{CollectStats, LostWrite, Oracle};
 use crate::spte::PAGE_SIZE;
 use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
-use crate::vcpu::{VcpuExit, VcpuStats};
+use crate::vcpu::{VcpuError, VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig, VmError, VmStats};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest, WorkloadSpec,
@@ -139,6 +139,40 @@ pub enum HarnessError {
     DirtyLog(#[from] DirtyLogError),
 }
 
+/// Something that went wrong during a run. The report keeps each one, and a
+/// run with any is judged failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RunError {
+    /// A vCPU exited in a way the workload never asks for.
+    #[error("vCPU {id}: unexpected exit {exit:?}")]
+    UnexpectedExit {
+        /// The vCPU.
+        id: u32,
+        /// Its exit.
+        exit: VcpuExit,
+    },
+    /// A vCPU's run failed.
+    #[error("vCPU {id} failed")]
+    Vcpu {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        source: VcpuError,
+    },
+    /// A thread of the run panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+    /// The mmu notifier thread's invalidation was refused.
+    #[error("mmu notifier")]
+    Notifier(#[source] VmError),
+    /// The slot churn thread's memslot change was refused.
+    #[error("slot churn")]
+    SlotChurn(#[source] MemslotError),
+    /// The MMU audit at the end found a broken invariant.
+    #[error("MMU audit")]
+    Audit(#[from] AuditError),
+}
+
 /// What happened in a run.
 #[derive(Debug, Clone, Default)]
 pub struct RunReport {
@@ -173,7 +207,7 @@ pub struct RunReport {
     /// The audit after the vCPUs stopped.
     pub audit: AuditReport,
     /// vCPU errors, unexpected exits, audit failures.
-    pub errors: Vec<String>,
+    pub errors: Vec<RunError>,
 }
 
 impl RunReport {
@@ -224,7 +258,7 @@ impl RunConfig {
     }
 }
 
-type VcpuResult = (VcpuStats, Vec<String>);
+type VcpuResult = (VcpuStats, Vec<RunError>);
 
 /// Stops the vCPU threads when dropped, so that an error return never leaves
 /// them running.
@@ -234,7 +268,7 @@ struct Vcpus {
 }
 
 impl Vcpus {
-    fn stop(&mut self) -> (VcpuStats, Vec<String>) {
+    fn stop(&mut self) -> (VcpuStats, Vec<RunError>) {
         self.ctl.request_stop();
         let mut stats = VcpuStats::default();
         let mut errors = Vec::new();
@@ -244,7 +278,7 @@ impl Vcpus {
                     stats += s;
                     errors.extend(e);
                 }
-                Err(_) => errors.push("a vCPU thread panicked".to_string()),
+                Err(_) => errors.push(RunError::Panicked("vCPU")),
             }
         }
         (stats, errors)
@@ -276,12 +310,12 @@ fn spawn_vcpus(
                     match vcpu.run(&mut guest) {
                         Ok(VcpuExit::Hypercall(HC_STOP)) => break,
                         Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => continue,
-                        Ok(other) => {
-                            errors.push(format!("vCPU {id}: unexpected exit {other:?}"));
+                        Ok(exit) => {
+                            errors.push(RunError::UnexpectedExit { id, exit });
                             break;
                         }
-                        Err(e) => {
-                            errors.push(format!("vCPU {id}: {e}"));
+                        Err(source) => {
+                            errors.push(RunError::Vcpu { id, source });
                             break;
                         }
                     }
@@ -333,8 +367,8 @@ impl Notifier {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(Ok(n))) => report.invalidations = n,
-            Some(Ok(Err(e))) => report.errors.push(format!("mmu notifier: {e}")),
-            Some(Err(_)) => report.errors.push("the mmu notifier thread panicked".into()),
+            Some(Ok(Err(e))) => report.errors.push(RunError::Notifier(e)),
+            Some(Err(_)) => report.errors.push(RunError::Panicked("mmu notifier")),
             None => {}
         }
     }
@@ -376,7 +410,7 @@ impl crate::guest::GuestCode for ChurnGuest {
 /// return).
 struct Churn {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    vcpu: Option<JoinHandle<Vec<String>>>,
+    vcpu: Option<JoinHandle<Vec<RunError>>>,
     churner: Option<JoinHandle<Result<u64, MemslotError>>>,
 }
 
@@ -395,7 +429,8 @@ impl Churn {
         };
         vm.set_user_memory_region(region.clone())?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut vcpu = vm.create_vcpu(cfg.vcpus)?;
+        let id = cfg.vcpus;
+        let mut vcpu = vm.create_vcpu(id)?;
         let mut guest = ChurnGuest {
             base_gfn: base >> crate::spte::PAGE_SHIFT,
             pages: CHURN_SLOT_BYTES / PAGE_SIZE,
@@ -408,8 +443,8 @@ impl Churn {
                 match vcpu.run(&mut guest) {
                     Ok(VcpuExit::Hypercall(HC_STOP)) => break,
                     Ok(VcpuExit::Mmio { .. }) => continue,
-                    Ok(other) => errors.push(format!("churn vCPU: unexpected exit {other:?}")),
-                    Err(e) => errors.push(format!("churn vCPU: {e}")),
+                    Ok(exit) => errors.push(RunError::UnexpectedExit { id, exit }),
+                    Err(source) => errors.push(RunError::Vcpu { id, source }),
                 }
                 break;
             }
@@ -441,13 +476,13 @@ impl Churn {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         match self.vcpu.take().map(JoinHandle::join) {
             Some(Ok(errors)) => report.errors.extend(errors),
-            Some(Err(_)) => report.errors.push("the churn vCPU thread panicked".into()),
+            Some(Err(_)) => report.errors.push(RunError::Panicked("churn vCPU")),
             None => {}
         }
         match self.churner.take().map(JoinHandle::join) {
             Some(Ok(Ok(cycles))) => report.slot_churn_cycles = cycles,
-            Some(Ok(Err(e))) => report.errors.push(format!("slot churn: {e}")),
-            Some(Err(_)) => report.errors.push("the slot churn thread panicked".into()),
+            Some(Ok(Err(e))) => report.errors.push(RunError::SlotChurn(e)),
+            Some(Err(_)) => report.errors.push(RunError::Panicked("slot churn")),
             None => {}
         }
     }
@@ -577,7 +612,7 @@ pub fn run(
     }
     match vm.audit(AuditOptions { dirty_log: true }) {
         Ok(a) => report.audit = a,
-        Err(e) => report.errors.push(format!("MMU audit: {e}")),
+        Err(e) => report.errors.push(RunError::Audit(e)),
     }
     let mut st = CollectStats::default();
     let mut harvest_ns = 0;

@@ -81,13 +81,13 @@ pub mod vcpu;
 pub mod vm;
 pub mod workload;
 
-pub use audit::{AuditOptions, AuditReport};
+pub use audit::{AuditError, AuditOptions, AuditReport};
 pub use dirty_bitmap::bitmap_words;
 pub use dirty_log::DirtyLogError;
 pub use guest::{GuestCode, GuestOp, Script};
 pub use memory::{HostMemory, MemoryError};
 pub use memslot::{MemFlags, MemslotError, UserMemoryRegion};
-pub use mmu::MmuDesign;
+pub use mmu::{MmuDesign, UnknownMmuDesign};
 pub use page_track::TrackError;
 pub use vcpu::{FaultObserver, Vcpu, VcpuError, VcpuExit, VcpuStats};
 pub use vm::{Vm, VmConfig, VmError, VmStats};

@@ -29,18 +29,19 @@ pub const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 pub type PageWords = [AtomicU64; WORDS_PER_PAGE];
 
 /// Errors creating host memory.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum MemoryError {
     /// The size is zero or not a multiple of the page size.
     #[error("host memory size {0:#x} is not a non-zero multiple of 4096 bytes")]
     BadSize(u64),
     /// `mmap` failed.
-    #[error("mmap of {bytes} bytes failed: {reason}")]
+    #[error("mmap of {bytes} bytes failed")]
     Mmap {
         /// Requested size.
         bytes: u64,
         /// The OS error.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -88,7 +89,7 @@ impl HostMemory {
         if populate {
             opts.populate();
         }
-        let mut map = opts.map_anon().map_err(|e| MemoryError::Mmap { bytes, reason: e.to_string() })?;
+        let mut map = opts.map_anon().map_err(|source| MemoryError::Mmap { bytes, source })?;
         let base =
             NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()).expect("mmap never returns a null mapping");
         Ok(Arc::new(Self { map, base, pages: bytes / PAGE_SIZE }))
@@ -164,8 +165,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert_eq!(HostMemory::anonymous(0).unwrap_err(), MemoryError::BadSize(0));
-        assert_eq!(HostMemory::anonymous(4097).unwrap_err(), MemoryError::BadSize(4097));
+        assert!(matches!(HostMemory::anonymous(0).unwrap_err(), MemoryError::BadSize(0)));
+        assert!(matches!(HostMemory::anonymous(4097).unwrap_err(), MemoryError::BadSize(4097)));
+        // More than any address space holds: the OS refuses, and its error
+        // is kept as the source.
+        let e = HostMemory::anonymous(1 << 60).unwrap_err();
+        assert!(matches!(e, MemoryError::Mmap { bytes, .. } if bytes == 1 << 60), "{e:?}");
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()));
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub struct UserMemoryRegion {
 }
 
 /// Why a memslot change was refused. The VM is unchanged when one is returned.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum MemslotError {
     /// The slot id is out of range.
     #[error("slot id {slot} is out of range (at most {max} user slots)")]

@@ -88,7 +88,7 @@ impl Default for VmConfig {
 }
 
 /// VM-level errors.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum VmError {
     /// A configuration value is out of range.
     #[error("bad VM configuration: {0}")]
@@ -481,7 +481,10 @@ impl Vm {
 
     /// Checks the MMU's invariants (KVM's `mmu_audit.c`); see
     /// [`crate::audit`]. Takes `mmu_lock`.
-    pub fn audit(&self, opts: crate::audit::AuditOptions) -> Result<crate::audit::AuditReport, String> {
+    pub fn audit(
+        &self,
+        opts: crate::audit::AuditOptions,
+    ) -> Result<crate::audit::AuditReport, crate::audit::AuditError> {
         self.kvm.audit(opts)
     }
 }

@@ -118,3 +118,27 @@ fn fast_fixing_large_sptes_is_caught() {
     let r = harness::run(&RunConfig { breakage: Breakage::default(), ..cfg }, |_, _| {}).unwrap();
     assert!(r.ok(), "{r:?}");
 }
+
+/// The audit's typed error names the page the dirty logging invariant fails
+/// for: a harvest that skips write protection leaves the page writable with
+/// its bit taken.
+#[test]
+fn the_audit_names_the_page_a_skipped_write_protection_leaves_writable() {
+    use shadow_mmu_engine::{AuditError, AuditOptions, GuestOp, MemFlags};
+    let b = Breakage { skip_write_protect: true, ..Breakage::default() };
+    for base in every_design() {
+        let (vm, _mem) =
+            vm_with_slot(VmConfig { breakage: b, ..base.clone() }, 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        run_ops(&mut vcpu, [GuestOp::Write(page(7), 1)]);
+        assert!(vm.audit(AuditOptions { dirty_log: true }).is_ok(), "{}: marked, so fine", describe(&base));
+        let mut bm = vec![0u64; 8];
+        assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 1);
+        assert_eq!(
+            vm.audit(AuditOptions { dirty_log: true }).unwrap_err(),
+            AuditError::DirtyLog { gfn: 7 },
+            "{}",
+            describe(&base)
+        );
+    }
+}

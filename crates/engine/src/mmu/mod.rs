@@ -102,13 +102,18 @@ impl std::fmt::Display for MmuDesign {
     }
 }
 
+/// A name that is not an [`MmuDesign`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown MMU design {0:?} (known: locked, lockless)")]
+pub struct UnknownMmuDesign(pub String);
+
 impl std::str::FromStr for MmuDesign {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMmuDesign;
+    fn from_str(s: &str) -> Result<Self, UnknownMmuDesign> {
         match s {
             "locked" => Ok(MmuDesign::Locked),
             "lockless" => Ok(MmuDesign::Lockless),
-            other => Err(format!("unknown MMU design {other:?} (known: locked, lockless)")),
+            other => Err(UnknownMmuDesign(other.to_string())),
         }
     }
 }

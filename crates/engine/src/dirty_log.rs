@@ -90,7 +90,7 @@ impl Kvm {
                 continue;
             }
             pages += u64::from(mask.count_ones());
-            if !broken!(self, skip_write_protect) {
+            if !self.mmu.breakage.skip_write_protect() {
                 protect(i as u64 * 64, mask);
             }
         }
@@ -106,7 +106,7 @@ impl Kvm {
             protected += self.kvm_mmu_write_protect_pt_masked(&g, slot, offset, mask);
         });
         self.mmu.stats.sptes_write_protected.add(protected);
-        if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
+        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
             self.kvm_flush_remote_tlbs();
         }
         pages
@@ -147,7 +147,7 @@ impl Kvm {
         drop(guard);
         self.mmu.stats.harvest_read_sections.add(sections);
         self.account_lockless_walks(tally);
-        if pages > 0 && !broken!(self, skip_get_dirty_log_flush) {
+        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
             self.kvm_flush_remote_tlbs();
         }
         pages

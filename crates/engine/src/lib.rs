@@ -37,21 +37,6 @@
 
 #![warn(missing_docs)]
 
-/// `broken!(kvm, rule)`: is `rule` of [`breakage::Breakage`] broken in this
-/// VM? A literal `false` without the `break-rules` feature.
-#[cfg(feature = "break-rules")]
-macro_rules! broken {
-    ($kvm:expr, $rule:ident) => {
-        $kvm.config.breakage.$rule
-    };
-}
-#[cfg(not(feature = "break-rules"))]
-macro_rules! broken {
-    ($kvm:expr, $rule:ident) => {
-        false
-    };
-}
-
 pub mod audit;
 pub mod breakage;
 pub mod dirty_bitmap;

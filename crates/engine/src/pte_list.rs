@@ -221,7 +221,7 @@ impl Default for PteListHead {
 /// was freed from (module docs, "Reuse by another list").
 #[inline]
 fn mark_being_initialised(d: &PteListDesc, b: &Breakage) {
-    if !b.entries_before_more_on_reuse {
+    if !b.entries_before_more_on_reuse() {
         d.more.store(0, Ordering::Relaxed);
     }
 }
@@ -382,7 +382,7 @@ impl PteListHead {
                     break;
                 }
                 if s == spte {
-                    if b.remove_from_last_desc {
+                    if b.remove_from_last_desc() {
                         // SAFETY: as below.
                         unsafe { self.desc_remove_entry_from_last(d, i, free) };
                     } else {
@@ -445,7 +445,7 @@ impl PteListHead {
             // concurrent walker miss the entry).
             let only = first.sptes[0].load(Ordering::Relaxed);
             self.publish_head(only);
-            if b.seed_collapse_clears_entry0 {
+            if b.seed_collapse_clears_entry0() {
                 // The seed's order (patches 07, 10, 15): head, then clear.
                 first.sptes[0].store(0, Ordering::Release);
             }
@@ -582,7 +582,7 @@ impl PteListHead {
                 // is not returned to the system before we leave the section.
                 let d = unsafe { desc_ref(desc) };
                 for k in 0..PTE_LIST_EXT {
-                    let i = if b.bottom_up_walk { k } else { PTE_LIST_EXT - 1 - k };
+                    let i = if b.bottom_up_walk() { k } else { PTE_LIST_EXT - 1 - k };
                     // Acquire: pairs with the writers' release stores of entries,
                     // so the spte the entry names is initialised.
                     let s = d.sptes[i].load(Ordering::Acquire);
@@ -605,7 +605,7 @@ impl PteListHead {
                     continue 'restart;
                 }
             }
-            if !b.skip_nulls_check && desc_get_nulls_value(desc) != self as *const Self as usize {
+            if !b.skip_nulls_check() && desc_get_nulls_value(desc) != self as *const Self as usize {
                 // Moved to another list under us.
                 restarts += 1;
                 continue 'restart;

@@ -307,7 +307,7 @@ impl Vm {
                     // fast page fault that may have read the old ones
                     // (`synchronize_srcu_expedited`), then write-protect
                     // (`kvm_arch_commit_memory_region`). See `fast_fault.rs`.
-                    if !broken!(kvm, skip_memslot_synchronize) {
+                    if !kvm.mmu.breakage.skip_memslot_synchronize() {
                         kvm.vcpus.synchronize_lockless_walks();
                     }
                     match kvm.mmu.design {

@@ -91,7 +91,7 @@ impl Kvm {
             return false;
         }
         // Patch 03: never fix a large spte here.
-        if sp_level > PT_PAGE_TABLE_LEVEL && !self.mmu.breakage.fast_fix_large_sptes {
+        if sp_level > PT_PAGE_TABLE_LEVEL && !self.mmu.breakage.fast_fix_large_sptes() {
             return false;
         }
         let gfn = sp.spte_gfn(sp.spte_index_of(sptep));

@@ -42,7 +42,7 @@ use crate::sync::atomic::{AtomicU64, Ordering, fence};
 /// of page `rel_gfn` (`smp_wmb(); mark_page_dirty()` in `set_spte`).
 #[inline]
 pub(crate) fn mark_page_dirty_after_publish(bitmap: &DirtyBitmap, rel_gfn: u64, b: &Breakage) {
-    if !b.skip_dirty_bit_fence {
+    if !b.skip_dirty_bit_fence() {
         // Release: pairs with the harvester's AcqRel swap of the word
         // (`DirtyBitmap::take_word`); orders the spte update and rmap add
         // before the bit (module docs).
@@ -80,7 +80,7 @@ impl SpteUpdate {
     pub fn for_mmu(lockless: bool, fast_page_fault: bool, b: &Breakage) -> Self {
         if lockless {
             SpteUpdate::Patch04
-        } else if fast_page_fault && !b.locked_plain_spte_update {
+        } else if fast_page_fault && !b.locked_plain_spte_update() {
             SpteUpdate::Xchg
         } else {
             SpteUpdate::Plain
@@ -109,7 +109,7 @@ impl SpteUpdate {
 ///   `mmu_lock`. We model no hardware A/D bits that a plain store could lose.
 #[inline]
 pub(crate) fn spte_update_needs_flush(old: u64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
-    if rule == SpteUpdate::Patch04 && !b.skip_patch04_flush_rule {
+    if rule == SpteUpdate::Patch04 && !b.skip_patch04_flush_rule() {
         spte_is_locklessly_modifiable(old) && !is_writable_pte(new)
     } else {
         is_writable_pte(old) && !is_writable_pte(new)
@@ -276,8 +276,11 @@ mod tests {
             assert!(!spte_update_needs_flush(protected, protected, locked, &b), "locked: W was clear");
         }
         assert!(!spte_update_needs_flush(ro_host, ro_host, p04, &b), "never writable: no flush");
-        let broken = Breakage { skip_patch04_flush_rule: true, ..b };
-        assert!(!spte_update_needs_flush(protected, protected, p04, &broken));
+        #[cfg(feature = "break-rules")]
+        {
+            let broken = Breakage { skip_patch04_flush_rule: true, ..b };
+            assert!(!spte_update_needs_flush(protected, protected, p04, &broken));
+        }
     }
 
     #[test]
@@ -577,7 +580,7 @@ mod loom_tests {
                 move || {
                     // Relaxed: as `Memslot::set_flags`.
                     fe.store(true, Ordering::Relaxed);
-                    if !b.skip_memslot_synchronize {
+                    if !b.skip_memslot_synchronize() {
                         vcpus.synchronize_lockless_walks();
                     }
                     spte_write_protect_lockless(&ge.spte);

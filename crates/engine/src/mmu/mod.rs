@@ -235,7 +235,7 @@ impl Mmu {
         #[allow(unused_mut)]
         let mut sp_pool = Pool::new(p.sp_limits, rcu.clone());
         #[cfg(feature = "break-rules")]
-        if p.breakage.free_shadow_pages_without_grace_period {
+        if p.breakage.free_shadow_pages_without_grace_period() {
             sp_pool.break_grace_period();
         }
         let max = p.max_mmu_pages;

@@ -163,13 +163,13 @@ fn rmap_walk_lockless(bencher: Bencher, n: usize) {
     let r = Rmap::new(n, &pool);
     // One read-side section of the pool's grace periods for the whole
     // benchmark (module docs).
-    let _section = rcu.read_lock();
+    let section = rcu.read_lock();
     bencher.counter(ItemsCount::new(n)).bench_local(|| {
         let mut seen = 0usize;
-        // SAFETY: descriptors come from a type-stable pool and the sptes
-        // outlive `r`; we are inside a read-side section, and no writer runs.
+        // SAFETY: descriptors come from a type-stable pool of `rcu`, the
+        // section's domain, and the sptes outlive `r`; no writer runs.
         let restarts = unsafe {
-            r.head.walk_lockless(&Breakage::SEED, |p| {
+            r.head.walk_lockless(&section, &Breakage::SEED, |p| {
                 black_box(p);
                 seen += 1;
             })

@@ -136,7 +136,7 @@ impl Kvm {
         let mut since_quiesce = 0;
         let mut tally = (0, 0);
         let pages = self.harvest_words(slot, out, |offset, mask| {
-            self.kvm_mmu_write_protect_pt_masked_lockless(slot, offset, mask, &mut tally);
+            self.kvm_mmu_write_protect_pt_masked_lockless(&guard, slot, offset, mask, &mut tally);
             since_quiesce += mask.count_ones();
             if since_quiesce >= PAGES_PER_READ_SECTION {
                 guard.quiesce();

@@ -113,6 +113,7 @@
 use std::ptr::NonNull;
 
 use crate::breakage::Breakage;
+use crate::rcu::ReadSection;
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Entries per descriptor (`PTE_LIST_EXT`).
@@ -198,6 +199,20 @@ pub(crate) unsafe fn desc_ref<'a>(desc: usize) -> &'a PteListDesc {
     // SAFETY: by the caller's contract the address is a live, type-stable
     // `PteListDesc`, whose fields are all atomics and so may be shared.
     unsafe { &*(desc as *const PteListDesc) }
+}
+
+/// An spte entry of a list, as a reference bound to the read-side section
+/// that keeps its memory allocated.
+///
+/// # Safety
+/// `entry` is a non-zero entry read from a list whose sptes come from
+/// type-stable memory that `_section` covers.
+#[inline]
+unsafe fn spte_ref(entry: usize, _section: &impl ReadSection) -> &AtomicU64 {
+    debug_assert!(entry != 0 && entry & 1 == 0);
+    // SAFETY: by the caller's contract the address is a live `AtomicU64` for
+    // as long as the section is borrowed; atomics may be shared.
+    unsafe { &*(entry as *const AtomicU64) }
 }
 
 /// A pte_list head: an rmap slot or a shadow page's `parent_ptes`.
@@ -527,13 +542,21 @@ impl PteListHead {
     /// Public (hidden) for the benchmarks in `benches/rmap.rs`; the engine
     /// reaches it through `mmu::lockless`.
     ///
+    /// `section` proves that the memory the walk reaches stays allocated;
+    /// `f` gets each spte as a reference bound to it, so no spte outlives the
+    /// section (or a quiescent point of it).
+    ///
     /// # Safety
-    /// Descriptors and sptes of the list come from type-stable pools, and the
-    /// caller is inside a read-side section of the grace period that guards
-    /// their memory (so none is returned to the system during the walk).
+    /// Descriptors and sptes of the list come from type-stable pools that
+    /// `section` covers (those of its grace period domain).
     #[doc(hidden)]
     #[inline]
-    pub unsafe fn walk_lockless(&self, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
+    pub unsafe fn walk_lockless<'g>(
+        &self,
+        section: &'g impl ReadSection,
+        b: &Breakage,
+        mut f: impl FnMut(&'g AtomicU64),
+    ) -> usize {
         // The common case, an empty or single-entry head, inline; chains out
         // of line (a harvest walks one rmap per dirty page, and a call per
         // page cost the lockless harvest about 8% against the locked one's
@@ -541,13 +564,15 @@ impl PteListHead {
         // Acquire: pairs with the writers' release stores of the head.
         let v = self.val.load(Ordering::Acquire);
         if v & 1 == 0 {
-            if let Some(spte) = NonNull::new(v as *mut AtomicU64) {
-                f(spte);
+            if v != 0 {
+                // SAFETY: an entry read with acquire from this list: an spte
+                // of a type-stable table that `section` covers (contract).
+                f(unsafe { spte_ref(v, section) });
             }
             return 0;
         }
         // SAFETY: forwarded contract.
-        unsafe { self.walk_lockless_chain(v, b, f) }
+        unsafe { self.walk_lockless_chain(v, section, b, f) }
     }
 
     /// [`Self::walk_lockless`] from a head `v` that named a descriptor chain.
@@ -555,7 +580,13 @@ impl PteListHead {
     /// # Safety
     /// As [`Self::walk_lockless`].
     #[inline(never)]
-    unsafe fn walk_lockless_chain(&self, mut v: usize, b: &Breakage, mut f: impl FnMut(SptePtr)) -> usize {
+    unsafe fn walk_lockless_chain<'g>(
+        &self,
+        mut v: usize,
+        section: &'g impl ReadSection,
+        b: &Breakage,
+        mut f: impl FnMut(&'g AtomicU64),
+    ) -> usize {
         let mut restarts = 0;
         'restart: loop {
             if restarts > 0 {
@@ -566,7 +597,8 @@ impl PteListHead {
                 return restarts;
             }
             if v & 1 == 0 {
-                f(NonNull::new(v as *mut AtomicU64).expect("non-zero"));
+                // SAFETY: as in `walk_lockless`.
+                f(unsafe { spte_ref(v, section) });
                 return restarts;
             }
             let mut desc = v & !1;
@@ -591,8 +623,9 @@ impl PteListHead {
                         crate::stats::POISON_READS.inc();
                         continue;
                     }
-                    if let Some(spte) = NonNull::new(s as *mut AtomicU64) {
-                        f(spte);
+                    if s != 0 {
+                        // SAFETY: as in `walk_lockless`.
+                        f(unsafe { spte_ref(s, section) });
                     }
                 }
                 // Acquire: pairs with the release stores of `more`.
@@ -1012,7 +1045,12 @@ mod loom_tests {
             let mut seen = Vec::new();
             // SAFETY: descriptors and sptes live for the whole model, so no
             // grace period is needed.
-            unsafe { self.heads[head].walk_lockless(b, |p| seen.push(self.id(p.as_ptr() as usize))) };
+            let section = unsafe { crate::rcu::NeverReturned::new() };
+            // SAFETY: as above.
+            unsafe {
+                self.heads[head]
+                    .walk_lockless(&section, b, |p| seen.push(self.id(p as *const AtomicU64 as usize)))
+            };
             seen
         }
     }

@@ -79,6 +79,41 @@ pub struct ReadGuard<'a> {
     slot: usize,
 }
 
+/// Proof that memory a type-stable pool takes back from now on stays
+/// allocated for as long as the proof is borrowed. Lockless walks take one
+/// and hand out references bound to its borrow, as crossbeam-epoch's
+/// `load(&'g Guard)` does; a [`ReadGuard::quiesce`] (which borrows the guard
+/// mutably) therefore cannot happen while such a reference is alive.
+///
+/// # Safety
+/// An implementor guarantees the above for the pools of its domain.
+pub unsafe trait ReadSection {}
+
+// SAFETY: while a `ReadGuard` lives, its slot holds the epoch it entered at
+// (or a later one, after `quiesce`, which needs `&mut self`); a pool returns
+// memory only after a grace period that began after the object was handed
+// back, and `synchronize` waits for every slot that holds an older epoch
+// (module docs).
+unsafe impl ReadSection for ReadGuard<'_> {}
+
+/// A section over memory that is never returned while the value lives (loom
+/// models, benchmarks, tests whose structures outlive every walk): crossbeam's
+/// `unprotected()`.
+#[derive(Debug)]
+pub struct NeverReturned(());
+
+impl NeverReturned {
+    /// # Safety
+    /// No memory that a walk given this value may reach is returned to the
+    /// system while the value lives.
+    pub const unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
+// SAFETY: by `NeverReturned::new`'s contract.
+unsafe impl ReadSection for NeverReturned {}
+
 impl Rcu {
     /// A domain with room for `readers` concurrent read-side sections.
     pub fn new(readers: usize) -> Self {

@@ -542,7 +542,9 @@ mod tests {
         let guard = kvm.mmu.rcu.read_lock();
         let mut sptep = None;
         // SAFETY: inside a read-side section; the walk only records the pointer.
-        unsafe { slot.rmap(3, 1).walk_lockless(&Breakage::SEED, |p| sptep = Some(p.as_ptr() as usize)) };
+        unsafe {
+            slot.rmap(3, 1).walk_lockless(&guard, &Breakage::SEED, |p| sptep = Some(p as *const _ as usize))
+        };
         let sptep = sptep.expect("gfn 3 is mapped");
         let zapper = {
             let kvm = kvm.clone();

@@ -32,6 +32,7 @@
 use crate::breakage::Breakage;
 use crate::dirty_bitmap::DirtyBitmap;
 use crate::pte_list::PteListHead;
+use crate::rcu::ReadSection;
 use crate::spte::{
     PT_WRITABLE_MASK, SPTE_MMU_WRITEABLE, is_last_spte_by_encoding, is_shadow_present_pte, is_writable_pte,
     spte_has_volatile_bits, spte_is_locklessly_modifiable,
@@ -216,19 +217,18 @@ pub fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
 /// times the walk restarted.
 ///
 /// # Safety
-/// As [`PteListHead::walk_lockless`]: the caller is inside a read-side
-/// section of the grace period guarding descriptor and shadow page memory.
+/// As [`PteListHead::walk_lockless`]: `section` covers the pools of the
+/// list's descriptors and of the shadow pages its sptes sit in.
 #[inline]
-pub(crate) unsafe fn rmap_write_protect_lockless(head: &PteListHead, b: &Breakage) -> (usize, usize) {
+pub(crate) unsafe fn rmap_write_protect_lockless(
+    head: &PteListHead,
+    section: &impl ReadSection,
+    b: &Breakage,
+) -> (usize, usize) {
     let mut cleared = 0;
-    let protect = |sptep: crate::pte_list::SptePtr| {
-        // SAFETY: each entry points into a type-stable shadow page table,
-        // valid memory for the whole read-side section (contract).
-        let sptep = unsafe { sptep.as_ref() };
-        cleared += usize::from(spte_write_protect_lockless(sptep));
-    };
+    let protect = |sptep: &AtomicU64| cleared += usize::from(spte_write_protect_lockless(sptep));
     // SAFETY: forwarded contract.
-    let restarts = unsafe { head.walk_lockless(b, protect) };
+    let restarts = unsafe { head.walk_lockless(section, b, protect) };
     (cleared, restarts)
 }
 
@@ -344,7 +344,9 @@ mod loom_tests {
             let mask = self.bitmap.take_word(0);
             if mask != 0 {
                 // SAFETY: the rmap's sptes live for the whole model.
-                unsafe { rmap_write_protect_lockless(&self.rmap, b) };
+                let section = unsafe { crate::rcu::NeverReturned::new() };
+                // SAFETY: as above.
+                unsafe { rmap_write_protect_lockless(&self.rmap, &section, b) };
                 // kvm_flush_remote_tlbs, after the walk (patch 05).
                 self.tlb_writable.store(false, Ordering::SeqCst);
             }
@@ -625,7 +627,10 @@ mod loom_tests {
                 move || {
                     // SAFETY: the spte's memory lives for the whole model
                     // (type-stable).
-                    let (cleared, _) = unsafe { rmap_write_protect_lockless(&h.rmap, &Breakage::SEED) };
+                    let section = unsafe { crate::rcu::NeverReturned::new() };
+                    // SAFETY: as above.
+                    let (cleared, _) =
+                        unsafe { rmap_write_protect_lockless(&h.rmap, &section, &Breakage::SEED) };
                     cleared
                 },
             );

@@ -32,6 +32,7 @@ use super::lock::MmuGuard;
 use super::lockless::rmap_write_protect_lockless;
 use crate::memslot::Memslot;
 use crate::pte_list::PteListHead;
+use crate::rcu::ReadGuard;
 use crate::spte::{PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte, mapping_levels};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
@@ -112,12 +113,12 @@ impl Kvm {
     }
 
     /// `kvm_mmu_write_protect_pt_masked_lockless` (patch 13): as
-    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`. Adds to
-    /// `tally` the sptes that lost W and the walk restarts.
-    ///
-    /// The caller is inside a read-side section of `self.mmu.rcu`.
+    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`, inside
+    /// `section`, a read-side section of `self.mmu.rcu`. Adds to `tally` the
+    /// sptes that lost W and the walk restarts.
     pub(crate) fn kvm_mmu_write_protect_pt_masked_lockless(
         &self,
+        section: &ReadGuard<'_>,
         slot: &Memslot,
         gfn_offset: u64,
         mut mask: u64,
@@ -125,10 +126,10 @@ impl Kvm {
     ) {
         while mask != 0 {
             let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
-            // SAFETY: the caller is inside a read-side section of the grace
-            // period that guards descriptor and shadow page memory.
+            // SAFETY: descriptors and shadow pages come from this VM's pools,
+            // whose grace period domain is `self.mmu.rcu`, the section's.
             let (cleared, restarts) = unsafe {
-                rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL), &self.mmu.breakage)
+                rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL), section, &self.mmu.breakage)
             };
             tally.0 += cleared;
             tally.1 += restarts;
@@ -156,8 +157,10 @@ impl Kvm {
         let mut tally = (0, 0);
         for level in mapping_levels() {
             for (i, head) in slot.rmaps(level).iter().enumerate() {
-                // SAFETY: we are inside a read-side section (`guard`).
-                let (cleared, restarts) = unsafe { rmap_write_protect_lockless(head, &self.mmu.breakage) };
+                // SAFETY: as in `kvm_mmu_write_protect_pt_masked_lockless`:
+                // `guard` is a section of this VM's pools' domain.
+                let (cleared, restarts) =
+                    unsafe { rmap_write_protect_lockless(head, &guard, &self.mmu.breakage) };
                 tally.0 += cleared;
                 tally.1 += restarts;
                 if i % RMAPS_PER_SECTION == RMAPS_PER_SECTION - 1 {

@@ -118,7 +118,7 @@ impl Kvm {
     ///
     /// The swap of each word acquires the release fence every marker issued
     /// after making its spte writable and adding it to its rmap (patch 06;
-    /// `lockless.rs`), so the walks below find every writable spte behind the
+    /// `shadow_mmu_core::lockless`), so the walks below find every writable spte behind the
     /// bits taken.
     ///
     /// The read-side section is bounded: every [`PAGES_PER_READ_SECTION`]

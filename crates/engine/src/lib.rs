@@ -38,29 +38,26 @@
 #![warn(missing_docs)]
 
 pub mod audit;
-pub mod breakage;
-pub mod dirty_bitmap;
+pub use shadow_mmu_core::breakage;
+pub use shadow_mmu_core::dirty_bitmap;
 pub mod dirty_log;
 pub mod guest;
 pub mod harness;
 pub mod kernbench;
-#[doc(hidden)]
-pub mod lockdep;
-#[cfg(all(test, loom))]
-mod loom_support;
+pub use shadow_mmu_core::lockdep;
 pub mod memory;
 pub mod memslot;
 pub mod mmu;
 pub mod oracle;
 pub mod page_track;
 pub mod perf;
-pub mod pool;
-pub mod pte_list;
-pub mod rcu;
+pub use shadow_mmu_core::pool;
+pub use shadow_mmu_core::pte_list;
+pub use shadow_mmu_core::rcu;
 pub mod shadow_page;
-pub mod spte;
+pub use shadow_mmu_core::spte;
 pub mod stats;
-mod sync;
+use shadow_mmu_core::sync;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

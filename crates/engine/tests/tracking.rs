@@ -43,7 +43,7 @@ fn tracked_pages_exit_on_write_and_come_back_when_untracked() {
 fn tracking_survives_concurrent_lockless_write_protection() {
     // In the locked design with the fast path this is KVM 3.11's race as
     // well as patch 04's: the fast path setting W under write tracking's
-    // locked write protection (`mmu/lockless.rs`).
+    // locked write protection (`shadow_mmu_core::lockless`).
     for d in every_design() {
         let mmu = describe(&d);
         let (violations, rounds) = tracking_violations(d, 300);

@@ -4,7 +4,7 @@
 //! A write fault on a present leaf spte that is read-only only because dirty
 //! logging write-protected it ([`spte_is_locklessly_modifiable`]) is fixed by
 //! one compare-exchange that sets W, without `mmu_lock`, then the page is
-//! marked dirty (in patch 06's order, see `lockless.rs`).
+//! marked dirty (in patch 06's order, see `shadow_mmu_core::lockless`).
 //!
 //! - The vCPU walks the shadow page tables in `READING_SHADOW_PAGE_TABLES`
 //!   mode (`walk_shadow_page_lockless_begin`), so a remote TLB flush, which

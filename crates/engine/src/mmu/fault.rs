@@ -219,7 +219,7 @@ impl Kvm {
         // a lockless harvester could take the bit and walk the rmap before the
         // writable spte is in it (the first race of patch 06), or see the spte
         // in the rmap while still read-only and leave it writable afterwards
-        // (the second). See `lockless.rs`.
+        // (the second). See `shadow_mmu_core::lockless`.
         if is_writable_pte(spte) && logging {
             mark_page_dirty_after_publish(slot.dirty_bitmap(), gfn - slot.base_gfn(), &self.mmu.breakage);
             self.mmu.stats.pages_marked_dirty.inc();

@@ -31,7 +31,7 @@
 //!   (`fast_fault.rs`, KVM since 3.6), so spte updates under the lock use
 //!   `xchg` on sptes it may change (`lockless::SpteUpdate::Xchg`).
 //! - `Lockless` is the seed (patches 02-15) with its review's outcome:
-//!   write protection walks the rmaps without `mmu_lock` (`lockless.rs`,
+//!   write protection walks the rmaps without `mmu_lock` (`shadow_mmu_core::lockless`,
 //!   `pte_list.rs`), inside a grace period (`rcu.rs`) that keeps descriptor
 //!   and shadow page memory from going back to the system; large sptes are
 //!   made read-only and dropped at fault time; TLB flushes happen after the
@@ -47,10 +47,9 @@
 pub(crate) mod fast_fault;
 pub(crate) mod fault;
 pub(crate) mod lock;
-/// Public (hidden) only so that `benches/rmap.rs` can time one spte's write
-/// protection in each design; not an API.
-#[doc(hidden)]
-pub mod lockless;
+/// The seed's lock-free spte operations live in the lock-free core, where
+/// loom checks them.
+pub(crate) use shadow_mmu_core::lockless;
 pub(crate) mod notifier;
 pub(crate) mod page;
 pub(crate) mod spte_ops;

@@ -18,7 +18,7 @@
 //!   anything else) it leaves guest mode, so a flusher holding `mmu_lock`
 //!   never waits for a vCPU waiting for `mmu_lock`.
 
-pub mod requests;
+pub use shadow_mmu_core::requests;
 pub mod tlb;
 
 use std::sync::Arc;

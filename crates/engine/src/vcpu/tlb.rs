@@ -6,7 +6,7 @@
 //! bump), which the vCPU runs when it handles `KVM_REQ_TLB_FLUSH` or
 //! switches address space. Like a hardware TLB it is never told about
 //! individual spte changes: whoever makes an spte less permissive must flush
-//! remote TLBs (see `requests.rs`).
+//! remote TLBs (see `shadow_mmu_core::requests`).
 
 /// Default number of entries (about an x86 second-level TLB).
 pub const DEFAULT_TLB_ENTRIES: usize = 1024;

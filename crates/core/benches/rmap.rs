@@ -28,7 +28,7 @@
 //! sample. The sptes are plain `AtomicU64`s in a `Vec`: a pte_list only needs
 //! their addresses, and the write protection only their values.
 //!
-//! `cargo bench -p shadow-mmu-engine --bench rmap`
+//! `cargo bench -p shadow-mmu-core --bench rmap`
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -36,12 +36,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
-use shadow_mmu_engine::breakage::Breakage;
-use shadow_mmu_engine::mmu::lockless::{__mmu_spte_update, SpteUpdate, spte_write_protect_lockless};
-use shadow_mmu_engine::pool::{MemoryCache, Pool, PoolLimits};
-use shadow_mmu_engine::pte_list::{PteListDesc, PteListHead, SptePtr};
-use shadow_mmu_engine::rcu::Rcu;
-use shadow_mmu_engine::spte::{
+use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_core::lockless::{__mmu_spte_update, SpteUpdate, spte_write_protect_lockless};
+use shadow_mmu_core::pool::{MemoryCache, Pool, PoolLimits};
+use shadow_mmu_core::pte_list::{PteListDesc, PteListHead, SptePtr};
+use shadow_mmu_core::rcu::Rcu;
+use shadow_mmu_core::spte::{
     PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_large_pte, is_writable_pte, make_leaf_spte,
 };
 

@@ -10,7 +10,7 @@ thread_local! {
 
 /// Records that this thread took (`true`) or released (`false`) `mmu_lock`.
 #[inline]
-pub(crate) fn set_holds_mmu_lock(held: bool) {
+pub fn set_holds_mmu_lock(held: bool) {
     HOLDS_MMU_LOCK.with(|c| c.set(held));
 }
 

@@ -42,7 +42,7 @@ use crate::sync::atomic::{AtomicU64, Ordering, fence};
 /// Steps 3 and 4 of the module docs: the release fence, then the dirty bit
 /// of page `rel_gfn` (`smp_wmb(); mark_page_dirty()` in `set_spte`).
 #[inline]
-pub(crate) fn mark_page_dirty_after_publish(bitmap: &DirtyBitmap, rel_gfn: u64, b: &Breakage) {
+pub fn mark_page_dirty_after_publish(bitmap: &DirtyBitmap, rel_gfn: u64, b: &Breakage) {
     if !b.skip_dirty_bit_fence() {
         // Release: pairs with the harvester's AcqRel swap of the word
         // (`DirtyBitmap::take_word`); orders the spte update and rmap add
@@ -109,7 +109,7 @@ impl SpteUpdate {
 ///   all that decides rmap membership and this rule, change only under
 ///   `mmu_lock`. We model no hardware A/D bits that a plain store could lose.
 #[inline]
-pub(crate) fn spte_update_needs_flush(old: u64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
+pub fn spte_update_needs_flush(old: u64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
     if rule == SpteUpdate::Patch04 && !b.skip_patch04_flush_rule() {
         spte_is_locklessly_modifiable(old) && !is_writable_pte(new)
     } else {
@@ -123,7 +123,7 @@ pub(crate) fn spte_update_needs_flush(old: u64, new: u64, rule: SpteUpdate, b: &
 /// exact under the other two rules: see [`SpteUpdate`] and
 /// [`spte_update_needs_flush`].
 #[inline]
-pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u64 {
+pub fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u64 {
     // Relaxed: under mmu_lock, which every writer of an spte's presence and
     // of HW/MW holds; only W may change under us, and only where the rule
     // says (see above).
@@ -145,8 +145,6 @@ pub(crate) fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u6
 /// (`spte_ops.rs`) calls it with the VM's rule and the lock's guard; the
 /// loom models call it directly.
 ///
-/// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
-#[doc(hidden)]
 #[inline]
 pub fn __mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
     let old = spte_exchange(sptep, new, rule);
@@ -164,7 +162,7 @@ pub fn __mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Brea
 ///   between our load and our store; only the `xchg` of [`SpteUpdate::Xchg`]
 ///   sees it and flushes (`locked_plain_spte_update` breaks this).
 #[inline]
-pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Breakage) -> bool {
+pub fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Breakage) -> bool {
     // Relaxed: a hint; the exchange in `mmu_spte_update` reads the real old
     // value.
     let spte = sptep.load(Ordering::Relaxed);
@@ -185,8 +183,6 @@ pub(crate) fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Bre
 /// that leaf one extra fault), never freed memory (shadow pages are
 /// type-stable).
 ///
-/// Public (hidden) for the benchmarks in `benches/rmap.rs`; not an API.
-#[doc(hidden)]
 #[inline]
 pub fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
     // Relaxed: the compare-exchange below is what orders; a stale value only
@@ -220,7 +216,7 @@ pub fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
 /// As [`PteListHead::walk_lockless`]: `section` covers the pools of the
 /// list's descriptors and of the shadow pages its sptes sit in.
 #[inline]
-pub(crate) unsafe fn rmap_write_protect_lockless(
+pub unsafe fn rmap_write_protect_lockless(
     head: &PteListHead,
     section: &impl ReadSection,
     b: &Breakage,
@@ -237,7 +233,7 @@ pub(crate) unsafe fn rmap_write_protect_lockless(
 /// compare-exchange won; the caller then marks the page dirty with
 /// [`mark_page_dirty_after_publish`].
 #[inline]
-pub(crate) fn fast_pf_fix_direct_spte(sptep: &AtomicU64, spte: u64) -> bool {
+pub fn fast_pf_fix_direct_spte(sptep: &AtomicU64, spte: u64) -> bool {
     debug_assert!(spte_is_locklessly_modifiable(spte));
     // AcqRel: acquire pairs with the harvester's compare-exchange that cleared
     // W (we fail if it got in between); release orders nothing by itself: the
@@ -551,7 +547,7 @@ mod loom_tests {
     }
 
     /// Enabling dirty logging while a vCPU fast-faults the same page (KVM
-    /// 3.11's memslot update, `mmu/fast_fault.rs`): the enabler sets the
+    /// 3.11's memslot update, the engine's `mmu/fast_fault.rs`): the enabler sets the
     /// flag, waits for the lockless walks that may have read the old one,
     /// then write-protects; the vCPU, in `READING_SHADOW_PAGE_TABLES`, sets
     /// W and marks the page if it reads the flag set. A writable spte must
@@ -559,7 +555,7 @@ mod loom_tests {
     /// one; the locked design's differs only in holding `mmu_lock`, which
     /// the fast path does not take.
     fn enable_logging_vs_fast_page_fault(b: Breakage) {
-        use crate::vcpu::requests::{VcpuSet, VcpuShared};
+        use crate::requests::{VcpuSet, VcpuShared};
         check(move || {
             let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, false);
             let flag = Arc::new(AtomicBool::new(false));

@@ -62,12 +62,12 @@
 //! entry at index 0, then the stale `more`, match its own marker and stop:
 //! - R0's only descriptor F holds [A, B]; a walker of R0 has loaded F;
 //! - B is removed: A moves into R0's head, F is freed (entry 0 still A);
-//! - R1 (one entry X) takes F: F[0] = X, F[1] = Y, then F.more = R1's marker;
-//! - the walker reads F[0] = X, then F.more = R0's marker: done, A unseen.
+//! - R1 (one entry X) takes F: `F[0] = X`, `F[1] = Y`, then `F.more` = R1's marker;
+//! - the walker reads `F[0] = X`, then `F.more` = R0's marker: done, A unseen.
 //!
 //! A was in R0 for the whole walk and its spte keeps W after its dirty bit
 //! was harvested: its next writes are lost. Pushing F at the head of a full
-//! list has the same shape (F[0] first, `more` after). Hence invariant 6.
+//! list has the same shape (`F[0]` first, `more` after). Hence invariant 6.
 //! Proof that a walker of R0 inside a reused F still visits every entry that
 //! stays in R0:
 //! - The walker reads F's entries top-down, then `more`, all with acquire.
@@ -296,7 +296,7 @@ impl PteListHead {
     ///
     /// # Safety
     /// As [`Self::add`].
-    pub(crate) unsafe fn add_with(
+    pub unsafe fn add_with(
         &self,
         spte: SptePtr,
         alloc: &mut impl FnMut() -> NonNull<PteListDesc>,
@@ -373,7 +373,7 @@ impl PteListHead {
     ///
     /// # Safety
     /// As [`Self::remove`].
-    pub(crate) unsafe fn remove_with(
+    pub unsafe fn remove_with(
         &self,
         spte: SptePtr,
         free: &mut impl FnMut(NonNull<PteListDesc>),
@@ -539,9 +539,6 @@ impl PteListHead {
     ///
     /// Returns the number of restarts. `b` may break rules (tests only).
     ///
-    /// Public (hidden) for the benchmarks in `benches/rmap.rs`; the engine
-    /// reaches it through `mmu::lockless`.
-    ///
     /// `section` proves that the memory the walk reaches stays allocated;
     /// `f` gets each spte as a reference bound to it, so no spte outlives the
     /// section (or a quiescent point of it).
@@ -549,7 +546,6 @@ impl PteListHead {
     /// # Safety
     /// Descriptors and sptes of the list come from type-stable pools that
     /// `section` covers (those of its grace period domain).
-    #[doc(hidden)]
     #[inline]
     pub unsafe fn walk_lockless<'g>(
         &self,

@@ -92,7 +92,8 @@ struct ModeAndRequests {
 }
 
 impl VcpuShared {
-    pub(crate) fn new(id: u32) -> Self {
+    /// The shared part of vCPU `id`, outside guest mode, with no request.
+    pub fn new(id: u32) -> Self {
         Self {
             id,
             state: CachePadded::new(ModeAndRequests {
@@ -114,7 +115,7 @@ impl VcpuShared {
 
     /// Pending requests, as the vCPU's access-boundary check reads them.
     #[inline]
-    pub(crate) fn pending_requests(&self) -> u32 {
+    pub fn pending_requests(&self) -> u32 {
         // Acquire: pairs with the flusher's SeqCst `fetch_or`, so that what the
         // flusher did before requesting (changing sptes) is visible to the
         // page walks we do after handling the request.
@@ -125,7 +126,7 @@ impl VcpuShared {
     /// On failure the vCPU stays outside guest mode and must handle its
     /// requests first (`vcpu_enter_guest`'s last check).
     #[inline]
-    pub(crate) fn try_enter_guest_mode(&self) -> bool {
+    pub fn try_enter_guest_mode(&self) -> bool {
         // SeqCst store then SeqCst load: the vCPU half of the store-buffering
         // handshake (module docs, point 1); pairs with the flusher's SeqCst
         // fetch_or then SeqCst load of `mode`.
@@ -139,7 +140,7 @@ impl VcpuShared {
 
     /// Leaves guest mode (a VM exit), or ends a lockless walk.
     #[inline]
-    pub(crate) fn exit_guest_mode(&self) {
+    pub fn exit_guest_mode(&self) {
         // Release: pairs with the flusher's load of `mode`; every guest store
         // and page walk this vCPU made in guest mode happens-before a flusher
         // that sees OUTSIDE_GUEST_MODE returning (module docs, point 2).
@@ -149,7 +150,7 @@ impl VcpuShared {
     /// Enters `READING_SHADOW_PAGE_TABLES` (`walk_shadow_page_lockless_begin`),
     /// from outside guest mode. Leave with [`Self::exit_guest_mode`].
     #[inline]
-    pub(crate) fn begin_lockless_walk(&self) {
+    pub fn begin_lockless_walk(&self) {
         // Relaxed: the fence below orders it (KVM: the store, then smp_mb()).
         self.state.mode.store(READING_SHADOW_PAGE_TABLES, Ordering::Relaxed);
         // SeqCst fence: pairs with the SeqCst fence of a flusher
@@ -166,7 +167,7 @@ impl VcpuShared {
     /// Takes the pending TLB flush request, if any, clearing its bit. The
     /// caller flushes its TLB *before* calling this (module docs, point 2).
     #[inline]
-    pub(crate) fn ack_tlb_flush(&self) -> bool {
+    pub fn ack_tlb_flush(&self) -> bool {
         // AcqRel: release publishes the completed flush (and every access
         // before it) to a flusher that sees the bit clear; acquire reads the
         // latest flusher's fetch_or, ordering the sptes it changed before
@@ -205,7 +206,8 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    pub(crate) fn add(&self, v: Arc<VcpuShared>) {
+    /// Adds a vCPU that flushes will wait for.
+    pub fn add(&self, v: Arc<VcpuShared>) {
         self.vcpus.write().push(v);
     }
 
@@ -241,7 +243,8 @@ impl VcpuSet {
     /// the one reader that matters to it: returns when every lockless walk
     /// (`READING_SHADOW_PAGE_TABLES`, the fast page fault) that may have read
     /// the memslot flags as they were before the call has ended. The caller
-    /// changed a flag before calling; see `mmu/fast_fault.rs` for the proof.
+    /// changed a flag before calling; see the engine's `mmu/fast_fault.rs` for
+    /// the proof.
     ///
     /// Where we differ from SRCU: we poll the mode, so a vCPU that starts a
     /// new walk each time we look keeps us waiting; each walk is a few

@@ -8,27 +8,29 @@
 //! whose interleavings we model.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic;
+pub use loom::sync::atomic;
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic;
+pub use std::sync::atomic;
 
 /// Waiting for another thread: crossbeam's exponential backoff, or, under
 /// loom, a yield to loom's scheduler (a spin loop would never let the other
 /// thread run).
 #[derive(Debug, Default)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     #[cfg(not(loom))]
     inner: crossbeam_utils::Backoff,
 }
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
+    /// A fresh backoff.
+    pub fn new() -> Self {
         Self::default()
     }
 
     #[inline]
-    pub(crate) fn snooze(&self) {
+    /// Waits a little, longer each time.
+    pub fn snooze(&self) {
         #[cfg(not(loom))]
         self.inner.snooze();
         #[cfg(loom)]
@@ -40,7 +42,7 @@ impl Backoff {
 /// state (a lockless walker restarting on a descriptor that is being
 /// initialised): a spin hint, or, under loom, a yield to its scheduler.
 #[inline]
-pub(crate) fn spin_loop() {
+pub fn spin_loop() {
     #[cfg(not(loom))]
     std::hint::spin_loop();
     #[cfg(loom)]

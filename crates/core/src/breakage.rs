@@ -5,7 +5,7 @@
 //! the [`Breakage`] its MMU holds, and the loom models pass one to the
 //! lock-free primitives they share with the engine. Only a
 //! `--features break-rules` build has the switches as fields (and lets a VM
-//! be configured with one on, [`crate::VmConfig::breakage`]). In every other
+//! be configured with one on, the engine's `VmConfig::breakage`). In every other
 //! build `Breakage` has no field and each `rule()` is a `const fn` that
 //! returns `false`, so every check folds away; the assertion at the end of
 //! this file, evaluated by every build without the feature (CI's clippy run

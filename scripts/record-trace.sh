@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Records a page-level trace of gcc's cc1 compiling a C file, under valgrind's
 # lackey tool, and converts it (`shadow-mmu trace convert`) to the compact
-# trace format of crates/engine/src/trace.rs.
+# trace format of crates/testkit/src/trace.rs.
 #
 #   scripts/record-trace.sh [SRC.c] [OUT.smtrace] [OPT] [WINDOW]
 #

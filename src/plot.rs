@@ -4,8 +4,8 @@
 use std::error::Error;
 use std::path::{Path, PathBuf};
 
-use engine::perf::LatencyHistogram;
 use plotters::prelude::*;
+use testkit::perf::LatencyHistogram;
 
 /// Colours of the series, in order.
 const COLOURS: [RGBColor; 6] = [

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use engine::harness::{RunConfig, RunReport};
+use testkit::harness::{RunConfig, RunReport};
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6

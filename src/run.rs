@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use engine::MmuDesign;
-use engine::harness::{self, HarnessError, RunConfig};
-use engine::workload::{AccessPattern, WorkloadSpec};
+use testkit::harness::{self, HarnessError, RunConfig};
+use testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -103,7 +103,7 @@ impl RunArgs {
                 AccessPattern::Hot { hot_pages_pct: self.hot_pages_pct, hot_access_pct: self.hot_access_pct }
             }
         };
-        // The update fills fields that only exist with the engine's test-only
+        // The update fills fields that only exist with the testkit's test-only
         // `break-rules` feature (on under `--all-features`); without it, every
         // field is already given.
         #[allow(clippy::needless_update)]

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use engine::harness::{self, HarnessError};
+use testkit::harness::{self, HarnessError};
 
 #[derive(Debug, Args)]
 pub struct StressArgs {

@@ -1,12 +1,12 @@
 //! `shadow-mmu trace`: page-level traces of real programs, for
-//! `bench kernbench --workload replay` (format: `engine::trace`).
+//! `bench kernbench --workload replay` (format: `testkit::trace`).
 
 use std::error::Error;
 use std::io::{self, BufReader};
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use engine::trace::{DEFAULT_WINDOW, PageTrace};
+use testkit::trace::{DEFAULT_WINDOW, PageTrace};
 
 #[derive(Debug, Subcommand)]
 pub enum TraceCommand {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use engine::MmuDesign;
-use engine::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
-use engine::trace::PageTrace;
 use serde_json::json;
+use testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
+use testkit::trace::PageTrace;
 
 use super::migrate_perf::median;
 use super::{BenchResult, Progress, write_json};

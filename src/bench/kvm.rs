@@ -82,7 +82,7 @@ impl KvmBench {
             populate_ns: r.populate_ns,
             enable_dirty_logging_ns: r.enable_dirty_logging_ns,
             iterations: r.iterations.iter().map(iter).collect(),
-            floor_ns_per_page: engine::perf::cmpxchg_floor(r.dirty_pages_avg()),
+            floor_ns_per_page: testkit::perf::cmpxchg_floor(r.dirty_pages_avg()),
             latency: None,
             lost_pages: r.lost_pages,
             fault_heavy_faults_per_sec: None,

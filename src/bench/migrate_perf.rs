@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use engine::MmuDesign;
-use engine::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun};
 use serde_json::{Value, json};
+use testkit::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
 use crate::plot;

@@ -2,13 +2,11 @@
 //! outlive `get_dirty_log`, and memslot deletion never leaves a vCPU a
 //! translation into unmapped memory.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::*;
 use shadow_mmu_engine::{HostMemory, MemFlags, VcpuExit};
+use shadow_mmu_testkit::fixtures::*;
 
 #[test]
 fn no_store_through_a_stale_tlb_entry_escapes_the_log() {

@@ -1,13 +1,11 @@
 //! The mmu notifier's invalidation and the kernbench workload, both designs.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
-use shadow_mmu_engine::kernbench::{KernbenchConfig, Workload, kernbench};
 use shadow_mmu_engine::{GuestOp, MemFlags, MmuDesign, VmConfig, VmError};
+use shadow_mmu_testkit::fixtures::*;
+use shadow_mmu_testkit::kernbench::{KernbenchConfig, Workload, kernbench};
 
 const DESIGNS: [MmuDesign; 2] = [MmuDesign::Locked, MmuDesign::Lockless];
 

@@ -1,5 +1,7 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Small VMs, guests and checks that the tests of every crate share: a VM
+//! with one slot, scripted runs, the list of designs to run, the bitmap's
+//! pages, and two measured properties (stale TLB entries, write tracking).
+//! They panic on failure, as test code does.
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use shadow_mmu_engine::{
     VcpuExit, Vm, VmConfig,
 };
 
+/// One MiB.
 pub const MIB: u64 = 1 << 20;
 
 /// Every design the engine runs: each MMU design, with `fast_page_fault` on
@@ -26,6 +29,7 @@ pub fn describe(c: &VmConfig) -> String {
     format!("{}{}", c.mmu, if c.fast_page_fault { "" } else { ", no fast_page_fault" })
 }
 
+/// A region of `size` bytes of `mem` at guest physical `gpa`.
 pub fn region(slot: u32, gpa: u64, size: u64, mem: &Arc<HostMemory>, flags: MemFlags) -> UserMemoryRegion {
     UserMemoryRegion {
         slot,
@@ -59,10 +63,12 @@ pub fn run_one(vcpu: &mut Vcpu, op: GuestOp) -> VcpuExit {
     vcpu.run(&mut script).unwrap()
 }
 
+/// The guest physical address of page `gfn`.
 pub fn page(gfn: u64) -> u64 {
     gfn << 12
 }
 
+/// Runs the MMU audit with the dirty logging invariant; panics on a finding.
 pub fn audit(vm: &Vm) -> AuditReport {
     vm.audit(AuditOptions { dirty_log: true }).unwrap_or_else(|e| panic!("MMU audit failed: {e}"))
 }
@@ -82,8 +88,11 @@ pub fn set_pages(bitmap: &[u64]) -> Vec<u64> {
 
 /// A guest that stores an increasing counter to one word until told to stop.
 pub struct Hammer {
+    /// Where it stores.
     pub gpa: u64,
+    /// The last value stored.
     pub n: u64,
+    /// Set to make it exit (`Hypercall(0)`).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -132,9 +141,13 @@ pub fn stale_tlb_violations(config: VmConfig, rounds: u32) -> (u32, u32) {
 
 /// A guest that stores to pages `first..first+n` in turn until told to stop.
 pub struct Sweeper {
+    /// First page.
     pub first: u64,
+    /// Pages swept.
     pub n: u64,
+    /// Stores so far.
     pub i: u64,
+    /// Set to make it exit (`Hypercall(0)`).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 

@@ -1,11 +1,9 @@
 //! Memslots through the VM: set, delete, re-flag, and every refused change
 //! leaves the VM running with its memory intact.
 
-mod common;
-
-use common::*;
 use shadow_mmu_engine::memslot::MemslotError;
 use shadow_mmu_engine::{GuestOp, HostMemory, MemFlags, VcpuError, VcpuExit, VmConfig};
+use shadow_mmu_testkit::fixtures::*;
 
 #[test]
 fn refused_changes_leave_the_vm_running() {

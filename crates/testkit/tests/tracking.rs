@@ -1,10 +1,8 @@
 //! Page write tracking: tracked pages exit on write, and stay tracked while
 //! dirty logging write-protects the same sptes without the lock (patch 04).
 
-mod common;
-
-use common::*;
 use shadow_mmu_engine::{GuestOp, MemFlags, TrackError, VcpuExit};
+use shadow_mmu_testkit::fixtures::*;
 
 #[test]
 fn tracked_pages_exit_on_write_and_come_back_when_untracked() {

@@ -3,15 +3,13 @@
 //! Run with `--features break-rules`.
 #![cfg(feature = "break-rules")]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use shadow_mmu_engine::breakage::Breakage;
-use shadow_mmu_engine::harness::{self, RunConfig};
-use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 use shadow_mmu_engine::{MmuDesign, VmConfig};
+use shadow_mmu_testkit::fixtures::*;
+use shadow_mmu_testkit::harness::{self, RunConfig};
+use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// An oracle run small and hot enough that vCPUs keep translations in their
 /// TLBs across harvests.

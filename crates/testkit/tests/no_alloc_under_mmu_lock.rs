@@ -3,13 +3,11 @@
 //! while VMs of both designs fault, shrink, log, harvest, track pages and
 //! delete and re-add memslots.
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
 use shadow_mmu_engine::{GuestOp, HostMemory, MemFlags, VcpuExit, VmConfig};
+use shadow_mmu_testkit::fixtures::*;
 
 struct CountUnderLock;
 
@@ -45,8 +43,8 @@ static ALLOC: CountUnderLock = CountUnderLock;
 
 #[test]
 fn nothing_allocates_under_mmu_lock() {
-    for d in common::every_design() {
-        let mmu = common::describe(&d);
+    for d in every_design() {
+        let mmu = describe(&d);
         let cfg = VmConfig {
             max_mmu_pages: Some(64),
             address_spaces: 3,

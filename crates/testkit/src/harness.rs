@@ -90,7 +90,7 @@ pub struct RunConfig {
     pub max_free_shadow_pages: Option<usize>,
     /// Rules to break (tests only).
     #[cfg(feature = "break-rules")]
-    pub breakage: crate::breakage::Breakage,
+    pub breakage: shadow_mmu_core::breakage::Breakage,
 }
 
 impl Default for RunConfig {
@@ -114,7 +114,7 @@ impl Default for RunConfig {
             invalidate_every: None,
             max_free_shadow_pages: None,
             #[cfg(feature = "break-rules")]
-            breakage: crate::breakage::Breakage::default(),
+            breakage: shadow_mmu_core::breakage::Breakage::default(),
         }
     }
 }
@@ -677,6 +677,6 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         invalidate_every: rng.bool().then(|| Duration::from_micros(rng.u64(100..=5000))),
         max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
         #[cfg(feature = "break-rules")]
-        breakage: crate::breakage::Breakage::default(),
+        breakage: shadow_mmu_core::breakage::Breakage::default(),
     }
 }

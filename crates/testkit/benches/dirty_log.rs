@@ -4,17 +4,17 @@
 //! - a vCPU's write fault on a page write-protected for dirty logging, per
 //!   fault (a pass of one store per page after a harvest).
 //!
-//! `cargo bench -p shadow-mmu-engine --bench dirty_log`. Each sample
+//! `cargo bench -p shadow-mmu-testkit --bench dirty_log`. Each sample
 //! re-dirties (or re-protects) the whole guest outside the timed part.
 
 use std::cell::RefCell;
 
 use divan::Bencher;
 use divan::counter::ItemsCount;
-use shadow_mmu_engine::workload::{GuestControl, HC_PASS_DONE, WorkloadGuest, WorkloadSpec};
 use shadow_mmu_engine::{
     HostMemory, MemFlags, MmuDesign, UserMemoryRegion, Vcpu, VcpuExit, Vm, VmConfig, bitmap_words,
 };
+use shadow_mmu_testkit::workload::{GuestControl, HC_PASS_DONE, WorkloadGuest, WorkloadSpec};
 
 const GUEST_BYTES: u64 = 1 << 30;
 const PAGES: u64 = GUEST_BYTES >> 12;

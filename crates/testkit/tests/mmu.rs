@@ -1,12 +1,10 @@
 //! The MMU through the VM: page sizes, locked dirty logging, the shrinker,
 //! rmap chains, and the bad inputs of get_dirty_log.
 
-mod common;
-
-use common::*;
 use shadow_mmu_engine::{
     DirtyLogError, GuestOp, MemFlags, MmuDesign, VcpuExit, VmConfig, VmError, bitmap_words,
 };
+use shadow_mmu_testkit::fixtures::*;
 
 #[test]
 fn large_pages_only_where_the_slot_allows() {

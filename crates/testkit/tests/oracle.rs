@@ -2,14 +2,12 @@
 //! CI parameters: 2 vCPUs, 256 MiB, 50 collections. The long version is
 //! `shadow-mmu stress` (see the README).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{describe, every_design};
 use shadow_mmu_engine::VmConfig;
-use shadow_mmu_engine::harness::{self, RunConfig, RunReport};
-use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
+use shadow_mmu_testkit::fixtures::{describe, every_design};
+use shadow_mmu_testkit::harness::{self, RunConfig, RunReport};
+use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// The CI shape: 50 collections (the duration only bounds them), for the
 /// design of `d` (its MMU design and `fast_page_fault`).

@@ -460,10 +460,13 @@ mod loom_tests {
         patch_04_race(Breakage::SEED);
     }
 
-    /// `fast_page_fault` against the lockless write protection of the same
-    /// spte, with the page's bit set or clear before.
-    fn fast_page_fault_vs_write_protect(b: Breakage, dirty: bool) {
+    /// `fast_page_fault` (the compare-exchange, then patch 06's fence and
+    /// bit) against a harvest of the same page, with the page's bit set or
+    /// clear before: the lockless design's (`locked` false) or KVM 3.11's,
+    /// under `mmu_lock`, which the fast path does not take.
+    fn fast_page_fault_vs_harvest(b: Breakage, dirty: bool, locked: bool) {
         check(move || {
+            let rule = SpteUpdate::for_mmu(false, true, &b);
             let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, dirty);
             let (v, h) = (g.clone(), g.clone());
             let (fixed, mask) = two(
@@ -474,7 +477,7 @@ mod loom_tests {
                     }
                     fixed
                 },
-                move || h.harvest(&b),
+                move || if locked { h.harvest_locked(rule, &b) } else { h.harvest(&b) },
             );
             g.assert_logged();
             (fixed, mask, is_writable_pte(g.spte.load(Ordering::SeqCst)))
@@ -483,8 +486,8 @@ mod loom_tests {
 
     #[test]
     fn loom_fast_page_fault_against_lockless_write_protect() {
-        fast_page_fault_vs_write_protect(Breakage::SEED, false);
-        fast_page_fault_vs_write_protect(Breakage::SEED, true);
+        fast_page_fault_vs_harvest(Breakage::SEED, false, false);
+        fast_page_fault_vs_harvest(Breakage::SEED, true, false);
     }
 
     /// KVM 3.11's race, the shape of patch 04 in the locked design: the fast
@@ -518,32 +521,10 @@ mod loom_tests {
         fast_page_fault_vs_write_tracking(SpteUpdate::for_mmu(true, true, &Breakage::SEED), Breakage::SEED);
     }
 
-    /// The locked design's `get_dirty_log` (KVM 3.11) against the fast page
-    /// fault of the same page, with the page's bit set or clear before.
-    fn fast_page_fault_vs_locked_get_dirty_log(b: Breakage, dirty: bool) {
-        check(move || {
-            let rule = SpteUpdate::for_mmu(false, true, &b);
-            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, dirty);
-            let (v, h) = (g.clone(), g.clone());
-            let (fixed, mask) = two(
-                move || {
-                    let fixed = v.fast_page_fault();
-                    if fixed {
-                        mark_page_dirty_after_publish(&v.bitmap, 0, &b);
-                    }
-                    fixed
-                },
-                move || h.harvest_locked(rule, &b),
-            );
-            g.assert_logged();
-            (fixed, mask, is_writable_pte(g.spte.load(Ordering::SeqCst)))
-        });
-    }
-
     #[test]
     fn loom_fast_page_fault_against_locked_get_dirty_log() {
-        fast_page_fault_vs_locked_get_dirty_log(Breakage::SEED, false);
-        fast_page_fault_vs_locked_get_dirty_log(Breakage::SEED, true);
+        fast_page_fault_vs_harvest(Breakage::SEED, false, true);
+        fast_page_fault_vs_harvest(Breakage::SEED, true, true);
     }
 
     /// Enabling dirty logging while a vCPU fast-faults the same page (KVM

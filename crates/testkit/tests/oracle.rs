@@ -21,6 +21,18 @@ fn fifty_collections(d: &VmConfig) -> RunConfig {
     }
 }
 
+/// A small, fast-collecting run of the design of `d`: `vcpus` over `mib`
+/// MiB, a collection every 3 ms.
+fn small(d: &VmConfig, vcpus: u32, mib: u64) -> RunConfig {
+    RunConfig {
+        vcpus,
+        guest_bytes: mib << 20,
+        interval: Duration::from_millis(3),
+        warmup: Duration::from_millis(30),
+        ..fifty_collections(d)
+    }
+}
+
 fn check(cfg: &RunConfig) -> RunReport {
     let r = harness::run(cfg, |_, _| {}).unwrap();
     assert!(r.ok(), "{cfg:?}\nlost {}: {:?}\nerrors: {:?}", r.lost_pages, r.lost, r.errors);
@@ -121,14 +133,7 @@ fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
 fn logging_turned_off_and_on_again_with_the_vcpus_running() {
     for d in every_design() {
         let mmu = describe(&d);
-        let cfg = RunConfig {
-            vcpus: 2,
-            guest_bytes: 32 << 20,
-            interval: Duration::from_millis(3),
-            warmup: Duration::from_millis(30),
-            relog_every: Some(5),
-            ..fifty_collections(&d)
-        };
+        let cfg = RunConfig { relog_every: Some(5), ..small(&d, 2, 32) };
         let r = check(&cfg);
         assert_eq!(r.relogs, 10, "{mmu}");
         if d.fast_page_fault {

@@ -144,7 +144,6 @@ pub fn spte_exchange(sptep: &AtomicU64, new: u64, rule: SpteUpdate) -> u64 {
 /// `rule`, returns whether remote TLBs must be flushed. `Kvm::mmu_spte_update`
 /// (`spte_ops.rs`) calls it with the VM's rule and the lock's guard; the
 /// loom models call it directly.
-///
 #[inline]
 pub fn __mmu_spte_update(sptep: &AtomicU64, new: u64, rule: SpteUpdate, b: &Breakage) -> bool {
     let old = spte_exchange(sptep, new, rule);
@@ -182,7 +181,6 @@ pub fn spte_write_protect_pt(sptep: &AtomicU64, rule: SpteUpdate, b: &Breakage) 
 /// non-leaf entry (never touched) or some other leaf (W cleared, which costs
 /// that leaf one extra fault), never freed memory (shadow pages are
 /// type-stable).
-///
 #[inline]
 pub fn spte_write_protect_lockless(sptep: &AtomicU64) -> bool {
     // Relaxed: the compare-exchange below is what orders; a stale value only

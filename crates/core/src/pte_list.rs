@@ -58,7 +58,8 @@
 //! while a walker of its old list may still be inside it. The stale state it
 //! carries is entry 0 (after a collapse) and `more`, which after a collapse is
 //! still the old list's own nulls marker. If the new owner wrote its entries
-//! first and `more` last (our order until issue 9), a walker could read a new
+//! first and `more` last (the seed's 1 -> many order, and ours until issue
+//! 9), a walker could read a new
 //! entry at index 0, then the stale `more`, match its own marker and stop:
 //! - R0's only descriptor F holds [A, B]; a walker of R0 has loaded F;
 //! - B is removed: A moves into R0's head, F is freed (entry 0 still A);
@@ -99,6 +100,8 @@
 //! Every store a writer makes to a head, an entry or a `more` field is a
 //! release store (the seed's `rcu_assign_pointer`, patch 15), so that a
 //! lockless reader's acquire load of a pointer also sees what it points to.
+//! The one exception is invariant 6's "being initialised" 0, a relaxed store
+//! that the release stores of the entries after it publish.
 //! Writers' own loads are relaxed: writers are serialised by the caller's
 //! lock (`mmu_lock`), which orders them.
 //!

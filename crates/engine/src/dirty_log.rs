@@ -118,8 +118,8 @@ impl Kvm {
     ///
     /// The swap of each word acquires the release fence every marker issued
     /// after making its spte writable and adding it to its rmap (patch 06;
-    /// `shadow_mmu_core::lockless`), so the walks below find every writable spte behind the
-    /// bits taken.
+    /// `shadow_mmu_core::lockless`), so the walks below find every writable
+    /// spte behind the bits taken.
     ///
     /// The read-side section is bounded: every [`PAGES_PER_READ_SECTION`]
     /// dirty pages the walk leaves and re-enters it (`quiesce`), as

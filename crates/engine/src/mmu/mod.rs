@@ -31,13 +31,13 @@
 //!   (`fast_fault.rs`, KVM since 3.6), so spte updates under the lock use
 //!   `xchg` on sptes it may change (`lockless::SpteUpdate::Xchg`).
 //! - `Lockless` is the seed (patches 02-15) with its review's outcome:
-//!   write protection walks the rmaps without `mmu_lock` (`shadow_mmu_core::lockless`,
-//!   `pte_list.rs`), inside a grace period (`rcu.rs`) that keeps descriptor
-//!   and shadow page memory from going back to the system; large sptes are
-//!   made read-only and dropped at fault time; TLB flushes happen after the
-//!   walk, out of any lock, and `mmu_spte_update` flushes by patch 04's rule
-//!   (with a plain store under the lock; the proof is at
-//!   `lockless::spte_update_needs_flush`).
+//!   write protection walks the rmaps without `mmu_lock`
+//!   (`shadow_mmu_core::lockless`, `pte_list`), inside a grace period (`rcu`)
+//!   that keeps descriptor and shadow page memory from going back to the
+//!   system; large sptes are made read-only and dropped at fault time; TLB
+//!   flushes happen after the walk, out of any lock, and `mmu_spte_update`
+//!   flushes by patch 04's rule (with a plain store under the lock; the proof
+//!   is at `lockless::spte_update_needs_flush`).
 //!
 //! `VmConfig::fast_page_fault` turns the fast path off in either design (the
 //! baseline of issues 2 to 4): every write fault then takes the slow path,

@@ -38,20 +38,20 @@
 #![warn(missing_docs)]
 
 pub mod audit;
-pub use shadow_mmu_core::breakage;
-pub use shadow_mmu_core::dirty_bitmap;
+pub(crate) use shadow_mmu_core::breakage;
+pub(crate) use shadow_mmu_core::dirty_bitmap;
 pub mod dirty_log;
 pub mod guest;
-pub use shadow_mmu_core::lockdep;
+pub(crate) use shadow_mmu_core::lockdep;
 pub mod memory;
 pub mod memslot;
 pub mod mmu;
 pub mod page_track;
-pub use shadow_mmu_core::pool;
-pub use shadow_mmu_core::pte_list;
-pub use shadow_mmu_core::rcu;
+pub(crate) use shadow_mmu_core::pool;
+pub(crate) use shadow_mmu_core::pte_list;
+pub(crate) use shadow_mmu_core::rcu;
 pub mod shadow_page;
-pub use shadow_mmu_core::spte;
+pub(crate) use shadow_mmu_core::spte;
 pub mod stats;
 use shadow_mmu_core::sync;
 pub mod vcpu;

@@ -6,7 +6,7 @@
 //! A [`ShadowPage`] is 4 KiB-aligned and its table (`spt`) sits at offset 0,
 //! so the address of the table is the address of the page: a non-leaf spte
 //! stores it as its pfn (KVM stores `__pa(sp->spt)`), and
-//! [`page_header`] finds the header of any spte by masking its address, as
+//! `page_header` finds the header of any spte by masking its address, as
 //! KVM's `page_header(__pa(sptep))` does through `struct page`. The price is
 //! that each shadow page takes 8 KiB (4 KiB table, header, padding) where KVM
 //! takes 4 KiB plus a slab header; a 1 GiB direct map needs about 513 shadow

@@ -1,5 +1,5 @@
 //! The VM: [`Vm`] is the public handle, shaped after KVM's VM ioctls;
-//! [`Kvm`] is the shared state (`struct kvm`) the MMU and the vCPUs use.
+//! `Kvm` is the shared state (`struct kvm`) the MMU and the vCPUs use.
 //!
 //! Locks, in the order they are taken: `slots_lock` (memslot changes and
 //! `get_dirty_log`, as `kvm->slots_lock`), then `mmu_lock`, then the pools'

@@ -24,5 +24,5 @@ pub mod workload;
 
 // The engine's and the core's modules under the names the testkit's modules
 // use.
-use shadow_mmu_core::sync;
-use shadow_mmu_engine::{audit, dirty_bitmap, dirty_log, guest, memory, memslot, mmu, spte, vcpu, vm};
+use shadow_mmu_core::{dirty_bitmap, spte, sync};
+use shadow_mmu_engine::{audit, dirty_log, guest, memory, memslot, mmu, vcpu, vm};

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use shadow_mmu_engine::breakage::Breakage;
+use shadow_mmu_core::breakage::Breakage;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_testkit::harness::{self, RunConfig};

@@ -17,7 +17,7 @@ static UNDER_LOCK: AtomicUsize = AtomicUsize::new(0);
 // touches only a static atomic and a const-initialised thread-local.
 unsafe impl GlobalAlloc for CountUnderLock {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if shadow_mmu_engine::lockdep::holds_mmu_lock() {
+        if shadow_mmu_core::lockdep::holds_mmu_lock() {
             UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: the caller's contract, forwarded.
@@ -30,7 +30,7 @@ unsafe impl GlobalAlloc for CountUnderLock {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if shadow_mmu_engine::lockdep::holds_mmu_lock() {
+        if shadow_mmu_core::lockdep::holds_mmu_lock() {
             UNDER_LOCK.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: the caller's contract, forwarded.

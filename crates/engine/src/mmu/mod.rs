@@ -13,7 +13,7 @@
 //!
 //! # Locking
 //!
-//! `mmu_lock` ([`lock::MmuLock`]) serialises every writer of shadow page
+//! `mmu_lock` (`lock::MmuLock`) serialises every writer of shadow page
 //! tables, rmaps and shadow page headers. Readers outside it: vCPUs in guest
 //! mode walking the tables (like the hardware page walker), and the
 //! statistics. Shadow pages and pte_list descriptors come from type-stable

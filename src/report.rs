@@ -59,7 +59,7 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     let _ = writeln!(
         s,
         "  pages dirtied         {} (marked in the dirty bitmap), {} write faults fixed by fast_page_fault",
-        m.pages_marked_dirty, m.fast_page_faults
+        m.mmu.pages_marked_dirty, m.mmu.fast_page_faults
     );
     let _ = writeln!(
         s,
@@ -72,7 +72,7 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         "  get_dirty_log         avg {:.3} ms, max {:.3} ms, {} sptes write-protected",
         ms(r.get_dirty_log_avg_ns()),
         ms(max_gdl),
-        m.sptes_write_protected
+        m.mmu.sptes_write_protected
     );
     let _ = writeln!(
         s,
@@ -86,29 +86,29 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     let _ = writeln!(
         s,
         "  TLB flushes           {} remote ({:.1} ms waiting), {} handled by vCPUs",
-        m.remote_tlb_flushes,
-        ms(m.remote_tlb_flush_ns),
+        m.mmu.remote_tlb_flushes,
+        ms(m.mmu.remote_tlb_flush_ns),
         v.tlb_flushes
     );
     let _ = writeln!(
         s,
         "  shadow pages          {} used of {}, {} created, {} zapped ({} by the shrinker)",
-        m.mmu_pages_used, m.mmu_pages_max, m.sp_created, m.sp_zapped, m.sp_shrunk
+        m.mmu_pages_used, m.mmu_pages_max, m.mmu.sp_created, m.mmu.sp_zapped, m.mmu.sp_shrunk
     );
     let _ = writeln!(
         s,
         "  sptes                 {} mapped ({} large, {} large dropped), longest rmap {}",
-        m.sptes_mapped, m.large_sptes_mapped, m.large_sptes_dropped, r.audit.max_rmap_len
+        m.mmu.sptes_mapped, m.mmu.large_sptes_mapped, m.mmu.large_sptes_dropped, r.audit.max_rmap_len
     );
     if cfg.mmu.is_lockless() {
         let _ = writeln!(
             s,
             "  lockless              {} rmap walk restarts, {} grace periods waited, {} pool objects returned, \
              {} harvest read-side sections",
-            m.lockless_walk_restarts,
+            m.mmu.lockless_walk_restarts,
             m.grace_periods_waited,
             m.pool_objects_returned,
-            m.harvest_read_sections
+            m.mmu.harvest_read_sections
         );
     }
     let _ = writeln!(

@@ -306,12 +306,12 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
             "random": a.random,
             "vcpu_write_faults": r.vcpu.write_faults,
             "fast_page_fault": !a.no_fast_page_fault,
-            "fast_page_faults": r.vm.fast_page_faults,
+            "fast_page_faults": r.vm.mmu.fast_page_faults,
             "mmu_lock_hold_ns": r.vm.mmu_lock_hold_ns,
             "pool_backlog_waits": r.vm.pool_backlog_waits,
             "pool_backlog_wait_max_ns": r.vm.pool_backlog_wait_max_ns,
-            "harvest_read_sections": r.vm.harvest_read_sections,
-            "remote_tlb_flushes": r.vm.remote_tlb_flushes,
+            "harvest_read_sections": r.vm.mmu.harvest_read_sections,
+            "remote_tlb_flushes": r.vm.mmu.remote_tlb_flushes,
         }),
     };
     p.line(format!("Populate memory time: {}", secs(rec.populate_ns)));
@@ -320,7 +320,7 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
     p.line(format!(
         "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
         r.vcpu.write_faults,
-        r.vm.fast_page_faults,
+        r.vm.mmu.fast_page_faults,
         if a.no_fast_page_fault { ", which is off" } else { "" },
         r.vm.mmu_lock_hold_ns as f64 / 1e6
     ));

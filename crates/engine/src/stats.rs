@@ -3,41 +3,64 @@
 
 pub use shadow_mmu_core::stats::Counter;
 
-/// VM-wide MMU statistics.
-#[derive(Debug, Default)]
-pub struct MmuStats {
+/// Declares the MMU's counters once: the live [`MmuStats`] the VM bumps,
+/// and the [`MmuCounts`] snapshot `Vm::stats` returns.
+macro_rules! mmu_stats {
+    ($( $(#[doc = $doc:literal])* $name:ident, )*) => {
+        /// VM-wide MMU statistics, live.
+        #[derive(Debug, Default)]
+        pub struct MmuStats {
+            $( $(#[doc = $doc])* pub $name: Counter, )*
+        }
+
+        /// A snapshot of [`MmuStats`].
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct MmuCounts {
+            $( $(#[doc = $doc])* pub $name: u64, )*
+        }
+
+        impl MmuStats {
+            /// The counters now (each read on its own: not one instant).
+            pub fn snapshot(&self) -> MmuCounts {
+                MmuCounts { $( $name: self.$name.get(), )* }
+            }
+        }
+    };
+}
+
+mmu_stats! {
     /// Shadow pages created (`kvm_mmu_get_page` misses).
-    pub sp_created: Counter,
+    sp_created,
     /// Shadow pages zapped.
-    pub sp_zapped: Counter,
+    sp_zapped,
     /// Shadow pages zapped by the shrinker (`n_max_mmu_pages` pressure).
-    pub sp_shrunk: Counter,
+    sp_shrunk,
     /// Leaf sptes installed by `set_spte` (not counting remaps).
-    pub sptes_mapped: Counter,
+    sptes_mapped,
     /// Large (2 MiB) leaf sptes installed.
-    pub large_sptes_mapped: Counter,
+    large_sptes_mapped,
     /// Large sptes dropped (write protection in the locked design, or at
     /// fault time).
-    pub large_sptes_dropped: Counter,
+    large_sptes_dropped,
     /// Leaf sptes write-protected for dirty logging.
-    pub sptes_write_protected: Counter,
+    sptes_write_protected,
     /// Remote TLB flushes (`kvm_flush_remote_tlbs`).
-    pub remote_tlb_flushes: Counter,
+    remote_tlb_flushes,
     /// Nanoseconds spent in remote TLB flushes, waiting for vCPUs.
-    pub remote_tlb_flush_ns: Counter,
+    remote_tlb_flush_ns,
     /// Pages marked in dirty bitmaps (`mark_page_dirty`).
-    pub pages_marked_dirty: Counter,
+    pages_marked_dirty,
     /// Dirty pages returned by `get_dirty_log`.
-    pub pages_harvested: Counter,
+    pages_harvested,
     /// `get_dirty_log` calls.
-    pub get_dirty_log_calls: Counter,
+    get_dirty_log_calls,
     /// Write faults fixed by `fast_page_fault`.
-    pub fast_page_faults: Counter,
+    fast_page_faults,
     /// Restarts of lockless rmap walks.
-    pub lockless_walk_restarts: Counter,
+    lockless_walk_restarts,
     /// Read-side sections the lockless harvest opened: one per call, and one
     /// more at each quiescent point between chunks (`dirty_log.rs`).
-    pub harvest_read_sections: Counter,
+    harvest_read_sections,
     /// Nanoseconds spent in `get_dirty_log`.
-    pub get_dirty_log_ns: Counter,
+    get_dirty_log_ns,
 }

@@ -147,38 +147,12 @@ impl std::fmt::Debug for Vm {
 /// A snapshot of a VM's MMU figures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmStats {
+    /// The MMU's counters.
+    pub mmu: crate::stats::MmuCounts,
     /// Shadow pages in use (`n_used_mmu_pages`).
     pub mmu_pages_used: usize,
     /// Shadow page budget (`n_max_mmu_pages`).
     pub mmu_pages_max: usize,
-    /// Shadow pages created.
-    pub sp_created: u64,
-    /// Shadow pages zapped.
-    pub sp_zapped: u64,
-    /// ... by the shrinker.
-    pub sp_shrunk: u64,
-    /// Leaf sptes installed.
-    pub sptes_mapped: u64,
-    /// Large leaf sptes installed.
-    pub large_sptes_mapped: u64,
-    /// Large sptes dropped.
-    pub large_sptes_dropped: u64,
-    /// Leaf sptes write-protected for dirty logging.
-    pub sptes_write_protected: u64,
-    /// Remote TLB flushes.
-    pub remote_tlb_flushes: u64,
-    /// Nanoseconds in remote TLB flushes.
-    pub remote_tlb_flush_ns: u64,
-    /// Pages marked dirty.
-    pub pages_marked_dirty: u64,
-    /// Dirty pages returned by `get_dirty_log`.
-    pub pages_harvested: u64,
-    /// `get_dirty_log` calls.
-    pub get_dirty_log_calls: u64,
-    /// Write faults fixed by `fast_page_fault`.
-    pub fast_page_faults: u64,
-    /// Restarts of lockless rmap walks.
-    pub lockless_walk_restarts: u64,
     /// Grace periods waited for (`synchronize`).
     pub grace_periods_waited: u64,
     /// Pool objects returned to the system after their grace period.
@@ -187,13 +161,8 @@ pub struct VmStats {
     pub pool_backlog_waits: u64,
     /// The longest of those waits, nanoseconds (under `mmu_lock`).
     pub pool_backlog_wait_max_ns: u64,
-    /// Read-side sections the lockless harvest opened (one per call plus
-    /// one per quiescent point between its chunks).
-    pub harvest_read_sections: u64,
     /// Bytes waiting for a grace period now.
     pub pool_deferred_bytes: usize,
-    /// Nanoseconds in `get_dirty_log`.
-    pub get_dirty_log_ns: u64,
     /// `mmu_lock` acquisitions.
     pub mmu_lock_acquisitions: u64,
     /// ... that had to wait.
@@ -438,22 +407,9 @@ impl Vm {
         let s = &kvm.mmu.stats;
         let l = &kvm.mmu.lock.stats;
         VmStats {
+            mmu: s.snapshot(),
             mmu_pages_used: used,
             mmu_pages_max: max,
-            sp_created: s.sp_created.get(),
-            sp_zapped: s.sp_zapped.get(),
-            sp_shrunk: s.sp_shrunk.get(),
-            sptes_mapped: s.sptes_mapped.get(),
-            large_sptes_mapped: s.large_sptes_mapped.get(),
-            large_sptes_dropped: s.large_sptes_dropped.get(),
-            sptes_write_protected: s.sptes_write_protected.get(),
-            remote_tlb_flushes: s.remote_tlb_flushes.get(),
-            remote_tlb_flush_ns: s.remote_tlb_flush_ns.get(),
-            pages_marked_dirty: s.pages_marked_dirty.get(),
-            pages_harvested: s.pages_harvested.get(),
-            get_dirty_log_calls: s.get_dirty_log_calls.get(),
-            fast_page_faults: s.fast_page_faults.get(),
-            lockless_walk_restarts: s.lockless_walk_restarts.get(),
             grace_periods_waited: kvm.mmu.rcu.synchronize_calls.get(),
             pool_objects_returned: kvm.mmu.sp_pool.stats.returned.get()
                 + kvm.mmu.desc_pool.stats.returned.get(),
@@ -466,9 +422,7 @@ impl Vm {
                 .backlog_wait_max_ns
                 .get()
                 .max(kvm.mmu.desc_pool.stats.backlog_wait_max_ns.get()),
-            harvest_read_sections: s.harvest_read_sections.get(),
             pool_deferred_bytes: kvm.mmu.sp_pool.deferred_bytes() + kvm.mmu.desc_pool.deferred_bytes(),
-            get_dirty_log_ns: s.get_dirty_log_ns.get(),
             mmu_lock_acquisitions: l.acquisitions.get(),
             mmu_lock_contended: l.contended.get(),
             mmu_lock_wait_ns: l.wait_ns.get(),

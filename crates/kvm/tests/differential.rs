@@ -92,7 +92,7 @@ impl Backend for Engine {
     }
 
     fn large_sptes_mapped(&self) -> Option<u64> {
-        Some(self.vm.stats().large_sptes_mapped)
+        Some(self.vm.stats().mmu.large_sptes_mapped)
     }
 }
 

@@ -215,7 +215,7 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         ops_per_sec: (total.reads + total.writes) as f64 / secs,
         faults_per_sec: total.page_faults as f64 / secs,
         invalidations,
-        sp_shrunk: stats.sp_shrunk - stats0.sp_shrunk,
+        sp_shrunk: stats.mmu.sp_shrunk - stats0.mmu.sp_shrunk,
         guest_bytes,
     })
 }

@@ -545,9 +545,9 @@ pub fn fault_heavy(
     sweepers.stop().map_err(HarnessError::BadConfig)?;
     let pages = guest_bytes / PAGE_SIZE;
     Ok(FaultHeavy {
-        faults_per_sec: (stats.sptes_mapped - stats0.sptes_mapped) as f64 / secs,
+        faults_per_sec: (stats.mmu.sptes_mapped - stats0.mmu.sptes_mapped) as f64 / secs,
         accesses_per_sec: (passes * pages / u64::from(vcpus)) as f64 / secs,
-        sp_shrunk: stats.sp_shrunk - stats0.sp_shrunk,
+        sp_shrunk: stats.mmu.sp_shrunk - stats0.mmu.sp_shrunk,
     })
 }
 

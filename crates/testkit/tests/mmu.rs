@@ -45,7 +45,7 @@ fn enabling_logging_drops_large_sptes_and_write_protects_the_rest() {
         let after = audit(&vm);
         assert_eq!(after.large_sptes, 0, "large sptes are dropped (locked design)");
         assert_eq!(after.writable_sptes, 0, "everything is write-protected");
-        assert_eq!(vm.stats().large_sptes_dropped, 2);
+        assert_eq!(vm.stats().mmu.large_sptes_dropped, 2);
 
         let mut bm = vec![0u64; bitmap_words(1280)];
         assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 0, "a fresh log is clean");
@@ -140,7 +140,7 @@ fn the_shrinker_keeps_the_vm_within_its_budget() {
             assert!(s.mmu_pages_used <= 64, "{} used", s.mmu_pages_used);
         }
         let s = vm.stats();
-        assert!(s.sp_created > 64 && s.sp_shrunk as usize >= s.sp_created as usize - 64, "{s:?}");
+        assert!(s.mmu.sp_created > 64 && s.mmu.sp_shrunk as usize >= s.mmu.sp_created as usize - 64, "{s:?}");
         let a = audit(&vm);
         assert!(a.shadow_pages <= 64);
         // Everything reads back, through rebuilt tables.
@@ -254,7 +254,7 @@ fn lockless_enable_logging_keeps_large_sptes_read_only_and_drops_them_at_fault()
         vm.enable_dirty_logging(0).unwrap();
         let a = audit(&vm);
         assert_eq!((a.large_sptes, a.writable_sptes), (2, 0), "patch 03: read-only, not dropped: {a:?}");
-        assert_eq!(vm.stats().large_sptes_dropped, 0);
+        assert_eq!(vm.stats().mmu.large_sptes_dropped, 0);
         // Reads of the logged slot do not fault.
         let faults = vcpu.stats().page_faults;
         let reads = run_ops(&mut vcpu, (0..1024).step_by(8).map(|g| GuestOp::Read(page(g))));
@@ -262,7 +262,7 @@ fn lockless_enable_logging_keeps_large_sptes_read_only_and_drops_them_at_fault()
         assert_eq!(vcpu.stats().page_faults, faults, "reads hit the read-only large sptes");
         // A write drops the large spte of its region (lazily) and maps 4 KiB.
         run_ops(&mut vcpu, [GuestOp::Write(page(600), 1)]);
-        assert_eq!(vm.stats().large_sptes_dropped, 1);
+        assert_eq!(vm.stats().mmu.large_sptes_dropped, 1);
         let a = audit(&vm);
         assert_eq!(a.large_sptes, 1, "the other region keeps its large spte");
         let mut bm = vec![0u64; 16];
@@ -270,7 +270,7 @@ fn lockless_enable_logging_keeps_large_sptes_read_only_and_drops_them_at_fault()
         assert_eq!(set_pages(&bm), vec![600]);
         // The next write to a protected 4 KiB page takes the fast path, if on.
         run_ops(&mut vcpu, [GuestOp::Write(page(600), 2)]);
-        assert_eq!(vm.stats().fast_page_faults, u64::from(base.fast_page_fault));
+        assert_eq!(vm.stats().mmu.fast_page_faults, u64::from(base.fast_page_fault));
         assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 1);
     }
 }
@@ -292,7 +292,7 @@ fn both_designs_fix_logged_write_faults_fast_unless_the_knob_is_off() {
         assert_eq!(vcpu.stats().write_faults, 4);
         let fast = if base.fast_page_fault { 3 } else { 0 };
         assert_eq!(
-            vm.stats().fast_page_faults,
+            vm.stats().mmu.fast_page_faults,
             fast,
             "KVM 3.6+ fixes these without mmu_lock, in both designs"
         );
@@ -331,9 +331,9 @@ fn a_full_backlog_during_a_lockless_harvest() {
         }
         // One harvest of every page: bounded sections.
         let mut bm = vec![0u64; bitmap_words(pages)];
-        let before = vm.stats().harvest_read_sections;
+        let before = vm.stats().mmu.harvest_read_sections;
         assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), pages);
-        let sections = vm.stats().harvest_read_sections - before;
+        let sections = vm.stats().mmu.harvest_read_sections - before;
         assert!(sections > pages / u64::from(PAGES_PER_READ_SECTION), "{sections} read-side sections");
         // Now the race: a vCPU re-dirties, an mmu notifier drops sptes (and
         // frees descriptors and tables into a full backlog) and the host

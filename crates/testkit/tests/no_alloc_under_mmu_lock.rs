@@ -87,7 +87,7 @@ fn nothing_allocates_under_mmu_lock() {
         assert_eq!(n, 0, "{mmu}: {n} allocations under mmu_lock");
         let s = vm.stats();
         assert!(
-            s.mmu_lock_acquisitions > 10_000 && s.sp_shrunk > 0,
+            s.mmu_lock_acquisitions > 10_000 && s.mmu.sp_shrunk > 0,
             "{mmu}: the workload took the lock: {s:?}"
         );
     }

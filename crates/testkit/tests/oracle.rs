@@ -52,7 +52,7 @@ fn ci_two_vcpus_256_mib_50_collections() {
             ..fifty_collections(&d)
         };
         let r = check(&cfg);
-        assert!(r.vm.sptes_write_protected > 0);
+        assert!(r.vm.mmu.sptes_write_protected > 0);
     }
 }
 
@@ -76,7 +76,7 @@ fn random_reads_and_writes_under_shrinker_pressure_with_rmap_chains() {
             ..fifty_collections(&d)
         };
         let r = check(&cfg);
-        assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");
+        assert!(r.vm.mmu.sp_shrunk > 0, "{mmu}: the shrinker ran");
         assert!(r.vcpu.reads > 0 && r.vcpu.writes > 0, "{mmu}");
     }
 }
@@ -123,7 +123,7 @@ fn under_shrinker_pressure_while_a_memslot_is_deleted_and_re_added() {
             ..fifty_collections(&d)
         };
         let r = check(&cfg);
-        assert!(r.vm.sp_shrunk > 0, "{mmu}: the shrinker ran");
+        assert!(r.vm.mmu.sp_shrunk > 0, "{mmu}: the shrinker ran");
         assert!(r.slot_churn_cycles > 0, "{mmu}: the slot was deleted and re-added");
         assert!(r.vm.pool_objects_returned > 0, "{mmu}: shadow page memory went back after grace periods");
     }
@@ -137,7 +137,7 @@ fn logging_turned_off_and_on_again_with_the_vcpus_running() {
         let r = check(&cfg);
         assert_eq!(r.relogs, 10, "{mmu}");
         if d.fast_page_fault {
-            assert!(r.vm.fast_page_faults > 0, "{mmu}: the fast path ran across the re-enables");
+            assert!(r.vm.mmu.fast_page_faults > 0, "{mmu}: the fast path ran across the re-enables");
         }
     }
 }
@@ -182,7 +182,11 @@ fn logging_on_several_slots_at_once() {
             ..fifty_collections(&d)
         };
         let r = check(&cfg);
-        assert!(r.vm.sptes_write_protected > 0, "{mmu}");
-        assert_eq!(r.vm.get_dirty_log_calls, 3 * (r.collections + 1), "{mmu}: each slot, each collection");
+        assert!(r.vm.mmu.sptes_write_protected > 0, "{mmu}");
+        assert_eq!(
+            r.vm.mmu.get_dirty_log_calls,
+            3 * (r.collections + 1),
+            "{mmu}: each slot, each collection"
+        );
     }
 }

@@ -16,7 +16,9 @@
 //! - [`perf`]: `migrate-perf` as `dirty_log_perf_test` does it, one thread
 //!   per vCPU, exits to the host at pass boundaries;
 //! - [`script`]: a vCPU that executes host-chosen writes, for differential
-//!   tests against the engine.
+//!   tests against the engine;
+//! - [`backend`]: KVM as a testkit `Backend`, the interface the engine also
+//!   implements.
 //!
 //! ```no_run
 //! let p = shadow_mmu_kvm::probe();
@@ -33,6 +35,7 @@
 //! ```
 
 mod asm;
+pub mod backend;
 pub mod error;
 pub mod guest;
 pub mod ioctls;
@@ -41,6 +44,7 @@ pub mod probe;
 pub mod script;
 pub mod vm;
 
+pub use backend::KvmBackend;
 pub use error::KvmError;
 pub use perf::{KvmIteration, KvmPerfConfig, KvmPerfRun, KvmPerfVm, migrate_perf};
 pub use probe::{Capabilities, Execution, Flavour, Probe, probe};

@@ -1,5 +1,6 @@
-//! The same deterministic write sequence on the engine (both designs) and on
-//! real KVM (with and without manual protect), several rounds with a harvest
+//! The same deterministic write sequence on the engine (every design) and on
+//! real KVM (with and without manual protect), all through the testkit's
+//! `Backend` trait, several rounds with a harvest
 //! between them: the dirty bitmaps must be identical round by round, equal
 //! to the set of pages the round wrote, and the memories identical at the
 //! end.
@@ -11,14 +12,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use common::{SplitMix, kvm_usable, set_pages};
-use shadow_mmu_engine::{
-    GuestOp, HostMemory, MemFlags, MmuDesign, Script, UserMemoryRegion, VcpuExit, Vm, VmConfig,
-};
-use shadow_mmu_kvm::{KvmError, KvmScriptVm, bitmap_words};
+use common::{SplitMix, kvm_usable};
+use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
+use shadow_mmu_testkit::backend::{Backend, BackendVm, EngineBackend, harvest};
+use shadow_mmu_testkit::fixtures::{every_design, set_pages};
 
 const SLOT_BYTES: u64 = 64 << 20;
 const PAGES: u64 = SLOT_BYTES / 4096;
@@ -28,105 +27,25 @@ const LARGE: u64 = 512;
 /// in round 4: on the engine it is first mapped by a large spte.
 const BULK_REGION: u64 = 5;
 
-/// A dirty-logging VM under test.
-trait Backend {
-    fn name(&self) -> String;
-    fn write(&mut self, writes: &[(u64, u64)]);
-    fn set_logging(&mut self, on: bool);
-    /// Harvests the log: `Err` (with the reason) when the VM refuses.
-    fn harvest(&mut self, bitmap: &mut [u64]) -> Result<u64, String>;
-    fn word(&self, offset: u64) -> u64;
-    /// Large sptes installed so far (the engine's figure; KVM's is not
-    /// visible).
-    fn large_sptes_mapped(&self) -> Option<u64> {
-        None
-    }
+/// Every backend: the engine in every design, KVM classic and with manual
+/// protect.
+fn backends() -> Vec<Box<dyn Backend>> {
+    let engine =
+        every_design().into_iter().map(|config| Box::new(EngineBackend { config }) as Box<dyn Backend>);
+    let kvm = [false, true].map(|manual_protect| Box::new(KvmBackend { manual_protect }) as Box<dyn Backend>);
+    engine.chain(kvm).collect()
 }
 
-struct Engine {
-    vm: Vm,
-    vcpu: shadow_mmu_engine::Vcpu,
-    mem: Arc<HostMemory>,
+fn word(vm: &dyn BackendVm, offset: u64) -> u64 {
+    vm.memory()[(offset / 8) as usize].load(Ordering::Relaxed)
 }
 
-impl Engine {
-    fn new(mmu: MmuDesign, fast_page_fault: bool) -> Self {
-        let vm = Vm::new(VmConfig { mmu, fast_page_fault, ..VmConfig::default() }).expect("engine VM");
-        assert!(vm.config().large_pages, "the bulk region needs large pages on");
-        let mem = HostMemory::anonymous(SLOT_BYTES).expect("host memory");
-        vm.set_user_memory_region(UserMemoryRegion {
-            slot: 0,
-            flags: MemFlags::empty(),
-            guest_phys_addr: 0,
-            memory_size: SLOT_BYTES,
-            memory: Some(mem.clone()),
-            memory_offset: 0,
-        })
-        .expect("slot");
-        let vcpu = vm.create_vcpu(0).expect("vCPU");
-        Self { vm, vcpu, mem }
-    }
+fn write(vm: &mut dyn BackendVm, writes: &[(u64, u64)]) {
+    vm.run_writes(writes).unwrap_or_else(|e| panic!("{e}"));
 }
 
-impl Backend for Engine {
-    fn name(&self) -> String {
-        let fast = if self.vm.config().fast_page_fault { "" } else { ", no fast_page_fault" };
-        format!("engine {:?}{fast}", self.vm.design())
-    }
-
-    fn write(&mut self, writes: &[(u64, u64)]) {
-        let mut script = Script::new(writes.iter().map(|&(off, v)| GuestOp::Write(off, v)));
-        assert_eq!(self.vcpu.run(&mut script).expect("engine run"), VcpuExit::Hypercall(0));
-    }
-
-    fn set_logging(&mut self, on: bool) {
-        if on { self.vm.enable_dirty_logging(0) } else { self.vm.disable_dirty_logging(0) }.expect("logging");
-    }
-
-    fn harvest(&mut self, bitmap: &mut [u64]) -> Result<u64, String> {
-        self.vm.get_dirty_log(0, bitmap).map_err(|e| e.to_string())
-    }
-
-    fn word(&self, offset: u64) -> u64 {
-        self.mem.words()[(offset / 8) as usize].load(Ordering::Relaxed)
-    }
-
-    fn large_sptes_mapped(&self) -> Option<u64> {
-        Some(self.vm.stats().mmu.large_sptes_mapped)
-    }
-}
-
-struct Kvm {
-    vm: KvmScriptVm,
-    manual: bool,
-}
-
-impl Backend for Kvm {
-    fn name(&self) -> String {
-        format!("KVM{}", if self.manual { " (manual protect)" } else { "" })
-    }
-
-    fn write(&mut self, writes: &[(u64, u64)]) {
-        self.vm.run_writes(writes).expect("KVM run");
-    }
-
-    fn set_logging(&mut self, on: bool) {
-        if on { self.vm.enable_dirty_logging() } else { self.vm.disable_dirty_logging() }.expect("logging");
-    }
-
-    fn harvest(&mut self, bitmap: &mut [u64]) -> Result<u64, String> {
-        let n = self.vm.get_dirty_log(bitmap).map_err(|e| e.to_string())?;
-        if self.manual {
-            // KVM_GET_DIRTY_LOG only copied the log: clearing it (and
-            // re-protecting) is what the engine's harvest does in one step.
-            self.vm.clear_dirty_log(0, bitmap).expect("KVM_CLEAR_DIRTY_LOG");
-        }
-        Ok(n)
-    }
-
-    fn word(&self, offset: u64) -> u64 {
-        self.vm.memory()[(offset / 8) as usize].load(Ordering::Relaxed)
-    }
+fn set_logging(vm: &mut dyn BackendVm, on: bool) {
+    vm.set_dirty_logging(on).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Round `r`'s writes: scattered pages (some written twice), empty for
@@ -161,10 +80,10 @@ fn pages_of(writes: &[(u64, u64)]) -> Vec<u64> {
 
 /// Harvests every backend; asserts they agree with each other and with
 /// `want` (the pages written since the last harvest).
-fn harvest_all(backends: &mut [Box<dyn Backend>], want: &[u64], what: &str) {
+fn harvest_all(backends: &mut [Box<dyn BackendVm>], want: &[u64], what: &str) {
     for b in backends.iter_mut() {
         let mut bitmap = vec![0u64; bitmap_words(PAGES)];
-        let n = b.harvest(&mut bitmap).unwrap_or_else(|e| panic!("{}: {what}: {e}", b.name()));
+        let n = harvest(b.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = set_pages(&bitmap);
         assert_eq!(n, got.len() as u64, "{}: {what}: count vs bitmap", b.name());
         assert_eq!(got, want, "{}: {what}: dirty pages differ from the pages written", b.name());
@@ -176,14 +95,9 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     if !kvm_usable() {
         return;
     }
-    let mut backends: Vec<Box<dyn Backend>> = vec![
-        Box::new(Engine::new(MmuDesign::Locked, true)),
-        Box::new(Engine::new(MmuDesign::Lockless, true)),
-        Box::new(Engine::new(MmuDesign::Locked, false)),
-        Box::new(Engine::new(MmuDesign::Lockless, false)),
-        Box::new(Kvm { vm: KvmScriptVm::new(SLOT_BYTES, false).expect("KVM VM"), manual: false }),
-        Box::new(Kvm { vm: KvmScriptVm::new(SLOT_BYTES, true).expect("KVM VM"), manual: true }),
-    ];
+    let mut backends: Vec<Box<dyn BackendVm>> =
+        backends().iter().map(|b| b.create_vm(SLOT_BYTES).unwrap_or_else(|e| panic!("{e}"))).collect();
+    assert_eq!(backends.len(), 6);
     let mut rng = SplitMix(0x5eed);
 
     // Logging off: writes, including the whole bulk region (mapped large on
@@ -191,9 +105,9 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     let mut before: Vec<(u64, u64)> = (0..200).map(|i| (rng.below(PAGES) * 4096, i)).collect();
     before.extend((0..LARGE).map(|p| ((BULK_REGION * LARGE + p) * 4096 + 8, p)));
     for b in backends.iter_mut() {
-        b.write(&before);
+        write(b.as_mut(), &before);
         let mut bitmap = vec![0u64; bitmap_words(PAGES)];
-        let refused = b.harvest(&mut bitmap);
+        let refused = harvest(b.as_mut(), &mut bitmap);
         assert!(
             refused.is_err(),
             "{}: a harvest with logging off must be refused, got {refused:?}",
@@ -208,7 +122,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
 
     // Enabling logging starts a clear log on every backend.
     for b in backends.iter_mut() {
-        b.set_logging(true);
+        set_logging(b.as_mut(), true);
     }
     harvest_all(&mut backends, &[], "right after enabling");
 
@@ -216,7 +130,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     for r in 1..=6 {
         let writes = round_writes(r, &mut rng);
         for b in backends.iter_mut() {
-            b.write(&writes);
+            write(b.as_mut(), &writes);
         }
         let want = pages_of(&writes);
         nonempty += u32::from(!want.is_empty());
@@ -241,14 +155,14 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     // Logging off, writes, logging on again: the log restarts clear.
     let unlogged: Vec<(u64, u64)> = (0..100).map(|i| (rng.below(PAGES) * 4096, i)).collect();
     for b in backends.iter_mut() {
-        b.set_logging(false);
-        b.write(&unlogged);
-        b.set_logging(true);
+        set_logging(b.as_mut(), false);
+        write(b.as_mut(), &unlogged);
+        set_logging(b.as_mut(), true);
     }
     harvest_all(&mut backends, &[], "after re-enabling");
     let last = round_writes(2, &mut rng);
     for b in backends.iter_mut() {
-        b.write(&last);
+        write(b.as_mut(), &last);
     }
     harvest_all(&mut backends, &pages_of(&last), "a round after re-enabling");
 
@@ -256,9 +170,9 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     let mut differ = 0;
     let mut nonzero = 0;
     for off in (0..SLOT_BYTES).step_by(8) {
-        let w0 = backends[0].word(off);
+        let w0 = word(backends[0].as_ref(), off);
         nonzero += u64::from(w0 != 0);
-        differ += backends[1..].iter().filter(|b| b.word(off) != w0).count();
+        differ += backends[1..].iter().filter(|b| word(b.as_ref(), off) != w0).count();
     }
     assert_eq!(differ, 0, "memory differs between backends");
     assert!(nonzero > 5000, "only {nonzero} words written");

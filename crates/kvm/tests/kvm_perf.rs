@@ -9,10 +9,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::{kvm_usable, set_pages};
+use common::kvm_usable;
 use shadow_mmu_kvm::guest::model_pass;
 use shadow_mmu_kvm::perf::slice;
 use shadow_mmu_kvm::{KvmPerfConfig, KvmPerfVm, bitmap_words, migrate_perf};
+use shadow_mmu_testkit::fixtures::set_pages;
 
 const MIB16: u64 = 16 << 20;
 

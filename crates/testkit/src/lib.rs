@@ -12,8 +12,11 @@
 //!   compare-exchange floor;
 //! - [`kernbench`] and [`trace`]: the seed's no-regression check, a sweep or
 //!   a replay of a real program's page trace;
+//! - [`backend`]: one interface to a dirty-logging VM, on the engine or on
+//!   the machine's KVM;
 //! - [`fixtures`]: small VMs and guests the tests share.
 
+pub mod backend;
 pub mod fixtures;
 pub mod harness;
 pub mod kernbench;

@@ -42,17 +42,3 @@ impl SplitMix {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 }
-
-/// Pages set in a bitmap, in order.
-#[allow(dead_code)]
-pub fn set_pages(bitmap: &[u64]) -> Vec<u64> {
-    let mut v = Vec::new();
-    for (w, &word) in bitmap.iter().enumerate() {
-        for b in 0..64 {
-            if word >> b & 1 == 1 {
-                v.push(w as u64 * 64 + b);
-            }
-        }
-    }
-    v
-}

@@ -1,0 +1,245 @@
+//! One interface to a dirty-logging VM, whichever runs it: the engine, in
+//! either design ([`EngineBackend`]), or the machine's KVM (the kvm crate's
+//! `KvmBackend`). Tests and tools written against [`Backend`] and
+//! [`BackendVm`] run unchanged on both, so their bitmaps and figures can be
+//! compared with the real thing.
+//!
+//! A [`BackendVm`] has one memslot of test memory at guest physical 0 and
+//! one vCPU that runs host-chosen stores ([`BackendVm::run_writes`]); between
+//! calls no vCPU runs, so the memory holds still while the host reads it or
+//! harvests its log. What only some backends do is in [`Capabilities`].
+//!
+//! Not here yet (issue 10 goes on): vCPUs running a workload on their own
+//! threads, with pauses (what `bench migrate-perf` needs), and host-side
+//! writes that mark pages dirty.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use shadow_mmu_engine::{
+    GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit, Vm, VmConfig,
+};
+use thiserror::Error;
+
+/// What a backend's VM does beyond the common interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`):
+    /// [`BackendVm::get_dirty_log`] only copies the log, and
+    /// [`BackendVm::clear_dirty_log`] clears and re-protects.
+    pub manual_protect: bool,
+    /// [`BackendVm::large_sptes_mapped`] answers (the engine shows its shadow
+    /// page tables; KVM does not).
+    pub mmu_figures: bool,
+}
+
+/// Why a backend refused an operation. The VM goes on; nothing was done.
+#[derive(Debug, Error)]
+#[error("{backend}: {op} refused")]
+pub struct BackendError {
+    /// The backend's name.
+    pub backend: String,
+    /// The operation.
+    pub op: &'static str,
+    /// The backend's own error.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BackendError {
+    /// Wraps `source`, the error `backend` gave for `op`.
+    pub fn new(
+        backend: &str,
+        op: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self { backend: backend.to_string(), op, source: Box::new(source) }
+    }
+}
+
+/// A way to run dirty-logging VMs.
+pub trait Backend {
+    /// A name for reports ("engine locked", "KVM (manual protect)").
+    fn name(&self) -> String;
+
+    /// A VM with `guest_bytes` of test memory at guest physical 0 (dirty
+    /// logging off) and one vCPU.
+    fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError>;
+}
+
+/// A VM of some backend (module docs).
+pub trait BackendVm {
+    /// The backend's name.
+    fn name(&self) -> String;
+
+    /// What it can do beyond the common interface.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Pages of the test slot.
+    fn pages(&self) -> u64;
+
+    /// The test slot's memory, as the host sees it (one word per 8 bytes).
+    fn memory(&self) -> &[AtomicU64];
+
+    /// Turns dirty logging of the test slot on (write-protecting it, with a
+    /// clean log; all set with manual protect's `INITIALLY_SET`, where a
+    /// backend has it on) or off.
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError>;
+
+    /// `KVM_GET_DIRTY_LOG` into `bitmap` (one bit per page); returns the
+    /// pages set. Clears and re-protects, unless the VM protects manually.
+    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError>;
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the pages set in `bitmap`, from page
+    /// `first_page`: manual protect only.
+    fn clear_dirty_log(&mut self, first_page: u64, bitmap: &[u64]) -> Result<(), BackendError>;
+
+    /// Runs the vCPU through these guest stores, in order: 8 bytes of
+    /// `value` at byte `offset` of the test slot. Checked first: a refused
+    /// list stores nothing.
+    fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError>;
+
+    /// Large (2 MiB) sptes installed so far, where
+    /// [`Capabilities::mmu_figures`].
+    fn large_sptes_mapped(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A harvest as a migration makes it: `get_dirty_log`, then, on a VM that
+/// protects manually, `clear_dirty_log` of what it got, so that either way
+/// the pages reported are write-protected again when this returns.
+pub fn harvest(vm: &mut dyn BackendVm, bitmap: &mut [u64]) -> Result<u64, BackendError> {
+    let n = vm.get_dirty_log(bitmap)?;
+    if vm.capabilities().manual_protect {
+        vm.clear_dirty_log(0, bitmap)?;
+    }
+    Ok(n)
+}
+
+/// The engine as a backend: VMs built from `config` (design, fast path,
+/// and the rest).
+#[derive(Debug, Clone, Default)]
+pub struct EngineBackend {
+    /// How each VM is built.
+    pub config: VmConfig,
+}
+
+impl Backend for EngineBackend {
+    fn name(&self) -> String {
+        let fast = if self.config.fast_page_fault { "" } else { ", no fast_page_fault" };
+        format!("engine {}{fast}", self.config.mmu)
+    }
+
+    fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
+        let name = self.name();
+        let vm = Vm::new(self.config.clone()).map_err(|e| BackendError::new(&name, "creating the VM", e))?;
+        let mem = HostMemory::anonymous(guest_bytes)
+            .map_err(|e| BackendError::new(&name, "mapping guest memory", e))?;
+        vm.set_user_memory_region(UserMemoryRegion {
+            slot: 0,
+            flags: MemFlags::empty(),
+            guest_phys_addr: 0,
+            memory_size: guest_bytes,
+            memory: Some(mem.clone()),
+            memory_offset: 0,
+        })
+        .map_err(|e| BackendError::new(&name, "adding the memslot", e))?;
+        let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
+        Ok(Box::new(EngineVm { name, vm, vcpu, mem }))
+    }
+}
+
+/// A VM of [`EngineBackend`].
+struct EngineVm {
+    name: String,
+    vm: Vm,
+    vcpu: Vcpu,
+    mem: Arc<HostMemory>,
+}
+
+impl EngineVm {
+    fn fail(
+        &self,
+        op: &'static str,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BackendError {
+        let backend = self.name.clone();
+        move |source| BackendError { backend, op, source }
+    }
+}
+
+impl BackendVm for EngineVm {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { manual_protect: false, mmu_figures: true }
+    }
+
+    fn pages(&self) -> u64 {
+        self.mem.pages()
+    }
+
+    fn memory(&self) -> &[AtomicU64] {
+        self.mem.words()
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
+        let r = if on { self.vm.enable_dirty_logging(0) } else { self.vm.disable_dirty_logging(0) };
+        r.map_err(|e| self.fail("setting dirty logging")(e.into()))
+    }
+
+    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {
+        self.vm.get_dirty_log(0, bitmap).map_err(|e| self.fail("get_dirty_log")(e.into()))
+    }
+
+    fn clear_dirty_log(&mut self, _first_page: u64, _bitmap: &[u64]) -> Result<(), BackendError> {
+        Err(self.fail("clear_dirty_log")("the engine has no manual protect yet (issue 11)".into()))
+    }
+
+    fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError> {
+        let bytes = self.mem.words().len() as u64 * 8;
+        if let Some(&(off, _)) = writes.iter().find(|&&(off, _)| !off.is_multiple_of(8) || off >= bytes) {
+            let why = format!("store at {off:#x}: not 8-aligned inside the {bytes:#x}-byte slot");
+            return Err(self.fail("run_writes")(why.into()));
+        }
+        let mut script = Script::new(writes.iter().map(|&(off, v)| GuestOp::Write(off, v)));
+        match self.vcpu.run(&mut script) {
+            Ok(VcpuExit::Hypercall(0)) => Ok(()),
+            Ok(exit) => Err(self.fail("run_writes")(format!("unexpected exit {exit:?}").into())),
+            Err(e) => Err(self.fail("run_writes")(e.into())),
+        }
+    }
+
+    fn large_sptes_mapped(&self) -> Option<u64> {
+        Some(self.vm.stats().mmu.large_sptes_mapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{MIB, every_design, set_pages};
+
+    #[test]
+    fn the_engine_as_a_backend() {
+        for config in every_design() {
+            let backend = EngineBackend { config };
+            let mut vm = backend.create_vm(2 * MIB).unwrap();
+            assert_eq!(vm.pages(), 512);
+            let mut bitmap = vec![0u64; 8];
+            assert!(harvest(vm.as_mut(), &mut bitmap).is_err(), "{}: logging is off", backend.name());
+            vm.set_dirty_logging(true).unwrap();
+            vm.run_writes(&[(3 * 4096 + 8, 7), (9 * 4096, 1)]).unwrap();
+            assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap(), 2);
+            assert_eq!(set_pages(&bitmap), vec![3, 9]);
+            assert_eq!(vm.memory()[3 * 512 + 1].load(std::sync::atomic::Ordering::Relaxed), 7);
+            // Refused stores store nothing, and the VM goes on.
+            let e = vm.run_writes(&[(0, 1), (4, 2)]).unwrap_err();
+            assert!(e.to_string().contains("run_writes refused"), "{e}");
+            assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap(), 0);
+            assert!(vm.clear_dirty_log(0, &bitmap).is_err(), "no manual protect on the engine yet");
+            assert!(vm.large_sptes_mapped().is_some());
+        }
+    }
+}

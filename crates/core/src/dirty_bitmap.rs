@@ -36,11 +36,13 @@ impl DirtyBitmap {
     }
 
     /// Pages covered.
+    #[inline]
     pub fn npages(&self) -> u64 {
         self.npages
     }
 
     /// Number of words.
+    #[inline]
     pub fn len_words(&self) -> usize {
         self.words.len()
     }
@@ -74,11 +76,13 @@ impl DirtyBitmap {
     }
 
     /// Reads word `i` without clearing it.
+    #[inline]
     pub fn peek_word(&self, i: usize) -> u64 {
         self.words[i].load(Ordering::Relaxed)
     }
 
     /// Is page `rel_gfn` marked?
+    #[inline]
     pub fn test(&self, rel_gfn: u64) -> bool {
         self.peek_word((rel_gfn / 64) as usize) & (1 << (rel_gfn % 64)) != 0
     }

@@ -651,6 +651,7 @@ impl PteListHead {
     /// # Safety
     /// The module's contract; no writer runs concurrently (the caller holds
     /// the writers' lock), and `f` does not modify this list.
+    #[inline]
     pub unsafe fn walk(&self, mut f: impl FnMut(SptePtr)) {
         // SAFETY: forwarded contract.
         for spte in unsafe { self.iter() } {
@@ -664,6 +665,7 @@ impl PteListHead {
     /// The module's contract; no writer modifies the list while the iterator
     /// is in use (a caller that removes an entry starts a new iterator, as
     /// KVM's callers of `rmap_get_first` do).
+    #[inline]
     pub unsafe fn iter(&self) -> RmapIter<'_> {
         let v = self.raw();
         let state = if v == 0 {
@@ -753,6 +755,7 @@ pub struct RmapIter<'a> {
 impl Iterator for RmapIter<'_> {
     type Item = SptePtr;
 
+    #[inline]
     fn next(&mut self) -> Option<SptePtr> {
         loop {
             match self.state {

@@ -130,6 +130,7 @@ impl Rcu {
     /// `rcu_read_lock`: enters a read-side section. Objects unlinked and
     /// handed to this domain after the fence below are not freed until the
     /// guard is dropped. Waits for a free slot if all are taken.
+    #[inline]
     pub fn read_lock(&self) -> ReadGuard<'_> {
         let n = self.slots.len();
         let start = thread_hint() % n;
@@ -213,6 +214,7 @@ impl Rcu {
 impl ReadGuard<'_> {
     /// Leaves and re-enters the section, letting waiting updaters finish (the
     /// seed's `kvm_mmu_rcu_free_page_end` + `_begin` when `need_resched`).
+    #[inline]
     pub fn quiesce(&mut self) {
         let s = &self.rcu.slots[self.slot];
         // Release: as in `drop`.
@@ -227,6 +229,7 @@ impl ReadGuard<'_> {
 }
 
 impl Drop for ReadGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         let s = &self.rcu.slots[self.slot];
         // Release: pairs with the updater's acquire load of the slot; every

@@ -241,6 +241,24 @@ pub fn print_summary(p: &Progress, r: &Record) {
             per / r.floor_ns_per_page
         ));
     }
+    // The rhythm's one race: the vCPUs start their next pass as the harvest
+    // starts, both from page 0. If a vCPU gets ahead of the harvester, its
+    // stores no longer fault (the pages are still writable), the two share
+    // cache lines for the whole harvest (which slows it), and the pass is
+    // absorbed by this harvest: the next one finds few pages.
+    let most = r.iterations.iter().map(|i| i.dirty_pages).max().unwrap_or(0);
+    for (k, it) in r.iterations.iter().enumerate().skip(1) {
+        if it.dirty_pages * 10 < most * 9 {
+            p.line(format!(
+                "Note: iteration {} harvested {} pages where others harvested {most}: the vCPUs' pass \
+                 ran ahead of iteration {}'s harvest, which took it in (and was slowed sharing its cache \
+                 lines); the averages above include both",
+                k + 1,
+                it.dirty_pages,
+                k
+            ));
+        }
+    }
     match &r.latency {
         Some((harvest, idle)) => {
             p.line(latency_line("during harvest", harvest));

@@ -461,9 +461,16 @@ pub fn migrate_perf(
     for i in 0..cfg.iterations {
         let pass = 2 + u64::from(i);
         let dirty_memory_ns = sweepers.wait_passes(&vec![pass - 1; cfg.vcpus as usize]);
-        // The vCPUs go on write-faulting during the harvest.
-        sweepers.release(pass + 1);
+        // The cut first, with every vCPU parked (so it returns at once), then
+        // the release, then the harvest: the vCPUs go on write-faulting
+        // during the harvest, and the harvester starts as they wake, ahead
+        // of them, so each of their stores faults on a page it has already
+        // protected. With the release first, the cut waited for every vCPU's
+        // first store of the new pass: a vCPU could start ahead of the
+        // harvester, and then stayed ahead without faulting, sharing its
+        // cache lines and handing it the whole pass (the README's outliers).
         let cut = sweepers.ctl.cut();
+        sweepers.release(pass + 1);
         let (dirty_pages, get_dirty_log_ns) = clock.harvest(|| {
             let t = Instant::now();
             let r = vm.get_dirty_log(0, &mut bitmap);

@@ -30,7 +30,7 @@
 //!
 //! The page fault path never allocates under `mmu_lock`: a vCPU tops up its
 //! [`MemoryCache`]s before it takes the lock (`mmu_topup_memory_caches`) and
-//! takes objects from them under the lock (checked: see `lockdep.rs`).
+//! takes objects from them under the lock (checked: see `lockdep`).
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;

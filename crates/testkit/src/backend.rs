@@ -81,8 +81,7 @@ pub trait BackendVm {
     fn memory(&self) -> &[AtomicU64];
 
     /// Turns dirty logging of the test slot on (write-protecting it, with a
-    /// clean log; all set with manual protect's `INITIALLY_SET`, where a
-    /// backend has it on) or off.
+    /// clean log; no backend here enables `INITIALLY_SET` yet) or off.
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError>;
 
     /// `KVM_GET_DIRTY_LOG` into `bitmap` (one bit per page); returns the

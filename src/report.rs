@@ -126,8 +126,8 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     if r.slot_churn_cycles > 0 {
         let _ = writeln!(
             s,
-            "  slot churn            {} deletions and re-additions of slot 1",
-            r.slot_churn_cycles
+            "  slot churn            {} deletions and re-additions of slot {}",
+            r.slot_churn_cycles, cfg.slots
         );
     }
     let _ = writeln!(s, "  lost pages            {}", r.lost_pages);

@@ -405,9 +405,9 @@ impl crate::guest::GuestCode for ChurnGuest {
     }
 }
 
-/// The churn of slot 1: an extra vCPU writing to it, and a thread deleting
-/// and re-adding it. Stopped and joined by `stop`, or when dropped (an error
-/// return).
+/// The churn of the slot after guest memory's (id `RunConfig::slots`): an
+/// extra vCPU writing to it, and a thread deleting and re-adding it. Stopped
+/// and joined by `stop`, or when dropped (an error return).
 struct Churn {
     stop: Arc<std::sync::atomic::AtomicBool>,
     vcpu: Option<JoinHandle<Vec<RunError>>>,

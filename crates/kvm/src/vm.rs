@@ -58,10 +58,8 @@ pub const MAX_CONTROL_BYTES: u64 = TEST_GPA;
 /// `out UCALL_PORT, al` with the ucall code in `al`.
 pub const UCALL_PORT: u16 = 0x10;
 
-/// `u64` words of a dirty bitmap for `pages` pages.
-pub const fn bitmap_words(pages: u64) -> usize {
-    pages.div_ceil(64) as usize
-}
+/// KVM's bitmap layout is the engine's: one bit per page, in `u64` words.
+pub use shadow_mmu_core::bitmap_words;
 
 /// An anonymous, private, page-aligned host mapping that backs a memslot.
 #[derive(Debug)]

@@ -6,7 +6,7 @@
 use serde_json::json;
 use shadow_mmu_kvm::{KvmPerfConfig, Probe};
 
-use super::migrate_perf::{Iter, MigratePerfArgs, Record, print_summary};
+use super::migrate_perf::{MigratePerfArgs, Record, print_summary};
 use super::{BenchResult, Progress, secs};
 
 /// The machine's KVM, as probed once per run.
@@ -63,30 +63,20 @@ impl KvmBench {
         let r = shadow_mmu_kvm::migrate_perf(&cfg, a.iterations, |i, it| {
             p.line(format!("Iteration {i} dirty memory time: {}", secs(it.dirty_memory_ns)));
             p.line(format!("Iteration {i} get dirty log time: {}", secs(it.get_dirty_log_ns)));
-            if manual_protect {
-                p.line(format!("Iteration {i} clear dirty log time: {}", secs(it.clear_dirty_log_ns)));
+            if let Some(ns) = it.clear_dirty_log_ns {
+                p.line(format!("Iteration {i} clear dirty log time: {}", secs(ns)));
             }
             p.step(format!("kvm {} MiB", guest_bytes >> 20));
         })?;
-        let iter = |i: &shadow_mmu_kvm::KvmIteration| Iter {
-            dirty_memory_ns: i.dirty_memory_ns,
-            get_dirty_log_ns: i.get_dirty_log_ns,
-            clear_dirty_log_ns: manual_protect.then_some(i.clear_dirty_log_ns),
-            dirty_pages: i.dirty_pages,
-        };
         let rec = Record {
             backend: "kvm",
             mmu: if manual_protect { "manual-protect" } else { "classic" }.to_string(),
             vcpus: a.vcpus,
             guest_bytes,
-            populate_ns: r.populate_ns,
-            enable_dirty_logging_ns: r.enable_dirty_logging_ns,
-            iterations: r.iterations.iter().map(iter).collect(),
             floor_ns_per_page: testkit::perf::cmpxchg_floor(r.dirty_pages_avg()),
             latency: None,
-            lost_pages: r.lost_pages,
             fault_heavy_faults_per_sec: None,
-            quiet: Some(iter(&r.quiet)),
+            run: r,
             extra: json!({
                 "write_pct": a.write_pct,
                 "random": a.random,
@@ -96,8 +86,8 @@ impl KvmBench {
                 "manual_protect": manual_protect,
             }),
         };
-        p.line(format!("Populate memory time: {}", secs(rec.populate_ns)));
-        p.line(format!("Enabling dirty logging time: {}", secs(rec.enable_dirty_logging_ns)));
+        p.line(format!("Populate memory time: {}", secs(rec.run.populate_ns)));
+        p.line(format!("Enabling dirty logging time: {}", secs(rec.run.enable_dirty_logging_ns)));
         print_summary(p, &rec);
         if !self.0.vcpu_timings_comparable {
             p.line(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use engine::MmuDesign;
 use serde_json::{Value, json};
-use testkit::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun};
+use testkit::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun, PerfRun};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
 use crate::plot;
@@ -74,29 +74,8 @@ pub enum Backend {
     Kvm,
 }
 
-/// One iteration, whichever the backend.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Iter {
-    pub(super) dirty_memory_ns: u64,
-    pub(super) get_dirty_log_ns: u64,
-    pub(super) clear_dirty_log_ns: Option<u64>,
-    pub(super) dirty_pages: u64,
-}
-
-impl Iter {
-    /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
-    /// protection is done there (KVM's manual protect).
-    fn harvest_ns(&self) -> u64 {
-        self.get_dirty_log_ns + self.clear_dirty_log_ns.unwrap_or(0)
-    }
-
-    /// Harvest time per dirty page.
-    fn ns_per_page(&self) -> f64 {
-        self.harvest_ns() as f64 / self.dirty_pages.max(1) as f64
-    }
-}
-
-/// One run, whichever the backend.
+/// One run, whichever the backend: the figures every backend has
+/// ([`PerfRun`]), and what only some have.
 #[derive(Debug, Clone, Default)]
 pub struct Record {
     pub(super) backend: &'static str,
@@ -104,40 +83,15 @@ pub struct Record {
     pub(super) mmu: String,
     pub(super) vcpus: u32,
     pub(super) guest_bytes: u64,
-    pub(super) populate_ns: u64,
-    pub(super) enable_dirty_logging_ns: u64,
-    pub(super) iterations: Vec<Iter>,
+    pub(super) run: PerfRun,
     pub(super) floor_ns_per_page: f64,
     /// Engine only: KVM's faults cannot be timed from userspace.
     pub(super) latency: Option<(LatencyHistogram, LatencyHistogram)>,
-    pub(super) lost_pages: u64,
     pub(super) fault_heavy_faults_per_sec: Option<f64>,
-    /// A harvest with no vCPU running, of a guest just fully dirtied.
-    pub(super) quiet: Option<Iter>,
     pub(super) extra: Value,
 }
 
 impl Record {
-    fn avg(&self, f: impl Fn(&Iter) -> u64) -> u64 {
-        self.iterations.iter().map(f).sum::<u64>() / self.iterations.len().max(1) as u64
-    }
-
-    /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
-    /// protection is done there (KVM's manual protect).
-    fn harvest_avg(&self) -> u64 {
-        self.avg(Iter::harvest_ns)
-    }
-
-    /// Harvest time per dirty page.
-    fn ns_per_dirty_page(&self) -> f64 {
-        self.harvest_avg() as f64 / self.avg(|i| i.dirty_pages).max(1) as f64
-    }
-
-    fn clear_avg(&self) -> Option<u64> {
-        let c: Option<Vec<u64>> = self.iterations.iter().map(|i| i.clear_dirty_log_ns).collect();
-        c.filter(|c| !c.is_empty()).map(|c| c.iter().sum::<u64>() / c.len() as u64)
-    }
-
     fn label(&self) -> String {
         format!("{} {}", self.backend, self.mmu)
     }
@@ -163,24 +117,24 @@ impl Record {
             "mmu": self.mmu,
             "vcpus": self.vcpus,
             "guest_bytes": self.guest_bytes,
-            "populate_ns": self.populate_ns,
-            "enable_dirty_logging_ns": self.enable_dirty_logging_ns,
-            "dirty_memory_avg_ns": self.avg(|i| i.dirty_memory_ns),
-            "get_dirty_log_avg_ns": self.avg(|i| i.get_dirty_log_ns),
-            "clear_dirty_log_avg_ns": self.clear_avg(),
-            "dirty_pages_avg": self.avg(|i| i.dirty_pages),
-            "ns_per_dirty_page": self.ns_per_dirty_page(),
+            "populate_ns": self.run.populate_ns,
+            "enable_dirty_logging_ns": self.run.enable_dirty_logging_ns,
+            "dirty_memory_avg_ns": self.run.dirty_memory_avg_ns(),
+            "get_dirty_log_avg_ns": self.run.get_dirty_log_avg_ns(),
+            "clear_dirty_log_avg_ns": self.run.clear_dirty_log_avg_ns(),
+            "dirty_pages_avg": self.run.dirty_pages_avg(),
+            "ns_per_dirty_page": self.run.ns_per_dirty_page(),
             "floor_ns_per_page": self.floor_ns_per_page,
             "vcpu_fault_p99_ns_harvest": harvest.map(|h| h.quantile_ns(0.99)),
             "vcpu_fault_p99_ns_idle": idle.map(|h| h.quantile_ns(0.99)),
             "vcpu_fault_latency_harvest": lat(harvest),
             "vcpu_fault_latency_idle": lat(idle),
-            "lost_pages": self.lost_pages,
-            "quiet_get_dirty_log_ns": self.quiet.map(|q| q.get_dirty_log_ns),
-            "quiet_dirty_pages": self.quiet.map(|q| q.dirty_pages),
-            "quiet_ns_per_dirty_page": self.quiet.map(|q| q.ns_per_page()),
+            "lost_pages": self.run.lost_pages,
+            "quiet_get_dirty_log_ns": self.run.quiet.get_dirty_log_ns,
+            "quiet_dirty_pages": self.run.quiet.dirty_pages,
+            "quiet_ns_per_dirty_page": self.run.quiet.ns_per_page(),
             "fault_heavy_faults_per_sec": self.fault_heavy_faults_per_sec,
-            "iterations": self.iterations.iter().map(|i| json!({
+            "iterations": self.run.iterations.iter().map(|i| json!({
                 "dirty_memory_ns": i.dirty_memory_ns,
                 "get_dirty_log_ns": i.get_dirty_log_ns,
                 "clear_dirty_log_ns": i.clear_dirty_log_ns,
@@ -205,34 +159,36 @@ fn latency_line(what: &str, h: &LatencyHistogram) -> String {
 
 /// `dirty_log_perf_test`'s closing lines, and ours.
 pub fn print_summary(p: &Progress, r: &Record) {
-    let n = r.iterations.len() as u64;
+    let run = &r.run;
+    let n = run.iterations.len() as u64;
     p.line(format!(
         "Dirty memory time over {n} iterations: {} (avg {}/iteration)",
-        secs(r.avg(|i| i.dirty_memory_ns) * n),
-        secs(r.avg(|i| i.dirty_memory_ns))
+        secs(run.dirty_memory_avg_ns() * n),
+        secs(run.dirty_memory_avg_ns())
     ));
     p.line(format!(
         "Get dirty log over {n} iterations took {}. (Avg {}/iteration)",
-        secs(r.avg(|i| i.get_dirty_log_ns) * n),
-        secs(r.avg(|i| i.get_dirty_log_ns))
+        secs(run.get_dirty_log_avg_ns() * n),
+        secs(run.get_dirty_log_avg_ns())
     ));
-    if let Some(c) = r.clear_avg() {
+    if let Some(c) = run.clear_dirty_log_avg_ns() {
         p.line(format!(
             "Clear dirty log over {n} iterations took {}. (Avg {}/iteration)",
             secs(c * n),
             secs(c)
         ));
     }
-    let per = r.ns_per_dirty_page();
+    let per = run.ns_per_dirty_page();
     p.line(format!(
         "{} per dirty page: {per:.2} ns ({} dirty pages avg); floor (one compare-exchange per \
          page over a plain array): {:.2} ns; = {:.2} x floor",
-        if r.clear_avg().is_some() { "Get + clear dirty log" } else { "Get dirty log" },
-        r.avg(|i| i.dirty_pages),
+        if run.clear_dirty_log_avg_ns().is_some() { "Get + clear dirty log" } else { "Get dirty log" },
+        run.dirty_pages_avg(),
         r.floor_ns_per_page,
         per / r.floor_ns_per_page
     ));
-    if let Some(q) = r.quiet {
+    {
+        let q = run.quiet;
         let per = q.ns_per_page();
         p.line(format!(
             "Harvest with no vCPU running: {} for {} dirty pages, {per:.2} ns per page = {:.2} x floor",
@@ -246,8 +202,8 @@ pub fn print_summary(p: &Progress, r: &Record) {
     // stores no longer fault (the pages are still writable), the two share
     // cache lines for the whole harvest (which slows it), and the pass is
     // absorbed by this harvest: the next one finds few pages.
-    let most = r.iterations.iter().map(|i| i.dirty_pages).max().unwrap_or(0);
-    for (k, it) in r.iterations.iter().enumerate().skip(1) {
+    let most = run.iterations.iter().map(|i| i.dirty_pages).max().unwrap_or(0);
+    for (k, it) in run.iterations.iter().enumerate().skip(1) {
         if it.dirty_pages * 10 < most * 9 {
             p.line(format!(
                 "Note: iteration {} harvested {} pages where others harvested {most}: the vCPUs' pass \
@@ -266,7 +222,7 @@ pub fn print_summary(p: &Progress, r: &Record) {
         }
         None => p.line("vCPU write-fault latency: not measurable from userspace on this backend"),
     }
-    p.line(format!("Lost pages: {}", r.lost_pages));
+    p.line(format!("Lost pages: {}", run.lost_pages));
 }
 
 fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
@@ -297,28 +253,10 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
         mmu: mmu.name().to_string(),
         vcpus: a.vcpus,
         guest_bytes,
-        populate_ns: r.populate_ns,
-        enable_dirty_logging_ns: r.enable_dirty_logging_ns,
-        iterations: r
-            .iterations
-            .iter()
-            .map(|i| Iter {
-                dirty_memory_ns: i.dirty_memory_ns,
-                get_dirty_log_ns: i.get_dirty_log_ns,
-                clear_dirty_log_ns: None,
-                dirty_pages: i.dirty_pages,
-            })
-            .collect(),
-        floor_ns_per_page: perf::cmpxchg_floor(r.dirty_pages_avg()),
+        floor_ns_per_page: perf::cmpxchg_floor(r.run.dirty_pages_avg()),
         latency: Some((r.fault_latency_harvest.clone(), r.fault_latency_idle.clone())),
-        lost_pages: r.lost_pages,
         fault_heavy_faults_per_sec: None,
-        quiet: Some(Iter {
-            dirty_memory_ns: r.quiet.dirty_memory_ns,
-            get_dirty_log_ns: r.quiet.get_dirty_log_ns,
-            clear_dirty_log_ns: None,
-            dirty_pages: r.quiet.dirty_pages,
-        }),
+        run: r.run.clone(),
         extra: json!({
             "write_pct": a.write_pct,
             "random": a.random,
@@ -332,8 +270,8 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
             "remote_tlb_flushes": r.vm.mmu.remote_tlb_flushes,
         }),
     };
-    p.line(format!("Populate memory time: {}", secs(rec.populate_ns)));
-    p.line(format!("Enabling dirty logging time: {}", secs(rec.enable_dirty_logging_ns)));
+    p.line(format!("Populate memory time: {}", secs(rec.run.populate_ns)));
+    p.line(format!("Enabling dirty logging time: {}", secs(rec.run.enable_dirty_logging_ns)));
     print_summary(p, &rec);
     p.line(format!(
         "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
@@ -441,7 +379,7 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let mut written = plot::dirty_log_vs_size(
             dir,
-            &records.iter().map(|r| (r.label(), r.guest_bytes, r.harvest_avg())).collect::<Vec<_>>(),
+            &records.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
         )?;
         let largest = sizes.iter().max().copied().unwrap_or(0);
         let lat: Vec<(String, &LatencyHistogram)> = records
@@ -460,7 +398,7 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
         write_json(path, records.iter().map(Record::json).collect())?;
         println!("wrote {}", path.display());
     }
-    Ok(records.iter().all(|r| r.lost_pages == 0))
+    Ok(records.iter().all(|r| r.run.lost_pages == 0))
 }
 
 /// The seed's claims, as ratios of runs of this process.
@@ -472,8 +410,8 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
         let (Some(l), Some(ll)) = (find(size, "engine", "locked"), find(size, "engine", "lockless")) else {
             continue;
         };
-        let locked_ns = l.avg(|i| i.get_dirty_log_ns).max(1) as f64;
-        let ratio = ll.avg(|i| i.get_dirty_log_ns) as f64 / locked_ns;
+        let locked_ns = l.run.get_dirty_log_avg_ns().max(1) as f64;
+        let ratio = ll.run.get_dirty_log_avg_ns() as f64 / locked_ns;
         println!(
             "{} MiB: lockless/locked get_dirty_log time: {ratio:.3} (the seed: 0.53; target <= 0.5)",
             size >> 20
@@ -482,7 +420,7 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
         // dirty page, so it cannot take less than the floor per page; set
         // against this locked run, that bounds the ratio above from below.
         let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
-        let bound = floor * ll.avg(|i| i.dirty_pages) as f64 / locked_ns;
+        let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns;
         println!(
             "{} MiB: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
              nothing else, against this locked run)",
@@ -498,34 +436,31 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
         }
         println!(
             "{} MiB: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
-             faulting; {} with none (target <= 2)",
+             faulting; {:.2} = {:.2} x with none (target <= 2)",
             size >> 20,
-            ll.ns_per_dirty_page(),
-            ll.ns_per_dirty_page() / ll.floor_ns_per_page,
-            ll.quiet.map_or("-".into(), |q| format!(
-                "{:.2} = {:.2} x",
-                q.ns_per_page(),
-                q.ns_per_page() / ll.floor_ns_per_page
-            ))
+            ll.run.ns_per_dirty_page(),
+            ll.run.ns_per_dirty_page() / ll.floor_ns_per_page,
+            ll.run.quiet.ns_per_page(),
+            ll.run.quiet.ns_per_page() / ll.floor_ns_per_page
         );
         println!(
             "{} MiB: enabling dirty logging: locked {}, lockless {}",
             size >> 20,
-            secs(l.enable_dirty_logging_ns),
-            secs(ll.enable_dirty_logging_ns)
+            secs(l.run.enable_dirty_logging_ns),
+            secs(ll.run.enable_dirty_logging_ns)
         );
         for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm") {
             println!(
                 "{} MiB: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
                 size >> 20,
                 k.mmu,
-                if k.clear_avg().is_some() {
+                if k.run.clear_dirty_log_avg_ns().is_some() {
                     "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
                 } else {
                     "KVM_GET_DIRTY_LOG"
                 },
-                l.harvest_avg() as f64 / k.harvest_avg().max(1) as f64,
-                ll.harvest_avg() as f64 / k.harvest_avg().max(1) as f64
+                l.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64,
+                ll.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64
             );
         }
     }

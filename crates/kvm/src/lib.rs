@@ -46,7 +46,7 @@ pub mod vm;
 
 pub use backend::KvmBackend;
 pub use error::KvmError;
-pub use perf::{KvmIteration, KvmPerfConfig, KvmPerfRun, KvmPerfVm, migrate_perf};
+pub use perf::{KvmPerfConfig, KvmPerfVm, migrate_perf};
 pub use probe::{Capabilities, Execution, Flavour, Probe, probe};
 pub use script::KvmScriptVm;
 pub use vm::{KvmVm, VmSetup, bitmap_words};

@@ -47,6 +47,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use shadow_mmu_testkit::perf::{Iteration, PerfRun};
+
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
 use crate::vm::{KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup, bitmap_words};
@@ -372,35 +374,6 @@ impl Drop for KvmPerfVm {
     }
 }
 
-/// One iteration of [`migrate_perf`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KvmIteration {
-    /// The slowest vCPU's last full pass: the "dirty memory time".
-    pub dirty_memory_ns: u64,
-    /// Time of `KVM_GET_DIRTY_LOG`.
-    pub get_dirty_log_ns: u64,
-    /// Time of `KVM_CLEAR_DIRTY_LOG` (0 without manual protect).
-    pub clear_dirty_log_ns: u64,
-    /// Pages reported dirty.
-    pub dirty_pages: u64,
-}
-
-/// What [`migrate_perf`] measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KvmPerfRun {
-    /// Time for every vCPU to complete its first pass, logging off.
-    pub populate_ns: u64,
-    /// Time to enable dirty logging.
-    pub enable_dirty_logging_ns: u64,
-    /// Each iteration.
-    pub iterations: Vec<KvmIteration>,
-    /// The harvest alone: one full pass, then the log harvested with every
-    /// vCPU parked.
-    pub quiet: KvmIteration,
-    /// Pages whose last store no harvest reported ([`MigrationCopy`]).
-    pub lost_pages: u64,
-}
-
 /// Word 0 of page `page` of the test slot.
 fn word0(memory: &[AtomicU64], page: usize) -> u64 {
     // Relaxed: guest data; a copy's ordering comes from the harvest (the
@@ -438,45 +411,18 @@ impl MigrationCopy {
     }
 }
 
-impl KvmPerfRun {
-    fn avg(&self, f: impl Fn(&KvmIteration) -> u64) -> u64 {
-        let n = self.iterations.len().max(1) as u64;
-        self.iterations.iter().map(f).sum::<u64>() / n
-    }
-
-    /// Mean `KVM_GET_DIRTY_LOG` time.
-    pub fn get_dirty_log_avg_ns(&self) -> u64 {
-        self.avg(|i| i.get_dirty_log_ns)
-    }
-
-    /// Mean `KVM_CLEAR_DIRTY_LOG` time.
-    pub fn clear_dirty_log_avg_ns(&self) -> u64 {
-        self.avg(|i| i.clear_dirty_log_ns)
-    }
-
-    /// Mean dirty memory time.
-    pub fn dirty_memory_avg_ns(&self) -> u64 {
-        self.avg(|i| i.dirty_memory_ns)
-    }
-
-    /// Mean dirty pages per harvest.
-    pub fn dirty_pages_avg(&self) -> u64 {
-        self.avg(|i| i.dirty_pages)
-    }
-}
-
 /// Runs `migrate-perf` on KVM (module docs); `on_iteration` sees each
 /// iteration as it completes.
 pub fn migrate_perf(
     cfg: &KvmPerfConfig,
     iterations: u32,
-    mut on_iteration: impl FnMut(u32, &KvmIteration),
-) -> Result<KvmPerfRun, KvmError> {
+    mut on_iteration: impl FnMut(u32, &Iteration),
+) -> Result<PerfRun, KvmError> {
     // The host memory is populated by `new` (MAP_POPULATE), outside the
     // populate time, as in the engine's run.
     let mut vm = KvmPerfVm::new(cfg)?;
     let vcpus = cfg.vcpus as usize;
-    let mut run = KvmPerfRun::default();
+    let mut run = PerfRun::default();
     let t0 = Instant::now();
     vm.release(1);
     vm.wait_passes(&vec![0; vcpus])?;
@@ -516,15 +462,15 @@ pub fn migrate_perf(
 
 /// A timed `KVM_GET_DIRTY_LOG`, then, with manual protect, a timed
 /// `KVM_CLEAR_DIRTY_LOG` of what it returned.
-fn harvest(vm: &KvmPerfVm, bitmap: &mut [u64], dirty_memory_ns: u64) -> Result<KvmIteration, KvmError> {
+fn harvest(vm: &KvmPerfVm, bitmap: &mut [u64], dirty_memory_ns: u64) -> Result<Iteration, KvmError> {
     let t = Instant::now();
     let dirty_pages = vm.get_dirty_log(bitmap)?;
     let get_dirty_log_ns = t.elapsed().as_nanos() as u64;
-    let mut clear_dirty_log_ns = 0;
+    let mut clear_dirty_log_ns = None;
     if vm.config().manual_protect {
         let t = Instant::now();
         vm.clear_dirty_log(bitmap)?;
-        clear_dirty_log_ns = t.elapsed().as_nanos() as u64;
+        clear_dirty_log_ns = Some(t.elapsed().as_nanos() as u64);
     }
-    Ok(KvmIteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })
+    Ok(Iteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })
 }

@@ -72,7 +72,7 @@ pub struct MigratePerfConfig {
     pub seed: u64,
 }
 
-/// One iteration of a run.
+/// One iteration of a `migrate-perf` run, whichever the backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Iteration {
     /// The slowest vCPU's last full pass over its memory (one store per
@@ -80,13 +80,28 @@ pub struct Iteration {
     pub dirty_memory_ns: u64,
     /// Time of `get_dirty_log`.
     pub get_dirty_log_ns: u64,
+    /// Time of `clear_dirty_log`, where the backend protects manually.
+    pub clear_dirty_log_ns: Option<u64>,
     /// Pages it reported dirty.
     pub dirty_pages: u64,
 }
 
-/// What a `migrate-perf` run measured.
-#[derive(Debug, Clone, Default)]
-pub struct MigratePerfRun {
+impl Iteration {
+    /// The harvest: `get_dirty_log`, plus `clear_dirty_log` where the
+    /// protection is done there (manual protect).
+    pub fn harvest_ns(&self) -> u64 {
+        self.get_dirty_log_ns + self.clear_dirty_log_ns.unwrap_or(0)
+    }
+
+    /// Harvest time per dirty page.
+    pub fn ns_per_page(&self) -> f64 {
+        self.harvest_ns() as f64 / self.dirty_pages.max(1) as f64
+    }
+}
+
+/// What a `migrate-perf` run measures on every backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PerfRun {
     /// Time for every vCPU to complete its first pass, dirty logging off.
     pub populate_ns: u64,
     /// Time to enable dirty logging.
@@ -96,8 +111,54 @@ pub struct MigratePerfRun {
     /// After the iterations: a harvest of a guest the vCPUs have just fully
     /// dirtied (with `write_pct` 100), with every vCPU parked.
     pub quiet: Iteration,
-    /// Lost dirty pages the oracle found (all checks, final included).
+    /// Lost dirty pages found (all checks, final included).
     pub lost_pages: u64,
+}
+
+impl PerfRun {
+    /// The mean of `f` over the iterations.
+    pub fn avg(&self, f: impl Fn(&Iteration) -> u64) -> u64 {
+        self.iterations.iter().map(f).sum::<u64>() / self.iterations.len().max(1) as u64
+    }
+
+    /// Mean `get_dirty_log` time.
+    pub fn get_dirty_log_avg_ns(&self) -> u64 {
+        self.avg(|i| i.get_dirty_log_ns)
+    }
+
+    /// Mean `clear_dirty_log` time, where the backend protects manually.
+    pub fn clear_dirty_log_avg_ns(&self) -> Option<u64> {
+        let c: Option<Vec<u64>> = self.iterations.iter().map(|i| i.clear_dirty_log_ns).collect();
+        c.filter(|c| !c.is_empty()).map(|c| c.iter().sum::<u64>() / c.len() as u64)
+    }
+
+    /// Mean harvest time (`get_dirty_log`, plus `clear_dirty_log`).
+    pub fn harvest_avg_ns(&self) -> u64 {
+        self.avg(Iteration::harvest_ns)
+    }
+
+    /// Mean dirty memory time.
+    pub fn dirty_memory_avg_ns(&self) -> u64 {
+        self.avg(|i| i.dirty_memory_ns)
+    }
+
+    /// Mean dirty pages per harvest.
+    pub fn dirty_pages_avg(&self) -> u64 {
+        self.avg(|i| i.dirty_pages)
+    }
+
+    /// Mean harvest time per dirty page.
+    pub fn ns_per_dirty_page(&self) -> f64 {
+        self.harvest_avg_ns() as f64 / self.dirty_pages_avg().max(1) as f64
+    }
+}
+
+/// What a `migrate-perf` run on the engine measured: [`PerfRun`], and what
+/// only the engine shows.
+#[derive(Debug, Clone, Default)]
+pub struct MigratePerfRun {
+    /// The figures every backend has.
+    pub run: PerfRun,
     /// vCPU counters, summed, over the whole run.
     pub vcpu: VcpuStats,
     /// MMU figures at the end.
@@ -235,28 +296,6 @@ pub fn cmpxchg_floor(pages: u64) -> f64 {
     }
     std::hint::black_box(&array);
     best
-}
-
-impl MigratePerfRun {
-    fn avg(&self, f: impl Fn(&Iteration) -> u64) -> u64 {
-        let n = self.iterations.len().max(1) as u64;
-        self.iterations.iter().map(f).sum::<u64>() / n
-    }
-
-    /// Mean `get_dirty_log` time.
-    pub fn get_dirty_log_avg_ns(&self) -> u64 {
-        self.avg(|i| i.get_dirty_log_ns)
-    }
-
-    /// Mean dirty memory time.
-    pub fn dirty_memory_avg_ns(&self) -> u64 {
-        self.avg(|i| i.dirty_memory_ns)
-    }
-
-    /// Mean dirty pages per harvest.
-    pub fn dirty_pages_avg(&self) -> u64 {
-        self.avg(|i| i.dirty_pages)
-    }
 }
 
 /// A vCPU's pass count and the duration of its last pass.
@@ -441,7 +480,8 @@ pub fn migrate_perf(
         seed: cfg.seed,
         ..WorkloadSpec::default()
     };
-    let mut run = MigratePerfRun::default();
+    let mut engine_run = MigratePerfRun::default();
+    let run = &mut engine_run.run;
     let clock = Arc::new(HarvestClock::default());
     let t0 = Instant::now();
     let mut sweepers = Sweepers::start(&vm, cfg.vcpus, npages, spec, 1, Some(clock.clone()))?;
@@ -476,7 +516,12 @@ pub fn migrate_perf(
             let r = vm.get_dirty_log(0, &mut bitmap);
             (r, t.elapsed().as_nanos() as u64)
         });
-        let it = Iteration { dirty_memory_ns, get_dirty_log_ns, dirty_pages: dirty_pages? };
+        let it = Iteration {
+            dirty_memory_ns,
+            get_dirty_log_ns,
+            clear_dirty_log_ns: None,
+            dirty_pages: dirty_pages?,
+        };
         run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
         on_iteration(i + 1, &it);
         run.iterations.push(it);
@@ -495,17 +540,22 @@ pub fn migrate_perf(
     let cut = sweepers.ctl.cut();
     let t = Instant::now();
     let dirty_pages = vm.get_dirty_log(0, &mut bitmap)?;
-    run.quiet = Iteration { dirty_memory_ns, get_dirty_log_ns: t.elapsed().as_nanos() as u64, dirty_pages };
+    run.quiet = Iteration {
+        dirty_memory_ns,
+        get_dirty_log_ns: t.elapsed().as_nanos() as u64,
+        clear_dirty_log_ns: None,
+        dirty_pages,
+    };
     run.lost_pages += oracle.collect(mem.words(), &bitmap, cut).lost_pages;
 
     let swept = sweepers.stop().map_err(HarnessError::BadConfig)?;
-    run.vcpu = swept.stats;
-    run.fault_latency_harvest = swept.harvest;
-    run.fault_latency_idle = swept.idle;
     vm.get_dirty_log(0, &mut bitmap)?;
     run.lost_pages += oracle.finish(mem.words(), &bitmap).lost_pages;
-    run.vm = vm.stats();
-    Ok(run)
+    engine_run.vcpu = swept.stats;
+    engine_run.fault_latency_harvest = swept.harvest;
+    engine_run.fault_latency_idle = swept.idle;
+    engine_run.vm = vm.stats();
+    Ok(engine_run)
 }
 
 /// What [`fault_heavy`] measured.

@@ -1,13 +1,13 @@
-//! The KVM backend of `bench migrate-perf`: the same workload on the
-//! machine's `/dev/kvm` (crate `shadow-mmu-kvm`), reported like the engine's
-//! runs. The driver knows nothing of the engine; the report does not need to
-//! know which backend it prints.
+//! The KVM backend of `bench migrate-perf`: the same workload, through the
+//! same procedure (`testkit::perf::migrate_perf` over the `Backend` trait),
+//! on the machine's `/dev/kvm` (crate `shadow-mmu-kvm`), reported like the
+//! engine's runs. What is KVM's own here is the probe and its details.
 
-use serde_json::json;
-use shadow_mmu_kvm::{KvmPerfConfig, Probe};
+use serde_json::{Value, json};
+use shadow_mmu_kvm::{KvmBackend, Probe};
 
-use super::migrate_perf::{MigratePerfArgs, Record, print_summary};
-use super::{BenchResult, Progress, secs};
+use super::migrate_perf::{MigratePerfArgs, Record, backend_run};
+use super::{BenchResult, Progress};
 
 /// The machine's KVM, as probed once per run.
 pub struct KvmBench(Probe);
@@ -44,51 +44,27 @@ impl KvmBench {
         guest_bytes: u64,
         manual_protect: bool,
     ) -> BenchResult<Record> {
-        let cfg = KvmPerfConfig {
-            vcpus: a.vcpus,
-            guest_bytes,
-            write_pct: a.write_pct,
-            random: a.random,
-            seed: a.seed,
-            manual_protect,
-        };
-        p.line(format!(
+        let header = format!(
             "== backend=kvm ({}) vcpus={} guest={} MiB ({} MiB per vCPU){}",
             self.0.flavour.module(),
             a.vcpus,
             guest_bytes >> 20,
             (guest_bytes / u64::from(a.vcpus)) >> 20,
             if manual_protect { ", KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2" } else { "" }
-        ));
-        let r = shadow_mmu_kvm::migrate_perf(&cfg, a.iterations, |i, it| {
-            p.line(format!("Iteration {i} dirty memory time: {}", secs(it.dirty_memory_ns)));
-            p.line(format!("Iteration {i} get dirty log time: {}", secs(it.get_dirty_log_ns)));
-            if let Some(ns) = it.clear_dirty_log_ns {
-                p.line(format!("Iteration {i} clear dirty log time: {}", secs(ns)));
-            }
-            p.step(format!("kvm {} MiB", guest_bytes >> 20));
-        })?;
-        let rec = Record {
-            backend: "kvm",
-            mmu: if manual_protect { "manual-protect" } else { "classic" }.to_string(),
-            vcpus: a.vcpus,
-            guest_bytes,
-            floor_ns_per_page: testkit::perf::cmpxchg_floor(r.dirty_pages_avg()),
-            latency: None,
-            fault_heavy_faults_per_sec: None,
-            run: r,
-            extra: json!({
-                "write_pct": a.write_pct,
-                "random": a.random,
-                "kvm": self.describe(),
-                "flavour": self.0.flavour.module(),
-                "vcpu_timings_comparable": self.0.vcpu_timings_comparable,
-                "manual_protect": manual_protect,
-            }),
+        );
+        let Value::Object(details) = json!({
+            "write_pct": a.write_pct,
+            "random": a.random,
+            "kvm": self.describe(),
+            "flavour": self.0.flavour.module(),
+            "vcpu_timings_comparable": self.0.vcpu_timings_comparable,
+            "manual_protect": manual_protect,
+        }) else {
+            unreachable!("an object")
         };
-        p.line(format!("Populate memory time: {}", secs(rec.run.populate_ns)));
-        p.line(format!("Enabling dirty logging time: {}", secs(rec.run.enable_dirty_logging_ns)));
-        print_summary(p, &rec);
+        let mode = if manual_protect { "manual-protect" } else { "classic" };
+        let backend = KvmBackend { manual_protect };
+        let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {
             p.line(
                 "(KVM's vCPU times above come from its instruction emulator: not comparable with the engine)",

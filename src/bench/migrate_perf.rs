@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use engine::MmuDesign;
+use engine::{MmuDesign, VmConfig};
 use serde_json::{Value, json};
-use testkit::perf::{self, LatencyHistogram, MigratePerfConfig, MigratePerfRun, PerfRun};
+use testkit::backend::{EngineBackend, PassSpec};
+use testkit::perf::{self, LatencyHistogram, PerfRun};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
 use crate::plot;
@@ -225,67 +226,87 @@ pub fn print_summary(p: &Progress, r: &Record) {
     p.line(format!("Lost pages: {}", run.lost_pages));
 }
 
-fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
-    let cfg = MigratePerfConfig {
-        mmu,
-        fast_page_fault: !a.no_fast_page_fault,
-        vcpus: a.vcpus,
-        guest_bytes,
-        iterations: a.iterations,
-        write_pct: a.write_pct,
-        random: a.random,
-        large_pages: !a.no_large_pages,
-        seed: a.seed,
-    };
-    p.line(format!(
-        "== backend=engine mmu={mmu} vcpus={} guest={} MiB ({} MiB per vCPU)",
-        a.vcpus,
-        guest_bytes >> 20,
-        (guest_bytes / u64::from(a.vcpus)) >> 20
-    ));
-    let r: MigratePerfRun = perf::migrate_perf(&cfg, |i, it| {
+/// One run on `backend`, reported the same way whichever it is: the
+/// header, each iteration, `dirty_log_perf_test`'s closing lines and ours,
+/// then the backend's own lines. `details` goes into the JSON, with the
+/// backend's own figures.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backend_run(
+    a: &MigratePerfArgs,
+    p: &Progress,
+    backend: &dyn testkit::backend::Backend,
+    kind: &'static str,
+    mmu: String,
+    guest_bytes: u64,
+    header: String,
+    mut details: serde_json::Map<String, Value>,
+) -> BenchResult<Record> {
+    p.line(header);
+    let spec =
+        PassSpec { vcpus: a.vcpus, guest_bytes, write_pct: a.write_pct, random: a.random, seed: a.seed };
+    let mut vm = backend.start_passes(&spec)?;
+    let step = format!("{kind} {mmu} {} MiB", guest_bytes >> 20);
+    let (run, extras) = perf::migrate_perf(vm.as_mut(), a.iterations, |i, it| {
         p.line(format!("Iteration {i} dirty memory time: {}", secs(it.dirty_memory_ns)));
         p.line(format!("Iteration {i} get dirty log time: {}", secs(it.get_dirty_log_ns)));
-        p.step(format!("engine {mmu} {} MiB", guest_bytes >> 20));
+        if let Some(ns) = it.clear_dirty_log_ns {
+            p.line(format!("Iteration {i} clear dirty log time: {}", secs(ns)));
+        }
+        p.step(step.clone());
     })?;
+    for (k, v) in extras.figures {
+        details.insert(k.to_string(), json!(v));
+    }
     let rec = Record {
-        backend: "engine",
-        mmu: mmu.name().to_string(),
+        backend: kind,
+        mmu,
         vcpus: a.vcpus,
         guest_bytes,
-        floor_ns_per_page: perf::cmpxchg_floor(r.run.dirty_pages_avg()),
-        latency: Some((r.fault_latency_harvest.clone(), r.fault_latency_idle.clone())),
+        floor_ns_per_page: perf::cmpxchg_floor(run.dirty_pages_avg()),
+        latency: extras.latency,
         fault_heavy_faults_per_sec: None,
-        run: r.run.clone(),
-        extra: json!({
-            "write_pct": a.write_pct,
-            "random": a.random,
-            "vcpu_write_faults": r.vcpu.write_faults,
-            "fast_page_fault": !a.no_fast_page_fault,
-            "fast_page_faults": r.vm.mmu.fast_page_faults,
-            "mmu_lock_hold_ns": r.vm.mmu_lock_hold_ns,
-            "pool_backlog_waits": r.vm.pool_backlog_waits,
-            "pool_backlog_wait_max_ns": r.vm.pool_backlog_wait_max_ns,
-            "harvest_read_sections": r.vm.mmu.harvest_read_sections,
-            "remote_tlb_flushes": r.vm.mmu.remote_tlb_flushes,
-        }),
+        run,
+        extra: Value::Object(details),
     };
     p.line(format!("Populate memory time: {}", secs(rec.run.populate_ns)));
     p.line(format!("Enabling dirty logging time: {}", secs(rec.run.enable_dirty_logging_ns)));
     print_summary(p, &rec);
-    p.line(format!(
-        "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
-        r.vcpu.write_faults,
-        r.vm.mmu.fast_page_faults,
-        if a.no_fast_page_fault { ", which is off" } else { "" },
-        r.vm.mmu_lock_hold_ns as f64 / 1e6
-    ));
-    p.line(format!(
-        "Pool backlog waits under mmu_lock: {} (longest {:.1} us)",
-        r.vm.pool_backlog_waits,
-        r.vm.pool_backlog_wait_max_ns as f64 / 1e3
-    ));
+    for line in extras.lines {
+        p.line(line);
+    }
     Ok(rec)
+}
+
+fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
+    let config = VmConfig {
+        mmu,
+        fast_page_fault: !a.no_fast_page_fault,
+        large_pages: !a.no_large_pages,
+        ..VmConfig::default()
+    };
+    let header = format!(
+        "== backend=engine mmu={mmu} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        a.vcpus,
+        guest_bytes >> 20,
+        (guest_bytes / u64::from(a.vcpus)) >> 20
+    );
+    let Value::Object(details) = json!({
+        "write_pct": a.write_pct,
+        "random": a.random,
+        "fast_page_fault": !a.no_fast_page_fault,
+    }) else {
+        unreachable!("an object")
+    };
+    backend_run(
+        a,
+        p,
+        &EngineBackend { config },
+        "engine",
+        mmu.name().to_string(),
+        guest_bytes,
+        header,
+        details,
+    )
 }
 
 /// Alternations of the designs in the fault-heavy measurement.

@@ -1,11 +1,15 @@
 //! The machine's KVM as a testkit [`Backend`]: each VM is a [`KvmScriptVm`]
-//! (a test slot and one vCPU that runs host-chosen stores), with or without
-//! manual protect.
+//! (a test slot and one vCPU that runs host-chosen stores), or, for
+//! `migrate-perf`, a [`KvmPerfVm`] (vCPU threads making passes), with or
+//! without manual protect.
 
 use std::sync::atomic::AtomicU64;
 
-use shadow_mmu_testkit::backend::{Backend, BackendError, BackendVm, Capabilities};
+use shadow_mmu_testkit::backend::{
+    Backend, BackendError, BackendVm, Capabilities, PassExtras, PassSpec, PassVm,
+};
 
+use crate::perf::{KvmPerfConfig, KvmPerfVm};
 use crate::script::KvmScriptVm;
 
 /// KVM through `/dev/kvm`, classic (`KVM_GET_DIRTY_LOG` clears and
@@ -26,6 +30,75 @@ impl Backend for KvmBackend {
         let vm = KvmScriptVm::new(guest_bytes, self.manual_protect)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
         Ok(Box::new(KvmBackendVm { name, vm, manual_protect: self.manual_protect }))
+    }
+
+    fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
+        let name = self.name();
+        let cfg = KvmPerfConfig {
+            vcpus: spec.vcpus,
+            guest_bytes: spec.guest_bytes,
+            write_pct: spec.write_pct,
+            random: spec.random,
+            seed: spec.seed,
+            manual_protect: self.manual_protect,
+        };
+        let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
+        Ok(Box::new(KvmPassVm { name, vm }))
+    }
+}
+
+/// A [`PassVm`] of [`KvmBackend`]. Its guests store the pass number, with no
+/// iteration tag: the oracle checks its harvests at the end only.
+struct KvmPassVm {
+    name: String,
+    vm: KvmPerfVm,
+}
+
+impl PassVm for KvmPassVm {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { manual_protect: self.vm.config().manual_protect, mmu_figures: false }
+    }
+
+    fn pages(&self) -> u64 {
+        self.vm.pages()
+    }
+
+    fn memory(&self) -> &[AtomicU64] {
+        self.vm.memory()
+    }
+
+    fn enable_dirty_logging(&mut self) -> Result<u64, BackendError> {
+        self.vm.enable_dirty_logging().map_err(|e| BackendError::new(&self.name, "enabling dirty logging", e))
+    }
+
+    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {
+        self.vm.get_dirty_log(bitmap).map_err(|e| BackendError::new(&self.name, "KVM_GET_DIRTY_LOG", e))
+    }
+
+    fn clear_dirty_log(&mut self, bitmap: &[u64]) -> Result<(), BackendError> {
+        self.vm.clear_dirty_log(bitmap).map_err(|e| BackendError::new(&self.name, "KVM_CLEAR_DIRTY_LOG", e))
+    }
+
+    fn release(&self, n: u64) {
+        self.vm.release(n);
+    }
+
+    fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {
+        let since = vec![since; self.vm.config().vcpus as usize];
+        self.vm.wait_passes(&since).map_err(|e| BackendError::new(&self.name, "waiting for the passes", e))
+    }
+
+    fn cut(&self) -> Option<u64> {
+        None
+    }
+
+    fn stop(&mut self) -> Result<PassExtras, BackendError> {
+        self.vm.stop().map_err(|e| BackendError::new(&self.name, "stopping the vCPUs", e))?;
+        Ok(PassExtras::default())
     }
 }
 

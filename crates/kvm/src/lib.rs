@@ -13,8 +13,8 @@
 //!   `KVM_CLEAR_DIRTY_LOG` into caller-owned bitmaps;
 //! - [`ioctls`]: the dirty-log ioctls `kvm-ioctls` does not wrap;
 //! - [`guest`]: guest code generated at run time (hand-encoded x86);
-//! - [`perf`]: `migrate-perf` as `dirty_log_perf_test` does it, one thread
-//!   per vCPU, exits to the host at pass boundaries;
+//! - [`perf`]: the vCPU threads of `migrate-perf` as `dirty_log_perf_test`
+//!   runs them, one per vCPU, exiting to the host at pass boundaries;
 //! - [`script`]: a vCPU that executes host-chosen writes, for differential
 //!   tests against the engine;
 //! - [`backend`]: KVM as a testkit `Backend`, the interface the engine also
@@ -46,7 +46,7 @@ pub mod vm;
 
 pub use backend::KvmBackend;
 pub use error::KvmError;
-pub use perf::{KvmPerfConfig, KvmPerfVm, migrate_perf};
+pub use perf::{KvmPerfConfig, KvmPerfVm};
 pub use probe::{Capabilities, Execution, Flavour, Probe, probe};
 pub use script::KvmScriptVm;
 pub use vm::{KvmVm, VmSetup, bitmap_words};

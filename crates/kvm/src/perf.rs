@@ -10,26 +10,12 @@
 //! to the host with a ucall and its thread waits, outside `KVM_RUN`, until
 //! the host releases the next pass.
 //!
-//! Procedure ([`migrate_perf`]; [`KvmPerfVm`] gives the steps to a caller
-//! that wants its own):
-//! 1. `release(1)`: the first pass of every vCPU, logging off, is the
-//!    *populate* time;
-//! 2. dirty logging is enabled (timed);
-//! 3. iteration `i`: pass `i + 1` (every page write-protected by the last
-//!    harvest) is the *dirty memory* time; the host releases the next pass
-//!    and times `KVM_GET_DIRTY_LOG` while the vCPUs run, then, with manual
-//!    protect, `KVM_CLEAR_DIRTY_LOG` of what it got;
-//! 4. the harvest alone: the vCPUs finish their pass (harvested untimed),
-//!    make one more full pass and park; the log is harvested (timed) with no
-//!    vCPU running;
-//! 5. the vCPUs stop.
-//!
-//! Lost pages are counted as a migration would find them
-//! ([`MigrationCopy`]): a copy of word 0 of every page is taken when logging
-//! is enabled, and after each harvest (untimed) the dirty pages are copied
-//! again. After the quiet harvest no vCPU runs, so every store has been
-//! followed by a harvest that reported its page and a copy that read it;
-//! a page whose copy differs from memory is a lost dirty page.
+//! The procedure is the testkit's (`shadow_mmu_testkit::perf::migrate_perf`,
+//! through [`crate::KvmBackend`]'s `start_passes`), the same as the
+//! engine's: [`KvmPerfVm`] gives it the steps (release a pass, wait for it,
+//! enable logging, get and clear the log, stop). The guests store the pass
+//! number, with no iteration tag, so the oracle checks KVM's harvests
+//! exactly at the end, with the vCPUs stopped.
 //!
 //! Invariants:
 //! - a vCPU is in `KVM_RUN` only for the passes the host has released:
@@ -46,8 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use shadow_mmu_testkit::perf::{Iteration, PerfRun};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
@@ -372,105 +356,4 @@ impl Drop for KvmPerfVm {
         // was already reported to whoever waited for passes.
         let _ = self.stop();
     }
-}
-
-/// Word 0 of page `page` of the test slot.
-fn word0(memory: &[AtomicU64], page: usize) -> u64 {
-    // Relaxed: guest data; a copy's ordering comes from the harvest (the
-    // ioctl returns after the dirty bits were fetched and cleared).
-    memory[page * (PAGE_SIZE / 8) as usize].load(Ordering::Relaxed)
-}
-
-/// The destination of a migration, reduced to word 0 of each page (the only
-/// word the guests store to).
-#[derive(Debug)]
-pub struct MigrationCopy(Vec<u64>);
-
-impl MigrationCopy {
-    /// The bulk copy, taken when logging is enabled.
-    pub fn full(memory: &[AtomicU64], pages: u64) -> Self {
-        Self((0..pages as usize).map(|p| word0(memory, p)).collect())
-    }
-
-    /// Copies the pages set in `bitmap`, after the harvest that returned it.
-    pub fn copy_dirty(&mut self, memory: &[AtomicU64], bitmap: &[u64]) {
-        for (w, &bits) in bitmap.iter().enumerate() {
-            let mut b = bits;
-            while b != 0 {
-                let p = w * 64 + b.trailing_zeros() as usize;
-                b &= b - 1;
-                self.0[p] = word0(memory, p);
-            }
-        }
-    }
-
-    /// Pages whose copy differs from memory; call with no vCPU running,
-    /// after a last harvest and copy.
-    pub fn lost_pages(&self, memory: &[AtomicU64]) -> u64 {
-        self.0.iter().enumerate().filter(|&(p, &v)| word0(memory, p) != v).count() as u64
-    }
-}
-
-/// Runs `migrate-perf` on KVM (module docs); `on_iteration` sees each
-/// iteration as it completes.
-pub fn migrate_perf(
-    cfg: &KvmPerfConfig,
-    iterations: u32,
-    mut on_iteration: impl FnMut(u32, &Iteration),
-) -> Result<PerfRun, KvmError> {
-    // The host memory is populated by `new` (MAP_POPULATE), outside the
-    // populate time, as in the engine's run.
-    let mut vm = KvmPerfVm::new(cfg)?;
-    let vcpus = cfg.vcpus as usize;
-    let mut run = PerfRun::default();
-    let t0 = Instant::now();
-    vm.release(1);
-    vm.wait_passes(&vec![0; vcpus])?;
-    run.populate_ns = t0.elapsed().as_nanos() as u64;
-
-    run.enable_dirty_logging_ns = vm.enable_dirty_logging()?;
-    let mut copy = MigrationCopy::full(vm.memory(), vm.pages());
-    let mut bitmap = vec![0u64; bitmap_words(vm.pages())];
-    // Pass 2 dirties the memory for the first harvest.
-    vm.release(2);
-    for i in 0..iterations {
-        let pass = 2 + u64::from(i);
-        let dirty_memory_ns = vm.wait_passes(&vec![pass - 1; vcpus])?;
-        // The vCPUs go on dirtying memory during the harvest.
-        vm.release(pass + 1);
-        let it = harvest(&vm, &mut bitmap, dirty_memory_ns)?;
-        copy.copy_dirty(vm.memory(), &bitmap);
-        on_iteration(i + 1, &it);
-        run.iterations.push(it);
-    }
-    // The harvest alone, as the engine's run: the vCPUs finish the pass they
-    // are in (harvested untimed), make one more full pass and park, and the
-    // log is harvested with nothing running beside it.
-    let pass = 2 + u64::from(iterations);
-    vm.wait_passes(&vec![pass - 1; vcpus])?;
-    harvest(&vm, &mut bitmap, 0)?;
-    copy.copy_dirty(vm.memory(), &bitmap);
-    vm.release(pass + 1);
-    let dirty_memory_ns = vm.wait_passes(&vec![pass; vcpus])?;
-    run.quiet = harvest(&vm, &mut bitmap, dirty_memory_ns)?;
-    copy.copy_dirty(vm.memory(), &bitmap);
-    // Every vCPU is parked after its last released pass.
-    run.lost_pages = copy.lost_pages(vm.memory());
-    vm.stop()?;
-    Ok(run)
-}
-
-/// A timed `KVM_GET_DIRTY_LOG`, then, with manual protect, a timed
-/// `KVM_CLEAR_DIRTY_LOG` of what it returned.
-fn harvest(vm: &KvmPerfVm, bitmap: &mut [u64], dirty_memory_ns: u64) -> Result<Iteration, KvmError> {
-    let t = Instant::now();
-    let dirty_pages = vm.get_dirty_log(bitmap)?;
-    let get_dirty_log_ns = t.elapsed().as_nanos() as u64;
-    let mut clear_dirty_log_ns = None;
-    if vm.config().manual_protect {
-        let t = Instant::now();
-        vm.clear_dirty_log(bitmap)?;
-        clear_dirty_log_ns = Some(t.elapsed().as_nanos() as u64);
-    }
-    Ok(Iteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })
 }

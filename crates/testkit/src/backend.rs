@@ -9,9 +9,11 @@
 //! calls no vCPU runs, so the memory holds still while the host reads it or
 //! harvests its log. What only some backends do is in [`Capabilities`].
 //!
-//! Not here yet (issue 10 goes on): vCPUs running a workload on their own
-//! threads, with pauses (what `bench migrate-perf` needs), and host-side
-//! writes that mark pages dirty.
+//! For `migrate-perf`, [`Backend::start_passes`] gives a [`PassVm`]: vCPUs
+//! on threads of their own making `dirty_log_perf_test`'s passes, each
+//! released by the host; `perf::migrate_perf` drives any of them.
+//!
+//! Not here yet (issue 10 goes on): host-side writes that mark pages dirty.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -64,6 +66,88 @@ pub trait Backend {
     /// A VM with `guest_bytes` of test memory at guest physical 0 (dirty
     /// logging off) and one vCPU.
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError>;
+
+    /// A VM whose `spec.vcpus` vCPUs make passes over their slices of the
+    /// test slot, each on a thread of its own, none released yet.
+    fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError>;
+}
+
+/// `dirty_log_perf_test`'s workload: each vCPU makes passes over its slice
+/// of the test slot (pages `[id * n / vcpus, (id + 1) * n / vcpus)`), one
+/// 8-byte access per page, and waits for the host after each pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassSpec {
+    /// vCPUs, one thread each.
+    pub vcpus: u32,
+    /// Bytes of the test slot.
+    pub guest_bytes: u64,
+    /// Share of accesses that are stores, percent.
+    pub write_pct: u8,
+    /// Random pages instead of a sequential sweep.
+    pub random: bool,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
+/// A VM running passes ([`Backend::start_passes`]). Between a completed pass
+/// and the next release a vCPU runs nothing.
+pub trait PassVm {
+    /// The backend's name.
+    fn name(&self) -> String;
+
+    /// What it can do beyond the common interface.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Pages of the test slot.
+    fn pages(&self) -> u64;
+
+    /// The test slot's memory, as the host sees it.
+    fn memory(&self) -> &[AtomicU64];
+
+    /// Turns dirty logging on; returns the time it took, ns.
+    fn enable_dirty_logging(&mut self) -> Result<u64, BackendError>;
+
+    /// As [`BackendVm::get_dirty_log`].
+    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError>;
+
+    /// `clear_dirty_log` of the whole slot with `bitmap` (manual protect).
+    fn clear_dirty_log(&mut self, bitmap: &[u64]) -> Result<(), BackendError>;
+
+    /// Lets every vCPU go on up to pass `n`.
+    fn release(&self, n: u64);
+
+    /// Waits until every vCPU has completed more than `since` passes;
+    /// returns the longest of their last passes, ns.
+    fn wait_passes(&self, since: u64) -> Result<u64, BackendError>;
+
+    /// Where the vCPUs tag their stores with an iteration (the engine's
+    /// workload): starts a new one and returns the last whose stores are all
+    /// complete, so that the oracle can check each harvest; `None` where the
+    /// stores carry no tag (the oracle then checks at the end only). Called
+    /// with every vCPU waiting for a release.
+    fn cut(&self) -> Option<u64>;
+
+    /// Marks the start of a harvest, for backends that time each vCPU fault
+    /// and tell faults during a harvest from others.
+    fn harvest_begin(&self) {}
+
+    /// Marks the end of a harvest.
+    fn harvest_end(&self) {}
+
+    /// Stops the vCPUs (each finishes the pass it is in) and joins them;
+    /// returns what only this backend measured.
+    fn stop(&mut self) -> Result<PassExtras, BackendError>;
+}
+
+/// What a [`PassVm`] measured beyond the common figures.
+#[derive(Debug, Clone, Default)]
+pub struct PassExtras {
+    /// vCPU write-fault latencies: during a harvest, and with none running.
+    pub latency: Option<(crate::perf::LatencyHistogram, crate::perf::LatencyHistogram)>,
+    /// Named figures, for the JSON's `details`.
+    pub figures: Vec<(&'static str, u64)>,
+    /// Lines for the report.
+    pub lines: Vec<String>,
 }
 
 /// A VM of some backend (module docs).
@@ -145,6 +229,13 @@ impl Backend for EngineBackend {
         .map_err(|e| BackendError::new(&name, "adding the memslot", e))?;
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
         Ok(Box::new(EngineVm { name, vm, vcpu, mem }))
+    }
+
+    fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
+        let name = self.name();
+        let vm = crate::perf::EnginePassVm::start(name.clone(), self.config.clone(), spec)
+            .map_err(|e| BackendError::new(&name, "starting the passes", e))?;
+        Ok(Box::new(vm))
     }
 }
 

@@ -190,6 +190,25 @@ impl Oracle {
         st
     }
 
+    /// A collection without the check of clean pages, for guests whose
+    /// stores carry no iteration tags (KVM's): copies the pages `bitmap`
+    /// reports dirty. [`Self::finish`] still checks every page exactly.
+    pub fn copy_dirty(&mut self, mem: &[AtomicU64], bitmap: &[u64]) -> CollectStats {
+        assert_eq!(mem.len(), self.copy.len());
+        assert_eq!(bitmap.len(), self.npages.div_ceil(64) as usize);
+        let mut st = CollectStats { stray_bits: self.stray_bits(bitmap), ..CollectStats::default() };
+        self.collections += 1;
+        for p in 0..self.npages as usize {
+            if bitmap[p / 64] & (1 << (p % 64)) != 0 {
+                st.dirty_pages += 1;
+                if !self.copy_page(mem, p) {
+                    st.dirty_unchanged += 1;
+                }
+            }
+        }
+        st
+    }
+
     /// The final check, with every vCPU stopped: copies the pages `bitmap`
     /// (the last harvest) reports dirty, then requires the copy to equal
     /// memory exactly.
@@ -291,5 +310,24 @@ mod tests {
         assert_eq!(st.lost_pages, 1, "page 1 changed, not reported");
         assert_eq!(st.stray_bits, 1, "bit 2 is past the slot's 2 pages");
         assert_eq!(st.dirty_unchanged, 0);
+    }
+
+    /// Untagged stores (KVM's guests): harvests only copy, and the final
+    /// check is exact: a store no harvest reported is a lost page.
+    #[test]
+    fn untagged_collections_and_the_exact_final_check() {
+        let mem: Vec<AtomicU64> = (0..4 * WORDS_PER_PAGE).map(|_| AtomicU64::new(0)).collect();
+        let mut o = Oracle::new(0, 4);
+        o.full_copy(&mem);
+        mem[WORDS_PER_PAGE].store(7, Ordering::Relaxed);
+        mem[3 * WORDS_PER_PAGE + 5].store(9, Ordering::Relaxed);
+        // A harvest that reports page 1 only.
+        let st = o.copy_dirty(&mem, &[0b0010]);
+        assert_eq!((st.dirty_pages, st.lost_pages), (1, 0), "no check of clean pages here");
+        // The last harvest reports nothing: page 3's store was never reported.
+        let st = o.finish(&mem, &[0]);
+        assert_eq!(st.lost_pages, 1);
+        assert_eq!(o.lost()[0].gfn, 3);
+        assert_eq!(o.lost()[0].word, 5);
     }
 }

@@ -194,10 +194,15 @@ impl Oracle {
     /// stores carry no iteration tags (KVM's): copies the pages `bitmap`
     /// reports dirty. [`Self::finish`] still checks every page exactly.
     pub fn copy_dirty(&mut self, mem: &[AtomicU64], bitmap: &[u64]) -> CollectStats {
+        self.collections += 1;
+        self.copy_reported(mem, bitmap)
+    }
+
+    /// Copies the pages `bitmap` reports dirty; counts them.
+    fn copy_reported(&mut self, mem: &[AtomicU64], bitmap: &[u64]) -> CollectStats {
         assert_eq!(mem.len(), self.copy.len());
         assert_eq!(bitmap.len(), self.npages.div_ceil(64) as usize);
         let mut st = CollectStats { stray_bits: self.stray_bits(bitmap), ..CollectStats::default() };
-        self.collections += 1;
         for p in 0..self.npages as usize {
             if bitmap[p / 64] & (1 << (p % 64)) != 0 {
                 st.dirty_pages += 1;
@@ -213,16 +218,7 @@ impl Oracle {
     /// (the last harvest) reports dirty, then requires the copy to equal
     /// memory exactly.
     pub fn finish(&mut self, mem: &[AtomicU64], bitmap: &[u64]) -> CollectStats {
-        assert_eq!(mem.len(), self.copy.len());
-        let mut st = CollectStats { stray_bits: self.stray_bits(bitmap), ..CollectStats::default() };
-        for p in 0..self.npages as usize {
-            if bitmap[p / 64] & (1 << (p % 64)) != 0 {
-                st.dirty_pages += 1;
-                if !self.copy_page(mem, p) {
-                    st.dirty_unchanged += 1;
-                }
-            }
-        }
+        let mut st = self.copy_reported(mem, bitmap);
         // Relaxed loads below: the vCPU threads are joined, which orders all
         // their stores before us.
         for p in 0..self.npages as usize {

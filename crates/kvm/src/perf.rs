@@ -260,6 +260,11 @@ impl KvmPerfVm {
         &self.vm
     }
 
+    /// The VM, to change (logging on and off).
+    pub(crate) fn vm_mut(&mut self) -> &mut KvmVm {
+        &mut self.vm
+    }
+
     /// Lets every vCPU go on up to pass `n`.
     pub fn release(&self, n: u64) {
         // Release: pairs with the vCPU threads' acquire load.

@@ -78,6 +78,11 @@ impl KvmScriptVm {
         &self.vm
     }
 
+    /// The VM, to change (logging on and off).
+    pub(crate) fn vm_mut(&mut self) -> &mut KvmVm {
+        &mut self.vm
+    }
+
     /// Turns dirty logging on; returns the ioctl's time in ns.
     pub fn enable_dirty_logging(&mut self) -> Result<u64, KvmError> {
         self.vm.enable_dirty_logging()

@@ -91,28 +91,7 @@ pub struct PassSpec {
 
 /// A VM running passes ([`Backend::start_passes`]). Between a completed pass
 /// and the next release a vCPU runs nothing.
-pub trait PassVm {
-    /// The backend's name.
-    fn name(&self) -> String;
-
-    /// What it can do beyond the common interface.
-    fn capabilities(&self) -> Capabilities;
-
-    /// Pages of the test slot.
-    fn pages(&self) -> u64;
-
-    /// The test slot's memory, as the host sees it.
-    fn memory(&self) -> &[AtomicU64];
-
-    /// Turns dirty logging on; returns the time it took, ns.
-    fn enable_dirty_logging(&mut self) -> Result<u64, BackendError>;
-
-    /// As [`BackendVm::get_dirty_log`].
-    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError>;
-
-    /// `clear_dirty_log` of the whole slot with `bitmap` (manual protect).
-    fn clear_dirty_log(&mut self, bitmap: &[u64]) -> Result<(), BackendError>;
-
+pub trait PassVm: DirtyLogVm {
     /// Lets every vCPU go on up to pass `n`.
     fn release(&self, n: u64);
 
@@ -150,8 +129,9 @@ pub struct PassExtras {
     pub lines: Vec<String>,
 }
 
-/// A VM of some backend (module docs).
-pub trait BackendVm {
+/// What every backend's VM has: the test slot at guest physical 0, and its
+/// dirty log (module docs).
+pub trait DirtyLogVm {
     /// The backend's name.
     fn name(&self) -> String;
 
@@ -175,7 +155,10 @@ pub trait BackendVm {
     /// `KVM_CLEAR_DIRTY_LOG` of the pages set in `bitmap`, from page
     /// `first_page`: manual protect only.
     fn clear_dirty_log(&mut self, first_page: u64, bitmap: &[u64]) -> Result<(), BackendError>;
+}
 
+/// A VM of some backend whose one vCPU runs host-chosen stores (module docs).
+pub trait BackendVm: DirtyLogVm {
     /// Runs the vCPU through these guest stores, in order: 8 bytes of
     /// `value` at byte `offset` of the test slot. Checked first: a refused
     /// list stores nothing.
@@ -191,7 +174,7 @@ pub trait BackendVm {
 /// A harvest as a migration makes it: `get_dirty_log`, then, on a VM that
 /// protects manually, `clear_dirty_log` of what it got, so that either way
 /// the pages reported are write-protected again when this returns.
-pub fn harvest(vm: &mut dyn BackendVm, bitmap: &mut [u64]) -> Result<u64, BackendError> {
+pub fn harvest(vm: &mut (impl DirtyLogVm + ?Sized), bitmap: &mut [u64]) -> Result<u64, BackendError> {
     let n = vm.get_dirty_log(bitmap)?;
     if vm.capabilities().manual_protect {
         vm.clear_dirty_log(0, bitmap)?;
@@ -228,7 +211,7 @@ impl Backend for EngineBackend {
         })
         .map_err(|e| BackendError::new(&name, "adding the memslot", e))?;
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
-        Ok(Box::new(EngineVm { name, vm, vcpu, mem }))
+        Ok(Box::new(EngineVm { name, vm, mem, work: vcpu }))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -239,25 +222,27 @@ impl Backend for EngineBackend {
     }
 }
 
-/// A VM of [`EngineBackend`].
-struct EngineVm {
-    name: String,
-    vm: Vm,
-    vcpu: Vcpu,
-    mem: Arc<HostMemory>,
+/// A VM of [`EngineBackend`]: its test slot, and what runs in it (`W`: one
+/// vCPU for host-chosen stores, or the passes' vCPU threads of
+/// `perf::EnginePasses`).
+pub struct EngineVm<W> {
+    pub(crate) name: String,
+    pub(crate) vm: Vm,
+    pub(crate) mem: Arc<HostMemory>,
+    pub(crate) work: W,
 }
 
-impl EngineVm {
-    fn fail(
+impl<W> EngineVm<W> {
+    pub(crate) fn fail(
         &self,
         op: &'static str,
-    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> BackendError {
-        let backend = self.name.clone();
-        move |source| BackendError { backend, op, source }
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> BackendError {
+        BackendError { backend: self.name.clone(), op, source: e.into() }
     }
 }
 
-impl BackendVm for EngineVm {
+impl<W> DirtyLogVm for EngineVm<W> {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -276,28 +261,30 @@ impl BackendVm for EngineVm {
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
         let r = if on { self.vm.enable_dirty_logging(0) } else { self.vm.disable_dirty_logging(0) };
-        r.map_err(|e| self.fail("setting dirty logging")(e.into()))
+        r.map_err(|e| self.fail("setting dirty logging", e))
     }
 
     fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {
-        self.vm.get_dirty_log(0, bitmap).map_err(|e| self.fail("get_dirty_log")(e.into()))
+        self.vm.get_dirty_log(0, bitmap).map_err(|e| self.fail("get_dirty_log", e))
     }
 
     fn clear_dirty_log(&mut self, _first_page: u64, _bitmap: &[u64]) -> Result<(), BackendError> {
-        Err(self.fail("clear_dirty_log")("the engine has no manual protect yet (issue 11)".into()))
+        Err(self.fail("clear_dirty_log", "the engine has no manual protect yet (issue 11)"))
     }
+}
 
+impl BackendVm for EngineVm<Vcpu> {
     fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError> {
         let bytes = self.mem.words().len() as u64 * 8;
         if let Some(&(off, _)) = writes.iter().find(|&&(off, _)| !off.is_multiple_of(8) || off >= bytes) {
             let why = format!("store at {off:#x}: not 8-aligned inside the {bytes:#x}-byte slot");
-            return Err(self.fail("run_writes")(why.into()));
+            return Err(self.fail("run_writes", why));
         }
         let mut script = Script::new(writes.iter().map(|&(off, v)| GuestOp::Write(off, v)));
-        match self.vcpu.run(&mut script) {
+        match self.work.run(&mut script) {
             Ok(VcpuExit::Hypercall(0)) => Ok(()),
-            Ok(exit) => Err(self.fail("run_writes")(format!("unexpected exit {exit:?}").into())),
-            Err(e) => Err(self.fail("run_writes")(e.into())),
+            Ok(exit) => Err(self.fail("run_writes", format!("unexpected exit {exit:?}"))),
+            Err(e) => Err(self.fail("run_writes", e)),
         }
     }
 

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 
-use crate::backend::{BackendError, Capabilities, PassExtras, PassSpec, PassVm};
+use crate::backend::{BackendError, EngineVm, PassExtras, PassSpec, PassVm};
 use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
 use crate::memory::HostMemory;
@@ -425,11 +425,11 @@ pub(crate) fn vm_with_memory(
 /// The engine's [`PassVm`]: a VM with one slot over populated host memory
 /// (so the first pass measures shadow page faults, not the host kernel's
 /// first-touch faults), and sweeper threads with latency probes.
-pub struct EnginePassVm {
-    name: String,
+pub type EnginePassVm = EngineVm<EnginePasses>;
+
+/// What runs in an [`EnginePassVm`].
+pub struct EnginePasses {
     fast_page_fault: bool,
-    vm: Vm,
-    mem: Arc<HostMemory>,
     sweepers: Sweepers,
     clock: Arc<HarvestClock>,
     vcpus: u32,
@@ -454,76 +454,45 @@ impl EnginePassVm {
         let clock = Arc::new(HarvestClock::default());
         let npages = spec.guest_bytes / PAGE_SIZE;
         let sweepers = Sweepers::start(&vm, spec.vcpus, npages, workload, 0, Some(clock.clone()))?;
-        Ok(Self { name, fast_page_fault, vm, mem, sweepers, clock, vcpus: spec.vcpus })
-    }
-
-    fn fail(&self, op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> BackendError {
-        BackendError::new(&self.name, op, e)
+        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus };
+        Ok(EngineVm { name, vm, mem, work })
     }
 }
 
 impl PassVm for EnginePassVm {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities { manual_protect: false, mmu_figures: true }
-    }
-
-    fn pages(&self) -> u64 {
-        self.mem.pages()
-    }
-
-    fn memory(&self) -> &[AtomicU64] {
-        self.mem.words()
-    }
-
-    fn enable_dirty_logging(&mut self) -> Result<u64, BackendError> {
-        let t = Instant::now();
-        self.vm.enable_dirty_logging(0).map_err(|e| self.fail("enabling dirty logging", e))?;
-        Ok(t.elapsed().as_nanos() as u64)
-    }
-
-    fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {
-        self.vm.get_dirty_log(0, bitmap).map_err(|e| self.fail("get_dirty_log", e))
-    }
-
-    fn clear_dirty_log(&mut self, _bitmap: &[u64]) -> Result<(), BackendError> {
-        Err(self
-            .fail("clear_dirty_log", HarnessError::BadConfig("the engine has no manual protect yet".into())))
-    }
-
     fn release(&self, n: u64) {
-        self.sweepers.release(n);
+        self.work.sweepers.release(n);
     }
 
     fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {
-        Ok(self.sweepers.wait_passes(&vec![since; self.vcpus as usize]))
+        Ok(self.work.sweepers.wait_passes(&vec![since; self.work.vcpus as usize]))
     }
 
     fn cut(&self) -> Option<u64> {
-        Some(self.sweepers.ctl.cut())
+        Some(self.work.sweepers.ctl.cut())
     }
 
     fn harvest_begin(&self) {
-        self.clock.tick();
+        self.work.clock.tick();
     }
 
     fn harvest_end(&self) {
-        self.clock.tick();
+        self.work.clock.tick();
     }
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {
-        let swept =
-            self.sweepers.stop().map_err(|e| self.fail("stopping the vCPUs", HarnessError::BadConfig(e)))?;
+        let swept = self
+            .work
+            .sweepers
+            .stop()
+            .map_err(|e| self.fail("stopping the vCPUs", HarnessError::BadConfig(e)))?;
         let s = self.vm.stats();
         let lines = vec![
             format!(
                 "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
                 swept.stats.write_faults,
                 s.mmu.fast_page_faults,
-                if self.fast_page_fault { "" } else { ", which is off" },
+                if self.work.fast_page_fault { "" } else { ", which is off" },
                 s.mmu_lock_hold_ns as f64 / 1e6
             ),
             format!(
@@ -568,7 +537,9 @@ pub fn migrate_perf(
     let mut oracle = Oracle::new(0, pages);
     let mut bitmap = vec![0u64; bitmap_words(pages)];
     vm.cut();
-    run.enable_dirty_logging_ns = vm.enable_dirty_logging()?;
+    let t = Instant::now();
+    vm.set_dirty_logging(true)?;
+    run.enable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
     oracle.full_copy(vm.memory());
     let collect = |oracle: &mut Oracle, vm: &dyn PassVm, bitmap: &[u64], cut: Option<u64>| match cut {
         Some(cut) => oracle.collect(vm.memory(), bitmap, cut).lost_pages,
@@ -640,7 +611,7 @@ fn harvest(
     let mut clear_dirty_log_ns = None;
     if vm.capabilities().manual_protect {
         let t = Instant::now();
-        vm.clear_dirty_log(bitmap)?;
+        vm.clear_dirty_log(0, bitmap)?;
         clear_dirty_log_ns = Some(t.elapsed().as_nanos() as u64);
     }
     Ok(Iteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })

@@ -42,24 +42,26 @@ fn assert_oracle_catches(breakage: Breakage) {
     }
 }
 
+/// The stale-TLB test catches `breakage` in every design (what went
+/// unnoticed otherwise: `what`), and so does the oracle.
+fn assert_stale_tlb_and_oracle_catch(breakage: Breakage, what: &str) {
+    for base in every_design() {
+        let (violations, _) = stale_tlb_violations(VmConfig { breakage, ..base.clone() }, 300);
+        assert!(violations > 0, "{}: {what} went unnoticed", describe(&base));
+    }
+    assert_oracle_catches(breakage);
+}
+
 #[test]
 fn skipping_the_get_dirty_log_flush_is_caught() {
     let b = Breakage { skip_get_dirty_log_flush: true, ..Breakage::default() };
-    for base in every_design() {
-        let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..base.clone() }, 300);
-        assert!(violations > 0, "{}: stale TLB entries went unnoticed", describe(&base));
-    }
-    assert_oracle_catches(b);
+    assert_stale_tlb_and_oracle_catch(b, "stale TLB entries");
 }
 
 #[test]
 fn skipping_write_protection_is_caught() {
     let b = Breakage { skip_write_protect: true, ..Breakage::default() };
-    for base in every_design() {
-        let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..base.clone() }, 300);
-        assert!(violations > 0, "{}: unprotected pages went unnoticed", describe(&base));
-    }
-    assert_oracle_catches(b);
+    assert_stale_tlb_and_oracle_catch(b, "unprotected pages");
 }
 
 #[test]

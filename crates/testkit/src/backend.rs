@@ -18,9 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use shadow_mmu_engine::{
-    GuestOp, HostMemory, MemFlags, Script, UserMemoryRegion, Vcpu, VcpuExit, Vm, VmConfig,
-};
+use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm, VmConfig};
 use thiserror::Error;
 
 /// What a backend's VM does beyond the common interface.
@@ -175,11 +173,25 @@ pub trait BackendVm: DirtyLogVm {
 /// protects manually, `clear_dirty_log` of what it got, so that either way
 /// the pages reported are write-protected again when this returns.
 pub fn harvest(vm: &mut (impl DirtyLogVm + ?Sized), bitmap: &mut [u64]) -> Result<u64, BackendError> {
-    let n = vm.get_dirty_log(bitmap)?;
+    Ok(timed_harvest(vm, bitmap)?.0)
+}
+
+/// [`harvest`], timed: the pages reported, the time of `get_dirty_log`, and
+/// that of `clear_dirty_log` where the VM protects manually, ns.
+pub(crate) fn timed_harvest(
+    vm: &mut (impl DirtyLogVm + ?Sized),
+    bitmap: &mut [u64],
+) -> Result<(u64, u64, Option<u64>), BackendError> {
+    let t = std::time::Instant::now();
+    let dirty_pages = vm.get_dirty_log(bitmap)?;
+    let get_ns = t.elapsed().as_nanos() as u64;
+    let mut clear_ns = None;
     if vm.capabilities().manual_protect {
+        let t = std::time::Instant::now();
         vm.clear_dirty_log(0, bitmap)?;
+        clear_ns = Some(t.elapsed().as_nanos() as u64);
     }
-    Ok(n)
+    Ok((dirty_pages, get_ns, clear_ns))
 }
 
 /// The engine as a backend: VMs built from `config` (design, fast path,
@@ -198,18 +210,8 @@ impl Backend for EngineBackend {
 
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
-        let vm = Vm::new(self.config.clone()).map_err(|e| BackendError::new(&name, "creating the VM", e))?;
-        let mem = HostMemory::anonymous(guest_bytes)
-            .map_err(|e| BackendError::new(&name, "mapping guest memory", e))?;
-        vm.set_user_memory_region(UserMemoryRegion {
-            slot: 0,
-            flags: MemFlags::empty(),
-            guest_phys_addr: 0,
-            memory_size: guest_bytes,
-            memory: Some(mem.clone()),
-            memory_offset: 0,
-        })
-        .map_err(|e| BackendError::new(&name, "adding the memslot", e))?;
+        let (vm, mem) = crate::perf::vm_with_memory(self.config.clone(), guest_bytes, false)
+            .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
         Ok(Box::new(EngineVm { name, vm, mem, work: vcpu }))
     }

@@ -153,7 +153,7 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         max_mmu_pages: Some(cfg.max_mmu_pages),
         ..VmConfig::default()
     };
-    let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
+    let (vm, _mem) = vm_with_memory(config, guest_bytes, true)?;
     let npages = guest_bytes / PAGE_SIZE;
     let ctl = GuestControl::new(cfg.vcpus);
     let stop = Arc::new(AtomicBool::new(false));

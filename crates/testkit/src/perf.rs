@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 
-use crate::backend::{BackendError, EngineVm, PassExtras, PassSpec, PassVm};
+use crate::backend::{BackendError, EngineVm, PassExtras, PassSpec, PassVm, timed_harvest};
 use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
 use crate::memory::HostMemory;
@@ -402,15 +402,21 @@ impl Drop for Sweepers {
     }
 }
 
-/// A VM with one slot over pre-populated host memory: the first pass then
-/// measures shadow page faults, not the host kernel's first-touch faults
-/// (which would also make whichever design runs first look slower).
+/// A VM with one slot of `guest_bytes` at guest physical 0. With
+/// `populate`, over pre-populated host memory: the first pass then measures
+/// shadow page faults, not the host kernel's first-touch faults (which would
+/// also make whichever design runs first look slower).
 pub(crate) fn vm_with_memory(
     config: VmConfig,
     guest_bytes: u64,
+    populate: bool,
 ) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
     let vm = Vm::new(config)?;
-    let mem = HostMemory::anonymous_populated(guest_bytes)?;
+    let mem = if populate {
+        HostMemory::anonymous_populated(guest_bytes)?
+    } else {
+        HostMemory::anonymous(guest_bytes)?
+    };
     vm.set_user_memory_region(UserMemoryRegion {
         slot: 0,
         flags: MemFlags::empty(),
@@ -443,7 +449,7 @@ impl EnginePassVm {
             return Err(HarnessError::BadConfig(format!("{spec:?}")));
         }
         let fast_page_fault = config.fast_page_fault;
-        let (vm, mem) = vm_with_memory(config, spec.guest_bytes)?;
+        let (vm, mem) = vm_with_memory(config, spec.guest_bytes, true)?;
         let workload = WorkloadSpec {
             pattern: if spec.random { AccessPattern::Random } else { AccessPattern::Seq },
             write_pct: spec.write_pct,
@@ -589,8 +595,7 @@ pub fn migrate_perf(
     Ok((run, extras))
 }
 
-/// A timed `get_dirty_log`, then, where the backend protects manually, a
-/// timed `clear_dirty_log` of what it returned. `probed`: marked for the
+/// [`timed_harvest`] as an iteration; `probed`: marked for the
 /// fault-latency probes.
 fn harvest(
     vm: &mut dyn PassVm,
@@ -601,19 +606,11 @@ fn harvest(
     if probed {
         vm.harvest_begin();
     }
-    let t = Instant::now();
-    let dirty_pages = vm.get_dirty_log(bitmap);
-    let get_dirty_log_ns = t.elapsed().as_nanos() as u64;
+    let r = timed_harvest(vm, bitmap);
     if probed {
         vm.harvest_end();
     }
-    let dirty_pages = dirty_pages?;
-    let mut clear_dirty_log_ns = None;
-    if vm.capabilities().manual_protect {
-        let t = Instant::now();
-        vm.clear_dirty_log(0, bitmap)?;
-        clear_dirty_log_ns = Some(t.elapsed().as_nanos() as u64);
-    }
+    let (dirty_pages, get_dirty_log_ns, clear_dirty_log_ns) = r?;
     Ok(Iteration { dirty_memory_ns, get_dirty_log_ns, clear_dirty_log_ns, dirty_pages })
 }
 
@@ -645,7 +642,7 @@ pub fn fault_heavy(
     let guest_bytes = FAULT_HEAVY_GUEST_BYTES;
     let config =
         VmConfig { mmu, fast_page_fault, large_pages: false, max_mmu_pages: Some(64), ..VmConfig::default() };
-    let (vm, _mem) = vm_with_memory(config, guest_bytes)?;
+    let (vm, _mem) = vm_with_memory(config, guest_bytes, true)?;
     let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
     let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX, None)?;
     sweepers.wait_passes(&vec![0; vcpus as usize]);

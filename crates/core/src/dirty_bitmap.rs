@@ -75,6 +75,18 @@ impl DirtyBitmap {
         self.words[i].swap(0, Ordering::AcqRel)
     }
 
+    /// Clears the bits of `mask` in word `i` and returns those of them that
+    /// were set: `KVM_CLEAR_DIRTY_LOG`'s `mask &= atomic_long_fetch_andnot()`.
+    #[inline]
+    pub fn clear_mask(&self, i: usize, mask: u64) -> u64 {
+        if mask == 0 {
+            return 0;
+        }
+        // AcqRel, as `take_word`'s swap and for the same reason: it acquires
+        // the markers' release fences for the bits it returns.
+        self.words[i].fetch_and(!mask, Ordering::AcqRel) & mask
+    }
+
     /// Reads word `i` without clearing it.
     #[inline]
     pub fn peek_word(&self, i: usize) -> u64 {

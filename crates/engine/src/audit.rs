@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::mmu::lock::MmuGuard;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{
     PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte, is_last_spte,
@@ -136,7 +137,7 @@ impl Kvm {
         let live: HashSet<SpPtr> = active.iter().copied().collect();
         let mut parents_seen: HashMap<SpPtr, usize> = HashMap::new();
         for &sp in &active {
-            let p = sp.get();
+            let p = sp.get(&g);
             let role = p.role();
             ensure!(!p.is_invalid(), PageLists, "{p:?} invalid but active");
             ensure!(g.hash_lookup(p.gfn(), role) == Some(sp), PageLists, "{p:?} not hashed under its key");
@@ -154,12 +155,22 @@ impl Kvm {
                 );
                 let gfn = p.spte_gfn(i);
                 if is_last_spte(spte, role.level) {
-                    self.audit_leaf(&mut report, &rmap_entries, &slots, opts, sptep, spte, gfn, role.level)?;
+                    self.audit_leaf(
+                        &g,
+                        &mut report,
+                        &rmap_entries,
+                        &slots,
+                        opts,
+                        sptep,
+                        spte,
+                        gfn,
+                        role.level,
+                    )?;
                 } else {
                     // SAFETY: a present non-leaf spte of one of our tables.
                     let child = unsafe { SpPtr::from_nonleaf_spte(spte) };
                     ensure!(live.contains(&child), Table, "{p:?}[{i}] points to a dead page");
-                    let c = child.get();
+                    let c = child.get(&g);
                     ensure!(
                         c.role().level + 1 == role.level,
                         Table,
@@ -181,11 +192,11 @@ impl Kvm {
         }
         for &sp in &active {
             // SAFETY: we hold mmu_lock.
-            let n = unsafe { sp.get().parent_ptes().check_invariants() };
+            let n = unsafe { sp.get(&g).parent_ptes().check_invariants() };
             let seen = parents_seen.get(&sp).copied().unwrap_or(0);
-            ensure!(n == seen, Table, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get());
-            if sp.get().root_count() > 0 {
-                ensure!(n == 0, Table, "{:?}: a root with parents", sp.get());
+            ensure!(n == seen, Table, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get(&g));
+            if sp.get(&g).root_count() > 0 {
+                ensure!(n == 0, Table, "{:?}: a root with parents", sp.get(&g));
             }
         }
         ensure!(
@@ -201,6 +212,7 @@ impl Kvm {
     #[allow(clippy::too_many_arguments)]
     fn audit_leaf(
         &self,
+        g: &MmuGuard<'_>,
         report: &mut AuditReport,
         rmap_entries: &HashMap<usize, (u32, u8, usize)>,
         slots: &crate::memslot::Memslots,
@@ -223,7 +235,7 @@ impl Kvm {
         let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
         ensure!(at == Some(&want), Leaf, "gfn {gfn:#x} level {level}: spte in rmap {at:?}, want {want:?}");
         // SAFETY: `sptep` is in one of our tables.
-        ensure!(unsafe { page_header(sptep) }.get().role().level == level, Leaf, "page_header disagrees");
+        ensure!(unsafe { page_header(sptep) }.get(g).role().level == level, Leaf, "page_header disagrees");
         if is_large_pte(spte) {
             report.large_sptes += 1;
             ensure!(slot.lpage_ok(gfn), Leaf, "large spte over a slot edge at gfn {gfn:#x}");

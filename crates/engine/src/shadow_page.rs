@@ -274,14 +274,46 @@ impl PoolObject for ShadowPage {
     }
 }
 
+/// Proof that the shadow pages reachable from this VM's tables stay
+/// allocated while the proof is borrowed. [`SpPtr::get`] takes one and hands
+/// out a reference bound to its borrow, as crossbeam-epoch's
+/// `load(&'g Guard)` does, so no reference to a shadow page outlives the
+/// lock, the read-side section or the lockless walk that keeps it alive.
+///
+/// The implementors, and why each pins:
+/// - `MmuGuard` (mmu/lock.rs): pages leave the tables and go back to the
+///   pool only under `mmu_lock`, and only through functions that take the
+///   guard mutably (`kvm_mmu_commit_zap_page`, `kvm_mmu_free_page`), so the
+///   borrow checker ends every reference bound to `&MmuGuard` before one
+///   runs;
+/// - `LocklessWalk` and `InGuestMode` (mmu/walk.rs): a page is freed only
+///   after a remote TLB flush, which waits for every vCPU in guest mode or
+///   in a lockless walk (`kvm_mmu_commit_zap_page`, requests.rs point 2);
+/// - `ReadGuard` and `NeverReturned`: a pool returns memory only after a
+///   grace period (pool.rs), and the lockless rmap walk is inside one.
+///
+/// # Safety
+/// An implementor guarantees that a shadow page read from this VM's tables,
+/// rmaps or `mmu_page_hash` while the proof is borrowed stays a valid
+/// `ShadowPage` (possibly zapped and reused, never freed) for that borrow.
+pub(crate) unsafe trait PinsShadowPages {}
+
+// SAFETY: a pool returns memory only after a grace period that began after
+// the object was handed back, and a `ReadGuard`'s slot holds an epoch from
+// before any such grace period ends (rcu.rs, pool.rs).
+unsafe impl PinsShadowPages for crate::rcu::ReadGuard<'_> {}
+// SAFETY: by `NeverReturned::new`'s contract, nothing is returned while it
+// lives.
+unsafe impl PinsShadowPages for crate::rcu::NeverReturned {}
+
 /// A pointer to a shadow page of this VM's pool.
 ///
-/// Dereferencing is safe because shadow pages are type-stable: the pool keeps
-/// every page's memory until the VM is dropped (see `pool.rs`), and an
-/// `SpPtr` is only ever made from a pool allocation or from an spte of this
-/// VM, and only used while the VM is alive. The page may have been zapped and
-/// reused since the pointer was taken; users that need the identity check it
-/// under `mmu_lock` or by generation.
+/// The memory is type-stable: the pool hands a freed page out again as a
+/// shadow page, and returns memory to the system only after a grace period
+/// (see `pool.rs`). An `SpPtr` is only ever made from a pool allocation or
+/// from an spte of this VM. Dereferencing needs a [`PinsShadowPages`] proof.
+/// The page may have been zapped and reused since the pointer was taken;
+/// users that need the identity check it under `mmu_lock` or by generation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct SpPtr(NonNull<ShadowPage>);
 
@@ -320,11 +352,14 @@ impl SpPtr {
         Self(unsafe { NonNull::new_unchecked(addr as *mut ShadowPage) })
     }
 
-    /// The shadow page.
+    /// The shadow page, for as long as `pin` is borrowed (the elided
+    /// lifetime is the borrow's: `self` is a copy).
     #[inline]
-    pub(crate) fn get<'a>(self) -> &'a ShadowPage {
-        // SAFETY: type-stable pool memory, live while the VM is (type docs);
-        // all fields are atomics, so a shared reference is race-free.
+    pub(crate) fn get(self, _pin: &impl PinsShadowPages) -> &ShadowPage {
+        // SAFETY: the pointer is a shadow page of this VM (type docs) that
+        // `_pin` keeps allocated while borrowed, and the result is bound to
+        // that borrow (`PinsShadowPages`'s contract); all fields are atomics,
+        // so a shared reference is race-free.
         unsafe { self.0.as_ref() }
     }
 }
@@ -357,7 +392,9 @@ mod tests {
         assert_eq!(sp.spte_index_of(sptep), 77);
         // SAFETY: `sptep` points into `sp`'s table.
         let hdr = unsafe { page_header(sptep) };
-        assert!(std::ptr::eq(hdr.get(), &*sp));
+        // SAFETY: `sp` outlives the section and is never returned.
+        let pin = unsafe { crate::rcu::NeverReturned::new() };
+        assert!(std::ptr::eq(hdr.get(&pin), &*sp));
         let g = sp.generation();
         sp.init(0, SpRole { level: 1, direct: true, asid: 0 });
         assert_eq!(sp.generation(), g + 1);

@@ -353,6 +353,20 @@ impl Vm {
         self.kvm.kvm_vm_ioctl_get_dirty_log(slot, bitmap)
     }
 
+    /// `kvm_read_guest`: reads guest memory at `gpa` (8-aligned, inside one
+    /// memslot) into `out`, from the host's side.
+    pub fn read_guest(&self, gpa: u64, out: &mut [u64]) -> Result<(), crate::GuestAccessError> {
+        self.kvm.kvm_read_guest(gpa, out)
+    }
+
+    /// `kvm_write_guest`: writes `words` into guest memory at `gpa`
+    /// (8-aligned, inside one writable memslot), from the host's side, and
+    /// marks the pages dirty where the slot logs, as KVM does for its own
+    /// writes to guest memory. Checked whole first: a refusal writes nothing.
+    pub fn write_guest(&self, gpa: u64, words: &[u64]) -> Result<(), crate::GuestAccessError> {
+        self.kvm.kvm_write_guest(gpa, words)
+    }
+
     /// Tracks guest writes to page `gfn` (KVM's page tracking,
     /// `KVM_PAGE_TRACK_WRITE`): from the return on, every write to it exits
     /// to userspace as [`crate::VcpuExit::WriteTracked`]. Counted.

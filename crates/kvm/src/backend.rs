@@ -3,10 +3,13 @@
 //! `migrate-perf`, a [`KvmPerfVm`] (vCPU threads making passes), with or
 //! without manual protect.
 
-use std::sync::atomic::AtomicU64;
+use std::ops::DerefMut;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_testkit::backend::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLogVm, PassExtras, PassSpec, PassVm,
+    check_guest_access,
 };
 
 use crate::error::KvmError;
@@ -31,7 +34,7 @@ impl Backend for KvmBackend {
         let name = self.name();
         let vm = KvmScriptVm::new(guest_bytes, self.manual_protect)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
-        Ok(Box::new(KvmBackendVm { name, manual_protect: self.manual_protect, inner: vm }))
+        Ok(Box::new(KvmBackendVm::new(name, self.manual_protect, vm)))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -45,31 +48,7 @@ impl Backend for KvmBackend {
             manual_protect: self.manual_protect,
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
-        Ok(Box::new(KvmBackendVm { name, manual_protect: self.manual_protect, inner: vm }))
-    }
-}
-
-/// What both of KVM's VMs are: a [`KvmVm`] with something running in it.
-trait WrapsKvmVm {
-    fn kvm(&self) -> &KvmVm;
-    fn kvm_mut(&mut self) -> &mut KvmVm;
-}
-
-impl WrapsKvmVm for KvmScriptVm {
-    fn kvm(&self) -> &KvmVm {
-        self.vm()
-    }
-    fn kvm_mut(&mut self) -> &mut KvmVm {
-        self.vm_mut()
-    }
-}
-
-impl WrapsKvmVm for KvmPerfVm {
-    fn kvm(&self) -> &KvmVm {
-        self.vm()
-    }
-    fn kvm_mut(&mut self) -> &mut KvmVm {
-        self.vm_mut()
+        Ok(Box::new(KvmBackendVm::new(name, self.manual_protect, vm)))
     }
 }
 
@@ -77,10 +56,24 @@ impl WrapsKvmVm for KvmPerfVm {
 /// [`KvmPerfVm`] (the passes' vCPU threads). The passes' guests store the
 /// pass number, with no iteration tag: the oracle checks their harvests at
 /// the end only.
+///
+/// KVM does not log what the host writes through its own mapping of guest
+/// memory, so `host_dirty` does, for [`DirtyLogVm::write_guest`]: its bits
+/// are merged into each `get_dirty_log` and cleared as KVM's own are (by
+/// the GET, or with manual protect by the CLEAR), as QEMU merges its own
+/// bitmap with KVM's.
 struct KvmBackendVm<V> {
     name: String,
     manual_protect: bool,
     inner: V,
+    host_dirty: DirtyBitmap,
+}
+
+impl<V: DerefMut<Target = KvmVm>> KvmBackendVm<V> {
+    fn new(name: String, manual_protect: bool, inner: V) -> Self {
+        let host_dirty = DirtyBitmap::new(inner.test_pages());
+        Self { name, manual_protect, inner, host_dirty }
+    }
 }
 
 impl<V> KvmBackendVm<V> {
@@ -89,7 +82,7 @@ impl<V> KvmBackendVm<V> {
     }
 }
 
-impl<V: WrapsKvmVm> DirtyLogVm for KvmBackendVm<V> {
+impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -99,25 +92,68 @@ impl<V: WrapsKvmVm> DirtyLogVm for KvmBackendVm<V> {
     }
 
     fn pages(&self) -> u64 {
-        self.inner.kvm().test_pages()
+        self.inner.test_pages()
     }
 
     fn memory(&self) -> &[AtomicU64] {
-        self.inner.kvm().memory().test.words()
+        self.inner.memory().test.words()
+    }
+
+    fn read_guest(&self, offset: u64, out: &mut [u64]) -> Result<(), BackendError> {
+        check_guest_access(self.pages(), offset, out.len())
+            .map_err(|e| BackendError::new(&self.name, "read_guest", e))?;
+        let words = &self.memory()[offset as usize / 8..][..out.len()];
+        for (o, w) in out.iter_mut().zip(words) {
+            // Relaxed: no vCPU runs a store this read must see ordered
+            // (module docs of the testkit's backend); guest data.
+            *o = w.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn write_guest(&mut self, offset: u64, words: &[u64]) -> Result<(), BackendError> {
+        check_guest_access(self.pages(), offset, words.len())
+            .map_err(|e| BackendError::new(&self.name, "write_guest", e))?;
+        for (m, &w) in self.memory()[offset as usize / 8..].iter().zip(words) {
+            // Relaxed: guest data; the harvest that reports the page runs in
+            // this thread, after.
+            m.store(w, Ordering::Relaxed);
+        }
+        if self.inner.dirty_logging() {
+            let (first, last) = (offset / 4096, (offset + words.len() as u64 * 8 - 1) / 4096);
+            (first..=last).for_each(|p| self.host_dirty.mark(p));
+        }
+        Ok(())
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
-        let vm = self.inner.kvm_mut();
+        let vm = &mut *self.inner;
         let r = if on { vm.enable_dirty_logging() } else { vm.disable_dirty_logging() };
-        r.map(|_| ()).map_err(|e| self.fail("setting dirty logging", e))
+        r.map(|_| ()).map_err(|e| self.fail("setting dirty logging", e))?;
+        // KVM starts each log afresh; so does the host's.
+        self.host_dirty.clear_all();
+        Ok(())
     }
 
     fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {
-        self.inner.kvm().get_dirty_log(bitmap).map_err(|e| self.fail("KVM_GET_DIRTY_LOG", e))
+        self.inner.get_dirty_log(bitmap).map_err(|e| self.fail("KVM_GET_DIRTY_LOG", e))?;
+        let mut dirty = 0;
+        for (i, w) in bitmap.iter_mut().enumerate() {
+            *w |=
+                if self.manual_protect { self.host_dirty.peek_word(i) } else { self.host_dirty.take_word(i) };
+            dirty += u64::from(w.count_ones());
+        }
+        Ok(dirty)
     }
 
     fn clear_dirty_log(&mut self, first_page: u64, bitmap: &[u64]) -> Result<(), BackendError> {
-        self.inner.kvm().clear_dirty_log(first_page, bitmap).map_err(|e| self.fail("KVM_CLEAR_DIRTY_LOG", e))
+        self.inner.clear_dirty_log(first_page, bitmap).map_err(|e| self.fail("KVM_CLEAR_DIRTY_LOG", e))?;
+        // KVM checked the range: `first_page` is a multiple of 64 inside the
+        // slot and `bitmap` no longer than the rest.
+        for (i, &mask) in bitmap.iter().enumerate() {
+            self.host_dirty.clear_mask(first_page as usize / 64 + i, mask);
+        }
+        Ok(())
     }
 }
 

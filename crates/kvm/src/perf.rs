@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup, bitmap_words};
+use crate::vm::{KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -250,21 +250,6 @@ impl KvmPerfVm {
         &self.cfg
     }
 
-    /// Pages of the test slot.
-    pub fn pages(&self) -> u64 {
-        self.vm.test_pages()
-    }
-
-    /// The VM.
-    pub fn vm(&self) -> &KvmVm {
-        &self.vm
-    }
-
-    /// The VM, to change (logging on and off).
-    pub(crate) fn vm_mut(&mut self) -> &mut KvmVm {
-        &mut self.vm
-    }
-
     /// Lets every vCPU go on up to pass `n`.
     pub fn release(&self, n: u64) {
         // Release: pairs with the vCPU threads' acquire load.
@@ -307,37 +292,6 @@ impl KvmPerfVm {
         Ok(self.shared.clocks.iter().map(|c| c.last_pass_ns.load(Ordering::Relaxed)).max().unwrap_or(0))
     }
 
-    /// Turns dirty logging on; returns the time of the ioctl in ns.
-    pub fn enable_dirty_logging(&mut self) -> Result<u64, KvmError> {
-        self.vm.enable_dirty_logging()
-    }
-
-    /// Turns dirty logging off; returns the time of the ioctl in ns.
-    pub fn disable_dirty_logging(&mut self) -> Result<u64, KvmError> {
-        self.vm.disable_dirty_logging()
-    }
-
-    /// `KVM_GET_DIRTY_LOG` of the test slot (see [`KvmVm::get_dirty_log`]).
-    pub fn get_dirty_log(&self, bitmap: &mut [u64]) -> Result<u64, KvmError> {
-        self.vm.get_dirty_log(bitmap)
-    }
-
-    /// `KVM_CLEAR_DIRTY_LOG` of the whole test slot with `bitmap` (one word
-    /// per 64 pages, as `get_dirty_log`'s); needs `manual_protect`.
-    pub fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), KvmError> {
-        let expected = bitmap_words(self.pages());
-        if bitmap.len() != expected {
-            return Err(KvmError::BadBitmapSize { pages: self.pages(), expected, got: bitmap.len() });
-        }
-        self.vm.clear_dirty_log(0, bitmap)
-    }
-
-    /// The test slot's memory, as words (word 0 of each page holds the last
-    /// pass number stored to it).
-    pub fn memory(&self) -> &[AtomicU64] {
-        self.vm.memory().test.words()
-    }
-
     /// Stops the vCPU threads (each finishes the pass it is in) and joins
     /// them; returns the first failure. Idempotent.
     pub fn stop(&mut self) -> Result<(), KvmError> {
@@ -352,6 +306,21 @@ impl KvmPerfVm {
             }
         }
         first
+    }
+}
+
+/// A perf VM is a [`KvmVm`] with vCPU threads in it: logging, the log and
+/// memory are the VM's.
+impl std::ops::Deref for KvmPerfVm {
+    type Target = KvmVm;
+    fn deref(&self) -> &KvmVm {
+        &self.vm
+    }
+}
+
+impl std::ops::DerefMut for KvmPerfVm {
+    fn deref_mut(&mut self) -> &mut KvmVm {
+        &mut self.vm
     }
 }
 

@@ -10,7 +10,7 @@
 //!   a refused list leaves memory and the log untouched; a list longer than
 //!   the table is run in table-sized pieces, in order.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use crate::error::KvmError;
 use crate::guest::{SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
@@ -72,39 +72,19 @@ impl KvmScriptVm {
         }
         Ok(())
     }
+}
 
-    /// The VM, for what is not forwarded here.
-    pub fn vm(&self) -> &KvmVm {
+/// A script VM is a [`KvmVm`] with a vCPU in it: logging, the log and
+/// memory are the VM's.
+impl std::ops::Deref for KvmScriptVm {
+    type Target = KvmVm;
+    fn deref(&self) -> &KvmVm {
         &self.vm
     }
+}
 
-    /// The VM, to change (logging on and off).
-    pub(crate) fn vm_mut(&mut self) -> &mut KvmVm {
+impl std::ops::DerefMut for KvmScriptVm {
+    fn deref_mut(&mut self) -> &mut KvmVm {
         &mut self.vm
-    }
-
-    /// Turns dirty logging on; returns the ioctl's time in ns.
-    pub fn enable_dirty_logging(&mut self) -> Result<u64, KvmError> {
-        self.vm.enable_dirty_logging()
-    }
-
-    /// Turns dirty logging off; returns the ioctl's time in ns.
-    pub fn disable_dirty_logging(&mut self) -> Result<u64, KvmError> {
-        self.vm.disable_dirty_logging()
-    }
-
-    /// `KVM_GET_DIRTY_LOG` of the test slot (see [`KvmVm::get_dirty_log`]).
-    pub fn get_dirty_log(&self, bitmap: &mut [u64]) -> Result<u64, KvmError> {
-        self.vm.get_dirty_log(bitmap)
-    }
-
-    /// `KVM_CLEAR_DIRTY_LOG` (see [`KvmVm::clear_dirty_log`]).
-    pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> Result<(), KvmError> {
-        self.vm.clear_dirty_log(first_page, bitmap)
-    }
-
-    /// The test slot's memory, as words.
-    pub fn memory(&self) -> &[AtomicU64] {
-        self.vm.memory().test.words()
     }
 }

@@ -71,7 +71,7 @@ fn clear_dirty_log_misuse_is_refused() {
     assert!(matches!(auto.clear_dirty_log(0, &[0; 4]), Err(KvmError::ManualProtectNotEnabled)));
     let perf =
         KvmPerfVm::new(&KvmPerfConfig { guest_bytes: 1 << 20, ..KvmPerfConfig::default() }).expect("perf VM");
-    assert!(matches!(perf.clear_dirty_log(&[0; 4]), Err(KvmError::ManualProtectNotEnabled)));
+    assert!(matches!(perf.clear_dirty_log(0, &[0; 4]), Err(KvmError::ManualProtectNotEnabled)));
 
     if !common::kvm().has_manual_protect() {
         println!("skipped: KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
@@ -94,8 +94,8 @@ fn clear_dirty_log_misuse_is_refused() {
         KvmPerfVm::new(&KvmPerfConfig { guest_bytes: 1 << 20, manual_protect: true, ..Default::default() })
             .expect("perf VM");
     assert!(matches!(
-        perf.clear_dirty_log(&[0; 3]),
-        Err(KvmError::BadBitmapSize { expected: 4, got: 3, .. })
+        perf.clear_dirty_log(0, &[0; 5]),
+        Err(KvmError::BadBitmapSize { expected: 4, got: 5, .. })
     ));
     // The refusals changed nothing: both pages are still in the log, and a
     // good clear of the second word clears page 70 only.
@@ -115,7 +115,7 @@ fn harvest_before_logging_and_other_misuse() {
     let vm = KvmScriptVm::new(1 << 20, false).expect("KVM VM");
     assert!(matches!(vm.get_dirty_log(&mut bitmap), Err(KvmError::NotLogging)));
     // No dirty ring enabled on this VM: KVM_RESET_DIRTY_RINGS is EINVAL.
-    match vm.vm().reset_dirty_rings() {
+    match vm.reset_dirty_rings() {
         Err(KvmError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", source }) => {
             assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{source}")
         }

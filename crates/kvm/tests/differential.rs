@@ -5,6 +5,9 @@
 //! to the set of pages the round wrote, and the memories identical at the
 //! end.
 //!
+//! Host writes (`write_guest`) are in the log on every backend, as the
+//! guest's are; refused host accesses change nothing.
+//!
 //! Also what happens around enabling: writes while logging is off are
 //! reported by nobody, a harvest before logging is refused by everybody, the
 //! log starts clear when logging is enabled (and again when re-enabled).
@@ -16,6 +19,7 @@ use std::sync::atomic::Ordering;
 
 use common::{SplitMix, kvm_usable};
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
+use shadow_mmu_testkit::backend::GuestAccessError;
 use shadow_mmu_testkit::backend::{Backend, BackendVm, EngineBackend, harvest};
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
 
@@ -129,10 +133,20 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     let mut nonempty = 0;
     for r in 1..=6 {
         let writes = round_writes(r, &mut rng);
+        // Rounds 3 and 5 also have host writes (a device model's, or a
+        // migration destination's): they are logged like the guest's.
+        let host: Vec<(u64, u64)> = if r % 2 == 1 && r > 1 {
+            (0..40).map(|i| (rng.below(PAGES) * 4096 + 64, 0x4057 << 32 | i)).collect()
+        } else {
+            Vec::new()
+        };
         for b in backends.iter_mut() {
             write(b.as_mut(), &writes);
+            for &(off, v) in &host {
+                b.write_guest(off, &[v, !v]).unwrap_or_else(|e| panic!("{e}"));
+            }
         }
-        let want = pages_of(&writes);
+        let want = pages_of(&[writes.as_slice(), host.as_slice()].concat());
         nonempty += u32::from(!want.is_empty());
         if r == 4 {
             let bulk = BULK_REGION * LARGE..(BULK_REGION + 1) * LARGE;
@@ -194,4 +208,47 @@ fn kvm_write_errors_are_typed_and_harmless() {
     vm.run_writes(&[(0, 1), ((1 << 20) - 8, 2)]).expect("good writes");
     assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), 2);
     assert_eq!(set_pages(&bitmap), [0, 255]);
+}
+
+/// Host reads and writes through every backend (the engine's alone where
+/// KVM is not usable): checked whole, logged only while logging is on, and
+/// read back as written.
+#[test]
+fn host_accesses_are_checked_and_logged_on_every_backend() {
+    let backends: Vec<Box<dyn Backend>> = if kvm_usable() {
+        backends()
+    } else {
+        every_design()
+            .into_iter()
+            .map(|config| Box::new(EngineBackend { config }) as Box<dyn Backend>)
+            .collect()
+    };
+    for backend in &backends {
+        let mut vm = backend.create_vm(1 << 20).unwrap_or_else(|e| panic!("{e}")); // 256 pages
+        let name = vm.name();
+        vm.write_guest(5 * 4096, &[1, 2]).unwrap_or_else(|e| panic!("{e}"));
+        set_logging(vm.as_mut(), true);
+        // Refused: unaligned, empty, past the end, overflowing; nothing is
+        // written and nothing is logged.
+        for (off, n) in [(4, 1), (0, 0), ((1 << 20) - 8, 2), (u64::MAX - 7, 1)] {
+            let e = vm.write_guest(off, &vec![9; n]).expect_err("refused");
+            let why = e.source.downcast_ref::<GuestAccessError>();
+            assert!(why.is_some(), "{name}: {off:#x}+{n}: {e} is not a GuestAccessError");
+            let mut out = vec![0; n];
+            assert!(vm.read_guest(off, &mut out).is_err(), "{name}: read {off:#x}+{n}");
+        }
+        // A write across a page boundary dirties both pages.
+        vm.write_guest(7 * 4096 - 8, &[3, 4]).unwrap_or_else(|e| panic!("{e}"));
+        vm.write_guest(200 * 4096, &[5]).unwrap_or_else(|e| panic!("{e}"));
+        let mut bitmap = vec![0u64; bitmap_words(256)];
+        assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}")), 3, "{name}");
+        assert_eq!(set_pages(&bitmap), [6, 7, 200], "{name}: page 5 was written before logging");
+        assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}")), 0, "{name}");
+        let mut out = [0u64; 2];
+        vm.read_guest(5 * 4096, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, [1, 2], "{name}");
+        vm.read_guest(7 * 4096 - 8, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, [3, 4], "{name}");
+        assert_eq!(word(vm.as_ref(), 200 * 4096), 5, "{name}: memory() sees host writes");
+    }
 }

@@ -31,8 +31,9 @@ fn pass(vm: &KvmPerfVm, pass: u64) -> u64 {
 
 /// Word 0 of every page holds `want`.
 fn assert_pages_hold(vm: &KvmPerfVm, want: u64) {
-    let bad =
-        (0..vm.pages()).filter(|p| vm.memory()[(p * 512) as usize].load(Ordering::Relaxed) != want).count();
+    let bad = (0..vm.test_pages())
+        .filter(|p| vm.memory().test.words()[(p * 512) as usize].load(Ordering::Relaxed) != want)
+        .count();
     assert_eq!(bad, 0, "{bad} pages do not hold {want}");
 }
 
@@ -43,7 +44,7 @@ fn sequential_stores_dirty_every_page_and_store_the_pass_number() {
     }
     for vcpus in [1, 3] {
         let mut vm = start(&KvmPerfConfig { vcpus, guest_bytes: MIB16, ..KvmPerfConfig::default() });
-        let pages = vm.pages();
+        let pages = vm.test_pages();
         let t = Instant::now();
         pass(&vm, 1);
         let populate = t.elapsed();
@@ -77,7 +78,7 @@ fn loads_dirty_nothing() {
     let mut vm = start(&KvmPerfConfig { write_pct: 0, guest_bytes: 4 << 20, ..KvmPerfConfig::default() });
     pass(&vm, 1);
     vm.enable_dirty_logging().expect("enable");
-    let mut bitmap = vec![0u64; bitmap_words(vm.pages())];
+    let mut bitmap = vec![0u64; bitmap_words(vm.test_pages())];
     for p in 2..=3 {
         pass(&vm, p);
         assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), 0);
@@ -97,7 +98,7 @@ fn manual_protect_get_copies_and_clear_reprotects() {
     }
     let cfg = KvmPerfConfig { guest_bytes: 4 << 20, manual_protect: true, ..KvmPerfConfig::default() };
     let mut vm = start(&cfg);
-    let pages = vm.pages();
+    let pages = vm.test_pages();
     pass(&vm, 1);
     vm.enable_dirty_logging().expect("enable");
     let mut bitmap = vec![0u64; bitmap_words(pages)];
@@ -109,14 +110,14 @@ fn manual_protect_get_copies_and_clear_reprotects() {
     assert_eq!(vm.get_dirty_log(&mut again).expect("harvest"), pages);
     assert_eq!(again, bitmap);
     let t = Instant::now();
-    vm.clear_dirty_log(&bitmap).expect("clear");
+    vm.clear_dirty_log(0, &bitmap).expect("clear");
     println!("KVM_CLEAR_DIRTY_LOG of {pages} pages: {:?}", t.elapsed());
     assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), 0, "cleared, no writes since");
     // Cleared pages are write-protected again: the next pass logs them all.
     pass(&vm, 3);
     assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), pages);
     // A partial clear: pages 64..128 only (first_page 64, one word).
-    vm.vm().clear_dirty_log(64, &[u64::MAX]).expect("partial clear");
+    vm.clear_dirty_log(64, &[u64::MAX]).expect("partial clear");
     assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), pages - 64);
     assert_eq!(bitmap[1], 0);
     assert!(bitmap.iter().enumerate().all(|(i, &w)| i == 1 || w == u64::MAX));
@@ -131,7 +132,7 @@ fn random_and_mixed_passes_dirty_exactly_the_modelled_pages() {
         let cfg =
             KvmPerfConfig { vcpus, guest_bytes: 4 << 20, write_pct, random, seed: 42, ..Default::default() };
         let mut vm = start(&cfg);
-        let pages = vm.pages();
+        let pages = vm.test_pages();
         // The model of every vCPU's first two passes.
         let mut lcg: Vec<u32> = (0..vcpus).map(|id| cfg.initial_lcg(id)).collect();
         let mut model = |pass_no: u64, stored: &mut BTreeSet<u64>, last: &mut Vec<u64>| {
@@ -157,8 +158,9 @@ fn random_and_mixed_passes_dirty_exactly_the_modelled_pages() {
         let what = format!("random {random}, {write_pct}% stores, {vcpus} vCPUs");
         assert_eq!(set_pages(&bitmap), want.iter().copied().collect::<Vec<_>>(), "{what}");
         assert!(dirty > 0 && dirty < pages, "{what}: a proper subset, got {dirty} of {pages}");
-        let words: Vec<u64> =
-            (0..pages).map(|p| vm.memory()[(p * 512) as usize].load(Ordering::Relaxed)).collect();
+        let words: Vec<u64> = (0..pages)
+            .map(|p| vm.memory().test.words()[(p * 512) as usize].load(Ordering::Relaxed))
+            .collect();
         assert_eq!(words, last, "{what}: each page holds the last pass that stored to it");
         println!("{what}: {dirty} of {pages} pages dirty, as modelled");
     }

@@ -13,11 +13,18 @@
 //! on threads of their own making `dirty_log_perf_test`'s passes, each
 //! released by the host; `perf::migrate_perf` drives any of them.
 //!
-//! Not here yet (issue 10 goes on): host-side writes that mark pages dirty.
+//! The host reads and writes guest memory through the VM too
+//! ([`DirtyLogVm::read_guest`], [`DirtyLogVm::write_guest`]), as a device
+//! model or a migration's destination does; a host write is in the next
+//! dirty log, as KVM's own `kvm_write_guest` is (on KVM itself a write
+//! through the userspace mapping is not, so its backend keeps the host's
+//! bitmap beside KVM's and merges the two, as QEMU does with its own).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+/// Why a host access was refused, on every backend.
+pub use shadow_mmu_engine::GuestAccessError;
 use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm, VmConfig};
 use thiserror::Error;
 
@@ -142,6 +149,17 @@ pub trait DirtyLogVm {
     /// The test slot's memory, as the host sees it (one word per 8 bytes).
     fn memory(&self) -> &[AtomicU64];
 
+    /// Reads `out.len()` words of guest memory from byte `offset` of the test
+    /// slot, as the host (`kvm_read_guest`); the range is checked first
+    /// ([`check_guest_access`]).
+    fn read_guest(&self, offset: u64, out: &mut [u64]) -> Result<(), BackendError>;
+
+    /// Writes `words` to guest memory at byte `offset` of the test slot, as
+    /// the host (`kvm_write_guest`), and, while the slot logs, puts the pages
+    /// written in the next dirty log. Checked first: a refusal writes
+    /// nothing.
+    fn write_guest(&mut self, offset: u64, words: &[u64]) -> Result<(), BackendError>;
+
     /// Turns dirty logging of the test slot on (write-protecting it, with a
     /// clean log; no backend here enables `INITIALLY_SET` yet) or off.
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError>;
@@ -166,6 +184,22 @@ pub trait BackendVm: DirtyLogVm {
     /// [`Capabilities::mmu_figures`].
     fn large_sptes_mapped(&self) -> Option<u64> {
         None
+    }
+}
+
+/// Checks a host access of `words` words at byte `offset` of a test slot of
+/// `pages` pages: 8-aligned, not empty, inside the slot. The one check every
+/// backend makes before [`DirtyLogVm::read_guest`] and
+/// [`DirtyLogVm::write_guest`] touch memory.
+pub fn check_guest_access(pages: u64, offset: u64, words: usize) -> Result<(), GuestAccessError> {
+    let bytes = words as u64 * 8;
+    match offset.checked_add(bytes) {
+        Some(_) if words == 0 || !offset.is_multiple_of(8) => {
+            Err(GuestAccessError::Unaligned { gpa: offset, bytes })
+        }
+        Some(end) if end <= pages * crate::spte::PAGE_SIZE => Ok(()),
+        Some(_) => Err(GuestAccessError::NoSlot { gpa: offset, bytes }),
+        None => Err(GuestAccessError::Unaligned { gpa: offset, bytes }),
     }
 }
 
@@ -259,6 +293,14 @@ impl<W> DirtyLogVm for EngineVm<W> {
 
     fn memory(&self) -> &[AtomicU64] {
         self.mem.words()
+    }
+
+    fn read_guest(&self, offset: u64, out: &mut [u64]) -> Result<(), BackendError> {
+        self.vm.read_guest(offset, out).map_err(|e| self.fail("read_guest", e))
+    }
+
+    fn write_guest(&mut self, offset: u64, words: &[u64]) -> Result<(), BackendError> {
+        self.vm.write_guest(offset, words).map_err(|e| self.fail("write_guest", e))
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {

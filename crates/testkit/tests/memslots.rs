@@ -175,3 +175,47 @@ fn slots_at_offsets_share_one_mapping() {
         audit(&vm);
     }
 }
+
+#[test]
+fn host_writes_are_checked_per_slot_and_logged_like_the_guests() {
+    use shadow_mmu_engine::GuestAccessError;
+    for base in every_design() {
+        eprintln!("design: {}", describe(&base));
+        let (vm, mem) = vm_with_slot(base.clone(), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+        let ro = HostMemory::anonymous(2 * MIB).unwrap();
+        vm.set_user_memory_region(region(1, 4 * MIB, 2 * MIB, &ro, MemFlags::READONLY)).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        run_ops(&mut vcpu, [GuestOp::Write(page(1), 11)]);
+        // Refused, writing nothing: across the end of slot 0 into the hole,
+        // into the hole, into the read-only slot, unaligned.
+        let bad = [
+            (2 * MIB - 8, 2, GuestAccessError::NoSlot { gpa: 2 * MIB - 8, bytes: 16 }),
+            (3 * MIB, 1, GuestAccessError::NoSlot { gpa: 3 * MIB, bytes: 8 }),
+            (4 * MIB, 1, GuestAccessError::ReadOnly { gpa: 4 * MIB, slot: 1 }),
+            (page(2) + 4, 1, GuestAccessError::Unaligned { gpa: page(2) + 4, bytes: 8 }),
+        ];
+        for (gpa, n, want) in bad {
+            assert_eq!(vm.write_guest(gpa, &vec![7; n]), Err(want.clone()), "{gpa:#x}");
+            assert!(!want.to_string().is_empty());
+        }
+        assert_eq!(mem.page(511)[511].load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Reading the read-only slot is fine.
+        ro.page(3)[0].store(33, std::sync::atomic::Ordering::Relaxed);
+        let mut out = [0u64; 1];
+        vm.read_guest(4 * MIB + page(3), &mut out).unwrap();
+        assert_eq!(out, [33]);
+        // A good write lands, is seen by the guest, and is in the log with
+        // the guest's page.
+        vm.write_guest(page(9) + 8, &[99]).unwrap();
+        let mut bm = vec![0u64; 8];
+        assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 2);
+        assert_eq!(set_pages(&bm), vec![1, 9]);
+        assert_eq!(run_ops(&mut vcpu, [GuestOp::Read(page(9) + 8)]), vec![99]);
+        // With logging off, host writes are not logged.
+        vm.disable_dirty_logging(0).unwrap();
+        vm.write_guest(page(10), &[1]).unwrap();
+        vm.enable_dirty_logging(0).unwrap();
+        assert_eq!(vm.get_dirty_log(0, &mut bm).unwrap(), 0);
+        audit(&vm);
+    }
+}

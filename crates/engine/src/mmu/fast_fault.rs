@@ -37,6 +37,7 @@
 //! happens after our compare-exchange, sees W and clears it.
 
 use super::lockless::{fast_pf_fix_direct_spte, mark_page_dirty_after_publish};
+use super::walk::LocklessWalk;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{
     PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, spte_index,
@@ -52,18 +53,16 @@ impl Kvm {
     /// found already writable: a spurious fault), false to take the slow path.
     pub(crate) fn fast_page_fault(&self, vcpu: &VcpuShared, gfn: u64, asid: u16) -> bool {
         let Some(root) = self.mmu.root(asid) else { return false };
-        vcpu.begin_lockless_walk();
-        let fixed = self.fast_page_fault_walk(root, gfn);
-        // walk_shadow_page_lockless_end.
-        vcpu.exit_guest_mode();
-        fixed
+        let walk = LocklessWalk::begin(vcpu);
+        self.fast_page_fault_walk(&walk, root, gfn)
+        // `walk` drops here: walk_shadow_page_lockless_end.
     }
 
-    fn fast_page_fault_walk(&self, root: SpPtr, gfn: u64) -> bool {
+    fn fast_page_fault_walk(&self, walk: &LocklessWalk<'_>, root: SpPtr, gfn: u64) -> bool {
         let mut sp = root;
         let mut level = PT64_ROOT_LEVEL;
         let (sptep, spte) = loop {
-            let sptep = sp.get().spte(spte_index(gfn, level));
+            let sptep = sp.get(walk).spte(spte_index(gfn, level));
             // Acquire: pairs with the release stores that make sptes present.
             let spte = sptep.load(Ordering::Acquire);
             if !is_shadow_present_pte(spte) {
@@ -78,7 +77,7 @@ impl Kvm {
         };
         // Patch 02: the level of the shadow page the spte sits in.
         // SAFETY: `sptep` points into one of our tables.
-        let sp = unsafe { page_header(sptep) }.get();
+        let sp = unsafe { page_header(sptep) }.get(walk);
         let sp_level = sp.role().level;
         if !is_last_spte(spte, sp_level) {
             return false;

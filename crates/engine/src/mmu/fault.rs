@@ -129,7 +129,8 @@ impl Kvm {
         let mut sp = self.mmu_alloc_direct_root(g, caches, asid);
         let mut cur = PT64_ROOT_LEVEL;
         while cur > level {
-            let sptep = sp.get().spte(spte_index(gfn, cur));
+            let index = spte_index(gfn, cur);
+            let sptep = sp.get(g).spte(index);
             // A large leaf where we need a table: drop it (patch 03's
             // `drop_large_spte` in `__direct_map`). The locked design drops
             // large sptes when it write-protects them, so this only fires
@@ -143,13 +144,16 @@ impl Kvm {
                 unsafe { SpPtr::from_nonleaf_spte(spte) }
             } else {
                 let child = self.kvm_mmu_get_page(g, caches, level_base_gfn(gfn, cur), cur - 1, asid);
-                self.link_shadow_page(g, caches, sptep, child, cur);
+                // `kvm_mmu_get_page` took the guard mutably (for the hash), so
+                // the borrow checker ended `sptep`; `sp` is still linked (the
+                // lookup zaps nothing), so its spte is re-read from it.
+                self.link_shadow_page(g, caches, sp.get(g).spte(index), child, cur);
                 child
             };
             cur -= 1;
         }
         let base = level_base_gfn(gfn, level);
-        let sptep = sp.get().spte(spte_index(gfn, level));
+        let sptep = sp.get(g).spte(spte_index(gfn, level));
         let req = MapRequest { slot, gfn: base, level, pfn: slot.gfn_to_pfn(base), write };
         self.mmu_set_spte(g, caches, sptep, &req);
     }

@@ -86,6 +86,19 @@ impl MmuGuard<'_> {
     }
 }
 
+// SAFETY: shadow pages leave the tables and go back to the pool only under
+// `mmu_lock`, so no other thread frees one while we hold it; and we free one
+// only in `kvm_mmu_commit_zap_page` and `kvm_mmu_free_page`, which take the
+// guard mutably, so every reference bound to a shared borrow of the guard
+// has ended before (shadow_page.rs, `PinsShadowPages`). `cond_resched`,
+// which lets others in, also takes the guard mutably.
+unsafe impl crate::shadow_page::PinsShadowPages for MmuGuard<'_> {}
+
+// SAFETY: an `MmuLocked` is reached only through a held `MmuGuard` (it lives
+// in the lock's mutex from `Mmu::new` on, and no page exists before), so a
+// borrow of it is a borrow of the guard, with the guard's argument above.
+unsafe impl crate::shadow_page::PinsShadowPages for MmuLocked {}
+
 impl Deref for MmuGuard<'_> {
     type Target = MmuLocked;
     fn deref(&self) -> &MmuLocked {

@@ -53,6 +53,7 @@ pub(crate) use shadow_mmu_core::lockless;
 pub(crate) mod notifier;
 pub(crate) mod page;
 pub(crate) mod spte_ops;
+pub(crate) mod walk;
 pub(crate) mod write_protect;
 
 use std::sync::Arc;

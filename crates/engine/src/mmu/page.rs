@@ -28,34 +28,34 @@ use crate::vm::Kvm;
 
 impl MmuLocked {
     fn active_push_head(&mut self, sp: SpPtr) {
-        let p = sp.get();
+        let p = sp.get(self);
         p.set_link_prev(None);
         p.set_link_next(self.active_head);
         match self.active_head {
-            Some(h) => h.get().set_link_prev(Some(sp)),
+            Some(h) => h.get(self).set_link_prev(Some(sp)),
             None => self.active_tail = Some(sp),
         }
         self.active_head = Some(sp);
     }
 
     fn active_remove(&mut self, sp: SpPtr) {
-        let p = sp.get();
+        let p = sp.get(self);
         let (prev, next) = (p.link_prev(), p.link_next());
+        p.set_link_prev(None);
+        p.set_link_next(None);
         match prev {
-            Some(prev) => prev.get().set_link_next(next),
+            Some(prev) => prev.get(self).set_link_next(next),
             None => self.active_head = next,
         }
         match next {
-            Some(next) => next.get().set_link_prev(prev),
+            Some(next) => next.get(self).set_link_prev(prev),
             None => self.active_tail = prev,
         }
-        p.set_link_prev(None);
-        p.set_link_next(None);
     }
 
     /// Shadow pages on the active list, newest first.
     pub(crate) fn active_pages(&self) -> impl Iterator<Item = SpPtr> + '_ {
-        std::iter::successors(self.active_head, |sp| sp.get().link_next())
+        std::iter::successors(self.active_head, |sp| sp.get(self).link_next())
     }
 
     /// `kvm_page_table_hashfn`, over gfn and role (direct pages at one level
@@ -69,7 +69,7 @@ impl MmuLocked {
     pub(crate) fn hash_lookup(&self, gfn: u64, role: SpRole) -> Option<SpPtr> {
         let mut cur = self.hash[Self::bucket(gfn, role)];
         while let Some(sp) = cur {
-            let p = sp.get();
+            let p = sp.get(self);
             if p.gfn() == gfn && p.role() == role {
                 return Some(sp);
             }
@@ -79,14 +79,14 @@ impl MmuLocked {
     }
 
     fn hash_insert(&mut self, sp: SpPtr) {
-        let p = sp.get();
+        let p = sp.get(self);
         let b = Self::bucket(p.gfn(), p.role());
         p.set_hash_next(self.hash[b]);
         self.hash[b] = Some(sp);
     }
 
     fn hash_remove(&mut self, sp: SpPtr) {
-        let p = sp.get();
+        let p = sp.get(self);
         let b = Self::bucket(p.gfn(), p.role());
         let next = p.hash_next();
         p.set_hash_next(None);
@@ -96,18 +96,18 @@ impl MmuLocked {
         }
         let mut cur = self.hash[b];
         while let Some(c) = cur {
-            if c.get().hash_next() == Some(sp) {
-                c.get().set_hash_next(next);
+            if c.get(self).hash_next() == Some(sp) {
+                c.get(self).set_hash_next(next);
                 return;
             }
-            cur = c.get().hash_next();
+            cur = c.get(self).hash_next();
         }
-        panic!("{:?} is not in mmu_page_hash", sp.get());
+        panic!("{:?} is not in mmu_page_hash", sp.get(self));
     }
 
     /// Pages in the hash (walks every bucket; for the audit).
     pub(crate) fn hash_len(&self) -> usize {
-        self.hash.iter().map(|b| std::iter::successors(*b, |sp| sp.get().hash_next()).count()).sum()
+        self.hash.iter().map(|b| std::iter::successors(*b, |sp| sp.get(self).hash_next()).count()).sum()
     }
 }
 
@@ -119,15 +119,15 @@ pub(crate) struct InvalidList {
 }
 
 impl InvalidList {
-    fn push(&mut self, sp: SpPtr) {
-        sp.get().set_link_next(self.head);
+    fn push(&mut self, g: &MmuGuard<'_>, sp: SpPtr) {
+        sp.get(g).set_link_next(self.head);
         self.head = Some(sp);
     }
 
-    fn pop(&mut self) -> Option<SpPtr> {
+    fn pop(&mut self, g: &MmuGuard<'_>) -> Option<SpPtr> {
         let sp = self.head?;
-        self.head = sp.get().link_next();
-        sp.get().set_link_next(None);
+        self.head = sp.get(g).link_next();
+        sp.get(g).set_link_next(None);
         Some(sp)
     }
 }
@@ -145,11 +145,11 @@ impl Kvm {
     ) -> SpPtr {
         let role = SpRole { level, direct: true, asid };
         if let Some(sp) = g.hash_lookup(gfn, role) {
-            debug_assert!(!sp.get().is_invalid());
+            debug_assert!(!sp.get(g).is_invalid());
             return sp;
         }
         let sp = SpPtr::from_pool(caches.sp.alloc());
-        let p = sp.get();
+        let p = sp.get(g);
         debug_assert!(p.is_empty() && p.parent_ptes().is_empty());
         p.init(gfn, role);
         g.hash_insert(sp);
@@ -169,7 +169,7 @@ impl Kvm {
         level: u8,
     ) {
         self.mmu_page_add_parent_pte(g, caches, child, sptep);
-        self.mmu_spte_set(g, sptep, make_nonleaf_spte(child.get().table_addr(), level));
+        self.mmu_spte_set(g, sptep, make_nonleaf_spte(child.get(g).table_addr(), level));
     }
 
     /// `mmu_alloc_direct_roots`: the root of `asid`, built and pinned on first
@@ -184,7 +184,7 @@ impl Kvm {
             return root;
         }
         let root = self.kvm_mmu_get_page(g, caches, 0, PT64_ROOT_LEVEL, asid);
-        root.get().get_root();
+        root.get(g).get_root();
         self.mmu.set_root(asid, Some(root));
         root
     }
@@ -196,7 +196,7 @@ impl Kvm {
         if !is_shadow_present_pte(pte) {
             return;
         }
-        if is_last_spte(pte, sp.get().role().level) {
+        if is_last_spte(pte, sp.get(g).role().level) {
             self.drop_spte(g, sptep);
         } else {
             // SAFETY: a present non-leaf spte of one of our tables.
@@ -207,7 +207,7 @@ impl Kvm {
 
     /// `kvm_mmu_page_unlink_children`.
     fn kvm_mmu_page_unlink_children(&self, g: &MmuGuard<'_>, sp: SpPtr) {
-        for sptep in sp.get().spt() {
+        for sptep in sp.get(g).spt() {
             self.mmu_page_zap_pte(g, sp, sptep);
         }
     }
@@ -217,7 +217,7 @@ impl Kvm {
         loop {
             // SAFETY: we hold mmu_lock; the list is not modified while the
             // iterator is used (we take one entry, then start over).
-            let first = unsafe { sp.get().parent_ptes().iter() }.next();
+            let first = unsafe { sp.get(g).parent_ptes().iter() }.next();
             let Some(parent) = first else { break };
             // SAFETY: parent_ptes holds pointers to sptes in our tables, which
             // are type-stable.
@@ -234,7 +234,7 @@ impl Kvm {
         sp: SpPtr,
         invalid_list: &mut InvalidList,
     ) -> usize {
-        let p = sp.get();
+        let p = sp.get(g);
         assert_eq!(p.root_count(), 0, "zapping a pinned root");
         debug_assert!(!p.is_invalid());
         self.kvm_mmu_page_unlink_children(g, sp);
@@ -242,7 +242,7 @@ impl Kvm {
         p.set_invalid();
         g.active_remove(sp);
         g.n_used_mmu_pages -= 1;
-        invalid_list.push(sp);
+        invalid_list.push(g, sp);
         self.mmu.stats.sp_zapped.inc();
         1
     }
@@ -250,13 +250,15 @@ impl Kvm {
     /// `kvm_mmu_isolate_page` (patch 11): removes `sp` from the hash; the
     /// table is still valid memory for walkers that hold it.
     fn kvm_mmu_isolate_page(&self, g: &mut MmuGuard<'_>, sp: SpPtr) {
-        let p = sp.get();
+        let p = sp.get(g);
         debug_assert!(p.is_empty(), "isolating a shadow page with present sptes");
         g.hash_remove(sp);
     }
 
-    /// `kvm_mmu_free_page`: hands `sp` back to the pool.
-    fn kvm_mmu_free_page(&self, sp: SpPtr) {
+    /// `kvm_mmu_free_page`: hands `sp` back to the pool. It takes the guard
+    /// mutably, though it changes nothing under it, so that no reference to
+    /// a shadow page bound to the guard survives a free (`PinsShadowPages`).
+    fn kvm_mmu_free_page(&self, _g: &mut MmuGuard<'_>, sp: SpPtr) {
         self.mmu.sp_pool.free(sp.as_non_null());
     }
 
@@ -268,9 +270,9 @@ impl Kvm {
         // Wait for every vCPU in guest mode: none can still walk or use a
         // translation through the pages we are about to reuse.
         self.kvm_flush_remote_tlbs();
-        while let Some(sp) = invalid_list.pop() {
+        while let Some(sp) = invalid_list.pop(g) {
             self.kvm_mmu_isolate_page(g, sp);
-            self.kvm_mmu_free_page(sp);
+            self.kvm_mmu_free_page(g, sp);
         }
     }
 
@@ -279,12 +281,12 @@ impl Kvm {
     fn prepare_zap_oldest_mmu_page(&self, g: &mut MmuGuard<'_>, invalid_list: &mut InvalidList) -> bool {
         let mut cur = g.active_tail;
         while let Some(sp) = cur {
-            if sp.get().root_count() == 0 {
+            if sp.get(g).root_count() == 0 {
                 self.kvm_mmu_prepare_zap_page(g, sp, invalid_list);
                 self.mmu.stats.sp_shrunk.inc();
                 return true;
             }
-            cur = sp.get().link_prev();
+            cur = sp.get(g).link_prev();
         }
         false
     }
@@ -321,7 +323,7 @@ impl Kvm {
         for asid in 0..self.mmu.address_spaces() {
             if let Some(root) = self.mmu.root(asid) {
                 self.mmu.set_root(asid, None);
-                root.get().put_root();
+                root.get(g).put_root();
             }
         }
         let mut invalid_list = InvalidList::default();

@@ -73,10 +73,10 @@ impl Kvm {
 
     /// `rmap_remove`: forgets that the leaf `sptep` maps its gfn. The gfn and
     /// level come from the shadow page the spte sits in.
-    pub(crate) fn rmap_remove(&self, _g: &MmuGuard<'_>, sptep: &AtomicU64) {
+    pub(crate) fn rmap_remove(&self, g: &MmuGuard<'_>, sptep: &AtomicU64) {
         // SAFETY: every leaf spte with an rmap entry sits in a shadow page
         // table of this VM.
-        let sp = unsafe { page_header(sptep) }.get();
+        let sp = unsafe { page_header(sptep) }.get(g);
         let gfn = sp.spte_gfn(sp.spte_index_of(sptep));
         let level = sp.role().level;
         let slots = self.memslots.load();
@@ -107,7 +107,7 @@ impl Kvm {
     /// `mmu_page_add_parent_pte`.
     pub(crate) fn mmu_page_add_parent_pte(
         &self,
-        _g: &MmuGuard<'_>,
+        g: &MmuGuard<'_>,
         caches: &mut MmuCaches,
         sp: SpPtr,
         parent_pte: &AtomicU64,
@@ -115,7 +115,7 @@ impl Kvm {
         // SAFETY: we hold mmu_lock, which serialises the writers of every
         // parent_ptes list; descriptors come from the vCPU's cache.
         unsafe {
-            sp.get().parent_ptes().add_with(
+            sp.get(g).parent_ptes().add_with(
                 NonNull::from(parent_pte),
                 &mut || caches.desc.alloc(),
                 &self.mmu.breakage,
@@ -127,7 +127,7 @@ impl Kvm {
     pub(crate) fn drop_parent_pte(&self, g: &MmuGuard<'_>, sp: SpPtr, parent_pte: &AtomicU64) {
         // SAFETY: as in `rmap_remove`.
         unsafe {
-            sp.get().parent_ptes().remove(NonNull::from(parent_pte), &mut |d| self.mmu.desc_pool.free(d))
+            sp.get(g).parent_ptes().remove(NonNull::from(parent_pte), &mut |d| self.mmu.desc_pool.free(d))
         };
         self.mmu_spte_clear_no_track(g, parent_pte);
     }

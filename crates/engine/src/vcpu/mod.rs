@@ -30,6 +30,7 @@ use crate::guest::{GuestCode, GuestOp};
 use crate::memory::host_word;
 use crate::mmu::MmuCaches;
 use crate::mmu::fault::{FaultExit, PageFault};
+use crate::mmu::walk::InGuestMode;
 use crate::shadow_page::SpPtr;
 use crate::spte::{
     PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, pages_per_spte,
@@ -311,12 +312,15 @@ impl Vcpu {
         self.stats.page_walks += 1;
         let Some(mut sp) = self.kvm.mmu.root(self.asid) else { return Walk::Fault { present: false } };
         let mut level = PT64_ROOT_LEVEL;
+        // SAFETY: we are called from `access`, in guest mode, and leave it
+        // only after the walk returns.
+        let in_guest_mode = unsafe { InGuestMode::assume() };
         loop {
             // Acquire: pairs with the release stores that make sptes present
             // (mmu_spte_set, mmu_spte_update), so a child table or a mapping
             // is seen fully set up. A table cannot be freed and reused during
             // the walk: that needs a remote TLB flush, which waits for us.
-            let spte = sp.get().spte(spte_index(gfn, level)).load(Ordering::Acquire);
+            let spte = sp.get(&in_guest_mode).spte(spte_index(gfn, level)).load(Ordering::Acquire);
             if !is_shadow_present_pte(spte) {
                 return Walk::Fault { present: false };
             }

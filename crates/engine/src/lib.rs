@@ -7,7 +7,7 @@
 //!
 //! Everything runs for real: guest memory is anonymous host memory
 //! ([`memory`]), shadow pages hold real 512-entry tables of atomic sptes
-//! ([`shadow_page`], [`spte`]), rmaps are the seed's pte_lists
+//! (`shadow_page`, `spte`), rmaps are the seed's pte_lists
 //! ([`pte_list`]), vCPUs are OS threads with software TLBs that execute guest
 //! accesses through the shadow page tables ([`vcpu`]), and dirty logging
 //! write-protects and harvests ([`dirty_log`]).
@@ -51,7 +51,7 @@ pub mod page_track;
 pub(crate) use shadow_mmu_core::pool;
 pub(crate) use shadow_mmu_core::pte_list;
 pub(crate) use shadow_mmu_core::rcu;
-pub mod shadow_page;
+pub(crate) mod shadow_page;
 pub(crate) use shadow_mmu_core::spte;
 pub mod stats;
 use shadow_mmu_core::sync;

@@ -155,7 +155,8 @@ impl ShadowPage {
         self.invalid.load(Ordering::Relaxed)
     }
 
-    /// Allocation generation (see module docs).
+    /// Allocation generation (see module docs); only the tests read it.
+    #[cfg(test)]
     pub fn generation(&self) -> u64 {
         // Acquire: pairs with the release increment in `init`, so a reader that
         // sees the new generation also sees the new header.

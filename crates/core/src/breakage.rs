@@ -89,6 +89,11 @@ switches! {
     /// fast page faults that may have read the old flags (KVM 3.11's
     /// `synchronize_srcu_expedited` in the memslot update).
     skip_memslot_synchronize,
+    /// `clear_dirty_log` clears the whole word of each mask it is given
+    /// (a swap with 0) instead of only the mask's bits
+    /// (`atomic_long_fetch_andnot`): bits set since the GET are lost with
+    /// their pages left writable.
+    clear_whole_word,
 }
 
 // Folds away: without the feature, a `Breakage` holds nothing.

@@ -109,6 +109,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// Sets every bit of the slot's pages (none past the end), as KVM does
+    /// for `KVM_DIRTY_LOG_INITIALLY_SET` when logging is enabled.
+    pub fn set_all(&self) {
+        for (i, w) in self.words.iter().enumerate() {
+            let rest = self.npages - 64 * i as u64;
+            // Relaxed: as `clear_all`.
+            w.store(if rest >= 64 { u64::MAX } else { (1 << rest) - 1 }, Ordering::Relaxed);
+        }
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
@@ -136,6 +146,20 @@ mod tests {
         assert_eq!(b.count(), 2);
         b.clear_all();
         assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn set_all_and_clear_mask() {
+        let b = DirtyBitmap::new(130);
+        b.set_all();
+        assert_eq!(b.count(), 130, "no bit past the slot's end");
+        assert_eq!(b.peek_word(2), 0b11);
+        // Only the bits of the mask that were set come back, and only they go.
+        assert_eq!(b.clear_mask(2, 0b110), 0b010);
+        assert_eq!(b.peek_word(2), 0b01);
+        assert_eq!(b.clear_mask(2, 0b110), 0);
+        assert_eq!(b.clear_mask(0, 0), 0);
+        assert_eq!(b.count(), 129);
     }
 
     #[test]

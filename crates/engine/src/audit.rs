@@ -246,7 +246,14 @@ impl Kvm {
             ensure!(spte & both == both, Leaf, "writable spte {spte:#x} without HW|MW");
             ensure!(!slot.readonly(), Leaf, "writable spte into read-only slot {}", slot.id());
             if opts.dirty_log && slot.dirty_logging() {
-                ensure!(!is_large_pte(spte), Leaf, "writable large spte in logged slot {}", slot.id());
+                // Under INITIALLY_SET a large spte stays writable until a
+                // CLEAR reaches it; every page under it is then still marked.
+                ensure!(
+                    !is_large_pte(spte) || self.dirty_log_protect().initially_set(),
+                    Leaf,
+                    "writable large spte in logged slot {}",
+                    slot.id()
+                );
                 for g in gfn..gfn + pages_per_spte(level) {
                     if !slot.dirty_bitmap().test(g - slot.base_gfn()) {
                         return Err(AuditError::DirtyLog { gfn: g });

@@ -1,10 +1,40 @@
-//! `KVM_GET_DIRTY_LOG` (`kvm_vm_ioctl_get_dirty_log`).
+//! `KVM_GET_DIRTY_LOG` (`kvm_vm_ioctl_get_dirty_log`) and, with manual
+//! protect, `KVM_CLEAR_DIRTY_LOG` (`kvm_clear_dirty_log_protect`).
 //!
-//! For each word of the slot's bitmap: swap it with 0, copy it out, and
-//! write-protect the pages whose bits were set, so that the next write to
-//! each of them faults and marks it again. The caller copies the pages it was
-//! told about only after this returns: by then every write that was not
-//! reported by this call will be reported by the next.
+//! Classic GET: for each word of the slot's bitmap, swap it with 0, copy it
+//! out, and write-protect the pages whose bits were set, so that the next
+//! write to each of them faults and marks it again. The caller copies the
+//! pages it was told about only after this returns: by then every write that
+//! was not reported by this call will be reported by the next.
+//!
+//! Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, [`DirtyLogProtect`]):
+//! GET only copies the bitmap. CLEAR takes a range and a mask and, word by
+//! word, clears only the bits of the mask that are set
+//! (`mask &= fetch_andnot(mask)`), then write-protects those pages. The
+//! caller copies a page after the CLEAR that covered it. A bit set after the
+//! GET (a fault that made a clean page writable) is not in the caller's mask,
+//! so it survives the CLEAR and the next GET reports it: that is why CLEAR
+//! must not clear whole words (the `clear_whole_word` switch).
+//!
+//! The ordering of patch 06 holds for CLEAR as for GET: the `fetch_andnot`
+//! is AcqRel, so for each bit it returns it acquires the release fence the
+//! marker issued after making its spte writable and adding it to its rmap;
+//! the walk that follows (locked or lockless) then finds that spte and
+//! clears W. A marker whose `fetch_or` comes after our `fetch_andnot` in the
+//! word's order leaves its bit set for the next GET.
+//!
+//! With `INITIALLY_SET` the log starts all ones when logging is enabled and
+//! nothing is write-protected then; CLEAR protects chunk by chunk. A page
+//! mapped by a large spte is protected at 2 MiB first
+//! (`kvm_arch_mmu_enable_log_dirty_pt_masked`), since no 4 KiB rmap holds it.
+//!
+//! Where we differ from KVM: the locked design (3.11's rules) flushes remote
+//! TLBs before it releases `mmu_lock` in CLEAR as in GET, where KVM's CLEAR
+//! flushes after unlocking. KVM can, because since 2019 its flush rule keys on
+//! the MMU-writable bit (the rule patch 04 proposed, our lockless design's);
+//! under 3.11's rule a write-tracking path that met our read-only spte before
+//! the flush would skip its own flush. The lockless design flushes after the
+//! walk, out of any lock, as for GET.
 
 use std::time::Instant;
 
@@ -20,7 +50,7 @@ pub const PAGES_PER_READ_SECTION: u32 = 1024;
 
 /// Why `get_dirty_log` was refused. Nothing is harvested when one is
 /// returned; the log and the VM are unchanged.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum DirtyLogError {
     /// No slot has this id.
     #[error("slot {0} does not exist")]
@@ -42,7 +72,110 @@ pub enum DirtyLogError {
     },
 }
 
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: who clears and re-protects the
+/// dirty log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DirtyLogProtect {
+    /// `KVM_GET_DIRTY_LOG` clears and re-protects what it reports (KVM
+    /// before 4.20, and the seed).
+    #[default]
+    Auto,
+    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`: GET only copies the log;
+    /// `clear_dirty_log` clears and re-protects.
+    Manual,
+    /// `Manual` with `KVM_DIRTY_LOG_INITIALLY_SET`: a slot's log starts all
+    /// ones when logging is enabled, and nothing is write-protected then.
+    ManualInitiallySet,
+}
+
+impl DirtyLogProtect {
+    /// Does GET leave clearing to CLEAR?
+    pub fn is_manual(self) -> bool {
+        self != Self::Auto
+    }
+
+    /// Does the log start all ones?
+    pub fn initially_set(self) -> bool {
+        self == Self::ManualInitiallySet
+    }
+
+    /// The capability's `args[0]` (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` = 1,
+    /// `KVM_DIRTY_LOG_INITIALLY_SET` = 2).
+    pub fn cap_flags(self) -> u64 {
+        match self {
+            Self::Auto => 0,
+            Self::Manual => 1,
+            Self::ManualInitiallySet => 3,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Auto,
+            1 => Self::Manual,
+            _ => Self::ManualInitiallySet,
+        }
+    }
+}
+
+/// Why `clear_dirty_log` was refused (beyond [`DirtyLogError`]'s shared
+/// cases). Nothing is cleared when one is returned.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ClearDirtyLogError {
+    /// A refusal GET makes too: no such slot, not logging, and the like.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    /// CLEAR without manual protect (the kvm crate refuses it the same way).
+    #[error("clear_dirty_log needs manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")]
+    NotManual,
+    /// `first_page` is not a multiple of 64.
+    #[error("first_page {first_page} is not a multiple of 64")]
+    FirstPageUnaligned {
+        /// Asked for.
+        first_page: u64,
+    },
+    /// The range is not inside the slot, or is not a whole number of 64-page
+    /// words and does not end at the slot's end.
+    #[error(
+        "pages [{first_page}, +{num_pages}) of slot {slot} ({npages} pages): the range must lie inside the slot and be a multiple of 64 pages unless it ends at the slot's end"
+    )]
+    BadRange {
+        /// Slot id.
+        slot: u32,
+        /// First page asked for.
+        first_page: u64,
+        /// Pages asked for.
+        num_pages: u64,
+        /// Pages in the slot.
+        npages: u64,
+    },
+    /// The mask has the wrong number of words for `num_pages`.
+    #[error("{num_pages} pages need a mask of {expected} u64 words, not {got}")]
+    MaskSize {
+        /// Pages asked for.
+        num_pages: u64,
+        /// Words needed.
+        expected: usize,
+        /// Words given.
+        got: usize,
+    },
+}
+
 impl Kvm {
+    /// The VM's manual-protect mode.
+    pub(crate) fn dirty_log_protect(&self) -> DirtyLogProtect {
+        // Relaxed: changed under slots_lock, which every reader that acts on
+        // it (GET, CLEAR, enabling logging) holds.
+        DirtyLogProtect::from_u8(self.dirty_log_protect.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`.
+    pub(crate) fn set_dirty_log_protect(&self, p: DirtyLogProtect) {
+        let _slots = self.slots_lock.lock();
+        // Relaxed: see `dirty_log_protect`.
+        self.dirty_log_protect.store(p.cap_flags() as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `kvm_vm_ioctl_get_dirty_log`.
     pub(crate) fn kvm_vm_ioctl_get_dirty_log(
         &self,
@@ -65,15 +198,160 @@ impl Kvm {
             });
         }
         let t0 = Instant::now();
-        let pages = match self.mmu.design {
-            MmuDesign::Locked => self.get_dirty_log_locked(slot, out),
-            MmuDesign::Lockless => self.get_dirty_log_lockless(slot, out),
+        let pages = match (self.dirty_log_protect().is_manual(), self.mmu.design) {
+            (true, _) => Self::copy_dirty_log(slot, out),
+            (false, MmuDesign::Locked) => self.get_dirty_log_locked(slot, out),
+            (false, MmuDesign::Lockless) => self.get_dirty_log_lockless(slot, out),
         };
         let stats = &self.mmu.stats;
         stats.get_dirty_log_calls.inc();
         stats.get_dirty_log_ns.add(t0.elapsed().as_nanos() as u64);
         stats.pages_harvested.add(pages);
         Ok(pages)
+    }
+
+    /// GET with manual protect: copies the log, clears and protects nothing
+    /// (so takes no lock, in either design, as KVM).
+    fn copy_dirty_log(slot: &Memslot, out: &mut [u64]) -> u64 {
+        let bitmap = slot.dirty_bitmap();
+        let mut pages = 0;
+        for (i, word) in out.iter_mut().enumerate() {
+            *word = bitmap.peek_word(i);
+            pages += u64::from(word.count_ones());
+        }
+        pages
+    }
+
+    /// `kvm_clear_dirty_log_protect`: for each word of `mask` (bit `i` of
+    /// word `w` is page `first_page + 64 * w + i` of the slot), clears the
+    /// bits of the log that are set in it and write-protects those pages.
+    /// Returns how many were cleared. Checked first, in KVM's order; a
+    /// refusal clears nothing.
+    pub(crate) fn kvm_vm_ioctl_clear_dirty_log(
+        &self,
+        slot_id: u32,
+        first_page: u64,
+        num_pages: u64,
+        mask: &[u64],
+    ) -> Result<u64, ClearDirtyLogError> {
+        let _slots = self.slots_lock.lock();
+        if !self.dirty_log_protect().is_manual() {
+            return Err(ClearDirtyLogError::NotManual);
+        }
+        if !first_page.is_multiple_of(64) {
+            return Err(ClearDirtyLogError::FirstPageUnaligned { first_page });
+        }
+        let slots = self.memslots.load_full();
+        let slot = slots.get(slot_id).ok_or(DirtyLogError::NoSuchSlot(slot_id))?;
+        if !slot.dirty_logging() {
+            return Err(DirtyLogError::NotLogging(slot_id).into());
+        }
+        let npages = slot.npages();
+        if first_page > npages
+            || num_pages > npages - first_page
+            || (num_pages < npages - first_page && !num_pages.is_multiple_of(64))
+        {
+            return Err(ClearDirtyLogError::BadRange { slot: slot_id, first_page, num_pages, npages });
+        }
+        let expected = crate::bitmap_words(num_pages);
+        if mask.len() != expected {
+            return Err(ClearDirtyLogError::MaskSize { num_pages, expected, got: mask.len() });
+        }
+        let t0 = Instant::now();
+        let first_word = (first_page / 64) as usize;
+        let cleared = match self.mmu.design {
+            MmuDesign::Locked => self.clear_dirty_log_locked(slot, first_word, mask),
+            MmuDesign::Lockless => self.clear_dirty_log_lockless(slot, first_word, mask),
+        };
+        let stats = &self.mmu.stats;
+        stats.clear_dirty_log_calls.inc();
+        stats.clear_dirty_log_ns.add(t0.elapsed().as_nanos() as u64);
+        stats.pages_cleared.add(cleared);
+        Ok(cleared)
+    }
+
+    /// The loop both designs' CLEAR share: clears the set bits of each mask
+    /// word from word `first_word` of `slot`'s log on, and hands those bits
+    /// to `protect` (with the offset of their first page). Returns the
+    /// number cleared.
+    #[inline]
+    fn clear_words(
+        &self,
+        slot: &Memslot,
+        first_word: usize,
+        mask: &[u64],
+        mut protect: impl FnMut(u64, u64),
+    ) -> u64 {
+        let bitmap = slot.dirty_bitmap();
+        let mut pages = 0;
+        for (j, &m) in mask.iter().enumerate() {
+            let i = first_word + j;
+            if m == 0 {
+                continue;
+            }
+            let m = if self.mmu.breakage.clear_whole_word() {
+                bitmap.take_word(i) & m
+            } else {
+                bitmap.clear_mask(i, m)
+            };
+            if m == 0 {
+                continue;
+            }
+            pages += u64::from(m.count_ones());
+            if !self.mmu.breakage.skip_write_protect() {
+                protect(i as u64 * 64, m);
+            }
+        }
+        pages
+    }
+
+    /// The locked design's CLEAR: under `mmu_lock` once per call, flushing
+    /// before it lets go (module docs: where we differ).
+    fn clear_dirty_log_locked(&self, slot: &Memslot, first_word: usize, mask: &[u64]) -> u64 {
+        let initially_set = self.dirty_log_protect().initially_set();
+        let g = self.mmu.lock.lock();
+        let mut protected = 0;
+        let pages = self.clear_words(slot, first_word, mask, |offset, m| {
+            protected += self.kvm_arch_mmu_enable_log_dirty_pt_masked(&g, slot, offset, m, initially_set);
+        });
+        self.mmu.stats.sptes_write_protected.add(protected);
+        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
+            self.kvm_flush_remote_tlbs();
+        }
+        pages
+    }
+
+    /// The lockless design's CLEAR: as its GET, no `mmu_lock`, bounded
+    /// read-side sections, the flush after the walk.
+    fn clear_dirty_log_lockless(&self, slot: &Memslot, first_word: usize, mask: &[u64]) -> u64 {
+        let initially_set = self.dirty_log_protect().initially_set();
+        let mut guard = self.mmu.rcu.read_lock();
+        let mut sections = 1;
+        let mut since_quiesce = 0;
+        let mut tally = (0, 0);
+        let pages = self.clear_words(slot, first_word, mask, |offset, m| {
+            self.kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
+                &guard,
+                slot,
+                offset,
+                m,
+                initially_set,
+                &mut tally,
+            );
+            since_quiesce += m.count_ones();
+            if since_quiesce >= PAGES_PER_READ_SECTION {
+                guard.quiesce();
+                sections += 1;
+                since_quiesce = 0;
+            }
+        });
+        drop(guard);
+        self.mmu.stats.harvest_read_sections.add(sections);
+        self.account_lockless_walks(tally);
+        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
+            self.kvm_flush_remote_tlbs();
+        }
+        pages
     }
 
     /// The loop both designs share: swap each word of `slot`'s bitmap with

@@ -60,7 +60,7 @@ pub mod vm;
 
 pub use audit::{AuditError, AuditOptions, AuditReport};
 pub use dirty_bitmap::bitmap_words;
-pub use dirty_log::DirtyLogError;
+pub use dirty_log::{ClearDirtyLogError, DirtyLogError, DirtyLogProtect};
 pub use guest::{GuestCode, GuestOp, Script};
 pub use host_access::GuestAccessError;
 pub use memory::{HostMemory, MemoryError};

@@ -63,4 +63,10 @@ mmu_stats! {
     harvest_read_sections,
     /// Nanoseconds spent in `get_dirty_log`.
     get_dirty_log_ns,
+    /// `clear_dirty_log` calls (manual protect).
+    clear_dirty_log_calls,
+    /// Nanoseconds spent in `clear_dirty_log`.
+    clear_dirty_log_ns,
+    /// Dirty bits `clear_dirty_log` found set, cleared and re-protected.
+    pages_cleared,
 }

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use crate::dirty_log::DirtyLogError;
+use crate::dirty_log::{ClearDirtyLogError, DirtyLogError, DirtyLogProtect};
 use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
 use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, MmuParams, default_max_mmu_pages};
 use crate::pool::PoolLimits;
@@ -63,6 +63,9 @@ pub struct VmConfig {
     pub max_deferred_bytes: usize,
     /// The same bound for pte_list descriptors.
     pub max_deferred_desc_bytes: usize,
+    /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) from the start;
+    /// [`Vm::set_dirty_log_protect`] changes it later, as the capability can.
+    pub dirty_log_protect: DirtyLogProtect,
     /// Rules to break, for tests that show they are load-bearing.
     #[cfg(feature = "break-rules")]
     pub breakage: crate::breakage::Breakage,
@@ -81,6 +84,7 @@ impl Default for VmConfig {
             max_free_descs: 4096,
             max_deferred_bytes: 16 << 20,
             max_deferred_desc_bytes: 1 << 20,
+            dirty_log_protect: DirtyLogProtect::Auto,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
         }
@@ -121,6 +125,8 @@ pub(crate) struct Kvm {
     pub(crate) slots_lock: Mutex<()>,
     pub(crate) mmu: Mmu,
     pub(crate) vcpus: VcpuSet,
+    /// `kvm->manual_dirty_log_protect`, as [`DirtyLogProtect::cap_flags`].
+    pub(crate) dirty_log_protect: std::sync::atomic::AtomicU8,
 }
 
 impl Drop for Kvm {
@@ -219,6 +225,7 @@ impl Vm {
             breakage: crate::breakage::Breakage::SEED,
         });
         let kvm = Kvm {
+            dirty_log_protect: std::sync::atomic::AtomicU8::new(config.dirty_log_protect.cap_flags() as u8),
             config,
             memslots: ArcSwap::from_pointee(Memslots::default()),
             slots_lock: Mutex::new(()),
@@ -246,6 +253,10 @@ impl Vm {
         let cur = kvm.memslots.load_full();
         match cur.prepare(&r)? {
             MemslotChange::Create(slot) => {
+                if slot.dirty_logging() && kvm.dirty_log_protect().initially_set() {
+                    // KVM sets the new slot's log all ones (`INITIALLY_SET`).
+                    slot.dirty_bitmap().set_all();
+                }
                 kvm.memslots.store(Arc::new(cur.with(slot)));
                 kvm.update_default_mmu_pages();
             }
@@ -260,9 +271,14 @@ impl Vm {
             }
             MemslotChange::FlagsOnly(slot, flags) => {
                 let enabling = !slot.dirty_logging() && flags.contains(MemFlags::LOG_DIRTY_PAGES);
+                let initially_set = kvm.dirty_log_protect().initially_set();
                 {
                     let _g = kvm.mmu.lock.lock();
-                    if enabling {
+                    if enabling && initially_set {
+                        // All ones: every page counts as dirty until a CLEAR
+                        // protects it (`KVM_DIRTY_LOG_INITIALLY_SET`).
+                        slot.dirty_bitmap().set_all();
+                    } else if enabling {
                         // A fresh, clean log, as KVM allocates a zeroed bitmap.
                         slot.dirty_bitmap().clear_all();
                     }
@@ -271,8 +287,10 @@ impl Vm {
                     // protected by the walk below) or by the new ones.
                     slot.set_flags(flags);
                 }
-                if enabling {
-                    // KVM 3.11's order: install the new flags, wait for every
+                if enabling && !initially_set {
+                    // With `INITIALLY_SET` nothing is protected now: CLEAR
+                    // protects chunk by chunk (`kvm_mmu_slot_apply_flags`
+                    // returns early). Otherwise, KVM 3.11's order: install the new flags, wait for every
                     // fast page fault that may have read the old ones
                     // (`synchronize_srcu_expedited`), then write-protect
                     // (`kvm_arch_commit_memory_region`). See `fast_fault.rs`.
@@ -365,6 +383,34 @@ impl Vm {
     /// writes to guest memory. Checked whole first: a refusal writes nothing.
     pub fn write_guest(&self, gpa: u64, words: &[u64]) -> Result<(), crate::GuestAccessError> {
         self.kvm.kvm_write_guest(gpa, words)
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`: who clears the
+    /// dirty log from now on. `INITIALLY_SET` applies to logs enabled after
+    /// this call.
+    pub fn set_dirty_log_protect(&self, p: DirtyLogProtect) {
+        self.kvm.set_dirty_log_protect(p);
+    }
+
+    /// The VM's manual-protect mode.
+    pub fn dirty_log_protect(&self) -> DirtyLogProtect {
+        self.kvm.dirty_log_protect()
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protect): clears the bits of `slot`'s log
+    /// that are set in `mask` and write-protects those pages. Bit `i` of word
+    /// `w` of `mask` is page `first_page + 64 * w + i` of the slot; `mask` has
+    /// one word per 64 of the `num_pages` pages. `first_page` is a multiple
+    /// of 64, and `num_pages` too unless the range ends at the slot's end.
+    /// Returns the number of pages cleared (bits that were set).
+    pub fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u64,
+        mask: &[u64],
+    ) -> Result<u64, ClearDirtyLogError> {
+        self.kvm.kvm_vm_ioctl_clear_dirty_log(slot, first_page, num_pages, mask)
     }
 
     /// Tracks guest writes to page `gfn` (KVM's page tracking,

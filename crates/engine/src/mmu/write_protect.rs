@@ -92,6 +92,59 @@ impl Kvm {
         protected
     }
 
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`: CLEAR's protection of
+    /// the pages in `mask` (from page `gfn_offset` of `slot`). With
+    /// `INITIALLY_SET` the pages may still be mapped large (nothing was
+    /// protected when logging was enabled), so the 2 MiB pages under the
+    /// mask's first and last page are write-protected first
+    /// (`kvm_mmu_slot_gfn_write_protect` from `PG_LEVEL_2M`; a mask spans 64
+    /// pages, so at most two). Returns how many sptes lost W (or were
+    /// dropped).
+    pub(crate) fn kvm_arch_mmu_enable_log_dirty_pt_masked(
+        &self,
+        g: &MmuGuard<'_>,
+        slot: &Memslot,
+        gfn_offset: u64,
+        mask: u64,
+        initially_set: bool,
+    ) -> u64 {
+        let mut protected = 0;
+        if initially_set {
+            for gfn in masked_large_gfns(slot, gfn_offset, mask) {
+                for level in mapping_levels().filter(|&l| l > PT_PAGE_TABLE_LEVEL) {
+                    protected += self.__rmap_write_protect(g, slot.rmap(gfn, level));
+                }
+            }
+        }
+        protected + self.kvm_mmu_write_protect_pt_masked(g, slot, gfn_offset, mask)
+    }
+
+    /// [`Kvm::kvm_arch_mmu_enable_log_dirty_pt_masked`] without `mmu_lock`,
+    /// inside `section` (as [`Kvm::kvm_mmu_write_protect_pt_masked_lockless`]).
+    /// Large sptes are made read-only, not dropped (patch 03).
+    pub(crate) fn kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
+        &self,
+        section: &ReadGuard<'_>,
+        slot: &Memslot,
+        gfn_offset: u64,
+        mask: u64,
+        initially_set: bool,
+        tally: &mut (usize, usize),
+    ) {
+        if initially_set {
+            for gfn in masked_large_gfns(slot, gfn_offset, mask) {
+                for level in mapping_levels().filter(|&l| l > PT_PAGE_TABLE_LEVEL) {
+                    // SAFETY: as in `kvm_mmu_write_protect_pt_masked_lockless`.
+                    let (cleared, restarts) =
+                        unsafe { rmap_write_protect_lockless(slot.rmap(gfn, level), section, &self.mmu.breakage) };
+                    tally.0 += cleared;
+                    tally.1 += restarts;
+                }
+            }
+        }
+        self.kvm_mmu_write_protect_pt_masked_lockless(section, slot, gfn_offset, mask, tally);
+    }
+
     /// `kvm_mmu_slot_remove_write_access`: write-protects all of `slot`, at
     /// every level, for enabling dirty logging.
     pub(crate) fn kvm_mmu_slot_remove_write_access(&self, g: &mut MmuGuard<'_>, slot: &Memslot) {
@@ -172,4 +225,15 @@ impl Kvm {
         self.account_lockless_walks(tally);
         self.kvm_flush_remote_tlbs();
     }
+}
+
+/// The gfns whose 2 MiB pages CLEAR protects first under `INITIALLY_SET`:
+/// the mask's first page, and its last if that is in another 2 MiB page.
+fn masked_large_gfns(slot: &Memslot, gfn_offset: u64, mask: u64) -> impl Iterator<Item = u64> {
+    debug_assert!(mask != 0);
+    let base = slot.base_gfn() + gfn_offset;
+    let start = base + u64::from(mask.trailing_zeros());
+    let end = base + 63 - u64::from(mask.leading_zeros());
+    let pages = crate::spte::pages_per_spte(PT_PAGE_TABLE_LEVEL + 1);
+    std::iter::once(start).chain((start / pages != end / pages).then_some(end))
 }

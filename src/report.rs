@@ -13,7 +13,7 @@ pub fn describe(cfg: &RunConfig) -> String {
     format!(
         "mmu={} fast-page-fault={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} \
          interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={} slots={} \
-         invalidate-every={}",
+         invalidate-every={} dirty-log={} clear-chunk-pages={}",
         cfg.mmu,
         cfg.fast_page_fault,
         cfg.vcpus,
@@ -29,6 +29,8 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.relog_every.map_or("never".to_string(), |n| n.to_string()),
         cfg.slots,
         cfg.invalidate_every.map_or("never".to_string(), |d| format!("{} us", d.as_micros())),
+        cfg.harvest.label(),
+        cfg.harvest.clear_chunk_pages,
     )
 }
 

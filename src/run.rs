@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use engine::MmuDesign;
 use testkit::harness::{self, HarnessError, RunConfig};
+use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DirtyLogInterface, HarvestSpec};
 use testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
@@ -86,6 +87,17 @@ pub struct RunArgs {
     /// writing to it.
     #[arg(long)]
     pub slot_churn: bool,
+    /// The dirty-log interface each harvest uses: get (GET clears and
+    /// re-protects) or clear (manual protect: GET copies, CLEAR in chunks).
+    #[arg(long, default_value = "get")]
+    pub dirty_log: DirtyLogInterface,
+    /// Pages per CLEAR with --dirty-log clear (a multiple of 64; QEMU's 1 GiB).
+    #[arg(long, default_value_t = DEFAULT_CLEAR_CHUNK_PAGES)]
+    pub clear_chunk_pages: u64,
+    /// KVM_DIRTY_LOG_INITIALLY_SET with --dirty-log clear: each log starts
+    /// all ones and nothing is write-protected until CLEAR reaches it.
+    #[arg(long)]
+    pub initially_set: bool,
     /// Seed of the workload's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -131,6 +143,11 @@ impl RunArgs {
             slots: self.slots,
             invalidate_every: (self.invalidate_every_us > 0)
                 .then(|| Duration::from_micros(self.invalidate_every_us)),
+            harvest: HarvestSpec {
+                interface: self.dirty_log,
+                clear_chunk_pages: self.clear_chunk_pages,
+                initially_set: self.initially_set,
+            },
             ..RunConfig::default()
         })
     }

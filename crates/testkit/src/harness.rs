@@ -34,7 +34,8 @@ use thiserror::Error;
 
 use crate::audit::{AuditError, AuditOptions, AuditReport};
 use crate::dirty_bitmap::bitmap_words;
-use crate::dirty_log::DirtyLogError;
+use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
+use crate::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
 use crate::memory::{HostMemory, MemoryError};
 use crate::memslot::{MemFlags, MemslotError, UserMemoryRegion};
 use crate::mmu::MmuDesign;
@@ -88,6 +89,8 @@ pub struct RunConfig {
     /// Freed shadow pages kept for reuse (the rest go back to the system
     /// after a grace period); `None`: the VM's default.
     pub max_free_shadow_pages: Option<usize>,
+    /// The dirty-log interface each collection harvests with.
+    pub harvest: HarvestSpec,
     /// Rules to break (tests only).
     #[cfg(feature = "break-rules")]
     pub breakage: shadow_mmu_core::breakage::Breakage,
@@ -113,6 +116,7 @@ impl Default for RunConfig {
             slots: 1,
             invalidate_every: None,
             max_free_shadow_pages: None,
+            harvest: HarvestSpec::default(),
             #[cfg(feature = "break-rules")]
             breakage: shadow_mmu_core::breakage::Breakage::default(),
         }
@@ -137,6 +141,12 @@ pub enum HarnessError {
     /// `get_dirty_log` was refused.
     #[error(transparent)]
     DirtyLog(#[from] DirtyLogError),
+    /// `clear_dirty_log` was refused.
+    #[error(transparent)]
+    ClearDirtyLog(#[from] ClearDirtyLogError),
+    /// The harvest spec cannot run.
+    #[error(transparent)]
+    Harvest(#[from] BadHarvestSpec),
 }
 
 /// Something that went wrong during a run. The report keeps each one, and a
@@ -225,6 +235,7 @@ impl RunReport {
 
 impl RunConfig {
     fn validate(&self) -> Result<(), HarnessError> {
+        self.harvest.validate()?;
         let bad = |m: String| Err(HarnessError::BadConfig(m));
         if self.vcpus == 0 || self.vcpus > MAX_WORKLOAD_VCPUS {
             return bad(format!("vcpus must be 1..={MAX_WORKLOAD_VCPUS}, not {}", self.vcpus));
@@ -512,6 +523,7 @@ pub fn run(
         tlb_entries: cfg.tlb_entries,
         large_pages: cfg.large_pages,
         max_free_shadow_pages: cfg.max_free_shadow_pages.unwrap_or(VmConfig::default().max_free_shadow_pages),
+        dirty_log_protect: cfg.harvest.protect(),
         #[cfg(feature = "break-rules")]
         breakage: cfg.breakage,
         ..VmConfig::default()
@@ -571,9 +583,7 @@ pub fn run(
         let mut st = CollectStats::default();
         let mut harvest_ns = 0;
         for i in slots.clone() {
-            let t0 = Instant::now();
-            vm.get_dirty_log(i, &mut bitmap)?;
-            harvest_ns += t0.elapsed().as_nanos() as u64;
+            harvest_ns += harvest_slot(&vm, i, &cfg.harvest, &mut bitmap)?;
             st += oracles[i as usize].collect(words(i), &bitmap, cut);
         }
         report.get_dirty_log_ns.push(harvest_ns);
@@ -617,9 +627,7 @@ pub fn run(
     let mut st = CollectStats::default();
     let mut harvest_ns = 0;
     for i in slots.clone() {
-        let t0 = Instant::now();
-        vm.get_dirty_log(i, &mut bitmap)?;
-        harvest_ns += t0.elapsed().as_nanos() as u64;
+        harvest_ns += harvest_slot(&vm, i, &cfg.harvest, &mut bitmap)?;
         st += oracles[i as usize].finish(words(i), &bitmap);
     }
     report.get_dirty_log_ns.push(harvest_ns);
@@ -628,6 +636,21 @@ pub fn run(
     report.lost = oracles.iter().flat_map(|o| o.lost().iter().cloned()).collect();
     report.vm = vm.stats();
     Ok(report)
+}
+
+/// One slot's harvest by `spec`: GET into `bitmap`, then with manual
+/// protect the CLEARs of its chunks. Returns the time taken, ns.
+fn harvest_slot(vm: &Vm, slot: u32, spec: &HarvestSpec, bitmap: &mut [u64]) -> Result<u64, HarnessError> {
+    let t0 = Instant::now();
+    vm.get_dirty_log(slot, bitmap)?;
+    if spec.interface == DirtyLogInterface::Clear {
+        let npages = bitmap.len() as u64 * 64;
+        let npages = vm.memslots().get(slot).map_or(npages, |s| s.npages());
+        for (first, n, mask) in clear_chunks(bitmap, npages, spec.clear_chunk_pages) {
+            vm.clear_dirty_log(slot, first, n, mask)?;
+        }
+    }
+    Ok(t0.elapsed().as_nanos() as u64)
 }
 
 /// A random configuration for the stress run, from `seed`, harvesting for at
@@ -676,6 +699,16 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         slots: if rng.u8(..3) == 0 { [2, 4][rng.usize(..2)] } else { 1 },
         invalidate_every: rng.bool().then(|| Duration::from_micros(rng.u64(100..=5000))),
         max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
+        // Drawn last, so that the fields above stay what earlier seeds gave.
+        harvest: if rng.bool() {
+            HarvestSpec::default()
+        } else {
+            HarvestSpec {
+                interface: DirtyLogInterface::Clear,
+                clear_chunk_pages: 64 << rng.u32(0..=12),
+                initially_set: rng.bool(),
+            }
+        },
         #[cfg(feature = "break-rules")]
         breakage: shadow_mmu_core::breakage::Breakage::default(),
     }

@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod fixtures;
 pub mod harness;
+pub mod interface;
 pub mod kernbench;
 pub mod oracle;
 pub mod perf;

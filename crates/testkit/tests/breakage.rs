@@ -142,3 +142,41 @@ fn the_audit_names_the_page_a_skipped_write_protection_leaves_writable() {
         );
     }
 }
+
+#[test]
+fn clearing_whole_words_is_caught() {
+    use shadow_mmu_engine::{DirtyLogProtect, GuestOp, MemFlags};
+    let breakage = Breakage { clear_whole_word: true, ..Breakage::default() };
+    for base in every_design() {
+        for broken in [false, true] {
+            let config = VmConfig {
+                dirty_log_protect: DirtyLogProtect::Manual,
+                breakage: if broken { breakage } else { Breakage::default() },
+                ..base.clone()
+            };
+            let (vm, _mem) = vm_with_slot(config, 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            run_ops(&mut vcpu, [GuestOp::Write(page(1), 1)]);
+            let mut got = vec![0u64; 8];
+            vm.get_dirty_log(0, &mut got).unwrap();
+            // Page 2 is dirtied after the GET, in the same word as page 1.
+            run_ops(&mut vcpu, [GuestOp::Write(page(2), 2)]);
+            vm.clear_dirty_log(0, 0, 512, &got).unwrap();
+            let mut next = vec![0u64; 8];
+            vm.get_dirty_log(0, &mut next).unwrap();
+            let audit = vm.audit(shadow_mmu_engine::AuditOptions { dirty_log: true });
+            if broken {
+                assert_eq!(set_pages(&next), Vec::<u64>::new(), "{}: page 2's bit went", describe(&base));
+                assert_eq!(
+                    audit.unwrap_err(),
+                    shadow_mmu_engine::AuditError::DirtyLog { gfn: 2 },
+                    "{}: the audit names the page left writable and unmarked",
+                    describe(&base)
+                );
+            } else {
+                assert_eq!(set_pages(&next), [2], "{}", describe(&base));
+                audit.unwrap();
+            }
+        }
+    }
+}

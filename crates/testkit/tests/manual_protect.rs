@@ -22,7 +22,8 @@ fn get(vm: &shadow_mmu_engine::Vm, words: usize) -> Vec<u64> {
 fn get_copies_and_clear_clears_only_the_set_bits_of_its_mask() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
-        let (vm, _mem) = vm_with_slot(manual(&base, DirtyLogProtect::Manual), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+        let (vm, _mem) =
+            vm_with_slot(manual(&base, DirtyLogProtect::Manual), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
         let mut vcpu = vm.create_vcpu(0).unwrap();
         run_ops(&mut vcpu, [1, 5, 70, 130].map(|g| GuestOp::Write(page(g), g)));
         let first = get(&vm, 8);
@@ -73,9 +74,27 @@ fn clear_refusals_are_typed_and_change_nothing() {
         let bad: Vec<(u32, u64, u64, Vec<u64>, ClearDirtyLogError)> = vec![
             (0, 1, 64, vec![1], ClearDirtyLogError::FirstPageUnaligned { first_page: 1 }),
             (7, 0, 64, vec![1], ClearDirtyLogError::DirtyLog(DirtyLogError::NoSuchSlot(7))),
-            (0, 320, 0, vec![], ClearDirtyLogError::BadRange { slot: 0, first_page: 320, num_pages: 0, npages: 300 }),
-            (0, 256, 64, vec![1], ClearDirtyLogError::BadRange { slot: 0, first_page: 256, num_pages: 64, npages: 300 }),
-            (0, 0, 100, vec![1, 1], ClearDirtyLogError::BadRange { slot: 0, first_page: 0, num_pages: 100, npages: 300 }),
+            (
+                0,
+                320,
+                0,
+                vec![],
+                ClearDirtyLogError::BadRange { slot: 0, first_page: 320, num_pages: 0, npages: 300 },
+            ),
+            (
+                0,
+                256,
+                64,
+                vec![1],
+                ClearDirtyLogError::BadRange { slot: 0, first_page: 256, num_pages: 64, npages: 300 },
+            ),
+            (
+                0,
+                0,
+                100,
+                vec![1, 1],
+                ClearDirtyLogError::BadRange { slot: 0, first_page: 0, num_pages: 100, npages: 300 },
+            ),
             (0, 0, 128, vec![u64::MAX], ClearDirtyLogError::MaskSize { num_pages: 128, expected: 2, got: 1 }),
             (0, 256, 44, vec![1, 1], ClearDirtyLogError::MaskSize { num_pages: 44, expected: 1, got: 2 }),
         ];

@@ -190,3 +190,42 @@ fn logging_on_several_slots_at_once() {
         );
     }
 }
+
+/// Manual protect: GET, then CLEAR in chunks (small ones, so that many
+/// CLEARs run while the vCPUs fault), with and without `INITIALLY_SET`,
+/// with relogging and notifier invalidations, checked by the oracle at
+/// every collection.
+#[test]
+fn manual_protect_with_chunked_clears_and_initially_set() {
+    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    for d in every_design() {
+        for (initially_set, chunk) in [(false, 64), (true, 512), (true, 1 << 18)] {
+            let mmu = describe(&d);
+            let cfg = RunConfig {
+                workload: WorkloadSpec {
+                    pattern: AccessPattern::Random,
+                    write_pct: 80,
+                    ..WorkloadSpec::default()
+                },
+                relog_every: Some(20),
+                invalidate_every: Some(Duration::from_micros(500)),
+                harvest: HarvestSpec {
+                    interface: DirtyLogInterface::Clear,
+                    clear_chunk_pages: chunk,
+                    initially_set,
+                },
+                ..small(&d, 2, 32)
+            };
+            let r = check(&cfg);
+            let m = &r.vm.mmu;
+            assert!(m.clear_dirty_log_calls > 0 && m.pages_cleared > 0, "{mmu}: {m:?}");
+            if chunk == 64 {
+                assert!(m.clear_dirty_log_calls > 2 * r.collections, "{mmu}: chunked CLEARs");
+            }
+            if initially_set {
+                // Each enable (the first and two relogs) starts all ones.
+                assert!(r.harvested_pages >= 3 * (32 << 8), "{mmu}: {} harvested", r.harvested_pages);
+            }
+        }
+    }
+}

@@ -135,8 +135,9 @@ impl Kvm {
             for gfn in masked_large_gfns(slot, gfn_offset, mask) {
                 for level in mapping_levels().filter(|&l| l > PT_PAGE_TABLE_LEVEL) {
                     // SAFETY: as in `kvm_mmu_write_protect_pt_masked_lockless`.
-                    let (cleared, restarts) =
-                        unsafe { rmap_write_protect_lockless(slot.rmap(gfn, level), section, &self.mmu.breakage) };
+                    let (cleared, restarts) = unsafe {
+                        rmap_write_protect_lockless(slot.rmap(gfn, level), section, &self.mmu.breakage)
+                    };
                     tally.0 += cleared;
                     tally.1 += restarts;
                 }

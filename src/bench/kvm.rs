@@ -4,6 +4,7 @@
 //! engine's runs. What is KVM's own here is the probe and its details.
 
 use serde_json::{Value, json};
+use shadow_mmu_kvm::vm::DirtyLogProtect;
 use shadow_mmu_kvm::{KvmBackend, Probe};
 
 use super::migrate_perf::{MigratePerfArgs, Record, backend_run};
@@ -63,7 +64,9 @@ impl KvmBench {
             unreachable!("an object")
         };
         let mode = if manual_protect { "manual-protect" } else { "classic" };
-        let backend = KvmBackend { manual_protect };
+        let backend = KvmBackend {
+            protect: if manual_protect { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },
+        };
         let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {
             p.line(

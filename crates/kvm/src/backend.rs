@@ -15,26 +15,37 @@ use shadow_mmu_testkit::backend::{
 use crate::error::KvmError;
 use crate::perf::{KvmPerfConfig, KvmPerfVm};
 use crate::script::KvmScriptVm;
-use crate::vm::KvmVm;
+use crate::vm::{DirtyLogProtect, KvmVm};
+
+/// ` (manual protect)`, ` (manual protect, initially set)` or nothing: the
+/// backend's name says which.
+fn protect_label(p: DirtyLogProtect) -> &'static str {
+    match p {
+        DirtyLogProtect::Auto => "",
+        DirtyLogProtect::Manual => " (manual protect)",
+        DirtyLogProtect::ManualInitiallySet => " (manual protect, initially set)",
+    }
+}
 
 /// KVM through `/dev/kvm`, classic (`KVM_GET_DIRTY_LOG` clears and
-/// re-protects) or with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+/// re-protects) or with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (and
+/// `INITIALLY_SET`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvmBackend {
-    /// Enable manual protect on each VM.
-    pub manual_protect: bool,
+    /// Manual protect's flags on each VM.
+    pub protect: DirtyLogProtect,
 }
 
 impl Backend for KvmBackend {
     fn name(&self) -> String {
-        format!("KVM{}", if self.manual_protect { " (manual protect)" } else { "" })
+        format!("KVM{}", protect_label(self.protect))
     }
 
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
-        let vm = KvmScriptVm::new(guest_bytes, self.manual_protect)
+        let vm = KvmScriptVm::new(guest_bytes, self.protect)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
-        Ok(Box::new(KvmBackendVm::new(name, self.manual_protect, vm)))
+        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -45,10 +56,10 @@ impl Backend for KvmBackend {
             write_pct: spec.write_pct,
             random: spec.random,
             seed: spec.seed,
-            manual_protect: self.manual_protect,
+            protect: self.protect,
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
-        Ok(Box::new(KvmBackendVm::new(name, self.manual_protect, vm)))
+        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
     }
 }
 
@@ -64,15 +75,15 @@ impl Backend for KvmBackend {
 /// bitmap with KVM's.
 struct KvmBackendVm<V> {
     name: String,
-    manual_protect: bool,
+    protect: DirtyLogProtect,
     inner: V,
     host_dirty: DirtyBitmap,
 }
 
 impl<V: DerefMut<Target = KvmVm>> KvmBackendVm<V> {
-    fn new(name: String, manual_protect: bool, inner: V) -> Self {
+    fn new(name: String, protect: DirtyLogProtect, inner: V) -> Self {
         let host_dirty = DirtyBitmap::new(inner.test_pages());
-        Self { name, manual_protect, inner, host_dirty }
+        Self { name, protect, inner, host_dirty }
     }
 }
 
@@ -88,7 +99,7 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { manual_protect: self.manual_protect, mmu_figures: false }
+        Capabilities { protect: self.protect, mmu_figures: false }
     }
 
     fn pages(&self) -> u64 {
@@ -139,8 +150,11 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
         self.inner.get_dirty_log(bitmap).map_err(|e| self.fail("KVM_GET_DIRTY_LOG", e))?;
         let mut dirty = 0;
         for (i, w) in bitmap.iter_mut().enumerate() {
-            *w |=
-                if self.manual_protect { self.host_dirty.peek_word(i) } else { self.host_dirty.take_word(i) };
+            *w |= if self.protect.is_manual() {
+                self.host_dirty.peek_word(i)
+            } else {
+                self.host_dirty.take_word(i)
+            };
             dirty += u64::from(w.count_ones());
         }
         Ok(dirty)

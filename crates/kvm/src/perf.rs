@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{DirtyLogProtect, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -58,9 +58,10 @@ pub struct KvmPerfConfig {
     pub random: bool,
     /// Seed of the vCPUs' LCGs.
     pub seed: u64,
-    /// Enable `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: `KVM_GET_DIRTY_LOG` only
-    /// copies the log and `KVM_CLEAR_DIRTY_LOG` re-protects.
-    pub manual_protect: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`'s flags: with manual protect
+    /// `KVM_GET_DIRTY_LOG` only copies the log and `KVM_CLEAR_DIRTY_LOG`
+    /// re-protects.
+    pub protect: DirtyLogProtect,
 }
 
 impl Default for KvmPerfConfig {
@@ -71,7 +72,7 @@ impl Default for KvmPerfConfig {
             write_pct: 100,
             random: false,
             seed: 1,
-            manual_protect: false,
+            protect: DirtyLogProtect::Auto,
         }
     }
 }
@@ -210,7 +211,7 @@ impl KvmPerfVm {
         let vm = KvmVm::new(VmSetup {
             control_bytes,
             test_bytes: cfg.guest_bytes,
-            manual_protect: cfg.manual_protect,
+            protect: cfg.protect,
             // As the engine: the first pass measures KVM, not the host
             // kernel's first-touch faults.
             populate: true,

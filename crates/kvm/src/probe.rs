@@ -149,7 +149,7 @@ fn execution() -> Result<Execution, KvmError> {
     let vm = KvmVm::new(VmSetup {
         control_bytes: 4096,
         test_bytes: 4096,
-        manual_protect: false,
+        protect: crate::vm::DirtyLogProtect::Auto,
         populate: false,
     })?;
     vm.write_control(0, &probe_program()?)?;

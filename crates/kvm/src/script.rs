@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use crate::error::KvmError;
 use crate::guest::{SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
-use crate::vm::{KvmVm, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{DirtyLogProtect, KvmVm, TEST_GPA, Vcpu, VmSetup};
 
 /// Bytes of the control slot: the program's page, then the table.
 const SCRIPT_CONTROL_BYTES: u64 = 1 << 20;
@@ -32,12 +32,12 @@ pub struct KvmScriptVm {
 
 impl KvmScriptVm {
     /// A VM with a test slot of `guest_bytes` (dirty logging off) and one
-    /// vCPU; `manual_protect` enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
-    pub fn new(guest_bytes: u64, manual_protect: bool) -> Result<Self, KvmError> {
+    /// vCPU; `protect` is `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`'s flags.
+    pub fn new(guest_bytes: u64, protect: DirtyLogProtect) -> Result<Self, KvmError> {
         let vm = KvmVm::new(VmSetup {
             control_bytes: SCRIPT_CONTROL_BYTES,
             test_bytes: guest_bytes,
-            manual_protect,
+            protect,
             populate: false,
         })?;
         vm.write_control(0, &script_program()?)?;

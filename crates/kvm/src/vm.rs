@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use kvm_bindings::{
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
-    kvm_enable_cap, kvm_segment, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap, kvm_segment,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -60,6 +60,7 @@ pub const UCALL_PORT: u16 = 0x10;
 
 /// KVM's bitmap layout is the engine's: one bit per page, in `u64` words.
 pub use shadow_mmu_core::bitmap_words;
+pub use shadow_mmu_testkit::backend::DirtyLogProtect;
 
 /// An anonymous, private, page-aligned host mapping that backs a memslot.
 #[derive(Debug)]
@@ -179,9 +180,9 @@ pub struct VmSetup {
     pub control_bytes: u64,
     /// Bytes of the test slot, a multiple of 4 KiB up to [`MAX_TEST_BYTES`].
     pub test_bytes: u64,
-    /// Enable `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (with
-    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` only, not `INITIALLY_SET`).
-    pub manual_protect: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`'s flags to enable, if any
+    /// (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`, and `INITIALLY_SET`).
+    pub protect: DirtyLogProtect,
     /// Fault the test slot's host memory in up front.
     pub populate: bool,
 }
@@ -194,7 +195,7 @@ pub struct KvmVm {
     memory: Arc<VmMemory>,
     test_pages: u64,
     logging: bool,
-    manual_protect: bool,
+    protect: DirtyLogProtect,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -202,7 +203,7 @@ impl std::fmt::Debug for KvmVm {
         f.debug_struct("KvmVm")
             .field("test_pages", &self.test_pages)
             .field("logging", &self.logging)
-            .field("manual_protect", &self.manual_protect)
+            .field("protect", &self.protect)
             .finish()
     }
 }
@@ -241,7 +242,7 @@ pub(crate) fn open_vm() -> Result<VmFd, KvmError> {
 impl KvmVm {
     /// Creates the VM and its two slots, dirty logging off.
     pub fn new(setup: VmSetup) -> Result<Self, KvmError> {
-        let VmSetup { control_bytes, test_bytes, manual_protect, populate } = setup;
+        let VmSetup { control_bytes, test_bytes, protect, populate } = setup;
         if control_bytes == 0 || control_bytes > MAX_CONTROL_BYTES || !control_bytes.is_multiple_of(PAGE_SIZE)
         {
             return Err(KvmError::BadConfig(format!(
@@ -254,16 +255,17 @@ impl KvmVm {
             )));
         }
         let vm = open_vm()?;
-        if manual_protect {
+        if protect.is_manual() {
             let caps = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
-            if caps & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+            let flags = protect.cap_flags();
+            if (caps as u64) & flags != flags {
                 return Err(KvmError::Unavailable(format!(
-                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is {caps}: no manual dirty log protection"
+                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is {caps}: flags {flags} are not supported"
                 )));
             }
             let cap = kvm_enable_cap {
                 cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                args: [flags, 0, 0, 0],
                 ..Default::default()
             };
             vm.enable_cap(&cap).map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP", e))?;
@@ -272,7 +274,7 @@ impl KvmVm {
             control: GuestMemory::map(control_bytes, false)?,
             test: GuestMemory::map(test_bytes, populate)?,
         });
-        let this = Self { vm, memory, test_pages: test_bytes / PAGE_SIZE, logging: false, manual_protect };
+        let this = Self { vm, memory, test_pages: test_bytes / PAGE_SIZE, logging: false, protect };
         this.set_region(CONTROL_SLOT, 0, &this.memory.control, 0)?;
         this.set_region(TEST_SLOT, TEST_GPA, &this.memory.test, 0)?;
         Ok(this)
@@ -307,7 +309,12 @@ impl KvmVm {
 
     /// Was manual dirty log protection enabled?
     pub fn manual_protect(&self) -> bool {
-        self.manual_protect
+        self.protect.is_manual()
+    }
+
+    /// The manual-protect flags enabled on the VM.
+    pub fn protect(&self) -> DirtyLogProtect {
+        self.protect
     }
 
     /// The host mappings.
@@ -375,7 +382,7 @@ impl KvmVm {
     /// the rest is a whole number of words, as KVM requires). Needs manual
     /// protect.
     pub fn clear_dirty_log(&self, first_page: u64, bitmap: &[u64]) -> Result<(), KvmError> {
-        if !self.manual_protect {
+        if !self.protect.is_manual() {
             return Err(KvmError::ManualProtectNotEnabled);
         }
         if !first_page.is_multiple_of(64) || first_page >= self.test_pages {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::kvm_usable;
+use shadow_mmu_kvm::vm::DirtyLogProtect;
 use shadow_mmu_kvm::vm::{KvmVm, VmSetup};
 use shadow_mmu_kvm::{KvmError, KvmPerfConfig, KvmPerfVm, KvmScriptVm, bitmap_words};
 
@@ -26,7 +27,12 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
         }
     }
     for (control_bytes, test_bytes) in [(0, 4096), (4096, 0), (4096, 4097), (4096, (2 << 30) + 4096)] {
-        let r = KvmVm::new(VmSetup { control_bytes, test_bytes, manual_protect: false, populate: false });
+        let r = KvmVm::new(VmSetup {
+            control_bytes,
+            test_bytes,
+            protect: DirtyLogProtect::Auto,
+            populate: false,
+        });
         assert!(matches!(r, Err(KvmError::BadConfig(_))), "{control_bytes} {test_bytes}: {r:?}");
     }
 }
@@ -37,7 +43,7 @@ fn wrong_bitmap_sizes_are_typed_errors_and_the_vm_keeps_working() {
         return;
     }
     let pages = 1000; // not a multiple of 64: 16 words, the last one partial
-    let mut vm = KvmScriptVm::new(pages * 4096, false).expect("KVM VM");
+    let mut vm = KvmScriptVm::new(pages * 4096, DirtyLogProtect::Auto).expect("KVM VM");
     vm.enable_dirty_logging().expect("logging");
     vm.run_writes(&[(0, 1), (999 * 4096, 2)]).expect("writes");
     for len in [0, 15, 17, 64] {
@@ -66,7 +72,7 @@ fn clear_dirty_log_misuse_is_refused() {
         return;
     }
     // Without manual protect.
-    let mut auto = KvmScriptVm::new(1 << 20, false).expect("KVM VM");
+    let mut auto = KvmScriptVm::new(1 << 20, DirtyLogProtect::Auto).expect("KVM VM");
     auto.enable_dirty_logging().expect("logging");
     assert!(matches!(auto.clear_dirty_log(0, &[0; 4]), Err(KvmError::ManualProtectNotEnabled)));
     let perf =
@@ -77,7 +83,7 @@ fn clear_dirty_log_misuse_is_refused() {
         println!("skipped: KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
         return;
     }
-    let mut vm = KvmScriptVm::new(1 << 20, true).expect("KVM VM"); // 256 pages, 4 words
+    let mut vm = KvmScriptVm::new(1 << 20, DirtyLogProtect::Manual).expect("KVM VM"); // 256 pages, 4 words
     let e = vm.clear_dirty_log(0, &[0; 4]).expect_err("logging is off");
     assert!(matches!(e, KvmError::NotLogging), "{e}");
     vm.enable_dirty_logging().expect("logging");
@@ -90,9 +96,12 @@ fn clear_dirty_log_misuse_is_refused() {
         let e = vm.clear_dirty_log(first, &vec![u64::MAX; words]).expect_err("bad length");
         assert!(matches!(e, KvmError::BadBitmapSize { .. }), "{first}+{words}: {e}");
     }
-    let perf =
-        KvmPerfVm::new(&KvmPerfConfig { guest_bytes: 1 << 20, manual_protect: true, ..Default::default() })
-            .expect("perf VM");
+    let perf = KvmPerfVm::new(&KvmPerfConfig {
+        guest_bytes: 1 << 20,
+        protect: DirtyLogProtect::Manual,
+        ..Default::default()
+    })
+    .expect("perf VM");
     assert!(matches!(
         perf.clear_dirty_log(0, &[0; 5]),
         Err(KvmError::BadBitmapSize { expected: 4, got: 5, .. })
@@ -112,7 +121,7 @@ fn harvest_before_logging_and_other_misuse() {
         return;
     }
     let mut bitmap = [0u64; 4];
-    let vm = KvmScriptVm::new(1 << 20, false).expect("KVM VM");
+    let vm = KvmScriptVm::new(1 << 20, DirtyLogProtect::Auto).expect("KVM VM");
     assert!(matches!(vm.get_dirty_log(&mut bitmap), Err(KvmError::NotLogging)));
     // No dirty ring enabled on this VM: KVM_RESET_DIRTY_RINGS is EINVAL.
     match vm.reset_dirty_rings() {

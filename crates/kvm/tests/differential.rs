@@ -14,13 +14,14 @@
 
 mod common;
 
+use shadow_mmu_kvm::vm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use common::{SplitMix, kvm_usable};
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
 use shadow_mmu_testkit::backend::GuestAccessError;
-use shadow_mmu_testkit::backend::{Backend, BackendVm, EngineBackend, harvest};
+use shadow_mmu_testkit::backend::{Backend, BackendVm, EngineBackend, VmConfig, harvest};
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
 
 const SLOT_BYTES: u64 = 64 << 20;
@@ -31,13 +32,18 @@ const LARGE: u64 = 512;
 /// in round 4: on the engine it is first mapped by a large spte.
 const BULK_REGION: u64 = 5;
 
-/// Every backend: the engine in every design, KVM classic and with manual
-/// protect.
+/// Every backend: the engine in every design and KVM, each classic, with
+/// manual protect, and with manual protect and `INITIALLY_SET`.
 fn backends() -> Vec<Box<dyn Backend>> {
-    let engine =
-        every_design().into_iter().map(|config| Box::new(EngineBackend { config }) as Box<dyn Backend>);
-    let kvm = [false, true].map(|manual_protect| Box::new(KvmBackend { manual_protect }) as Box<dyn Backend>);
-    engine.chain(kvm).collect()
+    let modes = [DirtyLogProtect::Auto, DirtyLogProtect::Manual, DirtyLogProtect::ManualInitiallySet];
+    let mut v: Vec<Box<dyn Backend>> = Vec::new();
+    for protect in modes {
+        for config in every_design() {
+            v.push(Box::new(EngineBackend { config: VmConfig { dirty_log_protect: protect, ..config } }));
+        }
+        v.push(Box::new(KvmBackend { protect }));
+    }
+    v
 }
 
 fn word(vm: &dyn BackendVm, offset: u64) -> u64 {
@@ -83,12 +89,16 @@ fn pages_of(writes: &[(u64, u64)]) -> Vec<u64> {
 }
 
 /// Harvests every backend; asserts they agree with each other and with
-/// `want` (the pages written since the last harvest).
-fn harvest_all(backends: &mut [Box<dyn BackendVm>], want: &[u64], what: &str) {
+/// `want` (the pages written since the last harvest). `fresh`: the first
+/// harvest since logging was enabled, which under `INITIALLY_SET` reports
+/// every page.
+fn harvest_all(backends: &mut [Box<dyn BackendVm>], want: &[u64], fresh: bool, what: &str) {
+    let all: Vec<u64> = (0..PAGES).collect();
     for b in backends.iter_mut() {
         let mut bitmap = vec![0u64; bitmap_words(PAGES)];
         let n = harvest(b.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = set_pages(&bitmap);
+        let want = if fresh && b.capabilities().protect.initially_set() { &all[..] } else { want };
         assert_eq!(n, got.len() as u64, "{}: {what}: count vs bitmap", b.name());
         assert_eq!(got, want, "{}: {what}: dirty pages differ from the pages written", b.name());
     }
@@ -101,7 +111,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     }
     let mut backends: Vec<Box<dyn BackendVm>> =
         backends().iter().map(|b| b.create_vm(SLOT_BYTES).unwrap_or_else(|e| panic!("{e}"))).collect();
-    assert_eq!(backends.len(), 6);
+    assert_eq!(backends.len(), 15);
     let mut rng = SplitMix(0x5eed);
 
     // Logging off: writes, including the whole bulk region (mapped large on
@@ -128,7 +138,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     for b in backends.iter_mut() {
         set_logging(b.as_mut(), true);
     }
-    harvest_all(&mut backends, &[], "right after enabling");
+    harvest_all(&mut backends, &[], true, "right after enabling");
 
     let mut nonempty = 0;
     for r in 1..=6 {
@@ -152,7 +162,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
             let bulk = BULK_REGION * LARGE..(BULK_REGION + 1) * LARGE;
             assert!(bulk.clone().all(|p| want.binary_search(&p).is_ok()), "round 4 covers the bulk region");
         }
-        harvest_all(&mut backends, &want, &format!("round {r}"));
+        harvest_all(&mut backends, &want, false, &format!("round {r}"));
         println!(
             "round {r}: {} writes, {} dirty pages, same on all {} backends",
             writes.len(),
@@ -161,7 +171,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
         );
         // Nothing written since: the next harvest is empty everywhere.
         if r % 2 == 0 {
-            harvest_all(&mut backends, &[], &format!("round {r}, second harvest"));
+            harvest_all(&mut backends, &[], false, &format!("round {r}, second harvest"));
         }
     }
     assert!(nonempty >= 4, "the rounds must dirty pages");
@@ -173,12 +183,12 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
         write(b.as_mut(), &unlogged);
         set_logging(b.as_mut(), true);
     }
-    harvest_all(&mut backends, &[], "after re-enabling");
+    harvest_all(&mut backends, &[], true, "after re-enabling");
     let last = round_writes(2, &mut rng);
     for b in backends.iter_mut() {
         write(b.as_mut(), &last);
     }
-    harvest_all(&mut backends, &pages_of(&last), "a round after re-enabling");
+    harvest_all(&mut backends, &pages_of(&last), false, "a round after re-enabling");
 
     // Same stores, same memory.
     let mut differ = 0;
@@ -197,7 +207,7 @@ fn kvm_write_errors_are_typed_and_harmless() {
     if !kvm_usable() {
         return;
     }
-    let mut vm = KvmScriptVm::new(1 << 20, false).expect("KVM VM");
+    let mut vm = KvmScriptVm::new(1 << 20, DirtyLogProtect::Auto).expect("KVM VM");
     vm.enable_dirty_logging().expect("logging");
     for bad in [(4, 1), (1 << 20, 1)] {
         let e = vm.run_writes(&[(0, 1), bad]).expect_err("refused");
@@ -228,6 +238,11 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
         let name = vm.name();
         vm.write_guest(5 * 4096, &[1, 2]).unwrap_or_else(|e| panic!("{e}"));
         set_logging(vm.as_mut(), true);
+        if vm.capabilities().protect.initially_set() {
+            // The log starts all ones: take that first.
+            let mut bitmap = vec![0u64; bitmap_words(256)];
+            assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}")), 256, "{name}");
+        }
         // Refused: unaligned, empty, past the end, overflowing; nothing is
         // written and nothing is logged.
         for (off, n) in [(4, 1), (0, 0), ((1 << 20) - 8, 2), (u64::MAX - 7, 1)] {
@@ -250,5 +265,48 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
         vm.read_guest(7 * 4096 - 8, &mut out).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, [3, 4], "{name}");
         assert_eq!(word(vm.as_ref(), 200 * 4096), 5, "{name}: memory() sees host writes");
+    }
+}
+
+/// Every refused CLEAR is refused by every backend alike, and changes
+/// nothing: the log reads the same after it, and a good CLEAR then clears
+/// exactly what it names.
+#[test]
+fn clear_refusals_are_the_same_on_every_backend() {
+    if !kvm_usable() {
+        return;
+    }
+    for backend in backends() {
+        let mut vm = backend.create_vm(1 << 20).unwrap_or_else(|e| panic!("{e}")); // 256 pages, 4 words
+        let name = vm.name();
+        let manual = vm.capabilities().protect.is_manual();
+        assert!(vm.clear_dirty_log(0, &[0; 4]).is_err(), "{name}: CLEAR with logging off");
+        set_logging(vm.as_mut(), true);
+        let mut bitmap = vec![0u64; 4];
+        if vm.capabilities().protect.initially_set() {
+            harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}"));
+        }
+        write(vm.as_mut(), &[(0, 1), (70 * 4096, 2)]);
+        let before = {
+            vm.get_dirty_log(&mut bitmap).unwrap_or_else(|e| panic!("{e}"));
+            bitmap.clone()
+        };
+        if !manual {
+            assert!(vm.clear_dirty_log(0, &[u64::MAX; 4]).is_err(), "{name}: CLEAR without manual protect");
+            continue;
+        }
+        assert_eq!(set_pages(&before), [0, 70], "{name}");
+        // An unaligned first page, one at or past the end, a mask longer
+        // than the rest of the slot.
+        for (first, words) in [(1, 1), (256, 1), (320, 1), (0, 5), (192, 2)] {
+            let r = vm.clear_dirty_log(first, &vec![u64::MAX; words]);
+            assert!(r.is_err(), "{name}: CLEAR of {words} words from {first} must be refused");
+            vm.get_dirty_log(&mut bitmap).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(bitmap, before, "{name}: a refused CLEAR changed the log");
+        }
+        // A good one, of the second word only.
+        vm.clear_dirty_log(64, &[u64::MAX]).unwrap_or_else(|e| panic!("{e}"));
+        vm.get_dirty_log(&mut bitmap).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set_pages(&bitmap), [0], "{name}");
     }
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use shadow_mmu_kvm::vm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -96,7 +97,8 @@ fn manual_protect_get_copies_and_clear_reprotects() {
         println!("skipped: KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
         return;
     }
-    let cfg = KvmPerfConfig { guest_bytes: 4 << 20, manual_protect: true, ..KvmPerfConfig::default() };
+    let cfg =
+        KvmPerfConfig { guest_bytes: 4 << 20, protect: DirtyLogProtect::Manual, ..KvmPerfConfig::default() };
     let mut vm = start(&cfg);
     let pages = vm.test_pages();
     pass(&vm, 1);
@@ -175,7 +177,9 @@ fn migrate_perf_reports_every_figure() {
     // Through the testkit's Backend trait and its one migrate-perf
     // procedure, as `bench migrate-perf` runs it.
     let spec = PassSpec { vcpus: 2, guest_bytes: MIB16, write_pct: 100, random: false, seed: 1 };
-    let mut vm = KvmBackend { manual_protect: manual }.start_passes(&spec).expect("perf VM");
+    let mut vm = KvmBackend { protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto } }
+        .start_passes(&spec)
+        .expect("perf VM");
     let mut seen = 0;
     let (run, _) = migrate_perf(vm.as_mut(), 3, |i, _| {
         seen += 1;

@@ -23,18 +23,23 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+/// Manual protect's flags, on every backend.
+pub use shadow_mmu_engine::DirtyLogProtect;
 /// Why a host access was refused, on every backend.
 pub use shadow_mmu_engine::GuestAccessError;
-use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm, VmConfig};
+/// How the engine's VMs are built (`EngineBackend::config`).
+pub use shadow_mmu_engine::VmConfig;
+use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm};
 use thiserror::Error;
 
 /// What a backend's VM does beyond the common interface.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`):
-    /// [`BackendVm::get_dirty_log`] only copies the log, and
-    /// [`BackendVm::clear_dirty_log`] clears and re-protects.
-    pub manual_protect: bool,
+    /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): with it,
+    /// [`DirtyLogVm::get_dirty_log`] only copies the log, and
+    /// [`DirtyLogVm::clear_dirty_log`] clears and re-protects; with
+    /// `INITIALLY_SET` too, each log starts all ones.
+    pub protect: DirtyLogProtect,
     /// [`BackendVm::large_sptes_mapped`] answers (the engine shows its shadow
     /// page tables; KVM does not).
     pub mmu_figures: bool,
@@ -161,7 +166,7 @@ pub trait DirtyLogVm {
     fn write_guest(&mut self, offset: u64, words: &[u64]) -> Result<(), BackendError>;
 
     /// Turns dirty logging of the test slot on (write-protecting it, with a
-    /// clean log; no backend here enables `INITIALLY_SET` yet) or off.
+    /// clean log; with `INITIALLY_SET`, protecting nothing, all ones) or off.
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError>;
 
     /// `KVM_GET_DIRTY_LOG` into `bitmap` (one bit per page); returns the
@@ -220,7 +225,7 @@ pub(crate) fn timed_harvest(
     let dirty_pages = vm.get_dirty_log(bitmap)?;
     let get_ns = t.elapsed().as_nanos() as u64;
     let mut clear_ns = None;
-    if vm.capabilities().manual_protect {
+    if vm.capabilities().protect.is_manual() {
         let t = std::time::Instant::now();
         vm.clear_dirty_log(0, bitmap)?;
         clear_ns = Some(t.elapsed().as_nanos() as u64);
@@ -284,7 +289,7 @@ impl<W> DirtyLogVm for EngineVm<W> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { manual_protect: false, mmu_figures: true }
+        Capabilities { protect: self.vm.dirty_log_protect(), mmu_figures: true }
     }
 
     fn pages(&self) -> u64 {
@@ -312,8 +317,14 @@ impl<W> DirtyLogVm for EngineVm<W> {
         self.vm.get_dirty_log(0, bitmap).map_err(|e| self.fail("get_dirty_log", e))
     }
 
-    fn clear_dirty_log(&mut self, _first_page: u64, _bitmap: &[u64]) -> Result<(), BackendError> {
-        Err(self.fail("clear_dirty_log", "the engine has no manual protect yet (issue 11)"))
+    fn clear_dirty_log(&mut self, first_page: u64, bitmap: &[u64]) -> Result<(), BackendError> {
+        // The kvm crate's convention: the range runs from `first_page` for
+        // the mask's words, or to the slot's end if that comes first.
+        let pages = (64 * bitmap.len() as u64).min(self.mem.pages().saturating_sub(first_page));
+        self.vm
+            .clear_dirty_log(0, first_page, pages, bitmap)
+            .map(|_| ())
+            .map_err(|e| self.fail("clear_dirty_log", e))
     }
 }
 

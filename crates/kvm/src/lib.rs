@@ -24,7 +24,8 @@
 //! let p = shadow_mmu_kvm::probe();
 //! println!("{p}");
 //! if p.is_usable() {
-//!     let mut vm = shadow_mmu_kvm::KvmScriptVm::new(2 << 20, false)?;
+//!     let protect = shadow_mmu_kvm::vm::DirtyLogProtect::Auto;
+//!     let mut vm = shadow_mmu_kvm::KvmScriptVm::new(2 << 20, protect)?;
 //!     vm.enable_dirty_logging()?;
 //!     vm.run_writes(&[(0x3008, 42)])?;
 //!     let mut bitmap = vec![0u64; 8];

@@ -94,6 +94,13 @@ switches! {
     /// (`atomic_long_fetch_andnot`): bits set since the GET are lost with
     /// their pages left writable.
     clear_whole_word,
+    /// The dirty ring's reset gives back entries that are pushed but not
+    /// yet harvested (`DIRTY`, not `RESET`): their pages are re-protected
+    /// before anyone reported them.
+    ring_reset_before_harvest,
+    /// A fault pushes its page to the dirty ring before the spte is
+    /// writable and in its rmap (patch 06's order, through the ring).
+    ring_push_before_rmap,
 }
 
 // Folds away: without the feature, a `Breakage` holds nothing.

@@ -11,6 +11,8 @@
 //! - [`rcu`] and [`pool`]: grace periods, and type-stable pools whose memory
 //!   goes back to the system only after one, with a bounded backlog;
 //! - [`dirty_bitmap`]: a memslot's dirty bitmap and its ordering contract;
+//! - [`dirty_ring`]: a vCPU's dirty ring (push, harvest, reset) and its
+//!   acquire/release protocol;
 //! - [`lockless`]: the seed's lock-free spte operations and `mmu_spte_update`'s
 //!   rules (KVM 3.11's `xchg`, the seed's patch 04);
 //! - [`requests`]: vCPU modes and the remote TLB flush handshake;
@@ -23,6 +25,7 @@
 
 pub mod breakage;
 pub mod dirty_bitmap;
+pub mod dirty_ring;
 pub mod lockdep;
 pub mod lockless;
 #[cfg(all(test, loom))]

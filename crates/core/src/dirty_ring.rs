@@ -90,7 +90,10 @@ impl DirtyRing {
     /// # Panics
     /// If `entries` is not a power of two or not above `reserve`.
     pub fn new(entries: u32, reserve: u32) -> Self {
-        assert!(entries.is_power_of_two() && entries > reserve, "ring of {entries} entries, {reserve} reserved");
+        assert!(
+            entries.is_power_of_two() && entries > reserve,
+            "ring of {entries} entries, {reserve} reserved"
+        );
         Self {
             gfns: (0..entries).map(|_| DirtyGfn::default()).collect(),
             dirty_index: CachePadded::new(AtomicU32::new(0)),
@@ -173,6 +176,22 @@ impl DirtyRing {
         // Relaxed: our own index.
         self.fetch_index.store(i, Ordering::Relaxed);
         n
+    }
+
+    /// Calls `f(slot, offset)` for every entry pushed and not yet reset, for
+    /// audits of a quiescent VM (with pushes, harvests or resets running,
+    /// the answer is a snapshot of no single instant).
+    pub fn for_each_pending(&self, mut f: impl FnMut(u32, u64)) {
+        // Acquire: pairs with the reset's release store.
+        let mut i = self.reset_index.load(Ordering::Acquire);
+        // Relaxed: a quiescent read (see above).
+        let end = self.dirty_index.load(Ordering::Relaxed);
+        while i != end {
+            let e = self.entry(i);
+            // Relaxed: as above.
+            f(e.slot.load(Ordering::Relaxed), e.offset.load(Ordering::Relaxed));
+            i = i.wrapping_add(1);
+        }
     }
 
     /// `kvm_dirty_ring_reset`, by one thread at a time per ring: gives back

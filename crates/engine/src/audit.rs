@@ -102,6 +102,17 @@ impl Kvm {
         let g = self.mmu.lock.lock();
         let slots = self.memslots.load_full();
         let mut report = AuditReport::default();
+        // With the dirty ring on, a page is marked while an entry for it is
+        // pushed and not yet reset, in any vCPU's ring.
+        let ring_pending: Option<HashSet<(u32, u64)>> = (self.dirty_ring_entries() != 0).then(|| {
+            let mut set = HashSet::new();
+            for r in self.dirty_rings.lock().iter() {
+                r.ring.for_each_pending(|s, o| {
+                    set.insert((s, o));
+                });
+            }
+            set
+        });
 
         // rmaps: structure, and where each entry is.
         let mut rmap_entries: HashMap<usize, (u32, u8, usize)> = HashMap::new();
@@ -160,6 +171,7 @@ impl Kvm {
                         &mut report,
                         &rmap_entries,
                         &slots,
+                        ring_pending.as_ref(),
                         opts,
                         sptep,
                         spte,
@@ -216,6 +228,7 @@ impl Kvm {
         report: &mut AuditReport,
         rmap_entries: &HashMap<usize, (u32, u8, usize)>,
         slots: &crate::memslot::Memslots,
+        ring_pending: Option<&HashSet<(u32, u64)>>,
         opts: AuditOptions,
         sptep: &AtomicU64,
         spte: u64,
@@ -255,7 +268,12 @@ impl Kvm {
                     slot.id()
                 );
                 for g in gfn..gfn + pages_per_spte(level) {
-                    if !slot.dirty_bitmap().test(g - slot.base_gfn()) {
+                    let rel = g - slot.base_gfn();
+                    let marked = match ring_pending {
+                        Some(p) => p.contains(&(slot.id(), rel)),
+                        None => slot.dirty_bitmap().test(rel),
+                    };
+                    if !marked {
                         return Err(AuditError::DirtyLog { gfn: g });
                     }
                 }

@@ -42,7 +42,9 @@ use thiserror::Error;
 
 use crate::memslot::Memslot;
 use crate::mmu::MmuDesign;
+use crate::mmu::lockless::mark_page_dirty_after_publish;
 use crate::vm::Kvm;
+use shadow_mmu_core::dirty_ring::DirtyRing;
 
 /// Dirty pages the lockless harvest write-protects in one read-side section
 /// (about 7 µs of walking at the engine's 7 ns per page).
@@ -58,6 +60,9 @@ pub enum DirtyLogError {
     /// The slot does not log dirty pages.
     #[error("slot {0} does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES is off)")]
     NotLogging(u32),
+    /// The dirty ring is on: the bitmap ioctls are refused (KVM's `ENXIO`).
+    #[error("the dirty ring is on: the dirty bitmap ioctls are refused")]
+    DirtyRing,
     /// The bitmap buffer has the wrong size.
     #[error("slot {slot} has {npages} pages: its dirty bitmap is {expected} u64 words, not {got}")]
     BitmapSize {
@@ -176,6 +181,23 @@ impl Kvm {
         self.dirty_log_protect.store(p.cap_flags() as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// `mark_page_dirty_in_slot`, after the caller made its spte writable
+    /// and put it in its rmap (patch 06's steps 1 and 2): with the dirty ring
+    /// on, a push to the faulting vCPU's `ring`, whose release store of the
+    /// entry's flags orders those steps before it; otherwise the release
+    /// fence and the bitmap bit (steps 3 and 4).
+    #[inline]
+    pub(crate) fn mark_page_dirty_in_slot(&self, slot: &Memslot, gfn: u64, ring: Option<&DirtyRing>) {
+        let rel_gfn = gfn - slot.base_gfn();
+        match ring {
+            Some(r) => {
+                r.push(slot.id(), rel_gfn);
+            }
+            None => mark_page_dirty_after_publish(slot.dirty_bitmap(), rel_gfn, &self.mmu.breakage),
+        }
+        self.mmu.stats.pages_marked_dirty.inc();
+    }
+
     /// `kvm_vm_ioctl_get_dirty_log`.
     pub(crate) fn kvm_vm_ioctl_get_dirty_log(
         &self,
@@ -183,6 +205,9 @@ impl Kvm {
         out: &mut [u64],
     ) -> Result<u64, DirtyLogError> {
         let _slots = self.slots_lock.lock();
+        if self.dirty_ring_entries() != 0 {
+            return Err(DirtyLogError::DirtyRing);
+        }
         let slots = self.memslots.load_full();
         let slot = slots.get(slot_id).ok_or(DirtyLogError::NoSuchSlot(slot_id))?;
         if !slot.dirty_logging() {
@@ -235,6 +260,9 @@ impl Kvm {
         mask: &[u64],
     ) -> Result<u64, ClearDirtyLogError> {
         let _slots = self.slots_lock.lock();
+        if self.dirty_ring_entries() != 0 {
+            return Err(DirtyLogError::DirtyRing.into());
+        }
         if !self.dirty_log_protect().is_manual() {
             return Err(ClearDirtyLogError::NotManual);
         }

@@ -41,6 +41,15 @@ pub enum GuestAccessError {
         /// Length in bytes.
         bytes: u64,
     },
+    /// A write to a logged slot while the dirty ring is on: no vCPU ring
+    /// can take it (`dirty_ring.rs`), and it would be lost.
+    #[error("guest write at {gpa:#x}: slot {slot} logs to the dirty ring, which host writes cannot reach")]
+    DirtyRing {
+        /// Start.
+        gpa: u64,
+        /// The slot.
+        slot: u32,
+    },
     /// A write to a read-only memslot.
     #[error("guest write at {gpa:#x}: memslot {slot} is read-only")]
     ReadOnly {
@@ -86,6 +95,9 @@ impl Kvm {
         let slot = self.slot_for_access(gpa, words.len())?;
         if slot.readonly() {
             return Err(GuestAccessError::ReadOnly { gpa, slot: slot.id() });
+        }
+        if slot.dirty_logging() && self.dirty_ring_entries() != 0 {
+            return Err(GuestAccessError::DirtyRing { gpa, slot: slot.id() });
         }
         for (i, &w) in words.iter().enumerate() {
             let a = gpa + 8 * i as u64;

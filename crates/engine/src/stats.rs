@@ -69,4 +69,12 @@ mmu_stats! {
     clear_dirty_log_ns,
     /// Dirty bits `clear_dirty_log` found set, cleared and re-protected.
     pages_cleared,
+    /// Dirty ring entries harvested.
+    ring_entries_harvested,
+    /// `reset_dirty_rings` calls.
+    ring_resets,
+    /// Dirty ring entries reset (given back and re-protected).
+    ring_entries_reset,
+    /// Nanoseconds spent in `reset_dirty_rings`.
+    ring_reset_ns,
 }

@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use thiserror::Error;
 
 use crate::dirty_log::{ClearDirtyLogError, DirtyLogError, DirtyLogProtect};
+use crate::dirty_ring::DirtyRingError;
 use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
 use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, MmuParams, default_max_mmu_pages};
 use crate::pool::PoolLimits;
@@ -127,6 +128,14 @@ pub(crate) struct Kvm {
     pub(crate) vcpus: VcpuSet,
     /// `kvm->manual_dirty_log_protect`, as [`DirtyLogProtect::cap_flags`].
     pub(crate) dirty_log_protect: std::sync::atomic::AtomicU8,
+    /// `kvm->lock`: vCPU creation and the dirty ring's size.
+    pub(crate) lock: Mutex<()>,
+    /// Entries of each vCPU's dirty ring; 0: the ring is off.
+    pub(crate) dirty_ring_entries: std::sync::atomic::AtomicU32,
+    /// Every vCPU's ring, for the harvest and the reset.
+    pub(crate) dirty_rings: Mutex<Vec<Arc<crate::dirty_ring::VcpuRing>>>,
+    /// `kvm->dirty_ring_lock`: one reset at a time.
+    pub(crate) dirty_ring_lock: Mutex<()>,
 }
 
 impl Drop for Kvm {
@@ -226,6 +235,10 @@ impl Vm {
         });
         let kvm = Kvm {
             dirty_log_protect: std::sync::atomic::AtomicU8::new(config.dirty_log_protect.cap_flags() as u8),
+            lock: Mutex::new(()),
+            dirty_ring_entries: std::sync::atomic::AtomicU32::new(0),
+            dirty_rings: Mutex::new(Vec::new()),
+            dirty_ring_lock: Mutex::new(()),
             config,
             memslots: ArcSwap::from_pointee(Memslots::default()),
             slots_lock: Mutex::new(()),
@@ -253,7 +266,10 @@ impl Vm {
         let cur = kvm.memslots.load_full();
         match cur.prepare(&r)? {
             MemslotChange::Create(slot) => {
-                if slot.dirty_logging() && kvm.dirty_log_protect().initially_set() {
+                if slot.dirty_logging()
+                    && kvm.dirty_log_protect().initially_set()
+                    && kvm.dirty_ring_entries() == 0
+                {
                     // KVM sets the new slot's log all ones (`INITIALLY_SET`).
                     slot.dirty_bitmap().set_all();
                 }
@@ -271,7 +287,8 @@ impl Vm {
             }
             MemslotChange::FlagsOnly(slot, flags) => {
                 let enabling = !slot.dirty_logging() && flags.contains(MemFlags::LOG_DIRTY_PAGES);
-                let initially_set = kvm.dirty_log_protect().initially_set();
+                // With the dirty ring on, INITIALLY_SET does not apply (dirty_ring.rs).
+                let initially_set = kvm.dirty_log_protect().initially_set() && kvm.dirty_ring_entries() == 0;
                 {
                     let _g = kvm.mmu.lock.lock();
                     if enabling && initially_set {
@@ -427,12 +444,51 @@ impl Vm {
 
     /// `KVM_CREATE_VCPU`.
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
+        let _kvm_lock = self.kvm.lock.lock();
         if id >= KVM_MAX_VCPUS || self.kvm.vcpus.ids().contains(&id) {
             return Err(VmError::BadVcpuId { id, max: KVM_MAX_VCPUS });
         }
+        let entries = self.kvm.dirty_ring_entries();
+        let ring = (entries > 0).then(|| Arc::new(crate::dirty_ring::VcpuRing::new(id, entries)));
+        if let Some(r) = &ring {
+            self.kvm.dirty_rings.lock().push(r.clone());
+        }
         let shared = Arc::new(VcpuShared::new(id));
         self.kvm.vcpus.add(shared.clone());
-        Ok(Vcpu::new(self.kvm.clone(), shared))
+        Ok(Vcpu::new(self.kvm.clone(), shared, ring))
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)`: every vCPU created
+    /// from now on logs its dirty pages to a ring of `bytes` bytes
+    /// (16-byte entries) instead of the bitmaps. KVM's size rules apply:
+    /// a power of two, at least a page, at most 65536 entries, set once,
+    /// before any vCPU exists.
+    pub fn enable_dirty_ring(&self, bytes: u32) -> Result<(), DirtyRingError> {
+        self.kvm.enable_dirty_ring(bytes)
+    }
+
+    /// The vCPUs that have a dirty ring (every vCPU, once the ring is on).
+    pub fn dirty_ring_vcpus(&self) -> Vec<u32> {
+        self.kvm.dirty_rings.lock().iter().map(|r| r.vcpu).collect()
+    }
+
+    /// Entries of each vCPU's dirty ring, if the ring is on.
+    pub fn dirty_ring_entries(&self) -> Option<u32> {
+        Some(self.kvm.dirty_ring_entries()).filter(|&n| n > 0)
+    }
+
+    /// Harvests vCPU `vcpu`'s dirty ring, as userspace reads the ring KVM
+    /// maps: `f(slot, offset)` for each page pushed since the last harvest,
+    /// in order, each marked harvested. Returns how many. Copy a page only
+    /// after the [`Vm::reset_dirty_rings`] that follows.
+    pub fn harvest_dirty_ring(&self, vcpu: u32, f: impl FnMut(u32, u64)) -> Result<u32, DirtyRingError> {
+        self.kvm.harvest_dirty_ring(vcpu, f)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of every harvested
+    /// entry of every ring and gives the entries back. Returns how many.
+    pub fn reset_dirty_rings(&self) -> Result<u64, DirtyRingError> {
+        self.kvm.reset_dirty_rings()
     }
 
     /// `KVM_SET_NR_MMU_PAGES`: sets the shadow page budget, zapping the

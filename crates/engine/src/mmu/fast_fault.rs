@@ -36,7 +36,7 @@
 //! waited for our release store of `OUTSIDE_GUEST_MODE`, and then its walk
 //! happens after our compare-exchange, sees W and clears it.
 
-use super::lockless::{fast_pf_fix_direct_spte, mark_page_dirty_after_publish};
+use super::lockless::fast_pf_fix_direct_spte;
 use super::walk::LocklessWalk;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{
@@ -46,19 +46,32 @@ use crate::spte::{
 use crate::sync::atomic::Ordering;
 use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
+use shadow_mmu_core::dirty_ring::DirtyRing;
 
 impl Kvm {
     /// `fast_page_fault`: tries to fix a write fault on `gfn` without
     /// `mmu_lock`. Returns true when the access can be retried (fixed, or
     /// found already writable: a spurious fault), false to take the slow path.
-    pub(crate) fn fast_page_fault(&self, vcpu: &VcpuShared, gfn: u64, asid: u16) -> bool {
+    pub(crate) fn fast_page_fault(
+        &self,
+        vcpu: &VcpuShared,
+        ring: Option<&DirtyRing>,
+        gfn: u64,
+        asid: u16,
+    ) -> bool {
         let Some(root) = self.mmu.root(asid) else { return false };
         let walk = LocklessWalk::begin(vcpu);
-        self.fast_page_fault_walk(&walk, root, gfn)
+        self.fast_page_fault_walk(&walk, ring, root, gfn)
         // `walk` drops here: walk_shadow_page_lockless_end.
     }
 
-    fn fast_page_fault_walk(&self, walk: &LocklessWalk<'_>, root: SpPtr, gfn: u64) -> bool {
+    fn fast_page_fault_walk(
+        &self,
+        walk: &LocklessWalk<'_>,
+        ring: Option<&DirtyRing>,
+        root: SpPtr,
+        gfn: u64,
+    ) -> bool {
         let mut sp = root;
         let mut level = PT64_ROOT_LEVEL;
         let (sptep, spte) = loop {
@@ -100,8 +113,7 @@ impl Kvm {
             if let Some(slot) = slots.find(gfn)
                 && slot.dirty_logging()
             {
-                mark_page_dirty_after_publish(slot.dirty_bitmap(), gfn - slot.base_gfn(), &self.mmu.breakage);
-                self.mmu.stats.pages_marked_dirty.inc();
+                self.mark_page_dirty_in_slot(slot, gfn, ring);
             }
             self.mmu.stats.fast_page_faults.inc();
         }

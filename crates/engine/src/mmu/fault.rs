@@ -11,7 +11,6 @@
 use std::time::Instant;
 
 use super::lock::MmuGuard;
-use super::lockless::mark_page_dirty_after_publish;
 use super::{MmuCaches, RMAP_RECYCLE_THRESHOLD};
 use crate::memslot::Memslot;
 use crate::shadow_page::SpPtr;
@@ -22,6 +21,7 @@ use crate::spte::{
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
+use shadow_mmu_core::dirty_ring::DirtyRing;
 
 /// The mapping a fault installs: `gfn` (the first of the region for a large
 /// page) of `slot`, at `level`, to host `pfn`.
@@ -31,6 +31,8 @@ struct MapRequest<'a> {
     level: u8,
     pfn: u64,
     write: bool,
+    /// The faulting vCPU's dirty ring, when the ring is on.
+    ring: Option<&'a DirtyRing>,
 }
 
 /// A page fault, as the vCPU's page walk found it (its error code).
@@ -65,12 +67,13 @@ impl Kvm {
         &self,
         vcpu: &VcpuShared,
         caches: &mut MmuCaches,
+        ring: Option<&DirtyRing>,
         fault: PageFault,
     ) -> Result<(), FaultExit> {
         let PageFault { gfn, write, present, asid } = fault;
         // `page_fault_can_be_fast`: a write to a present page, in both designs
         // (KVM has had it since 3.6), unless the VM was built without it.
-        if self.mmu.fast_page_fault && write && present && self.fast_page_fault(vcpu, gfn, asid) {
+        if self.mmu.fast_page_fault && write && present && self.fast_page_fault(vcpu, ring, gfn, asid) {
             return Ok(());
         }
         loop {
@@ -97,7 +100,7 @@ impl Kvm {
             }
             self.make_mmu_pages_available(&mut g);
             let level = self.mapping_level(slot, gfn);
-            self.__direct_map(&mut g, caches, slot, gfn, level, write, asid);
+            self.__direct_map(&mut g, caches, ring, slot, gfn, level, write, asid);
             return Ok(());
         }
     }
@@ -120,6 +123,7 @@ impl Kvm {
         &self,
         g: &mut MmuGuard<'_>,
         caches: &mut MmuCaches,
+        ring: Option<&DirtyRing>,
         slot: &Memslot,
         gfn: u64,
         level: u8,
@@ -154,7 +158,7 @@ impl Kvm {
         }
         let base = level_base_gfn(gfn, level);
         let sptep = sp.get(g).spte(spte_index(gfn, level));
-        let req = MapRequest { slot, gfn: base, level, pfn: slot.gfn_to_pfn(base), write };
+        let req = MapRequest { slot, gfn: base, level, pfn: slot.gfn_to_pfn(base), write, ring };
         self.mmu_set_spte(g, caches, sptep, &req);
     }
 
@@ -187,7 +191,7 @@ impl Kvm {
 
     /// `set_spte`, in the order of patch 06/15.
     fn set_spte(&self, g: &MmuGuard<'_>, caches: &mut MmuCaches, sptep: &AtomicU64, req: &MapRequest<'_>) {
-        let MapRequest { slot, gfn, level, pfn, write } = *req;
+        let MapRequest { slot, gfn, level, pfn, write, ring } = *req;
         let remap = is_shadow_present_pte(sptep.load(Ordering::Relaxed));
         let host_writable = !slot.readonly();
         // In a logged slot only a write makes the spte writable, and it marks
@@ -203,6 +207,12 @@ impl Kvm {
             spte &= !SPTE_MMU_WRITEABLE;
         }
 
+        let push_early = ring.is_some() && self.mmu.breakage.ring_push_before_rmap();
+        if push_early && is_writable_pte(spte) && logging {
+            // Broken on purpose: the ring entry is out before the spte is
+            // writable and in its rmap.
+            self.mark_page_dirty_in_slot(slot, gfn, ring);
+        }
         // (1) The spte becomes present/writable.
         if self.mmu_spte_update(g, sptep, spte) {
             self.kvm_flush_remote_tlbs();
@@ -224,9 +234,11 @@ impl Kvm {
         // writable spte is in it (the first race of patch 06), or see the spte
         // in the rmap while still read-only and leave it writable afterwards
         // (the second). See `shadow_mmu_core::lockless`.
-        if is_writable_pte(spte) && logging {
-            mark_page_dirty_after_publish(slot.dirty_bitmap(), gfn - slot.base_gfn(), &self.mmu.breakage);
-            self.mmu.stats.pages_marked_dirty.inc();
+        // With the dirty ring, the push's release store of the entry's flags
+        // is the fence, and the harvester's acquire load of them pairs with
+        // it (`shadow_mmu_core::dirty_ring`).
+        if is_writable_pte(spte) && logging && !push_early {
+            self.mark_page_dirty_in_slot(slot, gfn, ring);
         }
     }
 

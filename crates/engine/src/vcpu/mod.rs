@@ -57,6 +57,10 @@ pub enum VcpuExit {
         /// The stored value (0 for a load).
         value: u64,
     },
+    /// The vCPU's dirty ring reached its soft limit
+    /// (`KVM_EXIT_DIRTY_RING_FULL`): harvest and reset the rings, then run
+    /// again. Until then every run exits at once with this.
+    DirtyRingFull,
     /// The guest wrote to a write-tracked page ([`crate::Vm::track_write`]);
     /// the store did not happen. Userspace emulates it (or not), then runs
     /// again.
@@ -105,6 +109,8 @@ pub struct VcpuStats {
     pub tlb_flushes: u64,
     /// MMIO exits.
     pub mmio_exits: u64,
+    /// `DirtyRingFull` exits.
+    pub dirty_ring_full_exits: u64,
 }
 
 impl std::ops::AddAssign for VcpuStats {
@@ -117,6 +123,7 @@ impl std::ops::AddAssign for VcpuStats {
         self.write_faults += o.write_faults;
         self.fault_ns += o.fault_ns;
         self.tlb_flushes += o.tlb_flushes;
+        self.dirty_ring_full_exits += o.dirty_ring_full_exits;
         self.mmio_exits += o.mmio_exits;
     }
 }
@@ -143,6 +150,11 @@ pub struct Vcpu {
     asid: u16,
     stats: VcpuStats,
     observer: Option<Box<dyn FaultObserver>>,
+    /// This vCPU's dirty ring, when the ring is on.
+    ring: Option<Arc<crate::dirty_ring::VcpuRing>>,
+    /// A fault filled the ring to its soft limit: exit at the next access
+    /// boundary.
+    ring_full: bool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -166,7 +178,11 @@ enum Walk {
 }
 
 impl Vcpu {
-    pub(crate) fn new(kvm: Arc<Kvm>, shared: Arc<VcpuShared>) -> Self {
+    pub(crate) fn new(
+        kvm: Arc<Kvm>,
+        shared: Arc<VcpuShared>,
+        ring: Option<Arc<crate::dirty_ring::VcpuRing>>,
+    ) -> Self {
         let tlb = Tlb::new(kvm.config.tlb_entries);
         Self {
             kvm,
@@ -176,6 +192,8 @@ impl Vcpu {
             asid: 0,
             stats: VcpuStats::default(),
             observer: None,
+            ring,
+            ring_full: false,
         }
     }
 
@@ -206,9 +224,20 @@ impl Vcpu {
     /// `KVM_RUN`: executes `guest` until it makes a hypercall or an access
     /// exits to userspace.
     pub fn run<G: GuestCode + ?Sized>(&mut self, guest: &mut G) -> Result<VcpuExit, VcpuError> {
+        // `kvm_dirty_ring_check_request` on entry: still soft-full, exit.
+        self.ring_full = self.ring.as_ref().is_some_and(|r| r.ring.soft_full());
+        if self.ring_full {
+            self.stats.dirty_ring_full_exits += 1;
+            return Ok(VcpuExit::DirtyRingFull);
+        }
         self.enter_guest();
         let mut last_read = 0;
         let stop = loop {
+            if self.ring_full {
+                // The access that filled the ring is complete.
+                self.stats.dirty_ring_full_exits += 1;
+                break Stop::Exit(VcpuExit::DirtyRingFull);
+            }
             // The access boundary: take pending requests (the IPI).
             if self.shared.pending_requests() != 0 {
                 self.shared.exit_guest_mode();
@@ -346,7 +375,9 @@ impl Vcpu {
         self.shared.exit_guest_mode();
         let t0 = Instant::now();
         let fault = PageFault { gfn: gpa >> PAGE_SHIFT, write, present, asid: self.asid };
-        let r = self.kvm.page_fault(&self.shared, &mut self.caches, fault);
+        let ring = self.ring.as_deref().map(|r| &r.ring);
+        let r = self.kvm.page_fault(&self.shared, &mut self.caches, ring, fault);
+        self.ring_full = ring.is_some_and(|r| r.soft_full());
         self.stats.fault_ns += t0.elapsed().as_nanos() as u64;
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);

@@ -13,7 +13,7 @@ pub fn describe(cfg: &RunConfig) -> String {
     format!(
         "mmu={} fast-page-fault={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} \
          interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={} slots={} \
-         invalidate-every={} dirty-log={} clear-chunk-pages={}",
+         invalidate-every={} dirty-log={} clear-chunk-pages={} ring-entries={}",
         cfg.mmu,
         cfg.fast_page_fault,
         cfg.vcpus,
@@ -31,6 +31,7 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.invalidate_every.map_or("never".to_string(), |d| format!("{} us", d.as_micros())),
         cfg.harvest.label(),
         cfg.harvest.clear_chunk_pages,
+        cfg.harvest.ring_entries,
     )
 }
 
@@ -60,9 +61,31 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  pages dirtied         {} (marked in the dirty bitmap), {} write faults fixed by fast_page_fault",
-        m.mmu.pages_marked_dirty, m.mmu.fast_page_faults
+        "  pages dirtied         {} (marked in the dirty {}), {} write faults fixed by fast_page_fault",
+        m.mmu.pages_marked_dirty,
+        if cfg.harvest.ring_bytes().is_some() { "rings" } else { "bitmap" },
+        m.mmu.fast_page_faults
     );
+    if m.mmu.clear_dirty_log_calls > 0 {
+        let _ = writeln!(
+            s,
+            "  clear_dirty_log       {} calls, {:.3} ms in all, {} pages cleared and re-protected",
+            m.mmu.clear_dirty_log_calls,
+            ms(m.mmu.clear_dirty_log_ns),
+            m.mmu.pages_cleared
+        );
+    }
+    if cfg.harvest.ring_bytes().is_some() {
+        let _ = writeln!(
+            s,
+            "  dirty rings           {} entries harvested, {} reset in {} resets ({:.3} ms), {} ring-full exits",
+            m.mmu.ring_entries_harvested,
+            m.mmu.ring_entries_reset,
+            m.mmu.ring_resets,
+            ms(m.mmu.ring_reset_ns),
+            v.dirty_ring_full_exits
+        );
+    }
     let _ = writeln!(
         s,
         "  pages harvested       {} ({} with no new content)",

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use engine::MmuDesign;
 use testkit::harness::{self, HarnessError, RunConfig};
-use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DirtyLogInterface, HarvestSpec};
+use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec};
 use testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// all ones and nothing is write-protected until CLEAR reaches it.
     #[arg(long)]
     pub initially_set: bool,
+    /// Entries of each vCPU's dirty ring with --dirty-log ring (a power of
+    /// two, 256 to 65536).
+    #[arg(long, default_value_t = DEFAULT_RING_ENTRIES)]
+    pub ring_entries: u32,
     /// Seed of the workload's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -147,6 +151,7 @@ impl RunArgs {
                 interface: self.dirty_log,
                 clear_chunk_pages: self.clear_chunk_pages,
                 initially_set: self.initially_set,
+                ring_entries: self.ring_entries,
             },
             ..RunConfig::default()
         })

@@ -35,6 +35,7 @@ use thiserror::Error;
 use crate::audit::{AuditError, AuditOptions, AuditReport};
 use crate::dirty_bitmap::bitmap_words;
 use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
+use crate::dirty_ring::DirtyRingError;
 use crate::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
 use crate::memory::{HostMemory, MemoryError};
 use crate::memslot::{MemFlags, MemslotError, UserMemoryRegion};
@@ -144,6 +145,9 @@ pub enum HarnessError {
     /// `clear_dirty_log` was refused.
     #[error(transparent)]
     ClearDirtyLog(#[from] ClearDirtyLogError),
+    /// The dirty ring was refused.
+    #[error(transparent)]
+    DirtyRing(#[from] DirtyRingError),
     /// The harvest spec cannot run.
     #[error(transparent)]
     Harvest(#[from] BadHarvestSpec),
@@ -321,6 +325,18 @@ fn spawn_vcpus(
                     match vcpu.run(&mut guest) {
                         Ok(VcpuExit::Hypercall(HC_STOP)) => break,
                         Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => continue,
+                        Ok(VcpuExit::DirtyRingFull) => {
+                            // Out of the guest: cuts must not wait for us
+                            // while we wait for the harvest.
+                            guest.park_outside();
+                            while vcpu.dirty_ring_full() && !ctl.stop_requested() {
+                                std::thread::sleep(Duration::from_micros(20));
+                            }
+                            if ctl.stop_requested() {
+                                break;
+                            }
+                            continue;
+                        }
                         Ok(exit) => {
                             errors.push(RunError::UnexpectedExit { id, exit });
                             break;
@@ -453,7 +469,7 @@ impl Churn {
             loop {
                 match vcpu.run(&mut guest) {
                     Ok(VcpuExit::Hypercall(HC_STOP)) => break,
-                    Ok(VcpuExit::Mmio { .. }) => continue,
+                    Ok(VcpuExit::Mmio { .. } | VcpuExit::DirtyRingFull) => continue,
                     Ok(exit) => errors.push(RunError::UnexpectedExit { id, exit }),
                     Err(source) => errors.push(RunError::Vcpu { id, source }),
                 }
@@ -548,6 +564,9 @@ pub fn run(
         let w = slot_pages as usize * crate::memory::WORDS_PER_PAGE;
         &mem.words()[i as usize * w..(i as usize + 1) * w]
     };
+    if let Some(bytes) = cfg.harvest.ring_bytes() {
+        vm.enable_dirty_ring(bytes)?;
+    }
     let ctl = GuestControl::new(cfg.vcpus);
     let mut vcpus = spawn_vcpus(&vm, cfg, npages, &ctl)?;
     let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
@@ -556,7 +575,7 @@ pub fn run(
     let mut report = RunReport::default();
     let mut oracles: Vec<Oracle> =
         slots.clone().map(|i| Oracle::new(u64::from(i) * slot_pages, slot_pages)).collect();
-    let mut bitmap = vec![0u64; bitmap_words(slot_pages)];
+    let mut bitmaps = vec![vec![0u64; bitmap_words(slot_pages)]; cfg.slots as usize];
 
     // Collection 0: enable dirty logging, bulk copy.
     ctl.cut();
@@ -582,9 +601,9 @@ pub fn run(
         let cut = ctl.cut();
         let mut st = CollectStats::default();
         let mut harvest_ns = 0;
+        harvest_ns += harvest_slots(&vm, &cfg.harvest, &mut bitmaps)?;
         for i in slots.clone() {
-            harvest_ns += harvest_slot(&vm, i, &cfg.harvest, &mut bitmap)?;
-            st += oracles[i as usize].collect(words(i), &bitmap, cut);
+            st += oracles[i as usize].collect(words(i), &bitmaps[i as usize], cut);
         }
         report.get_dirty_log_ns.push(harvest_ns);
         on_collection(report.collections, &st);
@@ -626,9 +645,9 @@ pub fn run(
     }
     let mut st = CollectStats::default();
     let mut harvest_ns = 0;
+    harvest_ns += harvest_slots(&vm, &cfg.harvest, &mut bitmaps)?;
     for i in slots.clone() {
-        harvest_ns += harvest_slot(&vm, i, &cfg.harvest, &mut bitmap)?;
-        st += oracles[i as usize].finish(words(i), &bitmap);
+        st += oracles[i as usize].finish(words(i), &bitmaps[i as usize]);
     }
     report.get_dirty_log_ns.push(harvest_ns);
     accumulate(&mut report, &st);
@@ -638,16 +657,33 @@ pub fn run(
     Ok(report)
 }
 
-/// One slot's harvest by `spec`: GET into `bitmap`, then with manual
-/// protect the CLEARs of its chunks. Returns the time taken, ns.
-fn harvest_slot(vm: &Vm, slot: u32, spec: &HarvestSpec, bitmap: &mut [u64]) -> Result<u64, HarnessError> {
+/// One harvest of slots `0..bitmaps.len()` by `spec`, into one bitmap
+/// each: per slot GET, then with manual protect the CLEARs of its chunks;
+/// or, with the ring, every vCPU's ring collected into the bitmaps, then
+/// the reset. Returns the time taken, ns.
+fn harvest_slots(vm: &Vm, spec: &HarvestSpec, bitmaps: &mut [Vec<u64>]) -> Result<u64, HarnessError> {
     let t0 = Instant::now();
-    vm.get_dirty_log(slot, bitmap)?;
-    if spec.interface == DirtyLogInterface::Clear {
-        let npages = bitmap.len() as u64 * 64;
-        let npages = vm.memslots().get(slot).map_or(npages, |s| s.npages());
-        for (first, n, mask) in clear_chunks(bitmap, npages, spec.clear_chunk_pages) {
-            vm.clear_dirty_log(slot, first, n, mask)?;
+    if spec.interface == DirtyLogInterface::Ring {
+        bitmaps.iter_mut().for_each(|b| b.fill(0));
+        for vcpu in vm.dirty_ring_vcpus() {
+            vm.harvest_dirty_ring(vcpu, |slot, offset| {
+                // Other slots (the churned one) are not the oracle's.
+                if let Some(b) = bitmaps.get_mut(slot as usize) {
+                    b[(offset / 64) as usize] |= 1 << (offset % 64);
+                }
+            })?;
+        }
+        vm.reset_dirty_rings()?;
+        return Ok(t0.elapsed().as_nanos() as u64);
+    }
+    for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
+        let slot = slot as u32;
+        vm.get_dirty_log(slot, bitmap)?;
+        if spec.interface == DirtyLogInterface::Clear {
+            let npages = vm.memslots().get(slot).map_or(bitmap.len() as u64 * 64, |s| s.npages());
+            for (first, n, mask) in clear_chunks(bitmap, npages, spec.clear_chunk_pages) {
+                vm.clear_dirty_log(slot, first, n, mask)?;
+            }
         }
     }
     Ok(t0.elapsed().as_nanos() as u64)
@@ -700,14 +736,19 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         invalidate_every: rng.bool().then(|| Duration::from_micros(rng.u64(100..=5000))),
         max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
         // Drawn last, so that the fields above stay what earlier seeds gave.
-        harvest: if rng.bool() {
-            HarvestSpec::default()
-        } else {
-            HarvestSpec {
+        harvest: match rng.u8(..3) {
+            0 => HarvestSpec::default(),
+            1 => HarvestSpec {
                 interface: DirtyLogInterface::Clear,
                 clear_chunk_pages: 64 << rng.u32(0..=12),
                 initially_set: rng.bool(),
-            }
+                ..HarvestSpec::default()
+            },
+            _ => HarvestSpec {
+                interface: DirtyLogInterface::Ring,
+                ring_entries: 256 << rng.u32(0..=8),
+                ..HarvestSpec::default()
+            },
         },
         #[cfg(feature = "break-rules")]
         breakage: shadow_mmu_core::breakage::Breakage::default(),

@@ -7,6 +7,10 @@
 //!   (QEMU clears 1 GiB chunks, `clear_bitmap_shift` 18), skipping chunks
 //!   with no bit set. The pages of a chunk are copied after its CLEAR.
 //!   `initially_set` starts each log all ones, with nothing protected.
+//! - `ring`: the per-vCPU dirty ring of `ring_entries` entries. A harvest
+//!   collects every vCPU's ring, then resets the rings (which re-protects),
+//!   then copies the pages; a vCPU whose ring reaches the soft limit exits
+//!   and waits for the next harvest.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,7 +20,10 @@ use shadow_mmu_engine::DirtyLogProtect;
 /// QEMU's CLEAR chunk: 1 GiB of 4 KiB pages.
 pub const DEFAULT_CLEAR_CHUNK_PAGES: u64 = 1 << 18;
 
-/// The interface (`--dirty-log get|clear`).
+/// KVM's selftests' ring: 65536 entries (`dirty_log_test -c`).
+pub const DEFAULT_RING_ENTRIES: u32 = 65536;
+
+/// The interface (`--dirty-log get|clear|ring`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DirtyLogInterface {
     /// `KVM_GET_DIRTY_LOG`, classic.
@@ -24,6 +31,8 @@ pub enum DirtyLogInterface {
     Get,
     /// GET, then `KVM_CLEAR_DIRTY_LOG` in chunks (manual protect).
     Clear,
+    /// The per-vCPU dirty ring.
+    Ring,
 }
 
 impl DirtyLogInterface {
@@ -32,6 +41,7 @@ impl DirtyLogInterface {
         match self {
             Self::Get => "get",
             Self::Clear => "clear",
+            Self::Ring => "ring",
         }
     }
 }
@@ -44,7 +54,7 @@ impl fmt::Display for DirtyLogInterface {
 
 /// An interface name that is none of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown dirty-log interface {0:?} (expected get or clear)")]
+#[error("unknown dirty-log interface {0:?} (expected get, clear or ring)")]
 pub struct UnknownInterface(pub String);
 
 impl FromStr for DirtyLogInterface {
@@ -53,6 +63,7 @@ impl FromStr for DirtyLogInterface {
         match s {
             "get" => Ok(Self::Get),
             "clear" => Ok(Self::Clear),
+            "ring" => Ok(Self::Ring),
             _ => Err(UnknownInterface(s.to_string())),
         }
     }
@@ -67,6 +78,9 @@ pub struct HarvestSpec {
     pub clear_chunk_pages: u64,
     /// `KVM_DIRTY_LOG_INITIALLY_SET`, for `clear`.
     pub initially_set: bool,
+    /// Entries of each vCPU's ring, for `ring` (KVM's size rules apply to
+    /// 16 bytes each).
+    pub ring_entries: u32,
 }
 
 impl Default for HarvestSpec {
@@ -75,6 +89,7 @@ impl Default for HarvestSpec {
             interface: DirtyLogInterface::Get,
             clear_chunk_pages: DEFAULT_CLEAR_CHUNK_PAGES,
             initially_set: false,
+            ring_entries: DEFAULT_RING_ENTRIES,
         }
     }
 }
@@ -88,6 +103,9 @@ pub enum BadHarvestSpec {
     /// `initially_set` without manual protect.
     #[error("--initially-set needs --dirty-log clear")]
     InitiallySetWithoutClear,
+    /// A ring size KVM would refuse.
+    #[error("--ring-entries {0}: must be a power of two from 256 to 65536 (KVM's rules for 16-byte entries)")]
+    RingEntries(u32),
 }
 
 impl HarvestSpec {
@@ -99,19 +117,27 @@ impl HarvestSpec {
         if self.initially_set && self.interface != DirtyLogInterface::Clear {
             return Err(BadHarvestSpec::InitiallySetWithoutClear);
         }
+        if !self.ring_entries.is_power_of_two() || !(256..=65536).contains(&self.ring_entries) {
+            return Err(BadHarvestSpec::RingEntries(self.ring_entries));
+        }
         Ok(())
     }
 
     /// The VM's manual-protect mode this spec needs.
     pub fn protect(&self) -> DirtyLogProtect {
         match (self.interface, self.initially_set) {
-            (DirtyLogInterface::Get, _) => DirtyLogProtect::Auto,
+            (DirtyLogInterface::Get | DirtyLogInterface::Ring, _) => DirtyLogProtect::Auto,
             (DirtyLogInterface::Clear, false) => DirtyLogProtect::Manual,
             (DirtyLogInterface::Clear, true) => DirtyLogProtect::ManualInitiallySet,
         }
     }
 
-    /// A short label: `get`, `clear`, `clear+initially-set`.
+    /// Ring size in bytes, when the spec uses the ring.
+    pub fn ring_bytes(&self) -> Option<u32> {
+        (self.interface == DirtyLogInterface::Ring).then_some(self.ring_entries * 16)
+    }
+
+    /// A short label: `get`, `clear`, `clear+initially-set`, `ring`.
     pub fn label(&self) -> String {
         if self.initially_set {
             format!("{}+initially-set", self.interface)
@@ -157,7 +183,9 @@ mod tests {
         assert_eq!(bad.validate(), Err(BadHarvestSpec::ChunkPages(100)));
         let bad = HarvestSpec { initially_set: true, ..HarvestSpec::default() };
         assert_eq!(bad.validate(), Err(BadHarvestSpec::InitiallySetWithoutClear));
-        assert_eq!("ring".parse::<DirtyLogInterface>(), Err(UnknownInterface("ring".into())));
+        assert_eq!("rings".parse::<DirtyLogInterface>(), Err(UnknownInterface("rings".into())));
+        let bad = HarvestSpec { ring_entries: 100, ..HarvestSpec::default() };
+        assert_eq!(bad.validate(), Err(BadHarvestSpec::RingEntries(100)));
         let s = HarvestSpec {
             interface: DirtyLogInterface::Clear,
             initially_set: true,

@@ -29,4 +29,4 @@ pub mod workload;
 // The engine's and the core's modules under the names the testkit's modules
 // use.
 use shadow_mmu_core::{dirty_bitmap, spte, sync};
-use shadow_mmu_engine::{audit, dirty_log, guest, memory, memslot, mmu, vcpu, vm};
+use shadow_mmu_engine::{audit, dirty_log, dirty_ring, guest, memory, memslot, mmu, vcpu, vm};

@@ -283,6 +283,17 @@ impl WorkloadGuest {
         ((self.base_gfn + self.slice_start + index) << PAGE_SHIFT) | self.word_offset
     }
 
+    /// The vCPU left `run` with an exit of its own (a `DirtyRingFull`), not
+    /// one of ours: the last access is complete, so park, that cuts do not
+    /// wait for a vCPU that is not running. The next operation resumes as
+    /// after any park (module docs).
+    pub fn park_outside(&mut self) {
+        self.pending_seen = None;
+        self.parked = true;
+        // Release: as in `park`.
+        self.ctl.seen[self.vcpu as usize].store(PARKED, Ordering::Release);
+    }
+
     fn park(&mut self, code: u64) -> GuestOp {
         self.parked = true;
         // Release: as the publication in `next_op`.

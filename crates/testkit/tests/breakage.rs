@@ -180,3 +180,72 @@ fn clearing_whole_words_is_caught() {
         }
     }
 }
+
+#[test]
+fn pushing_to_the_ring_before_the_rmap_is_caught() {
+    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    let breakage = Breakage { ring_push_before_rmap: true, ..Breakage::default() };
+    // Only the lockless design can show it: the locked reset takes mmu_lock,
+    // which the fault holds from the push to the rmap add.
+    for design in designs_of(MmuDesign::Lockless) {
+        let mut caught = false;
+        for attempt in 0..5 {
+            let cfg = RunConfig {
+                mmu: design.mmu,
+                fast_page_fault: design.fast_page_fault,
+                vcpus: 2,
+                guest_bytes: 8 << 20,
+                duration: Duration::from_secs(20),
+                max_collections: Some(400),
+                interval: Duration::from_micros(200),
+                warmup: Duration::from_millis(5),
+                workload: WorkloadSpec {
+                    pattern: AccessPattern::Random,
+                    seed: attempt,
+                    ..WorkloadSpec::default()
+                },
+                invalidate_every: Some(Duration::from_micros(100)),
+                harvest: HarvestSpec {
+                    interface: DirtyLogInterface::Ring,
+                    ring_entries: 512,
+                    ..HarvestSpec::default()
+                },
+                breakage,
+                ..RunConfig::default()
+            };
+            let r = harness::run(&cfg, |_, _| {}).unwrap();
+            if r.lost_pages > 0 || r.errors.iter().any(|e| matches!(e, harness::RunError::Audit(_))) {
+                caught = true;
+                break;
+            }
+        }
+        assert!(caught, "{}: pushing before the rmap went unnoticed", describe(&design));
+    }
+}
+
+#[test]
+fn resetting_the_ring_before_the_harvest_is_caught() {
+    use shadow_mmu_engine::{GuestOp, MemFlags, Vm};
+    for base in every_design() {
+        for broken in [false, true] {
+            let breakage = Breakage { ring_reset_before_harvest: broken, ..Breakage::default() };
+            let vm = Vm::new(VmConfig { breakage, ..base.clone() }).unwrap();
+            vm.enable_dirty_ring(4096).unwrap();
+            let mem = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
+            vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            run_ops(&mut vcpu, [GuestOp::Write(page(4), 4)]);
+            // A reset that comes before the harvest gives back nothing...
+            let reset = vm.reset_dirty_rings().unwrap();
+            let mut got = Vec::new();
+            vm.harvest_dirty_ring(0, |s, o| got.push((s, o))).unwrap();
+            if broken {
+                // ... unless it takes pushed entries for harvested ones: the
+                // page is re-protected and never reported.
+                assert_eq!((reset, got), (1, vec![]), "{}", describe(&base));
+            } else {
+                assert_eq!((reset, got), (0, vec![(0, 4)]), "{}", describe(&base));
+            }
+        }
+    }
+}

@@ -213,6 +213,7 @@ fn manual_protect_with_chunked_clears_and_initially_set() {
                     interface: DirtyLogInterface::Clear,
                     clear_chunk_pages: chunk,
                     initially_set,
+                    ..HarvestSpec::default()
                 },
                 ..small(&d, 2, 32)
             };
@@ -227,5 +228,39 @@ fn manual_protect_with_chunked_clears_and_initially_set() {
                 assert!(r.harvested_pages >= 3 * (32 << 8), "{mmu}: {} harvested", r.harvested_pages);
             }
         }
+    }
+}
+
+/// The dirty ring, with a ring small enough that the vCPUs keep hitting its
+/// soft limit, with relogging and notifier invalidations, checked by the
+/// oracle at every collection.
+#[test]
+fn the_dirty_ring_with_full_exits_relogging_and_invalidations() {
+    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    for d in every_design() {
+        let mmu = describe(&d);
+        let cfg = RunConfig {
+            workload: WorkloadSpec {
+                pattern: AccessPattern::Random,
+                write_pct: 80,
+                ..WorkloadSpec::default()
+            },
+            relog_every: Some(20),
+            invalidate_every: Some(Duration::from_micros(500)),
+            harvest: HarvestSpec {
+                interface: DirtyLogInterface::Ring,
+                ring_entries: 256,
+                ..HarvestSpec::default()
+            },
+            ..small(&d, 2, 32)
+        };
+        let r = check(&cfg);
+        let m = &r.vm.mmu;
+        assert!(
+            m.ring_entries_harvested > 0 && m.ring_entries_reset == m.ring_entries_harvested,
+            "{mmu}: {m:?}"
+        );
+        assert!(r.vcpu.dirty_ring_full_exits > 0, "{mmu}: the ring should fill");
+        assert_eq!(m.get_dirty_log_calls, 0, "{mmu}: no bitmap ioctl with the ring");
     }
 }

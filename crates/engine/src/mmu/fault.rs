@@ -210,8 +210,10 @@ impl Kvm {
         let push_early = ring.is_some() && self.mmu.breakage.ring_push_before_rmap();
         if push_early && is_writable_pte(spte) && logging {
             // Broken on purpose: the ring entry is out before the spte is
-            // writable and in its rmap.
+            // writable and in its rmap. The pause widens the window so that
+            // a test sees a harvest and reset fall into it.
             self.mark_page_dirty_in_slot(slot, gfn, ring);
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         // (1) The spte becomes present/writable.
         if self.mmu_spte_update(g, sptep, spte) {

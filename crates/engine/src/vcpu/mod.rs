@@ -206,6 +206,13 @@ impl Vcpu {
         std::mem::replace(&mut self.observer, observer)
     }
 
+    /// Is this vCPU's dirty ring at its soft limit (a run would exit at once
+    /// with `DirtyRingFull`)? What a VMM computes from the indices of the
+    /// ring it maps; false without the ring.
+    pub fn dirty_ring_full(&self) -> bool {
+        self.ring.as_ref().is_some_and(|r| r.ring.soft_full())
+    }
+
     /// The vCPU id.
     pub fn id(&self) -> u32 {
         self.shared.id()

@@ -66,6 +66,7 @@ impl KvmBench {
         let mode = if manual_protect { "manual-protect" } else { "classic" };
         let backend = KvmBackend {
             protect: if manual_protect { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },
+            dirty_ring: None,
         };
         let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {

@@ -300,7 +300,7 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
     backend_run(
         a,
         p,
-        &EngineBackend { config },
+        &EngineBackend { config, dirty_ring: None },
         "engine",
         mmu.name().to_string(),
         guest_bytes,

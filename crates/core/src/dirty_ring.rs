@@ -155,24 +155,10 @@ impl DirtyRing {
     /// by one thread at a time per ring: calls `f(slot, offset)` for each
     /// entry pushed since the last harvest, in order, and marks each one
     /// harvested. Returns how many.
-    pub fn harvest(&self, mut f: impl FnMut(u32, u64)) -> u32 {
+    pub fn harvest(&self, f: impl FnMut(u32, u64)) -> u32 {
         // Relaxed: only the harvester stores `fetch_index`.
         let mut i = self.fetch_index.load(Ordering::Relaxed);
-        let mut n = 0;
-        // At most one lap: entries past it are not reset yet (invariant 1).
-        while n < self.entries() {
-            let e = self.entry(i);
-            // Acquire: pairs with the push's release store (module docs).
-            if e.flags.load(Ordering::Acquire) != KVM_DIRTY_GFN_F_DIRTY {
-                break;
-            }
-            // Relaxed: ordered by the acquire load above.
-            f(e.slot.load(Ordering::Relaxed), e.offset.load(Ordering::Relaxed));
-            // Release: pairs with the reset's acquire load of the flags.
-            e.flags.store(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET, Ordering::Release);
-            i = i.wrapping_add(1);
-            n += 1;
-        }
+        let n = harvest_entries(&self.gfns, &mut i, f);
         // Relaxed: our own index.
         self.fetch_index.store(i, Ordering::Relaxed);
         n
@@ -245,6 +231,32 @@ impl DirtyRing {
         }
         n
     }
+}
+
+/// The harvester's collection over any ring's entries: ours, or the ring
+/// KVM maps into userspace (same layout). From `*fetch_index` on, calls
+/// `f(slot, offset)` for each entry that is exactly `DIRTY`, in order, marks
+/// it `DIRTY | RESET`, and advances `*fetch_index`; at most one lap. Returns
+/// how many. One harvester per ring at a time.
+pub fn harvest_entries(gfns: &[DirtyGfn], fetch_index: &mut u32, mut f: impl FnMut(u32, u64)) -> u32 {
+    let entries = gfns.len() as u32;
+    debug_assert!(entries.is_power_of_two());
+    let mut n = 0;
+    // At most one lap: entries past it are not reset yet (invariant 1).
+    while n < entries {
+        let e = &gfns[(*fetch_index & (entries - 1)) as usize];
+        // Acquire: pairs with the push's release store (module docs).
+        if e.flags.load(Ordering::Acquire) != KVM_DIRTY_GFN_F_DIRTY {
+            break;
+        }
+        // Relaxed: ordered by the acquire load above.
+        f(e.slot.load(Ordering::Relaxed), e.offset.load(Ordering::Relaxed));
+        // Release: pairs with the reset's acquire load of the flags.
+        e.flags.store(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+        *fetch_index = fetch_index.wrapping_add(1);
+        n += 1;
+    }
+    n
 }
 
 /// KVM's coalescing of the next entry at `offset` into the run (`base`,

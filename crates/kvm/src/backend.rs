@@ -8,14 +8,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_testkit::backend::{
-    Backend, BackendError, BackendVm, Capabilities, DirtyLogVm, PassExtras, PassSpec, PassVm,
+    Backend, BackendError, BackendVm, Capabilities, DirtyLogVm, PassExtras, PassSpec, PassVm, RingState,
     check_guest_access,
 };
 
 use crate::error::KvmError;
 use crate::perf::{KvmPerfConfig, KvmPerfVm};
 use crate::script::KvmScriptVm;
-use crate::vm::{DirtyLogProtect, KvmVm};
+use crate::vm::{DirtyLogProtect, KvmVm, TEST_SLOT};
+
+/// Collects every vCPU ring of `vm` (the test slot's offsets into `out`),
+/// then `KVM_RESET_DIRTY_RINGS`.
+fn collect_kvm_rings(vm: &KvmVm, out: &mut Vec<u64>) -> Result<(), KvmError> {
+    vm.harvest_dirty_rings(|slot, offset| {
+        if slot == TEST_SLOT {
+            out.push(offset);
+        }
+    });
+    vm.reset_dirty_rings().map(|_| ())
+}
 
 /// ` (manual protect)`, ` (manual protect, initially set)` or nothing: the
 /// backend's name says which.
@@ -34,22 +45,36 @@ fn protect_label(p: DirtyLogProtect) -> &'static str {
 pub struct KvmBackend {
     /// Manual protect's flags on each VM.
     pub protect: DirtyLogProtect,
+    /// The dirty ring's entries per vCPU, if on.
+    pub dirty_ring: Option<u32>,
 }
 
 impl Backend for KvmBackend {
     fn name(&self) -> String {
-        format!("KVM{}", protect_label(self.protect))
+        match self.dirty_ring {
+            Some(n) => format!("KVM (dirty ring of {n})"),
+            None => format!("KVM{}", protect_label(self.protect)),
+        }
     }
 
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
-        let vm = KvmScriptVm::new(guest_bytes, self.protect)
-            .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
+        let vm = match self.dirty_ring {
+            Some(n) => KvmScriptVm::with_dirty_ring(guest_bytes, n * 16),
+            None => KvmScriptVm::new(guest_bytes, self.protect),
+        }
+        .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
         Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
         let name = self.name();
+        if self.dirty_ring.is_some() {
+            let why = KvmError::BadConfig(
+                "the passes of migrate-perf do not run with the dirty ring on KVM yet".into(),
+            );
+            return Err(BackendError::new(&name, "starting the passes", why));
+        }
         let cfg = KvmPerfConfig {
             vcpus: spec.vcpus,
             guest_bytes: spec.guest_bytes,
@@ -78,12 +103,13 @@ struct KvmBackendVm<V> {
     protect: DirtyLogProtect,
     inner: V,
     host_dirty: DirtyBitmap,
+    ring: RingState,
 }
 
 impl<V: DerefMut<Target = KvmVm>> KvmBackendVm<V> {
     fn new(name: String, protect: DirtyLogProtect, inner: V) -> Self {
         let host_dirty = DirtyBitmap::new(inner.test_pages());
-        Self { name, protect, inner, host_dirty }
+        Self { name, protect, inner, host_dirty, ring: RingState::default() }
     }
 }
 
@@ -99,7 +125,11 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { protect: self.protect, mmu_figures: false }
+        Capabilities {
+            protect: self.protect,
+            dirty_ring: self.inner.dirty_ring_bytes().map(|b| b / 16),
+            mmu_figures: false,
+        }
     }
 
     fn pages(&self) -> u64 {
@@ -129,6 +159,11 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
             // Relaxed: guest data; the harvest that reports the page runs in
             // this thread, after.
             m.store(w, Ordering::Relaxed);
+        }
+        if self.inner.dirty_logging() && self.inner.dirty_ring_bytes().is_some() {
+            // As the engine: no vCPU ring takes a host write (KVM would drop it).
+            let why = KvmError::BadConfig("host write to a logged slot with the dirty ring on".into());
+            return Err(self.fail("write_guest", why));
         }
         if self.inner.dirty_logging() {
             let (first, last) = (offset / 4096, (offset + words.len() as u64 * 8 - 1) / 4096);
@@ -169,11 +204,35 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
         }
         Ok(())
     }
+
+    fn harvest_dirty_ring(&mut self, out: &mut Vec<u64>) -> Result<u64, BackendError> {
+        if self.inner.dirty_ring_bytes().is_none() {
+            return Err(
+                self.fail("harvest_dirty_ring", KvmError::BadConfig("the dirty ring is not on".into()))
+            );
+        }
+        let before = out.len();
+        out.append(&mut self.ring.collected);
+        collect_kvm_rings(&self.inner, out).map_err(|e| self.fail("harvest_dirty_ring", e))?;
+        Ok((out.len() - before) as u64)
+    }
 }
 
 impl BackendVm for KvmBackendVm<KvmScriptVm> {
     fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError> {
-        self.inner.run_writes(writes).map_err(|e| self.fail("run_writes", e))
+        let collected = &mut self.ring.collected;
+        let mut on_full = |vm: &KvmVm| collect_kvm_rings(vm, collected);
+        match self.inner.run_writes_with(writes, &mut on_full) {
+            Ok(exits) => {
+                self.ring.full_exits += exits;
+                Ok(())
+            }
+            Err(e) => Err(self.fail("run_writes", e)),
+        }
+    }
+
+    fn ring_full_exits(&self) -> u64 {
+        self.ring.full_exits
     }
 }
 

@@ -42,6 +42,7 @@ pub mod guest;
 pub mod ioctls;
 pub mod perf;
 pub mod probe;
+pub mod ring;
 pub mod script;
 pub mod vm;
 

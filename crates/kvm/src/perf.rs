@@ -212,6 +212,7 @@ impl KvmPerfVm {
             control_bytes,
             test_bytes: cfg.guest_bytes,
             protect: cfg.protect,
+            dirty_ring_bytes: None,
             // As the engine: the first pass measures KVM, not the host
             // kernel's first-touch faults.
             populate: true,

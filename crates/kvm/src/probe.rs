@@ -106,6 +106,12 @@ impl Probe {
     pub fn has_manual_protect(&self) -> bool {
         self.caps.manual_dirty_log_protect2 & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 != 0
     }
+
+    /// Does KVM have the dirty ring with acquire/release ordering
+    /// (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`)?
+    pub fn has_dirty_ring(&self) -> bool {
+        self.caps.dirty_log_ring_acq_rel > 0
+    }
 }
 
 fn module_loaded(name: &str) -> bool {
@@ -151,6 +157,7 @@ fn execution() -> Result<Execution, KvmError> {
         test_bytes: 4096,
         protect: crate::vm::DirtyLogProtect::Auto,
         populate: false,
+        dirty_ring_bytes: None,
     })?;
     vm.write_control(0, &probe_program()?)?;
     let mut vcpu = vm.create_vcpu(0, 0, [0; 8])?;

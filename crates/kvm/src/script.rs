@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use crate::error::KvmError;
 use crate::guest::{SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
-use crate::vm::{DirtyLogProtect, KvmVm, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{DirtyLogProtect, GuestExit, KvmVm, TEST_GPA, Vcpu, VmSetup};
 
 /// Bytes of the control slot: the program's page, then the table.
 const SCRIPT_CONTROL_BYTES: u64 = 1 << 20;
@@ -34,11 +34,22 @@ impl KvmScriptVm {
     /// A VM with a test slot of `guest_bytes` (dirty logging off) and one
     /// vCPU; `protect` is `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`'s flags.
     pub fn new(guest_bytes: u64, protect: DirtyLogProtect) -> Result<Self, KvmError> {
+        Self::with_setup(guest_bytes, protect, None)
+    }
+
+    /// As [`Self::new`], with the dirty ring of `ring_bytes` bytes instead
+    /// of the bitmap ioctls.
+    pub fn with_dirty_ring(guest_bytes: u64, ring_bytes: u32) -> Result<Self, KvmError> {
+        Self::with_setup(guest_bytes, DirtyLogProtect::Auto, Some(ring_bytes))
+    }
+
+    fn with_setup(guest_bytes: u64, protect: DirtyLogProtect, ring: Option<u32>) -> Result<Self, KvmError> {
         let vm = KvmVm::new(VmSetup {
             control_bytes: SCRIPT_CONTROL_BYTES,
             test_bytes: guest_bytes,
             protect,
             populate: false,
+            dirty_ring_bytes: ring,
         })?;
         vm.write_control(0, &script_program()?)?;
         let vcpu = vm.create_vcpu(0, 0, [0; 8])?;
@@ -46,8 +57,22 @@ impl KvmScriptVm {
     }
 
     /// Stores each `(offset, value)` in order, 8 bytes at byte `offset` of
-    /// the test slot (8-aligned, inside the slot), with guest stores.
+    /// the test slot (8-aligned, inside the slot), with guest stores. A
+    /// dirty-ring-full exit is an error here; see [`Self::run_writes_with`].
     pub fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), KvmError> {
+        let mut full = |_: &KvmVm| Err(KvmError::UnexpectedExit("dirty ring full".into()));
+        self.run_writes_with(writes, &mut full).map(|_| ())
+    }
+
+    /// [`Self::run_writes`], calling `on_full` at each dirty-ring-full exit
+    /// (to harvest and reset the rings) and running on after it. Returns the
+    /// number of such exits.
+    pub fn run_writes_with(
+        &mut self,
+        writes: &[(u64, u64)],
+        on_full: &mut dyn FnMut(&KvmVm) -> Result<(), KvmError>,
+    ) -> Result<u64, KvmError> {
+        let mut full_exits = 0;
         let bytes = self.vm.test_pages() * crate::vm::PAGE_SIZE;
         if let Some(&(off, _)) = writes.iter().find(|&&(off, _)| off % 8 != 0 || off >= bytes) {
             return Err(KvmError::BadConfig(format!(
@@ -63,14 +88,23 @@ impl KvmScriptVm {
                 entry[0].store(TEST_GPA + off, Ordering::Relaxed);
                 entry[1].store(value, Ordering::Relaxed);
             }
-            match self.vcpu.run_to_ucall()? {
-                UCALL_SCRIPT_DONE => {}
-                other => {
-                    return Err(KvmError::UnexpectedExit(format!("ucall {other} from the script guest")));
+            loop {
+                match self.vcpu.run()? {
+                    GuestExit::Ucall(UCALL_SCRIPT_DONE) => break,
+                    GuestExit::DirtyRingFull => {
+                        full_exits += 1;
+                        on_full(&self.vm)?;
+                    }
+                    GuestExit::Ucall(other) => {
+                        return Err(KvmError::UnexpectedExit(format!("ucall {other} from the script guest")));
+                    }
+                    other => {
+                        return Err(KvmError::UnexpectedExit(format!("{other:?} from the script guest")));
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(full_exits)
     }
 }
 

@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use kvm_bindings::{
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap, kvm_segment,
-    kvm_userspace_memory_region,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_enable_cap, kvm_segment, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -185,6 +185,9 @@ pub struct VmSetup {
     pub protect: DirtyLogProtect,
     /// Fault the test slot's host memory in up front.
     pub populate: bool,
+    /// Enable the dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`) with this many
+    /// bytes per vCPU; the bitmap ioctls are then refused.
+    pub dirty_ring_bytes: Option<u32>,
 }
 
 /// A VM: `/dev/kvm`, `KVM_CREATE_VM`, the two memslots.
@@ -196,6 +199,9 @@ pub struct KvmVm {
     test_pages: u64,
     logging: bool,
     protect: DirtyLogProtect,
+    dirty_ring_bytes: Option<u32>,
+    /// Every vCPU's mapped ring, when the ring is on.
+    rings: std::sync::Mutex<Vec<Arc<crate::ring::KvmRing>>>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -242,7 +248,7 @@ pub(crate) fn open_vm() -> Result<VmFd, KvmError> {
 impl KvmVm {
     /// Creates the VM and its two slots, dirty logging off.
     pub fn new(setup: VmSetup) -> Result<Self, KvmError> {
-        let VmSetup { control_bytes, test_bytes, protect, populate } = setup;
+        let VmSetup { control_bytes, test_bytes, protect, populate, dirty_ring_bytes } = setup;
         if control_bytes == 0 || control_bytes > MAX_CONTROL_BYTES || !control_bytes.is_multiple_of(PAGE_SIZE)
         {
             return Err(KvmError::BadConfig(format!(
@@ -270,11 +276,32 @@ impl KvmVm {
             };
             vm.enable_cap(&cap).map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP", e))?;
         }
+        if let Some(bytes) = dirty_ring_bytes {
+            let max = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
+            if max <= 0 {
+                return Err(KvmError::Unavailable("no KVM_CAP_DIRTY_LOG_RING_ACQ_REL".into()));
+            }
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                args: [u64::from(bytes), 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap)
+                .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)", e))?;
+        }
         let memory = Arc::new(VmMemory {
             control: GuestMemory::map(control_bytes, false)?,
             test: GuestMemory::map(test_bytes, populate)?,
         });
-        let this = Self { vm, memory, test_pages: test_bytes / PAGE_SIZE, logging: false, protect };
+        let this = Self {
+            vm,
+            memory,
+            test_pages: test_bytes / PAGE_SIZE,
+            logging: false,
+            protect,
+            dirty_ring_bytes,
+            rings: std::sync::Mutex::new(Vec::new()),
+        };
         this.set_region(CONTROL_SLOT, 0, &this.memory.control, 0)?;
         this.set_region(TEST_SLOT, TEST_GPA, &this.memory.test, 0)?;
         Ok(this)
@@ -320,6 +347,19 @@ impl KvmVm {
     /// The host mappings.
     pub fn memory(&self) -> &VmMemory {
         &self.memory
+    }
+
+    /// The dirty ring's bytes per vCPU, if on.
+    pub fn dirty_ring_bytes(&self) -> Option<u32> {
+        self.dirty_ring_bytes
+    }
+
+    /// Harvests every vCPU's dirty ring: `f(slot, offset)` for each entry
+    /// KVM pushed since the last harvest, ring by ring, in order. Returns
+    /// how many. Follow with [`Self::reset_dirty_rings`].
+    pub fn harvest_dirty_rings(&self, mut f: impl FnMut(u32, u64)) -> u32 {
+        let rings = self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        rings.iter().map(|r| r.harvest(&mut f)).sum()
     }
 
     /// `KVM_RESET_DIRTY_RINGS` on this VM (see [`ioctls::reset_dirty_rings`]).
@@ -454,6 +494,10 @@ impl KvmVm {
             ..Default::default()
         };
         fd.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+        if let Some(bytes) = self.dirty_ring_bytes {
+            let ring = Arc::new(crate::ring::KvmRing::map(&fd, bytes)?);
+            self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ring);
+        }
         Ok(Vcpu { fd, id, _memory: self.memory.clone() })
     }
 }
@@ -478,6 +522,9 @@ impl std::fmt::Debug for Vcpu {
 pub enum GuestExit {
     /// `out UCALL_PORT, al`: a ucall with code `al`.
     Ucall(u8),
+    /// `KVM_EXIT_DIRTY_RING_FULL`: the vCPU's dirty ring is at its soft
+    /// limit; harvest and reset, then run again.
+    DirtyRingFull,
     /// `KVM_EXIT_INTERNAL_ERROR` with `KVM_INTERNAL_ERROR_EMULATION`: KVM's
     /// instruction emulator met an instruction it does not implement.
     EmulationFailure,
@@ -499,6 +546,9 @@ impl Vcpu {
                 Ok(VcpuExit::IoOut(port, data)) => format!("out to port {port:#x} of {data:x?}"),
                 Ok(VcpuExit::IoIn(port, _)) => format!("in from port {port:#x}"),
                 Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                    return Ok(GuestExit::DirtyRingFull);
+                }
                 Ok(VcpuExit::InternalError) => {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: KVM_RUN returned with exit_reason
@@ -526,6 +576,9 @@ impl Vcpu {
     pub fn run_to_ucall(&mut self) -> Result<u8, KvmError> {
         match self.run()? {
             GuestExit::Ucall(code) => Ok(code),
+            GuestExit::DirtyRingFull => {
+                Err(KvmError::UnexpectedExit(format!("vCPU {}: dirty ring full", self.id)))
+            }
             GuestExit::EmulationFailure => Err(KvmError::UnexpectedExit(format!(
                 "vCPU {}: KVM's instruction emulator failed on a guest instruction",
                 self.id

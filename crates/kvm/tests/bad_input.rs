@@ -32,6 +32,7 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
             test_bytes,
             protect: DirtyLogProtect::Auto,
             populate: false,
+            dirty_ring_bytes: None,
         });
         assert!(matches!(r, Err(KvmError::BadConfig(_))), "{control_bytes} {test_bytes}: {r:?}");
     }

@@ -39,9 +39,12 @@ fn backends() -> Vec<Box<dyn Backend>> {
     let mut v: Vec<Box<dyn Backend>> = Vec::new();
     for protect in modes {
         for config in every_design() {
-            v.push(Box::new(EngineBackend { config: VmConfig { dirty_log_protect: protect, ..config } }));
+            v.push(Box::new(EngineBackend {
+                config: VmConfig { dirty_log_protect: protect, ..config },
+                dirty_ring: None,
+            }));
         }
-        v.push(Box::new(KvmBackend { protect }));
+        v.push(Box::new(KvmBackend { protect, dirty_ring: None }));
     }
     v
 }
@@ -230,7 +233,7 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
     } else {
         every_design()
             .into_iter()
-            .map(|config| Box::new(EngineBackend { config }) as Box<dyn Backend>)
+            .map(|config| Box::new(EngineBackend { config, dirty_ring: None }) as Box<dyn Backend>)
             .collect()
     };
     for backend in &backends {
@@ -308,5 +311,106 @@ fn clear_refusals_are_the_same_on_every_backend() {
         vm.clear_dirty_log(64, &[u64::MAX]).unwrap_or_else(|e| panic!("{e}"));
         vm.get_dirty_log(&mut bitmap).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(set_pages(&bitmap), [0], "{name}");
+    }
+}
+
+/// The dirty ring on every engine design and on KVM, the same writes round
+/// by round: each round's harvest gives the same set of pages (those
+/// written), the engine designs fill their rings and exit alike, and the
+/// memories end equal.
+///
+/// KVM pushes alike only where the guest runs on the CPU: one entry per
+/// page and harvest, at the write fault. Under KVM's instruction emulator
+/// (this machine's case) every emulated store marks its page
+/// (`emulator_write_phys` -> `mark_page_dirty_in_slot`), so the ring gets one
+/// entry per store and fills sooner; the test checks exactly that.
+#[test]
+fn the_dirty_ring_gives_the_same_pages_and_full_exits_round_by_round() {
+    if !kvm_usable() {
+        return;
+    }
+    if !common::kvm().has_dirty_ring() {
+        println!("skipped: KVM has no KVM_CAP_DIRTY_LOG_RING_ACQ_REL");
+        return;
+    }
+    const ENTRIES: u32 = 1024;
+    let mut backends: Vec<Box<dyn Backend>> = every_design()
+        .into_iter()
+        .map(|config| Box::new(EngineBackend { config, dirty_ring: Some(ENTRIES) }) as Box<dyn Backend>)
+        .collect();
+    backends.push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(ENTRIES) }));
+    let mut vms: Vec<Box<dyn BackendVm>> =
+        backends.iter().map(|b| b.create_vm(SLOT_BYTES).unwrap_or_else(|e| panic!("{e}"))).collect();
+    let mut rng = SplitMix(0x41f6);
+    for vm in vms.iter_mut() {
+        assert_eq!(vm.capabilities().dirty_ring, Some(ENTRIES), "{}", vm.name());
+        let mut bitmap = vec![0u64; bitmap_words(PAGES)];
+        assert!(vm.get_dirty_log(&mut bitmap).is_err(), "{}: GET with the ring on", vm.name());
+        set_logging(vm.as_mut(), true);
+        assert!(vm.get_dirty_log(&mut bitmap).is_err(), "{}: GET with the ring on", vm.name());
+    }
+    let hardware = common::kvm().execution == shadow_mmu_kvm::Execution::Hardware;
+    let mut full_exits_seen = 0;
+    for r in 1..=6 {
+        let writes = round_writes(r, &mut rng);
+        let want = pages_of(&writes);
+        let mut exits = Vec::new();
+        for vm in vms.iter_mut() {
+            let before = vm.ring_full_exits();
+            write(vm.as_mut(), &writes);
+            let mut got = Vec::new();
+            let n = vm.harvest_dirty_ring(&mut got).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(n, got.len() as u64);
+            let set: Vec<u64> = got.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            assert_eq!(set, want, "{}: round {r}: ring pages differ from the pages written", vm.name());
+            let full = vm.ring_full_exits() - before;
+            if !vm.capabilities().mmu_figures && !hardware {
+                assert_eq!(got.len(), writes.len(), "{}: round {r}: one entry per emulated store", vm.name());
+            } else if full == 0 {
+                assert_eq!(got.len(), set.len(), "{}: round {r}: one entry per page", vm.name());
+            } else {
+                // Each reset at a full exit re-protects: a page written again
+                // after it is pushed again.
+                assert!(got.len() >= set.len(), "{}: round {r}", vm.name());
+            }
+            exits.push(full);
+        }
+        println!(
+            "round {r}: {} pages, {} stores, ring-full exits per backend {exits:?}",
+            want.len(),
+            writes.len()
+        );
+        let compared = if hardware { &exits[..] } else { &exits[..exits.len() - 1] };
+        assert!(compared.windows(2).all(|w| w[0] == w[1]), "round {r}: ring-full exits differ: {exits:?}");
+        full_exits_seen += exits[0];
+    }
+    assert!(full_exits_seen > 0, "the rounds should fill a ring of {ENTRIES}");
+    let mut differ = 0;
+    for off in (0..SLOT_BYTES).step_by(8) {
+        let w0 = word(vms[0].as_ref(), off);
+        differ += vms[1..].iter().filter(|b| word(b.as_ref(), off) != w0).count();
+    }
+    assert_eq!(differ, 0, "memory differs between backends");
+}
+
+/// KVM's ring size rules, refused alike by the engine and by KVM.
+#[test]
+fn dirty_ring_sizes_are_refused_alike() {
+    if !kvm_usable() || !common::kvm().has_dirty_ring() {
+        return;
+    }
+    for bytes in [3 << 12, 2048, 2 << 20, 0] {
+        let engine = shadow_mmu_testkit::backend::EngineBackend {
+            config: VmConfig::default(),
+            dirty_ring: Some(bytes / 16),
+        };
+        let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
+        let e = engine.create_vm(1 << 20).err().map(|e| e.to_string());
+        let k = kvm.create_vm(1 << 20).err().map(|e| e.to_string());
+        assert!(e.is_some() && k.is_some(), "{bytes} bytes: engine {e:?}, KVM {k:?}");
+    }
+    for bytes in [4096, 1 << 20] {
+        let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
+        kvm.create_vm(1 << 20).unwrap_or_else(|e| panic!("{bytes}: {e}"));
     }
 }

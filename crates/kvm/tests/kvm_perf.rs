@@ -177,9 +177,12 @@ fn migrate_perf_reports_every_figure() {
     // Through the testkit's Backend trait and its one migrate-perf
     // procedure, as `bench migrate-perf` runs it.
     let spec = PassSpec { vcpus: 2, guest_bytes: MIB16, write_pct: 100, random: false, seed: 1 };
-    let mut vm = KvmBackend { protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto } }
-        .start_passes(&spec)
-        .expect("perf VM");
+    let mut vm = KvmBackend {
+        protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },
+        dirty_ring: None,
+    }
+    .start_passes(&spec)
+    .expect("perf VM");
     let mut seen = 0;
     let (run, _) = migrate_perf(vm.as_mut(), 3, |i, _| {
         seen += 1;

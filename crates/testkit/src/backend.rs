@@ -40,6 +40,9 @@ pub struct Capabilities {
     /// [`DirtyLogVm::clear_dirty_log`] clears and re-protects; with
     /// `INITIALLY_SET` too, each log starts all ones.
     pub protect: DirtyLogProtect,
+    /// The dirty ring, with this many entries per vCPU: the bitmap calls are
+    /// refused and [`DirtyLogVm::harvest_dirty_ring`] answers.
+    pub dirty_ring: Option<u32>,
     /// [`BackendVm::large_sptes_mapped`] answers (the engine shows its shadow
     /// page tables; KVM does not).
     pub mmu_figures: bool,
@@ -176,6 +179,12 @@ pub trait DirtyLogVm {
     /// `KVM_CLEAR_DIRTY_LOG` of the pages set in `bitmap`, from page
     /// `first_page`: manual protect only.
     fn clear_dirty_log(&mut self, first_page: u64, bitmap: &[u64]) -> Result<(), BackendError>;
+
+    /// With the dirty ring: collects every vCPU's ring (and what was
+    /// collected at ring-full exits since the last call), then
+    /// `KVM_RESET_DIRTY_RINGS`; appends the test slot's page offsets to
+    /// `out`, in push order, and returns how many. Refused without the ring.
+    fn harvest_dirty_ring(&mut self, out: &mut Vec<u64>) -> Result<u64, BackendError>;
 }
 
 /// A VM of some backend whose one vCPU runs host-chosen stores (module docs).
@@ -184,6 +193,12 @@ pub trait BackendVm: DirtyLogVm {
     /// `value` at byte `offset` of the test slot. Checked first: a refused
     /// list stores nothing.
     fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError>;
+
+    /// Dirty-ring-full exits so far (the backend harvests and resets at each
+    /// one, keeping what it collected for the next `harvest_dirty_ring`).
+    fn ring_full_exits(&self) -> u64 {
+        0
+    }
 
     /// Large (2 MiB) sptes installed so far, where
     /// [`Capabilities::mmu_figures`].
@@ -233,26 +248,51 @@ pub(crate) fn timed_harvest(
     Ok((dirty_pages, get_ns, clear_ns))
 }
 
+/// Collects every ring of `vm` (the test slot's offsets into `out`), then
+/// resets them.
+fn collect_engine_rings(vm: &Vm, out: &mut Vec<u64>) -> Result<(), shadow_mmu_engine::DirtyRingError> {
+    for vcpu in vm.dirty_ring_vcpus() {
+        vm.harvest_dirty_ring(vcpu, |slot, offset| {
+            if slot == 0 {
+                out.push(offset);
+            }
+        })?;
+    }
+    vm.reset_dirty_rings().map(|_| ())
+}
+
 /// The engine as a backend: VMs built from `config` (design, fast path,
 /// and the rest).
 #[derive(Debug, Clone, Default)]
 pub struct EngineBackend {
     /// How each VM is built.
     pub config: VmConfig,
+    /// The dirty ring's entries per vCPU, if on.
+    pub dirty_ring: Option<u32>,
 }
 
 impl Backend for EngineBackend {
     fn name(&self) -> String {
         let fast = if self.config.fast_page_fault { "" } else { ", no fast_page_fault" };
-        format!("engine {}{fast}", self.config.mmu)
+        let log = match (self.dirty_ring, self.config.dirty_log_protect) {
+            (Some(n), _) => format!(", dirty ring of {n}"),
+            (None, DirtyLogProtect::Auto) => String::new(),
+            (None, DirtyLogProtect::Manual) => ", manual protect".into(),
+            (None, DirtyLogProtect::ManualInitiallySet) => ", manual protect, initially set".into(),
+        };
+        format!("engine {}{fast}{log}", self.config.mmu)
     }
 
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
         let (vm, mem) = crate::perf::vm_with_memory(self.config.clone(), guest_bytes, false)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
+        if let Some(n) = self.dirty_ring {
+            vm.enable_dirty_ring(n * 16)
+                .map_err(|e| BackendError::new(&name, "enabling the dirty ring", e))?;
+        }
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
-        Ok(Box::new(EngineVm { name, vm, mem, work: vcpu }))
+        Ok(Box::new(EngineVm { name, vm, mem, work: vcpu, ring: RingState::default() }))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -271,6 +311,17 @@ pub struct EngineVm<W> {
     pub(crate) vm: Vm,
     pub(crate) mem: Arc<HostMemory>,
     pub(crate) work: W,
+    pub(crate) ring: RingState,
+}
+
+/// What a backend VM keeps of its dirty ring between harvests: the test
+/// slot's offsets collected at ring-full exits, and how many exits.
+#[derive(Debug, Default)]
+pub struct RingState {
+    /// Collected at ring-full exits, not yet handed out.
+    pub collected: Vec<u64>,
+    /// Ring-full exits so far.
+    pub full_exits: u64,
 }
 
 impl<W> EngineVm<W> {
@@ -289,7 +340,11 @@ impl<W> DirtyLogVm for EngineVm<W> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { protect: self.vm.dirty_log_protect(), mmu_figures: true }
+        Capabilities {
+            protect: self.vm.dirty_log_protect(),
+            dirty_ring: self.vm.dirty_ring_entries(),
+            mmu_figures: true,
+        }
     }
 
     fn pages(&self) -> u64 {
@@ -326,6 +381,13 @@ impl<W> DirtyLogVm for EngineVm<W> {
             .map(|_| ())
             .map_err(|e| self.fail("clear_dirty_log", e))
     }
+
+    fn harvest_dirty_ring(&mut self, out: &mut Vec<u64>) -> Result<u64, BackendError> {
+        let before = out.len();
+        out.append(&mut self.ring.collected);
+        collect_engine_rings(&self.vm, out).map_err(|e| self.fail("harvest_dirty_ring", e))?;
+        Ok((out.len() - before) as u64)
+    }
 }
 
 impl BackendVm for EngineVm<Vcpu> {
@@ -336,11 +398,23 @@ impl BackendVm for EngineVm<Vcpu> {
             return Err(self.fail("run_writes", why));
         }
         let mut script = Script::new(writes.iter().map(|&(off, v)| GuestOp::Write(off, v)));
-        match self.work.run(&mut script) {
-            Ok(VcpuExit::Hypercall(0)) => Ok(()),
-            Ok(exit) => Err(self.fail("run_writes", format!("unexpected exit {exit:?}"))),
-            Err(e) => Err(self.fail("run_writes", e)),
+        loop {
+            match self.work.run(&mut script) {
+                Ok(VcpuExit::Hypercall(0)) => return Ok(()),
+                Ok(VcpuExit::DirtyRingFull) => {
+                    // As a VMM's reaper: collect and reset, then run on.
+                    self.ring.full_exits += 1;
+                    collect_engine_rings(&self.vm, &mut self.ring.collected)
+                        .map_err(|e| self.fail("run_writes", e))?;
+                }
+                Ok(exit) => return Err(self.fail("run_writes", format!("unexpected exit {exit:?}"))),
+                Err(e) => return Err(self.fail("run_writes", e)),
+            }
         }
+    }
+
+    fn ring_full_exits(&self) -> u64 {
+        self.ring.full_exits
     }
 
     fn large_sptes_mapped(&self) -> Option<u64> {
@@ -356,7 +430,7 @@ mod tests {
     #[test]
     fn the_engine_as_a_backend() {
         for config in every_design() {
-            let backend = EngineBackend { config };
+            let backend = EngineBackend { config, dirty_ring: None };
             let mut vm = backend.create_vm(2 * MIB).unwrap();
             assert_eq!(vm.pages(), 512);
             let mut bitmap = vec![0u64; 8];

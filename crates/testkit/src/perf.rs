@@ -461,7 +461,7 @@ impl EnginePassVm {
         let npages = spec.guest_bytes / PAGE_SIZE;
         let sweepers = Sweepers::start(&vm, spec.vcpus, npages, workload, 0, Some(clock.clone()))?;
         let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus };
-        Ok(EngineVm { name, vm, mem, work })
+        Ok(EngineVm { name, vm, mem, work, ring: crate::backend::RingState::default() })
     }
 }
 

@@ -19,13 +19,18 @@ use crate::vm::{DirtyLogProtect, KvmVm, TEST_SLOT};
 
 /// Collects every vCPU ring of `vm` (the test slot's offsets into `out`),
 /// then `KVM_RESET_DIRTY_RINGS`.
+///
+/// A harvest that finds a ring completely full means KVM pushed past its
+/// reserve and overwrote entries it had not given back (it warns in
+/// `kvm_dirty_ring_push`): pages are lost, and this is an error.
 fn collect_kvm_rings(vm: &KvmVm, out: &mut Vec<u64>) -> Result<(), KvmError> {
-    vm.harvest_dirty_rings(|slot, offset| {
+    let overflowed = vm.harvest_dirty_rings_each(|slot, offset| {
         if slot == TEST_SLOT {
             out.push(offset);
         }
     });
-    vm.reset_dirty_rings().map(|_| ())
+    vm.reset_dirty_rings()?;
+    if overflowed { Err(KvmError::DirtyRingOverflow) } else { Ok(()) }
 }
 
 /// ` (manual protect)`, ` (manual protect, initially set)` or nothing: the

@@ -48,6 +48,11 @@ pub enum KvmError {
     /// `KVM_MEM_LOG_DIRTY_PAGES` (KVM answers `ENOENT`).
     #[error("the test slot does not log dirty pages (KVM_MEM_LOG_DIRTY_PAGES is off)")]
     NotLogging,
+    /// A vCPU's dirty ring was found completely full: KVM pushed past its
+    /// soft limit and reserve (it warns in `kvm_dirty_ring_push`) and
+    /// overwrote entries not yet reset, so dirty pages were lost.
+    #[error("KVM's dirty ring overflowed: entries were overwritten and dirty pages lost (use a larger ring)")]
+    DirtyRingOverflow,
 }
 
 impl KvmError {

@@ -72,6 +72,11 @@ impl KvmRing {
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.entries as usize) }
     }
 
+    /// Entries.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
     /// Collects the entries KVM pushed since the last harvest, in order,
     /// and marks them harvested (for `KVM_RESET_DIRTY_RINGS`).
     pub fn harvest(&self, f: impl FnMut(u32, u64)) -> u32 {

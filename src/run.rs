@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// two, 256 to 65536).
     #[arg(long, default_value_t = DEFAULT_RING_ENTRIES)]
     pub ring_entries: u32,
+    /// Threads each harvest (GET, CLEAR, ring reset) is split over; the
+    /// locked design runs them one after the other on mmu_lock.
+    #[arg(long, default_value_t = 1)]
+    pub harvest_threads: u32,
     /// Seed of the workload's random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -152,6 +156,7 @@ impl RunArgs {
                 clear_chunk_pages: self.clear_chunk_pages,
                 initially_set: self.initially_set,
                 ring_entries: self.ring_entries,
+                harvest_threads: self.harvest_threads,
             },
             ..RunConfig::default()
         })

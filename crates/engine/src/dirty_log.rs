@@ -41,7 +41,9 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::memslot::Memslot;
-use crate::mmu::MmuDesign;
+use parking_lot::Mutex;
+
+use crate::harvest::word_ranges;
 use crate::mmu::lockless::mark_page_dirty_after_publish;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
@@ -223,10 +225,10 @@ impl Kvm {
             });
         }
         let t0 = Instant::now();
-        let pages = match (self.dirty_log_protect().is_manual(), self.mmu.design) {
-            (true, _) => Self::copy_dirty_log(slot, out),
-            (false, MmuDesign::Locked) => self.get_dirty_log_locked(slot, out),
-            (false, MmuDesign::Lockless) => self.get_dirty_log_lockless(slot, out),
+        let pages = if self.dirty_log_protect().is_manual() {
+            Self::copy_dirty_log(slot, out)
+        } else {
+            self.get_dirty_log_protect(slot, out)
         };
         let stats = &self.mmu.stats;
         stats.get_dirty_log_calls.inc();
@@ -287,10 +289,7 @@ impl Kvm {
         }
         let t0 = Instant::now();
         let first_word = (first_page / 64) as usize;
-        let cleared = match self.mmu.design {
-            MmuDesign::Locked => self.clear_dirty_log_locked(slot, first_word, mask),
-            MmuDesign::Lockless => self.clear_dirty_log_lockless(slot, first_word, mask),
-        };
+        let cleared = self.clear_dirty_log_protect(slot, first_word, mask);
         let stats = &self.mmu.stats;
         stats.clear_dirty_log_calls.inc();
         stats.clear_dirty_log_ns.add(t0.elapsed().as_nanos() as u64);
@@ -298,164 +297,72 @@ impl Kvm {
         Ok(cleared)
     }
 
-    /// The loop both designs' CLEAR share: clears the set bits of each mask
-    /// word from word `first_word` of `slot`'s log on, and hands those bits
-    /// to `protect` (with the offset of their first page). Returns the
-    /// number cleared.
-    #[inline]
-    fn clear_words(
-        &self,
-        slot: &Memslot,
-        first_word: usize,
-        mask: &[u64],
-        mut protect: impl FnMut(u64, u64),
-    ) -> u64 {
+    /// GET's clearing and protection (`kvm_get_dirty_log_protect`): for each
+    /// word, swap it with 0 (AcqRel: patch 06's pairing with the markers),
+    /// copy it out, and write-protect the pages whose bits were set. On
+    /// `harvest_threads` threads in word-aligned chunks (`harvest.rs`): in
+    /// the locked design each chunk under `mmu_lock` with its flush inside
+    /// (KVM 3.11), in the lockless one without the lock, each thread in its
+    /// own bounded read-side section, and one flush after the join.
+    fn get_dirty_log_protect(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
+        let ranges = word_ranges(out.len(), self.config.harvest_threads as usize);
+        let mut parts = Vec::with_capacity(ranges.len());
+        let mut rest = out;
+        for r in &ranges {
+            let (part, tail) = rest.split_at_mut(r.len());
+            parts.push(Mutex::new(part));
+            rest = tail;
+        }
         let bitmap = slot.dirty_bitmap();
-        let mut pages = 0;
-        for (j, &m) in mask.iter().enumerate() {
-            let i = first_word + j;
-            if m == 0 {
-                continue;
-            }
-            let m = if self.mmu.breakage.clear_whole_word() {
-                bitmap.take_word(i) & m
-            } else {
-                bitmap.clear_mask(i, m)
-            };
-            if m == 0 {
-                continue;
-            }
-            pages += u64::from(m.count_ones());
-            if !self.mmu.breakage.skip_write_protect() {
-                protect(i as u64 * 64, m);
-            }
-        }
-        pages
-    }
-
-    /// The locked design's CLEAR: under `mmu_lock` once per call, flushing
-    /// before it lets go (module docs: where we differ).
-    fn clear_dirty_log_locked(&self, slot: &Memslot, first_word: usize, mask: &[u64]) -> u64 {
-        let initially_set = self.dirty_log_protect().initially_set();
-        let g = self.mmu.lock.lock();
-        let mut protected = 0;
-        let pages = self.clear_words(slot, first_word, mask, |offset, m| {
-            protected += self.kvm_arch_mmu_enable_log_dirty_pt_masked(&g, slot, offset, m, initially_set);
+        let total = self.walk_in_parallel(ranges.len(), |k| {
+            // Each chunk is taken by one thread only: the lock is never
+            // contended; it hands the `&mut` across the scope.
+            let mut part = parts[k].lock();
+            let first = ranges[k].start;
+            self.walk_chunk(|p, t| {
+                for (j, word) in part.iter_mut().enumerate() {
+                    let i = first + j;
+                    let mask = bitmap.take_word(i);
+                    *word = mask;
+                    if mask != 0 {
+                        t.pages += u64::from(mask.count_ones());
+                        self.protect_run(p, (slot, i as u64 * 64, mask), false, t);
+                    }
+                }
+            })
         });
-        self.mmu.stats.sptes_write_protected.add(protected);
-        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
-            self.kvm_flush_remote_tlbs();
-        }
-        pages
+        total.pages
     }
 
-    /// The lockless design's CLEAR: as its GET, no `mmu_lock`, bounded
-    /// read-side sections, the flush after the walk.
-    fn clear_dirty_log_lockless(&self, slot: &Memslot, first_word: usize, mask: &[u64]) -> u64 {
+    /// CLEAR's clearing and protection: for each word of `mask` from word
+    /// `first_word` of the slot's log, `fetch_andnot` (AcqRel, as GET's
+    /// swap) keeps only the bits really set, and those pages are
+    /// write-protected (`kvm_arch_mmu_enable_log_dirty_pt_masked`). Chunked
+    /// and threaded as GET. Returns how many bits were cleared.
+    fn clear_dirty_log_protect(&self, slot: &Memslot, first_word: usize, mask: &[u64]) -> u64 {
         let initially_set = self.dirty_log_protect().initially_set();
-        let mut guard = self.mmu.rcu.read_lock();
-        let mut sections = 1;
-        let mut since_quiesce = 0;
-        let mut tally = (0, 0);
-        let pages = self.clear_words(slot, first_word, mask, |offset, m| {
-            self.kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
-                &guard,
-                slot,
-                offset,
-                m,
-                initially_set,
-                &mut tally,
-            );
-            since_quiesce += m.count_ones();
-            if since_quiesce >= PAGES_PER_READ_SECTION {
-                guard.quiesce();
-                sections += 1;
-                since_quiesce = 0;
-            }
-        });
-        drop(guard);
-        self.mmu.stats.harvest_read_sections.add(sections);
-        self.account_lockless_walks(tally);
-        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
-            self.kvm_flush_remote_tlbs();
-        }
-        pages
-    }
-
-    /// The loop both designs share: swap each word of `slot`'s bitmap with
-    /// 0, copy it to `out`, and hand the bits taken to `protect` (with the
-    /// offset of their first page). Returns the number of dirty pages.
-    #[inline]
-    fn harvest_words(&self, slot: &Memslot, out: &mut [u64], mut protect: impl FnMut(u64, u64)) -> u64 {
+        let ranges = word_ranges(mask.len(), self.config.harvest_threads as usize);
         let bitmap = slot.dirty_bitmap();
-        let mut pages = 0;
-        for (i, word) in out.iter_mut().enumerate() {
-            let mask = bitmap.take_word(i);
-            *word = mask;
-            if mask == 0 {
-                continue;
-            }
-            pages += u64::from(mask.count_ones());
-            if !self.mmu.breakage.skip_write_protect() {
-                protect(i as u64 * 64, mask);
-            }
-        }
-        pages
-    }
-
-    /// The locked design: the whole harvest under `mmu_lock`, remote TLB
-    /// flush inside it.
-    fn get_dirty_log_locked(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
-        let g = self.mmu.lock.lock();
-        let mut protected = 0;
-        let pages = self.harvest_words(slot, out, |offset, mask| {
-            protected += self.kvm_mmu_write_protect_pt_masked(&g, slot, offset, mask);
+        let total = self.walk_in_parallel(ranges.len(), |k| {
+            let r = ranges[k].clone();
+            self.walk_chunk(|p, t| {
+                for (j, &m) in mask[r.clone()].iter().enumerate() {
+                    let i = first_word + r.start + j;
+                    if m == 0 {
+                        continue;
+                    }
+                    let m = if self.mmu.breakage.clear_whole_word() {
+                        bitmap.take_word(i) & m
+                    } else {
+                        bitmap.clear_mask(i, m)
+                    };
+                    if m != 0 {
+                        t.pages += u64::from(m.count_ones());
+                        self.protect_run(p, (slot, i as u64 * 64, m), initially_set, t);
+                    }
+                }
+            })
         });
-        self.mmu.stats.sptes_write_protected.add(protected);
-        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
-            self.kvm_flush_remote_tlbs();
-        }
-        pages
-    }
-
-    /// The lockless design (patches 05, 12, 13): no `mmu_lock`; the walk is
-    /// a read-side section of the grace period (`kvm_mmu_rcu_free_page_begin`
-    /// .. `_end`), and the remote TLB flush comes after it, with no lock held.
-    ///
-    /// The swap of each word acquires the release fence every marker issued
-    /// after making its spte writable and adding it to its rmap (patch 06;
-    /// `shadow_mmu_core::lockless`), so the walks below find every writable
-    /// spte behind the bits taken.
-    ///
-    /// The read-side section is bounded: every [`PAGES_PER_READ_SECTION`]
-    /// dirty pages the walk leaves and re-enters it (`quiesce`), as
-    /// enable-logging does between rmaps. A free under `mmu_lock` whose pool
-    /// backlog is full waits for a grace period (`Pool::retire`); with one
-    /// section over the whole bitmap, that free (and the fault or zap
-    /// holding the lock, and every vCPU queued behind it) would wait for the
-    /// whole harvest. Nothing carries across a quiescent point: each word's
-    /// walk is complete in itself, and no pointer loaded before it is used
-    /// after it.
-    fn get_dirty_log_lockless(&self, slot: &Memslot, out: &mut [u64]) -> u64 {
-        let mut guard = self.mmu.rcu.read_lock();
-        let mut sections = 1;
-        let mut since_quiesce = 0;
-        let mut tally = (0, 0);
-        let pages = self.harvest_words(slot, out, |offset, mask| {
-            self.kvm_mmu_write_protect_pt_masked_lockless(&guard, slot, offset, mask, &mut tally);
-            since_quiesce += mask.count_ones();
-            if since_quiesce >= PAGES_PER_READ_SECTION {
-                guard.quiesce();
-                sections += 1;
-                since_quiesce = 0;
-            }
-        });
-        drop(guard);
-        self.mmu.stats.harvest_read_sections.add(sections);
-        self.account_lockless_walks(tally);
-        if pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
-            self.kvm_flush_remote_tlbs();
-        }
-        pages
+        total.pages
     }
 }

@@ -19,10 +19,11 @@
 //!   slot deleted (or shrunk) since the push is skipped, as KVM does.
 //!
 //! Where we differ from KVM:
-//! - the locked design (3.11's rules) holds `mmu_lock` once over the whole
+//! - the locked design (3.11's rules) holds `mmu_lock` over each ring's
 //!   reset and flushes before it lets go, where KVM takes it per run and
 //!   flushes after the last ring (the reason is CLEAR's, `dirty_log.rs`);
-//!   the lockless design takes no lock and flushes after the walk;
+//!   the lockless design takes no lock and flushes once, after every ring
+//!   (and every harvest thread, `harvest.rs`);
 //! - a host write (`Vm::write_guest`) to a logged slot with the ring on is
 //!   refused: KVM has no vCPU ring to push it to and, without
 //!   `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`, drops it with a warning;
@@ -35,7 +36,6 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use crate::mmu::MmuDesign;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
 pub use shadow_mmu_core::dirty_ring::{
@@ -149,45 +149,18 @@ impl Kvm {
         let rings: Vec<Arc<VcpuRing>> = self.dirty_rings.lock().clone();
         let slots = self.memslots.load_full();
         let b = &self.mmu.breakage;
-        let mut reset = 0u64;
-        let mut protected = 0u64;
-        match self.mmu.design {
-            MmuDesign::Locked => {
-                let g = self.mmu.lock.lock();
-                for r in &rings {
-                    reset += u64::from(r.ring.reset(b, |slot, offset, mask| {
-                        if let Some(s) = slots.get(slot).filter(|s| valid_run(s, offset, mask)) {
-                            protected +=
-                                self.kvm_arch_mmu_enable_log_dirty_pt_masked(&g, s, offset, mask, false);
-                        }
-                    }));
-                }
-                self.mmu.stats.sptes_write_protected.add(protected);
-                if reset > 0 && !b.skip_get_dirty_log_flush() {
-                    self.kvm_flush_remote_tlbs();
-                }
-            }
-            MmuDesign::Lockless => {
-                let mut guard = self.mmu.rcu.read_lock();
-                let mut tally = (0, 0);
-                for r in &rings {
-                    reset += u64::from(r.ring.reset(b, |slot, offset, mask| {
-                        if let Some(s) = slots.get(slot).filter(|s| valid_run(s, offset, mask)) {
-                            self.kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
-                                &guard, s, offset, mask, false, &mut tally,
-                            );
-                        }
-                    }));
-                    // A quiescent point between rings: no pointer crosses it.
-                    guard.quiesce();
-                }
-                drop(guard);
-                self.account_lockless_walks(tally);
-                if reset > 0 && !b.skip_get_dirty_log_flush() {
-                    self.kvm_flush_remote_tlbs();
-                }
-            }
-        }
+        // One chunk per ring (`harvest.rs`): a thread resets whole rings.
+        let total = self.walk_in_parallel(rings.len(), |k| {
+            self.walk_chunk(|p, t| {
+                let n = rings[k].ring.reset(b, |slot, offset, mask| {
+                    if let Some(s) = slots.get(slot).filter(|s| valid_run(s, offset, mask)) {
+                        self.protect_run(p, (s, offset, mask), false, t);
+                    }
+                });
+                t.pages += u64::from(n);
+            })
+        });
+        let reset = total.pages;
         let stats = &self.mmu.stats;
         stats.ring_resets.inc();
         stats.ring_entries_reset.add(reset);

@@ -43,6 +43,7 @@ pub(crate) use shadow_mmu_core::dirty_bitmap;
 pub mod dirty_log;
 pub mod dirty_ring;
 pub mod guest;
+pub(crate) mod harvest;
 pub mod host_access;
 pub(crate) use shadow_mmu_core::lockdep;
 pub mod memory;

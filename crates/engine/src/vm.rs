@@ -64,6 +64,10 @@ pub struct VmConfig {
     pub max_deferred_bytes: usize,
     /// The same bound for pte_list descriptors.
     pub max_deferred_desc_bytes: usize,
+    /// Threads that split each GET, CLEAR and dirty ring reset (1..=64),
+    /// each with its own read-side section in the lockless design; the
+    /// locked design runs them one after the other on `mmu_lock`.
+    pub harvest_threads: u32,
     /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) from the start;
     /// [`Vm::set_dirty_log_protect`] changes it later, as the capability can.
     pub dirty_log_protect: DirtyLogProtect,
@@ -86,6 +90,7 @@ impl Default for VmConfig {
             max_deferred_bytes: 16 << 20,
             max_deferred_desc_bytes: 1 << 20,
             dirty_log_protect: DirtyLogProtect::Auto,
+            harvest_threads: 1,
             #[cfg(feature = "break-rules")]
             breakage: crate::breakage::Breakage::default(),
         }
@@ -201,6 +206,12 @@ impl Vm {
             return Err(VmError::BadConfig(format!(
                 "address_spaces must be 1..={MAX_ADDRESS_SPACES}, not {}",
                 config.address_spaces
+            )));
+        }
+        if !(1..=64).contains(&config.harvest_threads) {
+            return Err(VmError::BadConfig(format!(
+                "harvest_threads must be 1..=64, not {}",
+                config.harvest_threads
             )));
         }
         if config.tlb_entries == 0 || config.tlb_entries > 1 << 20 {

@@ -540,6 +540,7 @@ pub fn run(
         large_pages: cfg.large_pages,
         max_free_shadow_pages: cfg.max_free_shadow_pages.unwrap_or(VmConfig::default().max_free_shadow_pages),
         dirty_log_protect: cfg.harvest.protect(),
+        harvest_threads: cfg.harvest.harvest_threads,
         #[cfg(feature = "break-rules")]
         breakage: cfg.breakage,
         ..VmConfig::default()
@@ -737,16 +738,18 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         max_free_shadow_pages: if rng.bool() { Some(rng.usize(0..64)) } else { None },
         // Drawn last, so that the fields above stay what earlier seeds gave.
         harvest: match rng.u8(..3) {
-            0 => HarvestSpec::default(),
+            0 => HarvestSpec { harvest_threads: rng.u32(1..=4), ..HarvestSpec::default() },
             1 => HarvestSpec {
                 interface: DirtyLogInterface::Clear,
                 clear_chunk_pages: 64 << rng.u32(0..=12),
                 initially_set: rng.bool(),
+                harvest_threads: rng.u32(1..=4),
                 ..HarvestSpec::default()
             },
             _ => HarvestSpec {
                 interface: DirtyLogInterface::Ring,
                 ring_entries: 256 << rng.u32(0..=8),
+                harvest_threads: rng.u32(1..=4),
                 ..HarvestSpec::default()
             },
         },

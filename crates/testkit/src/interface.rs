@@ -81,6 +81,9 @@ pub struct HarvestSpec {
     /// Entries of each vCPU's ring, for `ring` (KVM's size rules apply to
     /// 16 bytes each).
     pub ring_entries: u32,
+    /// Threads each GET, CLEAR and ring reset is split over
+    /// (`VmConfig::harvest_threads`).
+    pub harvest_threads: u32,
 }
 
 impl Default for HarvestSpec {
@@ -90,6 +93,7 @@ impl Default for HarvestSpec {
             clear_chunk_pages: DEFAULT_CLEAR_CHUNK_PAGES,
             initially_set: false,
             ring_entries: DEFAULT_RING_ENTRIES,
+            harvest_threads: 1,
         }
     }
 }
@@ -103,6 +107,9 @@ pub enum BadHarvestSpec {
     /// `initially_set` without manual protect.
     #[error("--initially-set needs --dirty-log clear")]
     InitiallySetWithoutClear,
+    /// A thread count out of range.
+    #[error("--harvest-threads {0}: must be 1 to 64")]
+    HarvestThreads(u32),
     /// A ring size KVM would refuse.
     #[error("--ring-entries {0}: must be a power of two from 256 to 65536 (KVM's rules for 16-byte entries)")]
     RingEntries(u32),
@@ -116,6 +123,9 @@ impl HarvestSpec {
         }
         if self.initially_set && self.interface != DirtyLogInterface::Clear {
             return Err(BadHarvestSpec::InitiallySetWithoutClear);
+        }
+        if !(1..=64).contains(&self.harvest_threads) {
+            return Err(BadHarvestSpec::HarvestThreads(self.harvest_threads));
         }
         if !self.ring_entries.is_power_of_two() || !(256..=65536).contains(&self.ring_entries) {
             return Err(BadHarvestSpec::RingEntries(self.ring_entries));
@@ -137,8 +147,15 @@ impl HarvestSpec {
         (self.interface == DirtyLogInterface::Ring).then_some(self.ring_entries * 16)
     }
 
-    /// A short label: `get`, `clear`, `clear+initially-set`, `ring`.
+    /// A short label: `get`, `clear`, `clear+initially-set`, `ring`, with
+    /// `x N threads` when the harvest is split.
     pub fn label(&self) -> String {
+        let base = self.interface_label();
+        if self.harvest_threads > 1 { format!("{base} x {} threads", self.harvest_threads) } else { base }
+    }
+
+    /// The interface's part of [`Self::label`].
+    pub fn interface_label(&self) -> String {
         if self.initially_set {
             format!("{}+initially-set", self.interface)
         } else {

@@ -249,3 +249,24 @@ fn resetting_the_ring_before_the_harvest_is_caught() {
         }
     }
 }
+
+#[test]
+fn a_harvest_thread_that_flushes_early_is_caught() {
+    // Only the lockless design flushes after the join; the locked one
+    // flushes inside each chunk's lock hold. The hammered page is in the
+    // last thread's chunk, so the first thread (with nothing to protect)
+    // flushes before it.
+    for base in designs_of(MmuDesign::Lockless) {
+        for broken in [false, true] {
+            let breakage = Breakage { harvest_thread_flushes_early: broken, ..Breakage::default() };
+            let config = VmConfig { harvest_threads: 4, breakage, ..base.clone() };
+            let (violations, changed) = stale_tlb_violations_at(config, 300, 500);
+            assert!(changed > 10, "{}: the page should keep changing", describe(&base));
+            if broken {
+                assert!(violations > 0, "{}: an early flush went unnoticed", describe(&base));
+            } else {
+                assert_eq!(violations, 0, "{}", describe(&base));
+            }
+        }
+    }
+}

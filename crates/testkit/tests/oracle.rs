@@ -264,3 +264,33 @@ fn the_dirty_ring_with_full_exits_relogging_and_invalidations() {
         assert_eq!(m.get_dirty_log_calls, 0, "{mmu}: no bitmap ioctl with the ring");
     }
 }
+
+/// Every interface with the harvest split over threads (3: chunks of
+/// uneven size), checked by the oracle in every design.
+#[test]
+fn harvests_on_several_threads() {
+    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    for d in every_design() {
+        for interface in [DirtyLogInterface::Get, DirtyLogInterface::Clear, DirtyLogInterface::Ring] {
+            let mmu = describe(&d);
+            let cfg = RunConfig {
+                workload: WorkloadSpec {
+                    pattern: AccessPattern::Random,
+                    write_pct: 80,
+                    ..WorkloadSpec::default()
+                },
+                harvest: HarvestSpec {
+                    interface,
+                    clear_chunk_pages: 1024,
+                    ring_entries: 1024,
+                    harvest_threads: 3,
+                    ..HarvestSpec::default()
+                },
+                max_collections: Some(25),
+                ..small(&d, 2, 16)
+            };
+            let r = check(&cfg);
+            assert!(r.vm.mmu.sptes_write_protected > 0, "{mmu} {interface}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The harvest's write-protecting walk, shared by GET (`dirty_log.rs`),
+//! CLEAR (`dirty_log.rs`) and the ring reset (`dirty_ring.rs`), on one
+//! thread or on several (`VmConfig::harvest_threads`).
+//!
+//! A harvest is split into chunks of whole bitmap words (64 pages, so that
+//! no two threads write sptes of one cache line: a 64-byte line holds the
+//! sptes of 8 consecutive gfns, and a word covers 64) or, for the ring
+//! reset, of whole rings. Each chunk is walked by one thread:
+//! - locked design: the thread takes `mmu_lock` for its chunk and, by 3.11's
+//!   rule, flushes remote TLBs before it lets go; with several threads the
+//!   chunks queue on the one lock, which is what the benchmark shows;
+//! - lockless design: the thread has its own read-side section (quiesced
+//!   every `PAGES_PER_READ_SECTION` pages) and its own tally; no lock. The
+//!   remote TLB flush comes once, after every thread has joined: a flush
+//!   earlier than that would leave the sptes other threads are still
+//!   protecting unflushed (the `harvest_thread_flushes_early` switch).
+//!
+//! The orderings are those of a one-thread harvest, per word: the word's
+//! swap (GET) or `fetch_andnot` (CLEAR), AcqRel, acquires the markers'
+//! release fences for its bits before the thread walks their rmaps
+//! (patch 06); a thread only walks rmaps of bits it took itself.
+
+use std::ops::Range;
+
+use crate::dirty_log::PAGES_PER_READ_SECTION;
+use crate::memslot::Memslot;
+use crate::mmu::MmuDesign;
+use crate::mmu::lock::MmuGuard;
+use crate::rcu::ReadGuard;
+use crate::vm::Kvm;
+
+/// What one thread's walk found, merged after the join.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ChunkTally {
+    /// Dirty pages taken (GET) or cleared (CLEAR), or entries reset.
+    pub(crate) pages: u64,
+    /// Sptes that lost W (the locked walk's count).
+    pub(crate) protected: u64,
+    /// The lockless walk's (sptes that lost W, restarts).
+    pub(crate) lockless: (usize, usize),
+    /// Read-side sections opened.
+    pub(crate) sections: u64,
+}
+
+impl std::ops::AddAssign for ChunkTally {
+    fn add_assign(&mut self, o: Self) {
+        self.pages += o.pages;
+        self.protected += o.protected;
+        self.lockless.0 += o.lockless.0;
+        self.lockless.1 += o.lockless.1;
+        self.sections += o.sections;
+    }
+}
+
+/// The write protection a walk owes for one run of pages: (slot, first
+/// page offset, 64-bit mask). GET and CLEAR know their slot; the ring
+/// reset finds it per run.
+pub(crate) type Run<'a> = (&'a Memslot, u64, u64);
+
+/// How a walking thread protects a run: under the lock it holds, or in its
+/// read-side section.
+pub(crate) enum Protector<'g, 'l> {
+    Locked(&'g MmuGuard<'l>),
+    Lockless(&'g mut ReadGuard<'l>, u32),
+}
+
+impl Kvm {
+    /// Protects one run for a walk, counting into `t`. `initially_set`:
+    /// CLEAR under `INITIALLY_SET`, which protects large pages first.
+    pub(crate) fn protect_run(
+        &self,
+        p: &mut Protector<'_, '_>,
+        run: Run<'_>,
+        initially_set: bool,
+        t: &mut ChunkTally,
+    ) {
+        let (slot, offset, mask) = run;
+        if self.mmu.breakage.skip_write_protect() {
+            return;
+        }
+        match p {
+            Protector::Locked(g) => {
+                t.protected +=
+                    self.kvm_arch_mmu_enable_log_dirty_pt_masked(g, slot, offset, mask, initially_set);
+            }
+            Protector::Lockless(guard, since_quiesce) => {
+                self.kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
+                    guard,
+                    slot,
+                    offset,
+                    mask,
+                    initially_set,
+                    &mut t.lockless,
+                );
+                *since_quiesce += mask.count_ones();
+                if *since_quiesce >= PAGES_PER_READ_SECTION {
+                    guard.quiesce();
+                    t.sections += 1;
+                    *since_quiesce = 0;
+                }
+            }
+        }
+    }
+
+    /// One thread's walk: `walk` with a protector of this VM's design (the
+    /// lock held for the whole chunk, or one read-side section, quiesced as
+    /// it goes); in the locked design the flush owed is made before the
+    /// lock goes. Returns the chunk's tally.
+    pub(crate) fn walk_chunk(
+        &self,
+        walk: impl FnOnce(&mut Protector<'_, '_>, &mut ChunkTally),
+    ) -> ChunkTally {
+        let mut t = ChunkTally::default();
+        match self.mmu.design {
+            MmuDesign::Locked => {
+                let g = self.mmu.lock.lock();
+                walk(&mut Protector::Locked(&g), &mut t);
+                if t.pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
+                    self.kvm_flush_remote_tlbs();
+                }
+            }
+            MmuDesign::Lockless => {
+                let mut guard = self.mmu.rcu.read_lock();
+                t.sections = 1;
+                walk(&mut Protector::Lockless(&mut guard, 0), &mut t);
+            }
+        }
+        t
+    }
+
+    /// Runs `chunk(k)` for each of `chunks` on `threads` threads (this one
+    /// included), then, in the lockless design, the one remote TLB flush;
+    /// adds the tallies to the VM's figures and returns their sum.
+    pub(crate) fn walk_in_parallel(
+        &self,
+        chunks: usize,
+        chunk: impl Fn(usize) -> ChunkTally + Sync,
+    ) -> ChunkTally {
+        let threads = (self.config.harvest_threads as usize).clamp(1, chunks.max(1));
+        let early = self.mmu.breakage.harvest_thread_flushes_early() && self.mmu.design.is_lockless();
+        let mut total = ChunkTally::default();
+        let run_share = |k: usize| {
+            let mut t = ChunkTally::default();
+            for c in (k..chunks).step_by(threads) {
+                t += chunk(c);
+            }
+            if early && k == 0 {
+                // Broken on purpose: this thread flushes for everyone as
+                // soon as its own share is done.
+                self.kvm_flush_remote_tlbs();
+            }
+            t
+        };
+        if threads == 1 {
+            total = run_share(0);
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (1..threads).map(|k| s.spawn(move || run_share(k))).collect();
+                total += run_share(0);
+                for h in handles {
+                    total += h.join().expect("a harvest thread panicked");
+                }
+            });
+        }
+        self.mmu.stats.sptes_write_protected.add(total.protected);
+        self.mmu.stats.harvest_read_sections.add(total.sections);
+        self.account_lockless_walks(total.lockless);
+        if self.mmu.design.is_lockless()
+            && total.pages > 0
+            && !early
+            && !self.mmu.breakage.skip_get_dirty_log_flush()
+        {
+            self.kvm_flush_remote_tlbs();
+        }
+        total
+    }
+}
+
+/// `words` words in `chunks` contiguous, word-aligned ranges, as even as
+/// can be.
+pub(crate) fn word_ranges(words: usize, chunks: usize) -> Vec<Range<usize>> {
+    let chunks = chunks.clamp(1, words.max(1));
+    (0..chunks).map(|k| words * k / chunks..words * (k + 1) / chunks).collect()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_every_word_once() {
+        assert_eq!(word_ranges(10, 3), [0..3, 3..6, 6..10]);
+        assert_eq!(word_ranges(2, 4), [0..1, 1..2]);
+        assert_eq!(word_ranges(0, 2), [0..0]);
+    }
+}

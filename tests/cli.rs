@@ -139,14 +139,15 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         "Harvest with no vCPU running",
         "vCPU write-fault latency during harvest: p50",
         "vCPU write-fault latency with no harvest: p50",
-        "16 MiB: lockless/locked get_dirty_log time",
-        "16 MiB: the floor bounds that ratio from below: ",
+        "16 MiB, get: lockless/locked harvest time",
+        "16 MiB, get: the floor bounds that ratio from below: ",
+        "16 MiB, get: engine lockless: the harvests held mmu_lock 0 ns",
         "lockless/locked fault-heavy throughput",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
     let bound: f64 = out
-        .split("16 MiB: the floor bounds that ratio from below: ")
+        .split("16 MiB, get: the floor bounds that ratio from below: ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
@@ -197,6 +198,66 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         assert_eq!(code, 2, "{bad:?}: {err}");
         assert!(!err.is_empty());
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every interface and two harvest thread counts: the product of the
+/// lists, each run checked by the oracle, with KVM's lines and the JSON's
+/// per-interface keys.
+#[test]
+fn bench_migrate_perf_runs_every_interface_and_thread_count() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-if-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("mp.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "migrate-perf",
+        "--backend",
+        "engine",
+        "--dirty-log",
+        "get,clear,ring",
+        "--harvest-threads",
+        "1,2",
+        "--clear-chunk-pages",
+        "512",
+        "--ring-entries",
+        "1024",
+        "--guest-mib",
+        "8",
+        "--iterations",
+        "2",
+        "--fault-heavy-seconds",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "== backend=engine mmu=lockless dirty-log=clear x 2 threads",
+        "Iteration 2 clear dirty log time",
+        "Clear dirty log over 2 iterations",
+        "8 MiB, ring: engine lockless: the harvests held mmu_lock 0 ns",
+        "8 MiB, clear: engine lockless: the harvests held mmu_lock 0 ns",
+        "8 MiB, get x 2 threads: engine lockless: harvest with no vCPU running on 2 threads against 1",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 12, "3 interfaces x 2 thread counts x 2 designs");
+    for r in runs {
+        assert_eq!(r["lost_pages"], 0, "{r}");
+        assert!(r["mmu_lock_max_hold_ns"].is_u64(), "{r}");
+        let log = r["dirty_log"].as_str().unwrap();
+        assert!(r["harvest_threads"].as_u64().unwrap() >= 1);
+        assert_eq!(r["clear_dirty_log_avg_ns"].is_u64(), log == "clear", "{r}");
+        assert_eq!(r["ring_full_exits"].is_u64(), log == "ring", "{r}");
+        if r["mmu"] == "lockless" {
+            assert_eq!(r["mmu_lock_max_hold_ns"], 0, "the lockless harvest never takes mmu_lock: {r}");
+        }
+    }
+    let bad = shadow_mmu(&["bench", "migrate-perf", "--dirty-log", "clear", "--clear-chunk-pages", "100"]);
+    assert_ne!(bad.0, 0, "a chunk that is not a multiple of 64");
     std::fs::remove_dir_all(&dir).ok();
 }
 

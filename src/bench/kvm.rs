@@ -4,8 +4,9 @@
 //! engine's runs. What is KVM's own here is the probe and its details.
 
 use serde_json::{Value, json};
-use shadow_mmu_kvm::vm::DirtyLogProtect;
 use shadow_mmu_kvm::{KvmBackend, Probe};
+
+use testkit::interface::{DirtyLogInterface, HarvestSpec};
 
 use super::migrate_perf::{MigratePerfArgs, Record, backend_run};
 use super::{BenchResult, Progress};
@@ -29,12 +30,27 @@ impl KvmBench {
         self.0.is_usable()
     }
 
-    /// The modes to run: the classic `KVM_GET_DIRTY_LOG` (harvest and
-    /// write-protect in one call, as the engine's `get_dirty_log`), and
-    /// manual protect (`KVM_GET_DIRTY_LOG` copies, `KVM_CLEAR_DIRTY_LOG`
-    /// write-protects) where the kernel has it.
-    pub fn modes(&self) -> Vec<bool> {
-        if self.0.has_manual_protect() { vec![false, true] } else { vec![false] }
+    /// Of `specs`, those KVM runs: `get` as the classic `KVM_GET_DIRTY_LOG`,
+    /// `clear` with manual protect (where the kernel has it), each with one
+    /// harvest thread (KVM's harvest is one ioctl). `say` gets a line for
+    /// each one skipped, and why.
+    pub fn runnable(&self, specs: &[HarvestSpec], say: &dyn Fn(String)) -> Vec<HarvestSpec> {
+        let mut v = Vec::new();
+        for s in specs {
+            let why = match s.interface {
+                _ if s.harvest_threads != 1 => continue,
+                DirtyLogInterface::Clear if !self.0.has_manual_protect() => {
+                    Some("KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+                }
+                DirtyLogInterface::Ring => Some("the passes do not run with KVM's dirty ring yet"),
+                _ => None,
+            };
+            match why {
+                Some(why) => say(format!("(KVM, --dirty-log {}: skipped: {why})", s.label())),
+                None => v.push(*s),
+            }
+        }
+        v
     }
 
     /// One migrate-perf run on KVM.
@@ -43,8 +59,9 @@ impl KvmBench {
         a: &MigratePerfArgs,
         p: &Progress,
         guest_bytes: u64,
-        manual_protect: bool,
+        spec: &HarvestSpec,
     ) -> BenchResult<Record> {
+        let manual_protect = spec.interface == DirtyLogInterface::Clear;
         let header = format!(
             "== backend=kvm ({}) vcpus={} guest={} MiB ({} MiB per vCPU){}",
             self.0.flavour.module(),
@@ -64,11 +81,8 @@ impl KvmBench {
             unreachable!("an object")
         };
         let mode = if manual_protect { "manual-protect" } else { "classic" };
-        let backend = KvmBackend {
-            protect: if manual_protect { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },
-            dirty_ring: None,
-        };
-        let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), guest_bytes, header, details)?;
+        let backend = KvmBackend { protect: spec.protect(), dirty_ring: None };
+        let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), spec, guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {
             p.line(
                 "(KVM's vCPU times above come from its instruction emulator: not comparable with the engine)",

@@ -10,6 +10,7 @@ use clap::Args;
 use engine::{MmuDesign, VmConfig};
 use serde_json::{Value, json};
 use testkit::backend::{EngineBackend, PassSpec};
+use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec};
 use testkit::perf::{self, LatencyHistogram, PerfRun};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
@@ -61,9 +62,48 @@ pub struct MigratePerfArgs {
     /// Write SVG charts into this directory.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Dirty-log interfaces, comma-separated: get (GET clears and
+    /// re-protects), clear (manual protect: GET copies, CLEAR in chunks),
+    /// ring (the per-vCPU dirty ring, reaped when full and at each harvest).
+    #[arg(long, value_delimiter = ',', default_value = "get")]
+    pub dirty_log: Vec<DirtyLogInterface>,
+    /// Pages per CLEAR with --dirty-log clear (a multiple of 64; QEMU's 1 GiB).
+    #[arg(long, default_value_t = DEFAULT_CLEAR_CHUNK_PAGES)]
+    pub clear_chunk_pages: u64,
+    /// KVM_DIRTY_LOG_INITIALLY_SET with --dirty-log clear.
+    #[arg(long)]
+    pub initially_set: bool,
+    /// Entries of each vCPU's ring with --dirty-log ring.
+    #[arg(long, default_value_t = DEFAULT_RING_ENTRIES)]
+    pub ring_entries: u32,
+    /// Threads each harvest is split over, comma-separated (engine; KVM's
+    /// harvest is its own ioctl, run with 1).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub harvest_threads: Vec<u32>,
     /// Seed of the random choices.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+impl MigratePerfArgs {
+    /// Every harvest spec the lists ask for, checked.
+    pub(super) fn harvest_specs(&self) -> Result<Vec<HarvestSpec>, String> {
+        let mut v = Vec::new();
+        for &interface in &self.dirty_log {
+            for &harvest_threads in &self.harvest_threads {
+                let s = HarvestSpec {
+                    interface,
+                    clear_chunk_pages: self.clear_chunk_pages,
+                    initially_set: self.initially_set && interface == DirtyLogInterface::Clear,
+                    ring_entries: self.ring_entries,
+                    harvest_threads,
+                };
+                s.validate().map_err(|e| e.to_string())?;
+                v.push(s);
+            }
+        }
+        Ok(v)
+    }
 }
 
 /// Where the workload runs.
@@ -82,6 +122,8 @@ pub struct Record {
     pub(super) backend: &'static str,
     /// The engine's design; KVM's own MMU otherwise.
     pub(super) mmu: String,
+    /// How it harvested.
+    pub(super) spec: HarvestSpec,
     pub(super) vcpus: u32,
     pub(super) guest_bytes: u64,
     pub(super) run: PerfRun,
@@ -94,7 +136,12 @@ pub struct Record {
 
 impl Record {
     fn label(&self) -> String {
-        format!("{} {}", self.backend, self.mmu)
+        format!("{} {} {}", self.backend, self.mmu, self.spec.label())
+    }
+
+    /// A figure of the backend's own (`PassExtras::figures`).
+    fn figure(&self, name: &str) -> Option<u64> {
+        self.extra.get(name).and_then(Value::as_u64)
     }
 
     fn json(&self) -> Value {
@@ -116,6 +163,13 @@ impl Record {
         json!({
             "backend": self.backend,
             "mmu": self.mmu,
+            "dirty_log": self.spec.interface_label(),
+            "harvest_threads": self.spec.harvest_threads,
+            "clear_chunk_pages": (self.spec.interface == DirtyLogInterface::Clear).then_some(self.spec.clear_chunk_pages),
+            "ring_entries": (self.spec.interface == DirtyLogInterface::Ring).then_some(self.spec.ring_entries),
+            "ring_full_exits": (self.spec.interface == DirtyLogInterface::Ring).then(|| self.figure("ring_full_exits")),
+            "mmu_lock_max_hold_ns": self.figure("harvest_mmu_lock_max_hold_ns"),
+            "harvest_mmu_lock_hold_ns": self.figure("harvest_mmu_lock_hold_ns"),
             "vcpus": self.vcpus,
             "guest_bytes": self.guest_bytes,
             "populate_ns": self.run.populate_ns,
@@ -237,6 +291,7 @@ pub(super) fn backend_run(
     backend: &dyn testkit::backend::Backend,
     kind: &'static str,
     mmu: String,
+    harvest: &HarvestSpec,
     guest_bytes: u64,
     header: String,
     mut details: serde_json::Map<String, Value>,
@@ -245,8 +300,8 @@ pub(super) fn backend_run(
     let spec =
         PassSpec { vcpus: a.vcpus, guest_bytes, write_pct: a.write_pct, random: a.random, seed: a.seed };
     let mut vm = backend.start_passes(&spec)?;
-    let step = format!("{kind} {mmu} {} MiB", guest_bytes >> 20);
-    let (run, extras) = perf::migrate_perf(vm.as_mut(), a.iterations, |i, it| {
+    let step = format!("{kind} {mmu} {} {} MiB", harvest.label(), guest_bytes >> 20);
+    let (run, extras) = perf::migrate_perf(vm.as_mut(), a.iterations, harvest, |i, it: &perf::Iteration| {
         p.line(format!("Iteration {i} dirty memory time: {}", secs(it.dirty_memory_ns)));
         p.line(format!("Iteration {i} get dirty log time: {}", secs(it.get_dirty_log_ns)));
         if let Some(ns) = it.clear_dirty_log_ns {
@@ -260,6 +315,7 @@ pub(super) fn backend_run(
     let rec = Record {
         backend: kind,
         mmu,
+        spec: *harvest,
         vcpus: a.vcpus,
         guest_bytes,
         floor_ns_per_page: perf::cmpxchg_floor(run.dirty_pages_avg()),
@@ -277,15 +333,24 @@ pub(super) fn backend_run(
     Ok(rec)
 }
 
-fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u64) -> BenchResult<Record> {
+fn engine_run(
+    a: &MigratePerfArgs,
+    p: &Progress,
+    mmu: MmuDesign,
+    harvest: &HarvestSpec,
+    guest_bytes: u64,
+) -> BenchResult<Record> {
     let config = VmConfig {
         mmu,
         fast_page_fault: !a.no_fast_page_fault,
         large_pages: !a.no_large_pages,
+        dirty_log_protect: harvest.protect(),
+        harvest_threads: harvest.harvest_threads,
         ..VmConfig::default()
     };
     let header = format!(
-        "== backend=engine mmu={mmu} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        "== backend=engine mmu={mmu} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        harvest.label(),
         a.vcpus,
         guest_bytes >> 20,
         (guest_bytes / u64::from(a.vcpus)) >> 20
@@ -300,9 +365,10 @@ fn engine_run(a: &MigratePerfArgs, p: &Progress, mmu: MmuDesign, guest_bytes: u6
     backend_run(
         a,
         p,
-        &EngineBackend { config, dirty_ring: None },
+        &EngineBackend { config, dirty_ring: harvest.ring_bytes().map(|b| b / 16) },
         "engine",
         mmu.name().to_string(),
+        harvest,
         guest_bytes,
         header,
         details,
@@ -353,24 +419,30 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
         return Err(format!("--fault-heavy-seconds {}", a.fault_heavy_seconds).into());
     }
     let sizes = guest_sizes(a)?;
+    let specs = a.harvest_specs()?;
     let engine = a.backend.contains(&Backend::Engine);
     let kvm = a.backend.contains(&Backend::Kvm).then(super::kvm::KvmBench::probe);
     if let Some(k) = &kvm {
         println!("{}", k.describe());
     }
-    let per_size = if engine { a.mmu.len() as u64 } else { 0 }
-        + kvm.as_ref().filter(|k| k.usable()).map_or(0, |k| k.modes().len() as u64);
+    let kvm_specs: Vec<HarvestSpec> = match kvm.as_ref().filter(|k| k.usable()) {
+        Some(k) => k.runnable(&specs, &|line| println!("{line}")),
+        None => Vec::new(),
+    };
+    let per_size = if engine { (a.mmu.len() * specs.len()) as u64 } else { 0 } + kvm_specs.len() as u64;
     let p = Progress::new(sizes.len() as u64 * per_size * u64::from(a.iterations), "migrate-perf");
     let mut records = Vec::new();
     for &size in &sizes {
-        if engine {
-            for &mmu in &a.mmu {
-                records.push(engine_run(a, &p, mmu, size)?);
+        for spec in &specs {
+            if engine {
+                for &mmu in &a.mmu {
+                    records.push(engine_run(a, &p, mmu, spec, size)?);
+                }
             }
-        }
-        if let Some(k) = kvm.as_ref().filter(|k| k.usable()) {
-            for manual_protect in k.modes() {
-                records.push(k.run(a, &p, size, manual_protect)?);
+            if let Some(k) = kvm.as_ref().filter(|k| k.usable())
+                && kvm_specs.contains(spec)
+            {
+                records.push(k.run(a, &p, size, spec)?);
             }
         }
     }
@@ -424,56 +496,104 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
 
 /// The seed's claims, as ratios of runs of this process.
 fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &MigratePerfArgs) {
-    let find = |size: u64, backend: &str, mmu: &str| {
-        records.iter().find(|r| r.guest_bytes == size && r.backend == backend && r.mmu == mmu)
+    let specs = a.harvest_specs().unwrap_or_default();
+    let find = |size: u64, backend: &str, mmu: &str, spec: &HarvestSpec| {
+        records
+            .iter()
+            .find(|r| r.guest_bytes == size && r.backend == backend && r.mmu == mmu && r.spec == *spec)
     };
     for &size in sizes {
-        let (Some(l), Some(ll)) = (find(size, "engine", "locked"), find(size, "engine", "lockless")) else {
-            continue;
+        for spec in &specs {
+            print_spec_lines(records, size, spec, &find);
+        }
+    }
+    let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
+    if let (Some(f), Some(l), Some(ll)) = (faults, pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
+        println!("lockless/locked fault-heavy throughput: {:.3} (target >= 0.98)", f[ll] / f[l]);
+    }
+}
+
+/// The lines of [`print_ratios`] for one guest size and harvest spec.
+fn print_spec_lines<'r>(
+    records: &'r [Record],
+    size: u64,
+    spec: &HarvestSpec,
+    find: &dyn Fn(u64, &str, &str, &HarvestSpec) -> Option<&'r Record>,
+) {
+    let tag = format!("{} MiB, {}", size >> 20, spec.label());
+    for r in records.iter().filter(|r| r.guest_bytes == size && r.spec == *spec && r.backend == "engine") {
+        if let Some(held) = r.figure("harvest_mmu_lock_hold_ns") {
+            println!(
+                "{tag}: engine {}: the harvests held mmu_lock {held} ns in all, longest {} ns{}",
+                r.mmu,
+                r.figure("harvest_mmu_lock_max_hold_ns").unwrap_or(0),
+                r.figure("ring_full_exits")
+                    .filter(|_| spec.interface == DirtyLogInterface::Ring)
+                    .map_or(String::new(), |n| format!("; {n} ring-full exits"))
+            );
+        }
+    }
+    if spec.harvest_threads > 1 {
+        let one = HarvestSpec { harvest_threads: 1, ..*spec };
+        for mmu in ["locked", "lockless"] {
+            if let (Some(n), Some(o)) = (find(size, "engine", mmu, spec), find(size, "engine", mmu, &one)) {
+                println!(
+                    "{tag}: engine {mmu}: harvest with no vCPU running on {} threads against 1: {:.3} \
+                     (lockless target <= 0.6); with a vCPU faulting: {:.3}",
+                    spec.harvest_threads,
+                    n.run.quiet.harvest_ns() as f64 / o.run.quiet.harvest_ns().max(1) as f64,
+                    n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64
+                );
+            }
+        }
+    }
+    {
+        let tag = tag.as_str();
+        let (Some(l), Some(ll)) =
+            (find(size, "engine", "locked", spec), find(size, "engine", "lockless", spec))
+        else {
+            return;
         };
-        let locked_ns = l.run.get_dirty_log_avg_ns().max(1) as f64;
-        let ratio = ll.run.get_dirty_log_avg_ns() as f64 / locked_ns;
-        println!(
-            "{} MiB: lockless/locked get_dirty_log time: {ratio:.3} (the seed: 0.53; target <= 0.5)",
-            size >> 20
-        );
+        let locked_ns = l.run.harvest_avg_ns().max(1) as f64;
+        let ratio = ll.run.harvest_avg_ns() as f64 / locked_ns;
+        let seed = if spec.interface == DirtyLogInterface::Get && spec.harvest_threads == 1 {
+            " (the seed: 0.53)"
+        } else {
+            ""
+        };
+        println!("{tag}: lockless/locked harvest time: {ratio:.3}{seed}");
         // A lockless harvest clears W with one locked read-modify-write per
         // dirty page, so it cannot take less than the floor per page; set
         // against this locked run, that bounds the ratio above from below.
         let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
-        let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns;
+        let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns / f64::from(spec.harvest_threads);
         println!(
-            "{} MiB: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
-             nothing else, against this locked run)",
-            size >> 20
+            "{tag}: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
+             nothing else, on each of the harvest threads, against this locked run)"
         );
         if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
             println!(
-                "{} MiB: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
-                size >> 20,
+                "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
                 lh.quantile_ns(0.99) as f64 / 1e3,
                 llh.quantile_ns(0.99) as f64 / 1e3
             );
         }
         println!(
-            "{} MiB: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
-             faulting; {:.2} = {:.2} x with none (target <= 2)",
-            size >> 20,
+            "{tag}: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
+             faulting; {:.2} = {:.2} x with none",
             ll.run.ns_per_dirty_page(),
             ll.run.ns_per_dirty_page() / ll.floor_ns_per_page,
             ll.run.quiet.ns_per_page(),
             ll.run.quiet.ns_per_page() / ll.floor_ns_per_page
         );
         println!(
-            "{} MiB: enabling dirty logging: locked {}, lockless {}",
-            size >> 20,
+            "{tag}: enabling dirty logging: locked {}, lockless {}",
             secs(l.run.enable_dirty_logging_ns),
             secs(ll.run.enable_dirty_logging_ns)
         );
-        for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm") {
+        for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm" && r.spec == *spec) {
             println!(
-                "{} MiB: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
-                size >> 20,
+                "{tag}: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
                 k.mmu,
                 if k.run.clear_dirty_log_avg_ns().is_some() {
                     "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
@@ -484,9 +604,5 @@ fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &M
                 ll.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64
             );
         }
-    }
-    let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
-    if let (Some(f), Some(l), Some(ll)) = (faults, pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
-        println!("lockless/locked fault-heavy throughput: {:.3} (target >= 0.98)", f[ll] / f[l]);
     }
 }

@@ -6,6 +6,31 @@ use std::cell::Cell;
 
 thread_local! {
     static HOLDS_MMU_LOCK: Cell<bool> = const { Cell::new(false) };
+    /// Nanoseconds this thread has held `mmu_lock`, and its longest hold.
+    static HELD_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Adds one hold of `mmu_lock` by this thread, `ns` long.
+#[inline]
+pub fn add_mmu_lock_hold(ns: u64) {
+    HELD_NS.with(|c| {
+        let (total, max) = c.get();
+        c.set((total + ns, max.max(ns)));
+    });
+}
+
+/// This thread's holds of `mmu_lock` so far: (total ns, longest ns). A
+/// harvest reads it before and after, so that the time it held the lock is
+/// measured, not assumed.
+#[inline]
+pub fn mmu_lock_holds() -> (u64, u64) {
+    HELD_NS.with(Cell::get)
+}
+
+/// Starts a new longest-hold window for this thread (the total goes on).
+#[inline]
+pub fn reset_mmu_lock_max_hold() {
+    HELD_NS.with(|c| c.set((c.get().0, 0)));
 }
 
 /// Records that this thread took (`true`) or released (`false`) `mmu_lock`.

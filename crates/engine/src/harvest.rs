@@ -40,6 +40,10 @@ pub(crate) struct ChunkTally {
     pub(crate) lockless: (usize, usize),
     /// Read-side sections opened.
     pub(crate) sections: u64,
+    /// Time the walking threads held `mmu_lock`, measured (lockdep's
+    /// per-thread account), and the longest hold.
+    pub(crate) lock_hold_ns: u64,
+    pub(crate) lock_max_hold_ns: u64,
 }
 
 impl std::ops::AddAssign for ChunkTally {
@@ -49,6 +53,8 @@ impl std::ops::AddAssign for ChunkTally {
         self.lockless.0 += o.lockless.0;
         self.lockless.1 += o.lockless.1;
         self.sections += o.sections;
+        self.lock_hold_ns += o.lock_hold_ns;
+        self.lock_max_hold_ns = self.lock_max_hold_ns.max(o.lock_max_hold_ns);
     }
 }
 
@@ -111,6 +117,8 @@ impl Kvm {
         walk: impl FnOnce(&mut Protector<'_, '_>, &mut ChunkTally),
     ) -> ChunkTally {
         let mut t = ChunkTally::default();
+        crate::lockdep::reset_mmu_lock_max_hold();
+        let (held_before, _) = crate::lockdep::mmu_lock_holds();
         match self.mmu.design {
             MmuDesign::Locked => {
                 let g = self.mmu.lock.lock();
@@ -125,6 +133,9 @@ impl Kvm {
                 walk(&mut Protector::Lockless(&mut guard, 0), &mut t);
             }
         }
+        let (held_after, max) = crate::lockdep::mmu_lock_holds();
+        t.lock_hold_ns = held_after - held_before;
+        t.lock_max_hold_ns = max;
         t
     }
 
@@ -164,6 +175,8 @@ impl Kvm {
         }
         self.mmu.stats.sptes_write_protected.add(total.protected);
         self.mmu.stats.harvest_read_sections.add(total.sections);
+        self.mmu.stats.harvest_mmu_lock_hold_ns.add(total.lock_hold_ns);
+        self.mmu.stats.harvest_mmu_lock_max_hold_ns.max(total.lock_max_hold_ns);
         self.account_lockless_walks(total.lockless);
         if self.mmu.design.is_lockless()
             && total.pages > 0

@@ -77,4 +77,9 @@ mmu_stats! {
     ring_entries_reset,
     /// Nanoseconds spent in `reset_dirty_rings`.
     ring_reset_ns,
+    /// Nanoseconds the harvest's walks (GET, CLEAR, ring reset) held
+    /// `mmu_lock`, measured per thread (lockdep).
+    harvest_mmu_lock_hold_ns,
+    /// The longest of those holds, ns.
+    harvest_mmu_lock_max_hold_ns,
 }

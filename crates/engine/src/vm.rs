@@ -191,6 +191,8 @@ pub struct VmStats {
     pub mmu_lock_wait_ns: u64,
     /// Nanoseconds `mmu_lock` was held.
     pub mmu_lock_hold_ns: u64,
+    /// Longest single hold of `mmu_lock`, ns.
+    pub mmu_lock_max_hold_ns: u64,
     /// Shadow pages whose memory the pool holds.
     pub sp_pool_allocated: usize,
     /// pte_list descriptors whose memory the pool holds.
@@ -554,6 +556,7 @@ impl Vm {
             mmu_lock_contended: l.contended.get(),
             mmu_lock_wait_ns: l.wait_ns.get(),
             mmu_lock_hold_ns: l.hold_ns.get(),
+            mmu_lock_max_hold_ns: l.max_hold_ns.get(),
             sp_pool_allocated: kvm.mmu.sp_pool.allocated(),
             desc_pool_allocated: kvm.mmu.desc_pool.allocated(),
             desc_pool_in_use: kvm.mmu.desc_pool.in_use(),

@@ -217,7 +217,7 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
             );
         }
         let before = out.len();
-        out.append(&mut self.ring.collected);
+        self.ring.drain_into(out);
         collect_kvm_rings(&self.inner, out).map_err(|e| self.fail("harvest_dirty_ring", e))?;
         Ok((out.len() - before) as u64)
     }
@@ -225,11 +225,11 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
 
 impl BackendVm for KvmBackendVm<KvmScriptVm> {
     fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), BackendError> {
-        let collected = &mut self.ring.collected;
-        let mut on_full = |vm: &KvmVm| collect_kvm_rings(vm, collected);
+        let ring = &self.ring;
+        let mut on_full = |vm: &KvmVm| collect_kvm_rings(vm, &mut ring.collected.lock());
         match self.inner.run_writes_with(writes, &mut on_full) {
             Ok(exits) => {
-                self.ring.full_exits += exits;
+                self.ring.count_exits(exits);
                 Ok(())
             }
             Err(e) => Err(self.fail("run_writes", e)),
@@ -237,7 +237,7 @@ impl BackendVm for KvmBackendVm<KvmScriptVm> {
     }
 
     fn ring_full_exits(&self) -> u64 {
-        self.ring.full_exits
+        self.ring.exits()
     }
 }
 

@@ -16,6 +16,7 @@ use shadow_mmu_kvm::perf::slice;
 use shadow_mmu_kvm::{KvmBackend, KvmPerfConfig, KvmPerfVm, bitmap_words};
 use shadow_mmu_testkit::backend::{Backend, PassSpec};
 use shadow_mmu_testkit::fixtures::set_pages;
+use shadow_mmu_testkit::interface::HarvestSpec;
 use shadow_mmu_testkit::perf::migrate_perf;
 
 const MIB16: u64 = 16 << 20;
@@ -184,7 +185,7 @@ fn migrate_perf_reports_every_figure() {
     .start_passes(&spec)
     .expect("perf VM");
     let mut seen = 0;
-    let (run, _) = migrate_perf(vm.as_mut(), 3, |i, _| {
+    let (run, _) = migrate_perf(vm.as_mut(), 3, &HarvestSpec::default(), |i, _| {
         seen += 1;
         assert_eq!(i, seen);
     })

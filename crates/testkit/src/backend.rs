@@ -30,6 +30,8 @@ pub use shadow_mmu_engine::GuestAccessError;
 /// How the engine's VMs are built (`EngineBackend::config`).
 pub use shadow_mmu_engine::VmConfig;
 use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm};
+
+use crate::interface::{HarvestSpec, clear_chunks};
 use thiserror::Error;
 
 /// What a backend's VM does beyond the common interface.
@@ -227,22 +229,40 @@ pub fn check_guest_access(pages: u64, offset: u64, words: usize) -> Result<(), G
 /// protects manually, `clear_dirty_log` of what it got, so that either way
 /// the pages reported are write-protected again when this returns.
 pub fn harvest(vm: &mut (impl DirtyLogVm + ?Sized), bitmap: &mut [u64]) -> Result<u64, BackendError> {
-    Ok(timed_harvest(vm, bitmap)?.0)
+    let whole =
+        HarvestSpec { clear_chunk_pages: vm.pages().next_multiple_of(64).max(64), ..HarvestSpec::default() };
+    Ok(timed_harvest(vm, &whole, bitmap)?.0)
 }
 
-/// [`harvest`], timed: the pages reported, the time of `get_dirty_log`, and
-/// that of `clear_dirty_log` where the VM protects manually, ns.
+/// A harvest by the VM's interface, timed: the pages reported, the time of
+/// `get_dirty_log` (or, with the dirty ring, of collecting and resetting
+/// the rings into `bitmap`), and that of the CLEARs, in `spec`'s chunks,
+/// where the VM protects manually, ns.
 pub(crate) fn timed_harvest(
     vm: &mut (impl DirtyLogVm + ?Sized),
+    spec: &HarvestSpec,
     bitmap: &mut [u64],
 ) -> Result<(u64, u64, Option<u64>), BackendError> {
     let t = std::time::Instant::now();
+    let caps = vm.capabilities();
+    if caps.dirty_ring.is_some() {
+        let mut offsets = Vec::new();
+        vm.harvest_dirty_ring(&mut offsets)?;
+        bitmap.fill(0);
+        for o in offsets {
+            bitmap[(o / 64) as usize] |= 1 << (o % 64);
+        }
+        let pages = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+        return Ok((pages, t.elapsed().as_nanos() as u64, None));
+    }
     let dirty_pages = vm.get_dirty_log(bitmap)?;
     let get_ns = t.elapsed().as_nanos() as u64;
     let mut clear_ns = None;
-    if vm.capabilities().protect.is_manual() {
+    if caps.protect.is_manual() {
         let t = std::time::Instant::now();
-        vm.clear_dirty_log(0, bitmap)?;
+        for (first, _, mask) in clear_chunks(bitmap, vm.pages(), spec.clear_chunk_pages) {
+            vm.clear_dirty_log(first, mask)?;
+        }
         clear_ns = Some(t.elapsed().as_nanos() as u64);
     }
     Ok((dirty_pages, get_ns, clear_ns))
@@ -250,7 +270,10 @@ pub(crate) fn timed_harvest(
 
 /// Collects every ring of `vm` (the test slot's offsets into `out`), then
 /// resets them.
-fn collect_engine_rings(vm: &Vm, out: &mut Vec<u64>) -> Result<(), shadow_mmu_engine::DirtyRingError> {
+pub(crate) fn collect_engine_rings(
+    vm: &Vm,
+    out: &mut Vec<u64>,
+) -> Result<(), shadow_mmu_engine::DirtyRingError> {
     for vcpu in vm.dirty_ring_vcpus() {
         vm.harvest_dirty_ring(vcpu, |slot, offset| {
             if slot == 0 {
@@ -297,7 +320,7 @@ impl Backend for EngineBackend {
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
         let name = self.name();
-        let vm = crate::perf::EnginePassVm::start(name.clone(), self.config.clone(), spec)
+        let vm = crate::perf::EnginePassVm::start(name.clone(), self.config.clone(), self.dirty_ring, spec)
             .map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(vm))
     }
@@ -315,13 +338,33 @@ pub struct EngineVm<W> {
 }
 
 /// What a backend VM keeps of its dirty ring between harvests: the test
-/// slot's offsets collected at ring-full exits, and how many exits.
+/// slot's offsets collected at ring-full exits (by whichever thread reaped
+/// them), and how many exits.
 #[derive(Debug, Default)]
 pub struct RingState {
     /// Collected at ring-full exits, not yet handed out.
-    pub collected: Vec<u64>,
+    pub collected: parking_lot::Mutex<Vec<u64>>,
     /// Ring-full exits so far.
-    pub full_exits: u64,
+    pub full_exits: std::sync::atomic::AtomicU64,
+}
+
+impl RingState {
+    /// Hands out what was collected, appended to `out`.
+    pub fn drain_into(&self, out: &mut Vec<u64>) {
+        out.append(&mut self.collected.lock());
+    }
+
+    /// Counts `n` ring-full exits.
+    pub fn count_exits(&self, n: u64) {
+        // Relaxed: a statistic.
+        self.full_exits.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Ring-full exits so far.
+    pub fn exits(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.full_exits.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl<W> EngineVm<W> {
@@ -384,7 +427,7 @@ impl<W> DirtyLogVm for EngineVm<W> {
 
     fn harvest_dirty_ring(&mut self, out: &mut Vec<u64>) -> Result<u64, BackendError> {
         let before = out.len();
-        out.append(&mut self.ring.collected);
+        self.ring.drain_into(out);
         collect_engine_rings(&self.vm, out).map_err(|e| self.fail("harvest_dirty_ring", e))?;
         Ok((out.len() - before) as u64)
     }
@@ -403,8 +446,8 @@ impl BackendVm for EngineVm<Vcpu> {
                 Ok(VcpuExit::Hypercall(0)) => return Ok(()),
                 Ok(VcpuExit::DirtyRingFull) => {
                     // As a VMM's reaper: collect and reset, then run on.
-                    self.ring.full_exits += 1;
-                    collect_engine_rings(&self.vm, &mut self.ring.collected)
+                    self.ring.count_exits(1);
+                    collect_engine_rings(&self.vm, &mut self.ring.collected.lock())
                         .map_err(|e| self.fail("run_writes", e))?;
                 }
                 Ok(exit) => return Err(self.fail("run_writes", format!("unexpected exit {exit:?}"))),
@@ -414,7 +457,7 @@ impl BackendVm for EngineVm<Vcpu> {
     }
 
     fn ring_full_exits(&self) -> u64 {
-        self.ring.full_exits
+        self.ring.exits()
     }
 
     fn large_sptes_mapped(&self) -> Option<u64> {

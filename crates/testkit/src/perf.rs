@@ -43,6 +43,7 @@ use hdrhistogram::Histogram;
 use crate::backend::{BackendError, EngineVm, PassExtras, PassSpec, PassVm, timed_harvest};
 use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
+use crate::interface::HarvestSpec;
 use crate::memory::HostMemory;
 use crate::memslot::{MemFlags, UserMemoryRegion};
 use crate::mmu::MmuDesign;
@@ -273,6 +274,8 @@ struct Sweepers {
     passes: Arc<[CachePadded<PassClock>]>,
     allowed: Arc<AtomicU64>,
     threads: Vec<JoinHandle<SweeperExit>>,
+    /// vCPUs waiting on a full dirty ring.
+    ring_waiters: Arc<AtomicU64>,
 }
 
 /// What a sweeper thread returns: its vCPU's counters and its probe.
@@ -301,6 +304,7 @@ impl Sweepers {
         let passes: Arc<[CachePadded<PassClock>]> =
             (0..vcpus).map(|_| CachePadded::new(PassClock::default())).collect();
         let allowed = Arc::new(AtomicU64::new(allowed));
+        let ring_waiters = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         for id in 0..vcpus {
             let mut vcpu = vm.create_vcpu(id)?;
@@ -309,6 +313,7 @@ impl Sweepers {
             }
             let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
             let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
+            let ring_waiters = ring_waiters.clone();
             threads.push(std::thread::spawn(move || {
                 let clock = &passes[id as usize];
                 let mut done = 0;
@@ -337,6 +342,18 @@ impl Sweepers {
                             }
                             pass_start = Instant::now();
                         }
+                        Ok(VcpuExit::DirtyRingFull) => {
+                            // Out of the guest until the host reaps the rings
+                            // (`wait_passes` does, seeing us wait).
+                            guest.park_outside();
+                            // Relaxed: a hint for the reaper; the ring's own
+                            // orderings carry the data.
+                            ring_waiters.fetch_add(1, Ordering::Relaxed);
+                            while vcpu.dirty_ring_full() && !ctl.stop_requested() {
+                                std::thread::sleep(Duration::from_micros(20));
+                            }
+                            ring_waiters.fetch_sub(1, Ordering::Relaxed);
+                        }
                         Ok(VcpuExit::Hypercall(HC_STOP)) => {
                             let probe = vcpu.set_fault_observer(None).map(|o| {
                                 let o: Box<dyn std::any::Any> = o;
@@ -352,7 +369,7 @@ impl Sweepers {
                 r
             }));
         }
-        Ok(Self { ctl, passes, allowed, threads })
+        Ok(Self { ctl, passes, allowed, threads, ring_waiters })
     }
 
     /// Lets every vCPU go on up to pass `n`.
@@ -368,11 +385,16 @@ impl Sweepers {
     }
 
     /// Waits until every vCPU has completed more passes than `since`;
-    /// returns the longest of their last passes.
-    fn wait_passes(&self, since: &[u64]) -> u64 {
+    /// returns the longest of their last passes. While waiting, calls `reap`
+    /// whenever a vCPU waits on a full dirty ring.
+    fn wait_passes(&self, since: &[u64], reap: &mut dyn FnMut()) -> u64 {
         for (p, &s) in self.passes.iter().zip(since) {
             // Acquire: as in `passes`.
             while p.passes.load(Ordering::Acquire) <= s {
+                // Relaxed: see the vCPU loop.
+                if self.ring_waiters.load(Ordering::Relaxed) > 0 {
+                    reap();
+                }
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
@@ -442,14 +464,22 @@ pub struct EnginePasses {
 }
 
 impl EnginePassVm {
-    /// A VM built from `config`, with `spec`'s sweepers started and none
-    /// released.
-    pub fn start(name: String, config: VmConfig, spec: &PassSpec) -> Result<Self, HarnessError> {
+    /// A VM built from `config` (with the dirty ring of `dirty_ring` entries,
+    /// if given), with `spec`'s sweepers started and none released.
+    pub fn start(
+        name: String,
+        config: VmConfig,
+        dirty_ring: Option<u32>,
+        spec: &PassSpec,
+    ) -> Result<Self, HarnessError> {
         if spec.vcpus == 0 || spec.guest_bytes / PAGE_SIZE < u64::from(spec.vcpus) || spec.write_pct > 100 {
             return Err(HarnessError::BadConfig(format!("{spec:?}")));
         }
         let fast_page_fault = config.fast_page_fault;
         let (vm, mem) = vm_with_memory(config, spec.guest_bytes, true)?;
+        if let Some(n) = dirty_ring {
+            vm.enable_dirty_ring(n * 16)?;
+        }
         let workload = WorkloadSpec {
             pattern: if spec.random { AccessPattern::Random } else { AccessPattern::Seq },
             write_pct: spec.write_pct,
@@ -471,7 +501,19 @@ impl PassVm for EnginePassVm {
     }
 
     fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {
-        Ok(self.work.sweepers.wait_passes(&vec![since; self.work.vcpus as usize]))
+        // A vCPU whose ring is full waits for us: reap as a VMM's reaper
+        // thread does, keeping the pages for the next harvest.
+        let mut failed = None;
+        let mut reap = || {
+            if let Err(e) = crate::backend::collect_engine_rings(&self.vm, &mut self.ring.collected.lock()) {
+                failed = Some(e);
+            }
+        };
+        let ns = self.work.sweepers.wait_passes(&vec![since; self.work.vcpus as usize], &mut reap);
+        match failed {
+            Some(e) => Err(self.fail("reaping the dirty rings", e)),
+            None => Ok(ns),
+        }
     }
 
     fn cut(&self) -> Option<u64> {
@@ -517,6 +559,12 @@ impl PassVm for EnginePassVm {
                 ("pool_backlog_wait_max_ns", s.pool_backlog_wait_max_ns),
                 ("harvest_read_sections", s.mmu.harvest_read_sections),
                 ("remote_tlb_flushes", s.mmu.remote_tlb_flushes),
+                ("ring_full_exits", swept.stats.dirty_ring_full_exits),
+                ("ring_entries_harvested", s.mmu.ring_entries_harvested),
+                ("clear_dirty_log_calls", s.mmu.clear_dirty_log_calls),
+                ("mmu_lock_max_hold_ns", s.mmu_lock_max_hold_ns),
+                ("harvest_mmu_lock_hold_ns", s.mmu.harvest_mmu_lock_hold_ns),
+                ("harvest_mmu_lock_max_hold_ns", s.mmu.harvest_mmu_lock_max_hold_ns),
             ],
             lines,
         })
@@ -531,6 +579,7 @@ impl PassVm for EnginePassVm {
 pub fn migrate_perf(
     vm: &mut dyn PassVm,
     iterations: u32,
+    spec: &HarvestSpec,
     mut on_iteration: impl FnMut(u32, &Iteration),
 ) -> Result<(PerfRun, PassExtras), BackendError> {
     let mut run = PerfRun::default();
@@ -568,7 +617,7 @@ pub fn migrate_perf(
         // (the README's outliers).
         let cut = vm.cut();
         vm.release(pass + 1);
-        let it = harvest(vm, &mut bitmap, dirty_memory_ns, true)?;
+        let it = harvest(vm, spec, &mut bitmap, dirty_memory_ns, true)?;
         run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
         on_iteration(i + 1, &it);
         run.iterations.push(it);
@@ -580,17 +629,17 @@ pub fn migrate_perf(
     let pass = 2 + u64::from(iterations);
     vm.wait_passes(pass - 1)?;
     let cut = vm.cut();
-    harvest(vm, &mut bitmap, 0, false)?;
+    harvest(vm, spec, &mut bitmap, 0, false)?;
     run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
     vm.release(pass + 1);
     let dirty_memory_ns = vm.wait_passes(pass)?;
     let cut = vm.cut();
-    run.quiet = harvest(vm, &mut bitmap, dirty_memory_ns, false)?;
+    run.quiet = harvest(vm, spec, &mut bitmap, dirty_memory_ns, false)?;
     run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
 
     let extras = vm.stop()?;
     // Nothing runs now: a last harvest, and the oracle's exact check.
-    harvest(vm, &mut bitmap, 0, false)?;
+    harvest(vm, spec, &mut bitmap, 0, false)?;
     run.lost_pages += oracle.finish(vm.memory(), &bitmap).lost_pages;
     Ok((run, extras))
 }
@@ -599,6 +648,7 @@ pub fn migrate_perf(
 /// fault-latency probes.
 fn harvest(
     vm: &mut dyn PassVm,
+    spec: &HarvestSpec,
     bitmap: &mut [u64],
     dirty_memory_ns: u64,
     probed: bool,
@@ -606,7 +656,7 @@ fn harvest(
     if probed {
         vm.harvest_begin();
     }
-    let r = timed_harvest(vm, bitmap);
+    let r = timed_harvest(vm, spec, bitmap);
     if probed {
         vm.harvest_end();
     }
@@ -645,7 +695,7 @@ pub fn fault_heavy(
     let (vm, _mem) = vm_with_memory(config, guest_bytes, true)?;
     let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
     let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, u64::MAX, None)?;
-    sweepers.wait_passes(&vec![0; vcpus as usize]);
+    sweepers.wait_passes(&vec![0; vcpus as usize], &mut || {});
     let stats0 = vm.stats();
     // Faults are counted by the MMU (leaf sptes installed, one per fault
     // with 4 KiB mappings), passes by the sweepers.

@@ -27,6 +27,8 @@ pub struct LockStats {
     pub wait_ns: Counter,
     /// Total nanoseconds it was held.
     pub hold_ns: Counter,
+    /// The longest single hold, ns.
+    pub max_hold_ns: Counter,
 }
 
 /// `kvm->mmu_lock`.
@@ -80,7 +82,7 @@ impl MmuGuard<'_> {
 
     /// `cond_resched_lock`: lets waiters take the lock, then takes it back.
     pub(crate) fn cond_resched(&mut self) {
-        self.lock.stats.hold_ns.add(self.since.elapsed().as_nanos() as u64);
+        self.account_hold();
         MutexGuard::bump(&mut self.guard);
         self.since = Instant::now();
     }
@@ -112,9 +114,18 @@ impl DerefMut for MmuGuard<'_> {
     }
 }
 
+impl MmuGuard<'_> {
+    fn account_hold(&self) {
+        let ns = self.since.elapsed().as_nanos() as u64;
+        self.lock.stats.hold_ns.add(ns);
+        self.lock.stats.max_hold_ns.max(ns);
+        crate::lockdep::add_mmu_lock_hold(ns);
+    }
+}
+
 impl Drop for MmuGuard<'_> {
     fn drop(&mut self) {
         crate::lockdep::set_holds_mmu_lock(false);
-        self.lock.stats.hold_ns.add(self.since.elapsed().as_nanos() as u64);
+        self.account_hold();
     }
 }

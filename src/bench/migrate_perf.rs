@@ -535,14 +535,27 @@ fn print_spec_lines<'r>(
     }
     if spec.harvest_threads > 1 {
         let one = HarvestSpec { harvest_threads: 1, ..*spec };
+        if let Some(r) = find(size, "engine", "lockless", spec) {
+            let pages = r.run.dirty_pages_avg();
+            let (f1, fn_) =
+                (perf::cmpxchg_floor_on(pages, 1), perf::cmpxchg_floor_on(pages, spec.harvest_threads));
+            println!(
+                "{tag}: the compare-exchange floor itself on {} threads against 1: {:.3} ({fn_:.2} against \
+                 {f1:.2} ns per page): how far this machine runs locked read-modify-writes in parallel",
+                spec.harvest_threads,
+                fn_ / f1
+            );
+        }
         for mmu in ["locked", "lockless"] {
             if let (Some(n), Some(o)) = (find(size, "engine", mmu, spec), find(size, "engine", mmu, &one)) {
                 println!(
                     "{tag}: engine {mmu}: harvest with no vCPU running on {} threads against 1: {:.3} \
-                     (lockless target <= 0.6); with a vCPU faulting: {:.3}",
+                     (lockless target <= 0.6); with a vCPU faulting: {:.3}; the latest helper thread \
+                     started {:.0} us into its harvest",
                     spec.harvest_threads,
                     n.run.quiet.harvest_ns() as f64 / o.run.quiet.harvest_ns().max(1) as f64,
-                    n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64
+                    n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64,
+                    n.figure("harvest_thread_start_max_ns").unwrap_or(0) as f64 / 1e3
                 );
             }
         }

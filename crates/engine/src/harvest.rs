@@ -150,7 +150,13 @@ impl Kvm {
         let threads = (self.config.harvest_threads as usize).clamp(1, chunks.max(1));
         let early = self.mmu.breakage.harvest_thread_flushes_early() && self.mmu.design.is_lockless();
         let mut total = ChunkTally::default();
+        let started = std::time::Instant::now();
         let run_share = |k: usize| {
+            if k > 0 {
+                // How late a helper thread got a CPU (a halted vCPU of the
+                // host can take as long to wake as a whole harvest).
+                self.mmu.stats.harvest_thread_start_max_ns.max(started.elapsed().as_nanos() as u64);
+            }
             let mut t = ChunkTally::default();
             for c in (k..chunks).step_by(threads) {
                 t += chunk(c);

@@ -82,4 +82,7 @@ mmu_stats! {
     harvest_mmu_lock_hold_ns,
     /// The longest of those holds, ns.
     harvest_mmu_lock_max_hold_ns,
+    /// With several harvest threads: the latest a helper thread started
+    /// after its harvest began, ns.
+    harvest_thread_start_max_ns,
 }

@@ -236,23 +236,47 @@ impl FaultObserver for LatencyProbe {
 /// bit per page, over a plain array of `pages` u64 (no rmap, no bitmap, no
 /// shadow page), on one thread. Returns ns per page, the best of 3 runs.
 pub fn cmpxchg_floor(pages: u64) -> f64 {
+    cmpxchg_floor_on(pages, 1)
+}
+
+/// [`cmpxchg_floor`] with the array split over `threads` threads (each its
+/// own contiguous part): the time per page of the whole. What a harvest on
+/// that many threads could reach at best; against the one-thread floor it
+/// shows how far this machine runs locked read-modify-writes in parallel.
+pub fn cmpxchg_floor_on(pages: u64, threads: u32) -> f64 {
     use crate::spte::PT_WRITABLE_MASK;
     let pages = pages.max(1);
     let array: Vec<AtomicU64> = (0..pages).map(|i| AtomicU64::new((i << 12) | 0x7)).collect();
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        for a in &array {
-            // Relaxed: single-threaded setup.
-            a.fetch_or(PT_WRITABLE_MASK, Ordering::Relaxed);
-        }
-        let t = Instant::now();
-        for a in &array {
+    let sweep = |part: &[AtomicU64]| {
+        for a in part {
             // Relaxed loads and a relaxed compare-exchange: the floor measures
             // the locked read-modify-write itself (on x86 every ordering
             // compiles to the same `lock cmpxchg`), as
             // `spte_write_protect_lockless` does once per writable spte.
             let old = a.load(Ordering::Relaxed);
             let _ = a.compare_exchange(old, old & !PT_WRITABLE_MASK, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    };
+    let parts: Vec<&[AtomicU64]> = {
+        let n = threads.max(1) as usize;
+        let len = array.len().div_ceil(n);
+        array.chunks(len.max(1)).collect()
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        for a in &array {
+            // Relaxed: setup, before the threads start.
+            a.fetch_or(PT_WRITABLE_MASK, Ordering::Relaxed);
+        }
+        let t = Instant::now();
+        if parts.len() == 1 {
+            sweep(parts[0]);
+        } else {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = parts[1..].iter().map(|&p| s.spawn(move || sweep(p))).collect();
+                sweep(parts[0]);
+                hs.into_iter().for_each(|h| h.join().expect("a floor thread panicked"));
+            });
         }
         best = best.min(t.elapsed().as_nanos() as f64 / pages as f64);
     }
@@ -565,6 +589,7 @@ impl PassVm for EnginePassVm {
                 ("mmu_lock_max_hold_ns", s.mmu_lock_max_hold_ns),
                 ("harvest_mmu_lock_hold_ns", s.mmu.harvest_mmu_lock_hold_ns),
                 ("harvest_mmu_lock_max_hold_ns", s.mmu.harvest_mmu_lock_max_hold_ns),
+                ("harvest_thread_start_max_ns", s.mmu.harvest_thread_start_max_ns),
             ],
             lines,
         })

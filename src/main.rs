@@ -2,6 +2,7 @@
 //! oracle, and stress-tests them.
 
 mod bench;
+mod harvest_args;
 mod plot;
 mod report;
 mod run;

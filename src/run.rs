@@ -5,7 +5,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use engine::MmuDesign;
 use testkit::harness::{self, HarnessError, RunConfig};
-use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec};
+use testkit::interface::{DirtyLogInterface, HarvestSpec};
+
+use crate::harvest_args::HarvestKnobs;
 use testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
@@ -88,20 +90,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub slot_churn: bool,
     /// The dirty-log interface each harvest uses: get (GET clears and
-    /// re-protects) or clear (manual protect: GET copies, CLEAR in chunks).
+    /// re-protects), clear (manual protect: GET copies, CLEAR in chunks) or
+    /// ring (the per-vCPU dirty ring).
     #[arg(long, default_value = "get")]
     pub dirty_log: DirtyLogInterface,
-    /// Pages per CLEAR with --dirty-log clear (a multiple of 64; QEMU's 1 GiB).
-    #[arg(long, default_value_t = DEFAULT_CLEAR_CHUNK_PAGES)]
-    pub clear_chunk_pages: u64,
-    /// KVM_DIRTY_LOG_INITIALLY_SET with --dirty-log clear: each log starts
-    /// all ones and nothing is write-protected until CLEAR reaches it.
-    #[arg(long)]
-    pub initially_set: bool,
-    /// Entries of each vCPU's dirty ring with --dirty-log ring (a power of
-    /// two, 256 to 65536).
-    #[arg(long, default_value_t = DEFAULT_RING_ENTRIES)]
-    pub ring_entries: u32,
+    #[command(flatten)]
+    pub knobs: HarvestKnobs,
     /// Threads each harvest (GET, CLEAR, ring reset) is split over; the
     /// locked design runs them one after the other on mmu_lock.
     #[arg(long, default_value_t = 1)]
@@ -152,11 +146,9 @@ impl RunArgs {
             invalidate_every: (self.invalidate_every_us > 0)
                 .then(|| Duration::from_micros(self.invalidate_every_us)),
             harvest: HarvestSpec {
-                interface: self.dirty_log,
-                clear_chunk_pages: self.clear_chunk_pages,
-                initially_set: self.initially_set,
-                ring_entries: self.ring_entries,
-                harvest_threads: self.harvest_threads,
+                // As given: `--initially-set` without `clear` is refused.
+                initially_set: self.knobs.initially_set,
+                ..self.knobs.spec(self.dirty_log, self.harvest_threads)
             },
             ..RunConfig::default()
         })

@@ -10,10 +10,11 @@ use clap::Args;
 use engine::{MmuDesign, VmConfig};
 use serde_json::{Value, json};
 use testkit::backend::{EngineBackend, PassSpec};
-use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec};
+use testkit::interface::{DirtyLogInterface, HarvestSpec};
 use testkit::perf::{self, LatencyHistogram, PerfRun};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
+use crate::harvest_args::HarvestKnobs;
 use crate::plot;
 
 #[derive(Debug, Args)]
@@ -67,15 +68,8 @@ pub struct MigratePerfArgs {
     /// ring (the per-vCPU dirty ring, reaped when full and at each harvest).
     #[arg(long, value_delimiter = ',', default_value = "get")]
     pub dirty_log: Vec<DirtyLogInterface>,
-    /// Pages per CLEAR with --dirty-log clear (a multiple of 64; QEMU's 1 GiB).
-    #[arg(long, default_value_t = DEFAULT_CLEAR_CHUNK_PAGES)]
-    pub clear_chunk_pages: u64,
-    /// KVM_DIRTY_LOG_INITIALLY_SET with --dirty-log clear.
-    #[arg(long)]
-    pub initially_set: bool,
-    /// Entries of each vCPU's ring with --dirty-log ring.
-    #[arg(long, default_value_t = DEFAULT_RING_ENTRIES)]
-    pub ring_entries: u32,
+    #[command(flatten)]
+    pub knobs: HarvestKnobs,
     /// Threads each harvest is split over, comma-separated (engine; KVM's
     /// harvest is its own ioctl, run with 1).
     #[arg(long, value_delimiter = ',', default_value = "1")]
@@ -91,13 +85,7 @@ impl MigratePerfArgs {
         let mut v = Vec::new();
         for &interface in &self.dirty_log {
             for &harvest_threads in &self.harvest_threads {
-                let s = HarvestSpec {
-                    interface,
-                    clear_chunk_pages: self.clear_chunk_pages,
-                    initially_set: self.initially_set && interface == DirtyLogInterface::Clear,
-                    ring_entries: self.ring_entries,
-                    harvest_threads,
-                };
+                let s = self.knobs.spec(interface, harvest_threads);
                 s.validate().map_err(|e| e.to_string())?;
                 v.push(s);
             }

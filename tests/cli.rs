@@ -261,6 +261,62 @@ fn bench_migrate_perf_runs_every_interface_and_thread_count() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A fixed working set in guests of two sizes, the larger mapped lazily:
+/// every run harvests exactly the working set, with no page lost and none
+/// reported outside it.
+#[test]
+fn bench_migrate_perf_sweeps_a_working_set_of_any_guest_size() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("mp.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "migrate-perf",
+        "--backend",
+        "engine,kvm",
+        "--dirty-log",
+        "get,clear,ring",
+        "--ring-entries",
+        "256",
+        "--guest-mib",
+        "8,512",
+        "--dirty-pages",
+        "512",
+        "--iterations",
+        "2",
+        "--fault-heavy-seconds",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("--dirty-pages, runs on the engine only") || out.contains("KVM unavailable"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 12, "2 sizes x 3 interfaces x 2 designs");
+    for r in runs {
+        assert_eq!(r["lost_pages"], 0, "{r}");
+        assert_eq!(r["quiet_dirty_pages"], 512, "the working set, at every size: {r}");
+    }
+    for bad in ["100", "0"] {
+        let (code, out, err) = shadow_mmu(&[
+            "bench",
+            "migrate-perf",
+            "--backend",
+            "engine",
+            "--guest-mib",
+            "8",
+            "--dirty-pages",
+            bad,
+        ]);
+        assert_ne!(code, 0, "--dirty-pages {bad}: {out}{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bench_kernbench_sweeps_and_replays_the_shipped_trace() {
     let dir = std::env::temp_dir().join(format!("shadow-mmu-kb-{}", std::process::id()));

@@ -7,6 +7,11 @@
 //! copy is a run of relaxed atomic loads. No `&[u8]` or `&mut` view of the
 //! contents is ever created after the mapping is made.
 //!
+//! Lazily populated mappings are `MAP_NORESERVE`, as a VMM maps a large
+//! guest: the kernel reserves no swap for them, so a guest larger than the
+//! host's memory maps, and only the pages it touches cost memory (a 64 GiB
+//! guest that dirties a working set runs on a 24 GiB machine).
+//!
 //! The "host pfn" of a page is its virtual address >> 12: that is what a leaf
 //! spte and a TLB entry hold, and what a vCPU dereferences. The mapping stays
 //! alive as long as any `Arc<HostMemory>` does; memslot deletion drops its
@@ -88,6 +93,8 @@ impl HostMemory {
         opts.len(len);
         if populate {
             opts.populate();
+        } else {
+            opts.no_reserve_swap();
         }
         let mut map = opts.map_anon().map_err(|source| MemoryError::Mmap { bytes, source })?;
         let base =

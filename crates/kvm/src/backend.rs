@@ -80,6 +80,10 @@ impl Backend for KvmBackend {
             );
             return Err(BackendError::new(&name, "starting the passes", why));
         }
+        if spec.dirty_pages.is_some() {
+            let why = KvmError::BadConfig("a working set (--dirty-pages) runs on the engine only".into());
+            return Err(BackendError::new(&name, "starting the passes", why));
+        }
         let cfg = KvmPerfConfig {
             vcpus: spec.vcpus,
             guest_bytes: spec.guest_bytes,

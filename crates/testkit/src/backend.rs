@@ -102,6 +102,10 @@ pub struct PassSpec {
     pub random: bool,
     /// Seed of the random choices.
     pub seed: u64,
+    /// Only the first this many pages (a multiple of 64) are swept, split
+    /// among the vCPUs: a fixed working set in a guest of any size, mapped
+    /// lazily (`bench migrate-perf --dirty-pages`). `None`: all of them.
+    pub dirty_pages: Option<u64>,
 }
 
 /// A VM running passes ([`Backend::start_passes`]). Between a completed pass
@@ -109,6 +113,12 @@ pub struct PassSpec {
 pub trait PassVm: DirtyLogVm {
     /// Lets every vCPU go on up to pass `n`.
     fn release(&self, n: u64);
+
+    /// Pages the vCPUs sweep: all of the test slot, or the working set of
+    /// [`PassSpec::dirty_pages`].
+    fn swept_pages(&self) -> u64 {
+        self.pages()
+    }
 
     /// Waits until every vCPU has completed more than `since` passes;
     /// returns the longest of their last passes, ns.

@@ -45,6 +45,7 @@ use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
 use crate::interface::HarvestSpec;
 use crate::memory::HostMemory;
+use crate::memory::WORDS_PER_PAGE;
 use crate::memslot::{MemFlags, UserMemoryRegion};
 use crate::mmu::MmuDesign;
 use crate::oracle::Oracle;
@@ -485,6 +486,8 @@ pub struct EnginePasses {
     sweepers: Sweepers,
     clock: Arc<HarvestClock>,
     vcpus: u32,
+    /// Pages the sweepers sweep.
+    swept: u64,
 }
 
 impl EnginePassVm {
@@ -500,7 +503,19 @@ impl EnginePassVm {
             return Err(HarnessError::BadConfig(format!("{spec:?}")));
         }
         let fast_page_fault = config.fast_page_fault;
-        let (vm, mem) = vm_with_memory(config, spec.guest_bytes, true)?;
+        let npages = spec.guest_bytes / PAGE_SIZE;
+        let swept = match spec.dirty_pages {
+            Some(n) if n == 0 || !n.is_multiple_of(64) || n > npages || n < u64::from(spec.vcpus) => {
+                return Err(HarnessError::BadConfig(format!(
+                    "--dirty-pages {n}: a positive multiple of 64, at least one per vCPU, at most the guest's {npages}"
+                )));
+            }
+            Some(n) => n,
+            None => npages,
+        };
+        // A working set is swept in a lazily mapped guest (`MAP_NORESERVE`):
+        // populating it all would defeat the point of a large guest.
+        let (vm, mem) = vm_with_memory(config, spec.guest_bytes, spec.dirty_pages.is_none())?;
         if let Some(n) = dirty_ring {
             vm.enable_dirty_ring(n * 16)?;
         }
@@ -512,9 +527,8 @@ impl EnginePassVm {
             ..WorkloadSpec::default()
         };
         let clock = Arc::new(HarvestClock::default());
-        let npages = spec.guest_bytes / PAGE_SIZE;
-        let sweepers = Sweepers::start(&vm, spec.vcpus, npages, workload, 0, Some(clock.clone()))?;
-        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus };
+        let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, Some(clock.clone()))?;
+        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus, swept };
         Ok(EngineVm { name, vm, mem, work, ring: crate::backend::RingState::default() })
     }
 }
@@ -542,6 +556,10 @@ impl PassVm for EnginePassVm {
 
     fn cut(&self) -> Option<u64> {
         Some(self.work.sweepers.ctl.cut())
+    }
+
+    fn swept_pages(&self) -> u64 {
+        self.work.swept
     }
 
     fn harvest_begin(&self) {
@@ -614,16 +632,37 @@ pub fn migrate_perf(
     run.populate_ns = t0.elapsed().as_nanos() as u64;
 
     let pages = vm.pages();
-    let mut oracle = Oracle::new(0, pages);
+    // The oracle covers the pages the vCPUs sweep (all of them, or a working
+    // set at the start of a larger guest, which no store ever leaves): a
+    // page outside it reported dirty is an error, not a copy.
+    let swept = vm.swept_pages();
+    let (swept_words, swept_mem) = (bitmap_words(swept), swept as usize * WORDS_PER_PAGE);
+    let mut oracle = Oracle::new(0, swept);
     let mut bitmap = vec![0u64; bitmap_words(pages)];
     vm.cut();
     let t = Instant::now();
     vm.set_dirty_logging(true)?;
     run.enable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
-    oracle.full_copy(vm.memory());
-    let collect = |oracle: &mut Oracle, vm: &dyn PassVm, bitmap: &[u64], cut: Option<u64>| match cut {
-        Some(cut) => oracle.collect(vm.memory(), bitmap, cut).lost_pages,
-        None => oracle.copy_dirty(vm.memory(), bitmap).lost_pages,
+    oracle.full_copy(&vm.memory()[..swept_mem]);
+    let outside = |vm: &dyn PassVm, bitmap: &[u64]| match bitmap[swept_words..].iter().position(|&w| w != 0) {
+        Some(w) => Err(BackendError::new(
+            &vm.name(),
+            "harvest",
+            HarnessError::BadConfig(format!(
+                "pages from {} reported dirty, outside the {swept} swept pages",
+                (swept_words + w) * 64
+            )),
+        )),
+        None => Ok(()),
+    };
+    let collect = |oracle: &mut Oracle, vm: &dyn PassVm, bitmap: &[u64], cut: Option<u64>| {
+        // The first pass runs with logging off and INITIALLY_SET reports every
+        // page at first: only checked pages are the swept ones.
+        let (mem, bits) = (&vm.memory()[..swept_mem], &bitmap[..swept_words]);
+        match cut {
+            Some(cut) => oracle.collect(mem, bits, cut).lost_pages,
+            None => oracle.copy_dirty(mem, bits).lost_pages,
+        }
     };
 
     // Pass 2 dirties the memory for the first harvest.
@@ -643,6 +682,9 @@ pub fn migrate_perf(
         let cut = vm.cut();
         vm.release(pass + 1);
         let it = harvest(vm, spec, &mut bitmap, dirty_memory_ns, true)?;
+        if i > 0 || !spec.initially_set {
+            outside(vm, &bitmap)?;
+        }
         run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
         on_iteration(i + 1, &it);
         run.iterations.push(it);
@@ -655,17 +697,20 @@ pub fn migrate_perf(
     vm.wait_passes(pass - 1)?;
     let cut = vm.cut();
     harvest(vm, spec, &mut bitmap, 0, false)?;
+    outside(vm, &bitmap)?;
     run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
     vm.release(pass + 1);
     let dirty_memory_ns = vm.wait_passes(pass)?;
     let cut = vm.cut();
     run.quiet = harvest(vm, spec, &mut bitmap, dirty_memory_ns, false)?;
+    outside(vm, &bitmap)?;
     run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
 
     let extras = vm.stop()?;
     // Nothing runs now: a last harvest, and the oracle's exact check.
     harvest(vm, spec, &mut bitmap, 0, false)?;
-    run.lost_pages += oracle.finish(vm.memory(), &bitmap).lost_pages;
+    outside(vm, &bitmap)?;
+    run.lost_pages += oracle.finish(&vm.memory()[..swept_mem], &bitmap[..swept_words]).lost_pages;
     Ok((run, extras))
 }
 

@@ -2,6 +2,7 @@
 //! oracle, and stress-tests them.
 
 mod bench;
+mod dirty_log_test_cmd;
 mod harvest_args;
 mod plot;
 mod report;
@@ -30,6 +31,9 @@ enum Command {
     /// Run random configurations for a while; stop at the first failure and
     /// print how to replay it.
     Stress(stress::StressArgs),
+    /// KVM's dirty_log_test: the guest stores the iteration into random
+    /// pages, the host reaps while it runs and checks every page.
+    DirtyLogTest(dirty_log_test_cmd::DirtyLogTestArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let ok: Result<bool, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => run::main(&args).map_err(Into::into),
         Command::Stress(args) => stress::main(&args).map_err(Into::into),
+        Command::DirtyLogTest(args) => dirty_log_test_cmd::main(&args),
         Command::Bench(cmd) => bench::main(&cmd),
         Command::Trace(cmd) => trace_cmd::main(&cmd),
     };

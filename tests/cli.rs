@@ -394,3 +394,36 @@ fn bench_migrate_perf_without_kvm_skips_the_kvm_runs_with_one_line() {
     assert_eq!(backends, ["engine", "engine"]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `dirty-log-test` in KVM's selftest's words, on the engine (both designs)
+/// and, where /dev/kvm is usable, on KVM.
+#[test]
+fn dirty_log_test_prints_the_selftests_lines_on_every_backend() {
+    let (code, out, err) = shadow_mmu(&[
+        "dirty-log-test",
+        "-M",
+        "all",
+        "-i",
+        "3",
+        "-I",
+        "2",
+        "-c",
+        "1024",
+        "--guest-pages",
+        "4099",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for line in [
+        "== dirty-log-test: backend=engine mmu=locked mode=dirty-log",
+        "== dirty-log-test: backend=engine mmu=lockless mode=clear-log",
+        "== dirty-log-test: backend=engine mmu=lockless mode=dirty-ring",
+        "Iteration  3: dirty: ",
+        "Total bits checked: dirty (",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(out.contains("backend=kvm mode=dirty-log") || out.contains("(KVM: skipped"), "{out}");
+    let (code, _, err) = shadow_mmu(&["dirty-log-test", "--guest-pages", "0"]);
+    assert_ne!(code, 0, "{err}");
+}

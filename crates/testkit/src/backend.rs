@@ -114,6 +114,12 @@ pub trait PassVm: DirtyLogVm {
     /// Lets every vCPU go on up to pass `n`.
     fn release(&self, n: u64);
 
+    /// The iteration a word the guest stored carries: the pass number on
+    /// KVM (its guest stores it), the workload's tag on the engine.
+    fn stored_iteration(&self, word: u64) -> u64 {
+        word
+    }
+
     /// Pages the vCPUs sweep: all of the test slot, or the working set of
     /// [`PassSpec::dirty_pages`].
     fn swept_pages(&self) -> u64 {

@@ -17,6 +17,7 @@
 //! - [`fixtures`]: small VMs and guests the tests share.
 
 pub mod backend;
+pub mod dirty_log_test;
 pub mod fixtures;
 pub mod harness;
 pub mod interface;

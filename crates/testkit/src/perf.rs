@@ -562,6 +562,10 @@ impl PassVm for EnginePassVm {
         self.work.swept
     }
 
+    fn stored_iteration(&self, word: u64) -> u64 {
+        crate::workload::value_tag(word)
+    }
+
     fn harvest_begin(&self) {
         self.work.clock.tick();
     }

@@ -270,3 +270,39 @@ fn a_harvest_thread_that_flushes_early_is_caught() {
         }
     }
 }
+
+/// KVM's dirty_log_test check has teeth: with the write protection of the
+/// harvest skipped, it (or the oracle under it) fails, in every design and
+/// with every bitmap interface.
+#[test]
+fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
+    use shadow_mmu_testkit::backend::{Backend, EngineBackend, PassSpec};
+    use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
+    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    for base in every_design() {
+        for interface in [DirtyLogInterface::Get, DirtyLogInterface::Clear] {
+            let spec = HarvestSpec { interface, clear_chunk_pages: 4096, ..HarvestSpec::default() };
+            let config = VmConfig {
+                dirty_log_protect: spec.protect(),
+                breakage: Breakage { skip_write_protect: true, ..Breakage::default() },
+                ..base.clone()
+            };
+            let backend = EngineBackend { config, dirty_ring: None };
+            let pass = PassSpec {
+                vcpus: 1,
+                guest_bytes: 4099 * 4096,
+                write_pct: 100,
+                random: true,
+                seed: 3,
+                dirty_pages: None,
+            };
+            let mut vm = backend.start_passes(&pass).unwrap();
+            let r = dirty_log_test(vm.as_mut(), &spec, 6, Duration::from_millis(2), 3, |_, _| {});
+            assert!(
+                r.is_err(),
+                "{} {interface}: a harvest that protects nothing went unnoticed",
+                describe(&base)
+            );
+        }
+    }
+}

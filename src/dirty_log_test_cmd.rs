@@ -95,15 +95,15 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         match &probe {
             Some(p) if !p.is_usable() => println!("(KVM: skipped: {p})"),
-            Some(_) if spec.interface == DirtyLogInterface::Ring => {
-                println!("(KVM, {mode}: skipped: the passes do not run with KVM's dirty ring yet)");
-            }
             Some(p) if spec.interface == DirtyLogInterface::Clear && !p.has_manual_protect() => {
                 println!("(KVM, {mode}: skipped: no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)");
             }
             Some(_) => backends.push((
                 "kvm".into(),
-                Box::new(shadow_mmu_kvm::KvmBackend { protect: spec.protect(), dirty_ring: None }),
+                Box::new(shadow_mmu_kvm::KvmBackend {
+                    protect: spec.protect(),
+                    dirty_ring: spec.ring_bytes().map(|b| b / 16),
+                }),
             )),
             None => {}
         }

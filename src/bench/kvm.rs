@@ -42,7 +42,6 @@ impl KvmBench {
                 DirtyLogInterface::Clear if !self.0.has_manual_protect() => {
                     Some("KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
                 }
-                DirtyLogInterface::Ring => Some("the passes do not run with KVM's dirty ring yet"),
                 _ => None,
             };
             match why {
@@ -63,8 +62,9 @@ impl KvmBench {
     ) -> BenchResult<Record> {
         let manual_protect = spec.interface == DirtyLogInterface::Clear;
         let header = format!(
-            "== backend=kvm ({}) vcpus={} guest={} MiB ({} MiB per vCPU){}",
+            "== backend=kvm ({}) dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU){}",
             self.0.flavour.module(),
+            spec.label(),
             a.vcpus,
             guest_bytes >> 20,
             (guest_bytes / u64::from(a.vcpus)) >> 20,
@@ -80,8 +80,12 @@ impl KvmBench {
         }) else {
             unreachable!("an object")
         };
-        let mode = if manual_protect { "manual-protect" } else { "classic" };
-        let backend = KvmBackend { protect: spec.protect(), dirty_ring: None };
+        let mode = match spec.interface {
+            DirtyLogInterface::Ring => "dirty-ring",
+            _ if manual_protect => "manual-protect",
+            _ => "classic",
+        };
+        let backend = KvmBackend { protect: spec.protect(), dirty_ring: spec.ring_bytes().map(|b| b / 16) };
         let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), spec, guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {
             p.line(

@@ -74,12 +74,6 @@ impl Backend for KvmBackend {
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
         let name = self.name();
-        if self.dirty_ring.is_some() {
-            let why = KvmError::BadConfig(
-                "the passes of migrate-perf do not run with the dirty ring on KVM yet".into(),
-            );
-            return Err(BackendError::new(&name, "starting the passes", why));
-        }
         if spec.dirty_pages.is_some() {
             let why = KvmError::BadConfig("a working set (--dirty-pages) runs on the engine only".into());
             return Err(BackendError::new(&name, "starting the passes", why));
@@ -91,6 +85,7 @@ impl Backend for KvmBackend {
             random: spec.random,
             seed: spec.seed,
             protect: self.protect,
+            dirty_ring_bytes: self.dirty_ring.map(|n| n * 16),
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
@@ -252,7 +247,10 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
 
     fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {
         let since = vec![since; self.inner.config().vcpus as usize];
-        self.inner.wait_passes(&since).map_err(|e| self.fail("waiting for the passes", e))
+        // A vCPU whose ring is full waits for us: reap as a VMM's reaper
+        // thread does, keeping the pages for the next harvest.
+        let mut reap = || collect_kvm_rings(&self.inner, &mut self.ring.collected.lock());
+        self.inner.wait_passes_reaping(&since, &mut reap).map_err(|e| self.fail("waiting for the passes", e))
     }
 
     fn cut(&self) -> Option<u64> {
@@ -261,6 +259,10 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {
         self.inner.stop().map_err(|e| self.fail("stopping the vCPUs", e))?;
-        Ok(PassExtras::default())
+        let figures = match self.inner.dirty_ring_bytes() {
+            Some(_) => vec![("ring_full_exits", self.inner.ring_full_exits())],
+            None => Vec::new(),
+        };
+        Ok(PassExtras { figures, ..PassExtras::default() })
     }
 }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{DirtyLogProtect, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{DirtyLogProtect, GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -62,6 +62,8 @@ pub struct KvmPerfConfig {
     /// `KVM_GET_DIRTY_LOG` only copies the log and `KVM_CLEAR_DIRTY_LOG`
     /// re-protects.
     pub protect: DirtyLogProtect,
+    /// The dirty ring, of this many bytes per vCPU, instead of the bitmap.
+    pub dirty_ring_bytes: Option<u32>,
 }
 
 impl Default for KvmPerfConfig {
@@ -73,6 +75,7 @@ impl Default for KvmPerfConfig {
             random: false,
             seed: 1,
             protect: DirtyLogProtect::Auto,
+            dirty_ring_bytes: None,
         }
     }
 }
@@ -147,6 +150,10 @@ struct PerfShared {
     /// Set when a vCPU thread failed; the reason is in `failure`.
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// vCPUs waiting on a full dirty ring for the host to reap.
+    ring_waiters: AtomicU64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits so far.
+    ring_full_exits: AtomicU64,
 }
 
 /// A VM running `migrate-perf` vCPU threads on KVM.
@@ -175,7 +182,27 @@ fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> 
             std::thread::sleep(Duration::from_micros(20));
         }
         let t = Instant::now();
-        let code = vcpu.run_to_ucall();
+        let code = loop {
+            match vcpu.run() {
+                Ok(GuestExit::DirtyRingFull) => {
+                    // Relaxed: see the wait for a release above.
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    // Relaxed: counters and a hint for the host's reaper; the
+                    // ring's own orderings carry the data.
+                    shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                    shared.ring_waiters.fetch_add(1, Ordering::Relaxed);
+                    // Re-entering while still full exits at once: wait a
+                    // little for the host to reap, then try again.
+                    std::thread::sleep(Duration::from_micros(50));
+                    shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(GuestExit::Ucall(c)) => break Ok(c),
+                Ok(other) => break Err(KvmError::UnexpectedExit(format!("vCPU {id}: {other:?}"))),
+                Err(e) => break Err(e),
+            }
+        };
         let ns = t.elapsed().as_nanos() as u64;
         let err = match code {
             Ok(UCALL_PASS_DONE) => None,
@@ -212,7 +239,7 @@ impl KvmPerfVm {
             control_bytes,
             test_bytes: cfg.guest_bytes,
             protect: cfg.protect,
-            dirty_ring_bytes: None,
+            dirty_ring_bytes: cfg.dirty_ring_bytes,
             // As the engine: the first pass measures KVM, not the host
             // kernel's first-touch faults.
             populate: true,
@@ -234,6 +261,8 @@ impl KvmPerfVm {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
+            ring_waiters: AtomicU64::new(0),
+            ring_full_exits: AtomicU64::new(0),
         });
         let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
         for vcpu in vcpus {
@@ -269,6 +298,22 @@ impl KvmPerfVm {
     /// (`dirty_log_perf_test`'s per-iteration time). Fails if a vCPU thread
     /// failed (or had failed) instead of waiting.
     pub fn wait_passes(&self, since: &[u64]) -> Result<u64, KvmError> {
+        self.wait_passes_reaping(since, &mut || Ok(()))
+    }
+
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits of the vCPU threads so far.
+    pub fn ring_full_exits(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.shared.ring_full_exits.load(Ordering::Relaxed)
+    }
+
+    /// [`Self::wait_passes`], calling `reap` whenever a vCPU waits on a full
+    /// dirty ring; a failed reap ends the wait with its error.
+    pub fn wait_passes_reaping(
+        &self,
+        since: &[u64],
+        reap: &mut dyn FnMut() -> Result<(), KvmError>,
+    ) -> Result<u64, KvmError> {
         if since.len() != self.shared.clocks.len() {
             return Err(KvmError::BadConfig(format!(
                 "wait_passes needs one entry per vCPU ({}), not {}",
@@ -279,6 +324,10 @@ impl KvmPerfVm {
         for (c, &s) in self.shared.clocks.iter().zip(since) {
             // Acquire: pairs with the vCPU thread's release store of `passes`.
             while c.passes.load(Ordering::Acquire) <= s {
+                // Relaxed: see the vCPU thread.
+                if self.shared.ring_waiters.load(Ordering::Relaxed) > 0 {
+                    reap()?;
+                }
                 // Acquire: pairs with the failing thread's release store.
                 if self.shared.failed.load(Ordering::Acquire) {
                     let why = self.shared.failure.lock().ok().and_then(|f| f.clone());

@@ -408,7 +408,7 @@ fn dirty_log_test_prints_the_selftests_lines_on_every_backend() {
         "-I",
         "2",
         "-c",
-        "1024",
+        "65536",
         "--guest-pages",
         "4099",
     ]);

@@ -346,6 +346,24 @@ mod loom_tests {
             }
             mask
         }
+        /// The lockless `clear_dirty_log` of this gfn with the caller's mask
+        /// (bit 0: the page), as `clear_dirty_log_protect` does per word:
+        /// clear only the set bits of the mask, protect those pages, flush.
+        fn clear(&self, user_mask: u64, b: &Breakage) -> u64 {
+            let mask = if b.clear_whole_word() {
+                self.bitmap.take_word(0) & user_mask
+            } else {
+                self.bitmap.clear_mask(0, user_mask)
+            };
+            if mask != 0 {
+                // SAFETY: the rmap's sptes live for the whole model.
+                let section = unsafe { crate::rcu::NeverReturned::new() };
+                // SAFETY: as above.
+                unsafe { rmap_write_protect_lockless(&self.rmap, &section, b) };
+                self.tlb_writable.store(false, Ordering::SeqCst);
+            }
+            mask
+        }
         /// The harvester of the locked design's `get_dirty_log` for this one
         /// gfn: the bit, then (under `mmu_lock`, which the fast path does not
         /// take) `spte_write_protect` by `rule`, then the flush.
@@ -423,6 +441,106 @@ mod loom_tests {
     fn loom_set_spte_against_get_dirty_log() {
         set_spte_new_vs_get_dirty_log(Breakage::SEED);
         set_spte_remap_vs_get_dirty_log(Breakage::SEED);
+    }
+
+    /// Patch 06's argument again, for the lockless CLEAR: `set_spte` of a new
+    /// writable spte (a page the GET reported, so in the caller's mask)
+    /// against CLEAR's `fetch_andnot` and rmap walk, and a fast page fault
+    /// against it. Either the CLEAR's AcqRel `fetch_andnot` takes the bit
+    /// the marker set, and then its walk sees the writable spte, or the bit
+    /// stays set for the next GET.
+    fn set_spte_and_fast_fault_vs_clear(b: Breakage) {
+        check(move || {
+            let g = Gfn::new(0, false, false);
+            let (w, h) = (g.clone(), g.clone());
+            let (_, mask) = two(
+                move || {
+                    __mmu_spte_update(&w.spte, make_leaf_spte(7, 1, true, true), SpteUpdate::Patch04, &b);
+                    w.rmap_add();
+                    mark_page_dirty_after_publish(&w.bitmap, 0, &b);
+                },
+                move || h.clear(1, &b),
+            );
+            g.assert_logged();
+            mask
+        });
+        check(move || {
+            // Read-only for logging, in the rmap, reported by the GET: a fast
+            // fault sets W and marks, the CLEAR clears and protects.
+            let g = Gfn::new(make_leaf_spte(7, 1, true, false), true, true);
+            let (f, h) = (g.clone(), g.clone());
+            let (fixed, mask) = two(
+                move || {
+                    let fixed = f.fast_page_fault();
+                    if fixed {
+                        mark_page_dirty_after_publish(&f.bitmap, 0, &b);
+                    }
+                    fixed
+                },
+                move || h.clear(1, &b),
+            );
+            g.assert_logged();
+            // Whether the fault came last shows in the bit left set.
+            (fixed, mask, g.bitmap.test(0))
+        });
+    }
+
+    #[test]
+    fn loom_set_spte_and_fast_page_fault_against_clear_dirty_log() {
+        set_spte_and_fast_fault_vs_clear(Breakage::SEED);
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "lost dirty page")]
+    fn loom_no_fence_before_the_dirty_bit_is_caught_against_clear() {
+        set_spte_and_fast_fault_vs_clear(Breakage { skip_dirty_bit_fence: true, ..Breakage::SEED });
+    }
+
+    /// Two pages of one word: the GET reported page 0 only; while the CLEAR of
+    /// its mask runs, a fault makes page 1 writable and marks it. Only the
+    /// mask's bits may go: page 1's bit must survive for the next GET, since
+    /// the CLEAR does not protect page 1.
+    fn clear_against_a_fault_on_another_page_of_the_word(b: Breakage) {
+        check(move || {
+            let bitmap = Arc::new(DirtyBitmap::new(2));
+            let spte1 = Arc::new(AtomicU64::new(make_leaf_spte(8, 1, true, false)));
+            bitmap.mark(0);
+            let (bm, bh, s1) = (bitmap.clone(), bitmap.clone(), spte1.clone());
+            let (_, cleared) = two(
+                move || {
+                    // Page 1's fault: W, then the bit (its rmap is not walked
+                    // by this CLEAR: its bit is not in the mask).
+                    s1.fetch_or(PT_WRITABLE_MASK, Ordering::Relaxed);
+                    mark_page_dirty_after_publish(&bm, 1, &b);
+                },
+                move || {
+                    // Did page 1's mark come first? (The outcome record only.)
+                    let before = bh.peek_word(0);
+                    let cleared =
+                        if b.clear_whole_word() { bh.take_word(0) & 0b01 } else { bh.clear_mask(0, 0b01) };
+                    (before, cleared)
+                },
+            );
+            let writable = is_writable_pte(spte1.load(Ordering::SeqCst));
+            assert!(!writable || bitmap.test(1), "page 1 is writable and its dirty bit is gone");
+            cleared
+        });
+    }
+
+    #[test]
+    fn loom_clear_against_a_fault_on_another_page_of_the_word() {
+        clear_against_a_fault_on_another_page_of_the_word(Breakage::SEED);
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "dirty bit is gone")]
+    fn loom_clearing_the_whole_word_is_caught() {
+        clear_against_a_fault_on_another_page_of_the_word(Breakage {
+            clear_whole_word: true,
+            ..Breakage::SEED
+        });
     }
 
     /// Patch 04: lockless write protection (W cleared, TLB flush not yet

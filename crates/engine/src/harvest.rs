@@ -1,6 +1,7 @@
 //! The harvest's write-protecting walk, shared by GET (`dirty_log.rs`),
 //! CLEAR (`dirty_log.rs`) and the ring reset (`dirty_ring.rs`), on one
-//! thread or on several (`VmConfig::harvest_threads`).
+//! thread or on several (`VmConfig::harvest_threads`: the caller and the
+//! VM's kept helper threads, `harvest_pool.rs`).
 //!
 //! A harvest is split into chunks of whole bitmap words (64 pages, so that
 //! no two threads write sptes of one cache line: a 64-byte line holds the
@@ -147,12 +148,14 @@ impl Kvm {
         chunks: usize,
         chunk: impl Fn(usize) -> ChunkTally + Sync,
     ) -> ChunkTally {
-        let threads = (self.config.harvest_threads as usize).clamp(1, chunks.max(1));
+        // Every participant takes every `threads`-th chunk from its own
+        // index on; with fewer chunks than threads, the rest have none.
+        let threads = self.harvest_pool.as_ref().map_or(1, |p| p.helpers() + 1);
         let early = self.mmu.breakage.harvest_thread_flushes_early() && self.mmu.design.is_lockless();
         let mut total = ChunkTally::default();
         let started = std::time::Instant::now();
         let run_share = |k: usize| {
-            if k > 0 {
+            if k > 0 && k < chunks {
                 // How late a helper thread got a CPU (a halted vCPU of the
                 // host can take as long to wake as a whole harvest).
                 self.mmu.stats.harvest_thread_start_max_ns.max(started.elapsed().as_nanos() as u64);
@@ -168,16 +171,16 @@ impl Kvm {
             }
             t
         };
-        if threads == 1 {
-            total = run_share(0);
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (1..threads).map(|k| s.spawn(move || run_share(k))).collect();
-                total += run_share(0);
-                for h in handles {
-                    total += h.join().expect("a harvest thread panicked");
+        match &self.harvest_pool {
+            None => total = run_share(0),
+            Some(pool) => {
+                let tallies: Vec<parking_lot::Mutex<ChunkTally>> =
+                    (0..threads).map(|_| parking_lot::Mutex::new(ChunkTally::default())).collect();
+                pool.run(&|k| *tallies[k].lock() = run_share(k));
+                for t in tallies {
+                    total += t.into_inner();
                 }
-            });
+            }
         }
         self.mmu.stats.sptes_write_protected.add(total.protected);
         self.mmu.stats.harvest_read_sections.add(total.sections);

@@ -44,6 +44,7 @@ pub mod dirty_log;
 pub mod dirty_ring;
 pub mod guest;
 pub(crate) mod harvest;
+pub(crate) mod harvest_pool;
 pub mod host_access;
 pub(crate) use shadow_mmu_core::lockdep;
 pub mod memory;

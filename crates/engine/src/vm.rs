@@ -141,6 +141,8 @@ pub(crate) struct Kvm {
     pub(crate) dirty_rings: Mutex<Vec<Arc<crate::dirty_ring::VcpuRing>>>,
     /// `kvm->dirty_ring_lock`: one reset at a time.
     pub(crate) dirty_ring_lock: Mutex<()>,
+    /// The parallel harvest's helper threads (`harvest_threads - 1`), if any.
+    pub(crate) harvest_pool: Option<crate::harvest_pool::HarvestPool>,
 }
 
 impl Drop for Kvm {
@@ -252,6 +254,8 @@ impl Vm {
             dirty_ring_entries: std::sync::atomic::AtomicU32::new(0),
             dirty_rings: Mutex::new(Vec::new()),
             dirty_ring_lock: Mutex::new(()),
+            harvest_pool: (config.harvest_threads > 1)
+                .then(|| crate::harvest_pool::HarvestPool::new(config.harvest_threads as usize - 1)),
             config,
             memslots: ArcSwap::from_pointee(Memslots::default()),
             slots_lock: Mutex::new(()),
@@ -478,6 +482,17 @@ impl Vm {
     /// before any vCPU exists.
     pub fn enable_dirty_ring(&self, bytes: u32) -> Result<(), DirtyRingError> {
         self.kvm.enable_dirty_ring(bytes)
+    }
+
+    /// Wakes the parallel harvest's helper threads and keeps them spinning,
+    /// ready, for `within`: for a harvest whose start matters, as a VMM
+    /// calls it when it begins the stop-and-copy (pausing the vCPUs) before
+    /// the final harvest. Without it a helper can get its CPU late (a halted
+    /// vCPU of the host wakes in about a millisecond). No-op on one thread.
+    pub fn prepare_harvest(&self, within: std::time::Duration) {
+        if let Some(p) = &self.kvm.harvest_pool {
+            p.prepare(within);
+        }
     }
 
     /// The vCPUs that have a dirty ring (every vCPU, once the ring is on).

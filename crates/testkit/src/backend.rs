@@ -137,6 +137,10 @@ pub trait PassVm: DirtyLogVm {
     /// with every vCPU waiting for a release.
     fn cut(&self) -> Option<u64>;
 
+    /// The final harvest is coming (the stop-and-copy): wake whatever
+    /// threads it will use so that they are ready within `within`.
+    fn prepare_harvest(&self, _within: std::time::Duration) {}
+
     /// Marks the start of a harvest, for backends that time each vCPU fault
     /// and tell faults during a harvest from others.
     fn harvest_begin(&self) {}

@@ -562,6 +562,10 @@ impl PassVm for EnginePassVm {
         self.work.swept
     }
 
+    fn prepare_harvest(&self, within: Duration) {
+        self.vm.prepare_harvest(within);
+    }
+
     fn stored_iteration(&self, word: u64) -> u64 {
         crate::workload::value_tag(word)
     }
@@ -617,6 +621,10 @@ impl PassVm for EnginePassVm {
         })
     }
 }
+
+/// How long before the stop-and-copy harvest its helper threads are woken:
+/// the last pass of the vCPUs, at most this long.
+pub const STOP_AND_COPY_NOTICE: Duration = Duration::from_millis(250);
 
 /// Runs `migrate-perf` on `vm`, whichever its backend (module docs);
 /// `on_iteration` sees each iteration as it completes. Lost pages are
@@ -703,6 +711,10 @@ pub fn migrate_perf(
     harvest(vm, spec, &mut bitmap, 0, false)?;
     outside(vm, &bitmap)?;
     run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
+    // The last pass before the stop-and-copy harvest: a VMM that pauses its
+    // vCPUs for the final harvest knows it is coming, and wakes the
+    // harvest's helper threads as it starts (`Vm::prepare_harvest`).
+    vm.prepare_harvest(STOP_AND_COPY_NOTICE);
     vm.release(pass + 1);
     let dirty_memory_ns = vm.wait_passes(pass)?;
     let cut = vm.cut();

@@ -75,6 +75,9 @@ pub const READING_SHADOW_PAGE_TABLES: u8 = 2;
 
 /// Request: flush the TLB before the next guest access (`KVM_REQ_TLB_FLUSH`).
 pub const KVM_REQ_TLB_FLUSH: u32 = 1 << 0;
+/// Request: leave `KVM_RUN` for userspace at the next access boundary (a
+/// VMM's kick, as QEMU's signal that makes `KVM_RUN` return `EINTR`).
+pub const KVM_REQ_EXIT: u32 = 1 << 1;
 
 /// The part of a vCPU that other threads touch.
 #[derive(Debug)]
@@ -175,6 +178,24 @@ impl VcpuShared {
         self.state.requests.fetch_and(!KVM_REQ_TLB_FLUSH, Ordering::AcqRel) & KVM_REQ_TLB_FLUSH != 0
     }
 
+    /// Asks the vCPU to leave `KVM_RUN` at its next access boundary
+    /// ([`KVM_REQ_EXIT`]); does not wait.
+    pub fn request_exit(&self) {
+        self.make_request(KVM_REQ_EXIT);
+    }
+
+    /// Takes a pending exit request, if any, clearing its bit.
+    #[inline]
+    pub fn take_exit_request(&self) -> bool {
+        // Relaxed load first: the common case has none. AcqRel on the clear:
+        // acquire pairs with the requester's SeqCst fetch_or (what it did
+        // before asking is visible to the userspace we exit to).
+        if self.state.requests.load(Ordering::Relaxed) & KVM_REQ_EXIT == 0 {
+            return false;
+        }
+        self.state.requests.fetch_and(!KVM_REQ_EXIT, Ordering::AcqRel) & KVM_REQ_EXIT != 0
+    }
+
     #[inline]
     fn make_request(&self, req: u32) {
         // SeqCst: the flusher half of the handshake (module docs, point 1).
@@ -209,6 +230,14 @@ impl VcpuSet {
     /// Adds a vCPU that flushes will wait for.
     pub fn add(&self, v: Arc<VcpuShared>) {
         self.vcpus.write().push(v);
+    }
+
+    /// Asks every vCPU to leave `KVM_RUN` at its next access boundary;
+    /// does not wait (the VMM's threads see each run return).
+    pub fn request_all_exit(&self) {
+        for v in self.vcpus.read().iter() {
+            v.request_exit();
+        }
     }
 
     /// Ids of the vCPUs created.

@@ -484,6 +484,14 @@ impl Vm {
         self.kvm.enable_dirty_ring(bytes)
     }
 
+    /// Kicks every vCPU out of `run` at its next access boundary
+    /// (`VcpuExit::Intr`), as a VMM's signal does before it pauses them for
+    /// the stop-and-copy; does not wait: each vCPU's thread sees its run
+    /// return.
+    pub fn kick_vcpus(&self) {
+        self.kvm.vcpus.request_all_exit();
+    }
+
     /// Wakes the parallel harvest's helper threads and keeps them spinning,
     /// ready, for `within`: for a harvest whose start matters, as a VMM
     /// calls it when it begins the stop-and-copy (pausing the vCPUs) before

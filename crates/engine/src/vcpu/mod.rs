@@ -57,6 +57,10 @@ pub enum VcpuExit {
         /// The stored value (0 for a load).
         value: u64,
     },
+    /// A kick ([`crate::Vm::kick_vcpus`]): the run returned to userspace
+    /// at an access boundary, every access before it complete
+    /// (`KVM_EXIT_INTR`). Running again goes on with the next operation.
+    Intr,
     /// The vCPU's dirty ring reached its soft limit
     /// (`KVM_EXIT_DIRTY_RING_FULL`): harvest and reset the rings, then run
     /// again. Until then every run exits at once with this.
@@ -155,6 +159,8 @@ pub struct Vcpu {
     /// A fault filled the ring to its soft limit: exit at the next access
     /// boundary.
     ring_full: bool,
+    /// A kick was taken on entry: exit at the next access boundary.
+    exit_pending: bool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -194,6 +200,7 @@ impl Vcpu {
             observer: None,
             ring,
             ring_full: false,
+            exit_pending: false,
         }
     }
 
@@ -250,6 +257,10 @@ impl Vcpu {
                 self.shared.exit_guest_mode();
                 self.enter_guest();
             }
+            if std::mem::take(&mut self.exit_pending) {
+                // A kick: every access before this boundary is complete.
+                break Stop::Exit(VcpuExit::Intr);
+            }
             match guest.next_op(last_read) {
                 GuestOp::Read(gpa) => match self.access(gpa, false, 0) {
                     Ok(v) => last_read = v,
@@ -282,6 +293,12 @@ impl Vcpu {
     /// pending (`vcpu_enter_guest`).
     fn enter_guest(&mut self) {
         loop {
+            // A kick is taken here and honoured at the next access boundary,
+            // so that an access interrupted by a fault completes first (the
+            // guest's operation is not lost).
+            if self.shared.take_exit_request() {
+                self.exit_pending = true;
+            }
             if self.shared.pending_requests() & KVM_REQ_TLB_FLUSH != 0 {
                 // Flush first, then clear the request (requests.rs, point 2):
                 // nothing is cached between the two.

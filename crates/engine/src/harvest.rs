@@ -161,13 +161,14 @@ impl Kvm {
                 self.mmu.stats.harvest_thread_start_max_ns.max(started.elapsed().as_nanos() as u64);
             }
             let mut t = ChunkTally::default();
+            if early && k == 0 {
+                // Broken on purpose: this thread flushes for everyone before
+                // the others are done (here, before any work at all, so that
+                // a test sees it every time rather than by timing).
+                self.kvm_flush_remote_tlbs();
+            }
             for c in (k..chunks).step_by(threads) {
                 t += chunk(c);
-            }
-            if early && k == 0 {
-                // Broken on purpose: this thread flushes for everyone as
-                // soon as its own share is done.
-                self.kvm_flush_remote_tlbs();
             }
             t
         };

@@ -306,6 +306,14 @@ struct Sweepers {
 /// What a sweeper thread returns: its vCPU's counters and its probe.
 type SweeperExit = Result<(VcpuStats, Option<Box<LatencyProbe>>), String>;
 
+/// The latency probe a sweeper installed on `vcpu`, taken back.
+fn take_probe(vcpu: &mut shadow_mmu_engine::Vcpu) -> Option<Box<LatencyProbe>> {
+    vcpu.set_fault_observer(None).map(|o| {
+        let o: Box<dyn std::any::Any> = o;
+        o.downcast::<LatencyProbe>().expect("the probe we installed")
+    })
+}
+
 /// What the sweepers leave when they stop.
 #[derive(Debug, Default)]
 struct SweepResult {
@@ -378,14 +386,13 @@ impl Sweepers {
                                 std::thread::sleep(Duration::from_micros(20));
                             }
                             ring_waiters.fetch_sub(1, Ordering::Relaxed);
+                            // Stopped while full: a run would only exit again
+                            // (the guest never gets to see the stop).
+                            if vcpu.dirty_ring_full() && ctl.stop_requested() {
+                                break Ok((vcpu.stats(), take_probe(&mut vcpu)));
+                            }
                         }
-                        Ok(VcpuExit::Hypercall(HC_STOP)) => {
-                            let probe = vcpu.set_fault_observer(None).map(|o| {
-                                let o: Box<dyn std::any::Any> = o;
-                                o.downcast::<LatencyProbe>().expect("the probe we installed")
-                            });
-                            break Ok((vcpu.stats(), probe));
-                        }
+                        Ok(VcpuExit::Hypercall(HC_STOP)) => break Ok((vcpu.stats(), take_probe(&mut vcpu))),
                         Ok(other) => break Err(format!("vCPU {id}: unexpected exit {other:?}")),
                         Err(e) => break Err(format!("vCPU {id}: {e}")),
                     }

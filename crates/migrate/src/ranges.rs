@@ -1,0 +1,110 @@
+//! From a harvest's dirty bitmap to what a round sends: runs of pages
+//! ([`PageRange`]s, Cloud Hypervisor's `MemoryRangeTable`), each all zero
+//! (sent as a flag) or all data, and the page digests of the final check.
+//!
+//! Invariants: the ranges of a bitmap cover exactly its set bits, in order,
+//! with no two adjacent ranges of the same kind; a run never exceeds
+//! `max_pages`, so that a frame stays under the stream's maximum.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::stream::PageRange;
+
+/// Words (8 bytes) per 4 KiB page.
+pub const WORDS_PER_PAGE: usize = 512;
+
+/// Is page `p` of `memory` all zero?
+fn is_zero(memory: &[AtomicU64], p: u64) -> bool {
+    let w = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+    // Relaxed: guest data, read after the harvest that reported the page
+    // (whose acquire orders the stores it reports).
+    w.iter().all(|x| x.load(Ordering::Relaxed) == 0)
+}
+
+/// The ranges of the pages set in `bitmap` (bit `i` of word `w`: page
+/// `64 * w + i`), split where a page turns from zero to data or back, and
+/// every `max_pages` pages.
+pub fn dirty_ranges(bitmap: &[u64], memory: &[AtomicU64], max_pages: u32) -> Vec<PageRange> {
+    assert!(max_pages > 0);
+    let mut out: Vec<PageRange> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut m = word;
+        while m != 0 {
+            let p = w as u64 * 64 + u64::from(m.trailing_zeros());
+            m &= m - 1;
+            let zero = is_zero(memory, p);
+            match out.last_mut() {
+                Some(r) if r.first + u64::from(r.pages) == p && r.zero == zero && r.pages < max_pages => {
+                    r.pages += 1;
+                }
+                _ => out.push(PageRange { first: p, pages: 1, zero }),
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of the data pages of `ranges`, in order (little-endian words).
+pub fn range_data(ranges: &[PageRange], memory: &[AtomicU64]) -> Vec<u8> {
+    let pages: u64 = ranges.iter().filter(|r| !r.zero).map(|r| u64::from(r.pages)).sum();
+    let mut data = Vec::with_capacity(pages as usize * WORDS_PER_PAGE * 8);
+    for r in ranges.iter().filter(|r| !r.zero) {
+        let words = &memory[r.first as usize * WORDS_PER_PAGE..][..r.pages as usize * WORDS_PER_PAGE];
+        for w in words {
+            // Relaxed: as in `is_zero`.
+            data.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+    }
+    data
+}
+
+/// A digest of page `p` of `memory`: CRC-32C of its bytes, widened with the
+/// page number so that two equal pages at different places differ.
+pub fn page_digest(memory: &[AtomicU64], p: u64) -> u64 {
+    let mut crc = 0;
+    for w in &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE] {
+        // Relaxed: read with every vCPU stopped (the final check).
+        crc = crc32c::crc32c_append(crc, &w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    (p << 32) | u64::from(crc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(pages: usize) -> Vec<AtomicU64> {
+        (0..pages * WORDS_PER_PAGE).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    #[test]
+    fn ranges_cover_the_set_bits_split_by_kind_and_size() {
+        let m = mem(200);
+        for p in [3usize, 4, 5, 70, 130] {
+            m[p * WORDS_PER_PAGE + 7].store(p as u64, Ordering::Relaxed);
+        }
+        // Pages 2..=6 and 69..=71 and 130 dirty; 2, 6, 69, 71 are zero.
+        let mut bm = vec![0u64; 4];
+        for p in [2u64, 3, 4, 5, 6, 69, 70, 71, 130] {
+            bm[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        let r = dirty_ranges(&bm, &m, 2);
+        let want = [
+            (2, 1, true),
+            (3, 2, false),
+            (5, 1, false),
+            (6, 1, true),
+            (69, 1, true),
+            (70, 1, false),
+            (71, 1, true),
+            (130, 1, false),
+        ];
+        let got: Vec<_> = r.iter().map(|r| (r.first, r.pages, r.zero)).collect();
+        assert_eq!(got, want);
+        let data = range_data(&r, &m);
+        assert_eq!(data.len(), 5 * 4096, "data pages only");
+        assert_eq!(data[7 * 8], 3, "page 3's word 7 first");
+        assert_ne!(page_digest(&m, 3), page_digest(&m, 4));
+        assert_ne!(page_digest(&m, 2), page_digest(&m, 6), "equal pages, different places");
+    }
+}

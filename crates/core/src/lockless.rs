@@ -52,6 +52,18 @@ pub fn mark_page_dirty_after_publish(bitmap: &DirtyBitmap, rel_gfn: u64, b: &Bre
     bitmap.mark(rel_gfn);
 }
 
+/// CLEAR's step on word `word` of a dirty bitmap
+/// (`mask &= atomic_long_fetch_andnot(mask, word)` in
+/// `kvm_clear_dirty_log_protect`): clears the bits of `mask` that are set and
+/// returns them, the pages the caller must write-protect. The AcqRel RMW
+/// pairs with the markers' release fences as `take_word`'s swap does, so the
+/// walk that follows finds the writable spte behind every bit returned
+/// (`DirtyBitmap::clear_mask`).
+#[inline]
+pub fn clear_dirty_mask(bitmap: &DirtyBitmap, word: usize, mask: u64, b: &Breakage) -> u64 {
+    if b.clear_whole_word() { bitmap.take_word(word) & mask } else { bitmap.clear_mask(word, mask) }
+}
+
 /// How `mmu_spte_update` replaces an spte under `mmu_lock`, and when it asks
 /// for a remote TLB flush. One per VM, fixed when the VM is built
 /// ([`SpteUpdate::for_mmu`]).
@@ -350,11 +362,7 @@ mod loom_tests {
         /// (bit 0: the page), as `clear_dirty_log_protect` does per word:
         /// clear only the set bits of the mask, protect those pages, flush.
         fn clear(&self, user_mask: u64, b: &Breakage) -> u64 {
-            let mask = if b.clear_whole_word() {
-                self.bitmap.take_word(0) & user_mask
-            } else {
-                self.bitmap.clear_mask(0, user_mask)
-            };
+            let mask = clear_dirty_mask(&self.bitmap, 0, user_mask, b);
             if mask != 0 {
                 // SAFETY: the rmap's sptes live for the whole model.
                 let section = unsafe { crate::rcu::NeverReturned::new() };
@@ -517,8 +525,7 @@ mod loom_tests {
                 move || {
                     // Did page 1's mark come first? (The outcome record only.)
                     let before = bh.peek_word(0);
-                    let cleared =
-                        if b.clear_whole_word() { bh.take_word(0) & 0b01 } else { bh.clear_mask(0, 0b01) };
+                    let cleared = clear_dirty_mask(&bh, 0, 0b01, &b);
                     (before, cleared)
                 },
             );

@@ -44,7 +44,7 @@ use crate::memslot::Memslot;
 use parking_lot::Mutex;
 
 use crate::harvest::word_ranges;
-use crate::mmu::lockless::mark_page_dirty_after_publish;
+use crate::mmu::lockless::{clear_dirty_mask, mark_page_dirty_after_publish};
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
 
@@ -351,11 +351,7 @@ impl Kvm {
                     if m == 0 {
                         continue;
                     }
-                    let m = if self.mmu.breakage.clear_whole_word() {
-                        bitmap.take_word(i) & m
-                    } else {
-                        bitmap.clear_mask(i, m)
-                    };
+                    let m = clear_dirty_mask(bitmap, i, m, &self.mmu.breakage);
                     if m != 0 {
                         t.pages += u64::from(m.count_ones());
                         self.protect_run(p, (slot, i as u64 * 64, m), initially_set, t);

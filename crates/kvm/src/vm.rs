@@ -356,26 +356,18 @@ impl KvmVm {
 
     /// Harvests every vCPU's dirty ring: `f(slot, offset)` for each entry
     /// KVM pushed since the last harvest, ring by ring, in order. Returns
-    /// how many. Follow with [`Self::reset_dirty_rings`].
-    pub fn harvest_dirty_rings(&self, f: impl FnMut(u32, u64)) -> u32 {
-        let mut n = 0;
+    /// how many. Follow with [`Self::reset_dirty_rings`], even after an
+    /// error: every ring is harvested first. A ring found completely full is
+    /// [`KvmError::DirtyRingOverflow`] (KVM ran past its reserve).
+    pub fn harvest_dirty_rings(&self, mut f: impl FnMut(u32, u64)) -> Result<u32, KvmError> {
         let rings = self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut f = f;
+        let (mut n, mut overflowed) = (0, false);
         for r in rings.iter() {
-            n += r.harvest(&mut f);
+            let got = r.harvest(&mut f);
+            overflowed |= got == r.entries();
+            n += got;
         }
-        n
-    }
-
-    /// [`Self::harvest_dirty_rings`]; returns whether any ring was found
-    /// completely full (KVM ran past its reserve: see `KvmError::DirtyRingOverflow`).
-    pub fn harvest_dirty_rings_each(&self, mut f: impl FnMut(u32, u64)) -> bool {
-        let rings = self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut overflowed = false;
-        for r in rings.iter() {
-            overflowed |= r.harvest(&mut f) == r.entries();
-        }
-        overflowed
+        if overflowed { Err(KvmError::DirtyRingOverflow) } else { Ok(n) }
     }
 
     /// `KVM_RESET_DIRTY_RINGS` on this VM (see [`ioctls::reset_dirty_rings`]).

@@ -174,18 +174,25 @@ pub enum StreamError {
     },
 }
 
+/// The name of frame kind `kind`, if it is one (the one table of kinds:
+/// [`Frame::name`] and the decoder read it).
+fn kind_name(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        1 => "header",
+        2 => "round",
+        3 => "pages",
+        4 => "digest",
+        5 => "vcpu-state",
+        6 => "done",
+        7 => "ack",
+        _ => return None,
+    })
+}
+
 impl Frame {
     /// The kind's name, for messages.
     pub fn name(&self) -> &'static str {
-        match self {
-            Frame::Header(_) => "header",
-            Frame::Round { .. } => "round",
-            Frame::Pages { .. } => "pages",
-            Frame::Digest { .. } => "digest",
-            Frame::VcpuState { .. } => "vcpu-state",
-            Frame::Done => "done",
-            Frame::Ack { .. } => "ack",
-        }
+        kind_name(self.kind()).expect("every frame has a known kind")
     }
 
     fn kind(&self) -> u8 {
@@ -248,16 +255,7 @@ impl Frame {
 
     fn decode(payload: &[u8], page_size: u32) -> Result<Frame, StreamError> {
         let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
-        let name = match kind {
-            1 => "header",
-            2 => "round",
-            3 => "pages",
-            4 => "digest",
-            5 => "vcpu-state",
-            6 => "done",
-            7 => "ack",
-            k => return Err(StreamError::UnknownKind(k)),
-        };
+        let name = kind_name(kind).ok_or(StreamError::UnknownKind(kind))?;
         let mut c = Cursor { b: body, kind: name };
         let f = match kind {
             1 => {

@@ -101,10 +101,9 @@ switches! {
     /// A fault pushes its page to the dirty ring before the spte is
     /// writable and in its rmap (patch 06's order, through the ring).
     ring_push_before_rmap,
-    /// With several harvest threads, the first flushes remote TLBs for all
-    /// before the others are done (at the start of its share), and nobody
-    /// flushes after the join: the sptes protected after that flush stay
-    /// writable in TLBs.
+    /// With several harvest threads, remote TLBs are flushed before the
+    /// threads are done (before they start), and not after the join: the
+    /// sptes they protect stay writable in TLBs.
     harvest_thread_flushes_early,
 }
 

@@ -253,14 +253,48 @@ fn resetting_the_ring_before_the_harvest_is_caught() {
 #[test]
 fn a_harvest_thread_that_flushes_early_is_caught() {
     // Only the lockless design flushes after the join; the locked one
-    // flushes inside each chunk's lock hold. The hammered page is in the
-    // last thread's chunk, so the first thread (with nothing to protect)
-    // flushes before it.
+    // flushes inside each chunk's lock hold. With manual protect the GET
+    // only copies the log (no protection, no flush), so it can look for an
+    // unlogged store without healing it: after each CLEAR (on 4 threads,
+    // the hammered page in the last thread's chunk) a store to a page whose
+    // bit the CLEAR took must fault and mark it again.
+    use shadow_mmu_engine::{DirtyLogProtect, MemFlags};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const PAGE: u64 = 500;
     for base in designs_of(MmuDesign::Lockless) {
         for broken in [false, true] {
             let breakage = Breakage { harvest_thread_flushes_early: broken, ..Breakage::default() };
-            let config = VmConfig { harvest_threads: 4, breakage, ..base.clone() };
-            let (violations, changed) = stale_tlb_violations_at(config, 300, 500);
+            let config = VmConfig {
+                harvest_threads: 4,
+                dirty_log_protect: DirtyLogProtect::Manual,
+                breakage,
+                ..base.clone()
+            };
+            let (vm, mem) = vm_with_slot(config, 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            let mut guest = Hammer { gpa: page(PAGE), n: 0, stop: stop.clone() };
+            let t = std::thread::spawn(move || vcpu.run(&mut guest).unwrap());
+            let word = &mem.page(PAGE)[0];
+            while word.load(Ordering::Relaxed) == 0 {
+                std::hint::spin_loop();
+            }
+            let (mut violations, mut changed) = (0, 0);
+            let mut bm = vec![0u64; 8];
+            for _ in 0..100 {
+                vm.get_dirty_log(0, &mut bm).unwrap();
+                vm.clear_dirty_log(0, 0, 512, &bm).unwrap();
+                let after_clear = word.load(Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+                let later = word.load(Ordering::Relaxed);
+                vm.get_dirty_log(0, &mut bm).unwrap();
+                if later != after_clear {
+                    changed += 1;
+                    violations += u32::from(bm[(PAGE / 64) as usize] & (1 << (PAGE % 64)) == 0);
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            t.join().unwrap();
             assert!(changed > 10, "{}: the page should keep changing", describe(&base));
             if broken {
                 assert!(violations > 0, "{}: an early flush went unnoticed", describe(&base));

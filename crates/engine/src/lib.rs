@@ -72,4 +72,4 @@ pub use memslot::{MemFlags, MemslotError, UserMemoryRegion};
 pub use mmu::{MmuDesign, UnknownMmuDesign};
 pub use page_track::TrackError;
 pub use vcpu::{FaultObserver, Vcpu, VcpuError, VcpuExit, VcpuStats};
-pub use vm::{Vm, VmConfig, VmError, VmStats};
+pub use vm::{VcpuKicker, Vm, VmConfig, VmError, VmStats};

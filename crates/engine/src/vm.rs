@@ -160,6 +160,24 @@ pub struct Vm {
     kvm: Arc<Kvm>,
 }
 
+/// Kicks a VM's vCPUs ([`Vm::kicker`]).
+pub struct VcpuKicker {
+    kvm: Arc<Kvm>,
+}
+
+impl std::fmt::Debug for VcpuKicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuKicker").finish_non_exhaustive()
+    }
+}
+
+impl VcpuKicker {
+    /// [`Vm::kick_vcpus`].
+    pub fn kick(&self) {
+        self.kvm.vcpus.request_all_exit();
+    }
+}
+
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm").field("config", &self.kvm.config).finish()
@@ -490,6 +508,12 @@ impl Vm {
     /// return.
     pub fn kick_vcpus(&self) {
         self.kvm.vcpus.request_all_exit();
+    }
+
+    /// A handle that kicks this VM's vCPUs ([`Self::kick_vcpus`]) from
+    /// any thread, for as long as it lives (it keeps the VM's state alive).
+    pub fn kicker(&self) -> VcpuKicker {
+        VcpuKicker { kvm: self.kvm.clone() }
     }
 
     /// Wakes the parallel harvest's helper threads and keeps them spinning,

@@ -4,12 +4,13 @@
 //! without manual protect.
 
 use std::ops::DerefMut;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_testkit::backend::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLogVm, PassExtras, PassSpec, PassVm, RingState,
-    check_guest_access,
+    VcpuGate, check_guest_access, check_vcpu_states,
 };
 
 use crate::error::KvmError;
@@ -255,6 +256,23 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
 
     fn cut(&self) -> Option<u64> {
         None
+    }
+
+    fn vcpu_gate(&self) -> Arc<VcpuGate> {
+        self.inner.gate().clone()
+    }
+
+    fn passes_done(&self) -> u64 {
+        self.inner.passes().into_iter().min().unwrap_or(0)
+    }
+
+    fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
+        let words = crate::perf::PASS_VCPU_STATE_WORDS;
+        check_vcpu_states(&states, self.inner.config().vcpus, &self.name, |s| {
+            (s.len() == 8 * words).then_some(()).ok_or("not a KVM pass vCPU's state")
+        })?;
+        self.inner.gate().restore(states);
+        Ok(())
     }
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {

@@ -35,7 +35,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{DirtyLogProtect, GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{
+    DirtyLogProtect, GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup,
+};
+use shadow_mmu_testkit::vcpu_gate::{VcpuGate, decode_words, encode_words};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -154,6 +157,70 @@ struct PerfShared {
     ring_waiters: AtomicU64,
     /// `KVM_EXIT_DIRTY_RING_FULL` exits so far.
     ring_full_exits: AtomicU64,
+    /// The vCPUs' pause and state exchange.
+    gate: Arc<VcpuGate>,
+    /// The vCPU threads to signal for a kick.
+    threads: Arc<KickList>,
+}
+
+/// The live vCPU threads of a VM, by id, for [`KickList::kick`]: each
+/// thread enters itself when it starts and takes itself out before it
+/// ends, under the lock that `kick` signals under, so a signal never goes
+/// to a thread that has ended.
+#[derive(Debug, Default)]
+struct KickList(Mutex<Vec<Option<libc::pthread_t>>>);
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (`EINTR`), as
+/// Firecracker and Cloud Hypervisor use the first real-time signal.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing: the signal's only work is to interrupt KVM_RUN.
+}
+
+impl KickList {
+    fn enter(&self, id: u32) {
+        let mut l = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if l.len() <= id as usize {
+            l.resize(id as usize + 1, None);
+        }
+        // SAFETY: pthread_self has no preconditions.
+        l[id as usize] = Some(unsafe { libc::pthread_self() });
+    }
+
+    fn leave(&self, id: u32) {
+        let mut l = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        l[id as usize] = None;
+    }
+
+    fn kick(&self) {
+        let l = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for &t in l.iter().flatten() {
+            // SAFETY: `t` is a live thread: it is in the list, and a thread
+            // takes itself out (under this lock, which we hold) before it
+            // ends. The signal has a handler (`KvmPerfVm::new` installs it
+            // before starting any thread), so it cannot kill the process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+}
+
+/// Words of a vCPU thread's saved state: the passes it completed, then the
+/// vCPU's ([`Vcpu::save_state`]).
+pub const PASS_VCPU_STATE_WORDS: usize = 1 + VCPU_STATE_WORDS;
+
+/// Holds vCPU `id` at its gate, saving its state, if a pause is requested.
+fn hold(vcpu: &mut Vcpu, done: u64, shared: &PerfShared) -> Result<(), KvmError> {
+    if !shared.gate.pause_requested() {
+        return Ok(());
+    }
+    let mut w = vec![done];
+    w.extend(vcpu.save_state()?);
+    // Relaxed: see the vCPU thread's stop checks.
+    shared.gate.hold(vcpu.id(), || encode_words(&w), || shared.stop.load(Ordering::Relaxed));
+    Ok(())
 }
 
 /// A VM running `migrate-perf` vCPU threads on KVM.
@@ -167,23 +234,63 @@ pub struct KvmPerfVm {
 
 /// A vCPU thread: runs a pass each time the host allows one.
 fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> {
+    shared.threads.enter(vcpu.id());
+    let r = vcpu_loop(&mut vcpu, &shared);
+    shared.threads.leave(vcpu.id());
+    if let Err(e) = &r {
+        if let Ok(mut f) = shared.failure.lock() {
+            f.get_or_insert_with(|| e.to_string());
+        }
+        // Release: pairs with `wait_passes`' acquire load; the reason is
+        // under the mutex anyway.
+        shared.failed.store(true, Ordering::Release);
+    }
+    r
+}
+
+fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let id = vcpu.id();
     let clock = &shared.clocks[id as usize];
     let mut done = 0u64;
     loop {
-        // Acquire: pairs with `release`'s store (nothing else is published
-        // through it, but it keeps "released" meaning "released before").
-        while shared.allowed.load(Ordering::Acquire) <= done {
+        loop {
+            if let Some(state) = shared.gate.take_restore(id) {
+                // Checked by `restore_vcpus` before it was given.
+                let w = decode_words(&state, PASS_VCPU_STATE_WORDS).expect("a checked vCPU state");
+                vcpu.restore_state(&w[1..])?;
+                done = w[0];
+                // Release: as the store after a pass.
+                clock.passes.store(done, Ordering::Release);
+            }
+            if shared.gate.pause_requested() {
+                hold(vcpu, done, shared)?;
+                continue;
+            }
             // Relaxed: a stop is seen eventually; `stop` joins us, which
             // orders everything after.
             if shared.stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
+            // Acquire: pairs with `release`'s store (nothing else is
+            // published through it, but it keeps "released" meaning
+            // "released before").
+            if shared.allowed.load(Ordering::Acquire) > done {
+                break;
+            }
             std::thread::sleep(Duration::from_micros(20));
         }
         let t = Instant::now();
         let code = loop {
-            match vcpu.run() {
+            match vcpu.run_interruptible(&|| shared.gate.pause_requested()) {
+                Ok(GuestExit::Interrupted) => {
+                    // Kicked out of a pass: hold mid-pass (the registers say
+                    // where the pass is).
+                    hold(vcpu, done, shared)?;
+                    // Relaxed: as above.
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                }
                 Ok(GuestExit::DirtyRingFull) => {
                     // Relaxed: see the wait for a release above.
                     if shared.stop.load(Ordering::Relaxed) {
@@ -196,6 +303,7 @@ fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> 
                     // Re-entering while still full exits at once: wait a
                     // little for the host to reap, then try again.
                     std::thread::sleep(Duration::from_micros(50));
+                    hold(vcpu, done, shared)?;
                     shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
                 }
                 Ok(GuestExit::Ucall(c)) => break Ok(c),
@@ -210,12 +318,6 @@ fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> 
             Err(e) => Some(e),
         };
         if let Some(e) = err {
-            if let Ok(mut f) = shared.failure.lock() {
-                f.get_or_insert_with(|| e.to_string());
-            }
-            // Release: pairs with `wait_passes`' acquire load; the reason is
-            // under the mutex anyway.
-            shared.failed.store(true, Ordering::Release);
             return Err(e);
         }
         // Relaxed: published by the release store of `passes` below.
@@ -255,6 +357,16 @@ impl KvmPerfVm {
             // ebp = 0 passes done, esi = LCG seed.
             vcpus.push(vm.create_vcpu(id, eip as u32, [0, 0, 0, 0, 0, 0, cfg.initial_lcg(id), 0])?);
         }
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        let mut installed = Ok(());
+        HANDLER.call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
+        installed.map_err(|e| KvmError::Ioctl {
+            op: "sigaction (the vCPU kick)",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let threads = Arc::new(KickList::default());
+        let kick = threads.clone();
+        let gate = Arc::new(VcpuGate::new(cfg.vcpus, Box::new(move || kick.kick())));
         let shared = Arc::new(PerfShared {
             clocks: (0..cfg.vcpus).map(|_| PassClock::default()).collect(),
             allowed: AtomicU64::new(0),
@@ -263,6 +375,8 @@ impl KvmPerfVm {
             failure: Mutex::new(None),
             ring_waiters: AtomicU64::new(0),
             ring_full_exits: AtomicU64::new(0),
+            gate,
+            threads,
         });
         let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
         for vcpu in vcpus {
@@ -299,6 +413,11 @@ impl KvmPerfVm {
     /// failed (or had failed) instead of waiting.
     pub fn wait_passes(&self, since: &[u64]) -> Result<u64, KvmError> {
         self.wait_passes_reaping(since, &mut || Ok(()))
+    }
+
+    /// The vCPUs' pause and state exchange.
+    pub fn gate(&self) -> &Arc<VcpuGate> {
+        &self.shared.gate
     }
 
     /// `KVM_EXIT_DIRTY_RING_FULL` exits of the vCPU threads so far.

@@ -536,8 +536,29 @@ pub enum GuestExit {
     /// `KVM_EXIT_INTERNAL_ERROR` with `KVM_INTERNAL_ERROR_EMULATION`: KVM's
     /// instruction emulator met an instruction it does not implement.
     EmulationFailure,
+    /// `KVM_RUN` returned `EINTR` (a signal) while `kicked()` said a kick
+    /// was meant: only from [`Vcpu::run_interruptible`].
+    Interrupted,
     /// Anything else, described.
     Other(String),
+}
+
+/// Words of a saved [`Vcpu`] state: 18 general registers, rip and rflags,
+/// then the FPU/MMX/SSE state (8 x87/MMX registers of 16 bytes, a word of
+/// fcw, fsw, ftwx and the last opcode, the last ip and dp, mxcsr, 16 XMM
+/// registers of 16 bytes).
+pub const VCPU_STATE_WORDS: usize = 18 + 16 + 4 + 32;
+
+fn bytes16_to_words(b: &[u8; 16]) -> [u64; 2] {
+    let (lo, hi) = b.split_at(8);
+    [u64::from_le_bytes(lo.try_into().expect("8")), u64::from_le_bytes(hi.try_into().expect("8"))]
+}
+
+fn words_to_bytes16(w: &[u64]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&w[0].to_le_bytes());
+    b[8..].copy_from_slice(&w[1].to_le_bytes());
+    b
 }
 
 impl Vcpu {
@@ -548,12 +569,21 @@ impl Vcpu {
 
     /// One `KVM_RUN` (re-entered on `EINTR`/`EAGAIN`).
     pub fn run(&mut self) -> Result<GuestExit, KvmError> {
+        self.run_interruptible(&|| false)
+    }
+
+    /// One `KVM_RUN`, re-entered on `EAGAIN`, and on `EINTR` unless
+    /// `kicked()`: then [`GuestExit::Interrupted`] (a VMM's pause, which
+    /// signals the vCPU's thread to get it out of guest mode).
+    pub fn run_interruptible(&mut self, kicked: &dyn Fn() -> bool) -> Result<GuestExit, KvmError> {
         loop {
             let other = match self.fd.run() {
                 Ok(VcpuExit::IoOut(UCALL_PORT, [code])) => return Ok(GuestExit::Ucall(*code)),
                 Ok(VcpuExit::IoOut(port, data)) => format!("out to port {port:#x} of {data:x?}"),
                 Ok(VcpuExit::IoIn(port, _)) => format!("in from port {port:#x}"),
+                Ok(VcpuExit::Intr) if kicked() => return Ok(GuestExit::Interrupted),
                 Ok(VcpuExit::Intr) => continue,
+                Err(e) if e.errno() == libc::EINTR && kicked() => return Ok(GuestExit::Interrupted),
                 Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
                     return Ok(GuestExit::DirtyRingFull);
                 }
@@ -592,6 +622,81 @@ impl Vcpu {
                 self.id
             ))),
             GuestExit::Other(what) => Err(KvmError::UnexpectedExit(format!("vCPU {}: {what}", self.id))),
+            GuestExit::Interrupted => unreachable!("run() is not interruptible"),
         }
+    }
+
+    /// The vCPU's registers and FPU state ([`VCPU_STATE_WORDS`] words), for a
+    /// migration: first a `KVM_RUN` with `immediate_exit` set, which completes
+    /// an I/O exit's instruction (the ucall's `out`) without running the
+    /// guest, as KVM's API documentation asks before saving a vCPU that
+    /// exited to userspace. Not in guest mode (the caller's thread owns it).
+    pub fn save_state(&mut self) -> Result<Vec<u64>, KvmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(libc::EINTR) => {}
+            Ok(()) => return Err(KvmError::UnexpectedExit("KVM_RUN with immediate_exit ran the guest".into())),
+            Err(errno) => {
+                return Err(KvmError::ioctl("KVM_RUN (immediate_exit)", kvm_ioctls::Error::new(errno)));
+            }
+        }
+        let r = self.fd.get_regs().map_err(|e| KvmError::ioctl("KVM_GET_REGS", e))?;
+        let f = self.fd.get_fpu().map_err(|e| KvmError::ioctl("KVM_GET_FPU", e))?;
+        let mut w = vec![
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15, r.rip, r.rflags,
+        ];
+        w.extend(f.fpr.iter().flat_map(bytes16_to_words));
+        w.push(
+            u64::from(f.fcw) | u64::from(f.fsw) << 16 | u64::from(f.ftwx) << 32 | u64::from(f.last_opcode) << 48,
+        );
+        w.extend([f.last_ip, f.last_dp, u64::from(f.mxcsr)]);
+        w.extend(f.xmm.iter().flat_map(bytes16_to_words));
+        debug_assert_eq!(w.len(), VCPU_STATE_WORDS);
+        Ok(w)
+    }
+
+    /// Loads a state of [`Self::save_state`] (another VM's vCPU, of the same
+    /// program). Refused unless it is [`VCPU_STATE_WORDS`] words.
+    pub fn restore_state(&mut self, w: &[u64]) -> Result<(), KvmError> {
+        if w.len() != VCPU_STATE_WORDS {
+            return Err(KvmError::BadConfig(format!("a vCPU state of {} words, not {VCPU_STATE_WORDS}", w.len())));
+        }
+        let r = kvm_bindings::kvm_regs {
+            rax: w[0],
+            rbx: w[1],
+            rcx: w[2],
+            rdx: w[3],
+            rsi: w[4],
+            rdi: w[5],
+            rsp: w[6],
+            rbp: w[7],
+            r8: w[8],
+            r9: w[9],
+            r10: w[10],
+            r11: w[11],
+            r12: w[12],
+            r13: w[13],
+            r14: w[14],
+            r15: w[15],
+            rip: w[16],
+            rflags: w[17],
+        };
+        let f = &w[18..];
+        let mut fpu = kvm_bindings::kvm_fpu::default();
+        for (i, reg) in fpu.fpr.iter_mut().enumerate() {
+            *reg = words_to_bytes16(&f[2 * i..]);
+        }
+        let packed = f[16];
+        (fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode) =
+            (packed as u16, (packed >> 16) as u16, (packed >> 32) as u8, (packed >> 48) as u16);
+        (fpu.last_ip, fpu.last_dp, fpu.mxcsr) = (f[17], f[18], f[19] as u32);
+        for (i, reg) in fpu.xmm.iter_mut().enumerate() {
+            *reg = words_to_bytes16(&f[20 + 2 * i..]);
+        }
+        self.fd.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+        self.fd.set_fpu(&fpu).map_err(|e| KvmError::ioctl("KVM_SET_FPU", e))
     }
 }

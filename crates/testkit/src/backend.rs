@@ -32,6 +32,7 @@ pub use shadow_mmu_engine::VmConfig;
 use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm};
 
 use crate::interface::{HarvestSpec, clear_chunks};
+pub use crate::vcpu_gate::VcpuGate;
 use thiserror::Error;
 
 /// What a backend's VM does beyond the common interface.
@@ -136,6 +137,20 @@ pub trait PassVm: DirtyLogVm {
     /// stores carry no tag (the oracle then checks at the end only). Called
     /// with every vCPU waiting for a release.
     fn cut(&self) -> Option<u64>;
+
+    /// The vCPUs' pause and state exchange: the stop-and-copy pauses them
+    /// through it, the auto-converge throttle too, and a migration's source
+    /// reads their states there ([`VcpuGate`]).
+    fn vcpu_gate(&self) -> Arc<VcpuGate>;
+
+    /// Passes every vCPU has completed (the least of their counts).
+    fn passes_done(&self) -> u64;
+
+    /// Gives each vCPU the state another VM's vCPU saved (through its gate),
+    /// to continue from before it next runs: a migration's destination,
+    /// before the first release. Checked first (one state per vCPU, each of
+    /// this backend and this workload): a refusal changes nothing.
+    fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError>;
 
     /// The final harvest is coming (the stop-and-copy): wake whatever
     /// threads it will use so that they are ready within `within`.
@@ -244,6 +259,29 @@ pub fn check_guest_access(pages: u64, offset: u64, words: usize) -> Result<(), G
         None => Err(GuestAccessError::Unaligned { gpa: offset, bytes }),
     }
 }
+
+/// The check every backend's [`PassVm::restore_vcpus`] makes first: one
+/// state per vCPU, each accepted by `check`.
+pub fn check_vcpu_states(
+    states: &[Vec<u8>],
+    vcpus: u32,
+    backend: &str,
+    check: impl Fn(&[u8]) -> Result<(), &'static str>,
+) -> Result<(), BackendError> {
+    let refuse = |why: String| BackendError::new(backend, "restoring the vCPUs", VcpuStateError(why));
+    if states.len() != vcpus as usize {
+        return Err(refuse(format!("{} vCPU states for {vcpus} vCPUs", states.len())));
+    }
+    for (id, s) in states.iter().enumerate() {
+        check(s).map_err(|why| refuse(format!("vCPU {id}: a state of {} bytes: {why}", s.len())))?;
+    }
+    Ok(())
+}
+
+/// A vCPU state this VM cannot continue from.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct VcpuStateError(pub String);
 
 /// A harvest as a migration makes it: `get_dirty_log`, then, on a VM that
 /// protects manually, `clear_dirty_log` of what it got, so that either way

@@ -14,6 +14,8 @@
 //!   a replay of a real program's page trace;
 //! - [`backend`]: one interface to a dirty-logging VM, on the engine or on
 //!   the machine's KVM;
+//! - [`vcpu_gate`]: pausing a VM's vCPUs and moving their state (a
+//!   migration's stop-and-copy, the auto-converge throttle);
 //! - [`fixtures`]: small VMs and guests the tests share.
 
 pub mod backend;
@@ -25,6 +27,7 @@ pub mod kernbench;
 pub mod oracle;
 pub mod perf;
 pub mod trace;
+pub mod vcpu_gate;
 pub mod workload;
 
 // The engine's and the core's modules under the names the testkit's modules

@@ -52,7 +52,10 @@ use crate::oracle::Oracle;
 use crate::spte::PAGE_SIZE;
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig};
-use crate::workload::{AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WorkloadGuest, WorkloadSpec};
+use crate::vcpu_gate::{VcpuGate, decode_words, encode_words};
+use crate::workload::{
+    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WORKLOAD_STATE_WORDS, WorkloadGuest, WorkloadSpec,
+};
 
 /// One iteration of a `migrate-perf` run, whichever the backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -301,6 +304,58 @@ struct Sweepers {
     threads: Vec<JoinHandle<SweeperExit>>,
     /// vCPUs waiting on a full dirty ring.
     ring_waiters: Arc<AtomicU64>,
+    /// Their pause and state exchange.
+    gate: Arc<VcpuGate>,
+}
+
+/// Words of a sweeper's saved state: the passes it completed, then its
+/// guest's ([`WorkloadGuest::save`]).
+const SWEEPER_STATE_WORDS: usize = 1 + WORKLOAD_STATE_WORDS;
+
+/// A sweeper's state for the gate: passes completed and the guest's state.
+fn save_sweeper(guest: &WorkloadGuest, done: u64) -> Vec<u8> {
+    let mut w = vec![done];
+    w.extend_from_slice(&guest.save());
+    encode_words(&w)
+}
+
+/// Decodes a sweeper state of [`save_sweeper`]: passes completed, guest state.
+fn decode_sweeper(state: &[u8]) -> Option<(u64, [u64; WORKLOAD_STATE_WORDS])> {
+    let w = decode_words(state, SWEEPER_STATE_WORDS)?;
+    Some((w[0], w[1..].try_into().ok()?))
+}
+
+/// Outside guest mode, before the next pass: takes a restored state, holds
+/// while paused, and returns when pass `done + 1` is released or a stop is
+/// requested.
+fn await_release(
+    id: u32,
+    guest: &mut WorkloadGuest,
+    done: &mut u64,
+    clock: &PassClock,
+    allowed: &AtomicU64,
+    ctl: &GuestControl,
+    gate: &VcpuGate,
+) {
+    loop {
+        if let Some(state) = gate.take_restore(id) {
+            // Checked by `PassVm::restore_vcpus` before it was given.
+            let (passes, g) = decode_sweeper(&state).expect("a checked sweeper state");
+            guest.restore(&g).expect("a checked sweeper state");
+            *done = passes;
+            // Release: as the store after a pass.
+            clock.passes.store(passes, Ordering::Release);
+        }
+        if gate.pause_requested() {
+            gate.hold(id, || save_sweeper(guest, *done), || ctl.stop_requested());
+            continue;
+        }
+        // Acquire: pairs with `release`.
+        if ctl.stop_requested() || allowed.load(Ordering::Acquire) > *done {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
 }
 
 /// What a sweeper thread returns: its vCPU's counters and its probe.
@@ -338,6 +393,8 @@ impl Sweepers {
             (0..vcpus).map(|_| CachePadded::new(PassClock::default())).collect();
         let allowed = Arc::new(AtomicU64::new(allowed));
         let ring_waiters = Arc::new(AtomicU64::new(0));
+        let kicker = vm.kicker();
+        let gate = Arc::new(VcpuGate::new(vcpus, Box::new(move || kicker.kick())));
         let mut threads = Vec::new();
         for id in 0..vcpus {
             let mut vcpu = vm.create_vcpu(id)?;
@@ -347,15 +404,13 @@ impl Sweepers {
             let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
             let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
             let ring_waiters = ring_waiters.clone();
+            let gate = gate.clone();
             threads.push(std::thread::spawn(move || {
                 let clock = &passes[id as usize];
                 let mut done = 0;
                 // The first pass too waits for its release (or a stop, which
                 // the guest then sees at its first access).
-                // Acquire: pairs with `release`.
-                while allowed.load(Ordering::Acquire) <= done && !ctl.stop_requested() {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
+                await_release(id, &mut guest, &mut done, clock, &allowed, &ctl, &gate);
                 let mut pass_start = Instant::now();
                 let r = loop {
                     match vcpu.run(&mut guest) {
@@ -369,11 +424,13 @@ impl Sweepers {
                             clock.passes.store(done, Ordering::Release);
                             // Outside guest mode (the guest parked): wait until the
                             // host releases the next pass, or stops us.
-                            // Acquire: pairs with `release`.
-                            while allowed.load(Ordering::Acquire) <= done && !ctl.stop_requested() {
-                                std::thread::sleep(Duration::from_micros(20));
-                            }
+                            await_release(id, &mut guest, &mut done, clock, &allowed, &ctl, &gate);
                             pass_start = Instant::now();
+                        }
+                        Ok(VcpuExit::Intr) => {
+                            // Kicked (a pause): the last access is complete.
+                            guest.park_outside();
+                            gate.hold(id, || save_sweeper(&guest, done), || ctl.stop_requested());
                         }
                         Ok(VcpuExit::DirtyRingFull) => {
                             // Out of the guest until the host reaps the rings
@@ -383,6 +440,7 @@ impl Sweepers {
                             // orderings carry the data.
                             ring_waiters.fetch_add(1, Ordering::Relaxed);
                             while vcpu.dirty_ring_full() && !ctl.stop_requested() {
+                                gate.hold(id, || save_sweeper(&guest, done), || ctl.stop_requested());
                                 std::thread::sleep(Duration::from_micros(20));
                             }
                             ring_waiters.fetch_sub(1, Ordering::Relaxed);
@@ -401,7 +459,7 @@ impl Sweepers {
                 r
             }));
         }
-        Ok(Self { ctl, passes, allowed, threads, ring_waiters })
+        Ok(Self { ctl, passes, allowed, threads, ring_waiters, gate })
     }
 
     /// Lets every vCPU go on up to pass `n`.
@@ -495,6 +553,8 @@ pub struct EnginePasses {
     vcpus: u32,
     /// Pages the sweepers sweep.
     swept: u64,
+    /// What their guests run.
+    workload: WorkloadSpec,
 }
 
 impl EnginePassVm {
@@ -535,7 +595,7 @@ impl EnginePassVm {
         };
         let clock = Arc::new(HarvestClock::default());
         let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, Some(clock.clone()))?;
-        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus, swept };
+        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus, swept, workload };
         Ok(EngineVm { name, vm, mem, work, ring: crate::backend::RingState::default() })
     }
 }
@@ -563,6 +623,28 @@ impl PassVm for EnginePassVm {
 
     fn cut(&self) -> Option<u64> {
         Some(self.work.sweepers.ctl.cut())
+    }
+
+    fn vcpu_gate(&self) -> Arc<VcpuGate> {
+        self.work.sweepers.gate.clone()
+    }
+
+    fn passes_done(&self) -> u64 {
+        self.work.sweepers.passes().into_iter().min().unwrap_or(0)
+    }
+
+    fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
+        crate::backend::check_vcpu_states(&states, self.work.vcpus, &self.name, |s| {
+            let (_, g) = decode_sweeper(s).ok_or("not a sweeper state")?;
+            // The guest's own check, on a guest of the same slice.
+            let spec = self.work.workload;
+            let ctl = GuestControl::new(self.work.vcpus);
+            let mut probe = WorkloadGuest::new(spec, 0, self.work.vcpus, 0, self.work.swept, ctl);
+            probe.restore(&g).ok_or("its position is outside the vCPU's slice")?;
+            Ok(())
+        })?;
+        self.work.sweepers.gate.restore(states);
+        Ok(())
     }
 
     fn swept_pages(&self) -> u64 {

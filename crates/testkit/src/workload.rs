@@ -155,6 +155,14 @@ impl GuestControl {
         self.iteration.load(Ordering::Relaxed)
     }
 
+    /// Raises the iteration to at least `n`, for guests that continue a
+    /// migrated workload (`WorkloadGuest::restore`), before any vCPU runs.
+    pub fn raise_iteration(&self, n: u64) {
+        // SeqCst: as `cut`'s store (the host's cuts come later, ordered by
+        // the release that lets the vCPUs run).
+        self.iteration.fetch_max(n, Ordering::SeqCst);
+    }
+
     /// Asks the guests to stop at their next access.
     pub fn request_stop(&self) {
         // Relaxed: the stop is observed eventually; the host joins the vCPU
@@ -221,9 +229,15 @@ pub struct WorkloadGuest {
     /// The tag of the access whose completion we publish next, if any.
     pending_seen: Option<u64>,
     parked: bool,
+    /// The pass just completed was reported (`HC_PASS_DONE`): the next
+    /// access starts the next pass.
+    pass_reported: bool,
     accesses: u64,
     asid: u16,
 }
+
+/// Words of a [`WorkloadGuest`]'s saved state.
+pub const WORKLOAD_STATE_WORDS: usize = 7;
 
 impl WorkloadGuest {
     /// vCPU `vcpu` of `vcpus`, on the guest pages `[base_gfn, base_gfn+npages)`.
@@ -267,9 +281,44 @@ impl WorkloadGuest {
             seq: 0,
             pending_seen: None,
             parked: true,
+            pass_reported: false,
             accesses: 0,
             asid,
         }
+    }
+
+    /// Everything that decides what this guest does next, between two
+    /// accesses (none half done): for a migration's vCPU state. With it
+    /// goes the iteration its stores are tagged with.
+    pub fn save(&self) -> [u64; WORKLOAD_STATE_WORDS] {
+        [
+            self.pos,
+            u64::from(self.seq),
+            self.rng.get_seed(),
+            self.accesses,
+            u64::from(self.asid),
+            u64::from(self.pass_reported),
+            self.ctl.iteration(),
+        ]
+    }
+
+    /// Continues from `state` (of [`Self::save`], on a guest of the same
+    /// spec and slice): the next access is the one the saved guest would
+    /// have made, with tags of at least the saved iteration. `None` (and
+    /// nothing changed) if `state` does not fit this guest.
+    pub fn restore(&mut self, state: &[u64; WORKLOAD_STATE_WORDS]) -> Option<()> {
+        let [pos, seq, rng, accesses, asid, reported, iteration] = *state;
+        if pos >= self.slice_len || asid >= u64::from(self.spec.address_spaces.max(1)) || reported > 1 {
+            return None;
+        }
+        self.pos = pos;
+        self.seq = u32::try_from(seq).ok()?;
+        self.rng = fastrand::Rng::with_seed(rng);
+        self.accesses = accesses;
+        self.asid = asid as u16;
+        self.pass_reported = reported == 1;
+        self.ctl.raise_iteration(iteration);
+        Some(())
     }
 
     /// Accesses made so far.
@@ -314,7 +363,10 @@ impl GuestCode for WorkloadGuest {
         if self.ctl.stop.load(Ordering::Relaxed) {
             return self.park(HC_STOP);
         }
-        if self.spec.exit_each_pass && self.accesses > 0 && self.pos == 0 && !self.parked {
+        if self.spec.exit_each_pass && self.accesses > 0 && self.pos == 0 && !self.pass_reported {
+            // Not `!parked`: a vCPU kicked out right after a pass's last
+            // access parks too, and its pass must still be reported.
+            self.pass_reported = true;
             return self.park(HC_PASS_DONE);
         }
         if std::mem::take(&mut self.parked) {
@@ -345,6 +397,7 @@ impl GuestCode for WorkloadGuest {
         };
         self.pos = (self.pos + 1) % self.slice_len;
         self.accesses += 1;
+        self.pass_reported = false;
         self.pending_seen = Some(tag);
         let gpa = self.gpa(index);
         if self.spec.write_pct == 100 || self.rng.u8(..100) < self.spec.write_pct {

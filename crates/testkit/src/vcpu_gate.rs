@@ -1,0 +1,227 @@
+//! Pausing a [`crate::backend::PassVm`]'s vCPUs, and saving and restoring
+//! their state: what a live migration's stop-and-copy and QEMU's
+//! auto-converge throttle need, the same on every backend.
+//!
+//! The host side ([`VcpuGate::pause`], [`VcpuGate::resume`],
+//! [`VcpuGate::saved`], [`VcpuGate::restore`]) and the vCPU side
+//! ([`VcpuGate::pause_requested`], [`VcpuGate::hold`],
+//! [`VcpuGate::take_restore`]) meet here. The backend provides the kick
+//! that gets a vCPU out of guest mode (the engine's `KVM_REQ_EXIT`, a
+//! signal on KVM); its vCPU threads call [`VcpuGate::hold`] whenever they
+//! are outside guest mode with a pause requested: after a kick, between
+//! passes, while a full dirty ring makes them wait.
+//!
+//! Invariants:
+//! - a vCPU in [`VcpuGate::hold`] is outside guest mode and has saved its
+//!   state (complete: no access half done) before it counts as held; it
+//!   runs again only after [`VcpuGate::resume`] (or a stop);
+//! - [`VcpuGate::pause`] returns `Ok` only when every vCPU is held, so the
+//!   guest memory holds still until `resume`;
+//! - a state given to [`VcpuGate::restore`] is taken by its vCPU's thread
+//!   before that vCPU next enters guest mode.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// How a backend gets its vCPUs out of guest mode.
+pub type Kick = Box<dyn Fn() + Send + Sync>;
+
+/// The pause and state exchange of one VM's vCPUs (module docs).
+pub struct VcpuGate {
+    pause: AtomicBool,
+    held: AtomicU32,
+    kick: Kick,
+    saved: Box<[Mutex<Option<Vec<u8>>>]>,
+    restore: Box<[Mutex<Option<Vec<u8>>>]>,
+}
+
+impl std::fmt::Debug for VcpuGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuGate")
+            .field("pause", &self.pause)
+            .field("held", &self.held)
+            .field("vcpus", &self.saved.len())
+            .finish()
+    }
+}
+
+/// Why a pause did not complete.
+#[derive(Debug, thiserror::Error)]
+#[error("{held} of {vcpus} vCPUs paused within {waited:?} (a vCPU thread stopped or is stuck)")]
+pub struct PauseTimeout {
+    /// vCPUs held when it gave up.
+    pub held: u32,
+    /// vCPUs of the VM.
+    pub vcpus: u32,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+impl VcpuGate {
+    /// A gate for `vcpus` vCPUs, kicked by `kick`.
+    pub fn new(vcpus: u32, kick: Kick) -> Self {
+        Self {
+            pause: AtomicBool::new(false),
+            held: AtomicU32::new(0),
+            kick,
+            saved: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+            restore: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.saved.len() as u32
+    }
+
+    /// Asks every vCPU to pause and kicks them out of guest mode, without
+    /// waiting (the throttle's half of a pause).
+    pub fn request_pause(&self) {
+        // SeqCst: pairs with the vCPU's SeqCst load in `pause_requested`
+        // after it left guest mode: the kick comes after this store, so a
+        // vCPU the kick reached sees it.
+        self.pause.store(true, Ordering::SeqCst);
+        (self.kick)();
+    }
+
+    /// Pauses every vCPU: returns once each is held (module docs), kicking
+    /// again every 200 µs (a kick can reach a vCPU just before it enters
+    /// guest mode, and be missed). Fails after `within` if some vCPU never
+    /// comes (its thread ended); the pause request stays, so call `resume`.
+    pub fn pause(&self, within: Duration) -> Result<(), PauseTimeout> {
+        let t = Instant::now();
+        self.request_pause();
+        loop {
+            // Acquire: pairs with the release increment in `hold`, after the
+            // vCPU saved its state and its last access completed.
+            let held = self.held.load(Ordering::Acquire);
+            if held == self.vcpus() {
+                return Ok(());
+            }
+            if t.elapsed() > within {
+                return Err(PauseTimeout { held, vcpus: self.vcpus(), waited: t.elapsed() });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            (self.kick)();
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        // Release: pairs with the acquire load in `hold`'s wait: whatever the
+        // host did while they were held (a restore, a memory load) is
+        // visible to the vCPUs when they run again.
+        self.pause.store(false, Ordering::Release);
+    }
+
+    /// Is a pause requested (vCPU side, outside guest mode)?
+    pub fn pause_requested(&self) -> bool {
+        // SeqCst: see `request_pause`.
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// vCPU `id`, outside guest mode with a pause requested: saves
+    /// `save()`'s state, counts itself held and waits until the pause ends
+    /// or `stop()` says so. Returns at once if no pause is requested.
+    pub fn hold(&self, id: u32, save: impl FnOnce() -> Vec<u8>, stop: impl Fn() -> bool) {
+        if !self.pause_requested() {
+            return;
+        }
+        *self.saved[id as usize].lock() = Some(save());
+        // Release: pairs with `pause`'s acquire load.
+        self.held.fetch_add(1, Ordering::Release);
+        // Acquire: pairs with `resume`'s release store.
+        while self.pause.load(Ordering::Acquire) && !stop() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // Relaxed: only `pause` reads the count, and it waits for it to
+        // reach all vCPUs, which needs our increment of the next hold.
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The states the vCPUs saved at their last hold, by id (`None` for a
+    /// vCPU never held). Meaningful while [`Self::pause`]d.
+    pub fn saved(&self) -> Vec<Option<Vec<u8>>> {
+        self.saved.iter().map(|s| s.lock().clone()).collect()
+    }
+
+    /// Gives each vCPU a state to take before it next enters guest mode
+    /// (by id; one per vCPU).
+    ///
+    /// # Panics
+    /// If `states` is not one per vCPU (the caller checks the count against
+    /// the VM first).
+    pub fn restore(&self, states: Vec<Vec<u8>>) {
+        assert_eq!(states.len(), self.saved.len(), "one state per vCPU");
+        for (slot, s) in self.restore.iter().zip(states) {
+            *slot.lock() = Some(s);
+        }
+    }
+
+    /// vCPU `id`'s state to restore, if the host gave one (vCPU side, before
+    /// entering guest mode).
+    pub fn take_restore(&self, id: u32) -> Option<Vec<u8>> {
+        self.restore[id as usize].lock().take()
+    }
+}
+
+/// Little-endian `u64`s to bytes (a vCPU state's common encoding).
+pub fn encode_words(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Bytes to little-endian `u64`s: `None` unless exactly `n` words.
+pub fn decode_words(bytes: &[u8], n: usize) -> Option<Vec<u64>> {
+    (bytes.len() == 8 * n).then(|| {
+        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+    })
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn pause_waits_for_every_vcpu_and_resume_lets_them_go() {
+        let gate = Arc::new(VcpuGate::new(2, Box::new(|| {})));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..2u32)
+            .map(|id| {
+                let (gate, stop) = (gate.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut holds = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        if gate.pause_requested() {
+                            holds += 1;
+                            gate.hold(id, || encode_words(&[u64::from(id), holds]), || stop.load(Ordering::Relaxed));
+                        }
+                        std::thread::yield_now();
+                    }
+                    holds
+                })
+            })
+            .collect();
+        gate.pause(Duration::from_secs(10)).unwrap();
+        let saved = gate.saved();
+        assert_eq!(decode_words(saved[1].as_ref().unwrap(), 2).unwrap()[0], 1);
+        gate.resume();
+        gate.pause(Duration::from_secs(10)).unwrap();
+        gate.resume();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            assert!(t.join().unwrap() >= 2);
+        }
+        assert_eq!(decode_words(&[0; 9], 1), None);
+    }
+
+    #[test]
+    fn a_vcpu_that_never_comes_times_the_pause_out() {
+        let gate = VcpuGate::new(1, Box::new(|| {}));
+        let e = gate.pause(Duration::from_millis(5)).unwrap_err();
+        assert_eq!((e.held, e.vcpus), (0, 1));
+        assert!(e.to_string().contains("0 of 1 vCPUs paused"), "{e}");
+    }
+}

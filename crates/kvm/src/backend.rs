@@ -272,6 +272,10 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
             (s.len() == 8 * words).then_some(()).ok_or("not a KVM pass vCPU's state")
         })?;
         self.inner.gate().restore(states);
+        if !self.inner.gate().wait_restored(std::time::Duration::from_secs(5)) {
+            let why = shadow_mmu_testkit::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
+            return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
+        }
         Ok(())
     }
 

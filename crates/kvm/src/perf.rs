@@ -213,7 +213,8 @@ pub const PASS_VCPU_STATE_WORDS: usize = 1 + VCPU_STATE_WORDS;
 
 /// Holds vCPU `id` at its gate, saving its state, if a pause is requested.
 fn hold(vcpu: &mut Vcpu, done: u64, shared: &PerfShared) -> Result<(), KvmError> {
-    if !shared.gate.pause_requested() {
+    // Relaxed: as the vCPU thread's stop checks.
+    if !shared.gate.pause_requested() || shared.stop.load(Ordering::Relaxed) {
         return Ok(());
     }
     let mut w = vec![done];
@@ -262,14 +263,14 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                 // Release: as the store after a pass.
                 clock.passes.store(done, Ordering::Release);
             }
+            // Relaxed: a stop is seen eventually; `stop` joins us, which
+            // orders everything after. A stop wins over a pause.
+            if shared.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             if shared.gate.pause_requested() {
                 hold(vcpu, done, shared)?;
                 continue;
-            }
-            // Relaxed: a stop is seen eventually; `stop` joins us, which
-            // orders everything after.
-            if shared.stop.load(Ordering::Relaxed) {
-                return Ok(());
             }
             // Acquire: pairs with `release`'s store (nothing else is
             // published through it, but it keeps "released" meaning

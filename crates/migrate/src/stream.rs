@@ -118,6 +118,12 @@ pub enum Frame {
         /// The guest resumed on the destination.
         running: bool,
     },
+    /// The destination refuses the migration (the header, a frame, its
+    /// checks) and closes: why, for the source's error.
+    Refuse {
+        /// Why.
+        why: String,
+    },
 }
 
 /// Why a stream was refused. The reader stopped at the frame named; what
@@ -185,6 +191,7 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         5 => "vcpu-state",
         6 => "done",
         7 => "ack",
+        8 => "refuse",
         _ => return None,
     })
 }
@@ -204,6 +211,7 @@ impl Frame {
             Frame::VcpuState { .. } => 5,
             Frame::Done => 6,
             Frame::Ack { .. } => 7,
+            Frame::Refuse { .. } => 8,
         }
     }
 
@@ -249,6 +257,7 @@ impl Frame {
             }
             Frame::Done => {}
             Frame::Ack { running } => b.push(u8::from(*running)),
+            Frame::Refuse { why } => put_bytes(&mut b, why.as_bytes()),
         }
         b
     }
@@ -313,7 +322,8 @@ impl Frame {
             }
             5 => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
             6 => Frame::Done,
-            _ => Frame::Ack { running: c.flag()? },
+            7 => Frame::Ack { running: c.flag()? },
+            _ => Frame::Refuse { why: c.string()? },
         };
         if !c.b.is_empty() {
             return Err(c.bad(&format!("{} bytes left over", c.b.len())));
@@ -476,6 +486,7 @@ mod tests {
             Frame::VcpuState { vcpu: 0, state: vec![9; 40] },
             Frame::Done,
             Frame::Ack { running: true },
+            Frame::Refuse { why: "no".into() },
         ]
     }
 

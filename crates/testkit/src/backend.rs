@@ -296,7 +296,7 @@ pub fn harvest(vm: &mut (impl DirtyLogVm + ?Sized), bitmap: &mut [u64]) -> Resul
 /// `get_dirty_log` (or, with the dirty ring, of collecting and resetting
 /// the rings into `bitmap`), and that of the CLEARs, in `spec`'s chunks,
 /// where the VM protects manually, ns.
-pub(crate) fn timed_harvest(
+pub fn timed_harvest(
     vm: &mut (impl DirtyLogVm + ?Sized),
     spec: &HarvestSpec,
     bitmap: &mut [u64],

@@ -346,12 +346,16 @@ fn await_release(
             // Release: as the store after a pass.
             clock.passes.store(passes, Ordering::Release);
         }
+        // A stop wins over a pause.
+        if ctl.stop_requested() {
+            return;
+        }
         if gate.pause_requested() {
             gate.hold(id, || save_sweeper(guest, *done), || ctl.stop_requested());
             continue;
         }
         // Acquire: pairs with `release`.
-        if ctl.stop_requested() || allowed.load(Ordering::Acquire) > *done {
+        if allowed.load(Ordering::Acquire) > *done {
             return;
         }
         std::thread::sleep(Duration::from_micros(20));
@@ -644,6 +648,10 @@ impl PassVm for EnginePassVm {
             Ok(())
         })?;
         self.work.sweepers.gate.restore(states);
+        if !self.work.sweepers.gate.wait_restored(std::time::Duration::from_secs(5)) {
+            let why = crate::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
+            return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
+        }
         Ok(())
     }
 

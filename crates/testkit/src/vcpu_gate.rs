@@ -124,9 +124,10 @@ impl VcpuGate {
 
     /// vCPU `id`, outside guest mode with a pause requested: saves
     /// `save()`'s state, counts itself held and waits until the pause ends
-    /// or `stop()` says so. Returns at once if no pause is requested.
+    /// or `stop()` says so. Returns at once if no pause is requested, or a
+    /// stop is (a stop wins over a pause: check it first in the loop around).
     pub fn hold(&self, id: u32, save: impl FnOnce() -> Vec<u8>, stop: impl Fn() -> bool) {
-        if !self.pause_requested() {
+        if !self.pause_requested() || stop() {
             return;
         }
         *self.saved[id as usize].lock() = Some(save());
@@ -158,6 +159,20 @@ impl VcpuGate {
         for (slot, s) in self.restore.iter().zip(states) {
             *slot.lock() = Some(s);
         }
+    }
+
+    /// Waits until every vCPU took the state [`Self::restore`] gave it
+    /// (they take it between passes, within microseconds of a release
+    /// wait); `false` if some did not within `within`.
+    pub fn wait_restored(&self, within: Duration) -> bool {
+        let t = Instant::now();
+        while self.restore.iter().any(|s| s.lock().is_some()) {
+            if t.elapsed() > within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        true
     }
 
     /// vCPU `id`'s state to restore, if the host gave one (vCPU side, before

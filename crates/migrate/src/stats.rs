@@ -1,0 +1,192 @@
+//! A migration's statistics, under the names QEMU's `info migrate` (and
+//! its QMP `query-migrate`) gives them, in snake_case: what the terminal
+//! prints, the JSON holds and the plots draw, for both ends and both
+//! backends (one type each, one source of truth).
+//!
+//! Units as QEMU's where it has one: times in milliseconds, `mbps` in
+//! megabits per second (10^6 bits), `dirty_pages_rate` in pages per second.
+
+use serde::Serialize;
+
+/// How a migration ended, QEMU's `status` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// Still iterating (a progress report).
+    Active,
+    /// The destination runs the guest.
+    Completed,
+    /// Given up on by the rules (the timeout with `cancel`): the source
+    /// runs on.
+    Cancelled,
+    /// An error ended it (the peer, the stream, the VM): the source runs on.
+    Failed,
+}
+
+/// One pre-copy round (round 0 is the bulk copy, the last one the
+/// stop-and-copy's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RoundStats {
+    /// Its number.
+    pub round: u32,
+    /// Pages the harvest before it reported (round 0: every page).
+    pub pages_harvested: u64,
+    /// Bytes it put on the wire (frames included).
+    pub bytes_sent: u64,
+    /// Pages sent as data.
+    pub normal_pages: u64,
+    /// Zero pages sent as a flag.
+    pub duplicate_pages: u64,
+    /// Time of the harvest before it, ns (0 for round 0).
+    pub harvest_ns: u64,
+    /// Time to send it, ms.
+    pub send_ms: f64,
+    /// Bandwidth measured over it, bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// The vCPU throttle during it, percent.
+    pub cpu_throttle_percentage: u32,
+    /// Passes the guest completed by the round's end.
+    pub guest_passes: u64,
+}
+
+/// The source's statistics (`info migrate` on the source).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MigrationStats {
+    /// How it ended.
+    pub status: MigrationStatus,
+    /// Why, when it did not complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the start to the destination's ack (or to the end), ms.
+    pub total_time_ms: f64,
+    /// Connecting, the header and turning dirty logging on, ms.
+    pub setup_time_ms: f64,
+    /// From the vCPUs' stop to the destination's "running" ack, ms.
+    pub downtime_ms: f64,
+    /// Of it: pausing the vCPUs, ms.
+    pub pause_ms: f64,
+    /// Of it: the final harvest, ms.
+    pub final_harvest_ms: f64,
+    /// The last estimate before the stop: the pages pending over the
+    /// measured bandwidth, ms.
+    pub expected_downtime_ms: f64,
+    /// The downtime limit the convergence rule used, ms.
+    pub downtime_limit_ms: u64,
+    /// Bytes put on the wire.
+    pub transferred_bytes: u64,
+    /// Bytes of dirty memory not yet sent (0 once completed).
+    pub remaining_bytes: u64,
+    /// Bytes of guest memory.
+    pub total_bytes: u64,
+    /// Throughput over the whole migration, megabits per second.
+    pub mbps: f64,
+    /// Pages the guest dirtied per second, over the iterative rounds'
+    /// harvests.
+    pub dirty_pages_rate: f64,
+    /// Harvests of the dirty log (QEMU's bitmap syncs).
+    pub dirty_sync_count: u64,
+    /// Pages sent as data.
+    pub normal_pages: u64,
+    /// Zero pages sent as a flag (QEMU's "duplicate").
+    pub duplicate_pages: u64,
+    /// The vCPU throttle at the end, percent.
+    pub cpu_throttle_percentage: u32,
+    /// Whether the rules converged (pending fit in bandwidth x downtime
+    /// limit), rather than a forced stop at the timeout.
+    pub converged: bool,
+    /// Every round.
+    pub rounds: Vec<RoundStats>,
+}
+
+impl MigrationStats {
+    /// A migration of `total_bytes` of memory, just begun.
+    pub fn new(total_bytes: u64, downtime_limit_ms: u64) -> Self {
+        Self {
+            status: MigrationStatus::Active,
+            error: None,
+            total_time_ms: 0.0,
+            setup_time_ms: 0.0,
+            downtime_ms: 0.0,
+            pause_ms: 0.0,
+            final_harvest_ms: 0.0,
+            expected_downtime_ms: 0.0,
+            downtime_limit_ms,
+            transferred_bytes: 0,
+            remaining_bytes: total_bytes,
+            total_bytes,
+            mbps: 0.0,
+            dirty_pages_rate: 0.0,
+            dirty_sync_count: 0,
+            normal_pages: 0,
+            duplicate_pages: 0,
+            cpu_throttle_percentage: 0,
+            converged: false,
+            rounds: Vec::new(),
+        }
+    }
+
+    /// The `info migrate` lines.
+    pub fn lines(&self) -> Vec<String> {
+        let mut l = vec![
+            format!(
+                "Migration status: {}",
+                serde_json::to_value(self.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            ),
+            format!("total time: {:.0} ms", self.total_time_ms),
+            format!("downtime: {:.1} ms", self.downtime_ms),
+            format!("expected downtime: {:.1} ms", self.expected_downtime_ms),
+            format!("setup: {:.1} ms", self.setup_time_ms),
+            format!("transferred ram: {} kbytes", self.transferred_bytes / 1024),
+            format!("throughput: {:.2} mbps", self.mbps),
+            format!("remaining ram: {} kbytes", self.remaining_bytes / 1024),
+            format!("total ram: {} kbytes", self.total_bytes / 1024),
+            format!("duplicate: {} pages", self.duplicate_pages),
+            format!("normal: {} pages", self.normal_pages),
+            format!("normal bytes: {} kbytes", self.normal_pages * 4),
+            format!("dirty sync count: {}", self.dirty_sync_count),
+            format!("dirty pages rate: {:.0} pages", self.dirty_pages_rate),
+            format!("cpu throttle percentage: {}", self.cpu_throttle_percentage),
+        ];
+        if let Some(e) = &self.error {
+            l.push(format!("error: {e}"));
+        }
+        l
+    }
+}
+
+/// The destination's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IncomingStats {
+    /// "completed" when the guest runs here and every check passed.
+    pub status: String,
+    /// Why not, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The source's backend and configuration, from the header.
+    pub backend: String,
+    /// Bytes read off the wire.
+    pub received_bytes: u64,
+    /// Pages loaded as data.
+    pub normal_pages: u64,
+    /// Zero pages loaded from a flag.
+    pub duplicate_pages: u64,
+    /// Rounds received.
+    pub rounds: u32,
+    /// Pages whose content differs from the source's final digest.
+    pub mismatched_pages: u64,
+    /// Time to check every page's digest, ms (inside the downtime).
+    pub verify_ms: f64,
+    /// How long the guest ran here before the check of its writes, ms.
+    pub run_after_ms: u64,
+    /// Passes the guest had completed when it arrived.
+    pub passes_at_resume: u64,
+    /// Passes it had completed when the check stopped it.
+    pub passes_after_run: u64,
+    /// Pages it wrote here (their content moved on from the source's).
+    pub pages_written_after_resume: u64,
+    /// Of those, pages the destination's dirty log missed.
+    pub lost_pages: u64,
+    /// Of those, pages whose stores do not continue the source's (an
+    /// iteration below the highest the source's memory held).
+    pub regressed_pages: u64,
+}

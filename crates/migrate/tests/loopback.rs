@@ -1,0 +1,151 @@
+//! Migrations between two threads over loopback TCP, on the engine in every
+//! design and dirty-log interface: the destination's page-by-page check
+//! and its check after resuming must pass, and a failed migration must
+//! leave the source running and able to migrate again. (The tests with two
+//! processes are the CLI's, in the root crate's `tests/migrate.rs`.)
+
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
+use shadow_mmu_migrate::source::{MigrationError, OnTimeout, OutgoingParams, migrate_outgoing};
+use shadow_mmu_migrate::stats::MigrationStatus;
+use shadow_mmu_migrate::stream::{Header, SlotLayout, VERSION};
+use shadow_mmu_testkit::backend::{Backend, DirtyLogProtect, EngineBackend, PassSpec, PassVm, VmConfig};
+use shadow_mmu_testkit::fixtures::{describe, every_design};
+
+const MIB: u64 = 1 << 20;
+
+fn spec(guest_bytes: u64) -> PassSpec {
+    PassSpec { vcpus: 2, guest_bytes, write_pct: 100, random: false, seed: 7, dirty_pages: None }
+}
+
+fn header(vm: &dyn PassVm) -> Header {
+    Header {
+        version: VERSION,
+        page_size: 4096,
+        backend: "engine".into(),
+        config: "test".into(),
+        slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
+    }
+}
+
+/// A destination thread on a fresh port, building `backend`'s VM.
+fn destination(
+    backend: EngineBackend,
+    spec: PassSpec,
+    run_after: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<Result<shadow_mmu_migrate::stats::IncomingStats, String>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        let mut build = |_: &Header| {
+            let vm = backend.start_passes(&spec).map_err(|e| e.to_string())?;
+            Ok(IncomingVm { vm, dirty_rate: Some(64 * MIB), write_pct: 100 })
+        };
+        match migrate_incoming(&conn, &mut build, &IncomingParams { run_after }) {
+            Ok((stats, mut vm)) => {
+                vm.stop().map_err(|e| e.to_string())?;
+                Ok(stats)
+            }
+            Err(e) => Err(shadow_mmu_migrate::source::error_chain(&e)),
+        }
+    });
+    (addr, t)
+}
+
+/// Boots `backend`'s VM and lets it make a first pass (every page data).
+fn boot(backend: &EngineBackend, spec: &PassSpec) -> Box<dyn PassVm> {
+    let vm = backend.start_passes(spec).unwrap();
+    vm.release(1);
+    vm.wait_passes(0).unwrap();
+    vm
+}
+
+#[test]
+fn every_design_and_interface_migrates_and_goes_on() {
+    let logs: [(&str, DirtyLogProtect, Option<u32>); 4] = [
+        ("get", DirtyLogProtect::Auto, None),
+        ("clear", DirtyLogProtect::Manual, None),
+        ("initially-set", DirtyLogProtect::ManualInitiallySet, None),
+        ("ring", DirtyLogProtect::Auto, Some(4096)),
+    ];
+    for config in every_design() {
+        for (log, protect, ring) in logs {
+            let backend = EngineBackend {
+                config: VmConfig { dirty_log_protect: protect, harvest_threads: 2, ..config.clone() },
+                dirty_ring: ring,
+            };
+            let spec = spec(16 * MIB);
+            let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(100));
+            let mut vm = boot(&backend, &spec);
+            let conn = TcpStream::connect(addr).unwrap();
+            let params = OutgoingParams { dirty_rate: Some(32 * MIB), ..OutgoingParams::default() };
+            let h = header(vm.as_ref());
+            let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {})
+                .unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
+            vm.stop().unwrap();
+            let incoming = dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
+            let what = format!("{} {log}", describe(&config));
+            assert_eq!(stats.status, MigrationStatus::Completed, "{what}");
+            assert!(stats.converged, "{what}: {stats:?}");
+            assert_eq!(incoming.mismatched_pages, 0, "{what}");
+            assert_eq!(incoming.lost_pages, 0, "{what}");
+            assert!(incoming.pages_written_after_resume > 0, "{what}: the guest went on");
+            assert!(stats.rounds.len() >= 2, "{what}: round 0 and the stop-and-copy");
+            assert_eq!(stats.rounds[0].pages_harvested, 4096, "{what}: round 0 sends every page");
+            assert!(stats.downtime_ms > 0.0 && stats.dirty_sync_count >= 2, "{what}: {stats:?}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
+    let backend = EngineBackend { config: VmConfig::default(), dirty_ring: None };
+    let spec = spec(8 * MIB);
+    let mut vm = boot(&backend, &spec);
+    // A destination that accepts and closes at once.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let closer = std::thread::spawn(move || drop(l.accept().unwrap()));
+    let conn = TcpStream::connect(addr).unwrap();
+    closer.join().unwrap();
+    let h = header(vm.as_ref());
+    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap_err();
+    assert!(matches!(e.error, MigrationError::Stream(_)), "{e}");
+    assert_eq!(e.stats.status, MigrationStatus::Failed);
+    // Still running, logging off (a GET is refused).
+    let before = vm.passes_done();
+    vm.release(before + 3);
+    vm.wait_passes(before + 2).unwrap();
+    let mut bm = vec![0u64; 32];
+    assert!(vm.get_dirty_log(&mut bm).is_err(), "dirty logging is off after the failure");
+
+    // A timeout with cancel: the same.
+    let (addr, dest) = destination(backend.clone(), spec, Duration::ZERO);
+    let conn = TcpStream::connect(addr).unwrap();
+    let params = OutgoingParams {
+        timeout: Some(Duration::ZERO),
+        on_timeout: OnTimeout::Cancel,
+        downtime_limit: Duration::ZERO,
+        dirty_rate: None,
+        ..OutgoingParams::default()
+    };
+    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
+    assert!(matches!(e.error, MigrationError::Timeout(_)), "{e}");
+    assert_eq!(e.stats.status, MigrationStatus::Cancelled);
+    drop(conn);
+    assert!(dest.join().unwrap().unwrap_err().contains("partial VM is discarded"));
+
+    // And a second migration succeeds.
+    let (addr, dest) = destination(backend, spec, Duration::from_millis(50));
+    let conn = TcpStream::connect(addr).unwrap();
+    let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap();
+    vm.stop().unwrap();
+    assert_eq!(stats.status, MigrationStatus::Completed);
+    assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, 0);
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod dirty_log_test_cmd;
 mod harvest_args;
+mod migrate_cmd;
 mod plot;
 mod report;
 mod run;
@@ -37,6 +38,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Live migration between two processes over TCP.
+    #[command(subcommand)]
+    Migrate(migrate_cmd::MigrateCommand),
     /// Page traces of real programs, for kernbench's replay.
     #[command(subcommand)]
     Trace(trace_cmd::TraceCommand),
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Stress(args) => stress::main(&args).map_err(Into::into),
         Command::DirtyLogTest(args) => dirty_log_test_cmd::main(&args),
         Command::Bench(cmd) => bench::main(&cmd),
+        Command::Migrate(cmd) => migrate_cmd::main(&cmd),
         Command::Trace(cmd) => trace_cmd::main(&cmd),
     };
     match ok {

@@ -123,3 +123,44 @@ pub fn fault_latency(
     drop(root);
     Ok(path)
 }
+
+/// `migration-rounds.svg`: MiB sent in each pre-copy round (the last one
+/// is the stop-and-copy's), one line per migration, with each round's
+/// harvest time in the legend's total.
+pub fn migration_rounds(
+    dir: &Path,
+    runs: &[(String, &shadow_mmu_migrate::stats::MigrationStats)],
+) -> Result<PathBuf, Box<dyn Error>> {
+    let path = dir.join("migration-rounds.svg");
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let max_x = runs.iter().map(|(_, s)| s.rounds.len()).max().unwrap_or(1).max(2) as f64;
+    let max_y = runs.iter().flat_map(|(_, s)| s.rounds.iter().map(|r| mib(r.bytes_sent))).fold(1.0, f64::max);
+    let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Live migration: bytes sent per pre-copy round", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(-0.2..max_x - 0.8, (0.001..max_y * 2.0).log_scale())?;
+    chart.configure_mesh().x_desc("round (0: bulk copy; last: stop-and-copy)").y_desc("MiB sent").draw()?;
+    for (i, (label, s)) in runs.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        let pts: Vec<(f64, f64)> =
+            s.rounds.iter().map(|r| (f64::from(r.round), mib(r.bytes_sent).max(0.001))).collect();
+        let harvest_ms: f64 = s.rounds.iter().map(|r| r.harvest_ns as f64 / 1e6).sum();
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
+            .label(format!(
+                "{label}: {:.0} ms, downtime {:.1} ms, harvests {harvest_ms:.1} ms",
+                s.total_time_ms, s.downtime_ms
+            ))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    drop(chart);
+    drop(root);
+    Ok(path)
+}

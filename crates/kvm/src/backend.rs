@@ -266,6 +266,12 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
         self.inner.passes().into_iter().min().unwrap_or(0)
     }
 
+    fn iteration_floor(&self) -> u64 {
+        // A vCPU in or before pass `done + 1` stores `done + 1` (the pass
+        // number it loaded into mm0 at the pass's start).
+        self.passes_done() + 1
+    }
+
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
         let words = crate::perf::PASS_VCPU_STATE_WORDS;
         check_vcpu_states(&states, self.inner.config().vcpus, &self.name, |s| {

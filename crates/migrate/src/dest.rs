@@ -12,8 +12,9 @@
 //!   partial VM unrun, and the error says so;
 //! - after resuming, every page whose content moved on from the source's
 //!   final digest must be in this VM's dirty log (`lost_pages` otherwise),
-//!   and carry an iteration at least the highest the source's memory held
-//!   (`regressed_pages` otherwise): the guest goes on where it stopped.
+//!   and carry at least the iteration the guest had reached when it
+//!   stopped at the source (`regressed_pages` otherwise): the guest goes on
+//!   where it stopped.
 
 use std::io::{BufReader, Write};
 use std::net::TcpStream;
@@ -26,7 +27,7 @@ use crate::pacer::Pacer;
 use crate::ranges::{WORDS_PER_PAGE, page_digest};
 use crate::source::PAUSE_WITHIN;
 use crate::stats::IncomingStats;
-use crate::stream::{Frame, Header, PageRange, SlotLayout, StreamError, read_frame, read_header, write_frame};
+use crate::stream::{Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header, write_frame};
 
 /// What the caller builds from a header: the VM, and how its guest is paced
 /// once it runs here.
@@ -74,7 +75,7 @@ pub enum IncomingError {
 
 /// An incoming migration that failed: why, and its statistics so far.
 #[derive(Debug, Error)]
-#[error("incoming migration failed: {error}")]
+#[error("incoming migration failed")]
 pub struct IncomingFailure {
     /// Why.
     #[source]
@@ -143,18 +144,31 @@ fn receive(
     }
     let pages = vm.pages();
     let vcpus = vm.vcpu_gate().vcpus() as usize;
+    let mut w = conn;
+    write_frame(&mut w, &Frame::Ready)?;
     let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
+    let mut frames = FrameReader::default();
+    // Each digest is checked as it comes, while the source computes the
+    // next ones: the pages are final once the digests begin.
+    let mut mismatched = 0u64;
+    let mut verify = Duration::ZERO;
+    let mut words = Vec::new();
     let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
-    let mut source_iteration = 0u64;
     let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
     loop {
-        let f = read_frame(&mut r, header.page_size)?;
+        let f = frames.read(&mut r, header.page_size)?;
         stats.received_bytes = r.n;
         match f {
             Frame::Round { round } => stats.rounds = round + 1,
             Frame::Pages { slot, ranges, data } => {
                 check_ranges(slot, &ranges, pages)?;
-                let mut words = data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+                if digests.iter().any(Option::is_some) {
+                    return Err(IncomingError::Refused("pages after the final digests".into()));
+                }
+                words.clear();
+                words.extend(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
+                frames.recycle(data);
+                let mut next = 0;
                 for x in &ranges {
                     let n = x.pages as usize * WORDS_PER_PAGE;
                     let offset = x.first * 4096;
@@ -165,11 +179,8 @@ fn receive(
                         }
                         stats.duplicate_pages += u64::from(x.pages);
                     } else {
-                        let w: Vec<u64> = words.by_ref().take(n).collect();
-                        for &v in &w {
-                            source_iteration = source_iteration.max(vm.stored_iteration(v));
-                        }
-                        vm.write_guest(offset, &w)?;
+                        vm.write_guest(offset, &words[next..next + n])?;
+                        next += n;
                         stats.normal_pages += u64::from(x.pages);
                     }
                 }
@@ -182,9 +193,14 @@ fn receive(
                         d.len()
                     )));
                 }
+                let t = Instant::now();
+                let memory = vm.memory();
                 for (i, v) in d.into_iter().enumerate() {
-                    digests[first as usize + i] = Some(v);
+                    let p = first + i as u64;
+                    mismatched += u64::from(page_digest(memory, p) != v);
+                    digests[p as usize] = Some(v);
                 }
+                verify += t.elapsed();
             }
             Frame::VcpuState { vcpu, state } => {
                 let slot = states.get_mut(vcpu as usize).ok_or_else(|| {
@@ -197,13 +213,11 @@ fn receive(
         }
     }
 
-    // Every page against the source's digest, before anything runs.
-    let t = Instant::now();
-    let memory = vm.memory();
-    let mismatched = (0..pages).filter(|&p| digests[p as usize] != Some(page_digest(memory, p))).count() as u64;
-    stats.verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    // Every page checked against the source's digest, before anything runs:
+    // a page with no digest counts as mismatched.
+    mismatched += digests.iter().filter(|d| d.is_none()).count() as u64;
+    stats.verify_ms = verify.as_secs_f64() * 1e3;
     stats.mismatched_pages = mismatched;
-    let mut w = conn;
     if mismatched > 0 {
         write_frame(&mut w, &Frame::Ack { running: false })?;
         return Err(IncomingError::Mismatch(mismatched));
@@ -216,6 +230,7 @@ fn receive(
     }
     vm.set_dirty_logging(true)?;
     stats.passes_at_resume = vm.passes_done();
+    let floor = vm.iteration_floor();
     let mut pacer = Pacer::new(vm.as_ref(), dirty_rate, write_pct);
     // At least one pass here, even for a guest that migrated idle.
     pacer.at_least(vm.as_ref(), 1);
@@ -249,7 +264,7 @@ fn receive(
         // stores before us).
         let newest =
             words.iter().map(|x| vm.stored_iteration(x.load(std::sync::atomic::Ordering::Relaxed))).max();
-        if newest.unwrap_or(0) < source_iteration {
+        if newest.unwrap_or(0) < floor {
             stats.regressed_pages += 1;
         }
     }

@@ -47,8 +47,16 @@ pub fn dirty_ranges(bitmap: &[u64], first_page: u64, memory: &[AtomicU64], max_p
 
 /// The bytes of the data pages of `ranges`, in order (little-endian words).
 pub fn range_data(ranges: &[PageRange], memory: &[AtomicU64]) -> Vec<u8> {
+    let mut data = Vec::new();
+    range_data_into(ranges, memory, &mut data);
+    data
+}
+
+/// [`range_data`] into `data` (cleared first; its capacity is reused).
+pub fn range_data_into(ranges: &[PageRange], memory: &[AtomicU64], data: &mut Vec<u8>) {
     let pages: u64 = ranges.iter().filter(|r| !r.zero).map(|r| u64::from(r.pages)).sum();
-    let mut data = Vec::with_capacity(pages as usize * WORDS_PER_PAGE * 8);
+    data.clear();
+    data.reserve(pages as usize * WORDS_PER_PAGE * 8);
     for r in ranges.iter().filter(|r| !r.zero) {
         let words = &memory[r.first as usize * WORDS_PER_PAGE..][..r.pages as usize * WORDS_PER_PAGE];
         for w in words {
@@ -56,7 +64,6 @@ pub fn range_data(ranges: &[PageRange], memory: &[AtomicU64]) -> Vec<u8> {
             data.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
     }
-    data
 }
 
 /// A digest of page `p` of `memory`: CRC-32C of its bytes, widened with the

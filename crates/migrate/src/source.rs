@@ -2,7 +2,9 @@
 //! QEMU's and Cloud Hypervisor's rules. It knows the dirty-log interface
 //! the VM offers ([`Capabilities`]), never which backend runs it.
 //!
-//! 1. Setup: the header, then dirty logging on.
+//! 1. Setup: the header; the destination builds its VM and says `Ready`
+//!    (its setup is ours, as QEMU's destination allocates before it
+//!    listens); then dirty logging on.
 //! 2. Round 0 sends every page; with `INITIALLY_SET` the log starts all
 //!    ones and each window is CLEARed (write-protected) just before it is
 //!    sent, so CLEAR paces the bulk copy.
@@ -35,15 +37,16 @@ use shadow_mmu_testkit::vcpu_gate::PauseTimeout;
 use thiserror::Error;
 
 use crate::pacer::{Pacer, Throttle};
-use crate::ranges::{dirty_ranges, page_digests, range_data};
+use crate::ranges::{dirty_ranges, page_digests, range_data_into};
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
-use crate::stream::{Frame, Header, StreamError, read_frame, write_frame};
+use crate::stream::{Frame, FrameWriter, Header, StreamError, read_frame};
 
 /// Pages per `Pages` frame: 8 MiB of data at most, under the stream's
 /// 16 MiB maximum with its table.
 pub const FRAME_PAGES: u32 = 2048;
-/// Digests per `Digest` frame (512 KiB).
-pub const DIGEST_PAGES: u64 = 65536;
+/// Digests per `Digest` frame (64 KiB): small, so that the destination
+/// checks one while the source computes the next.
+pub const DIGEST_PAGES: u64 = 8192;
 /// How long the vCPUs may take to pause.
 pub const PAUSE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -121,7 +124,7 @@ pub enum MigrationError {
 
 /// A migration that did not complete: why, and its statistics so far.
 #[derive(Debug, Error)]
-#[error("migration {status}: {error}", status = if matches!(error, MigrationError::Timeout(_)) { "cancelled" } else { "failed" })]
+#[error("migration {}", if matches!(error, MigrationError::Timeout(_)) { "cancelled" } else { "failed" })]
 pub struct MigrationFailure {
     /// Why.
     #[source]
@@ -133,6 +136,7 @@ pub struct MigrationFailure {
 /// Counts the bytes written and holds them to a bandwidth.
 struct Wire<W: Write> {
     w: W,
+    frames: FrameWriter,
     bytes: u64,
     start: Instant,
     max: Option<u64>,
@@ -140,9 +144,7 @@ struct Wire<W: Write> {
 
 impl<W: Write> Wire<W> {
     fn send(&mut self, f: &Frame) -> Result<u64, StreamError> {
-        let mut counted = Counted { w: &mut self.w, n: 0 };
-        write_frame(&mut counted, f)?;
-        let n = counted.n;
+        let n = self.frames.write(&mut self.w, f)?;
         self.bytes += n;
         if let Some(max) = self.max.filter(|&m| m > 0) {
             // QEMU's rate limit: never ahead of `max` bytes a second.
@@ -153,22 +155,6 @@ impl<W: Write> Wire<W> {
             }
         }
         Ok(n)
-    }
-}
-
-struct Counted<'a, W: Write> {
-    w: &'a mut W,
-    n: u64,
-}
-
-impl<W: Write> Write for Counted<'_, W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.w.write(b)?;
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush()
     }
 }
 
@@ -197,7 +183,13 @@ pub fn migrate_outgoing(
     let total = vm.pages() * 4096;
     let pacer = Pacer::new(vm, params.dirty_rate, params.write_pct);
     let mut throttle = params.auto_converge.then(|| Throttle::start(vm.vcpu_gate()));
-    let wire = Wire { w: BufWriter::with_capacity(1 << 20, conn), bytes: 0, start, max: params.max_bandwidth };
+    let wire = Wire {
+        w: BufWriter::with_capacity(1 << 16, conn),
+        frames: FrameWriter::default(),
+        bytes: 0,
+        start,
+        max: params.max_bandwidth,
+    };
     let stats = MigrationStats::new(total, params.downtime_limit.as_millis() as u64);
     let mut m = Outgoing { vm, wire, params, pacer, stats, start };
     let r = m.run(conn, header, throttle.as_mut(), progress);
@@ -274,6 +266,14 @@ impl<W: Write> Outgoing<'_, W> {
         let pages = self.vm.pages();
         let words = pages.div_ceil(64) as usize;
         self.wire.send(&Frame::Header(header.clone()))?;
+        self.wire.w.flush().map_err(StreamError::Io)?;
+        // The destination builds its VM, then says so (or why not).
+        conn.set_read_timeout(Some(self.params.ack_timeout)).map_err(StreamError::Io)?;
+        match read_frame(&mut &*conn, 4096)? {
+            Frame::Ready => {}
+            Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
+            other => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
+        }
         self.vm.set_dirty_logging(true)?;
         let logging = Instant::now();
         self.stats.setup_time_ms = ms(self.start.elapsed());
@@ -364,6 +364,7 @@ impl<W: Write> Outgoing<'_, W> {
         self.wire.send(&Frame::Round { round })?;
         let window_words = (FRAME_PAGES / 64) as usize;
         let clear_words = (self.params.clear_chunk_pages / 64).max(1) as usize;
+        let mut data = Vec::new();
         for (i, window) in bitmap.chunks(window_words).enumerate() {
             let first = (i * window_words * 64) as u64;
             if clear {
@@ -385,8 +386,12 @@ impl<W: Write> Outgoing<'_, W> {
                     r.normal_pages += u64::from(x.pages);
                 }
             }
-            let data = range_data(&ranges, self.vm.memory());
-            self.wire.send(&Frame::Pages { slot: 0, ranges, data })?;
+            range_data_into(&ranges, self.vm.memory(), &mut data);
+            let frame = Frame::Pages { slot: 0, ranges, data };
+            self.wire.send(&frame)?;
+            // The data's allocation again, for the next frame.
+            let Frame::Pages { data: d, .. } = frame else { unreachable!() };
+            data = d;
             self.pacer.tick(self.vm);
         }
         self.wire.w.flush().map_err(StreamError::Io)?;
@@ -431,9 +436,7 @@ impl<W: Write> Outgoing<'_, W> {
         }
         self.wire.send(&Frame::Done)?;
         self.wire.w.flush().map_err(StreamError::Io)?;
-        conn.set_read_timeout(Some(self.params.ack_timeout)).map_err(StreamError::Io)?;
-        let mut r = conn;
-        match read_frame(&mut r, 4096)? {
+        match read_frame(&mut &*conn, 4096)? {
             Frame::Ack { running: true } => {}
             Frame::Ack { running: false } => {
                 return Err(MigrationError::Refused("its checks failed; it does not run the guest".into()));

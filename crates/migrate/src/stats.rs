@@ -187,6 +187,6 @@ pub struct IncomingStats {
     /// Of those, pages the destination's dirty log missed.
     pub lost_pages: u64,
     /// Of those, pages whose stores do not continue the source's (an
-    /// iteration below the highest the source's memory held).
+    /// iteration below the one the guest had reached when it stopped there).
     pub regressed_pages: u64,
 }

@@ -8,7 +8,8 @@
 //! payload; `crc` is the CRC-32C (Castagnoli) of the payload, and the
 //! payload is a kind byte and the kind's body (all integers little-endian,
 //! strings and lists length-prefixed). The first frame is a [`Header`],
-//! with [`MAGIC`] and [`VERSION`].
+//! with [`MAGIC`] and [`VERSION`]; the destination answers it with `Ready`
+//! (or `Refuse`), then the rounds follow, then `Done`, answered by `Ack`.
 //!
 //! # Invariants
 //!
@@ -118,6 +119,9 @@ pub enum Frame {
         /// The guest resumed on the destination.
         running: bool,
     },
+    /// The destination's answer to the [`Frame::Header`]: its VM is built
+    /// (memory allocated and populated), send the pages.
+    Ready,
     /// The destination refuses the migration (the header, a frame, its
     /// checks) and closes: why, for the source's error.
     Refuse {
@@ -192,6 +196,7 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         6 => "done",
         7 => "ack",
         8 => "refuse",
+        9 => "ready",
         _ => return None,
     })
 }
@@ -212,12 +217,23 @@ impl Frame {
             Frame::Done => 6,
             Frame::Ack { .. } => 7,
             Frame::Refuse { .. } => 8,
+            Frame::Ready => 9,
         }
     }
 
     /// The payload (kind byte and body).
+    #[cfg(test)]
     fn encode(&self) -> Vec<u8> {
-        let mut b = vec![self.kind()];
+        let mut b = Vec::new();
+        self.encode_into(&mut b);
+        b
+    }
+
+    /// The payload, into `b` (cleared first; its capacity is reused).
+    fn encode_into(&self, b: &mut Vec<u8>) {
+        b.clear();
+        b.push(self.kind());
+        let mut b = b;
         match self {
             Frame::Header(h) => {
                 b.extend_from_slice(&MAGIC);
@@ -258,11 +274,13 @@ impl Frame {
             Frame::Done => {}
             Frame::Ack { running } => b.push(u8::from(*running)),
             Frame::Refuse { why } => put_bytes(&mut b, why.as_bytes()),
+            Frame::Ready => {}
         }
-        b
     }
 
-    fn decode(payload: &[u8], page_size: u32) -> Result<Frame, StreamError> {
+    /// Decodes a payload; a `Pages` frame's data goes into `spare`'s
+    /// allocation (taken), so that a reader can recycle it.
+    fn decode(payload: &[u8], page_size: u32, spare: &mut Vec<u8>) -> Result<Frame, StreamError> {
         let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
         let name = kind_name(kind).ok_or(StreamError::UnknownKind(kind))?;
         let mut c = Cursor { b: body, kind: name };
@@ -301,7 +319,10 @@ impl Frame {
                     }
                     ranges.push(r);
                 }
-                let data = c.bytes()?.to_vec();
+                let bytes = c.bytes()?;
+                let mut data = std::mem::take(spare);
+                data.clear();
+                data.extend_from_slice(bytes);
                 if data.len() as u64 != data_pages * u64::from(page_size) {
                     return Err(c.bad(&format!(
                         "{} bytes of data for {data_pages} pages of {page_size} bytes",
@@ -323,7 +344,8 @@ impl Frame {
             5 => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
             6 => Frame::Done,
             7 => Frame::Ack { running: c.flag()? },
-            _ => Frame::Refuse { why: c.string()? },
+            8 => Frame::Refuse { why: c.string()? },
+            _ => Frame::Ready,
         };
         if !c.b.is_empty() {
             return Err(c.bad(&format!("{} bytes left over", c.b.len())));
@@ -405,37 +427,76 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Writes frames, reusing one payload buffer (a migration writes
+/// thousands of 8 MiB frames: a fresh allocation each would cost the host
+/// kernel a page fault per page).
+#[derive(Debug, Default)]
+pub struct FrameWriter {
+    payload: Vec<u8>,
+}
+
+impl FrameWriter {
+    /// Writes `f`; returns the bytes written.
+    pub fn write(&mut self, w: &mut impl Write, f: &Frame) -> Result<u64, StreamError> {
+        f.encode_into(&mut self.payload);
+        let len = self.payload.len() as u64;
+        if len == 0 || len > u64::from(MAX_FRAME_BYTES) {
+            return Err(StreamError::FrameSize { len });
+        }
+        w.write_all(&(len as u32).to_le_bytes())?;
+        w.write_all(&crc32c::crc32c(&self.payload).to_le_bytes())?;
+        w.write_all(&self.payload)?;
+        Ok(8 + len)
+    }
+}
+
+/// Reads frames, reusing its buffers: the payload's, and the data of
+/// `Pages` frames given back with [`FrameReader::recycle`].
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    payload: Vec<u8>,
+    spare: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Reads one frame, of a stream whose pages are `page_size` bytes (the
+    /// header's; any value before the header is read).
+    pub fn read(&mut self, r: &mut impl Read, page_size: u32) -> Result<Frame, StreamError> {
+        let mut head = [0u8; 8];
+        read_exact(r, &mut head)?;
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let expected = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME_BYTES {
+            return Err(StreamError::FrameSize { len: u64::from(len) });
+        }
+        // Bounded by the check above; `take` stops at the frame's end.
+        self.payload.clear();
+        r.take(u64::from(len)).read_to_end(&mut self.payload)?;
+        if self.payload.len() != len as usize {
+            return Err(StreamError::Truncated);
+        }
+        let got = crc32c::crc32c(&self.payload);
+        if got != expected {
+            return Err(StreamError::Checksum { expected, got });
+        }
+        Frame::decode(&self.payload, page_size, &mut self.spare)
+    }
+
+    /// Gives a `Pages` frame's data back, for the next one.
+    pub fn recycle(&mut self, data: Vec<u8>) {
+        self.spare = data;
+    }
+}
+
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, f: &Frame) -> Result<(), StreamError> {
-    let payload = f.encode();
-    let len = payload.len() as u64;
-    if len == 0 || len > u64::from(MAX_FRAME_BYTES) {
-        return Err(StreamError::FrameSize { len });
-    }
-    w.write_all(&(len as u32).to_le_bytes())?;
-    w.write_all(&crc32c::crc32c(&payload).to_le_bytes())?;
-    w.write_all(&payload)?;
-    Ok(())
+    FrameWriter::default().write(w, f).map(|_| ())
 }
 
 /// Reads one frame, of a stream whose pages are `page_size` bytes (the
 /// header's; any value before the header is read).
 pub fn read_frame(r: &mut impl Read, page_size: u32) -> Result<Frame, StreamError> {
-    let mut head = [0u8; 8];
-    read_exact(r, &mut head)?;
-    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
-    let expected = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-    if len == 0 || len > MAX_FRAME_BYTES {
-        return Err(StreamError::FrameSize { len: u64::from(len) });
-    }
-    // Bounded by the check above.
-    let mut payload = vec![0u8; len as usize];
-    read_exact(r, &mut payload)?;
-    let got = crc32c::crc32c(&payload);
-    if got != expected {
-        return Err(StreamError::Checksum { expected, got });
-    }
-    Frame::decode(&payload, page_size)
+    FrameReader::default().read(r, page_size)
 }
 
 /// Reads the stream's first frame, which must be its header.
@@ -487,6 +548,7 @@ mod tests {
             Frame::Done,
             Frame::Ack { running: true },
             Frame::Refuse { why: "no".into() },
+            Frame::Ready,
         ]
     }
 
@@ -556,7 +618,10 @@ mod tests {
         p.extend_from_slice(&0u32.to_le_bytes());
         p.extend_from_slice(&0u64.to_le_bytes());
         p.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Frame::decode(&p, PAGE), Err(StreamError::Malformed { kind: "digest", .. })));
+        assert!(matches!(
+            Frame::decode(&p, PAGE, &mut Vec::new()),
+            Err(StreamError::Malformed { kind: "digest", .. })
+        ));
         for e in [StreamError::Truncated, StreamError::BadMagic, StreamError::UnknownKind(3)] {
             assert!(!e.to_string().is_empty());
         }

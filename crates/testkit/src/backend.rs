@@ -146,6 +146,11 @@ pub trait PassVm: DirtyLogVm {
     /// Passes every vCPU has completed (the least of their counts).
     fn passes_done(&self) -> u64;
 
+    /// The least iteration ([`Self::stored_iteration`]) any store the vCPUs
+    /// make from now on carries: after [`Self::restore_vcpus`], what a
+    /// migration's destination checks the guest's new stores against.
+    fn iteration_floor(&self) -> u64;
+
     /// Gives each vCPU the state another VM's vCPU saved (through its gate),
     /// to continue from before it next runs: a migration's destination,
     /// before the first release. Checked first (one state per vCPU, each of

@@ -637,6 +637,11 @@ impl PassVm for EnginePassVm {
         self.work.sweepers.passes().into_iter().min().unwrap_or(0)
     }
 
+    fn iteration_floor(&self) -> u64 {
+        // Every store is tagged with the iteration current at the store.
+        self.work.sweepers.ctl.iteration()
+    }
+
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
         crate::backend::check_vcpu_states(&states, self.work.vcpus, &self.name, |s| {
             let (_, g) = decode_sweeper(s).ok_or("not a sweeper state")?;

@@ -254,6 +254,9 @@ pub fn main(cmd: &MigrateCommand) -> Result<bool, Box<dyn std::error::Error>> {
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
         .map_err(|e| format!("writing {}: {e}", path.display()).into())
 }
@@ -281,7 +284,7 @@ fn incoming(a: &IncomingArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         Err(f) => {
             eprintln!("error: {}", error_chain(&f));
-            (f.stats, false)
+            (*f.stats, false)
         }
     };
     println!("status: {}", stats.status);
@@ -317,7 +320,9 @@ fn connect(to: &str) -> Result<TcpStream, String> {
     loop {
         match TcpStream::connect(to) {
             Ok(c) => return Ok(c),
-            Err(e) if t.elapsed() > Duration::from_secs(10) => return Err(format!("connecting to {to}: {e}")),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                return Err(format!("connecting to {to}: {e}"));
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -364,7 +369,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
     };
     println!("migrating {} ({}) to {}", vm.name(), header.config, a.to);
     let conn = connect(&a.to)?;
-    let bar = crate::bench::Progress::new(vm.pages() * 4096 >> 20, "MiB of the first round");
+    let bar = crate::bench::Progress::spinner("round 0: the bulk copy");
     let mut progress = |s: &MigrationStats| {
         let r = s.rounds.last().expect("a round");
         bar.line(format!(
@@ -378,7 +383,12 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
             s.remaining_bytes / 1024,
             r.cpu_throttle_percentage
         ));
-        bar.step(format!("round {}", r.round));
+        bar.step(format!(
+            "round {} sent; {} MiB sent, {} MiB dirty",
+            r.round + 1,
+            s.transferred_bytes >> 20,
+            s.remaining_bytes >> 20
+        ));
     };
     let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut progress);
     bar.finish();
@@ -404,7 +414,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 if logging { "on" } else { "off" }
             );
             vm.stop().map_err(|e| error_chain(&e))?;
-            (f.stats, false)
+            (*f.stats, false)
         }
     };
     for l in stats.lines() {

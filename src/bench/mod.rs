@@ -60,6 +60,17 @@ impl Progress {
         Self(bar)
     }
 
+    /// A spinner, for work of unknown length (a migration's rounds).
+    pub fn spinner(what: &str) -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("a valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar.set_message(what.to_string());
+        Self(bar)
+    }
+
     /// Prints a report line on stdout.
     pub fn line(&self, s: impl AsRef<str>) {
         self.0.suspend(|| println!("{}", s.as_ref()));

@@ -279,7 +279,9 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
         })?;
         self.inner.gate().restore(states);
         if !self.inner.gate().wait_restored(std::time::Duration::from_secs(5)) {
-            let why = shadow_mmu_testkit::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
+            let why = shadow_mmu_testkit::backend::VcpuStateError(
+                "a vCPU thread did not take its state (it stopped?)".into(),
+            );
             return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
         }
         Ok(())

@@ -360,7 +360,8 @@ impl KvmPerfVm {
         }
         static HANDLER: std::sync::Once = std::sync::Once::new();
         let mut installed = Ok(());
-        HANDLER.call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
+        HANDLER
+            .call_once(|| installed = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick));
         installed.map_err(|e| KvmError::Ioctl {
             op: "sigaction (the vCPU kick)",
             source: std::io::Error::from_raw_os_error(e.errno()),

@@ -637,7 +637,9 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         match r {
             Err(libc::EINTR) => {}
-            Ok(()) => return Err(KvmError::UnexpectedExit("KVM_RUN with immediate_exit ran the guest".into())),
+            Ok(()) => {
+                return Err(KvmError::UnexpectedExit("KVM_RUN with immediate_exit ran the guest".into()));
+            }
             Err(errno) => {
                 return Err(KvmError::ioctl("KVM_RUN (immediate_exit)", kvm_ioctls::Error::new(errno)));
             }
@@ -645,12 +647,15 @@ impl Vcpu {
         let r = self.fd.get_regs().map_err(|e| KvmError::ioctl("KVM_GET_REGS", e))?;
         let f = self.fd.get_fpu().map_err(|e| KvmError::ioctl("KVM_GET_FPU", e))?;
         let mut w = vec![
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-            r.r15, r.rip, r.rflags,
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
+            r.r14, r.r15, r.rip, r.rflags,
         ];
         w.extend(f.fpr.iter().flat_map(bytes16_to_words));
         w.push(
-            u64::from(f.fcw) | u64::from(f.fsw) << 16 | u64::from(f.ftwx) << 32 | u64::from(f.last_opcode) << 48,
+            u64::from(f.fcw)
+                | u64::from(f.fsw) << 16
+                | u64::from(f.ftwx) << 32
+                | u64::from(f.last_opcode) << 48,
         );
         w.extend([f.last_ip, f.last_dp, u64::from(f.mxcsr)]);
         w.extend(f.xmm.iter().flat_map(bytes16_to_words));
@@ -662,7 +667,10 @@ impl Vcpu {
     /// program). Refused unless it is [`VCPU_STATE_WORDS`] words.
     pub fn restore_state(&mut self, w: &[u64]) -> Result<(), KvmError> {
         if w.len() != VCPU_STATE_WORDS {
-            return Err(KvmError::BadConfig(format!("a vCPU state of {} words, not {VCPU_STATE_WORDS}", w.len())));
+            return Err(KvmError::BadConfig(format!(
+                "a vCPU state of {} words, not {VCPU_STATE_WORDS}",
+                w.len()
+            )));
         }
         let r = kvm_bindings::kvm_regs {
             rax: w[0],

@@ -27,7 +27,9 @@ use crate::pacer::Pacer;
 use crate::ranges::{WORDS_PER_PAGE, page_digest};
 use crate::source::PAUSE_WITHIN;
 use crate::stats::IncomingStats;
-use crate::stream::{Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header, write_frame};
+use crate::stream::{
+    Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header, write_frame,
+};
 
 /// What the caller builds from a header: the VM, and how its guest is paced
 /// once it runs here.
@@ -80,8 +82,8 @@ pub struct IncomingFailure {
     /// Why.
     #[source]
     pub error: IncomingError,
-    /// What it had done.
-    pub stats: IncomingStats,
+    /// What it had done (boxed: the error path stays small).
+    pub stats: Box<IncomingStats>,
 }
 
 /// The destination's knobs.
@@ -117,7 +119,7 @@ pub fn migrate_incoming(
             }
             stats.status = "failed".into();
             stats.error = Some(crate::source::error_chain(&error));
-            Err(IncomingFailure { error, stats })
+            Err(IncomingFailure { error, stats: Box::new(stats) })
         }
     }
 }
@@ -166,7 +168,8 @@ fn receive(
                     return Err(IncomingError::Refused("pages after the final digests".into()));
                 }
                 words.clear();
-                words.extend(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
+                words
+                    .extend(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
                 frames.recycle(data);
                 let mut next = 0;
                 for x in &ranges {
@@ -209,7 +212,9 @@ fn receive(
                 *slot = Some(state);
             }
             Frame::Done => break,
-            other => return Err(StreamError::Unexpected { expected: "pages or done", got: other.name() }.into()),
+            other => {
+                return Err(StreamError::Unexpected { expected: "pages or done", got: other.name() }.into());
+            }
         }
     }
 
@@ -223,7 +228,9 @@ fn receive(
         return Err(IncomingError::Mismatch(mismatched));
     }
     let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
-        return Err(IncomingError::Refused(format!("the stream ended without the state of all {vcpus} vCPUs")));
+        return Err(IncomingError::Refused(format!(
+            "the stream ended without the state of all {vcpus} vCPUs"
+        )));
     };
     if let Err(e) = vm.restore_vcpus(states) {
         return Err(IncomingError::Refused(crate::source::error_chain(&e)));

@@ -37,7 +37,8 @@ impl Pacer {
     /// out; 0: idle) from now, counting from the passes they have done.
     /// `write_pct` is the share of accesses that store.
     pub fn new(vm: &dyn PassVm, rate: Option<u64>, write_pct: u8) -> Self {
-        let pass_bytes = (vm.swept_pages() as f64 * PAGE_BYTES * f64::from(write_pct) / 100.0).max(PAGE_BYTES);
+        let pass_bytes =
+            (vm.swept_pages() as f64 * PAGE_BYTES * f64::from(write_pct) / 100.0).max(PAGE_BYTES);
         let base = vm.passes_done();
         let mut p = Self { rate, pass_bytes, start: Instant::now(), base, released: base };
         p.tick(vm);
@@ -49,7 +50,9 @@ impl Pacer {
         let target = match self.rate {
             None => u64::MAX,
             Some(0) => self.base,
-            Some(r) => self.base + 1 + (self.start.elapsed().as_secs_f64() * r as f64 / self.pass_bytes) as u64,
+            Some(r) => {
+                self.base + 1 + (self.start.elapsed().as_secs_f64() * r as f64 / self.pass_bytes) as u64
+            }
         };
         if target > self.released {
             self.released = target;

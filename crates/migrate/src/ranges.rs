@@ -121,7 +121,8 @@ mod tests {
         assert_ne!(page_digest(&m, 3), page_digest(&m, 4));
         assert_ne!(page_digest(&m, 2), page_digest(&m, 6), "equal pages, different places");
         // A window of the bitmap from page 128 on: the same pages above it.
-        let got: Vec<_> = dirty_ranges(&bm[2..], 128, &m, 8).iter().map(|r| (r.first, r.pages, r.zero)).collect();
+        let got: Vec<_> =
+            dirty_ranges(&bm[2..], 128, &m, 8).iter().map(|r| (r.first, r.pages, r.zero)).collect();
         assert_eq!(got, [(130, 1, false)]);
     }
 }

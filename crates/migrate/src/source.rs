@@ -129,8 +129,8 @@ pub struct MigrationFailure {
     /// Why.
     #[source]
     pub error: MigrationError,
-    /// What it had done.
-    pub stats: MigrationStats,
+    /// What it had done (boxed: the error path stays small).
+    pub stats: Box<MigrationStats>,
 }
 
 /// Counts the bytes written and holds them to a bandwidth.
@@ -220,7 +220,7 @@ pub fn migrate_outgoing(
                 _ => MigrationStatus::Failed,
             };
             m.stats.error = Some(error_chain(&error));
-            Err(MigrationFailure { error, stats: m.stats })
+            Err(MigrationFailure { error, stats: Box::new(m.stats) })
         }
     }
 }
@@ -282,7 +282,7 @@ impl<W: Write> Outgoing<'_, W> {
 
         // Round 0: everything.
         let mut bitmap = vec![u64::MAX; words];
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             bitmap[words - 1] = (1 << (pages % 64)) - 1;
         }
         let initially_set = caps.dirty_ring.is_none() && caps.protect == DirtyLogProtect::ManualInitiallySet;
@@ -356,7 +356,13 @@ impl<W: Write> Outgoing<'_, W> {
 
     /// Sends the pages of `bitmap` as round `round`, window by window,
     /// CLEARing each window first if `clear`.
-    fn send_round(&mut self, round: u32, bitmap: &[u64], harvest_ns: u64, clear: bool) -> Result<(), MigrationError> {
+    fn send_round(
+        &mut self,
+        round: u32,
+        bitmap: &[u64],
+        harvest_ns: u64,
+        clear: bool,
+    ) -> Result<(), MigrationError> {
         let t = Instant::now();
         let before = self.wire.bytes;
         let mut r = RoundStats { round, harvest_ns, ..RoundStats::default() };
@@ -409,7 +415,12 @@ impl<W: Write> Outgoing<'_, W> {
 
     /// Pauses the guest and sends the rest: `pending` (harvested, not sent),
     /// the final harvest, the digests, the vCPUs; waits for the ack.
-    fn stop_and_copy(&mut self, conn: &TcpStream, round: u32, mut pending: Vec<u64>) -> Result<(), MigrationError> {
+    fn stop_and_copy(
+        &mut self,
+        conn: &TcpStream,
+        round: u32,
+        mut pending: Vec<u64>,
+    ) -> Result<(), MigrationError> {
         let gate = self.vm.vcpu_gate();
         // The parallel harvest's threads get ready while the vCPUs stop.
         self.vm.prepare_harvest(Duration::from_millis(100));
@@ -427,7 +438,11 @@ impl<W: Write> Outgoing<'_, W> {
         let mut first = 0;
         while first < pages {
             let n = DIGEST_PAGES.min(pages - first);
-            self.wire.send(&Frame::Digest { slot: 0, first, digests: page_digests(self.vm.memory(), first, n) })?;
+            self.wire.send(&Frame::Digest {
+                slot: 0,
+                first,
+                digests: page_digests(self.vm.memory(), first, n),
+            })?;
             first += n;
         }
         for (vcpu, state) in gate.saved().into_iter().enumerate() {

@@ -130,7 +130,10 @@ impl MigrationStats {
         let mut l = vec![
             format!(
                 "Migration status: {}",
-                serde_json::to_value(self.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                serde_json::to_value(self.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
             ),
             format!("total time: {:.0} ms", self.total_time_ms),
             format!("downtime: {:.1} ms", self.downtime_ms),

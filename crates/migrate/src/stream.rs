@@ -233,47 +233,46 @@ impl Frame {
     fn encode_into(&self, b: &mut Vec<u8>) {
         b.clear();
         b.push(self.kind());
-        let mut b = b;
         match self {
             Frame::Header(h) => {
                 b.extend_from_slice(&MAGIC);
-                put_u32(&mut b, h.version);
-                put_u32(&mut b, h.page_size);
-                put_bytes(&mut b, h.backend.as_bytes());
-                put_bytes(&mut b, h.config.as_bytes());
-                put_u32(&mut b, h.slots.len() as u32);
+                put_u32(b, h.version);
+                put_u32(b, h.page_size);
+                put_bytes(b, h.backend.as_bytes());
+                put_bytes(b, h.config.as_bytes());
+                put_u32(b, h.slots.len() as u32);
                 for s in &h.slots {
-                    put_u32(&mut b, s.id);
-                    put_u64(&mut b, s.guest_phys_addr);
-                    put_u64(&mut b, s.pages);
+                    put_u32(b, s.id);
+                    put_u64(b, s.guest_phys_addr);
+                    put_u64(b, s.pages);
                 }
             }
-            Frame::Round { round } => put_u32(&mut b, *round),
+            Frame::Round { round } => put_u32(b, *round),
             Frame::Pages { slot, ranges, data } => {
-                put_u32(&mut b, *slot);
-                put_u32(&mut b, ranges.len() as u32);
+                put_u32(b, *slot);
+                put_u32(b, ranges.len() as u32);
                 for r in ranges {
-                    put_u64(&mut b, r.first);
-                    put_u32(&mut b, r.pages);
+                    put_u64(b, r.first);
+                    put_u32(b, r.pages);
                     b.push(u8::from(r.zero));
                 }
-                put_bytes(&mut b, data);
+                put_bytes(b, data);
             }
             Frame::Digest { slot, first, digests } => {
-                put_u32(&mut b, *slot);
-                put_u64(&mut b, *first);
-                put_u32(&mut b, digests.len() as u32);
+                put_u32(b, *slot);
+                put_u64(b, *first);
+                put_u32(b, digests.len() as u32);
                 for d in digests {
-                    put_u64(&mut b, *d);
+                    put_u64(b, *d);
                 }
             }
             Frame::VcpuState { vcpu, state } => {
-                put_u32(&mut b, *vcpu);
-                put_bytes(&mut b, state);
+                put_u32(b, *vcpu);
+                put_bytes(b, state);
             }
             Frame::Done => {}
             Frame::Ack { running } => b.push(u8::from(*running)),
-            Frame::Refuse { why } => put_bytes(&mut b, why.as_bytes()),
+            Frame::Refuse { why } => put_bytes(b, why.as_bytes()),
             Frame::Ready => {}
         }
     }

@@ -35,10 +35,8 @@ fn destination(
     backend: EngineBackend,
     spec: PassSpec,
     run_after: Duration,
-) -> (
-    std::net::SocketAddr,
-    std::thread::JoinHandle<Result<shadow_mmu_migrate::stats::IncomingStats, String>>,
-) {
+) -> (std::net::SocketAddr, std::thread::JoinHandle<Result<shadow_mmu_migrate::stats::IncomingStats, String>>)
+{
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
@@ -89,7 +87,8 @@ fn every_design_and_interface_migrates_and_goes_on() {
             let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {})
                 .unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
             vm.stop().unwrap();
-            let incoming = dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
+            let incoming =
+                dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
             let what = format!("{} {log}", describe(&config));
             assert_eq!(stats.status, MigrationStatus::Completed, "{what}");
             assert!(stats.converged, "{what}: {stats:?}");

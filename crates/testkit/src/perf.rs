@@ -51,8 +51,8 @@ use crate::mmu::MmuDesign;
 use crate::oracle::Oracle;
 use crate::spte::PAGE_SIZE;
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
-use crate::vm::{Vm, VmConfig};
 use crate::vcpu_gate::{VcpuGate, decode_words, encode_words};
+use crate::vm::{Vm, VmConfig};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WORKLOAD_STATE_WORDS, WorkloadGuest, WorkloadSpec,
 };
@@ -654,7 +654,8 @@ impl PassVm for EnginePassVm {
         })?;
         self.work.sweepers.gate.restore(states);
         if !self.work.sweepers.gate.wait_restored(std::time::Duration::from_secs(5)) {
-            let why = crate::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
+            let why =
+                crate::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
             return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
         }
         Ok(())

@@ -189,9 +189,8 @@ pub fn encode_words(words: &[u64]) -> Vec<u8> {
 
 /// Bytes to little-endian `u64`s: `None` unless exactly `n` words.
 pub fn decode_words(bytes: &[u8], n: usize) -> Option<Vec<u64>> {
-    (bytes.len() == 8 * n).then(|| {
-        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-    })
+    (bytes.len() == 8 * n)
+        .then(|| bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 #[cfg(all(test, not(loom)))]
@@ -211,7 +210,11 @@ mod tests {
                     while !stop.load(Ordering::Relaxed) {
                         if gate.pause_requested() {
                             holds += 1;
-                            gate.hold(id, || encode_words(&[u64::from(id), holds]), || stop.load(Ordering::Relaxed));
+                            gate.hold(
+                                id,
+                                || encode_words(&[u64::from(id), holds]),
+                                || stop.load(Ordering::Relaxed),
+                            );
                         }
                         std::thread::yield_now();
                     }

@@ -176,7 +176,7 @@ pub struct VmDescription {
 }
 
 impl VmDescription {
-    fn of(a: &OutgoingArgs) -> Self {
+    pub fn of(a: &OutgoingArgs) -> Self {
         Self {
             backend: a.backend,
             mmu: a.mmu.to_string(),
@@ -243,6 +243,35 @@ impl VmDescription {
     /// Builds and starts the VM, vCPUs waiting for their first release.
     fn start(&self) -> Result<Box<dyn PassVm>, String> {
         self.backend()?.start_passes(&self.pass_spec()).map_err(|e| error_chain(&e))
+    }
+
+    /// Builds the VM and boots it: a first pass, so that every page holds
+    /// data.
+    pub fn boot(&self) -> Result<Box<dyn PassVm>, String> {
+        let vm = self.start()?;
+        vm.release(1);
+        vm.wait_passes(0).map_err(|e| error_chain(&e))?;
+        Ok(vm)
+    }
+
+    /// The stream's header for `vm`, built from this description.
+    pub fn header(&self, vm: &dyn PassVm) -> Result<Header, serde_json::Error> {
+        Ok(Header {
+            version: VERSION,
+            page_size: 4096,
+            backend: match self.backend {
+                Where::Engine => "engine".into(),
+                Where::Kvm => "kvm".into(),
+            },
+            config: serde_json::to_string(self)?,
+            slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
+        })
+    }
+
+    /// Bytes a pass of the guest stores to (one 8-byte store per page of
+    /// `write_pct`% of them; a page dirtied counts 4 KiB).
+    pub fn pass_bytes(&self) -> f64 {
+        self.guest_bytes as f64 * f64::from(self.write_pct) / 100.0
     }
 }
 
@@ -315,7 +344,7 @@ fn incoming(a: &IncomingArgs) -> Result<bool, Box<dyn std::error::Error>> {
 
 /// Connects to `to`, retrying for a while (the destination may still be
 /// starting).
-fn connect(to: &str) -> Result<TcpStream, String> {
+pub fn connect(to: &str) -> Result<TcpStream, String> {
     let t = Instant::now();
     loop {
         match TcpStream::connect(to) {
@@ -333,26 +362,14 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
         return Err(format!("--guest-mib {}: KVM's test slot holds at most 2048", a.guest_mib).into());
     }
     let desc = VmDescription::of(a);
-    let mut vm = desc.start()?;
-    // Boot: a first pass, so that every page holds data.
-    vm.release(1);
-    vm.wait_passes(0).map_err(|e| error_chain(&e))?;
+    let mut vm = desc.boot()?;
     let mut pacer = shadow_mmu_migrate::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(a.warmup_ms) {
         pacer.tick(vm.as_ref());
         std::thread::sleep(Duration::from_millis(1));
     }
-    let header = Header {
-        version: VERSION,
-        page_size: 4096,
-        backend: match a.backend {
-            Where::Engine => "engine".into(),
-            Where::Kvm => "kvm".into(),
-        },
-        config: serde_json::to_string(&desc)?,
-        slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
-    };
+    let header = desc.header(vm.as_ref())?;
     let params = OutgoingParams {
         downtime_limit: Duration::from_millis(a.downtime_limit_ms),
         max_bandwidth: Some(a.max_bandwidth_mibps << 20).filter(|&b| b > 0),

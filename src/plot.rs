@@ -129,12 +129,15 @@ pub fn fault_latency(
 /// harvest time in the legend's total.
 pub fn migration_rounds(
     dir: &Path,
-    runs: &[(String, &shadow_mmu_migrate::stats::MigrationStats)],
+    runs: &[(String, impl std::borrow::Borrow<shadow_mmu_migrate::stats::MigrationStats>)],
 ) -> Result<PathBuf, Box<dyn Error>> {
     let path = dir.join("migration-rounds.svg");
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-    let max_x = runs.iter().map(|(_, s)| s.rounds.len()).max().unwrap_or(1).max(2) as f64;
-    let max_y = runs.iter().flat_map(|(_, s)| s.rounds.iter().map(|r| mib(r.bytes_sent))).fold(1.0, f64::max);
+    let max_x = runs.iter().map(|(_, s)| s.borrow().rounds.len()).max().unwrap_or(1).max(2) as f64;
+    let max_y = runs
+        .iter()
+        .flat_map(|(_, s)| s.borrow().rounds.iter().map(|r| mib(r.bytes_sent)))
+        .fold(1.0, f64::max);
     let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -145,6 +148,7 @@ pub fn migration_rounds(
         .build_cartesian_2d(-0.2..max_x - 0.8, (0.001..max_y * 2.0).log_scale())?;
     chart.configure_mesh().x_desc("round (0: bulk copy; last: stop-and-copy)").y_desc("MiB sent").draw()?;
     for (i, (label, s)) in runs.iter().enumerate() {
+        let s = s.borrow();
         let c = COLOURS[i % COLOURS.len()];
         let pts: Vec<(f64, f64)> =
             s.rounds.iter().map(|r| (f64::from(r.round), mib(r.bytes_sent).max(0.001))).collect();

@@ -3,6 +3,7 @@
 
 mod kernbench;
 mod kvm;
+mod migrate;
 mod migrate_perf;
 
 use std::error::Error;
@@ -28,6 +29,10 @@ pub enum BenchCommand {
     /// mmu notifier invalidations and shrinker pressure, swept or replayed
     /// from a real program's trace (the seed's second claim).
     Kernbench(KernbenchArgs),
+    /// Live migrations over loopback, the destination a process of its
+    /// own: QEMU's statistics per backend, design, interface and dirty rate,
+    /// beside a raw loopback copy of the same bytes.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Runs a bench.
@@ -35,6 +40,7 @@ pub fn main(cmd: &BenchCommand) -> BenchResult {
     match cmd {
         BenchCommand::MigratePerf(a) => migrate_perf::main(a),
         BenchCommand::Kernbench(a) => kernbench::main(a),
+        BenchCommand::Migrate(a) => migrate::main(a),
     }
 }
 

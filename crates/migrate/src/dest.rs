@@ -132,6 +132,8 @@ fn receive(
     stats: &mut IncomingStats,
     out: &mut Option<Box<dyn PassVm>>,
 ) -> Result<(), IncomingError> {
+    // The handshakes are small frames that must not wait on Nagle.
+    conn.set_nodelay(true).map_err(StreamError::Io)?;
     let mut r = Counting { r: BufReader::with_capacity(1 << 20, conn), n: 0 };
     let header = read_header(&mut r)?;
     stats.backend = format!("{} {}", header.backend, header.config);

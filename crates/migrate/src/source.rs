@@ -265,6 +265,8 @@ impl<W: Write> Outgoing<'_, W> {
     ) -> Result<(), MigrationError> {
         let pages = self.vm.pages();
         let words = pages.div_ceil(64) as usize;
+        // The handshakes are small frames that must not wait on Nagle.
+        conn.set_nodelay(true).map_err(StreamError::Io)?;
         self.wire.send(&Frame::Header(header.clone()))?;
         self.wire.w.flush().map_err(StreamError::Io)?;
         // The destination builds its VM, then says so (or why not).

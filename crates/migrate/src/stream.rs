@@ -435,16 +435,30 @@ pub struct FrameWriter {
 }
 
 impl FrameWriter {
-    /// Writes `f`; returns the bytes written.
+    /// Writes `f` in one `write_all` (a frame split in small writes would
+    /// wait on Nagle's algorithm and the peer's delayed ACK); returns the
+    /// bytes written.
     pub fn write(&mut self, w: &mut impl Write, f: &Frame) -> Result<u64, StreamError> {
         f.encode_into(&mut self.payload);
         let len = self.payload.len() as u64;
         if len == 0 || len > u64::from(MAX_FRAME_BYTES) {
             return Err(StreamError::FrameSize { len });
         }
-        w.write_all(&(len as u32).to_le_bytes())?;
-        w.write_all(&crc32c::crc32c(&self.payload).to_le_bytes())?;
-        w.write_all(&self.payload)?;
+        let crc = crc32c::crc32c(&self.payload);
+        if len < 64 << 10 {
+            let mut frame = Vec::with_capacity(8 + len as usize);
+            frame.extend_from_slice(&(len as u32).to_le_bytes());
+            frame.extend_from_slice(&crc.to_le_bytes());
+            frame.extend_from_slice(&self.payload);
+            w.write_all(&frame)?;
+        } else {
+            // Large frames: the head's own write is small beside the payload.
+            let mut head = [0u8; 8];
+            head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+            head[4..].copy_from_slice(&crc.to_le_bytes());
+            w.write_all(&head)?;
+            w.write_all(&self.payload)?;
+        }
         Ok(8 + len)
     }
 }

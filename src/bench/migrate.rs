@@ -1,0 +1,309 @@
+//! `shadow-mmu bench migrate`: live migrations over loopback, the
+//! destination a process of its own (this binary's `migrate incoming`),
+//! for every combination of `--backend`, `--mmu`, `--dirty-log` and
+//! `--harvest-threads`, at each `--guest-mib` and `--dirty-rate-mibps`;
+//! QEMU's statistics side by side, the guest's throughput while it
+//! migrates against its throughput without, the vCPUs' write-fault p99
+//! during harvests (the engine), and, in the same run, a raw loopback TCP
+//! copy of the same bytes: the physical limit of the total time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use engine::MmuDesign;
+use serde_json::json;
+use shadow_mmu_migrate::pacer::Pacer;
+use shadow_mmu_migrate::source::{OutgoingParams, error_chain, migrate_outgoing};
+use testkit::interface::DirtyLogInterface;
+
+use super::{BenchResult, Progress};
+use crate::harvest_args::HarvestKnobs;
+use crate::migrate_cmd::{VmDescription, Where};
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Backends, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "engine")]
+    pub backend: Vec<Where>,
+    /// The engine's designs, comma-separated (KVM has one).
+    #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
+    pub mmu: Vec<MmuDesign>,
+    /// Dirty-log interfaces, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "get")]
+    pub dirty_log: Vec<DirtyLogInterface>,
+    /// Harvest threads, comma-separated (more than one: the engine only).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub harvest_threads: Vec<u32>,
+    /// Guest sizes, MiB, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    pub guest_mib: Vec<u64>,
+    /// Dirty-rate caps, MiB/s, comma-separated (0: idle after boot).
+    #[arg(long, value_delimiter = ',', default_value = "0,256")]
+    pub dirty_rate_mibps: Vec<u64>,
+    #[command(flatten)]
+    pub knobs: HarvestKnobs,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vcpus: u32,
+    /// QEMU's downtime-limit, ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit_ms: u64,
+    /// Give pre-copy this long, s (then cancel).
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
+    /// QEMU's auto-converge.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// How long the guest runs at the destination before its check, ms.
+    #[arg(long, default_value_t = 300)]
+    pub run_after_ms: u64,
+    /// How long the guest's throughput is measured without a migration, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub baseline_ms: u64,
+    /// Write the runs here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write SVGs into this directory.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// A raw loopback TCP copy of `bytes` (1 MiB writes into a reused buffer
+/// read by another thread): the link's limit. Returns its time.
+fn raw_copy(bytes: u64) -> std::io::Result<Duration> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut c, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        loop {
+            match c.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n as u64,
+            }
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    drop(s);
+    let got = rx.join().map_err(|_| std::io::Error::other("the reader panicked"))??;
+    assert_eq!(got, bytes);
+    Ok(t.elapsed())
+}
+
+/// The guest's store throughput over `window` at the pacer's rate, bytes a
+/// second (passes completed, times the bytes of a pass).
+fn guest_throughput(
+    vm: &dyn testkit::backend::PassVm,
+    pacer: &mut Pacer,
+    pass_bytes: f64,
+    window: Duration,
+) -> f64 {
+    let (p0, t) = (vm.passes_done(), Instant::now());
+    while t.elapsed() < window {
+        pacer.tick(vm);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (vm.passes_done() - p0) as f64 * pass_bytes / t.elapsed().as_secs_f64()
+}
+
+/// A destination process, and the address it listens on.
+fn spawn_destination(
+    run_after_ms: u64,
+    json: &std::path::Path,
+) -> BenchResult<(std::process::Child, String)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["migrate", "incoming", "--listen", "127.0.0.1:0", "--run-after-ms"])
+        .arg(run_after_ms.to_string())
+        .arg("--json")
+        .arg(json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+    let addr = line.trim().strip_prefix("listening on ").ok_or(format!("the destination said {line:?}"))?;
+    Ok((child, addr.to_string()))
+}
+
+pub fn main(a: &MigrateArgs) -> BenchResult {
+    let mut combos = Vec::new();
+    for &backend in &a.backend {
+        let mmus: Vec<MmuDesign> = match backend {
+            Where::Engine => a.mmu.clone(),
+            Where::Kvm => a.mmu.first().copied().into_iter().collect(),
+        };
+        for &mmu in &mmus {
+            for &log in &a.dirty_log {
+                for &threads in &a.harvest_threads {
+                    if backend == Where::Kvm && threads > 1 {
+                        continue;
+                    }
+                    for &mib in &a.guest_mib {
+                        for &rate in &a.dirty_rate_mibps {
+                            combos.push((backend, mmu, log, threads, mib, rate));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let bar = Progress::new(combos.len() as u64, "migrations");
+    let mut raw = std::collections::BTreeMap::new();
+    for &mib in &a.guest_mib {
+        let t = raw_copy(mib << 20)?;
+        bar.line(format!("raw loopback TCP copy of {mib} MiB: {:.1} ms", t.as_secs_f64() * 1e3));
+        raw.insert(mib, t);
+    }
+    bar.line(format!(
+        "{:<26} {:>5} {:>6} {:>9} {:>7} {:>8} {:>6} {:>9} {:>7} {:>6} {:>9} {:>7} {:>5} {:>5}",
+        "backend, design, log",
+        "MiB",
+        "MiB/s",
+        "total ms",
+        "xraw",
+        "downtime",
+        "rounds",
+        "sent MiB",
+        "mbps",
+        "guest",
+        "fault p99",
+        "result",
+        "mism",
+        "lost"
+    ));
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut runs = Vec::new();
+    let mut all_ok = true;
+    let mut plotted = Vec::new();
+    for (i, &(backend, mmu, log, threads, mib, rate)) in combos.iter().enumerate() {
+        let desc = VmDescription {
+            backend,
+            mmu: mmu.to_string(),
+            fast_page_fault: true,
+            dirty_log: log.to_string(),
+            initially_set: a.knobs.initially_set && log == DirtyLogInterface::Clear,
+            ring_entries: a.knobs.ring_entries,
+            harvest_threads: threads,
+            clear_chunk_pages: a.knobs.clear_chunk_pages,
+            vcpus: a.vcpus,
+            guest_bytes: mib << 20,
+            random: false,
+            write_pct: 100,
+            seed: 1,
+            dirty_rate: Some(rate << 20),
+        };
+        let label = match backend {
+            Where::Engine => format!(
+                "engine {mmu}, {log}{}",
+                if threads > 1 { format!(" x{threads}") } else { String::new() }
+            ),
+            Where::Kvm => format!("kvm, {log}"),
+        };
+        let mut vm = desc.boot()?;
+        let mut pacer = Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+        let baseline = guest_throughput(
+            vm.as_ref(),
+            &mut pacer,
+            desc.pass_bytes(),
+            Duration::from_millis(a.baseline_ms),
+        );
+        let json_path = dir.join(format!("dest-{i}.json"));
+        let (child, addr) = spawn_destination(a.run_after_ms, &json_path)?;
+        let conn = crate::migrate_cmd::connect(&addr)?;
+        let params = OutgoingParams {
+            downtime_limit: Duration::from_millis(a.downtime_limit_ms),
+            timeout: Some(Duration::from_secs(a.timeout_s)),
+            auto_converge: a.auto_converge,
+            dirty_rate: desc.dirty_rate,
+            write_pct: desc.write_pct,
+            clear_chunk_pages: desc.clear_chunk_pages,
+            ..OutgoingParams::default()
+        };
+        let header = desc.header(vm.as_ref())?;
+        let p0 = vm.passes_done();
+        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut |_| {});
+        let p1 = vm.passes_done();
+        let extras = vm.stop().map_err(|e| error_chain(&e))?;
+        let out = child.wait_with_output()?;
+        let dest: serde_json::Value = std::fs::read_to_string(&json_path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let (stats, error) = match r {
+            Ok(s) => (s, None),
+            Err(f) => (*f.stats, Some(error_chain(&f.error))),
+        };
+        let during = (p1 - p0) as f64 * desc.pass_bytes() / (stats.total_time_ms / 1e3).max(1e-9);
+        let fraction = (baseline > 0.0).then(|| during / baseline);
+        let p99 = extras.latency.as_ref().map(|(harvest, _)| harvest.quantile_ns(0.99));
+        let mism = dest["mismatched_pages"].as_u64();
+        let lost = dest["lost_pages"].as_u64();
+        let ok = error.is_none() && out.status.success() && mism == Some(0) && lost == Some(0);
+        all_ok &= ok;
+        let xraw = stats.total_time_ms / (raw[&mib].as_secs_f64() * 1e3);
+        bar.line(format!(
+            "{:<26} {:>5} {:>6} {:>9.1} {:>7.2} {:>8.1} {:>6} {:>9.1} {:>7.0} {:>6} {:>9} {:>7} {:>5} {:>5}",
+            label,
+            mib,
+            rate,
+            stats.total_time_ms,
+            xraw,
+            stats.downtime_ms,
+            stats.rounds.len(),
+            stats.transferred_bytes as f64 / f64::from(1u32 << 20),
+            stats.mbps,
+            fraction.map_or("-".into(), |f| format!("{f:.2}")),
+            p99.map_or("-".into(), |ns| format!("{:.1}us", ns as f64 / 1e3)),
+            if ok { "ok" } else { "FAILED" },
+            mism.map_or("?".into(), |m| m.to_string()),
+            lost.map_or("?".into(), |m| m.to_string()),
+        ));
+        if let Some(e) = &error {
+            bar.line(format!("  {label}: {e}"));
+        }
+        if !out.status.success() {
+            bar.line(format!("  destination: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        runs.push(json!({
+            "backend": backend, "mmu": mmu.to_string(), "dirty_log": log.to_string(), "harvest_threads": threads,
+            "guest_mib": mib, "dirty_rate_mibps": rate, "raw_copy_ms": raw[&mib].as_secs_f64() * 1e3,
+            "total_time_vs_raw_copy": xraw,
+            "guest_throughput_baseline_bytes_per_s": baseline,
+            "guest_throughput_during_bytes_per_s": during,
+            "guest_throughput_fraction": fraction,
+            "guest_passes_during": p1 - p0,
+            "vcpu_fault_p99_during_harvest_ns": p99,
+            "error": error, "source": stats, "destination": dest,
+            "details": extras.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        }));
+        plotted.push((label, mib, rate, stats));
+        bar.step(format!("{}/{}", i + 1, combos.len()));
+    }
+    bar.finish();
+    if let Some(p) = &a.json {
+        super::write_json(p, runs)?;
+    }
+    if let Some(d) = &a.plot {
+        std::fs::create_dir_all(d)?;
+        let series: Vec<_> =
+            plotted.iter().map(|(l, mib, rate, s)| (format!("{l}, {mib} MiB, {rate} MiB/s"), s)).collect();
+        let path = crate::plot::migration_rounds(d, &series)?;
+        println!("plot: {}", path.display());
+    }
+    println!("{}", if all_ok { "OK" } else { "FAILED" });
+    Ok(all_ok)
+}

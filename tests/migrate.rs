@@ -263,14 +263,14 @@ fn a_corrupt_frame_a_wrong_version_and_a_source_that_closes() {
     assert!(err.contains("frame checksum mismatch") && err.contains("partial VM is discarded"), "{err}");
     // Another version.
     let mut v2 = good.clone();
-    v2.version = 2;
+    v2.version = VERSION + 1;
     let dest = Dest::spawn(0, "version");
     let mut c = TcpStream::connect(&dest.addr).unwrap();
     write_frame(&mut c, &Frame::Header(v2)).unwrap();
     drop(c);
     let (code, _, err) = dest.wait();
     assert_ne!(code, 0);
-    assert!(err.contains("migration stream version 2"), "{err}");
+    assert!(err.contains(&format!("migration stream version {}", VERSION + 1)), "{err}");
     // A source that goes away after half a round.
     let mut b = Vec::new();
     write_frame(&mut b, &Frame::Round { round: 0 }).unwrap();

@@ -99,11 +99,17 @@ impl Kvm {
         if slot.dirty_logging() && self.dirty_ring_entries() != 0 {
             return Err(GuestAccessError::DirtyRing { gpa, slot: slot.id() });
         }
-        for (i, &w) in words.iter().enumerate() {
-            let a = gpa + 8 * i as u64;
+        // Page by page: one page lookup for each page's run of words.
+        let (mut a, mut rest) = (gpa, words);
+        while !rest.is_empty() {
             let page = slot.memory().page(slot.host_page_index(a >> PAGE_SHIFT));
-            // Relaxed: guest data, published by the fence below.
-            page[(a % PAGE_SIZE) as usize / 8].store(w, Ordering::Relaxed);
+            let at = (a % PAGE_SIZE) as usize / 8;
+            let n = rest.len().min(page.len() - at);
+            for (dst, &w) in page[at..at + n].iter().zip(&rest[..n]) {
+                // Relaxed: guest data, published by the fence below.
+                dst.store(w, Ordering::Relaxed);
+            }
+            (a, rest) = (a + 8 * n as u64, &rest[n..]);
         }
         if slot.dirty_logging() {
             // Release: pairs with the harvester's AcqRel swap of the word

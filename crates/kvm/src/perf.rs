@@ -38,7 +38,7 @@ use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
 use crate::vm::{
     DirtyLogProtect, GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup,
 };
-use shadow_mmu_testkit::vcpu_gate::{VcpuGate, decode_words, encode_words};
+use shadow_mmu_testkit::vcpu_gate::{IdleWait, VcpuGate, decode_words, encode_words};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -254,6 +254,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let clock = &shared.clocks[id as usize];
     let mut done = 0u64;
     loop {
+        let idle = IdleWait::new();
         loop {
             if let Some(state) = shared.gate.take_restore(id) {
                 // Checked by `restore_vcpus` before it was given.
@@ -278,7 +279,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
             if shared.allowed.load(Ordering::Acquire) > done {
                 break;
             }
-            std::thread::sleep(Duration::from_micros(20));
+            idle.wait();
         }
         let t = Instant::now();
         let code = loop {

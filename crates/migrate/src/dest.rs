@@ -24,7 +24,7 @@ use shadow_mmu_testkit::backend::{BackendError, PassVm, harvest};
 use thiserror::Error;
 
 use crate::pacer::Pacer;
-use crate::ranges::{WORDS_PER_PAGE, page_digest};
+use crate::ranges::{WORDS_PER_PAGE, page_digest, quiescent_bytes, zero_page_digest};
 use crate::source::PAUSE_WITHIN;
 use crate::stats::IncomingStats;
 use crate::stream::{
@@ -134,7 +134,8 @@ fn receive(
 ) -> Result<(), IncomingError> {
     // The handshakes are small frames that must not wait on Nagle.
     conn.set_nodelay(true).map_err(StreamError::Io)?;
-    let mut r = Counting { r: BufReader::with_capacity(1 << 20, conn), n: 0 };
+    // A small buffer: a frame's payload, larger, is read past it.
+    let mut r = Counting { r: BufReader::with_capacity(64 << 10, conn), n: 0 };
     let header = read_header(&mut r)?;
     stats.backend = format!("{} {}", header.backend, header.config);
     let IncomingVm { vm, dirty_rate, write_pct } = build(&header).map_err(IncomingError::Refused)?;
@@ -151,10 +152,12 @@ fn receive(
     let mut w = conn;
     write_frame(&mut w, &Frame::Ready)?;
     let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
+    // The digest of each page as loaded (its CRC, checked as the frame was
+    // read), so that the final check only compares.
+    let mut loaded: Vec<u64> = (0..pages).map(|p| p << 32).collect();
     let mut frames = FrameReader::default();
-    // Each digest is checked as it comes, while the source computes the
-    // next ones: the pages are final once the digests begin.
     let mut mismatched = 0u64;
+    let mut digests_begun = false;
     let mut verify = Duration::ZERO;
     let mut words = Vec::new();
     let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
@@ -166,7 +169,7 @@ fn receive(
             Frame::Round { round } => stats.rounds = round + 1,
             Frame::Pages { slot, ranges, data } => {
                 check_ranges(slot, &ranges, pages)?;
-                if digests.iter().any(Option::is_some) {
+                if digests_begun {
                     return Err(IncomingError::Refused("pages after the final digests".into()));
                 }
                 words.clear();
@@ -182,9 +185,18 @@ fn receive(
                             let len = zeros.len().min(n - chunk);
                             vm.write_guest(offset + chunk as u64 * 8, &zeros[..len])?;
                         }
+                        for p in x.first..x.first + u64::from(x.pages) {
+                            loaded[p as usize] = zero_page_digest(p);
+                        }
                         stats.duplicate_pages += u64::from(x.pages);
                     } else {
                         vm.write_guest(offset, &words[next..next + n])?;
+                        // The page CRCs the reader checked are the digests
+                        // of what was loaded.
+                        let crcs = &frames.page_crcs()[next / WORDS_PER_PAGE..][..x.pages as usize];
+                        for (p, &c) in (x.first..).zip(crcs) {
+                            loaded[p as usize] = (p << 32) | u64::from(c);
+                        }
                         next += n;
                         stats.normal_pages += u64::from(x.pages);
                     }
@@ -198,11 +210,11 @@ fn receive(
                         d.len()
                     )));
                 }
+                digests_begun = true;
                 let t = Instant::now();
-                let memory = vm.memory();
                 for (i, v) in d.into_iter().enumerate() {
                     let p = first + i as u64;
-                    mismatched += u64::from(page_digest(memory, p) != v);
+                    mismatched += u64::from(loaded[p as usize] != v);
                     digests[p as usize] = Some(v);
                 }
                 verify += t.elapsed();
@@ -260,8 +272,12 @@ fn receive(
     let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
     harvest(vm.as_mut(), &mut bitmap)?;
     let memory = vm.memory();
+    // SAFETY: the vCPUs are paused (the gate's acquire ordered their stores
+    // before us), and nothing else writes guest memory; `bytes` dies with
+    // this function, before the caller stops or resumes them.
+    let bytes = unsafe { quiescent_bytes(memory) };
     for p in 0..pages {
-        if digests[p as usize] == Some(page_digest(memory, p)) {
+        if digests[p as usize] == Some(page_digest(bytes, p)) {
             continue;
         }
         stats.pages_written_after_resume += 1;

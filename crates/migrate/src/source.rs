@@ -37,7 +37,7 @@ use shadow_mmu_testkit::vcpu_gate::PauseTimeout;
 use thiserror::Error;
 
 use crate::pacer::{Pacer, Throttle};
-use crate::ranges::{dirty_ranges, page_digests, range_data_into};
+use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
 use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
 use crate::stream::{Frame, FrameWriter, Header, StreamError, read_frame};
 
@@ -146,6 +146,12 @@ impl<W: Write> Wire<W> {
     fn send(&mut self, f: &Frame) -> Result<u64, StreamError> {
         let n = self.frames.write(&mut self.w, f)?;
         self.bytes += n;
+        self.limit()?;
+        Ok(n)
+    }
+
+    /// Holds the bytes sent so far to the bandwidth limit.
+    fn limit(&mut self) -> Result<(), StreamError> {
         if let Some(max) = self.max.filter(|&m| m > 0) {
             // QEMU's rate limit: never ahead of `max` bytes a second.
             let due = Duration::from_secs_f64(self.bytes as f64 / max as f64);
@@ -154,7 +160,7 @@ impl<W: Write> Wire<W> {
                 std::thread::sleep(wait);
             }
         }
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -372,7 +378,6 @@ impl<W: Write> Outgoing<'_, W> {
         self.wire.send(&Frame::Round { round })?;
         let window_words = (FRAME_PAGES / 64) as usize;
         let clear_words = (self.params.clear_chunk_pages / 64).max(1) as usize;
-        let mut data = Vec::new();
         for (i, window) in bitmap.chunks(window_words).enumerate() {
             let first = (i * window_words * 64) as u64;
             if clear {
@@ -394,12 +399,9 @@ impl<W: Write> Outgoing<'_, W> {
                     r.normal_pages += u64::from(x.pages);
                 }
             }
-            range_data_into(&ranges, self.vm.memory(), &mut data);
-            let frame = Frame::Pages { slot: 0, ranges, data };
-            self.wire.send(&frame)?;
-            // The data's allocation again, for the next frame.
-            let Frame::Pages { data: d, .. } = frame else { unreachable!() };
-            data = d;
+            self.wire.bytes +=
+                self.wire.frames.write_pages(&mut self.wire.w, 0, &ranges, self.vm.memory())?;
+            self.wire.limit()?;
             self.pacer.tick(self.vm);
         }
         self.wire.w.flush().map_err(StreamError::Io)?;
@@ -437,14 +439,18 @@ impl<W: Write> Outgoing<'_, W> {
         }
         self.send_round(round, &pending, harvest_ns, false)?;
         let pages = self.vm.pages();
+        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
+        // stores before us) and nothing else writes guest memory until we
+        // resume them or the VM stops; `bytes` dies before either.
+        let bytes = unsafe { quiescent_bytes(self.vm.memory()) };
+        // The destination only compares (it digested each page as it
+        // loaded it): this host's CPUs are ours.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut first = 0;
         while first < pages {
             let n = DIGEST_PAGES.min(pages - first);
-            self.wire.send(&Frame::Digest {
-                slot: 0,
-                first,
-                digests: page_digests(self.vm.memory(), first, n),
-            })?;
+            let digests = page_digests(bytes, first, n, threads);
+            self.wire.send(&Frame::Digest { slot: 0, first, digests })?;
             first += n;
         }
         for (vcpu, state) in gate.saved().into_iter().enumerate() {

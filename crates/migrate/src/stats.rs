@@ -177,7 +177,8 @@ pub struct IncomingStats {
     pub rounds: u32,
     /// Pages whose content differs from the source's final digest.
     pub mismatched_pages: u64,
-    /// Time to check every page's digest, ms (inside the downtime).
+    /// Time comparing the source's digests with those of the pages as
+    /// loaded, ms (in the downtime).
     pub verify_ms: f64,
     /// How long the guest ran here before the check of its writes, ms.
     pub run_after_ms: u64,

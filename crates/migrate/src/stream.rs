@@ -7,7 +7,12 @@
 //! Every frame is `len: u32 LE`, `crc: u32 LE`, then `len` bytes of
 //! payload; `crc` is the CRC-32C (Castagnoli) of the payload, and the
 //! payload is a kind byte and the kind's body (all integers little-endian,
-//! strings and lists length-prefixed). The first frame is a [`Header`],
+//! strings and lists length-prefixed). A `Pages` body is the slot, the
+//! ranges, the count of data pages and one CRC-32C per data page, then the
+//! pages' bytes: its frame CRC covers all but those bytes, which their page
+//! CRCs cover, so each byte is checksummed once on each side (and the
+//! destination's check of a page is also its digest of what it loaded).
+//! The first frame is a [`Header`],
 //! with [`MAGIC`] and [`VERSION`]; the destination answers it with `Ready`
 //! (or `Refuse`), then the rounds follow, then `Done`, answered by `Ack`.
 //!
@@ -17,7 +22,8 @@
 //!   [`MAX_FRAME_BYTES`], and nothing inside a frame before the count it is
 //!   sized by is checked against the bytes left: a hostile peer costs at
 //!   most one frame's maximum.
-//! - A frame decodes whole or not at all: a short read, a bad checksum, an
+//! - A frame decodes whole or not at all: a short read, a bad checksum (of
+//!   the frame or of a page), an
 //!   unknown kind, a count that overruns, bytes left over, or contents that
 //!   disagree (a page range whose data is missing) is a [`StreamError`],
 //!   and the reader has consumed at most that frame.
@@ -31,7 +37,7 @@ use thiserror::Error;
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest frame payload either side accepts: 16 MiB (4096 pages of
 /// data plus their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
@@ -146,6 +152,16 @@ pub enum StreamError {
         /// The length it claimed.
         len: u64,
     },
+    /// A page's data does not match its checksum in the frame.
+    #[error("page {page}'s checksum mismatch: the frame says {expected:#010x}, its bytes give {got:#010x}")]
+    PageChecksum {
+        /// The page.
+        page: u64,
+        /// Sent.
+        expected: u32,
+        /// Computed.
+        got: u32,
+    },
     /// The payload's checksum does not match.
     #[error("frame checksum mismatch: the frame says {expected:#010x}, its bytes give {got:#010x}")]
     Checksum {
@@ -249,14 +265,11 @@ impl Frame {
             }
             Frame::Round { round } => put_u32(b, *round),
             Frame::Pages { slot, ranges, data } => {
-                put_u32(b, *slot);
-                put_u32(b, ranges.len() as u32);
-                for r in ranges {
-                    put_u64(b, r.first);
-                    put_u32(b, r.pages);
-                    b.push(u8::from(r.zero));
-                }
-                put_bytes(b, data);
+                put_pages_table(b, *slot, ranges);
+                let data_pages = data_pages(ranges);
+                let page = if data_pages == 0 { 0 } else { data.len() / data_pages as usize };
+                b.extend_from_slice(data);
+                fill_page_crcs(b, data_pages, page);
             }
             Frame::Digest { slot, first, digests } => {
                 put_u32(b, *slot);
@@ -279,7 +292,12 @@ impl Frame {
 
     /// Decodes a payload; a `Pages` frame's data goes into `spare`'s
     /// allocation (taken), so that a reader can recycle it.
-    fn decode(payload: &[u8], page_size: u32, spare: &mut Vec<u8>) -> Result<Frame, StreamError> {
+    fn decode(
+        payload: &[u8],
+        page_size: u32,
+        spare: &mut Vec<u8>,
+        page_crcs: &mut Vec<u32>,
+    ) -> Result<Frame, StreamError> {
         let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
         let name = kind_name(kind).ok_or(StreamError::UnknownKind(kind))?;
         let mut c = Cursor { b: body, kind: name };
@@ -318,16 +336,34 @@ impl Frame {
                     }
                     ranges.push(r);
                 }
-                let bytes = c.bytes()?;
+                if c.u32()? as u64 != data_pages {
+                    return Err(c.bad("a page count that disagrees with the ranges"));
+                }
+                let crcs = c.take(data_pages as usize * 4)?;
+                let bytes = std::mem::take(&mut c.b);
+                if bytes.len() as u64 != data_pages * u64::from(page_size) {
+                    return Err(c.bad(&format!(
+                        "{} bytes of data for {data_pages} pages of {page_size} bytes",
+                        bytes.len()
+                    )));
+                }
+                // The data's own checksums (the frame's covers the rest).
+                page_crcs.clear();
+                let pages =
+                    ranges.iter().filter(|r| !r.zero).flat_map(|r| r.first..r.first + u64::from(r.pages));
+                for ((want, got), p) in
+                    crcs.chunks_exact(4).zip(bytes.chunks_exact(page_size as usize)).zip(pages)
+                {
+                    let want = u32::from_le_bytes(want.try_into().expect("4 bytes"));
+                    let got = crc32c::crc32c(got);
+                    if want != got {
+                        return Err(StreamError::PageChecksum { page: p, expected: want, got });
+                    }
+                    page_crcs.push(got);
+                }
                 let mut data = std::mem::take(spare);
                 data.clear();
                 data.extend_from_slice(bytes);
-                if data.len() as u64 != data_pages * u64::from(page_size) {
-                    return Err(c.bad(&format!(
-                        "{} bytes of data for {data_pages} pages of {page_size} bytes",
-                        data.len()
-                    )));
-                }
                 Frame::Pages { slot, ranges, data }
             }
             4 => {
@@ -440,11 +476,37 @@ impl FrameWriter {
     /// bytes written.
     pub fn write(&mut self, w: &mut impl Write, f: &Frame) -> Result<u64, StreamError> {
         f.encode_into(&mut self.payload);
+        self.write_payload(w)
+    }
+}
+
+impl FrameWriter {
+    /// Writes a [`Frame::Pages`] of `ranges` of slot `slot`, its data read
+    /// straight from `memory` into the frame (no copy between): the same
+    /// bytes as `write` of the frame with [`crate::ranges::range_data`].
+    pub fn write_pages(
+        &mut self,
+        w: &mut impl Write,
+        slot: u32,
+        ranges: &[PageRange],
+        memory: &[std::sync::atomic::AtomicU64],
+    ) -> Result<u64, StreamError> {
+        let b = &mut self.payload;
+        b.clear();
+        b.push(3);
+        put_pages_table(b, slot, ranges);
+        crate::ranges::append_range_data(ranges, memory, b);
+        fill_page_crcs(b, data_pages(ranges), 4096);
+        self.write_payload(w)
+    }
+
+    /// Writes the payload built in `self.payload` as one frame.
+    fn write_payload(&mut self, w: &mut impl Write) -> Result<u64, StreamError> {
         let len = self.payload.len() as u64;
         if len == 0 || len > u64::from(MAX_FRAME_BYTES) {
             return Err(StreamError::FrameSize { len });
         }
-        let crc = crc32c::crc32c(&self.payload);
+        let crc = crc32c::crc32c(&self.payload[..checksummed_len(&self.payload)]);
         if len < 64 << 10 {
             let mut frame = Vec::with_capacity(8 + len as usize);
             frame.extend_from_slice(&(len as u32).to_le_bytes());
@@ -463,12 +525,64 @@ impl FrameWriter {
     }
 }
 
+/// Pages of data in `ranges`.
+fn data_pages(ranges: &[PageRange]) -> u64 {
+    ranges.iter().filter(|r| !r.zero).map(|r| u64::from(r.pages)).sum()
+}
+
+/// A `Pages` payload's slot and table, then its page count and room for
+/// one CRC per data page (filled by [`fill_page_crcs`]).
+fn put_pages_table(b: &mut Vec<u8>, slot: u32, ranges: &[PageRange]) {
+    put_u32(b, slot);
+    put_u32(b, ranges.len() as u32);
+    for r in ranges {
+        put_u64(b, r.first);
+        put_u32(b, r.pages);
+        b.push(u8::from(r.zero));
+    }
+    let n = data_pages(ranges);
+    put_u32(b, n as u32);
+    b.resize(b.len() + 4 * n as usize, 0);
+}
+
+/// Fills the page CRCs of a `Pages` payload whose `n` data pages of `page`
+/// bytes end it.
+fn fill_page_crcs(b: &mut [u8], n: u64, page: usize) {
+    let data_start = b.len() - n as usize * page;
+    let (head, data) = b.split_at_mut(data_start);
+    let crcs = &mut head[data_start - 4 * n as usize..];
+    for (c, p) in crcs.chunks_exact_mut(4).zip(data.chunks_exact(page.max(1))) {
+        c.copy_from_slice(&crc32c::crc32c(p).to_le_bytes());
+    }
+}
+
+/// The bytes of `payload` its frame checksum covers: all of it, except a
+/// `Pages` frame's data, which its page CRCs cover (each page is checked
+/// once, and that check is also the destination's digest of the page as
+/// it loads it). A payload too short to say is covered whole (its decode
+/// will refuse it).
+fn checksummed_len(payload: &[u8]) -> usize {
+    if payload.first() != Some(&3) || payload.len() < 9 {
+        return payload.len();
+    }
+    let n = u32::from_le_bytes(payload[5..9].try_into().expect("4 bytes")) as usize;
+    let at = n.checked_mul(13).and_then(|t| t.checked_add(9)).filter(|&a| a + 4 <= payload.len());
+    let Some(at) = at else { return payload.len() };
+    let pages = u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes")) as usize;
+    pages
+        .checked_mul(4)
+        .and_then(|c| c.checked_add(at + 4))
+        .filter(|&e| e <= payload.len())
+        .unwrap_or(payload.len())
+}
+
 /// Reads frames, reusing its buffers: the payload's, and the data of
 /// `Pages` frames given back with [`FrameReader::recycle`].
 #[derive(Debug, Default)]
 pub struct FrameReader {
     payload: Vec<u8>,
     spare: Vec<u8>,
+    page_crcs: Vec<u32>,
 }
 
 impl FrameReader {
@@ -488,11 +602,17 @@ impl FrameReader {
         if self.payload.len() != len as usize {
             return Err(StreamError::Truncated);
         }
-        let got = crc32c::crc32c(&self.payload);
+        let got = crc32c::crc32c(&self.payload[..checksummed_len(&self.payload)]);
         if got != expected {
             return Err(StreamError::Checksum { expected, got });
         }
-        Frame::decode(&self.payload, page_size, &mut self.spare)
+        Frame::decode(&self.payload, page_size, &mut self.spare, &mut self.page_crcs)
+    }
+
+    /// The CRC-32C of each data page of the last `Pages` frame read, in
+    /// order (checked against the frame's).
+    pub fn page_crcs(&self) -> &[u32] {
+        &self.page_crcs
     }
 
     /// Gives a `Pages` frame's data back, for the next one.
@@ -588,6 +708,19 @@ mod tests {
     }
 
     #[test]
+    fn pages_written_from_memory_are_the_frame_of_their_data() {
+        use std::sync::atomic::AtomicU64;
+        let memory: Vec<AtomicU64> = (0..512 * 8).map(|i| AtomicU64::new(i as u64 % 700)).collect();
+        let ranges =
+            vec![PageRange { first: 1, pages: 2, zero: false }, PageRange { first: 5, pages: 1, zero: true }];
+        let data = crate::ranges::range_data(&ranges, &memory);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        write_frame(&mut a, &Frame::Pages { slot: 0, ranges: ranges.clone(), data }).unwrap();
+        FrameWriter::default().write_pages(&mut b, 0, &ranges, &memory).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn each_refusal_is_typed() {
         let good = stream();
         // Truncated inside a frame.
@@ -611,12 +744,19 @@ mod tests {
             read_all(&b)
         };
         assert!(matches!(with(&|p| p[1] = b'X'), Err(StreamError::BadMagic)));
-        assert!(matches!(with(&|p| p[9] = 2), Err(StreamError::Version { got: 2 })));
+        assert!(matches!(with(&|p| p[9] = 9), Err(StreamError::Version { got: 9 })));
         assert!(matches!(with(&|p| p[0] = 99), Err(StreamError::UnknownKind(99))));
         assert!(matches!(with(&|p| p.push(0)), Err(StreamError::Malformed { kind: "header", .. })));
         let mut b = Vec::new();
         write_frame(&mut b, &Frame::Done).unwrap();
         assert!(matches!(read_all(&b), Err(StreamError::Unexpected { expected: "header", got: "done" })));
+        // A page's byte flipped: its own checksum, named.
+        let mut b = Vec::new();
+        let ranges = vec![PageRange { first: 7, pages: 2, zero: false }];
+        write_frame(&mut b, &Frame::Pages { slot: 0, ranges, data: vec![1; 2 * PAGE as usize] }).unwrap();
+        let n = b.len();
+        b[n - 10] ^= 4;
+        assert!(matches!(read_frame(&mut &b[..], PAGE), Err(StreamError::PageChecksum { page: 8, .. })));
         // Pages whose data does not match their ranges.
         let bad = Frame::Pages {
             slot: 0,
@@ -632,7 +772,7 @@ mod tests {
         p.extend_from_slice(&0u64.to_le_bytes());
         p.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            Frame::decode(&p, PAGE, &mut Vec::new()),
+            Frame::decode(&p, PAGE, &mut Vec::new(), &mut Vec::new()),
             Err(StreamError::Malformed { kind: "digest", .. })
         ));
         for e in [StreamError::Truncated, StreamError::BadMagic, StreamError::UnknownKind(3)] {

@@ -337,6 +337,7 @@ fn await_release(
     ctl: &GuestControl,
     gate: &VcpuGate,
 ) {
+    let idle = crate::vcpu_gate::IdleWait::new();
     loop {
         if let Some(state) = gate.take_restore(id) {
             // Checked by `PassVm::restore_vcpus` before it was given.
@@ -358,7 +359,7 @@ fn await_release(
         if allowed.load(Ordering::Acquire) > *done {
             return;
         }
-        std::thread::sleep(Duration::from_micros(20));
+        idle.wait();
     }
 }
 

@@ -134,8 +134,9 @@ impl VcpuGate {
         // Release: pairs with `pause`'s acquire load.
         self.held.fetch_add(1, Ordering::Release);
         // Acquire: pairs with `resume`'s release store.
+        let idle = IdleWait::new();
         while self.pause.load(Ordering::Acquire) && !stop() {
-            std::thread::sleep(Duration::from_micros(50));
+            idle.wait();
         }
         // Relaxed: only `pause` reads the count, and it waits for it to
         // reach all vCPUs, which needs our increment of the next hold.
@@ -179,6 +180,33 @@ impl VcpuGate {
     /// entering guest mode).
     pub fn take_restore(&self, id: u32) -> Option<Vec<u8>> {
         self.restore[id as usize].lock().take()
+    }
+}
+
+/// How a vCPU thread outside guest mode waits for the host (a release, a
+/// resume): every 20 µs at first, so that a release right after a harvest
+/// is seen at once (migrate-perf's rhythm), then, after 5 ms, every
+/// millisecond, so that vCPUs waiting through a whole migration do not wake
+/// 50,000 times a second on a host that needs its CPUs for the copy.
+#[derive(Debug)]
+pub struct IdleWait(Instant);
+
+impl IdleWait {
+    /// Starts waiting.
+    pub fn new() -> Self {
+        Self(Instant::now())
+    }
+
+    /// Sleeps one step.
+    pub fn wait(&self) {
+        let step = if self.0.elapsed() < Duration::from_millis(5) { 20 } else { 1000 };
+        std::thread::sleep(Duration::from_micros(step));
+    }
+}
+
+impl Default for IdleWait {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -258,7 +258,9 @@ mod tests {
         gate.resume();
         stop.store(true, Ordering::Relaxed);
         for t in threads {
-            assert!(t.join().unwrap() >= 2);
+            // A vCPU that slept through the resume stayed held for the
+            // second pause (it never ran between them): one hold or two.
+            assert!(t.join().unwrap() >= 1);
         }
         assert_eq!(decode_words(&[0; 9], 1), None);
     }

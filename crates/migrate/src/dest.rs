@@ -261,16 +261,30 @@ fn receive(
     if params.run_after.is_zero() {
         return Ok(());
     }
-    let t = Instant::now();
+    // The log of the run: harvests every 20 ms, OR-ed (a ring must be
+    // reaped as it fills; a bitmap may be harvested any time).
+    let words = pages.div_ceil(64) as usize;
+    let (mut bitmap, mut one) = (vec![0u64; words], vec![0u64; words]);
+    let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), BackendError> {
+        harvest(vm.as_mut(), &mut one)?;
+        for (b, o) in bitmap.iter_mut().zip(&one) {
+            *b |= o;
+        }
+        Ok(())
+    };
+    let (t, mut last) = (Instant::now(), Instant::now());
     while t.elapsed() < params.run_after {
         pacer.tick(vm.as_ref());
+        if last.elapsed() >= Duration::from_millis(20) {
+            collect(vm)?;
+            last = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
     stats.run_after_ms = params.run_after.as_millis() as u64;
     vm.vcpu_gate().pause(PAUSE_WITHIN)?;
     stats.passes_after_run = vm.passes_done();
-    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
-    harvest(vm.as_mut(), &mut bitmap)?;
+    collect(vm)?;
     let memory = vm.memory();
     // SAFETY: the vCPUs are paused (the gate's acquire ordered their stores
     // before us), and nothing else writes guest memory; `bytes` dies with

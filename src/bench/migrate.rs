@@ -2,8 +2,9 @@
 //! destination a process of its own (this binary's `migrate incoming`),
 //! for every combination of `--backend`, `--mmu`, `--dirty-log` and
 //! `--harvest-threads`, at each `--guest-mib` and `--dirty-rate-mibps`;
-//! QEMU's statistics side by side, the guest's throughput while it
-//! migrates against its throughput without, the vCPUs' write-fault p99
+//! QEMU's statistics side by side, the guest's speed while it migrates
+//! against its speed without (the time of one pass over its memory), the
+//! vCPUs' write-fault p99
 //! during harvests (the engine), and, in the same run, a raw loopback TCP
 //! copy of the same bytes: the physical limit of the total time.
 
@@ -16,7 +17,6 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use engine::MmuDesign;
 use serde_json::json;
-use shadow_mmu_migrate::pacer::Pacer;
 use shadow_mmu_migrate::source::{OutgoingParams, error_chain, migrate_outgoing};
 use testkit::interface::DirtyLogInterface;
 
@@ -62,9 +62,6 @@ pub struct MigrateArgs {
     /// How long the guest runs at the destination before its check, ms.
     #[arg(long, default_value_t = 300)]
     pub run_after_ms: u64,
-    /// How long the guest's throughput is measured without a migration, ms.
-    #[arg(long, default_value_t = 1000)]
-    pub baseline_ms: u64,
     /// Write the runs here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -122,22 +119,6 @@ fn raw_copy(bytes: u64) -> std::io::Result<Duration> {
     let got = rx.join().map_err(|_| std::io::Error::other("the reader panicked"))??;
     assert_eq!(got, bytes);
     Ok(t.elapsed())
-}
-
-/// The guest's store throughput over `window` at the pacer's rate, bytes a
-/// second (passes completed, times the bytes of a pass).
-fn guest_throughput(
-    vm: &dyn testkit::backend::PassVm,
-    pacer: &mut Pacer,
-    pass_bytes: f64,
-    window: Duration,
-) -> f64 {
-    let (p0, t) = (vm.passes_done(), Instant::now());
-    while t.elapsed() < window {
-        pacer.tick(vm);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    (vm.passes_done() - p0) as f64 * pass_bytes / t.elapsed().as_secs_f64()
 }
 
 /// A destination process, and the address it listens on.
@@ -209,8 +190,9 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     ));
     bar.line(
         "(xraw: the total time over the raw copy's; xraw-su: the same without the setup, in which the \
-         destination builds and populates its VM; guest: its store throughput while migrating over its \
-         throughput without; fault p99: vCPU write faults during harvests)",
+         destination builds and populates its VM; guest: the passes it made while migrating over those \
+         it would have made without, by its rate and its speed (-: fewer than 5 expected, too coarse); \
+         fault p99: vCPU write faults that met a harvest)",
     );
     let dir = std::env::temp_dir().join(format!("shadow-mmu-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -242,13 +224,11 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             Where::Kvm => format!("kvm, {log}"),
         };
         let mut vm = desc.boot()?;
-        let mut pacer = Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
-        let baseline = guest_throughput(
-            vm.as_ref(),
-            &mut pacer,
-            desc.pass_bytes(),
-            Duration::from_millis(a.baseline_ms),
-        );
+        // The guest's speed without a migration: two passes flat out, the
+        // longest of the vCPUs' last.
+        let p = vm.passes_done();
+        vm.release(p + 2);
+        let baseline_pass_ns = vm.wait_passes(p + 1).map_err(|e| error_chain(&e))?;
         let json_path = dir.join(format!("dest-{i}.json"));
         let (child, addr) = spawn_destination(a.run_after_ms, &json_path)?;
         let conn = crate::migrate_cmd::connect(&addr)?;
@@ -275,8 +255,14 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             Ok(s) => (s, None),
             Err(f) => (*f.stats, Some(error_chain(&f.error))),
         };
-        let during = (p1 - p0) as f64 * desc.pass_bytes() / (stats.total_time_ms / 1e3).max(1e-9);
-        let fraction = (baseline > 0.0).then(|| during / baseline);
+        // The passes the guest made while migrating, against those it would
+        // have made without: as many as the rate released, at most as many
+        // as its speed allows. Fewer than 5 expected is too coarse to say.
+        let secs = stats.total_time_ms / 1e3;
+        let by_speed = secs * 1e9 / baseline_pass_ns.max(1) as f64;
+        let expected =
+            desc.dirty_rate.map_or(by_speed, |r| by_speed.min(secs * r as f64 / desc.pass_bytes()));
+        let fraction = (expected >= 5.0).then(|| (p1 - p0) as f64 / expected);
         let p99 = extras
             .latency
             .as_ref()
@@ -318,9 +304,10 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             "backend": backend, "mmu": mmu.to_string(), "dirty_log": log.to_string(), "harvest_threads": threads,
             "guest_mib": mib, "dirty_rate_mibps": rate.0, "raw_copy_ms": raw_ms,
             "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
-            "guest_throughput_baseline_bytes_per_s": baseline,
-            "guest_throughput_during_bytes_per_s": during,
+            "guest_pass_ns_without_migration": baseline_pass_ns,
+            "guest_passes_expected_without_migration": expected,
             "guest_throughput_fraction": fraction,
+            "guest_bytes_per_pass": desc.pass_bytes(),
             "guest_passes_during": p1 - p0,
             "vcpu_fault_p99_during_harvest_ns": p99,
             "error": error, "source": stats, "destination": dest,

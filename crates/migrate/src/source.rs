@@ -176,6 +176,8 @@ struct Outgoing<'a, W: Write> {
     /// (QEMU's reaper thread, here between frames), for the next harvest.
     reaped: Vec<u64>,
     last_reap: Instant,
+    /// The faults that met the last harvest, for its round's statistics.
+    harvest_latency: Option<shadow_mmu_testkit::perf::LatencyHistogram>,
 }
 
 /// How often the rings are reaped while a round is sent: a ring of 65536
@@ -207,7 +209,8 @@ pub fn migrate_outgoing(
     };
     let stats = MigrationStats::new(total, params.downtime_limit.as_millis() as u64);
     let reaped = vec![0u64; vm.pages().div_ceil(64) as usize];
-    let mut m = Outgoing { vm, wire, params, pacer, stats, start, reaped, last_reap: start };
+    let mut m =
+        Outgoing { vm, wire, params, pacer, stats, start, reaped, last_reap: start, harvest_latency: None };
     let r = m.run(conn, header, throttle.as_mut(), progress);
     if let Some(t) = throttle.as_mut() {
         m.stats.cpu_throttle_percentage = t.pct();
@@ -367,6 +370,7 @@ impl<W: Write> Outgoing<'_, W> {
             timed_harvest(self.vm, &spec, bitmap)
         };
         let mut n = r?.0;
+        self.harvest_latency = self.vm.take_harvest_latency();
         if self.vm.capabilities().dirty_ring.is_some() {
             for (b, r) in bitmap.iter_mut().zip(self.reaped.iter_mut()) {
                 *b |= std::mem::take(r);
@@ -407,6 +411,10 @@ impl<W: Write> Outgoing<'_, W> {
         let t = Instant::now();
         let before = self.wire.bytes;
         let mut r = RoundStats { round, harvest_ns, ..RoundStats::default() };
+        if let Some(h) = self.harvest_latency.take().filter(|_| round > 0) {
+            r.harvest_faults = Some(h.count());
+            r.fault_p99_during_harvest_ns = (h.count() > 0).then(|| h.quantile_ns(0.99));
+        }
         r.pages_harvested = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         self.wire.send(&Frame::Round { round })?;
         let window_words = (FRAME_PAGES / 64) as usize;

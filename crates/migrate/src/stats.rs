@@ -39,6 +39,12 @@ pub struct RoundStats {
     pub duplicate_pages: u64,
     /// Time of the harvest before it, ns (0 for round 0).
     pub harvest_ns: u64,
+    /// The vCPUs' write faults that overlapped that harvest: how many, and
+    /// their 99th percentile, ns (where the backend times faults: the
+    /// engine).
+    pub harvest_faults: Option<u64>,
+    /// See `harvest_faults`.
+    pub fault_p99_during_harvest_ns: Option<u64>,
     /// Time to send it, ms.
     pub send_ms: f64,
     /// Bandwidth measured over it, bytes per second.

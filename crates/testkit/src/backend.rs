@@ -168,6 +168,13 @@ pub trait PassVm: DirtyLogVm {
     /// Marks the end of a harvest.
     fn harvest_end(&self) {}
 
+    /// The vCPUs' write faults that overlapped a harvest since the last
+    /// call, where the backend times its faults (the engine; KVM does not
+    /// show its faults).
+    fn take_harvest_latency(&self) -> Option<crate::perf::LatencyHistogram> {
+        None
+    }
+
     /// Stops the vCPUs (each finishes the pass it is in) and joins them;
     /// returns what only this backend measured.
     fn stop(&mut self) -> Result<PassExtras, BackendError>;

@@ -203,6 +203,9 @@ impl HarvestClock {
 pub struct LatencyProbe {
     clock: Arc<HarvestClock>,
     begin: u64,
+    /// Where faults that overlapped a harvest are also recorded, for the
+    /// host to take per harvest ([`crate::backend::PassVm::take_harvest_latency`]).
+    shared: Option<Arc<parking_lot::Mutex<LatencyHistogram>>>,
     /// Write faults that overlapped a harvest.
     pub harvest: LatencyHistogram,
     /// Write faults with no harvest running.
@@ -212,7 +215,19 @@ pub struct LatencyProbe {
 impl LatencyProbe {
     /// A probe that reads `clock`.
     pub fn new(clock: Arc<HarvestClock>) -> Self {
-        Self { clock, begin: 0, harvest: LatencyHistogram::default(), idle: LatencyHistogram::default() }
+        Self {
+            clock,
+            begin: 0,
+            shared: None,
+            harvest: LatencyHistogram::default(),
+            idle: LatencyHistogram::default(),
+        }
+    }
+
+    /// Also records each fault that overlapped a harvest into `shared`.
+    pub fn sharing(mut self, shared: Arc<parking_lot::Mutex<LatencyHistogram>>) -> Self {
+        self.shared = Some(shared);
+        self
     }
 }
 
@@ -230,6 +245,11 @@ impl FaultObserver for LatencyProbe {
         // either end, or one started or ended in between.
         if self.begin % 2 == 1 || end != self.begin {
             self.harvest.record(ns);
+            if let Some(s) = &self.shared {
+                // Only faults that met a harvest take this lock, and the host
+                // takes it once per harvest.
+                s.lock().record(ns);
+            }
         } else {
             self.idle.record(ns);
         }
@@ -391,7 +411,7 @@ impl Sweepers {
         npages: u64,
         spec: WorkloadSpec,
         allowed: u64,
-        clock: Option<Arc<HarvestClock>>,
+        clock: Option<(Arc<HarvestClock>, Arc<parking_lot::Mutex<LatencyHistogram>>)>,
     ) -> Result<Self, HarnessError> {
         let ctl = GuestControl::new(vcpus);
         let passes: Arc<[CachePadded<PassClock>]> =
@@ -403,8 +423,8 @@ impl Sweepers {
         let mut threads = Vec::new();
         for id in 0..vcpus {
             let mut vcpu = vm.create_vcpu(id)?;
-            if let Some(c) = &clock {
-                vcpu.set_fault_observer(Some(Box::new(LatencyProbe::new(c.clone()))));
+            if let Some((c, shared)) = &clock {
+                vcpu.set_fault_observer(Some(Box::new(LatencyProbe::new(c.clone()).sharing(shared.clone()))));
             }
             let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
             let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
@@ -555,6 +575,8 @@ pub struct EnginePasses {
     fast_page_fault: bool,
     sweepers: Sweepers,
     clock: Arc<HarvestClock>,
+    /// Faults that met a harvest since the host last took them.
+    harvest_latency: Arc<parking_lot::Mutex<LatencyHistogram>>,
     vcpus: u32,
     /// Pages the sweepers sweep.
     swept: u64,
@@ -599,8 +621,18 @@ impl EnginePassVm {
             ..WorkloadSpec::default()
         };
         let clock = Arc::new(HarvestClock::default());
-        let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, Some(clock.clone()))?;
-        let work = EnginePasses { fast_page_fault, sweepers, clock, vcpus: spec.vcpus, swept, workload };
+        let harvest_latency = Arc::new(parking_lot::Mutex::new(LatencyHistogram::default()));
+        let probes = Some((clock.clone(), harvest_latency.clone()));
+        let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, probes)?;
+        let work = EnginePasses {
+            fast_page_fault,
+            sweepers,
+            clock,
+            harvest_latency,
+            vcpus: spec.vcpus,
+            swept,
+            workload,
+        };
         Ok(EngineVm { name, vm, mem, work, ring: crate::backend::RingState::default() })
     }
 }
@@ -680,6 +712,10 @@ impl PassVm for EnginePassVm {
 
     fn harvest_end(&self) {
         self.work.clock.tick();
+    }
+
+    fn take_harvest_latency(&self) -> Option<LatencyHistogram> {
+        Some(std::mem::take(&mut *self.work.harvest_latency.lock()))
     }
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {

@@ -231,6 +231,9 @@ pub fn migrate_outgoing(
             Ok(m.stats)
         }
         Err(error) => {
+            // The destination learns at once (a cancel, a refusal, our own
+            // stream error): it discards its partial VM.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
             // The guest runs on here, as before the migration.
             m.vm.vcpu_gate().resume();
             let _ = m.vm.set_dirty_logging(false);

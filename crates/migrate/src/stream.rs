@@ -143,6 +143,10 @@ pub enum StreamError {
     /// Reading or writing failed (the peer went away, say).
     #[error("migration stream I/O")]
     Io(#[from] io::Error),
+    /// The peer closed the stream between two frames, before the protocol's
+    /// end.
+    #[error("the peer closed the migration stream before its end")]
+    Closed,
     /// The stream ended inside a frame.
     #[error("the migration stream ended inside a frame")]
     Truncated,
@@ -590,7 +594,16 @@ impl FrameReader {
     /// header's; any value before the header is read).
     pub fn read(&mut self, r: &mut impl Read, page_size: u32) -> Result<Frame, StreamError> {
         let mut head = [0u8; 8];
-        read_exact(r, &mut head)?;
+        // The stream may end between frames (the peer closed): say so.
+        loop {
+            match r.read(&mut head[..1]) {
+                Ok(0) => return Err(StreamError::Closed),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StreamError::Io(e)),
+            }
+        }
+        read_exact(r, &mut head[1..])?;
         let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
         let expected = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
         if len == 0 || len > MAX_FRAME_BYTES {
@@ -725,6 +738,8 @@ mod tests {
         let good = stream();
         // Truncated inside a frame.
         assert!(matches!(read_all(&good[..good.len() - 3]), Err(StreamError::Truncated)));
+        // Closed between frames.
+        assert!(matches!(read_frame(&mut &[][..], PAGE), Err(StreamError::Closed)));
         // A flipped payload byte: the checksum.
         let mut b = good.clone();
         b[20] ^= 0x40;

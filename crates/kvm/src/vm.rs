@@ -506,7 +506,10 @@ impl KvmVm {
             let ring = Arc::new(crate::ring::KvmRing::map(&fd, bytes)?);
             self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ring);
         }
-        Ok(Vcpu { fd, id, _memory: self.memory.clone() })
+        // KVM_CAP_XSAVE2: the bytes KVM_GET_XSAVE fills (0: the
+        // traditional 4096).
+        let xsave_bytes = self.vm.check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into()).max(0) as usize;
+        Ok(Vcpu { fd, id, xsave_bytes, _memory: self.memory.clone() })
     }
 }
 
@@ -516,6 +519,8 @@ pub struct Vcpu {
     // goes (module invariant).
     fd: VcpuFd,
     id: u32,
+    /// What `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` said.
+    xsave_bytes: usize,
     _memory: Arc<VmMemory>,
 }
 
@@ -543,23 +548,17 @@ pub enum GuestExit {
     Other(String),
 }
 
-/// Words of a saved [`Vcpu`] state: 18 general registers, rip and rflags,
-/// then the FPU/MMX/SSE state (8 x87/MMX registers of 16 bytes, a word of
-/// fcw, fsw, ftwx and the last opcode, the last ip and dp, mxcsr, 16 XMM
-/// registers of 16 bytes).
-pub const VCPU_STATE_WORDS: usize = 18 + 16 + 4 + 32;
+/// Words of a saved [`Vcpu`] state: 16 general registers, rip and rflags,
+/// then the 4096-byte XSAVE area (`KVM_GET_XSAVE`: x87, MMX, SSE and its
+/// header). Not `KVM_GET_FPU`: `KVM_SET_FPU` writes the legacy area only,
+/// and on a vCPU that never ran the XSAVE header still says "x87 in its
+/// initial state", so the guest found mm0 zeroed (pages written with pass
+/// number 0 after a migration mid-pass); QEMU too moves the FPU with
+/// `KVM_SET_XSAVE`.
+pub const VCPU_STATE_WORDS: usize = 18 + XSAVE_WORDS;
 
-fn bytes16_to_words(b: &[u8; 16]) -> [u64; 2] {
-    let (lo, hi) = b.split_at(8);
-    [u64::from_le_bytes(lo.try_into().expect("8")), u64::from_le_bytes(hi.try_into().expect("8"))]
-}
-
-fn words_to_bytes16(w: &[u64]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&w[0].to_le_bytes());
-    b[8..].copy_from_slice(&w[1].to_le_bytes());
-    b
-}
+/// Words of the traditional XSAVE area.
+const XSAVE_WORDS: usize = 512;
 
 impl Vcpu {
     /// The vCPU id.
@@ -644,21 +643,14 @@ impl Vcpu {
                 return Err(KvmError::ioctl("KVM_RUN (immediate_exit)", kvm_ioctls::Error::new(errno)));
             }
         }
+        self.check_xsave_size()?;
         let r = self.fd.get_regs().map_err(|e| KvmError::ioctl("KVM_GET_REGS", e))?;
-        let f = self.fd.get_fpu().map_err(|e| KvmError::ioctl("KVM_GET_FPU", e))?;
+        let x = self.fd.get_xsave().map_err(|e| KvmError::ioctl("KVM_GET_XSAVE", e))?;
         let mut w = vec![
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
             r.r14, r.r15, r.rip, r.rflags,
         ];
-        w.extend(f.fpr.iter().flat_map(bytes16_to_words));
-        w.push(
-            u64::from(f.fcw)
-                | u64::from(f.fsw) << 16
-                | u64::from(f.ftwx) << 32
-                | u64::from(f.last_opcode) << 48,
-        );
-        w.extend([f.last_ip, f.last_dp, u64::from(f.mxcsr)]);
-        w.extend(f.xmm.iter().flat_map(bytes16_to_words));
+        w.extend(x.region.chunks_exact(2).map(|p| u64::from(p[0]) | u64::from(p[1]) << 32));
         debug_assert_eq!(w.len(), VCPU_STATE_WORDS);
         Ok(w)
     }
@@ -692,19 +684,29 @@ impl Vcpu {
             rip: w[16],
             rflags: w[17],
         };
-        let f = &w[18..];
-        let mut fpu = kvm_bindings::kvm_fpu::default();
-        for (i, reg) in fpu.fpr.iter_mut().enumerate() {
-            *reg = words_to_bytes16(&f[2 * i..]);
-        }
-        let packed = f[16];
-        (fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode) =
-            (packed as u16, (packed >> 16) as u16, (packed >> 32) as u8, (packed >> 48) as u16);
-        (fpu.last_ip, fpu.last_dp, fpu.mxcsr) = (f[17], f[18], f[19] as u32);
-        for (i, reg) in fpu.xmm.iter_mut().enumerate() {
-            *reg = words_to_bytes16(&f[20 + 2 * i..]);
+        self.check_xsave_size()?;
+        let mut x = kvm_bindings::kvm_xsave::default();
+        for (pair, &v) in x.region.chunks_exact_mut(2).zip(&w[18..]) {
+            (pair[0], pair[1]) = (v as u32, (v >> 32) as u32);
         }
         self.fd.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
-        self.fd.set_fpu(&fpu).map_err(|e| KvmError::ioctl("KVM_SET_FPU", e))
+        // SAFETY: KVM_SET_XSAVE reads as many bytes as KVM_CAP_XSAVE2 says
+        // (4096 where the capability is absent); `check_xsave_size` made
+        // sure that is at most the 4096 bytes of `x` (this process enables
+        // no XSTATE feature dynamically).
+        unsafe { self.fd.set_xsave(&x) }.map_err(|e| KvmError::ioctl("KVM_SET_XSAVE", e))
+    }
+
+    /// Refuses a vCPU whose XSAVE state does not fit the traditional 4096
+    /// bytes (dynamically enabled features, such as AMX, which our guests
+    /// never use and this process never enables).
+    fn check_xsave_size(&self) -> Result<(), KvmError> {
+        if self.xsave_bytes > XSAVE_WORDS * 8 {
+            return Err(KvmError::BadConfig(format!(
+                "an XSAVE state of {} bytes: vCPU state moves only in 4096",
+                self.xsave_bytes
+            )));
+        }
+        Ok(())
     }
 }

@@ -265,10 +265,19 @@ fn receive(
     // reaped as it fills; a bitmap may be harvested any time).
     let words = pages.div_ceil(64) as usize;
     let (mut bitmap, mut one) = (vec![0u64; words], vec![0u64; words]);
+    // Pages caught behind the source at a collection, while the guest runs:
+    // a later pass would write over a wrong value before the final check.
+    let mut behind = vec![false; pages as usize];
     let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), BackendError> {
         harvest(vm.as_mut(), &mut one)?;
-        for (b, o) in bitmap.iter_mut().zip(&one) {
+        for (w, (b, &o)) in bitmap.iter_mut().zip(&one).enumerate() {
             *b |= o;
+            let mut m = o;
+            while m != 0 {
+                let p = w as u64 * 64 + u64::from(m.trailing_zeros());
+                m &= m - 1;
+                behind[p as usize] |= running_page_behind(vm.as_ref(), p, floor, digests[p as usize]);
+            }
         }
         Ok(())
     };
@@ -303,7 +312,7 @@ fn receive(
         // stores before us).
         let newest =
             words.iter().map(|x| vm.stored_iteration(x.load(std::sync::atomic::Ordering::Relaxed))).max();
-        if newest.unwrap_or(0) < floor {
+        if newest.unwrap_or(0) < floor || behind[p as usize] {
             stats.regressed_pages += 1;
         }
     }
@@ -314,6 +323,25 @@ fn receive(
         return Err(IncomingError::NoProgress(params.run_after));
     }
     Ok(())
+}
+
+/// Is page `p` of a running guest, reported dirty, behind the source: moved
+/// on from the source's final content (`digest`) yet holding no store of
+/// iteration `floor` or later? Read with relaxed loads while the guest
+/// runs: a store's word only grows, so a page that holds a good value is
+/// never read as behind.
+fn running_page_behind(vm: &dyn PassVm, p: u64, floor: u64, digest: Option<u64>) -> bool {
+    let words = &vm.memory()[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+    let mut page = [0u8; WORDS_PER_PAGE * 8];
+    let mut newest = 0;
+    for (b, w) in page.chunks_exact_mut(8).zip(words) {
+        // Relaxed: see above; the harvest that reported the page ordered the
+        // store it reports before us.
+        let v = w.load(std::sync::atomic::Ordering::Relaxed);
+        newest = newest.max(vm.stored_iteration(v));
+        b.copy_from_slice(&v.to_le_bytes());
+    }
+    newest < floor && digest != Some((page_digest(&page, 0) & 0xffff_ffff) | (p << 32))
 }
 
 /// Refuses ranges outside slot 0's `pages` pages.

@@ -105,6 +105,10 @@ switches! {
     /// threads are done (before they start), and not after the join: the
     /// sptes they protect stay writable in TLBs.
     harvest_thread_flushes_early,
+    /// A vCPU leaving a pause hold leaves the count after its last look at
+    /// the pause request: a new pause that comes in between counts it held
+    /// while it goes back to its guest.
+    pause_leaves_without_recheck,
 }
 
 // Folds away: without the feature, a `Breakage` holds nothing.

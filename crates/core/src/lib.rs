@@ -16,6 +16,7 @@
 //! - [`lockless`]: the seed's lock-free spte operations and `mmu_spte_update`'s
 //!   rules (KVM 3.11's `xchg`, the seed's patch 04);
 //! - [`requests`]: vCPU modes and the remote TLB flush handshake;
+//! - [`pause`]: the pause handshake of a migration's stop-and-copy;
 //! - [`breakage`]: the `break-rules` switches, which fold away in normal
 //!   builds;
 //! - [`stats`], [`lockdep`]: counters, and which lock a thread holds.
@@ -30,6 +31,7 @@ pub mod lockdep;
 pub mod lockless;
 #[cfg(all(test, loom))]
 mod loom_support;
+pub mod pause;
 pub mod pool;
 pub mod pte_list;
 pub mod rcu;

@@ -20,7 +20,8 @@
 //! - a state given to [`VcpuGate::restore`] is taken by its vCPU's thread
 //!   before that vCPU next enters guest mode.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_core::pause::PauseProtocol;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -30,8 +31,7 @@ pub type Kick = Box<dyn Fn() + Send + Sync>;
 
 /// The pause and state exchange of one VM's vCPUs (module docs).
 pub struct VcpuGate {
-    pause: AtomicBool,
-    held: AtomicU32,
+    protocol: PauseProtocol,
     kick: Kick,
     saved: Box<[Mutex<Option<Vec<u8>>>]>,
     restore: Box<[Mutex<Option<Vec<u8>>>]>,
@@ -40,8 +40,7 @@ pub struct VcpuGate {
 impl std::fmt::Debug for VcpuGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuGate")
-            .field("pause", &self.pause)
-            .field("held", &self.held)
+            .field("protocol", &self.protocol)
             .field("vcpus", &self.saved.len())
             .finish()
     }
@@ -63,8 +62,7 @@ impl VcpuGate {
     /// A gate for `vcpus` vCPUs, kicked by `kick`.
     pub fn new(vcpus: u32, kick: Kick) -> Self {
         Self {
-            pause: AtomicBool::new(false),
-            held: AtomicU32::new(0),
+            protocol: PauseProtocol::new(),
             kick,
             saved: (0..vcpus).map(|_| Mutex::new(None)).collect(),
             restore: (0..vcpus).map(|_| Mutex::new(None)).collect(),
@@ -79,10 +77,9 @@ impl VcpuGate {
     /// Asks every vCPU to pause and kicks them out of guest mode, without
     /// waiting (the throttle's half of a pause).
     pub fn request_pause(&self) {
-        // SeqCst: pairs with the vCPU's SeqCst load in `pause_requested`
-        // after it left guest mode: the kick comes after this store, so a
-        // vCPU the kick reached sees it.
-        self.pause.store(true, Ordering::SeqCst);
+        // The kick comes after the request, so a vCPU the kick reached sees
+        // it once out of guest mode (the protocol's SeqCst store and load).
+        self.protocol.request();
         (self.kick)();
     }
 
@@ -94,9 +91,7 @@ impl VcpuGate {
         let t = Instant::now();
         self.request_pause();
         loop {
-            // Acquire: pairs with the release increment in `hold`, after the
-            // vCPU saved its state and its last access completed.
-            let held = self.held.load(Ordering::Acquire);
+            let held = self.protocol.held();
             if held == self.vcpus() {
                 return Ok(());
             }
@@ -110,16 +105,15 @@ impl VcpuGate {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        // Release: pairs with the acquire load in `hold`'s wait: whatever the
-        // host did while they were held (a restore, a memory load) is
-        // visible to the vCPUs when they run again.
-        self.pause.store(false, Ordering::Release);
+        // What the host did while they were held (a restore, a memory load)
+        // is visible to the vCPUs when they run again (the protocol's
+        // release store).
+        self.protocol.release();
     }
 
     /// Is a pause requested (vCPU side, outside guest mode)?
     pub fn pause_requested(&self) -> bool {
-        // SeqCst: see `request_pause`.
-        self.pause.load(Ordering::SeqCst)
+        self.protocol.requested()
     }
 
     /// vCPU `id`, outside guest mode with a pause requested: saves
@@ -131,16 +125,10 @@ impl VcpuGate {
             return;
         }
         *self.saved[id as usize].lock() = Some(save());
-        // Release: pairs with `pause`'s acquire load.
-        self.held.fetch_add(1, Ordering::Release);
-        // Acquire: pairs with `resume`'s release store.
+        // The core's protocol, loom-checked (`shadow_mmu_core::pause`): a
+        // pause that comes while we leave a hold keeps us held.
         let idle = IdleWait::new();
-        while self.pause.load(Ordering::Acquire) && !stop() {
-            idle.wait();
-        }
-        // Relaxed: only `pause` reads the count, and it waits for it to
-        // reach all vCPUs, which needs our increment of the next hold.
-        self.held.fetch_sub(1, Ordering::Relaxed);
+        self.protocol.hold(|| idle.wait(), stop, &Breakage::SEED);
     }
 
     /// The states the vCPUs saved at their last hold, by id (`None` for a
@@ -225,6 +213,7 @@ pub fn decode_words(bytes: &[u8], n: usize) -> Option<Vec<u64>> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn pause_waits_for_every_vcpu_and_resume_lets_them_go() {
@@ -263,6 +252,50 @@ mod tests {
             assert!(t.join().unwrap() >= 1);
         }
         assert_eq!(decode_words(&[0; 9], 1), None);
+    }
+
+    /// The race of a pause that comes while a vCPU leaves its last hold:
+    /// after `pause` returns, no vCPU is in its "guest" (many rounds of
+    /// pause and resume back to back, the vCPUs spinning between holds).
+    #[test]
+    fn no_vcpu_runs_after_a_pause_returns() {
+        let gate = Arc::new(VcpuGate::new(2, Box::new(|| {})));
+        let stop = Arc::new(AtomicBool::new(false));
+        let in_guest: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let threads: Vec<_> = (0..2u32)
+            .map(|id| {
+                let (gate, stop, in_guest) = (gate.clone(), stop.clone(), in_guest.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if gate.pause_requested() {
+                            gate.hold(id, Vec::new, || stop.load(Ordering::Relaxed));
+                            continue;
+                        }
+                        in_guest[id as usize].store(true, Ordering::SeqCst);
+                        for _ in 0..50 {
+                            std::hint::spin_loop();
+                        }
+                        in_guest[id as usize].store(false, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for i in 0..3000 {
+            gate.pause(Duration::from_secs(10)).unwrap();
+            for _ in 0..20 {
+                assert!(in_guest.iter().all(|g| !g.load(Ordering::SeqCst)), "a vCPU runs while paused");
+            }
+            gate.resume();
+            // A varying gap: the vCPUs leave their hold at all points of it.
+            let gap = Instant::now();
+            while gap.elapsed() < Duration::from_micros(i % 60) {
+                std::hint::spin_loop();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

@@ -148,3 +148,63 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     assert_eq!(stats.status, MigrationStatus::Completed);
     assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, 0);
 }
+
+#[test]
+fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_converge() {
+    let backend = EngineBackend::default();
+    let spec = spec(16 * MIB);
+    // No downtime allowed and the guest flat out: the rule never converges.
+    for (force, auto_converge) in [(true, false), (false, true)] {
+        let mut vm = boot(&backend, &spec);
+        let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
+        let conn = TcpStream::connect(addr).unwrap();
+        let h = header(vm.as_ref());
+        let params = OutgoingParams {
+            downtime_limit: if auto_converge { Duration::from_millis(5) } else { Duration::ZERO },
+            timeout: Some(Duration::from_millis(if force { 300 } else { 20_000 })),
+            on_timeout: if force { OnTimeout::Force } else { OnTimeout::Cancel },
+            auto_converge,
+            dirty_rate: None,
+            ..OutgoingParams::default()
+        };
+        let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap();
+        vm.stop().unwrap();
+        assert_eq!(stats.status, MigrationStatus::Completed);
+        if force {
+            assert!(!stats.converged, "forced, not converged: {stats:?}");
+        } else {
+            assert!(stats.converged && stats.cpu_throttle_percentage >= 20, "{stats:?}");
+            let steps: Vec<u32> = stats.rounds.iter().map(|r| r.cpu_throttle_percentage).collect();
+            assert!(steps.windows(2).all(|w| w[1] >= w[0]), "the throttle only rises: {steps:?}");
+        }
+        assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, 0);
+    }
+}
+
+/// An engine that harvests without write-protecting loses the pages the
+/// guest writes after each harvest: the destination's page-by-page check
+/// finds them, refuses to run the guest, and the source says so.
+#[test]
+#[cfg(feature = "break-rules")]
+fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
+    use shadow_mmu_testkit::backend::VmConfig;
+    let breakage = shadow_mmu_core::breakage::Breakage { skip_write_protect: true, ..Default::default() };
+    let backend = EngineBackend { config: VmConfig { breakage, ..VmConfig::default() }, dirty_ring: None };
+    let spec = spec(16 * MIB);
+    let mut vm = boot(&backend, &spec);
+    let (addr, dest) = destination(backend.clone(), spec, Duration::ZERO);
+    let conn = TcpStream::connect(addr).unwrap();
+    let h = header(vm.as_ref());
+    let params = OutgoingParams {
+        downtime_limit: Duration::ZERO,
+        timeout: Some(Duration::from_millis(300)),
+        on_timeout: OnTimeout::Force,
+        dirty_rate: None,
+        ..OutgoingParams::default()
+    };
+    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
+    assert!(matches!(e.error, MigrationError::Refused(_)), "{e:?}");
+    let why = dest.join().unwrap().unwrap_err();
+    assert!(why.contains("pages differ from the source's final memory"), "{why}");
+    vm.stop().unwrap();
+}

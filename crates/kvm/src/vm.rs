@@ -625,7 +625,7 @@ impl Vcpu {
         }
     }
 
-    /// The vCPU's registers and FPU state ([`VCPU_STATE_WORDS`] words), for a
+    /// The vCPU's registers and XSAVE state ([`VCPU_STATE_WORDS`] words), for a
     /// migration: first a `KVM_RUN` with `immediate_exit` set, which completes
     /// an I/O exit's instruction (the ucall's `out`) without running the
     /// guest, as KVM's API documentation asks before saving a vCPU that

@@ -67,6 +67,10 @@ pub struct IncomingArgs {
     /// resume only).
     #[arg(long, default_value_t = 1000)]
     pub run_after_ms: u64,
+    /// Refuse a VM of more guest memory than this, MiB (the destination
+    /// allocates and populates what the header asks for).
+    #[arg(long)]
+    pub max_guest_mib: Option<u64>,
     /// Write the destination's statistics here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -302,6 +306,12 @@ fn incoming(a: &IncomingArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         let d: VmDescription =
             serde_json::from_str(&h.config).map_err(|e| format!("the header's VM description: {e}"))?;
+        if let Some(max) = a.max_guest_mib.filter(|&m| d.guest_bytes > m << 20) {
+            return Err(format!(
+                "a guest of {} MiB: this destination takes at most {max} MiB (--max-guest-mib)",
+                d.guest_bytes >> 20
+            ));
+        }
         let vm = d.start()?;
         Ok(IncomingVm { vm, dirty_rate: d.dirty_rate, write_pct: d.write_pct })
     };

@@ -29,6 +29,10 @@ struct Dest {
 
 impl Dest {
     fn spawn(run_after_ms: u64, tag: &str) -> Self {
+        Self::spawn_with(run_after_ms, tag, &[])
+    }
+
+    fn spawn_with(run_after_ms: u64, tag: &str, extra: &[&str]) -> Self {
         let json = std::env::temp_dir().join(format!("shadow-mmu-dest-{}-{tag}.json", std::process::id()));
         let _ = std::fs::remove_file(&json);
         let mut child = bin()
@@ -36,6 +40,7 @@ impl Dest {
             .arg(run_after_ms.to_string())
             .arg("--json")
             .arg(&json)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -241,6 +246,16 @@ fn a_memslot_layout_the_destination_refuses() {
     let (code, _, err) = dest.wait();
     assert_ne!(code, 0);
     assert!(err.contains("refused the migration: memslot layout"), "{err}");
+    // A guest larger than the destination takes.
+    let dest = Dest::spawn_with(0, "too-big", &["--max-guest-mib", "4"]);
+    let conn = TcpStream::connect(&dest.addr).unwrap();
+    let h = header(&spec, vm.pages());
+    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap_err();
+    match &e.error {
+        MigrationError::Refused(why) => assert!(why.contains("at most 4 MiB (--max-guest-mib)"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_ne!(dest.wait().0, 0);
     runs_on_and_migrates_again(&mut vm, &spec);
 }
 

@@ -60,7 +60,11 @@ pub fn append_range_data(ranges: &[PageRange], memory: &[AtomicU64], out: &mut V
     let mut dst = out[start..].chunks_exact_mut(8);
     for r in ranges.iter().filter(|r| !r.zero) {
         let words = &memory[r.first as usize * WORDS_PER_PAGE..][..r.pages as usize * WORDS_PER_PAGE];
-        for (b, w) in dst.by_ref().zip(words) {
+        // `words` first: a zip takes its left side's next item before it
+        // finds its right side empty, and `dst` must lose none (with `dst`
+        // on the left, every range after the first came one word short and
+        // the rest of the frame shifted by 8 bytes).
+        for (w, b) in words.iter().zip(dst.by_ref()) {
             // Relaxed: as in `is_zero`.
             b.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
@@ -152,6 +156,14 @@ mod tests {
         let data = range_data(&r, &m);
         assert_eq!(data.len(), 5 * 4096, "data pages only");
         assert_eq!(data[7 * 8], 3, "page 3's word 7 first");
+        // Every data page in its place: pages 3, 4, 5, 70, 130 in order, each
+        // its own 4 KiB with word 7 holding its number (a frame of several
+        // ranges, no byte lost between them).
+        for (i, p) in [3usize, 4, 5, 70, 130].into_iter().enumerate() {
+            let page = &data[i * 4096..][..4096];
+            assert_eq!(page[7 * 8], p as u8, "data page {i}");
+            assert!(page.iter().enumerate().all(|(j, &b)| j == 7 * 8 || b == 0), "data page {i}");
+        }
         // SAFETY: nothing writes `m` while `b` lives.
         let b = unsafe { quiescent_bytes(&m) };
         assert_ne!(page_digest(b, 3), page_digest(b, 4));

@@ -295,11 +295,11 @@ impl Frame {
     }
 
     /// Decodes a payload; a `Pages` frame's data goes into `spare`'s
-    /// allocation (taken), so that a reader can recycle it.
+    /// allocation (taken), or nowhere with `None` (a borrowing reader's).
     fn decode(
         payload: &[u8],
         page_size: u32,
-        spare: &mut Vec<u8>,
+        spare: Option<&mut Vec<u8>>,
         page_crcs: &mut Vec<u32>,
     ) -> Result<Frame, StreamError> {
         let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
@@ -365,9 +365,15 @@ impl Frame {
                     }
                     page_crcs.push(got);
                 }
-                let mut data = std::mem::take(spare);
-                data.clear();
-                data.extend_from_slice(bytes);
+                let data = match spare {
+                    Some(spare) => {
+                        let mut data = std::mem::take(spare);
+                        data.clear();
+                        data.extend_from_slice(bytes);
+                        data
+                    }
+                    None => Vec::new(),
+                };
                 Frame::Pages { slot, ranges, data }
             }
             4 => {
@@ -587,6 +593,10 @@ pub struct FrameReader {
     payload: Vec<u8>,
     spare: Vec<u8>,
     page_crcs: Vec<u32>,
+    /// `Pages` data is left in the payload ([`FrameReader::borrowing`]).
+    borrow: bool,
+    /// The page size of the last frame read.
+    page_size: usize,
 }
 
 impl FrameReader {
@@ -619,7 +629,26 @@ impl FrameReader {
         if got != expected {
             return Err(StreamError::Checksum { expected, got });
         }
-        Frame::decode(&self.payload, page_size, &mut self.spare, &mut self.page_crcs)
+        self.page_size = page_size as usize;
+        let spare = (!self.borrow).then_some(&mut self.spare);
+        Frame::decode(&self.payload, page_size, spare, &mut self.page_crcs)
+    }
+
+    /// A reader whose `Pages` frames come with empty `data`: their bytes
+    /// stay in its buffer, for [`Self::pages_data`] (one copy less for a
+    /// destination that stores them straight into guest memory).
+    pub fn borrowing() -> Self {
+        Self { borrow: true, ..Self::default() }
+    }
+
+    /// The data of the last frame read, if it was `Pages` (its bytes in the
+    /// payload, after the page CRCs); empty otherwise.
+    pub fn pages_data(&self) -> &[u8] {
+        let n = self.page_crcs.len() * self.page_size;
+        match self.payload.first() {
+            Some(3) if self.payload.len() >= n => &self.payload[self.payload.len() - n..],
+            _ => &[],
+        }
     }
 
     /// The CRC-32C of each data page of the last `Pages` frame read, in
@@ -731,6 +760,12 @@ mod tests {
         write_frame(&mut a, &Frame::Pages { slot: 0, ranges: ranges.clone(), data }).unwrap();
         FrameWriter::default().write_pages(&mut b, 0, &ranges, &memory).unwrap();
         assert_eq!(a, b);
+        // A borrowing reader leaves the data where it was read.
+        let mut r = FrameReader::borrowing();
+        let f = r.read(&mut &b[..], PAGE).unwrap();
+        assert!(matches!(f, Frame::Pages { ref data, .. } if data.is_empty()));
+        assert_eq!(r.pages_data(), &crate::ranges::range_data(&ranges, &memory)[..]);
+        assert_eq!(r.page_crcs().len(), 2);
     }
 
     #[test]
@@ -787,7 +822,7 @@ mod tests {
         p.extend_from_slice(&0u64.to_le_bytes());
         p.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            Frame::decode(&p, PAGE, &mut Vec::new(), &mut Vec::new()),
+            Frame::decode(&p, PAGE, Some(&mut Vec::new()), &mut Vec::new()),
             Err(StreamError::Malformed { kind: "digest", .. })
         ));
         for e in [StreamError::Truncated, StreamError::BadMagic, StreamError::UnknownKind(3)] {

@@ -167,7 +167,14 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             dirty_rate: None,
             ..OutgoingParams::default()
         };
-        let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap();
+        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {});
+        let stats = match r {
+            Ok(s) => s,
+            Err(e) => {
+                let why = shadow_mmu_migrate::source::error_chain(&e);
+                panic!("force {force}: {why}; destination: {:?}", dest.join().unwrap());
+            }
+        };
         vm.stop().unwrap();
         assert_eq!(stats.status, MigrationStatus::Completed);
         if force {
@@ -207,4 +214,44 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
     let why = dest.join().unwrap().unwrap_err();
     assert!(why.contains("pages differ from the source's final memory"), "{why}");
     vm.stop().unwrap();
+}
+
+/// Out of CI: throttled migrations of a flat-out guest, over and over, in
+/// the design `MIGRATE_STRESS_MMU` names (locked, lockless), with or without
+/// `fast_page_fault` (`MIGRATE_STRESS_FAST=0`).
+#[test]
+#[ignore]
+fn throttled_migrations_stress() {
+    let mmu = std::env::var("MIGRATE_STRESS_MMU").unwrap_or_else(|_| "locked".into()).parse().unwrap();
+    let fast = std::env::var("MIGRATE_STRESS_FAST").map_or(true, |v| v != "0");
+    let runs: u32 = std::env::var("MIGRATE_STRESS_RUNS").map_or(20, |v| v.parse().unwrap());
+    let backend = EngineBackend {
+        config: VmConfig { mmu, fast_page_fault: fast, ..VmConfig::default() },
+        dirty_ring: None,
+    };
+    let spec = spec(16 * MIB);
+    let mut failed = 0;
+    for _ in 0..runs {
+        let mut vm = boot(&backend, &spec);
+        let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(20));
+        let conn = TcpStream::connect(addr).unwrap();
+        let h = header(vm.as_ref());
+        let throttle = std::env::var("MIGRATE_STRESS_THROTTLE").map_or(true, |v| v != "0");
+        let params = OutgoingParams {
+            downtime_limit: Duration::from_millis(if throttle { 5 } else { 0 }),
+            timeout: Some(if throttle { Duration::from_secs(20) } else { Duration::from_millis(150) }),
+            on_timeout: if throttle { OnTimeout::Cancel } else { OnTimeout::Force },
+            auto_converge: throttle,
+            dirty_rate: None,
+            ..OutgoingParams::default()
+        };
+        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {});
+        vm.stop().unwrap();
+        let d = dest.join().unwrap();
+        if r.is_err() || d.is_err() {
+            failed += 1;
+            eprintln!("{:?} / {d:?}", r.err().map(|e| shadow_mmu_migrate::source::error_chain(&e)));
+        }
+    }
+    assert_eq!(failed, 0, "{failed} of {runs} failed");
 }

@@ -91,10 +91,10 @@ impl VcpuGate {
         let t = Instant::now();
         self.request_pause();
         loop {
-            let held = self.protocol.held();
-            if held == self.vcpus() {
+            if self.protocol.all_held(self.vcpus()) {
                 return Ok(());
             }
+            let held = self.protocol.held();
             if t.elapsed() > within {
                 return Err(PauseTimeout { held, vcpus: self.vcpus(), waited: t.elapsed() });
             }

@@ -256,13 +256,16 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     loop {
         let idle = IdleWait::new();
         loop {
-            if let Some(state) = shared.gate.take_restore(id) {
+            let restored = shared.gate.apply_restore(id, |state| {
                 // Checked by `restore_vcpus` before it was given.
-                let w = decode_words(&state, PASS_VCPU_STATE_WORDS).expect("a checked vCPU state");
+                let w = decode_words(state, PASS_VCPU_STATE_WORDS).expect("a checked vCPU state");
                 vcpu.restore_state(&w[1..])?;
-                done = w[0];
                 // Release: as the store after a pass.
-                clock.passes.store(done, Ordering::Release);
+                clock.passes.store(w[0], Ordering::Release);
+                Ok::<u64, KvmError>(w[0])
+            });
+            if let Some(r) = restored {
+                done = r?;
             }
             // Relaxed: a stop is seen eventually; `stop` joins us, which
             // orders everything after. A stop wins over a pause.

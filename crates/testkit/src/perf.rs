@@ -359,14 +359,14 @@ fn await_release(
 ) {
     let idle = crate::vcpu_gate::IdleWait::new();
     loop {
-        if let Some(state) = gate.take_restore(id) {
+        gate.apply_restore(id, |state| {
             // Checked by `PassVm::restore_vcpus` before it was given.
-            let (passes, g) = decode_sweeper(&state).expect("a checked sweeper state");
+            let (passes, g) = decode_sweeper(state).expect("a checked sweeper state");
             guest.restore(&g).expect("a checked sweeper state");
             *done = passes;
             // Release: as the store after a pass.
             clock.passes.store(passes, Ordering::Release);
-        }
+        });
         // A stop wins over a pause.
         if ctl.stop_requested() {
             return;

@@ -5,7 +5,7 @@
 //! The host side ([`VcpuGate::pause`], [`VcpuGate::resume`],
 //! [`VcpuGate::saved`], [`VcpuGate::restore`]) and the vCPU side
 //! ([`VcpuGate::pause_requested`], [`VcpuGate::hold`],
-//! [`VcpuGate::take_restore`]) meet here. The backend provides the kick
+//! [`VcpuGate::apply_restore`]) meet here. The backend provides the kick
 //! that gets a vCPU out of guest mode (the engine's `KVM_REQ_EXIT`, a
 //! signal on KVM); its vCPU threads call [`VcpuGate::hold`] whenever they
 //! are outside guest mode with a pause requested: after a kick, between
@@ -17,7 +17,8 @@
 //!   runs again only after [`VcpuGate::resume`] (or a stop);
 //! - [`VcpuGate::pause`] returns `Ok` only when every vCPU is held, so the
 //!   guest memory holds still until `resume`;
-//! - a state given to [`VcpuGate::restore`] is taken by its vCPU's thread
+//! - a state given to [`VcpuGate::restore`] is applied by its vCPU's thread
+//!   before [`VcpuGate::wait_restored`] returns, and
 //!   before that vCPU next enters guest mode.
 
 use shadow_mmu_core::breakage::Breakage;
@@ -150,7 +151,7 @@ impl VcpuGate {
         }
     }
 
-    /// Waits until every vCPU took the state [`Self::restore`] gave it
+    /// Waits until every vCPU applied the state [`Self::restore`] gave it
     /// (they take it between passes, within microseconds of a release
     /// wait); `false` if some did not within `within`.
     pub fn wait_restored(&self, within: Duration) -> bool {
@@ -164,10 +165,15 @@ impl VcpuGate {
         true
     }
 
-    /// vCPU `id`'s state to restore, if the host gave one (vCPU side, before
-    /// entering guest mode).
-    pub fn take_restore(&self, id: u32) -> Option<Vec<u8>> {
-        self.restore[id as usize].lock().take()
+    /// vCPU side, before entering guest mode: if the host gave vCPU `id` a
+    /// state, applies it with `apply` and only then lets it go, so that
+    /// [`Self::wait_restored`] returns once every state is in effect (the
+    /// vCPU's pass count included).
+    pub fn apply_restore<R>(&self, id: u32, apply: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let mut slot = self.restore[id as usize].lock();
+        let r = slot.as_deref().map(apply);
+        *slot = None;
+        r
     }
 }
 

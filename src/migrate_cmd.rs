@@ -13,9 +13,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use engine::{MmuDesign, VmConfig};
 use serde::{Deserialize, Serialize};
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
-use shadow_mmu_migrate::source::{OnTimeout, OutgoingParams, error_chain, migrate_outgoing};
+use shadow_mmu_migrate::source::{OnTimeout, OutgoingParams, migrate_outgoing};
 use shadow_mmu_migrate::stats::MigrationStats;
 use shadow_mmu_migrate::stream::{Header, SlotLayout, VERSION};
+use testkit::backend::error_chain;
 use testkit::backend::{Backend, EngineBackend, PassSpec, PassVm};
 use testkit::interface::{DirtyLogInterface, HarvestSpec};
 

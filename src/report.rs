@@ -169,13 +169,4 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     s
 }
 
-/// An error and each of its causes, on one line: `outer: cause: root`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let _ = write!(s, ": {c}");
-        cause = c.source();
-    }
-    s
-}
+pub use testkit::backend::error_chain;

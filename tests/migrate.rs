@@ -224,7 +224,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e:?}");
-    let msg = shadow_mmu_migrate::source::error_chain(&e);
+    let msg = testkit::backend::error_chain(&e);
     assert!(msg.contains("migration failed") && msg.contains("I/O"), "{msg}");
     killer.join().unwrap();
     runs_on_and_migrates_again(&mut vm, &spec);

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use engine::MmuDesign;
 use serde_json::json;
-use shadow_mmu_migrate::source::{OutgoingParams, error_chain, migrate_outgoing};
+use shadow_mmu_migrate::source::{OutgoingParams, migrate_outgoing};
+use testkit::backend::error_chain;
 use testkit::interface::DirtyLogInterface;
 
 use super::{BenchResult, Progress};

@@ -20,11 +20,11 @@ use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use shadow_mmu_testkit::backend::{BackendError, PassVm, harvest};
+use shadow_mmu_testkit::backend::{BackendError, PassVm, error_chain, harvest};
 use thiserror::Error;
 
 use crate::pacer::Pacer;
-use crate::ranges::{WORDS_PER_PAGE, page_digest, quiescent_bytes, zero_page_digest};
+use crate::ranges::{WORDS_PER_PAGE, digest_of, page_digest, quiescent_bytes, zero_page_digest};
 use crate::source::PAUSE_WITHIN;
 use crate::stats::IncomingStats;
 use crate::stream::{
@@ -118,7 +118,7 @@ pub fn migrate_incoming(
                 let _ = w.flush();
             }
             stats.status = "failed".into();
-            stats.error = Some(crate::source::error_chain(&error));
+            stats.error = Some(error_chain(&error));
             Err(IncomingFailure { error, stats: Box::new(stats) })
         }
     }
@@ -154,7 +154,7 @@ fn receive(
     let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
     // The digest of each page as loaded (its CRC, checked as the frame was
     // read), so that the final check only compares.
-    let mut loaded: Vec<u64> = (0..pages).map(|p| p << 32).collect();
+    let mut loaded: Vec<Option<u64>> = vec![None; pages as usize];
     let mut frames = FrameReader::borrowing();
     let mut mismatched = 0u64;
     let mut digests_begun = false;
@@ -190,7 +190,7 @@ fn receive(
                             vm.write_guest(offset + chunk as u64 * 8, &zeros[..len])?;
                         }
                         for p in x.first..x.first + u64::from(x.pages) {
-                            loaded[p as usize] = zero_page_digest(p);
+                            loaded[p as usize] = Some(zero_page_digest(p));
                         }
                         stats.duplicate_pages += u64::from(x.pages);
                     } else {
@@ -199,7 +199,7 @@ fn receive(
                         // of what was loaded.
                         let crcs = &frames.page_crcs()[next / WORDS_PER_PAGE..][..x.pages as usize];
                         for (p, &c) in (x.first..).zip(crcs) {
-                            loaded[p as usize] = (p << 32) | u64::from(c);
+                            loaded[p as usize] = Some(digest_of(p, c));
                         }
                         next += n;
                         stats.normal_pages += u64::from(x.pages);
@@ -218,7 +218,7 @@ fn receive(
                 let t = Instant::now();
                 for (i, v) in d.into_iter().enumerate() {
                     let p = first + i as u64;
-                    mismatched += u64::from(loaded[p as usize] != v);
+                    mismatched += u64::from(loaded[p as usize] != Some(v));
                     digests[p as usize] = Some(v);
                 }
                 verify += t.elapsed();
@@ -251,7 +251,7 @@ fn receive(
         )));
     };
     if let Err(e) = vm.restore_vcpus(states) {
-        return Err(IncomingError::Refused(crate::source::error_chain(&e)));
+        return Err(IncomingError::Refused(error_chain(&e)));
     }
     vm.set_dirty_logging(true)?;
     stats.passes_at_resume = vm.passes_done();
@@ -351,7 +351,7 @@ fn running_page_behind(vm: &dyn PassVm, p: u64, floor: u64, digest: Option<u64>)
         newest = newest.max(vm.stored_iteration(v));
         b.copy_from_slice(&v.to_le_bytes());
     }
-    newest < floor && digest != Some((page_digest(&page, 0) & 0xffff_ffff) | (p << 32))
+    newest < floor && digest != Some(digest_of(p, crc32c::crc32c(&page)))
 }
 
 /// Refuses ranges outside slot 0's `pages` pages.

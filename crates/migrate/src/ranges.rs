@@ -92,13 +92,20 @@ pub unsafe fn quiescent_bytes(memory: &[AtomicU64]) -> &[u8] {
 /// pages at different places differ.
 pub fn page_digest(bytes: &[u8], p: u64) -> u64 {
     const PAGE: usize = WORDS_PER_PAGE * 8;
-    (p << 32) | u64::from(crc32c::crc32c(&bytes[p as usize * PAGE..][..PAGE]))
+    digest_of(p, crc32c::crc32c(&bytes[p as usize * PAGE..][..PAGE]))
+}
+
+/// The digest of page `p` whose bytes have CRC-32C `crc` (what
+/// [`page_digest`] computes, for a CRC computed elsewhere: a frame's page
+/// CRC, a copy of a running page).
+pub fn digest_of(p: u64, crc: u32) -> u64 {
+    (p << 32) | u64::from(crc)
 }
 
 /// [`page_digest`] of page `p` if it is all zero.
 pub fn zero_page_digest(p: u64) -> u64 {
     static ZERO: [u8; WORDS_PER_PAGE * 8] = [0; WORDS_PER_PAGE * 8];
-    (p << 32) | (page_digest(&ZERO, 0) & 0xffff_ffff)
+    digest_of(p, crc32c::crc32c(&ZERO))
 }
 
 /// The digests of pages `[first, first + n)` of `bytes`, on `threads`

@@ -31,7 +31,7 @@ use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use shadow_mmu_testkit::backend::{BackendError, DirtyLogProtect, PassVm, timed_harvest};
+use shadow_mmu_testkit::backend::{BackendError, DirtyLogProtect, PassVm, error_chain, timed_harvest};
 use shadow_mmu_testkit::interface::HarvestSpec;
 use shadow_mmu_testkit::vcpu_gate::PauseTimeout;
 use thiserror::Error;
@@ -259,18 +259,6 @@ fn refusal(conn: &TcpStream) -> Option<MigrationError> {
             Err(_) => return None,
         }
     }
-}
-
-/// An error and its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn ms(d: Duration) -> f64 {

@@ -294,12 +294,12 @@ impl Frame {
         }
     }
 
-    /// Decodes a payload; a `Pages` frame's data goes into `spare`'s
-    /// allocation (taken), or nowhere with `None` (a borrowing reader's).
+    /// Decodes a payload; a `Pages` frame's data is copied into the frame
+    /// with `copy_data`, else left out (a borrowing reader's).
     fn decode(
         payload: &[u8],
         page_size: u32,
-        spare: Option<&mut Vec<u8>>,
+        copy_data: bool,
         page_crcs: &mut Vec<u32>,
     ) -> Result<Frame, StreamError> {
         let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
@@ -365,15 +365,7 @@ impl Frame {
                     }
                     page_crcs.push(got);
                 }
-                let data = match spare {
-                    Some(spare) => {
-                        let mut data = std::mem::take(spare);
-                        data.clear();
-                        data.extend_from_slice(bytes);
-                        data
-                    }
-                    None => Vec::new(),
-                };
+                let data = if copy_data { bytes.to_vec() } else { Vec::new() };
                 Frame::Pages { slot, ranges, data }
             }
             4 => {
@@ -586,12 +578,11 @@ fn checksummed_len(payload: &[u8]) -> usize {
         .unwrap_or(payload.len())
 }
 
-/// Reads frames, reusing its buffers: the payload's, and the data of
-/// `Pages` frames given back with [`FrameReader::recycle`].
+/// Reads frames, reusing its payload buffer (and, borrowing, leaving
+/// `Pages` data in it).
 #[derive(Debug, Default)]
 pub struct FrameReader {
     payload: Vec<u8>,
-    spare: Vec<u8>,
     page_crcs: Vec<u32>,
     /// `Pages` data is left in the payload ([`FrameReader::borrowing`]).
     borrow: bool,
@@ -630,8 +621,7 @@ impl FrameReader {
             return Err(StreamError::Checksum { expected, got });
         }
         self.page_size = page_size as usize;
-        let spare = (!self.borrow).then_some(&mut self.spare);
-        Frame::decode(&self.payload, page_size, spare, &mut self.page_crcs)
+        Frame::decode(&self.payload, page_size, !self.borrow, &mut self.page_crcs)
     }
 
     /// A reader whose `Pages` frames come with empty `data`: their bytes
@@ -655,11 +645,6 @@ impl FrameReader {
     /// order (checked against the frame's).
     pub fn page_crcs(&self) -> &[u32] {
         &self.page_crcs
-    }
-
-    /// Gives a `Pages` frame's data back, for the next one.
-    pub fn recycle(&mut self, data: Vec<u8>) {
-        self.spare = data;
     }
 }
 
@@ -822,7 +807,7 @@ mod tests {
         p.extend_from_slice(&0u64.to_le_bytes());
         p.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
-            Frame::decode(&p, PAGE, Some(&mut Vec::new()), &mut Vec::new()),
+            Frame::decode(&p, PAGE, true, &mut Vec::new()),
             Err(StreamError::Malformed { kind: "digest", .. })
         ));
         for e in [StreamError::Truncated, StreamError::BadMagic, StreamError::UnknownKind(3)] {

@@ -50,7 +50,7 @@ fn destination(
                 vm.stop().map_err(|e| e.to_string())?;
                 Ok(stats)
             }
-            Err(e) => Err(shadow_mmu_migrate::source::error_chain(&e)),
+            Err(e) => Err(shadow_mmu_testkit::backend::error_chain(&e)),
         }
     });
     (addr, t)
@@ -171,7 +171,7 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
         let stats = match r {
             Ok(s) => s,
             Err(e) => {
-                let why = shadow_mmu_migrate::source::error_chain(&e);
+                let why = shadow_mmu_testkit::backend::error_chain(&e);
                 panic!("force {force}: {why}; destination: {:?}", dest.join().unwrap());
             }
         };
@@ -250,7 +250,7 @@ fn throttled_migrations_stress() {
         let d = dest.join().unwrap();
         if r.is_err() || d.is_err() {
             failed += 1;
-            eprintln!("{:?} / {d:?}", r.err().map(|e| shadow_mmu_migrate::source::error_chain(&e)));
+            eprintln!("{:?} / {d:?}", r.err().map(|e| shadow_mmu_testkit::backend::error_chain(&e)));
         }
     }
     assert_eq!(failed, 0, "{failed} of {runs} failed");

@@ -74,6 +74,19 @@ impl BackendError {
     }
 }
 
+/// An error and each of its causes, on one line: `outer: cause: root` (how
+/// the CLI, the benches and the migration's statistics print errors).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    use std::fmt::Write;
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
+}
+
 /// A way to run dirty-logging VMs.
 pub trait Backend {
     /// A name for reports ("engine locked", "KVM (manual protect)").

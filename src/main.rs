@@ -48,17 +48,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ok: Result<bool, Box<dyn std::error::Error>> = match cli.command {
-        Command::Run(args) => run::main(&args).map_err(Into::into),
-        Command::Stress(args) => stress::main(&args).map_err(Into::into),
-        Command::DirtyLogTest(args) => dirty_log_test_cmd::main(&args),
-        Command::Bench(cmd) => bench::main(&cmd),
+    let passed = |r: Result<bool, Box<dyn std::error::Error>>| r.map(|ok| if ok { 0 } else { 1 });
+    let code: Result<u8, Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => passed(run::main(&args).map_err(Into::into)),
+        Command::Stress(args) => passed(stress::main(&args).map_err(Into::into)),
+        Command::DirtyLogTest(args) => passed(dirty_log_test_cmd::main(&args)),
+        Command::Bench(cmd) => passed(bench::main(&cmd)),
+        // Its own codes (migrate_cmd's docs).
         Command::Migrate(cmd) => migrate_cmd::main(&cmd),
-        Command::Trace(cmd) => trace_cmd::main(&cmd),
+        Command::Trace(cmd) => passed(trace_cmd::main(&cmd)),
     };
-    match ok {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+    match code {
+        Ok(c) => ExitCode::from(c),
         Err(e) => {
             eprintln!("error: {}", report::error_chain(e.as_ref()));
             ExitCode::from(2)

@@ -1,11 +1,21 @@
-//! `shadow-mmu migrate incoming|outgoing`: live migration between two
-//! processes over TCP, on the engine or on the machine's KVM. The CLI is
-//! what knows the backends: it describes the VM in the stream's header
+//! `shadow-mmu migrate incoming|outgoing|control`: live migration between
+//! two processes over TCP, on the engine or on the machine's KVM. The CLI
+//! is what knows the backends: it describes the VM in the stream's header
 //! ([`VmDescription`], JSON) and builds it again at the destination; the
 //! migration itself (`shadow_mmu_migrate`) drives whatever it is given.
+//! A source whose handover's outcome is unknown stays paused and takes
+//! the operator's word on a control socket (`migrate control`).
+//!
+//! Exit codes (docs/migration.md): 0 the migration completed (the guest
+//! runs at the destination); 1 it failed (the guest runs at the source, or
+//! at the destination never ran); 2 a usage or setup error; 3 (source) the
+//! outcome stayed unknown and the operator decided; 4 (destination) the
+//! guest runs here but the check after the resume found pages lost or
+//! behind.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,9 +23,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use engine::{MmuDesign, VmConfig};
 use serde::{Deserialize, Serialize};
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
-use shadow_mmu_migrate::source::{OnTimeout, OutgoingParams, migrate_outgoing};
-use shadow_mmu_migrate::stats::MigrationStats;
-use shadow_mmu_migrate::stream::{Header, SlotLayout, VERSION};
+use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Unsettled, migrate_outgoing};
+use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus, ResumeCheck};
+use shadow_mmu_migrate::stream::{Header, SlotLayout};
+use shadow_mmu_migrate::{Observer, Phase};
 use testkit::backend::error_chain;
 use testkit::backend::{Backend, EngineBackend, PassSpec, PassVm};
 use testkit::interface::{DirtyLogInterface, HarvestSpec};
@@ -29,6 +40,34 @@ pub enum MigrateCommand {
     Incoming(IncomingArgs),
     /// The source: boots a VM, lets its workload run, migrates it.
     Outgoing(Box<OutgoingArgs>),
+    /// Tells a source paused in `postmigrate` (its outcome unknown) what to
+    /// do: ask the destination again, resume the guest here, discard it.
+    Control(ControlArgs),
+}
+
+/// What the operator tells a source in `postmigrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ControlAction {
+    /// Its statistics so far.
+    Status,
+    /// Ask the destination again (its answer settles the migration).
+    Query,
+    /// Resume the guest at the source: only once the destination is known
+    /// not to run it (killed, or its output says it never ran it).
+    Resume,
+    /// Discard the source's paused copy: only once the destination is known
+    /// to run the guest.
+    Discard,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The source's control socket (`migrate outgoing` prints it).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// What to do.
+    #[arg(value_enum)]
+    pub action: ControlAction,
 }
 
 /// Where the VM runs.
@@ -75,6 +114,13 @@ pub struct IncomingArgs {
     /// Write the destination's statistics here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// How long to wait for a word from the source, s, until its header
+    /// brings the source's own --progress-timeout-s.
+    #[arg(long, default_value_t = 10)]
+    pub progress_timeout_s: u64,
+    /// Stop this process (SIGSTOP) at a phase boundary (tests: docs/migration.md).
+    #[arg(long, hide = true)]
+    pub stop_at: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -122,9 +168,22 @@ pub struct OutgoingArgs {
     /// QEMU's max-bandwidth, MiB/s (0: as fast as the link).
     #[arg(long, default_value_t = 0)]
     pub max_bandwidth_mibps: u64,
-    /// Give pre-copy this long, s.
+    /// Give the setup and pre-copy this long, s.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// How long either side waits for a word from the other, s; also the
+    /// deadline of every write and of each handshake of the handover
+    /// (default: 10, or --timeout-s if shorter and not 0).
+    #[arg(long)]
+    pub progress_timeout_s: Option<f64>,
+    /// How long to ask the destination for the handover's outcome when it
+    /// was not heard, s; then the source stays paused for the operator.
+    #[arg(long, default_value_t = 30.0)]
+    pub settle_timeout_s: f64,
+    /// The control socket of a source left in `postmigrate` (default: one
+    /// in the temporary directory, named after the process).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
     /// What to do at the timeout.
     #[arg(long, value_enum, default_value = "cancel")]
     pub on_timeout: TimeoutAction,
@@ -144,6 +203,17 @@ pub struct OutgoingArgs {
     /// Write an SVG of the rounds into this directory.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Stop this process (SIGSTOP) at a phase boundary (tests: docs/migration.md).
+    #[arg(long, hide = true)]
+    pub stop_at: Option<String>,
+}
+
+impl OutgoingArgs {
+    /// The progress timeout.
+    pub fn progress_timeout(&self) -> Duration {
+        let default = if self.timeout_s > 0 { self.timeout_s.min(10) } else { 10 };
+        Duration::from_secs_f64(self.progress_timeout_s.unwrap_or(default as f64).max(0.001))
+    }
 }
 
 /// The VM, as the stream's header carries it (JSON in `Header::config`):
@@ -261,16 +331,12 @@ impl VmDescription {
 
     /// The stream's header for `vm`, built from this description.
     pub fn header(&self, vm: &dyn PassVm) -> Result<Header, serde_json::Error> {
-        Ok(Header {
-            version: VERSION,
-            page_size: 4096,
-            backend: match self.backend {
-                Where::Engine => "engine".into(),
-                Where::Kvm => "kvm".into(),
-            },
-            config: serde_json::to_string(self)?,
-            slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
-        })
+        let backend = match self.backend {
+            Where::Engine => "engine",
+            Where::Kvm => "kvm",
+        };
+        let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
+        Ok(Header::new(backend.into(), serde_json::to_string(self)?, slots))
     }
 
     /// Bytes a pass of the guest stores to (one 8-byte store per page of
@@ -280,10 +346,35 @@ impl VmDescription {
     }
 }
 
-pub fn main(cmd: &MigrateCommand) -> Result<bool, Box<dyn std::error::Error>> {
+/// Runs a migrate command; returns its exit code (module docs).
+pub fn main(cmd: &MigrateCommand) -> Result<u8, Box<dyn std::error::Error>> {
     match cmd {
         MigrateCommand::Incoming(a) => incoming(a),
         MigrateCommand::Outgoing(a) => outgoing(a),
+        MigrateCommand::Control(a) => control(a),
+    }
+}
+
+/// What the CLI hears of a migration: the round lines, and `--stop-at`.
+struct CliObserver<'a> {
+    stop_at: Option<&'a str>,
+    rounds: Option<&'a mut dyn FnMut(&MigrationStats)>,
+}
+
+impl Observer for CliObserver<'_> {
+    fn round(&mut self, stats: &MigrationStats) {
+        if let Some(r) = self.rounds.as_mut() {
+            r(stats);
+        }
+    }
+
+    fn phase(&mut self, phase: Phase) {
+        if self.stop_at == Some(phase.to_string().as_str()) {
+            eprintln!("stopping at {phase} (--stop-at)");
+            // SAFETY: raise(3) has no memory-safety preconditions; SIGSTOP
+            // stops the whole process until a SIGCONT (or a kill).
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
     }
 }
 
@@ -295,12 +386,10 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), Box<dyn std::err
         .map_err(|e| format!("writing {}: {e}", path.display()).into())
 }
 
-fn incoming(a: &IncomingArgs) -> Result<bool, Box<dyn std::error::Error>> {
+fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let l = TcpListener::bind(&a.listen).map_err(|e| format!("listening on {}: {e}", a.listen))?;
     println!("listening on {}", l.local_addr()?);
     std::io::stdout().flush()?;
-    let (conn, peer) = l.accept()?;
-    println!("incoming migration from {peer}");
     let mut build = |h: &Header| {
         if h.backend != "engine" && h.backend != "kvm" {
             return Err(format!("backend {:?}: this destination runs engine or kvm", h.backend));
@@ -316,41 +405,72 @@ fn incoming(a: &IncomingArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let vm = d.start()?;
         Ok(IncomingVm { vm, dirty_rate: d.dirty_rate, write_pct: d.write_pct })
     };
-    let params = IncomingParams { run_after: Duration::from_millis(a.run_after_ms) };
-    let (stats, ok) = match migrate_incoming(&conn, &mut build, &params) {
-        Ok((stats, mut vm)) => {
-            vm.stop().map_err(|e| error_chain(&e))?;
-            (stats, true)
-        }
-        Err(f) => {
-            eprintln!("error: {}", error_chain(&f));
-            (*f.stats, false)
-        }
+    let params = IncomingParams {
+        run_after: Duration::from_millis(a.run_after_ms),
+        progress_timeout: Duration::from_secs(a.progress_timeout_s.max(1)),
     };
-    println!("status: {}", stats.status);
-    println!(
-        "received {} kbytes in {} rounds: {} normal pages, {} duplicate",
-        stats.received_bytes / 1024,
-        stats.rounds,
-        stats.normal_pages,
-        stats.duplicate_pages
-    );
-    println!("mismatched pages: {} (checked in {:.1} ms)", stats.mismatched_pages, stats.verify_ms);
-    if stats.run_after_ms > 0 {
-        println!(
-            "after resuming, {} ms: passes {} -> {}, {} pages written, {} lost, {} behind the source",
-            stats.run_after_ms,
-            stats.passes_at_resume,
-            stats.passes_after_run,
-            stats.pages_written_after_resume,
-            stats.lost_pages,
-            stats.regressed_pages
-        );
+    let mut observer = CliObserver { stop_at: a.stop_at.as_deref(), rounds: None };
+    let (stats, code) = match migrate_incoming(&l, &mut build, &params, &mut observer) {
+        Ok((stats, mut vm)) => {
+            // The guest ran here for --run-after-ms; this process's run ends.
+            vm.stop().map_err(|e| error_chain(&e))?;
+            let code = if stats.check_after_resume == ResumeCheck::Failed { 4 } else { 0 };
+            (stats, code)
+        }
+        Err(f) => (*f.stats, 1),
+    };
+    for line in incoming_lines(&stats) {
+        println!("{line}");
+    }
+    if let Some(e) = &stats.error {
+        eprintln!("error: {e}");
     }
     if let Some(p) = &a.json {
         write_json(p, &serde_json::to_value(&stats)?)?;
     }
-    Ok(ok)
+    Ok(code)
+}
+
+/// The destination's report: what it received, its checks, what became of
+/// the guest ("not checked" where a check did not run).
+fn incoming_lines(s: &IncomingStats) -> Vec<String> {
+    let mut l = vec![
+        format!("status: {}", s.status.name()),
+        match s.status {
+            MigrationStatus::Completed => "the guest runs here".to_string(),
+            _ => "the guest never ran here; the partial VM is discarded".to_string(),
+        },
+        format!(
+            "received {} kbytes in {} rounds: {} normal pages, {} duplicate",
+            s.received_bytes / 1024,
+            s.rounds,
+            s.normal_pages,
+            s.duplicate_pages
+        ),
+        match (s.mismatched_pages, s.verify_ms) {
+            (Some(m), Some(v)) => format!("mismatched pages: {m} (checked in {v:.1} ms)"),
+            (Some(m), None) => format!("mismatched pages: {m} (no digest came)"),
+            _ => "mismatched pages: not checked".to_string(),
+        },
+    ];
+    let check = match s.check_after_resume {
+        ResumeCheck::NotRun => "not run".to_string(),
+        ResumeCheck::Passed => "passed".to_string(),
+        ResumeCheck::Failed => "FAILED".to_string(),
+        ResumeCheck::Inconclusive => "inconclusive".to_string(),
+    };
+    let note = s.check_note.as_ref().map_or(String::new(), |n| format!(": {n}"));
+    l.push(format!("check after resuming: {check}{note}"));
+    if let (Some(ms), Some(w), Some(lost), Some(behind)) =
+        (s.run_after_ms, s.pages_written_after_resume, s.lost_pages, s.regressed_pages)
+    {
+        l.push(format!(
+            "after resuming, {ms} ms: passes {} -> {}, {w} pages written, {lost} lost, {behind} behind the source",
+            s.passes_at_resume.unwrap_or(0),
+            s.passes_after_run.unwrap_or(0),
+        ));
+    }
+    l
 }
 
 /// Connects to `to`, retrying for a while (the destination may still be
@@ -368,7 +488,27 @@ pub fn connect(to: &str) -> Result<TcpStream, String> {
     }
 }
 
-fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
+/// The source's parameters from its arguments.
+pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams {
+    OutgoingParams {
+        downtime_limit: Duration::from_millis(a.downtime_limit_ms),
+        max_bandwidth: Some(a.max_bandwidth_mibps << 20).filter(|&b| b > 0),
+        timeout: Some(Duration::from_secs(a.timeout_s)),
+        on_timeout: match a.on_timeout {
+            TimeoutAction::Cancel => OnTimeout::Cancel,
+            TimeoutAction::Force => OnTimeout::Force,
+        },
+        auto_converge: a.auto_converge,
+        dirty_rate: desc.dirty_rate,
+        write_pct: desc.write_pct,
+        clear_chunk_pages: desc.clear_chunk_pages,
+        progress_timeout: a.progress_timeout(),
+        settle_timeout: Duration::from_secs_f64(a.settle_timeout_s.max(0.0)),
+        ..OutgoingParams::default()
+    }
+}
+
+fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if a.backend == Where::Kvm && a.guest_mib > 2048 {
         return Err(format!("--guest-mib {}: KVM's test slot holds at most 2048", a.guest_mib).into());
     }
@@ -381,21 +521,13 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
         std::thread::sleep(Duration::from_millis(1));
     }
     let header = desc.header(vm.as_ref())?;
-    let params = OutgoingParams {
-        downtime_limit: Duration::from_millis(a.downtime_limit_ms),
-        max_bandwidth: Some(a.max_bandwidth_mibps << 20).filter(|&b| b > 0),
-        timeout: Some(Duration::from_secs(a.timeout_s)),
-        on_timeout: match a.on_timeout {
-            TimeoutAction::Cancel => OnTimeout::Cancel,
-            TimeoutAction::Force => OnTimeout::Force,
-        },
-        auto_converge: a.auto_converge,
-        dirty_rate: desc.dirty_rate,
-        write_pct: desc.write_pct,
-        clear_chunk_pages: desc.clear_chunk_pages,
-        ..OutgoingParams::default()
-    };
+    let params = outgoing_params(a, &desc);
+    let socket = a.control_socket.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("shadow-mmu-migrate-{}.sock", std::process::id()))
+    });
     println!("migrating {} ({}) to {}", vm.name(), header.config, a.to);
+    println!("control socket (if the outcome is unknown): {}", socket.display());
+    std::io::stdout().flush()?;
     let conn = connect(&a.to)?;
     let bar = crate::bench::Progress::spinner("round 0: the bulk copy");
     let mut progress = |s: &MigrationStats| {
@@ -418,43 +550,174 @@ fn outgoing(a: &OutgoingArgs) -> Result<bool, Box<dyn std::error::Error>> {
             s.remaining_bytes >> 20
         ));
     };
-    let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut progress);
+    let mut observer = CliObserver { stop_at: a.stop_at.as_deref(), rounds: Some(&mut progress) };
+    let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut observer);
     bar.finish();
-    let (stats, ok) = match r {
-        Ok(stats) => {
-            vm.stop().map_err(|e| error_chain(&e))?;
-            (stats, true)
+    drop(conn);
+    let report = |stats: &MigrationStats| -> Result<(), Box<dyn std::error::Error>> {
+        for l in stats.lines() {
+            println!("{l}");
         }
-        Err(f) => {
-            eprintln!("error: {}", error_chain(&f));
-            // The source runs on: show it.
-            let before = vm.passes_done();
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_millis(300) {
-                pacer.at_least(vm.as_ref(), 1);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let mut bm = vec![0u64; vm.pages().div_ceil(64) as usize];
-            let logging = vm.get_dirty_log(&mut bm).is_ok();
-            println!(
-                "the source VM runs on: passes {before} -> {}, dirty logging {}",
-                vm.passes_done(),
-                if logging { "on" } else { "off" }
-            );
+        std::io::stdout().flush()?;
+        if let Some(p) = &a.json {
+            write_json(p, &serde_json::json!({ "config": desc, "source": stats }))?;
+        }
+        Ok(())
+    };
+    let (stats, code) = match outcome {
+        Outcome::Completed(stats) => {
             vm.stop().map_err(|e| error_chain(&e))?;
-            (*f.stats, false)
+            (stats, 0)
+        }
+        Outcome::RunsOn(f) => {
+            runs_on(vm.as_mut(), &desc);
+            vm.stop().map_err(|e| error_chain(&e))?;
+            (f.stats, 1)
+        }
+        Outcome::Unsettled(u) => {
+            report(u.stats())?;
+            let (stats, code) = postmigrate(u, &mut vm, &desc, &socket)?;
+            // What changed since the report above.
+            println!("Migration status: {}", stats.status.name());
+            println!("{}", stats.lines()[1]);
+            if let Some(p) = &a.json {
+                write_json(p, &serde_json::json!({ "config": desc, "source": stats }))?;
+            }
+            return Ok(code);
         }
     };
-    for l in stats.lines() {
-        println!("{l}");
-    }
-    if let Some(p) = &a.json {
-        write_json(p, &serde_json::json!({ "config": desc, "source": stats }))?;
-    }
+    report(&stats)?;
     if let Some(dir) = &a.plot {
         std::fs::create_dir_all(dir)?;
-        let path = crate::plot::migration_rounds(dir, &[(vm.name(), &stats)])?;
+        let path = crate::plot::migration_rounds(dir, &[(vm.name(), &*stats)])?;
         println!("plot: {}", path.display());
     }
-    Ok(ok)
+    Ok(code)
+}
+
+/// Shows that the source VM runs on: its vCPUs let go, the workload at its
+/// own pace (--dirty-rate-mibps) for 300 ms, dirty logging off.
+fn runs_on(vm: &mut dyn PassVm, desc: &VmDescription) {
+    let before = vm.passes_done();
+    let mut pacer = shadow_mmu_migrate::pacer::Pacer::new(vm, desc.dirty_rate, desc.write_pct);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(300) {
+        pacer.tick(vm);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut bm = vec![0u64; vm.pages().div_ceil(64) as usize];
+    let logging = vm.get_dirty_log(&mut bm).is_ok();
+    let pace = match desc.dirty_rate {
+        None => "flat out".to_string(),
+        Some(0) => "idle".to_string(),
+        Some(r) => format!("at {} MiB/s", r >> 20),
+    };
+    println!(
+        "the source VM runs on: vCPUs {}, passes {before} -> {} in 300 ms ({pace}), dirty logging {}",
+        if vm.vcpu_gate().pause_requested() { "PAUSED" } else { "running" },
+        vm.passes_done(),
+        if logging { "on" } else { "off" }
+    );
+}
+
+/// A source whose handover's outcome is unknown: paused, its memory kept,
+/// until the operator (or the destination, asked again through the
+/// operator's `query`) decides. Serves the control socket; returns the
+/// final statistics and the exit code.
+fn postmigrate(
+    u: Unsettled,
+    vm: &mut Box<dyn PassVm>,
+    desc: &VmDescription,
+    socket: &Path,
+) -> Result<(Box<MigrationStats>, u8), Box<dyn std::error::Error>> {
+    let _ = std::fs::remove_file(socket);
+    let l = UnixListener::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
+    let me = std::env::current_exe().map_or_else(|_| "shadow-mmu".into(), |p| p.display().to_string());
+    let ctl = format!("{me} migrate control --socket {}", socket.display());
+    println!("the source VM is paused in postmigrate: the destination may or may not run the guest.");
+    println!("  ask the destination again:   {ctl} query");
+    println!("  resume the guest here:       {ctl} resume   (only if the destination does not run it)");
+    println!("  discard the guest here:      {ctl} discard  (only if the destination runs it)");
+    std::io::stdout().flush()?;
+    let mut pending = Some(u);
+    let done = loop {
+        let (conn, _) = l.accept()?;
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line)?;
+        let u = pending.take().expect("unsettled until done");
+        let (reply, done) = match ControlAction::from_str(line.trim(), true) {
+            Ok(ControlAction::Query) => match u.ask(vm.as_mut()) {
+                Outcome::Completed(stats) => {
+                    vm.stop().map_err(|e| error_chain(&e))?;
+                    (control_reply(true, &stats, "the destination runs the guest"), Some((stats, 0)))
+                }
+                Outcome::RunsOn(f) => {
+                    let r = control_reply(true, &f.stats, "the destination aborted; the guest runs here");
+                    (r, Some((f.stats, 1)))
+                }
+                Outcome::Unsettled(again) => {
+                    let r = control_reply(false, again.stats(), "still unknown");
+                    pending = Some(again);
+                    (r, None)
+                }
+            },
+            Ok(ControlAction::Resume) => {
+                let stats = u.resume(vm.as_mut());
+                (control_reply(true, &stats, "resumed here by the operator"), Some((stats, 3)))
+            }
+            Ok(ControlAction::Discard) => {
+                let stats = u.discard();
+                vm.stop().map_err(|e| error_chain(&e))?;
+                (control_reply(true, &stats, "discarded here by the operator"), Some((stats, 3)))
+            }
+            Ok(ControlAction::Status) => {
+                let r = control_reply(true, u.stats(), "unknown: paused in postmigrate");
+                pending = Some(u);
+                (r, None)
+            }
+            Err(e) => {
+                pending = Some(u);
+                (serde_json::json!({ "ok": false, "message": e }), None)
+            }
+        };
+        let mut w = &conn;
+        writeln!(w, "{reply}")?;
+        if let Some(d) = done {
+            break d;
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    let (stats, code) = done;
+    if stats.source_vm == shadow_mmu_migrate::stats::SourceVm::Running {
+        runs_on(vm.as_mut(), desc);
+        vm.stop().map_err(|e| error_chain(&e))?;
+    }
+    Ok((stats, code))
+}
+
+/// The control socket's answer: one line of JSON.
+fn control_reply(ok: bool, stats: &MigrationStats, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ok": ok,
+        "message": message,
+        "status": stats.status.name(),
+        "source_vm": stats.source_vm,
+        "error": stats.error,
+    })
+}
+
+/// `migrate control`: one action on a source's control socket; prints its
+/// answer.
+fn control(a: &ControlArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let conn = std::os::unix::net::UnixStream::connect(&a.socket).map_err(|e| {
+        format!("connecting to {}: {e} (is a source paused in postmigrate there?)", a.socket.display())
+    })?;
+    let action = a.action.to_possible_value().expect("a named action");
+    let mut w = &conn;
+    writeln!(w, "{}", action.get_name())?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    print!("{line}");
+    let ok = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["ok"].as_bool());
+    Ok(if ok == Some(true) { 0 } else { 1 })
 }

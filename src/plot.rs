@@ -156,8 +156,9 @@ pub fn migration_rounds(
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
             .label(format!(
-                "{label}: {:.0} ms, downtime {:.1} ms, harvests {harvest_ms:.1} ms",
-                s.total_time_ms, s.downtime_ms
+                "{label}: {:.0} ms, downtime {}, harvests {harvest_ms:.1} ms",
+                s.total_time_ms,
+                shadow_mmu_migrate::stats::measured_ms(s.downtime_ms)
             ))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;

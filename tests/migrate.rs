@@ -10,7 +10,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shadow_mmu_migrate::source::{MigrationError, OutgoingParams, migrate_outgoing};
+use shadow_mmu_migrate::source::{
+    MigrationError, MigrationFailure, Outcome, OutgoingParams, migrate_outgoing,
+};
 use shadow_mmu_migrate::stream::{Frame, Header, SlotLayout, VERSION, read_frame, write_frame};
 use testkit::backend::{Backend, EngineBackend, PassSpec, PassVm};
 
@@ -86,12 +88,14 @@ fn header(spec: &PassSpec, pages: u64) -> Header {
         "clear_chunk_pages": 262144, "vcpus": spec.vcpus, "guest_bytes": spec.guest_bytes,
         "random": false, "write_pct": 100, "seed": spec.seed, "dirty_rate": 16 * MIB,
     });
-    Header {
-        version: VERSION,
-        page_size: 4096,
-        backend: "engine".into(),
-        config: desc.to_string(),
-        slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages }],
+    Header::new("engine".into(), desc.to_string(), vec![SlotLayout { id: 0, guest_phys_addr: 0, pages }])
+}
+
+/// The failure of a migration that must have failed before its commit.
+fn runs_on(o: Outcome) -> MigrationFailure {
+    match o {
+        Outcome::RunsOn(f) => f,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -114,13 +118,17 @@ fn runs_on_and_migrates_again(vm: &mut Box<dyn PassVm>, spec: &PassSpec) {
     let dest = Dest::spawn(100, "again");
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let h = header(spec, vm.pages());
-    let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap();
+    let stats = match migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()) {
+        Outcome::Completed(s) => s,
+        other => panic!("{other:?}"),
+    };
     vm.stop().unwrap();
     assert!(stats.converged);
     let (code, out, s) = dest.finish();
     assert_eq!(code, 0, "{out}");
     assert_eq!(s["mismatched_pages"], 0);
     assert_eq!(s["lost_pages"], 0);
+    assert_eq!(s["check_after_resume"], "passed");
 }
 
 #[test]
@@ -170,6 +178,7 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
     assert_eq!(d["mismatched_pages"], 0);
     assert_eq!(d["lost_pages"], 0);
     assert!(d["pages_written_after_resume"].as_u64().unwrap() > 0, "the guest went on: {d}");
+    assert_eq!(d["check_after_resume"], "passed");
 }
 
 #[test]
@@ -203,6 +212,7 @@ fn kvm_migrates_between_two_processes() {
         assert_eq!(d["lost_pages"], 0, "{log}");
         assert_eq!(d["regressed_pages"], 0, "{log}: the guest's pass numbers go on above the source's");
         assert!(d["pages_written_after_resume"].as_u64().unwrap() > 0, "{log}: {d}");
+        assert_eq!(d["check_after_resume"], "passed", "{log}: {d}");
     }
 }
 
@@ -221,11 +231,11 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
         dest.wait()
     });
     let t = Instant::now();
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e:?}");
     let msg = testkit::backend::error_chain(&e);
-    assert!(msg.contains("migration failed") && msg.contains("I/O"), "{msg}");
+    assert!(msg.contains("migration failed"), "{msg}");
     killer.join().unwrap();
     runs_on_and_migrates_again(&mut vm, &spec);
 }
@@ -238,7 +248,7 @@ fn a_memslot_layout_the_destination_refuses() {
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let mut h = header(&spec, vm.pages());
     h.slots[0].guest_phys_addr = 0x10_0000;
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap_err();
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
     match &e.error {
         MigrationError::Refused(why) => assert!(why.contains("memslot layout"), "{why}"),
         other => panic!("{other:?}"),
@@ -250,7 +260,7 @@ fn a_memslot_layout_the_destination_refuses() {
     let dest = Dest::spawn_with(0, "too-big", &["--max-guest-mib", "4"]);
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let h = header(&spec, vm.pages());
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap_err();
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
     match &e.error {
         MigrationError::Refused(why) => assert!(why.contains("at most 4 MiB (--max-guest-mib)"), "{why}"),
         other => panic!("{other:?}"),
@@ -265,8 +275,12 @@ fn raw_stream(tag: &str, header: Header, frames: &[u8]) -> (i32, String) {
     let dest = Dest::spawn(0, tag);
     let mut c = TcpStream::connect(&dest.addr).unwrap();
     write_frame(&mut c, &Frame::Header(header)).unwrap();
-    if let Ok(f) = read_frame(&mut c, 4096) {
-        assert!(matches!(f, Frame::Ready | Frame::Refuse { .. }), "{f:?}");
+    while let Ok(f) = read_frame(&mut c, 4096) {
+        match f {
+            Frame::Heartbeat { .. } => continue,
+            Frame::Ready | Frame::Refuse { .. } => break,
+            other => panic!("{other:?}"),
+        }
     }
     let _ = c.write_all(frames);
     drop(c);
@@ -325,17 +339,17 @@ fn a_source_killed_mid_stream_and_a_cancelled_timeout() {
     assert!(err.contains("partial VM is discarded"), "{err}");
 
     // Pre-copy that cannot converge (no downtime allowed, flat out), with a
-    // timeout of 0 s and cancel: cancelled, the source runs on.
+    // timeout of 1 s and cancel: cancelled, the source runs on.
     let dest = Dest::spawn(0, "timeout");
     let out = bin()
         .args(["migrate", "outgoing", "--to", &dest.addr, "--guest-mib", "16", "--downtime-limit-ms", "0"])
-        .args(["--timeout-s", "0", "--on-timeout", "cancel", "--warmup-ms", "0"])
+        .args(["--timeout-s", "1", "--on-timeout", "cancel", "--warmup-ms", "0"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("Migration status: cancelled"), "{text}");
-    assert!(text.contains("did not converge within the 0ns timeout"), "{text}");
+    assert!(text.contains("did not converge within the 1s timeout"), "{text}");
     assert!(text.contains("the source VM runs on") && text.contains("dirty logging off"), "{text}");
     let (code, _, err) = dest.wait();
     assert_ne!(code, 0);

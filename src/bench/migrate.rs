@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use engine::MmuDesign;
 use serde_json::json;
-use shadow_mmu_migrate::source::{OutgoingParams, migrate_outgoing};
+use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
 use testkit::backend::error_chain;
 use testkit::interface::DirtyLogInterface;
 
@@ -244,7 +244,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
         };
         let header = desc.header(vm.as_ref())?;
         let p0 = vm.passes_done();
-        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut |_| {});
+        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut ());
         let p1 = vm.passes_done();
         let extras = vm.stop().map_err(|e| error_chain(&e))?;
         let out = child.wait_with_output()?;
@@ -253,8 +253,14 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(serde_json::Value::Null);
         let (stats, error) = match r {
-            Ok(s) => (s, None),
-            Err(f) => (*f.stats, Some(error_chain(&f.error))),
+            Outcome::Completed(s) => (*s, None),
+            Outcome::RunsOn(f) => (*f.stats, Some(error_chain(&f.error))),
+            // Here the destination is our child: it said what it did; the
+            // source's paused copy goes with the VM's stop.
+            Outcome::Unsettled(u) => {
+                let e = u.stats().error.clone();
+                (*u.discard(), e)
+            }
         };
         // The passes the guest made while migrating, against those it would
         // have made without: as many as the rate released, at most as many
@@ -275,17 +281,18 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
         all_ok &= ok;
         let raw_ms = raw[&mib].as_secs_f64() * 1e3;
         let xraw = stats.total_time_ms / raw_ms;
-        let xraw_su = (stats.total_time_ms - stats.setup_time_ms) / raw_ms;
+        let setup_ms = stats.setup_time_ms.unwrap_or(f64::NAN);
+        let xraw_su = (stats.total_time_ms - setup_ms) / raw_ms;
         bar.line(format!(
             "{:<26} {:>5} {:>5} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>8.1} {:>6} {:>8.1} {:>6.0} {:>6} {:>9} {:>6} {:>4} {:>4}",
             label,
             mib,
             rate.to_string(),
             stats.total_time_ms,
-            stats.setup_time_ms,
+            setup_ms,
             xraw,
             xraw_su,
-            stats.downtime_ms,
+            stats.downtime_ms.unwrap_or(f64::NAN),
             stats.rounds.len(),
             stats.transferred_bytes as f64 / f64::from(1u32 << 20),
             stats.mbps,

@@ -109,6 +109,10 @@ switches! {
     /// the pause request: a new pause that comes in between counts it held
     /// while it goes back to its guest.
     pause_leaves_without_recheck,
+    /// A migration's source resumes its guest when the destination's
+    /// `Running` does not come after it sent `Commit`, as if the `Commit`
+    /// had been lost, instead of asking the destination.
+    source_resumes_without_answer,
 }
 
 // Folds away: without the feature, a `Breakage` holds nothing.

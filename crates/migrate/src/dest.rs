@@ -1,35 +1,44 @@
 //! The destination of a live migration: builds its VM from the stream's
 //! header (through the caller, who knows the backends), loads the rounds,
-//! checks every page against the source's digest, restores the vCPUs,
-//! resumes the guest and acks; then lets it run and checks what it does.
+//! checks every page against the source's digest, restores the vCPUs, and
+//! takes its half of the handover ([`crate::handover`]): `Verified`, then
+//! the guest starts on `Commit` and it says `Running`. Meanwhile it answers
+//! the source's settle queries on its listener. Then it lets the guest run
+//! and checks what it does.
 //!
 //! Invariants:
-//! - the guest never runs here unless every page matched its digest and
-//!   every vCPU took its state; otherwise the destination answers
-//!   `Ack { running: false }` (or a `Refuse` saying why) and the caller
-//!   drops the partial VM;
-//! - a stream that ends early (the source died) or goes wrong leaves the
-//!   partial VM unrun, and the error says so;
+//! - the guest never runs here unless every page matched its digest, every
+//!   vCPU took its state, and the source said `Commit`; otherwise the
+//!   partial VM is dropped and the source told why (a `Refuse`) while it
+//!   can still be told;
+//! - once started, the guest is never discarded here for what the checks
+//!   after the resume find: they report (`check_after_resume`);
+//! - once it decided (`Running` or `Aborted`), it keeps answering the
+//!   source's queries for the source's settle window, or until the source
+//!   says it knows;
 //! - after resuming, every page whose content moved on from the source's
 //!   final digest must be in this VM's dirty log (`lost_pages` otherwise),
 //!   and carry at least the iteration the guest had reached when it
 //!   stopped at the source (`regressed_pages` otherwise): the guest goes on
 //!   where it stopped.
 
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
+use std::io::BufReader;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shadow_mmu_testkit::backend::{BackendError, PassVm, error_chain, harvest};
 use thiserror::Error;
 
+use crate::handover::{DestAction, DestEvent, DestState};
+use crate::link::{self, Counting, Heartbeat, Sender};
 use crate::pacer::Pacer;
 use crate::ranges::{WORDS_PER_PAGE, digest_of, page_digest, quiescent_bytes, zero_page_digest};
-use crate::source::PAUSE_WITHIN;
-use crate::stats::IncomingStats;
-use crate::stream::{
-    Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header, write_frame,
-};
+use crate::stats::{IncomingStats, MigrationStatus, ResumeCheck};
+use crate::stream::{Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header};
+use crate::{Observer, Phase};
 
 /// What the caller builds from a header: the VM, and how its guest is paced
 /// once it runs here.
@@ -42,10 +51,11 @@ pub struct IncomingVm {
     pub write_pct: u8,
 }
 
-/// Why an incoming migration did not end with a running, checked guest.
+/// Why an incoming migration did not end with the guest running here.
 #[derive(Debug, Error)]
 pub enum IncomingError {
-    /// The stream broke or was refused: the partial VM is discarded.
+    /// The stream broke, went silent or came corrupt: the partial VM is
+    /// discarded.
     #[error("the migration stream failed; the partial VM is discarded")]
     Stream(#[from] StreamError),
     /// We refused the header or a frame (and told the source why).
@@ -58,21 +68,9 @@ pub enum IncomingError {
     /// run here.
     #[error("{0} pages differ from the source's final memory; the guest does not run here")]
     Mismatch(u64),
-    /// The guest's writes after resuming were not all in the dirty log, or
-    /// did not continue the source's.
-    #[error("after resuming: {lost} pages written but not logged, {regressed} pages behind the source's")]
-    Resumed {
-        /// Written, not in the log.
-        lost: u64,
-        /// Written with an older iteration than the source's highest.
-        regressed: u64,
-    },
-    /// The guest wrote nothing in the time it ran here.
-    #[error("the guest did not go on: nothing written in {0:?}")]
-    NoProgress(Duration),
-    /// The vCPUs did not pause for the check.
-    #[error("the check after resuming could not pause the vCPUs")]
-    Pause(#[from] shadow_mmu_testkit::vcpu_gate::PauseTimeout),
+    /// The handover ended without a `Commit`: the guest never ran here.
+    #[error("aborted before the commit ({0}); the guest never ran here")]
+    Aborted(String),
 }
 
 /// An incoming migration that failed: why, and its statistics so far.
@@ -87,252 +85,646 @@ pub struct IncomingFailure {
 }
 
 /// The destination's knobs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct IncomingParams {
     /// How long the guest runs here before the check of its writes (0: no
     /// check; the guest only resumes).
     pub run_after: Duration,
+    /// How long to wait for a word from the source before its header
+    /// brings the source's own timeout.
+    pub progress_timeout: Duration,
 }
 
-/// Receives a migration on `conn`; `build` makes the VM from the header
-/// (an `Err` is sent back as the refusal). On success the guest has run
-/// `params.run_after` here and passed the checks; its VM is returned,
-/// paused, with the statistics.
+impl Default for IncomingParams {
+    fn default() -> Self {
+        Self { run_after: Duration::ZERO, progress_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The destination's handover, shared by the receiving thread and the one
+/// that answers queries.
+#[derive(Debug)]
+struct Cell {
+    state: Mutex<CellState>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct CellState {
+    state: DestState,
+    /// The migration's id, once the header came.
+    id: Option<u64>,
+    /// When the outcome was decided (`Running` or `Aborted`).
+    decided: Option<Instant>,
+    /// Why it aborted, when a query aborted it.
+    why: Option<String>,
+    /// The source said it knows the outcome.
+    settled: bool,
+}
+
+impl Cell {
+    fn lock(&self) -> MutexGuard<'_, CellState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `event`; returns the new state and the action.
+    fn on(&self, event: DestEvent) -> (DestState, DestAction) {
+        let mut c = self.lock();
+        let (s, a) = c.state.on(event);
+        c.state = s;
+        if matches!(s, DestState::Running | DestState::Aborted) && c.decided.is_none() {
+            c.decided = Some(Instant::now());
+        }
+        self.changed.notify_all();
+        (s, a)
+    }
+
+    fn settle(&self) {
+        self.lock().settled = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the source said it knows, or `window` after the
+    /// decision.
+    fn linger(&self, window: Duration) {
+        let mut c = self.lock();
+        let end = c.decided.unwrap_or_else(Instant::now) + window;
+        while !c.settled {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            c = self.changed.wait_timeout(c, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Answers the source's settle queries on the listener, one connection at
+/// a time, until dropped.
+struct Answering {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The progress timeout and settle window a header may ask for, at least
+/// and at most.
+const MIN_TIMEOUT: Duration = Duration::from_millis(50);
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How often the answering thread looks for a connection.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+impl Answering {
+    fn start(listener: &TcpListener, cell: Arc<Cell>, progress: Duration) -> std::io::Result<Self> {
+        let l = listener.try_clone()?;
+        // Polled, so that dropping this stops it.
+        l.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new().name("migrate-answering".into()).spawn(move || {
+            // Relaxed: the flag carries no data.
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((conn, _)) => {
+                        let _ = answer(&conn, &cell, progress);
+                    }
+                    Err(_) => std::thread::sleep(ACCEPT_POLL),
+                }
+            }
+        })?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One query connection: a `Query` is answered by the handover's state
+/// (aborting a migration not yet committed: the query fences its `Commit`),
+/// then a `Settled` may follow; a second migration is refused.
+fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), StreamError> {
+    conn.set_nonblocking(false)?;
+    link::configure(conn, progress)?;
+    conn.set_read_timeout(Some(progress))?;
+    let mut w = conn;
+    match FrameReader::default().read(&mut &*conn, 0)? {
+        Frame::Query { id } => {
+            let ours = cell.lock().id == Some(id);
+            let answer = if ours {
+                let (state, action) = cell.on(DestEvent::Query);
+                if action == DestAction::Abort {
+                    cell.lock().why = Some("the source asked for the outcome before its commit came".into());
+                }
+                state.answer()
+            } else {
+                crate::handover::Answer::Unknown
+            };
+            crate::stream::write_frame(&mut w, &Frame::Status { id, answer })?;
+            if let Ok(Frame::Settled { id: s }) = FrameReader::default().read(&mut &*conn, 0)
+                && ours
+                && s == id
+            {
+                cell.settle();
+            }
+        }
+        Frame::Header(_) => {
+            let why = "this destination is busy with another migration".to_string();
+            crate::stream::write_frame(&mut w, &Frame::Refuse { why })?;
+        }
+        other => return Err(StreamError::Unexpected { expected: "query", got: other.name() }),
+    }
+    let _ = conn.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// Receives a migration on the first connection `listener` accepts, and
+/// answers settle queries on the others; `build` makes the VM from the
+/// header (an `Err` is sent back as the refusal). On success the guest runs
+/// here (and has run `params.run_after`, then been checked); its VM is
+/// returned, paused after the check, with the statistics.
 pub fn migrate_incoming(
-    conn: &TcpStream,
+    listener: &TcpListener,
     build: &mut dyn FnMut(&Header) -> Result<IncomingVm, String>,
     params: &IncomingParams,
+    observer: &mut dyn Observer,
 ) -> Result<(IncomingStats, Box<dyn PassVm>), IncomingFailure> {
-    let mut stats = IncomingStats { status: "active".into(), ..IncomingStats::default() };
-    let mut vm = None;
-    let r = receive(conn, build, params, &mut stats, &mut vm);
+    let mut stats = IncomingStats { status: MigrationStatus::Active, ..IncomingStats::default() };
+    let fail = |error: IncomingError, mut stats: IncomingStats| {
+        stats.status = MigrationStatus::Failed;
+        stats.error = Some(error_chain(&error));
+        Err(IncomingFailure { error, stats: Box::new(stats) })
+    };
+    let conn = match listener.accept() {
+        Ok((c, _)) => c,
+        Err(e) => return fail(StreamError::Io(e).into(), stats),
+    };
+    observer.phase(Phase::Accepted);
+    let cell = Arc::new(Cell {
+        state: Mutex::new(CellState {
+            state: DestState::Receiving,
+            id: None,
+            decided: None,
+            why: None,
+            settled: false,
+        }),
+        changed: Condvar::new(),
+    });
+    let answering = match Answering::start(listener, cell.clone(), params.progress_timeout) {
+        Ok(a) => a,
+        Err(e) => return fail(StreamError::Io(e).into(), stats),
+    };
+    let mut d = Incoming {
+        conn: &conn,
+        cell: &cell,
+        params,
+        received: Arc::new(AtomicU64::new(0)),
+        progress: params.progress_timeout,
+        settle: Duration::ZERO,
+        sender: None,
+        vm: None,
+        verified: false,
+        resumed: None,
+    };
+    let r = d.receive(build, &mut stats, observer);
+    stats.received_bytes = d.received.load(Ordering::Relaxed);
+    let r = r.and_then(|()| d.run_after(&mut stats));
+    let (settle, verified) = (d.settle, d.verified);
+    let (sender, vm) = (d.sender.take(), d.vm.take());
     match r {
         Ok(()) => {
-            stats.status = "completed".into();
-            Ok((stats, vm.expect("a completed migration has its VM")))
+            stats.status = MigrationStatus::Completed;
+            await_settled(&conn, &cell, settle);
+            drop(answering);
+            Ok((stats, vm.expect("a running guest has its VM")))
         }
         Err(error) => {
-            if let IncomingError::Refused(why) = &error {
-                let mut w = conn;
-                let _ = write_frame(&mut w, &Frame::Refuse { why: why.clone() });
-                let _ = w.flush();
+            // Abort under the lock, so that a query now hears `Aborted`.
+            let (state, _) = cell.on(DestEvent::Failed);
+            debug_assert_eq!(state, DestState::Aborted);
+            drop(vm);
+            refuse(&conn, sender.as_deref(), &error_chain(&error), d.progress);
+            // A source that got our `Verified` may have committed: it asks.
+            if verified {
+                cell.linger(settle);
             }
-            stats.status = "failed".into();
-            stats.error = Some(error_chain(&error));
-            Err(IncomingFailure { error, stats: Box::new(stats) })
+            drop(answering);
+            fail(error, stats)
         }
     }
 }
 
-/// The whole receive, filling `stats` and `out`.
-fn receive(
-    conn: &TcpStream,
-    build: &mut dyn FnMut(&Header) -> Result<IncomingVm, String>,
-    params: &IncomingParams,
-    stats: &mut IncomingStats,
-    out: &mut Option<Box<dyn PassVm>>,
-) -> Result<(), IncomingError> {
-    // The handshakes are small frames that must not wait on Nagle.
-    conn.set_nodelay(true).map_err(StreamError::Io)?;
-    // A small buffer: a frame's payload, larger, is read past it.
-    let mut r = Counting { r: BufReader::with_capacity(64 << 10, conn), n: 0 };
-    let header = read_header(&mut r)?;
-    stats.backend = format!("{} {}", header.backend, header.config);
-    let IncomingVm { vm, dirty_rate, write_pct } = build(&header).map_err(IncomingError::Refused)?;
-    let vm = out.insert(vm);
-    let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
-    if header.page_size != 4096 || header.slots != want {
-        return Err(IncomingError::Refused(format!(
-            "memslot layout {:?} of {}-byte pages: this VM has {want:?} of 4096-byte pages",
-            header.slots, header.page_size
-        )));
+/// Tells the source why (if it can still be told), then reads what it
+/// still sends until it closes or `progress` passes: closing with unread
+/// bytes would reset the connection and destroy the refusal in flight.
+fn refuse(conn: &TcpStream, sender: Option<&Sender>, why: &str, progress: Duration) {
+    let f = Frame::Refuse { why: why.to_string() };
+    let sent = match sender {
+        Some(s) => s.send_now(&f).map(|_| ()),
+        None => crate::stream::write_frame(&mut &*conn, &f),
+    };
+    if sent.is_err() {
+        return;
     }
-    let pages = vm.pages();
-    let vcpus = vm.vcpu_gate().vcpus() as usize;
-    let mut w = conn;
-    write_frame(&mut w, &Frame::Ready)?;
-    let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
-    // The digest of each page as loaded (its CRC, checked as the frame was
-    // read), so that the final check only compares.
-    let mut loaded: Vec<Option<u64>> = vec![None; pages as usize];
-    let mut frames = FrameReader::borrowing();
-    let mut mismatched = 0u64;
-    let mut digests_begun = false;
-    let mut verify = Duration::ZERO;
-    let mut words = Vec::new();
-    let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
-    let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
+    let _ = conn.shutdown(Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(progress));
+    let end = Instant::now() + progress;
+    let mut sink = [0u8; 64 << 10];
+    while Instant::now() < end {
+        match std::io::Read::read(&mut &*conn, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// After the guest started: until the source says it knows (a `Settled` on
+/// this connection or on a query's) or its settle window passed.
+fn await_settled(conn: &TcpStream, cell: &Cell, window: Duration) {
+    let end = cell.lock().decided.unwrap_or_else(Instant::now) + window;
+    let mut frames = FrameReader::default();
     loop {
-        let f = frames.read(&mut r, header.page_size)?;
-        stats.received_bytes = r.n;
-        match f {
-            Frame::Round { round } => stats.rounds = round + 1,
-            Frame::Pages { slot, ranges, .. } => {
-                check_ranges(slot, &ranges, pages)?;
-                if digests_begun {
-                    return Err(IncomingError::Refused("pages after the final digests".into()));
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || cell.lock().settled {
+            return;
+        }
+        let _ = conn.set_read_timeout(Some(left));
+        match frames.read(&mut &*conn, 0) {
+            Ok(Frame::Settled { .. }) => return cell.settle(),
+            Ok(_) => continue,
+            // The source closed without saying (it may ask) or went quiet.
+            Err(_) => return cell.linger(window),
+        }
+    }
+}
+
+/// One incoming migration's state.
+struct Incoming<'a> {
+    conn: &'a TcpStream,
+    cell: &'a Cell,
+    params: &'a IncomingParams,
+    /// Bytes read off the connection.
+    received: Arc<AtomicU64>,
+    /// The progress timeout (the source's, once its header came).
+    progress: Duration,
+    /// The source's settle window.
+    settle: Duration,
+    sender: Option<Arc<Sender>>,
+    vm: Option<Box<dyn PassVm>>,
+    /// `Verified` went out: the source may commit.
+    verified: bool,
+    /// Once the guest started.
+    resumed: Option<Resumed>,
+}
+
+/// The pacing of the guest once it runs here, and what the check after
+/// the resume compares against.
+struct Resumed {
+    pacer: Pacer,
+    floor: u64,
+    digests: Vec<Option<u64>>,
+}
+
+impl Incoming<'_> {
+    /// The stream, from the header to the handover's end: `Ok` once the
+    /// guest runs here.
+    fn receive(
+        &mut self,
+        build: &mut dyn FnMut(&Header) -> Result<IncomingVm, String>,
+        stats: &mut IncomingStats,
+        observer: &mut dyn Observer,
+    ) -> Result<(), IncomingError> {
+        let timeout = |e: StreamError, p| link::stalled(e, "source", p);
+        link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
+        self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
+        // A small buffer: a frame's payload, larger, is read past it.
+        let mut r = Counting::new(BufReader::with_capacity(64 << 10, self.conn), self.received.clone());
+        let header = read_header(&mut r).map_err(|e| timeout(e, self.progress))?;
+        observer.phase(Phase::HeaderReceived);
+        stats.id = header.id;
+        stats.backend = format!("{} {}", header.backend, header.config);
+        self.cell.lock().id = Some(header.id);
+        // From now on, the source's deadlines (kept to a sane range: a
+        // header cannot make us spin, nor wait for hours).
+        if header.progress_timeout_ms > 0 {
+            self.progress =
+                Duration::from_millis(u64::from(header.progress_timeout_ms)).clamp(MIN_TIMEOUT, MAX_TIMEOUT);
+        }
+        self.settle = Duration::from_millis(u64::from(header.settle_ms)).min(MAX_TIMEOUT);
+        link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
+        self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
+        let sender = Arc::new(
+            Sender::new(self.conn, "source", self.progress, self.received.clone())
+                .map_err(StreamError::Io)?,
+        );
+        self.sender = Some(sender.clone());
+        // Heartbeats while the VM is built, loaded and checked.
+        let _heartbeat = Heartbeat::start(sender.clone());
+        let IncomingVm { vm, dirty_rate, write_pct } = build(&header).map_err(IncomingError::Refused)?;
+        let vm = self.vm.insert(vm);
+        let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
+        if header.page_size != 4096 || header.slots != want {
+            return Err(IncomingError::Refused(format!(
+                "memslot layout {:?} of {}-byte pages: this VM has {want:?} of 4096-byte pages",
+                header.slots, header.page_size
+            )));
+        }
+        sender.send_now(&Frame::Ready)?;
+        observer.phase(Phase::ReadySent);
+        let (digests, states) = self.load(&mut r, &header, stats, observer)?;
+
+        // Every page checked against the source's digest, before anything
+        // runs: a page with no digest counts as mismatched.
+        let vm = self.vm.as_mut().expect("built");
+        let mismatched =
+            stats.mismatched_pages.unwrap_or(0) + digests.iter().filter(|d| d.is_none()).count() as u64;
+        stats.mismatched_pages = Some(mismatched);
+        if mismatched > 0 {
+            return Err(IncomingError::Mismatch(mismatched));
+        }
+        let vcpus = states.len();
+        let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
+            return Err(IncomingError::Refused(format!(
+                "the stream ended without the state of all {vcpus} vCPUs"
+            )));
+        };
+        if let Err(e) = vm.restore_vcpus(states) {
+            return Err(IncomingError::Refused(error_chain(&e)));
+        }
+        vm.set_dirty_logging(true)?;
+        stats.passes_at_resume = Some(vm.passes_done());
+        let floor = vm.iteration_floor();
+
+        // The handover.
+        let (state, _) = self.cell.on(DestEvent::Checked);
+        if state != DestState::Prepared {
+            return Err(IncomingError::Aborted("the source asked for the outcome before its commit".into()));
+        }
+        self.verified = true;
+        sender.send_now(&Frame::Verified)?;
+        observer.phase(Phase::VerifiedSent);
+        self.await_commit(&mut r, header.id)?;
+        observer.phase(Phase::CommitReceived);
+        let vm = self.vm.as_mut().expect("built");
+        let mut pacer = Pacer::new(vm.as_ref(), dirty_rate, write_pct);
+        // At least one pass here, even for a guest that migrated idle.
+        pacer.at_least(vm.as_ref(), 1);
+        self.resumed = Some(Resumed { pacer, floor, digests });
+        // `Running` may not reach the source: it asks then, and the cell
+        // answers.
+        let _ = sender.send_now(&Frame::Running { id: header.id });
+        observer.phase(Phase::RunningSent);
+        Ok(())
+    }
+
+    /// The rounds, the digests and the vCPU states, up to `Done`: each
+    /// page's digest as loaded is compared with the source's as it comes.
+    /// Returns the source's digests and the states.
+    #[allow(clippy::type_complexity)]
+    fn load(
+        &mut self,
+        r: &mut impl std::io::Read,
+        header: &Header,
+        stats: &mut IncomingStats,
+        observer: &mut dyn Observer,
+    ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>), IncomingError> {
+        let vm = self.vm.as_mut().expect("built");
+        let pages = vm.pages();
+        let vcpus = vm.vcpu_gate().vcpus() as usize;
+        let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
+        // The digest of each page as loaded (its CRC, checked as the frame
+        // was read), so that the final check only compares.
+        let mut loaded: Vec<Option<u64>> = vec![None; pages as usize];
+        let mut frames = FrameReader::borrowing();
+        let mut mismatched = 0u64;
+        let mut verify: Option<Duration> = None;
+        let mut words = Vec::new();
+        let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
+        let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
+        loop {
+            let f =
+                frames.read(r, header.page_size).map_err(|e| link::stalled(e, "source", self.progress))?;
+            match f {
+                Frame::Heartbeat { .. } => {}
+                Frame::Round { round } => {
+                    stats.rounds = round + 1;
+                    observer.phase(Phase::RoundBegun(round));
                 }
-                // Straight from the reader's buffer (a borrowing reader).
-                words.clear();
-                words.extend(
-                    frames
-                        .pages_data()
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-                );
-                let mut next = 0;
-                for x in &ranges {
-                    let n = x.pages as usize * WORDS_PER_PAGE;
-                    let offset = x.first * 4096;
-                    if x.zero {
-                        for chunk in (0..n).step_by(zeros.len()) {
-                            let len = zeros.len().min(n - chunk);
-                            vm.write_guest(offset + chunk as u64 * 8, &zeros[..len])?;
+                Frame::Pages { slot, ranges, .. } => {
+                    check_ranges(slot, &ranges, pages)?;
+                    if verify.is_some() {
+                        return Err(IncomingError::Refused("pages after the final digests".into()));
+                    }
+                    // Straight from the reader's buffer (a borrowing reader).
+                    words.clear();
+                    words.extend(
+                        frames
+                            .pages_data()
+                            .chunks_exact(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+                    );
+                    let mut next = 0;
+                    for x in &ranges {
+                        let n = x.pages as usize * WORDS_PER_PAGE;
+                        let offset = x.first * 4096;
+                        if x.zero {
+                            for chunk in (0..n).step_by(zeros.len()) {
+                                let len = zeros.len().min(n - chunk);
+                                vm.write_guest(offset + chunk as u64 * 8, &zeros[..len])?;
+                            }
+                            for p in x.first..x.first + u64::from(x.pages) {
+                                loaded[p as usize] = Some(zero_page_digest(p));
+                            }
+                            stats.duplicate_pages += u64::from(x.pages);
+                        } else {
+                            vm.write_guest(offset, &words[next..next + n])?;
+                            // The page CRCs the reader checked are the
+                            // digests of what was loaded.
+                            let crcs = &frames.page_crcs()[next / WORDS_PER_PAGE..][..x.pages as usize];
+                            for (p, &c) in (x.first..).zip(crcs) {
+                                loaded[p as usize] = Some(digest_of(p, c));
+                            }
+                            next += n;
+                            stats.normal_pages += u64::from(x.pages);
                         }
-                        for p in x.first..x.first + u64::from(x.pages) {
-                            loaded[p as usize] = Some(zero_page_digest(p));
-                        }
-                        stats.duplicate_pages += u64::from(x.pages);
-                    } else {
-                        vm.write_guest(offset, &words[next..next + n])?;
-                        // The page CRCs the reader checked are the digests
-                        // of what was loaded.
-                        let crcs = &frames.page_crcs()[next / WORDS_PER_PAGE..][..x.pages as usize];
-                        for (p, &c) in (x.first..).zip(crcs) {
-                            loaded[p as usize] = Some(digest_of(p, c));
-                        }
-                        next += n;
-                        stats.normal_pages += u64::from(x.pages);
                     }
                 }
-            }
-            Frame::Digest { slot, first, digests: d } => {
-                let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
-                if end.is_none() {
-                    return Err(IncomingError::Refused(format!(
-                        "digests of slot {slot} pages {first}.. ({}) outside its {pages} pages",
-                        d.len()
-                    )));
+                Frame::Digest { slot, first, digests: d } => {
+                    let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
+                    if end.is_none() {
+                        return Err(IncomingError::Refused(format!(
+                            "digests of slot {slot} pages {first}.. ({}) outside its {pages} pages",
+                            d.len()
+                        )));
+                    }
+                    let t = Instant::now();
+                    for (i, v) in d.into_iter().enumerate() {
+                        let p = first + i as u64;
+                        mismatched += u64::from(loaded[p as usize] != Some(v));
+                        digests[p as usize] = Some(v);
+                    }
+                    *verify.get_or_insert(Duration::ZERO) += t.elapsed();
                 }
-                digests_begun = true;
-                let t = Instant::now();
-                for (i, v) in d.into_iter().enumerate() {
-                    let p = first + i as u64;
-                    mismatched += u64::from(loaded[p as usize] != Some(v));
-                    digests[p as usize] = Some(v);
+                Frame::VcpuState { vcpu, state } => {
+                    let slot = states.get_mut(vcpu as usize).ok_or_else(|| {
+                        IncomingError::Refused(format!("a state for vCPU {vcpu}: this VM has {vcpus}"))
+                    })?;
+                    *slot = Some(state);
                 }
-                verify += t.elapsed();
-            }
-            Frame::VcpuState { vcpu, state } => {
-                let slot = states.get_mut(vcpu as usize).ok_or_else(|| {
-                    IncomingError::Refused(format!("a state for vCPU {vcpu}: this VM has {vcpus}"))
-                })?;
-                *slot = Some(state);
-            }
-            Frame::Done => break,
-            other => {
-                return Err(StreamError::Unexpected { expected: "pages or done", got: other.name() }.into());
+                Frame::Done => break,
+                other => {
+                    return Err(
+                        StreamError::Unexpected { expected: "pages or done", got: other.name() }.into()
+                    );
+                }
             }
         }
+        observer.phase(Phase::DoneReceived);
+        stats.verify_ms = verify.map(|v| v.as_secs_f64() * 1e3);
+        stats.mismatched_pages = Some(mismatched);
+        Ok((digests, states))
     }
 
-    // Every page checked against the source's digest, before anything runs:
-    // a page with no digest counts as mismatched.
-    mismatched += digests.iter().filter(|d| d.is_none()).count() as u64;
-    stats.verify_ms = verify.as_secs_f64() * 1e3;
-    stats.mismatched_pages = mismatched;
-    if mismatched > 0 {
-        write_frame(&mut w, &Frame::Ack { running: false })?;
-        return Err(IncomingError::Mismatch(mismatched));
-    }
-    let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
-        return Err(IncomingError::Refused(format!(
-            "the stream ended without the state of all {vcpus} vCPUs"
-        )));
-    };
-    if let Err(e) = vm.restore_vcpus(states) {
-        return Err(IncomingError::Refused(error_chain(&e)));
-    }
-    vm.set_dirty_logging(true)?;
-    stats.passes_at_resume = vm.passes_done();
-    let floor = vm.iteration_floor();
-    let mut pacer = Pacer::new(vm.as_ref(), dirty_rate, write_pct);
-    // At least one pass here, even for a guest that migrated idle.
-    pacer.at_least(vm.as_ref(), 1);
-    write_frame(&mut w, &Frame::Ack { running: true })?;
-    w.flush().map_err(StreamError::Io)?;
-
-    if params.run_after.is_zero() {
-        return Ok(());
-    }
-    // The log of the run: harvests every 20 ms, OR-ed (a ring must be
-    // reaped as it fills; a bitmap may be harvested any time).
-    let words = pages.div_ceil(64) as usize;
-    let (mut bitmap, mut one) = (vec![0u64; words], vec![0u64; words]);
-    // Pages caught behind the source at a collection, while the guest runs:
-    // a later pass would write over a wrong value before the final check.
-    let mut behind = vec![false; pages as usize];
-    let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), BackendError> {
-        harvest(vm.as_mut(), &mut one)?;
-        for (w, (b, &o)) in bitmap.iter_mut().zip(&one).enumerate() {
-            *b |= o;
-            let mut m = o;
-            while m != 0 {
-                let p = w as u64 * 64 + u64::from(m.trailing_zeros());
-                m &= m - 1;
-                behind[p as usize] |= running_page_behind(vm.as_ref(), p, floor, digests[p as usize]);
+    /// `Prepared`: the source's `Commit`, within the progress timeout.
+    fn await_commit(&mut self, r: &mut impl std::io::Read, id: u64) -> Result<(), IncomingError> {
+        let deadline = Instant::now() + self.progress;
+        let mut frames = FrameReader::default();
+        let why = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = StreamError::Late { peer: "source", expected: "commit", waited: self.progress };
+                break error_chain(&e);
             }
+            self.conn.set_read_timeout(Some(left)).map_err(StreamError::Io)?;
+            match frames.read(r, 0) {
+                Ok(Frame::Heartbeat { .. }) => continue,
+                Ok(Frame::Commit { id: got }) if got == id => {
+                    let (state, action) = self.cell.on(DestEvent::Commit);
+                    if state == DestState::Running {
+                        debug_assert_eq!(action, DestAction::Start);
+                        return Ok(());
+                    }
+                    break self
+                        .cell
+                        .lock()
+                        .why
+                        .clone()
+                        .unwrap_or_else(|| "a commit came after the abort".into());
+                }
+                Ok(other) => {
+                    break error_chain(&StreamError::Unexpected { expected: "commit", got: other.name() });
+                }
+                Err(e) => break error_chain(&link::stalled(e, "source", self.progress)),
+            }
+        };
+        let why = self.cell.lock().why.clone().unwrap_or(why);
+        Err(IncomingError::Aborted(why))
+    }
+
+    /// The guest runs here: with `run_after`, lets it run that long, then
+    /// pauses it and checks every page. What the check finds is reported
+    /// in `stats`; it never fails the migration.
+    fn run_after(&mut self, stats: &mut IncomingStats) -> Result<(), IncomingError> {
+        if self.params.run_after.is_zero() {
+            return Ok(());
+        }
+        let Resumed { mut pacer, floor, digests } = self.resumed.take().expect("the guest runs");
+        let vm = self.vm.as_mut().expect("built");
+        let pages = vm.pages();
+        // The log of the run: harvests every 20 ms, OR-ed (a ring must be
+        // reaped as it fills; a bitmap may be harvested any time).
+        let words = pages.div_ceil(64) as usize;
+        let (mut bitmap, mut one) = (vec![0u64; words], vec![0u64; words]);
+        // Pages caught behind the source at a collection, while the guest
+        // runs: a later pass would write over a wrong value before the final
+        // check.
+        let mut behind = vec![false; pages as usize];
+        let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), BackendError> {
+            harvest(vm.as_mut(), &mut one)?;
+            for (w, (b, &o)) in bitmap.iter_mut().zip(&one).enumerate() {
+                *b |= o;
+                let mut m = o;
+                while m != 0 {
+                    let p = w as u64 * 64 + u64::from(m.trailing_zeros());
+                    m &= m - 1;
+                    behind[p as usize] |= running_page_behind(vm.as_ref(), p, floor, digests[p as usize]);
+                }
+            }
+            Ok(())
+        };
+        let inconclusive = |stats: &mut IncomingStats, why: String| {
+            stats.check_after_resume = ResumeCheck::Inconclusive;
+            stats.check_note = Some(why);
+            Ok(())
+        };
+        // At least `run_after`, and until the guest completed a pass here (a
+        // loaded host can keep a vCPU thread off its CPU for a while), at
+        // most ten times as long and two seconds more. Counted in this
+        // loop's own steps, so that a stopped destination (SIGSTOP) does
+        // not count the time it stood still against the guest.
+        let patience = self.params.run_after * 10 + Duration::from_secs(2);
+        let at_resume = stats.passes_at_resume.unwrap_or(0);
+        let (mut ran, mut last_step, mut last_collect) = (Duration::ZERO, Instant::now(), Instant::now());
+        while ran < self.params.run_after || (vm.passes_done() == at_resume && ran < patience) {
+            pacer.tick(vm.as_ref());
+            if last_collect.elapsed() >= Duration::from_millis(20) {
+                if let Err(e) = collect(vm) {
+                    return inconclusive(stats, format!("a harvest failed: {}", error_chain(&e)));
+                }
+                last_collect = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            ran += last_step.elapsed().min(Duration::from_millis(20));
+            last_step = Instant::now();
+        }
+        stats.run_after_ms = Some(ran.as_millis() as u64);
+        if let Err(e) = vm.vcpu_gate().pause(self.progress) {
+            return inconclusive(stats, format!("its vCPUs could not be paused: {e}"));
+        }
+        stats.passes_after_run = Some(vm.passes_done());
+        if let Err(e) = collect(vm) {
+            return inconclusive(stats, format!("the last harvest failed: {}", error_chain(&e)));
+        }
+        let memory = vm.memory();
+        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
+        // stores before us), and nothing else writes guest memory; `bytes`
+        // dies with this function, before the caller stops or resumes them.
+        let bytes = unsafe { quiescent_bytes(memory) };
+        let (mut written, mut lost, mut regressed) = (0, 0, 0);
+        for p in 0..pages {
+            if digests[p as usize] == Some(page_digest(bytes, p)) {
+                continue;
+            }
+            written += 1;
+            if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+                lost += 1;
+            }
+            let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+            // Relaxed: the vCPUs are paused (the gate's acquire ordered
+            // their stores before us).
+            let newest = words.iter().map(|x| vm.stored_iteration(x.load(Ordering::Relaxed))).max();
+            if newest.unwrap_or(0) < floor || behind[p as usize] {
+                regressed += 1;
+            }
+        }
+        (stats.pages_written_after_resume, stats.lost_pages, stats.regressed_pages) =
+            (Some(written), Some(lost), Some(regressed));
+        if lost > 0 || regressed > 0 {
+            stats.check_after_resume = ResumeCheck::Failed;
+            stats.check_note =
+                Some(format!("{lost} pages written but not logged, {regressed} pages behind the source's"));
+        } else if written == 0 {
+            return inconclusive(stats, format!("the guest wrote nothing in {} ms here", ran.as_millis()));
+        } else {
+            stats.check_after_resume = ResumeCheck::Passed;
         }
         Ok(())
-    };
-    let (t, mut last) = (Instant::now(), Instant::now());
-    // At least `run_after`, and until the guest completed a pass here (a
-    // loaded host can keep a vCPU thread off its CPU for a while), at most
-    // ten times as long and two seconds more.
-    let patience = params.run_after * 10 + Duration::from_secs(2);
-    while t.elapsed() < params.run_after
-        || (vm.passes_done() == stats.passes_at_resume && t.elapsed() < patience)
-    {
-        pacer.tick(vm.as_ref());
-        if last.elapsed() >= Duration::from_millis(20) {
-            collect(vm)?;
-            last = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
-    stats.run_after_ms = t.elapsed().as_millis() as u64;
-    vm.vcpu_gate().pause(PAUSE_WITHIN)?;
-    stats.passes_after_run = vm.passes_done();
-    collect(vm)?;
-    let memory = vm.memory();
-    // SAFETY: the vCPUs are paused (the gate's acquire ordered their stores
-    // before us), and nothing else writes guest memory; `bytes` dies with
-    // this function, before the caller stops or resumes them.
-    let bytes = unsafe { quiescent_bytes(memory) };
-    for p in 0..pages {
-        if digests[p as usize] == Some(page_digest(bytes, p)) {
-            continue;
-        }
-        stats.pages_written_after_resume += 1;
-        if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-            stats.lost_pages += 1;
-        }
-        let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
-        // Relaxed: the vCPUs are paused (the gate's acquire ordered their
-        // stores before us).
-        let newest =
-            words.iter().map(|x| vm.stored_iteration(x.load(std::sync::atomic::Ordering::Relaxed))).max();
-        if newest.unwrap_or(0) < floor || behind[p as usize] {
-            stats.regressed_pages += 1;
-        }
-    }
-    if stats.lost_pages > 0 || stats.regressed_pages > 0 {
-        return Err(IncomingError::Resumed { lost: stats.lost_pages, regressed: stats.regressed_pages });
-    }
-    if stats.pages_written_after_resume == 0 {
-        return Err(IncomingError::NoProgress(params.run_after));
-    }
-    Ok(())
 }
 
 /// Is page `p` of a running guest, reported dirty, behind the source: moved
@@ -347,7 +739,7 @@ fn running_page_behind(vm: &dyn PassVm, p: u64, floor: u64, digest: Option<u64>)
     for (b, w) in page.chunks_exact_mut(8).zip(words) {
         // Relaxed: see above; the harvest that reported the page ordered the
         // store it reports before us.
-        let v = w.load(std::sync::atomic::Ordering::Relaxed);
+        let v = w.load(Ordering::Relaxed);
         newest = newest.max(vm.stored_iteration(v));
         b.copy_from_slice(&v.to_le_bytes());
     }
@@ -366,18 +758,4 @@ fn check_ranges(slot: u32, ranges: &[PageRange], pages: u64) -> Result<(), Incom
         }
     }
     Ok(())
-}
-
-/// Counts the bytes read.
-struct Counting<R> {
-    r: R,
-    n: u64,
-}
-
-impl<R: std::io::Read> std::io::Read for Counting<R> {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.r.read(b)?;
-        self.n += n as u64;
-        Ok(n)
-    }
 }

@@ -1,6 +1,8 @@
 //! The source of a live migration: pre-copy over any [`PassVm`], with
-//! QEMU's and Cloud Hypervisor's rules. It knows the dirty-log interface
-//! the VM offers ([`Capabilities`]), never which backend runs it.
+//! QEMU's and Cloud Hypervisor's rules, and the source's half of the
+//! handover ([`crate::handover`]). It knows the dirty-log interface the VM
+//! offers ([`Capabilities`](shadow_mmu_testkit::backend::Capabilities)),
+//! never which backend runs it.
 //!
 //! 1. Setup: the header; the destination builds its VM and says `Ready`
 //!    (its setup is ours, as QEMU's destination allocates before it
@@ -12,43 +14,56 @@
 //!    before it is sent, as QEMU clears lazily; or the dirty rings) and
 //!    sends what was dirtied, measuring the bandwidth as it goes.
 //! 4. When the pages pending fit in bandwidth x downtime limit, or at the
-//!    timeout with `force`, the stop-and-copy: pause the vCPUs, the final
-//!    harvest (on the VM's harvest threads), the rest of the pages, a
-//!    digest of every page, the vCPUs' state, `Done`; the destination
-//!    checks, resumes the guest and acks. Downtime runs from the pause to
-//!    that ack, as QEMU measures it.
+//!    timeout with `force` (checked between frames, not only between
+//!    rounds), the stop-and-copy: pause the vCPUs, the final harvest (on
+//!    the VM's harvest threads), the rest of the pages, a digest of every
+//!    page, the vCPUs' state, `Done`.
+//! 5. The handover: `Verified`, then `Commit` (the point of no return),
+//!    then `Running`. Downtime runs from the pause to `Running`, as QEMU
+//!    measures it. Without an answer after `Commit`, the source asks the
+//!    destination again over new connections for the settle window, then
+//!    stays paused for the operator ([`Outcome::Unsettled`]).
 //!
 //! Invariants:
 //! - every page the guest stored to after it was last sent is in a later
 //!   harvest (the dirty log's promise), so once paused, sending the final
 //!   harvest's pages and the pending ones leaves the destination equal to
 //!   the source, which the digests prove page by page;
-//! - on any failure (the peer, the stream, the timeout with `cancel`) the
-//!   vCPUs run again, unthrottled, dirty logging is off, and the VM is as
-//!   before the migration: it can migrate again.
+//! - before `Commit`, any failure (the peer, the stream, a deadline, the
+//!   timeout with `cancel`) resumes the vCPUs, unthrottled, turns dirty
+//!   logging off and leaves the VM as before the migration: it can migrate
+//!   again; after `Commit`, only the destination's word or the operator's
+//!   resumes them;
+//! - every wait is bounded: by the progress timeout while the destination
+//!   is silent (`crate::link`), by the migration's timeout for its setup,
+//!   by the progress timeout for each handshake of the handover.
 
-use std::io::{BufWriter, Write};
-use std::net::TcpStream;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use shadow_mmu_core::breakage::Breakage;
 use shadow_mmu_testkit::backend::{BackendError, DirtyLogProtect, PassVm, error_chain, timed_harvest};
 use shadow_mmu_testkit::interface::HarvestSpec;
 use shadow_mmu_testkit::vcpu_gate::PauseTimeout;
 use thiserror::Error;
 
+use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
+use crate::link::{self, Heartbeat, Inbox, Sender};
 use crate::pacer::{Pacer, Throttle};
 use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
-use crate::stats::{MigrationStats, MigrationStatus, RoundStats};
-use crate::stream::{Frame, FrameWriter, Header, StreamError, read_frame};
+use crate::stats::{MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
+use crate::stream::{Frame, FrameReader, Header, StreamError};
+use crate::{Observer, Phase};
 
-/// Pages per `Pages` frame: 8 MiB of data at most, under the stream's
+/// Pages per `Pages` frame at most: 8 MiB of data, under the stream's
 /// 16 MiB maximum with its table.
 pub const FRAME_PAGES: u32 = 2048;
 /// Digests per `Digest` frame (64 KiB): small, so that the destination
 /// checks one while the source computes the next.
 pub const DIGEST_PAGES: u64 = 8192;
-/// How long the vCPUs may take to pause.
-pub const PAUSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// What to do at the timeout (Cloud Hypervisor's `--migration-timeout`
 /// with its `cancel`/`force` choice).
@@ -68,7 +83,7 @@ pub struct OutgoingParams {
     pub downtime_limit: Duration,
     /// QEMU's `max-bandwidth`, bytes a second (`None`: as fast as the link).
     pub max_bandwidth: Option<u64>,
-    /// How long pre-copy may iterate.
+    /// How long the setup and pre-copy may take, checked between frames.
     pub timeout: Option<Duration>,
     /// What happens then.
     pub on_timeout: OnTimeout,
@@ -82,8 +97,15 @@ pub struct OutgoingParams {
     /// The harvest's CLEAR window, pages (a multiple of 64), with manual
     /// protect; also the window of the round-0 CLEAR with `INITIALLY_SET`.
     pub clear_chunk_pages: u64,
-    /// How long to wait for the destination's ack.
-    pub ack_timeout: Duration,
+    /// How long either side waits for a word from the other; also the
+    /// deadline of each write, of the pause, and of each handshake of the
+    /// handover.
+    pub progress_timeout: Duration,
+    /// How long the source asks the destination for the handover's
+    /// outcome when it did not hear it.
+    pub settle_timeout: Duration,
+    /// Rules broken on purpose (tests).
+    pub breakage: Breakage,
 }
 
 impl Default for OutgoingParams {
@@ -97,7 +119,9 @@ impl Default for OutgoingParams {
             dirty_rate: None,
             write_pct: 100,
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
-            ack_timeout: Duration::from_secs(30),
+            progress_timeout: Duration::from_secs(10),
+            settle_timeout: Duration::from_secs(30),
+            breakage: Breakage::SEED,
         }
     }
 }
@@ -105,7 +129,8 @@ impl Default for OutgoingParams {
 /// Why a migration did not complete.
 #[derive(Debug, Error)]
 pub enum MigrationError {
-    /// The stream failed: the peer went away, or sent something wrong.
+    /// The stream failed: the peer went away, went silent, or sent
+    /// something wrong.
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// The VM refused an operation.
@@ -117,14 +142,29 @@ pub enum MigrationError {
     /// Pre-copy did not converge in time, and the rule was `cancel`.
     #[error("pre-copy did not converge within the {0:?} timeout (cancelled; the guest runs on here)")]
     Timeout(Duration),
-    /// The destination refused the VM or its memory.
+    /// The destination was not ready within the migration's timeout.
+    #[error("the destination was not ready within the {0:?} timeout (cancelled; the guest runs on here)")]
+    SetupTimeout(Duration),
+    /// The destination refused the VM or its memory, or aborted: its cause.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
+    /// The handover's outcome is unknown (the source stays paused).
+    #[error(
+        "no word from the destination after the commit, nor in {0:?} of asking: it may or may not run the guest"
+    )]
+    Unsettled(Duration),
+}
+
+impl MigrationError {
+    /// Whether it is the timeout's `cancel` (QEMU's `cancelled` status).
+    pub fn is_cancel(&self) -> bool {
+        matches!(self, MigrationError::Timeout(_) | MigrationError::SetupTimeout(_))
+    }
 }
 
 /// A migration that did not complete: why, and its statistics so far.
 #[derive(Debug, Error)]
-#[error("migration {}", if matches!(error, MigrationError::Timeout(_)) { "cancelled" } else { "failed" })]
+#[error("migration {}", if error.is_cancel() { "cancelled" } else { "failed" })]
 pub struct MigrationFailure {
     /// Why.
     #[source]
@@ -133,51 +173,179 @@ pub struct MigrationFailure {
     pub stats: Box<MigrationStats>,
 }
 
-/// Counts the bytes written and holds them to a bandwidth.
-struct Wire<W: Write> {
-    w: W,
-    frames: FrameWriter,
-    bytes: u64,
-    start: Instant,
-    max: Option<u64>,
+/// How a migration ended, at the source.
+#[must_use = "a completed migration's VM must be stopped, an unsettled one settled"]
+#[derive(Debug)]
+pub enum Outcome {
+    /// The destination runs the guest; the vCPUs here are paused: stop the
+    /// VM.
+    Completed(Box<MigrationStats>),
+    /// The guest runs here again, as before the migration.
+    RunsOn(MigrationFailure),
+    /// Nobody can say whether the destination runs the guest: the vCPUs
+    /// here stay paused, the memory kept, until [`Unsettled`] settles it.
+    Unsettled(Unsettled),
 }
 
-impl<W: Write> Wire<W> {
-    fn send(&mut self, f: &Frame) -> Result<u64, StreamError> {
-        let n = self.frames.write(&mut self.w, f)?;
-        self.bytes += n;
-        self.limit()?;
-        Ok(n)
+/// A source left in `postmigrate` (module docs): its VM paused, until the
+/// destination answers ([`Unsettled::ask`]) or the operator decides
+/// ([`Unsettled::resume`], [`Unsettled::discard`]).
+#[derive(Debug)]
+pub struct Unsettled {
+    stats: Box<MigrationStats>,
+    id: u64,
+    dest: SocketAddr,
+    progress: Duration,
+    settle: Duration,
+    breakage: Breakage,
+}
+
+/// The error of an unsettled migration, with the last try's.
+fn unsettled_error(settle: Duration, last: &str) -> String {
+    format!("{}; the last try: {last}", error_chain(&MigrationError::Unsettled(settle)))
+}
+
+impl Unsettled {
+    /// The statistics (status `unknown`).
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
     }
 
-    /// Holds the bytes sent so far to the bandwidth limit.
-    fn limit(&mut self) -> Result<(), StreamError> {
-        if let Some(max) = self.max.filter(|&m| m > 0) {
-            // QEMU's rate limit: never ahead of `max` bytes a second.
-            let due = Duration::from_secs_f64(self.bytes as f64 / max as f64);
-            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
-                self.w.flush()?;
-                std::thread::sleep(wait);
-            }
-        }
-        Ok(())
+    /// The destination's address, where [`Unsettled::ask`] asks.
+    pub fn destination(&self) -> SocketAddr {
+        self.dest
     }
+
+    /// Asks the destination once more: its answer settles the migration
+    /// (`vm` resumed, or to be stopped), its silence leaves it unsettled.
+    pub fn ask(mut self, vm: &mut dyn PassVm) -> Outcome {
+        let last = match query(self.dest, self.id, self.progress) {
+            Ok(Answer::Running) => return self.settled(vm, SourceEvent::Running),
+            Ok(Answer::Aborted) => return self.settled(vm, SourceEvent::Aborted),
+            Ok(Answer::Unknown) => format!("{} knows no migration {:#x}", self.dest, self.id),
+            Err(e) => format!("asking {}: {}", self.dest, error_chain(&e)),
+        };
+        self.stats.error = Some(unsettled_error(self.settle, &last));
+        Outcome::Unsettled(self)
+    }
+
+    fn settled(self, vm: &mut dyn PassVm, event: SourceEvent) -> Outcome {
+        let (state, action) = SourceState::Postmigrate.on(event, &self.breakage);
+        let why = "the destination, asked again, said it aborted";
+        settle(state, action, vm, self.stats, why)
+    }
+
+    /// The operator resumes the guest here: only right when the
+    /// destination is known not to run it (docs/migration.md).
+    pub fn resume(mut self, vm: &mut dyn PassVm) -> Box<MigrationStats> {
+        let (state, action) = SourceState::Postmigrate.on(SourceEvent::OperatorResume, &self.breakage);
+        debug_assert_eq!((state, action), (SourceState::RunsOn, SourceAction::Resume));
+        resume_here(vm);
+        self.stats.source_vm = SourceVm::Running;
+        self.stats.operator_action = Some(OperatorAction::Resume);
+        self.stats
+    }
+
+    /// The operator discards the paused copy: stop the VM.
+    pub fn discard(mut self) -> Box<MigrationStats> {
+        let (state, _) = SourceState::Postmigrate.on(SourceEvent::OperatorDiscard, &self.breakage);
+        debug_assert_eq!(state, SourceState::Discarded);
+        self.stats.source_vm = SourceVm::Discarded;
+        self.stats.operator_action = Some(OperatorAction::Discard);
+        self.stats
+    }
+}
+
+/// The outcome of a settled handover: `state` is `Completed` or `RunsOn`.
+fn settle(
+    state: SourceState,
+    action: SourceAction,
+    vm: &mut dyn PassVm,
+    mut stats: Box<MigrationStats>,
+    aborted: &str,
+) -> Outcome {
+    match (state, action) {
+        (SourceState::Completed, _) => {
+            stats.status = MigrationStatus::Completed;
+            stats.source_vm = SourceVm::Discarded;
+            stats.error = None;
+            Outcome::Completed(stats)
+        }
+        _ => {
+            resume_here(vm);
+            let error = MigrationError::Refused(aborted.into());
+            stats.status = MigrationStatus::Failed;
+            stats.source_vm = SourceVm::Running;
+            stats.error = Some(error_chain(&error));
+            Outcome::RunsOn(MigrationFailure { error, stats })
+        }
+    }
+}
+
+/// The guest runs here again, as before the migration.
+fn resume_here(vm: &mut dyn PassVm) {
+    vm.vcpu_gate().resume();
+    // Logging may already be off (a failure before it went on).
+    let _ = vm.set_dirty_logging(false);
+}
+
+/// One question to the destination at `dest`, over a connection of its
+/// own: what became of migration `id`? Every step within `progress`.
+pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, StreamError> {
+    let conn = TcpStream::connect_timeout(&dest, progress)?;
+    link::configure(&conn, progress)?;
+    conn.set_read_timeout(Some(progress))?;
+    let mut w = &conn;
+    crate::stream::write_frame(&mut w, &Frame::Query { id })
+        .map_err(|e| link::stalled(e, "destination", progress))?;
+    let answer = match FrameReader::default().read(&mut &conn, 4096) {
+        Ok(Frame::Status { id: got, answer }) if got == id => answer,
+        Ok(Frame::Status { .. }) => Answer::Unknown,
+        Ok(Frame::Refuse { why }) => return Err(StreamError::Malformed { kind: "status", why }),
+        Ok(other) => return Err(StreamError::Unexpected { expected: "status", got: other.name() }),
+        Err(e) => return Err(link::stalled(e, "destination", progress)),
+    };
+    if answer != Answer::Unknown {
+        // It may stop answering: we know.
+        let _ = crate::stream::write_frame(&mut w, &Frame::Settled { id });
+    }
+    let _ = conn.shutdown(Shutdown::Both);
+    Ok(answer)
+}
+
+/// A fresh migration id: random, so that no frame of another migration,
+/// or of an earlier attempt of this one, is taken for this one's.
+fn new_id() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// One migration's state on the source.
-struct Outgoing<'a, W: Write> {
+struct Outgoing<'a> {
     vm: &'a mut dyn PassVm,
-    wire: Wire<W>,
+    sender: Arc<Sender>,
+    inbox: Inbox,
     params: &'a OutgoingParams,
     pacer: Pacer,
     stats: MigrationStats,
     start: Instant,
+    /// The handover's state (`Sending` until `Done`).
+    state: SourceState,
+    /// Pages per frame: [`FRAME_PAGES`], fewer under a bandwidth cap so
+    /// that a frame's wait stays a fraction of the progress timeout.
+    frame_pages: u32,
     /// With the dirty ring: pages reaped from the rings between harvests
     /// (QEMU's reaper thread, here between frames), for the next harvest.
     reaped: Vec<u64>,
     last_reap: Instant,
     /// The faults that met the last harvest, for its round's statistics.
     harvest_latency: Option<shadow_mmu_testkit::perf::LatencyHistogram>,
+    /// When the vCPUs stopped for the stop-and-copy.
+    stopped: Option<Instant>,
 }
 
 /// How often the rings are reaped while a round is sent: a ring of 65536
@@ -185,114 +353,178 @@ struct Outgoing<'a, W: Write> {
 /// which pushes one entry per store.
 const REAP_EVERY: Duration = Duration::from_millis(20);
 
+/// How a round's sending ended.
+enum RoundEnd {
+    /// Every page of its bitmap went.
+    Sent,
+    /// The timeout came with `force`: these pages did not go.
+    TimedOut(Vec<u64>),
+}
+
 /// Migrates `vm` over `conn` (connected to a destination), announcing it
-/// with `header`; `progress` sees the statistics after each round. On
-/// success the vCPUs are left paused (the guest now runs at the
-/// destination): stop the VM. On failure they run on (module docs).
+/// with `header` (its id and deadlines are filled in here); `observer`
+/// sees the statistics after each round and each phase. See [`Outcome`]
+/// for what the caller does next.
 pub fn migrate_outgoing(
     vm: &mut dyn PassVm,
     conn: &TcpStream,
     header: &Header,
     params: &OutgoingParams,
-    progress: &mut dyn FnMut(&MigrationStats),
-) -> Result<MigrationStats, MigrationFailure> {
+    observer: &mut dyn Observer,
+) -> Outcome {
     let start = Instant::now();
-    let total = vm.pages() * 4096;
-    let pacer = Pacer::new(vm, params.dirty_rate, params.write_pct);
-    let mut throttle = params.auto_converge.then(|| Throttle::start(vm.vcpu_gate()));
-    let wire = Wire {
-        w: BufWriter::with_capacity(1 << 16, conn),
-        frames: FrameWriter::default(),
-        bytes: 0,
-        start,
-        max: params.max_bandwidth,
+    let mut stats =
+        Box::new(MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64));
+    let link = (|| -> std::io::Result<_> {
+        link::configure(conn, params.progress_timeout)?;
+        let received = Arc::new(AtomicU64::new(0));
+        let sender = Arc::new(Sender::new(conn, "destination", params.progress_timeout, received.clone())?);
+        let inbox = Inbox::start(conn, params.progress_timeout, received)?;
+        Ok((sender, inbox))
+    })();
+    let (sender, inbox) = match link {
+        Ok(l) => l,
+        Err(e) => return fail(vm, stats, StreamError::Io(e).into(), start),
     };
-    let stats = MigrationStats::new(total, params.downtime_limit.as_millis() as u64);
-    let reaped = vec![0u64; vm.pages().div_ceil(64) as usize];
-    let mut m =
-        Outgoing { vm, wire, params, pacer, stats, start, reaped, last_reap: start, harvest_latency: None };
-    let r = m.run(conn, header, throttle.as_mut(), progress);
+    let heartbeat = Heartbeat::start(sender.clone());
+    let header = Header {
+        id: new_id(),
+        progress_timeout_ms: params.progress_timeout.as_millis() as u32,
+        settle_ms: params.settle_timeout.as_millis() as u32,
+        ..header.clone()
+    };
+    let frame_pages = params.max_bandwidth.filter(|&b| b > 0).map_or(FRAME_PAGES, |b| {
+        let pages = (b as f64 * params.progress_timeout.as_secs_f64() / 4.0 / 4096.0) as u32;
+        (pages / 64 * 64).clamp(64, FRAME_PAGES)
+    });
+    stats.status = MigrationStatus::Active;
+    let mut m = Outgoing {
+        pacer: Pacer::new(vm, params.dirty_rate, params.write_pct),
+        reaped: vec![0u64; vm.pages().div_ceil(64) as usize],
+        vm,
+        sender,
+        inbox,
+        params,
+        stats: *stats,
+        start,
+        state: SourceState::Sending,
+        frame_pages,
+        last_reap: start,
+        harvest_latency: None,
+        stopped: None,
+    };
+    let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
+    let r = m.run(&header, throttle.as_mut(), observer);
     if let Some(t) = throttle.as_mut() {
         m.stats.cpu_throttle_percentage = t.pct();
         t.stop();
     }
-    m.stats.total_time_ms = ms(start.elapsed());
-    m.stats.transferred_bytes = m.wire.bytes;
-    m.stats.mbps = m.wire.bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
-    // A destination that refuses says why before it closes: read it.
-    let r = r.map_err(|e| match e {
-        MigrationError::Stream(StreamError::Io(_)) => refusal(conn).unwrap_or(e),
-        e => e,
+    let r = r.and_then(|()| {
+        m.state = m.state.on(SourceEvent::DoneSent, &params.breakage).0;
+        m.handover(&header, observer)
     });
+    drop(heartbeat);
+    m.stats.transferred_bytes = m.sender.bytes();
+    m.stats.total_time_ms = ms(start.elapsed());
+    m.stats.mbps = m.stats.transferred_bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
+    let Outgoing { vm, state, stats, inbox, .. } = m;
+    let stats = Box::new(stats);
     match r {
-        Ok(()) => {
-            m.stats.status = MigrationStatus::Completed;
-            m.stats.remaining_bytes = 0;
-            Ok(m.stats)
-        }
+        Ok(state) => finish(vm, conn, inbox, state, stats, header.id, params),
         Err(error) => {
-            // The destination learns at once (a cancel, a refusal, our own
-            // stream error): it discards its partial VM.
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-            // The guest runs on here, as before the migration.
-            m.vm.vcpu_gate().resume();
-            let _ = m.vm.set_dirty_logging(false);
-            m.stats.status = match error {
-                MigrationError::Timeout(_) => MigrationStatus::Cancelled,
-                _ => MigrationStatus::Failed,
-            };
-            m.stats.error = Some(error_chain(&error));
-            Err(MigrationFailure { error, stats: Box::new(m.stats) })
+            // Before `Commit`, any failure resumes here (the handover).
+            debug_assert!(matches!(state, SourceState::Sending | SourceState::AwaitVerified));
+            drop(inbox);
+            let _ = conn.shutdown(Shutdown::Both);
+            fail(vm, stats, error, start)
         }
     }
 }
 
-/// The destination's refusal, if it sent one before closing (after a write
-/// to it failed).
-fn refusal(conn: &TcpStream) -> Option<MigrationError> {
-    conn.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    let mut r = conn;
-    loop {
-        match read_frame(&mut r, 4096) {
-            Ok(Frame::Refuse { why }) => return Some(MigrationError::Refused(why)),
-            Ok(_) => continue,
-            Err(_) => return None,
+/// A migration that ended before the point of no return: the guest runs
+/// on here.
+fn fail(
+    vm: &mut dyn PassVm,
+    mut stats: Box<MigrationStats>,
+    error: MigrationError,
+    start: Instant,
+) -> Outcome {
+    resume_here(vm);
+    stats.status = if error.is_cancel() { MigrationStatus::Cancelled } else { MigrationStatus::Failed };
+    stats.source_vm = SourceVm::Running;
+    stats.downtime_ms = None;
+    stats.total_time_ms = ms(start.elapsed());
+    stats.error = Some(error_chain(&error));
+    Outcome::RunsOn(MigrationFailure { error, stats })
+}
+
+/// The end of a handover that reached `Commit`: `state` is `Completed`,
+/// `RunsOn` (the destination aborted) or `Postmigrate`.
+fn finish(
+    vm: &mut dyn PassVm,
+    conn: &TcpStream,
+    inbox: Inbox,
+    state: HandoverEnd,
+    stats: Box<MigrationStats>,
+    id: u64,
+    params: &OutgoingParams,
+) -> Outcome {
+    let HandoverEnd { state, action, why } = state;
+    match state {
+        SourceState::Postmigrate => {
+            drop(inbox);
+            let _ = conn.shutdown(Shutdown::Both);
+            let mut stats = stats;
+            stats.status = MigrationStatus::Unknown;
+            stats.source_vm = SourceVm::Postmigrate;
+            stats.downtime_ms = None;
+            let settle = params.settle_timeout;
+            stats.error = Some(unsettled_error(settle, why.as_deref().unwrap_or("none")));
+            let dest = conn.peer_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let (progress, breakage) = (params.progress_timeout, params.breakage);
+            Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
+        }
+        _ => {
+            if state == SourceState::Completed {
+                // The destination may stop answering queries: we know.
+                let mut w = conn;
+                let _ = crate::stream::write_frame(&mut w, &Frame::Settled { id });
+            }
+            drop(inbox);
+            let _ = conn.shutdown(Shutdown::Both);
+            settle(state, action, vm, stats, why.as_deref().unwrap_or("it aborted"))
         }
     }
+}
+
+/// Where the handover ended after `Commit`.
+struct HandoverEnd {
+    state: SourceState,
+    action: SourceAction,
+    /// What the destination said, or the last failure.
+    why: Option<String>,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-impl<W: Write> Outgoing<'_, W> {
+impl Outgoing<'_> {
+    /// Setup, pre-copy and the stop-and-copy, up to `Done`.
     fn run(
         &mut self,
-        conn: &TcpStream,
         header: &Header,
-        throttle: Option<&mut Throttle>,
-        progress: &mut dyn FnMut(&MigrationStats),
+        mut throttle: Option<&mut Throttle>,
+        observer: &mut dyn Observer,
     ) -> Result<(), MigrationError> {
-        let pages = self.vm.pages();
-        let words = pages.div_ceil(64) as usize;
-        // The handshakes are small frames that must not wait on Nagle.
-        conn.set_nodelay(true).map_err(StreamError::Io)?;
-        self.wire.send(&Frame::Header(header.clone()))?;
-        self.wire.w.flush().map_err(StreamError::Io)?;
-        // The destination builds its VM, then says so (or why not).
-        conn.set_read_timeout(Some(self.params.ack_timeout)).map_err(StreamError::Io)?;
-        match read_frame(&mut &*conn, 4096)? {
-            Frame::Ready => {}
-            Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
-            other => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
-        }
-        self.vm.set_dirty_logging(true)?;
-        let logging = Instant::now();
-        self.stats.setup_time_ms = ms(self.start.elapsed());
+        self.setup(header, observer)?;
         let caps = self.vm.capabilities();
         let manual = caps.dirty_ring.is_none() && caps.protect.is_manual();
+        let logging = Instant::now();
 
         // Round 0: everything.
+        let pages = self.vm.pages();
+        let words = pages.div_ceil(64) as usize;
         let mut bitmap = vec![u64::MAX; words];
         if !pages.is_multiple_of(64) {
             bitmap[words - 1] = (1 << (pages % 64)) - 1;
@@ -303,42 +535,94 @@ impl<W: Write> Outgoing<'_, W> {
             // CLEAR protects it just before it is sent.
             self.vm.get_dirty_log(&mut bitmap)?;
         }
-        self.send_round(0, &bitmap, 0, initially_set)?;
-        progress(&self.stats);
-
-        let mut round = 1;
+        let (mut round, mut clear, mut harvest_ns) = (0, initially_set, 0);
         let mut dirtied_pages = 0u64;
-        let mut throttle = throttle;
-        loop {
-            let (dirty, harvest_ns) = self.harvest(&mut bitmap, false)?;
+        let pending = loop {
+            if let RoundEnd::TimedOut(unsent) = self.send_round(round, &bitmap, harvest_ns, clear)? {
+                break unsent;
+            }
+            observer.round(&self.stats);
+            observer.phase(Phase::RoundSent(round));
+            round += 1;
+            let (dirty, ns) = self.harvest(&mut bitmap, false)?;
+            (clear, harvest_ns) = (manual, ns);
             // The harvests together cover the time since logging began.
             dirtied_pages += dirty;
             self.stats.dirty_pages_rate = dirtied_pages as f64 / logging.elapsed().as_secs_f64().max(1e-9);
             let bandwidth = self.bandwidth();
             let pending = dirty * 4096;
             self.stats.remaining_bytes = pending;
-            self.stats.expected_downtime_ms = pending as f64 / bandwidth * 1e3;
+            self.stats.expected_downtime_ms = Some(pending as f64 / bandwidth * 1e3);
             if pending as f64 <= bandwidth * self.params.downtime_limit.as_secs_f64() {
                 self.stats.converged = true;
-                break;
+                break std::mem::take(&mut bitmap);
             }
-            if let Some(limit) = self.params.timeout.filter(|&l| self.start.elapsed() >= l) {
-                match self.params.on_timeout {
-                    OnTimeout::Cancel => return Err(MigrationError::Timeout(limit)),
-                    OnTimeout::Force => break,
-                }
+            if self.timed_out()? {
+                break std::mem::take(&mut bitmap);
             }
             if let Some(t) = throttle.as_deref_mut() {
                 self.stats.cpu_throttle_percentage = t.raise();
             }
-            self.send_round(round, &bitmap, harvest_ns, manual)?;
-            progress(&self.stats);
-            round += 1;
-        }
+        };
         if let Some(t) = throttle {
             t.stop();
         }
-        self.stop_and_copy(conn, round, bitmap)
+        self.stop_and_copy(round, pending, observer)
+    }
+
+    /// The header, the destination's `Ready` (within the migration's
+    /// timeout, while it is heard from), then dirty logging on.
+    fn setup(&mut self, header: &Header, observer: &mut dyn Observer) -> Result<(), MigrationError> {
+        observer.phase(Phase::Connected);
+        self.sender.send_now(&Frame::Header(header.clone()))?;
+        // The destination builds its VM (heartbeats meanwhile), then says so
+        // (or why not).
+        let deadline = self.start + self.params.timeout.unwrap_or(Duration::MAX / 4);
+        match self.inbox.wait(self.sender.bytes(), deadline, "ready") {
+            Ok(Frame::Ready) => {}
+            Ok(Frame::Refuse { why }) => return Err(MigrationError::Refused(why)),
+            Ok(other) => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
+            Err(StreamError::Late { .. }) => {
+                return Err(MigrationError::SetupTimeout(self.params.timeout.unwrap_or_default()));
+            }
+            Err(e) => return Err(self.refusal_or(e)),
+        }
+        observer.phase(Phase::ReadyReceived);
+        self.vm.set_dirty_logging(true)?;
+        self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
+        Ok(())
+    }
+
+    /// Whether pre-copy's time is up: an error with `cancel`, `true` with
+    /// `force` (stop and copy now).
+    fn timed_out(&self) -> Result<bool, MigrationError> {
+        match self.params.timeout.filter(|&l| self.start.elapsed() >= l) {
+            None => Ok(false),
+            Some(limit) => match self.params.on_timeout {
+                OnTimeout::Cancel => Err(MigrationError::Timeout(limit)),
+                OnTimeout::Force => Ok(true),
+            },
+        }
+    }
+
+    /// Between two frames: what the destination said (a refusal ends the
+    /// migration with its cause), and whether it is still heard from.
+    fn check_destination(&self) -> Result<(), MigrationError> {
+        match self.inbox.poll(self.sender.bytes()) {
+            Ok(None) => Ok(()),
+            Ok(Some(Frame::Refuse { why })) => Err(MigrationError::Refused(why)),
+            Ok(Some(other)) => Err(StreamError::Unexpected { expected: "nothing", got: other.name() }.into()),
+            Err(e) => Err(self.refusal_or(e)),
+        }
+    }
+
+    /// The destination's refusal, if it sent one before its stream
+    /// ended (`e`): its cause beats our "connection reset".
+    fn refusal_or(&self, e: StreamError) -> MigrationError {
+        match self.inbox.refusal() {
+            Some(why) => MigrationError::Refused(why),
+            None => e.into(),
+        }
     }
 
     /// The bandwidth of the last round, bytes a second (at least 1 MB/s).
@@ -390,27 +674,52 @@ impl<W: Write> Outgoing<'_, W> {
         Ok(())
     }
 
+    /// Holds the bytes sent so far to the bandwidth limit (QEMU's rate
+    /// limit: never ahead of `max` bytes a second).
+    fn limit(&self) -> Result<(), MigrationError> {
+        if let Some(max) = self.params.max_bandwidth.filter(|&m| m > 0) {
+            let due = Duration::from_secs_f64(self.sender.bytes() as f64 / max as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                self.sender.flush()?;
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the pages of `bitmap` as round `round`, window by window,
-    /// CLEARing each window first if `clear`.
+    /// CLEARing each window first if `clear`; between windows, checks the
+    /// destination and pre-copy's timeout (in the stop-and-copy, `stopped`,
+    /// only the destination). Its statistics are in `stats.rounds` from its
+    /// first frame on, so that a failed round reports what it sent.
     fn send_round(
         &mut self,
         round: u32,
         bitmap: &[u64],
         harvest_ns: u64,
         clear: bool,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<RoundEnd, MigrationError> {
         let t = Instant::now();
-        let before = self.wire.bytes;
+        let before = self.sender.bytes();
         let mut r = RoundStats { round, harvest_ns, ..RoundStats::default() };
         if let Some(h) = self.harvest_latency.take().filter(|_| round > 0) {
             r.harvest_faults = Some(h.count());
             r.fault_p99_during_harvest_ns = (h.count() > 0).then(|| h.quantile_ns(0.99));
         }
         r.pages_harvested = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
-        self.wire.send(&Frame::Round { round })?;
-        let window_words = (FRAME_PAGES / 64) as usize;
+        r.cpu_throttle_percentage = self.stats.cpu_throttle_percentage;
+        self.stats.rounds.push(r);
+        self.sender.send(&Frame::Round { round })?;
+        let window_words = (self.frame_pages / 64) as usize;
         let clear_words = (self.params.clear_chunk_pages / 64).max(1) as usize;
         for (i, window) in bitmap.chunks(window_words).enumerate() {
+            self.check_destination()?;
+            if self.stopped.is_none() && self.timed_out()? {
+                let mut unsent = bitmap.to_vec();
+                unsent[..i * window_words].fill(0);
+                self.end_round(before, t);
+                return Ok(RoundEnd::TimedOut(unsent));
+            }
             let first = (i * window_words * 64) as u64;
             if clear {
                 // CLEAR just before sending, in the clear window's size.
@@ -420,53 +729,64 @@ impl<W: Write> Outgoing<'_, W> {
                     }
                 }
             }
-            let ranges = dirty_ranges(window, first, self.vm.memory(), FRAME_PAGES);
+            let ranges = dirty_ranges(window, first, self.vm.memory(), self.frame_pages);
             if ranges.is_empty() {
                 continue;
             }
+            self.sender.send_pages(0, &ranges, self.vm.memory())?;
+            let r = self.stats.rounds.last_mut().expect("this round");
             for x in &ranges {
-                if x.zero {
-                    r.duplicate_pages += u64::from(x.pages);
+                let (stat, total) = if x.zero {
+                    (&mut r.duplicate_pages, &mut self.stats.duplicate_pages)
                 } else {
-                    r.normal_pages += u64::from(x.pages);
-                }
+                    (&mut r.normal_pages, &mut self.stats.normal_pages)
+                };
+                *stat += u64::from(x.pages);
+                *total += u64::from(x.pages);
             }
-            self.wire.bytes +=
-                self.wire.frames.write_pages(&mut self.wire.w, 0, &ranges, self.vm.memory())?;
-            self.wire.limit()?;
-            self.pacer.tick(self.vm);
-            self.reap()?;
+            self.end_round(before, t);
+            self.limit()?;
+            if self.stopped.is_none() {
+                self.pacer.tick(self.vm);
+                self.reap()?;
+            }
         }
-        self.wire.w.flush().map_err(StreamError::Io)?;
-        r.bytes_sent = self.wire.bytes - before;
+        self.sender.flush()?;
+        self.end_round(before, t);
+        Ok(RoundEnd::Sent)
+    }
+
+    /// Brings the round's byte count, time and bandwidth up to now.
+    fn end_round(&mut self, before: u64, t: Instant) {
+        let bytes = self.sender.bytes();
+        let r = self.stats.rounds.last_mut().expect("this round");
+        r.bytes_sent = bytes - before;
         r.send_ms = ms(t.elapsed());
         r.bandwidth_bytes_per_s = r.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-9);
-        r.cpu_throttle_percentage = self.stats.cpu_throttle_percentage;
         r.guest_passes = self.vm.passes_done();
-        self.stats.normal_pages += r.normal_pages;
-        self.stats.duplicate_pages += r.duplicate_pages;
-        self.stats.transferred_bytes = self.wire.bytes;
-        self.stats.rounds.push(r);
-        Ok(())
+        self.stats.transferred_bytes = bytes;
     }
 
     /// Pauses the guest and sends the rest: `pending` (harvested, not sent),
-    /// the final harvest, the digests, the vCPUs; waits for the ack.
+    /// the final harvest, the digests, the vCPUs, `Done`.
     fn stop_and_copy(
         &mut self,
-        conn: &TcpStream,
         round: u32,
         mut pending: Vec<u64>,
+        observer: &mut dyn Observer,
     ) -> Result<(), MigrationError> {
         let gate = self.vm.vcpu_gate();
         // The parallel harvest's threads get ready while the vCPUs stop.
         self.vm.prepare_harvest(Duration::from_millis(100));
         let stop = Instant::now();
-        gate.pause(PAUSE_WITHIN)?;
-        self.stats.pause_ms = ms(stop.elapsed());
+        gate.pause(self.params.progress_timeout)?;
+        self.stopped = Some(stop);
+        self.stats.pause_ms = Some(ms(stop.elapsed()));
+        self.stats.source_vm = SourceVm::Postmigrate;
+        observer.phase(Phase::Paused);
         let mut last = vec![0u64; pending.len()];
         let (_, harvest_ns) = self.harvest(&mut last, true)?;
-        self.stats.final_harvest_ms = harvest_ns as f64 / 1e6;
+        self.stats.final_harvest_ms = Some(harvest_ns as f64 / 1e6);
         for (p, l) in pending.iter_mut().zip(&last) {
             *p |= l;
         }
@@ -481,26 +801,131 @@ impl<W: Write> Outgoing<'_, W> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut first = 0;
         while first < pages {
+            self.check_destination()?;
             let n = DIGEST_PAGES.min(pages - first);
             let digests = page_digests(bytes, first, n, threads);
-            self.wire.send(&Frame::Digest { slot: 0, first, digests })?;
+            self.sender.send(&Frame::Digest { slot: 0, first, digests })?;
             first += n;
         }
         for (vcpu, state) in gate.saved().into_iter().enumerate() {
             let state = state.expect("every vCPU saved its state when it paused");
-            self.wire.send(&Frame::VcpuState { vcpu: vcpu as u32, state })?;
+            self.sender.send(&Frame::VcpuState { vcpu: vcpu as u32, state })?;
         }
-        self.wire.send(&Frame::Done)?;
-        self.wire.w.flush().map_err(StreamError::Io)?;
-        match read_frame(&mut &*conn, 4096)? {
-            Frame::Ack { running: true } => {}
-            Frame::Ack { running: false } => {
-                return Err(MigrationError::Refused("its checks failed; it does not run the guest".into()));
-            }
-            Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
-            other => return Err(StreamError::Unexpected { expected: "ack", got: other.name() }.into()),
-        }
-        self.stats.downtime_ms = ms(stop.elapsed());
+        self.sender.send_now(&Frame::Done)?;
+        self.stats.transferred_bytes = self.sender.bytes();
+        observer.phase(Phase::DoneSent);
         Ok(())
+    }
+
+    /// The handover from `AwaitVerified` on: an error while the guest may
+    /// still resume here (before `Commit`), else where it ended.
+    fn handover(
+        &mut self,
+        header: &Header,
+        observer: &mut dyn Observer,
+    ) -> Result<HandoverEnd, MigrationError> {
+        let p = self.params.progress_timeout;
+        let b = self.params.breakage;
+        let event = match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "verified") {
+            Ok(Frame::Verified) => SourceEvent::Verified,
+            Ok(Frame::Refuse { why }) => return Err(MigrationError::Refused(why)),
+            Ok(other) => {
+                return Err(StreamError::Unexpected { expected: "verified", got: other.name() }.into());
+            }
+            Err(e) => return Err(self.refusal_or(e)),
+        };
+        let (state, action) = self.state.on(event, &b);
+        debug_assert_eq!(action, SourceAction::SendCommit);
+        observer.phase(Phase::VerifiedReceived);
+        // The point of no return: from the first byte of `Commit` on, the
+        // destination may run the guest.
+        self.state = state;
+        let id = header.id;
+        let sent = self.sender.send_now(&Frame::Commit { id });
+        observer.phase(Phase::CommitSent);
+        let heard = sent.map_err(MigrationError::from).and_then(|_| {
+            loop {
+                match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "running")? {
+                    Frame::Running { id: got } if got == id => return Ok(SourceEvent::Running),
+                    Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
+                    // A duplicate `Verified`, a heartbeat's kin: not yet.
+                    Frame::Verified => continue,
+                    other => {
+                        return Err(StreamError::Unexpected { expected: "running", got: other.name() }.into());
+                    }
+                }
+            }
+        });
+        let (event, why) = match heard {
+            Ok(e) => (e, None),
+            Err(MigrationError::Refused(why)) => (SourceEvent::Aborted, Some(why)),
+            Err(e) => (SourceEvent::Failed, Some(error_chain(&e))),
+        };
+        let (state, action) = self.state.on(event, &b);
+        self.state = state;
+        if state == SourceState::Completed {
+            self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
+            observer.phase(Phase::RunningReceived);
+        }
+        if action != SourceAction::Query {
+            return Ok(HandoverEnd { state, action, why });
+        }
+        Ok(self.settling(header.id, why))
+    }
+
+    /// `Settling`: asks the destination over new connections until it
+    /// answers or the settle window ends.
+    fn settling(&mut self, id: u64, mut why: Option<String>) -> HandoverEnd {
+        let b = self.params.breakage;
+        let p = self.params.progress_timeout;
+        let end = Instant::now() + self.params.settle_timeout;
+        let dest = match self.inbox_peer() {
+            Some(a) => a,
+            None => {
+                return HandoverEnd {
+                    state: SourceState::Postmigrate,
+                    action: SourceAction::AwaitOperator,
+                    why,
+                };
+            }
+        };
+        loop {
+            let event = match query(dest, id, p) {
+                Ok(Answer::Running) => SourceEvent::Running,
+                Ok(Answer::Aborted) => {
+                    why = Some("asked after the commit, it said it aborted".into());
+                    SourceEvent::Aborted
+                }
+                Ok(Answer::Unknown) => {
+                    why = Some(format!("{dest} knows no migration {id:#x}"));
+                    SourceEvent::Failed
+                }
+                Err(e) => {
+                    why = Some(format!("asking {dest}: {}", error_chain(&e)));
+                    SourceEvent::Failed
+                }
+            };
+            let (state, action) = self.state.on(event, &b);
+            self.state = state;
+            if state == SourceState::Completed {
+                self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
+                why = None;
+            }
+            if action != SourceAction::Query {
+                return HandoverEnd { state, action, why };
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let (state, action) = self.state.on(SourceEvent::SettleExpired, &b);
+                self.state = state;
+                return HandoverEnd { state, action, why };
+            }
+            std::thread::sleep(left.min(p / 4));
+        }
+    }
+
+    /// The destination's address, for the settle queries.
+    fn inbox_peer(&self) -> Option<SocketAddr> {
+        self.inbox.peer()
     }
 }

@@ -5,14 +5,19 @@
 //!
 //! Units as QEMU's where it has one: times in milliseconds, `mbps` in
 //! megabits per second (10^6 bits), `dirty_pages_rate` in pages per second.
+//! A figure that was not measured (the downtime of a migration that did not
+//! complete, a check that did not run) is `None`: `null` in JSON, "not
+//! measured" or "not checked" on the terminal, never 0.
 
 use serde::Serialize;
 
-/// How a migration ended, QEMU's `status` words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How a migration ended, QEMU's `status` words (at the destination:
+/// `completed` or `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationStatus {
     /// Still iterating (a progress report).
+    #[default]
     Active,
     /// The destination runs the guest.
     Completed,
@@ -21,6 +26,47 @@ pub enum MigrationStatus {
     Cancelled,
     /// An error ended it (the peer, the stream, the VM): the source runs on.
     Failed,
+    /// The source sent `Commit` and heard no outcome, not even by asking
+    /// again: the destination may or may not run the guest. The source
+    /// stays paused in `postmigrate` until the operator decides.
+    Unknown,
+}
+
+impl MigrationStatus {
+    /// QEMU's word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::Active => "active",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Cancelled => "cancelled",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// What became of the source's copy of the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceVm {
+    /// It runs here (it never stopped, or it resumed).
+    Running,
+    /// Paused, its memory kept (QEMU's `postmigrate` run state): the
+    /// handover's outcome is unknown, or the migration is still in its
+    /// stop-and-copy.
+    Postmigrate,
+    /// Discarded: the destination runs the guest, or the operator said so.
+    Discarded,
+}
+
+/// What the operator did to a source left in `postmigrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperatorAction {
+    /// Resumed the guest here.
+    Resume,
+    /// Discarded it.
+    Discard,
 }
 
 /// One pre-copy round (round 0 is the bulk copy, the last one the
@@ -63,19 +109,26 @@ pub struct MigrationStats {
     /// Why, when it did not complete.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The source's copy of the guest.
+    pub source_vm: SourceVm,
+    /// What the operator did, if the outcome was unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_action: Option<OperatorAction>,
     /// From the start to the destination's ack (or to the end), ms.
     pub total_time_ms: f64,
-    /// Connecting, the header and turning dirty logging on, ms.
-    pub setup_time_ms: f64,
-    /// From the vCPUs' stop to the destination's "running" ack, ms.
-    pub downtime_ms: f64,
-    /// Of it: pausing the vCPUs, ms.
-    pub pause_ms: f64,
-    /// Of it: the final harvest, ms.
-    pub final_harvest_ms: f64,
+    /// Connecting, the header and turning dirty logging on, ms (`None`:
+    /// the destination never said `Ready`).
+    pub setup_time_ms: Option<f64>,
+    /// From the vCPUs' stop to the destination's `Running`, ms (`None`
+    /// unless it completed).
+    pub downtime_ms: Option<f64>,
+    /// Of it: pausing the vCPUs, ms (`None`: they were not paused).
+    pub pause_ms: Option<f64>,
+    /// Of it: the final harvest, ms (`None`: none ran).
+    pub final_harvest_ms: Option<f64>,
     /// The last estimate before the stop: the pages pending over the
-    /// measured bandwidth, ms.
-    pub expected_downtime_ms: f64,
+    /// measured bandwidth, ms (`None`: no round was measured).
+    pub expected_downtime_ms: Option<f64>,
     /// The downtime limit the convergence rule used, ms.
     pub downtime_limit_ms: u64,
     /// Bytes put on the wire.
@@ -110,12 +163,14 @@ impl MigrationStats {
         Self {
             status: MigrationStatus::Active,
             error: None,
+            source_vm: SourceVm::Running,
+            operator_action: None,
             total_time_ms: 0.0,
-            setup_time_ms: 0.0,
-            downtime_ms: 0.0,
-            pause_ms: 0.0,
-            final_harvest_ms: 0.0,
-            expected_downtime_ms: 0.0,
+            setup_time_ms: None,
+            downtime_ms: None,
+            pause_ms: None,
+            final_harvest_ms: None,
+            expected_downtime_ms: None,
             downtime_limit_ms,
             transferred_bytes: 0,
             remaining_bytes: total_bytes,
@@ -131,20 +186,27 @@ impl MigrationStats {
         }
     }
 
-    /// The `info migrate` lines.
+    /// The `info migrate` lines (the error among them, once).
     pub fn lines(&self) -> Vec<String> {
         let mut l = vec![
+            format!("Migration status: {}", self.status.name()),
             format!(
-                "Migration status: {}",
-                serde_json::to_value(self.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default()
+                "source VM: {}{}",
+                match self.source_vm {
+                    SourceVm::Running => "running",
+                    SourceVm::Postmigrate => "paused (postmigrate)",
+                    SourceVm::Discarded => "discarded",
+                },
+                match self.operator_action {
+                    Some(OperatorAction::Resume) => " (resumed by the operator)",
+                    Some(OperatorAction::Discard) => " (by the operator)",
+                    None => "",
+                }
             ),
             format!("total time: {:.0} ms", self.total_time_ms),
-            format!("downtime: {:.1} ms", self.downtime_ms),
-            format!("expected downtime: {:.1} ms", self.expected_downtime_ms),
-            format!("setup: {:.1} ms", self.setup_time_ms),
+            format!("downtime: {}", measured_ms(self.downtime_ms)),
+            format!("expected downtime: {}", measured_ms(self.expected_downtime_ms)),
+            format!("setup: {}", measured_ms(self.setup_time_ms)),
             format!("transferred ram: {} kbytes", self.transferred_bytes / 1024),
             format!("throughput: {:.2} mbps", self.mbps),
             format!("remaining ram: {} kbytes", self.remaining_bytes / 1024),
@@ -163,14 +225,39 @@ impl MigrationStats {
     }
 }
 
+/// `12.3 ms`, or `not measured`.
+pub fn measured_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "not measured".into(), |v| format!("{v:.1} ms"))
+}
+
+/// How the check of the guest's writes after it resumed came out (it
+/// reports; it never stops the guest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResumeCheck {
+    /// Not run: the guest did not start here, or `--run-after-ms 0`.
+    #[default]
+    NotRun,
+    /// Every page written was logged and continued the source's stores.
+    Passed,
+    /// Pages were written but not logged, or went behind the source's.
+    Failed,
+    /// The guest could not be watched long enough to say (it made no
+    /// progress, or its vCPUs could not be paused for the check).
+    Inconclusive,
+}
+
 /// The destination's statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IncomingStats {
-    /// "completed" when the guest runs here and every check passed.
-    pub status: String,
-    /// Why not, when it did not.
+    /// `completed` when the guest runs here, `failed` when it never ran
+    /// here (the partial VM is discarded).
+    pub status: MigrationStatus,
+    /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The migration's id (from the header; 0 before it came).
+    pub id: u64,
     /// The source's backend and configuration, from the header.
     pub backend: String,
     /// Bytes read off the wire.
@@ -181,22 +268,29 @@ pub struct IncomingStats {
     pub duplicate_pages: u64,
     /// Rounds received.
     pub rounds: u32,
-    /// Pages whose content differs from the source's final digest.
-    pub mismatched_pages: u64,
+    /// Pages whose content differs from the source's final digest, or
+    /// that no digest covered (`None`: the final check did not run).
+    pub mismatched_pages: Option<u64>,
     /// Time comparing the source's digests with those of the pages as
-    /// loaded, ms (in the downtime).
-    pub verify_ms: f64,
-    /// How long the guest ran here before the check of its writes, ms.
-    pub run_after_ms: u64,
+    /// loaded, ms (in the downtime; `None`: no digest came).
+    pub verify_ms: Option<f64>,
+    /// The check of the guest's writes after it resumed.
+    pub check_after_resume: ResumeCheck,
+    /// Why the check said what it said, when it was not a pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_note: Option<String>,
+    /// How long the guest ran here before that check, ms (process time:
+    /// a stopped destination does not count it).
+    pub run_after_ms: Option<u64>,
     /// Passes the guest had completed when it arrived.
-    pub passes_at_resume: u64,
-    /// Passes it had completed when the check stopped it.
-    pub passes_after_run: u64,
+    pub passes_at_resume: Option<u64>,
+    /// Passes it had completed when the check paused it.
+    pub passes_after_run: Option<u64>,
     /// Pages it wrote here (their content moved on from the source's).
-    pub pages_written_after_resume: u64,
+    pub pages_written_after_resume: Option<u64>,
     /// Of those, pages the destination's dirty log missed.
-    pub lost_pages: u64,
+    pub lost_pages: Option<u64>,
     /// Of those, pages whose stores do not continue the source's (an
     /// iteration below the one the guest had reached when it stopped there).
-    pub regressed_pages: u64,
+    pub regressed_pages: Option<u64>,
 }

@@ -14,7 +14,11 @@
 //! destination's check of a page is also its digest of what it loaded).
 //! The first frame is a [`Header`],
 //! with [`MAGIC`] and [`VERSION`]; the destination answers it with `Ready`
-//! (or `Refuse`), then the rounds follow, then `Done`, answered by `Ack`.
+//! (or `Refuse`), then the rounds follow, then `Done`, and the handover
+//! ([`crate::handover`]): `Verified`, `Commit`, `Running`, `Settled`.
+//! Either side sends a `Heartbeat` when it has sent nothing for a while, so
+//! that the other can tell a silent peer from a busy one. A settle query is
+//! a connection of its own: `Query`, answered by `Status`.
 //!
 //! # Invariants
 //!
@@ -34,10 +38,12 @@ use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
+use crate::handover::Answer;
+
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The largest frame payload either side accepts: 16 MiB (4096 pages of
 /// data plus their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
@@ -68,6 +74,34 @@ pub struct Header {
     pub config: String,
     /// The memslots.
     pub slots: Vec<SlotLayout>,
+    /// This migration's id, chosen by the source (the handover's frames
+    /// and the settle queries carry it).
+    pub id: u64,
+    /// The source's progress timeout, ms: how long either side waits for a
+    /// word from the other (both use the source's).
+    pub progress_timeout_ms: u32,
+    /// The source's settle window, ms: how long it asks the destination
+    /// for the handover's outcome, which the destination keeps answering
+    /// that long after deciding.
+    pub settle_ms: u32,
+}
+
+impl Header {
+    /// The header of a migration of `slots` (4 KiB pages) from `backend`
+    /// configured as `config`; the source's driver fills in the id and
+    /// its deadlines.
+    pub fn new(backend: String, config: String, slots: Vec<SlotLayout>) -> Self {
+        Self {
+            version: VERSION,
+            page_size: 4096,
+            backend,
+            config,
+            slots,
+            id: 0,
+            progress_timeout_ms: 0,
+            settle_ms: 0,
+        }
+    }
 }
 
 /// A run of pages of one slot in a [`Frame::Pages`].
@@ -120,19 +154,51 @@ pub enum Frame {
     },
     /// The source has sent everything.
     Done,
-    /// The destination's answer to [`Frame::Done`]: whether its guest runs.
-    Ack {
-        /// The guest resumed on the destination.
-        running: bool,
-    },
+    /// The destination's answer to [`Frame::Done`]: every page matched its
+    /// digest and every vCPU took its state; the guest starts on `Commit`.
+    Verified,
     /// The destination's answer to the [`Frame::Header`]: its VM is built
     /// (memory allocated and populated), send the pages.
     Ready,
     /// The destination refuses the migration (the header, a frame, its
-    /// checks) and closes: why, for the source's error.
+    /// checks) or aborted it (it will never run this guest), and closes:
+    /// why, for the source's error.
     Refuse {
         /// Why.
         why: String,
+    },
+    /// The source's point of no return: start the guest.
+    Commit {
+        /// The migration's id.
+        id: u64,
+    },
+    /// The destination runs the guest (the handover's acknowledgement).
+    Running {
+        /// The migration's id.
+        id: u64,
+    },
+    /// The source asks, on a connection of its own, what became of a
+    /// migration whose outcome it did not hear.
+    Query {
+        /// The migration's id.
+        id: u64,
+    },
+    /// The destination's answer to a [`Frame::Query`].
+    Status {
+        /// The migration's id.
+        id: u64,
+        /// What it says.
+        answer: Answer,
+    },
+    /// The source knows the outcome: the destination may stop answering.
+    Settled {
+        /// The migration's id.
+        id: u64,
+    },
+    /// "Still here": bytes received so far from the other side.
+    Heartbeat {
+        /// Bytes read off the stream so far.
+        received: u64,
     },
 }
 
@@ -194,6 +260,28 @@ pub enum StreamError {
         /// What is wrong.
         why: String,
     },
+    /// The peer sent nothing for the progress timeout (it is stopped, cut
+    /// off or gone); the connection is given up.
+    #[error("no progress from the {peer} for {} s{why}", secs(*waited))]
+    Stalled {
+        /// Who went silent: "source" or "destination".
+        peer: &'static str,
+        /// How long we waited.
+        waited: std::time::Duration,
+        /// What was waited for, if one thing (", waiting for its ready").
+        why: String,
+    },
+    /// The peer is heard from but did not send what the protocol waits for
+    /// in time.
+    #[error("the {peer} sent no {expected} frame within {} s", secs(*waited))]
+    Late {
+        /// Who: "source" or "destination".
+        peer: &'static str,
+        /// What was waited for.
+        expected: &'static str,
+        /// How long.
+        waited: std::time::Duration,
+    },
     /// A frame other than the one the protocol expects here.
     #[error("expected a {expected} frame, got {got}")]
     Unexpected {
@@ -202,6 +290,12 @@ pub enum StreamError {
         /// What came.
         got: &'static str,
     },
+}
+
+/// Seconds for a message: `10`, `1.5`, `0.25` (to the millisecond).
+pub fn secs(d: std::time::Duration) -> String {
+    let s = format!("{:.3}", d.as_secs_f64());
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The name of frame kind `kind`, if it is one (the one table of kinds:
@@ -214,9 +308,15 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         4 => "digest",
         5 => "vcpu-state",
         6 => "done",
-        7 => "ack",
+        7 => "verified",
         8 => "refuse",
         9 => "ready",
+        10 => "commit",
+        11 => "running",
+        12 => "query",
+        13 => "status",
+        14 => "settled",
+        15 => "heartbeat",
         _ => return None,
     })
 }
@@ -235,9 +335,15 @@ impl Frame {
             Frame::Digest { .. } => 4,
             Frame::VcpuState { .. } => 5,
             Frame::Done => 6,
-            Frame::Ack { .. } => 7,
+            Frame::Verified => 7,
             Frame::Refuse { .. } => 8,
             Frame::Ready => 9,
+            Frame::Commit { .. } => 10,
+            Frame::Running { .. } => 11,
+            Frame::Query { .. } => 12,
+            Frame::Status { .. } => 13,
+            Frame::Settled { .. } => 14,
+            Frame::Heartbeat { .. } => 15,
         }
     }
 
@@ -266,6 +372,9 @@ impl Frame {
                     put_u64(b, s.guest_phys_addr);
                     put_u64(b, s.pages);
                 }
+                put_u64(b, h.id);
+                put_u32(b, h.progress_timeout_ms);
+                put_u32(b, h.settle_ms);
             }
             Frame::Round { round } => put_u32(b, *round),
             Frame::Pages { slot, ranges, data } => {
@@ -287,10 +396,16 @@ impl Frame {
                 put_u32(b, *vcpu);
                 put_bytes(b, state);
             }
-            Frame::Done => {}
-            Frame::Ack { running } => b.push(u8::from(*running)),
+            Frame::Done | Frame::Verified | Frame::Ready => {}
             Frame::Refuse { why } => put_bytes(b, why.as_bytes()),
-            Frame::Ready => {}
+            Frame::Commit { id } | Frame::Running { id } | Frame::Query { id } | Frame::Settled { id } => {
+                put_u64(b, *id)
+            }
+            Frame::Status { id, answer } => {
+                put_u64(b, *id);
+                b.push(answer.to_byte());
+            }
+            Frame::Heartbeat { received } => put_u64(b, *received),
         }
     }
 
@@ -322,7 +437,17 @@ impl Frame {
                 for _ in 0..n {
                     slots.push(SlotLayout { id: c.u32()?, guest_phys_addr: c.u64()?, pages: c.u64()? });
                 }
-                Frame::Header(Header { version, page_size, backend, config, slots })
+                let (id, progress_timeout_ms, settle_ms) = (c.u64()?, c.u32()?, c.u32()?);
+                Frame::Header(Header {
+                    version,
+                    page_size,
+                    backend,
+                    config,
+                    slots,
+                    id,
+                    progress_timeout_ms,
+                    settle_ms,
+                })
             }
             2 => Frame::Round { round: c.u32()? },
             3 => {
@@ -380,9 +505,20 @@ impl Frame {
             }
             5 => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
             6 => Frame::Done,
-            7 => Frame::Ack { running: c.flag()? },
+            7 => Frame::Verified,
             8 => Frame::Refuse { why: c.string()? },
-            _ => Frame::Ready,
+            9 => Frame::Ready,
+            10 => Frame::Commit { id: c.u64()? },
+            11 => Frame::Running { id: c.u64()? },
+            12 => Frame::Query { id: c.u64()? },
+            13 => {
+                let id = c.u64()?;
+                let b = c.take(1)?[0];
+                let answer = Answer::from_byte(b).ok_or_else(|| c.bad(&format!("answer byte {b}")))?;
+                Frame::Status { id, answer }
+            }
+            14 => Frame::Settled { id: c.u64()? },
+            _ => Frame::Heartbeat { received: c.u64()? },
         };
         if !c.b.is_empty() {
             return Err(c.bad(&format!("{} bytes left over", c.b.len())));
@@ -687,6 +823,9 @@ mod tests {
             backend: "engine".into(),
             config: "mmu=lockless".into(),
             slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: 256 }],
+            id: 0x1d,
+            progress_timeout_ms: 10_000,
+            settle_ms: 30_000,
         }
     }
 
@@ -706,9 +845,15 @@ mod tests {
             Frame::Digest { slot: 0, first: 0, digests: vec![1, 2, 3] },
             Frame::VcpuState { vcpu: 0, state: vec![9; 40] },
             Frame::Done,
-            Frame::Ack { running: true },
+            Frame::Verified,
             Frame::Refuse { why: "no".into() },
             Frame::Ready,
+            Frame::Commit { id: 1 },
+            Frame::Running { id: 2 },
+            Frame::Query { id: 3 },
+            Frame::Status { id: 4, answer: Answer::Aborted },
+            Frame::Settled { id: 5 },
+            Frame::Heartbeat { received: 6 },
         ]
     }
 

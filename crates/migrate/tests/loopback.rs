@@ -8,9 +8,11 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
-use shadow_mmu_migrate::source::{MigrationError, OnTimeout, OutgoingParams, migrate_outgoing};
-use shadow_mmu_migrate::stats::MigrationStatus;
-use shadow_mmu_migrate::stream::{Header, SlotLayout, VERSION};
+use shadow_mmu_migrate::source::{
+    MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, migrate_outgoing,
+};
+use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, ResumeCheck};
+use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_testkit::backend::{Backend, DirtyLogProtect, EngineBackend, PassSpec, PassVm, VmConfig};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
 
@@ -21,12 +23,27 @@ fn spec(guest_bytes: u64) -> PassSpec {
 }
 
 fn header(vm: &dyn PassVm) -> Header {
-    Header {
-        version: VERSION,
-        page_size: 4096,
-        backend: "engine".into(),
-        config: "test".into(),
-        slots: vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
+    Header::new(
+        "engine".into(),
+        "test".into(),
+        vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }],
+    )
+}
+
+/// The statistics of a migration that must have completed.
+fn completed(o: Outcome, what: &str) -> MigrationStats {
+    match o {
+        Outcome::Completed(s) => *s,
+        Outcome::RunsOn(f) => panic!("{what}: {}", shadow_mmu_testkit::backend::error_chain(&f)),
+        Outcome::Unsettled(u) => panic!("{what}: unsettled: {:?}", u.stats().error),
+    }
+}
+
+/// The failure of a migration that must have failed before its commit.
+fn runs_on(o: Outcome) -> MigrationFailure {
+    match o {
+        Outcome::RunsOn(f) => f,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -40,12 +57,12 @@ fn destination(
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
-        let (conn, _) = l.accept().unwrap();
         let mut build = |_: &Header| {
             let vm = backend.start_passes(&spec).map_err(|e| e.to_string())?;
             Ok(IncomingVm { vm, dirty_rate: Some(64 * MIB), write_pct: 100 })
         };
-        match migrate_incoming(&conn, &mut build, &IncomingParams { run_after }) {
+        let params = IncomingParams { run_after, ..IncomingParams::default() };
+        match migrate_incoming(&l, &mut build, &params, &mut ()) {
             Ok((stats, mut vm)) => {
                 vm.stop().map_err(|e| e.to_string())?;
                 Ok(stats)
@@ -84,20 +101,20 @@ fn every_design_and_interface_migrates_and_goes_on() {
             let conn = TcpStream::connect(addr).unwrap();
             let params = OutgoingParams { dirty_rate: Some(32 * MIB), ..OutgoingParams::default() };
             let h = header(vm.as_ref());
-            let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {})
-                .unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
+            let what = format!("{} {log}", describe(&config));
+            let stats = completed(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()), &what);
             vm.stop().unwrap();
             let incoming =
                 dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
-            let what = format!("{} {log}", describe(&config));
             assert_eq!(stats.status, MigrationStatus::Completed, "{what}");
             assert!(stats.converged, "{what}: {stats:?}");
-            assert_eq!(incoming.mismatched_pages, 0, "{what}");
-            assert_eq!(incoming.lost_pages, 0, "{what}");
-            assert!(incoming.pages_written_after_resume > 0, "{what}: the guest went on");
+            assert_eq!(incoming.mismatched_pages, Some(0), "{what}");
+            assert_eq!(incoming.check_after_resume, ResumeCheck::Passed, "{what}: {incoming:?}");
+            assert_eq!(incoming.lost_pages, Some(0), "{what}");
+            assert!(incoming.pages_written_after_resume > Some(0), "{what}: the guest went on");
             assert!(stats.rounds.len() >= 2, "{what}: round 0 and the stop-and-copy");
             assert_eq!(stats.rounds[0].pages_harvested, 4096, "{what}: round 0 sends every page");
-            assert!(stats.downtime_ms > 0.0 && stats.dirty_sync_count >= 2, "{what}: {stats:?}");
+            assert!(stats.downtime_ms > Some(0.0) && stats.dirty_sync_count >= 2, "{what}: {stats:?}");
         }
     }
 }
@@ -114,9 +131,10 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     let conn = TcpStream::connect(addr).unwrap();
     closer.join().unwrap();
     let h = header(vm.as_ref());
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap_err();
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e}");
     assert_eq!(e.stats.status, MigrationStatus::Failed);
+    assert_eq!(e.stats.downtime_ms, None, "not measured, not 0");
     // Still running, logging off (a GET is refused).
     let before = vm.passes_done();
     vm.release(before + 3);
@@ -128,13 +146,13 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     let (addr, dest) = destination(backend.clone(), spec, Duration::ZERO);
     let conn = TcpStream::connect(addr).unwrap();
     let params = OutgoingParams {
-        timeout: Some(Duration::ZERO),
+        timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Cancel,
         downtime_limit: Duration::ZERO,
         dirty_rate: None,
         ..OutgoingParams::default()
     };
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
     assert!(matches!(e.error, MigrationError::Timeout(_)), "{e}");
     assert_eq!(e.stats.status, MigrationStatus::Cancelled);
     drop(conn);
@@ -143,10 +161,11 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     // And a second migration succeeds.
     let (addr, dest) = destination(backend, spec, Duration::from_millis(50));
     let conn = TcpStream::connect(addr).unwrap();
-    let stats = migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut |_| {}).unwrap();
+    let stats =
+        completed(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()), "again");
     vm.stop().unwrap();
     assert_eq!(stats.status, MigrationStatus::Completed);
-    assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, 0);
+    assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
 }
 
 #[test]
@@ -167,13 +186,10 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             dirty_rate: None,
             ..OutgoingParams::default()
         };
-        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {});
+        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
         let stats = match r {
-            Ok(s) => s,
-            Err(e) => {
-                let why = shadow_mmu_testkit::backend::error_chain(&e);
-                panic!("force {force}: {why}; destination: {:?}", dest.join().unwrap());
-            }
+            Outcome::Completed(s) => *s,
+            other => panic!("force {force}: {other:?}; destination: {:?}", dest.join().unwrap()),
         };
         vm.stop().unwrap();
         assert_eq!(stats.status, MigrationStatus::Completed);
@@ -184,7 +200,7 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             let steps: Vec<u32> = stats.rounds.iter().map(|r| r.cpu_throttle_percentage).collect();
             assert!(steps.windows(2).all(|w| w[1] >= w[0]), "the throttle only rises: {steps:?}");
         }
-        assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, 0);
+        assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
     }
 }
 
@@ -209,8 +225,12 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
         dirty_rate: None,
         ..OutgoingParams::default()
     };
-    let e = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {}).unwrap_err();
-    assert!(matches!(e.error, MigrationError::Refused(_)), "{e:?}");
+    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
+    // The source learns the destination's cause.
+    assert!(
+        matches!(&e.error, MigrationError::Refused(why) if why.contains("pages differ from the source's final memory")),
+        "{e:?}"
+    );
     let why = dest.join().unwrap().unwrap_err();
     assert!(why.contains("pages differ from the source's final memory"), "{why}");
     vm.stop().unwrap();
@@ -245,12 +265,13 @@ fn throttled_migrations_stress() {
             dirty_rate: None,
             ..OutgoingParams::default()
         };
-        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut |_| {});
+        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
         vm.stop().unwrap();
         let d = dest.join().unwrap();
-        if r.is_err() || d.is_err() {
+        let passed = d.as_ref().is_ok_and(|d| d.check_after_resume == ResumeCheck::Passed);
+        if !matches!(r, Outcome::Completed(_)) || !passed {
             failed += 1;
-            eprintln!("{:?} / {d:?}", r.err().map(|e| shadow_mmu_testkit::backend::error_chain(&e)));
+            eprintln!("{r:?} / {d:?}");
         }
     }
     assert_eq!(failed, 0, "{failed} of {runs} failed");

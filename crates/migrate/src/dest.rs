@@ -14,8 +14,8 @@
 //! - once started, the guest is never discarded here for what the checks
 //!   after the resume find: they report (`check_after_resume`);
 //! - once it decided (`Running` or `Aborted`), it keeps answering the
-//!   source's queries for the source's settle window, or until the source
-//!   says it knows;
+//!   source's queries for as long as the source may ask (its progress
+//!   timeout, then its settle window), or until the source says it knows;
 //! - after resuming, every page whose content moved on from the source's
 //!   final digest must be in this VM's dirty log (`lost_pages` otherwise),
 //!   and carry at least the iteration the guest had reached when it
@@ -372,7 +372,8 @@ struct Incoming<'a> {
     received: Arc<AtomicU64>,
     /// The progress timeout (the source's, once its header came).
     progress: Duration,
-    /// The source's settle window.
+    /// How long the source may ask after our decision: its wait for
+    /// `Running` (the progress timeout) and its settle window.
     settle: Duration,
     sender: Option<Arc<Sender>>,
     vm: Option<Box<dyn PassVm>>,
@@ -399,7 +400,7 @@ impl Incoming<'_> {
         stats: &mut IncomingStats,
         observer: &mut dyn Observer,
     ) -> Result<(), IncomingError> {
-        let timeout = |e: StreamError, p| link::stalled(e, "source", p);
+        let timeout = |e: StreamError, p| link::peer_error(e, "source", p);
         link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
         self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
         // A small buffer: a frame's payload, larger, is read past it.
@@ -415,7 +416,7 @@ impl Incoming<'_> {
             self.progress =
                 Duration::from_millis(u64::from(header.progress_timeout_ms)).clamp(MIN_TIMEOUT, MAX_TIMEOUT);
         }
-        self.settle = Duration::from_millis(u64::from(header.settle_ms)).min(MAX_TIMEOUT);
+        self.settle = self.progress + Duration::from_millis(u64::from(header.settle_ms)).min(MAX_TIMEOUT);
         link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
         self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
         let sender = Arc::new(
@@ -508,7 +509,7 @@ impl Incoming<'_> {
         let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
         loop {
             let f =
-                frames.read(r, header.page_size).map_err(|e| link::stalled(e, "source", self.progress))?;
+                frames.read(r, header.page_size).map_err(|e| link::peer_error(e, "source", self.progress))?;
             match f {
                 Frame::Heartbeat { .. } => {}
                 Frame::Round { round } => {
@@ -619,7 +620,7 @@ impl Incoming<'_> {
                 Ok(other) => {
                     break error_chain(&StreamError::Unexpected { expected: "commit", got: other.name() });
                 }
-                Err(e) => break error_chain(&link::stalled(e, "source", self.progress)),
+                Err(e) => break error_chain(&link::peer_error(e, "source", self.progress)),
             }
         };
         let why = self.cell.lock().why.clone().unwrap_or(why);

@@ -44,17 +44,23 @@ pub fn configure(conn: &TcpStream, progress: Duration) -> io::Result<()> {
     conn.set_write_timeout(Some(progress))
 }
 
-/// Turns an I/O error that is a deadline (a read or write timed out, or the
-/// kernel gave up on the peer) into [`StreamError::Stalled`], naming `peer`.
-pub fn stalled(e: StreamError, peer: &'static str, waited: Duration) -> StreamError {
+/// Names `peer` in an I/O error that is about it: a deadline (a read or
+/// write timed out, or the kernel gave up on the peer) is
+/// [`StreamError::Stalled`], a connection the peer closed or reset is
+/// [`StreamError::Gone`].
+pub fn peer_error(e: StreamError, peer: &'static str, waited: Duration) -> StreamError {
+    use io::ErrorKind as K;
     match e {
-        StreamError::Io(io) if is_deadline(&io) => StreamError::Stalled { peer, waited, why: String::new() },
+        StreamError::Io(io) if matches!(io.kind(), K::WouldBlock | K::TimedOut) => {
+            StreamError::Stalled { peer, waited, why: String::new() }
+        }
+        StreamError::Io(io)
+            if matches!(io.kind(), K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted) =>
+        {
+            StreamError::Gone { peer, io }
+        }
         e => e,
     }
-}
-
-fn is_deadline(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// What the sending half holds.
@@ -65,6 +71,10 @@ struct Outgoing {
     bytes: u64,
     /// When the last bytes went to the socket.
     last: Instant,
+    /// The first write that failed, as the socket said it: the socket
+    /// reports a cause once (a heartbeat may be the one to hear it) and a
+    /// broken pipe after.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 /// The sending half, shared by the driver and its [`Heartbeat`].
@@ -90,6 +100,7 @@ impl Sender {
             frames: FrameWriter::default(),
             bytes: 0,
             last: Instant::now(),
+            failed: None,
         };
         Ok(Self { out: Mutex::new(out), received, peer, progress })
     }
@@ -101,10 +112,20 @@ impl Sender {
     }
 
     fn done(&self, o: &mut Outgoing, r: Result<u64, StreamError>) -> Result<u64, StreamError> {
-        let n = r.map_err(|e| stalled(e, self.peer, self.progress))?;
-        o.bytes += n;
-        o.last = Instant::now();
-        Ok(n)
+        let e = match r {
+            Ok(n) => {
+                o.bytes += n;
+                o.last = Instant::now();
+                return Ok(n);
+            }
+            Err(StreamError::Io(io)) => {
+                let (kind, why) = o.failed.get_or_insert_with(|| (io.kind(), io.to_string()));
+                // The first failure is the cause.
+                StreamError::Io(io::Error::new(*kind, why.clone()))
+            }
+            Err(e) => e,
+        };
+        Err(peer_error(e, self.peer, self.progress))
     }
 
     /// Writes `f` (buffered: [`Sender::flush`] or a large frame sends it).
@@ -256,7 +277,7 @@ impl Inbox {
         let thread = std::thread::Builder::new().name("migrate-inbox".into()).spawn(move || {
             let mut frames = FrameReader::default();
             loop {
-                let f = frames.read(&mut r, 4096);
+                let f = frames.read(&mut r, 4096).map_err(|e| peer_error(e, "destination", progress));
                 let now = Instant::now();
                 let mut times = h.times.lock().unwrap_or_else(|p| p.into_inner());
                 times.0 = now;
@@ -281,11 +302,6 @@ impl Inbox {
             }
         })?;
         Ok(Self { rx, heard, conn: conn.try_clone()?, thread: Some(thread), progress })
-    }
-
-    /// The destination's address (where the settle queries go).
-    pub fn peer(&self) -> Option<std::net::SocketAddr> {
-        self.conn.peer_addr().ok()
     }
 
     /// Whether the destination is still to be heard from: an error if it
@@ -314,15 +330,18 @@ impl Inbox {
         }
     }
 
-    /// A refusal the destination sent before its stream ended, if one is
-    /// read within a quarter of the progress timeout (after one of our
-    /// writes failed, its reason may still be on its way up).
-    pub fn refusal(&self) -> Option<String> {
+    /// After one of our writes failed, what the reading half knows of the
+    /// cause, within a quarter of the progress timeout: the destination's
+    /// refusal (`Ok`), or how its stream ended (`Err`: the socket reports
+    /// a cause, such as the kernel giving up on the peer, to one reader
+    /// only, and the writer then sees a broken pipe).
+    pub fn cause(&self) -> Option<Result<String, StreamError>> {
         loop {
             match self.rx.recv_timeout(self.progress / 4) {
-                Ok(Ok(Frame::Refuse { why })) => return Some(why),
+                Ok(Ok(Frame::Refuse { why })) => return Some(Ok(why)),
                 Ok(Ok(_)) => continue,
-                Ok(Err(_)) | Err(_) => return None,
+                Ok(Err(e)) => return Some(Err(e)),
+                Err(_) => return None,
             }
         }
     }

@@ -297,13 +297,13 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
     conn.set_read_timeout(Some(progress))?;
     let mut w = &conn;
     crate::stream::write_frame(&mut w, &Frame::Query { id })
-        .map_err(|e| link::stalled(e, "destination", progress))?;
+        .map_err(|e| link::peer_error(e, "destination", progress))?;
     let answer = match FrameReader::default().read(&mut &conn, 4096) {
         Ok(Frame::Status { id: got, answer }) if got == id => answer,
         Ok(Frame::Status { .. }) => Answer::Unknown,
         Ok(Frame::Refuse { why }) => return Err(StreamError::Malformed { kind: "status", why }),
         Ok(other) => return Err(StreamError::Unexpected { expected: "status", got: other.name() }),
-        Err(e) => return Err(link::stalled(e, "destination", progress)),
+        Err(e) => return Err(link::peer_error(e, "destination", progress)),
     };
     if answer != Answer::Unknown {
         // It may stop answering: we know.
@@ -327,6 +327,8 @@ fn new_id() -> u64 {
 /// One migration's state on the source.
 struct Outgoing<'a> {
     vm: &'a mut dyn PassVm,
+    /// The destination's address, for the settle queries.
+    dest: SocketAddr,
     sender: Arc<Sender>,
     inbox: Inbox,
     params: &'a OutgoingParams,
@@ -376,13 +378,15 @@ pub fn migrate_outgoing(
     let mut stats =
         Box::new(MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64));
     let link = (|| -> std::io::Result<_> {
+        // Where the settle queries go, known before the peer can reset.
+        let dest = conn.peer_addr()?;
         link::configure(conn, params.progress_timeout)?;
         let received = Arc::new(AtomicU64::new(0));
         let sender = Arc::new(Sender::new(conn, "destination", params.progress_timeout, received.clone())?);
         let inbox = Inbox::start(conn, params.progress_timeout, received)?;
-        Ok((sender, inbox))
+        Ok((dest, sender, inbox))
     })();
-    let (sender, inbox) = match link {
+    let (dest, sender, inbox) = match link {
         Ok(l) => l,
         Err(e) => return fail(vm, stats, StreamError::Io(e).into(), start),
     };
@@ -402,6 +406,7 @@ pub fn migrate_outgoing(
         pacer: Pacer::new(vm, params.dirty_rate, params.write_pct),
         reaped: vec![0u64; vm.pages().div_ceil(64) as usize],
         vm,
+        dest,
         sender,
         inbox,
         params,
@@ -414,7 +419,10 @@ pub fn migrate_outgoing(
         stopped: None,
     };
     let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
-    let r = m.run(&header, throttle.as_mut(), observer);
+    let r = m.run(&header, throttle.as_mut(), observer).map_err(|e| match e {
+        MigrationError::Stream(e) => m.refusal_or(e),
+        e => e,
+    });
     if let Some(t) = throttle.as_mut() {
         m.stats.cpu_throttle_percentage = t.pct();
         t.stop();
@@ -427,10 +435,10 @@ pub fn migrate_outgoing(
     m.stats.transferred_bytes = m.sender.bytes();
     m.stats.total_time_ms = ms(start.elapsed());
     m.stats.mbps = m.stats.transferred_bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
-    let Outgoing { vm, state, stats, inbox, .. } = m;
+    let Outgoing { vm, state, stats, inbox, dest, .. } = m;
     let stats = Box::new(stats);
     match r {
-        Ok(state) => finish(vm, conn, inbox, state, stats, header.id, params),
+        Ok(end) => finish(vm, conn, inbox, end, (stats, header.id, dest), params),
         Err(error) => {
             // Before `Commit`, any failure resumes here (the handover).
             debug_assert!(matches!(state, SourceState::Sending | SourceState::AwaitVerified));
@@ -464,12 +472,11 @@ fn finish(
     vm: &mut dyn PassVm,
     conn: &TcpStream,
     inbox: Inbox,
-    state: HandoverEnd,
-    stats: Box<MigrationStats>,
-    id: u64,
+    end: HandoverEnd,
+    (stats, id, dest): (Box<MigrationStats>, u64, SocketAddr),
     params: &OutgoingParams,
 ) -> Outcome {
-    let HandoverEnd { state, action, why } = state;
+    let HandoverEnd { state, action, why } = end;
     match state {
         SourceState::Postmigrate => {
             drop(inbox);
@@ -480,7 +487,6 @@ fn finish(
             stats.downtime_ms = None;
             let settle = params.settle_timeout;
             stats.error = Some(unsettled_error(settle, why.as_deref().unwrap_or("none")));
-            let dest = conn.peer_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
             let (progress, breakage) = (params.progress_timeout, params.breakage);
             Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
         }
@@ -616,12 +622,15 @@ impl Outgoing<'_> {
         }
     }
 
-    /// The destination's refusal, if it sent one before its stream
-    /// ended (`e`): its cause beats our "connection reset".
+    /// The cause of stream error `e`: the destination's refusal if it sent
+    /// one before its stream ended (its reason beats our "connection
+    /// reset"), or, for a write that found the connection gone, what the
+    /// reading half heard of why.
     fn refusal_or(&self, e: StreamError) -> MigrationError {
-        match self.inbox.refusal() {
-            Some(why) => MigrationError::Refused(why),
-            None => e.into(),
+        match (self.inbox.cause(), e) {
+            (Some(Ok(why)), _) => MigrationError::Refused(why),
+            (Some(Err(cause @ StreamError::Stalled { .. })), StreamError::Gone { .. }) => cause.into(),
+            (_, e) => e.into(),
         }
     }
 
@@ -879,16 +888,7 @@ impl Outgoing<'_> {
         let b = self.params.breakage;
         let p = self.params.progress_timeout;
         let end = Instant::now() + self.params.settle_timeout;
-        let dest = match self.inbox_peer() {
-            Some(a) => a,
-            None => {
-                return HandoverEnd {
-                    state: SourceState::Postmigrate,
-                    action: SourceAction::AwaitOperator,
-                    why,
-                };
-            }
-        };
+        let dest = self.dest;
         loop {
             let event = match query(dest, id, p) {
                 Ok(Answer::Running) => SourceEvent::Running,
@@ -922,10 +922,5 @@ impl Outgoing<'_> {
             }
             std::thread::sleep(left.min(p / 4));
         }
-    }
-
-    /// The destination's address, for the settle queries.
-    fn inbox_peer(&self) -> Option<SocketAddr> {
-        self.inbox.peer()
     }
 }

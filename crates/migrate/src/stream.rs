@@ -271,6 +271,15 @@ pub enum StreamError {
         /// What was waited for, if one thing (", waiting for its ready").
         why: String,
     },
+    /// The peer closed or reset the connection (it exited, was killed, or
+    /// gave up on us).
+    #[error("the {peer} went away ({io})")]
+    Gone {
+        /// Who: "source" or "destination".
+        peer: &'static str,
+        /// What the socket said.
+        io: io::Error,
+    },
     /// The peer is heard from but did not send what the protocol waits for
     /// in time.
     #[error("the {peer} sent no {expected} frame within {} s", secs(*waited))]

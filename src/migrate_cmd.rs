@@ -473,14 +473,14 @@ fn incoming_lines(s: &IncomingStats) -> Vec<String> {
     l
 }
 
-/// Connects to `to`, retrying for a while (the destination may still be
-/// starting).
-pub fn connect(to: &str) -> Result<TcpStream, String> {
+/// Connects to `to`, retrying for up to `within` (the destination may
+/// still be starting).
+pub fn connect(to: &str, within: Duration) -> Result<TcpStream, String> {
     let t = Instant::now();
     loop {
         match TcpStream::connect(to) {
             Ok(c) => return Ok(c),
-            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+            Err(e) if t.elapsed() > within => {
                 return Err(format!("connecting to {to}: {e}"));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -528,7 +528,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     println!("migrating {} ({}) to {}", vm.name(), header.config, a.to);
     println!("control socket (if the outcome is unknown): {}", socket.display());
     std::io::stdout().flush()?;
-    let conn = connect(&a.to)?;
+    let conn = connect(&a.to, params.progress_timeout)?;
     let bar = crate::bench::Progress::spinner("round 0: the bulk copy");
     let mut progress = |s: &MigrationStats| {
         let r = s.rounds.last().expect("a round");

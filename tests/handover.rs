@@ -752,3 +752,67 @@ fn on_kvm_the_acknowledgement_and_partitions() {
     cases.extend(partition_cases("kvm"));
     run_all(cases);
 }
+
+/// The `break-rules` switch `source_resumes_without_answer`, in the real
+/// driver: with the acknowledgement lost, a source that resumes without
+/// asking runs the guest beside the destination that started it. (The
+/// model in `crates/migrate/src/handover/model.rs` finds it too.)
+#[test]
+#[cfg(feature = "break-rules")]
+fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
+    use shadow_mmu_core::breakage::Breakage;
+    use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
+    use shadow_mmu_migrate::stream::{Header, SlotLayout};
+    use testkit::backend::{Backend, EngineBackend, PassSpec};
+
+    for broken in [false, true] {
+        let tag = format!("break-rules-{broken}");
+        let mut dest_cmd = bin();
+        dest_cmd.args(["migrate", "incoming", "--listen", "127.0.0.1:0", "--run-after-ms", "100"]);
+        let mut dest = Proc::spawn(&mut dest_cmd, &tag);
+        let mut addr = String::new();
+        wait_for("the destination listens", Duration::from_secs(20), || {
+            addr =
+                dest.text().lines().find_map(|l| l.strip_prefix("listening on ")).unwrap_or("").to_string();
+            !addr.is_empty()
+        });
+        let proxy = Proxy::start(
+            addr.parse().unwrap(),
+            Rule { dir: Dir::ToSource, kind: RUNNING, nth: 1, act: Act::Drop },
+        );
+        let spec = PassSpec {
+            vcpus: 1,
+            guest_bytes: 8 << 20,
+            write_pct: 100,
+            random: false,
+            seed: 3,
+            dirty_pages: None,
+        };
+        let mut vm = EngineBackend::default().start_passes(&spec).unwrap();
+        vm.release(1);
+        vm.wait_passes(0).unwrap();
+        let desc = serde_json::json!({
+            "backend": "engine", "mmu": "lockless", "fast_page_fault": true, "dirty_log": "get",
+            "initially_set": false, "ring_entries": 4096, "harvest_threads": 1,
+            "clear_chunk_pages": 262144, "vcpus": 1, "guest_bytes": 8 << 20,
+            "random": false, "write_pct": 100, "seed": 3, "dirty_rate": 16 << 20,
+        });
+        let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
+        let header = Header::new("engine".into(), desc.to_string(), slots);
+        let breakage = Breakage { source_resumes_without_answer: broken, ..Breakage::SEED };
+        let params = OutgoingParams {
+            progress_timeout: Duration::from_secs(1),
+            settle_timeout: Duration::from_secs(2),
+            breakage,
+            ..OutgoingParams::default()
+        };
+        let conn = TcpStream::connect(proxy.addr).unwrap();
+        let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut ());
+        let source_runs = matches!(outcome, Outcome::RunsOn(_));
+        vm.stop().unwrap();
+        wait_for("the destination ends", Duration::from_secs(20), || dest.exited());
+        let dest_ran = dest.status() == "completed";
+        assert!(dest_ran, "{}", dest.text());
+        assert_eq!(source_runs && dest_ran, broken, "broken {broken}: {outcome:?}");
+    }
+}

@@ -232,7 +232,6 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
         let baseline_pass_ns = vm.wait_passes(p + 1).map_err(|e| error_chain(&e))?;
         let json_path = dir.join(format!("dest-{i}.json"));
         let (child, addr) = spawn_destination(a.run_after_ms, &json_path)?;
-        let conn = crate::migrate_cmd::connect(&addr)?;
         let params = OutgoingParams {
             downtime_limit: Duration::from_millis(a.downtime_limit_ms),
             timeout: Some(Duration::from_secs(a.timeout_s)),
@@ -242,6 +241,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             clear_chunk_pages: desc.clear_chunk_pages,
             ..OutgoingParams::default()
         };
+        let conn = crate::migrate_cmd::connect(&addr, params.progress_timeout)?;
         let header = desc.header(vm.as_ref())?;
         let p0 = vm.passes_done();
         let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut ());

@@ -279,11 +279,14 @@ pub fn migrate_incoming(
         Ok(a) => a,
         Err(e) => return fail(StreamError::Io(e).into(), stats),
     };
+    let received = Arc::new(AtomicU64::new(0));
     let mut d = Incoming {
         conn: &conn,
+        // A small buffer: a frame's payload, larger, is read past it.
+        reader: Counting::new(BufReader::with_capacity(64 << 10, &conn), received.clone()),
         cell: &cell,
         params,
-        received: Arc::new(AtomicU64::new(0)),
+        received,
         progress: params.progress_timeout,
         settle: Duration::ZERO,
         sender: None,
@@ -299,7 +302,7 @@ pub fn migrate_incoming(
     match r {
         Ok(()) => {
             stats.status = MigrationStatus::Completed;
-            await_settled(&conn, &cell, settle);
+            d.await_settled(settle);
             drop(answering);
             Ok((stats, vm.expect("a running guest has its VM")))
         }
@@ -308,7 +311,7 @@ pub fn migrate_incoming(
             let (state, _) = cell.on(DestEvent::Failed);
             debug_assert_eq!(state, DestState::Aborted);
             drop(vm);
-            refuse(&conn, sender.as_deref(), &error_chain(&error), d.progress);
+            d.refuse(sender.as_deref(), &error_chain(&error));
             // A source that got our `Verified` may have committed: it asks.
             if verified {
                 cell.linger(settle);
@@ -319,53 +322,12 @@ pub fn migrate_incoming(
     }
 }
 
-/// Tells the source why (if it can still be told), then reads what it
-/// still sends until it closes or `progress` passes: closing with unread
-/// bytes would reset the connection and destroy the refusal in flight.
-fn refuse(conn: &TcpStream, sender: Option<&Sender>, why: &str, progress: Duration) {
-    let f = Frame::Refuse { why: why.to_string() };
-    let sent = match sender {
-        Some(s) => s.send_now(&f).map(|_| ()),
-        None => crate::stream::write_frame(&mut &*conn, &f),
-    };
-    if sent.is_err() {
-        return;
-    }
-    let _ = conn.shutdown(Shutdown::Write);
-    let _ = conn.set_read_timeout(Some(progress));
-    let end = Instant::now() + progress;
-    let mut sink = [0u8; 64 << 10];
-    while Instant::now() < end {
-        match std::io::Read::read(&mut &*conn, &mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
-/// After the guest started: until the source says it knows (a `Settled` on
-/// this connection or on a query's) or its settle window passed.
-fn await_settled(conn: &TcpStream, cell: &Cell, window: Duration) {
-    let end = cell.lock().decided.unwrap_or_else(Instant::now) + window;
-    let mut frames = FrameReader::default();
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() || cell.lock().settled {
-            return;
-        }
-        let _ = conn.set_read_timeout(Some(left));
-        match frames.read(&mut &*conn, 0) {
-            Ok(Frame::Settled { .. }) => return cell.settle(),
-            Ok(_) => continue,
-            // The source closed without saying (it may ask) or went quiet.
-            Err(_) => return cell.linger(window),
-        }
-    }
-}
-
 /// One incoming migration's state.
 struct Incoming<'a> {
     conn: &'a TcpStream,
+    /// The one reader of the connection, from the header to the last
+    /// `Settled` (a second one would miss what this one buffered).
+    reader: Counting<BufReader<&'a TcpStream>>,
     cell: &'a Cell,
     params: &'a IncomingParams,
     /// Bytes read off the connection.
@@ -403,9 +365,7 @@ impl Incoming<'_> {
         let timeout = |e: StreamError, p| link::peer_error(e, "source", p);
         link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
         self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
-        // A small buffer: a frame's payload, larger, is read past it.
-        let mut r = Counting::new(BufReader::with_capacity(64 << 10, self.conn), self.received.clone());
-        let header = read_header(&mut r).map_err(|e| timeout(e, self.progress))?;
+        let header = read_header(&mut self.reader).map_err(|e| timeout(e, self.progress))?;
         observer.phase(Phase::HeaderReceived);
         stats.id = header.id;
         stats.backend = format!("{} {}", header.backend, header.config);
@@ -437,7 +397,7 @@ impl Incoming<'_> {
         }
         sender.send_now(&Frame::Ready)?;
         observer.phase(Phase::ReadySent);
-        let (digests, states) = self.load(&mut r, &header, stats, observer)?;
+        let (digests, states) = self.load(&header, stats, observer)?;
 
         // Every page checked against the source's digest, before anything
         // runs: a page with no digest counts as mismatched.
@@ -469,7 +429,7 @@ impl Incoming<'_> {
         self.verified = true;
         sender.send_now(&Frame::Verified)?;
         observer.phase(Phase::VerifiedSent);
-        self.await_commit(&mut r, header.id)?;
+        self.await_commit(header.id)?;
         observer.phase(Phase::CommitReceived);
         let vm = self.vm.as_mut().expect("built");
         let mut pacer = Pacer::new(vm.as_ref(), dirty_rate, write_pct);
@@ -489,7 +449,6 @@ impl Incoming<'_> {
     #[allow(clippy::type_complexity)]
     fn load(
         &mut self,
-        r: &mut impl std::io::Read,
         header: &Header,
         stats: &mut IncomingStats,
         observer: &mut dyn Observer,
@@ -508,8 +467,9 @@ impl Incoming<'_> {
         let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
         let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
         loop {
-            let f =
-                frames.read(r, header.page_size).map_err(|e| link::peer_error(e, "source", self.progress))?;
+            let f = frames
+                .read(&mut self.reader, header.page_size)
+                .map_err(|e| link::peer_error(e, "source", self.progress))?;
             match f {
                 Frame::Heartbeat { .. } => {}
                 Frame::Round { round } => {
@@ -592,7 +552,7 @@ impl Incoming<'_> {
     }
 
     /// `Prepared`: the source's `Commit`, within the progress timeout.
-    fn await_commit(&mut self, r: &mut impl std::io::Read, id: u64) -> Result<(), IncomingError> {
+    fn await_commit(&mut self, id: u64) -> Result<(), IncomingError> {
         let deadline = Instant::now() + self.progress;
         let mut frames = FrameReader::default();
         let why = loop {
@@ -602,7 +562,7 @@ impl Incoming<'_> {
                 break error_chain(&e);
             }
             self.conn.set_read_timeout(Some(left)).map_err(StreamError::Io)?;
-            match frames.read(r, 0) {
+            match frames.read(&mut self.reader, 0) {
                 Ok(Frame::Heartbeat { .. }) => continue,
                 Ok(Frame::Commit { id: got }) if got == id => {
                     let (state, action) = self.cell.on(DestEvent::Commit);
@@ -625,6 +585,63 @@ impl Incoming<'_> {
         };
         let why = self.cell.lock().why.clone().unwrap_or(why);
         Err(IncomingError::Aborted(why))
+    }
+
+    /// After the guest started: until the source says it knows (a
+    /// `Settled` on this connection or on a query's) or its window passed.
+    fn await_settled(&mut self, window: Duration) {
+        let end = self.cell.lock().decided.unwrap_or_else(Instant::now) + window;
+        let mut frames = FrameReader::default();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.cell.lock().settled {
+                return;
+            }
+            let _ = self.conn.set_read_timeout(Some(left));
+            match frames.read(&mut self.reader, 0) {
+                Ok(Frame::Settled { .. }) => return self.cell.settle(),
+                Ok(_) => continue,
+                // The source closed without saying (it may ask) or went quiet.
+                Err(_) => return self.cell.linger(window),
+            }
+        }
+    }
+
+    /// Tells the source why (if it can still be told), then reads what it
+    /// still sends until it closes or the progress timeout passes: closing
+    /// with unread bytes would reset the connection and destroy the refusal
+    /// in flight. A source that heard it says `Settled` before it closes.
+    fn refuse(&mut self, sender: Option<&Sender>, why: &str) {
+        let f = Frame::Refuse { why: why.to_string() };
+        let sent = match sender {
+            Some(s) => s.send_now(&f).map(|_| ()),
+            None => crate::stream::write_frame(&mut &*self.conn, &f),
+        };
+        if sent.is_err() {
+            return;
+        }
+        let _ = self.conn.shutdown(Shutdown::Write);
+        let end = Instant::now() + self.progress;
+        let mut frames = FrameReader::default();
+        let mut sink = [0u8; 64 << 10];
+        let mut aligned = true;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.conn.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            if aligned {
+                match frames.read(&mut self.reader, 0) {
+                    Ok(Frame::Settled { .. }) => self.cell.settle(),
+                    Ok(_) => {}
+                    Err(StreamError::Closed | StreamError::Io(_)) => return,
+                    // Mid-frame after a bad one: bytes, not frames, from here.
+                    Err(_) => aligned = false,
+                }
+            } else if matches!(std::io::Read::read(&mut self.reader, &mut sink), Ok(0) | Err(_)) {
+                return;
+            }
+        }
     }
 
     /// The guest runs here: with `run_after`, lets it run that long, then

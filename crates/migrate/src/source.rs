@@ -491,11 +491,10 @@ fn finish(
             Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
         }
         _ => {
-            if state == SourceState::Completed {
-                // The destination may stop answering queries: we know.
-                let mut w = conn;
-                let _ = crate::stream::write_frame(&mut w, &Frame::Settled { id });
-            }
+            // The destination may stop answering queries: we know (it runs
+            // the guest, or it told us it aborted).
+            let mut w = conn;
+            let _ = crate::stream::write_frame(&mut w, &Frame::Settled { id });
             drop(inbox);
             let _ = conn.shutdown(Shutdown::Both);
             settle(state, action, vm, stats, why.as_deref().unwrap_or("it aborted"))

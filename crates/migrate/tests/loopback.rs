@@ -276,3 +276,47 @@ fn throttled_migrations_stress() {
     }
     assert_eq!(failed, 0, "{failed} of {runs} failed");
 }
+
+/// `--timeout-s` holds between frames, not only between rounds: a round 0
+/// that would take 4 s (32 MiB at 8 MiB/s) is cancelled, or forced into
+/// the stop-and-copy, about a second in.
+#[test]
+fn the_timeout_holds_inside_a_round() {
+    let backend = EngineBackend::default();
+    let spec = spec(32 * MIB);
+    for on_timeout in [OnTimeout::Cancel, OnTimeout::Force] {
+        let mut vm = boot(&backend, &spec);
+        let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
+        let conn = TcpStream::connect(addr).unwrap();
+        let h = header(vm.as_ref());
+        let params = OutgoingParams {
+            max_bandwidth: Some(8 * MIB),
+            timeout: Some(Duration::from_secs(1)),
+            on_timeout,
+            dirty_rate: Some(0),
+            ..OutgoingParams::default()
+        };
+        let t = std::time::Instant::now();
+        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
+        let took = t.elapsed();
+        match on_timeout {
+            OnTimeout::Cancel => {
+                let e = runs_on(r);
+                assert!(matches!(e.error, MigrationError::Timeout(_)), "{e}");
+                assert!(took < Duration::from_millis(2500), "cancelled {took:?} in, inside round 0");
+                assert!(e.stats.rounds[0].normal_pages < 8192, "round 0 was cut short: {:?}", e.stats.rounds);
+                drop(conn);
+                assert!(dest.join().unwrap().is_err());
+            }
+            OnTimeout::Force => {
+                let stats = completed(r, "forced");
+                assert!(!stats.converged);
+                assert!(stats.rounds[0].normal_pages < 8192, "round 0 was cut short: {:?}", stats.rounds);
+                let sent: u64 = stats.rounds.iter().map(|r| r.normal_pages).sum();
+                assert!(sent >= 8192, "the stop-and-copy sent the rest: {:?}", stats.rounds);
+                assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
+            }
+        }
+        vm.stop().unwrap();
+    }
+}

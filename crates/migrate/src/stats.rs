@@ -114,7 +114,7 @@ pub struct MigrationStats {
     /// What the operator did, if the outcome was unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator_action: Option<OperatorAction>,
-    /// From the start to the destination's ack (or to the end), ms.
+    /// From the start to the destination's `Running` (or to the end), ms.
     pub total_time_ms: f64,
     /// Connecting, the header and turning dirty logging on, ms (`None`:
     /// the destination never said `Ready`).

@@ -219,20 +219,13 @@ impl Unsettled {
     /// Asks the destination once more: its answer settles the migration
     /// (`vm` resumed, or to be stopped), its silence leaves it unsettled.
     pub fn ask(mut self, vm: &mut dyn PassVm) -> Outcome {
-        let last = match query(self.dest, self.id, self.progress) {
-            Ok(Answer::Running) => return self.settled(vm, SourceEvent::Running),
-            Ok(Answer::Aborted) => return self.settled(vm, SourceEvent::Aborted),
-            Ok(Answer::Unknown) => format!("{} knows no migration {:#x}", self.dest, self.id),
-            Err(e) => format!("asking {}: {}", self.dest, error_chain(&e)),
-        };
-        self.stats.error = Some(unsettled_error(self.settle, &last));
-        Outcome::Unsettled(self)
-    }
-
-    fn settled(self, vm: &mut dyn PassVm, event: SourceEvent) -> Outcome {
+        let (event, why) = ask(self.dest, self.id, self.progress);
         let (state, action) = SourceState::Postmigrate.on(event, &self.breakage);
-        let why = "the destination, asked again, said it aborted";
-        settle(state, action, vm, self.stats, why)
+        if state == SourceState::Postmigrate {
+            self.stats.error = Some(unsettled_error(self.settle, &why));
+            return Outcome::Unsettled(self);
+        }
+        settle(state, action, vm, self.stats, &why)
     }
 
     /// The operator resumes the guest here: only right when the
@@ -313,6 +306,17 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
     Ok(answer)
 }
 
+/// One question to the destination, as the handover's event (`Running`,
+/// `Aborted`, or a `Failed` attempt), with what to say of it.
+fn ask(dest: SocketAddr, id: u64, progress: Duration) -> (SourceEvent, String) {
+    match query(dest, id, progress) {
+        Ok(Answer::Running) => (SourceEvent::Running, String::new()),
+        Ok(Answer::Aborted) => (SourceEvent::Aborted, "asked after the commit, it said it aborted".into()),
+        Ok(Answer::Unknown) => (SourceEvent::Failed, format!("{dest} knows no migration {id:#x}")),
+        Err(e) => (SourceEvent::Failed, format!("asking {dest}: {}", error_chain(&e))),
+    }
+}
+
 /// A fresh migration id: random, so that no frame of another migration,
 /// or of an earlier attempt of this one, is taken for this one's.
 fn new_id() -> u64 {
@@ -375,8 +379,7 @@ pub fn migrate_outgoing(
     observer: &mut dyn Observer,
 ) -> Outcome {
     let start = Instant::now();
-    let mut stats =
-        Box::new(MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64));
+    let stats = MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64);
     let link = (|| -> std::io::Result<_> {
         // Where the settle queries go, known before the peer can reset.
         let dest = conn.peer_addr()?;
@@ -401,7 +404,6 @@ pub fn migrate_outgoing(
         let pages = (b as f64 * params.progress_timeout.as_secs_f64() / 4.0 / 4096.0) as u32;
         (pages / 64 * 64).clamp(64, FRAME_PAGES)
     });
-    stats.status = MigrationStatus::Active;
     let mut m = Outgoing {
         pacer: Pacer::new(vm, params.dirty_rate, params.write_pct),
         reaped: vec![0u64; vm.pages().div_ceil(64) as usize],
@@ -410,7 +412,7 @@ pub fn migrate_outgoing(
         sender,
         inbox,
         params,
-        stats: *stats,
+        stats,
         start,
         state: SourceState::Sending,
         frame_pages,
@@ -435,13 +437,12 @@ pub fn migrate_outgoing(
     m.stats.transferred_bytes = m.sender.bytes();
     m.stats.total_time_ms = ms(start.elapsed());
     m.stats.mbps = m.stats.transferred_bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
-    let Outgoing { vm, state, stats, inbox, dest, .. } = m;
-    let stats = Box::new(stats);
     match r {
-        Ok(end) => finish(vm, conn, inbox, end, (stats, header.id, dest), params),
+        Ok(end) => m.finish(conn, end, header.id),
         Err(error) => {
             // Before `Commit`, any failure resumes here (the handover).
-            debug_assert!(matches!(state, SourceState::Sending | SourceState::AwaitVerified));
+            debug_assert!(matches!(m.state, SourceState::Sending | SourceState::AwaitVerified));
+            let Outgoing { vm, stats, inbox, .. } = m;
             drop(inbox);
             let _ = conn.shutdown(Shutdown::Both);
             fail(vm, stats, error, start)
@@ -451,12 +452,8 @@ pub fn migrate_outgoing(
 
 /// A migration that ended before the point of no return: the guest runs
 /// on here.
-fn fail(
-    vm: &mut dyn PassVm,
-    mut stats: Box<MigrationStats>,
-    error: MigrationError,
-    start: Instant,
-) -> Outcome {
+fn fail(vm: &mut dyn PassVm, stats: MigrationStats, error: MigrationError, start: Instant) -> Outcome {
+    let mut stats = Box::new(stats);
     resume_here(vm);
     stats.status = if error.is_cancel() { MigrationStatus::Cancelled } else { MigrationStatus::Failed };
     stats.source_vm = SourceVm::Running;
@@ -464,42 +461,6 @@ fn fail(
     stats.total_time_ms = ms(start.elapsed());
     stats.error = Some(error_chain(&error));
     Outcome::RunsOn(MigrationFailure { error, stats })
-}
-
-/// The end of a handover that reached `Commit`: `state` is `Completed`,
-/// `RunsOn` (the destination aborted) or `Postmigrate`.
-fn finish(
-    vm: &mut dyn PassVm,
-    conn: &TcpStream,
-    inbox: Inbox,
-    end: HandoverEnd,
-    (stats, id, dest): (Box<MigrationStats>, u64, SocketAddr),
-    params: &OutgoingParams,
-) -> Outcome {
-    let HandoverEnd { state, action, why } = end;
-    match state {
-        SourceState::Postmigrate => {
-            drop(inbox);
-            let _ = conn.shutdown(Shutdown::Both);
-            let mut stats = stats;
-            stats.status = MigrationStatus::Unknown;
-            stats.source_vm = SourceVm::Postmigrate;
-            stats.downtime_ms = None;
-            let settle = params.settle_timeout;
-            stats.error = Some(unsettled_error(settle, why.as_deref().unwrap_or("none")));
-            let (progress, breakage) = (params.progress_timeout, params.breakage);
-            Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
-        }
-        _ => {
-            // The destination may stop answering queries: we know (it runs
-            // the guest, or it told us it aborted).
-            let mut w = conn;
-            let _ = crate::stream::write_frame(&mut w, &Frame::Settled { id });
-            drop(inbox);
-            let _ = conn.shutdown(Shutdown::Both);
-            settle(state, action, vm, stats, why.as_deref().unwrap_or("it aborted"))
-        }
-    }
 }
 
 /// Where the handover ended after `Commit`.
@@ -515,6 +476,31 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl Outgoing<'_> {
+    /// The end of a handover that reached `Commit`: `end.state` is
+    /// `Completed`, `RunsOn` (the destination aborted) or `Postmigrate`.
+    fn finish(self, conn: &TcpStream, end: HandoverEnd, id: u64) -> Outcome {
+        let HandoverEnd { state, action, why } = end;
+        let Outgoing { vm, stats, inbox, dest, params, .. } = self;
+        let mut stats = Box::new(stats);
+        if state != SourceState::Postmigrate {
+            // The destination may stop answering queries: we know (it runs
+            // the guest, or it told us it aborted).
+            let _ = crate::stream::write_frame(&mut &*conn, &Frame::Settled { id });
+        }
+        drop(inbox);
+        let _ = conn.shutdown(Shutdown::Both);
+        if state != SourceState::Postmigrate {
+            return settle(state, action, vm, stats, why.as_deref().unwrap_or("it aborted"));
+        }
+        stats.status = MigrationStatus::Unknown;
+        stats.source_vm = SourceVm::Postmigrate;
+        stats.downtime_ms = None;
+        let settle = params.settle_timeout;
+        stats.error = Some(unsettled_error(settle, why.as_deref().unwrap_or("none")));
+        let (progress, breakage) = (params.progress_timeout, params.breakage);
+        Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
+    }
+
     /// Setup, pre-copy and the stop-and-copy, up to `Done`.
     fn run(
         &mut self,
@@ -856,7 +842,7 @@ impl Outgoing<'_> {
                 match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "running")? {
                     Frame::Running { id: got } if got == id => return Ok(SourceEvent::Running),
                     Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
-                    // A duplicate `Verified`, a heartbeat's kin: not yet.
+                    // A duplicate `Verified`: no answer yet.
                     Frame::Verified => continue,
                     other => {
                         return Err(StreamError::Unexpected { expected: "running", got: other.name() }.into());
@@ -878,37 +864,23 @@ impl Outgoing<'_> {
         if action != SourceAction::Query {
             return Ok(HandoverEnd { state, action, why });
         }
-        Ok(self.settling(header.id, why))
+        Ok(self.settling(header.id))
     }
 
     /// `Settling`: asks the destination over new connections until it
     /// answers or the settle window ends.
-    fn settling(&mut self, id: u64, mut why: Option<String>) -> HandoverEnd {
+    fn settling(&mut self, id: u64) -> HandoverEnd {
         let b = self.params.breakage;
         let p = self.params.progress_timeout;
         let end = Instant::now() + self.params.settle_timeout;
         let dest = self.dest;
         loop {
-            let event = match query(dest, id, p) {
-                Ok(Answer::Running) => SourceEvent::Running,
-                Ok(Answer::Aborted) => {
-                    why = Some("asked after the commit, it said it aborted".into());
-                    SourceEvent::Aborted
-                }
-                Ok(Answer::Unknown) => {
-                    why = Some(format!("{dest} knows no migration {id:#x}"));
-                    SourceEvent::Failed
-                }
-                Err(e) => {
-                    why = Some(format!("asking {dest}: {}", error_chain(&e)));
-                    SourceEvent::Failed
-                }
-            };
+            let (event, said) = ask(dest, id, p);
             let (state, action) = self.state.on(event, &b);
             self.state = state;
+            let why = Some(said).filter(|_| state != SourceState::Completed);
             if state == SourceState::Completed {
                 self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
-                why = None;
             }
             if action != SourceAction::Query {
                 return HandoverEnd { state, action, why };

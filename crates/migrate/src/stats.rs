@@ -120,7 +120,8 @@ pub struct MigrationStats {
     /// the destination never said `Ready`).
     pub setup_time_ms: Option<f64>,
     /// From the vCPUs' stop to the destination's `Running`, ms (`None`
-    /// unless it completed).
+    /// unless it completed; when `Running` was lost and a query found the
+    /// guest running, until the source heard it).
     pub downtime_ms: Option<f64>,
     /// Of it: pausing the vCPUs, ms (`None`: they were not paused).
     pub pause_ms: Option<f64>,

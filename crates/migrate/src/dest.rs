@@ -296,7 +296,10 @@ pub fn migrate_incoming(
     };
     let r = d.receive(build, &mut stats, observer);
     stats.received_bytes = d.received.load(Ordering::Relaxed);
-    let r = r.and_then(|()| d.run_after(&mut stats));
+    if r.is_ok() {
+        // The guest runs here: nothing from now on can discard it.
+        d.run_after(&mut stats);
+    }
     let (settle, verified) = (d.settle, d.verified);
     let (sender, vm) = (d.sender.take(), d.vm.take());
     match r {
@@ -646,11 +649,36 @@ impl Incoming<'_> {
 
     /// The guest runs here: with `run_after`, lets it run that long, then
     /// pauses it and checks every page. What the check finds is reported
-    /// in `stats`; it never fails the migration.
-    fn run_after(&mut self, stats: &mut IncomingStats) -> Result<(), IncomingError> {
+    /// in `stats`; nothing here can fail the migration.
+    fn run_after(&mut self, stats: &mut IncomingStats) {
         if self.params.run_after.is_zero() {
-            return Ok(());
+            return;
         }
+        let outcome = self.watch(stats);
+        let (check, note) = match outcome {
+            Err(why) => (ResumeCheck::Inconclusive, Some(why)),
+            Ok((written, lost, regressed)) => {
+                (stats.pages_written_after_resume, stats.lost_pages, stats.regressed_pages) =
+                    (Some(written), Some(lost), Some(regressed));
+                if lost > 0 || regressed > 0 {
+                    let why =
+                        format!("{lost} pages written but not logged, {regressed} pages behind the source's");
+                    (ResumeCheck::Failed, Some(why))
+                } else if written == 0 {
+                    let ms = stats.run_after_ms.unwrap_or(0);
+                    (ResumeCheck::Inconclusive, Some(format!("the guest wrote nothing in {ms} ms here")))
+                } else {
+                    (ResumeCheck::Passed, None)
+                }
+            }
+        };
+        (stats.check_after_resume, stats.check_note) = (check, note);
+    }
+
+    /// Lets the guest run `run_after` (harvesting every 20 ms), pauses it,
+    /// and compares every page: the pages written, lost and behind; `Err`
+    /// says why it could not tell.
+    fn watch(&mut self, stats: &mut IncomingStats) -> Result<(u64, u64, u64), String> {
         let Resumed { mut pacer, floor, digests } = self.resumed.take().expect("the guest runs");
         let vm = self.vm.as_mut().expect("built");
         let pages = vm.pages();
@@ -662,8 +690,8 @@ impl Incoming<'_> {
         // runs: a later pass would write over a wrong value before the final
         // check.
         let mut behind = vec![false; pages as usize];
-        let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), BackendError> {
-            harvest(vm.as_mut(), &mut one)?;
+        let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), String> {
+            harvest(vm.as_mut(), &mut one).map_err(|e| format!("a harvest failed: {}", error_chain(&e)))?;
             for (w, (b, &o)) in bitmap.iter_mut().zip(&one).enumerate() {
                 *b |= o;
                 let mut m = o;
@@ -673,11 +701,6 @@ impl Incoming<'_> {
                     behind[p as usize] |= running_page_behind(vm.as_ref(), p, floor, digests[p as usize]);
                 }
             }
-            Ok(())
-        };
-        let inconclusive = |stats: &mut IncomingStats, why: String| {
-            stats.check_after_resume = ResumeCheck::Inconclusive;
-            stats.check_note = Some(why);
             Ok(())
         };
         // At least `run_after`, and until the guest completed a pass here (a
@@ -691,9 +714,7 @@ impl Incoming<'_> {
         while ran < self.params.run_after || (vm.passes_done() == at_resume && ran < patience) {
             pacer.tick(vm.as_ref());
             if last_collect.elapsed() >= Duration::from_millis(20) {
-                if let Err(e) = collect(vm) {
-                    return inconclusive(stats, format!("a harvest failed: {}", error_chain(&e)));
-                }
+                collect(vm)?;
                 last_collect = Instant::now();
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -701,48 +722,54 @@ impl Incoming<'_> {
             last_step = Instant::now();
         }
         stats.run_after_ms = Some(ran.as_millis() as u64);
-        if let Err(e) = vm.vcpu_gate().pause(self.progress) {
-            return inconclusive(stats, format!("its vCPUs could not be paused: {e}"));
-        }
+        vm.vcpu_gate().pause(self.progress).map_err(|e| format!("its vCPUs could not be paused: {e}"))?;
         stats.passes_after_run = Some(vm.passes_done());
-        if let Err(e) = collect(vm) {
-            return inconclusive(stats, format!("the last harvest failed: {}", error_chain(&e)));
-        }
-        let memory = vm.memory();
-        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
-        // stores before us), and nothing else writes guest memory; `bytes`
-        // dies with this function, before the caller stops or resumes them.
-        let bytes = unsafe { quiescent_bytes(memory) };
-        let (mut written, mut lost, mut regressed) = (0, 0, 0);
-        for p in 0..pages {
-            if digests[p as usize] == Some(page_digest(bytes, p)) {
-                continue;
-            }
-            written += 1;
-            if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-                lost += 1;
-            }
-            let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
-            // Relaxed: the vCPUs are paused (the gate's acquire ordered
-            // their stores before us).
-            let newest = words.iter().map(|x| vm.stored_iteration(x.load(Ordering::Relaxed))).max();
-            if newest.unwrap_or(0) < floor || behind[p as usize] {
-                regressed += 1;
-            }
-        }
-        (stats.pages_written_after_resume, stats.lost_pages, stats.regressed_pages) =
-            (Some(written), Some(lost), Some(regressed));
-        if lost > 0 || regressed > 0 {
-            stats.check_after_resume = ResumeCheck::Failed;
-            stats.check_note =
-                Some(format!("{lost} pages written but not logged, {regressed} pages behind the source's"));
-        } else if written == 0 {
-            return inconclusive(stats, format!("the guest wrote nothing in {} ms here", ran.as_millis()));
-        } else {
-            stats.check_after_resume = ResumeCheck::Passed;
-        }
-        Ok(())
+        collect(vm)?;
+        // SAFETY: paused just above (`pause` returned `Ok`: every vCPU is
+        // held), and nothing else writes guest memory until the caller
+        // stops or resumes the VM, after this returns.
+        Ok(unsafe { compare_pages(vm.as_ref(), &digests, &bitmap, &behind, floor) })
     }
+}
+
+/// The check of a paused guest after it ran here: pages whose content moved
+/// on from the source's final `digests` (written), of those the ones not in
+/// the run's dirty `bitmap` (lost), and the ones holding no store of
+/// iteration `floor` or later, or caught `behind` while it ran (regressed).
+///
+/// # Safety
+///
+/// `vm`'s vCPUs are paused (their stores ordered before the call by the
+/// gate's acquire) and nothing writes its memory until this returns.
+unsafe fn compare_pages(
+    vm: &dyn PassVm,
+    digests: &[Option<u64>],
+    bitmap: &[u64],
+    behind: &[bool],
+    floor: u64,
+) -> (u64, u64, u64) {
+    let memory = vm.memory();
+    // SAFETY: the vCPUs are paused and nothing writes guest memory (this
+    // function's contract); `bytes` dies with this function.
+    let bytes = unsafe { quiescent_bytes(memory) };
+    let (mut written, mut lost, mut regressed) = (0, 0, 0);
+    for p in 0..vm.pages() {
+        if digests[p as usize] == Some(page_digest(bytes, p)) {
+            continue;
+        }
+        written += 1;
+        if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
+            lost += 1;
+        }
+        let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+        // Relaxed: the vCPUs are paused (the gate's acquire ordered their
+        // stores before us).
+        let newest = words.iter().map(|x| vm.stored_iteration(x.load(Ordering::Relaxed))).max();
+        if newest.unwrap_or(0) < floor || behind[p as usize] {
+            regressed += 1;
+        }
+    }
+    (written, lost, regressed)
 }
 
 /// Is page `p` of a running guest, reported dirty, behind the source: moved

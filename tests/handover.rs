@@ -572,6 +572,17 @@ fn ack_cases(backend: &'static str) -> Vec<Case> {
         dest: &["completed"],
         ..Case::new(format!("{backend} ack {what}"))
     })
+    // A frame of round 0 corrupted on the way: the destination refuses it
+    // and the source prints the destination's cause, not a reset.
+    .chain([Case {
+        backend,
+        rule: Some(Rule { dir: Dir::ToDest, kind: PAGES, nth: 1, act: Act::Corrupt }),
+        source: &["failed"],
+        dest: &["failed"],
+        source_says: Some("the destination refused the migration: the migration stream failed; the partial VM is discarded: frame checksum mismatch"),
+        dest_says: Some("frame checksum mismatch"),
+        ..Case::new(format!("{backend} a corrupt frame"))
+    }])
     .collect()
 }
 

@@ -7,8 +7,8 @@
 //! the operator's word on a control socket (`migrate control`).
 //!
 //! Exit codes (docs/migration.md): 0 the migration completed (the guest
-//! runs at the destination); 1 it failed (the guest runs at the source, or
-//! at the destination never ran); 2 a usage or setup error; 3 (source) the
+//! runs at the destination); 1 it failed (the source runs the guest on; the
+//! destination never ran it); 2 a usage or setup error; 3 (source) the
 //! outcome stayed unknown and the operator decided; 4 (destination) the
 //! guest runs here but the check after the resume found pages lost or
 //! behind.
@@ -567,26 +567,27 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let (stats, code) = match outcome {
         Outcome::Completed(stats) => {
             vm.stop().map_err(|e| error_chain(&e))?;
+            report(&stats)?;
             (stats, 0)
         }
         Outcome::RunsOn(f) => {
             runs_on(vm.as_mut(), &desc);
             vm.stop().map_err(|e| error_chain(&e))?;
+            report(&f.stats)?;
             (f.stats, 1)
         }
         Outcome::Unsettled(u) => {
             report(u.stats())?;
             let (stats, code) = postmigrate(u, &mut vm, &desc, &socket)?;
-            // What changed since the report above.
+            // What changed since the report above (the JSON whole).
             println!("Migration status: {}", stats.status.name());
-            println!("{}", stats.lines()[1]);
+            println!("{}", stats.source_vm_line());
             if let Some(p) = &a.json {
                 write_json(p, &serde_json::json!({ "config": desc, "source": stats }))?;
             }
-            return Ok(code);
+            (stats, code)
         }
     };
-    report(&stats)?;
     if let Some(dir) = &a.plot {
         std::fs::create_dir_all(dir)?;
         let path = crate::plot::migration_rounds(dir, &[(vm.name(), &*stats)])?;

@@ -187,23 +187,26 @@ impl MigrationStats {
         }
     }
 
+    /// What became of the source's copy, and who decided.
+    pub fn source_vm_line(&self) -> String {
+        let vm = match self.source_vm {
+            SourceVm::Running => "running",
+            SourceVm::Postmigrate => "paused (postmigrate)",
+            SourceVm::Discarded => "discarded",
+        };
+        let by = match self.operator_action {
+            Some(OperatorAction::Resume) => " (resumed by the operator)",
+            Some(OperatorAction::Discard) => " (by the operator)",
+            None => "",
+        };
+        format!("source VM: {vm}{by}")
+    }
+
     /// The `info migrate` lines (the error among them, once).
     pub fn lines(&self) -> Vec<String> {
         let mut l = vec![
             format!("Migration status: {}", self.status.name()),
-            format!(
-                "source VM: {}{}",
-                match self.source_vm {
-                    SourceVm::Running => "running",
-                    SourceVm::Postmigrate => "paused (postmigrate)",
-                    SourceVm::Discarded => "discarded",
-                },
-                match self.operator_action {
-                    Some(OperatorAction::Resume) => " (resumed by the operator)",
-                    Some(OperatorAction::Discard) => " (by the operator)",
-                    None => "",
-                }
-            ),
+            self.source_vm_line(),
             format!("total time: {:.0} ms", self.total_time_ms),
             format!("downtime: {}", measured_ms(self.downtime_ms)),
             format!("expected downtime: {}", measured_ms(self.expected_downtime_ms)),

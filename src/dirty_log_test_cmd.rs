@@ -1,14 +1,15 @@
 //! `shadow-mmu dirty-log-test`: KVM's `dirty_log_test`, in its words, on
 //! the engine (each design) and on the machine's KVM, through the testkit's
-//! one procedure (`testkit::dirty_log_test`).
+//! one procedure (`shadow_mmu_testkit::dirty_log_test`).
 
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use engine::{MmuDesign, VmConfig};
-use testkit::backend::{Backend, EngineBackend, PassSpec};
-use testkit::dirty_log_test::dirty_log_test;
-use testkit::interface::{DirtyLogInterface, HarvestSpec};
+use shadow_mmu_engine::{MmuDesign, VmConfig};
+use shadow_mmu_testkit::backend::EngineBackend;
+use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
+use shadow_mmu_vmm::{Backend, PassSpec};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
 
 /// `dirty_log_test -M`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

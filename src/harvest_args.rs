@@ -3,7 +3,9 @@
 //! bench).
 
 use clap::Args;
-use testkit::interface::{DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec};
+use shadow_mmu_vmm::interface::{
+    DEFAULT_CLEAR_CHUNK_PAGES, DEFAULT_RING_ENTRIES, DirtyLogInterface, HarvestSpec,
+};
 
 /// `--clear-chunk-pages`, `--initially-set`, `--ring-entries`.
 #[derive(Debug, Clone, Args)]

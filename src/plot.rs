@@ -5,7 +5,8 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use testkit::perf::LatencyHistogram;
+use shadow_mmu_vmm::LatencySummary;
+use shadow_mmu_vmm::probe::SUMMARY_QUANTILES;
 
 /// Colours of the series, in order.
 const COLOURS: [RGBColor; 6] = [
@@ -74,20 +75,17 @@ pub fn dirty_log_vs_size(dir: &Path, points: &[(String, u64, u64)]) -> Result<Ve
     Ok(vec![path])
 }
 
-/// The quantiles of the latency chart's x axis, as `-log10(1 - q)`.
-const QUANTILES: [f64; 9] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999];
-
 /// `fault-latency.svg`: the vCPUs' write-fault latency during harvests, as a
 /// percentile spectrum (x: the percentile on a log scale of `1 - q`, y: the
 /// latency on a log scale), one line per design; the max is the last point.
 pub fn fault_latency(
     dir: &Path,
-    hists: &[(String, &LatencyHistogram)],
+    hists: &[(String, &LatencySummary)],
     guest_bytes: u64,
 ) -> Result<PathBuf, Box<dyn Error>> {
     let path = dir.join("fault-latency.svg");
     let x_of = |q: f64| -(1.0 - q).log10();
-    let x_max = x_of(QUANTILES[QUANTILES.len() - 1]) + 0.5;
+    let x_max = x_of(SUMMARY_QUANTILES[SUMMARY_QUANTILES.len() - 1]) + 0.5;
     let y_max = hists.iter().map(|(_, h)| h.max_ns()).max().unwrap_or(1).max(10) as f64 / 1e3 * 2.0;
     let y_min = hists.iter().map(|(_, h)| h.quantile_ns(0.5)).min().unwrap_or(1).max(1) as f64 / 1e3 / 2.0;
     let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
@@ -109,7 +107,7 @@ pub fn fault_latency(
     for (i, (label, h)) in hists.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         let mut pts: Vec<(f64, f64)> =
-            QUANTILES.iter().map(|&q| (x_of(q), h.quantile_ns(q).max(1) as f64 / 1e3)).collect();
+            SUMMARY_QUANTILES.iter().map(|&q| (x_of(q), h.quantile_ns(q).max(1) as f64 / 1e3)).collect();
         pts.push((x_max, h.max_ns().max(1) as f64 / 1e3));
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?

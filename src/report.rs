@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use testkit::harness::{RunConfig, RunReport};
+use shadow_mmu_testkit::harness::{RunConfig, RunReport};
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
@@ -169,4 +169,4 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     s
 }
 
-pub use testkit::backend::error_chain;
+pub use shadow_mmu_vmm::error_chain;

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use engine::MmuDesign;
-use testkit::harness::{self, HarnessError, RunConfig};
-use testkit::interface::{DirtyLogInterface, HarvestSpec};
+use shadow_mmu_engine::MmuDesign;
+use shadow_mmu_testkit::harness::{self, HarnessError, RunConfig};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
 
 use crate::harvest_args::HarvestKnobs;
-use testkit::workload::{AccessPattern, WorkloadSpec};
+use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]

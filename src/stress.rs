@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use testkit::harness::{self, HarnessError};
+use shadow_mmu_testkit::harness::{self, HarnessError};
 
 #[derive(Debug, Args)]
 pub struct StressArgs {

@@ -1,12 +1,12 @@
 //! `shadow-mmu trace`: page-level traces of real programs, for
-//! `bench kernbench --workload replay` (format: `testkit::trace`).
+//! `bench kernbench --workload replay` (format: `shadow_mmu_testkit::trace`).
 
 use std::error::Error;
 use std::io::{self, BufReader};
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use testkit::trace::{DEFAULT_WINDOW, PageTrace};
+use shadow_mmu_testkit::trace::{DEFAULT_WINDOW, PageTrace};
 
 #[derive(Debug, Subcommand)]
 pub enum TraceCommand {

@@ -754,9 +754,7 @@ fn the_destination_killed_or_stopped_at_each_phase_boundary() {
 
 #[test]
 fn on_kvm_the_acknowledgement_and_partitions() {
-    let probe = shadow_mmu_kvm::probe();
-    if !probe.is_usable() {
-        eprintln!("skipped: {probe}");
+    if !shadow_mmu_kvm::usable_or_skip() {
         return;
     }
     let mut cases = ack_cases("kvm");
@@ -774,7 +772,8 @@ fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
     use shadow_mmu_core::breakage::Breakage;
     use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
     use shadow_mmu_migrate::stream::{Header, SlotLayout};
-    use testkit::backend::{Backend, EngineBackend, PassSpec};
+    use shadow_mmu_testkit::backend::EngineBackend;
+    use shadow_mmu_vmm::{Backend, PassSpec};
 
     for broken in [false, true] {
         let tag = format!("break-rules-{broken}");

@@ -14,7 +14,8 @@ use shadow_mmu_migrate::source::{
     MigrationError, MigrationFailure, Outcome, OutgoingParams, migrate_outgoing,
 };
 use shadow_mmu_migrate::stream::{Frame, Header, SlotLayout, VERSION, read_frame, write_frame};
-use testkit::backend::{Backend, EngineBackend, PassSpec, PassVm};
+use shadow_mmu_testkit::backend::EngineBackend;
+use shadow_mmu_vmm::{Backend, PassSpec, PassVm};
 
 const MIB: u64 = 1 << 20;
 
@@ -183,9 +184,7 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
 
 #[test]
 fn kvm_migrates_between_two_processes() {
-    let probe = shadow_mmu_kvm::probe();
-    if !probe.is_usable() {
-        eprintln!("skipped: {probe}");
+    if !shadow_mmu_kvm::usable_or_skip() {
         return;
     }
     // Paced (the pause mostly finds the vCPU between passes) and flat out
@@ -234,7 +233,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e:?}");
-    let msg = testkit::backend::error_chain(&e);
+    let msg = shadow_mmu_vmm::error_chain(&e);
     assert!(msg.contains("migration failed"), "{msg}");
     killer.join().unwrap();
     runs_on_and_migrates_again(&mut vm, &spec);

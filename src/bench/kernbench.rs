@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use engine::MmuDesign;
 use serde_json::json;
-use testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
-use testkit::trace::PageTrace;
+use shadow_mmu_engine::MmuDesign;
+use shadow_mmu_testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
+use shadow_mmu_testkit::trace::PageTrace;
 
 use super::migrate_perf::median;
 use super::{BenchResult, Progress, write_json};

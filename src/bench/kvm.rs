@@ -1,12 +1,12 @@
 //! The KVM backend of `bench migrate-perf`: the same workload, through the
-//! same procedure (`testkit::perf::migrate_perf` over the `Backend` trait),
+//! same procedure (`shadow_mmu_testkit::perf::migrate_perf` over the `Backend` trait),
 //! on the machine's `/dev/kvm` (crate `shadow-mmu-kvm`), reported like the
 //! engine's runs. What is KVM's own here is the probe and its details.
 
 use serde_json::{Value, json};
 use shadow_mmu_kvm::{KvmBackend, Probe};
 
-use testkit::interface::{DirtyLogInterface, HarvestSpec};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
 
 use super::migrate_perf::{MigratePerfArgs, Record, backend_run};
 use super::{BenchResult, Progress};

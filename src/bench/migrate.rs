@@ -15,11 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use engine::MmuDesign;
 use serde_json::json;
+use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
-use testkit::backend::error_chain;
-use testkit::interface::DirtyLogInterface;
+use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
 use super::{BenchResult, Progress};
 use crate::harvest_args::HarvestKnobs;

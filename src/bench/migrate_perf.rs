@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use engine::{MmuDesign, VmConfig};
 use serde_json::{Value, json};
-use testkit::backend::{EngineBackend, PassSpec};
-use testkit::interface::{DirtyLogInterface, HarvestSpec};
-use testkit::perf::{self, LatencyHistogram, PerfRun};
+use shadow_mmu_engine::{MmuDesign, VmConfig};
+use shadow_mmu_testkit::backend::EngineBackend;
+use shadow_mmu_testkit::perf::{self, PerfRun};
+use shadow_mmu_vmm::LatencySummary;
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, PassSpec};
 
 use super::{BenchResult, Progress, parse_size, secs, write_json};
 use crate::harvest_args::HarvestKnobs;
@@ -123,7 +124,7 @@ pub struct Record {
     pub(super) run: PerfRun,
     pub(super) floor_ns_per_page: f64,
     /// Engine only: KVM's faults cannot be timed from userspace.
-    pub(super) latency: Option<(LatencyHistogram, LatencyHistogram)>,
+    pub(super) latency: Option<(LatencySummary, LatencySummary)>,
     pub(super) fault_heavy_faults_per_sec: Option<f64>,
     pub(super) extra: Value,
 }
@@ -139,7 +140,7 @@ impl Record {
     }
 
     fn json(&self) -> Value {
-        let lat = |h: Option<&LatencyHistogram>| {
+        let lat = |h: Option<&LatencySummary>| {
             h.map(|h| {
                 json!({
                     "count": h.count(),
@@ -194,7 +195,7 @@ impl Record {
     }
 }
 
-fn latency_line(what: &str, h: &LatencyHistogram) -> String {
+fn latency_line(what: &str, h: &LatencySummary) -> String {
     let us = |ns: u64| ns as f64 / 1e3;
     format!(
         "vCPU write-fault latency {what}: p50 {:.2} us, p99 {:.2} us, p99.9 {:.2} us, max {:.2} us ({} faults)",
@@ -282,7 +283,7 @@ pub fn print_summary(p: &Progress, r: &Record) {
 pub(super) fn backend_run(
     a: &MigratePerfArgs,
     p: &Progress,
-    backend: &dyn testkit::backend::Backend,
+    backend: &dyn shadow_mmu_vmm::Backend,
     kind: &'static str,
     mmu: String,
     harvest: &HarvestSpec,
@@ -479,7 +480,7 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
             &records.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
         )?;
         let largest = sizes.iter().max().copied().unwrap_or(0);
-        let lat: Vec<(String, &LatencyHistogram)> = records
+        let lat: Vec<(String, &LatencySummary)> = records
             .iter()
             .filter(|r| r.guest_bytes == largest)
             .filter_map(|r| r.latency.as_ref().map(|(h, _)| (r.label(), h)))

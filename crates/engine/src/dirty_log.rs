@@ -47,6 +47,7 @@ use crate::harvest::word_ranges;
 use crate::mmu::lockless::{clear_dirty_mask, mark_page_dirty_after_publish};
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
+use shadow_mmu_vmm::DirtyLogProtect;
 
 /// Dirty pages the lockless harvest write-protects in one read-side section
 /// (about 7 µs of walking at the engine's 7 ns per page).
@@ -77,52 +78,6 @@ pub enum DirtyLogError {
         /// Words given.
         got: usize,
     },
-}
-
-/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: who clears and re-protects the
-/// dirty log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum DirtyLogProtect {
-    /// `KVM_GET_DIRTY_LOG` clears and re-protects what it reports (KVM
-    /// before 4.20, and the seed).
-    #[default]
-    Auto,
-    /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`: GET only copies the log;
-    /// `clear_dirty_log` clears and re-protects.
-    Manual,
-    /// `Manual` with `KVM_DIRTY_LOG_INITIALLY_SET`: a slot's log starts all
-    /// ones when logging is enabled, and nothing is write-protected then.
-    ManualInitiallySet,
-}
-
-impl DirtyLogProtect {
-    /// Does GET leave clearing to CLEAR?
-    pub fn is_manual(self) -> bool {
-        self != Self::Auto
-    }
-
-    /// Does the log start all ones?
-    pub fn initially_set(self) -> bool {
-        self == Self::ManualInitiallySet
-    }
-
-    /// The capability's `args[0]` (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` = 1,
-    /// `KVM_DIRTY_LOG_INITIALLY_SET` = 2).
-    pub fn cap_flags(self) -> u64 {
-        match self {
-            Self::Auto => 0,
-            Self::Manual => 1,
-            Self::ManualInitiallySet => 3,
-        }
-    }
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Auto,
-            1 => Self::Manual,
-            _ => Self::ManualInitiallySet,
-        }
-    }
 }
 
 /// Why `clear_dirty_log` was refused (beyond [`DirtyLogError`]'s shared
@@ -173,14 +128,15 @@ impl Kvm {
     pub(crate) fn dirty_log_protect(&self) -> DirtyLogProtect {
         // Relaxed: changed under slots_lock, which every reader that acts on
         // it (GET, CLEAR, enabling logging) holds.
-        DirtyLogProtect::from_u8(self.dirty_log_protect.load(std::sync::atomic::Ordering::Relaxed))
+        let v = self.dirty_log_protect.load(std::sync::atomic::Ordering::Relaxed);
+        DirtyLogProtect::from_u8(v).expect("only set_dirty_log_protect stores it")
     }
 
     /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`.
     pub(crate) fn set_dirty_log_protect(&self, p: DirtyLogProtect) {
         let _slots = self.slots_lock.lock();
         // Relaxed: see `dirty_log_protect`.
-        self.dirty_log_protect.store(p.cap_flags() as u8, std::sync::atomic::Ordering::Relaxed);
+        self.dirty_log_protect.store(p as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `mark_page_dirty_in_slot`, after the caller made its spte writable

@@ -14,51 +14,12 @@
 //!   (`DirtyBitmap::take_word`) takes the bit reads the data when it copies
 //!   the page. No spte is involved: the host writes through its own mapping.
 
-use thiserror::Error;
+use shadow_mmu_vmm::GuestAccessError;
 
 use crate::memslot::Memslot;
 use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
 use crate::sync::atomic::{Ordering, fence};
 use crate::vm::Kvm;
-
-/// Why a host access to guest memory was refused. Nothing was read or
-/// written.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum GuestAccessError {
-    /// The range is not 8-aligned, is empty, or overflows.
-    #[error("guest access [{gpa:#x}, +{bytes:#x}) is not 8-aligned, is empty or overflows")]
-    Unaligned {
-        /// Start.
-        gpa: u64,
-        /// Length in bytes.
-        bytes: u64,
-    },
-    /// The range is not inside one memslot.
-    #[error("guest access [{gpa:#x}, +{bytes:#x}) is not inside one memslot")]
-    NoSlot {
-        /// Start.
-        gpa: u64,
-        /// Length in bytes.
-        bytes: u64,
-    },
-    /// A write to a logged slot while the dirty ring is on: no vCPU ring
-    /// can take it (`dirty_ring.rs`), and it would be lost.
-    #[error("guest write at {gpa:#x}: slot {slot} logs to the dirty ring, which host writes cannot reach")]
-    DirtyRing {
-        /// Start.
-        gpa: u64,
-        /// The slot.
-        slot: u32,
-    },
-    /// A write to a read-only memslot.
-    #[error("guest write at {gpa:#x}: memslot {slot} is read-only")]
-    ReadOnly {
-        /// Start.
-        gpa: u64,
-        /// The slot.
-        slot: u32,
-    },
-}
 
 impl Kvm {
     /// The slot holding all of `[gpa, gpa + words * 8)`.

@@ -63,10 +63,9 @@ pub mod vm;
 
 pub use audit::{AuditError, AuditOptions, AuditReport};
 pub use dirty_bitmap::bitmap_words;
-pub use dirty_log::{ClearDirtyLogError, DirtyLogError, DirtyLogProtect};
+pub use dirty_log::{ClearDirtyLogError, DirtyLogError};
 pub use dirty_ring::DirtyRingError;
 pub use guest::{GuestCode, GuestOp, Script};
-pub use host_access::GuestAccessError;
 pub use memory::{HostMemory, MemoryError};
 pub use memslot::{MemFlags, MemslotError, UserMemoryRegion};
 pub use mmu::{MmuDesign, UnknownMmuDesign};

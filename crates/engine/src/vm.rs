@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use crate::dirty_log::{ClearDirtyLogError, DirtyLogError, DirtyLogProtect};
+use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
 use crate::dirty_ring::DirtyRingError;
 use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
 use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, MmuParams, default_max_mmu_pages};
@@ -27,6 +27,7 @@ use crate::pool::PoolLimits;
 use crate::vcpu::Vcpu;
 use crate::vcpu::requests::{VcpuSet, VcpuShared};
 use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
+use shadow_mmu_vmm::DirtyLogProtect;
 
 /// Most vCPUs a VM may have (`KVM_MAX_VCPUS`).
 pub const KVM_MAX_VCPUS: u32 = 1024;
@@ -131,7 +132,7 @@ pub(crate) struct Kvm {
     pub(crate) slots_lock: Mutex<()>,
     pub(crate) mmu: Mmu,
     pub(crate) vcpus: VcpuSet,
-    /// `kvm->manual_dirty_log_protect`, as [`DirtyLogProtect::cap_flags`].
+    /// `kvm->manual_dirty_log_protect`, as `DirtyLogProtect as u8`.
     pub(crate) dirty_log_protect: std::sync::atomic::AtomicU8,
     /// `kvm->lock`: vCPU creation and the dirty ring's size.
     pub(crate) lock: Mutex<()>,
@@ -267,7 +268,7 @@ impl Vm {
             breakage: crate::breakage::Breakage::SEED,
         });
         let kvm = Kvm {
-            dirty_log_protect: std::sync::atomic::AtomicU8::new(config.dirty_log_protect.cap_flags() as u8),
+            dirty_log_protect: std::sync::atomic::AtomicU8::new(config.dirty_log_protect as u8),
             lock: Mutex::new(()),
             dirty_ring_entries: std::sync::atomic::AtomicU32::new(0),
             dirty_rings: Mutex::new(Vec::new()),
@@ -425,7 +426,7 @@ impl Vm {
 
     /// `kvm_read_guest`: reads guest memory at `gpa` (8-aligned, inside one
     /// memslot) into `out`, from the host's side.
-    pub fn read_guest(&self, gpa: u64, out: &mut [u64]) -> Result<(), crate::GuestAccessError> {
+    pub fn read_guest(&self, gpa: u64, out: &mut [u64]) -> Result<(), shadow_mmu_vmm::GuestAccessError> {
         self.kvm.kvm_read_guest(gpa, out)
     }
 
@@ -433,7 +434,7 @@ impl Vm {
     /// (8-aligned, inside one writable memslot), from the host's side, and
     /// marks the pages dirty where the slot logs, as KVM does for its own
     /// writes to guest memory. Checked whole first: a refusal writes nothing.
-    pub fn write_guest(&self, gpa: u64, words: &[u64]) -> Result<(), crate::GuestAccessError> {
+    pub fn write_guest(&self, gpa: u64, words: &[u64]) -> Result<(), shadow_mmu_vmm::GuestAccessError> {
         self.kvm.kvm_write_guest(gpa, words)
     }
 

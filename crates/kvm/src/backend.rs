@@ -1,4 +1,4 @@
-//! The machine's KVM as a testkit [`Backend`]: each VM is a [`KvmScriptVm`]
+//! The machine's KVM as a `vmm` [`Backend`]: each VM is a [`KvmScriptVm`]
 //! (a test slot and one vCPU that runs host-chosen stores), or, for
 //! `migrate-perf`, a [`KvmPerfVm`] (vCPU threads making passes), with or
 //! without manual protect.
@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
-use shadow_mmu_testkit::backend::{
-    Backend, BackendError, BackendVm, Capabilities, DirtyLogVm, PassExtras, PassSpec, PassVm, RingState,
-    VcpuGate, check_guest_access, check_vcpu_states,
+use shadow_mmu_vmm::{
+    Backend, BackendError, BackendVm, Capabilities, DirtyLog, GuestMemory, HarvestProbe, PassExtras,
+    PassSpec, PassVm, PassWorkload, RingState, VcpuControl, VcpuGate, VcpuStateError, check_guest_access,
+    check_vcpu_states,
 };
 
 use crate::error::KvmError;
 use crate::perf::{KvmPerfConfig, KvmPerfVm};
 use crate::script::KvmScriptVm;
-use crate::vm::{DirtyLogProtect, KvmVm, TEST_SLOT};
+use crate::vm::{KvmVm, TEST_SLOT};
+use shadow_mmu_vmm::DirtyLogProtect;
 
 /// Collects every vCPU ring of `vm` (the test slot's offsets into `out`),
 /// then `KVM_RESET_DIRTY_RINGS`.
@@ -124,19 +126,7 @@ impl<V> KvmBackendVm<V> {
     }
 }
 
-impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            protect: self.protect,
-            dirty_ring: self.inner.dirty_ring_bytes().map(|b| b / 16),
-            mmu_figures: false,
-        }
-    }
-
+impl<V: DerefMut<Target = KvmVm>> GuestMemory for KvmBackendVm<V> {
     fn pages(&self) -> u64 {
         self.inner.test_pages()
     }
@@ -175,6 +165,20 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLogVm for KvmBackendVm<V> {
             (first..=last).for_each(|p| self.host_dirty.mark(p));
         }
         Ok(())
+    }
+}
+
+impl<V: DerefMut<Target = KvmVm>> DirtyLog for KvmBackendVm<V> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            protect: self.protect,
+            dirty_ring: self.inner.dirty_ring_bytes().map(|b| b / 16),
+            mmu_figures: false,
+        }
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
@@ -241,7 +245,7 @@ impl BackendVm for KvmBackendVm<KvmScriptVm> {
     }
 }
 
-impl PassVm for KvmBackendVm<KvmPerfVm> {
+impl PassWorkload for KvmBackendVm<KvmPerfVm> {
     fn release(&self, n: u64) {
         self.inner.release(n);
     }
@@ -258,8 +262,8 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
         None
     }
 
-    fn vcpu_gate(&self) -> Arc<VcpuGate> {
-        self.inner.gate().clone()
+    fn swept_pages(&self) -> u64 {
+        self.pages()
     }
 
     fn passes_done(&self) -> u64 {
@@ -271,6 +275,15 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
         // number it loaded into mm0 at the pass's start).
         self.passes_done() + 1
     }
+}
+
+/// How long a vCPU thread has to take its restored state.
+const RESTORE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl VcpuControl for KvmBackendVm<KvmPerfVm> {
+    fn vcpu_gate(&self) -> Arc<VcpuGate> {
+        self.inner.gate().clone()
+    }
 
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
         let words = crate::perf::PASS_VCPU_STATE_WORDS;
@@ -278,10 +291,8 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
             (s.len() == 8 * words).then_some(()).ok_or("not a KVM pass vCPU's state")
         })?;
         self.inner.gate().restore(states);
-        if !self.inner.gate().wait_restored(std::time::Duration::from_secs(5)) {
-            let why = shadow_mmu_testkit::backend::VcpuStateError(
-                "a vCPU thread did not take its state (it stopped?)".into(),
-            );
+        if !self.inner.gate().wait_restored(RESTORE_WITHIN) {
+            let why = VcpuStateError::NotTaken(RESTORE_WITHIN);
             return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
         }
         Ok(())
@@ -296,3 +307,6 @@ impl PassVm for KvmBackendVm<KvmPerfVm> {
         Ok(PassExtras { figures, ..PassExtras::default() })
     }
 }
+
+/// KVM shows userspace no fault of its vCPUs: nothing to time.
+impl HarvestProbe for KvmBackendVm<KvmPerfVm> {}

@@ -24,7 +24,7 @@
 //! let p = shadow_mmu_kvm::probe();
 //! println!("{p}");
 //! if p.is_usable() {
-//!     let protect = shadow_mmu_kvm::vm::DirtyLogProtect::Auto;
+//!     let protect = shadow_mmu_vmm::DirtyLogProtect::Auto;
 //!     let mut vm = shadow_mmu_kvm::KvmScriptVm::new(2 << 20, protect)?;
 //!     vm.enable_dirty_logging()?;
 //!     vm.run_writes(&[(0x3008, 42)])?;
@@ -49,6 +49,6 @@ pub mod vm;
 pub use backend::KvmBackend;
 pub use error::KvmError;
 pub use perf::{KvmPerfConfig, KvmPerfVm};
-pub use probe::{Capabilities, Execution, Flavour, Probe, probe};
+pub use probe::{Capabilities, Execution, Flavour, Probe, REQUIRE_KVM, probe, probed, usable_or_skip};
 pub use script::KvmScriptVm;
 pub use vm::{KvmVm, VmSetup, bitmap_words};

@@ -35,10 +35,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{
-    DirtyLogProtect, GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup,
-};
-use shadow_mmu_testkit::vcpu_gate::{IdleWait, VcpuGate, decode_words, encode_words};
+use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
+use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
+use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;

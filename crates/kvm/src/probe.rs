@@ -155,7 +155,7 @@ fn execution() -> Result<Execution, KvmError> {
     let vm = KvmVm::new(VmSetup {
         control_bytes: 4096,
         test_bytes: 4096,
-        protect: crate::vm::DirtyLogProtect::Auto,
+        protect: shadow_mmu_vmm::DirtyLogProtect::Auto,
         populate: false,
         dirty_ring_bytes: None,
     })?;
@@ -165,6 +165,33 @@ fn execution() -> Result<Execution, KvmError> {
         GuestExit::Ucall(UCALL_PROBE) => Ok(Execution::Hardware),
         GuestExit::EmulationFailure => Ok(Execution::Emulated),
         other => Err(KvmError::UnexpectedExit(format!("probe guest: {other:?}"))),
+    }
+}
+
+/// The probe, run once per process ([`probe`]).
+pub fn probed() -> &'static Probe {
+    static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
+    PROBE.get_or_init(probe)
+}
+
+/// The environment variable that turns every KVM skip of a test suite into
+/// a failure: set it to `1` where `/dev/kvm` is usable (CI does), so that a
+/// green run cannot hide missing KVM coverage.
+pub const REQUIRE_KVM: &str = "SHADOW_MMU_REQUIRE_KVM";
+
+/// For test suites: whether KVM can run them here. Where it cannot, prints
+/// one line saying why and returns `false` (the test then passes without
+/// running), unless [`REQUIRE_KVM`] is `1`: then it panics with the reason.
+pub fn usable_or_skip() -> bool {
+    match &probed().usable {
+        Ok(()) => true,
+        Err(why) if std::env::var(REQUIRE_KVM).is_ok_and(|v| v == "1") => {
+            panic!("{REQUIRE_KVM}=1, and KVM cannot run here: {why}")
+        }
+        Err(why) => {
+            println!("skipped: {why}");
+            false
+        }
     }
 }
 

@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 
 use crate::error::KvmError;
 use crate::guest::{SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
-use crate::vm::{DirtyLogProtect, GuestExit, KvmVm, TEST_GPA, Vcpu, VmSetup};
+use crate::vm::{GuestExit, KvmVm, TEST_GPA, Vcpu, VmSetup};
+use shadow_mmu_vmm::DirtyLogProtect;
 
 /// Bytes of the control slot: the program's page, then the table.
 const SCRIPT_CONTROL_BYTES: u64 = 1 << 20;

@@ -60,7 +60,7 @@ pub const UCALL_PORT: u16 = 0x10;
 
 /// KVM's bitmap layout is the engine's: one bit per page, in `u64` words.
 pub use shadow_mmu_core::bitmap_words;
-pub use shadow_mmu_testkit::backend::DirtyLogProtect;
+use shadow_mmu_vmm::DirtyLogProtect;
 
 /// An anonymous, private, page-aligned host mapping that backs a memslot.
 #[derive(Debug)]

@@ -1,12 +1,10 @@
 //! Bad input gets a typed error, with a message that says what was wrong,
 //! and leaves the VM working.
 
-mod common;
-
-use common::kvm_usable;
-use shadow_mmu_kvm::vm::DirtyLogProtect;
+use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::vm::{KvmVm, VmSetup};
 use shadow_mmu_kvm::{KvmError, KvmPerfConfig, KvmPerfVm, KvmScriptVm, bitmap_words};
+use shadow_mmu_vmm::DirtyLogProtect;
 
 #[test]
 fn bad_perf_configs_are_refused_before_touching_kvm() {
@@ -40,7 +38,7 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
 
 #[test]
 fn wrong_bitmap_sizes_are_typed_errors_and_the_vm_keeps_working() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     let pages = 1000; // not a multiple of 64: 16 words, the last one partial
@@ -69,7 +67,7 @@ fn wrong_bitmap_sizes_are_typed_errors_and_the_vm_keeps_working() {
 
 #[test]
 fn clear_dirty_log_misuse_is_refused() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     // Without manual protect.
@@ -80,7 +78,7 @@ fn clear_dirty_log_misuse_is_refused() {
         KvmPerfVm::new(&KvmPerfConfig { guest_bytes: 1 << 20, ..KvmPerfConfig::default() }).expect("perf VM");
     assert!(matches!(perf.clear_dirty_log(0, &[0; 4]), Err(KvmError::ManualProtectNotEnabled)));
 
-    if !common::kvm().has_manual_protect() {
+    if !shadow_mmu_kvm::probed().has_manual_protect() {
         println!("skipped: KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
         return;
     }
@@ -118,7 +116,7 @@ fn clear_dirty_log_misuse_is_refused() {
 
 #[test]
 fn harvest_before_logging_and_other_misuse() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     let mut bitmap = [0u64; 4];

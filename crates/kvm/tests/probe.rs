@@ -1,17 +1,15 @@
 //! The probe: one line, and on a PVM host the emulator is what runs plain
 //! guests.
 
-mod common;
-
-use shadow_mmu_kvm::{Execution, Flavour};
+use shadow_mmu_kvm::{Execution, Flavour, usable_or_skip};
 
 #[test]
 fn probe_prints_one_line_and_finds_how_guests_run() {
-    let p = common::kvm();
+    let p = shadow_mmu_kvm::probed();
     let line = p.to_string();
     println!("{line}");
     assert!(line.starts_with("kvm: ") && !line.contains('\n'), "{line:?}");
-    if !common::kvm_usable() {
+    if !usable_or_skip() {
         assert!(line.ends_with("KVM runs skipped"), "{line}");
         return;
     }

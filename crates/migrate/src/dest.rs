@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shadow_mmu_testkit::backend::{BackendError, PassVm, error_chain, harvest};
+use shadow_mmu_vmm::{BackendError, PassVm, error_chain, harvest};
 use thiserror::Error;
 
 use crate::handover::{DestAction, DestEvent, DestState};

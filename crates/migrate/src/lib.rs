@@ -1,8 +1,8 @@
 //! # shadow-mmu live migration
 //!
 //! Pre-copy live migration of a VM over TCP between two processes, driven
-//! through the testkit's [`PassVm`](shadow_mmu_testkit::backend::PassVm)
-//! so that neither end knows which backend it drives:
+//! through the `vmm` traits ([`PassVm`](shadow_mmu_vmm::PassVm)) so that
+//! neither end knows which backend it drives:
 //!
 //! - [`stream`]: the wire format, a versioned sequence of length-prefixed,
 //!   checksummed frames that a hostile peer cannot make us allocate beyond

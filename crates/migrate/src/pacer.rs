@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shadow_mmu_testkit::backend::{PassVm, VcpuGate};
+use shadow_mmu_vmm::{PassVm, VcpuGate};
 
 /// Bytes per guest page.
 const PAGE_BYTES: f64 = 4096.0;

@@ -1,7 +1,7 @@
 //! The source of a live migration: pre-copy over any [`PassVm`], with
 //! QEMU's and Cloud Hypervisor's rules, and the source's half of the
 //! handover ([`crate::handover`]). It knows the dirty-log interface the VM
-//! offers ([`Capabilities`](shadow_mmu_testkit::backend::Capabilities)),
+//! offers ([`Capabilities`](shadow_mmu_vmm::Capabilities)),
 //! never which backend runs it.
 //!
 //! 1. Setup: the header; the destination builds its VM and says `Ready`
@@ -45,9 +45,10 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use shadow_mmu_core::breakage::Breakage;
-use shadow_mmu_testkit::backend::{BackendError, DirtyLogProtect, PassVm, error_chain, timed_harvest};
-use shadow_mmu_testkit::interface::HarvestSpec;
-use shadow_mmu_testkit::vcpu_gate::PauseTimeout;
+use shadow_mmu_vmm::{
+    BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PassVm, PauseTimeout, error_chain,
+    timed_harvest,
+};
 use thiserror::Error;
 
 use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
@@ -349,7 +350,7 @@ struct Outgoing<'a> {
     reaped: Vec<u64>,
     last_reap: Instant,
     /// The faults that met the last harvest, for its round's statistics.
-    harvest_latency: Option<shadow_mmu_testkit::perf::LatencyHistogram>,
+    harvest_latency: Option<LatencySummary>,
     /// When the vCPUs stopped for the stop-and-copy.
     stopped: Option<Instant>,
 }

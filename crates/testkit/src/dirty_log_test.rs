@@ -27,11 +27,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::backend::{BackendError, PassVm, timed_harvest};
 use crate::dirty_bitmap::bitmap_words;
-use crate::interface::HarvestSpec;
 use crate::memory::WORDS_PER_PAGE;
 use crate::oracle::Oracle;
+use shadow_mmu_vmm::HarvestSpec;
+use shadow_mmu_vmm::{BackendError, PassVm, timed_harvest};
 
 /// What one iteration saw (`Iteration N: dirty: D clean: C writes: W`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

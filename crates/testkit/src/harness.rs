@@ -36,7 +36,6 @@ use crate::audit::{AuditError, AuditOptions, AuditReport};
 use crate::dirty_bitmap::bitmap_words;
 use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
 use crate::dirty_ring::DirtyRingError;
-use crate::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
 use crate::memory::{HostMemory, MemoryError};
 use crate::memslot::{MemFlags, MemslotError, UserMemoryRegion};
 use crate::mmu::MmuDesign;
@@ -48,6 +47,7 @@ use crate::vm::{Vm, VmConfig, VmError, VmStats};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest, WorkloadSpec,
 };
+use shadow_mmu_vmm::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
 
 /// A run.
 #[derive(Debug, Clone, PartialEq, Eq)]

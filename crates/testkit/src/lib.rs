@@ -12,22 +12,17 @@
 //!   compare-exchange floor;
 //! - [`kernbench`] and [`trace`]: the seed's no-regression check, a sweep or
 //!   a replay of a real program's page trace;
-//! - [`backend`]: one interface to a dirty-logging VM, on the engine or on
-//!   the machine's KVM;
-//! - [`vcpu_gate`]: pausing a VM's vCPUs and moving their state (a
-//!   migration's stop-and-copy, the auto-converge throttle);
+//! - [`backend`]: the engine as a `shadow_mmu_vmm::Backend`;
 //! - [`fixtures`]: small VMs and guests the tests share.
 
 pub mod backend;
 pub mod dirty_log_test;
 pub mod fixtures;
 pub mod harness;
-pub mod interface;
 pub mod kernbench;
 pub mod oracle;
 pub mod perf;
 pub mod trace;
-pub mod vcpu_gate;
 pub mod workload;
 
 // The engine's and the core's modules under the names the testkit's modules

@@ -40,10 +40,9 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 
-use crate::backend::{BackendError, EngineVm, PassExtras, PassSpec, PassVm, timed_harvest};
+use crate::backend::EngineVm;
 use crate::dirty_bitmap::bitmap_words;
 use crate::harness::HarnessError;
-use crate::interface::HarvestSpec;
 use crate::memory::HostMemory;
 use crate::memory::WORDS_PER_PAGE;
 use crate::memslot::{MemFlags, UserMemoryRegion};
@@ -51,10 +50,14 @@ use crate::mmu::MmuDesign;
 use crate::oracle::Oracle;
 use crate::spte::PAGE_SIZE;
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
-use crate::vcpu_gate::{VcpuGate, decode_words, encode_words};
 use crate::vm::{Vm, VmConfig};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WORKLOAD_STATE_WORDS, WorkloadGuest, WorkloadSpec,
+};
+use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
+use shadow_mmu_vmm::{
+    BackendError, HarvestProbe, HarvestSpec, LatencySummary, PassExtras, PassSpec, PassVm, PassWorkload,
+    VcpuControl, VcpuGate, VcpuStateError, check_vcpu_states, timed_harvest,
 };
 
 /// One iteration of a `migrate-perf` run, whichever the backend.
@@ -174,6 +177,11 @@ impl LatencyHistogram {
     pub fn add(&mut self, other: &Self) {
         // Both have the same bounds, and the bounds auto-resize anyway.
         self.0.add(&other.0).expect("histograms of the same bounds");
+    }
+
+    /// Its summary, as the `vmm` interface hands latencies on.
+    pub fn summary(&self) -> LatencySummary {
+        LatencySummary::from_fn(self.count(), self.max_ns(), |q| self.quantile_ns(q))
     }
 }
 
@@ -357,7 +365,7 @@ fn await_release(
     ctl: &GuestControl,
     gate: &VcpuGate,
 ) {
-    let idle = crate::vcpu_gate::IdleWait::new();
+    let idle = IdleWait::new();
     loop {
         gate.apply_restore(id, |state| {
             // Checked by `PassVm::restore_vcpus` before it was given.
@@ -633,11 +641,11 @@ impl EnginePassVm {
             swept,
             workload,
         };
-        Ok(EngineVm { name, vm, mem, work, ring: crate::backend::RingState::default() })
+        Ok(EngineVm { name, vm, mem, work, ring: shadow_mmu_vmm::RingState::default() })
     }
 }
 
-impl PassVm for EnginePassVm {
+impl PassWorkload for EnginePassVm {
     fn release(&self, n: u64) {
         self.work.sweepers.release(n);
     }
@@ -662,10 +670,6 @@ impl PassVm for EnginePassVm {
         Some(self.work.sweepers.ctl.cut())
     }
 
-    fn vcpu_gate(&self) -> Arc<VcpuGate> {
-        self.work.sweepers.gate.clone()
-    }
-
     fn passes_done(&self) -> u64 {
         self.work.sweepers.passes().into_iter().min().unwrap_or(0)
     }
@@ -675,8 +679,25 @@ impl PassVm for EnginePassVm {
         self.work.sweepers.ctl.iteration()
     }
 
+    fn swept_pages(&self) -> u64 {
+        self.work.swept
+    }
+
+    fn stored_iteration(&self, word: u64) -> u64 {
+        crate::workload::value_tag(word)
+    }
+}
+
+/// How long a vCPU thread has to take its restored state.
+const RESTORE_WITHIN: Duration = Duration::from_secs(5);
+
+impl VcpuControl for EnginePassVm {
+    fn vcpu_gate(&self) -> Arc<VcpuGate> {
+        self.work.sweepers.gate.clone()
+    }
+
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {
-        crate::backend::check_vcpu_states(&states, self.work.vcpus, &self.name, |s| {
+        check_vcpu_states(&states, self.work.vcpus, &self.name, |s| {
             let (_, g) = decode_sweeper(s).ok_or("not a sweeper state")?;
             // The guest's own check, on a guest of the same slice.
             let spec = self.work.workload;
@@ -686,36 +707,11 @@ impl PassVm for EnginePassVm {
             Ok(())
         })?;
         self.work.sweepers.gate.restore(states);
-        if !self.work.sweepers.gate.wait_restored(std::time::Duration::from_secs(5)) {
-            let why =
-                crate::backend::VcpuStateError("a vCPU thread did not take its state (it stopped?)".into());
+        if !self.work.sweepers.gate.wait_restored(RESTORE_WITHIN) {
+            let why = VcpuStateError::NotTaken(RESTORE_WITHIN);
             return Err(BackendError::new(&self.name, "restoring the vCPUs", why));
         }
         Ok(())
-    }
-
-    fn swept_pages(&self) -> u64 {
-        self.work.swept
-    }
-
-    fn prepare_harvest(&self, within: Duration) {
-        self.vm.prepare_harvest(within);
-    }
-
-    fn stored_iteration(&self, word: u64) -> u64 {
-        crate::workload::value_tag(word)
-    }
-
-    fn harvest_begin(&self) {
-        self.work.clock.tick();
-    }
-
-    fn harvest_end(&self) {
-        self.work.clock.tick();
-    }
-
-    fn take_harvest_latency(&self) -> Option<LatencyHistogram> {
-        Some(std::mem::take(&mut *self.work.harvest_latency.lock()))
     }
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {
@@ -740,7 +736,7 @@ impl PassVm for EnginePassVm {
             ),
         ];
         Ok(PassExtras {
-            latency: Some((swept.harvest, swept.idle)),
+            latency: Some((swept.harvest.summary(), swept.idle.summary())),
             figures: vec![
                 ("vcpu_write_faults", swept.stats.write_faults),
                 ("fast_page_faults", s.mmu.fast_page_faults),
@@ -759,6 +755,24 @@ impl PassVm for EnginePassVm {
             ],
             lines,
         })
+    }
+}
+
+impl HarvestProbe for EnginePassVm {
+    fn prepare_harvest(&self, within: Duration) {
+        self.vm.prepare_harvest(within);
+    }
+
+    fn harvest_begin(&self) {
+        self.work.clock.tick();
+    }
+
+    fn harvest_end(&self) {
+        self.work.clock.tick();
+    }
+
+    fn take_harvest_latency(&self) -> Option<LatencySummary> {
+        Some(std::mem::take(&mut *self.work.harvest_latency.lock()).summary())
     }
 }
 

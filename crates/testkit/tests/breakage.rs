@@ -145,7 +145,8 @@ fn the_audit_names_the_page_a_skipped_write_protection_leaves_writable() {
 
 #[test]
 fn clearing_whole_words_is_caught() {
-    use shadow_mmu_engine::{DirtyLogProtect, GuestOp, MemFlags};
+    use shadow_mmu_engine::{GuestOp, MemFlags};
+    use shadow_mmu_vmm::DirtyLogProtect;
     let breakage = Breakage { clear_whole_word: true, ..Breakage::default() };
     for base in every_design() {
         for broken in [false, true] {
@@ -183,7 +184,7 @@ fn clearing_whole_words_is_caught() {
 
 #[test]
 fn pushing_to_the_ring_before_the_rmap_is_caught() {
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     let breakage = Breakage { ring_push_before_rmap: true, ..Breakage::default() };
     // Only the lockless design can show it: the locked reset takes mmu_lock,
     // which the fault holds from the push to the rmap add.
@@ -258,7 +259,8 @@ fn a_harvest_thread_that_flushes_early_is_caught() {
     // unlogged store without healing it: after each CLEAR (on 4 threads,
     // the hammered page in the last thread's chunk) a store to a page whose
     // bit the CLEAR took must fault and mark it again.
-    use shadow_mmu_engine::{DirtyLogProtect, MemFlags};
+    use shadow_mmu_engine::MemFlags;
+    use shadow_mmu_vmm::DirtyLogProtect;
     use std::sync::atomic::{AtomicBool, Ordering};
     const PAGE: u64 = 500;
     for base in designs_of(MmuDesign::Lockless) {
@@ -310,9 +312,10 @@ fn a_harvest_thread_that_flushes_early_is_caught() {
 /// with every bitmap interface.
 #[test]
 fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
-    use shadow_mmu_testkit::backend::{Backend, EngineBackend, PassSpec};
+    use shadow_mmu_testkit::backend::EngineBackend;
     use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{Backend, PassSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for base in every_design() {
         for interface in [DirtyLogInterface::Get, DirtyLogInterface::Clear] {
             let spec = HarvestSpec { interface, clear_chunk_pages: 4096, ..HarvestSpec::default() };

@@ -3,10 +3,9 @@
 //! slots deleted between push and reset, and the bitmap ioctls and host
 //! writes refused while the ring is on.
 
-use shadow_mmu_engine::{
-    DirtyLogError, DirtyRingError, GuestAccessError, GuestOp, MemFlags, VcpuExit, Vm, VmConfig,
-};
+use shadow_mmu_engine::{DirtyLogError, DirtyRingError, GuestOp, MemFlags, VcpuExit, Vm, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
+use shadow_mmu_vmm::GuestAccessError;
 
 fn harvest(vm: &Vm, vcpu: u32) -> Vec<(u32, u64)> {
     let mut v = Vec::new();

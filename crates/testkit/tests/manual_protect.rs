@@ -3,10 +3,9 @@
 //! of its mask and re-protects those pages, every refusal is typed and
 //! changes nothing, and the audit's dirty-log invariant holds throughout.
 
-use shadow_mmu_engine::{
-    ClearDirtyLogError, DirtyLogError, DirtyLogProtect, GuestOp, MemFlags, VcpuExit, VmConfig,
-};
+use shadow_mmu_engine::{ClearDirtyLogError, DirtyLogError, GuestOp, MemFlags, VcpuExit, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
+use shadow_mmu_vmm::DirtyLogProtect;
 
 fn manual(base: &VmConfig, p: DirtyLogProtect) -> VmConfig {
     VmConfig { dirty_log_protect: p, ..base.clone() }

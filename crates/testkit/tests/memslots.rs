@@ -178,7 +178,7 @@ fn slots_at_offsets_share_one_mapping() {
 
 #[test]
 fn host_writes_are_checked_per_slot_and_logged_like_the_guests() {
-    use shadow_mmu_engine::GuestAccessError;
+    use shadow_mmu_vmm::GuestAccessError;
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let (vm, mem) = vm_with_slot(base.clone(), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);

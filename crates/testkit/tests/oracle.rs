@@ -197,7 +197,7 @@ fn logging_on_several_slots_at_once() {
 /// every collection.
 #[test]
 fn manual_protect_with_chunked_clears_and_initially_set() {
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for d in every_design() {
         for (initially_set, chunk) in [(false, 64), (true, 512), (true, 1 << 18)] {
             let mmu = describe(&d);
@@ -236,7 +236,7 @@ fn manual_protect_with_chunked_clears_and_initially_set() {
 /// oracle at every collection.
 #[test]
 fn the_dirty_ring_with_full_exits_relogging_and_invalidations() {
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for d in every_design() {
         let mmu = describe(&d);
         let cfg = RunConfig {
@@ -269,7 +269,7 @@ fn the_dirty_ring_with_full_exits_relogging_and_invalidations() {
 /// uneven size), checked by the oracle in every design.
 #[test]
 fn harvests_on_several_threads() {
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for d in every_design() {
         for interface in [DirtyLogInterface::Get, DirtyLogInterface::Clear, DirtyLogInterface::Ring] {
             let mmu = describe(&d);
@@ -299,9 +299,10 @@ fn harvests_on_several_threads() {
 /// slot not a multiple of 64 pages, as the selftest's).
 #[test]
 fn dirty_log_test_in_every_design_and_interface() {
-    use shadow_mmu_testkit::backend::{Backend, EngineBackend, PassSpec};
+    use shadow_mmu_testkit::backend::EngineBackend;
     use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
-    use shadow_mmu_testkit::interface::{DirtyLogInterface, HarvestSpec};
+    use shadow_mmu_vmm::{Backend, PassSpec};
+    use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for d in every_design() {
         for (interface, initially_set) in [
             (DirtyLogInterface::Get, false),

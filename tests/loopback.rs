@@ -2,19 +2,21 @@
 //! design and dirty-log interface: the destination's page-by-page check
 //! and its check after resuming must pass, and a failed migration must
 //! leave the source running and able to migrate again. (The tests with two
-//! processes are the CLI's, in the root crate's `tests/migrate.rs`.)
+//! processes are `tests/migrate.rs` and `tests/handover.rs`.)
 
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use shadow_mmu_engine::VmConfig;
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
 use shadow_mmu_migrate::source::{
     MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, migrate_outgoing,
 };
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, ResumeCheck};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
-use shadow_mmu_testkit::backend::{Backend, DirtyLogProtect, EngineBackend, PassSpec, PassVm, VmConfig};
+use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::fixtures::{describe, every_design};
+use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm};
 
 const MIB: u64 = 1 << 20;
 
@@ -34,7 +36,7 @@ fn header(vm: &dyn PassVm) -> Header {
 fn completed(o: Outcome, what: &str) -> MigrationStats {
     match o {
         Outcome::Completed(s) => *s,
-        Outcome::RunsOn(f) => panic!("{what}: {}", shadow_mmu_testkit::backend::error_chain(&f)),
+        Outcome::RunsOn(f) => panic!("{what}: {}", shadow_mmu_vmm::error_chain(&f)),
         Outcome::Unsettled(u) => panic!("{what}: unsettled: {:?}", u.stats().error),
     }
 }
@@ -67,7 +69,7 @@ fn destination(
                 vm.stop().map_err(|e| e.to_string())?;
                 Ok(stats)
             }
-            Err(e) => Err(shadow_mmu_testkit::backend::error_chain(&e)),
+            Err(e) => Err(shadow_mmu_vmm::error_chain(&e)),
         }
     });
     (addr, t)
@@ -210,7 +212,6 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
 #[test]
 #[cfg(feature = "break-rules")]
 fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
-    use shadow_mmu_testkit::backend::VmConfig;
     let breakage = shadow_mmu_core::breakage::Breakage { skip_write_protect: true, ..Default::default() };
     let backend = EngineBackend { config: VmConfig { breakage, ..VmConfig::default() }, dirty_ring: None };
     let spec = spec(16 * MIB);

@@ -3,21 +3,19 @@
 //! numbers, manual protect's get/clear split behaves as KVM documents, and
 //! `migrate_perf` reports every figure.
 
-mod common;
-
-use shadow_mmu_kvm::vm::DirtyLogProtect;
+use shadow_mmu_vmm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use common::kvm_usable;
 use shadow_mmu_kvm::guest::model_pass;
 use shadow_mmu_kvm::perf::slice;
+use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmPerfConfig, KvmPerfVm, bitmap_words};
-use shadow_mmu_testkit::backend::{Backend, PassSpec};
 use shadow_mmu_testkit::fixtures::set_pages;
-use shadow_mmu_testkit::interface::HarvestSpec;
 use shadow_mmu_testkit::perf::migrate_perf;
+use shadow_mmu_vmm::HarvestSpec;
+use shadow_mmu_vmm::{Backend, PassSpec};
 
 const MIB16: u64 = 16 << 20;
 
@@ -41,7 +39,7 @@ fn assert_pages_hold(vm: &KvmPerfVm, want: u64) {
 
 #[test]
 fn sequential_stores_dirty_every_page_and_store_the_pass_number() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     for vcpus in [1, 3] {
@@ -74,7 +72,7 @@ fn sequential_stores_dirty_every_page_and_store_the_pass_number() {
 
 #[test]
 fn loads_dirty_nothing() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     let mut vm = start(&KvmPerfConfig { write_pct: 0, guest_bytes: 4 << 20, ..KvmPerfConfig::default() });
@@ -91,10 +89,10 @@ fn loads_dirty_nothing() {
 
 #[test]
 fn manual_protect_get_copies_and_clear_reprotects() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
-    if !common::kvm().has_manual_protect() {
+    if !shadow_mmu_kvm::probed().has_manual_protect() {
         println!("skipped: KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2");
         return;
     }
@@ -128,7 +126,7 @@ fn manual_protect_get_copies_and_clear_reprotects() {
 
 #[test]
 fn random_and_mixed_passes_dirty_exactly_the_modelled_pages() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     for (random, write_pct, vcpus) in [(true, 100, 2), (false, 40, 1), (true, 60, 3)] {
@@ -171,10 +169,10 @@ fn random_and_mixed_passes_dirty_exactly_the_modelled_pages() {
 
 #[test]
 fn migrate_perf_reports_every_figure() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
-    let manual = common::kvm().has_manual_protect();
+    let manual = shadow_mmu_kvm::probed().has_manual_protect();
     // Through the testkit's Backend trait and its one migrate-perf
     // procedure, as `bench migrate-perf` runs it.
     let spec =

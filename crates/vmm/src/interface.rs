@@ -15,7 +15,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use shadow_mmu_engine::DirtyLogProtect;
+use crate::DirtyLogProtect;
 
 /// QEMU's CLEAR chunk: 1 GiB of 4 KiB pages.
 pub const DEFAULT_CLEAR_CHUNK_PAGES: u64 = 1 << 18;

@@ -12,17 +12,16 @@
 //! reported by nobody, a harvest before logging is refused by everybody, the
 //! log starts clear when logging is enabled (and again when re-enabled).
 
-mod common;
-
-use shadow_mmu_kvm::vm::DirtyLogProtect;
+use shadow_mmu_vmm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use common::{SplitMix, kvm_usable};
+use shadow_mmu_engine::VmConfig;
+use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
-use shadow_mmu_testkit::backend::GuestAccessError;
-use shadow_mmu_testkit::backend::{Backend, BackendVm, EngineBackend, VmConfig, harvest};
+use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
+use shadow_mmu_vmm::{Backend, BackendVm, GuestAccessError, harvest};
 
 const SLOT_BYTES: u64 = 64 << 20;
 const PAGES: u64 = SLOT_BYTES / 4096;
@@ -109,7 +108,7 @@ fn harvest_all(backends: &mut [Box<dyn BackendVm>], want: &[u64], fresh: bool, w
 
 #[test]
 fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     let mut backends: Vec<Box<dyn BackendVm>> =
@@ -207,7 +206,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
 
 #[test]
 fn kvm_write_errors_are_typed_and_harmless() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     let mut vm = KvmScriptVm::new(1 << 20, DirtyLogProtect::Auto).expect("KVM VM");
@@ -228,7 +227,7 @@ fn kvm_write_errors_are_typed_and_harmless() {
 /// read back as written.
 #[test]
 fn host_accesses_are_checked_and_logged_on_every_backend() {
-    let backends: Vec<Box<dyn Backend>> = if kvm_usable() {
+    let backends: Vec<Box<dyn Backend>> = if usable_or_skip() {
         backends()
     } else {
         every_design()
@@ -276,7 +275,7 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
 /// exactly what it names.
 #[test]
 fn clear_refusals_are_the_same_on_every_backend() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
     for backend in backends() {
@@ -389,14 +388,14 @@ fn engine_rings(entries: u32) -> Vec<Box<dyn Backend>> {
 /// that neither fills: see the next test for full rings.
 #[test]
 fn the_dirty_ring_gives_the_same_pages_as_kvm_round_by_round() {
-    if !kvm_usable() {
+    if !usable_or_skip() {
         return;
     }
-    if !common::kvm().has_dirty_ring() {
+    if !shadow_mmu_kvm::probed().has_dirty_ring() {
         println!("skipped: KVM has no KVM_CAP_DIRTY_LOG_RING_ACQ_REL");
         return;
     }
-    let hardware = common::kvm().execution == shadow_mmu_kvm::Execution::Hardware;
+    let hardware = shadow_mmu_kvm::probed().execution == shadow_mmu_kvm::Execution::Hardware;
     let mut backends = engine_rings(8192);
     backends.push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(8192) }));
     let exits = ring_rounds(&backends, !hardware, 0x41f6);
@@ -409,9 +408,9 @@ fn the_dirty_ring_gives_the_same_pages_as_kvm_round_by_round() {
 /// a small ring overflows under load: `kvm_small_ring_under_load`).
 #[test]
 fn full_rings_exit_alike_in_every_design() {
-    let hardware = kvm_usable()
-        && common::kvm().has_dirty_ring()
-        && common::kvm().execution == shadow_mmu_kvm::Execution::Hardware;
+    let hardware = usable_or_skip()
+        && shadow_mmu_kvm::probed().has_dirty_ring()
+        && shadow_mmu_kvm::probed().execution == shadow_mmu_kvm::Execution::Hardware;
     let mut backends = engine_rings(1024);
     if hardware {
         backends.push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(1024) }));
@@ -434,7 +433,7 @@ fn full_rings_exit_alike_in_every_design() {
 #[test]
 #[ignore = "probabilistic, needs a loaded host"]
 fn kvm_small_ring_under_load() {
-    if !kvm_usable() || !common::kvm().has_dirty_ring() {
+    if !usable_or_skip() || !shadow_mmu_kvm::probed().has_dirty_ring() {
         return;
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -489,7 +488,7 @@ fn kvm_small_ring_under_load() {
 /// KVM's ring size rules, refused alike by the engine and by KVM.
 #[test]
 fn dirty_ring_sizes_are_refused_alike() {
-    if !kvm_usable() || !common::kvm().has_dirty_ring() {
+    if !usable_or_skip() || !shadow_mmu_kvm::probed().has_dirty_ring() {
         return;
     }
     for bytes in [3 << 12, 2048, 2 << 20, 0] {
@@ -505,5 +504,24 @@ fn dirty_ring_sizes_are_refused_alike() {
     for bytes in [4096, 1 << 20] {
         let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
         kvm.create_vm(1 << 20).unwrap_or_else(|e| panic!("{bytes}: {e}"));
+    }
+}
+
+/// A deterministic generator for test inputs (splitmix64).
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 }

@@ -1,0 +1,64 @@
+//! The vCPUs' fault latency during harvests, where a backend can time its
+//! faults (the engine; KVM does not show its faults to userspace).
+
+use std::time::Duration;
+
+/// The quantiles a [`LatencySummary`] keeps: those the reports and plots
+/// read.
+pub const SUMMARY_QUANTILES: [f64; 9] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999];
+
+/// A latency distribution in a few numbers: how many, the quantiles of
+/// [`SUMMARY_QUANTILES`], the largest. The backend that recorded the
+/// latencies keeps the histogram; this crate needs none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    count: u64,
+    /// The value at each of [`SUMMARY_QUANTILES`], ns.
+    quantiles_ns: [u64; SUMMARY_QUANTILES.len()],
+    max_ns: u64,
+}
+
+impl LatencySummary {
+    /// The summary of what `quantile` (a quantile's value, ns) says of
+    /// `count` latencies whose largest is `max_ns`.
+    pub fn from_fn(count: u64, max_ns: u64, quantile: impl Fn(f64) -> u64) -> Self {
+        Self { count, quantiles_ns: SUMMARY_QUANTILES.map(quantile), max_ns }
+    }
+
+    /// Latencies recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The largest, ns (0 if none).
+    pub fn max_ns(&self) -> u64 {
+        self.max_ns
+    }
+
+    /// The value at quantile `q`, ns: one of [`SUMMARY_QUANTILES`] (another
+    /// `q` is a bug of the caller's).
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let i = SUMMARY_QUANTILES.iter().position(|&k| k == q);
+        self.quantiles_ns[i.unwrap_or_else(|| panic!("quantile {q} is not one a summary keeps"))]
+    }
+}
+
+/// Harvest instrumentation (module docs).
+pub trait HarvestProbe {
+    /// The final harvest is coming (the stop-and-copy): wake whatever
+    /// threads it will use so that they are ready within `within`.
+    fn prepare_harvest(&self, _within: Duration) {}
+
+    /// Marks the start of a harvest, for backends that time each vCPU fault
+    /// and tell faults during a harvest from others.
+    fn harvest_begin(&self) {}
+
+    /// Marks the end of a harvest.
+    fn harvest_end(&self) {}
+
+    /// The vCPUs' write faults that overlapped a harvest since the last
+    /// call, where the backend times its faults.
+    fn take_harvest_latency(&self) -> Option<LatencySummary> {
+        None
+    }
+}

@@ -108,9 +108,11 @@ impl<'p> Rmap<'p> {
     fn remove_oldest(&mut self) {
         let p = self.spte(0);
         let pool = self.pool;
-        // SAFETY: as in `new`; entry 0 is in the list, and descriptors leave
-        // it clean, to the type-stable pool they came from.
-        unsafe { self.head.remove(p, &mut |d| pool.free(d)) };
+        // SAFETY: descriptors leave the list clean, each once, to the
+        // type-stable pool they came from.
+        let mut free = |d| unsafe { pool.free(d) };
+        // SAFETY: as in `new`; entry 0 is in the list.
+        unsafe { self.head.remove(p, &mut free) };
     }
 }
 
@@ -119,8 +121,10 @@ impl Drop for Rmap<'_> {
         let pool = self.pool;
         // SAFETY: as in `new`; a fresh iterator after each removal.
         while let Some(p) = unsafe { self.head.iter() }.next() {
+            // SAFETY: as in `remove_oldest`.
+            let mut free = |d| unsafe { pool.free(d) };
             // SAFETY: as in `remove_oldest`; `p` is in the list.
-            unsafe { self.head.remove(p, &mut |d| pool.free(d)) };
+            unsafe { self.head.remove(p, &mut free) };
         }
         self.cache.release(pool);
     }

@@ -174,12 +174,21 @@ impl<T: PoolObject> Pool<T> {
         v[0]
     }
 
-    /// Hands `obj` back: reused at once, or retired (module docs). The caller
-    /// has unlinked it from everything a reader could reach it through.
+    /// Hands `obj` back: reused at once, or retired (module docs).
+    ///
+    /// # Safety
+    ///
+    /// `obj` came from this pool (`alloc`, `alloc_into`, or a
+    /// [`MemoryCache`] topped up from it) and is in use: it was not handed
+    /// back since, and nobody hands it back again until the pool allocates
+    /// it anew (two frees would give one object to two owners). The caller
+    /// has unlinked it from everything a new reader could reach it through;
+    /// readers that already hold it may go on reading it (the memory stays
+    /// a `T` of this pool: type stability).
     ///
     /// # Panics
     /// In debug builds, if the object is not clean.
-    pub fn free(&self, obj: NonNull<T>) {
+    pub unsafe fn free(&self, obj: NonNull<T>) {
         // SAFETY: `obj` came from this pool and is in use, so its memory is a
         // live `T`.
         debug_assert!(unsafe { obj.as_ref() }.is_clean(), "pool object freed dirty");
@@ -196,9 +205,15 @@ impl<T: PoolObject> Pool<T> {
     }
 
     /// Hands back many objects.
-    pub fn free_all(&self, objs: impl IntoIterator<Item = NonNull<T>>) {
+    ///
+    /// # Safety
+    ///
+    /// Each of `objs` is one [`Pool::free`] may take (its `# Safety`), and
+    /// none comes twice.
+    pub unsafe fn free_all(&self, objs: impl IntoIterator<Item = NonNull<T>>) {
         for obj in objs {
-            self.free(obj);
+            // SAFETY: the caller's contract, object by object.
+            unsafe { self.free(obj) };
         }
     }
 
@@ -355,7 +370,9 @@ impl<T: PoolObject> MemoryCache<T> {
 
     /// Hands every object back to `pool` (`mmu_free_memory_cache`).
     pub fn release(&mut self, pool: &Pool<T>) {
-        pool.free_all(self.objs.drain(..));
+        // SAFETY: a cache holds objects it took from `pool` (its top-ups) and
+        // has not handed out; draining it hands each back once.
+        unsafe { pool.free_all(self.objs.drain(..)) };
     }
 }
 
@@ -395,11 +412,13 @@ mod tests {
     fn freed_objects_are_reused_at_once() {
         let (pool, _) = pool(8, 1 << 20);
         let a = pool.alloc();
-        pool.free(a);
+        // SAFETY: allocated just above, freed once.
+        unsafe { pool.free(a) };
         let b = pool.alloc();
         assert_eq!(a, b, "reused at once");
         assert_eq!((pool.allocated(), pool.in_use()), (1, 1));
-        pool.free(b);
+        // SAFETY: allocated again just above, freed once.
+        unsafe { pool.free(b) };
         assert_eq!((pool.allocated(), pool.in_use(), pool.free_len()), (1, 0, 1));
     }
 
@@ -409,7 +428,8 @@ mod tests {
         let mut objs = Vec::new();
         pool.alloc_into(6, &mut objs);
         let guard = rcu.read_lock();
-        pool.free_all(objs);
+        // SAFETY: the six allocated above, each once.
+        unsafe { pool.free_all(objs) };
         assert_eq!(pool.free_len(), 2);
         assert_eq!(pool.allocated(), 6, "4 retired, not returned: a reader may hold them");
         assert_eq!(pool.deferred_bytes(), 4 * std::mem::size_of::<Obj>());
@@ -418,7 +438,8 @@ mod tests {
         let more = pool.alloc();
         let extra = pool.alloc();
         let third = pool.alloc();
-        pool.free_all([more, extra, third]);
+        // SAFETY: the three allocated just above, each once.
+        unsafe { pool.free_all([more, extra, third]) };
         assert_eq!(pool.allocated(), 2);
         assert_eq!(pool.stats.returned.get(), 5);
         assert_eq!(pool.deferred_bytes(), 0);
@@ -433,12 +454,14 @@ mod tests {
         pool.alloc_into(4, &mut objs);
         let guard = rcu.read_lock();
         let objs: Vec<usize> = objs.into_iter().map(|p| p.as_ptr() as usize).collect();
-        pool.free_all(objs[..3].iter().map(|&p| NonNull::new(p as *mut Obj).unwrap()));
+        // SAFETY: three of the four allocated above, each once.
+        unsafe { pool.free_all(objs[..3].iter().map(|&p| NonNull::new(p as *mut Obj).unwrap())) };
         assert_eq!(pool.deferred_bytes(), 3 * size, "within the bound: queued");
         let freer = {
             let pool = pool.clone();
             let last = objs[3];
-            std::thread::spawn(move || pool.free(NonNull::new(last as *mut Obj).unwrap()))
+            // SAFETY: the fourth allocated above, freed once, here.
+            std::thread::spawn(move || unsafe { pool.free(NonNull::new(last as *mut Obj).unwrap()) })
         };
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert!(!freer.is_finished(), "past the bound the freeing side waits for the reader");
@@ -455,7 +478,8 @@ mod tests {
         cache.topup(&pool, 4);
         assert_eq!(cache.len(), KVM_NR_MEM_OBJS);
         for _ in 0..KVM_NR_MEM_OBJS - 4 {
-            pool.free(cache.alloc());
+            // SAFETY: the cache took it from `pool` and hands it out once.
+            unsafe { pool.free(cache.alloc()) };
         }
         cache.topup(&pool, 4);
         assert_eq!(cache.len(), 4, "no refill while min is met");

@@ -877,7 +877,8 @@ mod tests {
         // Layout now: first = [s6], then [s3, s4, s5], then [s0, s1, s2].
         // Remove s1 (in the last descriptor): s6 must move into its hole and
         // the emptied first descriptor must be freed.
-        // SAFETY: single writer; pool outlives the list.
+        // SAFETY: single writer; pool outlives the list; every descriptor came
+        // from `pool`, and `remove` frees each it unlinks once.
         unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
         assert_eq!(pool.live(), 2);
         // SAFETY: as above.
@@ -903,13 +904,16 @@ mod tests {
             // SAFETY: single writer; pool outlives the list.
             unsafe { head.add(ptr(spte), &mut || pool.alloc()) };
         }
-        // SAFETY: as above.
+        // SAFETY: as above; every descriptor came from `pool`, and `remove`
+        // frees each it unlinks once.
         unsafe { head.remove(ptr(&s[0]), &mut |d| pool.free(d)) };
-        // SAFETY: as above.
+        // SAFETY: as above; every descriptor came from `pool`, and `remove`
+        // frees each it unlinks once.
         unsafe { head.remove(ptr(&s[2]), &mut |d| pool.free(d)) };
         assert_eq!(head.raw(), ptr(&s[1]).as_ptr() as usize, "single entry lives in the head");
         assert_eq!(pool.live(), 0, "descriptor freed (and clean)");
-        // SAFETY: as above.
+        // SAFETY: as above; every descriptor came from `pool`, and `remove`
+        // frees each it unlinks once.
         unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
         assert!(head.is_empty());
     }
@@ -938,7 +942,8 @@ mod tests {
         let head = PteListHead::new();
         // SAFETY: single writer; pool outlives the list.
         unsafe { head.add(ptr(&s[0]), &mut || pool.alloc()) };
-        // SAFETY: as above.
+        // SAFETY: as above; every descriptor came from `pool`, and `remove`
+        // frees each it unlinks once.
         unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
     }
 
@@ -957,7 +962,9 @@ mod tests {
             let p = ptr(&s[i]).as_ptr() as usize;
             let in_any = model.iter().any(|m| m.contains(&p));
             if model[h].contains(&p) {
-                // SAFETY: single writer; pool outlives the lists.
+                // SAFETY: single writer; pool outlives the lists; every
+                // descriptor came from `pool`, and `remove` frees each it
+                // unlinks once.
                 unsafe { heads[h].remove(ptr(&s[i]), &mut |d| pool.free(d)) };
                 model[h].remove(&p);
             } else if !in_any {

@@ -307,52 +307,107 @@ pub fn secs(d: std::time::Duration) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-/// The name of frame kind `kind`, if it is one (the one table of kinds:
-/// [`Frame::name`] and the decoder read it).
-fn kind_name(kind: u8) -> Option<&'static str> {
-    Some(match kind {
-        1 => "header",
-        2 => "round",
-        3 => "pages",
-        4 => "digest",
-        5 => "vcpu-state",
-        6 => "done",
-        7 => "verified",
-        8 => "refuse",
-        9 => "ready",
-        10 => "commit",
-        11 => "running",
-        12 => "query",
-        13 => "status",
-        14 => "settled",
-        15 => "heartbeat",
-        _ => return None,
-    })
+/// A frame's kind, its payload's first byte (the one table of kinds:
+/// [`Frame::name`], the encoder and the decoder read it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Header = 1,
+    Round = 2,
+    Pages = 3,
+    Digest = 4,
+    VcpuState = 5,
+    Done = 6,
+    Verified = 7,
+    Refuse = 8,
+    Ready = 9,
+    Commit = 10,
+    Running = 11,
+    Query = 12,
+    Status = 13,
+    Settled = 14,
+    Heartbeat = 15,
 }
+
+impl Kind {
+    const ALL: [Kind; 15] = [
+        Kind::Header,
+        Kind::Round,
+        Kind::Pages,
+        Kind::Digest,
+        Kind::VcpuState,
+        Kind::Done,
+        Kind::Verified,
+        Kind::Refuse,
+        Kind::Ready,
+        Kind::Commit,
+        Kind::Running,
+        Kind::Query,
+        Kind::Status,
+        Kind::Settled,
+        Kind::Heartbeat,
+    ];
+
+    /// The kind byte `b` names, if any.
+    fn from_u8(b: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|&k| k as u8 == b)
+    }
+
+    /// Its name, for messages.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Header => "header",
+            Kind::Round => "round",
+            Kind::Pages => "pages",
+            Kind::Digest => "digest",
+            Kind::VcpuState => "vcpu-state",
+            Kind::Done => "done",
+            Kind::Verified => "verified",
+            Kind::Refuse => "refuse",
+            Kind::Ready => "ready",
+            Kind::Commit => "commit",
+            Kind::Running => "running",
+            Kind::Query => "query",
+            Kind::Status => "status",
+            Kind::Settled => "settled",
+            Kind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// Bytes of a slot record in a header: id `u32`, guest physical address
+/// `u64`, pages `u64`.
+const SLOT_RECORD_BYTES: usize = 4 + 8 + 8;
+/// Bytes of a range record in a `Pages` frame: first page `u64`, pages
+/// `u32`, the zero flag `u8`.
+const RANGE_RECORD_BYTES: usize = 8 + 4 + 1;
+/// Where a `Pages` payload's range count is: after the kind byte and the
+/// slot.
+const PAGES_RANGE_COUNT_AT: usize = 1 + 4;
 
 impl Frame {
     /// The kind's name, for messages.
     pub fn name(&self) -> &'static str {
-        kind_name(self.kind()).expect("every frame has a known kind")
+        self.kind().name()
     }
 
-    fn kind(&self) -> u8 {
+    fn kind(&self) -> Kind {
         match self {
-            Frame::Header(_) => 1,
-            Frame::Round { .. } => 2,
-            Frame::Pages { .. } => 3,
-            Frame::Digest { .. } => 4,
-            Frame::VcpuState { .. } => 5,
-            Frame::Done => 6,
-            Frame::Verified => 7,
-            Frame::Refuse { .. } => 8,
-            Frame::Ready => 9,
-            Frame::Commit { .. } => 10,
-            Frame::Running { .. } => 11,
-            Frame::Query { .. } => 12,
-            Frame::Status { .. } => 13,
-            Frame::Settled { .. } => 14,
-            Frame::Heartbeat { .. } => 15,
+            Frame::Header(_) => Kind::Header,
+            Frame::Round { .. } => Kind::Round,
+            Frame::Pages { .. } => Kind::Pages,
+            Frame::Digest { .. } => Kind::Digest,
+            Frame::VcpuState { .. } => Kind::VcpuState,
+            Frame::Done => Kind::Done,
+            Frame::Verified => Kind::Verified,
+            Frame::Refuse { .. } => Kind::Refuse,
+            Frame::Ready => Kind::Ready,
+            Frame::Commit { .. } => Kind::Commit,
+            Frame::Running { .. } => Kind::Running,
+            Frame::Query { .. } => Kind::Query,
+            Frame::Status { .. } => Kind::Status,
+            Frame::Settled { .. } => Kind::Settled,
+            Frame::Heartbeat { .. } => Kind::Heartbeat,
         }
     }
 
@@ -367,7 +422,7 @@ impl Frame {
     /// The payload, into `b` (cleared first; its capacity is reused).
     fn encode_into(&self, b: &mut Vec<u8>) {
         b.clear();
-        b.push(self.kind());
+        b.push(self.kind() as u8);
         match self {
             Frame::Header(h) => {
                 b.extend_from_slice(&MAGIC);
@@ -426,11 +481,11 @@ impl Frame {
         copy_data: bool,
         page_crcs: &mut Vec<u32>,
     ) -> Result<Frame, StreamError> {
-        let (&kind, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
-        let name = kind_name(kind).ok_or(StreamError::UnknownKind(kind))?;
-        let mut c = Cursor { b: body, kind: name };
+        let (&byte, body) = payload.split_first().ok_or(StreamError::FrameSize { len: 0 })?;
+        let kind = Kind::from_u8(byte).ok_or(StreamError::UnknownKind(byte))?;
+        let mut c = Cursor { b: body, kind: kind.name() };
         let f = match kind {
-            1 => {
+            Kind::Header => {
                 if c.take(8)? != MAGIC {
                     return Err(StreamError::BadMagic);
                 }
@@ -441,7 +496,7 @@ impl Frame {
                 let page_size = c.u32()?;
                 let backend = c.string()?;
                 let config = c.string()?;
-                let n = c.count(20)?;
+                let n = c.count(SLOT_RECORD_BYTES)?;
                 let mut slots = Vec::with_capacity(n);
                 for _ in 0..n {
                     slots.push(SlotLayout { id: c.u32()?, guest_phys_addr: c.u64()?, pages: c.u64()? });
@@ -458,10 +513,13 @@ impl Frame {
                     settle_ms,
                 })
             }
-            2 => Frame::Round { round: c.u32()? },
-            3 => {
+            Kind::Round => Frame::Round { round: c.u32()? },
+            Kind::Pages => {
+                if page_size == 0 {
+                    return Err(c.bad("pages of 0 bytes (pages before the header?)"));
+                }
                 let slot = c.u32()?;
-                let n = c.count(13)?;
+                let n = c.count(RANGE_RECORD_BYTES)?;
                 let mut ranges = Vec::with_capacity(n);
                 let mut data_pages = 0u64;
                 for _ in 0..n {
@@ -502,7 +560,7 @@ impl Frame {
                 let data = if copy_data { bytes.to_vec() } else { Vec::new() };
                 Frame::Pages { slot, ranges, data }
             }
-            4 => {
+            Kind::Digest => {
                 let slot = c.u32()?;
                 let first = c.u64()?;
                 let n = c.count(8)?;
@@ -512,22 +570,22 @@ impl Frame {
                 }
                 Frame::Digest { slot, first, digests }
             }
-            5 => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
-            6 => Frame::Done,
-            7 => Frame::Verified,
-            8 => Frame::Refuse { why: c.string()? },
-            9 => Frame::Ready,
-            10 => Frame::Commit { id: c.u64()? },
-            11 => Frame::Running { id: c.u64()? },
-            12 => Frame::Query { id: c.u64()? },
-            13 => {
+            Kind::VcpuState => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
+            Kind::Done => Frame::Done,
+            Kind::Verified => Frame::Verified,
+            Kind::Refuse => Frame::Refuse { why: c.string()? },
+            Kind::Ready => Frame::Ready,
+            Kind::Commit => Frame::Commit { id: c.u64()? },
+            Kind::Running => Frame::Running { id: c.u64()? },
+            Kind::Query => Frame::Query { id: c.u64()? },
+            Kind::Status => {
                 let id = c.u64()?;
                 let b = c.take(1)?[0];
                 let answer = Answer::from_byte(b).ok_or_else(|| c.bad(&format!("answer byte {b}")))?;
                 Frame::Status { id, answer }
             }
-            14 => Frame::Settled { id: c.u64()? },
-            _ => Frame::Heartbeat { received: c.u64()? },
+            Kind::Settled => Frame::Settled { id: c.u64()? },
+            Kind::Heartbeat => Frame::Heartbeat { received: c.u64()? },
         };
         if !c.b.is_empty() {
             return Err(c.bad(&format!("{} bytes left over", c.b.len())));
@@ -640,7 +698,7 @@ impl FrameWriter {
     ) -> Result<u64, StreamError> {
         let b = &mut self.payload;
         b.clear();
-        b.push(3);
+        b.push(Kind::Pages as u8);
         put_pages_table(b, slot, ranges);
         crate::ranges::append_range_data(ranges, memory, b);
         fill_page_crcs(b, data_pages(ranges), 4096);
@@ -709,11 +767,15 @@ fn fill_page_crcs(b: &mut [u8], n: u64, page: usize) {
 /// it loads it). A payload too short to say is covered whole (its decode
 /// will refuse it).
 fn checksummed_len(payload: &[u8]) -> usize {
-    if payload.first() != Some(&3) || payload.len() < 9 {
+    let table = PAGES_RANGE_COUNT_AT + 4;
+    if payload.first() != Some(&(Kind::Pages as u8)) || payload.len() < table {
         return payload.len();
     }
-    let n = u32::from_le_bytes(payload[5..9].try_into().expect("4 bytes")) as usize;
-    let at = n.checked_mul(13).and_then(|t| t.checked_add(9)).filter(|&a| a + 4 <= payload.len());
+    let n = u32::from_le_bytes(payload[PAGES_RANGE_COUNT_AT..table].try_into().expect("4 bytes")) as usize;
+    let at = n
+        .checked_mul(RANGE_RECORD_BYTES)
+        .and_then(|t| t.checked_add(table))
+        .filter(|&a| a + 4 <= payload.len());
     let Some(at) = at else { return payload.len() };
     let pages = u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes")) as usize;
     pages
@@ -781,7 +843,9 @@ impl FrameReader {
     pub fn pages_data(&self) -> &[u8] {
         let n = self.page_crcs.len() * self.page_size;
         match self.payload.first() {
-            Some(3) if self.payload.len() >= n => &self.payload[self.payload.len() - n..],
+            Some(&k) if k == Kind::Pages as u8 && self.payload.len() >= n => {
+                &self.payload[self.payload.len() - n..]
+            }
             _ => &[],
         }
     }
@@ -946,6 +1010,8 @@ mod tests {
         let n = b.len();
         b[n - 10] ^= 4;
         assert!(matches!(read_frame(&mut &b[..], PAGE), Err(StreamError::PageChecksum { page: 8, .. })));
+        // Pages read before any header said their size: refused, no panic.
+        assert!(matches!(read_frame(&mut &b[..], 0), Err(StreamError::Malformed { kind: "pages", .. })));
         // Pages whose data does not match their ranges.
         let bad = Frame::Pages {
             slot: 0,

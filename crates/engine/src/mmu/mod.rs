@@ -316,7 +316,8 @@ mod tests {
         {
             let _g = mmu.lock.lock();
             // Taking from a cache under the lock is what the fault path does.
-            mmu.desc_pool.free(caches.desc.alloc());
+            // SAFETY: the cache took it from `desc_pool`, and hands it out once.
+            unsafe { mmu.desc_pool.free(caches.desc.alloc()) };
         }
         mmu.topup_memory_caches(&mut caches);
         mmu.free_memory_caches(&mut caches);

@@ -259,7 +259,11 @@ impl Kvm {
     /// mutably, though it changes nothing under it, so that no reference to
     /// a shadow page bound to the guard survives a free (`PinsShadowPages`).
     fn kvm_mmu_free_page(&self, _g: &mut MmuGuard<'_>, sp: SpPtr) {
-        self.mmu.sp_pool.free(sp.as_non_null());
+        // SAFETY: every shadow page comes from `sp_pool`; the zap path calls
+        // this once per page, after it left the hash and every list
+        // (`kvm_mmu_isolate_page`, the invalid list), so no new walker finds
+        // it, and the ones that hold it read type-stable memory.
+        unsafe { self.mmu.sp_pool.free(sp.as_non_null()) };
     }
 
     /// `kvm_mmu_commit_zap_page`: flushes remote TLBs, then frees the pages.

@@ -11,6 +11,7 @@ use std::ptr::NonNull;
 use super::MmuCaches;
 use super::lock::MmuGuard;
 use crate::memslot::Memslot;
+use crate::pte_list::PteListDesc;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::spte::{is_large_pte, is_shadow_present_pte};
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -87,12 +88,16 @@ impl Kvm {
         // type-stable pool, whose memory outlives lockless readers' read-side
         // sections (`pool.rs`).
         unsafe {
-            slot.rmap(gfn, level).remove_with(
-                NonNull::from(sptep),
-                &mut |d| self.mmu.desc_pool.free(d),
-                &self.mmu.breakage,
-            )
+            slot.rmap(gfn, level).remove_with(NonNull::from(sptep), &mut self.free_desc(), &self.mmu.breakage)
         };
+    }
+
+    /// What an rmap or a parent list calls with each descriptor it unlinks.
+    fn free_desc(&self) -> impl FnMut(NonNull<PteListDesc>) + '_ {
+        // SAFETY: every descriptor of an rmap or parent list came from
+        // `desc_pool` (the lists allocate from it alone), and a list hands
+        // each it unlinked over once (`PteListHead::remove_with`).
+        |d| unsafe { self.mmu.desc_pool.free(d) }
     }
 
     /// `drop_spte`: makes a leaf non-present and removes it from its rmap.
@@ -126,9 +131,7 @@ impl Kvm {
     /// `drop_parent_pte`: unlinks `sp` from the table of `parent_pte`.
     pub(crate) fn drop_parent_pte(&self, g: &MmuGuard<'_>, sp: SpPtr, parent_pte: &AtomicU64) {
         // SAFETY: as in `rmap_remove`.
-        unsafe {
-            sp.get(g).parent_ptes().remove(NonNull::from(parent_pte), &mut |d| self.mmu.desc_pool.free(d))
-        };
+        unsafe { sp.get(g).parent_ptes().remove(NonNull::from(parent_pte), &mut self.free_desc()) };
         self.mmu_spte_clear_no_track(g, parent_pte);
     }
 

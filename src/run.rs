@@ -71,7 +71,7 @@ pub struct RunArgs {
     pub no_large_pages: bool,
     /// Turn `fast_page_fault` off: every write fault on a page protected for
     /// logging takes the slow path under mmu_lock, and the locked design
-    /// updates sptes with plain stores (the baseline before issue 9).
+    /// updates sptes with plain stores (the first measurements' baseline).
     #[arg(long)]
     pub no_fast_page_fault: bool,
     /// Every N collections, turn logging off for one interval and on again

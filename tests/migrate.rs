@@ -2,7 +2,7 @@
 //! migrate incoming` as a child process, and the source either as another
 //! (`migrate outgoing`) or in this test process through the library (so
 //! that the test can look at the source VM after a failure and migrate it
-//! again). Each fault of issue 12 ends in a typed error, the source runs
+//! again). Each fault of the stream ends in a typed error, the source runs
 //! on, and nothing is lost.
 
 use std::io::{BufRead, BufReader, Write};

@@ -50,7 +50,7 @@ pub struct MigratePerfArgs {
     #[arg(long)]
     pub no_large_pages: bool,
     /// Turn the engine's `fast_page_fault` off, in both designs: the
-    /// baseline of issues 2 to 4, where a write fault on a logged page takes
+    /// baseline of the first measurements, where a write fault on a logged page takes
     /// the slow path and the locked design updates sptes with plain stores.
     #[arg(long)]
     pub no_fast_page_fault: bool,

@@ -79,7 +79,7 @@ switches! {
     /// moving it into the head, as the seed does (patches 07, 10, 15).
     seed_collapse_clears_entry0,
     /// A descriptor taken from the allocator gets its entries before its
-    /// `more` (no "being initialised" 0 first): our order before issue 9.
+    /// `more` (no "being initialised" 0 first): our order before the walker's lost-page race was fixed.
     entries_before_more_on_reuse,
     /// Locked design with `fast_page_fault` on: spte updates under
     /// `mmu_lock` are a plain load and store, not KVM 3.11's `xchg` for

@@ -76,7 +76,7 @@ pub enum SpteUpdate {
     /// the exchange read it, was writable and the new one is not.
     Xchg,
     /// No writer outside `mmu_lock` at all (the locked design with
-    /// `fast_page_fault` off, our baseline before issue 9): a load and a
+    /// `fast_page_fault` off, our first measurements' baseline): a load and a
     /// store, and a flush when W is lost. Exact, since nothing can change the
     /// spte between the two.
     Plain,

@@ -1216,7 +1216,7 @@ mod loom_tests {
         );
     }
 
-    /// Issue 9's race: a descriptor freed by the single-entry collapse is
+    /// The lost-page race of the walker: a descriptor freed by the single-entry collapse is
     /// reused at once by another rmap (1 -> many) while a walker of the old
     /// one is inside it. R0 = [A, B], R1 = X; remove B from R0 (A moves into
     /// the head, the descriptor is freed with entry 0 still A), add Y to R1

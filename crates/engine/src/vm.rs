@@ -42,7 +42,7 @@ pub struct VmConfig {
     /// Fix write faults on pages protected only for dirty logging with
     /// `fast_page_fault` (one compare-exchange, no `mmu_lock`), in either
     /// design. On by default, as in KVM since 3.6; off gives the baseline of
-    /// issues 2 to 4, where every such fault takes the slow path and the
+    /// the first measurements, where every such fault takes the slow path and the
     /// locked design updates sptes with plain stores.
     pub fast_page_fault: bool,
     /// Shadow page budget (`KVM_SET_NR_MMU_PAGES`); `None` follows the size

@@ -14,7 +14,7 @@ use shadow_mmu_engine::{
 pub const MIB: u64 = 1 << 20;
 
 /// Every design the engine runs: each MMU design, with `fast_page_fault` on
-/// (KVM 3.11 and the seed) and off (the baseline of issues 2 to 4).
+/// (KVM 3.11 and the seed) and off (the baseline of the first measurements).
 pub fn every_design() -> Vec<VmConfig> {
     MmuDesign::ALL.into_iter().flat_map(designs_of).collect()
 }

@@ -40,7 +40,7 @@
 //!   is at `lockless::spte_update_needs_flush`).
 //!
 //! `VmConfig::fast_page_fault` turns the fast path off in either design (the
-//! baseline of issues 2 to 4): every write fault then takes the slow path,
+//! baseline of the first measurements): every write fault then takes the slow path,
 //! and the locked design, with no lockless writer left, updates sptes with
 //! plain stores (`SpteUpdate::Plain`).
 

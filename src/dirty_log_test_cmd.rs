@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
 use shadow_mmu_vmm::{Backend, PassSpec};
 use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};

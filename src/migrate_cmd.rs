@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
 use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Unsettled, migrate_outgoing};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus, ResumeCheck};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_migrate::{Observer, Phase};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_vmm::{Backend, DirtyLogInterface, HarvestSpec, PassSpec, PassVm, error_chain};
 
 use crate::harvest_args::HarvestKnobs;

@@ -8,7 +8,7 @@ use shadow_mmu_testkit::harness::{self, HarnessError, RunConfig};
 use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
 
 use crate::harvest_args::HarvestKnobs;
-use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
+use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 
 /// Access patterns on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]

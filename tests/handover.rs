@@ -770,9 +770,9 @@ fn on_kvm_the_acknowledgement_and_partitions() {
 #[cfg(feature = "break-rules")]
 fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
     use shadow_mmu_core::breakage::Breakage;
+    use shadow_mmu_engine::EngineBackend;
     use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
     use shadow_mmu_migrate::stream::{Header, SlotLayout};
-    use shadow_mmu_testkit::backend::EngineBackend;
     use shadow_mmu_vmm::{Backend, PassSpec};
 
     for broken in [false, true] {

@@ -16,10 +16,10 @@ use shadow_mmu_vmm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::VmConfig;
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
 use shadow_mmu_vmm::{Backend, BackendVm, GuestAccessError, harvest};
 
@@ -492,10 +492,8 @@ fn dirty_ring_sizes_are_refused_alike() {
         return;
     }
     for bytes in [3 << 12, 2048, 2 << 20, 0] {
-        let engine = shadow_mmu_testkit::backend::EngineBackend {
-            config: VmConfig::default(),
-            dirty_ring: Some(bytes / 16),
-        };
+        let engine =
+            shadow_mmu_engine::EngineBackend { config: VmConfig::default(), dirty_ring: Some(bytes / 16) };
         let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
         let e = engine.create_vm(1 << 20).err().map(|e| e.to_string());
         let k = kvm.create_vm(1 << 20).err().map(|e| e.to_string());

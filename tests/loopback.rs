@@ -7,6 +7,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::VmConfig;
 use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
 use shadow_mmu_migrate::source::{
@@ -14,7 +15,6 @@ use shadow_mmu_migrate::source::{
 };
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, ResumeCheck};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::fixtures::{describe, every_design};
 use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm};
 

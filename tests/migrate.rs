@@ -10,11 +10,11 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_migrate::source::{
     MigrationError, MigrationFailure, Outcome, OutgoingParams, migrate_outgoing,
 };
 use shadow_mmu_migrate::stream::{Frame, Header, SlotLayout, VERSION, read_frame, write_frame};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_vmm::{Backend, PassSpec, PassVm};
 
 const MIB: u64 = 1 << 20;

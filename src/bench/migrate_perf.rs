@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Value, json};
+use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
-use shadow_mmu_testkit::backend::EngineBackend;
 use shadow_mmu_testkit::perf::{self, PerfRun};
 use shadow_mmu_vmm::LatencySummary;
 use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, PassSpec};

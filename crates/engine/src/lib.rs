@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod backend;
 pub(crate) use shadow_mmu_core::breakage;
 pub(crate) use shadow_mmu_core::dirty_bitmap;
 pub mod dirty_log;
@@ -51,6 +52,7 @@ pub mod memory;
 pub mod memslot;
 pub mod mmu;
 pub mod page_track;
+pub mod passes;
 pub(crate) use shadow_mmu_core::pool;
 pub(crate) use shadow_mmu_core::pte_list;
 pub(crate) use shadow_mmu_core::rcu;
@@ -60,8 +62,10 @@ pub mod stats;
 use shadow_mmu_core::sync;
 pub mod vcpu;
 pub mod vm;
+pub mod workload;
 
 pub use audit::{AuditError, AuditOptions, AuditReport};
+pub use backend::{EngineBackend, EngineVm};
 pub use dirty_bitmap::bitmap_words;
 pub use dirty_log::{ClearDirtyLogError, DirtyLogError};
 pub use dirty_ring::DirtyRingError;
@@ -70,5 +74,6 @@ pub use memory::{HostMemory, MemoryError};
 pub use memslot::{MemFlags, MemslotError, UserMemoryRegion};
 pub use mmu::{MmuDesign, UnknownMmuDesign};
 pub use page_track::TrackError;
+pub use passes::{EnginePassVm, PassesError};
 pub use vcpu::{FaultObserver, Vcpu, VcpuError, VcpuExit, VcpuStats};
 pub use vm::{VcpuKicker, Vm, VmConfig, VmError, VmStats};

@@ -1,6 +1,6 @@
 //! `migrate-perf` on real KVM, in the manner of KVM's
 //! `tools/testing/selftests/kvm/dirty_log_perf_test.c` and in the rhythm of
-//! the engine's `perf.rs` (its `Sweepers`).
+//! the engine's `passes.rs` (its `Sweepers`).
 //!
 //! Each vCPU has its own thread (created per vCPU) and its own slice of the
 //! test slot, pages `[id * n / vcpus, (id + 1) * n / vcpus)`. Its guest

@@ -11,10 +11,10 @@ use std::cell::RefCell;
 
 use divan::Bencher;
 use divan::counter::ItemsCount;
+use shadow_mmu_engine::workload::{GuestControl, HC_PASS_DONE, WorkloadGuest, WorkloadSpec};
 use shadow_mmu_engine::{
     HostMemory, MemFlags, MmuDesign, UserMemoryRegion, Vcpu, VcpuExit, Vm, VmConfig, bitmap_words,
 };
-use shadow_mmu_testkit::workload::{GuestControl, HC_PASS_DONE, WorkloadGuest, WorkloadSpec};
 
 const GUEST_BYTES: u64 = 1 << 30;
 const PAGES: u64 = GUEST_BYTES >> 12;

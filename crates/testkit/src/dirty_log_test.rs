@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::dirty_bitmap::bitmap_words;
-use crate::memory::WORDS_PER_PAGE;
 use crate::oracle::Oracle;
+use shadow_mmu_core::dirty_bitmap::bitmap_words;
+use shadow_mmu_engine::memory::WORDS_PER_PAGE;
 use shadow_mmu_vmm::HarvestSpec;
 use shadow_mmu_vmm::{BackendError, PassVm, timed_harvest};
 

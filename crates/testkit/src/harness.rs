@@ -32,19 +32,19 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::audit::{AuditError, AuditOptions, AuditReport};
-use crate::dirty_bitmap::bitmap_words;
-use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
-use crate::dirty_ring::DirtyRingError;
-use crate::memory::{HostMemory, MemoryError};
-use crate::memslot::{MemFlags, MemslotError, UserMemoryRegion};
-use crate::mmu::MmuDesign;
 use crate::oracle::{CollectStats, LostWrite, Oracle};
-use crate::spte::PAGE_SIZE;
-use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
-use crate::vcpu::{VcpuError, VcpuExit, VcpuStats};
-use crate::vm::{Vm, VmConfig, VmError, VmStats};
-use crate::workload::{
+use shadow_mmu_core::dirty_bitmap::bitmap_words;
+use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_engine::audit::{AuditError, AuditOptions, AuditReport};
+use shadow_mmu_engine::dirty_log::{ClearDirtyLogError, DirtyLogError};
+use shadow_mmu_engine::dirty_ring::DirtyRingError;
+use shadow_mmu_engine::memory::{HostMemory, MemoryError};
+use shadow_mmu_engine::memslot::{MemFlags, MemslotError, UserMemoryRegion};
+use shadow_mmu_engine::mmu::MmuDesign;
+use shadow_mmu_engine::vcpu::tlb::DEFAULT_TLB_ENTRIES;
+use shadow_mmu_engine::vcpu::{VcpuError, VcpuExit, VcpuStats};
+use shadow_mmu_engine::vm::{Vm, VmConfig, VmError, VmStats};
+use shadow_mmu_engine::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest, WorkloadSpec,
 };
 use shadow_mmu_vmm::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
@@ -151,6 +151,9 @@ pub enum HarnessError {
     /// The harvest spec cannot run.
     #[error(transparent)]
     Harvest(#[from] BadHarvestSpec),
+    /// The engine's passes could not start or ended badly.
+    #[error(transparent)]
+    Passes(#[from] shadow_mmu_engine::PassesError),
 }
 
 /// Something that went wrong during a run. The report keeps each one, and a
@@ -421,14 +424,14 @@ struct ChurnGuest {
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl crate::guest::GuestCode for ChurnGuest {
-    fn next_op(&mut self, _: u64) -> crate::guest::GuestOp {
+impl shadow_mmu_engine::guest::GuestCode for ChurnGuest {
+    fn next_op(&mut self, _: u64) -> shadow_mmu_engine::guest::GuestOp {
         // Relaxed: the host joins this thread after setting the flag.
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return crate::guest::GuestOp::Hypercall(HC_STOP);
+            return shadow_mmu_engine::guest::GuestOp::Hypercall(HC_STOP);
         }
         let gfn = self.base_gfn + self.rng.u64(..self.pages);
-        crate::guest::GuestOp::Write(gfn << crate::spte::PAGE_SHIFT, self.rng.u64(..))
+        shadow_mmu_engine::guest::GuestOp::Write(gfn << shadow_mmu_core::spte::PAGE_SHIFT, self.rng.u64(..))
     }
 }
 
@@ -459,7 +462,7 @@ impl Churn {
         let id = cfg.vcpus;
         let mut vcpu = vm.create_vcpu(id)?;
         let mut guest = ChurnGuest {
-            base_gfn: base >> crate::spte::PAGE_SHIFT,
+            base_gfn: base >> shadow_mmu_core::spte::PAGE_SHIFT,
             pages: CHURN_SLOT_BYTES / PAGE_SIZE,
             rng: fastrand::Rng::with_seed(seed),
             stop: stop.clone(),
@@ -571,7 +574,7 @@ pub fn run(
     let slots = 0..cfg.slots;
     // Slot `i`'s words of guest memory.
     let words = |i: u32| {
-        let w = slot_pages as usize * crate::memory::WORDS_PER_PAGE;
+        let w = slot_pages as usize * shadow_mmu_engine::memory::WORDS_PER_PAGE;
         &mem.words()[i as usize * w..(i as usize + 1) * w]
     };
     if let Some(bytes) = cfg.harvest.ring_bytes() {

@@ -28,14 +28,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::guest::{GuestCode, GuestOp};
 use crate::harness::HarnessError;
-use crate::mmu::MmuDesign;
-use crate::perf::vm_with_memory;
-use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
-use crate::vcpu::{VcpuExit, VcpuStats};
-use crate::vm::VmConfig;
-use crate::workload::{GuestControl, HC_STOP, WorkloadGuest, WorkloadSpec};
+use shadow_mmu_core::spte::{PAGE_SHIFT, PAGE_SIZE};
+use shadow_mmu_engine::backend::vm_with_memory;
+use shadow_mmu_engine::guest::{GuestCode, GuestOp};
+use shadow_mmu_engine::mmu::MmuDesign;
+use shadow_mmu_engine::vcpu::{VcpuExit, VcpuStats};
+use shadow_mmu_engine::vm::VmConfig;
+use shadow_mmu_engine::workload::{GuestControl, HC_STOP, WorkloadGuest, WorkloadSpec};
 
 /// Bytes each invalidation covers: one 2 MiB region, as THP collapse or a
 /// reclaim batch would.

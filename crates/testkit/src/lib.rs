@@ -1,9 +1,9 @@
 //! # shadow-mmu testkit
 //!
-//! What runs VMs and judges them, on top of the engine's public API:
+//! What runs VMs and judges them, on top of the engine's public API (whose
+//! `workload` is the guests, and `backend` and `passes` the engine as a
+//! `vmm` backend): test-only; nothing in production depends on it.
 //!
-//! - [`workload`]: the guests (`dirty_log_perf_test`'s passes, random and
-//!   hot sets) and the cut that orders a collection;
 //! - [`oracle`]: the lost-page oracle (`dirty_log_test`): a destination copy
 //!   checked at every collection;
 //! - [`harness`]: a VM under dirty logging, checked by the oracle (what
@@ -12,10 +12,8 @@
 //!   compare-exchange floor;
 //! - [`kernbench`] and [`trace`]: the seed's no-regression check, a sweep or
 //!   a replay of a real program's page trace;
-//! - [`backend`]: the engine as a `shadow_mmu_vmm::Backend`;
 //! - [`fixtures`]: small VMs and guests the tests share.
 
-pub mod backend;
 pub mod dirty_log_test;
 pub mod fixtures;
 pub mod harness;
@@ -23,9 +21,3 @@ pub mod kernbench;
 pub mod oracle;
 pub mod perf;
 pub mod trace;
-pub mod workload;
-
-// The engine's and the core's modules under the names the testkit's modules
-// use.
-use shadow_mmu_core::{dirty_bitmap, spte, sync};
-use shadow_mmu_engine::{audit, dirty_log, dirty_ring, guest, memory, memslot, mmu, vcpu, vm};

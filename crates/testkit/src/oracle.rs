@@ -3,7 +3,7 @@
 //! The oracle plays the migration's destination: it keeps a copy of a
 //! memslot's memory, brought up to date at each collection with the pages
 //! the dirty log reported. Guest stores carry the iteration they were made in
-//! (see [`crate::workload`]), and each collection is preceded by a cut, so
+//! (see [`shadow_mmu_engine::workload`]), and each collection is preceded by a cut, so
 //! that every store tagged with an iteration up to `cut` is complete before
 //! `get_dirty_log` starts.
 //!
@@ -24,8 +24,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::WORDS_PER_PAGE;
-use crate::workload::value_tag;
+use shadow_mmu_engine::memory::WORDS_PER_PAGE;
+use shadow_mmu_engine::workload::value_tag;
 
 /// A store the dirty log failed to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,7 +259,7 @@ impl Oracle {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::workload::encode_value;
+    use shadow_mmu_engine::workload::encode_value;
 
     fn mem(pages: usize) -> Vec<AtomicU64> {
         (0..pages * WORDS_PER_PAGE).map(|_| AtomicU64::new(0)).collect()

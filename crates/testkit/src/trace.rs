@@ -79,7 +79,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::spte::PAGE_SHIFT;
+use shadow_mmu_core::spte::PAGE_SHIFT;
 
 /// The first 8 bytes of a trace file.
 pub const MAGIC: [u8; 8] = *b"SMMUTRC2";

@@ -1,12 +1,17 @@
-//! The engine as a [`Backend`] (`shadow_mmu_vmm`): [`EngineBackend`] builds
-//! engine VMs in either design; [`EngineVm`] is one, with what runs in it
-//! (one vCPU for host-chosen stores, or the passes' vCPU threads of
-//! `perf::EnginePasses`).
+//! The engine as a `vmm` [`Backend`]: [`EngineBackend`] builds engine VMs in
+//! either design; [`EngineVm`] is one, with what runs in it (one vCPU for
+//! host-chosen stores, or the passes' vCPU threads of
+//! [`crate::passes::EnginePasses`]).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use shadow_mmu_engine::{GuestOp, HostMemory, Script, Vcpu, VcpuExit, Vm, VmConfig};
+use crate::guest::{GuestOp, Script};
+use crate::memory::HostMemory;
+use crate::memslot::{MemFlags, UserMemoryRegion};
+use crate::passes::{EnginePassVm, PassesError};
+use crate::vcpu::{Vcpu, VcpuExit};
+use crate::vm::{Vm, VmConfig};
 use shadow_mmu_vmm::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLog, DirtyLogProtect, GuestMemory, PassSpec, PassVm,
     RingState,
@@ -14,10 +19,7 @@ use shadow_mmu_vmm::{
 
 /// Collects every ring of `vm` (the test slot's offsets into `out`), then
 /// resets them.
-pub(crate) fn collect_engine_rings(
-    vm: &Vm,
-    out: &mut Vec<u64>,
-) -> Result<(), shadow_mmu_engine::DirtyRingError> {
+pub(crate) fn collect_engine_rings(vm: &Vm, out: &mut Vec<u64>) -> Result<(), crate::DirtyRingError> {
     for vcpu in vm.dirty_ring_vcpus() {
         vm.harvest_dirty_ring(vcpu, |slot, offset| {
             if slot == 0 {
@@ -52,7 +54,7 @@ impl Backend for EngineBackend {
 
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
-        let (vm, mem) = crate::perf::vm_with_memory(self.config.clone(), guest_bytes, false)
+        let (vm, mem) = vm_with_memory(self.config.clone(), guest_bytes, false)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
         if let Some(n) = self.dirty_ring {
             vm.enable_dirty_ring(n * 16)
@@ -64,7 +66,7 @@ impl Backend for EngineBackend {
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
         let name = self.name();
-        let vm = crate::perf::EnginePassVm::start(name.clone(), self.config.clone(), self.dirty_ring, spec)
+        let vm = EnginePassVm::start(name.clone(), self.config.clone(), self.dirty_ring, spec)
             .map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(vm))
     }
@@ -181,31 +183,28 @@ impl BackendVm for EngineVm<Vcpu> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fixtures::{MIB, every_design, set_pages};
-    use shadow_mmu_vmm::harvest;
-
-    #[test]
-    fn the_engine_as_a_backend() {
-        for config in every_design() {
-            let backend = EngineBackend { config, dirty_ring: None };
-            let mut vm = backend.create_vm(2 * MIB).unwrap();
-            assert_eq!(vm.pages(), 512);
-            let mut bitmap = vec![0u64; 8];
-            assert!(harvest(vm.as_mut(), &mut bitmap).is_err(), "{}: logging is off", backend.name());
-            vm.set_dirty_logging(true).unwrap();
-            vm.run_writes(&[(3 * 4096 + 8, 7), (9 * 4096, 1)]).unwrap();
-            assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap(), 2);
-            assert_eq!(set_pages(&bitmap), vec![3, 9]);
-            assert_eq!(vm.memory()[3 * 512 + 1].load(std::sync::atomic::Ordering::Relaxed), 7);
-            // Refused stores store nothing, and the VM goes on.
-            let e = vm.run_writes(&[(0, 1), (4, 2)]).unwrap_err();
-            assert!(e.to_string().contains("run_writes refused"), "{e}");
-            assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap(), 0);
-            assert!(vm.clear_dirty_log(0, &bitmap).is_err(), "no manual protect on the engine yet");
-            assert!(vm.large_sptes_mapped().is_some());
-        }
-    }
+/// A VM with one slot of `guest_bytes` at guest physical 0. With
+/// `populate`, over pre-populated host memory: the first pass then measures
+/// shadow page faults, not the host kernel's first-touch faults (which would
+/// also make whichever design runs first look slower).
+pub fn vm_with_memory(
+    config: VmConfig,
+    guest_bytes: u64,
+    populate: bool,
+) -> Result<(Vm, Arc<HostMemory>), PassesError> {
+    let vm = Vm::new(config)?;
+    let mem = if populate {
+        HostMemory::anonymous_populated(guest_bytes)?
+    } else {
+        HostMemory::anonymous(guest_bytes)?
+    };
+    vm.set_user_memory_region(UserMemoryRegion {
+        slot: 0,
+        flags: MemFlags::empty(),
+        guest_phys_addr: 0,
+        memory_size: guest_bytes,
+        memory: Some(mem.clone()),
+        memory_offset: 0,
+    })?;
+    Ok((vm, mem))
 }

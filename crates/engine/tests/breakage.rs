@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_testkit::harness::{self, RunConfig};
-use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// An oracle run small and hot enough that vCPUs keep translations in their
 /// TLBs across harvests.
@@ -312,7 +312,7 @@ fn a_harvest_thread_that_flushes_early_is_caught() {
 /// with every bitmap interface.
 #[test]
 fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
-    use shadow_mmu_testkit::backend::EngineBackend;
+    use shadow_mmu_engine::EngineBackend;
     use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
     use shadow_mmu_vmm::{Backend, PassSpec};
     use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};

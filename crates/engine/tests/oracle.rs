@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use shadow_mmu_engine::VmConfig;
+use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
 use shadow_mmu_testkit::harness::{self, RunConfig, RunReport};
-use shadow_mmu_testkit::workload::{AccessPattern, WorkloadSpec};
 
 /// The CI shape: 50 collections (the duration only bounds them), for the
 /// design of `d` (its MMU design and `fast_page_fault`).
@@ -299,7 +299,7 @@ fn harvests_on_several_threads() {
 /// slot not a multiple of 64 pages, as the selftest's).
 #[test]
 fn dirty_log_test_in_every_design_and_interface() {
-    use shadow_mmu_testkit::backend::EngineBackend;
+    use shadow_mmu_engine::EngineBackend;
     use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
     use shadow_mmu_vmm::{Backend, PassSpec};
     use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};

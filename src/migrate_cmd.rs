@@ -23,11 +23,12 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
-use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
+use shadow_mmu_migrate::dest::{BuildError, IncomingParams, migrate_incoming};
 use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Unsettled, migrate_outgoing};
-use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus, ResumeCheck};
+use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
-use shadow_mmu_migrate::{Observer, Phase};
+use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
+use shadow_mmu_testkit::resume::{PassPacing, PassStart, ResumeCheck, ResumeReport, check_after_resume};
 use shadow_mmu_vmm::{Backend, DirtyLogInterface, HarvestSpec, PassSpec, PassVm, error_chain};
 
 use crate::harvest_args::HarvestKnobs;
@@ -354,26 +355,57 @@ pub fn main(cmd: &MigrateCommand) -> Result<u8, Box<dyn std::error::Error>> {
     }
 }
 
-/// What the CLI hears of a migration: the round lines, and `--stop-at`.
-struct CliObserver<'a> {
-    stop_at: Option<&'a str>,
-    rounds: Option<&'a mut dyn FnMut(&MigrationStats)>,
+/// `--stop-at`: stops this process (SIGSTOP) at the phase named.
+fn stop_at(stop_at: Option<&str>, phase: Phase) {
+    if stop_at == Some(phase.to_string().as_str()) {
+        eprintln!("stopping at {phase} (--stop-at)");
+        // SAFETY: raise(3) has no memory-safety preconditions; SIGSTOP stops
+        // the whole process until a SIGCONT (or a kill).
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
 }
 
-impl Observer for CliObserver<'_> {
+/// The source's hooks: the round lines, `--stop-at`, the guest's pace.
+struct SourceCli<'a> {
+    stop_at: Option<&'a str>,
+    rounds: &'a mut dyn FnMut(&MigrationStats),
+    pacing: PassPacing,
+}
+
+impl SourceHooks<dyn PassVm> for SourceCli<'_> {
     fn round(&mut self, stats: &MigrationStats) {
-        if let Some(r) = self.rounds.as_mut() {
-            r(stats);
-        }
+        (self.rounds)(stats);
     }
 
     fn phase(&mut self, phase: Phase) {
-        if self.stop_at == Some(phase.to_string().as_str()) {
-            eprintln!("stopping at {phase} (--stop-at)");
-            // SAFETY: raise(3) has no memory-safety preconditions; SIGSTOP
-            // stops the whole process until a SIGCONT (or a kill).
-            unsafe { libc::raise(libc::SIGSTOP) };
-        }
+        stop_at(self.stop_at, phase);
+    }
+
+    fn tick(&mut self, vm: &(dyn PassVm + 'static)) {
+        self.pacing.tick(vm);
+    }
+}
+
+/// The destination's hooks: `--stop-at`, and the guest's start at the pace
+/// its description gives (`pace`, set when the header came).
+struct DestCli<'a> {
+    stop_at: Option<&'a str>,
+    pace: &'a std::cell::Cell<(Option<u64>, u8)>,
+    start: Option<PassStart>,
+}
+
+impl DestHooks<dyn PassVm> for DestCli<'_> {
+    fn phase(&mut self, phase: Phase) {
+        stop_at(self.stop_at, phase);
+    }
+
+    fn prepare(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
+        let (rate, write_pct) = self.pace.get();
+        self.start.insert(PassStart::new(rate, write_pct)).prepare(vm)
+    }
+
+    fn start(&mut self, vm: &mut (dyn PassVm + 'static)) {
+        self.start.as_mut().expect("prepared before the start").start(vm);
     }
 }
 
@@ -389,9 +421,10 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let l = TcpListener::bind(&a.listen).map_err(|e| format!("listening on {}: {e}", a.listen))?;
     println!("listening on {}", l.local_addr()?);
     std::io::stdout().flush()?;
-    let mut build = |h: &Header| {
+    let pace = std::cell::Cell::new((None, 100));
+    let mut build = |h: &Header| -> Result<Box<dyn PassVm>, BuildError> {
         if h.backend != "engine" && h.backend != "kvm" {
-            return Err(format!("backend {:?}: this destination runs engine or kvm", h.backend));
+            return Err(format!("backend {:?}: this destination runs engine or kvm", h.backend).into());
         }
         let d: VmDescription =
             serde_json::from_str(&h.config).map_err(|e| format!("the header's VM description: {e}"))?;
@@ -399,40 +432,48 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
             return Err(format!(
                 "a guest of {} MiB: this destination takes at most {max} MiB (--max-guest-mib)",
                 d.guest_bytes >> 20
-            ));
+            )
+            .into());
         }
-        let vm = d.start()?;
-        Ok(IncomingVm { vm, dirty_rate: d.dirty_rate, write_pct: d.write_pct })
+        pace.set((d.dirty_rate, d.write_pct));
+        Ok(d.start()?)
     };
-    let params = IncomingParams {
-        run_after: Duration::from_millis(a.run_after_ms),
-        progress_timeout: Duration::from_secs(a.progress_timeout_s.max(1)),
-    };
-    let mut observer = CliObserver { stop_at: a.stop_at.as_deref(), rounds: None };
-    let (stats, code) = match migrate_incoming(&l, &mut build, &params, &mut observer) {
-        Ok((stats, mut vm)) => {
+    let progress_timeout = Duration::from_secs(a.progress_timeout_s.max(1));
+    let params = IncomingParams { progress_timeout };
+    let mut hooks = DestCli { stop_at: a.stop_at.as_deref(), pace: &pace, start: None };
+    let (stats, report, code) = match migrate_incoming(&l, &mut build, &params, &mut hooks) {
+        Ok(mut incoming) => {
+            let start = hooks.start.take().expect("a started guest was prepared");
+            let run_after = Duration::from_millis(a.run_after_ms);
+            let vm = incoming.vm.as_mut();
+            let report = check_after_resume(vm, start, &incoming.final_digests, run_after, progress_timeout);
             // The guest ran here for --run-after-ms; this process's run ends.
             vm.stop().map_err(|e| error_chain(&e))?;
-            let code = if stats.check_after_resume == ResumeCheck::Failed { 4 } else { 0 };
-            (stats, code)
+            let code = if report.check_after_resume == ResumeCheck::Failed { 4 } else { 0 };
+            (incoming.stats, report, code)
         }
-        Err(f) => (*f.stats, 1),
+        Err(f) => (*f.stats, ResumeReport::default(), 1),
     };
-    for line in incoming_lines(&stats) {
+    for line in incoming_lines(&stats, &report) {
         println!("{line}");
     }
     if let Some(e) = &stats.error {
         eprintln!("error: {e}");
     }
     if let Some(p) = &a.json {
-        write_json(p, &serde_json::to_value(&stats)?)?;
+        // One object: the migration's figures, then the check's.
+        let mut v = serde_json::to_value(&stats)?;
+        if let (Some(o), serde_json::Value::Object(r)) = (v.as_object_mut(), serde_json::to_value(&report)?) {
+            o.extend(r);
+        }
+        write_json(p, &v)?;
     }
     Ok(code)
 }
 
 /// The destination's report: what it received, its checks, what became of
 /// the guest ("not checked" where a check did not run).
-fn incoming_lines(s: &IncomingStats) -> Vec<String> {
+fn incoming_lines(s: &IncomingStats, r: &ResumeReport) -> Vec<String> {
     let mut l = vec![
         format!("status: {}", s.status.name()),
         match s.status {
@@ -452,21 +493,21 @@ fn incoming_lines(s: &IncomingStats) -> Vec<String> {
             _ => "mismatched pages: not checked".to_string(),
         },
     ];
-    let check = match s.check_after_resume {
+    let check = match r.check_after_resume {
         ResumeCheck::NotRun => "not run".to_string(),
         ResumeCheck::Passed => "passed".to_string(),
         ResumeCheck::Failed => "FAILED".to_string(),
         ResumeCheck::Inconclusive => "inconclusive".to_string(),
     };
-    let note = s.check_note.as_ref().map_or(String::new(), |n| format!(": {n}"));
+    let note = r.check_note.as_ref().map_or(String::new(), |n| format!(": {n}"));
     l.push(format!("check after resuming: {check}{note}"));
     if let (Some(ms), Some(w), Some(lost), Some(behind)) =
-        (s.run_after_ms, s.pages_written_after_resume, s.lost_pages, s.regressed_pages)
+        (r.run_after_ms, r.pages_written_after_resume, r.lost_pages, r.regressed_pages)
     {
         l.push(format!(
             "after resuming, {ms} ms: passes {} -> {}, {w} pages written, {lost} lost, {behind} behind the source",
-            s.passes_at_resume.unwrap_or(0),
-            s.passes_after_run.unwrap_or(0),
+            r.passes_at_resume.unwrap_or(0),
+            r.passes_after_run.unwrap_or(0),
         ));
     }
     l
@@ -498,8 +539,6 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
             TimeoutAction::Force => OnTimeout::Force,
         },
         auto_converge: a.auto_converge,
-        dirty_rate: desc.dirty_rate,
-        write_pct: desc.write_pct,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),
         settle_timeout: Duration::from_secs_f64(a.settle_timeout_s.max(0.0)),
@@ -513,7 +552,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let desc = VmDescription::of(a);
     let mut vm = desc.boot()?;
-    let mut pacer = shadow_mmu_migrate::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(a.warmup_ms) {
         pacer.tick(vm.as_ref());
@@ -549,8 +588,9 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
             s.remaining_bytes >> 20
         ));
     };
-    let mut observer = CliObserver { stop_at: a.stop_at.as_deref(), rounds: Some(&mut progress) };
-    let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut observer);
+    let pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let mut hooks = SourceCli { stop_at: a.stop_at.as_deref(), rounds: &mut progress, pacing };
+    let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut hooks);
     bar.finish();
     drop(conn);
     let report = |stats: &MigrationStats| -> Result<(), Box<dyn std::error::Error>> {
@@ -599,7 +639,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
 /// own pace (--dirty-rate-mibps) for 300 ms, dirty logging off.
 fn runs_on(vm: &mut dyn PassVm, desc: &VmDescription) {
     let before = vm.passes_done();
-    let mut pacer = shadow_mmu_migrate::pacer::Pacer::new(vm, desc.dirty_rate, desc.write_pct);
+    let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm, desc.dirty_rate, desc.write_pct);
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(300) {
         pacer.tick(vm);

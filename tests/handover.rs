@@ -17,6 +17,9 @@
 //! and the status each side must report. A source left in `postmigrate`
 //! is settled as an operator would, through its control socket.
 
+#[cfg(feature = "break-rules")]
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -771,7 +774,7 @@ fn on_kvm_the_acknowledgement_and_partitions() {
 fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
     use shadow_mmu_core::breakage::Breakage;
     use shadow_mmu_engine::EngineBackend;
-    use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
+    use shadow_mmu_migrate::source::{Outcome, OutgoingParams};
     use shadow_mmu_migrate::stream::{Header, SlotLayout};
     use shadow_mmu_vmm::{Backend, PassSpec};
 
@@ -817,7 +820,7 @@ fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
             ..OutgoingParams::default()
         };
         let conn = TcpStream::connect(proxy.addr).unwrap();
-        let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut ());
+        let outcome = common::migrate(&mut vm, &conn, &header, &params, None);
         let source_runs = matches!(outcome, Outcome::RunsOn(_));
         vm.stop().unwrap();
         wait_for("the destination ends", Duration::from_secs(20), || dest.exited());

@@ -4,18 +4,19 @@
 //! leave the source running and able to migrate again. (The tests with two
 //! processes are `tests/migrate.rs` and `tests/handover.rs`.)
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::VmConfig;
-use shadow_mmu_migrate::dest::{IncomingParams, IncomingVm, migrate_incoming};
-use shadow_mmu_migrate::source::{
-    MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, migrate_outgoing,
-};
-use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, ResumeCheck};
+use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
+use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams};
+use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
+use shadow_mmu_testkit::resume::{PassStart, ResumeCheck, ResumeReport, check_after_resume};
 use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm};
 
 const MIB: u64 = 1 << 20;
@@ -49,25 +50,29 @@ fn runs_on(o: Outcome) -> MigrationFailure {
     }
 }
 
-/// A destination thread on a fresh port, building `backend`'s VM.
+/// What a destination thread found: the migration's figures and the check
+/// of the guest after it resumed, or the error.
+type Received = Result<(IncomingStats, ResumeReport), String>;
+
+/// A destination thread on a fresh port, building `backend`'s VM; its guest
+/// runs at 64 MiB/s there, checked after `run_after`.
 fn destination(
     backend: EngineBackend,
     spec: PassSpec,
     run_after: Duration,
-) -> (std::net::SocketAddr, std::thread::JoinHandle<Result<shadow_mmu_migrate::stats::IncomingStats, String>>)
-{
+) -> (std::net::SocketAddr, std::thread::JoinHandle<Received>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
-        let mut build = |_: &Header| {
-            let vm = backend.start_passes(&spec).map_err(|e| e.to_string())?;
-            Ok(IncomingVm { vm, dirty_rate: Some(64 * MIB), write_pct: 100 })
-        };
-        let params = IncomingParams { run_after, ..IncomingParams::default() };
-        match migrate_incoming(&l, &mut build, &params, &mut ()) {
-            Ok((stats, mut vm)) => {
+        let mut build = |_: &Header| Ok(backend.start_passes(&spec)?);
+        let mut start = PassStart::new(Some(64 * MIB), 100);
+        match migrate_incoming(&l, &mut build, &IncomingParams::default(), &mut start) {
+            Ok(mut incoming) => {
+                let vm = incoming.vm.as_mut();
+                let within = Duration::from_secs(5);
+                let report = check_after_resume(vm, start, &incoming.final_digests, run_after, within);
                 vm.stop().map_err(|e| e.to_string())?;
-                Ok(stats)
+                Ok((incoming.stats, report))
             }
             Err(e) => Err(shadow_mmu_vmm::error_chain(&e)),
         }
@@ -101,19 +106,21 @@ fn every_design_and_interface_migrates_and_goes_on() {
             let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(100));
             let mut vm = boot(&backend, &spec);
             let conn = TcpStream::connect(addr).unwrap();
-            let params = OutgoingParams { dirty_rate: Some(32 * MIB), ..OutgoingParams::default() };
             let h = header(vm.as_ref());
             let what = format!("{} {log}", describe(&config));
-            let stats = completed(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()), &what);
+            let stats = completed(
+                common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), Some(32 * MIB)),
+                &what,
+            );
             vm.stop().unwrap();
-            let incoming =
+            let (incoming, check) =
                 dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
             assert_eq!(stats.status, MigrationStatus::Completed, "{what}");
             assert!(stats.converged, "{what}: {stats:?}");
             assert_eq!(incoming.mismatched_pages, Some(0), "{what}");
-            assert_eq!(incoming.check_after_resume, ResumeCheck::Passed, "{what}: {incoming:?}");
-            assert_eq!(incoming.lost_pages, Some(0), "{what}");
-            assert!(incoming.pages_written_after_resume > Some(0), "{what}: the guest went on");
+            assert_eq!(check.check_after_resume, ResumeCheck::Passed, "{what}: {check:?}");
+            assert_eq!(check.lost_pages, Some(0), "{what}");
+            assert!(check.pages_written_after_resume > Some(0), "{what}: the guest went on");
             assert!(stats.rounds.len() >= 2, "{what}: round 0 and the stop-and-copy");
             assert_eq!(stats.rounds[0].pages_harvested, 4096, "{what}: round 0 sends every page");
             assert!(stats.downtime_ms > Some(0.0) && stats.dirty_sync_count >= 2, "{what}: {stats:?}");
@@ -133,7 +140,7 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     let conn = TcpStream::connect(addr).unwrap();
     closer.join().unwrap();
     let h = header(vm.as_ref());
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e}");
     assert_eq!(e.stats.status, MigrationStatus::Failed);
     assert_eq!(e.stats.downtime_ms, None, "not measured, not 0");
@@ -151,10 +158,9 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
         timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Cancel,
         downtime_limit: Duration::ZERO,
-        dirty_rate: None,
         ..OutgoingParams::default()
     };
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
     assert!(matches!(e.error, MigrationError::Timeout(_)), "{e}");
     assert_eq!(e.stats.status, MigrationStatus::Cancelled);
     drop(conn);
@@ -163,11 +169,10 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     // And a second migration succeeds.
     let (addr, dest) = destination(backend, spec, Duration::from_millis(50));
     let conn = TcpStream::connect(addr).unwrap();
-    let stats =
-        completed(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()), "again");
+    let stats = completed(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None), "again");
     vm.stop().unwrap();
     assert_eq!(stats.status, MigrationStatus::Completed);
-    assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
+    assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0));
 }
 
 #[test]
@@ -185,10 +190,9 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             timeout: Some(Duration::from_millis(if force { 300 } else { 20_000 })),
             on_timeout: if force { OnTimeout::Force } else { OnTimeout::Cancel },
             auto_converge,
-            dirty_rate: None,
             ..OutgoingParams::default()
         };
-        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
+        let r = common::migrate(&mut vm, &conn, &h, &params, None);
         let stats = match r {
             Outcome::Completed(s) => *s,
             other => panic!("force {force}: {other:?}; destination: {:?}", dest.join().unwrap()),
@@ -202,7 +206,7 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             let steps: Vec<u32> = stats.rounds.iter().map(|r| r.cpu_throttle_percentage).collect();
             assert!(steps.windows(2).all(|w| w[1] >= w[0]), "the throttle only rises: {steps:?}");
         }
-        assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
+        assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0));
     }
 }
 
@@ -223,10 +227,9 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
         downtime_limit: Duration::ZERO,
         timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Force,
-        dirty_rate: None,
         ..OutgoingParams::default()
     };
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
     // The source learns the destination's cause.
     assert!(
         matches!(&e.error, MigrationError::Refused(why) if why.contains("pages differ from the source's final memory")),
@@ -263,13 +266,12 @@ fn throttled_migrations_stress() {
             timeout: Some(if throttle { Duration::from_secs(20) } else { Duration::from_millis(150) }),
             on_timeout: if throttle { OnTimeout::Cancel } else { OnTimeout::Force },
             auto_converge: throttle,
-            dirty_rate: None,
             ..OutgoingParams::default()
         };
-        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
+        let r = common::migrate(&mut vm, &conn, &h, &params, None);
         vm.stop().unwrap();
         let d = dest.join().unwrap();
-        let passed = d.as_ref().is_ok_and(|d| d.check_after_resume == ResumeCheck::Passed);
+        let passed = d.as_ref().is_ok_and(|(_, c)| c.check_after_resume == ResumeCheck::Passed);
         if !matches!(r, Outcome::Completed(_)) || !passed {
             failed += 1;
             eprintln!("{r:?} / {d:?}");
@@ -294,11 +296,10 @@ fn the_timeout_holds_inside_a_round() {
             max_bandwidth: Some(8 * MIB),
             timeout: Some(Duration::from_secs(1)),
             on_timeout,
-            dirty_rate: Some(0),
             ..OutgoingParams::default()
         };
         let t = std::time::Instant::now();
-        let r = migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ());
+        let r = common::migrate(&mut vm, &conn, &h, &params, Some(0));
         let took = t.elapsed();
         match on_timeout {
             OnTimeout::Cancel => {
@@ -315,7 +316,7 @@ fn the_timeout_holds_inside_a_round() {
                 assert!(stats.rounds[0].normal_pages < 8192, "round 0 was cut short: {:?}", stats.rounds);
                 let sent: u64 = stats.rounds.iter().map(|r| r.normal_pages).sum();
                 assert!(sent >= 8192, "the stop-and-copy sent the rest: {:?}", stats.rounds);
-                assert_eq!(dest.join().unwrap().unwrap().mismatched_pages, Some(0));
+                assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0));
             }
         }
         vm.stop().unwrap();

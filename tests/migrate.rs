@@ -5,15 +5,15 @@
 //! again). Each fault of the stream ends in a typed error, the source runs
 //! on, and nothing is lost.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shadow_mmu_engine::EngineBackend;
-use shadow_mmu_migrate::source::{
-    MigrationError, MigrationFailure, Outcome, OutgoingParams, migrate_outgoing,
-};
+use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, Outcome, OutgoingParams};
 use shadow_mmu_migrate::stream::{Frame, Header, SlotLayout, VERSION, read_frame, write_frame};
 use shadow_mmu_vmm::{Backend, PassSpec, PassVm};
 
@@ -119,7 +119,7 @@ fn runs_on_and_migrates_again(vm: &mut Box<dyn PassVm>, spec: &PassSpec) {
     let dest = Dest::spawn(100, "again");
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let h = header(spec, vm.pages());
-    let stats = match migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()) {
+    let stats = match common::migrate(vm, &conn, &h, &OutgoingParams::default(), None) {
         Outcome::Completed(s) => s,
         other => panic!("{other:?}"),
     };
@@ -230,7 +230,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
         dest.wait()
     });
     let t = Instant::now();
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &params, &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(matches!(e.error, MigrationError::Stream(_)), "{e:?}");
     let msg = shadow_mmu_vmm::error_chain(&e);
@@ -247,7 +247,7 @@ fn a_memslot_layout_the_destination_refuses() {
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let mut h = header(&spec, vm.pages());
     h.slots[0].guest_phys_addr = 0x10_0000;
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None));
     match &e.error {
         MigrationError::Refused(why) => assert!(why.contains("memslot layout"), "{why}"),
         other => panic!("{other:?}"),
@@ -259,7 +259,7 @@ fn a_memslot_layout_the_destination_refuses() {
     let dest = Dest::spawn_with(0, "too-big", &["--max-guest-mib", "4"]);
     let conn = TcpStream::connect(&dest.addr).unwrap();
     let h = header(&spec, vm.pages());
-    let e = runs_on(migrate_outgoing(vm.as_mut(), &conn, &h, &OutgoingParams::default(), &mut ()));
+    let e = runs_on(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None));
     match &e.error {
         MigrationError::Refused(why) => assert!(why.contains("at most 4 MiB (--max-guest-mib)"), "{why}"),
         other => panic!("{other:?}"),

@@ -18,6 +18,7 @@ use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
+use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
 use super::{BenchResult, Progress};
@@ -235,15 +236,14 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             downtime_limit: Duration::from_millis(a.downtime_limit_ms),
             timeout: Some(Duration::from_secs(a.timeout_s)),
             auto_converge: a.auto_converge,
-            dirty_rate: desc.dirty_rate,
-            write_pct: desc.write_pct,
             clear_chunk_pages: desc.clear_chunk_pages,
             ..OutgoingParams::default()
         };
         let conn = crate::migrate_cmd::connect(&addr, params.progress_timeout)?;
         let header = desc.header(vm.as_ref())?;
         let p0 = vm.passes_done();
-        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut ());
+        let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut pacing);
         let p1 = vm.passes_done();
         let extras = vm.stop().map_err(|e| error_chain(&e))?;
         let out = child.wait_with_output()?;

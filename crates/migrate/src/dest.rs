@@ -2,25 +2,22 @@
 //! header (through the caller, who knows the backends), loads the rounds,
 //! checks every page against the source's digest, restores the vCPUs, and
 //! takes its half of the handover ([`crate::handover`]): `Verified`, then
-//! the guest starts on `Commit` and it says `Running`. Meanwhile it answers
-//! the source's settle queries on its listener. Then it lets the guest run
-//! and checks what it does.
+//! on `Commit` the guest starts (through the caller's
+//! [`DestHooks::start`]) and it says `Running`. Meanwhile it answers the
+//! source's settle queries on its listener. What the guest then does is the
+//! caller's to watch: it gets the VM, running, and the source's final
+//! digests.
 //!
 //! Invariants:
 //! - the guest never runs here unless every page matched its digest, every
 //!   vCPU took its state, and the source said `Commit`; otherwise the
 //!   partial VM is dropped and the source told why (a `Refuse`) while it
 //!   can still be told;
-//! - once started, the guest is never discarded here for what the checks
-//!   after the resume find: they report (`check_after_resume`);
+//! - once started, the guest is never discarded here: a started migration
+//!   returns its VM;
 //! - once it decided (`Running` or `Aborted`), it keeps answering the
 //!   source's queries for as long as the source may ask (its progress
-//!   timeout, then its settle window), or until the source says it knows;
-//! - after resuming, every page whose content moved on from the source's
-//!   final digest must be in this VM's dirty log (`lost_pages` otherwise),
-//!   and carry at least the iteration the guest had reached when it
-//!   stopped at the source (`regressed_pages` otherwise): the guest goes on
-//!   where it stopped.
+//!   timeout, then its settle window), or until the source says it knows.
 
 use std::io::BufReader;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -29,26 +26,29 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shadow_mmu_vmm::{BackendError, PassVm, error_chain, harvest};
+use shadow_mmu_vmm::{BackendError, error_chain};
 use thiserror::Error;
 
 use crate::handover::{DestAction, DestEvent, DestState};
 use crate::link::{self, Counting, Heartbeat, Sender};
-use crate::pacer::Pacer;
-use crate::ranges::{WORDS_PER_PAGE, digest_of, page_digest, quiescent_bytes, zero_page_digest};
-use crate::stats::{IncomingStats, MigrationStatus, ResumeCheck};
+use crate::ranges::{WORDS_PER_PAGE, digest_of, zero_page_digest};
+use crate::stats::{IncomingStats, MigrationStatus};
 use crate::stream::{Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header};
-use crate::{Observer, Phase};
+use crate::{DestHooks, MigrationVm, Phase};
 
-/// What the caller builds from a header: the VM, and how its guest is paced
-/// once it runs here.
-pub struct IncomingVm {
-    /// The VM, its vCPUs not yet released.
-    pub vm: Box<dyn PassVm>,
-    /// The workload's dirty rate, bytes a second (`None`: flat out).
-    pub dirty_rate: Option<u64>,
-    /// Its share of stores, percent.
-    pub write_pct: u8,
+/// Why the caller could not build the VM a header describes (the source is
+/// told, as the refusal's cause).
+pub type BuildError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A migration received: the guest runs here.
+pub struct Incoming<V: ?Sized> {
+    /// The figures.
+    pub stats: IncomingStats,
+    /// The VM, its guest running.
+    pub vm: Box<V>,
+    /// The source's digest of each page of its final memory, for the
+    /// caller's checks of what the guest does here.
+    pub final_digests: Vec<u64>,
 }
 
 /// Why an incoming migration did not end with the guest running here.
@@ -61,6 +61,10 @@ pub enum IncomingError {
     /// We refused the header or a frame (and told the source why).
     #[error("refused the migration: {0}")]
     Refused(String),
+    /// The VM the header describes could not be built (the source was
+    /// told why).
+    #[error("refused the migration: its VM could not be built")]
+    Build(#[source] BuildError),
     /// The VM refused an operation.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -87,9 +91,6 @@ pub struct IncomingFailure {
 /// The destination's knobs.
 #[derive(Debug, Clone, Copy)]
 pub struct IncomingParams {
-    /// How long the guest runs here before the check of its writes (0: no
-    /// check; the guest only resumes).
-    pub run_after: Duration,
     /// How long to wait for a word from the source before its header
     /// brings the source's own timeout.
     pub progress_timeout: Duration,
@@ -97,7 +98,7 @@ pub struct IncomingParams {
 
 impl Default for IncomingParams {
     fn default() -> Self {
-        Self { run_after: Duration::ZERO, progress_timeout: Duration::from_secs(10) }
+        Self { progress_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -245,15 +246,16 @@ fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), Strea
 
 /// Receives a migration on the first connection `listener` accepts, and
 /// answers settle queries on the others; `build` makes the VM from the
-/// header (an `Err` is sent back as the refusal). On success the guest runs
-/// here (and has run `params.run_after`, then been checked); its VM is
-/// returned, paused after the check, with the statistics.
-pub fn migrate_incoming(
+/// header (an `Err` is sent back as the refusal's cause), `hooks` start its
+/// guest at the commit. On success the guest runs here: its VM is returned,
+/// once the source knows (or its window to ask passed), with the
+/// statistics and the source's final digests.
+pub fn migrate_incoming<V: MigrationVm + ?Sized>(
     listener: &TcpListener,
-    build: &mut dyn FnMut(&Header) -> Result<IncomingVm, String>,
+    build: &mut dyn FnMut(&Header) -> Result<Box<V>, BuildError>,
     params: &IncomingParams,
-    observer: &mut dyn Observer,
-) -> Result<(IncomingStats, Box<dyn PassVm>), IncomingFailure> {
+    hooks: &mut dyn DestHooks<V>,
+) -> Result<Incoming<V>, IncomingFailure> {
     let mut stats = IncomingStats { status: MigrationStatus::Active, ..IncomingStats::default() };
     let fail = |error: IncomingError, mut stats: IncomingStats| {
         stats.status = MigrationStatus::Failed;
@@ -264,7 +266,7 @@ pub fn migrate_incoming(
         Ok((c, _)) => c,
         Err(e) => return fail(StreamError::Io(e).into(), stats),
     };
-    observer.phase(Phase::Accepted);
+    hooks.phase(Phase::Accepted);
     let cell = Arc::new(Cell {
         state: Mutex::new(CellState {
             state: DestState::Receiving,
@@ -280,34 +282,29 @@ pub fn migrate_incoming(
         Err(e) => return fail(StreamError::Io(e).into(), stats),
     };
     let received = Arc::new(AtomicU64::new(0));
-    let mut d = Incoming {
+    let mut d = Receiver {
         conn: &conn,
         // A small buffer: a frame's payload, larger, is read past it.
         reader: Counting::new(BufReader::with_capacity(64 << 10, &conn), received.clone()),
         cell: &cell,
-        params,
         received,
         progress: params.progress_timeout,
         settle: Duration::ZERO,
         sender: None,
         vm: None,
         verified: false,
-        resumed: None,
     };
-    let r = d.receive(build, &mut stats, observer);
+    let r = d.receive(build, &mut stats, hooks);
     stats.received_bytes = d.received.load(Ordering::Relaxed);
-    if r.is_ok() {
-        // The guest runs here: nothing from now on can discard it.
-        d.run_after(&mut stats);
-    }
     let (settle, verified) = (d.settle, d.verified);
     let (sender, vm) = (d.sender.take(), d.vm.take());
     match r {
-        Ok(()) => {
+        Ok(final_digests) => {
+            // The guest runs here: from now on nothing discards it.
             stats.status = MigrationStatus::Completed;
             d.await_settled(settle);
             drop(answering);
-            Ok((stats, vm.expect("a running guest has its VM")))
+            Ok(Incoming { stats, vm: vm.expect("a running guest has its VM"), final_digests })
         }
         Err(error) => {
             // Abort under the lock, so that a query now hears `Aborted`.
@@ -326,13 +323,12 @@ pub fn migrate_incoming(
 }
 
 /// One incoming migration's state.
-struct Incoming<'a> {
+struct Receiver<'a, V: ?Sized> {
     conn: &'a TcpStream,
     /// The one reader of the connection, from the header to the last
     /// `Settled` (a second one would miss what this one buffered).
     reader: Counting<BufReader<&'a TcpStream>>,
     cell: &'a Cell,
-    params: &'a IncomingParams,
     /// Bytes read off the connection.
     received: Arc<AtomicU64>,
     /// The progress timeout (the source's, once its header came).
@@ -341,35 +337,25 @@ struct Incoming<'a> {
     /// `Running` (the progress timeout) and its settle window.
     settle: Duration,
     sender: Option<Arc<Sender>>,
-    vm: Option<Box<dyn PassVm>>,
+    vm: Option<Box<V>>,
     /// `Verified` went out: the source may commit.
     verified: bool,
-    /// Once the guest started.
-    resumed: Option<Resumed>,
 }
 
-/// The pacing of the guest once it runs here, and what the check after
-/// the resume compares against.
-struct Resumed {
-    pacer: Pacer,
-    floor: u64,
-    digests: Vec<Option<u64>>,
-}
-
-impl Incoming<'_> {
-    /// The stream, from the header to the handover's end: `Ok` once the
-    /// guest runs here.
+impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
+    /// The stream, from the header to the handover's end: once the guest
+    /// runs here, the source's final digests.
     fn receive(
         &mut self,
-        build: &mut dyn FnMut(&Header) -> Result<IncomingVm, String>,
+        build: &mut dyn FnMut(&Header) -> Result<Box<V>, BuildError>,
         stats: &mut IncomingStats,
-        observer: &mut dyn Observer,
-    ) -> Result<(), IncomingError> {
+        hooks: &mut dyn DestHooks<V>,
+    ) -> Result<Vec<u64>, IncomingError> {
         let timeout = |e: StreamError, p| link::peer_error(e, "source", p);
         link::configure(self.conn, self.progress).map_err(StreamError::Io)?;
         self.conn.set_read_timeout(Some(self.progress)).map_err(StreamError::Io)?;
         let header = read_header(&mut self.reader).map_err(|e| timeout(e, self.progress))?;
-        observer.phase(Phase::HeaderReceived);
+        hooks.phase(Phase::HeaderReceived);
         stats.id = header.id;
         stats.backend = format!("{} {}", header.backend, header.config);
         self.cell.lock().id = Some(header.id);
@@ -389,8 +375,7 @@ impl Incoming<'_> {
         self.sender = Some(sender.clone());
         // Heartbeats while the VM is built, loaded and checked.
         let _heartbeat = Heartbeat::start(sender.clone());
-        let IncomingVm { vm, dirty_rate, write_pct } = build(&header).map_err(IncomingError::Refused)?;
-        let vm = self.vm.insert(vm);
+        let vm = self.vm.insert(build(&header).map_err(IncomingError::Build)?);
         let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
         if header.page_size != 4096 || header.slots != want {
             return Err(IncomingError::Refused(format!(
@@ -399,8 +384,8 @@ impl Incoming<'_> {
             )));
         }
         sender.send_now(&Frame::Ready)?;
-        observer.phase(Phase::ReadySent);
-        let (digests, states) = self.load(&header, stats, observer)?;
+        hooks.phase(Phase::ReadySent);
+        let (digests, states) = self.load(&header, stats, hooks)?;
 
         // Every page checked against the source's digest, before anything
         // runs: a page with no digest counts as mismatched.
@@ -420,9 +405,7 @@ impl Incoming<'_> {
         if let Err(e) = vm.restore_vcpus(states) {
             return Err(IncomingError::Refused(error_chain(&e)));
         }
-        vm.set_dirty_logging(true)?;
-        stats.passes_at_resume = Some(vm.passes_done());
-        let floor = vm.iteration_floor();
+        hooks.prepare(vm).map_err(IncomingError::Build)?;
 
         // The handover.
         let (state, _) = self.cell.on(DestEvent::Checked);
@@ -431,19 +414,17 @@ impl Incoming<'_> {
         }
         self.verified = true;
         sender.send_now(&Frame::Verified)?;
-        observer.phase(Phase::VerifiedSent);
+        hooks.phase(Phase::VerifiedSent);
         self.await_commit(header.id)?;
-        observer.phase(Phase::CommitReceived);
-        let vm = self.vm.as_mut().expect("built");
-        let mut pacer = Pacer::new(vm.as_ref(), dirty_rate, write_pct);
-        // At least one pass here, even for a guest that migrated idle.
-        pacer.at_least(vm.as_ref(), 1);
-        self.resumed = Some(Resumed { pacer, floor, digests });
+        hooks.phase(Phase::CommitReceived);
+        hooks.start(self.vm.as_mut().expect("built"));
         // `Running` may not reach the source: it asks then, and the cell
-        // answers.
+        // answers, for the source's window from now (not from the decision:
+        // a destination stopped in between must not shorten it).
         let _ = sender.send_now(&Frame::Running { id: header.id });
-        observer.phase(Phase::RunningSent);
-        Ok(())
+        self.cell.lock().decided = Some(Instant::now());
+        hooks.phase(Phase::RunningSent);
+        Ok(digests.into_iter().map(|d| d.expect("every page matched its digest")).collect())
     }
 
     /// The rounds, the digests and the vCPU states, up to `Done`: each
@@ -454,7 +435,7 @@ impl Incoming<'_> {
         &mut self,
         header: &Header,
         stats: &mut IncomingStats,
-        observer: &mut dyn Observer,
+        hooks: &mut dyn DestHooks<V>,
     ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>), IncomingError> {
         let vm = self.vm.as_mut().expect("built");
         let pages = vm.pages();
@@ -477,7 +458,7 @@ impl Incoming<'_> {
                 Frame::Heartbeat { .. } => {}
                 Frame::Round { round } => {
                     stats.rounds = round + 1;
-                    observer.phase(Phase::RoundBegun(round));
+                    hooks.phase(Phase::RoundBegun(round));
                 }
                 Frame::Pages { slot, ranges, .. } => {
                     check_ranges(slot, &ranges, pages)?;
@@ -548,7 +529,7 @@ impl Incoming<'_> {
                 }
             }
         }
-        observer.phase(Phase::DoneReceived);
+        hooks.phase(Phase::DoneReceived);
         stats.verify_ms = verify.map(|v| v.as_secs_f64() * 1e3);
         stats.mismatched_pages = Some(mismatched);
         Ok((digests, states))
@@ -646,149 +627,6 @@ impl Incoming<'_> {
             }
         }
     }
-
-    /// The guest runs here: with `run_after`, lets it run that long, then
-    /// pauses it and checks every page. What the check finds is reported
-    /// in `stats`; nothing here can fail the migration.
-    fn run_after(&mut self, stats: &mut IncomingStats) {
-        if self.params.run_after.is_zero() {
-            return;
-        }
-        let outcome = self.watch(stats);
-        let (check, note) = match outcome {
-            Err(why) => (ResumeCheck::Inconclusive, Some(why)),
-            Ok((written, lost, regressed)) => {
-                (stats.pages_written_after_resume, stats.lost_pages, stats.regressed_pages) =
-                    (Some(written), Some(lost), Some(regressed));
-                if lost > 0 || regressed > 0 {
-                    let why =
-                        format!("{lost} pages written but not logged, {regressed} pages behind the source's");
-                    (ResumeCheck::Failed, Some(why))
-                } else if written == 0 {
-                    let ms = stats.run_after_ms.unwrap_or(0);
-                    (ResumeCheck::Inconclusive, Some(format!("the guest wrote nothing in {ms} ms here")))
-                } else {
-                    (ResumeCheck::Passed, None)
-                }
-            }
-        };
-        (stats.check_after_resume, stats.check_note) = (check, note);
-    }
-
-    /// Lets the guest run `run_after` (harvesting every 20 ms), pauses it,
-    /// and compares every page: the pages written, lost and behind; `Err`
-    /// says why it could not tell.
-    fn watch(&mut self, stats: &mut IncomingStats) -> Result<(u64, u64, u64), String> {
-        let Resumed { mut pacer, floor, digests } = self.resumed.take().expect("the guest runs");
-        let vm = self.vm.as_mut().expect("built");
-        let pages = vm.pages();
-        // The log of the run: harvests every 20 ms, OR-ed (a ring must be
-        // reaped as it fills; a bitmap may be harvested any time).
-        let words = pages.div_ceil(64) as usize;
-        let (mut bitmap, mut one) = (vec![0u64; words], vec![0u64; words]);
-        // Pages caught behind the source at a collection, while the guest
-        // runs: a later pass would write over a wrong value before the final
-        // check.
-        let mut behind = vec![false; pages as usize];
-        let mut collect = |vm: &mut Box<dyn PassVm>| -> Result<(), String> {
-            harvest(vm.as_mut(), &mut one).map_err(|e| format!("a harvest failed: {}", error_chain(&e)))?;
-            for (w, (b, &o)) in bitmap.iter_mut().zip(&one).enumerate() {
-                *b |= o;
-                let mut m = o;
-                while m != 0 {
-                    let p = w as u64 * 64 + u64::from(m.trailing_zeros());
-                    m &= m - 1;
-                    behind[p as usize] |= running_page_behind(vm.as_ref(), p, floor, digests[p as usize]);
-                }
-            }
-            Ok(())
-        };
-        // At least `run_after`, and until the guest completed a pass here (a
-        // loaded host can keep a vCPU thread off its CPU for a while), at
-        // most ten times as long and two seconds more. Counted in this
-        // loop's own steps, so that a stopped destination (SIGSTOP) does
-        // not count the time it stood still against the guest.
-        let patience = self.params.run_after * 10 + Duration::from_secs(2);
-        let at_resume = stats.passes_at_resume.unwrap_or(0);
-        let (mut ran, mut last_step, mut last_collect) = (Duration::ZERO, Instant::now(), Instant::now());
-        while ran < self.params.run_after || (vm.passes_done() == at_resume && ran < patience) {
-            pacer.tick(vm.as_ref());
-            if last_collect.elapsed() >= Duration::from_millis(20) {
-                collect(vm)?;
-                last_collect = Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            ran += last_step.elapsed().min(Duration::from_millis(20));
-            last_step = Instant::now();
-        }
-        stats.run_after_ms = Some(ran.as_millis() as u64);
-        vm.vcpu_gate().pause(self.progress).map_err(|e| format!("its vCPUs could not be paused: {e}"))?;
-        stats.passes_after_run = Some(vm.passes_done());
-        collect(vm)?;
-        // SAFETY: paused just above (`pause` returned `Ok`: every vCPU is
-        // held), and nothing else writes guest memory until the caller
-        // stops or resumes the VM, after this returns.
-        Ok(unsafe { compare_pages(vm.as_ref(), &digests, &bitmap, &behind, floor) })
-    }
-}
-
-/// The check of a paused guest after it ran here: pages whose content moved
-/// on from the source's final `digests` (written), of those the ones not in
-/// the run's dirty `bitmap` (lost), and the ones holding no store of
-/// iteration `floor` or later, or caught `behind` while it ran (regressed).
-///
-/// # Safety
-///
-/// `vm`'s vCPUs are paused (their stores ordered before the call by the
-/// gate's acquire) and nothing writes its memory until this returns.
-unsafe fn compare_pages(
-    vm: &dyn PassVm,
-    digests: &[Option<u64>],
-    bitmap: &[u64],
-    behind: &[bool],
-    floor: u64,
-) -> (u64, u64, u64) {
-    let memory = vm.memory();
-    // SAFETY: the vCPUs are paused and nothing writes guest memory (this
-    // function's contract); `bytes` dies with this function.
-    let bytes = unsafe { quiescent_bytes(memory) };
-    let (mut written, mut lost, mut regressed) = (0, 0, 0);
-    for p in 0..vm.pages() {
-        if digests[p as usize] == Some(page_digest(bytes, p)) {
-            continue;
-        }
-        written += 1;
-        if bitmap[(p / 64) as usize] & (1 << (p % 64)) == 0 {
-            lost += 1;
-        }
-        let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
-        // Relaxed: the vCPUs are paused (the gate's acquire ordered their
-        // stores before us).
-        let newest = words.iter().map(|x| vm.stored_iteration(x.load(Ordering::Relaxed))).max();
-        if newest.unwrap_or(0) < floor || behind[p as usize] {
-            regressed += 1;
-        }
-    }
-    (written, lost, regressed)
-}
-
-/// Is page `p` of a running guest, reported dirty, behind the source: moved
-/// on from the source's final content (`digest`) yet holding no store of
-/// iteration `floor` or later? Read with relaxed loads while the guest
-/// runs: a store's word only grows, so a page that holds a good value is
-/// never read as behind.
-fn running_page_behind(vm: &dyn PassVm, p: u64, floor: u64, digest: Option<u64>) -> bool {
-    let words = &vm.memory()[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
-    let mut page = [0u8; WORDS_PER_PAGE * 8];
-    let mut newest = 0;
-    for (b, w) in page.chunks_exact_mut(8).zip(words) {
-        // Relaxed: see above; the harvest that reported the page ordered the
-        // store it reports before us.
-        let v = w.load(Ordering::Relaxed);
-        newest = newest.max(vm.stored_iteration(v));
-        b.copy_from_slice(&v.to_le_bytes());
-    }
-    newest < floor && digest != Some(digest_of(p, crc32c::crc32c(&page)))
 }
 
 /// Refuses ranges outside slot 0's `pages` pages.

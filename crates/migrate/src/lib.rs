@@ -1,8 +1,8 @@
 //! # shadow-mmu live migration
 //!
 //! Pre-copy live migration of a VM over TCP between two processes, driven
-//! through the `vmm` traits ([`PassVm`](shadow_mmu_vmm::PassVm)) so that
-//! neither end knows which backend it drives:
+//! through the `vmm` traits ([`MigrationVm`]) so that neither end knows
+//! which backend it drives, nor what the guest runs:
 //!
 //! - [`stream`]: the wire format, a versioned sequence of length-prefixed,
 //!   checksummed frames that a hostile peer cannot make us allocate beyond
@@ -17,19 +17,21 @@
 //!   stop-and-copy, the source's half of the handover;
 //! - [`dest`]: the destination, which loads, checks, takes the handover,
 //!   answers the source's questions, and checks the resumed guest;
-//! - [`pacer`]: the guest's dirty rate, and QEMU's auto-converge throttle;
+//! - [`throttle`]: QEMU's auto-converge throttle;
 //! - [`stats`]: QEMU's `info migrate` figures.
+
+use shadow_mmu_vmm::{DirtyLog, GuestMemory, HarvestProbe, VcpuControl};
 
 pub mod dest;
 pub mod handover;
 pub mod link;
-pub mod pacer;
 pub mod ranges;
 pub mod source;
 pub mod stats;
 pub mod stream;
+pub mod throttle;
 
-/// A point of a migration, at either end, that an [`Observer`] hears of:
+/// A point of a migration, at either end, that its hooks hear of
 /// the phase boundaries of `docs/migration.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -90,13 +92,41 @@ impl std::fmt::Display for Phase {
     }
 }
 
-/// Hears what a migration does, at either end: the statistics after each
-/// round (the source's), and each [`Phase`]. `()` hears nothing.
-pub trait Observer {
+/// What a migration needs of a VM: its memory, its dirty log, its vCPUs'
+/// control, and its harvest probe (which may measure nothing). Nothing of
+/// the guest's workload.
+pub trait MigrationVm: GuestMemory + DirtyLog + VcpuControl + HarvestProbe {}
+
+impl<T: GuestMemory + DirtyLog + VcpuControl + HarvestProbe + ?Sized> MigrationVm for T {}
+
+/// What the caller of [`source::migrate_outgoing`] hears and does while it
+/// runs: the statistics after each round, each [`Phase`], and whatever it
+/// does with the running guest between frames (a test workload's pacing).
+/// `()` hears nothing and does nothing.
+pub trait SourceHooks<V: ?Sized> {
     /// After each pre-copy round, the statistics so far.
     fn round(&mut self, _stats: &stats::MigrationStats) {}
     /// At each phase boundary.
     fn phase(&mut self, _phase: Phase) {}
+    /// Between two frames of pre-copy, while the guest runs here.
+    fn tick(&mut self, _vm: &V) {}
 }
 
-impl Observer for () {}
+impl<V: ?Sized> SourceHooks<V> for () {}
+
+/// What the caller of [`dest::migrate_incoming`] hears, and how the guest
+/// starts here: the migration knows the VM's vCPUs only to restore them.
+pub trait DestHooks<V: ?Sized> {
+    /// At each phase boundary.
+    fn phase(&mut self, _phase: Phase) {}
+    /// Every page matched and every vCPU took its state: the last moment to
+    /// refuse (the error is the source's refusal), before `Verified` tells
+    /// the source it may commit. Whatever must hold before the guest runs
+    /// here (a dirty log to watch it with) is set up now.
+    fn prepare(&mut self, _vm: &mut V) -> Result<(), dest::BuildError> {
+        Ok(())
+    }
+    /// The source committed: the guest is restored (each vCPU holds its
+    /// state) and must run here from now on. Let its vCPUs go.
+    fn start(&mut self, vm: &mut V);
+}

@@ -1,4 +1,4 @@
-//! The source of a live migration: pre-copy over any [`PassVm`], with
+//! The source of a live migration: pre-copy over any [`MigrationVm`], with
 //! QEMU's and Cloud Hypervisor's rules, and the source's half of the
 //! handover ([`crate::handover`]). It knows the dirty-log interface the VM
 //! offers ([`Capabilities`](shadow_mmu_vmm::Capabilities)),
@@ -46,18 +46,17 @@ use std::time::{Duration, Instant};
 
 use shadow_mmu_core::breakage::Breakage;
 use shadow_mmu_vmm::{
-    BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PassVm, PauseTimeout, error_chain,
-    timed_harvest,
+    BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PauseTimeout, error_chain, timed_harvest,
 };
 use thiserror::Error;
 
 use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
 use crate::link::{self, Heartbeat, Inbox, Sender};
-use crate::pacer::{Pacer, Throttle};
 use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
 use crate::stats::{MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
 use crate::stream::{Frame, FrameReader, Header, StreamError};
-use crate::{Observer, Phase};
+use crate::throttle::Throttle;
+use crate::{MigrationVm, Phase, SourceHooks};
 
 /// Pages per `Pages` frame at most: 8 MiB of data, under the stream's
 /// 16 MiB maximum with its table.
@@ -90,11 +89,6 @@ pub struct OutgoingParams {
     pub on_timeout: OnTimeout,
     /// QEMU's `auto-converge`.
     pub auto_converge: bool,
-    /// How the guest's dirtying is paced meanwhile (bytes a second; `None`:
-    /// flat out).
-    pub dirty_rate: Option<u64>,
-    /// The workload's share of stores, percent (for the pacing).
-    pub write_pct: u8,
     /// The harvest's CLEAR window, pages (a multiple of 64), with manual
     /// protect; also the window of the round-0 CLEAR with `INITIALLY_SET`.
     pub clear_chunk_pages: u64,
@@ -117,8 +111,6 @@ impl Default for OutgoingParams {
             timeout: None,
             on_timeout: OnTimeout::Cancel,
             auto_converge: false,
-            dirty_rate: None,
-            write_pct: 100,
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
             progress_timeout: Duration::from_secs(10),
             settle_timeout: Duration::from_secs(30),
@@ -219,7 +211,7 @@ impl Unsettled {
 
     /// Asks the destination once more: its answer settles the migration
     /// (`vm` resumed, or to be stopped), its silence leaves it unsettled.
-    pub fn ask(mut self, vm: &mut dyn PassVm) -> Outcome {
+    pub fn ask<V: MigrationVm + ?Sized>(mut self, vm: &mut V) -> Outcome {
         let (event, why) = ask(self.dest, self.id, self.progress);
         let (state, action) = SourceState::Postmigrate.on(event, &self.breakage);
         if state == SourceState::Postmigrate {
@@ -231,7 +223,7 @@ impl Unsettled {
 
     /// The operator resumes the guest here: only right when the
     /// destination is known not to run it (docs/migration.md).
-    pub fn resume(mut self, vm: &mut dyn PassVm) -> Box<MigrationStats> {
+    pub fn resume<V: MigrationVm + ?Sized>(mut self, vm: &mut V) -> Box<MigrationStats> {
         let (state, action) = SourceState::Postmigrate.on(SourceEvent::OperatorResume, &self.breakage);
         debug_assert_eq!((state, action), (SourceState::RunsOn, SourceAction::Resume));
         resume_here(vm);
@@ -251,10 +243,10 @@ impl Unsettled {
 }
 
 /// The outcome of a settled handover: `state` is `Completed` or `RunsOn`.
-fn settle(
+fn settle<V: MigrationVm + ?Sized>(
     state: SourceState,
     action: SourceAction,
-    vm: &mut dyn PassVm,
+    vm: &mut V,
     mut stats: Box<MigrationStats>,
     aborted: &str,
 ) -> Outcome {
@@ -277,7 +269,7 @@ fn settle(
 }
 
 /// The guest runs here again, as before the migration.
-fn resume_here(vm: &mut dyn PassVm) {
+fn resume_here<V: MigrationVm + ?Sized>(vm: &mut V) {
     vm.vcpu_gate().resume();
     // Logging may already be off (a failure before it went on).
     let _ = vm.set_dirty_logging(false);
@@ -330,14 +322,13 @@ fn new_id() -> u64 {
 }
 
 /// One migration's state on the source.
-struct Outgoing<'a> {
-    vm: &'a mut dyn PassVm,
+struct Outgoing<'a, V: MigrationVm + ?Sized> {
+    vm: &'a mut V,
     /// The destination's address, for the settle queries.
     dest: SocketAddr,
     sender: Arc<Sender>,
     inbox: Inbox,
     params: &'a OutgoingParams,
-    pacer: Pacer,
     stats: MigrationStats,
     start: Instant,
     /// The handover's state (`Sending` until `Done`).
@@ -369,15 +360,15 @@ enum RoundEnd {
 }
 
 /// Migrates `vm` over `conn` (connected to a destination), announcing it
-/// with `header` (its id and deadlines are filled in here); `observer`
-/// sees the statistics after each round and each phase. See [`Outcome`]
-/// for what the caller does next.
-pub fn migrate_outgoing(
-    vm: &mut dyn PassVm,
+/// with `header` (its id and deadlines are filled in here); `hooks` hear
+/// the statistics after each round and each phase, and drive the guest
+/// between frames. See [`Outcome`] for what the caller does next.
+pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
+    vm: &mut V,
     conn: &TcpStream,
     header: &Header,
     params: &OutgoingParams,
-    observer: &mut dyn Observer,
+    hooks: &mut dyn SourceHooks<V>,
 ) -> Outcome {
     let start = Instant::now();
     let stats = MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64);
@@ -406,7 +397,6 @@ pub fn migrate_outgoing(
         (pages / 64 * 64).clamp(64, FRAME_PAGES)
     });
     let mut m = Outgoing {
-        pacer: Pacer::new(vm, params.dirty_rate, params.write_pct),
         reaped: vec![0u64; vm.pages().div_ceil(64) as usize],
         vm,
         dest,
@@ -422,7 +412,7 @@ pub fn migrate_outgoing(
         stopped: None,
     };
     let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
-    let r = m.run(&header, throttle.as_mut(), observer).map_err(|e| match e {
+    let r = m.run(&header, throttle.as_mut(), hooks).map_err(|e| match e {
         MigrationError::Stream(e) => m.refusal_or(e),
         e => e,
     });
@@ -432,7 +422,7 @@ pub fn migrate_outgoing(
     }
     let r = r.and_then(|()| {
         m.state = m.state.on(SourceEvent::DoneSent, &params.breakage).0;
-        m.handover(&header, observer)
+        m.handover(&header, hooks)
     });
     drop(heartbeat);
     m.stats.transferred_bytes = m.sender.bytes();
@@ -453,7 +443,12 @@ pub fn migrate_outgoing(
 
 /// A migration that ended before the point of no return: the guest runs
 /// on here.
-fn fail(vm: &mut dyn PassVm, stats: MigrationStats, error: MigrationError, start: Instant) -> Outcome {
+fn fail<V: MigrationVm + ?Sized>(
+    vm: &mut V,
+    stats: MigrationStats,
+    error: MigrationError,
+    start: Instant,
+) -> Outcome {
     let mut stats = Box::new(stats);
     resume_here(vm);
     stats.status = if error.is_cancel() { MigrationStatus::Cancelled } else { MigrationStatus::Failed };
@@ -476,7 +471,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-impl Outgoing<'_> {
+impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// The end of a handover that reached `Commit`: `end.state` is
     /// `Completed`, `RunsOn` (the destination aborted) or `Postmigrate`.
     fn finish(self, conn: &TcpStream, end: HandoverEnd, id: u64) -> Outcome {
@@ -507,9 +502,9 @@ impl Outgoing<'_> {
         &mut self,
         header: &Header,
         mut throttle: Option<&mut Throttle>,
-        observer: &mut dyn Observer,
+        hooks: &mut dyn SourceHooks<V>,
     ) -> Result<(), MigrationError> {
-        self.setup(header, observer)?;
+        self.setup(header, hooks)?;
         let caps = self.vm.capabilities();
         let manual = caps.dirty_ring.is_none() && caps.protect.is_manual();
         let logging = Instant::now();
@@ -530,11 +525,11 @@ impl Outgoing<'_> {
         let (mut round, mut clear, mut harvest_ns) = (0, initially_set, 0);
         let mut dirtied_pages = 0u64;
         let pending = loop {
-            if let RoundEnd::TimedOut(unsent) = self.send_round(round, &bitmap, harvest_ns, clear)? {
+            if let RoundEnd::TimedOut(unsent) = self.send_round(round, &bitmap, harvest_ns, clear, hooks)? {
                 break unsent;
             }
-            observer.round(&self.stats);
-            observer.phase(Phase::RoundSent(round));
+            hooks.round(&self.stats);
+            hooks.phase(Phase::RoundSent(round));
             round += 1;
             let (dirty, ns) = self.harvest(&mut bitmap, false)?;
             (clear, harvest_ns) = (manual, ns);
@@ -559,13 +554,13 @@ impl Outgoing<'_> {
         if let Some(t) = throttle {
             t.stop();
         }
-        self.stop_and_copy(round, pending, observer)
+        self.stop_and_copy(round, pending, hooks)
     }
 
     /// The header, the destination's `Ready` (within the migration's
     /// timeout, while it is heard from), then dirty logging on.
-    fn setup(&mut self, header: &Header, observer: &mut dyn Observer) -> Result<(), MigrationError> {
-        observer.phase(Phase::Connected);
+    fn setup(&mut self, header: &Header, hooks: &mut dyn SourceHooks<V>) -> Result<(), MigrationError> {
+        hooks.phase(Phase::Connected);
         self.sender.send_now(&Frame::Header(header.clone()))?;
         // The destination builds its VM (heartbeats meanwhile), then says so
         // (or why not).
@@ -579,7 +574,7 @@ impl Outgoing<'_> {
             }
             Err(e) => return Err(self.refusal_or(e)),
         }
-        observer.phase(Phase::ReadyReceived);
+        hooks.phase(Phase::ReadyReceived);
         self.vm.set_dirty_logging(true)?;
         self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
         Ok(())
@@ -687,12 +682,14 @@ impl Outgoing<'_> {
     /// destination and pre-copy's timeout (in the stop-and-copy, `stopped`,
     /// only the destination). Its statistics are in `stats.rounds` from its
     /// first frame on, so that a failed round reports what it sent.
+    #[allow(clippy::too_many_arguments)]
     fn send_round(
         &mut self,
         round: u32,
         bitmap: &[u64],
         harvest_ns: u64,
         clear: bool,
+        hooks: &mut dyn SourceHooks<V>,
     ) -> Result<RoundEnd, MigrationError> {
         let t = Instant::now();
         let before = self.sender.bytes();
@@ -742,7 +739,7 @@ impl Outgoing<'_> {
             self.end_round(before, t);
             self.limit()?;
             if self.stopped.is_none() {
-                self.pacer.tick(self.vm);
+                hooks.tick(self.vm);
                 self.reap()?;
             }
         }
@@ -758,7 +755,6 @@ impl Outgoing<'_> {
         r.bytes_sent = bytes - before;
         r.send_ms = ms(t.elapsed());
         r.bandwidth_bytes_per_s = r.bytes_sent as f64 / t.elapsed().as_secs_f64().max(1e-9);
-        r.guest_passes = self.vm.passes_done();
         self.stats.transferred_bytes = bytes;
     }
 
@@ -768,7 +764,7 @@ impl Outgoing<'_> {
         &mut self,
         round: u32,
         mut pending: Vec<u64>,
-        observer: &mut dyn Observer,
+        hooks: &mut dyn SourceHooks<V>,
     ) -> Result<(), MigrationError> {
         let gate = self.vm.vcpu_gate();
         // The parallel harvest's threads get ready while the vCPUs stop.
@@ -778,14 +774,14 @@ impl Outgoing<'_> {
         self.stopped = Some(stop);
         self.stats.pause_ms = Some(ms(stop.elapsed()));
         self.stats.source_vm = SourceVm::Postmigrate;
-        observer.phase(Phase::Paused);
+        hooks.phase(Phase::Paused);
         let mut last = vec![0u64; pending.len()];
         let (_, harvest_ns) = self.harvest(&mut last, true)?;
         self.stats.final_harvest_ms = Some(harvest_ns as f64 / 1e6);
         for (p, l) in pending.iter_mut().zip(&last) {
             *p |= l;
         }
-        self.send_round(round, &pending, harvest_ns, false)?;
+        self.send_round(round, &pending, harvest_ns, false, hooks)?;
         let pages = self.vm.pages();
         // SAFETY: the vCPUs are paused (the gate's acquire ordered their
         // stores before us) and nothing else writes guest memory until we
@@ -808,7 +804,7 @@ impl Outgoing<'_> {
         }
         self.sender.send_now(&Frame::Done)?;
         self.stats.transferred_bytes = self.sender.bytes();
-        observer.phase(Phase::DoneSent);
+        hooks.phase(Phase::DoneSent);
         Ok(())
     }
 
@@ -817,7 +813,7 @@ impl Outgoing<'_> {
     fn handover(
         &mut self,
         header: &Header,
-        observer: &mut dyn Observer,
+        hooks: &mut dyn SourceHooks<V>,
     ) -> Result<HandoverEnd, MigrationError> {
         let p = self.params.progress_timeout;
         let b = self.params.breakage;
@@ -831,13 +827,13 @@ impl Outgoing<'_> {
         };
         let (state, action) = self.state.on(event, &b);
         debug_assert_eq!(action, SourceAction::SendCommit);
-        observer.phase(Phase::VerifiedReceived);
+        hooks.phase(Phase::VerifiedReceived);
         // The point of no return: from the first byte of `Commit` on, the
         // destination may run the guest.
         self.state = state;
         let id = header.id;
         let sent = self.sender.send_now(&Frame::Commit { id });
-        observer.phase(Phase::CommitSent);
+        hooks.phase(Phase::CommitSent);
         let heard = sent.map_err(MigrationError::from).and_then(|_| {
             loop {
                 match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "running")? {
@@ -860,7 +856,7 @@ impl Outgoing<'_> {
         self.state = state;
         if state == SourceState::Completed {
             self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
-            observer.phase(Phase::RunningReceived);
+            hooks.phase(Phase::RunningReceived);
         }
         if action != SourceAction::Query {
             return Ok(HandoverEnd { state, action, why });

@@ -97,8 +97,6 @@ pub struct RoundStats {
     pub bandwidth_bytes_per_s: f64,
     /// The vCPU throttle during it, percent.
     pub cpu_throttle_percentage: u32,
-    /// Passes the guest completed by the round's end.
-    pub guest_passes: u64,
 }
 
 /// The source's statistics (`info migrate` on the source).
@@ -234,23 +232,6 @@ pub fn measured_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "not measured".into(), |v| format!("{v:.1} ms"))
 }
 
-/// How the check of the guest's writes after it resumed came out (it
-/// reports; it never stops the guest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ResumeCheck {
-    /// Not run: the guest did not start here, or `--run-after-ms 0`.
-    #[default]
-    NotRun,
-    /// Every page written was logged and continued the source's stores.
-    Passed,
-    /// Pages were written but not logged, or went behind the source's.
-    Failed,
-    /// The guest could not be watched long enough to say (it made no
-    /// progress, or its vCPUs could not be paused for the check).
-    Inconclusive,
-}
-
 /// The destination's statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IncomingStats {
@@ -278,23 +259,4 @@ pub struct IncomingStats {
     /// Time comparing the source's digests with those of the pages as
     /// loaded, ms (in the downtime; `None`: no digest came).
     pub verify_ms: Option<f64>,
-    /// The check of the guest's writes after it resumed.
-    pub check_after_resume: ResumeCheck,
-    /// Why the check said what it said, when it was not a pass.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub check_note: Option<String>,
-    /// How long the guest ran here before that check, ms (process time:
-    /// a stopped destination does not count it).
-    pub run_after_ms: Option<u64>,
-    /// Passes the guest had completed when it arrived.
-    pub passes_at_resume: Option<u64>,
-    /// Passes it had completed when the check paused it.
-    pub passes_after_run: Option<u64>,
-    /// Pages it wrote here (their content moved on from the source's).
-    pub pages_written_after_resume: Option<u64>,
-    /// Of those, pages the destination's dirty log missed.
-    pub lost_pages: Option<u64>,
-    /// Of those, pages whose stores do not continue the source's (an
-    /// iteration below the one the guest had reached when it stopped there).
-    pub regressed_pages: Option<u64>,
 }

@@ -10,6 +10,8 @@
 //!   `shadow-mmu run` and `stress` do);
 //! - [`perf`]: `dirty_log_perf_test`'s migrate-perf, latency probes, the
 //!   compare-exchange floor;
+//! - [`pacer`] and [`resume`]: the pass guest's pace, and its start and
+//!   check on either side of a live migration;
 //! - [`kernbench`] and [`trace`]: the seed's no-regression check, a sweep or
 //!   a replay of a real program's page trace;
 //! - [`fixtures`]: small VMs and guests the tests share.
@@ -19,5 +21,7 @@ pub mod fixtures;
 pub mod harness;
 pub mod kernbench;
 pub mod oracle;
+pub mod pacer;
 pub mod perf;
+pub mod resume;
 pub mod trace;

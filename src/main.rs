@@ -1,19 +1,18 @@
 //! `shadow-mmu`: runs VMs on the engine under dirty logging, checked by the
 //! oracle, and stress-tests them.
 
-mod bench;
-mod dirty_log_test_cmd;
+mod backend_kind;
+mod cmd;
 mod harvest_args;
-mod migrate_cmd;
+mod output;
 mod plot;
 mod report;
-mod run;
-mod stress;
-mod trace_cmd;
+mod vm_description;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cmd::{bench, dirty_log_test, migrate, run, stress, trace};
 
 /// A shadow MMU with lockless dirty logging, after the KVM series
 /// "KVM: MMU: locklessly write-protect" (2013).
@@ -34,16 +33,16 @@ enum Command {
     Stress(stress::StressArgs),
     /// KVM's dirty_log_test: the guest stores the iteration into random
     /// pages, the host reaps while it runs and checks every page.
-    DirtyLogTest(dirty_log_test_cmd::DirtyLogTestArgs),
+    DirtyLogTest(dirty_log_test::DirtyLogTestArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Live migration between two processes over TCP.
     #[command(subcommand)]
-    Migrate(migrate_cmd::MigrateCommand),
+    Migrate(migrate::MigrateCommand),
     /// Page traces of real programs, for kernbench's replay.
     #[command(subcommand)]
-    Trace(trace_cmd::TraceCommand),
+    Trace(trace::TraceCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,11 +51,11 @@ fn main() -> ExitCode {
     let code: Result<u8, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => passed(run::main(&args).map_err(Into::into)),
         Command::Stress(args) => passed(stress::main(&args).map_err(Into::into)),
-        Command::DirtyLogTest(args) => passed(dirty_log_test_cmd::main(&args)),
+        Command::DirtyLogTest(args) => passed(dirty_log_test::main(&args)),
         Command::Bench(cmd) => passed(bench::main(&cmd)),
-        // Its own codes (migrate_cmd's docs).
-        Command::Migrate(cmd) => migrate_cmd::main(&cmd),
-        Command::Trace(cmd) => passed(trace_cmd::main(&cmd)),
+        // Its own codes (cmd/migrate.rs's docs).
+        Command::Migrate(cmd) => migrate::main(&cmd),
+        Command::Trace(cmd) => passed(trace::main(&cmd)),
     };
     match code {
         Ok(c) => ExitCode::from(c),

@@ -63,7 +63,7 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         s,
         "  pages dirtied         {} (marked in the dirty {}), {} write faults fixed by fast_page_fault",
         m.mmu.pages_marked_dirty,
-        if cfg.harvest.ring_bytes().is_some() { "rings" } else { "bitmap" },
+        if cfg.harvest.ring().is_some() { "rings" } else { "bitmap" },
         m.mmu.fast_page_faults
     );
     if m.mmu.clear_dirty_log_calls > 0 {
@@ -75,7 +75,7 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
             m.mmu.pages_cleared
         );
     }
-    if cfg.harvest.ring_bytes().is_some() {
+    if cfg.harvest.ring().is_some() {
         let _ = writeln!(
             s,
             "  dirty rings           {} entries harvested, {} reset in {} resets ({:.3} ms), {} ring-full exits",

@@ -21,7 +21,7 @@ use shadow_mmu_engine::VmConfig;
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
-use shadow_mmu_vmm::{Backend, BackendVm, GuestAccessError, harvest};
+use shadow_mmu_vmm::{Backend, BackendVm, GuestAccessError, RingEntries, harvest};
 
 const SLOT_BYTES: u64 = 64 << 20;
 const PAGES: u64 = SLOT_BYTES / 4096;
@@ -372,7 +372,9 @@ fn ring_rounds(backends: &[Box<dyn Backend>], emulated_kvm: bool, seed: u64) -> 
 fn engine_rings(entries: u32) -> Vec<Box<dyn Backend>> {
     every_design()
         .into_iter()
-        .map(|config| Box::new(EngineBackend { config, dirty_ring: Some(entries) }) as Box<dyn Backend>)
+        .map(|config| {
+            Box::new(EngineBackend { config, dirty_ring: Some(RingEntries(entries)) }) as Box<dyn Backend>
+        })
         .collect()
 }
 
@@ -397,7 +399,8 @@ fn the_dirty_ring_gives_the_same_pages_as_kvm_round_by_round() {
     }
     let hardware = shadow_mmu_kvm::probed().execution == shadow_mmu_kvm::Execution::Hardware;
     let mut backends = engine_rings(8192);
-    backends.push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(8192) }));
+    backends
+        .push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(RingEntries(8192)) }));
     let exits = ring_rounds(&backends, !hardware, 0x41f6);
     assert!(exits.iter().flatten().all(|&e| e == 0), "a ring of 8192 never fills here: {exits:?}");
 }
@@ -413,7 +416,10 @@ fn full_rings_exit_alike_in_every_design() {
         && shadow_mmu_kvm::probed().execution == shadow_mmu_kvm::Execution::Hardware;
     let mut backends = engine_rings(1024);
     if hardware {
-        backends.push(Box::new(KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(1024) }));
+        backends.push(Box::new(KvmBackend {
+            protect: DirtyLogProtect::Auto,
+            dirty_ring: Some(RingEntries(1024)),
+        }));
     }
     let exits = ring_rounds(&backends, false, 0x41f6);
     for (r, e) in exits.iter().enumerate() {
@@ -449,7 +455,7 @@ fn kvm_small_ring_under_load() {
         .collect();
     let mut overflows = 0;
     for attempt in 0..20u64 {
-        let mut vm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(1024) }
+        let mut vm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(RingEntries(1024)) }
             .create_vm(SLOT_BYTES)
             .unwrap_or_else(|e| panic!("{e}"));
         set_logging(vm.as_mut(), true);
@@ -492,15 +498,19 @@ fn dirty_ring_sizes_are_refused_alike() {
         return;
     }
     for bytes in [3 << 12, 2048, 2 << 20, 0] {
-        let engine =
-            shadow_mmu_engine::EngineBackend { config: VmConfig::default(), dirty_ring: Some(bytes / 16) };
-        let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
+        let engine = shadow_mmu_engine::EngineBackend {
+            config: VmConfig::default(),
+            dirty_ring: Some(RingEntries::of_bytes(bytes)),
+        };
+        let kvm =
+            KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(RingEntries::of_bytes(bytes)) };
         let e = engine.create_vm(1 << 20).err().map(|e| e.to_string());
         let k = kvm.create_vm(1 << 20).err().map(|e| e.to_string());
         assert!(e.is_some() && k.is_some(), "{bytes} bytes: engine {e:?}, KVM {k:?}");
     }
     for bytes in [4096, 1 << 20] {
-        let kvm = KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(bytes / 16) };
+        let kvm =
+            KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(RingEntries::of_bytes(bytes)) };
         kvm.create_vm(1 << 20).unwrap_or_else(|e| panic!("{bytes}: {e}"));
     }
 }

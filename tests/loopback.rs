@@ -17,7 +17,7 @@ use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
 use shadow_mmu_testkit::resume::{PassStart, ResumeCheck, ResumeReport, check_after_resume};
-use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm};
+use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm, RingEntries};
 
 const MIB: u64 = 1 << 20;
 
@@ -90,11 +90,11 @@ fn boot(backend: &EngineBackend, spec: &PassSpec) -> Box<dyn PassVm> {
 
 #[test]
 fn every_design_and_interface_migrates_and_goes_on() {
-    let logs: [(&str, DirtyLogProtect, Option<u32>); 4] = [
+    let logs: [(&str, DirtyLogProtect, Option<RingEntries>); 4] = [
         ("get", DirtyLogProtect::Auto, None),
         ("clear", DirtyLogProtect::Manual, None),
         ("initially-set", DirtyLogProtect::ManualInitiallySet, None),
-        ("ring", DirtyLogProtect::Auto, Some(4096)),
+        ("ring", DirtyLogProtect::Auto, Some(RingEntries(4096))),
     ];
     for config in every_design() {
         for (log, protect, ring) in logs {

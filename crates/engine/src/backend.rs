@@ -14,7 +14,7 @@ use crate::vcpu::{Vcpu, VcpuExit};
 use crate::vm::{Vm, VmConfig};
 use shadow_mmu_vmm::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLog, DirtyLogProtect, GuestMemory, PassSpec, PassVm,
-    RingState,
+    RingEntries, RingState,
 };
 
 /// Collects every ring of `vm` (the test slot's offsets into `out`), then
@@ -37,7 +37,7 @@ pub struct EngineBackend {
     /// How each VM is built.
     pub config: VmConfig,
     /// The dirty ring's entries per vCPU, if on.
-    pub dirty_ring: Option<u32>,
+    pub dirty_ring: Option<RingEntries>,
 }
 
 impl Backend for EngineBackend {
@@ -57,7 +57,7 @@ impl Backend for EngineBackend {
         let (vm, mem) = vm_with_memory(self.config.clone(), guest_bytes, false)
             .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
         if let Some(n) = self.dirty_ring {
-            vm.enable_dirty_ring(n * 16)
+            vm.enable_dirty_ring(n.bytes())
                 .map_err(|e| BackendError::new(&name, "enabling the dirty ring", e))?;
         }
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
@@ -119,7 +119,7 @@ impl<W> DirtyLog for EngineVm<W> {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             protect: self.vm.dirty_log_protect(),
-            dirty_ring: self.vm.dirty_ring_entries(),
+            dirty_ring: self.vm.dirty_ring_entries().map(RingEntries),
             mmu_figures: true,
         }
     }

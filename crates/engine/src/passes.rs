@@ -20,8 +20,8 @@ use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
 use shadow_mmu_vmm::{
-    BackendError, HarvestProbe, LatencySummary, PassExtras, PassSpec, PassWorkload, VcpuControl, VcpuGate,
-    VcpuStateError, check_vcpu_states,
+    BackendError, HarvestProbe, LatencySummary, PassExtras, PassSpec, PassWorkload, RingEntries, VcpuControl,
+    VcpuGate, VcpuStateError, check_vcpu_states,
 };
 use thiserror::Error;
 
@@ -479,7 +479,7 @@ impl EnginePassVm {
     pub fn start(
         name: String,
         config: VmConfig,
-        dirty_ring: Option<u32>,
+        dirty_ring: Option<RingEntries>,
         spec: &PassSpec,
     ) -> Result<Self, PassesError> {
         let npages = spec.guest_bytes / PAGE_SIZE;
@@ -498,7 +498,7 @@ impl EnginePassVm {
         // populating it all would defeat the point of a large guest.
         let (vm, mem) = vm_with_memory(config, spec.guest_bytes, spec.dirty_pages.is_none())?;
         if let Some(n) = dirty_ring {
-            vm.enable_dirty_ring(n * 16)?;
+            vm.enable_dirty_ring(n.bytes())?;
         }
         let workload = WorkloadSpec {
             pattern: if spec.random { AccessPattern::Random } else { AccessPattern::Seq },

@@ -318,7 +318,7 @@ fn dirty_log_test_in_every_design_and_interface() {
                 ..HarvestSpec::default()
             };
             let config = VmConfig { dirty_log_protect: spec.protect(), ..d.clone() };
-            let backend = EngineBackend { config, dirty_ring: spec.ring_bytes().map(|b| b / 16) };
+            let backend = EngineBackend { config, dirty_ring: spec.ring() };
             let pass = PassSpec {
                 vcpus: 1,
                 guest_bytes: 4099 * 4096,

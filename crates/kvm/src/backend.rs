@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_vmm::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLog, GuestMemory, HarvestProbe, PassExtras,
-    PassSpec, PassVm, PassWorkload, RingState, VcpuControl, VcpuGate, VcpuStateError, check_guest_access,
-    check_vcpu_states,
+    PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuStateError,
+    check_guest_access, check_vcpu_states,
 };
 
 use crate::error::KvmError;
@@ -54,7 +54,7 @@ pub struct KvmBackend {
     /// Manual protect's flags on each VM.
     pub protect: DirtyLogProtect,
     /// The dirty ring's entries per vCPU, if on.
-    pub dirty_ring: Option<u32>,
+    pub dirty_ring: Option<RingEntries>,
 }
 
 impl Backend for KvmBackend {
@@ -68,7 +68,7 @@ impl Backend for KvmBackend {
     fn create_vm(&self, guest_bytes: u64) -> Result<Box<dyn BackendVm>, BackendError> {
         let name = self.name();
         let vm = match self.dirty_ring {
-            Some(n) => KvmScriptVm::with_dirty_ring(guest_bytes, n * 16),
+            Some(n) => KvmScriptVm::with_dirty_ring(guest_bytes, n.bytes()),
             None => KvmScriptVm::new(guest_bytes, self.protect),
         }
         .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
@@ -88,7 +88,7 @@ impl Backend for KvmBackend {
             random: spec.random,
             seed: spec.seed,
             protect: self.protect,
-            dirty_ring_bytes: self.dirty_ring.map(|n| n * 16),
+            dirty_ring_bytes: self.dirty_ring.map(RingEntries::bytes),
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
@@ -176,7 +176,7 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLog for KvmBackendVm<V> {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             protect: self.protect,
-            dirty_ring: self.inner.dirty_ring_bytes().map(|b| b / 16),
+            dirty_ring: self.inner.dirty_ring_bytes().map(RingEntries::of_bytes),
             mmu_figures: false,
         }
     }

@@ -577,8 +577,8 @@ pub fn run(
         let w = slot_pages as usize * shadow_mmu_engine::memory::WORDS_PER_PAGE;
         &mem.words()[i as usize * w..(i as usize + 1) * w]
     };
-    if let Some(bytes) = cfg.harvest.ring_bytes() {
-        vm.enable_dirty_ring(bytes)?;
+    if let Some(ring) = cfg.harvest.ring() {
+        vm.enable_dirty_ring(ring.bytes())?;
     }
     let ctl = GuestControl::new(cfg.vcpus);
     let mut vcpus = spawn_vcpus(&vm, cfg, npages, &ctl)?;

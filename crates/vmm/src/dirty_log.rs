@@ -69,9 +69,9 @@ pub struct Capabilities {
     /// [`DirtyLog::clear_dirty_log`] clears and re-protects; with
     /// `INITIALLY_SET` too, each log starts all ones.
     pub protect: DirtyLogProtect,
-    /// The dirty ring, with this many entries per vCPU: the bitmap calls are
-    /// refused and [`DirtyLog::harvest_dirty_ring`] answers.
-    pub dirty_ring: Option<u32>,
+    /// The dirty ring, of this size per vCPU: the bitmap calls are refused
+    /// and [`DirtyLog::harvest_dirty_ring`] answers.
+    pub dirty_ring: Option<crate::RingEntries>,
     /// [`crate::BackendVm::large_sptes_mapped`] answers (the engine shows its
     /// shadow page tables; KVM does not).
     pub mmu_figures: bool,

@@ -15,6 +15,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use shadow_mmu_core::dirty_ring::DIRTY_GFN_BYTES;
+
 use crate::DirtyLogProtect;
 
 /// QEMU's CLEAR chunk: 1 GiB of 4 KiB pages.
@@ -22,6 +24,31 @@ pub const DEFAULT_CLEAR_CHUNK_PAGES: u64 = 1 << 18;
 
 /// KVM's selftests' ring: 65536 entries (`dirty_log_test -c`).
 pub const DEFAULT_RING_ENTRIES: u32 = 65536;
+
+/// A dirty ring's size, in entries. KVM sizes its rings in bytes
+/// (`KVM_CAP_DIRTY_LOG_RING`), [`DIRTY_GFN_BYTES`] to an entry
+/// (`struct kvm_dirty_gfn`): [`RingEntries::bytes`] and
+/// [`RingEntries::of_bytes`] are the one conversion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RingEntries(pub u32);
+
+impl RingEntries {
+    /// The ring's size in bytes, as KVM takes it.
+    pub fn bytes(self) -> u32 {
+        self.0 * DIRTY_GFN_BYTES
+    }
+
+    /// The entries of a ring of `bytes` bytes.
+    pub fn of_bytes(bytes: u32) -> Self {
+        Self(bytes / DIRTY_GFN_BYTES)
+    }
+}
+
+impl fmt::Display for RingEntries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// The interface (`--dirty-log get|clear|ring`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -142,9 +169,9 @@ impl HarvestSpec {
         }
     }
 
-    /// Ring size in bytes, when the spec uses the ring.
-    pub fn ring_bytes(&self) -> Option<u32> {
-        (self.interface == DirtyLogInterface::Ring).then_some(self.ring_entries * 16)
+    /// The ring's size, when the spec uses the ring.
+    pub fn ring(&self) -> Option<RingEntries> {
+        (self.interface == DirtyLogInterface::Ring).then_some(RingEntries(self.ring_entries))
     }
 
     /// A short label: `get`, `clear`, `clear+initially-set`, `ring`, with

@@ -43,7 +43,7 @@ pub mod vcpu_gate;
 pub use backend::{Backend, BackendVm, DirtyLogVm, PassVm};
 pub use dirty_log::{Capabilities, DirtyLog, DirtyLogProtect, RingState, harvest, timed_harvest};
 pub use error::{BackendError, VcpuStateError, error_chain};
-pub use interface::{DirtyLogInterface, HarvestSpec};
+pub use interface::{DirtyLogInterface, HarvestSpec, RingEntries};
 pub use memory::{GuestAccessError, GuestMemory, check_guest_access};
 pub use passes::{PassExtras, PassSpec, PassWorkload};
 pub use probe::{HarvestProbe, LatencySummary};

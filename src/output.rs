@@ -1,48 +1,12 @@
-//! `shadow-mmu bench`: benchmarks in the manner of KVM's
-//! `dirty_log_perf_test`, and the seed's kernbench no-regression run.
-
-mod kernbench;
-mod kvm;
-mod migrate;
-mod migrate_perf;
+//! What the commands share to print and record: a progress bar that never
+//! tears the report, JSON files, `dirty_log_perf_test`'s units, and the
+//! figures' helpers.
 
 use std::error::Error;
 use std::path::Path;
 
-use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
-
-pub use kernbench::KernbenchArgs;
-pub use migrate_perf::MigratePerfArgs;
-
-/// What a bench returns: whether every check passed.
-pub type BenchResult<T = bool> = Result<T, Box<dyn Error>>;
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// get_dirty_log time with vCPUs write-faulting, per backend and design,
-    /// with the vCPUs' fault latency and a compare-exchange floor
-    /// (`dirty_log_perf_test`'s report, and the seed's first claim).
-    MigratePerf(MigratePerfArgs),
-    /// The no-regression run: a fault-heavy workload with logging off, under
-    /// mmu notifier invalidations and shrinker pressure, swept or replayed
-    /// from a real program's trace (the seed's second claim).
-    Kernbench(KernbenchArgs),
-    /// Live migrations over loopback, the destination a process of its
-    /// own: QEMU's statistics per backend, design, interface and dirty rate,
-    /// beside a raw loopback copy of the same bytes.
-    Migrate(migrate::MigrateArgs),
-}
-
-/// Runs a bench.
-pub fn main(cmd: &BenchCommand) -> BenchResult {
-    match cmd {
-        BenchCommand::MigratePerf(a) => migrate_perf::main(a),
-        BenchCommand::Kernbench(a) => kernbench::main(a),
-        BenchCommand::Migrate(a) => migrate::main(a),
-    }
-}
 
 /// Seconds with nanosecond digits, as `dirty_log_perf_test` prints them.
 pub fn secs(ns: u64) -> String {
@@ -94,15 +58,20 @@ impl Progress {
     }
 }
 
-/// Writes `{"command": ..., "runs": runs}` to `path`.
-pub fn write_json(path: &Path, runs: Vec<Value>) -> Result<(), Box<dyn Error>> {
-    let v = serde_json::json!({
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "runs": runs,
-    });
-    let text = serde_json::to_string_pretty(&v)?;
+/// Writes `v` to `path`, pretty, creating its directory.
+pub fn write_json(path: &Path, v: &Value) -> Result<(), Box<dyn Error>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(v)?;
     std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(())
+}
+
+/// Writes a bench's `{"command": ..., "runs": runs}` to `path`.
+pub fn write_runs(path: &Path, runs: Vec<Value>) -> Result<(), Box<dyn Error>> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_json(path, &serde_json::json!({ "command": command, "runs": runs }))
 }
 
 /// Parses a size as `dirty_log_perf_test`'s `-b` does: a number with an
@@ -124,6 +93,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
     n.checked_mul(1 << shift).filter(|&b| b > 0).ok_or_else(|| format!("{s:?}: zero or too large"))
+}
+
+/// The median of `s`.
+pub fn median(mut s: Vec<f64>) -> f64 {
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
 use shadow_mmu_testkit::trace::PageTrace;
 
-use super::migrate_perf::median;
-use super::{BenchResult, Progress, write_json};
+use super::BenchResult;
+use crate::output::{Progress, median, write_runs};
 
 #[derive(Debug, Args)]
 pub struct KernbenchArgs {
@@ -154,7 +154,7 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
         println!("lockless/locked kernbench throughput: {:.3} (target >= 0.98)", medians[ll] / medians[l]);
     }
     if let Some(path) = &a.json {
-        write_json(path, runs)?;
+        write_runs(path, runs)?;
         println!("wrote {}", path.display());
     }
     Ok(true)

@@ -21,15 +21,17 @@ use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
-use super::{BenchResult, Progress};
+use super::BenchResult;
+use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
-use crate::migrate_cmd::{VmDescription, Where};
+use crate::output::Progress;
+use crate::vm_description::VmDescription;
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Backends, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "engine")]
-    pub backend: Vec<Where>,
+    pub backend: Vec<BackendKind>,
     /// The engine's designs, comma-separated (KVM has one).
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
     pub mmu: Vec<MmuDesign>,
@@ -145,13 +147,13 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     let mut combos = Vec::new();
     for &backend in &a.backend {
         let mmus: Vec<MmuDesign> = match backend {
-            Where::Engine => a.mmu.clone(),
-            Where::Kvm => a.mmu.first().copied().into_iter().collect(),
+            BackendKind::Engine => a.mmu.clone(),
+            BackendKind::Kvm => a.mmu.first().copied().into_iter().collect(),
         };
         for &mmu in &mmus {
             for &log in &a.dirty_log {
                 for &threads in &a.harvest_threads {
-                    if backend == Where::Kvm && threads > 1 {
+                    if backend == BackendKind::Kvm && threads > 1 {
                         continue;
                     }
                     for &mib in &a.guest_mib {
@@ -218,11 +220,11 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             dirty_rate: rate.0.map(|r| r << 20),
         };
         let label = match backend {
-            Where::Engine => format!(
+            BackendKind::Engine => format!(
                 "engine {mmu}, {log}{}",
                 if threads > 1 { format!(" x{threads}") } else { String::new() }
             ),
-            Where::Kvm => format!("kvm, {log}"),
+            BackendKind::Kvm => format!("kvm, {log}"),
         };
         let mut vm = desc.boot()?;
         // The guest's speed without a migration: two passes flat out, the
@@ -239,7 +241,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             clear_chunk_pages: desc.clear_chunk_pages,
             ..OutgoingParams::default()
         };
-        let conn = crate::migrate_cmd::connect(&addr, params.progress_timeout)?;
+        let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
         let header = desc.header(vm.as_ref())?;
         let p0 = vm.passes_done();
         let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
@@ -325,7 +327,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     }
     bar.finish();
     if let Some(p) = &a.json {
-        super::write_json(p, runs)?;
+        crate::output::write_runs(p, runs)?;
     }
     if let Some(d) = &a.plot {
         std::fs::create_dir_all(d)?;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::backend_kind::BackendKind;
 use clap::{Args, ValueEnum};
-use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
 use shadow_mmu_vmm::{Backend, PassSpec};
@@ -22,15 +22,6 @@ pub enum Mode {
     DirtyRing,
     /// Each of the three in turn.
     All,
-}
-
-/// Where to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Where {
-    /// The engine, each design of `--mmu`.
-    Engine,
-    /// The machine's KVM (`/dev/kvm`).
-    Kvm,
 }
 
 #[derive(Debug, Args)]
@@ -50,7 +41,7 @@ pub struct DirtyLogTestArgs {
     pub ring_entries: u32,
     /// Backends, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
-    pub backend: Vec<Where>,
+    pub backend: Vec<BackendKind>,
     /// The engine's designs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
     pub mmu: Vec<MmuDesign>,
@@ -83,15 +74,14 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
         return Err(format!("--guest-pages {}: 1 to 524288 (2 GiB, KVM's test slot)", a.guest_pages).into());
     }
     let mut ok = true;
-    let probe = a.backend.contains(&Where::Kvm).then(shadow_mmu_kvm::probe);
+    let probe = a.backend.contains(&BackendKind::Kvm).then(shadow_mmu_kvm::probe);
     for (mode, spec) in specs(a) {
         spec.validate()?;
         let mut backends: Vec<(String, Box<dyn Backend>)> = Vec::new();
-        if a.backend.contains(&Where::Engine) {
+        if a.backend.contains(&BackendKind::Engine) {
             for &mmu in &a.mmu {
-                let config = VmConfig { mmu, dirty_log_protect: spec.protect(), ..VmConfig::default() };
-                let b = EngineBackend { config, dirty_ring: spec.ring_bytes().map(|b| b / 16) };
-                backends.push((format!("engine mmu={mmu}"), Box::new(b)));
+                let engine = VmConfig { mmu, ..VmConfig::default() };
+                backends.push((format!("engine mmu={mmu}"), BackendKind::Engine.backend(&engine, &spec)));
             }
         }
         match &probe {
@@ -99,13 +89,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
             Some(p) if spec.interface == DirtyLogInterface::Clear && !p.has_manual_protect() => {
                 println!("(KVM, {mode}: skipped: no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)");
             }
-            Some(_) => backends.push((
-                "kvm".into(),
-                Box::new(shadow_mmu_kvm::KvmBackend {
-                    protect: spec.protect(),
-                    dirty_ring: spec.ring_bytes().map(|b| b / 16),
-                }),
-            )),
+            Some(_) => backends.push(("kvm".into(), BackendKind::Kvm.backend(&VmConfig::default(), &spec))),
             None => {}
         }
         for (name, backend) in backends {

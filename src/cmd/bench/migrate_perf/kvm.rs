@@ -4,12 +4,15 @@
 //! engine's runs. What is KVM's own here is the probe and its details.
 
 use serde_json::{Value, json};
-use shadow_mmu_kvm::{KvmBackend, Probe};
+use shadow_mmu_kvm::Probe;
 
 use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
 
-use super::migrate_perf::{MigratePerfArgs, Record, backend_run};
-use super::{BenchResult, Progress};
+use super::args::MigratePerfArgs;
+use super::run::{Record, backend_run};
+use crate::backend_kind::BackendKind;
+use crate::cmd::bench::BenchResult;
+use crate::output::Progress;
 
 /// The machine's KVM, as probed once per run.
 pub struct KvmBench(Probe);
@@ -85,8 +88,8 @@ impl KvmBench {
             _ if manual_protect => "manual-protect",
             _ => "classic",
         };
-        let backend = KvmBackend { protect: spec.protect(), dirty_ring: spec.ring_bytes().map(|b| b / 16) };
-        let rec = backend_run(a, p, &backend, "kvm", mode.to_string(), spec, guest_bytes, header, details)?;
+        let backend = BackendKind::Kvm.backend(&Default::default(), spec);
+        let rec = backend_run(a, p, &*backend, "kvm", mode.to_string(), spec, guest_bytes, header, details)?;
         if !self.0.vcpu_timings_comparable {
             p.line(
                 "(KVM's vCPU times above come from its instruction emulator: not comparable with the engine)",

@@ -20,18 +20,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
-use shadow_mmu_engine::EngineBackend;
-use shadow_mmu_engine::{MmuDesign, VmConfig};
+use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::dest::{BuildError, IncomingParams, migrate_incoming};
 use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Unsettled, migrate_outgoing};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
-use shadow_mmu_migrate::stream::{Header, SlotLayout};
+use shadow_mmu_migrate::stream::Header;
 use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
 use shadow_mmu_testkit::resume::{PassPacing, PassStart, ResumeCheck, ResumeReport, check_after_resume};
-use shadow_mmu_vmm::{Backend, DirtyLogInterface, HarvestSpec, PassSpec, PassVm, error_chain};
+use shadow_mmu_vmm::{DirtyLogInterface, PassVm, error_chain};
 
+use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
+use crate::output::write_json;
+use crate::vm_description::VmDescription;
 
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
@@ -68,16 +69,6 @@ pub struct ControlArgs {
     /// What to do.
     #[arg(value_enum)]
     pub action: ControlAction,
-}
-
-/// Where the VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Where {
-    /// The engine, in the design of `--mmu`.
-    Engine,
-    /// The machine's KVM (`/dev/kvm`).
-    Kvm,
 }
 
 /// `--on-timeout`.
@@ -130,7 +121,7 @@ pub struct OutgoingArgs {
     pub to: String,
     /// Where the VM runs.
     #[arg(long, value_enum, default_value = "engine")]
-    pub backend: Where,
+    pub backend: BackendKind,
     /// The engine's dirty-logging design.
     #[arg(long, default_value = "lockless")]
     pub mmu: MmuDesign,
@@ -216,133 +207,23 @@ impl OutgoingArgs {
     }
 }
 
-/// The VM, as the stream's header carries it (JSON in `Header::config`):
-/// what the destination needs to build the same VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmDescription {
-    /// Where it runs.
-    pub backend: Where,
-    /// The engine's design.
-    pub mmu: String,
-    /// The engine's `fast_page_fault`.
-    pub fast_page_fault: bool,
-    /// The dirty-log interface.
-    pub dirty_log: String,
-    /// `KVM_DIRTY_LOG_INITIALLY_SET`.
-    pub initially_set: bool,
-    /// Ring entries per vCPU.
-    pub ring_entries: u32,
-    /// Harvest threads.
-    pub harvest_threads: u32,
-    /// CLEAR window, pages.
-    pub clear_chunk_pages: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Guest bytes.
-    pub guest_bytes: u64,
-    /// Random pages rather than a sweep.
-    pub random: bool,
-    /// Stores, percent.
-    pub write_pct: u8,
-    /// The workload's seed.
-    pub seed: u64,
-    /// The dirty-rate cap, bytes a second.
-    pub dirty_rate: Option<u64>,
-}
-
-impl VmDescription {
-    pub fn of(a: &OutgoingArgs) -> Self {
-        Self {
-            backend: a.backend,
-            mmu: a.mmu.to_string(),
-            fast_page_fault: !a.no_fast_page_fault,
-            dirty_log: a.dirty_log.to_string(),
-            initially_set: a.knobs.initially_set,
-            ring_entries: a.knobs.ring_entries,
-            harvest_threads: a.harvest_threads,
-            clear_chunk_pages: a.knobs.clear_chunk_pages,
-            vcpus: a.vcpus,
-            guest_bytes: a.guest_mib << 20,
-            random: a.workload == Workload::Random,
-            write_pct: a.write_pct,
-            seed: a.seed,
-            dirty_rate: a.dirty_rate_mibps.map(|r| r << 20),
-        }
-    }
-
-    /// The harvest spec it asks for, checked.
-    fn harvest(&self) -> Result<HarvestSpec, String> {
-        let interface: DirtyLogInterface = self.dirty_log.parse().map_err(|e| format!("{e}"))?;
-        let spec = HarvestSpec {
-            interface,
-            clear_chunk_pages: self.clear_chunk_pages,
-            initially_set: self.initially_set && interface == DirtyLogInterface::Clear,
-            ring_entries: self.ring_entries,
-            harvest_threads: self.harvest_threads,
-        };
-        spec.validate().map_err(|e| e.to_string())?;
-        Ok(spec)
-    }
-
-    /// The backend that builds it.
-    fn backend(&self) -> Result<Box<dyn Backend>, String> {
-        let spec = self.harvest()?;
-        let ring = spec.ring_bytes().map(|b| b / 16);
-        Ok(match self.backend {
-            Where::Engine => {
-                let mmu: MmuDesign = self.mmu.parse().map_err(|e| format!("--mmu {}: {e}", self.mmu))?;
-                let config = VmConfig {
-                    mmu,
-                    fast_page_fault: self.fast_page_fault,
-                    dirty_log_protect: spec.protect(),
-                    harvest_threads: spec.harvest_threads,
-                    ..VmConfig::default()
-                };
-                Box::new(EngineBackend { config, dirty_ring: ring })
-            }
-            Where::Kvm => Box::new(shadow_mmu_kvm::KvmBackend { protect: spec.protect(), dirty_ring: ring }),
-        })
-    }
-
-    fn pass_spec(&self) -> PassSpec {
-        PassSpec {
-            vcpus: self.vcpus,
-            guest_bytes: self.guest_bytes,
-            write_pct: self.write_pct,
-            random: self.random,
-            seed: self.seed,
-            dirty_pages: None,
-        }
-    }
-
-    /// Builds and starts the VM, vCPUs waiting for their first release.
-    fn start(&self) -> Result<Box<dyn PassVm>, String> {
-        self.backend()?.start_passes(&self.pass_spec()).map_err(|e| error_chain(&e))
-    }
-
-    /// Builds the VM and boots it: a first pass, so that every page holds
-    /// data.
-    pub fn boot(&self) -> Result<Box<dyn PassVm>, String> {
-        let vm = self.start()?;
-        vm.release(1);
-        vm.wait_passes(0).map_err(|e| error_chain(&e))?;
-        Ok(vm)
-    }
-
-    /// The stream's header for `vm`, built from this description.
-    pub fn header(&self, vm: &dyn PassVm) -> Result<Header, serde_json::Error> {
-        let backend = match self.backend {
-            Where::Engine => "engine",
-            Where::Kvm => "kvm",
-        };
-        let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
-        Ok(Header::new(backend.into(), serde_json::to_string(self)?, slots))
-    }
-
-    /// Bytes a pass of the guest stores to (one 8-byte store per page of
-    /// `write_pct`% of them; a page dirtied counts 4 KiB).
-    pub fn pass_bytes(&self) -> f64 {
-        self.guest_bytes as f64 * f64::from(self.write_pct) / 100.0
+/// The description of the VM `a` asks for.
+fn describe(a: &OutgoingArgs) -> VmDescription {
+    VmDescription {
+        backend: a.backend,
+        mmu: a.mmu.to_string(),
+        fast_page_fault: !a.no_fast_page_fault,
+        dirty_log: a.dirty_log.to_string(),
+        initially_set: a.knobs.initially_set,
+        ring_entries: a.knobs.ring_entries,
+        harvest_threads: a.harvest_threads,
+        clear_chunk_pages: a.knobs.clear_chunk_pages,
+        vcpus: a.vcpus,
+        guest_bytes: a.guest_mib << 20,
+        random: a.workload == Workload::Random,
+        write_pct: a.write_pct,
+        seed: a.seed,
+        dirty_rate: a.dirty_rate_mibps.map(|r| r << 20),
     }
 }
 
@@ -407,14 +288,6 @@ impl DestHooks<dyn PassVm> for DestCli<'_> {
     fn start(&mut self, vm: &mut (dyn PassVm + 'static)) {
         self.start.as_mut().expect("prepared before the start").start(vm);
     }
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .map_err(|e| format!("writing {}: {e}", path.display()).into())
 }
 
 fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -547,10 +420,10 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
 }
 
 fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    if a.backend == Where::Kvm && a.guest_mib > 2048 {
+    if a.backend == BackendKind::Kvm && a.guest_mib > 2048 {
         return Err(format!("--guest-mib {}: KVM's test slot holds at most 2048", a.guest_mib).into());
     }
-    let desc = VmDescription::of(a);
+    let desc = describe(a);
     let mut vm = desc.boot()?;
     let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
     let t = Instant::now();
@@ -567,7 +440,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     println!("control socket (if the outcome is unknown): {}", socket.display());
     std::io::stdout().flush()?;
     let conn = connect(&a.to, params.progress_timeout)?;
-    let bar = crate::bench::Progress::spinner("round 0: the bulk copy");
+    let bar = crate::output::Progress::spinner("round 0: the bulk copy");
     let mut progress = |s: &MigrationStats| {
         let r = s.rounds.last().expect("a round");
         bar.line(format!(

@@ -1,0 +1,306 @@
+//! `bench migrate-perf`: `dirty_log_perf_test`'s report, per backend, design
+//! and guest size, plus what the seed cared about: get-dirty-log ns per dirty
+//! page against a compare-exchange floor, and the vCPUs' write-fault latency
+//! with and without a harvest running.
+
+mod args;
+mod kvm;
+mod run;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shadow_mmu_engine::{MmuDesign, VmConfig};
+use shadow_mmu_testkit::perf;
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary};
+
+use crate::backend_kind::BackendKind;
+use crate::cmd::bench::BenchResult;
+use crate::output::{Progress, median, secs, write_runs};
+use crate::plot;
+
+pub use args::MigratePerfArgs;
+use run::{Record, backend_run};
+
+fn engine_run(
+    a: &MigratePerfArgs,
+    p: &Progress,
+    mmu: MmuDesign,
+    harvest: &HarvestSpec,
+    guest_bytes: u64,
+) -> BenchResult<Record> {
+    let engine = VmConfig {
+        mmu,
+        fast_page_fault: !a.no_fast_page_fault,
+        large_pages: !a.no_large_pages,
+        ..VmConfig::default()
+    };
+    let header = format!(
+        "== backend=engine mmu={mmu} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        harvest.label(),
+        a.vcpus,
+        guest_bytes >> 20,
+        (guest_bytes / u64::from(a.vcpus)) >> 20
+    );
+    let Value::Object(details) = json!({
+        "write_pct": a.write_pct,
+        "random": a.random,
+        "fast_page_fault": !a.no_fast_page_fault,
+    }) else {
+        unreachable!("an object")
+    };
+    backend_run(
+        a,
+        p,
+        &*BackendKind::Engine.backend(&engine, harvest),
+        "engine",
+        mmu.name().to_string(),
+        harvest,
+        guest_bytes,
+        header,
+        details,
+    )
+}
+
+/// Alternations of the designs in the fault-heavy measurement.
+const FAULT_HEAVY_ROUNDS: usize = 5;
+
+/// The fault-heavy measurement, designs alternated `FAULT_HEAVY_ROUNDS`
+/// times (so that drift of a shared machine hits both alike); the median of
+/// each.
+fn fault_heavy(a: &MigratePerfArgs) -> BenchResult<Vec<f64>> {
+    let per = Duration::from_secs_f64(a.fault_heavy_seconds / FAULT_HEAVY_ROUNDS as f64);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); a.mmu.len()];
+    for _ in 0..FAULT_HEAVY_ROUNDS {
+        for (i, &mmu) in a.mmu.iter().enumerate() {
+            samples[i].push(perf::fault_heavy(mmu, !a.no_fast_page_fault, a.vcpus, per)?.faults_per_sec);
+        }
+    }
+    Ok(samples.into_iter().map(median).collect())
+}
+
+fn guest_sizes(a: &MigratePerfArgs) -> Result<Vec<u64>, String> {
+    let sizes: Vec<u64> = if !a.bytes_per_vcpu.is_empty() {
+        a.bytes_per_vcpu.iter().map(|b| b * u64::from(a.vcpus)).collect()
+    } else if !a.guest_mib.is_empty() {
+        a.guest_mib.iter().map(|m| m << 20).collect()
+    } else {
+        vec![1 << 30]
+    };
+    for &s in &sizes {
+        if s == 0 || !s.is_multiple_of(4096) || s / 4096 < u64::from(a.vcpus) || s > 1 << 40 {
+            return Err(format!("guest size {s} bytes: not a positive multiple of 4 KiB, one page per vCPU"));
+        }
+    }
+    Ok(sizes)
+}
+
+pub fn main(a: &MigratePerfArgs) -> BenchResult {
+    if !(a.fault_heavy_seconds.is_finite() && a.fault_heavy_seconds >= 0.0) {
+        return Err(format!("--fault-heavy-seconds {}", a.fault_heavy_seconds).into());
+    }
+    let sizes = guest_sizes(a)?;
+    let specs = a.harvest_specs()?;
+    let engine = a.backend.contains(&BackendKind::Engine);
+    let kvm = a.backend.contains(&BackendKind::Kvm).then(kvm::KvmBench::probe);
+    if let Some(k) = &kvm {
+        println!("{}", k.describe());
+    }
+    let kvm_specs: Vec<HarvestSpec> = match kvm.as_ref().filter(|k| k.usable()) {
+        Some(_) if a.dirty_pages.is_some() => {
+            println!("(KVM: skipped: a working set, --dirty-pages, runs on the engine only)");
+            Vec::new()
+        }
+        Some(k) => k.runnable(&specs, &|line| println!("{line}")),
+        None => Vec::new(),
+    };
+    let per_size = if engine { (a.mmu.len() * specs.len()) as u64 } else { 0 } + kvm_specs.len() as u64;
+    let p = Progress::new(sizes.len() as u64 * per_size * u64::from(a.iterations), "migrate-perf");
+    let mut records = Vec::new();
+    for &size in &sizes {
+        for spec in &specs {
+            if engine {
+                for &mmu in &a.mmu {
+                    records.push(engine_run(a, &p, mmu, spec, size)?);
+                }
+            }
+            if let Some(k) = kvm.as_ref().filter(|k| k.usable())
+                && kvm_specs.contains(spec)
+            {
+                records.push(k.run(a, &p, size, spec)?);
+            }
+        }
+    }
+    let faults = if engine && a.fault_heavy_seconds > 0.0 {
+        p.line(format!(
+            "== fault-heavy, dirty logging off ({} MiB, 4 KiB pages, 64 shadow pages, {} vCPUs)",
+            perf::FAULT_HEAVY_GUEST_BYTES >> 20,
+            a.vcpus
+        ));
+        let f = fault_heavy(a)?;
+        for (mmu, x) in a.mmu.iter().zip(&f) {
+            p.line(format!("{mmu}: {x:.0} faults/s"));
+        }
+        Some(f)
+    } else {
+        None
+    };
+    p.finish();
+    if let Some(f) = &faults {
+        for r in records.iter_mut().filter(|r| r.backend == "engine") {
+            let i = a.mmu.iter().position(|m| m.name() == r.mmu).expect("a design we ran");
+            r.fault_heavy_faults_per_sec = Some(f[i]);
+        }
+    }
+    print_ratios(&records, &sizes, faults.as_deref(), a);
+    if let Some(dir) = &a.plot {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut written = plot::dirty_log_vs_size(
+            dir,
+            &records.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
+        )?;
+        let largest = sizes.iter().max().copied().unwrap_or(0);
+        let lat: Vec<(String, &LatencySummary)> = records
+            .iter()
+            .filter(|r| r.guest_bytes == largest)
+            .filter_map(|r| r.latency.as_ref().map(|(h, _)| (r.label(), h)))
+            .collect();
+        if !lat.is_empty() {
+            written.push(plot::fault_latency(dir, &lat, largest)?);
+        }
+        for w in written {
+            println!("wrote {}", w.display());
+        }
+    }
+    if let Some(path) = &a.json {
+        write_runs(path, records.iter().map(Record::json).collect())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(records.iter().all(|r| r.run.lost_pages == 0))
+}
+
+/// The seed's claims, as ratios of runs of this process.
+fn print_ratios(records: &[Record], sizes: &[u64], faults: Option<&[f64]>, a: &MigratePerfArgs) {
+    let specs = a.harvest_specs().unwrap_or_default();
+    let find = |size: u64, backend: &str, mmu: &str, spec: &HarvestSpec| {
+        records
+            .iter()
+            .find(|r| r.guest_bytes == size && r.backend == backend && r.mmu == mmu && r.spec == *spec)
+    };
+    for &size in sizes {
+        for spec in &specs {
+            print_spec_lines(records, size, spec, &find);
+        }
+    }
+    let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
+    if let (Some(f), Some(l), Some(ll)) = (faults, pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
+        println!("lockless/locked fault-heavy throughput: {:.3} (target >= 0.98)", f[ll] / f[l]);
+    }
+}
+
+/// The lines of [`print_ratios`] for one guest size and harvest spec.
+fn print_spec_lines<'r>(
+    records: &'r [Record],
+    size: u64,
+    spec: &HarvestSpec,
+    find: &dyn Fn(u64, &str, &str, &HarvestSpec) -> Option<&'r Record>,
+) {
+    let tag = format!("{} MiB, {}", size >> 20, spec.label());
+    for r in records.iter().filter(|r| r.guest_bytes == size && r.spec == *spec && r.backend == "engine") {
+        if let Some(held) = r.figure("harvest_mmu_lock_hold_ns") {
+            println!(
+                "{tag}: engine {}: the harvests held mmu_lock {held} ns in all, longest {} ns{}",
+                r.mmu,
+                r.figure("harvest_mmu_lock_max_hold_ns").unwrap_or(0),
+                r.figure("ring_full_exits")
+                    .filter(|_| spec.interface == DirtyLogInterface::Ring)
+                    .map_or(String::new(), |n| format!("; {n} ring-full exits"))
+            );
+        }
+    }
+    if spec.harvest_threads > 1 {
+        let one = HarvestSpec { harvest_threads: 1, ..*spec };
+        if let Some(r) = find(size, "engine", "lockless", spec) {
+            let pages = r.run.dirty_pages_avg();
+            let (f1, fn_) =
+                (perf::cmpxchg_floor_on(pages, 1), perf::cmpxchg_floor_on(pages, spec.harvest_threads));
+            println!(
+                "{tag}: the compare-exchange floor itself on {} threads against 1: {:.3} ({fn_:.2} against \
+                 {f1:.2} ns per page): how far this machine runs locked read-modify-writes in parallel",
+                spec.harvest_threads,
+                fn_ / f1
+            );
+        }
+        for mmu in ["locked", "lockless"] {
+            if let (Some(n), Some(o)) = (find(size, "engine", mmu, spec), find(size, "engine", mmu, &one)) {
+                println!(
+                    "{tag}: engine {mmu}: harvest with no vCPU running on {} threads against 1: {:.3} \
+                     (lockless target <= 0.6); with a vCPU faulting: {:.3}; the latest helper thread \
+                     started {:.0} us into its harvest",
+                    spec.harvest_threads,
+                    n.run.quiet.harvest_ns() as f64 / o.run.quiet.harvest_ns().max(1) as f64,
+                    n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64,
+                    n.figure("harvest_thread_start_max_ns").unwrap_or(0) as f64 / 1e3
+                );
+            }
+        }
+    }
+    {
+        let tag = tag.as_str();
+        let (Some(l), Some(ll)) =
+            (find(size, "engine", "locked", spec), find(size, "engine", "lockless", spec))
+        else {
+            return;
+        };
+        let locked_ns = l.run.harvest_avg_ns().max(1) as f64;
+        let ratio = ll.run.harvest_avg_ns() as f64 / locked_ns;
+        let seed = if spec.interface == DirtyLogInterface::Get && spec.harvest_threads == 1 {
+            " (the seed: 0.53)"
+        } else {
+            ""
+        };
+        println!("{tag}: lockless/locked harvest time: {ratio:.3}{seed}");
+        // A lockless harvest clears W with one locked read-modify-write per
+        // dirty page, so it cannot take less than the floor per page; set
+        // against this locked run, that bounds the ratio above from below.
+        let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
+        let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns / f64::from(spec.harvest_threads);
+        println!(
+            "{tag}: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
+             nothing else, on each of the harvest threads, against this locked run)"
+        );
+        if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
+            println!(
+                "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
+                lh.quantile_ns(0.99) as f64 / 1e3,
+                llh.quantile_ns(0.99) as f64 / 1e3
+            );
+        }
+        println!(
+            "{tag}: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
+             faulting; {:.2} = {:.2} x with none",
+            ll.run.ns_per_dirty_page(),
+            ll.run.ns_per_dirty_page() / ll.floor_ns_per_page,
+            ll.run.quiet.ns_per_page(),
+            ll.run.quiet.ns_per_page() / ll.floor_ns_per_page
+        );
+        println!(
+            "{tag}: enabling dirty logging: locked {}, lockless {}",
+            secs(l.run.enable_dirty_logging_ns),
+            secs(ll.run.enable_dirty_logging_ns)
+        );
+        for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm" && r.spec == *spec) {
+            println!(
+                "{tag}: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
+                k.mmu,
+                if k.run.clear_dirty_log_avg_ns().is_some() {
+                    "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
+                } else {
+                    "KVM_GET_DIRTY_LOG"
+                },
+                l.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64,
+                ll.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64
+            );
+        }
+    }
+}

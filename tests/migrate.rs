@@ -311,7 +311,7 @@ fn a_corrupt_frame_a_wrong_version_and_a_source_that_closes() {
     // A source that goes away after half a round.
     let mut b = Vec::new();
     write_frame(&mut b, &Frame::Round { round: 0 }).unwrap();
-    let ranges = vec![shadow_mmu_migrate::stream::PageRange { first: 0, pages: 1, zero: false }];
+    let ranges = vec![shadow_mmu_migrate::ranges::PageRange { first: 0, pages: 1, zero: false }];
     write_frame(&mut b, &Frame::Pages { slot: 0, ranges, data: vec![7; 4096] }).unwrap();
     b.truncate(b.len() - 100);
     let (code, err) = raw_stream("closed", good, &b);

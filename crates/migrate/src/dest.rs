@@ -31,9 +31,10 @@ use thiserror::Error;
 
 use crate::handover::{DestAction, DestEvent, DestState};
 use crate::link::{self, Counting, Heartbeat, Sender};
+use crate::ranges::PageRange;
 use crate::ranges::{WORDS_PER_PAGE, digest_of, zero_page_digest};
 use crate::stats::{IncomingStats, MigrationStatus};
-use crate::stream::{Frame, FrameReader, Header, PageRange, SlotLayout, StreamError, read_header};
+use crate::stream::{Frame, FrameReader, Header, SlotLayout, StreamError, read_header};
 use crate::{DestHooks, MigrationVm, Phase};
 
 /// Why the caller could not build the VM a header describes (the source is

@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::stream::{Frame, FrameReader, FrameWriter, PageRange, StreamError};
+use crate::ranges::PageRange;
+use crate::stream::{Frame, FrameReader, FrameWriter, StreamError};
 
 /// Sets `conn` up for a migration whose progress timeout is `progress`:
 /// no Nagle (the handshakes are small frames), keepalive,

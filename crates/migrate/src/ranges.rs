@@ -8,7 +8,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::stream::PageRange;
+/// A run of pages of one slot in a `Pages` frame ([`crate::stream::Frame::Pages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// First page (relative to the slot).
+    pub first: u64,
+    /// Pages in the run (at least one).
+    pub pages: u32,
+    /// All zero: no data follows for them.
+    pub zero: bool,
+}
 
 /// Words (8 bytes) per 4 KiB page.
 pub const WORDS_PER_PAGE: usize = 512;

@@ -39,6 +39,7 @@ use std::io::{self, Read, Write};
 use thiserror::Error;
 
 use crate::handover::Answer;
+use crate::ranges::PageRange;
 
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
@@ -102,17 +103,6 @@ impl Header {
             settle_ms: 0,
         }
     }
-}
-
-/// A run of pages of one slot in a [`Frame::Pages`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRange {
-    /// First page (relative to the slot).
-    pub first: u64,
-    /// Pages in the run (at least one).
-    pub pages: u32,
-    /// All zero: no data follows for them.
-    pub zero: bool,
 }
 
 /// One frame.

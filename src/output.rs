@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("12345"), Ok(12345));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("256m"), Ok(256 << 20));
         assert!(parse_size("1Q").is_err());

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use shadow_mmu_core::spte::PAGE_SIZE;
+
 fn shadow_mmu(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_shadow-mmu")).args(args).output().unwrap();
     (
@@ -185,7 +187,7 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
         }
         assert_eq!(r["iterations"].as_array().unwrap().len(), 2);
-        assert_eq!(r["quiet_dirty_pages"], (bytes << 20) / 4096, "a full pass dirties every page");
+        assert_eq!(r["quiet_dirty_pages"], (bytes << 20) / PAGE_SIZE, "a full pass dirties every page");
     }
     for svg in ["get-dirty-log.svg", "fault-latency.svg"] {
         let text = std::fs::read_to_string(plots.join(svg)).unwrap();

@@ -806,7 +806,7 @@ fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
         vm.wait_passes(0).unwrap();
         let desc = serde_json::json!({
             "backend": "engine", "mmu": "lockless", "fast_page_fault": true, "dirty_log": "get",
-            "initially_set": false, "ring_entries": 4096, "harvest_threads": 1,
+            "initially_set": false, "ring_entries": 1 << 12, "harvest_threads": 1,
             "clear_chunk_pages": 262144, "vcpus": 1, "guest_bytes": 8 << 20,
             "random": false, "write_pct": 100, "seed": 3, "dirty_rate": 16 << 20,
         });

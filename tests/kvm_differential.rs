@@ -12,19 +12,18 @@
 //! reported by nobody, a harvest before logging is refused by everybody, the
 //! log starts clear when logging is enabled (and again when re-enabled).
 
-use shadow_mmu_vmm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use shadow_mmu_engine::EngineBackend;
-use shadow_mmu_engine::VmConfig;
+use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
-use shadow_mmu_vmm::{Backend, BackendVm, GuestAccessError, RingEntries, harvest};
+use shadow_mmu_vmm::{Backend, BackendVm, DirtyLogProtect, GuestAccessError, RingEntries, harvest};
 
 const SLOT_BYTES: u64 = 64 << 20;
-const PAGES: u64 = SLOT_BYTES / 4096;
+const PAGES: u64 = SLOT_BYTES / PAGE_SIZE;
 /// Pages per 2 MiB region.
 const LARGE: u64 = 512;
 /// The 2 MiB region written in bulk (every page), before logging and again
@@ -67,27 +66,27 @@ fn round_writes(r: u32, rng: &mut SplitMix) -> Vec<(u64, u64)> {
     let mut w = Vec::new();
     for i in 0..n {
         let page = rng.below(PAGES);
-        let off = page * 4096 + rng.below(512) * 8;
+        let off = page * PAGE_SIZE + rng.below(512) * 8;
         w.push((off, u64::from(r) << 32 | i));
         if i % 7 == 0 {
             // The same page again, another word.
-            w.push((page * 4096 + rng.below(512) * 8, u64::from(r) << 48 | i));
+            w.push((page * PAGE_SIZE + rng.below(512) * 8, u64::from(r) << 48 | i));
         }
     }
     if r == 5 {
         // Few pages, many writes each.
         for i in 0..1000 {
-            w.push((rng.below(16) * 4096, i));
+            w.push((rng.below(16) * PAGE_SIZE, i));
         }
     }
     if r == 4 {
-        w.extend((0..LARGE).map(|p| ((BULK_REGION * LARGE + p) * 4096, 0xb01c << 32 | p)));
+        w.extend((0..LARGE).map(|p| ((BULK_REGION * LARGE + p) * PAGE_SIZE, 0xb01c << 32 | p)));
     }
     w
 }
 
 fn pages_of(writes: &[(u64, u64)]) -> Vec<u64> {
-    writes.iter().map(|&(off, _)| off / 4096).collect::<BTreeSet<_>>().into_iter().collect()
+    writes.iter().map(|&(off, _)| off / PAGE_SIZE).collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// Harvests every backend; asserts they agree with each other and with
@@ -118,8 +117,8 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
 
     // Logging off: writes, including the whole bulk region (mapped large on
     // the engine), and a harvest that every backend must refuse.
-    let mut before: Vec<(u64, u64)> = (0..200).map(|i| (rng.below(PAGES) * 4096, i)).collect();
-    before.extend((0..LARGE).map(|p| ((BULK_REGION * LARGE + p) * 4096 + 8, p)));
+    let mut before: Vec<(u64, u64)> = (0..200).map(|i| (rng.below(PAGES) * PAGE_SIZE, i)).collect();
+    before.extend((0..LARGE).map(|p| ((BULK_REGION * LARGE + p) * PAGE_SIZE + 8, p)));
     for b in backends.iter_mut() {
         write(b.as_mut(), &before);
         let mut bitmap = vec![0u64; bitmap_words(PAGES)];
@@ -148,7 +147,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
         // Rounds 3 and 5 also have host writes (a device model's, or a
         // migration destination's): they are logged like the guest's.
         let host: Vec<(u64, u64)> = if r % 2 == 1 && r > 1 {
-            (0..40).map(|i| (rng.below(PAGES) * 4096 + 64, 0x4057 << 32 | i)).collect()
+            (0..40).map(|i| (rng.below(PAGES) * PAGE_SIZE + 64, 0x4057 << 32 | i)).collect()
         } else {
             Vec::new()
         };
@@ -179,7 +178,7 @@ fn engine_and_kvm_report_the_same_dirty_pages_round_by_round() {
     assert!(nonempty >= 4, "the rounds must dirty pages");
 
     // Logging off, writes, logging on again: the log restarts clear.
-    let unlogged: Vec<(u64, u64)> = (0..100).map(|i| (rng.below(PAGES) * 4096, i)).collect();
+    let unlogged: Vec<(u64, u64)> = (0..100).map(|i| (rng.below(PAGES) * PAGE_SIZE, i)).collect();
     for b in backends.iter_mut() {
         set_logging(b.as_mut(), false);
         write(b.as_mut(), &unlogged);
@@ -238,7 +237,7 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
     for backend in &backends {
         let mut vm = backend.create_vm(1 << 20).unwrap_or_else(|e| panic!("{e}")); // 256 pages
         let name = vm.name();
-        vm.write_guest(5 * 4096, &[1, 2]).unwrap_or_else(|e| panic!("{e}"));
+        vm.write_guest(5 * PAGE_SIZE, &[1, 2]).unwrap_or_else(|e| panic!("{e}"));
         set_logging(vm.as_mut(), true);
         if vm.capabilities().protect.initially_set() {
             // The log starts all ones: take that first.
@@ -255,18 +254,18 @@ fn host_accesses_are_checked_and_logged_on_every_backend() {
             assert!(vm.read_guest(off, &mut out).is_err(), "{name}: read {off:#x}+{n}");
         }
         // A write across a page boundary dirties both pages.
-        vm.write_guest(7 * 4096 - 8, &[3, 4]).unwrap_or_else(|e| panic!("{e}"));
-        vm.write_guest(200 * 4096, &[5]).unwrap_or_else(|e| panic!("{e}"));
+        vm.write_guest(7 * PAGE_SIZE - 8, &[3, 4]).unwrap_or_else(|e| panic!("{e}"));
+        vm.write_guest(200 * PAGE_SIZE, &[5]).unwrap_or_else(|e| panic!("{e}"));
         let mut bitmap = vec![0u64; bitmap_words(256)];
         assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}")), 3, "{name}");
         assert_eq!(set_pages(&bitmap), [6, 7, 200], "{name}: page 5 was written before logging");
         assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}")), 0, "{name}");
         let mut out = [0u64; 2];
-        vm.read_guest(5 * 4096, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        vm.read_guest(5 * PAGE_SIZE, &mut out).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, [1, 2], "{name}");
-        vm.read_guest(7 * 4096 - 8, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        vm.read_guest(7 * PAGE_SIZE - 8, &mut out).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, [3, 4], "{name}");
-        assert_eq!(word(vm.as_ref(), 200 * 4096), 5, "{name}: memory() sees host writes");
+        assert_eq!(word(vm.as_ref(), 200 * PAGE_SIZE), 5, "{name}: memory() sees host writes");
     }
 }
 
@@ -288,7 +287,7 @@ fn clear_refusals_are_the_same_on_every_backend() {
         if vm.capabilities().protect.initially_set() {
             harvest(vm.as_mut(), &mut bitmap).unwrap_or_else(|e| panic!("{e}"));
         }
-        write(vm.as_mut(), &[(0, 1), (70 * 4096, 2)]);
+        write(vm.as_mut(), &[(0, 1), (70 * PAGE_SIZE, 2)]);
         let before = {
             vm.get_dirty_log(&mut bitmap).unwrap_or_else(|e| panic!("{e}"));
             bitmap.clone()
@@ -508,7 +507,7 @@ fn dirty_ring_sizes_are_refused_alike() {
         let k = kvm.create_vm(1 << 20).err().map(|e| e.to_string());
         assert!(e.is_some() && k.is_some(), "{bytes} bytes: engine {e:?}, KVM {k:?}");
     }
-    for bytes in [4096, 1 << 20] {
+    for bytes in [PAGE_SIZE as u32, 1 << 20] {
         let kvm =
             KvmBackend { protect: DirtyLogProtect::Auto, dirty_ring: Some(RingEntries::of_bytes(bytes)) };
         kvm.create_vm(1 << 20).unwrap_or_else(|e| panic!("{bytes}: {e}"));

@@ -3,19 +3,18 @@
 //! numbers, manual protect's get/clear split behaves as KVM documents, and
 //! `migrate_perf` reports every figure.
 
-use shadow_mmu_vmm::DirtyLogProtect;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_kvm::guest::model_pass;
 use shadow_mmu_kvm::perf::slice;
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::{KvmBackend, KvmPerfConfig, KvmPerfVm, bitmap_words};
 use shadow_mmu_testkit::fixtures::set_pages;
 use shadow_mmu_testkit::perf::migrate_perf;
-use shadow_mmu_vmm::HarvestSpec;
-use shadow_mmu_vmm::{Backend, PassSpec};
+use shadow_mmu_vmm::{Backend, DirtyLogProtect, HarvestSpec, PassSpec};
 
 const MIB16: u64 = 16 << 20;
 
@@ -193,14 +192,14 @@ fn migrate_perf_reports_every_figure() {
     assert!(run.populate_ns > 0 && run.enable_dirty_logging_ns > 0);
     // The first harvest comes after pass 2 wrote every page; later ones race
     // with the running vCPUs, so see any share of memory.
-    assert_eq!(run.iterations[0].dirty_pages, 4096);
+    assert_eq!(run.iterations[0].dirty_pages, MIB16 / PAGE_SIZE);
     for it in &run.iterations {
-        assert!(it.dirty_pages <= 4096, "{it:?}");
+        assert!(it.dirty_pages <= MIB16 / PAGE_SIZE, "{it:?}");
         assert!(it.dirty_memory_ns > 0 && it.get_dirty_log_ns > 0, "{it:?}");
         assert_eq!(it.clear_dirty_log_ns.is_some_and(|ns| ns > 0), manual, "{it:?}");
     }
     // One full pass, then a harvest with every vCPU parked: exactly all pages.
-    assert_eq!(run.quiet.dirty_pages, 4096, "{:?}", run.quiet);
+    assert_eq!(run.quiet.dirty_pages, MIB16 / PAGE_SIZE, "{:?}", run.quiet);
     assert_eq!(run.quiet.clear_dirty_log_ns.is_some_and(|ns| ns > 0), manual);
     assert_eq!(run.lost_pages, 0);
     println!(

@@ -9,8 +9,8 @@ mod common;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use shadow_mmu_engine::EngineBackend;
-use shadow_mmu_engine::VmConfig;
+use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
 use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
@@ -94,7 +94,7 @@ fn every_design_and_interface_migrates_and_goes_on() {
         ("get", DirtyLogProtect::Auto, None),
         ("clear", DirtyLogProtect::Manual, None),
         ("initially-set", DirtyLogProtect::ManualInitiallySet, None),
-        ("ring", DirtyLogProtect::Auto, Some(RingEntries(4096))),
+        ("ring", DirtyLogProtect::Auto, Some(RingEntries(1 << 12))),
     ];
     for config in every_design() {
         for (log, protect, ring) in logs {
@@ -122,7 +122,11 @@ fn every_design_and_interface_migrates_and_goes_on() {
             assert_eq!(check.lost_pages, Some(0), "{what}");
             assert!(check.pages_written_after_resume > Some(0), "{what}: the guest went on");
             assert!(stats.rounds.len() >= 2, "{what}: round 0 and the stop-and-copy");
-            assert_eq!(stats.rounds[0].pages_harvested, 4096, "{what}: round 0 sends every page");
+            assert_eq!(
+                stats.rounds[0].pages_harvested,
+                16 * MIB / PAGE_SIZE,
+                "{what}: round 0 sends every page"
+            );
             assert!(stats.downtime_ms > Some(0.0) && stats.dirty_sync_count >= 2, "{what}: {stats:?}");
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, Outcome, OutgoingParams};
-use shadow_mmu_migrate::stream::{Frame, Header, SlotLayout, VERSION, read_frame, write_frame};
+use shadow_mmu_migrate::stream::{Frame, Header, PAGE_BYTES, SlotLayout, VERSION, read_frame, write_frame};
 use shadow_mmu_vmm::{Backend, PassSpec, PassVm};
 
 const MIB: u64 = 1 << 20;
@@ -85,7 +85,7 @@ fn spec(guest_bytes: u64) -> PassSpec {
 fn header(spec: &PassSpec, pages: u64) -> Header {
     let desc = serde_json::json!({
         "backend": "engine", "mmu": "lockless", "fast_page_fault": true, "dirty_log": "get",
-        "initially_set": false, "ring_entries": 4096, "harvest_threads": 1,
+        "initially_set": false, "ring_entries": 1 << 12, "harvest_threads": 1,
         "clear_chunk_pages": 262144, "vcpus": spec.vcpus, "guest_bytes": spec.guest_bytes,
         "random": false, "write_pct": 100, "seed": spec.seed, "dirty_rate": 16 * MIB,
     });
@@ -274,7 +274,7 @@ fn raw_stream(tag: &str, header: Header, frames: &[u8]) -> (i32, String) {
     let dest = Dest::spawn(0, tag);
     let mut c = TcpStream::connect(&dest.addr).unwrap();
     write_frame(&mut c, &Frame::Header(header)).unwrap();
-    while let Ok(f) = read_frame(&mut c, 4096) {
+    while let Ok(f) = read_frame(&mut c, PAGE_BYTES) {
         match f {
             Frame::Heartbeat { .. } => continue,
             Frame::Ready | Frame::Refuse { .. } => break,
@@ -312,7 +312,7 @@ fn a_corrupt_frame_a_wrong_version_and_a_source_that_closes() {
     let mut b = Vec::new();
     write_frame(&mut b, &Frame::Round { round: 0 }).unwrap();
     let ranges = vec![shadow_mmu_migrate::ranges::PageRange { first: 0, pages: 1, zero: false }];
-    write_frame(&mut b, &Frame::Pages { slot: 0, ranges, data: vec![7; 4096] }).unwrap();
+    write_frame(&mut b, &Frame::Pages { slot: 0, ranges, data: vec![7; PAGE_BYTES as usize] }).unwrap();
     b.truncate(b.len() - 100);
     let (code, err) = raw_stream("closed", good, &b);
     assert_ne!(code, 0);

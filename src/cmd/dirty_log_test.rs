@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::backend_kind::BackendKind;
 use clap::{Args, ValueEnum};
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::dirty_log_test::dirty_log_test;
 use shadow_mmu_vmm::{Backend, PassSpec};
@@ -99,7 +100,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
             );
             let pass = PassSpec {
                 vcpus: 1,
-                guest_bytes: a.guest_pages * 4096,
+                guest_bytes: a.guest_pages * PAGE_SIZE,
                 write_pct: 100,
                 random: true,
                 seed: a.seed,

@@ -57,6 +57,8 @@ pub const PT64_ENT_PER_PAGE: usize = 512;
 pub const PAGE_SHIFT: u32 = 12;
 /// Guest and host page size.
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// 64-bit words per page: the unit in which guest memory is read and written.
+pub const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 /// Bits of guest physical address a 4-level map translates.
 pub const GUEST_PHYS_BITS: u32 = 48;
 /// One past the highest gfn a 4-level map can translate.

@@ -36,6 +36,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use crate::spte::PAGE_SIZE;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
 pub use shadow_mmu_core::dirty_ring::{
@@ -100,7 +101,7 @@ impl Kvm {
         if !bytes.is_power_of_two() {
             return Err(DirtyRingError::NotPowerOfTwo(bytes));
         }
-        if bytes < 4096 || bytes < KVM_DIRTY_RING_RSVD_ENTRIES * DIRTY_GFN_BYTES {
+        if u64::from(bytes) < PAGE_SIZE || bytes < KVM_DIRTY_RING_RSVD_ENTRIES * DIRTY_GFN_BYTES {
             return Err(DirtyRingError::TooSmall(bytes));
         }
         if bytes > KVM_DIRTY_RING_MAX_ENTRIES * DIRTY_GFN_BYTES {

@@ -25,10 +25,7 @@ use std::sync::atomic::AtomicU64;
 
 use thiserror::Error;
 
-use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
-
-/// 64-bit words per 4 KiB page.
-pub const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
+use crate::spte::{PAGE_SHIFT, PAGE_SIZE, WORDS_PER_PAGE};
 
 /// One guest page seen as words.
 pub type PageWords = [AtomicU64; WORDS_PER_PAGE];
@@ -37,7 +34,7 @@ pub type PageWords = [AtomicU64; WORDS_PER_PAGE];
 #[derive(Debug, Error)]
 pub enum MemoryError {
     /// The size is zero or not a multiple of the page size.
-    #[error("host memory size {0:#x} is not a non-zero multiple of 4096 bytes")]
+    #[error("host memory size {0:#x} is not a non-zero multiple of {PAGE_SIZE} bytes")]
     BadSize(u64),
     /// `mmap` failed.
     #[error("mmap of {bytes} bytes failed")]

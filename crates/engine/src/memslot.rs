@@ -110,7 +110,7 @@ pub enum MemslotError {
     #[error("unknown memslot flags {0:#x}")]
     UnknownFlags(u32),
     /// A field is not page-aligned.
-    #[error("{field} {value:#x} is not aligned to 4096 bytes")]
+    #[error("{field} {value:#x} is not aligned to {PAGE_SIZE} bytes")]
     Unaligned {
         /// Which field.
         field: &'static str,
@@ -612,16 +612,19 @@ mod tests {
         let slots = created(&Memslots::default(), &region(0, 0, 1 << 20, &mem));
         let big = HostMemory::anonymous(8 << 20).unwrap();
         let cases: Vec<(UserMemoryRegion, MemslotError)> = vec![
-            (region(KVM_USER_MEM_SLOTS, 0, 4096, &mem), MemslotError::InvalidSlotId { slot: 509, max: 509 }),
             (
-                region(1, 0x1001, 4096, &mem),
+                region(KVM_USER_MEM_SLOTS, 0, PAGE_SIZE, &mem),
+                MemslotError::InvalidSlotId { slot: 509, max: 509 },
+            ),
+            (
+                region(1, 0x1001, PAGE_SIZE, &mem),
                 MemslotError::Unaligned { field: "guest_phys_addr", value: 0x1001 },
             ),
             (region(1, 1 << 20, 100, &mem), MemslotError::Unaligned { field: "memory_size", value: 100 }),
             (region(1, 1 << 20, 0, &mem), MemslotError::ZeroSize { slot: 1 }),
             (
-                region(1, (1 << 48) - 4096, 8192, &mem),
-                MemslotError::OutOfRange { gpa: (1 << 48) - 4096, size: 8192, bits: 48 },
+                region(1, (1 << 48) - PAGE_SIZE, 8192, &mem),
+                MemslotError::OutOfRange { gpa: (1 << 48) - PAGE_SIZE, size: 8192, bits: 48 },
             ),
             (
                 region(1, 0x8_0000, 1 << 20, &big),
@@ -646,10 +649,10 @@ mod tests {
         let mut ro = region(0, 0, 1 << 20, &mem);
         ro.flags = MemFlags::READONLY;
         assert_eq!(slots.prepare(&ro).unwrap_err(), MemslotError::ReadonlyChange { slot: 0 });
-        let mut none = region(2, 4 << 20, 4096, &mem);
+        let mut none = region(2, 4 << 20, PAGE_SIZE, &mem);
         none.memory = None;
         assert_eq!(slots.prepare(&none).unwrap_err(), MemslotError::NoMemory { slot: 2 });
-        let mut offs = region(2, 4 << 20, 4096, &mem);
+        let mut offs = region(2, 4 << 20, PAGE_SIZE, &mem);
         offs.memory_offset = 12;
         assert_eq!(
             slots.prepare(&offs).unwrap_err(),

@@ -29,7 +29,7 @@ use std::ptr::NonNull;
 
 use crate::pool::PoolObject;
 use crate::pte_list::PteListHead;
-use crate::spte::{PT_PAGE_TABLE_LEVEL, PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, pages_per_spte};
+use crate::spte::{PAGE_SIZE, PT_PAGE_TABLE_LEVEL, PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, pages_per_spte};
 use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// The role of a shadow page (`union kvm_mmu_page_role`), reduced to what a
@@ -79,7 +79,7 @@ pub struct ShadowPage {
 }
 
 const _: () = assert!(std::mem::offset_of!(ShadowPage, spt) == 0);
-const _: () = assert!(std::mem::align_of::<ShadowPage>() == 4096);
+const _: () = assert!(std::mem::align_of::<ShadowPage>() == PAGE_SIZE as usize);
 
 impl std::fmt::Debug for ShadowPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,7 +110,7 @@ impl ShadowPage {
     #[inline]
     pub fn spte_index_of(&self, sptep: *const AtomicU64) -> usize {
         let off = sptep as usize - self.spt.as_ptr() as usize;
-        debug_assert!(off.is_multiple_of(8) && off < 4096);
+        debug_assert!(off.is_multiple_of(8) && off < PAGE_SIZE as usize);
         off / 8
     }
 
@@ -371,7 +371,7 @@ impl SpPtr {
 /// `sptep` points into the table of a shadow page of this VM.
 #[inline]
 pub(crate) unsafe fn page_header(sptep: *const AtomicU64) -> SpPtr {
-    let base = (sptep as usize) & !(4096 - 1);
+    let base = (sptep as usize) & !(PAGE_SIZE as usize - 1);
     // SAFETY: by the caller's contract the table starts at a 4 KiB boundary
     // that is also the start of its `ShadowPage` (layout, module docs).
     SpPtr(unsafe { NonNull::new_unchecked(base as *mut ShadowPage) })

@@ -87,7 +87,7 @@ impl Default for VmConfig {
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
             max_free_shadow_pages: 256,
-            max_free_descs: 4096,
+            max_free_descs: 1 << 12,
             max_deferred_bytes: 16 << 20,
             max_deferred_desc_bytes: 1 << 20,
             dirty_log_protect: DirtyLogProtect::Auto,

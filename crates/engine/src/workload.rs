@@ -32,8 +32,7 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 
 use crate::guest::{GuestCode, GuestOp};
-use crate::memory::WORDS_PER_PAGE;
-use crate::spte::PAGE_SHIFT;
+use crate::spte::{PAGE_SHIFT, WORDS_PER_PAGE};
 use crate::sync::Backoff;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -123,7 +122,7 @@ impl Default for WorkloadSpec {
             pattern: AccessPattern::Seq,
             write_pct: 100,
             address_spaces: 1,
-            switch_every: 4096,
+            switch_every: 1 << 12,
             exit_each_pass: false,
             seed: 1,
         }

@@ -1,6 +1,7 @@
 //! The engine as a `vmm` backend (`EngineBackend`), in every design: a VM
 //! with a test slot, its log, refused stores that store nothing.
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::EngineBackend;
 use shadow_mmu_testkit::fixtures::{MIB, every_design, set_pages};
 use shadow_mmu_vmm::{Backend, harvest};
@@ -14,7 +15,7 @@ fn the_engine_as_a_backend() {
         let mut bitmap = vec![0u64; 8];
         assert!(harvest(vm.as_mut(), &mut bitmap).is_err(), "{}: logging is off", backend.name());
         vm.set_dirty_logging(true).unwrap();
-        vm.run_writes(&[(3 * 4096 + 8, 7), (9 * 4096, 1)]).unwrap();
+        vm.run_writes(&[(3 * PAGE_SIZE + 8, 7), (9 * PAGE_SIZE, 1)]).unwrap();
         assert_eq!(harvest(vm.as_mut(), &mut bitmap).unwrap(), 2);
         assert_eq!(set_pages(&bitmap), vec![3, 9]);
         assert_eq!(vm.memory()[3 * 512 + 1].load(std::sync::atomic::Ordering::Relaxed), 7);

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
@@ -231,7 +232,7 @@ fn resetting_the_ring_before_the_harvest_is_caught() {
         for broken in [false, true] {
             let breakage = Breakage { ring_reset_before_harvest: broken, ..Breakage::default() };
             let vm = Vm::new(VmConfig { breakage, ..base.clone() }).unwrap();
-            vm.enable_dirty_ring(4096).unwrap();
+            vm.enable_dirty_ring(PAGE_SIZE as u32).unwrap();
             let mem = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
             vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
             let mut vcpu = vm.create_vcpu(0).unwrap();
@@ -318,7 +319,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
     use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
     for base in every_design() {
         for interface in [DirtyLogInterface::Get, DirtyLogInterface::Clear] {
-            let spec = HarvestSpec { interface, clear_chunk_pages: 4096, ..HarvestSpec::default() };
+            let spec = HarvestSpec { interface, clear_chunk_pages: 1 << 12, ..HarvestSpec::default() };
             let config = VmConfig {
                 dirty_log_protect: spec.protect(),
                 breakage: Breakage { skip_write_protect: true, ..Breakage::default() },
@@ -327,7 +328,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
             let backend = EngineBackend { config, dirty_ring: None };
             let pass = PassSpec {
                 vcpus: 1,
-                guest_bytes: 4099 * 4096,
+                guest_bytes: 4099 * PAGE_SIZE,
                 write_pct: 100,
                 random: true,
                 seed: 3,

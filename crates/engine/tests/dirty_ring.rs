@@ -3,9 +3,13 @@
 //! slots deleted between push and reset, and the bitmap ioctls and host
 //! writes refused while the ring is on.
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{DirtyLogError, DirtyRingError, GuestOp, MemFlags, VcpuExit, Vm, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_vmm::GuestAccessError;
+
+/// The smallest ring KVM takes: one page of `kvm_dirty_gfn`s (256 entries).
+const ONE_PAGE: u32 = PAGE_SIZE as u32;
 
 fn harvest(vm: &Vm, vcpu: u32) -> Vec<(u32, u64)> {
     let mut v = Vec::new();
@@ -30,10 +34,10 @@ fn size_rules_are_kvms() {
     assert_eq!(vm.reset_dirty_rings(), Err(DirtyRingError::NotEnabled));
     vm.enable_dirty_ring(1 << 20).unwrap();
     assert_eq!(vm.dirty_ring_entries(), Some(65536));
-    assert_eq!(vm.enable_dirty_ring(4096), Err(DirtyRingError::AlreadySet));
+    assert_eq!(vm.enable_dirty_ring(ONE_PAGE), Err(DirtyRingError::AlreadySet));
     let vm2 = Vm::new(VmConfig::default()).unwrap();
     let _v = vm2.create_vcpu(0).unwrap();
-    assert_eq!(vm2.enable_dirty_ring(4096), Err(DirtyRingError::VcpusExist));
+    assert_eq!(vm2.enable_dirty_ring(ONE_PAGE), Err(DirtyRingError::VcpusExist));
     assert_eq!(vm.harvest_dirty_ring(3, |_, _| {}), Err(DirtyRingError::NoSuchVcpu(3)));
 }
 
@@ -42,7 +46,7 @@ fn pushes_are_harvested_in_order_and_the_reset_reprotects() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(4096).unwrap();
+        vm.enable_dirty_ring(ONE_PAGE).unwrap();
         let mem = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
         let mut v0 = vm.create_vcpu(0).unwrap();
@@ -85,7 +89,7 @@ fn the_soft_limit_exits_until_the_rings_are_reset() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(4096).unwrap(); // 256 entries, 64 reserved: soft limit 192
+        vm.enable_dirty_ring(ONE_PAGE).unwrap(); // 256 entries, 64 reserved: soft limit 192
         let mem = shadow_mmu_engine::HostMemory::anonymous(4 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 4 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();
@@ -109,7 +113,7 @@ fn a_slot_deleted_between_push_and_reset_is_skipped() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(4096).unwrap();
+        vm.enable_dirty_ring(ONE_PAGE).unwrap();
         let a = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         let b = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 2 * MIB, &a, MemFlags::LOG_DIRTY_PAGES)).unwrap();
@@ -119,7 +123,7 @@ fn a_slot_deleted_between_push_and_reset_is_skipped() {
         assert_eq!(harvest(&vm, 0), [(0, 1), (1, 2)]);
         vm.delete_memory_region(1).unwrap();
         // Slot 1 again, smaller: offset 2 is now past its end.
-        vm.set_user_memory_region(region(1, 4 * MIB, 4096, &b, MemFlags::LOG_DIRTY_PAGES)).unwrap();
+        vm.set_user_memory_region(region(1, 4 * MIB, PAGE_SIZE, &b, MemFlags::LOG_DIRTY_PAGES)).unwrap();
         assert_eq!(vm.reset_dirty_rings().unwrap(), 2);
         run_ops(&mut vcpu, [GuestOp::Write(page(1), 3)]);
         assert_eq!(harvest(&vm, 0), [(0, 1)], "slot 0's page was re-protected");

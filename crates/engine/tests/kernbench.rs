@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{GuestOp, MemFlags, MmuDesign, VmConfig, VmError};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_testkit::kernbench::{KernbenchConfig, Workload, kernbench};
@@ -20,14 +21,14 @@ fn invalidation_drops_exactly_the_range_and_the_pages_fault_in_again() {
         assert_eq!((before.leaf_sptes, before.large_sptes), (257, 1), "{mmu}: {before:?}");
 
         // Pages 600..610: ten 4 KiB sptes.
-        assert_eq!(vm.mmu_notifier_invalidate_range(page(600), 10 * 4096).unwrap(), 10, "{mmu}");
+        assert_eq!(vm.mmu_notifier_invalidate_range(page(600), 10 * PAGE_SIZE).unwrap(), 10, "{mmu}");
         assert_eq!(audit(&vm).leaf_sptes, 247, "{mmu}");
         // One page inside the large mapping drops all of it.
-        assert_eq!(vm.mmu_notifier_invalidate_range(page(7), 4096).unwrap(), 1, "{mmu}");
+        assert_eq!(vm.mmu_notifier_invalidate_range(page(7), PAGE_SIZE).unwrap(), 1, "{mmu}");
         let a = audit(&vm);
         assert_eq!((a.leaf_sptes, a.large_sptes), (246, 0), "{mmu}: {a:?}");
         // Nothing left to drop there.
-        assert_eq!(vm.mmu_notifier_invalidate_range(page(600), 10 * 4096).unwrap(), 0, "{mmu}");
+        assert_eq!(vm.mmu_notifier_invalidate_range(page(600), 10 * PAGE_SIZE).unwrap(), 0, "{mmu}");
 
         // The guest sees its data, and faults exactly where it was dropped.
         let faults = vcpu.stats().page_faults;
@@ -42,7 +43,7 @@ fn invalidation_of_a_bad_range_is_refused_and_the_vm_goes_on() {
     let (vm, _mem) = vm_with_slot(VmConfig::default(), 2 * MIB, MemFlags::empty());
     let mut vcpu = vm.create_vcpu(0).unwrap();
     run_ops(&mut vcpu, [GuestOp::Write(page(3), 3)]);
-    for (gpa, size) in [(4095, 4096), (0, 100), (!4095, 8192)] {
+    for (gpa, size) in [(PAGE_SIZE - 1, PAGE_SIZE), (0, 100), (!(PAGE_SIZE - 1), 2 * PAGE_SIZE)] {
         assert!(
             vm.mmu_notifier_invalidate_range(gpa, size) == Err(VmError::BadRange { gpa, size }),
             "[{gpa:#x}, +{size:#x})"
@@ -50,7 +51,7 @@ fn invalidation_of_a_bad_range_is_refused_and_the_vm_goes_on() {
     }
     assert_eq!(audit(&vm).leaf_sptes, 1);
     // Outside every slot: nothing to do, not an error.
-    assert_eq!(vm.mmu_notifier_invalidate_range(64 * MIB, 4096).unwrap(), 0);
+    assert_eq!(vm.mmu_notifier_invalidate_range(64 * MIB, PAGE_SIZE).unwrap(), 0);
     assert_eq!(run_ops(&mut vcpu, [GuestOp::Read(page(3))]), vec![3]);
 }
 
@@ -102,7 +103,7 @@ fn kernbench_replays_a_trace_on_a_copy_per_vcpu() {
     }
     // Two vCPUs need two copies.
     let mut small = config(MmuDesign::Locked, Workload::Replay { entries: entries.clone(), pages: 40 });
-    small.guest_bytes = 79 * 4096;
+    small.guest_bytes = 79 * PAGE_SIZE;
     assert!(kernbench(&small).is_err());
     let bad: Arc<[u32]> = Arc::from([3u32 << 1, 80 << 1]);
     assert!(kernbench(&config(MmuDesign::Lockless, Workload::Replay { entries: bad, pages: 40 })).is_err());

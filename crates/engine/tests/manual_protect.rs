@@ -3,6 +3,7 @@
 //! of its mask and re-protects those pages, every refusal is typed and
 //! changes nothing, and the audit's dirty-log invariant holds throughout.
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{ClearDirtyLogError, DirtyLogError, GuestOp, MemFlags, VcpuExit, VmConfig};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_vmm::DirtyLogProtect;
@@ -59,7 +60,7 @@ fn clear_refusals_are_typed_and_change_nothing() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         // 300 pages: the last word is partial.
-        let (vm, _mem) = vm_with_slot(base.clone(), 300 * 4096, MemFlags::LOG_DIRTY_PAGES);
+        let (vm, _mem) = vm_with_slot(base.clone(), 300 * PAGE_SIZE, MemFlags::LOG_DIRTY_PAGES);
         let mut vcpu = vm.create_vcpu(0).unwrap();
         run_ops(&mut vcpu, [GuestOp::Write(page(3), 1), GuestOp::Write(page(299), 2)]);
         assert_eq!(vm.clear_dirty_log(0, 0, 300, &[u64::MAX; 5]), Err(ClearDirtyLogError::NotManual));

@@ -1,6 +1,7 @@
 //! The MMU through the VM: page sizes, locked dirty logging, the shrinker,
 //! rmap chains, and the bad inputs of get_dirty_log.
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{
     DirtyLogError, GuestOp, MemFlags, MmuDesign, VcpuExit, VmConfig, VmError, bitmap_words,
 };
@@ -322,7 +323,7 @@ fn a_full_backlog_during_a_lockless_harvest() {
             ..base.clone()
         };
         let pages = 16384u64;
-        let (vm, _mem) = vm_with_slot(cfg, pages * 4096, MemFlags::LOG_DIRTY_PAGES);
+        let (vm, _mem) = vm_with_slot(cfg, pages * PAGE_SIZE, MemFlags::LOG_DIRTY_PAGES);
         let mut vcpu = vm.create_vcpu(0).unwrap();
         for asid in 0..3 {
             let mut ops = vec![GuestOp::SetAddressSpace(asid)];
@@ -351,8 +352,8 @@ fn a_full_backlog_during_a_lockless_harvest() {
             let vm = vm.clone();
             std::thread::spawn(move || {
                 for i in 0..200u64 {
-                    let gpa = (i * 7 % (pages / 16)) * 16 * 4096;
-                    vm.mmu_notifier_invalidate_range(gpa, 16 * 4096).unwrap();
+                    let gpa = (i * 7 % (pages / 16)) * 16 * PAGE_SIZE;
+                    vm.mmu_notifier_invalidate_range(gpa, 16 * PAGE_SIZE).unwrap();
                 }
             })
         };

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::VmConfig;
 use shadow_mmu_engine::workload::{AccessPattern, WorkloadSpec};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
@@ -321,7 +322,7 @@ fn dirty_log_test_in_every_design_and_interface() {
             let backend = EngineBackend { config, dirty_ring: spec.ring() };
             let pass = PassSpec {
                 vcpus: 1,
-                guest_bytes: 4099 * 4096,
+                guest_bytes: 4099 * PAGE_SIZE,
                 write_pct: 100,
                 random: true,
                 seed: 5,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_vmm::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLog, GuestMemory, HarvestProbe, PassExtras,
     PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuStateError,
@@ -161,7 +162,7 @@ impl<V: DerefMut<Target = KvmVm>> GuestMemory for KvmBackendVm<V> {
             return Err(self.fail("write_guest", why));
         }
         if self.inner.dirty_logging() {
-            let (first, last) = (offset / 4096, (offset + words.len() as u64 * 8 - 1) / 4096);
+            let (first, last) = (offset / PAGE_SIZE, (offset + words.len() as u64 * 8 - 1) / PAGE_SIZE);
             (first..=last).for_each(|p| self.host_dirty.mark(p));
         }
         Ok(())

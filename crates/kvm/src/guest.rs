@@ -21,7 +21,9 @@
 
 use crate::asm::{Asm, Cond, Label, Mm, Reg};
 use crate::error::KvmError;
-use crate::vm::{PAGE_SIZE, UCALL_PORT};
+use shadow_mmu_core::spte::PAGE_SIZE;
+
+use crate::vm::UCALL_PORT;
 
 /// Ucall code: a pass of [`pass_program`] is done.
 pub const UCALL_PASS_DONE: u8 = 1;

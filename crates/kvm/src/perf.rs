@@ -33,9 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use shadow_mmu_core::spte::PAGE_SIZE;
+
 use crate::error::KvmError;
 use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
-use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, PAGE_SIZE, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
+use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
 use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate};
 

@@ -21,6 +21,8 @@ use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
 };
 
+use shadow_mmu_core::spte::PAGE_SIZE;
+
 use crate::error::KvmError;
 use crate::guest::{UCALL_PROBE, probe_program};
 use crate::vm::{GuestExit, KvmVm, VmSetup, open_vm};
@@ -153,8 +155,8 @@ fn capabilities() -> Result<Capabilities, KvmError> {
 /// Runs the probe guest: how are its instructions executed?
 fn execution() -> Result<Execution, KvmError> {
     let vm = KvmVm::new(VmSetup {
-        control_bytes: 4096,
-        test_bytes: 4096,
+        control_bytes: PAGE_SIZE,
+        test_bytes: PAGE_SIZE,
         protect: shadow_mmu_vmm::DirtyLogProtect::Auto,
         populate: false,
         dirty_ring_bytes: None,

@@ -16,7 +16,7 @@ use kvm_ioctls::VcpuFd;
 use shadow_mmu_core::dirty_ring::{DIRTY_GFN_BYTES, DirtyGfn, harvest_entries};
 
 use crate::error::KvmError;
-use crate::vm::PAGE_SIZE;
+use shadow_mmu_core::spte::PAGE_SIZE;
 
 // Our entry has `struct kvm_dirty_gfn`'s layout: u32 flags, u32 slot, u64
 // offset.

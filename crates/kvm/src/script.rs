@@ -74,7 +74,7 @@ impl KvmScriptVm {
         on_full: &mut dyn FnMut(&KvmVm) -> Result<(), KvmError>,
     ) -> Result<u64, KvmError> {
         let mut full_exits = 0;
-        let bytes = self.vm.test_pages() * crate::vm::PAGE_SIZE;
+        let bytes = self.vm.test_pages() * shadow_mmu_core::spte::PAGE_SIZE;
         if let Some(&(off, _)) = writes.iter().find(|&&(off, _)| off % 8 != 0 || off >= bytes) {
             return Err(KvmError::BadConfig(format!(
                 "write at offset {off:#x}: must be 8-aligned and below {bytes:#x}"

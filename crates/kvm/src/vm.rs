@@ -39,11 +39,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+use shadow_mmu_core::spte::PAGE_SIZE;
+
 use crate::error::KvmError;
 use crate::ioctls;
 
-/// Bytes in a page.
-pub const PAGE_SIZE: u64 = 4096;
 /// Memslot of guest code and control tables.
 pub const CONTROL_SLOT: u32 = 0;
 /// Memslot of the memory the workloads dirty.

@@ -1,6 +1,7 @@
 //! Bad input gets a typed error, with a message that says what was wrong,
 //! and leaves the VM working.
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::vm::{KvmVm, VmSetup};
 use shadow_mmu_kvm::{KvmError, KvmPerfConfig, KvmPerfVm, KvmScriptVm, bitmap_words};
@@ -15,8 +16,8 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
         (KvmPerfConfig { vcpus: 257, ..ok.clone() }, "vcpus"),
         (KvmPerfConfig { guest_bytes: (16 << 20) + 100, ..ok.clone() }, "multiple of 4 KiB"),
         (KvmPerfConfig { guest_bytes: 0, ..ok.clone() }, "at least one page"),
-        (KvmPerfConfig { vcpus: 4, guest_bytes: 3 * 4096, ..ok.clone() }, "at least one page"),
-        (KvmPerfConfig { guest_bytes: (2 << 30) + 4096, ..ok.clone() }, "at most"),
+        (KvmPerfConfig { vcpus: 4, guest_bytes: 3 * PAGE_SIZE, ..ok.clone() }, "at least one page"),
+        (KvmPerfConfig { guest_bytes: (2 << 30) + PAGE_SIZE, ..ok.clone() }, "at most"),
         (KvmPerfConfig { write_pct: 101, ..ok.clone() }, "write_pct"),
     ] {
         match KvmPerfVm::new(&bad) {
@@ -24,7 +25,9 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
             other => panic!("{bad:?}: expected BadConfig, got {other:?}"),
         }
     }
-    for (control_bytes, test_bytes) in [(0, 4096), (4096, 0), (4096, 4097), (4096, (2 << 30) + 4096)] {
+    for (control_bytes, test_bytes) in
+        [(0, PAGE_SIZE), (PAGE_SIZE, 0), (PAGE_SIZE, PAGE_SIZE + 1), (PAGE_SIZE, (2 << 30) + PAGE_SIZE)]
+    {
         let r = KvmVm::new(VmSetup {
             control_bytes,
             test_bytes,
@@ -42,9 +45,9 @@ fn wrong_bitmap_sizes_are_typed_errors_and_the_vm_keeps_working() {
         return;
     }
     let pages = 1000; // not a multiple of 64: 16 words, the last one partial
-    let mut vm = KvmScriptVm::new(pages * 4096, DirtyLogProtect::Auto).expect("KVM VM");
+    let mut vm = KvmScriptVm::new(pages * PAGE_SIZE, DirtyLogProtect::Auto).expect("KVM VM");
     vm.enable_dirty_logging().expect("logging");
-    vm.run_writes(&[(0, 1), (999 * 4096, 2)]).expect("writes");
+    vm.run_writes(&[(0, 1), (999 * PAGE_SIZE, 2)]).expect("writes");
     for len in [0, 15, 17, 64] {
         let mut bitmap = vec![0u64; len];
         match vm.get_dirty_log(&mut bitmap) {
@@ -86,7 +89,7 @@ fn clear_dirty_log_misuse_is_refused() {
     let e = vm.clear_dirty_log(0, &[0; 4]).expect_err("logging is off");
     assert!(matches!(e, KvmError::NotLogging), "{e}");
     vm.enable_dirty_logging().expect("logging");
-    vm.run_writes(&[(0, 1), (70 * 4096, 1)]).expect("writes");
+    vm.run_writes(&[(0, 1), (70 * PAGE_SIZE, 1)]).expect("writes");
     for (first, words) in [(1, 1), (256, 1), (300, 1)] {
         let e = vm.clear_dirty_log(first, &vec![u64::MAX; words]).expect_err("bad first page");
         assert!(matches!(e, KvmError::BadConfig(_)), "{first}: {e}");

@@ -31,10 +31,11 @@ use thiserror::Error;
 
 use crate::handover::{DestAction, DestEvent, DestState};
 use crate::link::{self, Counting, Heartbeat, Sender};
-use crate::ranges::PageRange;
-use crate::ranges::{WORDS_PER_PAGE, digest_of, zero_page_digest};
+use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
+
+use crate::ranges::{PageRange, digest_of, zero_page_digest};
 use crate::stats::{IncomingStats, MigrationStatus};
-use crate::stream::{Frame, FrameReader, Header, SlotLayout, StreamError, read_header};
+use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, SlotLayout, StreamError, read_header};
 use crate::{DestHooks, MigrationVm, Phase};
 
 /// Why the caller could not build the VM a header describes (the source is
@@ -378,9 +379,9 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let _heartbeat = Heartbeat::start(sender.clone());
         let vm = self.vm.insert(build(&header).map_err(IncomingError::Build)?);
         let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
-        if header.page_size != 4096 || header.slots != want {
+        if header.page_size != PAGE_BYTES || header.slots != want {
             return Err(IncomingError::Refused(format!(
-                "memslot layout {:?} of {}-byte pages: this VM has {want:?} of 4096-byte pages",
+                "memslot layout {:?} of {}-byte pages: this VM has {want:?} of {PAGE_BYTES}-byte pages",
                 header.slots, header.page_size
             )));
         }
@@ -477,7 +478,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                     let mut next = 0;
                     for x in &ranges {
                         let n = x.pages as usize * WORDS_PER_PAGE;
-                        let offset = x.first * 4096;
+                        let offset = x.first * PAGE_SIZE;
                         if x.zero {
                             for chunk in (0..n).step_by(zeros.len()) {
                                 let len = zeros.len().min(n - chunk);

@@ -278,7 +278,9 @@ impl Inbox {
         let thread = std::thread::Builder::new().name("migrate-inbox".into()).spawn(move || {
             let mut frames = FrameReader::default();
             loop {
-                let f = frames.read(&mut r, 4096).map_err(|e| peer_error(e, "destination", progress));
+                let f = frames
+                    .read(&mut r, crate::stream::PAGE_BYTES)
+                    .map_err(|e| peer_error(e, "destination", progress));
                 let now = Instant::now();
                 let mut times = h.times.lock().unwrap_or_else(|p| p.into_inner());
                 times.0 = now;

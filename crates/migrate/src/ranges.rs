@@ -8,6 +8,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
+
 /// A run of pages of one slot in a `Pages` frame ([`crate::stream::Frame::Pages`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRange {
@@ -18,9 +20,6 @@ pub struct PageRange {
     /// All zero: no data follows for them.
     pub zero: bool,
 }
-
-/// Words (8 bytes) per 4 KiB page.
-pub const WORDS_PER_PAGE: usize = 512;
 
 /// Is page `p` of `memory` all zero?
 fn is_zero(memory: &[AtomicU64], p: u64) -> bool {
@@ -100,7 +99,7 @@ pub unsafe fn quiescent_bytes(memory: &[AtomicU64]) -> &[u8] {
 /// CRC-32C of its bytes, widened with the page number so that two equal
 /// pages at different places differ.
 pub fn page_digest(bytes: &[u8], p: u64) -> u64 {
-    const PAGE: usize = WORDS_PER_PAGE * 8;
+    const PAGE: usize = PAGE_SIZE as usize;
     digest_of(p, crc32c::crc32c(&bytes[p as usize * PAGE..][..PAGE]))
 }
 
@@ -113,7 +112,7 @@ pub fn digest_of(p: u64, crc: u32) -> u64 {
 
 /// [`page_digest`] of page `p` if it is all zero.
 pub fn zero_page_digest(p: u64) -> u64 {
-    static ZERO: [u8; WORDS_PER_PAGE * 8] = [0; WORDS_PER_PAGE * 8];
+    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
     digest_of(p, crc32c::crc32c(&ZERO))
 }
 
@@ -170,13 +169,13 @@ mod tests {
         let got: Vec<_> = r.iter().map(|r| (r.first, r.pages, r.zero)).collect();
         assert_eq!(got, want);
         let data = range_data(&r, &m);
-        assert_eq!(data.len(), 5 * 4096, "data pages only");
+        assert_eq!(data.len(), 5 * PAGE_SIZE as usize, "data pages only");
         assert_eq!(data[7 * 8], 3, "page 3's word 7 first");
         // Every data page in its place: pages 3, 4, 5, 70, 130 in order, each
         // its own 4 KiB with word 7 holding its number (a frame of several
         // ranges, no byte lost between them).
         for (i, p) in [3usize, 4, 5, 70, 130].into_iter().enumerate() {
-            let page = &data[i * 4096..][..4096];
+            let page = &data[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
             assert_eq!(page[7 * 8], p as u8, "data page {i}");
             assert!(page.iter().enumerate().all(|(j, &b)| j == 7 * 8 || b == 0), "data page {i}");
         }

@@ -45,6 +45,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_vmm::{
     BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PauseTimeout, error_chain, timed_harvest,
 };
@@ -54,7 +55,7 @@ use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
 use crate::link::{self, Heartbeat, Inbox, Sender};
 use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
 use crate::stats::{MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
-use crate::stream::{Frame, FrameReader, Header, StreamError};
+use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, StreamError};
 use crate::throttle::Throttle;
 use crate::{MigrationVm, Phase, SourceHooks};
 
@@ -284,7 +285,7 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
     let mut w = &conn;
     crate::stream::write_frame(&mut w, &Frame::Query { id })
         .map_err(|e| link::peer_error(e, "destination", progress))?;
-    let answer = match FrameReader::default().read(&mut &conn, 4096) {
+    let answer = match FrameReader::default().read(&mut &conn, PAGE_BYTES) {
         Ok(Frame::Status { id: got, answer }) if got == id => answer,
         Ok(Frame::Status { .. }) => Answer::Unknown,
         Ok(Frame::Refuse { why }) => return Err(StreamError::Malformed { kind: "status", why }),
@@ -371,7 +372,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
     hooks: &mut dyn SourceHooks<V>,
 ) -> Outcome {
     let start = Instant::now();
-    let stats = MigrationStats::new(vm.pages() * 4096, params.downtime_limit.as_millis() as u64);
+    let stats = MigrationStats::new(vm.pages() * PAGE_SIZE, params.downtime_limit.as_millis() as u64);
     let link = (|| -> std::io::Result<_> {
         // Where the settle queries go, known before the peer can reset.
         let dest = conn.peer_addr()?;
@@ -393,7 +394,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         ..header.clone()
     };
     let frame_pages = params.max_bandwidth.filter(|&b| b > 0).map_or(FRAME_PAGES, |b| {
-        let pages = (b as f64 * params.progress_timeout.as_secs_f64() / 4.0 / 4096.0) as u32;
+        let pages = (b as f64 * params.progress_timeout.as_secs_f64() / 4.0 / PAGE_SIZE as f64) as u32;
         (pages / 64 * 64).clamp(64, FRAME_PAGES)
     });
     let mut m = Outgoing {
@@ -537,7 +538,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             dirtied_pages += dirty;
             self.stats.dirty_pages_rate = dirtied_pages as f64 / logging.elapsed().as_secs_f64().max(1e-9);
             let bandwidth = self.bandwidth();
-            let pending = dirty * 4096;
+            let pending = dirty * PAGE_SIZE;
             self.stats.remaining_bytes = pending;
             self.stats.expected_downtime_ms = Some(pending as f64 / bandwidth * 1e3);
             if pending as f64 <= bandwidth * self.params.downtime_limit.as_secs_f64() {

@@ -36,6 +36,7 @@
 
 use std::io::{self, Read, Write};
 
+use shadow_mmu_core::spte::PAGE_SIZE;
 use thiserror::Error;
 
 use crate::handover::Answer;
@@ -45,9 +46,12 @@ use crate::ranges::PageRange;
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
 pub const VERSION: u32 = 3;
-/// The largest frame payload either side accepts: 16 MiB (4096 pages of
-/// data plus their table).
+/// The largest frame payload either side accepts: 16 MiB, twice a
+/// full frame (`FRAME_PAGES` data pages with their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
+/// The page size the stream carries (the header's `page_size`): the
+/// core's [`PAGE_SIZE`] as the wire's u32.
+pub const PAGE_BYTES: u32 = PAGE_SIZE as u32;
 /// Longest string in a header (backend name, configuration).
 pub const MAX_STRING_BYTES: u32 = 64 << 10;
 
@@ -94,7 +98,7 @@ impl Header {
     pub fn new(backend: String, config: String, slots: Vec<SlotLayout>) -> Self {
         Self {
             version: VERSION,
-            page_size: 4096,
+            page_size: PAGE_BYTES,
             backend,
             config,
             slots,
@@ -691,7 +695,7 @@ impl FrameWriter {
         b.push(Kind::Pages as u8);
         put_pages_table(b, slot, ranges);
         crate::ranges::append_range_data(ranges, memory, b);
-        fill_page_crcs(b, data_pages(ranges), 4096);
+        fill_page_crcs(b, data_pages(ranges), PAGE_SIZE as usize);
         self.write_payload(w)
     }
 
@@ -877,7 +881,7 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> Result<(), StreamError> {
 mod tests {
     use super::*;
 
-    const PAGE: u32 = 4096;
+    const PAGE: u32 = PAGE_BYTES;
 
     fn header() -> Header {
         Header {

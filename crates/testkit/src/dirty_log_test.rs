@@ -29,7 +29,7 @@ use thiserror::Error;
 
 use crate::oracle::Oracle;
 use shadow_mmu_core::dirty_bitmap::bitmap_words;
-use shadow_mmu_engine::memory::WORDS_PER_PAGE;
+use shadow_mmu_core::spte::WORDS_PER_PAGE;
 use shadow_mmu_vmm::HarvestSpec;
 use shadow_mmu_vmm::{BackendError, PassVm, timed_harvest};
 

@@ -248,7 +248,10 @@ impl RunConfig {
             return bad(format!("vcpus must be 1..={MAX_WORKLOAD_VCPUS}, not {}", self.vcpus));
         }
         if self.guest_bytes == 0 || !self.guest_bytes.is_multiple_of(PAGE_SIZE) {
-            return bad(format!("guest size {:#x} is not a non-zero multiple of 4096", self.guest_bytes));
+            return bad(format!(
+                "guest size {:#x} is not a non-zero multiple of {PAGE_SIZE}",
+                self.guest_bytes
+            ));
         }
         if self.guest_bytes / PAGE_SIZE < u64::from(self.vcpus) {
             return bad(format!("{} vCPUs need at least {} pages", self.vcpus, self.vcpus));
@@ -574,7 +577,7 @@ pub fn run(
     let slots = 0..cfg.slots;
     // Slot `i`'s words of guest memory.
     let words = |i: u32| {
-        let w = slot_pages as usize * shadow_mmu_engine::memory::WORDS_PER_PAGE;
+        let w = slot_pages as usize * shadow_mmu_core::spte::WORDS_PER_PAGE;
         &mem.words()[i as usize * w..(i as usize + 1) * w]
     };
     if let Some(ring) = cfg.harvest.ring() {
@@ -742,7 +745,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
             seed: rng.u64(..),
         },
         max_mmu_pages,
-        tlb_entries: [1, 64, 1024, 4096][rng.usize(..4)],
+        tlb_entries: [1, 64, 1 << 10, 1 << 12][rng.usize(..4)],
         large_pages: rng.u8(..4) != 0,
         slot_churn: rng.bool(),
         slots: if rng.u8(..3) == 0 { [2, 4][rng.usize(..2)] } else { 1 },

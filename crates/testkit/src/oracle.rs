@@ -24,7 +24,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use shadow_mmu_engine::memory::WORDS_PER_PAGE;
+use shadow_mmu_core::spte::WORDS_PER_PAGE;
 use shadow_mmu_engine::workload::value_tag;
 
 /// A store the dirty log failed to report.

@@ -36,9 +36,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use shadow_mmu_core::dirty_bitmap::bitmap_words;
-use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
 use shadow_mmu_engine::backend::vm_with_memory;
-use shadow_mmu_engine::memory::WORDS_PER_PAGE;
 use shadow_mmu_engine::mmu::MmuDesign;
 use shadow_mmu_engine::passes::Sweepers;
 use shadow_mmu_engine::vm::VmConfig;
@@ -365,7 +364,7 @@ mod tests {
 
     #[test]
     fn the_floor_is_a_positive_time_per_page() {
-        let f = cmpxchg_floor(4096);
+        let f = cmpxchg_floor(1 << 12);
         assert!(f.is_finite() && f > 0.0, "{f}");
     }
 }

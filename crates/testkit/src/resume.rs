@@ -11,8 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use shadow_mmu_core::spte::WORDS_PER_PAGE;
 use shadow_mmu_migrate::dest::BuildError;
-use shadow_mmu_migrate::ranges::{WORDS_PER_PAGE, digest_of, page_digest, quiescent_bytes};
+use shadow_mmu_migrate::ranges::{digest_of, page_digest, quiescent_bytes};
 use shadow_mmu_migrate::{DestHooks, SourceHooks};
 use shadow_mmu_vmm::{PassVm, error_chain, harvest};
 

@@ -91,7 +91,7 @@ pub const HEADER_LEN: usize = 8 + 4 + 4 + 8;
 pub const DEFAULT_WINDOW: u32 = 64;
 
 /// Largest window a trace may declare.
-pub const MAX_WINDOW: u32 = 4096;
+pub const MAX_WINDOW: u32 = 1 << 12;
 
 /// Most distinct pages a trace may have: a page id must fit in 31 bits, since
 /// an entry is stored in memory as `page << 1 | write`.

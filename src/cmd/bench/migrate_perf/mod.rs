@@ -10,6 +10,7 @@ mod run;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::perf;
 use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary};
@@ -88,7 +89,7 @@ fn guest_sizes(a: &MigratePerfArgs) -> Result<Vec<u64>, String> {
         vec![1 << 30]
     };
     for &s in &sizes {
-        if s == 0 || !s.is_multiple_of(4096) || s / 4096 < u64::from(a.vcpus) || s > 1 << 40 {
+        if s == 0 || !s.is_multiple_of(PAGE_SIZE) || s / PAGE_SIZE < u64::from(a.vcpus) || s > 1 << 40 {
             return Err(format!("guest size {s} bytes: not a positive multiple of 4 KiB, one page per vCPU"));
         }
     }

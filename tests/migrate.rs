@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shadow_mmu_engine::EngineBackend;
+use shadow_mmu_migrate::refusal::Refusal;
 use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, Outcome, OutgoingParams};
 use shadow_mmu_migrate::stream::{Frame, Header, PAGE_BYTES, SlotLayout, VERSION, read_frame, write_frame};
 use shadow_mmu_vmm::{Backend, PassSpec, PassVm};
@@ -249,7 +250,10 @@ fn a_memslot_layout_the_destination_refuses() {
     h.slots[0].guest_phys_addr = 0x10_0000;
     let e = runs_on(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None));
     match &e.error {
-        MigrationError::Refused(why) => assert!(why.contains("memslot layout"), "{why}"),
+        MigrationError::Refused(Refusal::Layout { theirs, page_size, ours }) => {
+            assert_eq!((theirs, *page_size), (&h.slots, PAGE_BYTES), "the header's layout, as it came");
+            assert_eq!(ours[0].guest_phys_addr, 0, "{ours:?}");
+        }
         other => panic!("{other:?}"),
     }
     let (code, _, err) = dest.wait();
@@ -261,7 +265,9 @@ fn a_memslot_layout_the_destination_refuses() {
     let h = header(&spec, vm.pages());
     let e = runs_on(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None));
     match &e.error {
-        MigrationError::Refused(why) => assert!(why.contains("at most 4 MiB (--max-guest-mib)"), "{why}"),
+        MigrationError::Refused(Refusal::Build { cause }) => {
+            assert!(cause.contains("at most 4 MiB"), "{cause}")
+        }
         other => panic!("{other:?}"),
     }
     assert_ne!(dest.wait().0, 0);

@@ -32,7 +32,7 @@ use shadow_mmu_vmm::{DirtyLogInterface, PassVm, error_chain};
 use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
 use crate::output::write_json;
-use crate::vm_description::VmDescription;
+use crate::vm_description::{DescriptionError, VmDescription};
 
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
@@ -297,19 +297,18 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let pace = std::cell::Cell::new((None, 100));
     let mut build = |h: &Header| -> Result<Box<dyn PassVm>, BuildError> {
         if h.backend != "engine" && h.backend != "kvm" {
-            return Err(format!("backend {:?}: this destination runs engine or kvm", h.backend).into());
+            return Err(BuildError::UnknownBackend { named: h.backend.clone(), runs: "engine or kvm" });
         }
         let d: VmDescription =
-            serde_json::from_str(&h.config).map_err(|e| format!("the header's VM description: {e}"))?;
-        if let Some(max) = a.max_guest_mib.filter(|&m| d.guest_bytes > m << 20) {
-            return Err(format!(
-                "a guest of {} MiB: this destination takes at most {max} MiB (--max-guest-mib)",
-                d.guest_bytes >> 20
-            )
-            .into());
+            serde_json::from_str(&h.config).map_err(|e| BuildError::Description(Box::new(e)))?;
+        if let Some(max) = a.max_guest_mib.map(|m| m << 20).filter(|&m| d.guest_bytes > m) {
+            return Err(BuildError::TooLarge { bytes: d.guest_bytes, max });
         }
         pace.set((d.dirty_rate, d.write_pct));
-        Ok(d.start()?)
+        d.start().map_err(|e| match e {
+            DescriptionError::Backend(e) => BuildError::Backend(e),
+            e => BuildError::Description(Box::new(e)),
+        })
     };
     let progress_timeout = Duration::from_secs(a.progress_timeout_s.max(1));
     let params = IncomingParams { progress_timeout };

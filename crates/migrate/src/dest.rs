@@ -34,13 +34,38 @@ use crate::link::{self, Counting, Heartbeat, Sender};
 use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
 
 use crate::ranges::{PageRange, digest_of, zero_page_digest};
+use crate::refusal::Refusal;
 use crate::stats::{IncomingStats, MigrationStatus};
 use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, SlotLayout, StreamError, read_header};
 use crate::{DestHooks, MigrationVm, Phase};
 
-/// Why the caller could not build the VM a header describes (the source is
-/// told, as the refusal's cause).
-pub type BuildError = Box<dyn std::error::Error + Send + Sync>;
+/// Why the caller could not build, or prepare, the VM a header describes
+/// (the source is told, as [`Refusal::Build`]).
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// The header names a backend this destination does not run.
+    #[error("backend {named:?}: this destination runs {runs}")]
+    UnknownBackend {
+        /// The header's backend.
+        named: String,
+        /// What this destination runs.
+        runs: &'static str,
+    },
+    /// The header's configuration is not a VM this destination can read.
+    #[error("the header's VM description")]
+    Description(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The VM is larger than this destination takes.
+    #[error("a guest of {} MiB: this destination takes at most {} MiB", .bytes >> 20, .max >> 20)]
+    TooLarge {
+        /// The guest's memory.
+        bytes: u64,
+        /// The most this destination takes.
+        max: u64,
+    },
+    /// The backend refused to create or prepare the VM.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
 
 /// A migration received: the guest runs here.
 pub struct Incoming<V: ?Sized> {
@@ -60,9 +85,11 @@ pub enum IncomingError {
     /// discarded.
     #[error("the migration stream failed; the partial VM is discarded")]
     Stream(#[from] StreamError),
-    /// We refused the header or a frame (and told the source why).
+    /// We refused the header, a frame or the memory it loaded, or aborted
+    /// before the commit (and told the source why): the guest never ran
+    /// here.
     #[error("refused the migration: {0}")]
-    Refused(String),
+    Refused(Refusal),
     /// The VM the header describes could not be built (the source was
     /// told why).
     #[error("refused the migration: its VM could not be built")]
@@ -70,13 +97,23 @@ pub enum IncomingError {
     /// The VM refused an operation.
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// Pages differ from the source's final digests: the guest does not
-    /// run here.
-    #[error("{0} pages differ from the source's final memory; the guest does not run here")]
-    Mismatch(u64),
     /// The handover ended without a `Commit`: the guest never ran here.
-    #[error("aborted before the commit ({0}); the guest never ran here")]
-    Aborted(String),
+    #[error("no commit came; the guest never ran here")]
+    NoCommit(#[source] StreamError),
+}
+
+impl IncomingError {
+    /// What the source is told: the refusal, or the cause as text where it
+    /// is a type of ours.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            IncomingError::Stream(e) => Refusal::Stream { cause: error_chain(e) },
+            IncomingError::Refused(r) => r.clone(),
+            IncomingError::Build(e) => Refusal::Build { cause: error_chain(e) },
+            IncomingError::Backend(e) => Refusal::Backend { cause: error_chain(e) },
+            IncomingError::NoCommit(e) => Refusal::NoCommit { cause: error_chain(e) },
+        }
+    }
 }
 
 /// An incoming migration that failed: why, and its statistics so far.
@@ -119,8 +156,8 @@ struct CellState {
     id: Option<u64>,
     /// When the outcome was decided (`Running` or `Aborted`).
     decided: Option<Instant>,
-    /// Why it aborted, when a query aborted it.
-    why: Option<String>,
+    /// A query came before the commit and aborted the migration.
+    queried: bool,
     /// The source said it knows the outcome.
     settled: bool,
 }
@@ -222,7 +259,7 @@ fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), Strea
             let answer = if ours {
                 let (state, action) = cell.on(DestEvent::Query);
                 if action == DestAction::Abort {
-                    cell.lock().why = Some("the source asked for the outcome before its commit came".into());
+                    cell.lock().queried = true;
                 }
                 state.answer()
             } else {
@@ -236,10 +273,7 @@ fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), Strea
                 cell.settle();
             }
         }
-        Frame::Header(_) => {
-            let why = "this destination is busy with another migration".to_string();
-            crate::stream::write_frame(&mut w, &Frame::Refuse { why })?;
-        }
+        Frame::Header(_) => crate::stream::write_frame(&mut w, &Frame::Refuse { why: Refusal::Busy })?,
         other => return Err(StreamError::Unexpected { expected: "query", got: other.name() }),
     }
     let _ = conn.shutdown(Shutdown::Both);
@@ -274,7 +308,7 @@ pub fn migrate_incoming<V: MigrationVm + ?Sized>(
             state: DestState::Receiving,
             id: None,
             decided: None,
-            why: None,
+            queried: false,
             settled: false,
         }),
         changed: Condvar::new(),
@@ -313,7 +347,7 @@ pub fn migrate_incoming<V: MigrationVm + ?Sized>(
             let (state, _) = cell.on(DestEvent::Failed);
             debug_assert_eq!(state, DestState::Aborted);
             drop(vm);
-            d.refuse(sender.as_deref(), &error_chain(&error));
+            d.refuse(sender.as_deref(), error.refusal());
             // A source that got our `Verified` may have committed: it asks.
             if verified {
                 cell.linger(settle);
@@ -380,10 +414,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let vm = self.vm.insert(build(&header).map_err(IncomingError::Build)?);
         let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
         if header.page_size != PAGE_BYTES || header.slots != want {
-            return Err(IncomingError::Refused(format!(
-                "memslot layout {:?} of {}-byte pages: this VM has {want:?} of {PAGE_BYTES}-byte pages",
-                header.slots, header.page_size
-            )));
+            let (theirs, page_size, ours) = (header.slots.clone(), header.page_size, want.to_vec());
+            return Err(IncomingError::Refused(Refusal::Layout { theirs, page_size, ours }));
         }
         sender.send_now(&Frame::Ready)?;
         hooks.phase(Phase::ReadySent);
@@ -396,23 +428,19 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
             stats.mismatched_pages.unwrap_or(0) + digests.iter().filter(|d| d.is_none()).count() as u64;
         stats.mismatched_pages = Some(mismatched);
         if mismatched > 0 {
-            return Err(IncomingError::Mismatch(mismatched));
+            return Err(IncomingError::Refused(Refusal::Mismatch { pages: mismatched }));
         }
-        let vcpus = states.len();
+        let vcpus = states.len() as u32;
         let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
-            return Err(IncomingError::Refused(format!(
-                "the stream ended without the state of all {vcpus} vCPUs"
-            )));
+            return Err(IncomingError::Refused(Refusal::MissingVcpuStates { vcpus }));
         };
-        if let Err(e) = vm.restore_vcpus(states) {
-            return Err(IncomingError::Refused(error_chain(&e)));
-        }
+        vm.restore_vcpus(states)?;
         hooks.prepare(vm).map_err(IncomingError::Build)?;
 
         // The handover.
         let (state, _) = self.cell.on(DestEvent::Checked);
         if state != DestState::Prepared {
-            return Err(IncomingError::Aborted("the source asked for the outcome before its commit".into()));
+            return Err(IncomingError::Refused(Refusal::QueriedBeforeCommit));
         }
         self.verified = true;
         sender.send_now(&Frame::Verified)?;
@@ -465,7 +493,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                 Frame::Pages { slot, ranges, .. } => {
                     check_ranges(slot, &ranges, pages)?;
                     if verify.is_some() {
-                        return Err(IncomingError::Refused("pages after the final digests".into()));
+                        return Err(IncomingError::Refused(Refusal::PagesAfterDigests));
                     }
                     // Straight from the reader's buffer (a borrowing reader).
                     words.clear();
@@ -504,10 +532,13 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                 Frame::Digest { slot, first, digests: d } => {
                     let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
                     if end.is_none() {
-                        return Err(IncomingError::Refused(format!(
-                            "digests of slot {slot} pages {first}.. ({}) outside its {pages} pages",
-                            d.len()
-                        )));
+                        let (count, slot_pages) = (d.len() as u32, pages);
+                        return Err(IncomingError::Refused(Refusal::DigestsOutside {
+                            slot,
+                            first,
+                            count,
+                            slot_pages,
+                        }));
                     }
                     let t = Instant::now();
                     for (i, v) in d.into_iter().enumerate() {
@@ -518,8 +549,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                     *verify.get_or_insert(Duration::ZERO) += t.elapsed();
                 }
                 Frame::VcpuState { vcpu, state } => {
-                    let slot = states.get_mut(vcpu as usize).ok_or_else(|| {
-                        IncomingError::Refused(format!("a state for vCPU {vcpu}: this VM has {vcpus}"))
+                    let slot = states.get_mut(vcpu as usize).ok_or({
+                        IncomingError::Refused(Refusal::VcpuOutside { vcpu, vcpus: vcpus as u32 })
                     })?;
                     *slot = Some(state);
                 }
@@ -541,11 +572,14 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
     fn await_commit(&mut self, id: u64) -> Result<(), IncomingError> {
         let deadline = Instant::now() + self.progress;
         let mut frames = FrameReader::default();
-        let why = loop {
+        let error = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let e = StreamError::Late { peer: "source", expected: "commit", waited: self.progress };
-                break error_chain(&e);
+                break IncomingError::NoCommit(StreamError::Late {
+                    peer: "source",
+                    expected: "commit",
+                    waited: self.progress,
+                });
             }
             self.conn.set_read_timeout(Some(left)).map_err(StreamError::Io)?;
             match frames.read(&mut self.reader, 0) {
@@ -556,21 +590,23 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                         debug_assert_eq!(action, DestAction::Start);
                         return Ok(());
                     }
-                    break self
-                        .cell
-                        .lock()
-                        .why
-                        .clone()
-                        .unwrap_or_else(|| "a commit came after the abort".into());
+                    // Only a query aborts a prepared migration.
+                    break IncomingError::Refused(Refusal::QueriedBeforeCommit);
                 }
                 Ok(other) => {
-                    break error_chain(&StreamError::Unexpected { expected: "commit", got: other.name() });
+                    break IncomingError::NoCommit(StreamError::Unexpected {
+                        expected: "commit",
+                        got: other.name(),
+                    });
                 }
-                Err(e) => break error_chain(&link::peer_error(e, "source", self.progress)),
+                Err(e) => break IncomingError::NoCommit(link::peer_error(e, "source", self.progress)),
             }
         };
-        let why = self.cell.lock().why.clone().unwrap_or(why);
-        Err(IncomingError::Aborted(why))
+        // A query that came first is the cause, whatever the stream did.
+        if self.cell.lock().queried {
+            return Err(IncomingError::Refused(Refusal::QueriedBeforeCommit));
+        }
+        Err(error)
     }
 
     /// After the guest started: until the source says it knows (a
@@ -597,8 +633,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
     /// still sends until it closes or the progress timeout passes: closing
     /// with unread bytes would reset the connection and destroy the refusal
     /// in flight. A source that heard it says `Settled` before it closes.
-    fn refuse(&mut self, sender: Option<&Sender>, why: &str) {
-        let f = Frame::Refuse { why: why.to_string() };
+    fn refuse(&mut self, sender: Option<&Sender>, why: Refusal) {
+        let f = Frame::Refuse { why };
         let sent = match sender {
             Some(s) => s.send_now(&f).map(|_| ()),
             None => crate::stream::write_frame(&mut &*self.conn, &f),
@@ -636,10 +672,8 @@ fn check_ranges(slot: u32, ranges: &[PageRange], pages: u64) -> Result<(), Incom
     for x in ranges {
         let end = x.first.checked_add(u64::from(x.pages));
         if slot != 0 || end.is_none_or(|e| e > pages) {
-            return Err(IncomingError::Refused(format!(
-                "pages {}..+{} of slot {slot}: outside the VM's slot 0 of {pages} pages",
-                x.first, x.pages
-            )));
+            let (first, pages, slot_pages) = (x.first, x.pages, pages);
+            return Err(IncomingError::Refused(Refusal::PagesOutside { slot, first, pages, slot_pages }));
         }
     }
     Ok(())

@@ -15,6 +15,7 @@
 //!   as a flag) and the page digests of the final check;
 //! - [`source`]: pre-copy with QEMU's convergence rule, the timeout, the
 //!   stop-and-copy, the source's half of the handover;
+//! - [`refusal`]: why a destination refuses, on the wire and in errors;
 //! - [`dest`]: the destination, which loads, checks, takes the handover,
 //!   answers the source's questions, and checks the resumed guest;
 //! - [`throttle`]: QEMU's auto-converge throttle;
@@ -26,6 +27,7 @@ pub mod dest;
 pub mod handover;
 pub mod link;
 pub mod ranges;
+pub mod refusal;
 pub mod source;
 pub mod stats;
 pub mod stream;

@@ -27,7 +27,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::ranges::PageRange;
-use crate::stream::{Frame, FrameReader, FrameWriter, StreamError};
+use crate::refusal::Refusal;
+use crate::stream::{Frame, FrameReader, FrameWriter, StreamError, Unread};
 
 /// Sets `conn` up for a migration whose progress timeout is `progress`:
 /// no Nagle (the handshakes are small frames), keepalive,
@@ -53,7 +54,7 @@ pub fn peer_error(e: StreamError, peer: &'static str, waited: Duration) -> Strea
     use io::ErrorKind as K;
     match e {
         StreamError::Io(io) if matches!(io.kind(), K::WouldBlock | K::TimedOut) => {
-            StreamError::Stalled { peer, waited, why: String::new() }
+            StreamError::Stalled { peer, waited, unread: None }
         }
         StreamError::Io(io)
             if matches!(io.kind(), K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted) =>
@@ -312,14 +313,14 @@ impl Inbox {
     /// and its count of what it read has stood still that long.
     pub fn check(&self, sent: u64) -> Result<(), StreamError> {
         let times = *self.heard.times.lock().unwrap_or_else(|p| p.into_inner());
-        let stalled = |why: String| StreamError::Stalled { peer: "destination", waited: self.progress, why };
+        let stalled = |unread| StreamError::Stalled { peer: "destination", waited: self.progress, unread };
         if times.0.elapsed() > self.progress {
-            return Err(stalled(String::new()));
+            return Err(stalled(None));
         }
         // Relaxed: see the reader thread.
         let got = self.heard.peer_received.load(Ordering::Relaxed);
         if got < sent && times.1.elapsed() > self.progress {
-            return Err(stalled(format!(", which has read {got} of the {sent} bytes sent")));
+            return Err(stalled(Some(Unread { read: got, sent })));
         }
         Ok(())
     }
@@ -338,7 +339,7 @@ impl Inbox {
     /// refusal (`Ok`), or how its stream ended (`Err`: the socket reports
     /// a cause, such as the kernel giving up on the peer, to one reader
     /// only, and the writer then sees a broken pipe).
-    pub fn cause(&self) -> Option<Result<String, StreamError>> {
+    pub fn cause(&self) -> Option<Result<Refusal, StreamError>> {
         loop {
             match self.rx.recv_timeout(self.progress / 4) {
                 Ok(Ok(Frame::Refuse { why })) => return Some(Ok(why)),

@@ -54,6 +54,7 @@ use thiserror::Error;
 use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
 use crate::link::{self, Heartbeat, Inbox, Sender};
 use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
+use crate::refusal::Refusal;
 use crate::stats::{MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
 use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, StreamError};
 use crate::throttle::Throttle;
@@ -139,9 +140,30 @@ pub enum MigrationError {
     /// The destination was not ready within the migration's timeout.
     #[error("the destination was not ready within the {0:?} timeout (cancelled; the guest runs on here)")]
     SetupTimeout(Duration),
-    /// The destination refused the VM or its memory, or aborted: its cause.
+    /// The destination refused the VM or its memory, or aborted: its cause,
+    /// as it came.
     #[error("the destination refused the migration: {0}")]
-    Refused(String),
+    Refused(Refusal),
+    /// Asked after the commit, the destination said it had aborted.
+    #[error("asked after the commit, the destination said it aborted")]
+    AbortedAfterCommit,
+    /// Asked after the commit, the destination knew no such migration.
+    #[error("{dest} knows no migration {id:#x}")]
+    UnknownMigration {
+        /// The destination asked.
+        dest: SocketAddr,
+        /// The migration's id.
+        id: u64,
+    },
+    /// Asking the destination what became of the migration failed.
+    #[error("asking {dest}")]
+    Query {
+        /// The destination asked.
+        dest: SocketAddr,
+        /// Why the question went unanswered.
+        #[source]
+        source: StreamError,
+    },
     /// The handover's outcome is unknown (the source stays paused).
     #[error(
         "no word from the destination after the commit, nor in {0:?} of asking: it may or may not run the guest"
@@ -195,7 +217,8 @@ pub struct Unsettled {
 }
 
 /// The error of an unsettled migration, with the last try's.
-fn unsettled_error(settle: Duration, last: &str) -> String {
+fn unsettled_error(settle: Duration, last: Option<&MigrationError>) -> String {
+    let last = last.map_or_else(|| "none".to_string(), |e| error_chain(e));
     format!("{}; the last try: {last}", error_chain(&MigrationError::Unsettled(settle)))
 }
 
@@ -216,10 +239,10 @@ impl Unsettled {
         let (event, why) = ask(self.dest, self.id, self.progress);
         let (state, action) = SourceState::Postmigrate.on(event, &self.breakage);
         if state == SourceState::Postmigrate {
-            self.stats.error = Some(unsettled_error(self.settle, &why));
+            self.stats.error = Some(unsettled_error(self.settle, why.as_ref()));
             return Outcome::Unsettled(self);
         }
-        settle(state, action, vm, self.stats, &why)
+        settle(state, action, vm, self.stats, why)
     }
 
     /// The operator resumes the guest here: only right when the
@@ -249,7 +272,7 @@ fn settle<V: MigrationVm + ?Sized>(
     action: SourceAction,
     vm: &mut V,
     mut stats: Box<MigrationStats>,
-    aborted: &str,
+    why: Option<MigrationError>,
 ) -> Outcome {
     match (state, action) {
         (SourceState::Completed, _) => {
@@ -260,7 +283,7 @@ fn settle<V: MigrationVm + ?Sized>(
         }
         _ => {
             resume_here(vm);
-            let error = MigrationError::Refused(aborted.into());
+            let error = why.unwrap_or(MigrationError::AbortedAfterCommit);
             stats.status = MigrationStatus::Failed;
             stats.source_vm = SourceVm::Running;
             stats.error = Some(error_chain(&error));
@@ -288,7 +311,6 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
     let answer = match FrameReader::default().read(&mut &conn, PAGE_BYTES) {
         Ok(Frame::Status { id: got, answer }) if got == id => answer,
         Ok(Frame::Status { .. }) => Answer::Unknown,
-        Ok(Frame::Refuse { why }) => return Err(StreamError::Malformed { kind: "status", why }),
         Ok(other) => return Err(StreamError::Unexpected { expected: "status", got: other.name() }),
         Err(e) => return Err(link::peer_error(e, "destination", progress)),
     };
@@ -301,13 +323,13 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
 }
 
 /// One question to the destination, as the handover's event (`Running`,
-/// `Aborted`, or a `Failed` attempt), with what to say of it.
-fn ask(dest: SocketAddr, id: u64, progress: Duration) -> (SourceEvent, String) {
+/// `Aborted`, or a `Failed` attempt), with the error it means, if any.
+fn ask(dest: SocketAddr, id: u64, progress: Duration) -> (SourceEvent, Option<MigrationError>) {
     match query(dest, id, progress) {
-        Ok(Answer::Running) => (SourceEvent::Running, String::new()),
-        Ok(Answer::Aborted) => (SourceEvent::Aborted, "asked after the commit, it said it aborted".into()),
-        Ok(Answer::Unknown) => (SourceEvent::Failed, format!("{dest} knows no migration {id:#x}")),
-        Err(e) => (SourceEvent::Failed, format!("asking {dest}: {}", error_chain(&e))),
+        Ok(Answer::Running) => (SourceEvent::Running, None),
+        Ok(Answer::Aborted) => (SourceEvent::Aborted, Some(MigrationError::AbortedAfterCommit)),
+        Ok(Answer::Unknown) => (SourceEvent::Failed, Some(MigrationError::UnknownMigration { dest, id })),
+        Err(source) => (SourceEvent::Failed, Some(MigrationError::Query { dest, source })),
     }
 }
 
@@ -465,7 +487,7 @@ struct HandoverEnd {
     state: SourceState,
     action: SourceAction,
     /// What the destination said, or the last failure.
-    why: Option<String>,
+    why: Option<MigrationError>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -487,13 +509,13 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         drop(inbox);
         let _ = conn.shutdown(Shutdown::Both);
         if state != SourceState::Postmigrate {
-            return settle(state, action, vm, stats, why.as_deref().unwrap_or("it aborted"));
+            return settle(state, action, vm, stats, why);
         }
         stats.status = MigrationStatus::Unknown;
         stats.source_vm = SourceVm::Postmigrate;
         stats.downtime_ms = None;
         let settle = params.settle_timeout;
-        stats.error = Some(unsettled_error(settle, why.as_deref().unwrap_or("none")));
+        stats.error = Some(unsettled_error(settle, why.as_ref()));
         let (progress, breakage) = (params.progress_timeout, params.breakage);
         Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
     }
@@ -850,8 +872,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         });
         let (event, why) = match heard {
             Ok(e) => (e, None),
-            Err(MigrationError::Refused(why)) => (SourceEvent::Aborted, Some(why)),
-            Err(e) => (SourceEvent::Failed, Some(error_chain(&e))),
+            Err(e @ MigrationError::Refused(_)) => (SourceEvent::Aborted, Some(e)),
+            Err(e) => (SourceEvent::Failed, Some(e)),
         };
         let (state, action) = self.state.on(event, &b);
         self.state = state;
@@ -876,7 +898,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             let (event, said) = ask(dest, id, p);
             let (state, action) = self.state.on(event, &b);
             self.state = state;
-            let why = Some(said).filter(|_| state != SourceState::Completed);
+            let why = said.filter(|_| state != SourceState::Completed);
             if state == SourceState::Completed {
                 self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
             }

@@ -41,11 +41,12 @@ use thiserror::Error;
 
 use crate::handover::Answer;
 use crate::ranges::PageRange;
+use crate::refusal::Refusal;
 
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The largest frame payload either side accepts: 16 MiB, twice a
 /// full frame (`FRAME_PAGES` data pages with their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
@@ -159,7 +160,7 @@ pub enum Frame {
     /// why, for the source's error.
     Refuse {
         /// Why.
-        why: String,
+        why: Refusal,
     },
     /// The source's point of no return: start the guest.
     Commit {
@@ -252,18 +253,18 @@ pub enum StreamError {
         /// The frame's kind.
         kind: &'static str,
         /// What is wrong.
-        why: String,
+        why: Malformation,
     },
     /// The peer sent nothing for the progress timeout (it is stopped, cut
     /// off or gone); the connection is given up.
-    #[error("no progress from the {peer} for {} s{why}", secs(*waited))]
+    #[error("no progress from the {peer} for {} s{}", secs(*waited), unread.map_or(String::new(), |u| u.to_string()))]
     Stalled {
         /// Who went silent: "source" or "destination".
         peer: &'static str,
         /// How long we waited.
         waited: std::time::Duration,
-        /// What was waited for, if one thing (", waiting for its ready").
-        why: String,
+        /// Bytes sent that the peer has not read, if that is how it stalled.
+        unread: Option<Unread>,
     },
     /// The peer closed or reset the connection (it exited, was killed, or
     /// gave up on us).
@@ -293,6 +294,81 @@ pub enum StreamError {
         /// What came.
         got: &'static str,
     },
+}
+
+/// A peer that stopped reading what we sent ([`StreamError::Stalled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unread {
+    /// Bytes the peer said it read.
+    pub read: u64,
+    /// Bytes we sent.
+    pub sent: u64,
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, ", which has read {} of the {} bytes sent", self.read, self.sent)
+    }
+}
+
+/// What is wrong with a [`StreamError::Malformed`] frame's body.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Malformation {
+    /// A field runs past the frame's end.
+    #[error("{needed} bytes needed, {left} left")]
+    Short {
+        /// Bytes the field needs.
+        needed: usize,
+        /// Bytes left in the frame.
+        left: usize,
+    },
+    /// A count of items that cannot fit in what is left.
+    #[error("{count} items of {each} bytes in {left} bytes")]
+    Overrun {
+        /// The count it claimed.
+        count: usize,
+        /// Bytes per item.
+        each: usize,
+        /// Bytes left in the frame.
+        left: usize,
+    },
+    /// Bytes after the last field.
+    #[error("{0} bytes left over")]
+    LeftOver(usize),
+    /// A flag byte other than 0 or 1.
+    #[error("flag byte {0}")]
+    Flag(u8),
+    /// A string longer than [`MAX_STRING_BYTES`].
+    #[error("a string of {0} bytes")]
+    LongString(usize),
+    /// A string that is not UTF-8.
+    #[error("a string that is not UTF-8")]
+    NotUtf8,
+    /// Pages before a header gave their size.
+    #[error("pages of 0 bytes (pages before the header?)")]
+    NoPageSize,
+    /// A range of no pages.
+    #[error("a range of 0 pages")]
+    EmptyRange,
+    /// A data page count other than the ranges'.
+    #[error("a page count that disagrees with the ranges")]
+    PageCount,
+    /// Data of another length than its pages'.
+    #[error("{bytes} bytes of data for {pages} pages of {page_size} bytes")]
+    DataLength {
+        /// Bytes of data in the frame.
+        bytes: usize,
+        /// Data pages its ranges name.
+        pages: u64,
+        /// Bytes a page.
+        page_size: u32,
+    },
+    /// An answer byte no [`Answer`] has.
+    #[error("answer byte {0}")]
+    Answer(u8),
+    /// A refusal code no [`Refusal`] has.
+    #[error("refusal code {0}")]
+    RefusalCode(u8),
 }
 
 /// Seconds for a message: `10`, `1.5`, `0.25` (to the millisecond).
@@ -424,12 +500,7 @@ impl Frame {
                 put_u32(b, h.page_size);
                 put_bytes(b, h.backend.as_bytes());
                 put_bytes(b, h.config.as_bytes());
-                put_u32(b, h.slots.len() as u32);
-                for s in &h.slots {
-                    put_u32(b, s.id);
-                    put_u64(b, s.guest_phys_addr);
-                    put_u64(b, s.pages);
-                }
+                put_slots(b, &h.slots);
                 put_u64(b, h.id);
                 put_u32(b, h.progress_timeout_ms);
                 put_u32(b, h.settle_ms);
@@ -455,7 +526,7 @@ impl Frame {
                 put_bytes(b, state);
             }
             Frame::Done | Frame::Verified | Frame::Ready => {}
-            Frame::Refuse { why } => put_bytes(b, why.as_bytes()),
+            Frame::Refuse { why } => put_refusal(b, why),
             Frame::Commit { id } | Frame::Running { id } | Frame::Query { id } | Frame::Settled { id } => {
                 put_u64(b, *id)
             }
@@ -490,11 +561,7 @@ impl Frame {
                 let page_size = c.u32()?;
                 let backend = c.string()?;
                 let config = c.string()?;
-                let n = c.count(SLOT_RECORD_BYTES)?;
-                let mut slots = Vec::with_capacity(n);
-                for _ in 0..n {
-                    slots.push(SlotLayout { id: c.u32()?, guest_phys_addr: c.u64()?, pages: c.u64()? });
-                }
+                let slots = c.slots()?;
                 let (id, progress_timeout_ms, settle_ms) = (c.u64()?, c.u32()?, c.u32()?);
                 Frame::Header(Header {
                     version,
@@ -510,7 +577,7 @@ impl Frame {
             Kind::Round => Frame::Round { round: c.u32()? },
             Kind::Pages => {
                 if page_size == 0 {
-                    return Err(c.bad("pages of 0 bytes (pages before the header?)"));
+                    return Err(c.bad(Malformation::NoPageSize));
                 }
                 let slot = c.u32()?;
                 let n = c.count(RANGE_RECORD_BYTES)?;
@@ -519,7 +586,7 @@ impl Frame {
                 for _ in 0..n {
                     let r = PageRange { first: c.u64()?, pages: c.u32()?, zero: c.flag()? };
                     if r.pages == 0 {
-                        return Err(c.bad("a range of 0 pages"));
+                        return Err(c.bad(Malformation::EmptyRange));
                     }
                     if !r.zero {
                         data_pages += u64::from(r.pages);
@@ -527,15 +594,13 @@ impl Frame {
                     ranges.push(r);
                 }
                 if c.u32()? as u64 != data_pages {
-                    return Err(c.bad("a page count that disagrees with the ranges"));
+                    return Err(c.bad(Malformation::PageCount));
                 }
                 let crcs = c.take(data_pages as usize * 4)?;
                 let bytes = std::mem::take(&mut c.b);
                 if bytes.len() as u64 != data_pages * u64::from(page_size) {
-                    return Err(c.bad(&format!(
-                        "{} bytes of data for {data_pages} pages of {page_size} bytes",
-                        bytes.len()
-                    )));
+                    let why = Malformation::DataLength { bytes: bytes.len(), pages: data_pages, page_size };
+                    return Err(c.bad(why));
                 }
                 // The data's own checksums (the frame's covers the rest).
                 page_crcs.clear();
@@ -567,7 +632,7 @@ impl Frame {
             Kind::VcpuState => Frame::VcpuState { vcpu: c.u32()?, state: c.bytes()?.to_vec() },
             Kind::Done => Frame::Done,
             Kind::Verified => Frame::Verified,
-            Kind::Refuse => Frame::Refuse { why: c.string()? },
+            Kind::Refuse => Frame::Refuse { why: c.refusal()? },
             Kind::Ready => Frame::Ready,
             Kind::Commit => Frame::Commit { id: c.u64()? },
             Kind::Running => Frame::Running { id: c.u64()? },
@@ -575,14 +640,14 @@ impl Frame {
             Kind::Status => {
                 let id = c.u64()?;
                 let b = c.take(1)?[0];
-                let answer = Answer::from_byte(b).ok_or_else(|| c.bad(&format!("answer byte {b}")))?;
+                let answer = Answer::from_byte(b).ok_or_else(|| c.bad(Malformation::Answer(b)))?;
                 Frame::Status { id, answer }
             }
             Kind::Settled => Frame::Settled { id: c.u64()? },
             Kind::Heartbeat => Frame::Heartbeat { received: c.u64()? },
         };
         if !c.b.is_empty() {
-            return Err(c.bad(&format!("{} bytes left over", c.b.len())));
+            return Err(c.bad(Malformation::LeftOver(c.b.len())));
         }
         Ok(f)
     }
@@ -601,6 +666,60 @@ fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
     b.extend_from_slice(v);
 }
 
+/// A string of at most [`MAX_STRING_BYTES`] (a longer one is cut at a
+/// character boundary: the reader refuses longer ones).
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(MAX_STRING_BYTES as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    put_bytes(b, &s.as_bytes()[..end]);
+}
+
+fn put_slots(b: &mut Vec<u8>, slots: &[SlotLayout]) {
+    put_u32(b, slots.len() as u32);
+    for s in slots {
+        put_u32(b, s.id);
+        put_u64(b, s.guest_phys_addr);
+        put_u64(b, s.pages);
+    }
+}
+
+/// A [`Refusal`]: its code, then its fields in order.
+fn put_refusal(b: &mut Vec<u8>, r: &Refusal) {
+    b.push(r.code());
+    match r {
+        Refusal::Busy | Refusal::PagesAfterDigests | Refusal::QueriedBeforeCommit => {}
+        Refusal::Layout { theirs, page_size, ours } => {
+            put_slots(b, theirs);
+            put_u32(b, *page_size);
+            put_slots(b, ours);
+        }
+        Refusal::Build { cause }
+        | Refusal::Backend { cause }
+        | Refusal::Stream { cause }
+        | Refusal::NoCommit { cause } => put_str(b, cause),
+        Refusal::PagesOutside { slot, first, pages, slot_pages } => {
+            put_u32(b, *slot);
+            put_u64(b, *first);
+            put_u32(b, *pages);
+            put_u64(b, *slot_pages);
+        }
+        Refusal::DigestsOutside { slot, first, count, slot_pages } => {
+            put_u32(b, *slot);
+            put_u64(b, *first);
+            put_u32(b, *count);
+            put_u64(b, *slot_pages);
+        }
+        Refusal::VcpuOutside { vcpu, vcpus } => {
+            put_u32(b, *vcpu);
+            put_u32(b, *vcpus);
+        }
+        Refusal::MissingVcpuStates { vcpus } => put_u32(b, *vcpus),
+        Refusal::Mismatch { pages } => put_u64(b, *pages),
+    }
+}
+
 /// A bounds-checked reader of one frame's body.
 struct Cursor<'a> {
     b: &'a [u8],
@@ -608,13 +727,13 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
-    fn bad(&self, why: &str) -> StreamError {
-        StreamError::Malformed { kind: self.kind, why: why.to_string() }
+    fn bad(&self, why: Malformation) -> StreamError {
+        StreamError::Malformed { kind: self.kind, why }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], StreamError> {
         if n > self.b.len() {
-            return Err(self.bad(&format!("{n} bytes needed, {} left", self.b.len())));
+            return Err(self.bad(Malformation::Short { needed: n, left: self.b.len() }));
         }
         let (h, t) = self.b.split_at(n);
         self.b = t;
@@ -633,7 +752,7 @@ impl<'a> Cursor<'a> {
         match self.take(1)?[0] {
             0 => Ok(false),
             1 => Ok(true),
-            x => Err(self.bad(&format!("flag byte {x}"))),
+            x => Err(self.bad(Malformation::Flag(x))),
         }
     }
 
@@ -642,7 +761,7 @@ impl<'a> Cursor<'a> {
     fn count(&mut self, each: usize) -> Result<usize, StreamError> {
         let n = self.u32()? as usize;
         if n.saturating_mul(each) > self.b.len() {
-            return Err(self.bad(&format!("{n} items of {each} bytes in {} bytes", self.b.len())));
+            return Err(self.bad(Malformation::Overrun { count: n, each, left: self.b.len() }));
         }
         Ok(n)
     }
@@ -655,9 +774,49 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Result<String, StreamError> {
         let b = self.bytes()?;
         if b.len() > MAX_STRING_BYTES as usize {
-            return Err(self.bad(&format!("a string of {} bytes", b.len())));
+            return Err(self.bad(Malformation::LongString(b.len())));
         }
-        String::from_utf8(b.to_vec()).map_err(|_| self.bad("a string that is not UTF-8"))
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad(Malformation::NotUtf8))
+    }
+
+    fn slots(&mut self) -> Result<Vec<SlotLayout>, StreamError> {
+        let n = self.count(SLOT_RECORD_BYTES)?;
+        let mut slots = Vec::with_capacity(n);
+        for _ in 0..n {
+            slots.push(SlotLayout { id: self.u32()?, guest_phys_addr: self.u64()?, pages: self.u64()? });
+        }
+        Ok(slots)
+    }
+
+    /// A [`Refusal`]: its code, then its fields ([`put_refusal`]).
+    fn refusal(&mut self) -> Result<Refusal, StreamError> {
+        let code = self.take(1)?[0];
+        Ok(match code {
+            1 => Refusal::Busy,
+            2 => Refusal::Layout { theirs: self.slots()?, page_size: self.u32()?, ours: self.slots()? },
+            3 => Refusal::Build { cause: self.string()? },
+            4 => Refusal::Backend { cause: self.string()? },
+            5 => Refusal::Stream { cause: self.string()? },
+            6 => Refusal::PagesAfterDigests,
+            7 => Refusal::PagesOutside {
+                slot: self.u32()?,
+                first: self.u64()?,
+                pages: self.u32()?,
+                slot_pages: self.u64()?,
+            },
+            8 => Refusal::DigestsOutside {
+                slot: self.u32()?,
+                first: self.u64()?,
+                count: self.u32()?,
+                slot_pages: self.u64()?,
+            },
+            9 => Refusal::VcpuOutside { vcpu: self.u32()?, vcpus: self.u32()? },
+            10 => Refusal::MissingVcpuStates { vcpus: self.u32()? },
+            11 => Refusal::Mismatch { pages: self.u64()? },
+            12 => Refusal::QueriedBeforeCommit,
+            13 => Refusal::NoCommit { cause: self.string()? },
+            x => return Err(self.bad(Malformation::RefusalCode(x))),
+        })
     }
 }
 
@@ -913,7 +1072,7 @@ mod tests {
             Frame::VcpuState { vcpu: 0, state: vec![9; 40] },
             Frame::Done,
             Frame::Verified,
-            Frame::Refuse { why: "no".into() },
+            Frame::Refuse { why: Refusal::Busy },
             Frame::Ready,
             Frame::Commit { id: 1 },
             Frame::Running { id: 2 },
@@ -944,6 +1103,55 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         assert_eq!(read_all(&stream()).unwrap(), frames());
+    }
+
+    #[test]
+    fn every_refusal_round_trips_and_an_unknown_code_is_malformed() {
+        let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: 256 }];
+        let cause = || "the VM: mmap failed".to_string();
+        let all = [
+            Refusal::Busy,
+            Refusal::Layout { theirs: slots.clone(), page_size: 8192, ours: vec![] },
+            Refusal::Build { cause: cause() },
+            Refusal::Backend { cause: cause() },
+            Refusal::Stream { cause: cause() },
+            Refusal::PagesAfterDigests,
+            Refusal::PagesOutside { slot: 1, first: 2, pages: 3, slot_pages: 4 },
+            Refusal::DigestsOutside { slot: 5, first: 6, count: 7, slot_pages: 8 },
+            Refusal::VcpuOutside { vcpu: 9, vcpus: 2 },
+            Refusal::MissingVcpuStates { vcpus: 3 },
+            Refusal::Mismatch { pages: 11 },
+            Refusal::QueriedBeforeCommit,
+            Refusal::NoCommit { cause: cause() },
+        ];
+        let framed = |p: Vec<u8>| {
+            let mut b = Vec::new();
+            b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            b.extend_from_slice(&crc32c::crc32c(&p).to_le_bytes());
+            b.extend_from_slice(&p);
+            b
+        };
+        let encoded = |f: &Frame| framed(f.encode());
+        let mut codes: Vec<u8> = all.iter().map(Refusal::code).collect();
+        codes.dedup();
+        assert_eq!(codes, (1..=13).collect::<Vec<u8>>(), "one code each, in order");
+        for r in all {
+            let f = Frame::Refuse { why: r };
+            assert_eq!(read_frame(&mut &encoded(&f)[..], 0).unwrap(), f);
+        }
+        // A cause too long for the wire is cut, not refused by the reader.
+        let long = Frame::Refuse { why: Refusal::Build { cause: "é".repeat(MAX_STRING_BYTES as usize) } };
+        match read_frame(&mut &encoded(&long)[..], 0) {
+            Ok(Frame::Refuse { why: Refusal::Build { cause } }) => {
+                assert!(cause.len() <= MAX_STRING_BYTES as usize && cause.chars().all(|c| c == 'é'))
+            }
+            other => panic!("{other:?}"),
+        }
+        let unknown = framed(vec![Kind::Refuse as u8, 14]);
+        assert!(matches!(
+            read_frame(&mut &unknown[..], 0),
+            Err(StreamError::Malformed { kind: "refuse", why: Malformation::RefusalCode(14) })
+        ));
     }
 
     #[test]

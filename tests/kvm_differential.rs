@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_kvm::usable_or_skip;
-use shadow_mmu_kvm::{KvmBackend, KvmError, KvmScriptVm, bitmap_words};
+use shadow_mmu_kvm::{BadConfig, KvmBackend, KvmError, KvmScriptVm, bitmap_words};
 use shadow_mmu_testkit::fixtures::{every_design, set_pages};
 use shadow_mmu_vmm::{Backend, BackendVm, DirtyLogProtect, GuestAccessError, RingEntries, harvest};
 
@@ -212,7 +212,8 @@ fn kvm_write_errors_are_typed_and_harmless() {
     vm.enable_dirty_logging().expect("logging");
     for bad in [(4, 1), (1 << 20, 1)] {
         let e = vm.run_writes(&[(0, 1), bad]).expect_err("refused");
-        assert!(matches!(e, KvmError::BadConfig(_)), "{e}");
+        let want = BadConfig::ScriptWrite { offset: bad.0, slot_bytes: 1 << 20 };
+        assert!(matches!(&e, KvmError::BadConfig(got) if *got == want), "{e:?}");
     }
     let mut bitmap = vec![0u64; bitmap_words(256)];
     assert_eq!(vm.get_dirty_log(&mut bitmap).expect("harvest"), 0, "a refused list writes nothing");

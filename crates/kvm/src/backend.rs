@@ -15,7 +15,7 @@ use shadow_mmu_vmm::{
     check_guest_access, check_vcpu_states,
 };
 
-use crate::error::KvmError;
+use crate::error::{BadConfig, KvmError};
 use crate::perf::{KvmPerfConfig, KvmPerfVm};
 use crate::script::KvmScriptVm;
 use crate::vm::{KvmVm, TEST_SLOT};
@@ -79,7 +79,7 @@ impl Backend for KvmBackend {
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
         let name = self.name();
         if spec.dirty_pages.is_some() {
-            let why = KvmError::BadConfig("a working set (--dirty-pages) runs on the engine only".into());
+            let why = KvmError::BadConfig(BadConfig::WorkingSet);
             return Err(BackendError::new(&name, "starting the passes", why));
         }
         let cfg = KvmPerfConfig {
@@ -158,7 +158,7 @@ impl<V: DerefMut<Target = KvmVm>> GuestMemory for KvmBackendVm<V> {
         }
         if self.inner.dirty_logging() && self.inner.dirty_ring_bytes().is_some() {
             // As the engine: no vCPU ring takes a host write (KVM would drop it).
-            let why = KvmError::BadConfig("host write to a logged slot with the dirty ring on".into());
+            let why = KvmError::BadConfig(BadConfig::HostWriteWithDirtyRing);
             return Err(self.fail("write_guest", why));
         }
         if self.inner.dirty_logging() {
@@ -217,9 +217,7 @@ impl<V: DerefMut<Target = KvmVm>> DirtyLog for KvmBackendVm<V> {
 
     fn harvest_dirty_ring(&mut self, out: &mut Vec<u64>) -> Result<u64, BackendError> {
         if self.inner.dirty_ring_bytes().is_none() {
-            return Err(
-                self.fail("harvest_dirty_ring", KvmError::BadConfig("the dirty ring is not on".into()))
-            );
+            return Err(self.fail("harvest_dirty_ring", BadConfig::NoDirtyRing.into()));
         }
         let before = out.len();
         self.ring.drain_into(out);

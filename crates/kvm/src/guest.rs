@@ -20,7 +20,7 @@
 //! - a program returned here has every jump resolved.
 
 use crate::asm::{Asm, Cond, Label, Mm, Reg};
-use crate::error::KvmError;
+use crate::error::{BadConfig, KvmError};
 use shadow_mmu_core::spte::PAGE_SIZE;
 
 use crate::vm::UCALL_PORT;
@@ -31,6 +31,28 @@ pub const UCALL_PASS_DONE: u8 = 1;
 pub const UCALL_SCRIPT_DONE: u8 = 2;
 /// Ucall code: [`probe_program`] ran to its end.
 pub const UCALL_PROBE: u8 = 3;
+
+/// Which of the programs a vCPU runs: an unexpected exit names it, as the
+/// same exit means something else in each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// [`pass_program`].
+    Pass,
+    /// [`script_program`].
+    Script,
+    /// [`probe_program`].
+    Probe,
+}
+
+impl std::fmt::Display for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Program::Pass => "pass",
+            Program::Script => "script",
+            Program::Probe => "probe",
+        })
+    }
+}
 
 /// The LCG of the guests (Numerical Recipes' `ranqd1`):
 /// `x' = 1664525 x + 1013904223 mod 2^32`.
@@ -71,14 +93,14 @@ impl PassProgram {
     fn check(&self) -> Result<(), KvmError> {
         let end = u64::from(self.base_gpa) + u64::from(self.pages) * PAGE_SIZE;
         if self.pages == 0 || self.write_pct > 100 || end > 1 << 32 || !self.pass_word_gpa.is_multiple_of(8) {
-            return Err(KvmError::BadConfig(format!("pass program {self:?}")));
+            return Err(BadConfig::PassProgram(*self).into());
         }
         Ok(())
     }
 }
 
 fn finish(a: Asm) -> Result<Vec<u8>, KvmError> {
-    a.finish().ok_or_else(|| KvmError::BadConfig("guest program with an unresolved jump".into()))
+    a.finish().ok_or(KvmError::BadConfig(BadConfig::UnresolvedJump))
 }
 
 /// `imul esi, esi, LCG_A; add esi, LCG_C`: the LCG state lives in `esi`.
@@ -317,7 +339,10 @@ mod tests {
             PassProgram { base_gpa: u32::MAX - 4095, pages: 2, ..ok },
             PassProgram { pass_word_gpa: 4, ..ok },
         ] {
-            assert!(matches!(pass_program(&bad), Err(KvmError::BadConfig(_))), "{bad:?}");
+            match pass_program(&bad) {
+                Err(KvmError::BadConfig(BadConfig::PassProgram(p))) => assert_eq!(p, bad),
+                other => panic!("{bad:?}: expected BadConfig::PassProgram, got {other:?}"),
+            }
         }
     }
 }

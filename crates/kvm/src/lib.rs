@@ -47,7 +47,7 @@ pub mod script;
 pub mod vm;
 
 pub use backend::KvmBackend;
-pub use error::KvmError;
+pub use error::{BadConfig, KvmError, Unavailable, UnexpectedExit};
 pub use perf::{KvmPerfConfig, KvmPerfVm};
 pub use probe::{Capabilities, Execution, Flavour, Probe, REQUIRE_KVM, probe, probed, usable_or_skip};
 pub use script::KvmScriptVm;

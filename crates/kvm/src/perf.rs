@@ -26,17 +26,18 @@
 //!   them and `Drop` calls it before any field goes (the guest memory
 //!   would be safe regardless: each vCPU holds it, see [`crate::vm`]);
 //! - a vCPU thread that fails records why and stops; [`KvmPerfVm::wait_passes`]
-//!   then returns the failure instead of waiting forever.
+//!   then returns the failure instead of waiting forever, and
+//!   [`KvmPerfVm::stop`] returns it too (the first failure, shared).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shadow_mmu_core::spte::PAGE_SIZE;
 
-use crate::error::KvmError;
-use crate::guest::{PassProgram, UCALL_PASS_DONE, pass_program};
+use crate::error::{BadConfig, KvmError, UnexpectedExit};
+use crate::guest::{PassProgram, Program, UCALL_PASS_DONE, pass_program};
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
 use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate};
@@ -44,7 +45,7 @@ use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate};
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
 /// Bytes of control slot each vCPU's code may take.
-const CODE_STRIDE: u64 = 256;
+pub(crate) const CODE_STRIDE: u64 = 256;
 /// Bytes between two vCPUs' pass words (their own cache lines).
 const PASS_WORD_STRIDE: u64 = 64;
 
@@ -85,21 +86,21 @@ impl Default for KvmPerfConfig {
 }
 
 impl KvmPerfConfig {
-    fn check(&self) -> Result<(), KvmError> {
-        let why = if self.vcpus == 0 || self.vcpus > MAX_PERF_VCPUS {
-            format!("vcpus must be 1..={MAX_PERF_VCPUS}")
-        } else if !self.guest_bytes.is_multiple_of(PAGE_SIZE) {
-            "guest_bytes must be a multiple of 4 KiB".into()
-        } else if self.guest_bytes / PAGE_SIZE < u64::from(self.vcpus) {
-            "guest_bytes must give every vCPU at least one page".into()
-        } else if self.guest_bytes > MAX_TEST_BYTES {
-            format!("guest_bytes must be at most {MAX_TEST_BYTES} (the test slot ends below 4 GiB)")
+    fn check(&self) -> Result<(), BadConfig> {
+        let (bytes, vcpus) = (self.guest_bytes, self.vcpus);
+        if vcpus == 0 || vcpus > MAX_PERF_VCPUS {
+            Err(BadConfig::PerfVcpus { vcpus })
+        } else if !bytes.is_multiple_of(PAGE_SIZE) {
+            Err(BadConfig::GuestBytesNotPages { bytes })
+        } else if bytes / PAGE_SIZE < u64::from(vcpus) {
+            Err(BadConfig::GuestBytesPerVcpu { bytes, vcpus })
+        } else if bytes > MAX_TEST_BYTES {
+            Err(BadConfig::GuestBytesTooLarge { bytes })
         } else if self.write_pct > 100 {
-            "write_pct must be 0..=100".into()
+            Err(BadConfig::WritePct { pct: self.write_pct })
         } else {
-            return Ok(());
-        };
-        Err(KvmError::BadConfig(format!("{why}: {self:?}")))
+            Ok(())
+        }
     }
 
     /// vCPU `id`'s pass program.
@@ -151,9 +152,8 @@ struct PerfShared {
     /// Passes each vCPU may complete.
     allowed: AtomicU64,
     stop: AtomicBool,
-    /// Set when a vCPU thread failed; the reason is in `failure`.
-    failed: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// The first vCPU thread to fail, and why: set once, by that thread.
+    failure: OnceLock<(u32, Arc<KvmError>)>,
     /// vCPUs waiting on a full dirty ring for the host to reap.
     ring_waiters: AtomicU64,
     /// `KVM_EXIT_DIRTY_RING_FULL` exits so far.
@@ -229,25 +229,24 @@ fn hold(vcpu: &mut Vcpu, done: u64, shared: &PerfShared) -> Result<(), KvmError>
 #[derive(Debug)]
 pub struct KvmPerfVm {
     shared: Arc<PerfShared>,
-    threads: Vec<JoinHandle<Result<(), KvmError>>>,
+    /// The vCPU threads, by vCPU id.
+    threads: Vec<JoinHandle<()>>,
     vm: KvmVm,
     cfg: KvmPerfConfig,
 }
 
-/// A vCPU thread: runs a pass each time the host allows one.
-fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) -> Result<(), KvmError> {
+/// A vCPU thread: runs a pass each time the host allows one. Its failure
+/// goes to `shared.failure`, where the host finds it (the first thread's
+/// only, as the host reports one).
+fn vcpu_thread(mut vcpu: Vcpu, shared: Arc<PerfShared>) {
     shared.threads.enter(vcpu.id());
     let r = vcpu_loop(&mut vcpu, &shared);
     shared.threads.leave(vcpu.id());
-    if let Err(e) = &r {
-        if let Ok(mut f) = shared.failure.lock() {
-            f.get_or_insert_with(|| e.to_string());
-        }
-        // Release: pairs with `wait_passes`' acquire load; the reason is
-        // under the mutex anyway.
-        shared.failed.store(true, Ordering::Release);
+    if let Err(e) = r {
+        // Shared, not cloned: an io::Error cannot be, and every report of
+        // the failure shows the same cause.
+        let _ = shared.failure.set((vcpu.id(), Arc::new(e)));
     }
-    r
 }
 
 fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
@@ -286,9 +285,9 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
             idle.wait();
         }
         let t = Instant::now();
-        let code = loop {
-            match vcpu.run_interruptible(&|| shared.gate.pause_requested()) {
-                Ok(GuestExit::Interrupted) => {
+        loop {
+            match vcpu.run_interruptible(&|| shared.gate.pause_requested())? {
+                GuestExit::Interrupted => {
                     // Kicked out of a pass: hold mid-pass (the registers say
                     // where the pass is).
                     hold(vcpu, done, shared)?;
@@ -297,7 +296,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                         return Ok(());
                     }
                 }
-                Ok(GuestExit::DirtyRingFull) => {
+                GuestExit::DirtyRingFull => {
                     // Relaxed: see the wait for a release above.
                     if shared.stop.load(Ordering::Relaxed) {
                         return Ok(());
@@ -312,20 +311,11 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     hold(vcpu, done, shared)?;
                     shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
                 }
-                Ok(GuestExit::Ucall(c)) => break Ok(c),
-                Ok(other) => break Err(KvmError::UnexpectedExit(format!("vCPU {id}: {other:?}"))),
-                Err(e) => break Err(e),
+                GuestExit::Ucall(UCALL_PASS_DONE) => break,
+                exit => return Err(UnexpectedExit::Exit { vcpu: id, program: Program::Pass, exit }.into()),
             }
-        };
-        let ns = t.elapsed().as_nanos() as u64;
-        let err = match code {
-            Ok(UCALL_PASS_DONE) => None,
-            Ok(other) => Some(KvmError::UnexpectedExit(format!("vCPU {id}: ucall {other} in a pass"))),
-            Err(e) => Some(e),
-        };
-        if let Some(e) = err {
-            return Err(e);
         }
+        let ns = t.elapsed().as_nanos() as u64;
         // Relaxed: published by the release store of `passes` below.
         clock.last_pass_ns.store(ns, Ordering::Relaxed);
         done += 1;
@@ -340,7 +330,7 @@ impl KvmPerfVm {
     /// Creates the VM (test slot populated, logging off), generates each
     /// vCPU's code and starts the vCPU threads, waiting for [`Self::release`].
     pub fn new(cfg: &KvmPerfConfig) -> Result<Self, KvmError> {
-        cfg.check()?;
+        cfg.check().map_err(KvmError::BadConfig)?;
         let words_gpa = pass_words_gpa(cfg.vcpus);
         let control_bytes = (words_gpa + u64::from(cfg.vcpus) * PASS_WORD_STRIDE).next_multiple_of(PAGE_SIZE);
         let vm = KvmVm::new(VmSetup {
@@ -356,7 +346,7 @@ impl KvmPerfVm {
         for id in 0..cfg.vcpus {
             let code = pass_program(&cfg.pass_program(id))?;
             if code.len() as u64 > CODE_STRIDE {
-                return Err(KvmError::BadConfig(format!("pass program of {} bytes", code.len())));
+                return Err(BadConfig::PassProgramTooLarge { bytes: code.len() }.into());
             }
             let eip = u64::from(id) * CODE_STRIDE;
             vm.write_control(eip, &code)?;
@@ -378,8 +368,7 @@ impl KvmPerfVm {
             clocks: (0..cfg.vcpus).map(|_| PassClock::default()).collect(),
             allowed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            failure: OnceLock::new(),
             ring_waiters: AtomicU64::new(0),
             ring_full_exits: AtomicU64::new(0),
             gate,
@@ -441,11 +430,9 @@ impl KvmPerfVm {
         reap: &mut dyn FnMut() -> Result<(), KvmError>,
     ) -> Result<u64, KvmError> {
         if since.len() != self.shared.clocks.len() {
-            return Err(KvmError::BadConfig(format!(
-                "wait_passes needs one entry per vCPU ({}), not {}",
-                self.shared.clocks.len(),
-                since.len()
-            )));
+            return Err(
+                BadConfig::WaitPassesEntries { vcpus: self.shared.clocks.len(), got: since.len() }.into()
+            );
         }
         for (c, &s) in self.shared.clocks.iter().zip(since) {
             // Acquire: pairs with the vCPU thread's release store of `passes`.
@@ -454,12 +441,8 @@ impl KvmPerfVm {
                 if self.shared.ring_waiters.load(Ordering::Relaxed) > 0 {
                     reap()?;
                 }
-                // Acquire: pairs with the failing thread's release store.
-                if self.shared.failed.load(Ordering::Acquire) {
-                    let why = self.shared.failure.lock().ok().and_then(|f| f.clone());
-                    return Err(KvmError::UnexpectedExit(
-                        why.unwrap_or_else(|| "a vCPU thread failed".into()),
-                    ));
+                if let Some(e) = self.failure() {
+                    return Err(e);
                 }
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -469,20 +452,31 @@ impl KvmPerfVm {
         Ok(self.shared.clocks.iter().map(|c| c.last_pass_ns.load(Ordering::Relaxed)).max().unwrap_or(0))
     }
 
+    /// The first vCPU thread's failure, if one failed.
+    fn failure(&self) -> Option<KvmError> {
+        self.shared
+            .failure
+            .get()
+            .map(|(vcpu, source)| KvmError::VcpuThread { vcpu: *vcpu, source: source.clone() })
+    }
+
     /// Stops the vCPU threads (each finishes the pass it is in) and joins
-    /// them; returns the first failure. Idempotent.
+    /// them; returns the first failure (a thread's error before a panic).
+    /// Idempotent.
     pub fn stop(&mut self) -> Result<(), KvmError> {
         // Relaxed: see `vcpu_thread`; the joins below order the rest.
         self.shared.stop.store(true, Ordering::Relaxed);
-        let mut first = Ok(());
-        for t in self.threads.drain(..) {
-            let r =
-                t.join().unwrap_or_else(|_| Err(KvmError::UnexpectedExit("a vCPU thread panicked".into())));
-            if first.is_ok() {
-                first = r;
+        let mut panicked = None;
+        for (vcpu, t) in self.threads.drain(..).enumerate() {
+            if t.join().is_err() {
+                panicked.get_or_insert(UnexpectedExit::Panicked { vcpu: vcpu as u32 });
             }
         }
-        first
+        match (self.failure(), panicked) {
+            (Some(e), _) => Err(e),
+            (None, Some(p)) => Err(p.into()),
+            (None, None) => Ok(()),
+        }
     }
 }
 

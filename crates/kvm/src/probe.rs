@@ -22,9 +22,10 @@ use kvm_bindings::{
 };
 
 use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_vmm::error_chain;
 
-use crate::error::KvmError;
-use crate::guest::{UCALL_PROBE, probe_program};
+use crate::error::{KvmError, UnexpectedExit};
+use crate::guest::{Program, UCALL_PROBE, probe_program};
 use crate::vm::{GuestExit, KvmVm, VmSetup, open_vm};
 
 /// Which KVM module runs the guests.
@@ -82,7 +83,8 @@ pub struct Capabilities {
 /// What [`probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
-    /// `Ok` when the KVM runs can go ahead, else why not.
+    /// `Ok` when the KVM runs can go ahead, else why not: the error and its
+    /// causes, one line.
     pub usable: Result<(), String>,
     /// The KVM flavour.
     pub flavour: Flavour,
@@ -166,7 +168,7 @@ fn execution() -> Result<Execution, KvmError> {
     match vcpu.run()? {
         GuestExit::Ucall(UCALL_PROBE) => Ok(Execution::Hardware),
         GuestExit::EmulationFailure => Ok(Execution::Emulated),
-        other => Err(KvmError::UnexpectedExit(format!("probe guest: {other:?}"))),
+        exit => Err(UnexpectedExit::Exit { vcpu: vcpu.id(), program: Program::Probe, exit }.into()),
     }
 }
 
@@ -214,8 +216,9 @@ pub fn probe() -> Probe {
     });
     match found {
         Ok(e) => p.execution = e,
-        Err(KvmError::Unavailable(why)) => p.usable = Err(why),
-        Err(e) => p.usable = Err(format!("a test guest does not run: {e}")),
+        // The report is a line for people: the error and its causes.
+        Err(KvmError::Unavailable(why)) => p.usable = Err(error_chain(&why)),
+        Err(e) => p.usable = Err(format!("a test guest does not run: {}", error_chain(&e))),
     }
     p.vcpu_timings_comparable = p.execution == Execution::Hardware && p.tdp == Some(false);
     p

@@ -12,8 +12,8 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::error::KvmError;
-use crate::guest::{SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
+use crate::error::{BadConfig, KvmError, UnexpectedExit};
+use crate::guest::{Program, SCRIPT_ENTRY_BYTES, SCRIPT_TABLE_GPA, UCALL_SCRIPT_DONE, script_program};
 use crate::vm::{GuestExit, KvmVm, TEST_GPA, Vcpu, VmSetup};
 use shadow_mmu_vmm::DirtyLogProtect;
 
@@ -61,7 +61,11 @@ impl KvmScriptVm {
     /// the test slot (8-aligned, inside the slot), with guest stores. A
     /// dirty-ring-full exit is an error here; see [`Self::run_writes_with`].
     pub fn run_writes(&mut self, writes: &[(u64, u64)]) -> Result<(), KvmError> {
-        let mut full = |_: &KvmVm| Err(KvmError::UnexpectedExit("dirty ring full".into()));
+        let vcpu = self.vcpu.id();
+        let mut full = |_: &KvmVm| {
+            let exit = GuestExit::DirtyRingFull;
+            Err(UnexpectedExit::Exit { vcpu, program: Program::Script, exit }.into())
+        };
         self.run_writes_with(writes, &mut full).map(|_| ())
     }
 
@@ -76,9 +80,7 @@ impl KvmScriptVm {
         let mut full_exits = 0;
         let bytes = self.vm.test_pages() * shadow_mmu_core::spte::PAGE_SIZE;
         if let Some(&(off, _)) = writes.iter().find(|&&(off, _)| off % 8 != 0 || off >= bytes) {
-            return Err(KvmError::BadConfig(format!(
-                "write at offset {off:#x}: must be 8-aligned and below {bytes:#x}"
-            )));
+            return Err(BadConfig::ScriptWrite { offset: off, slot_bytes: bytes }.into());
         }
         let table = &self.vm.memory().control.words()[SCRIPT_TABLE_GPA as usize / 8..];
         for chunk in writes.chunks(SCRIPT_TABLE_WRITES) {
@@ -96,11 +98,9 @@ impl KvmScriptVm {
                         full_exits += 1;
                         on_full(&self.vm)?;
                     }
-                    GuestExit::Ucall(other) => {
-                        return Err(KvmError::UnexpectedExit(format!("ucall {other} from the script guest")));
-                    }
-                    other => {
-                        return Err(KvmError::UnexpectedExit(format!("{other:?} from the script guest")));
+                    exit => {
+                        let vcpu = self.vcpu.id();
+                        return Err(UnexpectedExit::Exit { vcpu, program: Program::Script, exit }.into());
                     }
                 }
             }

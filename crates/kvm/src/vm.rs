@@ -41,7 +41,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use shadow_mmu_core::spte::PAGE_SIZE;
 
-use crate::error::KvmError;
+use crate::error::{BadConfig, KvmError, Unavailable, UnexpectedExit};
+use crate::guest::Program;
 use crate::ioctls;
 
 /// Memslot of guest code and control tables.
@@ -80,10 +81,9 @@ impl GuestMemory {
     /// `populate` faults every page in up front (`MAP_POPULATE`).
     pub fn map(bytes: u64, populate: bool) -> Result<Self, KvmError> {
         if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
-            return Err(KvmError::BadConfig(format!("{bytes:#x} bytes is not a non-zero multiple of 4 KiB")));
+            return Err(BadConfig::MappingSize { bytes }.into());
         }
-        let len = usize::try_from(bytes)
-            .map_err(|_| KvmError::BadConfig(format!("{bytes:#x} bytes do not fit the address space")))?;
+        let len = usize::try_from(bytes).map_err(|_| BadConfig::MappingTooLarge { bytes })?;
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         if populate {
             flags |= libc::MAP_POPULATE;
@@ -135,11 +135,9 @@ impl GuestMemory {
     fn write_bytes(&self, offset: u64, bytes: &[u8]) -> Result<(), KvmError> {
         let end = offset.checked_add(bytes.len() as u64);
         if !offset.is_multiple_of(8) || end.is_none_or(|e| e > self.bytes) {
-            return Err(KvmError::BadConfig(format!(
-                "{} bytes at {offset:#x} do not fit a {:#x}-byte slot",
-                bytes.len(),
-                self.bytes
-            )));
+            return Err(
+                BadConfig::WriteOutsideSlot { bytes: bytes.len(), offset, slot_bytes: self.bytes }.into()
+            );
         }
         let words = &self.words()[(offset / 8) as usize..];
         for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
@@ -227,22 +225,22 @@ pub fn device_path() -> String {
 /// Opens the KVM device and creates a VM, checking the API version.
 pub(crate) fn open_vm() -> Result<VmFd, KvmError> {
     let path = device_path();
-    let cpath = std::ffi::CString::new(path.clone())
-        .map_err(|_| KvmError::Unavailable(format!("{DEVICE_ENV}={path:?} has a NUL byte")))?;
-    let kvm =
-        Kvm::new_with_path(&cpath).map_err(|e| KvmError::Unavailable(format!("cannot open {path}: {e}")))?;
+    let Ok(cpath) = std::ffi::CString::new(path.clone()) else {
+        return Err(Unavailable::NulInPath { path }.into());
+    };
+    let kvm = match Kvm::new_with_path(&cpath) {
+        Ok(kvm) => kvm,
+        Err(e) => return Err(Unavailable::Open { path, source: e.into() }.into()),
+    };
     let api = kvm.get_api_version();
     if api < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(KvmError::Unavailable(format!("KVM_GET_API_VERSION on {path} failed: {e}")));
+        let source = std::io::Error::last_os_error();
+        return Err(Unavailable::ApiVersionFailed { path, source }.into());
     }
     if api != kvm_bindings::KVM_API_VERSION as i32 {
-        return Err(KvmError::Unavailable(format!(
-            "KVM_GET_API_VERSION is {api}, not {}",
-            kvm_bindings::KVM_API_VERSION
-        )));
+        return Err(Unavailable::ApiVersion { got: api }.into());
     }
-    kvm.create_vm().map_err(|e| KvmError::Unavailable(format!("KVM_CREATE_VM failed: {e}")))
+    kvm.create_vm().map_err(|e| Unavailable::CreateVm(e.into()).into())
 }
 
 impl KvmVm {
@@ -251,23 +249,17 @@ impl KvmVm {
         let VmSetup { control_bytes, test_bytes, protect, populate, dirty_ring_bytes } = setup;
         if control_bytes == 0 || control_bytes > MAX_CONTROL_BYTES || !control_bytes.is_multiple_of(PAGE_SIZE)
         {
-            return Err(KvmError::BadConfig(format!(
-                "control slot of {control_bytes:#x} bytes: must be a multiple of 4 KiB in 4 KiB..=1 GiB"
-            )));
+            return Err(BadConfig::ControlSlot { bytes: control_bytes }.into());
         }
         if test_bytes == 0 || test_bytes > MAX_TEST_BYTES || !test_bytes.is_multiple_of(PAGE_SIZE) {
-            return Err(KvmError::BadConfig(format!(
-                "test slot of {test_bytes:#x} bytes: must be a multiple of 4 KiB in 4 KiB..=2 GiB"
-            )));
+            return Err(BadConfig::TestSlot { bytes: test_bytes }.into());
         }
         let vm = open_vm()?;
         if protect.is_manual() {
             let caps = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
             let flags = protect.cap_flags();
             if (caps as u64) & flags != flags {
-                return Err(KvmError::Unavailable(format!(
-                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is {caps}: flags {flags} are not supported"
-                )));
+                return Err(Unavailable::ManualProtect { caps, flags }.into());
             }
             let cap = kvm_enable_cap {
                 cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -279,7 +271,7 @@ impl KvmVm {
         if let Some(bytes) = dirty_ring_bytes {
             let max = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
             if max <= 0 {
-                return Err(KvmError::Unavailable("no KVM_CAP_DIRTY_LOG_RING_ACQ_REL".into()));
+                return Err(Unavailable::NoDirtyRingAcqRel.into());
             }
             let cap = kvm_enable_cap {
                 cap: KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
@@ -434,10 +426,7 @@ impl KvmVm {
             return Err(KvmError::ManualProtectNotEnabled);
         }
         if !first_page.is_multiple_of(64) || first_page >= self.test_pages {
-            return Err(KvmError::BadConfig(format!(
-                "first_page {first_page} must be a multiple of 64 below {}",
-                self.test_pages
-            )));
+            return Err(BadConfig::ClearFirstPage { first_page, pages: self.test_pages }.into());
         }
         let rest = self.test_pages - first_page;
         if bitmap.is_empty() || bitmap.len() > bitmap_words(rest) {
@@ -448,8 +437,8 @@ impl KvmVm {
             });
         }
         let num_pages = rest.min(64 * bitmap.len() as u64);
-        let num_pages = u32::try_from(num_pages)
-            .map_err(|_| KvmError::BadConfig(format!("{num_pages} pages in one KVM_CLEAR_DIRTY_LOG")))?;
+        let num_pages =
+            u32::try_from(num_pages).map_err(|_| BadConfig::ClearTooManyPages { pages: num_pages })?;
         match ioctls::clear_dirty_log(&self.vm, TEST_SLOT, first_page, num_pages, bitmap) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(KvmError::NotLogging),
@@ -544,8 +533,118 @@ pub enum GuestExit {
     /// `KVM_RUN` returned `EINTR` (a signal) while `kicked()` said a kick
     /// was meant: only from [`Vcpu::run_interruptible`].
     Interrupted,
-    /// Anything else, described.
-    Other(String),
+    /// Any other exit, none of which our guests make.
+    Other {
+        /// What KVM said.
+        exit: OtherExit,
+        /// The guest's eip at the exit, or the errno of the `KVM_GET_REGS`
+        /// that would have read it.
+        eip: Result<u64, i32>,
+    },
+}
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestExit::Ucall(code) => write!(f, "ucall {code}"),
+            GuestExit::DirtyRingFull => f.write_str("dirty ring full"),
+            GuestExit::EmulationFailure => {
+                f.write_str("KVM's instruction emulator failed on a guest instruction")
+            }
+            GuestExit::Interrupted => f.write_str("KVM_RUN interrupted by a kick"),
+            GuestExit::Other { exit, eip: Ok(eip) } => write!(f, "{exit} at eip {eip:#x}"),
+            GuestExit::Other { exit, eip: Err(errno) } => {
+                let e = std::io::Error::from_raw_os_error(*errno);
+                write!(f, "{exit} at eip ? (KVM_GET_REGS: {e})")
+            }
+        }
+    }
+}
+
+/// A `KVM_RUN` exit that is none of [`GuestExit`]'s named ones, as
+/// `struct kvm_run` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OtherExit {
+    /// `KVM_EXIT_IO`, an `out` that is not a one-byte ucall on [`UCALL_PORT`].
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The bytes written.
+        data: Vec<u8>,
+    },
+    /// `KVM_EXIT_IO`, an `in`.
+    IoIn {
+        /// The port.
+        port: u16,
+    },
+    /// `KVM_EXIT_MMIO`: an access to a guest physical address in no memslot.
+    Mmio {
+        /// The address.
+        gpa: u64,
+        /// A store (else a load).
+        write: bool,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY`: the CPU refused to enter the guest.
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` with another suberror than
+    /// `KVM_INTERNAL_ERROR_EMULATION`.
+    InternalError {
+        /// `internal.suberror`.
+        suberror: u32,
+    },
+    /// Any other `exit_reason` (`KVM_EXIT_HLT`, `KVM_EXIT_SHUTDOWN`, ...).
+    Reason(u32),
+}
+
+impl std::fmt::Display for OtherExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OtherExit::IoOut { port, data } => write!(f, "out to port {port:#x} of {data:x?}"),
+            OtherExit::IoIn { port } => write!(f, "in from port {port:#x}"),
+            OtherExit::Mmio { gpa, write: true } => write!(f, "KVM_EXIT_MMIO, a store to {gpa:#x}"),
+            OtherExit::Mmio { gpa, write: false } => write!(f, "KVM_EXIT_MMIO, a load from {gpa:#x}"),
+            OtherExit::FailEntry { reason } => {
+                write!(f, "KVM_EXIT_FAIL_ENTRY, hardware_entry_failure_reason {reason:#x}")
+            }
+            OtherExit::InternalError { suberror } => {
+                write!(f, "KVM_EXIT_INTERNAL_ERROR, suberror {suberror}")
+            }
+            OtherExit::Reason(r) => match exit_name(*r) {
+                Some(name) => f.write_str(name),
+                None => write!(f, "exit reason {r}"),
+            },
+        }
+    }
+}
+
+/// The `KVM_EXIT_*` name of the x86 exit reasons a guest of ours could
+/// plausibly meet.
+fn exit_name(reason: u32) -> Option<&'static str> {
+    use kvm_bindings as k;
+    Some(match reason {
+        k::KVM_EXIT_UNKNOWN => "KVM_EXIT_UNKNOWN",
+        k::KVM_EXIT_EXCEPTION => "KVM_EXIT_EXCEPTION",
+        k::KVM_EXIT_HYPERCALL => "KVM_EXIT_HYPERCALL",
+        k::KVM_EXIT_DEBUG => "KVM_EXIT_DEBUG",
+        k::KVM_EXIT_HLT => "KVM_EXIT_HLT",
+        k::KVM_EXIT_IRQ_WINDOW_OPEN => "KVM_EXIT_IRQ_WINDOW_OPEN",
+        k::KVM_EXIT_SHUTDOWN => "KVM_EXIT_SHUTDOWN",
+        k::KVM_EXIT_SET_TPR => "KVM_EXIT_SET_TPR",
+        k::KVM_EXIT_TPR_ACCESS => "KVM_EXIT_TPR_ACCESS",
+        k::KVM_EXIT_NMI => "KVM_EXIT_NMI",
+        k::KVM_EXIT_SYSTEM_EVENT => "KVM_EXIT_SYSTEM_EVENT",
+        k::KVM_EXIT_IOAPIC_EOI => "KVM_EXIT_IOAPIC_EOI",
+        k::KVM_EXIT_HYPERV => "KVM_EXIT_HYPERV",
+        k::KVM_EXIT_X86_RDMSR => "KVM_EXIT_X86_RDMSR",
+        k::KVM_EXIT_X86_WRMSR => "KVM_EXIT_X86_WRMSR",
+        k::KVM_EXIT_X86_BUS_LOCK => "KVM_EXIT_X86_BUS_LOCK",
+        k::KVM_EXIT_NOTIFY => "KVM_EXIT_NOTIFY",
+        k::KVM_EXIT_MEMORY_FAULT => "KVM_EXIT_MEMORY_FAULT",
+        _ => return None,
+    })
 }
 
 /// Words of a saved [`Vcpu`] state: 16 general registers, rip and rflags,
@@ -558,7 +657,7 @@ pub enum GuestExit {
 pub const VCPU_STATE_WORDS: usize = 18 + XSAVE_WORDS;
 
 /// Words of the traditional XSAVE area.
-const XSAVE_WORDS: usize = 512;
+pub(crate) const XSAVE_WORDS: usize = 512;
 
 impl Vcpu {
     /// The vCPU id.
@@ -576,10 +675,13 @@ impl Vcpu {
     /// signals the vCPU's thread to get it out of guest mode).
     pub fn run_interruptible(&mut self, kicked: &dyn Fn() -> bool) -> Result<GuestExit, KvmError> {
         loop {
-            let other = match self.fd.run() {
+            let exit = match self.fd.run() {
                 Ok(VcpuExit::IoOut(UCALL_PORT, [code])) => return Ok(GuestExit::Ucall(*code)),
-                Ok(VcpuExit::IoOut(port, data)) => format!("out to port {port:#x} of {data:x?}"),
-                Ok(VcpuExit::IoIn(port, _)) => format!("in from port {port:#x}"),
+                Ok(VcpuExit::IoOut(port, data)) => OtherExit::IoOut { port, data: data.to_vec() },
+                Ok(VcpuExit::IoIn(port, _)) => OtherExit::IoIn { port },
+                Ok(VcpuExit::MmioRead(gpa, _)) => OtherExit::Mmio { gpa, write: false },
+                Ok(VcpuExit::MmioWrite(gpa, _)) => OtherExit::Mmio { gpa, write: true },
+                Ok(VcpuExit::FailEntry(reason, _)) => OtherExit::FailEntry { reason },
                 Ok(VcpuExit::Intr) if kicked() => return Ok(GuestExit::Interrupted),
                 Ok(VcpuExit::Intr) => continue,
                 Err(e) if e.errno() == libc::EINTR && kicked() => return Ok(GuestExit::Interrupted),
@@ -596,32 +698,26 @@ impl Vcpu {
                     if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
                         return Ok(GuestExit::EmulationFailure);
                     }
-                    format!("KVM_EXIT_INTERNAL_ERROR, suberror {}", internal.suberror)
+                    OtherExit::InternalError { suberror: internal.suberror }
                 }
-                Ok(other) => format!("{other:?}"),
+                // `struct kvm_run` still holds the exit: its reason is the
+                // one thing every other exit has.
+                Ok(_) => OtherExit::Reason(self.fd.get_kvm_run().exit_reason),
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => continue,
                 Err(e) => return Err(KvmError::ioctl("KVM_RUN", e)),
             };
-            let eip =
-                self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|e| format!("? ({e})"));
-            return Ok(GuestExit::Other(format!("{other} at eip {eip}")));
+            let eip = self.fd.get_regs().map(|r| r.rip).map_err(|e| e.errno());
+            return Ok(GuestExit::Other { exit, eip });
         }
     }
 
-    /// `KVM_RUN` until the guest makes a ucall; returns its code. Any other
-    /// exit is an [`KvmError::UnexpectedExit`] naming it and the guest's eip.
-    pub fn run_to_ucall(&mut self) -> Result<u8, KvmError> {
+    /// `KVM_RUN` until the guest, running `program`, makes a ucall; returns
+    /// its code. Any other exit is an [`UnexpectedExit::Exit`] naming it
+    /// (with the guest's eip where it has one).
+    pub fn run_to_ucall(&mut self, program: Program) -> Result<u8, KvmError> {
         match self.run()? {
             GuestExit::Ucall(code) => Ok(code),
-            GuestExit::DirtyRingFull => {
-                Err(KvmError::UnexpectedExit(format!("vCPU {}: dirty ring full", self.id)))
-            }
-            GuestExit::EmulationFailure => Err(KvmError::UnexpectedExit(format!(
-                "vCPU {}: KVM's instruction emulator failed on a guest instruction",
-                self.id
-            ))),
-            GuestExit::Other(what) => Err(KvmError::UnexpectedExit(format!("vCPU {}: {what}", self.id))),
-            GuestExit::Interrupted => unreachable!("run() is not interruptible"),
+            exit => Err(UnexpectedExit::Exit { vcpu: self.id, program, exit }.into()),
         }
     }
 
@@ -637,7 +733,7 @@ impl Vcpu {
         match r {
             Err(libc::EINTR) => {}
             Ok(()) => {
-                return Err(KvmError::UnexpectedExit("KVM_RUN with immediate_exit ran the guest".into()));
+                return Err(UnexpectedExit::ImmediateExitRan { vcpu: self.id }.into());
             }
             Err(errno) => {
                 return Err(KvmError::ioctl("KVM_RUN (immediate_exit)", kvm_ioctls::Error::new(errno)));
@@ -659,10 +755,7 @@ impl Vcpu {
     /// program). Refused unless it is [`VCPU_STATE_WORDS`] words.
     pub fn restore_state(&mut self, w: &[u64]) -> Result<(), KvmError> {
         if w.len() != VCPU_STATE_WORDS {
-            return Err(KvmError::BadConfig(format!(
-                "a vCPU state of {} words, not {VCPU_STATE_WORDS}",
-                w.len()
-            )));
+            return Err(BadConfig::VcpuStateSize { words: w.len() }.into());
         }
         let r = kvm_bindings::kvm_regs {
             rax: w[0],
@@ -702,10 +795,7 @@ impl Vcpu {
     /// never use and this process never enables).
     fn check_xsave_size(&self) -> Result<(), KvmError> {
         if self.xsave_bytes > XSAVE_WORDS * 8 {
-            return Err(KvmError::BadConfig(format!(
-                "an XSAVE state of {} bytes: vCPU state moves only in 4096",
-                self.xsave_bytes
-            )));
+            return Err(BadConfig::XsaveTooLarge { bytes: self.xsave_bytes }.into());
         }
         Ok(())
     }

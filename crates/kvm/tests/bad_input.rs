@@ -4,30 +4,52 @@
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_kvm::usable_or_skip;
 use shadow_mmu_kvm::vm::{KvmVm, VmSetup};
-use shadow_mmu_kvm::{KvmError, KvmPerfConfig, KvmPerfVm, KvmScriptVm, bitmap_words};
-use shadow_mmu_vmm::DirtyLogProtect;
+use shadow_mmu_kvm::{BadConfig, KvmError, KvmPerfConfig, KvmPerfVm, KvmScriptVm, bitmap_words};
+use shadow_mmu_vmm::{DirtyLogProtect, error_chain};
+
+/// `r` is `BadConfig` `want`, and prints it once: `bad configuration: ...`.
+#[track_caller]
+fn assert_bad_config<T: std::fmt::Debug>(r: Result<T, KvmError>, want: BadConfig) {
+    match r {
+        Err(e @ KvmError::BadConfig(_)) => {
+            assert!(matches!(&e, KvmError::BadConfig(got) if *got == want), "{e:?}, not {want:?}");
+            assert_eq!(error_chain(&e), format!("bad configuration: {want}"));
+        }
+        other => panic!("expected BadConfig {want:?}, got {other:?}"),
+    }
+}
 
 #[test]
 fn bad_perf_configs_are_refused_before_touching_kvm() {
     // Checked before /dev/kvm is opened: runs (and must pass) without KVM.
     let ok = KvmPerfConfig::default();
-    for (bad, what) in [
-        (KvmPerfConfig { vcpus: 0, ..ok.clone() }, "vcpus"),
-        (KvmPerfConfig { vcpus: 257, ..ok.clone() }, "vcpus"),
-        (KvmPerfConfig { guest_bytes: (16 << 20) + 100, ..ok.clone() }, "multiple of 4 KiB"),
-        (KvmPerfConfig { guest_bytes: 0, ..ok.clone() }, "at least one page"),
-        (KvmPerfConfig { vcpus: 4, guest_bytes: 3 * PAGE_SIZE, ..ok.clone() }, "at least one page"),
-        (KvmPerfConfig { guest_bytes: (2 << 30) + PAGE_SIZE, ..ok.clone() }, "at most"),
-        (KvmPerfConfig { write_pct: 101, ..ok.clone() }, "write_pct"),
+    let too_large = (2 << 30) + PAGE_SIZE;
+    for (bad, want) in [
+        (KvmPerfConfig { vcpus: 0, ..ok.clone() }, BadConfig::PerfVcpus { vcpus: 0 }),
+        (KvmPerfConfig { vcpus: 257, ..ok.clone() }, BadConfig::PerfVcpus { vcpus: 257 }),
+        (
+            KvmPerfConfig { guest_bytes: (16 << 20) + 100, ..ok.clone() },
+            BadConfig::GuestBytesNotPages { bytes: (16 << 20) + 100 },
+        ),
+        (KvmPerfConfig { guest_bytes: 0, ..ok.clone() }, BadConfig::GuestBytesPerVcpu { bytes: 0, vcpus: 1 }),
+        (
+            KvmPerfConfig { vcpus: 4, guest_bytes: 3 * PAGE_SIZE, ..ok.clone() },
+            BadConfig::GuestBytesPerVcpu { bytes: 3 * PAGE_SIZE, vcpus: 4 },
+        ),
+        (
+            KvmPerfConfig { guest_bytes: too_large, ..ok.clone() },
+            BadConfig::GuestBytesTooLarge { bytes: too_large },
+        ),
+        (KvmPerfConfig { write_pct: 101, ..ok.clone() }, BadConfig::WritePct { pct: 101 }),
     ] {
-        match KvmPerfVm::new(&bad) {
-            Err(KvmError::BadConfig(msg)) => assert!(msg.contains(what), "{msg:?} should mention {what:?}"),
-            other => panic!("{bad:?}: expected BadConfig, got {other:?}"),
-        }
+        assert_bad_config(KvmPerfVm::new(&bad), want);
     }
-    for (control_bytes, test_bytes) in
-        [(0, PAGE_SIZE), (PAGE_SIZE, 0), (PAGE_SIZE, PAGE_SIZE + 1), (PAGE_SIZE, (2 << 30) + PAGE_SIZE)]
-    {
+    for (control_bytes, test_bytes, want) in [
+        (0, PAGE_SIZE, BadConfig::ControlSlot { bytes: 0 }),
+        (PAGE_SIZE, 0, BadConfig::TestSlot { bytes: 0 }),
+        (PAGE_SIZE, PAGE_SIZE + 1, BadConfig::TestSlot { bytes: PAGE_SIZE + 1 }),
+        (PAGE_SIZE, too_large, BadConfig::TestSlot { bytes: too_large }),
+    ] {
         let r = KvmVm::new(VmSetup {
             control_bytes,
             test_bytes,
@@ -35,7 +57,7 @@ fn bad_perf_configs_are_refused_before_touching_kvm() {
             populate: false,
             dirty_ring_bytes: None,
         });
-        assert!(matches!(r, Err(KvmError::BadConfig(_))), "{control_bytes} {test_bytes}: {r:?}");
+        assert_bad_config(r, want);
     }
 }
 
@@ -90,9 +112,9 @@ fn clear_dirty_log_misuse_is_refused() {
     assert!(matches!(e, KvmError::NotLogging), "{e}");
     vm.enable_dirty_logging().expect("logging");
     vm.run_writes(&[(0, 1), (70 * PAGE_SIZE, 1)]).expect("writes");
-    for (first, words) in [(1, 1), (256, 1), (300, 1)] {
-        let e = vm.clear_dirty_log(first, &vec![u64::MAX; words]).expect_err("bad first page");
-        assert!(matches!(e, KvmError::BadConfig(_)), "{first}: {e}");
+    for first_page in [1, 256, 300] {
+        let r = vm.clear_dirty_log(first_page, &[u64::MAX]);
+        assert_bad_config(r, BadConfig::ClearFirstPage { first_page, pages: 256 });
     }
     for (first, words) in [(0, 0), (0, 5), (192, 2)] {
         let e = vm.clear_dirty_log(first, &vec![u64::MAX; words]).expect_err("bad length");
@@ -127,15 +149,21 @@ fn harvest_before_logging_and_other_misuse() {
     assert!(matches!(vm.get_dirty_log(&mut bitmap), Err(KvmError::NotLogging)));
     // No dirty ring enabled on this VM: KVM_RESET_DIRTY_RINGS is EINVAL.
     match vm.reset_dirty_rings() {
-        Err(KvmError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", source }) => {
-            assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{source}")
+        Err(e @ KvmError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", .. }) => {
+            let errno = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            assert_eq!(errno, Some(libc::EINVAL), "{e:?}");
+            // The errno is the cause, printed once, after the operation.
+            let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+            assert_eq!(error_chain(&e), format!("KVM_RESET_DIRTY_RINGS failed: {einval}"));
         }
         other => panic!("expected EINVAL, got {other:?}"),
     }
 
     let perf = KvmPerfVm::new(&KvmPerfConfig { vcpus: 2, guest_bytes: 1 << 20, ..Default::default() })
         .expect("perf VM");
-    assert!(matches!(perf.wait_passes(&[0]), Err(KvmError::BadConfig(_))));
+    assert_bad_config(perf.wait_passes(&[0]), BadConfig::WaitPassesEntries { vcpus: 2, got: 1 });
     perf.release(1);
     assert!(perf.wait_passes(&[0, 0]).is_ok());
 }

@@ -35,14 +35,22 @@ pub fn describe(cfg: &RunConfig) -> String {
     )
 }
 
-/// The summary `shadow-mmu run` prints.
+/// The summary `shadow-mmu run` prints: the guest, the harvests, the MMU,
+/// the verdict.
 pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
     let mut s = String::new();
-    let v = &r.vcpu;
-    let m = &r.vm;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
-    let max_gdl = r.get_dirty_log_ns.iter().copied().max().unwrap_or(0);
     let _ = writeln!(s, "  elapsed               {:.2} s, {} collections + final", secs, r.collections);
+    guest_lines(&mut s, cfg, r, secs);
+    harvest_lines(&mut s, cfg, r);
+    mmu_lines(&mut s, cfg, r, secs);
+    verdict_lines(&mut s, r);
+    s
+}
+
+/// What the guest did: accesses, faults, pages dirtied.
+fn guest_lines(s: &mut String, cfg: &RunConfig, r: &RunReport, secs: f64) {
+    let (v, m) = (&r.vcpu, &r.vm);
     let _ = writeln!(
         s,
         "  guest accesses        {} ({} writes, {} reads), {:.1} M/s, TLB hits {}",
@@ -66,6 +74,12 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         if cfg.harvest.ring().is_some() { "rings" } else { "bitmap" },
         m.mmu.fast_page_faults
     );
+}
+
+/// The harvests: CLEAR, the rings, pages harvested, the time of each.
+fn harvest_lines(s: &mut String, cfg: &RunConfig, r: &RunReport) {
+    let (v, m) = (&r.vcpu, &r.vm);
+    let max_gdl = r.get_dirty_log_ns.iter().copied().max().unwrap_or(0);
     if m.mmu.clear_dirty_log_calls > 0 {
         let _ = writeln!(
             s,
@@ -99,6 +113,12 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         ms(max_gdl),
         m.mmu.sptes_write_protected
     );
+}
+
+/// The MMU's costs: mmu_lock, TLB flushes, shadow pages, sptes, the
+/// lockless design's grace periods, what ran beside the guest.
+fn mmu_lines(s: &mut String, cfg: &RunConfig, r: &RunReport, secs: f64) {
+    let (v, m) = (&r.vcpu, &r.vm);
     let _ = writeln!(
         s,
         "  mmu_lock              held {:.1} ms ({:.1}% of the run), waited {:.1} ms, {} acquisitions, {} contended",
@@ -155,6 +175,10 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
             r.slot_churn_cycles, cfg.slots
         );
     }
+}
+
+/// Lost pages, stray bits, errors, and the verdict.
+fn verdict_lines(s: &mut String, r: &RunReport) {
     let _ = writeln!(s, "  lost pages            {}", r.lost_pages);
     for l in &r.lost {
         let _ = writeln!(s, "    {l}");
@@ -166,7 +190,6 @@ pub fn summary(cfg: &RunConfig, r: &RunReport) -> String {
         let _ = writeln!(s, "  error: {}", error_chain(e));
     }
     let _ = writeln!(s, "{}", if r.ok() { "OK" } else { "FAILED" });
-    s
 }
 
 pub use shadow_mmu_vmm::error_chain;

@@ -582,7 +582,9 @@ fn ack_cases(backend: &'static str) -> Vec<Case> {
         rule: Some(Rule { dir: Dir::ToDest, kind: PAGES, nth: 1, act: Act::Corrupt }),
         source: &["failed"],
         dest: &["failed"],
-        source_says: Some("the destination refused the migration: its stream failed: frame checksum mismatch"),
+        source_says: Some(
+            "the destination refused the migration: its stream failed: frame checksum mismatch",
+        ),
         dest_says: Some("frame checksum mismatch"),
         ..Case::new(format!("{backend} a corrupt frame"))
     }])

@@ -12,7 +12,6 @@ use std::time::Duration;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
-use shadow_mmu_migrate::refusal::Refusal;
 use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
@@ -236,7 +235,10 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
     };
     let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
     // The source learns the destination's cause.
-    assert!(matches!(&e.error, MigrationError::Refused(Refusal::Mismatch { pages }) if *pages > 0), "{e:?}");
+    assert!(
+        matches!(&e.error, MigrationError::Refused(shadow_mmu_migrate::refusal::Refusal::Mismatch { pages }) if *pages > 0),
+        "{e:?}"
+    );
     let why = dest.join().unwrap().unwrap_err();
     assert!(why.contains("pages differ from the source's final memory"), "{why}");
     vm.stop().unwrap();

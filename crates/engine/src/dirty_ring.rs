@@ -36,12 +36,12 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use crate::spte::PAGE_SIZE;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
 pub use shadow_mmu_core::dirty_ring::{
     DIRTY_GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, KVM_DIRTY_RING_RSVD_ENTRIES,
 };
+use shadow_mmu_core::spte::PAGE_SIZE;
 
 /// Why `enable_dirty_ring` (or a ring operation) was refused. Nothing
 /// changed.

@@ -27,8 +27,8 @@ use crate::dirty_log::PAGES_PER_READ_SECTION;
 use crate::memslot::Memslot;
 use crate::mmu::MmuDesign;
 use crate::mmu::lock::MmuGuard;
-use crate::rcu::ReadGuard;
 use crate::vm::Kvm;
+use shadow_mmu_core::rcu::ReadGuard;
 
 /// What one thread's walk found, merged after the join.
 #[derive(Debug, Default, Clone, Copy)]
@@ -118,8 +118,8 @@ impl Kvm {
         walk: impl FnOnce(&mut Protector<'_, '_>, &mut ChunkTally),
     ) -> ChunkTally {
         let mut t = ChunkTally::default();
-        crate::lockdep::reset_mmu_lock_max_hold();
-        let (held_before, _) = crate::lockdep::mmu_lock_holds();
+        shadow_mmu_core::lockdep::reset_mmu_lock_max_hold();
+        let (held_before, _) = shadow_mmu_core::lockdep::mmu_lock_holds();
         match self.mmu.design {
             MmuDesign::Locked => {
                 let g = self.mmu.lock.lock();
@@ -134,7 +134,7 @@ impl Kvm {
                 walk(&mut Protector::Lockless(&mut guard, 0), &mut t);
             }
         }
-        let (held_after, max) = crate::lockdep::mmu_lock_holds();
+        let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();
         t.lock_hold_ns = held_after - held_before;
         t.lock_max_hold_ns = max;
         t

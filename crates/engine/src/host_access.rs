@@ -17,9 +17,9 @@
 use shadow_mmu_vmm::GuestAccessError;
 
 use crate::memslot::Memslot;
-use crate::spte::{PAGE_SHIFT, PAGE_SIZE};
-use crate::sync::atomic::{Ordering, fence};
 use crate::vm::Kvm;
+use shadow_mmu_core::spte::{PAGE_SHIFT, PAGE_SIZE};
+use shadow_mmu_core::sync::atomic::{Ordering, fence};
 
 impl Kvm {
     /// The slot holding all of `[gpa, gpa + words * 8)`.

@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicU64;
 
 use thiserror::Error;
 
-use crate::spte::{PAGE_SHIFT, PAGE_SIZE, WORDS_PER_PAGE};
+use shadow_mmu_core::spte::{PAGE_SHIFT, PAGE_SIZE, WORDS_PER_PAGE};
 
 /// One guest page seen as words.
 pub type PageWords = [AtomicU64; WORDS_PER_PAGE];

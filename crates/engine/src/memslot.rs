@@ -21,14 +21,14 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::dirty_bitmap::DirtyBitmap;
 use crate::memory::HostMemory;
-use crate::pte_list::PteListHead;
-use crate::spte::{
+use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
+use shadow_mmu_core::pte_list::PteListHead;
+use shadow_mmu_core::spte::{
     GFN_LIMIT, KVM_NR_PAGE_SIZES, PAGE_SHIFT, PAGE_SIZE, PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL,
     level_base_gfn, pages_per_spte,
 };
-use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use shadow_mmu_core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
 /// Number of user memslots (`KVM_USER_MEM_SLOTS` of the x86 KVM of 2013).
 pub const KVM_USER_MEM_SLOTS: u32 = 509;
@@ -502,7 +502,7 @@ impl Memslots {
             return Err(MemslotError::OutOfRange {
                 gpa: r.guest_phys_addr,
                 size: r.memory_size,
-                bits: crate::spte::GUEST_PHYS_BITS,
+                bits: shadow_mmu_core::spte::GUEST_PHYS_BITS,
             });
         }
         if let Some(old) = old {

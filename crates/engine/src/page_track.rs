@@ -15,8 +15,8 @@
 use thiserror::Error;
 
 use crate::mmu::lockless::spte_write_protect_pt;
-use crate::spte::mapping_levels;
 use crate::vm::Kvm;
+use shadow_mmu_core::spte::mapping_levels;
 
 /// Why a tracking change was refused. Nothing changed when one is returned.
 #[derive(Debug, Error, PartialEq, Eq)]

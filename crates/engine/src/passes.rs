@@ -26,13 +26,13 @@ use shadow_mmu_vmm::{
 use thiserror::Error;
 
 use crate::backend::{EngineVm, collect_engine_rings, vm_with_memory};
-use crate::spte::PAGE_SIZE;
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WORKLOAD_STATE_WORDS, WorkloadGuest, WorkloadSpec,
 };
 use crate::{DirtyRingError, MemoryError, MemslotError, VcpuError, VmError};
+use shadow_mmu_core::spte::PAGE_SIZE;
 
 /// Why the passes could not start, or ended badly.
 #[derive(Debug, Error)]

@@ -27,10 +27,12 @@
 
 use std::ptr::NonNull;
 
-use crate::pool::PoolObject;
-use crate::pte_list::PteListHead;
-use crate::spte::{PAGE_SIZE, PT_PAGE_TABLE_LEVEL, PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, pages_per_spte};
-use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use shadow_mmu_core::pool::PoolObject;
+use shadow_mmu_core::pte_list::PteListHead;
+use shadow_mmu_core::spte::{
+    PAGE_SIZE, PT_PAGE_TABLE_LEVEL, PT64_ENT_PER_PAGE, PT64_ROOT_LEVEL, pages_per_spte,
+};
+use shadow_mmu_core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// The role of a shadow page (`union kvm_mmu_page_role`), reduced to what a
 /// direct map needs, plus the guest address space it belongs to.
@@ -269,7 +271,7 @@ impl PoolObject for ShadowPage {
         for s in &self.spt {
             // Relaxed: a reader that comes too late reads it with whatever
             // ordering; the check is for the value.
-            s.store(crate::spte::SPTE_POISON, Ordering::Relaxed);
+            s.store(shadow_mmu_core::spte::SPTE_POISON, Ordering::Relaxed);
         }
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
@@ -302,10 +304,10 @@ pub(crate) unsafe trait PinsShadowPages {}
 // SAFETY: a pool returns memory only after a grace period that began after
 // the object was handed back, and a `ReadGuard`'s slot holds an epoch from
 // before any such grace period ends (rcu.rs, pool.rs).
-unsafe impl PinsShadowPages for crate::rcu::ReadGuard<'_> {}
+unsafe impl PinsShadowPages for shadow_mmu_core::rcu::ReadGuard<'_> {}
 // SAFETY: by `NeverReturned::new`'s contract, nothing is returned while it
 // lives.
-unsafe impl PinsShadowPages for crate::rcu::NeverReturned {}
+unsafe impl PinsShadowPages for shadow_mmu_core::rcu::NeverReturned {}
 
 /// A pointer to a shadow page of this VM's pool.
 ///
@@ -348,7 +350,7 @@ impl SpPtr {
     /// non-leaf entry, so its pfn is the address of a pool page.
     #[inline]
     pub(crate) unsafe fn from_nonleaf_spte(spte: u64) -> Self {
-        let addr = (crate::spte::spte_to_pfn(spte) << crate::spte::PAGE_SHIFT) as usize;
+        let addr = (shadow_mmu_core::spte::spte_to_pfn(spte) << shadow_mmu_core::spte::PAGE_SHIFT) as usize;
         // SAFETY: by the caller's contract the address is a pool page, never 0.
         Self(unsafe { NonNull::new_unchecked(addr as *mut ShadowPage) })
     }
@@ -394,7 +396,7 @@ mod tests {
         // SAFETY: `sptep` points into `sp`'s table.
         let hdr = unsafe { page_header(sptep) };
         // SAFETY: `sp` outlives the section and is never returned.
-        let pin = unsafe { crate::rcu::NeverReturned::new() };
+        let pin = unsafe { shadow_mmu_core::rcu::NeverReturned::new() };
         assert!(std::ptr::eq(hdr.get(&pin), &*sp));
         let g = sp.generation();
         sp.init(0, SpRole { level: 1, direct: true, asid: 0 });

@@ -23,10 +23,10 @@ use crate::dirty_log::{ClearDirtyLogError, DirtyLogError};
 use crate::dirty_ring::DirtyRingError;
 use crate::memslot::{MemFlags, MemslotChange, MemslotError, Memslots, UserMemoryRegion};
 use crate::mmu::{KVM_MIN_ALLOC_MMU_PAGES, Mmu, MmuDesign, MmuParams, default_max_mmu_pages};
-use crate::pool::PoolLimits;
 use crate::vcpu::Vcpu;
 use crate::vcpu::requests::{VcpuSet, VcpuShared};
 use crate::vcpu::tlb::DEFAULT_TLB_ENTRIES;
+use shadow_mmu_core::pool::PoolLimits;
 use shadow_mmu_vmm::DirtyLogProtect;
 
 /// Most vCPUs a VM may have (`KVM_MAX_VCPUS`).
@@ -74,7 +74,7 @@ pub struct VmConfig {
     pub dirty_log_protect: DirtyLogProtect,
     /// Rules to break, for tests that show they are load-bearing.
     #[cfg(feature = "break-rules")]
-    pub breakage: crate::breakage::Breakage,
+    pub breakage: shadow_mmu_core::breakage::Breakage,
 }
 
 impl Default for VmConfig {
@@ -93,7 +93,7 @@ impl Default for VmConfig {
             dirty_log_protect: DirtyLogProtect::Auto,
             harvest_threads: 1,
             #[cfg(feature = "break-rules")]
-            breakage: crate::breakage::Breakage::default(),
+            breakage: shadow_mmu_core::breakage::Breakage::default(),
         }
     }
 }
@@ -265,7 +265,7 @@ impl Vm {
             #[cfg(feature = "break-rules")]
             breakage: config.breakage,
             #[cfg(not(feature = "break-rules"))]
-            breakage: crate::breakage::Breakage::SEED,
+            breakage: shadow_mmu_core::breakage::Breakage::SEED,
         });
         let kvm = Kvm {
             dirty_log_protect: std::sync::atomic::AtomicU8::new(config.dirty_log_protect as u8),
@@ -389,7 +389,7 @@ impl Vm {
             guest_phys_addr: s.guest_phys_addr(),
             memory_size: s.memory_size(),
             memory: None,
-            memory_offset: s.host_page_index(s.base_gfn()) << crate::spte::PAGE_SHIFT,
+            memory_offset: s.host_page_index(s.base_gfn()) << shadow_mmu_core::spte::PAGE_SHIFT,
         })
     }
 
@@ -409,11 +409,11 @@ impl Vm {
     /// flushes remote TLBs (see `mmu/notifier.rs`). vCPUs fault the pages in
     /// again on their next access. Returns how many rmaps had sptes to drop.
     pub fn mmu_notifier_invalidate_range(&self, gpa: u64, size: u64) -> Result<u64, VmError> {
-        let page = crate::spte::PAGE_SIZE;
+        let page = shadow_mmu_core::spte::PAGE_SIZE;
         if !gpa.is_multiple_of(page) || !size.is_multiple_of(page) || gpa.checked_add(size).is_none() {
             return Err(VmError::BadRange { gpa, size });
         }
-        let shift = crate::spte::PAGE_SHIFT;
+        let shift = shadow_mmu_core::spte::PAGE_SHIFT;
         Ok(self.kvm.kvm_unmap_gfn_range(gpa >> shift, (gpa + size) >> shift))
     }
 
@@ -636,11 +636,11 @@ impl Kvm {
 #[cfg(all(test, feature = "break-rules", not(loom)))]
 mod tests {
     use super::*;
-    use crate::breakage::Breakage;
     use crate::guest::{GuestOp, Script};
     use crate::memory::HostMemory;
-    use crate::spte::SPTE_POISON;
-    use crate::sync::atomic::Ordering;
+    use shadow_mmu_core::breakage::Breakage;
+    use shadow_mmu_core::spte::SPTE_POISON;
+    use shadow_mmu_core::sync::atomic::Ordering;
 
     /// A lockless reader holds a pointer into a shadow page (taken from an
     /// rmap inside a read-side section) while another thread zaps every
@@ -688,7 +688,8 @@ mod tests {
         zapper.join().unwrap();
         // SAFETY: the pointer is into type-stable shadow page memory, which the
         // grace period (or, in this build, the poisoned leak) keeps allocated.
-        let spte = unsafe { &*(sptep as *const crate::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
+        let spte =
+            unsafe { &*(sptep as *const shadow_mmu_core::sync::atomic::AtomicU64) }.load(Ordering::Relaxed);
         drop(guard);
         drop(vcpu);
         spte == SPTE_POISON

@@ -32,9 +32,9 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 
 use crate::guest::{GuestCode, GuestOp};
-use crate::spte::{PAGE_SHIFT, WORDS_PER_PAGE};
-use crate::sync::Backoff;
-use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use shadow_mmu_core::spte::{PAGE_SHIFT, WORDS_PER_PAGE};
+use shadow_mmu_core::sync::Backoff;
+use shadow_mmu_core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Hypercall code: the workload stopped because the host asked.
 pub const HC_STOP: u64 = 1;
@@ -42,7 +42,7 @@ pub const HC_STOP: u64 = 1;
 pub const HC_PASS_DONE: u64 = 2;
 
 /// `seen` value of a parked vCPU.
-pub const PARKED: u64 = u64::MAX;
+pub(crate) const PARKED: u64 = u64::MAX;
 
 /// Bits of a value holding the sequence number.
 const SEQ_BITS: u32 = 32;
@@ -156,7 +156,7 @@ impl GuestControl {
 
     /// Raises the iteration to at least `n`, for guests that continue a
     /// migrated workload (`WorkloadGuest::restore`), before any vCPU runs.
-    pub fn raise_iteration(&self, n: u64) {
+    pub(crate) fn raise_iteration(&self, n: u64) {
         // SeqCst: as `cut`'s store (the host's cuts come later, ordered by
         // the release that lets the vCPUs run).
         self.iteration.fetch_max(n, Ordering::SeqCst);
@@ -173,12 +173,6 @@ impl GuestControl {
     pub fn stop_requested(&self) -> bool {
         // Relaxed: see `request_stop`.
         self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Undoes [`Self::request_stop`], to run the guests again.
-    pub fn clear_stop(&self) {
-        // Relaxed: see `request_stop`.
-        self.stop.store(false, Ordering::Relaxed);
     }
 
     /// Marks vCPU `vcpu` parked, for a vCPU thread that stopped running its
@@ -236,7 +230,7 @@ pub struct WorkloadGuest {
 }
 
 /// Words of a [`WorkloadGuest`]'s saved state.
-pub const WORKLOAD_STATE_WORDS: usize = 7;
+pub(crate) const WORKLOAD_STATE_WORDS: usize = 7;
 
 impl WorkloadGuest {
     /// vCPU `vcpu` of `vcpus`, on the guest pages `[base_gfn, base_gfn+npages)`.

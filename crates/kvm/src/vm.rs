@@ -42,7 +42,6 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use shadow_mmu_core::spte::PAGE_SIZE;
 
 use crate::error::{BadConfig, KvmError, Unavailable, UnexpectedExit};
-use crate::guest::Program;
 use crate::ioctls;
 
 /// Memslot of guest code and control tables.
@@ -708,16 +707,6 @@ impl Vcpu {
             };
             let eip = self.fd.get_regs().map(|r| r.rip).map_err(|e| e.errno());
             return Ok(GuestExit::Other { exit, eip });
-        }
-    }
-
-    /// `KVM_RUN` until the guest, running `program`, makes a ucall; returns
-    /// its code. Any other exit is an [`UnexpectedExit::Exit`] naming it
-    /// (with the guest's eip where it has one).
-    pub fn run_to_ucall(&mut self, program: Program) -> Result<u8, KvmError> {
-        match self.run()? {
-            GuestExit::Ucall(code) => Ok(code),
-            exit => Err(UnexpectedExit::Exit { vcpu: self.id, program, exit }.into()),
         }
     }
 

@@ -471,15 +471,11 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let pages = vm.pages();
         let vcpus = vm.vcpu_gate().vcpus() as usize;
         let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
-        // The digest of each page as loaded (its CRC, checked as the frame
-        // was read), so that the final check only compares.
-        let mut loaded: Vec<Option<u64>> = vec![None; pages as usize];
+        let mut loader = Loader::new(pages);
         let mut frames = FrameReader::borrowing();
         let mut mismatched = 0u64;
         let mut verify: Option<Duration> = None;
-        let mut words = Vec::new();
         let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
-        let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
         loop {
             let f = frames
                 .read(&mut self.reader, header.page_size)
@@ -496,38 +492,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                         return Err(IncomingError::Refused(Refusal::PagesAfterDigests));
                     }
                     // Straight from the reader's buffer (a borrowing reader).
-                    words.clear();
-                    words.extend(
-                        frames
-                            .pages_data()
-                            .chunks_exact(8)
-                            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-                    );
-                    let mut next = 0;
-                    for x in &ranges {
-                        let n = x.pages as usize * WORDS_PER_PAGE;
-                        let offset = x.first * PAGE_SIZE;
-                        if x.zero {
-                            for chunk in (0..n).step_by(zeros.len()) {
-                                let len = zeros.len().min(n - chunk);
-                                vm.write_guest(offset + chunk as u64 * 8, &zeros[..len])?;
-                            }
-                            for p in x.first..x.first + u64::from(x.pages) {
-                                loaded[p as usize] = Some(zero_page_digest(p));
-                            }
-                            stats.duplicate_pages += u64::from(x.pages);
-                        } else {
-                            vm.write_guest(offset, &words[next..next + n])?;
-                            // The page CRCs the reader checked are the
-                            // digests of what was loaded.
-                            let crcs = &frames.page_crcs()[next / WORDS_PER_PAGE..][..x.pages as usize];
-                            for (p, &c) in (x.first..).zip(crcs) {
-                                loaded[p as usize] = Some(digest_of(p, c));
-                            }
-                            next += n;
-                            stats.normal_pages += u64::from(x.pages);
-                        }
-                    }
+                    loader.load(&mut **vm, &ranges, frames.pages_data(), frames.page_crcs(), stats)?;
                 }
                 Frame::Digest { slot, first, digests: d } => {
                     let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
@@ -543,7 +508,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                     let t = Instant::now();
                     for (i, v) in d.into_iter().enumerate() {
                         let p = first + i as u64;
-                        mismatched += u64::from(loaded[p as usize] != Some(v));
+                        mismatched += u64::from(loader.loaded[p as usize] != Some(v));
                         digests[p as usize] = Some(v);
                     }
                     *verify.get_or_insert(Duration::ZERO) += t.elapsed();
@@ -664,6 +629,65 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                 return;
             }
         }
+    }
+}
+
+/// Loads `Pages` frames into the VM, keeping the digest of each page as
+/// loaded (its CRC, checked as the frame was read) so that the final check
+/// only compares.
+struct Loader {
+    /// Per page, its digest as loaded.
+    loaded: Vec<Option<u64>>,
+    /// A frame's data as words.
+    words: Vec<u64>,
+    /// Zeros to write a zero range with, a frame's worth at most.
+    zeros: Vec<u64>,
+}
+
+impl Loader {
+    fn new(pages: u64) -> Self {
+        let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
+        Self { loaded: vec![None; pages as usize], words: Vec::new(), zeros }
+    }
+
+    /// Writes `ranges` into `vm`: a zero range as zeros, a data range from
+    /// `data` (its pages in order, `crcs` their checked CRCs).
+    fn load<V: MigrationVm + ?Sized>(
+        &mut self,
+        vm: &mut V,
+        ranges: &[PageRange],
+        data: &[u8],
+        crcs: &[u32],
+        stats: &mut IncomingStats,
+    ) -> Result<(), IncomingError> {
+        self.words.clear();
+        self.words.extend(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
+        let mut next = 0;
+        for x in ranges {
+            let n = x.pages as usize * WORDS_PER_PAGE;
+            let offset = x.first * PAGE_SIZE;
+            if x.zero {
+                for chunk in (0..n).step_by(self.zeros.len()) {
+                    let len = self.zeros.len().min(n - chunk);
+                    vm.write_guest(offset + chunk as u64 * 8, &self.zeros[..len])?;
+                }
+                for p in x.first..x.first + u64::from(x.pages) {
+                    self.loaded[p as usize] = Some(zero_page_digest(p));
+                }
+                stats.duplicate_pages += u64::from(x.pages);
+            } else {
+                vm.write_guest(offset, &self.words[next..next + n])?;
+                // The page CRCs the reader checked are the digests of what
+                // was loaded.
+                let crcs = &crcs[next / WORDS_PER_PAGE..][..x.pages as usize];
+                for (p, &c) in (x.first..).zip(crcs) {
+                    self.loaded[p as usize] = Some(digest_of(p, c));
+                }
+                next += n;
+                stats.normal_pages += u64::from(x.pages);
+            }
+        }
+        Ok(())
     }
 }
 

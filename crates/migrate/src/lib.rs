@@ -7,7 +7,7 @@
 //! - [`stream`]: the wire format, a versioned sequence of length-prefixed,
 //!   checksummed frames that a hostile peer cannot make us allocate beyond
 //!   [`stream::MAX_FRAME_BYTES`] for;
-//! - [`link`]: a connection that gives up on a silent peer within the
+//! - `link`: a connection that gives up on a silent peer within the
 //!   progress timeout (deadlines, keepalive, heartbeats);
 //! - [`handover`]: which side runs the guest at the end: the two state
 //!   machines of the point of no return, model-checked;
@@ -25,7 +25,7 @@ use shadow_mmu_vmm::{DirtyLog, GuestMemory, HarvestProbe, VcpuControl};
 
 pub mod dest;
 pub mod handover;
-pub mod link;
+pub(crate) mod link;
 pub mod ranges;
 pub mod refusal;
 pub mod source;

@@ -54,14 +54,15 @@ pub fn dirty_ranges(bitmap: &[u64], first_page: u64, memory: &[AtomicU64], max_p
 }
 
 /// The bytes of the data pages of `ranges`, in order (little-endian words).
-pub fn range_data(ranges: &[PageRange], memory: &[AtomicU64]) -> Vec<u8> {
+#[cfg(test)]
+pub(crate) fn range_data(ranges: &[PageRange], memory: &[AtomicU64]) -> Vec<u8> {
     let mut data = Vec::new();
     append_range_data(ranges, memory, &mut data);
     data
 }
 
 /// Appends [`range_data`] to `out` (a frame's payload being built).
-pub fn append_range_data(ranges: &[PageRange], memory: &[AtomicU64], out: &mut Vec<u8>) {
+pub(crate) fn append_range_data(ranges: &[PageRange], memory: &[AtomicU64], out: &mut Vec<u8>) {
     let pages: u64 = ranges.iter().filter(|r| !r.zero).map(|r| u64::from(r.pages)).sum();
     let start = out.len();
     out.resize(start + pages as usize * WORDS_PER_PAGE * 8, 0);

@@ -550,75 +550,9 @@ impl Frame {
         let kind = Kind::from_u8(byte).ok_or(StreamError::UnknownKind(byte))?;
         let mut c = Cursor { b: body, kind: kind.name() };
         let f = match kind {
-            Kind::Header => {
-                if c.take(8)? != MAGIC {
-                    return Err(StreamError::BadMagic);
-                }
-                let version = c.u32()?;
-                if version != VERSION {
-                    return Err(StreamError::Version { got: version });
-                }
-                let page_size = c.u32()?;
-                let backend = c.string()?;
-                let config = c.string()?;
-                let slots = c.slots()?;
-                let (id, progress_timeout_ms, settle_ms) = (c.u64()?, c.u32()?, c.u32()?);
-                Frame::Header(Header {
-                    version,
-                    page_size,
-                    backend,
-                    config,
-                    slots,
-                    id,
-                    progress_timeout_ms,
-                    settle_ms,
-                })
-            }
+            Kind::Header => Frame::Header(c.header()?),
             Kind::Round => Frame::Round { round: c.u32()? },
-            Kind::Pages => {
-                if page_size == 0 {
-                    return Err(c.bad(Malformation::NoPageSize));
-                }
-                let slot = c.u32()?;
-                let n = c.count(RANGE_RECORD_BYTES)?;
-                let mut ranges = Vec::with_capacity(n);
-                let mut data_pages = 0u64;
-                for _ in 0..n {
-                    let r = PageRange { first: c.u64()?, pages: c.u32()?, zero: c.flag()? };
-                    if r.pages == 0 {
-                        return Err(c.bad(Malformation::EmptyRange));
-                    }
-                    if !r.zero {
-                        data_pages += u64::from(r.pages);
-                    }
-                    ranges.push(r);
-                }
-                if c.u32()? as u64 != data_pages {
-                    return Err(c.bad(Malformation::PageCount));
-                }
-                let crcs = c.take(data_pages as usize * 4)?;
-                let bytes = std::mem::take(&mut c.b);
-                if bytes.len() as u64 != data_pages * u64::from(page_size) {
-                    let why = Malformation::DataLength { bytes: bytes.len(), pages: data_pages, page_size };
-                    return Err(c.bad(why));
-                }
-                // The data's own checksums (the frame's covers the rest).
-                page_crcs.clear();
-                let pages =
-                    ranges.iter().filter(|r| !r.zero).flat_map(|r| r.first..r.first + u64::from(r.pages));
-                for ((want, got), p) in
-                    crcs.chunks_exact(4).zip(bytes.chunks_exact(page_size as usize)).zip(pages)
-                {
-                    let want = u32::from_le_bytes(want.try_into().expect("4 bytes"));
-                    let got = crc32c::crc32c(got);
-                    if want != got {
-                        return Err(StreamError::PageChecksum { page: p, expected: want, got });
-                    }
-                    page_crcs.push(got);
-                }
-                let data = if copy_data { bytes.to_vec() } else { Vec::new() };
-                Frame::Pages { slot, ranges, data }
-            }
+            Kind::Pages => c.pages(page_size, copy_data, page_crcs)?,
             Kind::Digest => {
                 let slot = c.u32()?;
                 let first = c.u64()?;
@@ -779,6 +713,73 @@ impl<'a> Cursor<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| self.bad(Malformation::NotUtf8))
     }
 
+    /// A [`Header`]'s body: the magic, the version (only ours), the rest.
+    fn header(&mut self) -> Result<Header, StreamError> {
+        if self.take(8)? != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        let version = self.u32()?;
+        if version != VERSION {
+            return Err(StreamError::Version { got: version });
+        }
+        let page_size = self.u32()?;
+        let backend = self.string()?;
+        let config = self.string()?;
+        let slots = self.slots()?;
+        let (id, progress_timeout_ms, settle_ms) = (self.u64()?, self.u32()?, self.u32()?);
+        Ok(Header { version, page_size, backend, config, slots, id, progress_timeout_ms, settle_ms })
+    }
+
+    /// A `Pages` body of `page_size`-byte pages: the ranges, the page CRCs
+    /// (each checked against its page's bytes, and kept in `page_crcs`),
+    /// the data (copied into the frame with `copy_data`).
+    fn pages(
+        &mut self,
+        page_size: u32,
+        copy_data: bool,
+        page_crcs: &mut Vec<u32>,
+    ) -> Result<Frame, StreamError> {
+        if page_size == 0 {
+            return Err(self.bad(Malformation::NoPageSize));
+        }
+        let slot = self.u32()?;
+        let n = self.count(RANGE_RECORD_BYTES)?;
+        let mut ranges = Vec::with_capacity(n);
+        let mut data_pages = 0u64;
+        for _ in 0..n {
+            let r = PageRange { first: self.u64()?, pages: self.u32()?, zero: self.flag()? };
+            if r.pages == 0 {
+                return Err(self.bad(Malformation::EmptyRange));
+            }
+            if !r.zero {
+                data_pages += u64::from(r.pages);
+            }
+            ranges.push(r);
+        }
+        if self.u32()? as u64 != data_pages {
+            return Err(self.bad(Malformation::PageCount));
+        }
+        let crcs = self.take(data_pages as usize * 4)?;
+        let bytes = std::mem::take(&mut self.b);
+        if bytes.len() as u64 != data_pages * u64::from(page_size) {
+            let why = Malformation::DataLength { bytes: bytes.len(), pages: data_pages, page_size };
+            return Err(self.bad(why));
+        }
+        // The data's own checksums (the frame's covers the rest).
+        page_crcs.clear();
+        let pages = ranges.iter().filter(|r| !r.zero).flat_map(|r| r.first..r.first + u64::from(r.pages));
+        for ((want, got), p) in crcs.chunks_exact(4).zip(bytes.chunks_exact(page_size as usize)).zip(pages) {
+            let want = u32::from_le_bytes(want.try_into().expect("4 bytes"));
+            let got = crc32c::crc32c(got);
+            if want != got {
+                return Err(StreamError::PageChecksum { page: p, expected: want, got });
+            }
+            page_crcs.push(got);
+        }
+        let data = if copy_data { bytes.to_vec() } else { Vec::new() };
+        Ok(Frame::Pages { slot, ranges, data })
+    }
+
     fn slots(&mut self) -> Result<Vec<SlotLayout>, StreamError> {
         let n = self.count(SLOT_RECORD_BYTES)?;
         let mut slots = Vec::with_capacity(n);
@@ -842,7 +843,7 @@ impl FrameWriter {
     /// Writes a [`Frame::Pages`] of `ranges` of slot `slot`, its data read
     /// straight from `memory` into the frame (no copy between): the same
     /// bytes as `write` of the frame with [`crate::ranges::range_data`].
-    pub fn write_pages(
+    pub(crate) fn write_pages(
         &mut self,
         w: &mut impl Write,
         slot: u32,
@@ -987,13 +988,13 @@ impl FrameReader {
     /// A reader whose `Pages` frames come with empty `data`: their bytes
     /// stay in its buffer, for [`Self::pages_data`] (one copy less for a
     /// destination that stores them straight into guest memory).
-    pub fn borrowing() -> Self {
+    pub(crate) fn borrowing() -> Self {
         Self { borrow: true, ..Self::default() }
     }
 
     /// The data of the last frame read, if it was `Pages` (its bytes in the
     /// payload, after the page CRCs); empty otherwise.
-    pub fn pages_data(&self) -> &[u8] {
+    pub(crate) fn pages_data(&self) -> &[u8] {
         let n = self.page_crcs.len() * self.page_size;
         match self.payload.first() {
             Some(&k) if k == Kind::Pages as u8 && self.payload.len() >= n => {
@@ -1005,7 +1006,7 @@ impl FrameReader {
 
     /// The CRC-32C of each data page of the last `Pages` frame read, in
     /// order (checked against the frame's).
-    pub fn page_crcs(&self) -> &[u32] {
+    pub(crate) fn page_crcs(&self) -> &[u32] {
         &self.page_crcs
     }
 }

@@ -34,7 +34,7 @@ use thiserror::Error;
 
 use crate::oracle::{CollectStats, LostWrite, Oracle};
 use shadow_mmu_core::dirty_bitmap::bitmap_words;
-use shadow_mmu_core::spte::PAGE_SIZE;
+use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
 use shadow_mmu_engine::audit::{AuditError, AuditOptions, AuditReport};
 use shadow_mmu_engine::dirty_log::{ClearDirtyLogError, DirtyLogError};
 use shadow_mmu_engine::dirty_ring::DirtyRingError;
@@ -546,6 +546,60 @@ pub fn run(
     mut on_collection: impl FnMut(u64, &CollectStats),
 ) -> Result<RunReport, HarnessError> {
     cfg.validate()?;
+    let (vm, mem) = build_vm(cfg)?;
+    if let Some(ring) = cfg.harvest.ring() {
+        vm.enable_dirty_ring(ring.bytes())?;
+    }
+    let ctl = GuestControl::new(cfg.vcpus);
+    let mut vcpus = spawn_vcpus(&vm, cfg, cfg.guest_bytes / PAGE_SIZE, &ctl)?;
+    let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
+    std::thread::sleep(cfg.warmup);
+
+    // Collection 0: enable dirty logging, bulk copy.
+    let mut c = Collector::new(&vm, &mem, cfg);
+    let mut report = RunReport::default();
+    ctl.cut();
+    let start = Instant::now();
+    c.enable_logging()?;
+    report.enable_logging_ns = start.elapsed().as_nanos() as u64;
+    let notifier =
+        cfg.invalidate_every.map(|every| Notifier::start(&vm, cfg.guest_bytes, every, cfg.workload.seed));
+    while start.elapsed() < cfg.duration && cfg.max_collections.is_none_or(|m| report.collections < m) {
+        std::thread::sleep(cfg.interval);
+        let st = c.collect(ctl.cut(), &mut report)?;
+        on_collection(report.collections - 1, &st);
+        if st.lost_pages > 0 || st.stray_bits > 0 {
+            break;
+        }
+        if cfg.relog_every.is_some_and(|n| report.collections.is_multiple_of(n)) {
+            c.relog(&ctl)?;
+            report.relogs += 1;
+        }
+    }
+
+    // The vCPUs stop; the last collection and the audit.
+    if let Some(n) = notifier {
+        n.stop(&mut report);
+    }
+    let (vcpu_stats, errors) = vcpus.stop();
+    report.vcpu = vcpu_stats;
+    report.errors.extend(errors);
+    if let Some(churn) = churn {
+        churn.stop(&mut report);
+    }
+    match vm.audit(AuditOptions { dirty_log: true }) {
+        Ok(a) => report.audit = a,
+        Err(e) => report.errors.push(RunError::Audit(e)),
+    }
+    c.finish(&mut report)?;
+    report.elapsed = start.elapsed();
+    report.lost = c.oracles.iter().flat_map(|o| o.lost().iter().cloned()).collect();
+    report.vm = vm.stats();
+    Ok(report)
+}
+
+/// The VM `cfg` describes: its memory split among `cfg.slots` memslots.
+fn build_vm(cfg: &RunConfig) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
     let vm = Vm::new(VmConfig {
         mmu: cfg.mmu,
         fast_page_fault: cfg.fast_page_fault,
@@ -572,105 +626,101 @@ pub fn run(
             memory_offset: u64::from(i) * slot_bytes,
         })?;
     }
-    let npages = cfg.guest_bytes / PAGE_SIZE;
-    let slot_pages = slot_bytes / PAGE_SIZE;
-    let slots = 0..cfg.slots;
-    // Slot `i`'s words of guest memory.
-    let words = |i: u32| {
-        let w = slot_pages as usize * shadow_mmu_core::spte::WORDS_PER_PAGE;
-        &mem.words()[i as usize * w..(i as usize + 1) * w]
-    };
-    if let Some(ring) = cfg.harvest.ring() {
-        vm.enable_dirty_ring(ring.bytes())?;
-    }
-    let ctl = GuestControl::new(cfg.vcpus);
-    let mut vcpus = spawn_vcpus(&vm, cfg, npages, &ctl)?;
-    let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
-    std::thread::sleep(cfg.warmup);
+    Ok((vm, mem))
+}
 
-    let mut report = RunReport::default();
-    let mut oracles: Vec<Oracle> =
-        slots.clone().map(|i| Oracle::new(u64::from(i) * slot_pages, slot_pages)).collect();
-    let mut bitmaps = vec![vec![0u64; bitmap_words(slot_pages)]; cfg.slots as usize];
+/// The harvests of a run and their checks: one oracle and one bitmap per
+/// slot.
+struct Collector<'a> {
+    vm: &'a Vm,
+    mem: &'a HostMemory,
+    cfg: &'a RunConfig,
+    slot_pages: u64,
+    oracles: Vec<Oracle>,
+    bitmaps: Vec<Vec<u64>>,
+}
 
-    // Collection 0: enable dirty logging, bulk copy.
-    ctl.cut();
-    let start = Instant::now();
-    for i in slots.clone() {
-        vm.enable_dirty_logging(i)?;
+impl<'a> Collector<'a> {
+    fn new(vm: &'a Vm, mem: &'a HostMemory, cfg: &'a RunConfig) -> Self {
+        let slot_pages = cfg.guest_bytes / u64::from(cfg.slots) / PAGE_SIZE;
+        let oracles = (0..cfg.slots).map(|i| Oracle::new(u64::from(i) * slot_pages, slot_pages)).collect();
+        let bitmaps = vec![vec![0u64; bitmap_words(slot_pages)]; cfg.slots as usize];
+        Self { vm, mem, cfg, slot_pages, oracles, bitmaps }
     }
-    report.enable_logging_ns = start.elapsed().as_nanos() as u64;
-    for i in slots.clone() {
-        oracles[i as usize].full_copy(words(i));
-    }
-    let notifier =
-        cfg.invalidate_every.map(|every| Notifier::start(&vm, cfg.guest_bytes, every, cfg.workload.seed));
 
-    let accumulate = |report: &mut RunReport, st: &CollectStats| {
-        report.harvested_pages += st.dirty_pages;
-        report.dirty_unchanged += st.dirty_unchanged;
-        report.lost_pages += st.lost_pages;
-        report.stray_bits += st.stray_bits;
-    };
-    while start.elapsed() < cfg.duration && cfg.max_collections.is_none_or(|m| report.collections < m) {
-        std::thread::sleep(cfg.interval);
-        let cut = ctl.cut();
+    /// Slot `i`'s words of guest memory.
+    fn words(&self, i: u32) -> &'a [std::sync::atomic::AtomicU64] {
+        let w = self.slot_pages as usize * WORDS_PER_PAGE;
+        &self.mem.words()[i as usize * w..(i as usize + 1) * w]
+    }
+
+    /// Logging on in every slot, and each oracle's bulk copy.
+    fn enable_logging(&mut self) -> Result<(), HarnessError> {
+        for i in 0..self.cfg.slots {
+            self.vm.enable_dirty_logging(i)?;
+        }
+        for i in 0..self.cfg.slots {
+            let words = self.words(i);
+            self.oracles[i as usize].full_copy(words);
+        }
+        Ok(())
+    }
+
+    /// One harvest, checked by the oracles against the guest's writes up
+    /// to `cut`.
+    fn collect(&mut self, cut: u64, report: &mut RunReport) -> Result<CollectStats, HarnessError> {
+        let harvest_ns = harvest_slots(self.vm, &self.cfg.harvest, &mut self.bitmaps)?;
         let mut st = CollectStats::default();
-        let mut harvest_ns = 0;
-        harvest_ns += harvest_slots(&vm, &cfg.harvest, &mut bitmaps)?;
-        for i in slots.clone() {
-            st += oracles[i as usize].collect(words(i), &bitmaps[i as usize], cut);
+        for i in 0..self.cfg.slots {
+            let words = self.words(i);
+            st += self.oracles[i as usize].collect(words, &self.bitmaps[i as usize], cut);
         }
         report.get_dirty_log_ns.push(harvest_ns);
-        on_collection(report.collections, &st);
         report.collections += 1;
-        accumulate(&mut report, &st);
-        if st.lost_pages > 0 || st.stray_bits > 0 {
-            break;
-        }
-        if cfg.relog_every.is_some_and(|n| report.collections.is_multiple_of(n)) {
-            // Logging off for an interval, with the vCPUs running (faults now
-            // map writable and large pages again, and the fast path fixes
-            // read-only sptes without marking), then on again: the oracle's
-            // copy starts over, as a migration that restarts does.
-            for i in slots.clone() {
-                vm.disable_dirty_logging(i)?;
-            }
-            std::thread::sleep(cfg.interval);
-            ctl.cut();
-            for i in slots.clone() {
-                vm.enable_dirty_logging(i)?;
-                oracles[i as usize].full_copy(words(i));
-            }
-            report.relogs += 1;
-        }
+        report.accumulate(&st);
+        Ok(st)
     }
 
-    if let Some(n) = notifier {
-        n.stop(&mut report);
+    /// Logging off for an interval, with the vCPUs running (faults now map
+    /// writable and large pages again, and the fast path fixes read-only
+    /// sptes without marking), then on again: the oracle's copy starts
+    /// over, as a migration that restarts does.
+    fn relog(&mut self, ctl: &GuestControl) -> Result<(), HarnessError> {
+        for i in 0..self.cfg.slots {
+            self.vm.disable_dirty_logging(i)?;
+        }
+        std::thread::sleep(self.cfg.interval);
+        ctl.cut();
+        for i in 0..self.cfg.slots {
+            self.vm.enable_dirty_logging(i)?;
+            let words = self.words(i);
+            self.oracles[i as usize].full_copy(words);
+        }
+        Ok(())
     }
-    let (vcpu_stats, errors) = vcpus.stop();
-    report.vcpu = vcpu_stats;
-    report.errors.extend(errors);
-    if let Some(churn) = churn {
-        churn.stop(&mut report);
+
+    /// The last harvest, with every vCPU stopped: every write is reported.
+    fn finish(&mut self, report: &mut RunReport) -> Result<(), HarnessError> {
+        let harvest_ns = harvest_slots(self.vm, &self.cfg.harvest, &mut self.bitmaps)?;
+        let mut st = CollectStats::default();
+        for i in 0..self.cfg.slots {
+            let words = self.words(i);
+            st += self.oracles[i as usize].finish(words, &self.bitmaps[i as usize]);
+        }
+        report.get_dirty_log_ns.push(harvest_ns);
+        report.accumulate(&st);
+        Ok(())
     }
-    match vm.audit(AuditOptions { dirty_log: true }) {
-        Ok(a) => report.audit = a,
-        Err(e) => report.errors.push(RunError::Audit(e)),
+}
+
+impl RunReport {
+    /// Adds a collection's counts.
+    fn accumulate(&mut self, st: &CollectStats) {
+        self.harvested_pages += st.dirty_pages;
+        self.dirty_unchanged += st.dirty_unchanged;
+        self.lost_pages += st.lost_pages;
+        self.stray_bits += st.stray_bits;
     }
-    let mut st = CollectStats::default();
-    let mut harvest_ns = 0;
-    harvest_ns += harvest_slots(&vm, &cfg.harvest, &mut bitmaps)?;
-    for i in slots.clone() {
-        st += oracles[i as usize].finish(words(i), &bitmaps[i as usize]);
-    }
-    report.get_dirty_log_ns.push(harvest_ns);
-    accumulate(&mut report, &st);
-    report.elapsed = start.elapsed();
-    report.lost = oracles.iter().flat_map(|o| o.lost().iter().cloned()).collect();
-    report.vm = vm.stats();
-    Ok(report)
 }
 
 /// One harvest of slots `0..bitmaps.len()` by `spec`, into one bitmap

@@ -18,6 +18,7 @@ use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
+use shadow_mmu_migrate::stats::MigrationStats;
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
@@ -143,35 +144,165 @@ fn spawn_destination(
     Ok((child, addr.to_string()))
 }
 
-pub fn main(a: &MigrateArgs) -> BenchResult {
-    let mut combos = Vec::new();
-    for &backend in &a.backend {
-        let mmus: Vec<MmuDesign> = match backend {
-            BackendKind::Engine => a.mmu.clone(),
-            BackendKind::Kvm => a.mmu.first().copied().into_iter().collect(),
-        };
-        for &mmu in &mmus {
-            for &log in &a.dirty_log {
-                for &threads in &a.harvest_threads {
-                    if backend == BackendKind::Kvm && threads > 1 {
-                        continue;
-                    }
-                    for &mib in &a.guest_mib {
-                        for &rate in &a.dirty_rate_mibps {
-                            combos.push((backend, mmu, log, threads, mib, rate));
+/// One migration of the sweep.
+#[derive(Debug, Clone, Copy)]
+struct Combo {
+    backend: BackendKind,
+    mmu: MmuDesign,
+    log: DirtyLogInterface,
+    threads: u32,
+    mib: u64,
+    rate: Rate,
+}
+
+impl Combo {
+    /// Every combination `a` asks for (KVM: one design, one harvest thread).
+    fn all(a: &MigrateArgs) -> Vec<Combo> {
+        let mut combos = Vec::new();
+        for &backend in &a.backend {
+            let mmus: Vec<MmuDesign> = match backend {
+                BackendKind::Engine => a.mmu.clone(),
+                BackendKind::Kvm => a.mmu.first().copied().into_iter().collect(),
+            };
+            for &mmu in &mmus {
+                for &log in &a.dirty_log {
+                    // More than one harvest thread: the engine only.
+                    let threads =
+                        a.harvest_threads.iter().filter(|&&t| backend == BackendKind::Engine || t == 1);
+                    for &threads in threads {
+                        for &mib in &a.guest_mib {
+                            for &rate in &a.dirty_rate_mibps {
+                                combos.push(Combo { backend, mmu, log, threads, mib, rate });
+                            }
                         }
                     }
                 }
             }
         }
+        combos
     }
-    let bar = Progress::new(combos.len() as u64, "migrations");
-    let mut raw = std::collections::BTreeMap::new();
-    for &mib in &a.guest_mib {
-        let t = raw_copy(mib << 20)?;
-        bar.line(format!("raw loopback TCP copy of {mib} MiB: {:.1} ms", t.as_secs_f64() * 1e3));
-        raw.insert(mib, t);
+
+    fn label(&self) -> String {
+        match self.backend {
+            BackendKind::Engine if self.threads > 1 => {
+                format!("engine {}, {} x{}", self.mmu, self.log, self.threads)
+            }
+            BackendKind::Engine => format!("engine {}, {}", self.mmu, self.log),
+            BackendKind::Kvm => format!("kvm, {}", self.log),
+        }
     }
+
+    fn description(&self, a: &MigrateArgs) -> VmDescription {
+        VmDescription {
+            backend: self.backend,
+            mmu: self.mmu.to_string(),
+            fast_page_fault: true,
+            dirty_log: self.log.to_string(),
+            initially_set: a.knobs.initially_set && self.log == DirtyLogInterface::Clear,
+            ring_entries: a.knobs.ring_entries,
+            harvest_threads: self.threads,
+            clear_chunk_pages: a.knobs.clear_chunk_pages,
+            vcpus: a.vcpus,
+            guest_bytes: self.mib << 20,
+            random: false,
+            write_pct: 100,
+            seed: 1,
+            dirty_rate: self.rate.0.map(|r| r << 20),
+        }
+    }
+}
+
+/// What one migration measured, at both ends.
+struct Measured {
+    stats: MigrationStats,
+    error: Option<String>,
+    /// The destination's JSON (null if it wrote none).
+    dest: serde_json::Value,
+    /// The destination's exit, and what it said on stderr.
+    dest_ok: bool,
+    dest_stderr: String,
+    baseline_pass_ns: u64,
+    /// Bytes a pass writes.
+    pass_bytes: f64,
+    passes_during: u64,
+    /// Passes the guest would have made without the migration.
+    expected: f64,
+    /// `passes_during` over `expected`, when 5 or more were expected.
+    fraction: Option<f64>,
+    /// vCPU write-fault p99 during harvests.
+    p99: Option<u64>,
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Boots the guest, times a pass without a migration, migrates it to a
+/// destination process of its own (which writes `dest_json`).
+fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> BenchResult<Measured> {
+    let desc = c.description(a);
+    let mut vm = desc.boot()?;
+    // The guest's speed without a migration: two passes flat out, the
+    // longest of the vCPUs' last.
+    let p = vm.passes_done();
+    vm.release(p + 2);
+    let baseline_pass_ns = vm.wait_passes(p + 1).map_err(|e| error_chain(&e))?;
+    let (child, addr) = spawn_destination(a.run_after_ms, dest_json)?;
+    let params = OutgoingParams {
+        downtime_limit: Duration::from_millis(a.downtime_limit_ms),
+        timeout: Some(Duration::from_secs(a.timeout_s)),
+        auto_converge: a.auto_converge,
+        clear_chunk_pages: desc.clear_chunk_pages,
+        ..OutgoingParams::default()
+    };
+    let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
+    let header = desc.header(vm.as_ref())?;
+    let p0 = vm.passes_done();
+    let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut pacing);
+    let passes_during = vm.passes_done() - p0;
+    let extras = vm.stop().map_err(|e| error_chain(&e))?;
+    let out = child.wait_with_output()?;
+    let dest: serde_json::Value = std::fs::read_to_string(dest_json)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let (stats, error) = match r {
+        Outcome::Completed(s) => (*s, None),
+        Outcome::RunsOn(f) => (*f.stats, Some(error_chain(&f.error))),
+        // Here the destination is our child: it said what it did; the
+        // source's paused copy goes with the VM's stop.
+        Outcome::Unsettled(u) => {
+            let e = u.stats().error.clone();
+            (*u.discard(), e)
+        }
+    };
+    // The passes the guest made while migrating, against those it would
+    // have made without: as many as the rate released, at most as many as
+    // its speed allows. Fewer than 5 expected is too coarse to say.
+    let secs = stats.total_time_ms / 1e3;
+    let by_speed = secs * 1e9 / baseline_pass_ns.max(1) as f64;
+    let expected = desc.dirty_rate.map_or(by_speed, |r| by_speed.min(secs * r as f64 / desc.pass_bytes()));
+    let p99 = extras
+        .latency
+        .as_ref()
+        .filter(|(harvest, _)| harvest.count() > 0)
+        .map(|(harvest, _)| harvest.quantile_ns(0.99));
+    Ok(Measured {
+        stats,
+        error,
+        dest,
+        dest_ok: out.status.success(),
+        dest_stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        baseline_pass_ns,
+        pass_bytes: desc.pass_bytes(),
+        passes_during,
+        expected,
+        fraction: (expected >= 5.0).then(|| passes_during as f64 / expected),
+        p99,
+        details: extras.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect(),
+    })
+}
+
+/// The table's head and its legend.
+fn table_head(bar: &Progress) {
     bar.line(format!(
         "{:<26} {:>5} {:>5} {:>8} {:>7} {:>6} {:>7} {:>8} {:>6} {:>8} {:>6} {:>6} {:>9} {:>6} {:>4} {:>4}",
         "backend, design, log",
@@ -197,132 +328,82 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
          it would have made without, by its rate and its speed (-: fewer than 5 expected, too coarse); \
          fault p99: vCPU write faults that met a harvest)",
     );
+}
+
+/// One migration's row of the table and its JSON record; whether it
+/// passed (completed, every page matched, none lost after the resume).
+fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Value, bool) {
+    let mism = m.dest["mismatched_pages"].as_u64();
+    let lost = m.dest["lost_pages"].as_u64();
+    let ok = m.error.is_none() && m.dest_ok && mism == Some(0) && lost == Some(0);
+    let stats = &m.stats;
+    let raw_ms = raw.as_secs_f64() * 1e3;
+    let xraw = stats.total_time_ms / raw_ms;
+    let setup_ms = stats.setup_time_ms.unwrap_or(f64::NAN);
+    let xraw_su = (stats.total_time_ms - setup_ms) / raw_ms;
+    let row = format!(
+        "{:<26} {:>5} {:>5} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>8.1} {:>6} {:>8.1} {:>6.0} {:>6} {:>9} {:>6} {:>4} {:>4}",
+        c.label(),
+        c.mib,
+        c.rate.to_string(),
+        stats.total_time_ms,
+        setup_ms,
+        xraw,
+        xraw_su,
+        stats.downtime_ms.unwrap_or(f64::NAN),
+        stats.rounds.len(),
+        stats.transferred_bytes as f64 / f64::from(1u32 << 20),
+        stats.mbps,
+        m.fraction.map_or("-".into(), |f| format!("{f:.2}")),
+        m.p99.map_or("-".into(), |ns| format!("{:.1}us", ns as f64 / 1e3)),
+        if ok { "ok" } else { "FAILED" },
+        mism.map_or("?".into(), |m| m.to_string()),
+        lost.map_or("?".into(), |m| m.to_string()),
+    );
+    let record = json!({
+        "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
+        "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
+        "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
+        "guest_pass_ns_without_migration": m.baseline_pass_ns,
+        "guest_passes_expected_without_migration": m.expected,
+        "guest_throughput_fraction": m.fraction,
+        "guest_bytes_per_pass": m.pass_bytes,
+        "guest_passes_during": m.passes_during,
+        "vcpu_fault_p99_during_harvest_ns": m.p99,
+        "error": m.error, "source": stats, "destination": m.dest,
+        "details": m.details,
+    });
+    (row, record, ok)
+}
+
+pub fn main(a: &MigrateArgs) -> BenchResult {
+    let combos = Combo::all(a);
+    let bar = Progress::new(combos.len() as u64, "migrations");
+    let mut raw = std::collections::BTreeMap::new();
+    for &mib in &a.guest_mib {
+        let t = raw_copy(mib << 20)?;
+        bar.line(format!("raw loopback TCP copy of {mib} MiB: {:.1} ms", t.as_secs_f64() * 1e3));
+        raw.insert(mib, t);
+    }
+    table_head(&bar);
     let dir = std::env::temp_dir().join(format!("shadow-mmu-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut runs = Vec::new();
     let mut all_ok = true;
     let mut plotted = Vec::new();
-    for (i, &(backend, mmu, log, threads, mib, rate)) in combos.iter().enumerate() {
-        let desc = VmDescription {
-            backend,
-            mmu: mmu.to_string(),
-            fast_page_fault: true,
-            dirty_log: log.to_string(),
-            initially_set: a.knobs.initially_set && log == DirtyLogInterface::Clear,
-            ring_entries: a.knobs.ring_entries,
-            harvest_threads: threads,
-            clear_chunk_pages: a.knobs.clear_chunk_pages,
-            vcpus: a.vcpus,
-            guest_bytes: mib << 20,
-            random: false,
-            write_pct: 100,
-            seed: 1,
-            dirty_rate: rate.0.map(|r| r << 20),
-        };
-        let label = match backend {
-            BackendKind::Engine => format!(
-                "engine {mmu}, {log}{}",
-                if threads > 1 { format!(" x{threads}") } else { String::new() }
-            ),
-            BackendKind::Kvm => format!("kvm, {log}"),
-        };
-        let mut vm = desc.boot()?;
-        // The guest's speed without a migration: two passes flat out, the
-        // longest of the vCPUs' last.
-        let p = vm.passes_done();
-        vm.release(p + 2);
-        let baseline_pass_ns = vm.wait_passes(p + 1).map_err(|e| error_chain(&e))?;
-        let json_path = dir.join(format!("dest-{i}.json"));
-        let (child, addr) = spawn_destination(a.run_after_ms, &json_path)?;
-        let params = OutgoingParams {
-            downtime_limit: Duration::from_millis(a.downtime_limit_ms),
-            timeout: Some(Duration::from_secs(a.timeout_s)),
-            auto_converge: a.auto_converge,
-            clear_chunk_pages: desc.clear_chunk_pages,
-            ..OutgoingParams::default()
-        };
-        let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
-        let header = desc.header(vm.as_ref())?;
-        let p0 = vm.passes_done();
-        let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
-        let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut pacing);
-        let p1 = vm.passes_done();
-        let extras = vm.stop().map_err(|e| error_chain(&e))?;
-        let out = child.wait_with_output()?;
-        let dest: serde_json::Value = std::fs::read_to_string(&json_path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let (stats, error) = match r {
-            Outcome::Completed(s) => (*s, None),
-            Outcome::RunsOn(f) => (*f.stats, Some(error_chain(&f.error))),
-            // Here the destination is our child: it said what it did; the
-            // source's paused copy goes with the VM's stop.
-            Outcome::Unsettled(u) => {
-                let e = u.stats().error.clone();
-                (*u.discard(), e)
-            }
-        };
-        // The passes the guest made while migrating, against those it would
-        // have made without: as many as the rate released, at most as many
-        // as its speed allows. Fewer than 5 expected is too coarse to say.
-        let secs = stats.total_time_ms / 1e3;
-        let by_speed = secs * 1e9 / baseline_pass_ns.max(1) as f64;
-        let expected =
-            desc.dirty_rate.map_or(by_speed, |r| by_speed.min(secs * r as f64 / desc.pass_bytes()));
-        let fraction = (expected >= 5.0).then(|| (p1 - p0) as f64 / expected);
-        let p99 = extras
-            .latency
-            .as_ref()
-            .filter(|(harvest, _)| harvest.count() > 0)
-            .map(|(harvest, _)| harvest.quantile_ns(0.99));
-        let mism = dest["mismatched_pages"].as_u64();
-        let lost = dest["lost_pages"].as_u64();
-        let ok = error.is_none() && out.status.success() && mism == Some(0) && lost == Some(0);
+    for (i, c) in combos.iter().enumerate() {
+        let m = migrate_one(a, c, &dir.join(format!("dest-{i}.json")))?;
+        let (row, record, ok) = report_one(c, &m, raw[&c.mib]);
         all_ok &= ok;
-        let raw_ms = raw[&mib].as_secs_f64() * 1e3;
-        let xraw = stats.total_time_ms / raw_ms;
-        let setup_ms = stats.setup_time_ms.unwrap_or(f64::NAN);
-        let xraw_su = (stats.total_time_ms - setup_ms) / raw_ms;
-        bar.line(format!(
-            "{:<26} {:>5} {:>5} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>8.1} {:>6} {:>8.1} {:>6.0} {:>6} {:>9} {:>6} {:>4} {:>4}",
-            label,
-            mib,
-            rate.to_string(),
-            stats.total_time_ms,
-            setup_ms,
-            xraw,
-            xraw_su,
-            stats.downtime_ms.unwrap_or(f64::NAN),
-            stats.rounds.len(),
-            stats.transferred_bytes as f64 / f64::from(1u32 << 20),
-            stats.mbps,
-            fraction.map_or("-".into(), |f| format!("{f:.2}")),
-            p99.map_or("-".into(), |ns| format!("{:.1}us", ns as f64 / 1e3)),
-            if ok { "ok" } else { "FAILED" },
-            mism.map_or("?".into(), |m| m.to_string()),
-            lost.map_or("?".into(), |m| m.to_string()),
-        ));
-        if let Some(e) = &error {
-            bar.line(format!("  {label}: {e}"));
+        bar.line(row);
+        if let Some(e) = &m.error {
+            bar.line(format!("  {}: {e}", c.label()));
         }
-        if !out.status.success() {
-            bar.line(format!("  destination: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        if !m.dest_ok {
+            bar.line(format!("  destination: {}", m.dest_stderr));
         }
-        runs.push(json!({
-            "backend": backend, "mmu": mmu.to_string(), "dirty_log": log.to_string(), "harvest_threads": threads,
-            "guest_mib": mib, "dirty_rate_mibps": rate.0, "raw_copy_ms": raw_ms,
-            "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
-            "guest_pass_ns_without_migration": baseline_pass_ns,
-            "guest_passes_expected_without_migration": expected,
-            "guest_throughput_fraction": fraction,
-            "guest_bytes_per_pass": desc.pass_bytes(),
-            "guest_passes_during": p1 - p0,
-            "vcpu_fault_p99_during_harvest_ns": p99,
-            "error": error, "source": stats, "destination": dest,
-            "details": extras.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        }));
-        plotted.push((label, mib, rate, stats));
+        runs.push(record);
+        plotted.push((c.label(), c.mib, c.rate, m.stats));
         bar.step(format!("{}/{}", i + 1, combos.len()));
     }
     bar.finish();

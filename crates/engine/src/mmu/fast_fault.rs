@@ -39,14 +39,14 @@
 use super::lockless::fast_pf_fix_direct_spte;
 use super::walk::LocklessWalk;
 use crate::shadow_page::{SpPtr, page_header};
-use crate::spte::{
-    PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, spte_index,
-    spte_is_locklessly_modifiable,
-};
-use crate::sync::atomic::Ordering;
 use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
+use shadow_mmu_core::spte::{
+    PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, spte_index,
+    spte_is_locklessly_modifiable,
+};
+use shadow_mmu_core::sync::atomic::Ordering;
 
 impl Kvm {
     /// `fast_page_fault`: tries to fix a write fault on `gfn` without

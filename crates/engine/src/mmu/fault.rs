@@ -14,14 +14,14 @@ use super::lock::MmuGuard;
 use super::{MmuCaches, RMAP_RECYCLE_THRESHOLD};
 use crate::memslot::Memslot;
 use crate::shadow_page::SpPtr;
-use crate::spte::{
-    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, SPTE_MMU_WRITEABLE, is_large_pte,
-    is_shadow_present_pte, is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
-};
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vcpu::requests::VcpuShared;
 use crate::vm::Kvm;
 use shadow_mmu_core::dirty_ring::DirtyRing;
+use shadow_mmu_core::spte::{
+    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT64_ROOT_LEVEL, SPTE_MMU_WRITEABLE, is_large_pte,
+    is_shadow_present_pte, is_writable_pte, level_base_gfn, make_leaf_spte, spte_index, spte_to_pfn,
+};
+use shadow_mmu_core::sync::atomic::{AtomicU64, Ordering};
 
 /// The mapping a fault installs: `gfn` (the first of the region for a large
 /// page) of `slot`, at `level`, to host `pfn`.

@@ -61,7 +61,7 @@ impl MmuLock {
             }
         };
         self.stats.acquisitions.inc();
-        crate::lockdep::set_holds_mmu_lock(true);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
         MmuGuard { guard, lock: self, since: Instant::now() }
     }
 }
@@ -119,13 +119,13 @@ impl MmuGuard<'_> {
         let ns = self.since.elapsed().as_nanos() as u64;
         self.lock.stats.hold_ns.add(ns);
         self.lock.stats.max_hold_ns.max(ns);
-        crate::lockdep::add_mmu_lock_hold(ns);
+        shadow_mmu_core::lockdep::add_mmu_lock_hold(ns);
     }
 }
 
 impl Drop for MmuGuard<'_> {
     fn drop(&mut self) {
-        crate::lockdep::set_holds_mmu_lock(false);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
         self.account_hold();
     }
 }

@@ -58,15 +58,15 @@ pub(crate) mod write_protect;
 
 use std::sync::Arc;
 
-use crate::breakage::Breakage;
-use crate::pool::{MemoryCache, Pool, PoolLimits};
-use crate::pte_list::PteListDesc;
-use crate::rcu::Rcu;
 use crate::shadow_page::{ShadowPage, SpPtr};
 use crate::stats::MmuStats;
-use crate::sync::atomic::{AtomicPtr, Ordering};
 use lock::MmuLock;
 use lockless::SpteUpdate;
+use shadow_mmu_core::breakage::Breakage;
+use shadow_mmu_core::pool::{MemoryCache, Pool, PoolLimits};
+use shadow_mmu_core::pte_list::PteListDesc;
+use shadow_mmu_core::rcu::Rcu;
+use shadow_mmu_core::sync::atomic::{AtomicPtr, Ordering};
 
 /// How dirty logging write-protects guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

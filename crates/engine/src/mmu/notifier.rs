@@ -21,8 +21,8 @@
 //! when this returns, no vCPU can reach the range through a TLB entry or an
 //! spte until it faults again.
 
-use crate::spte::{level_base_gfn, mapping_levels, pages_per_spte};
 use crate::vm::Kvm;
+use shadow_mmu_core::spte::{level_base_gfn, mapping_levels, pages_per_spte};
 
 impl Kvm {
     /// Drops every spte that maps a gfn in `[start, end)`, at every level,

@@ -20,11 +20,13 @@
 use super::lock::MmuGuard;
 use super::{KVM_MIN_FREE_MMU_PAGES, KVM_NUM_MMU_PAGES, KVM_REFILL_PAGES, MmuCaches, MmuLocked};
 use crate::memslot::Memslot;
-use crate::pte_list::PteListHead;
 use crate::shadow_page::{SpPtr, SpRole};
-use crate::spte::{PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, make_nonleaf_spte, mapping_levels};
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
+use shadow_mmu_core::pte_list::PteListHead;
+use shadow_mmu_core::spte::{
+    PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, make_nonleaf_spte, mapping_levels,
+};
+use shadow_mmu_core::sync::atomic::{AtomicU64, Ordering};
 
 impl MmuLocked {
     fn active_push_head(&mut self, sp: SpPtr) {

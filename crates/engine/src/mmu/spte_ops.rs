@@ -11,11 +11,11 @@ use std::ptr::NonNull;
 use super::MmuCaches;
 use super::lock::MmuGuard;
 use crate::memslot::Memslot;
-use crate::pte_list::PteListDesc;
 use crate::shadow_page::{SpPtr, page_header};
-use crate::spte::{is_large_pte, is_shadow_present_pte};
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
+use shadow_mmu_core::pte_list::PteListDesc;
+use shadow_mmu_core::spte::{is_large_pte, is_shadow_present_pte};
+use shadow_mmu_core::sync::atomic::{AtomicU64, Ordering};
 
 impl Kvm {
     /// `mmu_spte_set`: makes a non-present spte present.

@@ -31,11 +31,11 @@
 use super::lock::MmuGuard;
 use super::lockless::rmap_write_protect_lockless;
 use crate::memslot::Memslot;
-use crate::pte_list::PteListHead;
-use crate::rcu::ReadGuard;
-use crate::spte::{PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte, mapping_levels};
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::vm::Kvm;
+use shadow_mmu_core::pte_list::PteListHead;
+use shadow_mmu_core::rcu::ReadGuard;
+use shadow_mmu_core::spte::{PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_writable_pte, mapping_levels};
+use shadow_mmu_core::sync::atomic::{AtomicU64, Ordering};
 
 impl Kvm {
     /// `spte_write_protect` (with `pt_protect` false: dirty logging).
@@ -235,6 +235,6 @@ fn masked_large_gfns(slot: &Memslot, gfn_offset: u64, mask: u64) -> impl Iterato
     let base = slot.base_gfn() + gfn_offset;
     let start = base + u64::from(mask.trailing_zeros());
     let end = base + 63 - u64::from(mask.leading_zeros());
-    let pages = crate::spte::pages_per_spte(PT_PAGE_TABLE_LEVEL + 1);
+    let pages = shadow_mmu_core::spte::pages_per_spte(PT_PAGE_TABLE_LEVEL + 1);
     std::iter::once(start).chain((start / pages != end / pages).then_some(end))
 }

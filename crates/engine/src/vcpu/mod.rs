@@ -32,13 +32,13 @@ use crate::mmu::MmuCaches;
 use crate::mmu::fault::{FaultExit, PageFault};
 use crate::mmu::walk::InGuestMode;
 use crate::shadow_page::SpPtr;
-use crate::spte::{
+use crate::vm::Kvm;
+use requests::{KVM_REQ_TLB_FLUSH, VcpuShared};
+use shadow_mmu_core::spte::{
     PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, pages_per_spte,
     spte_index, spte_to_pfn,
 };
-use crate::sync::atomic::Ordering;
-use crate::vm::Kvm;
-use requests::{KVM_REQ_TLB_FLUSH, VcpuShared};
+use shadow_mmu_core::sync::atomic::Ordering;
 use tlb::{Tlb, Translation};
 
 /// Why [`Vcpu::run`] returned.
@@ -343,7 +343,7 @@ impl Vcpu {
             // TLB flush has waited for every vCPU in guest mode to leave it or
             // flush (requests.rs); so the page is mapped until this access,
             // which completes before our next access boundary, is done.
-            let word = unsafe { host_word(t.pfn, gpa & (crate::spte::PAGE_SIZE - 1)) };
+            let word = unsafe { host_word(t.pfn, gpa & (shadow_mmu_core::spte::PAGE_SIZE - 1)) };
             // Relaxed: guest data. Ordering with the harvester comes from the
             // flush protocol (the release store of our mode or request ack).
             return Ok(if write {

@@ -220,88 +220,101 @@ fn print_spec_lines<'r>(
         }
     }
     if spec.harvest_threads > 1 {
-        let one = HarvestSpec { harvest_threads: 1, ..*spec };
-        if let Some(r) = find(size, "engine", "lockless", spec) {
-            let pages = r.run.dirty_pages_avg();
-            let (f1, fn_) =
-                (perf::cmpxchg_floor_on(pages, 1), perf::cmpxchg_floor_on(pages, spec.harvest_threads));
+        print_thread_lines(&tag, size, spec, find);
+    }
+    if let (Some(l), Some(ll)) =
+        (find(size, "engine", "locked", spec), find(size, "engine", "lockless", spec))
+    {
+        print_design_lines(&tag, records, size, spec, l, ll);
+    }
+}
+
+/// A harvest on several threads against one: the floor's, and each
+/// design's.
+fn print_thread_lines<'r>(
+    tag: &str,
+    size: u64,
+    spec: &HarvestSpec,
+    find: &dyn Fn(u64, &str, &str, &HarvestSpec) -> Option<&'r Record>,
+) {
+    let one = HarvestSpec { harvest_threads: 1, ..*spec };
+    if let Some(r) = find(size, "engine", "lockless", spec) {
+        let pages = r.run.dirty_pages_avg();
+        let (f1, fn_) =
+            (perf::cmpxchg_floor_on(pages, 1), perf::cmpxchg_floor_on(pages, spec.harvest_threads));
+        println!(
+            "{tag}: the compare-exchange floor itself on {} threads against 1: {:.3} ({fn_:.2} against \
+             {f1:.2} ns per page): how far this machine runs locked read-modify-writes in parallel",
+            spec.harvest_threads,
+            fn_ / f1
+        );
+    }
+    for mmu in ["locked", "lockless"] {
+        if let (Some(n), Some(o)) = (find(size, "engine", mmu, spec), find(size, "engine", mmu, &one)) {
             println!(
-                "{tag}: the compare-exchange floor itself on {} threads against 1: {:.3} ({fn_:.2} against \
-                 {f1:.2} ns per page): how far this machine runs locked read-modify-writes in parallel",
+                "{tag}: engine {mmu}: harvest with no vCPU running on {} threads against 1: {:.3} \
+                 (lockless target <= 0.6); with a vCPU faulting: {:.3}; the latest helper thread \
+                 started {:.0} us into its harvest",
                 spec.harvest_threads,
-                fn_ / f1
+                n.run.quiet.harvest_ns() as f64 / o.run.quiet.harvest_ns().max(1) as f64,
+                n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64,
+                n.figure("harvest_thread_start_max_ns").unwrap_or(0) as f64 / 1e3
             );
-        }
-        for mmu in ["locked", "lockless"] {
-            if let (Some(n), Some(o)) = (find(size, "engine", mmu, spec), find(size, "engine", mmu, &one)) {
-                println!(
-                    "{tag}: engine {mmu}: harvest with no vCPU running on {} threads against 1: {:.3} \
-                     (lockless target <= 0.6); with a vCPU faulting: {:.3}; the latest helper thread \
-                     started {:.0} us into its harvest",
-                    spec.harvest_threads,
-                    n.run.quiet.harvest_ns() as f64 / o.run.quiet.harvest_ns().max(1) as f64,
-                    n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64,
-                    n.figure("harvest_thread_start_max_ns").unwrap_or(0) as f64 / 1e3
-                );
-            }
         }
     }
-    {
-        let tag = tag.as_str();
-        let (Some(l), Some(ll)) =
-            (find(size, "engine", "locked", spec), find(size, "engine", "lockless", spec))
-        else {
-            return;
-        };
-        let locked_ns = l.run.harvest_avg_ns().max(1) as f64;
-        let ratio = ll.run.harvest_avg_ns() as f64 / locked_ns;
-        let seed = if spec.interface == DirtyLogInterface::Get && spec.harvest_threads == 1 {
-            " (the seed: 0.53)"
-        } else {
-            ""
-        };
-        println!("{tag}: lockless/locked harvest time: {ratio:.3}{seed}");
-        // A lockless harvest clears W with one locked read-modify-write per
-        // dirty page, so it cannot take less than the floor per page; set
-        // against this locked run, that bounds the ratio above from below.
-        let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
-        let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns / f64::from(spec.harvest_threads);
+}
+
+/// Lockless against locked (`l`, `ll`): the harvest, its floor, the fault
+/// latency, the enable, and each against KVM.
+fn print_design_lines(tag: &str, records: &[Record], size: u64, spec: &HarvestSpec, l: &Record, ll: &Record) {
+    let locked_ns = l.run.harvest_avg_ns().max(1) as f64;
+    let ratio = ll.run.harvest_avg_ns() as f64 / locked_ns;
+    let seed = if spec.interface == DirtyLogInterface::Get && spec.harvest_threads == 1 {
+        " (the seed: 0.53)"
+    } else {
+        ""
+    };
+    println!("{tag}: lockless/locked harvest time: {ratio:.3}{seed}");
+    // A lockless harvest clears W with one locked read-modify-write per
+    // dirty page, so it cannot take less than the floor per page; set
+    // against this locked run, that bounds the ratio above from below.
+    let floor = l.floor_ns_per_page.min(ll.floor_ns_per_page);
+    let bound = floor * ll.run.dirty_pages_avg() as f64 / locked_ns / f64::from(spec.harvest_threads);
+    println!(
+        "{tag}: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
+         nothing else, on each of the harvest threads, against this locked run)"
+    );
+    if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
         println!(
-            "{tag}: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
-             nothing else, on each of the harvest threads, against this locked run)"
+            "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
+            lh.quantile_ns(0.99) as f64 / 1e3,
+            llh.quantile_ns(0.99) as f64 / 1e3
         );
-        if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
-            println!(
-                "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
-                lh.quantile_ns(0.99) as f64 / 1e3,
-                llh.quantile_ns(0.99) as f64 / 1e3
-            );
-        }
+    }
+    println!(
+        "{tag}: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
+         faulting; {:.2} = {:.2} x with none",
+        ll.run.ns_per_dirty_page(),
+        ll.run.ns_per_dirty_page() / ll.floor_ns_per_page,
+        ll.run.quiet.ns_per_page(),
+        ll.run.quiet.ns_per_page() / ll.floor_ns_per_page
+    );
+    println!(
+        "{tag}: enabling dirty logging: locked {}, lockless {}",
+        secs(l.run.enable_dirty_logging_ns),
+        secs(ll.run.enable_dirty_logging_ns)
+    );
+    for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm" && r.spec == *spec) {
         println!(
-            "{tag}: lockless ns per dirty page: {:.2} = {:.2} x the compare-exchange floor with a vCPU \
-             faulting; {:.2} = {:.2} x with none",
-            ll.run.ns_per_dirty_page(),
-            ll.run.ns_per_dirty_page() / ll.floor_ns_per_page,
-            ll.run.quiet.ns_per_page(),
-            ll.run.quiet.ns_per_page() / ll.floor_ns_per_page
+            "{tag}: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
+            k.mmu,
+            if k.run.clear_dirty_log_avg_ns().is_some() {
+                "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
+            } else {
+                "KVM_GET_DIRTY_LOG"
+            },
+            l.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64,
+            ll.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64
         );
-        println!(
-            "{tag}: enabling dirty logging: locked {}, lockless {}",
-            secs(l.run.enable_dirty_logging_ns),
-            secs(ll.run.enable_dirty_logging_ns)
-        );
-        for k in records.iter().filter(|r| r.guest_bytes == size && r.backend == "kvm" && r.spec == *spec) {
-            println!(
-                "{tag}: harvest time against KVM {} ({}): locked {:.2}x, lockless {:.2}x",
-                k.mmu,
-                if k.run.clear_dirty_log_avg_ns().is_some() {
-                    "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG"
-                } else {
-                    "KVM_GET_DIRTY_LOG"
-                },
-                l.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64,
-                ll.run.harvest_avg_ns() as f64 / k.run.harvest_avg_ns().max(1) as f64
-            );
-        }
     }
 }

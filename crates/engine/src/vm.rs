@@ -102,8 +102,17 @@ impl Default for VmConfig {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum VmError {
     /// A configuration value is out of range.
-    #[error("bad VM configuration: {0}")]
-    BadConfig(String),
+    #[error("bad VM configuration: {field} must be {min}..={max}, not {value}")]
+    BadConfig {
+        /// The [`VmConfig`] field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The least it may be.
+        min: u64,
+        /// The most it may be.
+        max: u64,
+    },
     /// The vCPU id is taken or out of range.
     #[error("vCPU id {id} is taken or not below {max}")]
     BadVcpuId {
@@ -225,24 +234,13 @@ pub struct VmStats {
 impl Vm {
     /// Creates a VM with no memory and no vCPUs (`KVM_CREATE_VM`).
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
-        if config.address_spaces == 0 || config.address_spaces > MAX_ADDRESS_SPACES {
-            return Err(VmError::BadConfig(format!(
-                "address_spaces must be 1..={MAX_ADDRESS_SPACES}, not {}",
-                config.address_spaces
-            )));
-        }
-        if !(1..=64).contains(&config.harvest_threads) {
-            return Err(VmError::BadConfig(format!(
-                "harvest_threads must be 1..=64, not {}",
-                config.harvest_threads
-            )));
-        }
-        if config.tlb_entries == 0 || config.tlb_entries > 1 << 20 {
-            return Err(VmError::BadConfig(format!(
-                "tlb_entries must be 1..=1048576, not {}",
-                config.tlb_entries
-            )));
-        }
+        let in_range = |field, value: u64, max: u64| {
+            let ok = (1..=max).contains(&value);
+            if ok { Ok(()) } else { Err(VmError::BadConfig { field, value, min: 1, max }) }
+        };
+        in_range("address_spaces", u64::from(config.address_spaces), u64::from(MAX_ADDRESS_SPACES))?;
+        in_range("harvest_threads", u64::from(config.harvest_threads), 64)?;
+        in_range("tlb_entries", config.tlb_entries as u64, 1 << 20)?;
         if let Some(n) = config.max_mmu_pages
             && n < KVM_MIN_ALLOC_MMU_PAGES
         {

@@ -208,7 +208,7 @@ fn address_spaces_build_rmap_chains_that_get_dirty_log_protects_entirely() {
 #[test]
 fn vm_and_vcpu_configuration_errors() {
     let e = shadow_mmu_engine::Vm::new(VmConfig { address_spaces: 0, ..VmConfig::default() }).unwrap_err();
-    assert!(matches!(e, VmError::BadConfig(_)));
+    assert!(matches!(e, VmError::BadConfig { field: "address_spaces", value: 0, min: 1, .. }), "{e}");
     let e = shadow_mmu_engine::Vm::new(VmConfig { tlb_entries: 0, ..VmConfig::default() }).unwrap_err();
     assert!(e.to_string().contains("tlb_entries"));
     assert_eq!(

@@ -80,19 +80,249 @@ pub enum AuditError {
         gfn: u64,
     },
     /// A structural invariant of the MMU.
-    #[error("MMU invariant ({invariant}): {detail}")]
-    Structure {
-        /// Which.
-        invariant: Invariant,
-        /// What was found, for a person.
-        detail: String,
+    #[error("MMU invariant ({invariant}): {0}", invariant = .0.invariant())]
+    Structure(Violation),
+}
+
+/// A shadow page, as an audit names it: the gfn it maps and its level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpAt {
+    /// `sp->gfn`.
+    pub gfn: u64,
+    /// `sp->role.level`.
+    pub level: u8,
+}
+
+impl std::fmt::Display for SpAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shadow page gfn {:#x} level {}", self.gfn, self.level)
+    }
+}
+
+/// A broken structural invariant, with what the audit found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// An spte in two rmaps.
+    #[error("spte {sptep:#x} in two rmaps")]
+    SpteInTwoRmaps {
+        /// Its address.
+        sptep: usize,
+    },
+    /// Not one rmap entry per present leaf spte.
+    #[error("{leaf_sptes} leaf sptes but {rmap_entries} rmap entries")]
+    RmapCount {
+        /// Present leaf sptes.
+        leaf_sptes: usize,
+        /// Entries in all rmaps.
+        rmap_entries: usize,
+    },
+    /// The active list's length is not `n_used_mmu_pages`.
+    #[error("active list {active} != n_used {n_used}")]
+    ActiveCount {
+        /// Pages on the active list.
+        active: usize,
+        /// `n_used_mmu_pages`.
+        n_used: usize,
+    },
+    /// The hash's population is not `n_used_mmu_pages`.
+    #[error("hash {hashed} != n_used {n_used}")]
+    HashCount {
+        /// Pages in the hash.
+        hashed: usize,
+        /// `n_used_mmu_pages`.
+        n_used: usize,
+    },
+    /// An invalid page on the active list.
+    #[error("{0} invalid but active")]
+    InvalidActive(SpAt),
+    /// An active page not found in the hash under its key.
+    #[error("{0} not hashed under its key")]
+    NotHashed(SpAt),
+    /// A non-present spte that is not 0.
+    #[error("{sp}[{index}]: non-present spte {spte:#x} is not 0")]
+    NonPresentNotZero {
+        /// The page.
+        sp: SpAt,
+        /// The spte's index.
+        index: usize,
+        /// Its value.
+        spte: u64,
+    },
+    /// An spte that encodes another level than its page's.
+    #[error("{sp}[{index}]: spte {spte:#x} encodes another level")]
+    SpteLevel {
+        /// The page.
+        sp: SpAt,
+        /// The spte's index.
+        index: usize,
+        /// Its value.
+        spte: u64,
+    },
+    /// A non-leaf spte that points to a page not on the active list.
+    #[error("{sp}[{index}] points to a dead page")]
+    DeadChild {
+        /// The page.
+        sp: SpAt,
+        /// The spte's index.
+        index: usize,
+    },
+    /// A child one level below its parent's, or at another gfn than the
+    /// spte maps.
+    #[error("{sp}[{index}]: child {child}")]
+    ChildMisplaced {
+        /// The page.
+        sp: SpAt,
+        /// The spte's index.
+        index: usize,
+        /// The child.
+        child: SpAt,
+    },
+    /// A non-leaf spte missing from its child's `parent_ptes`.
+    #[error("{sp}[{index}] missing from its child's parent_ptes")]
+    MissingParentPte {
+        /// The page.
+        sp: SpAt,
+        /// The spte's index.
+        index: usize,
+    },
+    /// Not one parent pte per spte that points to the page.
+    #[error("{sp}: {parent_ptes} parent ptes, {pointing} sptes point to it")]
+    ParentCount {
+        /// The page.
+        sp: SpAt,
+        /// Entries in its `parent_ptes`.
+        parent_ptes: usize,
+        /// sptes that point to it.
+        pointing: usize,
+    },
+    /// A root with parents.
+    #[error("{0}: a root with parents")]
+    RootWithParents(SpAt),
+    /// A leaf above the largest page size.
+    #[error("leaf at level {level}")]
+    LeafLevel {
+        /// Its level.
+        level: u8,
+    },
+    /// A leaf whose large-page bit disagrees with its level.
+    #[error("spte {spte:#x} at level {level}")]
+    LargeBit {
+        /// The spte.
+        spte: u64,
+        /// Its level.
+        level: u8,
+    },
+    /// A leaf for a gfn in no memslot.
+    #[error("leaf for gfn {gfn:#x} outside memslots")]
+    OutsideMemslots {
+        /// The gfn.
+        gfn: u64,
+    },
+    /// A leaf into a slot being deleted.
+    #[error("gfn {gfn:#x}: leaf into deleted slot {slot}")]
+    DeletedSlot {
+        /// The gfn.
+        gfn: u64,
+        /// The slot.
+        slot: u32,
+    },
+    /// A leaf whose pfn is not the slot's for its gfn.
+    #[error("gfn {gfn:#x}: spte {spte:#x}'s pfn is not the slot's")]
+    Pfn {
+        /// The gfn.
+        gfn: u64,
+        /// The spte.
+        spte: u64,
+    },
+    /// A leaf in another rmap than its gfn's, or in none:
+    /// `(slot, level, index)`.
+    #[error("gfn {gfn:#x} level {level}: spte in rmap {found:?}, want {want:?}")]
+    RmapPlace {
+        /// The gfn.
+        gfn: u64,
+        /// The leaf's level.
+        level: u8,
+        /// The rmap it is in.
+        found: Option<(u32, u8, usize)>,
+        /// The rmap it belongs in.
+        want: (u32, u8, usize),
+    },
+    /// `page_header` of the sptep names a page of another level.
+    #[error("gfn {gfn:#x} level {level}: page_header disagrees")]
+    PageHeader {
+        /// The gfn.
+        gfn: u64,
+        /// The leaf's level.
+        level: u8,
+    },
+    /// A large spte over a slot's edge.
+    #[error("large spte over a slot edge at gfn {gfn:#x}")]
+    LargeOverEdge {
+        /// The gfn.
+        gfn: u64,
+    },
+    /// A writable spte without both of its writable bits.
+    #[error("gfn {gfn:#x}: writable spte {spte:#x} without HW|MW")]
+    WritableWithoutHwMw {
+        /// The gfn.
+        gfn: u64,
+        /// The spte.
+        spte: u64,
+    },
+    /// A writable spte into a read-only slot.
+    #[error("gfn {gfn:#x}: writable spte into read-only slot {slot}")]
+    WritableReadOnly {
+        /// The gfn.
+        gfn: u64,
+        /// The slot.
+        slot: u32,
+    },
+    /// A writable large spte in a logged slot (without INITIALLY_SET).
+    #[error("gfn {gfn:#x}: writable large spte in logged slot {slot}")]
+    WritableLargeLogged {
+        /// The gfn.
+        gfn: u64,
+        /// The slot.
+        slot: u32,
     },
 }
 
+impl Violation {
+    /// The invariant it breaks.
+    pub fn invariant(&self) -> Invariant {
+        use Violation as V;
+        match self {
+            V::SpteInTwoRmaps { .. } | V::RmapCount { .. } => Invariant::Rmap,
+            V::ActiveCount { .. } | V::HashCount { .. } | V::InvalidActive(_) | V::NotHashed(_) => {
+                Invariant::PageLists
+            }
+            V::NonPresentNotZero { .. }
+            | V::SpteLevel { .. }
+            | V::DeadChild { .. }
+            | V::ChildMisplaced { .. }
+            | V::MissingParentPte { .. }
+            | V::ParentCount { .. }
+            | V::RootWithParents(_) => Invariant::Table,
+            V::LeafLevel { .. }
+            | V::LargeBit { .. }
+            | V::OutsideMemslots { .. }
+            | V::DeletedSlot { .. }
+            | V::Pfn { .. }
+            | V::RmapPlace { .. }
+            | V::PageHeader { .. }
+            | V::LargeOverEdge { .. }
+            | V::WritableWithoutHwMw { .. }
+            | V::WritableReadOnly { .. }
+            | V::WritableLargeLogged { .. } => Invariant::Leaf,
+        }
+    }
+}
+
+/// Returns the violation if the invariant does not hold.
 macro_rules! ensure {
-    ($cond:expr, $inv:ident, $($fmt:tt)*) => {
+    ($cond:expr, $violation:expr) => {
         if !$cond {
-            return Err(AuditError::Structure { invariant: Invariant::$inv, detail: format!($($fmt)*) });
+            return Err(AuditError::Structure($violation));
         }
     };
 }
@@ -135,13 +365,16 @@ impl Kvm {
         let r = a.report;
         ensure!(
             r.leaf_sptes == r.rmap_entries,
-            Rmap,
-            "{} leaf sptes but {} rmap entries",
-            r.leaf_sptes,
-            r.rmap_entries
+            Violation::RmapCount { leaf_sptes: r.leaf_sptes, rmap_entries: r.rmap_entries }
         );
         Ok(r)
     }
+}
+
+/// Where `sp` is, for a violation.
+fn sp_at(g: &MmuGuard<'_>, sp: SpPtr) -> SpAt {
+    let p = sp.get(g);
+    SpAt { gfn: p.gfn(), level: p.role().level }
 }
 
 /// One audit, under `mmu_lock`: what it has seen so far, for the checks
@@ -175,7 +408,7 @@ impl Auditor<'_, '_> {
                     // SAFETY: as above.
                     for sptep in unsafe { head.iter() } {
                         let prev = self.rmap_entries.insert(sptep.as_ptr() as usize, (slot.id(), level, idx));
-                        ensure!(prev.is_none(), Rmap, "spte {sptep:p} in two rmaps");
+                        ensure!(prev.is_none(), Violation::SpteInTwoRmaps { sptep: sptep.as_ptr() as usize });
                     }
                 }
             }
@@ -189,23 +422,14 @@ impl Auditor<'_, '_> {
         let g = self.g;
         let active: Vec<SpPtr> = g.active_pages().collect();
         self.report.shadow_pages = active.len();
-        ensure!(
-            active.len() == g.n_used_mmu_pages,
-            PageLists,
-            "active list {} != n_used {}",
-            active.len(),
-            g.n_used_mmu_pages
-        );
+        let n_used = g.n_used_mmu_pages;
+        ensure!(active.len() == n_used, Violation::ActiveCount { active: active.len(), n_used });
         let hashed = g.hash_len();
-        ensure!(hashed == g.n_used_mmu_pages, PageLists, "hash {hashed} != n_used {}", g.n_used_mmu_pages);
+        ensure!(hashed == n_used, Violation::HashCount { hashed, n_used });
         for &sp in &active {
             let p = sp.get(g);
-            ensure!(!p.is_invalid(), PageLists, "{p:?} invalid but active");
-            ensure!(
-                g.hash_lookup(p.gfn(), p.role()) == Some(sp),
-                PageLists,
-                "{p:?} not hashed under its key"
-            );
+            ensure!(!p.is_invalid(), Violation::InvalidActive(sp_at(g, sp)));
+            ensure!(g.hash_lookup(p.gfn(), p.role()) == Some(sp), Violation::NotHashed(sp_at(g, sp)));
         }
         Ok(active)
     }
@@ -217,37 +441,29 @@ impl Auditor<'_, '_> {
         let g = self.g;
         let p = sp.get(g);
         let role = p.role();
-        for (i, sptep) in p.spt().iter().enumerate() {
+        let at = sp_at(g, sp);
+        for (index, sptep) in p.spt().iter().enumerate() {
             // Relaxed: we hold mmu_lock, which orders every writer before us.
             let spte = sptep.load(Ordering::Relaxed);
             if !is_shadow_present_pte(spte) {
-                ensure!(spte == 0, Table, "{p:?}[{i}]: non-present spte {spte:#x} is not 0");
+                ensure!(spte == 0, Violation::NonPresentNotZero { sp: at, index, spte });
                 continue;
             }
-            ensure!(
-                spte_level(spte) == role.level,
-                Table,
-                "{p:?}[{i}]: spte {spte:#x} encodes another level"
-            );
-            let gfn = p.spte_gfn(i);
+            ensure!(spte_level(spte) == role.level, Violation::SpteLevel { sp: at, index, spte });
+            let gfn = p.spte_gfn(index);
             if is_last_spte(spte, role.level) {
                 self.audit_leaf(sptep, spte, gfn, role.level)?;
                 continue;
             }
             // SAFETY: a present non-leaf spte of one of our tables.
             let child = unsafe { SpPtr::from_nonleaf_spte(spte) };
-            ensure!(live.contains(&child), Table, "{p:?}[{i}] points to a dead page");
+            ensure!(live.contains(&child), Violation::DeadChild { sp: at, index });
             let c = child.get(g);
-            ensure!(c.role().level + 1 == role.level, Table, "{p:?}[{i}]: child level {}", c.role().level);
-            ensure!(
-                c.gfn() == level_base_gfn(gfn, role.level),
-                Table,
-                "{p:?}[{i}]: child gfn {:#x}",
-                c.gfn()
-            );
+            let placed = c.role().level + 1 == role.level && c.gfn() == level_base_gfn(gfn, role.level);
+            ensure!(placed, Violation::ChildMisplaced { sp: at, index, child: sp_at(g, child) });
             // SAFETY: we hold mmu_lock.
             let has = unsafe { c.parent_ptes().iter() }.any(|q| std::ptr::eq(q.as_ptr(), sptep));
-            ensure!(has, Table, "{p:?}[{i}] missing from its child's parent_ptes");
+            ensure!(has, Violation::MissingParentPte { sp: at, index });
             *self.parents_seen.entry(child).or_default() += 1;
         }
         Ok(())
@@ -261,9 +477,10 @@ impl Auditor<'_, '_> {
             // SAFETY: we hold mmu_lock.
             let n = unsafe { sp.get(g).parent_ptes().check_invariants() };
             let seen = self.parents_seen.get(&sp).copied().unwrap_or(0);
-            ensure!(n == seen, Table, "{:?}: {n} parent ptes, {seen} sptes point to it", sp.get(g));
+            let at = sp_at(g, sp);
+            ensure!(n == seen, Violation::ParentCount { sp: at, parent_ptes: n, pointing: seen });
             if sp.get(g).root_count() > 0 {
-                ensure!(n == 0, Table, "{:?}: a root with parents", sp.get(g));
+                ensure!(n == 0, Violation::RootWithParents(at));
             }
         }
         Ok(())
@@ -275,36 +492,32 @@ impl Auditor<'_, '_> {
     fn audit_leaf(&mut self, sptep: &AtomicU64, spte: u64, gfn: u64, level: u8) -> Result<(), AuditError> {
         let (g, report) = (self.g, &mut self.report);
         report.leaf_sptes += 1;
-        ensure!(level <= shadow_mmu_core::spte::PT_MAX_HUGEPAGE_LEVEL, Leaf, "leaf at level {level}");
-        ensure!((level > PT_PAGE_TABLE_LEVEL) == is_large_pte(spte), Leaf, "spte {spte:#x} at level {level}");
-        let slot = self.slots.find(gfn).ok_or_else(|| AuditError::Structure {
-            invariant: Invariant::Leaf,
-            detail: format!("leaf for gfn {gfn:#x} outside memslots"),
-        })?;
-        ensure!(!slot.is_invalid(), Leaf, "leaf into deleted slot {}", slot.id());
-        ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), Leaf, "gfn {gfn:#x}: spte pfn is not the slot's");
-        let at = self.rmap_entries.get(&(sptep as *const AtomicU64 as usize));
+        ensure!(level <= shadow_mmu_core::spte::PT_MAX_HUGEPAGE_LEVEL, Violation::LeafLevel { level });
+        ensure!((level > PT_PAGE_TABLE_LEVEL) == is_large_pte(spte), Violation::LargeBit { spte, level });
+        let slot = self.slots.find(gfn).ok_or(AuditError::Structure(Violation::OutsideMemslots { gfn }))?;
+        ensure!(!slot.is_invalid(), Violation::DeletedSlot { gfn, slot: slot.id() });
+        ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), Violation::Pfn { gfn, spte });
+        let found = self.rmap_entries.get(&(sptep as *const AtomicU64 as usize)).copied();
         let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
-        ensure!(at == Some(&want), Leaf, "gfn {gfn:#x} level {level}: spte in rmap {at:?}, want {want:?}");
+        ensure!(found == Some(want), Violation::RmapPlace { gfn, level, found, want });
         // SAFETY: `sptep` is in one of our tables.
-        ensure!(unsafe { page_header(sptep) }.get(g).role().level == level, Leaf, "page_header disagrees");
+        let header_level = unsafe { page_header(sptep) }.get(g).role().level;
+        ensure!(header_level == level, Violation::PageHeader { gfn, level });
         if is_large_pte(spte) {
             report.large_sptes += 1;
-            ensure!(slot.lpage_ok(gfn), Leaf, "large spte over a slot edge at gfn {gfn:#x}");
+            ensure!(slot.lpage_ok(gfn), Violation::LargeOverEdge { gfn });
         }
         if is_writable_pte(spte) {
             report.writable_sptes += 1;
             let both = SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE;
-            ensure!(spte & both == both, Leaf, "writable spte {spte:#x} without HW|MW");
-            ensure!(!slot.readonly(), Leaf, "writable spte into read-only slot {}", slot.id());
+            ensure!(spte & both == both, Violation::WritableWithoutHwMw { gfn, spte });
+            ensure!(!slot.readonly(), Violation::WritableReadOnly { gfn, slot: slot.id() });
             if self.opts.dirty_log && slot.dirty_logging() {
                 // Under INITIALLY_SET a large spte stays writable until a
                 // CLEAR reaches it; every page under it is then still marked.
                 ensure!(
                     !is_large_pte(spte) || self.kvm.dirty_log_protect().initially_set(),
-                    Leaf,
-                    "writable large spte in logged slot {}",
-                    slot.id()
+                    Violation::WritableLargeLogged { gfn, slot: slot.id() }
                 );
                 for page in gfn..gfn + pages_per_spte(level) {
                     let rel = page - slot.base_gfn();

@@ -56,7 +56,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod workload;
 
-pub use audit::{AuditError, AuditOptions, AuditReport};
+pub use audit::{AuditError, AuditOptions, AuditReport, SpAt, Violation};
 pub use backend::{EngineBackend, EngineVm};
 pub use dirty_log::{ClearDirtyLogError, DirtyLogError};
 pub use dirty_ring::DirtyRingError;

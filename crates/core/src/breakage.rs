@@ -109,6 +109,9 @@ switches! {
     /// the pause request: a new pause that comes in between counts it held
     /// while it goes back to its guest.
     pause_leaves_without_recheck,
+    /// The `rmap-lock` design's harvest walks an rmap without taking its
+    /// lock bit: a writer may free and reuse a descriptor under it.
+    rmap_walk_without_lock,
     /// A migration's source resumes its guest when the destination's
     /// `Running` does not come after it sent `Commit`, as if the `Commit`
     /// had been lost, instead of asking the destination.

@@ -238,6 +238,21 @@ pub unsafe fn rmap_write_protect_lockless(
     (cleared, restarts)
 }
 
+/// `rmap_write_protect` of the `rmap-lock` design: write-protects every
+/// spte in `head`'s list under the list's rmap lock, without `mmu_lock`,
+/// each by compare-exchange as the seed's walk does (a fault may set W on
+/// it meanwhile, or a zap clear it). Returns how many sptes lost W.
+///
+/// # Safety
+/// As [`PteListHead::walk_rmap_locked`].
+#[inline]
+pub unsafe fn rmap_write_protect_rmap_locked(head: &PteListHead, b: &Breakage) -> usize {
+    let mut cleared = 0;
+    // SAFETY: forwarded contract.
+    unsafe { head.walk_rmap_locked(b, |sptep| cleared += usize::from(spte_write_protect_lockless(sptep))) };
+    cleared
+}
+
 /// `fast_pf_fix_direct_spte` (patch 02): sets W on a locklessly modifiable
 /// spte that still holds the value `spte` the caller saw. Returns whether the
 /// compare-exchange won; the caller then marks the page dirty with

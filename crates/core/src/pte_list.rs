@@ -105,6 +105,33 @@
 //! Writers' own loads are relaxed: writers are serialised by the caller's
 //! lock (`mmu_lock`), which orders them.
 //!
+//! # The rmap lock (6.15's `KVM_RMAP_LOCKED`)
+//!
+//! The `rmap-lock` design walks rmaps without `mmu_lock` the way upstream's
+//! shadow MMU has since 6.15 (commit 4834eaded91e, for aging), not as the
+//! seed does. A reader takes bit 1 of the head ([`KVM_RMAP_LOCKED`]) by an
+//! acquire compare-exchange, walks the chain as its last holder left it,
+//! and stores the head back with release
+//! ([`PteListHead::walk_rmap_locked`]). Writers take the same bit as well as
+//! `mmu_lock` ([`PteListHead::add_rmap_locked`],
+//! [`PteListHead::remove_rmap_locked`]); their last store of the head
+//! publishes it and drops the bit in one release store. An empty head is
+//! never locked: only writers fill it, and a reader that finds it empty has
+//! nothing to walk.
+//!
+//! The bit guards the chain, not the sptes. While a reader holds it no
+//! descriptor of its list is freed, moved or reused, so the reader needs no
+//! nulls marker, no restart, no read-side section and no type-stable
+//! descriptors: a descriptor freed by a writer is out of every chain before
+//! the writer drops the bit. The sptes the entries name stay allocated for
+//! as long as the reader holds the bit because an spte leaves its rmap,
+//! taking the bit, before the shadow page it sits in may be freed (the
+//! caller's contract); the value of an spte may still change under the
+//! reader (a zap, a fault), so readers change sptes only by
+//! compare-exchange. The cost is one compare-exchange and one store per
+//! non-empty rmap walked, and a reader waits while a writer holds its rmap
+//! (and the other way round).
+//!
 //! # Safety contract
 //!
 //! The writer methods are `unsafe`: the caller must serialise every writer of
@@ -218,6 +245,12 @@ unsafe fn spte_ref(entry: usize, _section: &impl ReadSection) -> &AtomicU64 {
     unsafe { &*(entry as *const AtomicU64) }
 }
 
+/// Bit 1 of a head: the rmap lock of 6.15's shadow MMU (`KVM_RMAP_LOCKED`),
+/// for lists whose readers take it instead of walking locklessly (module
+/// docs, "The rmap lock"). Bit 0 tags a descriptor; entries and descriptors
+/// are 8-byte aligned, so bit 1 is free in every head value.
+pub const KVM_RMAP_LOCKED: usize = 1 << 1;
+
 /// A pte_list head: an rmap slot or a shadow page's `parent_ptes`.
 #[repr(transparent)]
 #[derive(Debug)]
@@ -263,10 +296,11 @@ impl PteListHead {
         (self as *const Self as usize) | 1
     }
 
-    /// The raw head word, relaxed (writers, and statistics).
+    /// The head word without the rmap lock bit (`kvm_rmap_get`), relaxed:
+    /// for writers, who exclude each other, and statistics.
     #[inline]
     pub fn raw(&self) -> usize {
-        self.val.load(Ordering::Relaxed)
+        self.val.load(Ordering::Relaxed) & !KVM_RMAP_LOCKED
     }
 
     /// Is the list empty?
@@ -277,10 +311,143 @@ impl PteListHead {
 
     #[inline]
     fn publish_head(&self, val: usize) {
-        // Release: pairs with a lockless reader's acquire load of the head, so
-        // the descriptor or spte it names is initialised as far as the reader
-        // can see.
+        // Release: pairs with a lockless reader's acquire load of the head,
+        // or with the acquire compare-exchange of the next taker of the rmap
+        // lock (a value without the bit drops it), so the descriptor or spte
+        // it names is initialised as far as the reader can see.
         self.val.store(val, Ordering::Release);
+    }
+
+    /// `__kvm_rmap_lock`: takes the rmap lock of a non-empty list and
+    /// returns the head without the bit; returns 0, taking nothing, for an
+    /// empty one (module docs, "The rmap lock").
+    fn rmap_lock(&self) -> usize {
+        let backoff = crate::sync::Backoff::new();
+        // Relaxed: only finds the value to swap; the compare-exchange orders.
+        let mut old = self.val.load(Ordering::Relaxed);
+        loop {
+            if old == 0 {
+                return 0;
+            }
+            if old & KVM_RMAP_LOCKED != 0 {
+                backoff.snooze();
+                old = self.val.load(Ordering::Relaxed);
+                continue;
+            }
+            // Acquire: pairs with the release store that dropped the bit
+            // last ([`Self::rmap_unlock`], [`Self::publish_head`]), so the
+            // chain is read as its last holder left it.
+            match self.val.compare_exchange_weak(
+                old,
+                old | KVM_RMAP_LOCKED,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return old,
+                Err(now) => old = now,
+            }
+        }
+    }
+
+    /// `__kvm_rmap_unlock`: stores `val` as the head, dropping the rmap lock
+    /// in the same release store (it pairs with the next taker's acquire
+    /// compare-exchange in [`Self::rmap_lock`]).
+    fn rmap_unlock(&self, val: usize) {
+        debug_assert!(val & KVM_RMAP_LOCKED == 0);
+        self.val.store(val, Ordering::Release);
+    }
+
+    /// After a writer that took the rmap lock on a head of `v`: drops the
+    /// lock if the writer did not store a new head (which dropped it).
+    fn rmap_unlock_unless_published(&self, v: usize) {
+        // Relaxed: our own last store, if any; writers are serialised.
+        if v != 0 && self.val.load(Ordering::Relaxed) & KVM_RMAP_LOCKED != 0 {
+            self.rmap_unlock(v);
+        }
+    }
+
+    /// [`Self::add`] under the rmap lock (`kvm_rmap_lock`, the add,
+    /// `kvm_rmap_unlock` of the new head).
+    ///
+    /// # Safety
+    /// As [`Self::add`], and every writer of this list goes through the
+    /// `_rmap_locked` writers (module docs, "The rmap lock").
+    pub unsafe fn add_rmap_locked(
+        &self,
+        spte: SptePtr,
+        alloc: &mut impl FnMut() -> NonNull<PteListDesc>,
+    ) -> usize {
+        let v = self.rmap_lock();
+        // SAFETY: forwarded contract; the bit keeps readers out of the chain
+        // while it changes.
+        let before = unsafe { self.add_with(spte, alloc, &Breakage::SEED) };
+        self.rmap_unlock_unless_published(v);
+        before
+    }
+
+    /// [`Self::remove`] under the rmap lock. A descriptor it frees is out
+    /// of the chain before the bit drops, so no reader can be inside it.
+    ///
+    /// # Safety
+    /// As [`Self::remove`], and every writer of this list goes through the
+    /// `_rmap_locked` writers.
+    pub unsafe fn remove_rmap_locked(&self, spte: SptePtr, free: &mut impl FnMut(NonNull<PteListDesc>)) {
+        let v = self.rmap_lock();
+        // SAFETY: forwarded contract, as in `add_rmap_locked`.
+        unsafe { self.remove_with(spte, free, &Breakage::SEED) };
+        self.rmap_unlock_unless_published(v);
+    }
+
+    /// A walk under the rmap lock (`kvm_rmap_lock_readonly`, the walk,
+    /// `kvm_rmap_unlock_readonly`): calls `f` on every entry, in list
+    /// order, with no writer of the list running. `f` may change the spte
+    /// only by compare-exchange (a zap may race with it; module docs). `b`
+    /// may break the rule (tests only).
+    ///
+    /// # Safety
+    /// Every writer of the list takes the rmap lock (the `_rmap_locked`
+    /// writers), and an spte leaves the list before the memory it sits in
+    /// is freed.
+    pub unsafe fn walk_rmap_locked(&self, b: &Breakage, mut f: impl FnMut(&AtomicU64)) {
+        let unlocked = b.rmap_walk_without_lock();
+        // Acquire (the switch's walk only): as a lockless reader's load.
+        let v = if unlocked { self.val.load(Ordering::Acquire) & !KVM_RMAP_LOCKED } else { self.rmap_lock() };
+        if v == 0 {
+            return;
+        }
+        if v & 1 == 0 {
+            // SAFETY: an entry of this list, read under its lock: its spte
+            // stays allocated while we hold the lock (contract).
+            f(unsafe { &*(v as *const AtomicU64) });
+        } else {
+            let mut desc = v & !1;
+            // 0 ("being initialised") is seen only by the switch's walk.
+            while desc != 0 && !desc_is_a_nulls(desc) {
+                // SAFETY: a descriptor of this list, which the lock keeps in
+                // it (and so allocated) until we drop the lock.
+                let d = unsafe { desc_ref(desc) };
+                for s in &d.sptes {
+                    // Relaxed: the lock's acquire ordered the writers'
+                    // stores before us, and none runs while we hold it.
+                    let s = s.load(Ordering::Relaxed);
+                    if s == 0 {
+                        break;
+                    }
+                    // SAFETY: as for a single entry.
+                    f(unsafe { &*(s as *const AtomicU64) });
+                }
+                // Relaxed: as above.
+                desc = d.more.load(Ordering::Relaxed);
+            }
+        }
+        if !unlocked {
+            // Release: orders our loads of the chain before the next
+            // writer's change of it (its acquire compare-exchange), so that
+            // no descriptor is freed and reused under them. The kernel's
+            // `kvm_rmap_unlock_readonly` writes the value back with a plain
+            // `atomic_long_set`; on x86 every store is a release.
+            self.rmap_unlock(v);
+        }
     }
 
     /// `pte_list_add`: adds `spte`, returns the number of entries the list
@@ -947,6 +1114,93 @@ mod tests {
         unsafe { head.remove(ptr(&s[1]), &mut |d| pool.free(d)) };
     }
 
+    /// The rmap-locked writers and walk against a model set: the same lists
+    /// as the plain writers make, the bit dropped after every call.
+    #[test]
+    fn rmap_locked_writers_and_walks_match_a_model() {
+        let mut rng = fastrand::Rng::with_seed(0x10c6);
+        let mut pool = TestPool::default();
+        let s = sptes(40);
+        let heads: Vec<PteListHead> = (0..3).map(|_| PteListHead::new()).collect();
+        let mut model: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); heads.len()];
+        let walked = |h: &PteListHead| {
+            let mut seen = BTreeSet::new();
+            // SAFETY: every writer below takes the rmap lock; the sptes
+            // outlive the lists.
+            unsafe { h.walk_rmap_locked(&Breakage::SEED, |p| assert!(seen.insert(p as *const _ as usize))) };
+            seen
+        };
+        for _ in 0..10_000 {
+            let h = rng.usize(..heads.len());
+            let i = rng.usize(..s.len());
+            let p = ptr(&s[i]).as_ptr() as usize;
+            if model[h].contains(&p) {
+                // SAFETY: single writer, through the rmap-locked writers;
+                // every descriptor came from `pool`.
+                unsafe { heads[h].remove_rmap_locked(ptr(&s[i]), &mut |d| pool.free(d)) };
+                model[h].remove(&p);
+            } else if !model.iter().any(|m| m.contains(&p)) {
+                // SAFETY: as above.
+                let before = unsafe { heads[h].add_rmap_locked(ptr(&s[i]), &mut || pool.alloc()) };
+                assert_eq!(before, model[h].len());
+                model[h].insert(p);
+            }
+            assert_eq!(heads[h].val.load(Ordering::Relaxed) & KVM_RMAP_LOCKED, 0, "the bit is dropped");
+            // SAFETY: as above.
+            assert_eq!(unsafe { heads[h].check_invariants() }, model[h].len());
+            assert_eq!(walked(&heads[h]), model[h], "a locked walk sees the list");
+            assert_eq!(heads[h].val.load(Ordering::Relaxed) & KVM_RMAP_LOCKED, 0, "the walk drops it");
+        }
+        let descs_needed: usize =
+            model.iter().map(|m| if m.len() < 2 { 0 } else { m.len().div_ceil(PTE_LIST_EXT) }).sum();
+        assert_eq!(pool.live(), descs_needed, "no descriptor leaked or double-freed");
+    }
+
+    #[test]
+    fn a_walk_under_the_rmap_lock_keeps_writers_out() {
+        use std::sync::atomic::AtomicBool;
+        let s = sptes(4);
+        let head = PteListHead::new();
+        let mut pool = TestPool::default();
+        for x in &s[..3] {
+            // SAFETY: single writer; rmap-locked writers throughout.
+            unsafe { head.add_rmap_locked(ptr(x), &mut || pool.alloc()) };
+        }
+        let inside = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let mut first = true;
+                // SAFETY: writers take the lock; the sptes outlive the walk.
+                unsafe {
+                    head.walk_rmap_locked(&Breakage::SEED, |_| {
+                        if std::mem::take(&mut first) {
+                            inside.store(true, Ordering::SeqCst);
+                            tx.send(()).unwrap();
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            inside.store(false, Ordering::SeqCst);
+                        }
+                    })
+                };
+            });
+            rx.recv().unwrap();
+            // SAFETY: the only writer, through the rmap lock.
+            unsafe { head.add_rmap_locked(ptr(&s[3]), &mut || pool.alloc()) };
+            assert!(!inside.load(Ordering::SeqCst), "the add waited for the walk to drop the lock");
+        });
+        // An empty list is walked without taking anything.
+        let empty = PteListHead::new();
+        // SAFETY: no writer.
+        unsafe { empty.walk_rmap_locked(&Breakage::SEED, |_| panic!("no entry")) };
+        assert_eq!(empty.val.load(Ordering::Relaxed), 0);
+        let mut pool2 = pool;
+        for x in &s {
+            // SAFETY: as above.
+            unsafe { head.remove_rmap_locked(ptr(x), &mut |d| pool2.free(d)) };
+        }
+        assert!(head.is_empty());
+    }
+
     /// Random adds and removes against a model set, checking the invariants
     /// and the contents after every step, with descriptors reused at once.
     #[test]
@@ -1059,6 +1313,28 @@ mod loom_tests {
             unsafe {
                 self.heads[head]
                     .walk_lockless(&section, b, |p| seen.push(self.id(p as *const AtomicU64 as usize)))
+            };
+            seen
+        }
+    }
+
+    /// The `rmap-lock` design's writers and walk.
+    impl World {
+        fn add_locked(&self, head: usize, spte: usize, a: &mut Alloc) {
+            // SAFETY: single writer, through the rmap-locked writers; the
+            // descriptors live for the whole model.
+            unsafe { self.heads[head].add_rmap_locked(self.spte(spte), &mut || a.alloc()) };
+        }
+        fn remove_locked(&self, head: usize, spte: usize, a: &mut Alloc) {
+            // SAFETY: as `add_locked`.
+            unsafe { self.heads[head].remove_rmap_locked(self.spte(spte), &mut |d| a.free(d)) };
+        }
+        fn walk_locked(&self, head: usize, b: &Breakage) -> Vec<usize> {
+            let mut seen = Vec::new();
+            // SAFETY: every writer takes the rmap lock; the sptes live for
+            // the whole model.
+            unsafe {
+                self.heads[head].walk_rmap_locked(b, |p| seen.push(self.id(p as *const AtomicU64 as usize)))
             };
             seen
         }
@@ -1291,7 +1567,65 @@ mod loom_tests {
         );
     }
 
+    /// The `rmap-lock` design: a walk under the lock bit against writers
+    /// that take it. R0 = [D] -> [A, B, C], R1 = X: remove D from R0 (its
+    /// first descriptor is freed), add Y to R1 (which reuses it). The walk
+    /// of R0 sees A, B and C, with no nulls check and no restart: the bit
+    /// keeps the descriptor in R0 until the walk is done.
+    fn rmap_locked_descriptor_reuse(b: Breakage) {
+        crate::loom_support::check(move || {
+            let (w, mut a) = world(2, 6, 3);
+            (0..4).for_each(|i| w.add_locked(0, i, &mut a));
+            w.add_locked(1, 4, &mut a);
+            let (w2, w3) = (w.clone(), w.clone());
+            let ((), mut seen) = crate::loom_support::two(
+                move || {
+                    w2.remove_locked(0, 3, &mut a);
+                    w2.add_locked(1, 5, &mut a);
+                },
+                move || w3.walk_locked(0, &b),
+            );
+            assert_visited(&seen, &[0, 1, 2]);
+            seen.sort();
+            seen
+        });
+    }
+
+    #[test]
+    fn loom_rmap_locked_walk_against_descriptor_reuse() {
+        rmap_locked_descriptor_reuse(Breakage::SEED);
+    }
+
+    /// The collapse under the rmap lock: R0 = [A, B], R1 = X; remove B from
+    /// R0 (A moves into the head, the descriptor is freed), add Y to R1
+    /// (which takes it).
+    #[test]
+    fn loom_rmap_locked_walk_against_a_collapse_and_reuse() {
+        crate::loom_support::check(|| {
+            let (w, mut a) = world(2, 4, 1);
+            (0..2).for_each(|i| w.add_locked(0, i, &mut a));
+            w.add_locked(1, 2, &mut a);
+            let (w2, w3) = (w.clone(), w.clone());
+            let ((), seen) = crate::loom_support::two(
+                move || {
+                    w2.remove_locked(0, 1, &mut a);
+                    w2.add_locked(1, 3, &mut a);
+                },
+                move || w3.walk_locked(0, &Breakage::SEED),
+            );
+            assert_visited(&seen, &[0]);
+            seen
+        });
+    }
+
     // The switches: each must make its model fail.
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "missed stable entry")]
+    fn loom_an_rmap_walk_without_the_lock_is_caught() {
+        rmap_locked_descriptor_reuse(Breakage { rmap_walk_without_lock: true, ..Breakage::SEED });
+    }
 
     #[test]
     #[cfg(feature = "break-rules")]

@@ -309,6 +309,13 @@ impl PteListHead {
         self.raw() == 0
     }
 
+    /// Does someone hold the rmap lock ([`KVM_RMAP_LOCKED`])? For audits:
+    /// with no walker running, nobody should.
+    pub fn is_rmap_locked(&self) -> bool {
+        // Relaxed: a snapshot for an audit, which runs with walkers stopped.
+        self.val.load(Ordering::Relaxed) & KVM_RMAP_LOCKED != 0
+    }
+
     #[inline]
     fn publish_head(&self, val: usize) {
         // Release: pairs with a lockless reader's acquire load of the head,

@@ -108,6 +108,17 @@ pub enum Violation {
         /// Its address.
         sptep: usize,
     },
+    /// An rmap whose lock bit is held with no walker running (a walk or a
+    /// writer that did not drop it).
+    #[error("rmap {index} of slot {slot} level {level} is left locked")]
+    RmapLockHeld {
+        /// The slot.
+        slot: u32,
+        /// The rmap's level.
+        level: u8,
+        /// Its index in the slot's rmaps of that level.
+        index: usize,
+    },
     /// Not one rmap entry per present leaf spte.
     #[error("{leaf_sptes} leaf sptes but {rmap_entries} rmap entries")]
     RmapCount {
@@ -292,7 +303,7 @@ impl Violation {
     pub fn invariant(&self) -> Invariant {
         use Violation as V;
         match self {
-            V::SpteInTwoRmaps { .. } | V::RmapCount { .. } => Invariant::Rmap,
+            V::SpteInTwoRmaps { .. } | V::RmapCount { .. } | V::RmapLockHeld { .. } => Invariant::Rmap,
             V::ActiveCount { .. } | V::HashCount { .. } | V::InvalidActive(_) | V::NotHashed(_) => {
                 Invariant::PageLists
             }
@@ -400,6 +411,8 @@ impl Auditor<'_, '_> {
         for slot in self.slots.iter() {
             for level in mapping_levels() {
                 for (idx, head) in slot.rmaps(level).iter().enumerate() {
+                    let held = head.is_rmap_locked();
+                    ensure!(!held, Violation::RmapLockHeld { slot: slot.id(), level, index: idx });
                     // SAFETY: we hold mmu_lock, so no writer runs; descriptors
                     // are type-stable pool memory.
                     let n = unsafe { head.check_invariants() };

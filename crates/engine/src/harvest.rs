@@ -14,7 +14,9 @@
 //!   every `PAGES_PER_READ_SECTION` pages) and its own tally; no lock. The
 //!   remote TLB flush comes once, after every thread has joined: a flush
 //!   earlier than that would leave the sptes other threads are still
-//!   protecting unflushed (the `harvest_thread_flushes_early` switch).
+//!   protecting unflushed (the `harvest_thread_flushes_early` switch);
+//! - rmap-lock design: as the lockless one, each rmap under its lock bit
+//!   instead of in a read-side section.
 //!
 //! The orderings are those of a one-thread harvest, per word: the word's
 //! swap (GET) or `fetch_andnot` (CLEAR), AcqRel, acquires the markers'
@@ -64,11 +66,12 @@ impl std::ops::AddAssign for ChunkTally {
 /// reset finds it per run.
 pub(crate) type Run<'a> = (&'a Memslot, u64, u64);
 
-/// How a walking thread protects a run: under the lock it holds, or in its
-/// read-side section.
+/// How a walking thread protects a run: under the lock it holds, in its
+/// read-side section, or each rmap under its lock bit.
 pub(crate) enum Protector<'g, 'l> {
     Locked(&'g MmuGuard<'l>),
     Lockless(&'g mut ReadGuard<'l>, u32),
+    RmapLocked,
 }
 
 impl Kvm {
@@ -106,6 +109,15 @@ impl Kvm {
                     *since_quiesce = 0;
                 }
             }
+            Protector::RmapLocked => {
+                self.kvm_arch_mmu_enable_log_dirty_pt_masked_rmap_locked(
+                    slot,
+                    offset,
+                    mask,
+                    initially_set,
+                    &mut t.lockless.0,
+                );
+            }
         }
     }
 
@@ -133,6 +145,7 @@ impl Kvm {
                 t.sections = 1;
                 walk(&mut Protector::Lockless(&mut guard, 0), &mut t);
             }
+            MmuDesign::RmapLock => walk(&mut Protector::RmapLocked, &mut t),
         }
         let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();
         t.lock_hold_ns = held_after - held_before;
@@ -141,7 +154,8 @@ impl Kvm {
     }
 
     /// Runs `chunk(k)` for each of `chunks` on `threads` threads (this one
-    /// included), then, in the lockless design, the one remote TLB flush;
+    /// included), then, in the designs that protect without `mmu_lock`, the
+    /// one remote TLB flush;
     /// adds the tallies to the VM's figures and returns their sum.
     pub(crate) fn walk_in_parallel(
         &self,
@@ -151,7 +165,8 @@ impl Kvm {
         // Every participant takes every `threads`-th chunk from its own
         // index on; with fewer chunks than threads, the rest have none.
         let threads = self.harvest_pool.as_ref().map_or(1, |p| p.helpers() + 1);
-        let early = self.mmu.breakage.harvest_thread_flushes_early() && self.mmu.design.is_lockless();
+        let unlocked = self.mmu.design.protects_without_mmu_lock();
+        let early = self.mmu.breakage.harvest_thread_flushes_early() && unlocked;
         let mut total = ChunkTally::default();
         let started = std::time::Instant::now();
         let run_share = |k: usize| {
@@ -188,11 +203,7 @@ impl Kvm {
         self.mmu.stats.harvest_mmu_lock_hold_ns.add(total.lock_hold_ns);
         self.mmu.stats.harvest_mmu_lock_max_hold_ns.max(total.lock_max_hold_ns);
         self.account_lockless_walks(total.lockless);
-        if self.mmu.design.is_lockless()
-            && total.pages > 0
-            && !early
-            && !self.mmu.breakage.skip_get_dirty_log_flush()
-        {
+        if unlocked && total.pages > 0 && !early && !self.mmu.breakage.skip_get_dirty_log_flush() {
             self.kvm_flush_remote_tlbs();
         }
         total

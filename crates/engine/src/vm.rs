@@ -354,6 +354,7 @@ impl Vm {
                             kvm.kvm_mmu_slot_remove_write_access(&mut g, &slot);
                         }
                         MmuDesign::Lockless => kvm.kvm_mmu_slot_remove_write_access_lockless(&slot),
+                        MmuDesign::RmapLock => kvm.kvm_mmu_slot_remove_write_access_rmap_locked(&slot),
                     }
                 }
             }

@@ -8,7 +8,7 @@ use shadow_mmu_engine::{GuestOp, MemFlags, MmuDesign, VmConfig, VmError};
 use shadow_mmu_testkit::fixtures::*;
 use shadow_mmu_testkit::kernbench::{KernbenchConfig, Workload, kernbench};
 
-const DESIGNS: [MmuDesign; 2] = [MmuDesign::Locked, MmuDesign::Lockless];
+const DESIGNS: [MmuDesign; 3] = MmuDesign::ALL;
 
 #[test]
 fn invalidation_drops_exactly_the_range_and_the_pages_fault_in_again() {

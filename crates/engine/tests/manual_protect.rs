@@ -164,3 +164,28 @@ fn initially_set_starts_all_ones_and_protects_chunk_by_chunk() {
         assert_eq!(run_one(&mut vcpu, GuestOp::Hypercall(0)), VcpuExit::Hypercall(0));
     }
 }
+
+#[test]
+fn only_the_locked_design_takes_mmu_lock_to_harvest() {
+    for base in every_design() {
+        for protect in [DirtyLogProtect::Auto, DirtyLogProtect::Manual] {
+            let (vm, _mem) = vm_with_slot(manual(&base, protect), 2 * MIB, MemFlags::LOG_DIRTY_PAGES);
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            run_ops(&mut vcpu, (0..300).map(|g| GuestOp::Write(page(g), g)));
+            let got = get(&vm, 8);
+            assert_eq!(set_pages(&got).len(), 300);
+            if protect == DirtyLogProtect::Manual {
+                assert_eq!(vm.clear_dirty_log(0, 0, 512, &got).unwrap(), 300);
+            }
+            let held = vm.stats().mmu.harvest_mmu_lock_hold_ns;
+            let what = format!("{} {protect:?}: harvests held mmu_lock {held} ns", describe(&base));
+            assert_eq!(held > 0, !base.mmu.protects_without_mmu_lock(), "{what}");
+            // The walks protected every page (the next writes fault) and
+            // left no rmap locked (the audit checks every lock bit).
+            audit(&vm);
+            let faults = vcpu.stats().page_faults;
+            run_ops(&mut vcpu, [GuestOp::Write(page(7), 1)]);
+            assert_eq!(vcpu.stats().page_faults, faults + 1, "{what}: page 7 was protected");
+        }
+    }
+}

@@ -38,6 +38,19 @@
 //!   flushes happen after the walk, out of any lock, and `mmu_spte_update`
 //!   flushes by patch 04's rule (with a plain store under the lock; the proof
 //!   is at `lockless::spte_update_needs_flush`).
+//! - `RmapLock` is the shadow MMU of 6.15 with its rmap lock bit
+//!   (`KVM_RMAP_LOCKED`, upstream's for aging) applied to write protection:
+//!   rmap writers take the bit of the rmap they change as well as
+//!   `mmu_lock`; enable-logging, GET, CLEAR and the ring reset take only
+//!   the bit of each rmap they walk (`pte_list`'s "The rmap lock") and clear
+//!   W by compare-exchange, as the seed does; flushes and spte updates
+//!   follow the seed's rules (patches 04, 05). No nulls markers, restarts
+//!   or read-side sections: the bit keeps the chain still, and an spte
+//!   leaves its rmap (taking the bit) before its shadow page can be freed
+//!   (`drop_spte` before `kvm_mmu_commit_zap_page`), so every spte a walker
+//!   reaches is in a live table. Shadow pages and descriptors still come
+//!   from the same pools as in the other designs; this design's harvest
+//!   relies on neither their type stability nor their grace period.
 //!
 //! `VmConfig::fast_page_fault` turns the fast path off in either design (the
 //! baseline of the first measurements): every write fault then takes the slow path,
@@ -76,23 +89,34 @@ pub enum MmuDesign {
     Locked,
     /// The seed: lockless write protection.
     Lockless,
+    /// The shadow MMU with 6.15's rmap lock bit, applied to write
+    /// protection: each rmap walked under its own bit, not `mmu_lock`.
+    RmapLock,
 }
 
 impl MmuDesign {
     /// All designs, for tests and benchmarks that run each.
-    pub const ALL: [MmuDesign; 2] = [MmuDesign::Locked, MmuDesign::Lockless];
+    pub const ALL: [MmuDesign; 3] = [MmuDesign::Locked, MmuDesign::Lockless, MmuDesign::RmapLock];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             MmuDesign::Locked => "locked",
             MmuDesign::Lockless => "lockless",
+            MmuDesign::RmapLock => "rmap-lock",
         }
     }
 
-    /// Is this the lockless design?
+    /// Is this the seed's lockless design (nulls lists, grace periods)?
     pub fn is_lockless(self) -> bool {
         self == MmuDesign::Lockless
+    }
+
+    /// Does dirty logging write-protect without `mmu_lock` (the seed, or
+    /// the rmap lock)? Then an spte may lose W outside `mmu_lock`, with the
+    /// flush after the walk: updates under the lock follow patch 04's rule.
+    pub fn protects_without_mmu_lock(self) -> bool {
+        matches!(self, MmuDesign::Lockless | MmuDesign::RmapLock)
     }
 }
 
@@ -104,7 +128,7 @@ impl std::fmt::Display for MmuDesign {
 
 /// A name that is not an [`MmuDesign`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown MMU design {0:?} (known: locked, lockless)")]
+#[error("unknown MMU design {0:?} (known: locked, lockless, rmap-lock)")]
 pub struct UnknownMmuDesign(pub String);
 
 impl std::str::FromStr for MmuDesign {
@@ -113,6 +137,7 @@ impl std::str::FromStr for MmuDesign {
         match s {
             "locked" => Ok(MmuDesign::Locked),
             "lockless" => Ok(MmuDesign::Lockless),
+            "rmap-lock" => Ok(MmuDesign::RmapLock),
             other => Err(UnknownMmuDesign(other.to_string())),
         }
     }
@@ -242,7 +267,11 @@ impl Mmu {
         Self {
             design: p.design,
             fast_page_fault: p.fast_page_fault,
-            spte_update: SpteUpdate::for_mmu(p.design.is_lockless(), p.fast_page_fault, &p.breakage),
+            spte_update: SpteUpdate::for_mmu(
+                p.design.protects_without_mmu_lock(),
+                p.fast_page_fault,
+                &p.breakage,
+            ),
             breakage: p.breakage,
             rcu: rcu.clone(),
             lock: MmuLock::new(MmuLocked {

@@ -8,8 +8,8 @@
 
 use std::ptr::NonNull;
 
-use super::MmuCaches;
 use super::lock::MmuGuard;
+use super::{MmuCaches, MmuDesign};
 use crate::memslot::Memslot;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::vm::Kvm;
@@ -60,16 +60,18 @@ impl Kvm {
         gfn: u64,
         level: u8,
     ) -> usize {
+        let head = slot.rmap(gfn, level);
+        let mut alloc = || caches.desc.alloc();
+        if self.mmu.design == MmuDesign::RmapLock {
+            // SAFETY: as below; in this design every rmap writer takes the
+            // rmap lock (here and in `rmap_remove`), so the harvest's walks
+            // under it see the chain still.
+            return unsafe { head.add_rmap_locked(NonNull::from(sptep), &mut alloc) };
+        }
         // SAFETY: we hold mmu_lock (the guard), which serialises every writer
         // of every rmap; descriptors come from this VM's type-stable pool
         // through the vCPU's cache, clean.
-        unsafe {
-            slot.rmap(gfn, level).add_with(
-                NonNull::from(sptep),
-                &mut || caches.desc.alloc(),
-                &self.mmu.breakage,
-            )
-        }
+        unsafe { head.add_with(NonNull::from(sptep), &mut alloc, &self.mmu.breakage) }
     }
 
     /// `rmap_remove`: forgets that the leaf `sptep` maps its gfn. The gfn and
@@ -84,12 +86,18 @@ impl Kvm {
         // Memslot deletion zaps every spte of a slot while the slot is still
         // published (marked invalid), so a mapped gfn always has its slot.
         let slot = slots.find(gfn).expect("rmap_remove: mapped gfn has no memslot");
+        let head = slot.rmap(gfn, level);
+        if self.mmu.design == MmuDesign::RmapLock {
+            // SAFETY: as below, and every rmap writer of this design takes
+            // the rmap lock (`rmap_add`): the entry leaves the chain under
+            // the bit, before the caller may free the spte's table.
+            unsafe { head.remove_rmap_locked(NonNull::from(sptep), &mut self.free_desc()) };
+            return;
+        }
         // SAFETY: we hold mmu_lock; freed descriptors go back to the VM's
         // type-stable pool, whose memory outlives lockless readers' read-side
         // sections (`pool.rs`).
-        unsafe {
-            slot.rmap(gfn, level).remove_with(NonNull::from(sptep), &mut self.free_desc(), &self.mmu.breakage)
-        };
+        unsafe { head.remove_with(NonNull::from(sptep), &mut self.free_desc(), &self.mmu.breakage) };
     }
 
     /// What an rmap or a parent list calls with each descriptor it unlinks.

@@ -28,8 +28,16 @@
 //! needs 4 KiB mappings. Remote TLBs are flushed after the walk, with no
 //! lock held (patch 05): a locked path that meets one of our read-only sptes
 //! before that flush flushes itself, by patch 04's rule.
+//!
+//! # rmap-lock design (6.15's rmap lock bit)
+//!
+//! The lockless design's walks, each rmap walked under its own lock bit
+//! (`lockless::rmap_write_protect_rmap_locked`) instead of locklessly in a
+//! read-side section: the same compare-exchange on W, the same flush after
+//! the walk by patch 05's rule, the same patch 04 rule for the locked
+//! paths that meet a read-only spte before it.
 use super::lock::MmuGuard;
-use super::lockless::rmap_write_protect_lockless;
+use super::lockless::{rmap_write_protect_lockless, rmap_write_protect_rmap_locked};
 use crate::memslot::Memslot;
 use crate::vm::Kvm;
 use shadow_mmu_core::pte_list::PteListHead;
@@ -119,9 +127,11 @@ impl Kvm {
         protected + self.kvm_mmu_write_protect_pt_masked(g, slot, gfn_offset, mask)
     }
 
-    /// [`Kvm::kvm_arch_mmu_enable_log_dirty_pt_masked`] without `mmu_lock`,
-    /// inside `section` (as [`Kvm::kvm_mmu_write_protect_pt_masked_lockless`]).
-    /// Large sptes are made read-only, not dropped (patch 03).
+    /// `kvm_mmu_write_protect_pt_masked_lockless` (patch 13), and CLEAR's
+    /// protection: [`Kvm::kvm_arch_mmu_enable_log_dirty_pt_masked`] without
+    /// `mmu_lock`, inside `section`, a read-side section of `self.mmu.rcu`.
+    /// Large sptes are made read-only, not dropped (patch 03). Adds to
+    /// `tally` the sptes that lost W and the walk restarts.
     pub(crate) fn kvm_arch_mmu_enable_log_dirty_pt_masked_lockless(
         &self,
         section: &ReadGuard<'_>,
@@ -131,19 +141,49 @@ impl Kvm {
         initially_set: bool,
         tally: &mut (usize, usize),
     ) {
-        if initially_set {
-            for gfn in masked_large_gfns(slot, gfn_offset, mask) {
-                for level in mapping_levels().filter(|&l| l > PT_PAGE_TABLE_LEVEL) {
-                    // SAFETY: as in `kvm_mmu_write_protect_pt_masked_lockless`.
-                    let (cleared, restarts) = unsafe {
-                        rmap_write_protect_lockless(slot.rmap(gfn, level), section, &self.mmu.breakage)
-                    };
-                    tally.0 += cleared;
-                    tally.1 += restarts;
-                }
+        for_each_masked_rmap(slot, gfn_offset, mask, initially_set, |head| {
+            // SAFETY: descriptors and shadow pages come from this VM's pools,
+            // whose grace period domain is `self.mmu.rcu`, the section's.
+            let (cleared, restarts) =
+                unsafe { rmap_write_protect_lockless(head, section, &self.mmu.breakage) };
+            tally.0 += cleared;
+            tally.1 += restarts;
+        });
+    }
+
+    /// [`Kvm::kvm_arch_mmu_enable_log_dirty_pt_masked`] without `mmu_lock`,
+    /// each rmap under its lock bit (the rmap-lock design). Large sptes are
+    /// made read-only, not dropped. Adds the sptes that lost W to
+    /// `cleared`.
+    pub(crate) fn kvm_arch_mmu_enable_log_dirty_pt_masked_rmap_locked(
+        &self,
+        slot: &Memslot,
+        gfn_offset: u64,
+        mask: u64,
+        initially_set: bool,
+        cleared: &mut usize,
+    ) {
+        for_each_masked_rmap(slot, gfn_offset, mask, initially_set, |head| {
+            // SAFETY: in this design every rmap writer takes the rmap lock
+            // (`rmap_add`, `rmap_remove`), and a leaf leaves its rmap before
+            // its shadow page is freed (`drop_spte`).
+            *cleared += unsafe { rmap_write_protect_rmap_locked(head, &self.mmu.breakage) };
+        });
+    }
+
+    /// `kvm_mmu_slot_remove_write_access` of the rmap-lock design: every
+    /// rmap of `slot`, at every level, under its lock bit, then one remote
+    /// TLB flush out of any lock (patch 05).
+    pub(crate) fn kvm_mmu_slot_remove_write_access_rmap_locked(&self, slot: &Memslot) {
+        let mut cleared = 0;
+        for level in mapping_levels() {
+            for head in slot.rmaps(level) {
+                // SAFETY: as in `kvm_arch_mmu_enable_log_dirty_pt_masked_rmap_locked`.
+                cleared += unsafe { rmap_write_protect_rmap_locked(head, &self.mmu.breakage) };
             }
         }
-        self.kvm_mmu_write_protect_pt_masked_lockless(section, slot, gfn_offset, mask, tally);
+        self.account_lockless_walks((cleared, 0));
+        self.kvm_flush_remote_tlbs();
     }
 
     /// `kvm_mmu_slot_remove_write_access`: write-protects all of `slot`, at
@@ -166,31 +206,6 @@ impl Kvm {
         self.kvm_flush_remote_tlbs();
     }
 
-    /// `kvm_mmu_write_protect_pt_masked_lockless` (patch 13): as
-    /// [`Kvm::kvm_mmu_write_protect_pt_masked`], without `mmu_lock`, inside
-    /// `section`, a read-side section of `self.mmu.rcu`. Adds to `tally` the
-    /// sptes that lost W and the walk restarts.
-    pub(crate) fn kvm_mmu_write_protect_pt_masked_lockless(
-        &self,
-        section: &ReadGuard<'_>,
-        slot: &Memslot,
-        gfn_offset: u64,
-        mut mask: u64,
-        tally: &mut (usize, usize),
-    ) {
-        while mask != 0 {
-            let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
-            // SAFETY: descriptors and shadow pages come from this VM's pools,
-            // whose grace period domain is `self.mmu.rcu`, the section's.
-            let (cleared, restarts) = unsafe {
-                rmap_write_protect_lockless(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL), section, &self.mmu.breakage)
-            };
-            tally.0 += cleared;
-            tally.1 += restarts;
-            mask &= mask - 1;
-        }
-    }
-
     /// Adds a lockless walk's tally to the VM's figures (once per call, not
     /// per page: a shared counter bumped per page would bounce between the
     /// harvester and the vCPUs).
@@ -211,7 +226,7 @@ impl Kvm {
         let mut tally = (0, 0);
         for level in mapping_levels() {
             for (i, head) in slot.rmaps(level).iter().enumerate() {
-                // SAFETY: as in `kvm_mmu_write_protect_pt_masked_lockless`:
+                // SAFETY: as in `kvm_arch_mmu_enable_log_dirty_pt_masked_lockless`:
                 // `guard` is a section of this VM's pools' domain.
                 let (cleared, restarts) =
                     unsafe { rmap_write_protect_lockless(head, &guard, &self.mmu.breakage) };
@@ -225,6 +240,32 @@ impl Kvm {
         drop(guard);
         self.account_lockless_walks(tally);
         self.kvm_flush_remote_tlbs();
+    }
+}
+
+/// The rmaps that the protection of `mask` (pages `gfn_offset..+64` of
+/// `slot`) walks, in order: under `INITIALLY_SET` (`initially_set`) the
+/// large pages' under the mask's first and last page first, then each
+/// masked page's 4 KiB rmap.
+fn for_each_masked_rmap(
+    slot: &Memslot,
+    gfn_offset: u64,
+    mut mask: u64,
+    initially_set: bool,
+    mut f: impl FnMut(&PteListHead),
+) {
+    if initially_set {
+        for gfn in masked_large_gfns(slot, gfn_offset, mask) {
+            for level in mapping_levels().filter(|&l| l > PT_PAGE_TABLE_LEVEL) {
+                f(slot.rmap(gfn, level));
+            }
+        }
+    }
+    while mask != 0 {
+        let gfn = slot.base_gfn() + gfn_offset + u64::from(mask.trailing_zeros());
+        f(slot.rmap(gfn, PT_PAGE_TABLE_LEVEL));
+        // Clear the lowest set bit.
+        mask &= mask - 1;
     }
 }
 

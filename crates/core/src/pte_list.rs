@@ -1625,7 +1625,59 @@ mod loom_tests {
         });
     }
 
+    /// The rmap-lock design's harvest against a zap: the writer makes the
+    /// spte non-present, takes it out of its rmap and frees its table
+    /// (here: writes a "freed" value into it, as a reused page would hold
+    /// anything). A walk under the bit never touches the freed spte: it ran
+    /// before the removal (which waited for it) or finds the entry gone.
+    /// R = [A, B]; zap B.
+    fn rmap_locked_harvest_against_a_zap(b: Breakage) {
+        const FREED: u64 = u64::MAX;
+        crate::loom_support::check(move || {
+            let (w, mut a) = world(1, 2, 1);
+            (0..2).for_each(|i| w.add_locked(0, i, &mut a));
+            w.sptes[0].store(0x1000, Ordering::Relaxed);
+            w.sptes[1].store(0x2000, Ordering::Relaxed);
+            let (w2, w3) = (w.clone(), w.clone());
+            let ((), seen) = crate::loom_support::two(
+                move || {
+                    // Relaxed: the model's stand-in values; the rmap lock
+                    // orders them against the walk.
+                    w2.sptes[1].store(0, Ordering::Relaxed);
+                    w2.remove_locked(0, 1, &mut a);
+                    w2.sptes[1].store(FREED, Ordering::Relaxed);
+                },
+                move || {
+                    let mut seen = Vec::new();
+                    // SAFETY: every writer takes the rmap lock; the sptes
+                    // live for the whole model.
+                    unsafe {
+                        w3.heads[0].walk_rmap_locked(&b, |p| {
+                            assert_ne!(p.load(Ordering::Relaxed), FREED, "the walk touched a freed spte");
+                            seen.push(w3.id(p as *const AtomicU64 as usize));
+                        })
+                    };
+                    seen
+                },
+            );
+            assert_visited(&seen, &[0]);
+            seen
+        });
+    }
+
+    #[test]
+    fn loom_rmap_locked_harvest_against_a_zap() {
+        rmap_locked_harvest_against_a_zap(Breakage::SEED);
+    }
+
     // The switches: each must make its model fail.
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "the walk touched a freed spte")]
+    fn loom_an_rmap_walk_without_the_lock_touches_a_zapped_spte() {
+        rmap_locked_harvest_against_a_zap(Breakage { rmap_walk_without_lock: true, ..Breakage::SEED });
+    }
 
     #[test]
     #[cfg(feature = "break-rules")]

@@ -366,10 +366,19 @@ impl PteListHead {
 
     /// After a writer that took the rmap lock on a head of `v`: drops the
     /// lock if the writer did not store a new head (which dropped it).
+    ///
+    /// Whether the bit is set does not say whether it is still ours: a
+    /// reader may have taken it right after our new head dropped it, and
+    /// storing `v` then would put back the old head under the reader's
+    /// feet. The head is still ours only if it reads `v | LOCKED`: a writer
+    /// stores a head only when it changes (every `publish_head` in `add`
+    /// and `remove` stores a value other than the head it read), so after
+    /// our store the head is never `v` again.
     fn rmap_unlock_unless_published(&self, v: usize) {
-        // Relaxed: our own last store, if any; writers are serialised.
-        if v != 0 && self.val.load(Ordering::Relaxed) & KVM_RMAP_LOCKED != 0 {
-            self.rmap_unlock(v);
+        if v != 0 {
+            // Release on success: as `rmap_unlock`. Relaxed on failure: we
+            // published, and our release store dropped the bit.
+            let _ = self.val.compare_exchange(v | KVM_RMAP_LOCKED, v, Ordering::Release, Ordering::Relaxed);
         }
     }
 
@@ -1594,6 +1603,38 @@ mod loom_tests {
             );
             assert_visited(&seen, &[0, 1, 2]);
             seen.sort();
+            seen
+        });
+    }
+
+    /// Two writers' calls in a row against a walk: R0 = [D] -> [A, B, C];
+    /// remove D (its new head drops the bit), then A. A walk may take the
+    /// bit between the first call's new head and its return: the writer
+    /// must not mistake the walk's bit for its own and put the old head
+    /// back. The list ends as [B, C], whole and unlocked.
+    #[test]
+    fn loom_rmap_locked_writers_back_to_back_against_a_walk() {
+        crate::loom_support::check(|| {
+            let (w, mut a) = world(1, 4, 3);
+            (0..4).for_each(|i| w.add_locked(0, i, &mut a));
+            let (w2, w3) = (w.clone(), w.clone());
+            let ((), seen) = crate::loom_support::two(
+                move || {
+                    w2.remove_locked(0, 3, &mut a);
+                    w2.remove_locked(0, 0, &mut a);
+                },
+                move || w3.walk_locked(0, &Breakage::SEED),
+            );
+            assert_visited(&seen, &[1, 2]);
+            let head = &w.heads[0];
+            assert!(!head.is_rmap_locked(), "the bit is dropped");
+            // SAFETY: both threads are done.
+            assert_eq!(unsafe { head.check_invariants() }, 2);
+            let mut left = Vec::new();
+            // SAFETY: as above.
+            unsafe { head.walk(|p| left.push(w.id(p.as_ptr() as usize))) };
+            left.sort();
+            assert_eq!(left, [1, 2]);
             seen
         });
     }

@@ -112,6 +112,21 @@ switches! {
     /// The `rmap-lock` design's harvest walks an rmap without taking its
     /// lock bit: a writer may free and reuse a descriptor under it.
     rmap_walk_without_lock,
+    /// The `tdp` design's read-lock writers store sptes plainly instead of
+    /// by compare-exchange: a fast path's W, or another reader's change,
+    /// made since the snapshot is overwritten.
+    tdp_plain_store_under_read_lock,
+    /// The `tdp` design's write-lock re-arm clears W or D with a plain
+    /// store even on a volatile spte: a W the fast path set, or a D the CPU
+    /// set, since the snapshot is lost.
+    tdp_clear_bits_plain_store,
+    /// The `tdp` design hands an unlinked table back to its pool at once,
+    /// with no grace period: a walker under the read lock may read, or
+    /// write, a table that is someone else's.
+    tdp_free_table_without_grace_period,
+    /// The `tdp` design ends the read-side section that unlinked a table
+    /// before the remote TLB flush: a vCPU may go on through the dead table.
+    tdp_flush_after_section,
     /// A migration's source resumes its guest when the destination's
     /// `Running` does not come after it sent `Commit`, as if the `Commit`
     /// had been lost, instead of asking the destination.

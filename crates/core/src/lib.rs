@@ -15,6 +15,8 @@
 //!   acquire/release protocol;
 //! - [`lockless`]: the seed's lock-free spte operations and `mmu_spte_update`'s
 //!   rules (KVM 3.11's `xchg`, the seed's patch 04);
+//! - [`tdp`]: the TDP MMU's spte operations by lock held (compare-exchange
+//!   under read, atomic-if-volatile under write, `FROZEN_SPTE`);
 //! - [`requests`]: vCPU modes and the remote TLB flush handshake;
 //! - [`pause`]: the pause handshake of a migration's stop-and-copy;
 //! - [`breakage`]: the `break-rules` switches, which fold away in normal
@@ -39,5 +41,6 @@ pub mod requests;
 pub mod spte;
 pub mod stats;
 pub mod sync;
+pub mod tdp;
 
 pub use dirty_bitmap::bitmap_words;

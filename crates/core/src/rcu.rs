@@ -212,6 +212,23 @@ impl Rcu {
 }
 
 impl ReadGuard<'_> {
+    /// Leaves the section for `f`, then enters a new one (the TDP MMU's
+    /// yield: `rcu_read_unlock`, drop and retake `mmu_lock`,
+    /// `rcu_read_lock`). Nothing read before stays protected after.
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let s = &self.rcu.slots[self.slot];
+        // Release: as in `drop`.
+        s.epoch.store(0, Ordering::Release);
+        let r = f();
+        // SeqCst: as in `read_lock`.
+        let e = self.rcu.epoch.load(Ordering::SeqCst);
+        // Relaxed: published by the fence that follows.
+        s.epoch.store(e, Ordering::Relaxed);
+        // SeqCst fence: as in `read_lock`.
+        fence(Ordering::SeqCst);
+        r
+    }
+
     /// Leaves and re-enters the section, letting waiting updaters finish (the
     /// seed's `kvm_mmu_rcu_free_page_end` + `_begin` when `need_resched`).
     #[inline]

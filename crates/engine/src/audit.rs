@@ -206,6 +206,18 @@ pub enum Violation {
         /// sptes that point to it.
         pointing: usize,
     },
+    /// The TDP design: an rmap entry (its tree has no rmap).
+    #[error("the TDP MMU has {0} rmap entries; it keeps none")]
+    TdpRmapEntries(usize),
+    /// The TDP design: not as many tables in the trees as
+    /// `tdp_mmu_pages` counts.
+    #[error("{walked} tables in the TDP MMU's trees, {counted} counted")]
+    TdpPageCount {
+        /// Tables reached from the roots.
+        walked: usize,
+        /// `tdp_mmu_pages`.
+        counted: i64,
+    },
     /// A root with parents.
     #[error("{0}: a root with parents")]
     RootWithParents(SpAt),
@@ -303,7 +315,10 @@ impl Violation {
     pub fn invariant(&self) -> Invariant {
         use Violation as V;
         match self {
-            V::SpteInTwoRmaps { .. } | V::RmapCount { .. } | V::RmapLockHeld { .. } => Invariant::Rmap,
+            V::SpteInTwoRmaps { .. }
+            | V::RmapCount { .. }
+            | V::RmapLockHeld { .. }
+            | V::TdpRmapEntries(_) => Invariant::Rmap,
             V::ActiveCount { .. } | V::HashCount { .. } | V::InvalidActive(_) | V::NotHashed(_) => {
                 Invariant::PageLists
             }
@@ -313,7 +328,8 @@ impl Violation {
             | V::ChildMisplaced { .. }
             | V::MissingParentPte { .. }
             | V::ParentCount { .. }
-            | V::RootWithParents(_) => Invariant::Table,
+            | V::RootWithParents(_)
+            | V::TdpPageCount { .. } => Invariant::Table,
             V::LeafLevel { .. }
             | V::LargeBit { .. }
             | V::OutsideMemslots { .. }
@@ -367,6 +383,13 @@ impl Kvm {
             report: AuditReport::default(),
         };
         a.audit_rmaps()?;
+        if self.mmu.design == crate::mmu::MmuDesign::Tdp {
+            let r = a.report.rmap_entries;
+            ensure!(r == 0, Violation::TdpRmapEntries(r));
+            a.audit_page_lists()?;
+            a.audit_tdp_roots()?;
+            return Ok(a.report);
+        }
         let active = a.audit_page_lists()?;
         let live: HashSet<SpPtr> = active.iter().copied().collect();
         for &sp in &active {
@@ -482,6 +505,46 @@ impl Auditor<'_, '_> {
         Ok(())
     }
 
+    /// The TDP design's trees, from each root: every table at its level
+    /// and place, entries 0 (never left frozen) or of the table's level,
+    /// leaves checked as the shadow MMU's but for the rmap, and as many
+    /// tables as `tdp_mmu_pages` counts.
+    fn audit_tdp_roots(&mut self) -> Result<(), AuditError> {
+        let g = self.g;
+        let mut tables = 0usize;
+        let mut stack: Vec<SpPtr> = self.kvm.tdp_mmu_roots().collect();
+        while let Some(sp) = stack.pop() {
+            tables += 1;
+            let p = sp.get(g);
+            let (level, at) = (p.role().level, sp_at(g, sp));
+            for (index, sptep) in p.spt().iter().enumerate() {
+                // Relaxed: we hold mmu_lock for write; only the fast path
+                // writes beside us, and only W.
+                let spte = sptep.load(Ordering::Relaxed);
+                if !is_shadow_present_pte(spte) {
+                    ensure!(spte == 0, Violation::NonPresentNotZero { sp: at, index, spte });
+                    continue;
+                }
+                ensure!(spte_level(spte) == level, Violation::SpteLevel { sp: at, index, spte });
+                let gfn = p.spte_gfn(index);
+                if is_last_spte(spte, level) {
+                    self.audit_leaf(sptep, spte, gfn, level)?;
+                    continue;
+                }
+                // SAFETY: a present non-leaf spte of one of our tables.
+                let child = unsafe { SpPtr::from_nonleaf_spte(spte) };
+                let c = child.get(g);
+                let placed = c.role().level + 1 == level && c.gfn() == level_base_gfn(gfn, level);
+                ensure!(placed, Violation::ChildMisplaced { sp: at, index, child: sp_at(g, child) });
+                stack.push(child);
+            }
+        }
+        let counted = self.kvm.mmu.tdp.pages.load(std::sync::atomic::Ordering::Relaxed);
+        ensure!(tables as i64 == counted, Violation::TdpPageCount { walked: tables, counted });
+        self.report.shadow_pages = tables;
+        Ok(())
+    }
+
     /// Each page's parent list holds exactly the sptes that point to it;
     /// a root has none.
     fn audit_parent_ptes(&self, active: &[SpPtr]) -> Result<(), AuditError> {
@@ -510,9 +573,11 @@ impl Auditor<'_, '_> {
         let slot = self.slots.find(gfn).ok_or(AuditError::Structure(Violation::OutsideMemslots { gfn }))?;
         ensure!(!slot.is_invalid(), Violation::DeletedSlot { gfn, slot: slot.id() });
         ensure!(spte_to_pfn(spte) == slot.gfn_to_pfn(gfn), Violation::Pfn { gfn, spte });
-        let found = self.rmap_entries.get(&(sptep as *const AtomicU64 as usize)).copied();
-        let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
-        ensure!(found == Some(want), Violation::RmapPlace { gfn, level, found, want });
+        if self.kvm.mmu.design != crate::mmu::MmuDesign::Tdp {
+            let found = self.rmap_entries.get(&(sptep as *const AtomicU64 as usize)).copied();
+            let want = (slot.id(), level, crate::memslot::gfn_to_index(gfn, slot.base_gfn(), level));
+            ensure!(found == Some(want), Violation::RmapPlace { gfn, level, found, want });
+        }
         // SAFETY: `sptep` is in one of our tables.
         let header_level = unsafe { page_header(sptep) }.get(g).role().level;
         ensure!(header_level == level, Violation::PageHeader { gfn, level });

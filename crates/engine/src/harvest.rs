@@ -70,6 +70,9 @@ pub(crate) type Run<'a> = (&'a Memslot, u64, u64);
 /// read-side section, or each rmap under its lock bit.
 pub(crate) enum Protector<'g, 'l> {
     Locked(&'g MmuGuard<'l>),
+    /// The TDP design: the write lock, held mutably because CLEAR's eager
+    /// split drops it to allocate.
+    Tdp(&'g mut MmuGuard<'l>),
     Lockless(&'g mut ReadGuard<'l>, u32),
     RmapLocked,
 }
@@ -109,6 +112,10 @@ impl Kvm {
                     *since_quiesce = 0;
                 }
             }
+            Protector::Tdp(g) => {
+                t.protected +=
+                    self.kvm_tdp_mmu_enable_log_dirty_pt_masked(g, slot, offset, mask, initially_set);
+            }
             Protector::RmapLocked => {
                 self.kvm_arch_mmu_enable_log_dirty_pt_masked_rmap_locked(
                     slot,
@@ -146,6 +153,12 @@ impl Kvm {
                 walk(&mut Protector::Lockless(&mut guard, 0), &mut t);
             }
             MmuDesign::RmapLock => walk(&mut Protector::RmapLocked, &mut t),
+            // The write lock for the chunk, as `kvm_get_dirty_log_protect`
+            // takes it around its loop; the flush comes after the join.
+            MmuDesign::Tdp => {
+                let mut g = self.mmu.lock.lock();
+                walk(&mut Protector::Tdp(&mut g), &mut t);
+            }
         }
         let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();
         t.lock_hold_ns = held_after - held_before;
@@ -165,7 +178,7 @@ impl Kvm {
         // Every participant takes every `threads`-th chunk from its own
         // index on; with fewer chunks than threads, the rest have none.
         let threads = self.harvest_pool.as_ref().map_or(1, |p| p.helpers() + 1);
-        let unlocked = self.mmu.design.protects_without_mmu_lock();
+        let unlocked = self.mmu.design.flushes_after_harvest();
         let early = self.mmu.breakage.harvest_thread_flushes_early() && unlocked;
         let mut total = ChunkTally::default();
         let started = std::time::Instant::now();

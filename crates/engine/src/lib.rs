@@ -52,6 +52,7 @@ pub mod page_track;
 pub mod passes;
 pub(crate) mod shadow_page;
 pub mod stats;
+pub(crate) mod tdp_mmu;
 pub mod vcpu;
 pub mod vm;
 pub mod workload;

@@ -43,6 +43,14 @@ impl Kvm {
             return Err(TrackError::TooMany(gfn));
         }
         // kvm_mmu_slot_gfn_write_protect: every spte that maps the page.
+        if self.mmu.design == crate::mmu::MmuDesign::Tdp {
+            // W and MMU-writable go: a flush now (upstream's
+            // `leaf_spte_change_needs_tlb_flush`).
+            if self.tdp_mmu_write_protect_gfn(&g, gfn, shadow_mmu_core::spte::PT_PAGE_TABLE_LEVEL) {
+                self.kvm_flush_remote_tlbs();
+            }
+            return Ok(());
+        }
         let mut flush = false;
         for level in mapping_levels() {
             // SAFETY: we hold mmu_lock, so no writer changes the rmap while we

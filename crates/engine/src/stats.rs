@@ -82,6 +82,16 @@ mmu_stats! {
     harvest_mmu_lock_hold_ns,
     /// The longest of those holds, ns.
     harvest_mmu_lock_max_hold_ns,
+    /// TDP MMU walks that yielded `mmu_lock` to a waiter.
+    tdp_mmu_yields,
+    /// TDP MMU slow faults that lost a race and faulted again (`RET_PF_RETRY`).
+    tdp_fault_retries,
+    /// Huge leaves split in place by TDP MMU faults or eager split.
+    tdp_huge_pages_split,
+    /// ... of which by eager split.
+    tdp_eager_splits,
+    /// Compare-exchanges the TDP MMU's read-lock walks lost, re-evaluated.
+    tdp_cmpxchg_failures,
     /// With several harvest threads: the latest a helper thread started
     /// after its harvest began, ns.
     harvest_thread_start_max_ns,

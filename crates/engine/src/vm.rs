@@ -54,6 +54,10 @@ pub struct VmConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// The TDP design's eager page splitting (`kvm.eager_page_split`, on by
+    /// default): huge pages are split when logging is enabled (or, under
+    /// `INITIALLY_SET`, at each CLEAR) instead of at the first write.
+    pub eager_page_split: bool,
     /// Freed shadow pages kept for immediate reuse; more go back to the
     /// system after a grace period.
     pub max_free_shadow_pages: usize,
@@ -86,6 +90,7 @@ impl Default for VmConfig {
             address_spaces: 1,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            eager_page_split: true,
             max_free_shadow_pages: 256,
             max_free_descs: 1 << 12,
             max_deferred_bytes: 16 << 20,
@@ -159,6 +164,10 @@ impl Drop for Kvm {
     fn drop(&mut self) {
         // Every vCPU handle is gone (each holds an `Arc<Kvm>`); zap all so the
         // pools hold no page or descriptor that is still linked.
+        if self.mmu.design == MmuDesign::Tdp {
+            self.kvm_tdp_mmu_zap_all();
+            return;
+        }
         let mut g = self.mmu.lock.lock();
         self.kvm_mmu_zap_all(&mut g);
     }
@@ -213,16 +222,27 @@ pub struct VmStats {
     pub pool_backlog_wait_max_ns: u64,
     /// Bytes waiting for a grace period now.
     pub pool_deferred_bytes: usize,
-    /// `mmu_lock` acquisitions.
+    /// `mmu_lock` acquisitions for write (every one, in the shadow MMU
+    /// designs).
     pub mmu_lock_acquisitions: u64,
     /// ... that had to wait.
     pub mmu_lock_contended: u64,
-    /// Nanoseconds waiting for `mmu_lock`.
+    /// Nanoseconds waiting for `mmu_lock` for write.
     pub mmu_lock_wait_ns: u64,
-    /// Nanoseconds `mmu_lock` was held.
+    /// Nanoseconds `mmu_lock` was held for write.
     pub mmu_lock_hold_ns: u64,
-    /// Longest single hold of `mmu_lock`, ns.
+    /// Longest single write hold of `mmu_lock`, ns.
     pub mmu_lock_max_hold_ns: u64,
+    /// `mmu_lock` acquisitions for read (the TDP design's).
+    pub mmu_lock_read_acquisitions: u64,
+    /// ... that had to wait.
+    pub mmu_lock_read_contended: u64,
+    /// Nanoseconds waiting for `mmu_lock` for read.
+    pub mmu_lock_read_wait_ns: u64,
+    /// Nanoseconds `mmu_lock` was held for read, summed over readers.
+    pub mmu_lock_read_hold_ns: u64,
+    /// Longest single read hold of `mmu_lock`, ns.
+    pub mmu_lock_read_max_hold_ns: u64,
     /// Shadow pages whose memory the pool holds.
     pub sp_pool_allocated: usize,
     /// pte_list descriptors whose memory the pool holds.
@@ -251,6 +271,7 @@ impl Vm {
             fast_page_fault: config.fast_page_fault,
             address_spaces: config.address_spaces,
             large_pages: config.large_pages,
+            eager_page_split: config.eager_page_split,
             max_mmu_pages: config.max_mmu_pages,
             sp_limits: PoolLimits {
                 max_free: config.max_free_shadow_pages,
@@ -355,6 +376,7 @@ impl Vm {
                         }
                         MmuDesign::Lockless => kvm.kvm_mmu_slot_remove_write_access_lockless(&slot),
                         MmuDesign::RmapLock => kvm.kvm_mmu_slot_remove_write_access_rmap_locked(&slot),
+                        MmuDesign::Tdp => kvm.kvm_tdp_mmu_enable_logging(&slot),
                     }
                 }
             }
@@ -578,10 +600,12 @@ impl Vm {
         let kvm = &*self.kvm;
         let (used, max) = {
             let g = kvm.mmu.lock.lock();
-            (g.n_used_mmu_pages, g.n_max_mmu_pages)
+            let tdp = kvm.mmu.tdp.pages.load(std::sync::atomic::Ordering::Relaxed).max(0) as usize;
+            (g.n_used_mmu_pages + tdp, g.n_max_mmu_pages)
         };
         let s = &kvm.mmu.stats;
         let l = &kvm.mmu.lock.stats;
+        let r = &kvm.mmu.lock.read_stats;
         VmStats {
             mmu: s.snapshot(),
             mmu_pages_used: used,
@@ -604,6 +628,11 @@ impl Vm {
             mmu_lock_wait_ns: l.wait_ns.get(),
             mmu_lock_hold_ns: l.hold_ns.get(),
             mmu_lock_max_hold_ns: l.max_hold_ns.get(),
+            mmu_lock_read_acquisitions: r.acquisitions.get(),
+            mmu_lock_read_contended: r.contended.get(),
+            mmu_lock_read_wait_ns: r.wait_ns.get(),
+            mmu_lock_read_hold_ns: r.hold_ns.get(),
+            mmu_lock_read_max_hold_ns: r.max_hold_ns.get(),
             sp_pool_allocated: kvm.mmu.sp_pool.allocated(),
             desc_pool_allocated: kvm.mmu.desc_pool.allocated(),
             desc_pool_in_use: kvm.mmu.desc_pool.in_use(),

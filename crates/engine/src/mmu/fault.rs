@@ -70,6 +70,9 @@ impl Kvm {
         ring: Option<&DirtyRing>,
         fault: PageFault,
     ) -> Result<(), FaultExit> {
+        if self.mmu.design == crate::mmu::MmuDesign::Tdp {
+            return self.kvm_tdp_mmu_page_fault(vcpu, caches, ring, fault);
+        }
         let PageFault { gfn, write, present, asid } = fault;
         // `page_fault_can_be_fast`: a write to a present page, in both designs
         // (KVM has had it since 3.6), unless the VM was built without it.
@@ -108,7 +111,7 @@ impl Kvm {
     /// `mapping_level`: 2 MiB where the whole 2 MiB lies in one slot that does
     /// not log dirty pages; 4 KiB otherwise. Under `mmu_lock`, so that it is
     /// consistent with enabling dirty logging.
-    fn mapping_level(&self, slot: &Memslot, gfn: u64) -> u8 {
+    pub(crate) fn mapping_level(&self, slot: &Memslot, gfn: u64) -> u8 {
         if self.mmu.large_pages && !slot.dirty_logging() && slot.lpage_ok(gfn) && !slot.lpage_tracked(gfn) {
             PT_DIRECTORY_LEVEL
         } else {

@@ -1,6 +1,14 @@
 //! `mmu_lock`: the lock the slow page fault path, zapping and (in the locked
 //! design) dirty logging take, with accounting of how long it is waited for
-//! and held.
+//! and held, for read and for write apart.
+//!
+//! It is an rwlock, as x86's has been since 5.12 ("KVM: x86/mmu: Use an
+//! rwlock for the x86 MMU"). The shadow MMU designs take it only for write
+//! ([`MmuLock::lock`]): there it is the spinlock of 3.11, and a write hold
+//! excludes everybody as a spinlock would. The TDP design also takes it for
+//! read ([`MmuLock::read`]): its vCPU faults, enable-logging's write
+//! protection and eager split run side by side, each spte changed by
+//! compare-exchange (`tdp_mmu`).
 //!
 //! The lock guards [`MmuLocked`] (the shadow page hash, the active list and
 //! the page budget). Shadow page tables, rmaps and shadow page headers are
@@ -11,12 +19,12 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::MmuLocked;
 use crate::stats::Counter;
 
-/// Accounting of `mmu_lock`.
+/// Accounting of one mode of `mmu_lock`.
 #[derive(Debug, Default)]
 pub struct LockStats {
     /// Times the lock was taken.
@@ -25,66 +33,120 @@ pub struct LockStats {
     pub contended: Counter,
     /// Total nanoseconds spent waiting for it.
     pub wait_ns: Counter,
-    /// Total nanoseconds it was held.
+    /// Total nanoseconds it was held (summed over concurrent readers).
     pub hold_ns: Counter,
     /// The longest single hold, ns.
     pub max_hold_ns: Counter,
 }
 
+impl LockStats {
+    fn account_wait(&self, t0: Instant) {
+        self.contended.inc();
+        self.wait_ns.add(t0.elapsed().as_nanos() as u64);
+    }
+
+    fn account_hold(&self, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        self.hold_ns.add(ns);
+        self.max_hold_ns.max(ns);
+        shadow_mmu_core::lockdep::add_mmu_lock_hold(ns);
+    }
+}
+
 /// `kvm->mmu_lock`.
 pub(crate) struct MmuLock {
-    mutex: Mutex<MmuLocked>,
-    /// Threads blocked in `lock` (for `spin_needbreak`).
+    rwlock: RwLock<MmuLocked>,
+    /// Threads blocked in `lock` or `read` (for `rwlock_needbreak`).
     waiters: AtomicU32,
+    /// Write holds (every hold, in the shadow MMU designs).
     pub(crate) stats: LockStats,
+    /// Read holds (the TDP design's).
+    pub(crate) read_stats: LockStats,
 }
 
 impl MmuLock {
     pub(crate) fn new(state: MmuLocked) -> Self {
-        Self { mutex: Mutex::new(state), waiters: AtomicU32::new(0), stats: LockStats::default() }
+        Self {
+            rwlock: RwLock::new(state),
+            waiters: AtomicU32::new(0),
+            stats: LockStats::default(),
+            read_stats: LockStats::default(),
+        }
     }
 
-    /// `spin_lock(&kvm->mmu_lock)`.
+    /// Blocks in `take`, counted as a waiter for `needbreak`.
+    fn wait<G>(&self, stats: &LockStats, take: impl FnOnce() -> G) -> G {
+        let t0 = Instant::now();
+        // Relaxed: a hint for `needbreak`; the lock orders everything that
+        // matters.
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let g = take();
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        stats.account_wait(t0);
+        g
+    }
+
+    /// `write_lock(&kvm->mmu_lock)` (`spin_lock` in the 3.11 designs).
     pub(crate) fn lock(&self) -> MmuGuard<'_> {
-        let guard = match self.mutex.try_lock() {
+        let guard = match self.rwlock.try_write() {
             Some(g) => g,
-            None => {
-                let t0 = Instant::now();
-                // Relaxed: a hint for `needbreak`; the mutex orders everything
-                // that matters.
-                self.waiters.fetch_add(1, Ordering::Relaxed);
-                let g = self.mutex.lock();
-                self.waiters.fetch_sub(1, Ordering::Relaxed);
-                self.stats.contended.inc();
-                self.stats.wait_ns.add(t0.elapsed().as_nanos() as u64);
-                g
-            }
+            None => self.wait(&self.stats, || self.rwlock.write()),
         };
         self.stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
         MmuGuard { guard, lock: self, since: Instant::now() }
     }
+
+    /// `read_lock(&kvm->mmu_lock)`: the TDP design's faults, enable-logging
+    /// and eager split.
+    pub(crate) fn read(&self) -> MmuReadGuard<'_> {
+        let guard = match self.rwlock.try_read() {
+            Some(g) => g,
+            None => self.wait(&self.read_stats, || self.rwlock.read()),
+        };
+        self.read_stats.acquisitions.inc();
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        MmuReadGuard { guard: Some(guard), lock: self, since: Instant::now() }
+    }
+
+    /// `rwlock_needbreak`: is another thread waiting for the lock?
+    fn needbreak(&self) -> bool {
+        // Relaxed: a hint (see `MmuLock::waiters`).
+        self.waiters.load(Ordering::Relaxed) > 0
+    }
 }
 
-/// A held `mmu_lock`.
+/// A held `mmu_lock`, for write.
 pub(crate) struct MmuGuard<'a> {
-    guard: MutexGuard<'a, MmuLocked>,
+    guard: RwLockWriteGuard<'a, MmuLocked>,
     lock: &'a MmuLock,
     since: Instant,
 }
 
 impl MmuGuard<'_> {
-    /// `spin_needbreak`: is another thread waiting for the lock?
+    /// `spin_needbreak` / `rwlock_needbreak`: is another thread waiting for
+    /// the lock?
     pub(crate) fn needbreak(&self) -> bool {
-        // Relaxed: a hint (see `MmuLock::waiters`).
-        self.lock.waiters.load(Ordering::Relaxed) > 0
+        self.lock.needbreak()
     }
 
     /// `cond_resched_lock`: lets waiters take the lock, then takes it back.
     pub(crate) fn cond_resched(&mut self) {
-        self.account_hold();
-        MutexGuard::bump(&mut self.guard);
+        self.lock.stats.account_hold(self.since);
+        RwLockWriteGuard::bump(&mut self.guard);
         self.since = Instant::now();
+    }
+
+    /// Drops the lock for `f` (an allocation: nothing is allocated under
+    /// `mmu_lock`), then takes it back.
+    pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.lock.stats.account_hold(self.since);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
+        let r = RwLockWriteGuard::unlocked(&mut self.guard, f);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        self.lock.stats.acquisitions.inc();
+        self.since = Instant::now();
+        r
     }
 }
 
@@ -92,12 +154,15 @@ impl MmuGuard<'_> {
 // `mmu_lock`, so no other thread frees one while we hold it; and we free one
 // only in `kvm_mmu_commit_zap_page` and `kvm_mmu_free_page`, which take the
 // guard mutably, so every reference bound to a shared borrow of the guard
-// has ended before (shadow_page.rs, `PinsShadowPages`). `cond_resched`,
-// which lets others in, also takes the guard mutably.
+// has ended before (shadow_page.rs, `PinsShadowPages`). `cond_resched` and
+// `unlocked`, which let others in, also take the guard mutably. The TDP
+// design's tables go back to the pool only after a grace period of the
+// VM's `rcu` that began after they were unlinked (`tdp_mmu::rcu_free`), and
+// under the write lock no thread unlinks a table but the holder.
 unsafe impl crate::shadow_page::PinsShadowPages for MmuGuard<'_> {}
 
 // SAFETY: an `MmuLocked` is reached only through a held `MmuGuard` (it lives
-// in the lock's mutex from `Mmu::new` on, and no page exists before), so a
+// in the lock's rwlock from `Mmu::new` on, and no page exists before), so a
 // borrow of it is a borrow of the guard, with the guard's argument above.
 unsafe impl crate::shadow_page::PinsShadowPages for MmuLocked {}
 
@@ -114,18 +179,49 @@ impl DerefMut for MmuGuard<'_> {
     }
 }
 
-impl MmuGuard<'_> {
-    fn account_hold(&self) {
-        let ns = self.since.elapsed().as_nanos() as u64;
-        self.lock.stats.hold_ns.add(ns);
-        self.lock.stats.max_hold_ns.max(ns);
-        shadow_mmu_core::lockdep::add_mmu_lock_hold(ns);
-    }
-}
-
 impl Drop for MmuGuard<'_> {
     fn drop(&mut self) {
         shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
-        self.account_hold();
+        self.lock.stats.account_hold(self.since);
+    }
+}
+
+/// A held `mmu_lock`, for read. It gives no access to [`MmuLocked`]: only
+/// the TDP MMU takes it, and its state is atomics (sptes, roots).
+pub(crate) struct MmuReadGuard<'a> {
+    /// `None` only inside `unlocked`.
+    guard: Option<RwLockReadGuard<'a, MmuLocked>>,
+    lock: &'a MmuLock,
+    since: Instant,
+}
+
+impl MmuReadGuard<'_> {
+    /// `rwlock_needbreak`.
+    pub(crate) fn needbreak(&self) -> bool {
+        self.lock.needbreak()
+    }
+
+    /// Drops the lock for `f` (an allocation), then takes it back.
+    pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.lock.read_stats.account_hold(self.since);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
+        drop(self.guard.take());
+        let r = f();
+        let g = match self.lock.rwlock.try_read() {
+            Some(g) => g,
+            None => self.lock.wait(&self.lock.read_stats, || self.lock.rwlock.read()),
+        };
+        self.guard = Some(g);
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        self.lock.read_stats.acquisitions.inc();
+        self.since = Instant::now();
+        r
+    }
+}
+
+impl Drop for MmuReadGuard<'_> {
+    fn drop(&mut self) {
+        shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
+        self.lock.read_stats.account_hold(self.since);
     }
 }

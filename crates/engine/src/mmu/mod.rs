@@ -52,6 +52,12 @@
 //!   from the same pools as in the other designs; this design's harvest
 //!   relies on neither their type stability nor their grace period.
 //!
+//! - `Tdp` is upstream's TDP MMU (`tdp_mmu.c`, the default on EPT/NPT hosts
+//!   since 5.15), in its own module tree (`crate::tdp_mmu`): no rmap, the
+//!   same direct map walked as a tree, `mmu_lock` taken for read by faults
+//!   and enable-logging and for write by the re-arm, atomic sptes, tables
+//!   freed after a grace period, eager page splitting.
+//!
 //! `VmConfig::fast_page_fault` turns the fast path off in either design (the
 //! baseline of the first measurements): every write fault then takes the slow path,
 //! and the locked design, with no lockless writer left, updates sptes with
@@ -92,11 +98,15 @@ pub enum MmuDesign {
     /// The shadow MMU with 6.15's rmap lock bit, applied to write
     /// protection: each rmap walked under its own bit, not `mmu_lock`.
     RmapLock,
+    /// Upstream's TDP MMU: no rmap, an rwlock `mmu_lock`, atomic sptes,
+    /// tables freed after a grace period, eager split.
+    Tdp,
 }
 
 impl MmuDesign {
     /// All designs, for tests and benchmarks that run each.
-    pub const ALL: [MmuDesign; 3] = [MmuDesign::Locked, MmuDesign::Lockless, MmuDesign::RmapLock];
+    pub const ALL: [MmuDesign; 4] =
+        [MmuDesign::Locked, MmuDesign::Lockless, MmuDesign::RmapLock, MmuDesign::Tdp];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -104,6 +114,7 @@ impl MmuDesign {
             MmuDesign::Locked => "locked",
             MmuDesign::Lockless => "lockless",
             MmuDesign::RmapLock => "rmap-lock",
+            MmuDesign::Tdp => "tdp",
         }
     }
 
@@ -118,6 +129,13 @@ impl MmuDesign {
     pub fn protects_without_mmu_lock(self) -> bool {
         matches!(self, MmuDesign::Lockless | MmuDesign::RmapLock)
     }
+
+    /// Does the harvest's remote TLB flush come once, after every walking
+    /// thread let go of its lock (the seed's patch 05, and upstream's
+    /// batching in the TDP MMU), rather than inside `mmu_lock` (3.11)?
+    pub fn flushes_after_harvest(self) -> bool {
+        self != MmuDesign::Locked
+    }
 }
 
 impl std::fmt::Display for MmuDesign {
@@ -128,7 +146,7 @@ impl std::fmt::Display for MmuDesign {
 
 /// A name that is not an [`MmuDesign`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown MMU design {0:?} (known: locked, lockless, rmap-lock)")]
+#[error("unknown MMU design {0:?} (known: locked, lockless, rmap-lock, tdp)")]
 pub struct UnknownMmuDesign(pub String);
 
 impl std::str::FromStr for MmuDesign {
@@ -138,6 +156,7 @@ impl std::str::FromStr for MmuDesign {
             "locked" => Ok(MmuDesign::Locked),
             "lockless" => Ok(MmuDesign::Lockless),
             "rmap-lock" => Ok(MmuDesign::RmapLock),
+            "tdp" => Ok(MmuDesign::Tdp),
             other => Err(UnknownMmuDesign(other.to_string())),
         }
     }
@@ -206,6 +225,7 @@ pub(crate) struct MmuParams {
     pub(crate) fast_page_fault: bool,
     pub(crate) address_spaces: u16,
     pub(crate) large_pages: bool,
+    pub(crate) eager_page_split: bool,
     pub(crate) max_mmu_pages: Option<usize>,
     pub(crate) sp_limits: PoolLimits,
     pub(crate) desc_limits: PoolLimits,
@@ -221,6 +241,7 @@ impl MmuParams {
             fast_page_fault: true,
             address_spaces: 1,
             large_pages: true,
+            eager_page_split: true,
             max_mmu_pages: None,
             sp_limits: limits,
             desc_limits: limits,
@@ -250,6 +271,8 @@ pub(crate) struct Mmu {
     /// stores under `mmu_lock`, read by vCPU page walks with acquire loads.
     roots: Box<[AtomicPtr<ShadowPage>]>,
     pub(crate) large_pages: bool,
+    /// The TDP design's trees' bookkeeping (unused by the others).
+    pub(crate) tdp: crate::tdp_mmu::TdpMmu,
     pub(crate) stats: MmuStats,
 }
 
@@ -286,6 +309,7 @@ impl Mmu {
             desc_pool: Pool::new(p.desc_limits, rcu),
             roots: (0..p.address_spaces).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
             large_pages: p.large_pages,
+            tdp: crate::tdp_mmu::TdpMmu::new(p.eager_page_split),
             stats: MmuStats::default(),
         }
     }
@@ -302,6 +326,11 @@ impl Mmu {
         // sees the root's initialised (empty) table.
         let p = self.roots[asid as usize].load(Ordering::Acquire);
         std::ptr::NonNull::new(p).map(SpPtr::from_pool)
+    }
+
+    /// Where the root of `asid` is published.
+    pub(crate) fn root_slot(&self, asid: u16) -> &AtomicPtr<ShadowPage> {
+        &self.roots[asid as usize]
     }
 
     /// Publishes (or clears) the root of `asid`. Under `mmu_lock`.

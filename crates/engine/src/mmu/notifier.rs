@@ -31,6 +31,14 @@ impl Kvm {
     pub(crate) fn kvm_unmap_gfn_range(&self, start: u64, end: u64) -> u64 {
         let slots = self.memslots.load();
         let g = self.mmu.lock.lock();
+        if self.mmu.design == super::MmuDesign::Tdp {
+            // `kvm_tdp_mmu_unmap_gfn_range`: the leaves, by walking the trees.
+            let unmapped = self.tdp_mmu_zap_leafs(&g, start, end);
+            if unmapped > 0 {
+                self.kvm_flush_remote_tlbs();
+            }
+            return unmapped;
+        }
         let mut unmapped = 0;
         for slot in slots.iter() {
             let lo = start.max(slot.base_gfn());

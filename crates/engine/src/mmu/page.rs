@@ -358,6 +358,12 @@ impl Kvm {
     /// (`kvm_arch_flush_shadow_memslot`), then flushes remote TLBs. Shadow
     /// pages stay; they are reused or shrunk later.
     pub(crate) fn kvm_mmu_zap_memslot(&self, g: &MmuGuard<'_>, slot: &Memslot) {
+        if self.mmu.design == super::MmuDesign::Tdp {
+            if self.tdp_mmu_zap_leafs(g, slot.base_gfn(), slot.base_gfn() + slot.npages()) > 0 {
+                self.kvm_flush_remote_tlbs();
+            }
+            return;
+        }
         let mut zapped = false;
         for level in mapping_levels() {
             for head in slot.rmaps(level) {

@@ -271,7 +271,7 @@ fn for_each_masked_rmap(
 
 /// The gfns whose 2 MiB pages CLEAR protects first under `INITIALLY_SET`:
 /// the mask's first page, and its last if that is in another 2 MiB page.
-fn masked_large_gfns(slot: &Memslot, gfn_offset: u64, mask: u64) -> impl Iterator<Item = u64> {
+pub(crate) fn masked_large_gfns(slot: &Memslot, gfn_offset: u64, mask: u64) -> impl Iterator<Item = u64> {
     debug_assert!(mask != 0);
     let base = slot.base_gfn() + gfn_offset;
     let start = base + u64::from(mask.trailing_zeros());

@@ -44,7 +44,7 @@ pub struct DirtyLogTestArgs {
     #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
     pub backend: Vec<BackendKind>,
     /// The engine's designs, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "locked,lockless,rmap-lock")]
+    #[arg(long, value_delimiter = ',', default_value = "locked,lockless,rmap-lock,tdp")]
     pub mmu: Vec<MmuDesign>,
     /// Pages of the slot: dirty_log_test's 1 GiB + 3 pages, on purpose not a
     /// multiple of 64.

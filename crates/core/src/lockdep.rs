@@ -8,6 +8,25 @@ thread_local! {
     static HOLDS_MMU_LOCK: Cell<bool> = const { Cell::new(false) };
     /// Nanoseconds this thread has held `mmu_lock`, and its longest hold.
     static HELD_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Times this thread took `mmu_lock`: (for read, for write).
+    static TAKEN: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Counts one acquisition of `mmu_lock` by this thread.
+#[inline]
+pub fn count_mmu_lock(write: bool) {
+    TAKEN.with(|c| {
+        let (r, w) = c.get();
+        c.set(if write { (r, w + 1) } else { (r + 1, w) });
+    });
+}
+
+/// This thread's acquisitions of `mmu_lock` so far: (for read, for write).
+/// A harvest reads it before and after, so that the counters show which
+/// mode it took.
+#[inline]
+pub fn mmu_lock_takes() -> (u64, u64) {
+    TAKEN.with(Cell::get)
 }
 
 /// Adds one hold of `mmu_lock` by this thread, `ns` long.

@@ -47,6 +47,8 @@ pub(crate) struct ChunkTally {
     /// per-thread account), and the longest hold.
     pub(crate) lock_hold_ns: u64,
     pub(crate) lock_max_hold_ns: u64,
+    /// Times the walking threads took `mmu_lock`: (for read, for write).
+    pub(crate) lock_takes: (u64, u64),
 }
 
 impl std::ops::AddAssign for ChunkTally {
@@ -58,6 +60,8 @@ impl std::ops::AddAssign for ChunkTally {
         self.sections += o.sections;
         self.lock_hold_ns += o.lock_hold_ns;
         self.lock_max_hold_ns = self.lock_max_hold_ns.max(o.lock_max_hold_ns);
+        self.lock_takes.0 += o.lock_takes.0;
+        self.lock_takes.1 += o.lock_takes.1;
     }
 }
 
@@ -139,6 +143,7 @@ impl Kvm {
         let mut t = ChunkTally::default();
         shadow_mmu_core::lockdep::reset_mmu_lock_max_hold();
         let (held_before, _) = shadow_mmu_core::lockdep::mmu_lock_holds();
+        let taken_before = shadow_mmu_core::lockdep::mmu_lock_takes();
         match self.mmu.design {
             MmuDesign::Locked => {
                 let g = self.mmu.lock.lock();
@@ -163,6 +168,8 @@ impl Kvm {
         let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();
         t.lock_hold_ns = held_after - held_before;
         t.lock_max_hold_ns = max;
+        let taken = shadow_mmu_core::lockdep::mmu_lock_takes();
+        t.lock_takes = (taken.0 - taken_before.0, taken.1 - taken_before.1);
         t
     }
 
@@ -215,6 +222,8 @@ impl Kvm {
         self.mmu.stats.harvest_read_sections.add(total.sections);
         self.mmu.stats.harvest_mmu_lock_hold_ns.add(total.lock_hold_ns);
         self.mmu.stats.harvest_mmu_lock_max_hold_ns.max(total.lock_max_hold_ns);
+        self.mmu.stats.harvest_mmu_lock_reads.add(total.lock_takes.0);
+        self.mmu.stats.harvest_mmu_lock_writes.add(total.lock_takes.1);
         self.account_lockless_walks(total.lockless);
         if unlocked && total.pages > 0 && !early && !self.mmu.breakage.skip_get_dirty_log_flush() {
             self.kvm_flush_remote_tlbs();

@@ -598,11 +598,23 @@ impl VcpuControl for EnginePassVm {
         let s = self.vm.stats();
         let lines = vec![
             format!(
-                "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms",
+                "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms for write, \
+                 {:.1} ms for read (summed over readers)",
                 swept.stats.write_faults,
                 s.mmu.fast_page_faults,
                 if self.work.fast_page_fault { "" } else { ", which is off" },
-                s.mmu_lock_hold_ns as f64 / 1e6
+                s.mmu_lock_hold_ns as f64 / 1e6,
+                s.mmu_lock_read_hold_ns as f64 / 1e6
+            ),
+            format!(
+                "mmu_lock taken by slow faults: {} for read, {} for write; by harvests: {} for read, {} for \
+                 write; vCPUs and harvesters waited {:.1} ms for read, {:.1} ms for write",
+                s.mmu.fault_mmu_lock_reads,
+                s.mmu.fault_mmu_lock_writes,
+                s.mmu.harvest_mmu_lock_reads,
+                s.mmu.harvest_mmu_lock_writes,
+                s.mmu_lock_read_wait_ns as f64 / 1e6,
+                s.mmu_lock_wait_ns as f64 / 1e6
             ),
             format!(
                 "Pool backlog waits under mmu_lock: {} (longest {:.1} us)",
@@ -627,6 +639,18 @@ impl VcpuControl for EnginePassVm {
                 ("harvest_mmu_lock_hold_ns", s.mmu.harvest_mmu_lock_hold_ns),
                 ("harvest_mmu_lock_max_hold_ns", s.mmu.harvest_mmu_lock_max_hold_ns),
                 ("harvest_thread_start_max_ns", s.mmu.harvest_thread_start_max_ns),
+                ("harvest_mmu_lock_reads", s.mmu.harvest_mmu_lock_reads),
+                ("harvest_mmu_lock_writes", s.mmu.harvest_mmu_lock_writes),
+                ("fault_mmu_lock_reads", s.mmu.fault_mmu_lock_reads),
+                ("fault_mmu_lock_writes", s.mmu.fault_mmu_lock_writes),
+                ("mmu_lock_write_acquisitions", s.mmu_lock_acquisitions),
+                ("mmu_lock_write_wait_ns", s.mmu_lock_wait_ns),
+                ("mmu_lock_read_acquisitions", s.mmu_lock_read_acquisitions),
+                ("mmu_lock_read_wait_ns", s.mmu_lock_read_wait_ns),
+                ("mmu_lock_read_hold_ns", s.mmu_lock_read_hold_ns),
+                ("mmu_lock_read_max_hold_ns", s.mmu_lock_read_max_hold_ns),
+                ("tdp_huge_pages_split", s.mmu.tdp_huge_pages_split),
+                ("tdp_eager_splits", s.mmu.tdp_eager_splits),
             ],
             lines,
         })

@@ -82,6 +82,15 @@ mmu_stats! {
     harvest_mmu_lock_hold_ns,
     /// The longest of those holds, ns.
     harvest_mmu_lock_max_hold_ns,
+    /// Times the harvest's walks (GET, CLEAR, ring reset) took `mmu_lock`
+    /// for read (lockdep's per-thread count).
+    harvest_mmu_lock_reads,
+    /// ... and for write.
+    harvest_mmu_lock_writes,
+    /// Slow page faults that took `mmu_lock` for read (the TDP design's).
+    fault_mmu_lock_reads,
+    /// ... and for write (the shadow MMU designs').
+    fault_mmu_lock_writes,
     /// TDP MMU walks that yielded `mmu_lock` to a waiter.
     tdp_mmu_yields,
     /// TDP MMU slow faults that lost a race and faulted again (`RET_PF_RETRY`).

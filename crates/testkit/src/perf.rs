@@ -81,6 +81,8 @@ pub struct PerfRun {
     pub populate_ns: u64,
     /// Time to enable dirty logging.
     pub enable_dirty_logging_ns: u64,
+    /// Time to disable it, at the end, with the vCPUs stopped.
+    pub disable_dirty_logging_ns: u64,
     /// Each iteration.
     pub iterations: Vec<Iteration>,
     /// After the iterations: a harvest of a guest the vCPUs have just fully
@@ -285,6 +287,9 @@ pub fn migrate_perf(
     harvest(vm, spec, &mut bitmap, 0, false)?;
     outside(vm, &bitmap)?;
     run.lost_pages += oracle.finish(&vm.memory()[..swept_mem], &bitmap[..swept_words]).lost_pages;
+    let t = Instant::now();
+    vm.set_dirty_logging(false)?;
+    run.disable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
     Ok((run, extras))
 }
 

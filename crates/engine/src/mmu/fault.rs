@@ -89,6 +89,7 @@ impl Kvm {
                 return Err(FaultExit::ReadOnly);
             }
             let mut g = self.mmu.lock.lock();
+            self.mmu.stats.fault_mmu_lock_writes.inc();
             if slot.is_invalid() {
                 // Being deleted: its sptes are zapped under this lock and the
                 // set without it is published next. Look it up again.

@@ -94,6 +94,7 @@ impl MmuLock {
         };
         self.stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        shadow_mmu_core::lockdep::count_mmu_lock(true);
         MmuGuard { guard, lock: self, since: Instant::now() }
     }
 
@@ -106,6 +107,7 @@ impl MmuLock {
         };
         self.read_stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        shadow_mmu_core::lockdep::count_mmu_lock(false);
         MmuReadGuard { guard: Some(guard), lock: self, since: Instant::now() }
     }
 
@@ -144,6 +146,7 @@ impl MmuGuard<'_> {
         shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
         let r = RwLockWriteGuard::unlocked(&mut self.guard, f);
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        shadow_mmu_core::lockdep::count_mmu_lock(true);
         self.lock.stats.acquisitions.inc();
         self.since = Instant::now();
         r
@@ -213,6 +216,7 @@ impl MmuReadGuard<'_> {
         };
         self.guard = Some(g);
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
+        shadow_mmu_core::lockdep::count_mmu_lock(false);
         self.lock.read_stats.acquisitions.inc();
         self.since = Instant::now();
         r

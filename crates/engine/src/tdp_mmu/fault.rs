@@ -94,6 +94,7 @@ impl Kvm {
                 return Err(FaultExit::ReadOnly);
             }
             let g = self.mmu.lock.read();
+            self.mmu.stats.fault_mmu_lock_reads.inc();
             if slot.is_invalid() {
                 drop(g);
                 std::thread::yield_now();

@@ -18,6 +18,11 @@ pub struct MigratePerfArgs {
     /// Designs of the engine, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless")]
     pub mmu: Vec<MmuDesign>,
+    /// The TDP design's eager page splitting, comma-separated: true, false
+    /// (`kvm.eager_page_split`; `false` is `--no-eager-split`). Each value
+    /// runs the `tdp` design once; the other designs ignore it.
+    #[arg(long, value_delimiter = ',', default_value = "true")]
+    pub eager_split: Vec<bool>,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vcpus: u32,

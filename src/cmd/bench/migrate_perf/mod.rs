@@ -23,21 +23,47 @@ use crate::plot;
 pub use args::MigratePerfArgs;
 use run::{Record, backend_run};
 
+/// The engine's variants `a` asks for: each design, and the TDP design once
+/// per `--eager-split` value; with their labels.
+fn engine_variants(a: &MigratePerfArgs) -> Vec<(MmuDesign, bool, String)> {
+    let mut v = Vec::new();
+    for &mmu in &a.mmu {
+        if mmu == MmuDesign::Tdp {
+            for &eager in &a.eager_split {
+                v.push((mmu, eager, variant_label(mmu, eager)));
+            }
+        } else {
+            v.push((mmu, true, variant_label(mmu, true)));
+        }
+    }
+    v
+}
+
+/// `tdp` with eager split (the default), `tdp no-eager-split` without.
+fn variant_label(mmu: MmuDesign, eager_page_split: bool) -> String {
+    if mmu == MmuDesign::Tdp && !eager_page_split {
+        format!("{mmu} no-eager-split")
+    } else {
+        mmu.name().to_string()
+    }
+}
+
 fn engine_run(
     a: &MigratePerfArgs,
     p: &Progress,
-    mmu: MmuDesign,
+    (mmu, eager_page_split, label): &(MmuDesign, bool, String),
     harvest: &HarvestSpec,
     guest_bytes: u64,
 ) -> BenchResult<Record> {
     let engine = VmConfig {
-        mmu,
+        mmu: *mmu,
         fast_page_fault: !a.no_fast_page_fault,
         large_pages: !a.no_large_pages,
+        eager_page_split: *eager_page_split,
         ..VmConfig::default()
     };
     let header = format!(
-        "== backend=engine mmu={mmu} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        "== backend=engine mmu={label} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU)",
         harvest.label(),
         a.vcpus,
         guest_bytes >> 20,
@@ -47,6 +73,7 @@ fn engine_run(
         "write_pct": a.write_pct,
         "random": a.random,
         "fast_page_fault": !a.no_fast_page_fault,
+        "eager_page_split": (*mmu == MmuDesign::Tdp).then_some(*eager_page_split),
     }) else {
         unreachable!("an object")
     };
@@ -55,7 +82,7 @@ fn engine_run(
         p,
         &*BackendKind::Engine.backend(&engine, harvest),
         "engine",
-        mmu.name().to_string(),
+        label.clone(),
         harvest,
         guest_bytes,
         header,
@@ -115,14 +142,15 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
         Some(k) => k.runnable(&specs, &|line| println!("{line}")),
         None => Vec::new(),
     };
-    let per_size = if engine { (a.mmu.len() * specs.len()) as u64 } else { 0 } + kvm_specs.len() as u64;
+    let variants = engine_variants(a);
+    let per_size = if engine { (variants.len() * specs.len()) as u64 } else { 0 } + kvm_specs.len() as u64;
     let p = Progress::new(sizes.len() as u64 * per_size * u64::from(a.iterations), "migrate-perf");
     let mut records = Vec::new();
     for &size in &sizes {
         for spec in &specs {
             if engine {
-                for &mmu in &a.mmu {
-                    records.push(engine_run(a, &p, mmu, spec, size)?);
+                for v in &variants {
+                    records.push(engine_run(a, &p, v, spec, size)?);
                 }
             }
             if let Some(k) = kvm.as_ref().filter(|k| k.usable())
@@ -149,7 +177,8 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
     p.finish();
     if let Some(f) = &faults {
         for r in records.iter_mut().filter(|r| r.backend == "engine") {
-            let i = a.mmu.iter().position(|m| m.name() == r.mmu).expect("a design we ran");
+            let design = r.mmu.split(' ').next().unwrap_or_default();
+            let i = a.mmu.iter().position(|m| m.name() == design).expect("a design we ran");
             r.fault_heavy_faults_per_sec = Some(f[i]);
         }
     }
@@ -208,6 +237,8 @@ fn print_spec_lines<'r>(
 ) {
     let tag = format!("{} MiB, {}", size >> 20, spec.label());
     for r in records.iter().filter(|r| r.guest_bytes == size && r.spec == *spec && r.backend == "engine") {
+        print_phases(&tag, r);
+        print_lock_modes(&tag, r);
         if let Some(held) = r.figure("harvest_mmu_lock_hold_ns") {
             println!(
                 "{tag}: engine {}: the harvests held mmu_lock {held} ns in all, longest {} ns{}",
@@ -222,11 +253,65 @@ fn print_spec_lines<'r>(
     if spec.harvest_threads > 1 {
         print_thread_lines(&tag, size, spec, find);
     }
+    if let (Some(e), Some(n)) =
+        (find(size, "engine", "tdp", spec), find(size, "engine", "tdp no-eager-split", spec))
+    {
+        let first = |r: &Record| r.run.iterations.first().map_or(0, |i| i.dirty_memory_ns).max(1) as f64;
+        println!(
+            "{tag}: tdp eager split against none: first dirtying pass after enable {:.3} ({} against {}), \
+             enable {:.3} ({} against {}) (Matlack's series, 96 vCPUs, 1 GiB HugeTLB: 0.05 and 910x)",
+            first(e) / first(n),
+            secs(first(e) as u64),
+            secs(first(n) as u64),
+            e.run.enable_dirty_logging_ns as f64 / n.run.enable_dirty_logging_ns.max(1) as f64,
+            secs(e.run.enable_dirty_logging_ns),
+            secs(n.run.enable_dirty_logging_ns)
+        );
+    }
     if let (Some(l), Some(ll)) =
         (find(size, "engine", "locked", spec), find(size, "engine", "lockless", spec))
     {
         print_design_lines(&tag, records, size, spec, l, ll);
     }
+}
+
+/// `dirty_log_perf_test`'s phases of one run, on one line.
+fn print_phases(tag: &str, r: &Record) {
+    let it = &r.run.iterations;
+    let later: Vec<u64> = it.iter().skip(1).map(|i| i.dirty_memory_ns).collect();
+    let later_avg = later.iter().sum::<u64>() / later.len().max(1) as u64;
+    println!(
+        "{tag}: engine {}: populate {}, enable {}, dirty memory iteration 1 {} then {} avg, get {} avg{}, \
+         disable {}",
+        r.mmu,
+        secs(r.run.populate_ns),
+        secs(r.run.enable_dirty_logging_ns),
+        secs(it.first().map_or(0, |i| i.dirty_memory_ns)),
+        secs(later_avg),
+        secs(r.run.get_dirty_log_avg_ns()),
+        r.run.clear_dirty_log_avg_ns().map_or(String::new(), |c| format!(", clear {} avg", secs(c))),
+        secs(r.run.disable_dirty_logging_ns)
+    );
+}
+
+/// Which mode of `mmu_lock` the slow faults and the harvests took, and
+/// how long it was held in each.
+fn print_lock_modes(tag: &str, r: &Record) {
+    let f = |k: &str| r.figure(k).unwrap_or(0);
+    println!(
+        "{tag}: engine {}: mmu_lock: slow faults took it {} times for read, {} for write; harvests {} for \
+         read, {} for write; held {} for read (summed over readers), {} for write; waited {} for read, \
+         {} for write",
+        r.mmu,
+        f("fault_mmu_lock_reads"),
+        f("fault_mmu_lock_writes"),
+        f("harvest_mmu_lock_reads"),
+        f("harvest_mmu_lock_writes"),
+        secs(f("mmu_lock_read_hold_ns")),
+        secs(f("mmu_lock_hold_ns")),
+        secs(f("mmu_lock_read_wait_ns")),
+        secs(f("mmu_lock_write_wait_ns"))
+    );
 }
 
 /// A harvest on several threads against one: the floor's, and each

@@ -69,6 +69,7 @@ impl Record {
             "guest_bytes": self.guest_bytes,
             "populate_ns": self.run.populate_ns,
             "enable_dirty_logging_ns": self.run.enable_dirty_logging_ns,
+            "disable_dirty_logging_ns": self.run.disable_dirty_logging_ns,
             "dirty_memory_avg_ns": self.run.dirty_memory_avg_ns(),
             "get_dirty_log_avg_ns": self.run.get_dirty_log_avg_ns(),
             "clear_dirty_log_avg_ns": self.run.clear_dirty_log_avg_ns(),
@@ -228,6 +229,7 @@ pub(super) fn backend_run(
     p.line(format!("Populate memory time: {}", secs(rec.run.populate_ns)));
     p.line(format!("Enabling dirty logging time: {}", secs(rec.run.enable_dirty_logging_ns)));
     print_summary(p, &rec);
+    p.line(format!("Disabling dirty logging time: {}", secs(rec.run.disable_dirty_logging_ns)));
     for line in extras.lines {
         p.line(line);
     }

@@ -44,6 +44,10 @@ pub struct VmDescription {
     pub mmu: String,
     /// The engine's `fast_page_fault`.
     pub fast_page_fault: bool,
+    /// The `tdp` design's eager page splitting (absent in streams written
+    /// before it existed: on, the default).
+    #[serde(default = "eager_split_default")]
+    pub eager_page_split: bool,
     /// The dirty-log interface.
     pub dirty_log: String,
     /// `KVM_DIRTY_LOG_INITIALLY_SET`.
@@ -68,6 +72,10 @@ pub struct VmDescription {
     pub dirty_rate: Option<u64>,
 }
 
+fn eager_split_default() -> bool {
+    true
+}
+
 impl VmDescription {
     /// The harvest spec it asks for, checked.
     fn harvest(&self) -> Result<HarvestSpec, DescriptionError> {
@@ -88,7 +96,12 @@ impl VmDescription {
         let spec = self.harvest()?;
         let mmu: MmuDesign =
             self.mmu.parse().map_err(|source| DescriptionError::Mmu { mmu: self.mmu.clone(), source })?;
-        let engine = VmConfig { mmu, fast_page_fault: self.fast_page_fault, ..VmConfig::default() };
+        let engine = VmConfig {
+            mmu,
+            fast_page_fault: self.fast_page_fault,
+            eager_page_split: self.eager_page_split,
+            ..VmConfig::default()
+        };
         Ok(self.backend.backend(&engine, &spec))
     }
 

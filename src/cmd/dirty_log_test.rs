@@ -43,6 +43,9 @@ pub struct DirtyLogTestArgs {
     /// Backends, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
     pub backend: Vec<BackendKind>,
+    /// The `tdp` design without eager page splitting.
+    #[arg(long)]
+    pub no_eager_split: bool,
     /// The engine's designs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless,rmap-lock,tdp")]
     pub mmu: Vec<MmuDesign>,
@@ -81,7 +84,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let mut backends: Vec<(String, Box<dyn Backend>)> = Vec::new();
         if a.backend.contains(&BackendKind::Engine) {
             for &mmu in &a.mmu {
-                let engine = VmConfig { mmu, ..VmConfig::default() };
+                let engine = VmConfig { mmu, eager_page_split: !a.no_eager_split, ..VmConfig::default() };
                 backends.push((format!("engine mmu={mmu}"), BackendKind::Engine.backend(&engine, &spec)));
             }
         }

@@ -128,6 +128,9 @@ pub struct OutgoingArgs {
     /// Turn the engine's `fast_page_fault` off.
     #[arg(long)]
     pub no_fast_page_fault: bool,
+    /// The `tdp` design without eager page splitting.
+    #[arg(long)]
+    pub no_eager_split: bool,
     /// The dirty-log interface.
     #[arg(long, default_value = "get")]
     pub dirty_log: DirtyLogInterface,
@@ -213,6 +216,7 @@ fn describe(a: &OutgoingArgs) -> VmDescription {
         backend: a.backend,
         mmu: a.mmu.to_string(),
         fast_page_fault: !a.no_fast_page_fault,
+        eager_page_split: !a.no_eager_split,
         dirty_log: a.dirty_log.to_string(),
         initially_set: a.knobs.initially_set,
         ring_entries: a.knobs.ring_entries,

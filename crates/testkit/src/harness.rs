@@ -80,6 +80,8 @@ pub struct RunConfig {
     pub tlb_entries: usize,
     /// Map 2 MiB pages where possible.
     pub large_pages: bool,
+    /// The TDP design's eager page splitting (`VmConfig::eager_page_split`).
+    pub eager_page_split: bool,
     /// Delete and re-add a second memslot during the run (module docs).
     pub slot_churn: bool,
     /// Memslots guest memory is split into, all logged (module docs).
@@ -113,6 +115,7 @@ impl Default for RunConfig {
             max_mmu_pages: None,
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
+            eager_page_split: true,
             slot_churn: false,
             slots: 1,
             invalidate_every: None,
@@ -607,6 +610,7 @@ fn build_vm(cfg: &RunConfig) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
         address_spaces: cfg.workload.address_spaces,
         tlb_entries: cfg.tlb_entries,
         large_pages: cfg.large_pages,
+        eager_page_split: cfg.eager_page_split,
         max_free_shadow_pages: cfg.max_free_shadow_pages.unwrap_or(VmConfig::default().max_free_shadow_pages),
         dirty_log_protect: cfg.harvest.protect(),
         harvest_threads: cfg.harvest.harvest_threads,
@@ -818,6 +822,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
                 ..HarvestSpec::default()
             },
         },
+        eager_page_split: rng.u8(..4) != 0,
         #[cfg(feature = "break-rules")]
         breakage: shadow_mmu_core::breakage::Breakage::default(),
     }

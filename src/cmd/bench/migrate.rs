@@ -197,6 +197,7 @@ impl Combo {
             backend: self.backend,
             mmu: self.mmu.to_string(),
             fast_page_fault: true,
+            eager_page_split: true,
             dirty_log: self.log.to_string(),
             initially_set: a.knobs.initially_set && self.log == DirtyLogInterface::Clear,
             ring_entries: a.knobs.ring_entries,

@@ -116,10 +116,9 @@ switches! {
     /// by compare-exchange: a fast path's W, or another reader's change,
     /// made since the snapshot is overwritten.
     tdp_plain_store_under_read_lock,
-    /// The `tdp` design's write-lock re-arm clears W or D with a plain
-    /// store even on a volatile spte: a W the fast path set, or a D the CPU
-    /// set, since the snapshot is lost.
-    tdp_clear_bits_plain_store,
+    /// With PML, GET, CLEAR and the ring harvest do not kick the vCPUs to
+    /// drain their logs first: pages still in a log are not reported.
+    pml_skip_sync,
     /// The `tdp` design hands an unlinked table back to its pool at once,
     /// with no grace period: a walker under the read lock may read, or
     /// write, a table that is someone else's.

@@ -98,8 +98,8 @@ pub fn tdp_mmu_write_spte(sptep: &AtomicU64, old: u64, new: u64) -> u64 {
 /// spte is volatile (a fast path's W or the CPU's D set since we read it
 /// survives in every bit we do not clear), else a plain store.
 #[inline]
-pub fn tdp_mmu_clear_spte_bits(sptep: &AtomicU64, old: u64, mask: u64, breakage: &Breakage) -> u64 {
-    if spte_needs_atomic_update(old) && !breakage.tdp_clear_bits_plain_store() {
+pub fn tdp_mmu_clear_spte_bits(sptep: &AtomicU64, old: u64, mask: u64) -> u64 {
+    if spte_needs_atomic_update(old) {
         // AcqRel: as in `tdp_mmu_write_spte`.
         sptep.fetch_and(!mask, Ordering::AcqRel)
     } else {
@@ -186,7 +186,7 @@ mod tests {
         let sptep = AtomicU64::new(s);
         // The fast path sets W after our snapshot `s`.
         assert!(tdp_fast_pf_fix_spte(&sptep, s));
-        let before = tdp_mmu_clear_spte_bits(&sptep, s, PT_DIRTY_MASK, &Breakage::SEED);
+        let before = tdp_mmu_clear_spte_bits(&sptep, s, PT_DIRTY_MASK);
         assert!(is_writable_pte(before), "the W set since is seen");
         assert!(is_writable_pte(sptep.load(Ordering::Relaxed)), "and kept");
     }

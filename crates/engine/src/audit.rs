@@ -3,7 +3,8 @@
 //! lists agree, and (optionally) the dirty logging invariant.
 //!
 //! The dirty logging invariant: a writable leaf spte in a slot that logs
-//! dirty pages has its page's bit set in the dirty bitmap. It is what makes
+//! dirty pages has its page's bit set in the dirty bitmap (with PML: a
+//! writable 4 KiB leaf with D set; with D clear its next store is logged). It is what makes
 //! harvesting correct (a page that can be written without a fault has been,
 //! or will be, reported). In the locked design it holds whenever `mmu_lock`
 //! is free. Check it with vCPUs stopped.
@@ -15,7 +16,7 @@ use crate::mmu::lock::MmuGuard;
 use crate::shadow_page::{SpPtr, page_header};
 use crate::vm::Kvm;
 use shadow_mmu_core::spte::{
-    PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte, is_last_spte,
+    PT_DIRTY_MASK, PT_PAGE_TABLE_LEVEL, SPTE_HOST_WRITEABLE, SPTE_MMU_WRITEABLE, is_large_pte, is_last_spte,
     is_shadow_present_pte, is_writable_pte, level_base_gfn, mapping_levels, pages_per_spte, spte_level,
     spte_to_pfn,
 };
@@ -590,7 +591,10 @@ impl Auditor<'_, '_> {
             let both = SPTE_HOST_WRITEABLE | SPTE_MMU_WRITEABLE;
             ensure!(spte & both == both, Violation::WritableWithoutHwMw { gfn, spte });
             ensure!(!slot.readonly(), Violation::WritableReadOnly { gfn, slot: slot.id() });
-            if self.opts.dirty_log && slot.dirty_logging() {
+            // With PML a 4 KiB leaf is re-armed by clearing D: writable
+            // with D clear, its next store logs it (`vcpu/pml.rs`).
+            let pml_armed = self.kvm.mmu.tdp.pml && level == PT_PAGE_TABLE_LEVEL && spte & PT_DIRTY_MASK == 0;
+            if self.opts.dirty_log && slot.dirty_logging() && !pml_armed {
                 // Under INITIALLY_SET a large spte stays writable until a
                 // CLEAR reaches it; every page under it is then still marked.
                 ensure!(

@@ -181,6 +181,7 @@ impl Kvm {
             });
         }
         let t0 = Instant::now();
+        self.kvm_arch_sync_dirty_log();
         let pages = if self.dirty_log_protect().is_manual() {
             Self::copy_dirty_log(slot, out)
         } else {
@@ -244,6 +245,7 @@ impl Kvm {
             return Err(ClearDirtyLogError::MaskSize { num_pages, expected, got: mask.len() });
         }
         let t0 = Instant::now();
+        self.kvm_arch_sync_dirty_log();
         let first_word = (first_page / 64) as usize;
         let cleared = self.clear_dirty_log_protect(slot, first_word, mask);
         let stats = &self.mmu.stats;

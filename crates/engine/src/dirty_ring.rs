@@ -81,8 +81,8 @@ pub(crate) struct VcpuRing {
 }
 
 impl VcpuRing {
-    pub(crate) fn new(vcpu: u32, entries: u32) -> Self {
-        Self { vcpu, ring: DirtyRing::new(entries, KVM_DIRTY_RING_RSVD_ENTRIES), harvest: Mutex::new(()) }
+    pub(crate) fn new(vcpu: u32, entries: u32, reserved: u32) -> Self {
+        Self { vcpu, ring: DirtyRing::new(entries, reserved), harvest: Mutex::new(()) }
     }
 }
 
@@ -96,12 +96,19 @@ impl Kvm {
         self.dirty_ring_entries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `kvm_dirty_ring_get_rsvd_entries`: entries each ring keeps beyond its
+    /// soft limit, with room for a whole PML log's drain where PML is on.
+    pub(crate) fn dirty_ring_rsvd_entries(&self) -> u32 {
+        let pml = if self.mmu.tdp.pml { crate::vcpu::pml::PML_LOG_NR_ENTRIES as u32 } else { 0 };
+        KVM_DIRTY_RING_RSVD_ENTRIES + pml
+    }
+
     /// `kvm_vm_ioctl_enable_dirty_log_ring`.
     pub(crate) fn enable_dirty_ring(&self, bytes: u32) -> Result<(), DirtyRingError> {
         if !bytes.is_power_of_two() {
             return Err(DirtyRingError::NotPowerOfTwo(bytes));
         }
-        if u64::from(bytes) < PAGE_SIZE || bytes < KVM_DIRTY_RING_RSVD_ENTRIES * DIRTY_GFN_BYTES {
+        if u64::from(bytes) < PAGE_SIZE || bytes < self.dirty_ring_rsvd_entries() * DIRTY_GFN_BYTES {
             return Err(DirtyRingError::TooSmall(bytes));
         }
         if bytes > KVM_DIRTY_RING_MAX_ENTRIES * DIRTY_GFN_BYTES {
@@ -132,6 +139,7 @@ impl Kvm {
     /// harvested. Returns how many.
     pub(crate) fn harvest_dirty_ring(&self, id: u32, f: impl FnMut(u32, u64)) -> Result<u32, DirtyRingError> {
         let r = self.vcpu_ring(id)?;
+        self.kvm_arch_sync_dirty_log();
         let _one_harvester = r.harvest.lock();
         let n = r.ring.harvest(f);
         self.mmu.stats.ring_entries_harvested.add(u64::from(n));

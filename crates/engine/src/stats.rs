@@ -91,6 +91,9 @@ mmu_stats! {
     fault_mmu_lock_reads,
     /// ... and for write (the shadow MMU designs').
     fault_mmu_lock_writes,
+    /// PML syncs (`kvm_arch_sync_dirty_log`) before GET, CLEAR and ring
+    /// harvests.
+    pml_syncs,
     /// TDP MMU walks that yielded `mmu_lock` to a waiter.
     tdp_mmu_yields,
     /// TDP MMU slow faults that lost a race and faulted again (`RET_PF_RETRY`).

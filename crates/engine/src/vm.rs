@@ -58,6 +58,11 @@ pub struct VmConfig {
     /// default): huge pages are split when logging is enabled (or, under
     /// `INITIALLY_SET`, at each CLEAR) instead of at the first write.
     pub eager_page_split: bool,
+    /// The TDP design's D-bit dirty logging, a model of Intel PML
+    /// (`enable_pml`; off by default): 4 KiB pages are re-armed by clearing
+    /// D instead of W, and each vCPU logs the pages whose D bit it sets.
+    /// The other designs refuse it.
+    pub pml: bool,
     /// Freed shadow pages kept for immediate reuse; more go back to the
     /// system after a grace period.
     pub max_free_shadow_pages: usize,
@@ -91,6 +96,7 @@ impl Default for VmConfig {
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
             eager_page_split: true,
+            pml: false,
             max_free_shadow_pages: 256,
             max_free_descs: 1 << 12,
             max_deferred_bytes: 16 << 20,
@@ -134,6 +140,10 @@ pub enum VmError {
         /// Length in bytes.
         size: u64,
     },
+    /// PML asked for in a design other than `tdp` (we model it for the TDP
+    /// MMU only).
+    #[error("PML needs the tdp design, not {0}")]
+    PmlNeedsTdp(MmuDesign),
     /// The shadow page budget is too small.
     #[error("shadow page budget {0} is below the minimum of {KVM_MIN_ALLOC_MMU_PAGES}")]
     BudgetTooSmall(usize),
@@ -266,12 +276,16 @@ impl Vm {
         {
             return Err(VmError::BudgetTooSmall(n));
         }
+        if config.pml && config.mmu != MmuDesign::Tdp {
+            return Err(VmError::PmlNeedsTdp(config.mmu));
+        }
         let mmu = Mmu::new(MmuParams {
             design: config.mmu,
             fast_page_fault: config.fast_page_fault,
             address_spaces: config.address_spaces,
             large_pages: config.large_pages,
             eager_page_split: config.eager_page_split,
+            pml: config.pml,
             max_mmu_pages: config.max_mmu_pages,
             sp_limits: PoolLimits {
                 max_free: config.max_free_shadow_pages,
@@ -506,7 +520,9 @@ impl Vm {
             return Err(VmError::BadVcpuId { id, max: KVM_MAX_VCPUS });
         }
         let entries = self.kvm.dirty_ring_entries();
-        let ring = (entries > 0).then(|| Arc::new(crate::dirty_ring::VcpuRing::new(id, entries)));
+        let ring = (entries > 0).then(|| {
+            Arc::new(crate::dirty_ring::VcpuRing::new(id, entries, self.kvm.dirty_ring_rsvd_entries()))
+        });
         if let Some(r) = &ring {
             self.kvm.dirty_rings.lock().push(r.clone());
         }

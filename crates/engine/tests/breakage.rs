@@ -232,7 +232,8 @@ fn resetting_the_ring_before_the_harvest_is_caught() {
         for broken in [false, true] {
             let breakage = Breakage { ring_reset_before_harvest: broken, ..Breakage::default() };
             let vm = Vm::new(VmConfig { breakage, ..base.clone() }).unwrap();
-            vm.enable_dirty_ring(PAGE_SIZE as u32).unwrap();
+            // Four pages: room for PML's reserve (a whole log's drain).
+            vm.enable_dirty_ring(4 * PAGE_SIZE as u32).unwrap();
             let mem = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
             vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
             let mut vcpu = vm.create_vcpu(0).unwrap();

@@ -11,6 +11,13 @@ use shadow_mmu_vmm::GuestAccessError;
 /// The smallest ring KVM takes: one page of `kvm_dirty_gfn`s (256 entries).
 const ONE_PAGE: u32 = PAGE_SIZE as u32;
 
+/// A ring of `cfg`'s VM and its soft limit: one page (256 entries, 64
+/// reserved), or with PML four (1024 entries, 64 + 512 reserved: room for
+/// a whole log's drain).
+fn ring_of(cfg: &VmConfig) -> (u32, u64) {
+    if cfg.pml { (4 * ONE_PAGE, 1024 - 576) } else { (ONE_PAGE, 192) }
+}
+
 fn harvest(vm: &Vm, vcpu: u32) -> Vec<(u32, u64)> {
     let mut v = Vec::new();
     vm.harvest_dirty_ring(vcpu, |s, o| v.push((s, o))).unwrap();
@@ -46,7 +53,7 @@ fn pushes_are_harvested_in_order_and_the_reset_reprotects() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(ONE_PAGE).unwrap();
+        vm.enable_dirty_ring(ring_of(&base).0).unwrap();
         let mem = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 2 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
         let mut v0 = vm.create_vcpu(0).unwrap();
@@ -89,22 +96,25 @@ fn the_soft_limit_exits_until_the_rings_are_reset() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(ONE_PAGE).unwrap(); // 256 entries, 64 reserved: soft limit 192
+        let (bytes, soft) = ring_of(&base);
+        vm.enable_dirty_ring(bytes).unwrap();
         let mem = shadow_mmu_engine::HostMemory::anonymous(4 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 4 * MIB, &mem, MemFlags::LOG_DIRTY_PAGES)).unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut script = shadow_mmu_engine::Script::new((0..300).map(|g| GuestOp::Write(page(g), g + 1)));
+        let n = soft + 108;
+        let mut script = shadow_mmu_engine::Script::new((0..n).map(|g| GuestOp::Write(page(g), g + 1)));
         assert_eq!(vcpu.run(&mut script).unwrap(), VcpuExit::DirtyRingFull);
         // The access that filled the ring completed; nothing ran after it.
-        assert_eq!(vcpu.stats().writes, 192);
+        assert_eq!(vcpu.stats().writes, soft);
         assert_eq!(vcpu.run(&mut script).unwrap(), VcpuExit::DirtyRingFull, "still full");
         let got = harvest(&vm, 0);
-        assert_eq!(got.len(), 192);
-        assert_eq!(vm.reset_dirty_rings().unwrap(), 192);
+        assert_eq!(got.len() as u64, soft);
+        assert_eq!(vm.reset_dirty_rings().unwrap(), soft);
         assert_eq!(vcpu.run(&mut script).unwrap(), VcpuExit::Hypercall(0));
         assert_eq!(harvest(&vm, 0).len(), 108);
         assert_eq!(vcpu.stats().dirty_ring_full_exits, 2);
-        assert_eq!(mem.page(299)[0].load(std::sync::atomic::Ordering::Relaxed), 300);
+        let last = n - 1;
+        assert_eq!(mem.page(last)[0].load(std::sync::atomic::Ordering::Relaxed), n);
     }
 }
 
@@ -113,7 +123,7 @@ fn a_slot_deleted_between_push_and_reset_is_skipped() {
     for base in every_design() {
         eprintln!("design: {}", describe(&base));
         let vm = Vm::new(base.clone()).unwrap();
-        vm.enable_dirty_ring(ONE_PAGE).unwrap();
+        vm.enable_dirty_ring(ring_of(&base).0).unwrap();
         let a = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         let b = shadow_mmu_engine::HostMemory::anonymous(2 * MIB).unwrap();
         vm.set_user_memory_region(region(0, 0, 2 * MIB, &a, MemFlags::LOG_DIRTY_PAGES)).unwrap();

@@ -14,19 +14,34 @@ use shadow_mmu_engine::{
 pub const MIB: u64 = 1 << 20;
 
 /// Every design the engine runs: each MMU design, with `fast_page_fault` on
-/// (KVM 3.11 and the seed) and off (the baseline of the first measurements).
+/// (KVM 3.11 and the seed) and off (the baseline of the first
+/// measurements), and the TDP design also with PML and without eager split.
 pub fn every_design() -> Vec<VmConfig> {
     MmuDesign::ALL.into_iter().flat_map(designs_of).collect()
 }
 
-/// `mmu`, with `fast_page_fault` on and off.
+/// `mmu`, with `fast_page_fault` on and off; for `tdp`, also with PML
+/// (D-bit logging) and without eager split, the other way from its
+/// default in both.
 pub fn designs_of(mmu: MmuDesign) -> Vec<VmConfig> {
-    [true, false].map(|fast_page_fault| VmConfig { mmu, fast_page_fault, ..VmConfig::default() }).to_vec()
+    let mut v: Vec<VmConfig> = [true, false]
+        .map(|fast_page_fault| VmConfig { mmu, fast_page_fault, ..VmConfig::default() })
+        .to_vec();
+    if mmu == MmuDesign::Tdp {
+        v.push(VmConfig { mmu, pml: true, eager_page_split: false, ..VmConfig::default() });
+    }
+    v
 }
 
 /// The design of `c`, for messages.
 pub fn describe(c: &VmConfig) -> String {
-    format!("{}{}", c.mmu, if c.fast_page_fault { "" } else { ", no fast_page_fault" })
+    format!(
+        "{}{}{}{}",
+        c.mmu,
+        if c.fast_page_fault { "" } else { ", no fast_page_fault" },
+        if c.pml { ", pml" } else { "" },
+        if c.eager_page_split || c.mmu != MmuDesign::Tdp { "" } else { ", no eager split" }
+    )
 }
 
 /// A region of `size` bytes of `mem` at guest physical `gpa`.

@@ -226,6 +226,7 @@ pub(crate) struct MmuParams {
     pub(crate) address_spaces: u16,
     pub(crate) large_pages: bool,
     pub(crate) eager_page_split: bool,
+    pub(crate) pml: bool,
     pub(crate) max_mmu_pages: Option<usize>,
     pub(crate) sp_limits: PoolLimits,
     pub(crate) desc_limits: PoolLimits,
@@ -242,6 +243,7 @@ impl MmuParams {
             address_spaces: 1,
             large_pages: true,
             eager_page_split: true,
+            pml: false,
             max_mmu_pages: None,
             sp_limits: limits,
             desc_limits: limits,
@@ -309,7 +311,7 @@ impl Mmu {
             desc_pool: Pool::new(p.desc_limits, rcu),
             roots: (0..p.address_spaces).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
             large_pages: p.large_pages,
-            tdp: crate::tdp_mmu::TdpMmu::new(p.eager_page_split),
+            tdp: crate::tdp_mmu::TdpMmu::new(p.eager_page_split, p.pml),
             stats: MmuStats::default(),
         }
     }

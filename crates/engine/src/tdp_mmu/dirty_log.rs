@@ -21,8 +21,8 @@ use crate::mmu::lock::MmuGuard;
 use crate::vm::Kvm;
 use shadow_mmu_core::rcu::ReadGuard;
 use shadow_mmu_core::spte::{
-    PT_DIRECTORY_LEVEL, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_last_spte, is_shadow_present_pte,
-    is_writable_pte,
+    PT_DIRECTORY_LEVEL, PT_DIRTY_MASK, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_last_spte,
+    is_shadow_present_pte, is_writable_pte,
 };
 use shadow_mmu_core::tdp::{tdp_mmu_clear_spte_bits, tdp_mmu_set_spte_atomic};
 
@@ -38,9 +38,15 @@ impl Kvm {
             if self.mmu.tdp.eager_page_split {
                 self.tdp_mmu_try_split_huge_pages(&mut g, &mut section, start, end);
             }
+            // With PML only huge leaves lose W (so that they are split);
+            // 4 KiB ones lose D (`kvm_mmu_slot_leaf_clear_dirty`).
+            let min_level = if self.mmu.tdp.pml { PT_DIRECTORY_LEVEL } else { PT_PAGE_TABLE_LEVEL };
             let mut cleared = 0;
             for root in self.tdp_mmu_roots() {
-                cleared += self.wrprot_gfn_range(&mut g, &mut section, root, start, end, PT_PAGE_TABLE_LEVEL);
+                cleared += self.wrprot_gfn_range(&mut g, &mut section, root, start, end, min_level);
+                if self.mmu.tdp.pml {
+                    cleared += self.clear_dirty_gfn_range(&mut g, &mut section, root, start, end);
+                }
             }
             self.mmu.stats.sptes_write_protected.add(cleared);
         }
@@ -84,6 +90,39 @@ impl Kvm {
         cleared
     }
 
+    /// `clear_dirty_gfn_range` (PML): clears D on every present leaf in
+    /// `[start, end)` of `root`, by compare-exchange, under the read lock.
+    fn clear_dirty_gfn_range(
+        &self,
+        g: &mut crate::mmu::lock::MmuReadGuard<'_>,
+        section: &mut ReadGuard<'_>,
+        root: crate::shadow_page::SpPtr,
+        start: u64,
+        end: u64,
+    ) -> u64 {
+        let mut cleared = 0;
+        let mut iter = TdpIter::start(&*section, root, PT_PAGE_TABLE_LEVEL, start);
+        while iter.within(end) {
+            if self.tdp_mmu_iter_cond_resched(g, section, &mut iter, false) {
+                iter.next(&*section);
+                continue;
+            }
+            let old = iter.old_spte;
+            if !is_shadow_present_pte(old) || !is_last_spte(old, iter.level) || old & PT_DIRTY_MASK == 0 {
+                iter.next(&*section);
+                continue;
+            }
+            let sptep = iter.sptep(&*section);
+            if tdp_mmu_set_spte_atomic(sptep, &mut iter.old_spte, old & !PT_DIRTY_MASK, &self.mmu.breakage) {
+                cleared += 1;
+                iter.next(&*section);
+            } else {
+                self.mmu.stats.tdp_cmpxchg_failures.inc();
+            }
+        }
+        cleared
+    }
+
     /// `kvm_arch_mmu_enable_log_dirty_pt_masked` for the TDP design, under
     /// the write lock: CLEAR's split and end protection under
     /// `INITIALLY_SET`, then `kvm_tdp_mmu_clear_dirty_pt_masked`. Returns how
@@ -114,9 +153,11 @@ impl Kvm {
         protected + self.kvm_tdp_mmu_clear_dirty_pt_masked(g, base, mask)
     }
 
-    /// `kvm_tdp_mmu_clear_dirty_pt_masked`: clears W on the 4 KiB leaves of
-    /// the pages in `mask` (from `gfn`), in every root. Never yields.
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked`: clears W (D with PML) on the
+    /// 4 KiB leaves of the pages in `mask` (from `gfn`), in every root.
+    /// Never yields.
     fn kvm_tdp_mmu_clear_dirty_pt_masked(&self, g: &MmuGuard<'_>, gfn: u64, mask: u64) -> u64 {
+        let dbit = if self.mmu.tdp.pml { PT_DIRTY_MASK } else { PT_WRITABLE_MASK };
         let mut cleared = 0;
         for root in self.tdp_mmu_roots() {
             let mut left = mask;
@@ -134,8 +175,8 @@ impl Kvm {
                 }
                 left &= !bit;
                 let old = iter.old_spte;
-                if old & PT_WRITABLE_MASK != 0 && is_shadow_present_pte(old) {
-                    tdp_mmu_clear_spte_bits(iter.sptep(g), old, PT_WRITABLE_MASK, &self.mmu.breakage);
+                if old & dbit != 0 && is_shadow_present_pte(old) {
+                    tdp_mmu_clear_spte_bits(iter.sptep(g), old, dbit);
                     cleared += 1;
                 }
                 iter.next(g);

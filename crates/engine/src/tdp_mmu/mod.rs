@@ -83,18 +83,22 @@ pub(crate) struct TdpMmu {
     deferred: AtomicUsize,
     /// `kvm.eager_page_split`.
     pub(crate) eager_page_split: bool,
+    /// PML (`enable_pml`): dirty logging clears D, not W, on 4 KiB leaves,
+    /// and the vCPUs' page walks log D bits they set (`vcpu/pml.rs`).
+    pub(crate) pml: bool,
     /// Tables for eager split, filled with `mmu_lock` dropped.
     pub(crate) split_cache: Mutex<MemoryCache<ShadowPage>>,
 }
 
 impl TdpMmu {
-    pub(crate) fn new(eager_page_split: bool) -> Self {
+    pub(crate) fn new(eager_page_split: bool, pml: bool) -> Self {
         Self {
             pages: AtomicI64::new(0),
             pending: Mutex::new(None),
             waiting: Mutex::new(VecDeque::new()),
             deferred: AtomicUsize::new(0),
             eager_page_split,
+            pml,
             split_cache: Mutex::new(MemoryCache::default()),
         }
     }
@@ -246,6 +250,18 @@ impl Kvm {
         self.mmu.stats.tdp_mmu_yields.inc();
         iter.set_yielded();
         true
+    }
+
+    /// `kvm_arch_sync_dirty_log` with PML: every vCPU drains its log
+    /// before a GET, CLEAR or ring harvest reads the log. Waits, through the
+    /// remote flush handshake, for each vCPU in guest mode to pass an
+    /// access boundary, where it drains before it leaves guest mode
+    /// (`vcpu/pml.rs`); a vCPU outside guest mode has an empty log.
+    pub(crate) fn kvm_arch_sync_dirty_log(&self) {
+        if self.mmu.tdp.pml && !self.mmu.breakage.pml_skip_sync() {
+            self.kvm_flush_remote_tlbs();
+            self.mmu.stats.pml_syncs.inc();
+        }
     }
 
     /// A fresh table for `gfn`'s region at `level` (the level of the entry

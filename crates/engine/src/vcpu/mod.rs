@@ -18,6 +18,7 @@
 //!   anything else) it leaves guest mode, so a flusher holding `mmu_lock`
 //!   never waits for a vCPU waiting for `mmu_lock`.
 
+pub(crate) mod pml;
 pub use shadow_mmu_core::requests;
 pub mod tlb;
 
@@ -35,8 +36,8 @@ use crate::shadow_page::SpPtr;
 use crate::vm::Kvm;
 use requests::{KVM_REQ_TLB_FLUSH, VcpuShared};
 use shadow_mmu_core::spte::{
-    PAGE_SHIFT, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte, pages_per_spte,
-    spte_index, spte_to_pfn,
+    PAGE_SHIFT, PT_DIRTY_MASK, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte,
+    pages_per_spte, spte_index, spte_to_pfn,
 };
 use shadow_mmu_core::sync::atomic::Ordering;
 use tlb::{Tlb, Translation};
@@ -115,6 +116,10 @@ pub struct VcpuStats {
     pub mmio_exits: u64,
     /// `DirtyRingFull` exits.
     pub dirty_ring_full_exits: u64,
+    /// PML-full exits (`VmConfig::pml`).
+    pub pml_full_exits: u64,
+    /// Entries drained from the PML log.
+    pub pml_entries_drained: u64,
 }
 
 impl std::ops::AddAssign for VcpuStats {
@@ -129,6 +134,8 @@ impl std::ops::AddAssign for VcpuStats {
         self.tlb_flushes += o.tlb_flushes;
         self.dirty_ring_full_exits += o.dirty_ring_full_exits;
         self.mmio_exits += o.mmio_exits;
+        self.pml_full_exits += o.pml_full_exits;
+        self.pml_entries_drained += o.pml_entries_drained;
     }
 }
 
@@ -161,6 +168,8 @@ pub struct Vcpu {
     ring_full: bool,
     /// A kick was taken on entry: exit at the next access boundary.
     exit_pending: bool,
+    /// The PML log, with `VmConfig::pml`.
+    pml: Option<pml::PmlLog>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -181,6 +190,8 @@ enum Walk {
     Fault {
         present: bool,
     },
+    /// A store that would set a D bit with the PML log full.
+    PmlFull,
 }
 
 impl Vcpu {
@@ -191,7 +202,6 @@ impl Vcpu {
     ) -> Self {
         let tlb = Tlb::new(kvm.config.tlb_entries);
         Self {
-            kvm,
             shared,
             tlb,
             caches: MmuCaches::default(),
@@ -201,6 +211,8 @@ impl Vcpu {
             ring,
             ring_full: false,
             exit_pending: false,
+            pml: kvm.mmu.tdp.pml.then(pml::PmlLog::new),
+            kvm,
         }
     }
 
@@ -254,6 +266,9 @@ impl Vcpu {
             }
             // The access boundary: take pending requests (the IPI).
             if self.shared.pending_requests() != 0 {
+                // Drained before we leave guest mode: a GET's kick that
+                // sees us out (or acked) sees the drain done (pml.rs).
+                self.flush_pml_buffer();
                 self.shared.exit_guest_mode();
                 self.enter_guest();
             }
@@ -282,11 +297,31 @@ impl Vcpu {
                 GuestOp::Hypercall(code) => break Stop::Exit(VcpuExit::Hypercall(code)),
             }
         };
+        self.flush_pml_buffer();
         self.shared.exit_guest_mode();
         match stop {
             Stop::Exit(e) => Ok(e),
             Stop::Error(e) => Err(e),
         }
+    }
+
+    /// `vmx_flush_pml_buffer`: marks every page in the PML log dirty, in
+    /// write order (pml.rs). Runs at every exit, before the vCPU leaves
+    /// guest mode.
+    fn flush_pml_buffer(&mut self) {
+        let Some(log) = self.pml.as_mut() else { return };
+        let (kvm, ring) = (&self.kvm, self.ring.as_deref().map(|r| &r.ring));
+        let slots = kvm.memslots.load();
+        let n = log.drain(|gfn| {
+            // `kvm_vcpu_mark_page_dirty`: only where the slot logs.
+            if let Some(slot) = slots.find(gfn)
+                && slot.dirty_logging()
+            {
+                kvm.mark_page_dirty_in_slot(slot, gfn, ring);
+            }
+        });
+        self.stats.pml_entries_drained += n as u64;
+        self.ring_full |= ring.is_some_and(|r| r.soft_full());
     }
 
     /// Handles requests outside guest mode, then enters guest mode with none
@@ -332,6 +367,14 @@ impl Vcpu {
                     }
                     Walk::Fault { present } => {
                         self.page_fault(gpa, write, present, value)?;
+                        continue;
+                    }
+                    Walk::PmlFull => {
+                        // The PML-full exit: drained, and back in.
+                        self.stats.pml_full_exits += 1;
+                        self.flush_pml_buffer();
+                        self.shared.exit_guest_mode();
+                        self.enter_guest();
                         continue;
                     }
                 },
@@ -382,7 +425,27 @@ impl Vcpu {
                     return Walk::Fault { present: true };
                 }
                 let pfn = spte_to_pfn(spte) + (gfn & (pages_per_spte(level) - 1));
-                return Walk::Hit(Translation { pfn, writable: is_writable_pte(spte) });
+                let mut writable = is_writable_pte(spte);
+                if let Some(log) = self.pml.as_mut()
+                    && writable
+                    && spte & PT_DIRTY_MASK == 0
+                {
+                    if !write {
+                        // Cached read-only: the first store walks again, to
+                        // set D (the hardware caches D with the entry).
+                        writable = false;
+                    } else if log.is_full() {
+                        return Walk::PmlFull;
+                    } else {
+                        let sptep = sp.get(&in_guest_mode).spte(spte_index(gfn, level));
+                        if !shadow_mmu_core::tdp::hardware_set_dirty(sptep, spte) {
+                            // The spte changed under us: walk again.
+                            return self.page_walk(gfn, write);
+                        }
+                        log.log(gfn);
+                    }
+                }
+                return Walk::Hit(Translation { pfn, writable });
             }
             // SAFETY: a present non-leaf spte of one of our tables.
             sp = unsafe { SpPtr::from_nonleaf_spte(spte) };
@@ -396,6 +459,7 @@ impl Vcpu {
             o.fault_begin();
             Instant::now()
         });
+        self.flush_pml_buffer();
         self.shared.exit_guest_mode();
         let t0 = Instant::now();
         let fault = PageFault { gfn: gpa >> PAGE_SHIFT, write, present, asid: self.asid };

@@ -123,9 +123,15 @@ switches! {
     /// with no grace period: a walker under the read lock may read, or
     /// write, a table that is someone else's.
     tdp_free_table_without_grace_period,
-    /// The `tdp` design ends the read-side section that unlinked a table
-    /// before the remote TLB flush: a vCPU may go on through the dead table.
-    tdp_flush_after_section,
+    /// The `tdp` design's fast path sets W with a plain store of its
+    /// snapshot, not a compare-exchange: a zap (or write tracking) made
+    /// since is undone.
+    tdp_fast_path_plain_store,
+    /// The `tdp` design takes a removed table apart with plain loads,
+    /// without parking its entries at `FROZEN_SPTE`: a read-lock holder that
+    /// reached the table before it was unlinked links a table into it,
+    /// which nobody frees.
+    tdp_removed_pt_without_freeze,
     /// A migration's source resumes its guest when the destination's
     /// `Running` does not come after it sent `Commit`, as if the `Commit`
     /// had been lost, instead of asking the destination.

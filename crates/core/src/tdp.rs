@@ -114,8 +114,14 @@ pub fn tdp_mmu_clear_spte_bits(sptep: &AtomicU64, old: u64, mask: u64) -> u64 {
 /// whether the compare-exchange won. It never sets D (upstream's comment:
 /// with PML the write itself logs the page again).
 #[inline]
-pub fn tdp_fast_pf_fix_spte(sptep: &AtomicU64, spte: u64) -> bool {
+pub fn tdp_fast_pf_fix_spte(sptep: &AtomicU64, spte: u64, breakage: &Breakage) -> bool {
     debug_assert!(is_shadow_present_pte(spte) && spte & SPTE_MMU_WRITEABLE != 0);
+    if breakage.tdp_fast_path_plain_store() {
+        // Broken on purpose: the snapshot, with W, stored over whatever is
+        // there now.
+        sptep.store(spte | PT_WRITABLE_MASK, Ordering::Release);
+        return true;
+    }
     // AcqRel: acquire pairs with the write-lock holder's `fetch_and` or
     // `xchg` (we fail if it got in between), release publishes W to it.
     sptep.compare_exchange(spte, spte | PT_WRITABLE_MASK, Ordering::AcqRel, Ordering::Relaxed).is_ok()
@@ -136,8 +142,13 @@ pub fn hardware_set_dirty(sptep: &AtomicU64, spte: u64) -> bool {
 /// is already frozen (its owner is mid-change and finishes with a plain
 /// store), and hands each old value to `f`. The entries stay frozen: the
 /// table goes back to its pool only after a grace period, cleaned then.
-pub fn freeze_removed_pt(table: &[AtomicU64], mut f: impl FnMut(usize, u64)) {
+pub fn freeze_removed_pt(table: &[AtomicU64], breakage: &Breakage, mut f: impl FnMut(usize, u64)) {
     for (i, sptep) in table.iter().enumerate() {
+        if breakage.tdp_removed_pt_without_freeze() {
+            // Broken on purpose: read, and left for anyone to change.
+            f(i, sptep.load(Ordering::Acquire));
+            continue;
+        }
         let backoff = crate::sync::Backoff::new();
         let old = loop {
             // AcqRel: acquire takes whatever the last writer published (a
@@ -185,7 +196,7 @@ mod tests {
         let s = make_leaf_spte(7, 1, true, false);
         let sptep = AtomicU64::new(s);
         // The fast path sets W after our snapshot `s`.
-        assert!(tdp_fast_pf_fix_spte(&sptep, s));
+        assert!(tdp_fast_pf_fix_spte(&sptep, s, &Breakage::SEED));
         let before = tdp_mmu_clear_spte_bits(&sptep, s, PT_DIRTY_MASK);
         assert!(is_writable_pte(before), "the W set since is seen");
         assert!(is_writable_pte(sptep.load(Ordering::Relaxed)), "and kept");
@@ -195,8 +206,198 @@ mod tests {
     fn freezing_hands_out_every_old_value() {
         let table: Vec<AtomicU64> = (0..4).map(AtomicU64::new).collect();
         let mut seen = Vec::new();
-        freeze_removed_pt(&table, |i, old| seen.push((i, old)));
+        freeze_removed_pt(&table, &Breakage::SEED, |i, old| seen.push((i, old)));
         assert_eq!(seen, [(0, 0), (1, 1), (2, 2), (3, 3)]);
         assert!(table.iter().all(|s| is_frozen_spte(s.load(Ordering::Relaxed))));
+    }
+}
+
+/// loom models of the TDP MMU's races, over the primitives above (the code
+/// the engine's `tdp` design runs); see `loom_support`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use loom::sync::Arc;
+
+    use super::*;
+    use crate::loom_support::{check, two};
+    use crate::spte::{PT_PAGE_SIZE_MASK, make_leaf_spte};
+
+    /// A stand-in for a table's address in a non-leaf entry (present, W, no
+    /// PS): the models' trees have one table.
+    const TABLE: u64 = 0x7000 | crate::spte::PT_PRESENT_MASK | PT_WRITABLE_MASK;
+
+    /// One 2 MiB entry, and the table of two 4 KiB children a split links
+    /// under it (512 in the engine; two show the race).
+    struct Huge {
+        entry: AtomicU64,
+        children: [AtomicU64; 2],
+    }
+
+    impl Huge {
+        fn new(entry: u64) -> Arc<Self> {
+            Arc::new(Self { entry: AtomicU64::new(entry), children: [AtomicU64::new(0), AtomicU64::new(0)] })
+        }
+
+        /// A fault's split in place under the read lock
+        /// (`tdp_mmu_link_sp` after `tdp_mmu_split_huge_page`): children
+        /// from the huge leaf as last read, then the link; a loser
+        /// re-evaluates the entry (here: refills from the new value).
+        fn split(&self, b: &Breakage) {
+            let mut old = self.entry.load(Ordering::Acquire);
+            loop {
+                if old & PT_PAGE_SIZE_MASK == 0 {
+                    return; // Someone split it first.
+                }
+                for c in &self.children {
+                    // Relaxed: unreachable until the link publishes it.
+                    c.store(old & !PT_PAGE_SIZE_MASK, Ordering::Relaxed);
+                }
+                if tdp_mmu_set_spte_atomic(&self.entry, &mut old, TABLE, b) {
+                    return;
+                }
+            }
+        }
+
+        /// `wrprot_gfn_range` under the read lock: W off every writable
+        /// leaf, re-evaluating an entry that changed, stepping down into a
+        /// table (after re-reading the entry). Returns whether it found the
+        /// table.
+        fn wrprot(&self, b: &Breakage) -> bool {
+            let mut old = self.entry.load(Ordering::Acquire);
+            loop {
+                if old == TABLE {
+                    for c in &self.children {
+                        let mut o = c.load(Ordering::Acquire);
+                        while is_writable_pte(o) {
+                            let new = o & !PT_WRITABLE_MASK;
+                            if tdp_mmu_set_spte_atomic(c, &mut o, new, b) {
+                                break;
+                            }
+                        }
+                    }
+                    return true;
+                }
+                let new = old & !PT_WRITABLE_MASK;
+                if !is_writable_pte(old) || tdp_mmu_set_spte_atomic(&self.entry, &mut old, new, b) {
+                    return false;
+                }
+            }
+        }
+
+        /// After write protection: no writable leaf is reachable.
+        fn assert_protected(&self) {
+            let e = self.entry.load(Ordering::SeqCst);
+            let leaves: Vec<u64> = if e == TABLE {
+                self.children.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+            } else {
+                vec![e]
+            };
+            assert!(
+                leaves.iter().all(|&s| !is_writable_pte(s)),
+                "a writable leaf left after write protection: {e:#x} {leaves:x?}"
+            );
+        }
+    }
+
+    /// Enable-logging's W-clear against a fault that splits the same huge
+    /// leaf, both under the read lock: whichever compare-exchange comes
+    /// second sees the first's value and re-evaluates.
+    fn split_against_wrprot(b: Breakage) {
+        check(move || {
+            let h = Huge::new(make_leaf_spte(0x200, 2, true, true));
+            let (h1, h2) = (h.clone(), h.clone());
+            let (_, found_table) = two(move || h1.split(&b), move || h2.wrprot(&b));
+            h.assert_protected();
+            found_table
+        });
+    }
+
+    #[test]
+    fn loom_a_split_against_the_w_clear() {
+        split_against_wrprot(Breakage::SEED);
+    }
+
+    /// The fast path's W-set against a write-lock holder's zap of the same
+    /// spte (`tdp_mmu_zap_leafs`: memslot deletion, an mmu notifier): a zap
+    /// stays a zap.
+    fn fast_path_against_zap(b: Breakage) {
+        check(move || {
+            let s = make_leaf_spte(7, 1, true, false);
+            let sptep = Arc::new(AtomicU64::new(s));
+            let (f, z) = (sptep.clone(), sptep.clone());
+            let (fixed, _) = two(
+                move || {
+                    // Acquire: as the fast path's walk.
+                    let old = f.load(Ordering::Acquire);
+                    is_shadow_present_pte(old) && !is_writable_pte(old) && tdp_fast_pf_fix_spte(&f, old, &b)
+                },
+                move || {
+                    // Relaxed: under the write lock; the atomic write below
+                    // returns what the fast path did.
+                    let old = z.load(Ordering::Relaxed);
+                    tdp_mmu_write_spte(&z, old, 0)
+                },
+            );
+            assert_eq!(sptep.load(Ordering::SeqCst), 0, "a zapped spte came back");
+            fixed
+        });
+    }
+
+    #[test]
+    fn loom_the_fast_path_against_a_zap() {
+        fast_path_against_zap(Breakage::SEED);
+    }
+
+    /// A read-lock holder that reached a table before it was unlinked links
+    /// a child table into it, against the unlinker taking the table apart
+    /// (`handle_removed_pt`, shared): either the link fails on a frozen
+    /// entry, or the unlinker sees the child and takes it apart too.
+    fn frozen_against_a_link(b: Breakage) {
+        check(move || {
+            let table = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+            let (t1, t2) = (table.clone(), table.clone());
+            let (linked, freed) = two(
+                move || {
+                    let mut old = t1[1].load(Ordering::Acquire);
+                    // `kvm_tdp_mmu_map`: a frozen entry is a retry.
+                    !is_frozen_spte(old) && old == 0 && tdp_mmu_set_spte_atomic(&t1[1], &mut old, TABLE, &b)
+                },
+                move || {
+                    let mut freed = false;
+                    freeze_removed_pt(&*t2, &b, |_, old| freed |= old == TABLE);
+                    freed
+                },
+            );
+            assert!(!linked || freed, "a table linked into a removed table leaked");
+            (linked, freed)
+        });
+    }
+
+    #[test]
+    fn loom_frozen_against_a_link() {
+        frozen_against_a_link(Breakage::SEED);
+    }
+
+    // The switches: each must make its model fail.
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a writable leaf left after write protection")]
+    fn loom_plain_stores_under_the_read_lock_are_caught() {
+        split_against_wrprot(Breakage { tdp_plain_store_under_read_lock: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a zapped spte came back")]
+    fn loom_a_plain_store_in_the_fast_path_is_caught() {
+        fast_path_against_zap(Breakage { tdp_fast_path_plain_store: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a table linked into a removed table leaked")]
+    fn loom_a_removed_table_left_unfrozen_is_caught() {
+        frozen_against_a_link(Breakage { tdp_removed_pt_without_freeze: true, ..Breakage::SEED });
     }
 }

@@ -322,6 +322,12 @@ impl Vm {
         &self.kvm.config
     }
 
+    /// The shared state, for the engine's own tests.
+    #[cfg(test)]
+    pub(crate) fn kvm(&self) -> &Arc<Kvm> {
+        &self.kvm
+    }
+
     /// The MMU design.
     pub fn design(&self) -> MmuDesign {
         self.kvm.mmu.design

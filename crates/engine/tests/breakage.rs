@@ -16,8 +16,6 @@ use shadow_mmu_testkit::harness::{self, RunConfig};
 /// TLBs across harvests.
 fn hot_run(design: &VmConfig, breakage: Breakage) -> harness::RunReport {
     let cfg = RunConfig {
-        mmu: design.mmu,
-        fast_page_fault: design.fast_page_fault,
         vcpus: 2,
         guest_bytes: 8 << 20,
         duration: Duration::from_secs(60),
@@ -29,7 +27,7 @@ fn hot_run(design: &VmConfig, breakage: Breakage) -> harness::RunReport {
             ..WorkloadSpec::default()
         },
         breakage,
-        ..RunConfig::default()
+        ..RunConfig::for_design(design)
     };
     harness::run(&cfg, |_, _| {}).unwrap()
 }
@@ -344,4 +342,12 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
             );
         }
     }
+}
+
+#[test]
+fn a_pml_harvest_that_does_not_drain_the_logs_is_caught() {
+    let pml = VmConfig { mmu: MmuDesign::Tdp, pml: true, ..VmConfig::default() };
+    let r = hot_run(&pml, Breakage { pml_skip_sync: true, ..Breakage::default() });
+    assert!(r.lost_pages > 0, "pages still in the vCPUs' PML logs went unreported unnoticed: {r:?}");
+    assert!(hot_run(&pml, Breakage::default()).ok());
 }

@@ -13,13 +13,7 @@ use shadow_mmu_testkit::harness::{self, RunConfig, RunReport};
 /// The CI shape: 50 collections (the duration only bounds them), for the
 /// design of `d` (its MMU design and `fast_page_fault`).
 fn fifty_collections(d: &VmConfig) -> RunConfig {
-    RunConfig {
-        mmu: d.mmu,
-        fast_page_fault: d.fast_page_fault,
-        duration: Duration::from_secs(600),
-        max_collections: Some(50),
-        ..RunConfig::default()
-    }
+    RunConfig { duration: Duration::from_secs(600), max_collections: Some(50), ..RunConfig::for_design(d) }
 }
 
 /// A small, fast-collecting run of the design of `d`: `vcpus` over `mib`

@@ -82,6 +82,8 @@ pub struct RunConfig {
     pub large_pages: bool,
     /// The TDP design's eager page splitting (`VmConfig::eager_page_split`).
     pub eager_page_split: bool,
+    /// The TDP design's PML (`VmConfig::pml`).
+    pub pml: bool,
     /// Delete and re-add a second memslot during the run (module docs).
     pub slot_churn: bool,
     /// Memslots guest memory is split into, all logged (module docs).
@@ -97,6 +99,20 @@ pub struct RunConfig {
     /// Rules to break (tests only).
     #[cfg(feature = "break-rules")]
     pub breakage: shadow_mmu_core::breakage::Breakage,
+}
+
+impl RunConfig {
+    /// The defaults, in the design `d` describes (its MMU design,
+    /// `fast_page_fault`, eager split and PML).
+    pub fn for_design(d: &VmConfig) -> Self {
+        Self {
+            mmu: d.mmu,
+            fast_page_fault: d.fast_page_fault,
+            eager_page_split: d.eager_page_split,
+            pml: d.pml,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for RunConfig {
@@ -116,6 +132,7 @@ impl Default for RunConfig {
             tlb_entries: DEFAULT_TLB_ENTRIES,
             large_pages: true,
             eager_page_split: true,
+            pml: false,
             slot_churn: false,
             slots: 1,
             invalidate_every: None,
@@ -611,6 +628,7 @@ fn build_vm(cfg: &RunConfig) -> Result<(Vm, Arc<HostMemory>), HarnessError> {
         tlb_entries: cfg.tlb_entries,
         large_pages: cfg.large_pages,
         eager_page_split: cfg.eager_page_split,
+        pml: cfg.pml,
         max_free_shadow_pages: cfg.max_free_shadow_pages.unwrap_or(VmConfig::default().max_free_shadow_pages),
         dirty_log_protect: cfg.harvest.protect(),
         harvest_threads: cfg.harvest.harvest_threads,
@@ -823,6 +841,9 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
             },
         },
         eager_page_split: rng.u8(..4) != 0,
+        // Not drawn: PML's ring reserve (576 entries) is above the smaller
+        // rings drawn above; the every-design tests run it.
+        pml: false,
         #[cfg(feature = "break-rules")]
         breakage: shadow_mmu_core::breakage::Breakage::default(),
     }

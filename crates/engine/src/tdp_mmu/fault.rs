@@ -236,9 +236,7 @@ impl Kvm {
             // SAFETY: a present non-leaf spte of one of our tables.
             let child = unsafe { SpPtr::from_nonleaf_spte(old) };
             self.handle_removed_pt(section, child, true);
-            if !self.mmu.breakage.tdp_flush_after_section() {
-                self.kvm_flush_remote_tlbs();
-            }
+            self.kvm_flush_remote_tlbs();
         } else if !is_shadow_present_pte(old) {
             self.mmu.stats.sptes_mapped.inc();
             if goal > PT_PAGE_TABLE_LEVEL {
@@ -288,7 +286,7 @@ impl Kvm {
             }
             // SAFETY: `sptep` is in a table reached in `section`, which is
             // still open: the table is not freed.
-            if tdp_fast_pf_fix_spte(unsafe { &*sptep }, spte) {
+            if tdp_fast_pf_fix_spte(unsafe { &*sptep }, spte, &self.mmu.breakage) {
                 if slot.dirty_logging() {
                     self.mark_page_dirty_in_slot(slot, gfn, ring);
                 }

@@ -310,3 +310,68 @@ impl crate::mmu::Mmu {
         .map_err(|w| SpPtr::from_pool(NonNull::new(w).expect("a failed exchange from null found a root")))
     }
 }
+
+#[cfg(all(test, feature = "break-rules", not(loom)))]
+mod tests {
+    use crate::guest::{GuestOp, Script};
+    use crate::memory::HostMemory;
+    use crate::memslot::{MemFlags, UserMemoryRegion};
+    use crate::mmu::MmuDesign;
+    use crate::vm::{Vm, VmConfig};
+    use shadow_mmu_core::breakage::Breakage;
+    use shadow_mmu_core::spte::{PT_DIRECTORY_LEVEL, PT64_ROOT_LEVEL, spte_index};
+
+    /// A table unlinked under the read lock (a fault maps a huge leaf where
+    /// a table of 4 KiB leaves was) stays out of the pool while a read-side
+    /// section that may have reached it is open; with the switch it goes
+    /// back at once, for anyone to reuse under that reader.
+    fn table_returned_under_an_open_section(breakage: Breakage) -> bool {
+        let vm = Vm::new(VmConfig { mmu: MmuDesign::Tdp, breakage, ..VmConfig::default() }).unwrap();
+        let mem = HostMemory::anonymous(4 << 20).unwrap();
+        let region = |flags| UserMemoryRegion {
+            slot: 0,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: 4 << 20,
+            memory: Some(mem.clone()),
+            memory_offset: 0,
+        };
+        vm.set_user_memory_region(region(MemFlags::LOG_DIRTY_PAGES)).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        // Logging on: page 3 is mapped at 4 KiB, in a table under the 2 MiB
+        // entry of region 0.
+        vcpu.run(&mut Script::new([GuestOp::Write(3 << 12, 3)])).unwrap();
+        let kvm = vm.kvm();
+        let section = kvm.mmu.rcu.read_lock();
+        let mut sp = kvm.mmu.root(0).unwrap();
+        for level in (PT_DIRECTORY_LEVEL + 1..=PT64_ROOT_LEVEL).rev() {
+            let spte = sp
+                .get(&section)
+                .spte(spte_index(3, level))
+                .load(shadow_mmu_core::sync::atomic::Ordering::Acquire);
+            // SAFETY: a present non-leaf spte of the tree, in `section`.
+            sp = unsafe { crate::shadow_page::SpPtr::from_nonleaf_spte(spte) };
+        }
+        let pte = sp.get(&section).spte(0).load(shadow_mmu_core::sync::atomic::Ordering::Acquire);
+        // SAFETY: as above: the 4 KiB table, which this section has reached.
+        let table = unsafe { crate::shadow_page::SpPtr::from_nonleaf_spte(pte) };
+        assert_eq!(table.get(&section).role().level, 1);
+        // Logging off: a write to an unmapped page of region 0 maps it
+        // 2 MiB, unlinking the table (another thread: ours is in a section).
+        vm.disable_dirty_logging(0).unwrap();
+        let before = kvm.mmu.sp_pool.in_use();
+        std::thread::scope(|s| {
+            s.spawn(|| vcpu.run(&mut Script::new([GuestOp::Write(100 << 12, 100)])).unwrap());
+        });
+        let returned = kvm.mmu.sp_pool.in_use() < before;
+        drop(section);
+        returned
+    }
+
+    #[test]
+    fn an_unlinked_table_waits_for_its_grace_period() {
+        assert!(!table_returned_under_an_open_section(Breakage::SEED));
+        let broken = Breakage { tdp_free_table_without_grace_period: true, ..Breakage::SEED };
+        assert!(table_returned_under_an_open_section(broken), "the switch hands it back at once");
+    }
+}

@@ -29,7 +29,7 @@ impl Kvm {
         };
         let table = sp.get(pin).spt();
         if shared {
-            freeze_removed_pt(table, |_, old| take(old));
+            freeze_removed_pt(table, &self.mmu.breakage, |_, old| take(old));
         } else {
             for sptep in table {
                 // Relaxed: under the write lock no other thread writes a

@@ -48,6 +48,9 @@ pub struct VmDescription {
     /// before it existed: on, the default).
     #[serde(default = "eager_split_default")]
     pub eager_page_split: bool,
+    /// The `tdp` design's PML (absent in older streams: off).
+    #[serde(default)]
+    pub pml: bool,
     /// The dirty-log interface.
     pub dirty_log: String,
     /// `KVM_DIRTY_LOG_INITIALLY_SET`.
@@ -100,6 +103,7 @@ impl VmDescription {
             mmu,
             fast_page_fault: self.fast_page_fault,
             eager_page_split: self.eager_page_split,
+            pml: self.pml,
             ..VmConfig::default()
         };
         Ok(self.backend.backend(&engine, &spec))

@@ -557,6 +557,22 @@ fn run_all(cases: Vec<Case>) {
 // ---------------------------------------------------------------------------
 // The cases.
 
+/// A clean migration between two processes, in each design (and the
+/// `tdp` design with PML and without eager split).
+fn design_cases() -> Vec<Case> {
+    let designs: [&[&'static str]; 5] = [
+        &["--mmu", "locked"],
+        &["--mmu", "lockless"],
+        &["--mmu", "rmap-lock"],
+        &["--mmu", "tdp"],
+        &["--mmu", "tdp", "--pml", "--no-eager-split"],
+    ];
+    designs
+        .iter()
+        .map(|a| Case { source_args: a.to_vec(), ..Case::new(format!("design {}", a[1..].join(" "))) })
+        .collect()
+}
+
 fn ack_cases(backend: &'static str) -> Vec<Case> {
     let rule = |act| Some(Rule { dir: Dir::ToSource, kind: RUNNING, nth: 1, act });
     let late = Duration::from_secs(P + 1);
@@ -731,6 +747,11 @@ fn dest_cases(kill: bool) -> Vec<Case> {
             c
         })
         .collect()
+}
+
+#[test]
+fn a_migration_between_two_processes_completes_in_every_design() {
+    run_all(design_cases());
 }
 
 #[test]

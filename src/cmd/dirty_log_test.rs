@@ -46,6 +46,9 @@ pub struct DirtyLogTestArgs {
     /// The `tdp` design without eager page splitting.
     #[arg(long)]
     pub no_eager_split: bool,
+    /// The `tdp` design with PML (D-bit logging); the other designs ignore it.
+    #[arg(long)]
+    pub pml: bool,
     /// The engine's designs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless,rmap-lock,tdp")]
     pub mmu: Vec<MmuDesign>,
@@ -84,7 +87,12 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let mut backends: Vec<(String, Box<dyn Backend>)> = Vec::new();
         if a.backend.contains(&BackendKind::Engine) {
             for &mmu in &a.mmu {
-                let engine = VmConfig { mmu, eager_page_split: !a.no_eager_split, ..VmConfig::default() };
+                let engine = VmConfig {
+                    mmu,
+                    eager_page_split: !a.no_eager_split,
+                    pml: a.pml && mmu == MmuDesign::Tdp,
+                    ..VmConfig::default()
+                };
                 backends.push((format!("engine mmu={mmu}"), BackendKind::Engine.backend(&engine, &spec)));
             }
         }

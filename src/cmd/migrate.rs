@@ -131,6 +131,9 @@ pub struct OutgoingArgs {
     /// The `tdp` design without eager page splitting.
     #[arg(long)]
     pub no_eager_split: bool,
+    /// The `tdp` design with PML (D-bit logging).
+    #[arg(long)]
+    pub pml: bool,
     /// The dirty-log interface.
     #[arg(long, default_value = "get")]
     pub dirty_log: DirtyLogInterface,
@@ -217,6 +220,7 @@ fn describe(a: &OutgoingArgs) -> VmDescription {
         mmu: a.mmu.to_string(),
         fast_page_fault: !a.no_fast_page_fault,
         eager_page_split: !a.no_eager_split,
+        pml: a.pml,
         dirty_log: a.dirty_log.to_string(),
         initially_set: a.knobs.initially_set,
         ring_entries: a.knobs.ring_entries,

@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// after logging is enabled (or at CLEAR), not at enable.
     #[arg(long)]
     pub no_eager_split: bool,
+    /// The `tdp` design with PML: 4 KiB pages re-armed by clearing D, each
+    /// vCPU logging the pages whose D bit it sets (a model of Intel PML).
+    #[arg(long)]
+    pub pml: bool,
     /// Turn `fast_page_fault` off: every write fault on a page protected for
     /// logging takes the slow path under mmu_lock, and the locked design
     /// updates sptes with plain stores (the first measurements' baseline).
@@ -147,6 +151,7 @@ impl RunArgs {
             tlb_entries: self.tlb_entries,
             large_pages: !self.no_large_pages,
             eager_page_split: !self.no_eager_split,
+            pml: self.pml,
             slot_churn: self.slot_churn,
             slots: self.slots,
             invalidate_every: (self.invalidate_every_us > 0)

@@ -29,7 +29,9 @@ use crate::dirty_log::PAGES_PER_READ_SECTION;
 use crate::memslot::Memslot;
 use crate::mmu::MmuDesign;
 use crate::mmu::lock::MmuGuard;
+use crate::shadow_page::ShadowPage;
 use crate::vm::Kvm;
+use shadow_mmu_core::pool::MemoryCache;
 use shadow_mmu_core::rcu::ReadGuard;
 
 /// What one thread's walk found, merged after the join.
@@ -75,8 +77,8 @@ pub(crate) type Run<'a> = (&'a Memslot, u64, u64);
 pub(crate) enum Protector<'g, 'l> {
     Locked(&'g MmuGuard<'l>),
     /// The TDP design: the write lock, held mutably because CLEAR's eager
-    /// split drops it to allocate.
-    Tdp(&'g mut MmuGuard<'l>),
+    /// split drops it to allocate, and the split cache, locked before it.
+    Tdp(&'g mut MmuGuard<'l>, &'g mut MemoryCache<ShadowPage>),
     Lockless(&'g mut ReadGuard<'l>, u32),
     RmapLocked,
 }
@@ -116,9 +118,9 @@ impl Kvm {
                     *since_quiesce = 0;
                 }
             }
-            Protector::Tdp(g) => {
+            Protector::Tdp(g, cache) => {
                 t.protected +=
-                    self.kvm_tdp_mmu_enable_log_dirty_pt_masked(g, slot, offset, mask, initially_set);
+                    self.kvm_tdp_mmu_enable_log_dirty_pt_masked(g, cache, slot, offset, mask, initially_set);
             }
             Protector::RmapLocked => {
                 self.kvm_arch_mmu_enable_log_dirty_pt_masked_rmap_locked(
@@ -161,8 +163,10 @@ impl Kvm {
             // The write lock for the chunk, as `kvm_get_dirty_log_protect`
             // takes it around its loop; the flush comes after the join.
             MmuDesign::Tdp => {
+                // The split cache before mmu_lock (`TdpMmu::split_cache`).
+                let mut cache = self.mmu.tdp.split_cache.lock();
                 let mut g = self.mmu.lock.lock();
-                walk(&mut Protector::Tdp(&mut g), &mut t);
+                walk(&mut Protector::Tdp(&mut g, &mut cache), &mut t);
             }
         }
         let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();

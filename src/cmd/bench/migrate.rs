@@ -198,6 +198,7 @@ impl Combo {
             mmu: self.mmu.to_string(),
             fast_page_fault: true,
             eager_page_split: true,
+            pml: false,
             dirty_log: self.log.to_string(),
             initially_set: a.knobs.initially_set && self.log == DirtyLogInterface::Clear,
             ring_entries: a.knobs.ring_entries,

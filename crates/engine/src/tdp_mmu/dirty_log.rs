@@ -18,7 +18,9 @@
 use super::tdp_iter::TdpIter;
 use crate::memslot::Memslot;
 use crate::mmu::lock::MmuGuard;
+use crate::shadow_page::ShadowPage;
 use crate::vm::Kvm;
+use shadow_mmu_core::pool::MemoryCache;
 use shadow_mmu_core::rcu::ReadGuard;
 use shadow_mmu_core::spte::{
     PT_DIRECTORY_LEVEL, PT_DIRTY_MASK, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_last_spte,
@@ -33,10 +35,12 @@ impl Kvm {
     pub(crate) fn kvm_tdp_mmu_enable_logging(&self, slot: &Memslot) {
         let (start, end) = (slot.base_gfn(), slot.base_gfn() + slot.npages());
         {
+            // Before mmu_lock (`TdpMmu::split_cache`).
+            let mut cache = self.mmu.tdp.split_cache.lock();
             let mut g = self.mmu.lock.read();
             let mut section = self.mmu.rcu.read_lock();
             if self.mmu.tdp.eager_page_split {
-                self.tdp_mmu_try_split_huge_pages(&mut g, &mut section, start, end);
+                self.tdp_mmu_try_split_huge_pages(&mut g, &mut section, &mut cache, start, end);
             }
             // With PML only huge leaves lose W (so that they are split);
             // 4 KiB ones lose D (`kvm_mmu_slot_leaf_clear_dirty`).
@@ -130,6 +134,7 @@ impl Kvm {
     pub(crate) fn kvm_tdp_mmu_enable_log_dirty_pt_masked(
         &self,
         g: &mut MmuGuard<'_>,
+        cache: &mut MemoryCache<ShadowPage>,
         slot: &Memslot,
         gfn_offset: u64,
         mask: u64,
@@ -142,7 +147,7 @@ impl Kvm {
             let last = base + 63 - u64::from(mask.leading_zeros());
             if self.mmu.tdp.eager_page_split {
                 let mut section = self.mmu.rcu.read_lock();
-                self.tdp_mmu_try_split_huge_pages(g, &mut section, first, last + 1);
+                self.tdp_mmu_try_split_huge_pages(g, &mut section, cache, first, last + 1);
             }
             for gfn in crate::mmu::write_protect::masked_large_gfns(slot, gfn_offset, mask) {
                 if self.tdp_mmu_write_protect_gfn(g, gfn, PT_DIRECTORY_LEVEL) {

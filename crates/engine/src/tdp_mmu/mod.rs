@@ -86,7 +86,11 @@ pub(crate) struct TdpMmu {
     /// PML (`enable_pml`): dirty logging clears D, not W, on 4 KiB leaves,
     /// and the vCPUs' page walks log D bits they set (`vcpu/pml.rs`).
     pub(crate) pml: bool,
-    /// Tables for eager split, filled with `mmu_lock` dropped.
+    /// Tables for eager split, filled with `mmu_lock` dropped. Lock order:
+    /// this, then `mmu_lock` (never the other way: a splitter holds it
+    /// while it drops and retakes `mmu_lock` to allocate). Its vector was
+    /// allocated with the VM, so using it under `mmu_lock` allocates
+    /// nothing.
     pub(crate) split_cache: Mutex<MemoryCache<ShadowPage>>,
 }
 

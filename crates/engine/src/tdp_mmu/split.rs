@@ -27,22 +27,21 @@ use shadow_mmu_core::tdp::is_frozen_spte;
 
 impl Kvm {
     /// `kvm_tdp_mmu_try_split_huge_pages` over `[start, end)` in every root,
-    /// holding `lock` (read or write), with the VM's split cache (upstream's
-    /// `split_page_header_cache`; its vector was allocated with the VM, so
-    /// taking it under the lock allocates nothing). Returns how many huge
-    /// leaves it split.
+    /// holding `lock` (read or write), with `cache`, the VM's split cache
+    /// (upstream's `split_page_header_cache`), which the caller locked
+    /// before `mmu_lock` (see [`super::TdpMmu::split_cache`]). Returns how
+    /// many huge leaves it split.
     pub(crate) fn tdp_mmu_try_split_huge_pages<L: TdpLock>(
         &self,
         lock: &mut L,
         section: &mut ReadGuard<'_>,
+        cache: &mut MemoryCache<ShadowPage>,
         start: u64,
         end: u64,
     ) -> u64 {
-        // Enable-logging and CLEAR both hold slots_lock: never contended.
-        let mut cache = self.mmu.tdp.split_cache.lock();
         let mut split = 0;
         for root in self.tdp_mmu_roots() {
-            split += self.tdp_mmu_split_huge_pages_root(lock, section, &mut cache, root, start, end);
+            split += self.tdp_mmu_split_huge_pages_root(lock, section, cache, root, start, end);
         }
         split
     }

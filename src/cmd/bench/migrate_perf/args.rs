@@ -23,6 +23,10 @@ pub struct MigratePerfArgs {
     /// runs the `tdp` design once; the other designs ignore it.
     #[arg(long, value_delimiter = ',', default_value = "true")]
     pub eager_split: Vec<bool>,
+    /// The TDP design's PML (D-bit logging), comma-separated: false, true.
+    /// Each value runs the `tdp` design once more; the others ignore it.
+    #[arg(long, value_delimiter = ',', default_value = "false")]
+    pub pml: Vec<bool>,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub vcpus: u32,

@@ -23,35 +23,43 @@ use crate::plot;
 pub use args::MigratePerfArgs;
 use run::{Record, backend_run};
 
+/// One engine variant: the design, and the TDP design's eager split and PML.
+#[derive(Debug, Clone)]
+struct Variant {
+    mmu: MmuDesign,
+    eager_page_split: bool,
+    pml: bool,
+    /// `tdp`, `tdp pml`, `tdp no-eager-split`, ...
+    label: String,
+}
+
 /// The engine's variants `a` asks for: each design, and the TDP design once
-/// per `--eager-split` value; with their labels.
-fn engine_variants(a: &MigratePerfArgs) -> Vec<(MmuDesign, bool, String)> {
+/// per `--pml` and `--eager-split` value.
+fn engine_variants(a: &MigratePerfArgs) -> Vec<Variant> {
     let mut v = Vec::new();
     for &mmu in &a.mmu {
-        if mmu == MmuDesign::Tdp {
-            for &eager in &a.eager_split {
-                v.push((mmu, eager, variant_label(mmu, eager)));
+        if mmu != MmuDesign::Tdp {
+            v.push(Variant { mmu, eager_page_split: true, pml: false, label: mmu.name().to_string() });
+            continue;
+        }
+        for &pml in &a.pml {
+            for &eager_page_split in &a.eager_split {
+                let label = format!(
+                    "{mmu}{}{}",
+                    if pml { " pml" } else { "" },
+                    if eager_page_split { "" } else { " no-eager-split" }
+                );
+                v.push(Variant { mmu, eager_page_split, pml, label });
             }
-        } else {
-            v.push((mmu, true, variant_label(mmu, true)));
         }
     }
     v
 }
 
-/// `tdp` with eager split (the default), `tdp no-eager-split` without.
-fn variant_label(mmu: MmuDesign, eager_page_split: bool) -> String {
-    if mmu == MmuDesign::Tdp && !eager_page_split {
-        format!("{mmu} no-eager-split")
-    } else {
-        mmu.name().to_string()
-    }
-}
-
 fn engine_run(
     a: &MigratePerfArgs,
     p: &Progress,
-    (mmu, eager_page_split, label): &(MmuDesign, bool, String),
+    Variant { mmu, eager_page_split, pml, label }: &Variant,
     harvest: &HarvestSpec,
     guest_bytes: u64,
 ) -> BenchResult<Record> {
@@ -60,6 +68,7 @@ fn engine_run(
         fast_page_fault: !a.no_fast_page_fault,
         large_pages: !a.no_large_pages,
         eager_page_split: *eager_page_split,
+        pml: *pml,
         ..VmConfig::default()
     };
     let header = format!(
@@ -74,6 +83,7 @@ fn engine_run(
         "random": a.random,
         "fast_page_fault": !a.no_fast_page_fault,
         "eager_page_split": (*mmu == MmuDesign::Tdp).then_some(*eager_page_split),
+        "pml": (*mmu == MmuDesign::Tdp).then_some(*pml),
     }) else {
         unreachable!("an object")
     };

@@ -32,8 +32,8 @@ fn hot_run(design: &VmConfig, breakage: Breakage) -> harness::RunReport {
     harness::run(&cfg, |_, _| {}).unwrap()
 }
 
-fn assert_oracle_catches(breakage: Breakage) {
-    for design in every_design() {
+fn assert_oracle_catches(breakage: Breakage, designs: impl Fn(&VmConfig) -> bool) {
+    for design in every_design().into_iter().filter(|d| designs(d)) {
         let r = hot_run(&design, breakage);
         assert!(r.lost_pages > 0, "{}: {breakage:?} went unnoticed: {r:?}", describe(&design));
         let first = &r.lost[0];
@@ -48,13 +48,21 @@ fn assert_stale_tlb_and_oracle_catch(breakage: Breakage, what: &str) {
         let (violations, _) = stale_tlb_violations(VmConfig { breakage, ..base.clone() }, 300);
         assert!(violations > 0, "{}: {what} went unnoticed", describe(&base));
     }
-    assert_oracle_catches(breakage);
+    assert_oracle_catches(breakage, |_| true);
 }
 
 #[test]
 fn skipping_the_get_dirty_log_flush_is_caught() {
     let b = Breakage { skip_get_dirty_log_flush: true, ..Breakage::default() };
-    assert_stale_tlb_and_oracle_catch(b, "stale TLB entries");
+    for base in every_design() {
+        let (violations, _) = stale_tlb_violations(VmConfig { breakage: b, ..base.clone() }, 300);
+        assert!(violations > 0, "{}: stale TLB entries went unnoticed", describe(&base));
+    }
+    // With PML, GET first kicks every vCPU to drain its log, which flushes
+    // TLBs too: an entry goes stale only for a page first written between
+    // that kick and the re-arm, and the hot oracle run's later stores to
+    // the same page hide it. The stale-TLB test above catches it.
+    assert_oracle_catches(b, |d| !d.pml);
 }
 
 #[test]

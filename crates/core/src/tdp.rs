@@ -378,6 +378,140 @@ mod loom_tests {
         frozen_against_a_link(Breakage::SEED);
     }
 
+    /// One 4 KiB page logged by D bits (PML): its spte, its dirty bit, and
+    /// a vCPU's TLB entry, which caches W with D set (a store through it
+    /// sets nothing and logs nothing).
+    struct DPage {
+        spte: AtomicU64,
+        bitmap: crate::dirty_bitmap::DirtyBitmap,
+        tlb_dirty: loom::sync::atomic::AtomicBool,
+    }
+
+    impl DPage {
+        /// Written and logged, the vCPU's TLB holding the entry.
+        fn new() -> Arc<Self> {
+            let p = Arc::new(Self {
+                spte: AtomicU64::new(make_leaf_spte(7, 1, true, true)),
+                bitmap: crate::dirty_bitmap::DirtyBitmap::new(1),
+                tlb_dirty: loom::sync::atomic::AtomicBool::new(true),
+            });
+            p.bitmap.mark(0);
+            p
+        }
+
+        /// GET's re-arm with PML (`kvm_tdp_mmu_clear_dirty_pt_masked`,
+        /// under the write lock), then the flush after unlock.
+        fn harvest(&self, b: &Breakage) -> u64 {
+            let mask = self.bitmap.take_word(0);
+            if mask != 0 {
+                // Relaxed: under the write lock; the fetch_and below reads
+                // what the CPU set since.
+                let old = self.spte.load(Ordering::Relaxed);
+                if old & PT_DIRTY_MASK != 0 {
+                    tdp_mmu_clear_spte_bits(&self.spte, old, PT_DIRTY_MASK);
+                }
+                if !b.skip_get_dirty_log_flush() {
+                    self.tlb_dirty.store(false, Ordering::SeqCst);
+                }
+            }
+            mask
+        }
+
+        /// A store by the vCPU: through its TLB entry if it has one; else a
+        /// walk that sets D (appending to the PML log, drained into the
+        /// bitmap) if it was clear, and fills the TLB.
+        fn store(&self) {
+            if self.tlb_dirty.load(Ordering::SeqCst) {
+                return;
+            }
+            loop {
+                // Acquire: as the page walk.
+                let s = self.spte.load(Ordering::Acquire);
+                if s & PT_DIRTY_MASK != 0 {
+                    break;
+                }
+                if hardware_set_dirty(&self.spte, s) {
+                    self.bitmap.mark(0);
+                    break;
+                }
+            }
+            self.tlb_dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The D-bit clear against a store through a TLB entry that caches D:
+    /// after the harvest's flush no entry caches D over an spte whose D is
+    /// clear, so the next store sets D and logs the page.
+    fn d_clear_against_a_stale_tlb(b: Breakage) {
+        check(move || {
+            let p = DPage::new();
+            let (h, v) = (p.clone(), p.clone());
+            let (mask, _) = two(move || h.harvest(&b), move || v.store());
+            let d = p.spte.load(Ordering::SeqCst) & PT_DIRTY_MASK != 0;
+            assert!(d || !p.tlb_dirty.load(Ordering::SeqCst), "a TLB entry caches D over a clean spte");
+            (mask, d)
+        });
+    }
+
+    #[test]
+    fn loom_the_d_clear_against_a_stale_tlb_entry() {
+        d_clear_against_a_stale_tlb(Breakage::SEED);
+    }
+
+    /// GET with PML against a vCPU whose store is still in its PML log: the
+    /// harvest kicks the vCPU and waits until it drained (at its next
+    /// access boundary, or at its exit, whichever comes first) before it
+    /// takes the bits, so the store is reported by this harvest.
+    fn pml_drain_before_the_harvest(b: Breakage) {
+        use loom::sync::atomic::AtomicBool;
+        check(move || {
+            let bitmap = Arc::new(crate::dirty_bitmap::DirtyBitmap::new(1));
+            // The vCPU set D and logged the page; the log is not drained.
+            let logged = Arc::new(AtomicBool::new(true));
+            let (kick, drained) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+            let (bm, lg, k, dr) = (bitmap.clone(), logged.clone(), kick.clone(), drained.clone());
+            let vcpu = move || {
+                let drain = || {
+                    if lg.swap(false, Ordering::AcqRel) {
+                        bm.mark(0);
+                    }
+                    // Release: the drain's mark before the harvester's
+                    // acquire load.
+                    dr.store(true, Ordering::Release);
+                };
+                for _ in 0..2 {
+                    if k.load(Ordering::SeqCst) {
+                        return drain();
+                    }
+                    loom::thread::yield_now();
+                }
+                // Its exit, which drains too.
+                drain()
+            };
+            let harvester = move || {
+                let mut waited = false;
+                if !b.pml_skip_sync() {
+                    kick.store(true, Ordering::SeqCst);
+                    // Acquire: pairs with the drain's release store.
+                    while !drained.load(Ordering::Acquire) {
+                        waited = true;
+                        loom::thread::yield_now();
+                    }
+                }
+                let mask = bitmap.take_word(0);
+                assert_eq!(mask, 1, "a store made before the harvest is not reported by it");
+                waited
+            };
+            let (_, waited) = two(vcpu, harvester);
+            waited
+        });
+    }
+
+    #[test]
+    fn loom_the_pml_drain_before_the_harvest() {
+        pml_drain_before_the_harvest(Breakage::SEED);
+    }
+
     // The switches: each must make its model fail.
 
     #[test]
@@ -392,6 +526,20 @@ mod loom_tests {
     #[should_panic(expected = "a zapped spte came back")]
     fn loom_a_plain_store_in_the_fast_path_is_caught() {
         fast_path_against_zap(Breakage { tdp_fast_path_plain_store: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a TLB entry caches D over a clean spte")]
+    fn loom_a_d_clear_without_the_flush_is_caught() {
+        d_clear_against_a_stale_tlb(Breakage { skip_get_dirty_log_flush: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a store made before the harvest is not reported by it")]
+    fn loom_a_harvest_that_does_not_drain_the_pml_logs_is_caught() {
+        pml_drain_before_the_harvest(Breakage { pml_skip_sync: true, ..Breakage::SEED });
     }
 
     #[test]

@@ -186,6 +186,74 @@ pub fn cmpxchg_floor_on(pages: u64, threads: u32) -> f64 {
 /// the last pass of the vCPUs, at most this long.
 pub const STOP_AND_COPY_NOTICE: Duration = Duration::from_millis(250);
 
+/// The oracle of a `migrate-perf` run, over the pages the vCPUs sweep (all
+/// of them, or a working set at the start of a larger guest, which no store
+/// ever leaves): a page outside it reported dirty is an error, not a copy.
+struct RunCheck {
+    oracle: Oracle,
+    swept: u64,
+    swept_words: usize,
+    swept_mem: usize,
+    /// The dirty log's buffer, the whole guest's.
+    bitmap: Vec<u64>,
+}
+
+impl RunCheck {
+    fn new(vm: &dyn PassVm) -> Self {
+        let swept = vm.swept_pages();
+        Self {
+            oracle: Oracle::new(0, swept),
+            swept,
+            swept_words: bitmap_words(swept),
+            swept_mem: swept as usize * WORDS_PER_PAGE,
+            bitmap: vec![0u64; bitmap_words(vm.pages())],
+        }
+    }
+
+    /// No page outside the swept ones was reported.
+    fn outside(&self, vm: &dyn PassVm) -> Result<(), BackendError> {
+        match self.bitmap[self.swept_words..].iter().position(|&w| w != 0) {
+            Some(w) => Err(BackendError::new(
+                &vm.name(),
+                "harvest",
+                HarnessError::BadConfig(format!(
+                    "pages from {} reported dirty, outside the {} swept pages",
+                    (self.swept_words + w) * 64,
+                    self.swept
+                )),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The oracle's check of the harvest just made; returns the lost pages.
+    /// The first pass runs with logging off and INITIALLY_SET reports every
+    /// page at first: only the swept pages are checked.
+    fn collect(&mut self, vm: &dyn PassVm, cut: Option<u64>) -> u64 {
+        let (mem, bits) = (&vm.memory()[..self.swept_mem], &self.bitmap[..self.swept_words]);
+        match cut {
+            Some(cut) => self.oracle.collect(mem, bits, cut).lost_pages,
+            None => self.oracle.copy_dirty(mem, bits).lost_pages,
+        }
+    }
+
+    /// A harvest ([`harvest`]), then both checks; returns the iteration.
+    fn harvest(
+        &mut self,
+        vm: &mut dyn PassVm,
+        spec: &HarvestSpec,
+        cut: Option<u64>,
+        dirty_memory_ns: u64,
+        probed: bool,
+        run: &mut PerfRun,
+    ) -> Result<Iteration, BackendError> {
+        let it = harvest(vm, spec, &mut self.bitmap, dirty_memory_ns, probed)?;
+        self.outside(vm)?;
+        run.lost_pages += self.collect(vm, cut);
+        Ok(it)
+    }
+}
+
 /// Runs `migrate-perf` on `vm`, whichever its backend (module docs);
 /// `on_iteration` sees each iteration as it completes. Lost pages are
 /// counted by the oracle: at every harvest where the backend's stores carry
@@ -203,39 +271,12 @@ pub fn migrate_perf(
     vm.wait_passes(0)?;
     run.populate_ns = t0.elapsed().as_nanos() as u64;
 
-    let pages = vm.pages();
-    // The oracle covers the pages the vCPUs sweep (all of them, or a working
-    // set at the start of a larger guest, which no store ever leaves): a
-    // page outside it reported dirty is an error, not a copy.
-    let swept = vm.swept_pages();
-    let (swept_words, swept_mem) = (bitmap_words(swept), swept as usize * WORDS_PER_PAGE);
-    let mut oracle = Oracle::new(0, swept);
-    let mut bitmap = vec![0u64; bitmap_words(pages)];
+    let mut check = RunCheck::new(vm);
     vm.cut();
     let t = Instant::now();
     vm.set_dirty_logging(true)?;
     run.enable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
-    oracle.full_copy(&vm.memory()[..swept_mem]);
-    let outside = |vm: &dyn PassVm, bitmap: &[u64]| match bitmap[swept_words..].iter().position(|&w| w != 0) {
-        Some(w) => Err(BackendError::new(
-            &vm.name(),
-            "harvest",
-            HarnessError::BadConfig(format!(
-                "pages from {} reported dirty, outside the {swept} swept pages",
-                (swept_words + w) * 64
-            )),
-        )),
-        None => Ok(()),
-    };
-    let collect = |oracle: &mut Oracle, vm: &dyn PassVm, bitmap: &[u64], cut: Option<u64>| {
-        // The first pass runs with logging off and INITIALLY_SET reports every
-        // page at first: only checked pages are the swept ones.
-        let (mem, bits) = (&vm.memory()[..swept_mem], &bitmap[..swept_words]);
-        match cut {
-            Some(cut) => oracle.collect(mem, bits, cut).lost_pages,
-            None => oracle.copy_dirty(mem, bits).lost_pages,
-        }
-    };
+    check.oracle.full_copy(&vm.memory()[..check.swept_mem]);
 
     // Pass 2 dirties the memory for the first harvest.
     vm.release(2);
@@ -253,14 +294,27 @@ pub fn migrate_perf(
         // (the README's outliers).
         let cut = vm.cut();
         vm.release(pass + 1);
-        let it = harvest(vm, spec, &mut bitmap, dirty_memory_ns, true)?;
+        let it = harvest(vm, spec, &mut check.bitmap, dirty_memory_ns, true)?;
         if i > 0 || !spec.initially_set {
-            outside(vm, &bitmap)?;
+            check.outside(vm)?;
         }
-        run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
+        run.lost_pages += check.collect(vm, cut);
         on_iteration(i + 1, &it);
         run.iterations.push(it);
     }
+    let extras = finish_run(vm, spec, iterations, &mut check, &mut run)?;
+    Ok((run, extras))
+}
+
+/// The end of a `migrate-perf` run: the quiet harvest, the stop, the
+/// oracle's exact check, and disabling logging.
+fn finish_run(
+    vm: &mut dyn PassVm,
+    spec: &HarvestSpec,
+    iterations: u32,
+    check: &mut RunCheck,
+    run: &mut PerfRun,
+) -> Result<PassExtras, BackendError> {
     // The harvest alone: the vCPUs finish the pass they are in (harvested
     // untimed), then make one more full pass and park, and one harvesting
     // thread write-protects a fully dirtied guest with nothing running
@@ -268,9 +322,7 @@ pub fn migrate_perf(
     let pass = 2 + u64::from(iterations);
     vm.wait_passes(pass - 1)?;
     let cut = vm.cut();
-    harvest(vm, spec, &mut bitmap, 0, false)?;
-    outside(vm, &bitmap)?;
-    run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
+    check.harvest(vm, spec, cut, 0, false, run)?;
     // The last pass before the stop-and-copy harvest: a VMM that pauses its
     // vCPUs for the final harvest knows it is coming, and wakes the
     // harvest's helper threads as it starts (`Vm::prepare_harvest`).
@@ -278,19 +330,18 @@ pub fn migrate_perf(
     vm.release(pass + 1);
     let dirty_memory_ns = vm.wait_passes(pass)?;
     let cut = vm.cut();
-    run.quiet = harvest(vm, spec, &mut bitmap, dirty_memory_ns, false)?;
-    outside(vm, &bitmap)?;
-    run.lost_pages += collect(&mut oracle, vm, &bitmap, cut);
+    run.quiet = check.harvest(vm, spec, cut, dirty_memory_ns, false, run)?;
 
     let extras = vm.stop()?;
     // Nothing runs now: a last harvest, and the oracle's exact check.
-    harvest(vm, spec, &mut bitmap, 0, false)?;
-    outside(vm, &bitmap)?;
-    run.lost_pages += oracle.finish(&vm.memory()[..swept_mem], &bitmap[..swept_words]).lost_pages;
+    harvest(vm, spec, &mut check.bitmap, 0, false)?;
+    check.outside(vm)?;
+    let (mem, bits) = (&vm.memory()[..check.swept_mem], &check.bitmap[..check.swept_words]);
+    run.lost_pages += check.oracle.finish(mem, bits).lost_pages;
     let t = Instant::now();
     vm.set_dirty_logging(false)?;
     run.disable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
-    Ok((run, extras))
+    Ok(extras)
 }
 
 /// [`timed_harvest`] as an iteration; `probed`: marked for the

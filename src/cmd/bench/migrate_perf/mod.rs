@@ -120,6 +120,25 @@ fn fault_heavy(a: &MigratePerfArgs) -> BenchResult<Vec<Option<f64>>> {
     Ok(samples.into_iter().map(|s| (!s.is_empty()).then(|| median(s))).collect())
 }
 
+/// The fault-heavy measurement (`fault_heavy`), printed as it is made.
+fn print_fault_heavy(a: &MigratePerfArgs, p: &Progress) -> BenchResult<Vec<Option<f64>>> {
+    p.line(format!(
+        "== fault-heavy, dirty logging off ({} MiB, 4 KiB pages, 64 shadow pages, {} vCPUs)",
+        perf::FAULT_HEAVY_GUEST_BYTES >> 20,
+        a.vcpus
+    ));
+    let f = fault_heavy(a)?;
+    for (mmu, x) in a.mmu.iter().zip(&f) {
+        match x {
+            Some(x) => p.line(format!("{mmu}: {x:.0} faults/s")),
+            None => p.line(format!(
+                "{mmu}: not measured: no shadow page budget binds its tables, so nothing zaps them"
+            )),
+        }
+    }
+    Ok(f)
+}
+
 fn guest_sizes(a: &MigratePerfArgs) -> Result<Vec<u64>, String> {
     let sizes: Vec<u64> = if !a.bytes_per_vcpu.is_empty() {
         a.bytes_per_vcpu.iter().map(|b| b * u64::from(a.vcpus)).collect()
@@ -173,25 +192,7 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
             }
         }
     }
-    let faults = if engine && a.fault_heavy_seconds > 0.0 {
-        p.line(format!(
-            "== fault-heavy, dirty logging off ({} MiB, 4 KiB pages, 64 shadow pages, {} vCPUs)",
-            perf::FAULT_HEAVY_GUEST_BYTES >> 20,
-            a.vcpus
-        ));
-        let f = fault_heavy(a)?;
-        for (mmu, x) in a.mmu.iter().zip(&f) {
-            match x {
-                Some(x) => p.line(format!("{mmu}: {x:.0} faults/s")),
-                None => p.line(format!(
-                    "{mmu}: not measured: no shadow page budget binds its tables, so nothing zaps them"
-                )),
-            }
-        }
-        Some(f)
-    } else {
-        None
-    };
+    let faults = if engine && a.fault_heavy_seconds > 0.0 { Some(print_fault_heavy(a, &p)?) } else { None };
     p.finish();
     if let Some(f) = &faults {
         for r in records.iter_mut().filter(|r| r.backend == "engine") {

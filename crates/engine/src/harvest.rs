@@ -16,7 +16,11 @@
 //!   earlier than that would leave the sptes other threads are still
 //!   protecting unflushed (the `harvest_thread_flushes_early` switch);
 //! - rmap-lock design: as the lockless one, each rmap under its lock bit
-//!   instead of in a read-side section.
+//!   instead of in a read-side section;
+//! - tdp design: the thread takes `mmu_lock` for write for its chunk (the
+//!   VM's split cache first, for CLEAR's eager split), walks the trees, and
+//!   the flush comes once after the join, out of the lock, as upstream
+//!   flushes after `KVM_MMU_UNLOCK`.
 //!
 //! The orderings are those of a one-thread harvest, per word: the word's
 //! swap (GET) or `fetch_andnot` (CLEAR), AcqRel, acquires the markers'

@@ -293,7 +293,10 @@ impl PoolObject for ShadowPage {
 ///   after a remote TLB flush, which waits for every vCPU in guest mode or
 ///   in a lockless walk (`kvm_mmu_commit_zap_page`, requests.rs point 2);
 /// - `ReadGuard` and `NeverReturned`: a pool returns memory only after a
-///   grace period (pool.rs), and the lockless rmap walk is inside one.
+///   grace period (pool.rs), and the lockless rmap walk is inside one. The
+///   TDP MMU hands an unlinked table back to the pool itself only after a
+///   grace period (`Kvm::tdp_mmu_rcu_free`), so a table its walker reached
+///   in a section is not even reused while the section lasts.
 ///
 /// # Safety
 /// An implementor guarantees that a shadow page read from this VM's tables,

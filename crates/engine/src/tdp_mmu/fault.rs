@@ -264,10 +264,9 @@ impl Kvm {
         for _ in 0..FAST_PF_TRIES {
             // `kvm_tdp_mmu_fast_pf_get_last_sptep`: the last entry on gfn's path.
             let mut iter = TdpIter::start(&section, root, PT_PAGE_TABLE_LEVEL, gfn);
-            let (mut level, mut spte) = (iter.level, iter.old_spte);
-            let mut sptep = iter.sptep(&section) as *const _;
+            let (mut level, mut spte, mut sptep) = (iter.level, iter.old_spte, iter.sptep(&section));
             while iter.within(gfn + 1) {
-                (level, spte, sptep) = (iter.level, iter.old_spte, iter.sptep(&section) as *const _);
+                (level, spte, sptep) = (iter.level, iter.old_spte, iter.sptep(&section));
                 iter.next(&section);
             }
             if !is_shadow_present_pte(spte) || !is_last_spte(spte, level) {
@@ -284,9 +283,8 @@ impl Kvm {
             if level > PT_PAGE_TABLE_LEVEL && slot.dirty_logging() {
                 return false;
             }
-            // SAFETY: `sptep` is in a table reached in `section`, which is
-            // still open: the table is not freed.
-            if tdp_fast_pf_fix_spte(unsafe { &*sptep }, spte, &self.mmu.breakage) {
+            // `sptep` is bound to `section`: its table is not freed under us.
+            if tdp_fast_pf_fix_spte(sptep, spte, &self.mmu.breakage) {
                 if slot.dirty_logging() {
                     self.mark_page_dirty_in_slot(slot, gfn, ring);
                 }

@@ -123,6 +123,15 @@ switches! {
     /// with no grace period: a walker under the read lock may read, or
     /// write, a table that is someone else's.
     tdp_free_table_without_grace_period,
+    /// The `tdp` design's fault path, having replaced a table by a huge
+    /// leaf, flushes remote TLBs only after its read-side section ended: the
+    /// table's grace period may end, and the table be freed, while a vCPU in
+    /// guest mode still walks it.
+    tdp_flush_after_section,
+    /// A `tdp` walk that yielded (left its read-side section and the lock)
+    /// goes on from the table it was in, instead of restarting from the
+    /// root: that table may have been unlinked and freed meanwhile.
+    tdp_walk_resumes_without_restart,
     /// The `tdp` design's fast path sets W with a plain store of its
     /// snapshot, not a compare-exchange: a zap (or write tracking) made
     /// since is undone.

@@ -512,6 +512,161 @@ mod loom_tests {
         pml_drain_before_the_harvest(Breakage::SEED);
     }
 
+    /// The read-side section that unlinks a table (a fault maps a huge leaf
+    /// where it was) against a vCPU in guest mode walking that table, and a
+    /// third thread that reclaims it after its grace period. vCPUs in guest
+    /// mode are in no section: the unlinker's remote flush, which waits for
+    /// them to leave guest mode, must come before its section ends, so that
+    /// the grace period ends after them.
+    fn flush_before_the_section_ends(b: Breakage) {
+        use loom::sync::atomic::AtomicBool;
+        const LEAF: u64 = PT_PAGE_SIZE_MASK | crate::spte::PT_PRESENT_MASK;
+        struct World {
+            /// The unlinker's read-side section is open: the grace period
+            /// the reclaimer waits for (the one reader that matters here;
+            /// `rcu.rs` has the grace period's own model).
+            section: AtomicBool,
+            entry: AtomicU64,
+            freed: AtomicBool,
+            guest_mode: AtomicBool,
+            request: AtomicBool,
+        }
+        check(move || {
+            let w = Arc::new(World {
+                section: AtomicBool::new(true),
+                entry: AtomicU64::new(TABLE),
+                freed: AtomicBool::new(false),
+                guest_mode: AtomicBool::new(true),
+                request: AtomicBool::new(false),
+            });
+            // `kvm_flush_remote_tlbs`: the request, then wait for the vCPU
+            // to leave guest mode.
+            let flush = |w: &World| {
+                w.request.store(true, Ordering::SeqCst);
+                while w.guest_mode.load(Ordering::SeqCst) {
+                    loom::thread::yield_now();
+                }
+            };
+            let (wv, wu, wr) = (w.clone(), w.clone(), w.clone());
+            let vcpu = loom::thread::spawn(move || {
+                let mut walked = false;
+                for _ in 0..2 {
+                    // The hardware walk: through the table while it is linked.
+                    if wv.entry.load(Ordering::Acquire) == TABLE {
+                        walked = true;
+                        assert!(
+                            !wv.freed.load(Ordering::SeqCst),
+                            "a vCPU in guest mode walked a freed table"
+                        );
+                    }
+                    // The access boundary: a request makes it leave.
+                    if wv.request.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                wv.guest_mode.store(false, Ordering::SeqCst);
+                walked
+            });
+            let unlinker = loom::thread::spawn(move || {
+                // In its section from the start.
+                let mut old = TABLE;
+                assert!(tdp_mmu_set_spte_atomic(&wu.entry, &mut old, LEAF, &b));
+                if !b.tdp_flush_after_section() {
+                    flush(&wu);
+                }
+                wu.section.store(false, Ordering::SeqCst);
+                if b.tdp_flush_after_section() {
+                    flush(&wu);
+                }
+            });
+            let reclaimer = loom::thread::spawn(move || {
+                // Another thread's reclaim: a table it finds unlinked goes
+                // back to the pool after a grace period.
+                if wr.entry.load(Ordering::Acquire) != TABLE && !wr.section.load(Ordering::SeqCst) {
+                    wr.freed.store(true, Ordering::SeqCst);
+                }
+            });
+            unlinker.join().unwrap();
+            reclaimer.join().unwrap();
+            vcpu.join().unwrap()
+        });
+    }
+
+    #[test]
+    fn loom_the_flush_before_the_unlinking_section_ends() {
+        flush_before_the_section_ends(Breakage::SEED);
+    }
+
+    /// A walk that yields (`tdp_mmu_iter_cond_resched`: it leaves its
+    /// read-side section, lets a waiter take the lock, and comes back)
+    /// against a fault that replaces the table it was walking by a huge leaf
+    /// and a reclaim of that table: the walk restarts from the root, so it
+    /// never touches a table unlinked while it was out.
+    fn restart_after_a_yield(b: Breakage) {
+        use loom::sync::atomic::AtomicBool;
+        const LEAF: u64 = PT_PAGE_SIZE_MASK | crate::spte::PT_PRESENT_MASK | PT_WRITABLE_MASK;
+        struct World {
+            /// The walker's read-side section is open.
+            section: AtomicBool,
+            entry: AtomicU64,
+            table: [AtomicU64; 2],
+            freed: AtomicBool,
+        }
+        check(move || {
+            let leaf = make_leaf_spte(7, 1, true, true);
+            let w = Arc::new(World {
+                section: AtomicBool::new(true),
+                entry: AtomicU64::new(TABLE),
+                table: [AtomicU64::new(leaf), AtomicU64::new(leaf)],
+                freed: AtomicBool::new(false),
+            });
+            let (ww, wf) = (w.clone(), w.clone());
+            let (went_down, _) = two(
+                move || {
+                    // W off the table's first entry, then a yield.
+                    let mut o = ww.table[0].load(Ordering::Acquire);
+                    let new = o & !PT_WRITABLE_MASK;
+                    let _ = tdp_mmu_set_spte_atomic(&ww.table[0], &mut o, new, &b);
+                    ww.section.store(false, Ordering::SeqCst);
+                    ww.section.store(true, Ordering::SeqCst);
+                    // SeqCst fence: the reader's half (`Rcu::read_lock`),
+                    // between the re-entry and the restart's re-read.
+                    crate::sync::atomic::fence(Ordering::SeqCst);
+                    // Acquire: as the iterator's re-read.
+                    let down =
+                        b.tdp_walk_resumes_without_restart() || ww.entry.load(Ordering::Acquire) == TABLE;
+                    if down {
+                        assert!(!ww.freed.load(Ordering::SeqCst), "a walk resumed in a freed table");
+                        let mut o = ww.table[1].load(Ordering::Acquire);
+                        let new = o & !PT_WRITABLE_MASK;
+                        let _ = tdp_mmu_set_spte_atomic(&ww.table[1], &mut o, new, &b);
+                    }
+                    ww.section.store(false, Ordering::SeqCst);
+                    down
+                },
+                move || {
+                    // The fault maps a huge leaf over the table; a reclaim
+                    // frees it if no section can still reach it.
+                    let mut old = TABLE;
+                    if tdp_mmu_set_spte_atomic(&wf.entry, &mut old, LEAF, &b) {
+                        // SeqCst fence: the updater's half of the grace
+                        // period (`Rcu::tag`, `poll`), after the unlink.
+                        crate::sync::atomic::fence(Ordering::SeqCst);
+                        if !wf.section.load(Ordering::SeqCst) {
+                            wf.freed.store(true, Ordering::SeqCst);
+                        }
+                    }
+                },
+            );
+            went_down
+        });
+    }
+
+    #[test]
+    fn loom_a_yield_restarts_from_the_root() {
+        restart_after_a_yield(Breakage::SEED);
+    }
+
     // The switches: each must make its model fail.
 
     #[test]
@@ -540,6 +695,20 @@ mod loom_tests {
     #[should_panic(expected = "a store made before the harvest is not reported by it")]
     fn loom_a_harvest_that_does_not_drain_the_pml_logs_is_caught() {
         pml_drain_before_the_harvest(Breakage { pml_skip_sync: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a vCPU in guest mode walked a freed table")]
+    fn loom_a_flush_after_the_section_is_caught() {
+        flush_before_the_section_ends(Breakage { tdp_flush_after_section: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a walk resumed in a freed table")]
+    fn loom_a_walk_resumed_without_a_restart_is_caught() {
+        restart_after_a_yield(Breakage { tdp_walk_resumes_without_restart: true, ..Breakage::SEED });
     }
 
     #[test]

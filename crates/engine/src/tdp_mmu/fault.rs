@@ -46,6 +46,9 @@ enum Map {
     /// Lost a race (a frozen entry, a failed compare-exchange at the
     /// target): fault again (`RET_PF_RETRY`).
     Retry,
+    /// Mapped over a table, whose flush the `tdp_flush_after_section`
+    /// switch moved after the read-side section (broken on purpose).
+    DoneFlushAfterSection,
 }
 
 /// The mapping a fault installs.
@@ -114,6 +117,10 @@ impl Kvm {
             self.tdp_mmu_reclaim();
             match r {
                 Map::Done => return Ok(()),
+                Map::DoneFlushAfterSection => {
+                    self.kvm_flush_remote_tlbs();
+                    return Ok(());
+                }
                 Map::Retry => self.mmu.stats.tdp_fault_retries.inc(),
             }
         }
@@ -236,6 +243,12 @@ impl Kvm {
             // SAFETY: a present non-leaf spte of one of our tables.
             let child = unsafe { SpPtr::from_nonleaf_spte(old) };
             self.handle_removed_pt(section, child, true);
+            if self.mmu.breakage.tdp_flush_after_section() {
+                if writable && logging {
+                    self.mark_page_dirty_in_slot(slot, base, ring);
+                }
+                return Map::DoneFlushAfterSection;
+            }
             self.kvm_flush_remote_tlbs();
         } else if !is_shadow_present_pte(old) {
             self.mmu.stats.sptes_mapped.inc();

@@ -252,6 +252,10 @@ impl Kvm {
         }
         section.unlocked(|| lock.unlocked_for(std::thread::yield_now));
         self.mmu.stats.tdp_mmu_yields.inc();
+        if self.mmu.breakage.tdp_walk_resumes_without_restart() {
+            // Broken on purpose: the walk goes on in the tables it holds.
+            return false;
+        }
         iter.set_yielded();
         true
     }

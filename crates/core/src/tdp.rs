@@ -667,6 +667,49 @@ mod loom_tests {
         restart_after_a_yield(Breakage::SEED);
     }
 
+    /// The fast path's W-set (then its mark of the page) against GET's
+    /// W-clear under the write lock (after it took the page's bit): a
+    /// harvest that takes the bit finds the spte writable and clears it, or
+    /// the bit is left for the next harvest. Either way no writable spte is
+    /// left with its page unmarked.
+    fn w_clear_against_the_fast_path(b: Breakage) {
+        check(move || {
+            let s = make_leaf_spte(7, 1, true, false);
+            let page = Arc::new((AtomicU64::new(s), crate::dirty_bitmap::DirtyBitmap::new(1)));
+            let (f, h) = (page.clone(), page.clone());
+            let (fixed, mask) = two(
+                move || {
+                    // Acquire: as the fast path's walk.
+                    let old = f.0.load(Ordering::Acquire);
+                    let fixed = !is_writable_pte(old) && tdp_fast_pf_fix_spte(&f.0, old, &b);
+                    if fixed {
+                        crate::lockless::mark_page_dirty_after_publish(&f.1, 0, &b);
+                    }
+                    fixed
+                },
+                move || {
+                    let mask = h.1.take_word(0);
+                    if mask != 0 {
+                        // Acquire: as the iterator's read of the entry.
+                        let old = h.0.load(Ordering::Acquire);
+                        if is_writable_pte(old) {
+                            tdp_mmu_clear_spte_bits(&h.0, old, PT_WRITABLE_MASK);
+                        }
+                    }
+                    mask
+                },
+            );
+            let w = is_writable_pte(page.0.load(Ordering::SeqCst));
+            assert!(!w || page.1.test(0), "a writable spte with its page unmarked");
+            (fixed, mask)
+        });
+    }
+
+    #[test]
+    fn loom_the_w_clear_against_the_fast_path() {
+        w_clear_against_the_fast_path(Breakage::SEED);
+    }
+
     // The switches: each must make its model fail.
 
     #[test]
@@ -709,6 +752,13 @@ mod loom_tests {
     #[should_panic(expected = "a walk resumed in a freed table")]
     fn loom_a_walk_resumed_without_a_restart_is_caught() {
         restart_after_a_yield(Breakage { tdp_walk_resumes_without_restart: true, ..Breakage::SEED });
+    }
+
+    #[test]
+    #[cfg(feature = "break-rules")]
+    #[should_panic(expected = "a writable spte with its page unmarked")]
+    fn loom_the_fast_path_marking_without_its_fence_is_caught() {
+        w_clear_against_the_fast_path(Breakage { skip_dirty_bit_fence: true, ..Breakage::SEED });
     }
 
     #[test]

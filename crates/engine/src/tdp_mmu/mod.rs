@@ -28,6 +28,9 @@
 //! - **Flushes batched**: one per enable, after unlock; one per GET, CLEAR
 //!   or reset that cleared anything, after unlock (`harvest.rs`). A leaf
 //!   that loses MMU-writable (write tracking) is flushed for at once.
+//! - **Eager page splitting** (`split.rs`) on enable and at CLEAR, and
+//!   **PML** (`VmConfig::pml`: D bits instead of W, `dirty_log.rs` and the
+//!   vCPU's log in `vcpu/pml.rs`).
 //!
 //! Where we differ from upstream, and why:
 //! - Roots: one per address space, made at the first fault under the read
@@ -41,6 +44,8 @@
 //! - A read fault in a logged slot maps the page read-only (with
 //!   MMU-writable), as the other designs do, so that the four designs log
 //!   the same pages.
+//! - The rest (no shadow page budget, the harvest's lock per chunk, the
+//!   split cache, PML's drain) is in `docs/design.md`, "Where we differ".
 
 pub(crate) mod dirty_log;
 pub(crate) mod fault;

@@ -101,8 +101,31 @@ pub fn median(mut s: Vec<f64>) -> f64 {
     s[s.len() / 2]
 }
 
+/// A line to print when `vcpus` vCPU threads and `host_threads` other busy
+/// threads (the harvest's, the invalidator's) are more than this host's
+/// CPUs: they then share CPUs, and every time measured includes the
+/// scheduler's delays (a vCPU waiting for a CPU is not waiting for
+/// `mmu_lock`). `None` when they fit.
+pub fn oversubscribed(vcpus: u32, host_threads: u32) -> Option<String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    (u64::from(vcpus) + u64::from(host_threads) > cpus).then(|| {
+        format!(
+            "note: {vcpus} vCPU thread(s) and {host_threads} other busy thread(s) on {cpus} host CPU(s): \
+             oversubscribed; the figures include time spent waiting for a CPU"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn oversubscription_is_named_only_past_the_host_cpus() {
+        use super::oversubscribed;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        assert!(oversubscribed(cpus, 1).is_some_and(|l| l.contains("oversubscribed")));
+        assert_eq!(oversubscribed(cpus - 1, 1), None);
+    }
+
     use super::parse_size;
 
     #[test]

@@ -169,6 +169,9 @@ impl RunArgs {
 pub fn main(args: &RunArgs) -> Result<bool, HarnessError> {
     let cfg = args.config()?;
     println!("{}", crate::report::describe(&cfg));
+    if let Some(line) = crate::output::oversubscribed(cfg.vcpus, cfg.harvest.harvest_threads) {
+        println!("{line}");
+    }
     let report = harness::run(&cfg, |_, _| {})?;
     print!("{}", crate::report::summary(&cfg, &report));
     Ok(report.ok())

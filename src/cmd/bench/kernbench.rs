@@ -70,6 +70,9 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
     if !(a.seconds.is_finite() && a.seconds > 0.0) {
         return Err(format!("--seconds {}", a.seconds).into());
     }
+    if let Some(line) = crate::output::oversubscribed(a.vcpus, 1) {
+        println!("{line}");
+    }
     let (workload, what) = match a.workload {
         KernbenchWorkload::Sweep => (Workload::Sweep, format!("sweep over {} MiB", a.guest_mib)),
         KernbenchWorkload::Replay => {

@@ -161,6 +161,11 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
     }
     let sizes = guest_sizes(a)?;
     let specs = a.harvest_specs()?;
+    if let Some(line) =
+        crate::output::oversubscribed(a.vcpus, a.harvest_threads.iter().copied().max().unwrap_or(1))
+    {
+        println!("{line}");
+    }
     let engine = a.backend.contains(&BackendKind::Engine);
     let kvm = a.backend.contains(&BackendKind::Kvm).then(kvm::KvmBench::probe);
     if let Some(k) = &kvm {

@@ -101,6 +101,32 @@ pub fn median(mut s: Vec<f64>) -> f64 {
     s[s.len() / 2]
 }
 
+/// A figure over repetitions: its median, and how far the runs spread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// The median ([`median`]).
+    pub median: f64,
+    /// The least.
+    pub min: f64,
+    /// The most.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (at least one).
+    pub fn of(values: &[f64]) -> Self {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Self { median: median(values.to_vec()), min, max }
+    }
+
+    /// Does the spread reach both sides of `bound` (a ratio's 1.0, or the
+    /// target it is checked against)? Then it says nothing about `bound`.
+    pub fn crosses(&self, bound: f64) -> bool {
+        self.min < bound && self.max > bound
+    }
+}
+
 /// A line to print when `vcpus` vCPU threads and `host_threads` other busy
 /// threads (the harvest's, the invalidator's) are more than this host's
 /// CPUs: they then share CPUs, and every time measured includes the

@@ -122,6 +122,8 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         "4M,8M",
         "--iterations",
         "2",
+        "--repeat",
+        "2",
         "--fault-heavy-seconds",
         "0.3",
         "--json",
@@ -145,6 +147,9 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         "16 MiB, get: the floor bounds that ratio from below: ",
         "16 MiB, get: engine lockless: the harvests held mmu_lock 0 ns",
         "lockless/locked fault-heavy throughput",
+        "== over 2 repetitions: median [min, max]",
+        "16 MiB, get: engine lockless: harvest ",
+        "16 MiB, get: lockless/locked harvest ",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
@@ -157,10 +162,10 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
     assert!(bound.is_finite() && bound > 0.0, "bound {bound} in:\n{out}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 4, "2 sizes x 2 designs");
-    for (r, (mmu, bytes)) in
-        runs.iter().zip([("locked", 8u64), ("lockless", 8), ("locked", 16), ("lockless", 16)])
-    {
+    assert_eq!(runs.len(), 8, "2 rounds x 2 sizes x 2 designs");
+    let order = [("locked", 8u64), ("lockless", 8), ("locked", 16), ("lockless", 16)];
+    for (i, (r, (mmu, bytes))) in runs.iter().zip(order.iter().chain(&order).copied()).enumerate() {
+        assert_eq!(r["repetition"], i / 4, "round by round");
         assert_eq!(r["backend"], "engine");
         assert_eq!(r["mmu"], mmu);
         assert_eq!(r["vcpus"], 2);
@@ -214,6 +219,8 @@ fn bench_migrate_perf_runs_every_interface_and_thread_count() {
     let (code, out, err) = shadow_mmu(&[
         "bench",
         "migrate-perf",
+        "--repeat",
+        "1",
         "--backend",
         "engine",
         "--dirty-log",
@@ -274,6 +281,8 @@ fn bench_migrate_perf_sweeps_a_working_set_of_any_guest_size() {
     let (code, out, err) = shadow_mmu(&[
         "bench",
         "migrate-perf",
+        "--repeat",
+        "1",
         "--backend",
         "engine,kvm",
         "--dirty-log",
@@ -307,6 +316,8 @@ fn bench_migrate_perf_sweeps_a_working_set_of_any_guest_size() {
         let (code, out, err) = shadow_mmu(&[
             "bench",
             "migrate-perf",
+            "--repeat",
+            "1",
             "--backend",
             "engine",
             "--guest-mib",
@@ -375,6 +386,8 @@ fn bench_migrate_perf_without_kvm_skips_the_kvm_runs_with_one_line() {
         .args([
             "bench",
             "migrate-perf",
+            "--repeat",
+            "1",
             "--guest-mib",
             "8",
             "--iterations",

@@ -38,6 +38,11 @@ pub struct MigratePerfArgs {
     /// optional K, M, G suffix; a comma-separated list runs each size.
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub bytes_per_vcpu: Vec<u64>,
+    /// Repetitions of every run, interleaved (each round runs every design
+    /// once, in turn): each timed figure is reported as their median with
+    /// its min and max, and each ratio per pair of runs of one round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
     /// Iterations (harvests after the bulk copy).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub iterations: u32,

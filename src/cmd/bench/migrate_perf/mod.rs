@@ -5,6 +5,7 @@
 
 mod args;
 mod kvm;
+mod repeat;
 mod run;
 
 use std::time::Duration;
@@ -181,19 +182,25 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
     };
     let variants = engine_variants(a);
     let per_size = if engine { (variants.len() * specs.len()) as u64 } else { 0 } + kvm_specs.len() as u64;
-    let p = Progress::new(sizes.len() as u64 * per_size * u64::from(a.iterations), "migrate-perf");
+    let steps = u64::from(a.repeat) * sizes.len() as u64 * per_size * u64::from(a.iterations);
+    let p = Progress::new(steps, "migrate-perf");
     let mut records = Vec::new();
-    for &size in &sizes {
-        for spec in &specs {
-            if engine {
-                for v in &variants {
-                    records.push(engine_run(a, &p, v, spec, size)?);
+    // Round by round, every run once per round: the designs interleave.
+    for repetition in 0..a.repeat {
+        for &size in &sizes {
+            for spec in &specs {
+                let mut round = Vec::new();
+                if engine {
+                    for v in &variants {
+                        round.push(engine_run(a, &p, v, spec, size)?);
+                    }
                 }
-            }
-            if let Some(k) = kvm.as_ref().filter(|k| k.usable())
-                && kvm_specs.contains(spec)
-            {
-                records.push(k.run(a, &p, size, spec)?);
+                if let Some(k) = kvm.as_ref().filter(|k| k.usable())
+                    && kvm_specs.contains(spec)
+                {
+                    round.push(k.run(a, &p, size, spec)?);
+                }
+                records.extend(round.into_iter().map(|r| Record { repetition, ..r }));
             }
         }
     }
@@ -206,15 +213,21 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
             r.fault_heavy_faults_per_sec = f[i];
         }
     }
-    print_ratios(&records, &sizes, faults.as_deref(), a);
+    // The single-run lines, of the first round.
+    let first: Vec<Record> = records.iter().filter(|r| r.repetition == 0).cloned().collect();
+    if a.repeat > 1 {
+        println!("== the first of {} rounds", a.repeat);
+    }
+    print_ratios(&first, &sizes, faults.as_deref(), a);
+    repeat::print_repetitions(&records, a.repeat);
     if let Some(dir) = &a.plot {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let mut written = plot::dirty_log_vs_size(
             dir,
-            &records.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
+            &first.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
         )?;
         let largest = sizes.iter().max().copied().unwrap_or(0);
-        let lat: Vec<(String, &LatencySummary)> = records
+        let lat: Vec<(String, &LatencySummary)> = first
             .iter()
             .filter(|r| r.guest_bytes == largest)
             .filter_map(|r| r.latency.as_ref().map(|(h, _)| (r.label(), h)))

@@ -21,6 +21,8 @@ pub struct Record {
     pub(super) spec: HarvestSpec,
     pub(super) vcpus: u32,
     pub(super) guest_bytes: u64,
+    /// Which repetition (`--repeat`) this run was, from 0.
+    pub(super) repetition: u32,
     pub(super) run: PerfRun,
     pub(super) floor_ns_per_page: f64,
     /// Engine only: KVM's faults cannot be timed from userspace.
@@ -67,6 +69,7 @@ impl Record {
             "harvest_mmu_lock_hold_ns": self.figure("harvest_mmu_lock_hold_ns"),
             "vcpus": self.vcpus,
             "guest_bytes": self.guest_bytes,
+            "repetition": self.repetition,
             "populate_ns": self.run.populate_ns,
             "enable_dirty_logging_ns": self.run.enable_dirty_logging_ns,
             "disable_dirty_logging_ns": self.run.disable_dirty_logging_ns,
@@ -220,6 +223,7 @@ pub(super) fn backend_run(
         spec: *harvest,
         vcpus: a.vcpus,
         guest_bytes,
+        repetition: 0,
         floor_ns_per_page: perf::cmpxchg_floor(run.dirty_pages_avg()),
         latency: extras.latency,
         fault_heavy_faults_per_sec: None,

@@ -352,6 +352,7 @@ fn bench_kernbench_sweeps_and_replays_the_shipped_trace() {
         ]);
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("lockless/locked kernbench throughput"), "{out}");
+        assert!(out.contains("per round (target >= 0.98)"), "the ratio with its spread: {out}");
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         let runs = v["runs"].as_array().unwrap();
         assert_eq!(runs.len(), 2);

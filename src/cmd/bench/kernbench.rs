@@ -13,7 +13,7 @@ use shadow_mmu_testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, ker
 use shadow_mmu_testkit::trace::PageTrace;
 
 use super::BenchResult;
-use crate::output::{Progress, median, write_runs};
+use crate::output::{Progress, Spread, write_runs};
 
 #[derive(Debug, Args)]
 pub struct KernbenchArgs {
@@ -65,6 +65,10 @@ pub enum KernbenchWorkload {
     /// Each vCPU replays the recorded trace of a real program.
     Replay,
 }
+
+/// The no-regression target: the lockless design's throughput against the
+/// locked design's.
+const KERNBENCH_TARGET: f64 = 0.98;
 
 pub fn main(a: &KernbenchArgs) -> BenchResult {
     if !(a.seconds.is_finite() && a.seconds > 0.0) {
@@ -129,12 +133,20 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
     }
     p.finish();
     let mut runs = Vec::new();
-    let mut medians = Vec::new();
     for (mmu, s) in a.mmu.iter().zip(&samples) {
-        let ops = median(s.iter().map(|r| r.ops_per_sec).collect());
-        let faults = median(s.iter().map(|r| r.faults_per_sec).collect());
-        println!("{mmu}: median {ops:.0} ops/s, {faults:.0} faults/s over {} rounds", s.len());
-        medians.push(ops);
+        let ops = Spread::of(&s.iter().map(|r| r.ops_per_sec).collect::<Vec<_>>());
+        let faults = Spread::of(&s.iter().map(|r| r.faults_per_sec).collect::<Vec<_>>());
+        println!(
+            "{mmu}: median {:.0} ops/s [{:.0}, {:.0}], {:.0} faults/s [{:.0}, {:.0}] over {} rounds",
+            ops.median,
+            ops.min,
+            ops.max,
+            faults.median,
+            faults.min,
+            faults.max,
+            s.len()
+        );
+        let (ops, faults) = (ops.median, faults.median);
         runs.push(json!({
             "mmu": mmu.name(),
             "workload": format!("{:?}", a.workload).to_lowercase(),
@@ -154,7 +166,21 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
     }
     let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
     if let (Some(l), Some(ll)) = (pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
-        println!("lockless/locked kernbench throughput: {:.3} (target >= 0.98)", medians[ll] / medians[l]);
+        // Per round: the two designs ran one after the other.
+        let r: Vec<f64> =
+            samples[ll].iter().zip(&samples[l]).map(|(x, y)| x.ops_per_sec / y.ops_per_sec).collect();
+        let r = Spread::of(&r);
+        let verdict = if r.crosses(KERNBENCH_TARGET) {
+            "inconclusive: the spread crosses the target"
+        } else if r.min >= KERNBENCH_TARGET {
+            "met in every round"
+        } else {
+            "missed in every round"
+        };
+        println!(
+            "lockless/locked kernbench throughput: {:.3} [{:.3}, {:.3}] per round (target >= {KERNBENCH_TARGET}): {verdict}",
+            r.median, r.min, r.max
+        );
     }
     if let Some(path) = &a.json {
         write_runs(path, runs)?;

@@ -443,3 +443,37 @@ fn dirty_log_test_prints_the_selftests_lines_on_every_backend() {
     let (code, _, err) = shadow_mmu(&["dirty-log-test", "--guest-pages", "0"]);
     assert_ne!(code, 0, "{err}");
 }
+
+#[test]
+fn bench_migrate_perf_sweeps_vcpu_counts() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-vcpus-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("sweep.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "migrate-perf",
+        "--backend",
+        "engine",
+        "--mmu",
+        "lockless",
+        "--vcpus",
+        "1,2",
+        "--guest-mib",
+        "16",
+        "--iterations",
+        "2",
+        "--repeat",
+        "1",
+        "--fault-heavy-seconds",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("==== 1 vCPU(s)") && out.contains("==== 2 vCPU(s)"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let vcpus: Vec<u64> =
+        v["runs"].as_array().unwrap().iter().map(|r| r["vcpus"].as_u64().unwrap()).collect();
+    assert_eq!(vcpus, [1, 2]);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -10,7 +10,7 @@ use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
 use crate::output::parse_size;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MigratePerfArgs {
     /// Backends, comma-separated: engine, kvm (the machine's /dev/kvm).
     #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
@@ -27,8 +27,13 @@ pub struct MigratePerfArgs {
     /// Each value runs the `tdp` design once more; the others ignore it.
     #[arg(long, value_delimiter = ',', default_value = "false")]
     pub pml: Vec<bool>,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// vCPUs, comma-separated: each count runs everything asked for (the
+    /// vCPU sweep; past the host's CPUs the run says it is oversubscribed).
+    #[arg(long = "vcpus", value_delimiter = ',', default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub vcpus_list: Vec<u32>,
+    /// The count of the sweep point being run (one of `vcpus_list`).
+    #[arg(skip = 1u32)]
     pub vcpus: u32,
     /// Guest memory in MiB, all vCPUs together; a comma-separated list runs
     /// each size (the plot's x axis).

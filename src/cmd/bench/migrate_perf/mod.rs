@@ -160,6 +160,26 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
     if !(a.fault_heavy_seconds.is_finite() && a.fault_heavy_seconds >= 0.0) {
         return Err(format!("--fault-heavy-seconds {}", a.fault_heavy_seconds).into());
     }
+    let mut records = Vec::new();
+    for &vcpus in &a.vcpus_list {
+        let mut point = MigratePerfArgs { vcpus, ..a.clone() };
+        if a.vcpus_list.len() > 1 {
+            println!("==== {vcpus} vCPU(s)");
+            // Each point's charts in a folder of their own.
+            point.plot = a.plot.as_ref().map(|d| d.join(format!("vcpus-{vcpus}")));
+        }
+        records.extend(sweep_point(&point)?);
+    }
+    if let Some(path) = &a.json {
+        write_runs(path, records.iter().map(Record::json).collect())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(records.iter().all(|r| r.run.lost_pages == 0))
+}
+
+/// Everything `a` asks for at one vCPU count (`a.vcpus`): the runs, their
+/// lines and charts.
+fn sweep_point(a: &MigratePerfArgs) -> BenchResult<Vec<Record>> {
     let sizes = guest_sizes(a)?;
     let specs = a.harvest_specs()?;
     if let Some(line) =
@@ -239,11 +259,7 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
             println!("wrote {}", w.display());
         }
     }
-    if let Some(path) = &a.json {
-        write_runs(path, records.iter().map(Record::json).collect())?;
-        println!("wrote {}", path.display());
-    }
-    Ok(records.iter().all(|r| r.run.lost_pages == 0))
+    Ok(records)
 }
 
 /// The seed's claims, as ratios of runs of this process.

@@ -101,6 +101,11 @@ impl MmuLock {
     /// `read_lock(&kvm->mmu_lock)`: the TDP design's faults, enable-logging
     /// and eager split.
     pub(crate) fn read(&self) -> MmuReadGuard<'_> {
+        MmuReadGuard { guard: Some(self.take_read()), lock: self, since: Instant::now() }
+    }
+
+    /// Takes the lock for read, counted (wait, acquisition, lockdep).
+    fn take_read(&self) -> RwLockReadGuard<'_, MmuLocked> {
         let guard = match self.rwlock.try_read() {
             Some(g) => g,
             None => self.wait(&self.read_stats, || self.rwlock.read()),
@@ -108,7 +113,7 @@ impl MmuLock {
         self.read_stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
         shadow_mmu_core::lockdep::count_mmu_lock(false);
-        MmuReadGuard { guard: Some(guard), lock: self, since: Instant::now() }
+        guard
     }
 
     /// `rwlock_needbreak`: is another thread waiting for the lock?
@@ -210,14 +215,7 @@ impl MmuReadGuard<'_> {
         shadow_mmu_core::lockdep::set_holds_mmu_lock(false);
         drop(self.guard.take());
         let r = f();
-        let g = match self.lock.rwlock.try_read() {
-            Some(g) => g,
-            None => self.lock.wait(&self.lock.read_stats, || self.lock.rwlock.read()),
-        };
-        self.guard = Some(g);
-        shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
-        shadow_mmu_core::lockdep::count_mmu_lock(false);
-        self.lock.read_stats.acquisitions.inc();
+        self.guard = Some(self.lock.take_read());
         self.since = Instant::now();
         r
     }

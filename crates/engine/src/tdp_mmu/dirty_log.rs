@@ -24,7 +24,7 @@ use shadow_mmu_core::pool::MemoryCache;
 use shadow_mmu_core::rcu::ReadGuard;
 use shadow_mmu_core::spte::{
     PT_DIRECTORY_LEVEL, PT_DIRTY_MASK, PT_PAGE_TABLE_LEVEL, PT_WRITABLE_MASK, is_last_spte,
-    is_shadow_present_pte, is_writable_pte,
+    is_shadow_present_pte,
 };
 use shadow_mmu_core::tdp::{tdp_mmu_clear_spte_bits, tdp_mmu_set_spte_atomic};
 
@@ -47,9 +47,19 @@ impl Kvm {
             let min_level = if self.mmu.tdp.pml { PT_DIRECTORY_LEVEL } else { PT_PAGE_TABLE_LEVEL };
             let mut cleared = 0;
             for root in self.tdp_mmu_roots() {
-                cleared += self.wrprot_gfn_range(&mut g, &mut section, root, start, end, min_level);
+                let (g, section) = (&mut g, &mut section);
+                cleared +=
+                    self.clear_leaf_bit_gfn_range(g, section, root, start, end, min_level, PT_WRITABLE_MASK);
                 if self.mmu.tdp.pml {
-                    cleared += self.clear_dirty_gfn_range(&mut g, &mut section, root, start, end);
+                    cleared += self.clear_leaf_bit_gfn_range(
+                        g,
+                        section,
+                        root,
+                        start,
+                        end,
+                        PT_PAGE_TABLE_LEVEL,
+                        PT_DIRTY_MASK,
+                    );
                 }
             }
             self.mmu.stats.sptes_write_protected.add(cleared);
@@ -58,10 +68,13 @@ impl Kvm {
         self.tdp_mmu_reclaim();
     }
 
-    /// `wrprot_gfn_range`: clears W (only W) on every writable leaf at or
-    /// above `min_level` in `[start, end)` of `root`, by compare-exchange,
-    /// re-evaluating an entry that changed under it. Returns how many lost W.
-    fn wrprot_gfn_range(
+    /// `wrprot_gfn_range` (`bit` W, only W: MMU-writable stays) and, with
+    /// PML, `clear_dirty_gfn_range` (`bit` D): clears `bit` on every present
+    /// leaf at or above `min_level` in `[start, end)` of `root` that has it,
+    /// by compare-exchange, re-evaluating an entry that changed under it.
+    /// Returns how many lost it.
+    #[allow(clippy::too_many_arguments)]
+    fn clear_leaf_bit_gfn_range(
         &self,
         g: &mut crate::mmu::lock::MmuReadGuard<'_>,
         section: &mut ReadGuard<'_>,
@@ -69,6 +82,7 @@ impl Kvm {
         start: u64,
         end: u64,
         min_level: u8,
+        bit: u64,
     ) -> u64 {
         let mut cleared = 0;
         let mut iter = TdpIter::start(&*section, root, min_level, start);
@@ -78,46 +92,12 @@ impl Kvm {
                 continue;
             }
             let old = iter.old_spte;
-            if !is_shadow_present_pte(old) || !is_last_spte(old, iter.level) || !is_writable_pte(old) {
+            if !is_shadow_present_pte(old) || !is_last_spte(old, iter.level) || old & bit == 0 {
                 iter.next(&*section);
                 continue;
             }
             let sptep = iter.sptep(&*section);
-            if tdp_mmu_set_spte_atomic(sptep, &mut iter.old_spte, old & !PT_WRITABLE_MASK, &self.mmu.breakage)
-            {
-                cleared += 1;
-                iter.next(&*section);
-            } else {
-                self.mmu.stats.tdp_cmpxchg_failures.inc();
-            }
-        }
-        cleared
-    }
-
-    /// `clear_dirty_gfn_range` (PML): clears D on every present leaf in
-    /// `[start, end)` of `root`, by compare-exchange, under the read lock.
-    fn clear_dirty_gfn_range(
-        &self,
-        g: &mut crate::mmu::lock::MmuReadGuard<'_>,
-        section: &mut ReadGuard<'_>,
-        root: crate::shadow_page::SpPtr,
-        start: u64,
-        end: u64,
-    ) -> u64 {
-        let mut cleared = 0;
-        let mut iter = TdpIter::start(&*section, root, PT_PAGE_TABLE_LEVEL, start);
-        while iter.within(end) {
-            if self.tdp_mmu_iter_cond_resched(g, section, &mut iter, false) {
-                iter.next(&*section);
-                continue;
-            }
-            let old = iter.old_spte;
-            if !is_shadow_present_pte(old) || !is_last_spte(old, iter.level) || old & PT_DIRTY_MASK == 0 {
-                iter.next(&*section);
-                continue;
-            }
-            let sptep = iter.sptep(&*section);
-            if tdp_mmu_set_spte_atomic(sptep, &mut iter.old_spte, old & !PT_DIRTY_MASK, &self.mmu.breakage) {
+            if tdp_mmu_set_spte_atomic(sptep, &mut iter.old_spte, old & !bit, &self.mmu.breakage) {
                 cleared += 1;
                 iter.next(&*section);
             } else {

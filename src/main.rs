@@ -7,6 +7,7 @@ mod harvest_args;
 mod output;
 mod plot;
 mod report;
+mod tdp_args;
 mod vm_description;
 
 use std::process::ExitCode;

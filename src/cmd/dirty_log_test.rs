@@ -43,12 +43,9 @@ pub struct DirtyLogTestArgs {
     /// Backends, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "engine,kvm")]
     pub backend: Vec<BackendKind>,
-    /// The `tdp` design without eager page splitting.
-    #[arg(long)]
-    pub no_eager_split: bool,
-    /// The `tdp` design with PML (D-bit logging); the other designs ignore it.
-    #[arg(long)]
-    pub pml: bool,
+    /// The `tdp` design's knobs; the other designs ignore them.
+    #[command(flatten)]
+    pub tdp: crate::tdp_args::TdpKnobs,
     /// The engine's designs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "locked,lockless,rmap-lock,tdp")]
     pub mmu: Vec<MmuDesign>,
@@ -89,8 +86,8 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
             for &mmu in &a.mmu {
                 let engine = VmConfig {
                     mmu,
-                    eager_page_split: !a.no_eager_split,
-                    pml: a.pml && mmu == MmuDesign::Tdp,
+                    eager_page_split: a.tdp.eager_page_split(),
+                    pml: a.tdp.pml && mmu == MmuDesign::Tdp,
                     ..VmConfig::default()
                 };
                 backends.push((format!("engine mmu={mmu}"), BackendKind::Engine.backend(&engine, &spec)));

@@ -128,12 +128,8 @@ pub struct OutgoingArgs {
     /// Turn the engine's `fast_page_fault` off.
     #[arg(long)]
     pub no_fast_page_fault: bool,
-    /// The `tdp` design without eager page splitting.
-    #[arg(long)]
-    pub no_eager_split: bool,
-    /// The `tdp` design with PML (D-bit logging).
-    #[arg(long)]
-    pub pml: bool,
+    #[command(flatten)]
+    pub tdp: crate::tdp_args::TdpKnobs,
     /// The dirty-log interface.
     #[arg(long, default_value = "get")]
     pub dirty_log: DirtyLogInterface,
@@ -219,8 +215,8 @@ fn describe(a: &OutgoingArgs) -> VmDescription {
         backend: a.backend,
         mmu: a.mmu.to_string(),
         fast_page_fault: !a.no_fast_page_fault,
-        eager_page_split: !a.no_eager_split,
-        pml: a.pml,
+        eager_page_split: a.tdp.eager_page_split(),
+        pml: a.tdp.pml,
         dirty_log: a.dirty_log.to_string(),
         initially_set: a.knobs.initially_set,
         ring_entries: a.knobs.ring_entries,

@@ -69,15 +69,8 @@ pub struct RunArgs {
     /// Never map 2 MiB pages.
     #[arg(long)]
     pub no_large_pages: bool,
-    /// The `tdp` design without eager page splitting
-    /// (`kvm.eager_page_split=0`): huge pages are split at the first write
-    /// after logging is enabled (or at CLEAR), not at enable.
-    #[arg(long)]
-    pub no_eager_split: bool,
-    /// The `tdp` design with PML: 4 KiB pages re-armed by clearing D, each
-    /// vCPU logging the pages whose D bit it sets (a model of Intel PML).
-    #[arg(long)]
-    pub pml: bool,
+    #[command(flatten)]
+    pub tdp: crate::tdp_args::TdpKnobs,
     /// Turn `fast_page_fault` off: every write fault on a page protected for
     /// logging takes the slow path under mmu_lock, and the locked design
     /// updates sptes with plain stores (the first measurements' baseline).
@@ -150,8 +143,8 @@ impl RunArgs {
             max_mmu_pages: self.max_mmu_pages,
             tlb_entries: self.tlb_entries,
             large_pages: !self.no_large_pages,
-            eager_page_split: !self.no_eager_split,
-            pml: self.pml,
+            eager_page_split: self.tdp.eager_page_split(),
+            pml: self.tdp.pml,
             slot_churn: self.slot_churn,
             slots: self.slots,
             invalidate_every: (self.invalidate_every_us > 0)

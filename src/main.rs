@@ -4,6 +4,7 @@
 mod backend_kind;
 mod cmd;
 mod harvest_args;
+mod lock_fault_args;
 mod output;
 mod plot;
 mod report;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use shadow_mmu_engine::{MmuDesign, UnknownMmuDesign, VmConfig};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_vmm::interface::{BadHarvestSpec, UnknownInterface};
-use shadow_mmu_vmm::{Backend, BackendError, DirtyLogInterface, HarvestSpec, PassSpec, PassVm};
+use shadow_mmu_vmm::{Backend, BackendError, DirtyLogInterface, HarvestSpec, LockFaults, PassSpec, PassVm};
 use thiserror::Error;
 
 use crate::backend_kind::BackendKind;
@@ -73,6 +73,16 @@ pub struct VmDescription {
     pub seed: u64,
     /// The dirty-rate cap, bytes a second.
     pub dirty_rate: Option<u64>,
+    /// The lock faults of the workload, per second per vCPU (absent in
+    /// older streams: none).
+    #[serde(default)]
+    pub fresh_faults: u32,
+    /// See `fresh_faults`.
+    #[serde(default)]
+    pub split_faults: u32,
+    /// See `fresh_faults`.
+    #[serde(default)]
+    pub invalidations: u32,
 }
 
 fn eager_split_default() -> bool {
@@ -117,6 +127,16 @@ impl VmDescription {
             random: self.random,
             seed: self.seed,
             dirty_pages: None,
+            lock_faults: self.lock_faults(),
+        }
+    }
+
+    /// The workload's lock faults.
+    pub fn lock_faults(&self) -> LockFaults {
+        LockFaults {
+            fresh_per_sec: self.fresh_faults,
+            split_per_sec: self.split_faults,
+            invalidations_per_sec: self.invalidations,
         }
     }
 

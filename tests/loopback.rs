@@ -22,7 +22,15 @@ use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm, RingEntries};
 const MIB: u64 = 1 << 20;
 
 fn spec(guest_bytes: u64) -> PassSpec {
-    PassSpec { vcpus: 2, guest_bytes, write_pct: 100, random: false, seed: 7, dirty_pages: None }
+    PassSpec {
+        vcpus: 2,
+        guest_bytes,
+        write_pct: 100,
+        random: false,
+        seed: 7,
+        dirty_pages: None,
+        lock_faults: Default::default(),
+    }
 }
 
 fn header(vm: &dyn PassVm) -> Header {

@@ -78,7 +78,15 @@ impl Dest {
 }
 
 fn spec(guest_bytes: u64) -> PassSpec {
-    PassSpec { vcpus: 1, guest_bytes, write_pct: 100, random: false, seed: 3, dirty_pages: None }
+    PassSpec {
+        vcpus: 1,
+        guest_bytes,
+        write_pct: 100,
+        random: false,
+        seed: 3,
+        dirty_pages: None,
+        lock_faults: Default::default(),
+    }
 }
 
 /// The header the CLI writes for an engine VM of `spec` (its VM

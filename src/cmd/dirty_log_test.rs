@@ -113,6 +113,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 random: true,
                 seed: a.seed,
                 dirty_pages: None,
+                lock_faults: Default::default(),
             };
             let mut vm = backend.start_passes(&pass)?;
             let r = dirty_log_test(

@@ -130,6 +130,8 @@ pub struct OutgoingArgs {
     pub no_fast_page_fault: bool,
     #[command(flatten)]
     pub tdp: crate::tdp_args::TdpKnobs,
+    #[command(flatten)]
+    pub lock: crate::lock_fault_args::LockFaultKnobs,
     /// The dirty-log interface.
     #[arg(long, default_value = "get")]
     pub dirty_log: DirtyLogInterface,
@@ -210,8 +212,9 @@ impl OutgoingArgs {
 }
 
 /// The description of the VM `a` asks for.
-fn describe(a: &OutgoingArgs) -> VmDescription {
-    VmDescription {
+fn describe(a: &OutgoingArgs) -> Result<VmDescription, String> {
+    let lock = a.lock.spec()?;
+    Ok(VmDescription {
         backend: a.backend,
         mmu: a.mmu.to_string(),
         fast_page_fault: !a.no_fast_page_fault,
@@ -228,7 +231,10 @@ fn describe(a: &OutgoingArgs) -> VmDescription {
         write_pct: a.write_pct,
         seed: a.seed,
         dirty_rate: a.dirty_rate_mibps.map(|r| r << 20),
-    }
+        fresh_faults: lock.fresh_per_sec,
+        split_faults: lock.split_per_sec,
+        invalidations: lock.invalidations_per_sec,
+    })
 }
 
 /// Runs a migrate command; returns its exit code (module docs).
@@ -426,7 +432,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     if a.backend == BackendKind::Kvm && a.guest_mib > 2048 {
         return Err(format!("--guest-mib {}: KVM's test slot holds at most 2048", a.guest_mib).into());
     }
-    let desc = describe(a);
+    let desc = describe(a)?;
     let mut vm = desc.boot()?;
     let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
     let t = Instant::now();

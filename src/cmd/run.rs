@@ -71,6 +71,8 @@ pub struct RunArgs {
     pub no_large_pages: bool,
     #[command(flatten)]
     pub tdp: crate::tdp_args::TdpKnobs,
+    #[command(flatten)]
+    pub lock: crate::lock_fault_args::LockFaultKnobs,
     /// Turn `fast_page_fault` off: every write fault on a page protected for
     /// logging takes the slow path under mmu_lock, and the locked design
     /// updates sptes with plain stores (the first measurements' baseline).
@@ -138,6 +140,7 @@ impl RunArgs {
                 write_pct: self.write_pct,
                 address_spaces: self.address_spaces,
                 seed: self.seed,
+                lock_faults: self.lock.spec().map_err(HarnessError::BadConfig)?,
                 ..WorkloadSpec::default()
             },
             max_mmu_pages: self.max_mmu_pages,

@@ -145,6 +145,10 @@ switches! {
     /// `Running` does not come after it sent `Commit`, as if the `Commit`
     /// had been lost, instead of asking the destination.
     source_resumes_without_answer,
+    /// The slow page fault maps a page writable in a logged slot without
+    /// marking it dirty: the first store to fresh memory (or after an
+    /// invalidation, or to a broken-up huge page) is lost.
+    slow_fault_skips_mark_dirty,
 }
 
 // Folds away: without the feature, a `Breakage` holds nothing.

@@ -111,7 +111,19 @@ impl<W> GuestMemory for EngineVm<W> {
     }
 }
 
-impl<W> DirtyLog for EngineVm<W> {
+/// What runs in an [`EngineVm`], told when dirty logging goes on or off
+/// (the passes' lock faults run only while it is on).
+pub trait EngineWork {
+    /// Dirty logging of the test slot of `vm` was just turned on (`true`)
+    /// or off.
+    fn logging_changed(&mut self, vm: &Vm, on: bool) {
+        let _ = (vm, on);
+    }
+}
+
+impl EngineWork for Vcpu {}
+
+impl<W: EngineWork> DirtyLog for EngineVm<W> {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -126,7 +138,9 @@ impl<W> DirtyLog for EngineVm<W> {
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
         let r = if on { self.vm.enable_dirty_logging(0) } else { self.vm.disable_dirty_logging(0) };
-        r.map_err(|e| self.fail("setting dirty logging", e))
+        r.map_err(|e| self.fail("setting dirty logging", e))?;
+        self.work.logging_changed(&self.vm, on);
+        Ok(())
     }
 
     fn get_dirty_log(&mut self, bitmap: &mut [u64]) -> Result<u64, BackendError> {

@@ -48,6 +48,7 @@ pub mod host_access;
 pub mod memory;
 pub mod memslot;
 pub mod mmu;
+pub mod notifier_thread;
 pub mod page_track;
 pub mod passes;
 pub(crate) mod shadow_page;

@@ -25,11 +25,13 @@ use shadow_mmu_vmm::{
 };
 use thiserror::Error;
 
-use crate::backend::{EngineVm, collect_engine_rings, vm_with_memory};
+use crate::backend::{EngineVm, EngineWork, collect_engine_rings, vm_with_memory};
+use crate::notifier_thread::{Invalidations, MmuNotifierThread, NotifierError};
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
 use crate::vm::{Vm, VmConfig};
 use crate::workload::{
-    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, WORKLOAD_STATE_WORDS, WorkloadGuest, WorkloadSpec,
+    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, ReserveCounts, WORKLOAD_STATE_WORDS, WorkloadGuest,
+    WorkloadSpec,
 };
 use crate::{DirtyRingError, MemoryError, MemslotError, VcpuError, VmError};
 use shadow_mmu_core::spte::PAGE_SIZE;
@@ -59,6 +61,21 @@ pub enum PassesError {
         /// Pages of the guest.
         guest_pages: u64,
     },
+    /// Lock faults that need a reserve (`LockFaults`) in a guest without
+    /// room for it after the swept pages.
+    #[error(
+        "fresh or split faults need a reserve as large as the {swept} swept pages after them; the guest has \
+         {guest_pages} (sweep at most half of it)"
+    )]
+    NoReserve {
+        /// The pages swept.
+        swept: u64,
+        /// Pages of the guest.
+        guest_pages: u64,
+    },
+    /// The mmu notifier thread failed.
+    #[error(transparent)]
+    Notifier(#[from] NotifierError),
     /// The VM refused.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -291,8 +308,9 @@ fn await_release(
     }
 }
 
-/// What a sweeper thread returns: its vCPU's counters and its probe.
-type SweeperExit = Result<(VcpuStats, Option<Box<LatencyProbe>>), PassesError>;
+/// What a sweeper thread returns: its vCPU's counters, its guest's reserve
+/// touches and its probe.
+type SweeperExit = Result<(VcpuStats, ReserveCounts, Option<Box<LatencyProbe>>), PassesError>;
 
 /// The latency probe a sweeper installed on `vcpu`, taken back.
 fn take_probe(vcpu: &mut crate::vcpu::Vcpu) -> Option<Box<LatencyProbe>> {
@@ -311,6 +329,8 @@ pub struct SweepResult {
     pub harvest: LatencyHistogram,
     /// Write faults with no harvest running.
     pub idle: LatencyHistogram,
+    /// Their guests' reserve touches (`LockFaults`), summed.
+    pub reserve: ReserveCounts,
 }
 
 impl Sweepers {
@@ -385,10 +405,12 @@ impl Sweepers {
                             // Stopped while full: a run would only exit again
                             // (the guest never gets to see the stop).
                             if vcpu.dirty_ring_full() && ctl.stop_requested() {
-                                break Ok((vcpu.stats(), take_probe(&mut vcpu)));
+                                break Ok((vcpu.stats(), guest.reserve_touches(), take_probe(&mut vcpu)));
                             }
                         }
-                        Ok(VcpuExit::Hypercall(HC_STOP)) => break Ok((vcpu.stats(), take_probe(&mut vcpu))),
+                        Ok(VcpuExit::Hypercall(HC_STOP)) => {
+                            break Ok((vcpu.stats(), guest.reserve_touches(), take_probe(&mut vcpu)));
+                        }
                         Ok(exit) => break Err(PassesError::UnexpectedExit { vcpu: id, exit }),
                         Err(source) => break Err(PassesError::Vcpu { vcpu: id, source }),
                     }
@@ -437,8 +459,9 @@ impl Sweepers {
         self.ctl.request_stop();
         let mut r = SweepResult::default();
         for t in self.threads.drain(..) {
-            let (stats, probe) = t.join().map_err(|_| PassesError::Panicked)??;
+            let (stats, reserve, probe) = t.join().map_err(|_| PassesError::Panicked)??;
             r.stats += stats;
+            r.reserve += reserve;
             if let Some(p) = probe {
                 r.harvest.add(&p.harvest);
                 r.idle.add(&p.idle);
@@ -469,8 +492,39 @@ pub struct EnginePasses {
     vcpus: u32,
     /// Pages the sweepers sweep.
     swept: u64,
+    /// Pages of the reserve after them (`LockFaults`), or 0.
+    reserve: u64,
     /// What their guests run.
     workload: WorkloadSpec,
+    /// The mmu notifier thread of the lock faults, while logging is on.
+    notifier: Option<MmuNotifierThread>,
+    /// Invalidations it made, over every logging period so far.
+    invalidations: u64,
+    /// Why it stopped, if it failed.
+    notifier_error: Option<NotifierError>,
+}
+
+impl EnginePasses {
+    /// Stops the mmu notifier thread, if it runs, and counts its work.
+    fn stop_notifier(&mut self) {
+        match self.notifier.take().map(MmuNotifierThread::stop) {
+            Some(Ok(n)) => self.invalidations += n,
+            Some(Err(e)) => self.notifier_error = Some(e),
+            None => {}
+        }
+    }
+}
+
+impl EngineWork for EnginePasses {
+    fn logging_changed(&mut self, vm: &Vm, on: bool) {
+        self.sweepers.ctl.set_lock_faults(on);
+        self.stop_notifier();
+        if on {
+            let lock = &self.workload.lock_faults;
+            self.notifier = Invalidations::of_lock_faults(lock, self.vcpus, self.swept, self.workload.seed)
+                .map(|what| MmuNotifierThread::start(vm, what));
+        }
+    }
 }
 
 impl EnginePassVm {
@@ -487,13 +541,19 @@ impl EnginePassVm {
             return Err(PassesError::BadSpec { vcpus: spec.vcpus, pages: npages, write_pct: spec.write_pct });
         }
         let fast_page_fault = config.fast_page_fault;
+        let reserve_needed = spec.lock_faults.needs_reserve();
         let swept = match spec.dirty_pages {
             Some(n) if n == 0 || !n.is_multiple_of(64) || n > npages || n < u64::from(spec.vcpus) => {
                 return Err(PassesError::BadWorkingSet { pages: n, guest_pages: npages });
             }
             Some(n) => n,
+            None if reserve_needed => npages / 2,
             None => npages,
         };
+        let reserve = if reserve_needed { swept } else { 0 };
+        if swept + reserve > npages || swept < u64::from(spec.vcpus) {
+            return Err(PassesError::NoReserve { swept, guest_pages: npages });
+        }
         // A working set is swept in a lazily mapped guest (`MAP_NORESERVE`):
         // populating it all would defeat the point of a large guest.
         let (vm, mem) = vm_with_memory(config, spec.guest_bytes, spec.dirty_pages.is_none())?;
@@ -505,6 +565,7 @@ impl EnginePassVm {
             write_pct: spec.write_pct,
             exit_each_pass: true,
             seed: spec.seed,
+            lock_faults: spec.lock_faults,
             ..WorkloadSpec::default()
         };
         let clock = Arc::new(HarvestClock::default());
@@ -518,7 +579,11 @@ impl EnginePassVm {
             harvest_latency,
             vcpus: spec.vcpus,
             swept,
+            reserve,
             workload,
+            notifier: None,
+            invalidations: 0,
+            notifier_error: None,
         };
         Ok(EngineVm { name, vm, mem, work, ring: shadow_mmu_vmm::RingState::default() })
     }
@@ -562,6 +627,10 @@ impl PassWorkload for EnginePassVm {
         self.work.swept
     }
 
+    fn stored_pages(&self) -> u64 {
+        self.work.swept + self.work.reserve
+    }
+
     fn stored_iteration(&self, word: u64) -> u64 {
         crate::workload::value_tag(word)
     }
@@ -594,9 +663,13 @@ impl VcpuControl for EnginePassVm {
     }
 
     fn stop(&mut self) -> Result<PassExtras, BackendError> {
+        self.work.stop_notifier();
+        if let Some(e) = self.work.notifier_error.take() {
+            return Err(self.fail("invalidating guest memory", e));
+        }
         let swept = self.work.sweepers.stop().map_err(|e| self.fail("stopping the vCPUs", e))?;
         let s = self.vm.stats();
-        let lines = vec![
+        let mut lines = vec![
             format!(
                 "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms for write, \
                  {:.1} ms for read (summed over readers)",
@@ -622,6 +695,21 @@ impl VcpuControl for EnginePassVm {
                 s.pool_backlog_wait_max_ns as f64 / 1e3
             ),
         ];
+        let lock = self.work.workload.lock_faults;
+        if lock.any() {
+            let r = swept.reserve;
+            let note =
+                |spent: bool| if spent { " (a vCPU touched all of its part: fewer than asked)" } else { "" };
+            lines.push(format!(
+                "Lock faults ({}): {} fresh touches{}, {} split touches{}, {} mmu notifier invalidations",
+                lock.label(),
+                r.fresh,
+                note(r.fresh_exhausted),
+                r.split,
+                note(r.split_exhausted),
+                self.work.invalidations
+            ));
+        }
         Ok(PassExtras {
             latency: Some((swept.harvest.summary(), swept.idle.summary())),
             figures: vec![
@@ -651,6 +739,9 @@ impl VcpuControl for EnginePassVm {
                 ("mmu_lock_read_max_hold_ns", s.mmu_lock_read_max_hold_ns),
                 ("tdp_huge_pages_split", s.mmu.tdp_huge_pages_split),
                 ("tdp_eager_splits", s.mmu.tdp_eager_splits),
+                ("fresh_touches", swept.reserve.fresh),
+                ("split_touches", swept.reserve.split),
+                ("mmu_notifier_invalidations", self.work.invalidations),
             ],
             lines,
         })

@@ -28,8 +28,10 @@
 //! cannot slip a store with an old tag past a cut.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
+use shadow_mmu_vmm::LockFaults;
 
 use crate::guest::{GuestCode, GuestOp};
 use shadow_mmu_core::spte::{PAGE_SHIFT, WORDS_PER_PAGE};
@@ -114,6 +116,11 @@ pub struct WorkloadSpec {
     pub exit_each_pass: bool,
     /// Seed of the vCPUs' random choices.
     pub seed: u64,
+    /// Faults that need `mmu_lock`, paced while the host says logging is on
+    /// ([`GuestControl::set_lock_faults`]): the guest makes the fresh and
+    /// split touches ([`ReserveTouches`]); the invalidations are the host's
+    /// (`crate::notifier_thread`).
+    pub lock_faults: LockFaults,
 }
 
 impl Default for WorkloadSpec {
@@ -125,6 +132,7 @@ impl Default for WorkloadSpec {
             switch_every: 1 << 12,
             exit_each_pass: false,
             seed: 1,
+            lock_faults: LockFaults::default(),
         }
     }
 }
@@ -135,6 +143,8 @@ impl Default for WorkloadSpec {
 pub struct GuestControl {
     iteration: AtomicU64,
     stop: AtomicBool,
+    /// The guests make their [`LockFaults`] touches (logging is on).
+    lock_faults_on: AtomicBool,
     seen: Box<[CachePadded<AtomicU64>]>,
 }
 
@@ -144,6 +154,7 @@ impl GuestControl {
         Arc::new(Self {
             iteration: AtomicU64::new(1),
             stop: AtomicBool::new(false),
+            lock_faults_on: AtomicBool::new(false),
             seen: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(PARKED))).collect(),
         })
     }
@@ -173,6 +184,14 @@ impl GuestControl {
     pub fn stop_requested(&self) -> bool {
         // Relaxed: see `request_stop`.
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops the guests' [`LockFaults`] touches: the host turns
+    /// them on with dirty logging and off with it.
+    pub fn set_lock_faults(&self, on: bool) {
+        // Relaxed: a pacing switch; no data is published with it (the
+        // touches are ordinary stores, logged whenever they land).
+        self.lock_faults_on.store(on, Ordering::Relaxed);
     }
 
     /// Marks vCPU `vcpu` parked, for a vCPU thread that stopped running its
@@ -205,6 +224,112 @@ impl GuestControl {
     }
 }
 
+/// Accesses between two reads of the clock by the pacing of
+/// [`ReserveTouches`] (a clock read costs about what an access does).
+const PACE_CHECK_EVERY: u32 = 16;
+
+/// Touches a paced vCPU may owe after a wait: a guest held up (by a lock,
+/// a throttle, a full ring) does not make up for lost time in a burst.
+const PACE_BURST: f64 = 8.0;
+
+/// Pages a 2 MiB page maps.
+const PAGES_PER_HUGE_PAGE: u64 = 512;
+
+/// One kind of reserve touch: first stores to the pages `[base, base+len)`
+/// of the vCPU's reserve part, in order, paced at `per_sec`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Touches {
+    base: u64,
+    len: u64,
+    /// The next page, from 0; `len`: all touched (the part is exhausted).
+    pos: u64,
+    per_sec: u32,
+    /// Touches owed (at most `PACE_BURST`).
+    credit: f64,
+}
+
+impl Touches {
+    fn refill(&mut self, secs: f64) {
+        if self.per_sec > 0 && self.pos < self.len {
+            self.credit = (self.credit + secs * f64::from(self.per_sec)).min(PACE_BURST);
+        }
+    }
+
+    /// The next page to touch, if one is owed and left.
+    fn take(&mut self) -> Option<u64> {
+        if self.credit < 1.0 || self.pos >= self.len {
+            return None;
+        }
+        self.credit -= 1.0;
+        self.pos += 1;
+        Some(self.base + self.pos - 1)
+    }
+}
+
+/// The fresh and split touches of [`LockFaults`] in a vCPU's part of the
+/// reserve (the pages right after the swept ones, split among the vCPUs as
+/// their slices are): the fresh part first, never mapped; then the split
+/// part, mapped with 2 MiB pages by one store per 2 MiB before the vCPU's
+/// first pass (`prefault`), and touched page by page once logging is on.
+#[derive(Debug, Clone, Default)]
+struct ReserveTouches {
+    fresh: Touches,
+    split: Touches,
+    /// The next split-part page the prefault stores to; `split.len`: done.
+    prefault: u64,
+    /// When the credits were last refilled (`None`: pacing is off).
+    last: Option<Instant>,
+    checks: u32,
+}
+
+impl ReserveTouches {
+    fn new(lock: &LockFaults, slice_len: u64) -> Self {
+        let fresh_len = match (lock.fresh_per_sec > 0, lock.split_per_sec > 0) {
+            (true, true) => slice_len / 2,
+            (true, false) => slice_len,
+            (false, _) => 0,
+        };
+        let split_len = if lock.split_per_sec > 0 { slice_len - fresh_len } else { 0 };
+        Self {
+            fresh: Touches { base: 0, len: fresh_len, per_sec: lock.fresh_per_sec, ..Touches::default() },
+            split: Touches {
+                base: fresh_len,
+                len: split_len,
+                per_sec: lock.split_per_sec,
+                ..Touches::default()
+            },
+            prefault: 0,
+            last: None,
+            checks: 0,
+        }
+    }
+
+    /// The reserve page the next access goes to, if any: the prefault
+    /// first, then, while `on`, a paced touch.
+    fn next(&mut self, on: bool) -> Option<u64> {
+        if self.prefault < self.split.len {
+            let page = self.split.base + self.prefault;
+            self.prefault += PAGES_PER_HUGE_PAGE;
+            return Some(page);
+        }
+        if !on {
+            self.last = None;
+            return None;
+        }
+        self.checks = self.checks.wrapping_add(1);
+        if self.checks.is_multiple_of(PACE_CHECK_EVERY) || self.last.is_none() {
+            let now = Instant::now();
+            if let Some(last) = self.last {
+                let secs = now.duration_since(last).as_secs_f64();
+                self.fresh.refill(secs);
+                self.split.refill(secs);
+            }
+            self.last = Some(now);
+        }
+        self.fresh.take().or_else(|| self.split.take())
+    }
+}
+
 /// The guest program of one vCPU.
 #[derive(Debug)]
 pub struct WorkloadGuest {
@@ -227,13 +352,43 @@ pub struct WorkloadGuest {
     pass_reported: bool,
     accesses: u64,
     asid: u16,
+    /// The reserve touches of `spec.lock_faults`.
+    reserve: ReserveTouches,
+    /// The first page of the vCPU's reserve part: its slice's first, past
+    /// the swept pages.
+    reserve_gfn: u64,
 }
 
 /// Words of a [`WorkloadGuest`]'s saved state.
-pub(crate) const WORKLOAD_STATE_WORDS: usize = 7;
+pub(crate) const WORKLOAD_STATE_WORDS: usize = 10;
+
+/// Touches of the reserve a guest made ([`WorkloadGuest::reserve_touches`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReserveCounts {
+    /// First stores to never-mapped pages.
+    pub fresh: u64,
+    /// First stores to pages mapped with 2 MiB pages before logging.
+    pub split: u64,
+    /// Fresh touches asked for but not made: the vCPU's fresh part was all
+    /// touched (a real guest would have run out of memory to allocate).
+    pub fresh_exhausted: bool,
+    /// ... and its split part.
+    pub split_exhausted: bool,
+}
+
+impl std::ops::AddAssign for ReserveCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.fresh += o.fresh;
+        self.split += o.split;
+        self.fresh_exhausted |= o.fresh_exhausted;
+        self.split_exhausted |= o.split_exhausted;
+    }
+}
 
 impl WorkloadGuest {
-    /// vCPU `vcpu` of `vcpus`, on the guest pages `[base_gfn, base_gfn+npages)`.
+    /// vCPU `vcpu` of `vcpus`, on the guest pages `[base_gfn, base_gfn+npages)`,
+    /// and, where `spec.lock_faults` needs it, the reserve of as many pages
+    /// right after them (`LockFaults`).
     ///
     /// # Panics
     /// If `vcpu >= MAX_WORKLOAD_VCPUS`, `vcpus` exceeds the pages, or the
@@ -277,6 +432,8 @@ impl WorkloadGuest {
             pass_reported: false,
             accesses: 0,
             asid,
+            reserve: ReserveTouches::new(&spec.lock_faults, slice_len),
+            reserve_gfn: base_gfn + npages + slice_start,
         }
     }
 
@@ -292,6 +449,9 @@ impl WorkloadGuest {
             u64::from(self.asid),
             u64::from(self.pass_reported),
             self.ctl.iteration(),
+            self.reserve.fresh.pos,
+            self.reserve.split.pos,
+            self.reserve.prefault,
         ]
     }
 
@@ -300,8 +460,15 @@ impl WorkloadGuest {
     /// have made, with tags of at least the saved iteration. `None` (and
     /// nothing changed) if `state` does not fit this guest.
     pub fn restore(&mut self, state: &[u64; WORKLOAD_STATE_WORDS]) -> Option<()> {
-        let [pos, seq, rng, accesses, asid, reported, iteration] = *state;
-        if pos >= self.slice_len || asid >= u64::from(self.spec.address_spaces.max(1)) || reported > 1 {
+        let [pos, seq, rng, accesses, asid, reported, iteration, fresh, split, prefault] = *state;
+        let r = &self.reserve;
+        if pos >= self.slice_len
+            || asid >= u64::from(self.spec.address_spaces.max(1))
+            || reported > 1
+            || fresh > r.fresh.len
+            || split > r.split.len
+            || prefault > r.split.len + PAGES_PER_HUGE_PAGE
+        {
             return None;
         }
         self.pos = pos;
@@ -310,6 +477,9 @@ impl WorkloadGuest {
         self.accesses = accesses;
         self.asid = asid as u16;
         self.pass_reported = reported == 1;
+        self.reserve.fresh.pos = fresh;
+        self.reserve.split.pos = split;
+        self.reserve.prefault = prefault;
         self.ctl.raise_iteration(iteration);
         Some(())
     }
@@ -319,10 +489,29 @@ impl WorkloadGuest {
         self.accesses
     }
 
+    /// The reserve touches made so far.
+    pub fn reserve_touches(&self) -> ReserveCounts {
+        let r = &self.reserve;
+        // Asked for and all touched: the pacing would have made more.
+        let exhausted = |t: &Touches| t.per_sec > 0 && t.pos >= t.len;
+        ReserveCounts {
+            fresh: r.fresh.pos,
+            split: r.split.pos,
+            fresh_exhausted: exhausted(&r.fresh),
+            split_exhausted: exhausted(&r.split),
+        }
+    }
+
     /// The guest physical address of word `vcpu % 512` in the slice's
     /// `index`-th page.
     fn gpa(&self, index: u64) -> u64 {
         ((self.base_gfn + self.slice_start + index) << PAGE_SHIFT) | self.word_offset
+    }
+
+    /// The same word in the `index`-th page of the vCPU's reserve part: the
+    /// swept pages' count past its slice.
+    fn reserve_gpa(&self, index: u64) -> u64 {
+        ((self.reserve_gfn + index) << PAGE_SHIFT) | self.word_offset
     }
 
     /// The vCPU left `run` with an exit of its own (a `DirtyRingFull`), not
@@ -377,6 +566,16 @@ impl GuestCode for WorkloadGuest {
         // SeqCst: see the module docs; after a resume this load must not be
         // satisfied before our clear of `seen` is visible.
         let tag = self.ctl.iteration.load(Ordering::SeqCst);
+        if self.spec.lock_faults.needs_reserve() {
+            // Relaxed: see `GuestControl::set_lock_faults`.
+            let on = self.ctl.lock_faults_on.load(Ordering::Relaxed);
+            if let Some(page) = self.reserve.next(on) {
+                // Not a pass access: the sweep's position and count stay.
+                self.pending_seen = Some(tag);
+                self.seq = self.seq.wrapping_add(1);
+                return GuestOp::Write(self.reserve_gpa(page), encode_value(tag, self.vcpu, self.seq));
+            }
+        }
         let index = match self.spec.pattern {
             AccessPattern::Seq => self.pos,
             AccessPattern::Random => self.rng.u64(..self.slice_len),

@@ -340,6 +340,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
                 random: true,
                 seed: 3,
                 dirty_pages: None,
+                lock_faults: Default::default(),
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 6, Duration::from_millis(2), 3, |_, _| {});
@@ -358,4 +359,31 @@ fn a_pml_harvest_that_does_not_drain_the_logs_is_caught() {
     let r = hot_run(&pml, Breakage { pml_skip_sync: true, ..Breakage::default() });
     assert!(r.lost_pages > 0, "pages still in the vCPUs' PML logs went unreported unnoticed: {r:?}");
     assert!(hot_run(&pml, Breakage::default()).ok());
+}
+
+/// The fresh-memory workload, run as `bench migrate-perf` runs it, catches
+/// a slow fault that forgets to mark its page dirty, in every design: its
+/// first stores to never-mapped reserve pages are what the oracle finds
+/// lost (with `fast_page_fault` on, the swept pages fault on the fast path).
+#[test]
+fn the_fresh_memory_workload_catches_a_slow_fault_that_does_not_mark_dirty() {
+    use shadow_mmu_engine::EngineBackend;
+    use shadow_mmu_testkit::perf::migrate_perf;
+    use shadow_mmu_vmm::{Backend, HarvestSpec, LockFaults, PassSpec};
+    let b = Breakage { slow_fault_skips_mark_dirty: true, ..Breakage::default() };
+    for base in every_design().into_iter().filter(|d| d.fast_page_fault) {
+        let backend = EngineBackend { config: VmConfig { breakage: b, ..base.clone() }, dirty_ring: None };
+        let pass = PassSpec {
+            vcpus: 1,
+            guest_bytes: 16 << 20,
+            write_pct: 100,
+            random: false,
+            seed: 9,
+            dirty_pages: None,
+            lock_faults: LockFaults { fresh_per_sec: 200_000, ..LockFaults::default() },
+        };
+        let mut vm = backend.start_passes(&pass).unwrap();
+        let (run, _) = migrate_perf(vm.as_mut(), 6, &HarvestSpec::default(), |_, _| {}).unwrap();
+        assert!(run.lost_pages > 0, "{}: a fresh page's lost first store went unnoticed", describe(&base));
+    }
 }

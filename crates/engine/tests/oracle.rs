@@ -340,12 +340,80 @@ fn dirty_log_test_in_every_design_and_interface() {
                 random: true,
                 seed: 5,
                 dirty_pages: None,
+                lock_faults: Default::default(),
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 8, Duration::from_millis(3), 5, |_, _| {})
                 .unwrap_or_else(|e| panic!("{} {}: {e}", describe(&d), spec.label()));
             assert_eq!(r.iterations.len(), 8);
             assert!(r.dirty_checked > 0 && r.clear_checked > 0, "{r:?}");
+        }
+    }
+}
+
+/// Each lock-fault workload alone, then the three mixed, at `rate` faults
+/// per second per vCPU.
+fn lock_fault_workloads(rate: u32) -> [(&'static str, shadow_mmu_vmm::LockFaults); 4] {
+    use shadow_mmu_vmm::LockFaults;
+    let none = LockFaults::default();
+    [
+        ("fresh", LockFaults { fresh_per_sec: rate, ..none }),
+        ("split", LockFaults { split_per_sec: rate, ..none }),
+        ("invalidations", LockFaults { invalidations_per_sec: rate, ..none }),
+        ("mix", LockFaults::mix(rate)),
+    ]
+}
+
+/// The lock faults (fresh memory, broken-up huge pages, mmu notifier
+/// invalidations, and the three mixed) while logging is on, through the
+/// harness: every design, the oracle checking every collection, each
+/// workload seen to run.
+#[test]
+fn lock_fault_workloads_in_every_design() {
+    for d in every_design() {
+        for (what, lock) in lock_fault_workloads(200_000) {
+            let mut cfg = RunConfig { max_collections: Some(20), ..small(&d, 2, 16) };
+            cfg.workload.lock_faults = lock;
+            let r = check(&cfg);
+            let ctx = format!("{} {what}: {r:?}", describe(&d));
+            assert_eq!(r.reserve.fresh > 0, lock.fresh_per_sec > 0, "{ctx}");
+            assert_eq!(r.reserve.split > 0, lock.split_per_sec > 0, "{ctx}");
+            assert_eq!(r.invalidations > 0, lock.invalidations_per_sec > 0, "{ctx}");
+        }
+    }
+}
+
+/// The same workloads on the pass VM, through `migrate-perf`'s procedure
+/// (what `bench migrate-perf` runs): the oracle checks each harvest, the
+/// reserve included, and the figures count each workload's faults.
+#[test]
+fn lock_fault_workloads_under_migrate_perf_in_every_design() {
+    use shadow_mmu_engine::EngineBackend;
+    use shadow_mmu_testkit::perf::migrate_perf;
+    use shadow_mmu_vmm::{Backend, HarvestSpec, PassSpec};
+    for d in every_design() {
+        for (what, lock) in lock_fault_workloads(200_000) {
+            let backend = EngineBackend { config: d.clone(), dirty_ring: None };
+            let pass = PassSpec {
+                vcpus: 1,
+                guest_bytes: 16 << 20,
+                write_pct: 100,
+                random: false,
+                seed: 9,
+                dirty_pages: None,
+                lock_faults: lock,
+            };
+            let mut vm = backend.start_passes(&pass).unwrap();
+            let (swept, reserve) = if lock.needs_reserve() { (2048, 2048) } else { (4096, 0) };
+            assert_eq!((vm.swept_pages(), vm.stored_pages()), (swept, swept + reserve), "{what}");
+            let (run, extras) = migrate_perf(vm.as_mut(), 6, &HarvestSpec::default(), |_, _| {})
+                .unwrap_or_else(|e| panic!("{} {what}: {e}", describe(&d)));
+            let ctx = format!("{} {what}: {:?}", describe(&d), extras.figures);
+            assert_eq!(run.lost_pages, 0, "{ctx}");
+            let figure = |k: &str| extras.figures.iter().find(|f| f.0 == k).map(|f| f.1).unwrap();
+            assert_eq!(figure("fresh_touches") > 0, lock.fresh_per_sec > 0, "{ctx}");
+            assert_eq!(figure("split_touches") > 0, lock.split_per_sec > 0, "{ctx}");
+            assert_eq!(figure("mmu_notifier_invalidations") > 0, lock.invalidations_per_sec > 0, "{ctx}");
         }
     }
 }

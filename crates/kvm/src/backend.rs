@@ -82,6 +82,10 @@ impl Backend for KvmBackend {
             let why = KvmError::BadConfig(BadConfig::WorkingSet);
             return Err(BackendError::new(&name, "starting the passes", why));
         }
+        if spec.lock_faults.any() {
+            let why = KvmError::BadConfig(BadConfig::LockFaults);
+            return Err(BackendError::new(&name, "starting the passes", why));
+        }
         let cfg = KvmPerfConfig {
             vcpus: spec.vcpus,
             guest_bytes: spec.guest_bytes,

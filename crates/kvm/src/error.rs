@@ -259,6 +259,12 @@ pub enum BadConfig {
     /// A working set (`--dirty-pages`): KVM's passes sweep every page.
     #[error("a working set (--dirty-pages) runs on the engine only")]
     WorkingSet,
+    /// Lock faults (`--fresh-faults`, `--split-faults`, `--invalidations`,
+    /// `--lock-faults`): KVM's guest code sweeps its pages only, and the
+    /// host cannot invalidate a page of a live KVM guest without losing
+    /// its data (`MADV_DONTNEED`).
+    #[error("lock faults (fresh, split, invalidations) run on the engine only")]
+    LockFaults,
     /// A host write to a logged slot with the dirty ring on: no vCPU ring
     /// takes a host write (KVM would drop it), as on the engine.
     #[error("host write to a logged slot with the dirty ring on")]

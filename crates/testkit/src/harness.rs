@@ -41,12 +41,15 @@ use shadow_mmu_engine::dirty_ring::DirtyRingError;
 use shadow_mmu_engine::memory::{HostMemory, MemoryError};
 use shadow_mmu_engine::memslot::{MemFlags, MemslotError, UserMemoryRegion};
 use shadow_mmu_engine::mmu::MmuDesign;
+use shadow_mmu_engine::notifier_thread::{Invalidations, MmuNotifierThread, NotifierError};
 use shadow_mmu_engine::vcpu::tlb::DEFAULT_TLB_ENTRIES;
 use shadow_mmu_engine::vcpu::{VcpuError, VcpuExit, VcpuStats};
 use shadow_mmu_engine::vm::{Vm, VmConfig, VmError, VmStats};
 use shadow_mmu_engine::workload::{
-    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, WorkloadGuest, WorkloadSpec,
+    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, MAX_WORKLOAD_VCPUS, ReserveCounts, WorkloadGuest,
+    WorkloadSpec,
 };
+use shadow_mmu_vmm::LockFaults;
 use shadow_mmu_vmm::interface::{BadHarvestSpec, DirtyLogInterface, HarvestSpec, clear_chunks};
 
 /// A run.
@@ -200,8 +203,8 @@ pub enum RunError {
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
     /// The mmu notifier thread's invalidation was refused.
-    #[error("mmu notifier")]
-    Notifier(#[source] VmError),
+    #[error(transparent)]
+    Notifier(NotifierError),
     /// The slot churn thread's memslot change was refused.
     #[error("slot churn")]
     SlotChurn(#[source] MemslotError),
@@ -241,6 +244,8 @@ pub struct RunReport {
     pub relogs: u64,
     /// mmu notifier invalidations during logging (`RunConfig::invalidate_every`).
     pub invalidations: u64,
+    /// The guests' reserve touches (`LockFaults`).
+    pub reserve: ReserveCounts,
     /// The audit after the vCPUs stopped.
     pub audit: AuditReport,
     /// vCPU errors, unexpected exits, audit failures.
@@ -273,7 +278,7 @@ impl RunConfig {
                 self.guest_bytes
             ));
         }
-        if self.guest_bytes / PAGE_SIZE < u64::from(self.vcpus) {
+        if swept_pages(self) < u64::from(self.vcpus) {
             return bad(format!("{} vCPUs need at least {} pages", self.vcpus, self.vcpus));
         }
         if self.workload.write_pct > 100 {
@@ -299,7 +304,7 @@ impl RunConfig {
     }
 }
 
-type VcpuResult = (VcpuStats, Vec<RunError>);
+type VcpuResult = (VcpuStats, ReserveCounts, Vec<RunError>);
 
 /// Stops the vCPU threads when dropped, so that an error return never leaves
 /// them running.
@@ -309,20 +314,22 @@ struct Vcpus {
 }
 
 impl Vcpus {
-    fn stop(&mut self) -> (VcpuStats, Vec<RunError>) {
+    fn stop(&mut self) -> VcpuResult {
         self.ctl.request_stop();
         let mut stats = VcpuStats::default();
+        let mut reserve = ReserveCounts::default();
         let mut errors = Vec::new();
         for t in self.threads.drain(..) {
             match t.join() {
-                Ok((s, e)) => {
+                Ok((s, r, e)) => {
                     stats += s;
+                    reserve += r;
                     errors.extend(e);
                 }
                 Err(_) => errors.push(RunError::Panicked("vCPU")),
             }
         }
-        (stats, errors)
+        (stats, reserve, errors)
     }
 }
 
@@ -330,6 +337,13 @@ impl Drop for Vcpus {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Pages the vCPUs sweep: all of the guest, or its first half where the
+/// workload's lock faults need a reserve (`LockFaults`).
+fn swept_pages(cfg: &RunConfig) -> u64 {
+    let pages = cfg.guest_bytes / PAGE_SIZE;
+    if cfg.workload.lock_faults.needs_reserve() { pages / 2 } else { pages }
 }
 
 fn spawn_vcpus(
@@ -375,7 +389,7 @@ fn spawn_vcpus(
                 }
                 // A vCPU that stopped on an error must not hold up cuts.
                 ctl.park(id);
-                (vcpu.stats(), errors)
+                (vcpu.stats(), guest.reserve_touches(), errors)
             })
             .expect("spawning a vCPU thread");
         vcpus.threads.push(t);
@@ -388,52 +402,6 @@ pub const MAX_SLOTS: u32 = 16;
 
 /// Bytes each mmu notifier invalidation of a run drops.
 const INVALIDATE_BYTES: u64 = 64 << 10;
-
-/// The mmu notifier thread of a run (`RunConfig::invalidate_every`).
-struct Notifier {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<JoinHandle<Result<u64, VmError>>>,
-}
-
-impl Notifier {
-    fn start(vm: &Vm, guest_bytes: u64, every: Duration, seed: u64) -> Self {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (vm, stop2) = (vm.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut rng = fastrand::Rng::with_seed(seed ^ 0x1e7);
-            let ranges = (guest_bytes / INVALIDATE_BYTES).max(1);
-            let mut n = 0;
-            // Relaxed: joined after the flag is set.
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(every);
-                let gpa = rng.u64(..ranges) * INVALIDATE_BYTES;
-                vm.mmu_notifier_invalidate_range(gpa, INVALIDATE_BYTES.min(guest_bytes - gpa))?;
-                n += 1;
-            }
-            Ok(n)
-        });
-        Self { stop, thread: Some(thread) }
-    }
-
-    fn stop(mut self, report: &mut RunReport) {
-        // Relaxed: the join orders everything after.
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Ok(n))) => report.invalidations = n,
-            Some(Ok(Err(e))) => report.errors.push(RunError::Notifier(e)),
-            Some(Err(_)) => report.errors.push(RunError::Panicked("mmu notifier")),
-            None => {}
-        }
-    }
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        // Relaxed: as in `stop`.
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.take().map(JoinHandle::join);
-    }
-}
 
 /// Size of the churned slot.
 const CHURN_SLOT_BYTES: u64 = 8 << 20;
@@ -571,7 +539,8 @@ pub fn run(
         vm.enable_dirty_ring(ring.bytes())?;
     }
     let ctl = GuestControl::new(cfg.vcpus);
-    let mut vcpus = spawn_vcpus(&vm, cfg, cfg.guest_bytes / PAGE_SIZE, &ctl)?;
+    let swept = swept_pages(cfg);
+    let mut vcpus = spawn_vcpus(&vm, cfg, swept, &ctl)?;
     let churn = if cfg.slot_churn { Some(Churn::start(&vm, cfg, cfg.workload.seed)?) } else { None };
     std::thread::sleep(cfg.warmup);
 
@@ -582,8 +551,20 @@ pub fn run(
     let start = Instant::now();
     c.enable_logging()?;
     report.enable_logging_ns = start.elapsed().as_nanos() as u64;
-    let notifier =
-        cfg.invalidate_every.map(|every| Notifier::start(&vm, cfg.guest_bytes, every, cfg.workload.seed));
+    ctl.set_lock_faults(true);
+    let lock_notifier =
+        Invalidations::of_lock_faults(&cfg.workload.lock_faults, cfg.vcpus, swept, cfg.workload.seed)
+            .map(|what| MmuNotifierThread::start(&vm, what));
+    let notifier = cfg.invalidate_every.map(|every| {
+        let what = Invalidations {
+            gpa: 0,
+            bytes: cfg.guest_bytes,
+            range_bytes: INVALIDATE_BYTES,
+            per_sec: 1.0 / every.as_secs_f64(),
+            seed: cfg.workload.seed,
+        };
+        MmuNotifierThread::start(&vm, what)
+    });
     while start.elapsed() < cfg.duration && cfg.max_collections.is_none_or(|m| report.collections < m) {
         std::thread::sleep(cfg.interval);
         let st = c.collect(ctl.cut(), &mut report)?;
@@ -598,11 +579,15 @@ pub fn run(
     }
 
     // The vCPUs stop; the last collection and the audit.
-    if let Some(n) = notifier {
-        n.stop(&mut report);
+    for n in [notifier, lock_notifier].into_iter().flatten() {
+        match n.stop() {
+            Ok(n) => report.invalidations += n,
+            Err(e) => report.errors.push(RunError::Notifier(e)),
+        }
     }
-    let (vcpu_stats, errors) = vcpus.stop();
+    let (vcpu_stats, reserve, errors) = vcpus.stop();
     report.vcpu = vcpu_stats;
+    report.reserve = reserve;
     report.errors.extend(errors);
     if let Some(churn) = churn {
         churn.stop(&mut report);
@@ -798,7 +783,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         None
     };
     let max_ms = max_duration.as_millis().max(200) as u64;
-    RunConfig {
+    let mut cfg = RunConfig {
         mmu: MmuDesign::ALL[rng.usize(..MmuDesign::ALL.len())],
         fast_page_fault: rng.u8(..4) != 0,
         relog_every: if rng.u8(..4) == 0 { Some(rng.u64(2..=10)) } else { None },
@@ -815,6 +800,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
             switch_every: rng.u32(64..=8192),
             exit_each_pass: rng.bool(),
             seed: rng.u64(..),
+            lock_faults: LockFaults::default(),
         },
         max_mmu_pages,
         tlb_entries: [1, 64, 1 << 10, 1 << 12][rng.usize(..4)],
@@ -846,5 +832,12 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
         pml: false,
         #[cfg(feature = "break-rules")]
         breakage: shadow_mmu_core::breakage::Breakage::default(),
+    };
+    // Drawn after everything else, for the same reason.
+    if rng.u8(..3) == 0 {
+        let mut rate = || [0, 1_000, 20_000, 100_000][rng.usize(..4)];
+        cfg.workload.lock_faults =
+            LockFaults { fresh_per_sec: rate(), split_per_sec: rate(), invalidations_per_sec: rate() };
     }
+    cfg
 }

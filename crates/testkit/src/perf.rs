@@ -186,40 +186,41 @@ pub fn cmpxchg_floor_on(pages: u64, threads: u32) -> f64 {
 /// the last pass of the vCPUs, at most this long.
 pub const STOP_AND_COPY_NOTICE: Duration = Duration::from_millis(250);
 
-/// The oracle of a `migrate-perf` run, over the pages the vCPUs sweep (all
-/// of them, or a working set at the start of a larger guest, which no store
-/// ever leaves): a page outside it reported dirty is an error, not a copy.
+/// The oracle of a `migrate-perf` run, over the pages the vCPUs store to
+/// (all of them, or a working set at the start of a larger guest, with the
+/// lock faults' reserve after it, which no store ever leaves): a page
+/// outside them reported dirty is an error, not a copy.
 struct RunCheck {
     oracle: Oracle,
-    swept: u64,
-    swept_words: usize,
-    swept_mem: usize,
+    stored: u64,
+    stored_words: usize,
+    stored_mem: usize,
     /// The dirty log's buffer, the whole guest's.
     bitmap: Vec<u64>,
 }
 
 impl RunCheck {
     fn new(vm: &dyn PassVm) -> Self {
-        let swept = vm.swept_pages();
+        let stored = vm.stored_pages();
         Self {
-            oracle: Oracle::new(0, swept),
-            swept,
-            swept_words: bitmap_words(swept),
-            swept_mem: swept as usize * WORDS_PER_PAGE,
+            oracle: Oracle::new(0, stored),
+            stored,
+            stored_words: bitmap_words(stored),
+            stored_mem: stored as usize * WORDS_PER_PAGE,
             bitmap: vec![0u64; bitmap_words(vm.pages())],
         }
     }
 
-    /// No page outside the swept ones was reported.
+    /// No page outside those the vCPUs store to was reported.
     fn outside(&self, vm: &dyn PassVm) -> Result<(), BackendError> {
-        match self.bitmap[self.swept_words..].iter().position(|&w| w != 0) {
+        match self.bitmap[self.stored_words..].iter().position(|&w| w != 0) {
             Some(w) => Err(BackendError::new(
                 &vm.name(),
                 "harvest",
                 HarnessError::BadConfig(format!(
-                    "pages from {} reported dirty, outside the {} swept pages",
-                    (self.swept_words + w) * 64,
-                    self.swept
+                    "pages from {} reported dirty, outside the {} pages the vCPUs store to",
+                    (self.stored_words + w) * 64,
+                    self.stored
                 )),
             )),
             None => Ok(()),
@@ -228,9 +229,9 @@ impl RunCheck {
 
     /// The oracle's check of the harvest just made; returns the lost pages.
     /// The first pass runs with logging off and INITIALLY_SET reports every
-    /// page at first: only the swept pages are checked.
+    /// page at first: only the pages stored to are checked.
     fn collect(&mut self, vm: &dyn PassVm, cut: Option<u64>) -> u64 {
-        let (mem, bits) = (&vm.memory()[..self.swept_mem], &self.bitmap[..self.swept_words]);
+        let (mem, bits) = (&vm.memory()[..self.stored_mem], &self.bitmap[..self.stored_words]);
         match cut {
             Some(cut) => self.oracle.collect(mem, bits, cut).lost_pages,
             None => self.oracle.copy_dirty(mem, bits).lost_pages,
@@ -276,7 +277,7 @@ pub fn migrate_perf(
     let t = Instant::now();
     vm.set_dirty_logging(true)?;
     run.enable_dirty_logging_ns = t.elapsed().as_nanos() as u64;
-    check.oracle.full_copy(&vm.memory()[..check.swept_mem]);
+    check.oracle.full_copy(&vm.memory()[..check.stored_mem]);
 
     // Pass 2 dirties the memory for the first harvest.
     vm.release(2);
@@ -336,7 +337,7 @@ fn finish_run(
     // Nothing runs now: a last harvest, and the oracle's exact check.
     harvest(vm, spec, &mut check.bitmap, 0, false)?;
     check.outside(vm)?;
-    let (mem, bits) = (&vm.memory()[..check.swept_mem], &check.bitmap[..check.swept_words]);
+    let (mem, bits) = (&vm.memory()[..check.stored_mem], &check.bitmap[..check.stored_words]);
     run.lost_pages += check.oracle.finish(mem, bits).lost_pages;
     let t = Instant::now();
     vm.set_dirty_logging(false)?;

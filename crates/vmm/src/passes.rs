@@ -22,6 +22,72 @@ pub struct PassSpec {
     /// among the vCPUs: a fixed working set in a guest of any size, mapped
     /// lazily (`bench migrate-perf --dirty-pages`). `None`: all of them.
     pub dirty_pages: Option<u64>,
+    /// Faults that need `mmu_lock`, paced while dirty logging is on.
+    pub lock_faults: LockFaults,
+}
+
+/// Faults that need `mmu_lock` while dirty logging is on, each paced per
+/// vCPU: the faults a real guest takes during a migration, which
+/// `fast_page_fault` cannot fix because no spte, or no 4 KiB spte, maps the
+/// page. Where the harvest holds the lock (the locked design), each of them
+/// waits for it.
+///
+/// The first two need memory no pass sweeps: a *reserve* as large as the
+/// swept pages, right after them, each vCPU its own part (the same split as
+/// its slice). The backend that runs them says which it can.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockFaults {
+    /// First touches (stores) of never-mapped reserve pages, per second per
+    /// vCPU: a growing working set, as a guest allocating does. Each takes
+    /// the slow path: no spte maps the page.
+    pub fresh_per_sec: u32,
+    /// First stores, per second per vCPU, to reserve pages that were mapped
+    /// with 2 MiB pages before logging was enabled: the 4 KiB faults after
+    /// enabling logging breaks up huge pages (without eager split; with it,
+    /// the TDP design's are fast-path faults on split leaves).
+    pub split_per_sec: u32,
+    /// mmu notifier invalidations per second per vCPU, each of one swept
+    /// page at random (THP, KSM, NUMA balancing or swap in the host): the
+    /// next store to it faults with no spte.
+    pub invalidations_per_sec: u32,
+}
+
+impl LockFaults {
+    /// All three at `rate / 3` faults per second per vCPU each (the
+    /// remainder to the fresh touches): a mix at a total fault rate.
+    pub fn mix(rate: u32) -> Self {
+        Self {
+            fresh_per_sec: rate - 2 * (rate / 3),
+            split_per_sec: rate / 3,
+            invalidations_per_sec: rate / 3,
+        }
+    }
+
+    /// Are any asked for?
+    pub fn any(&self) -> bool {
+        self.fresh_per_sec > 0 || self.split_per_sec > 0 || self.invalidations_per_sec > 0
+    }
+
+    /// Do they need the reserve (fresh or split touches)?
+    pub fn needs_reserve(&self) -> bool {
+        self.fresh_per_sec > 0 || self.split_per_sec > 0
+    }
+
+    /// Faults per second per vCPU, all three together.
+    pub fn total_per_sec(&self) -> u64 {
+        u64::from(self.fresh_per_sec) + u64::from(self.split_per_sec) + u64::from(self.invalidations_per_sec)
+    }
+
+    /// `fresh 1000/s, split 0/s, invalidations 500/s per vCPU`, or `none`.
+    pub fn label(&self) -> String {
+        if !self.any() {
+            return "none".into();
+        }
+        format!(
+            "fresh {}/s, split {}/s, invalidations {}/s per vCPU",
+            self.fresh_per_sec, self.split_per_sec, self.invalidations_per_sec
+        )
+    }
 }
 
 /// The passes, as the host releases and watches them. Between a completed
@@ -39,6 +105,12 @@ pub trait PassWorkload {
     /// Pages the vCPUs sweep: all of the test slot, or the working set of
     /// [`PassSpec::dirty_pages`].
     fn swept_pages(&self) -> u64;
+
+    /// Pages any store may land in, from the slot's start: the swept pages,
+    /// and the reserve of [`LockFaults`] after them where there is one.
+    fn stored_pages(&self) -> u64 {
+        self.swept_pages()
+    }
 
     /// Waits until every vCPU has completed more than `since` passes;
     /// returns the longest of their last passes, ns.

@@ -51,6 +51,8 @@ pub struct MigrateArgs {
     pub dirty_rate_mibps: Vec<Rate>,
     #[command(flatten)]
     pub knobs: HarvestKnobs,
+    #[command(flatten)]
+    pub lock: crate::lock_fault_args::LockFaultKnobs,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vcpus: u32,
@@ -193,6 +195,7 @@ impl Combo {
     }
 
     fn description(&self, a: &MigrateArgs) -> VmDescription {
+        let lock = a.lock.spec().unwrap_or_default();
         VmDescription {
             backend: self.backend,
             mmu: self.mmu.to_string(),
@@ -210,6 +213,10 @@ impl Combo {
             write_pct: 100,
             seed: 1,
             dirty_rate: self.rate.0.map(|r| r << 20),
+            // Checked once, in `main`.
+            fresh_faults: lock.fresh_per_sec,
+            split_faults: lock.split_per_sec,
+            invalidations: lock.invalidations_per_sec,
         }
     }
 }
@@ -379,6 +386,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
 }
 
 pub fn main(a: &MigrateArgs) -> BenchResult {
+    a.lock.spec()?;
     let combos = Combo::all(a);
     let bar = Progress::new(combos.len() as u64, "migrations");
     let mut raw = std::collections::BTreeMap::new();

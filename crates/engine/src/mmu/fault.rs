@@ -243,7 +243,8 @@ impl Kvm {
         // With the dirty ring, the push's release store of the entry's flags
         // is the fence, and the harvester's acquire load of them pairs with
         // it (`shadow_mmu_core::dirty_ring`).
-        if is_writable_pte(spte) && logging && !push_early {
+        if is_writable_pte(spte) && logging && !push_early && !self.mmu.breakage.slow_fault_skips_mark_dirty()
+        {
             self.mark_page_dirty_in_slot(slot, gfn, ring);
         }
     }

@@ -256,7 +256,7 @@ impl Kvm {
                 self.mmu.stats.large_sptes_mapped.inc();
             }
         }
-        if writable && logging {
+        if writable && logging && !self.mmu.breakage.slow_fault_skips_mark_dirty() {
             self.mark_page_dirty_in_slot(slot, base, ring);
         }
         Map::Done

@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 use shadow_mmu_engine::MmuDesign;
-use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LockFaults};
 
 use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
+use crate::lock_fault_args::LockFaultKnobs;
 use crate::output::parse_size;
 
 #[derive(Debug, Clone, Args)]
@@ -82,6 +83,11 @@ pub struct MigratePerfArgs {
     pub dirty_log: Vec<DirtyLogInterface>,
     #[command(flatten)]
     pub knobs: HarvestKnobs,
+    #[command(flatten)]
+    pub lock: LockFaultKnobs,
+    /// The lock faults of the sweep point being run (one of `lock.points()`).
+    #[arg(skip)]
+    pub lock_point: LockFaults,
     /// Sweep only the first N pages (a multiple of 64) of every guest size:
     /// a fixed working set, with the guest mapped lazily (MAP_NORESERVE), so
     /// that a guest larger than this machine runs and the harvest's cost can

@@ -72,12 +72,18 @@ fn engine_run(
         pml: *pml,
         ..VmConfig::default()
     };
+    let lock = a.lock_point;
     let header = format!(
-        "== backend=engine mmu={label} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU)",
+        "== backend=engine mmu={label} dirty-log={} vcpus={} guest={} MiB ({} MiB per vCPU){}",
         harvest.label(),
         a.vcpus,
         guest_bytes >> 20,
-        (guest_bytes / u64::from(a.vcpus)) >> 20
+        (guest_bytes / u64::from(a.vcpus)) >> 20,
+        if lock.any() {
+            format!(" lock faults: {} (the vCPUs sweep half the guest)", lock.label())
+        } else {
+            String::new()
+        }
     );
     let Value::Object(details) = json!({
         "write_pct": a.write_pct,
@@ -85,6 +91,11 @@ fn engine_run(
         "fast_page_fault": !a.no_fast_page_fault,
         "eager_page_split": (*mmu == MmuDesign::Tdp).then_some(*eager_page_split),
         "pml": (*mmu == MmuDesign::Tdp).then_some(*pml),
+        "lock_faults": {
+            "fresh_per_sec": lock.fresh_per_sec,
+            "split_per_sec": lock.split_per_sec,
+            "invalidations_per_sec": lock.invalidations_per_sec,
+        },
     }) else {
         unreachable!("an object")
     };
@@ -161,14 +172,25 @@ pub fn main(a: &MigratePerfArgs) -> BenchResult {
         return Err(format!("--fault-heavy-seconds {}", a.fault_heavy_seconds).into());
     }
     let mut records = Vec::new();
+    let locks = a.lock.points();
     for &vcpus in &a.vcpus_list {
-        let mut point = MigratePerfArgs { vcpus, ..a.clone() };
-        if a.vcpus_list.len() > 1 {
-            println!("==== {vcpus} vCPU(s)");
-            // Each point's charts in a folder of their own.
-            point.plot = a.plot.as_ref().map(|d| d.join(format!("vcpus-{vcpus}")));
+        for &lock_point in &locks {
+            let mut point = MigratePerfArgs { vcpus, lock_point, ..a.clone() };
+            let mut folder = Vec::new();
+            if a.vcpus_list.len() > 1 {
+                println!("==== {vcpus} vCPU(s)");
+                folder.push(format!("vcpus-{vcpus}"));
+            }
+            if locks.len() > 1 {
+                println!("==== lock faults: {}", lock_point.label());
+                folder.push(format!("lock-faults-{}", lock_point.total_per_sec()));
+            }
+            if !folder.is_empty() {
+                // Each point's charts in a folder of their own.
+                point.plot = a.plot.as_ref().map(|d| d.join(folder.join("-")));
+            }
+            records.extend(sweep_point(&point)?);
         }
-        records.extend(sweep_point(&point)?);
     }
     if let Some(path) = &a.json {
         write_runs(path, records.iter().map(Record::json).collect())?;

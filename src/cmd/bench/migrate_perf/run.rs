@@ -203,6 +203,7 @@ pub(super) fn backend_run(
         random: a.random,
         seed: a.seed,
         dirty_pages: a.dirty_pages,
+        lock_faults: a.lock_point,
     };
     let mut vm = backend.start_passes(&spec)?;
     let step = format!("{kind} {mmu} {} {} MiB", harvest.label(), guest_bytes >> 20);

@@ -663,6 +663,34 @@ mod tests {
     }
 
     #[test]
+    fn reserve_touches_prefault_then_pace_fresh_pages_in_order_while_on() {
+        let ctl = GuestControl::new(1);
+        let lock = LockFaults { fresh_per_sec: u32::MAX, split_per_sec: u32::MAX, invalidations_per_sec: 0 };
+        let spec = WorkloadSpec { lock_faults: lock, ..WorkloadSpec::default() };
+        let mut g = WorkloadGuest::new(spec, 0, 1, 0, 4096, ctl.clone());
+        let mut page = || match g.next_op(0) {
+            GuestOp::Write(gpa, _) => gpa >> PAGE_SHIFT,
+            other => panic!("{other:?}"),
+        };
+        // The split part (the reserve's second half) is mapped first, one
+        // store per 2 MiB, before the sweep and with logging off.
+        let prefault: Vec<u64> = (0..4).map(|_| page()).collect();
+        assert_eq!(prefault, [6144, 6656, 7168, 7680]);
+        assert!((0..100).all(|_| page() < 4096), "logging off: the sweep only");
+        ctl.set_lock_faults(true);
+        let seen: Vec<u64> = (0..200).map(|_| page()).filter(|&p| p >= 4096).collect();
+        assert!(seen.len() >= 8, "paced touches: {seen:?}");
+        let fresh: Vec<u64> = seen.iter().copied().filter(|&p| p < 6144).collect();
+        assert_eq!(fresh, (4096..4096 + fresh.len() as u64).collect::<Vec<_>>(), "in order, each once");
+        let saved = g.save();
+        let counts = g.reserve_touches();
+        assert_eq!(counts.fresh + counts.split, seen.len() as u64);
+        let mut h = WorkloadGuest::new(spec, 0, 1, 0, 4096, GuestControl::new(1));
+        assert!(h.restore(&saved).is_some());
+        assert_eq!(h.reserve_touches(), counts, "the positions travel with the state");
+    }
+
+    #[test]
     fn address_spaces_rotate() {
         let ctl = GuestControl::new(1);
         let spec = WorkloadSpec { address_spaces: 3, switch_every: 2, ..WorkloadSpec::default() };

@@ -10,6 +10,25 @@ thread_local! {
     static HELD_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// Times this thread took `mmu_lock`: (for read, for write).
     static TAKEN: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Nanoseconds this thread waited for `mmu_lock`: (for read, for write).
+    static WAITED_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Adds one wait for `mmu_lock` by this thread, `ns` long.
+#[inline]
+pub fn add_mmu_lock_wait(write: bool, ns: u64) {
+    WAITED_NS.with(|c| {
+        let (r, w) = c.get();
+        c.set(if write { (r, w + ns) } else { (r + ns, w) });
+    });
+}
+
+/// This thread's waits for `mmu_lock` so far, ns: (for read, for write). A
+/// vCPU reads it around each fault, so that what it lost to the lock is
+/// its own, not the VM's.
+#[inline]
+pub fn mmu_lock_waits() -> (u64, u64) {
+    WAITED_NS.with(Cell::get)
 }
 
 /// Counts one acquisition of `mmu_lock` by this thread.

@@ -20,14 +20,14 @@ use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
 use shadow_mmu_vmm::{
-    BackendError, HarvestProbe, LatencySummary, PassExtras, PassSpec, PassWorkload, RingEntries, VcpuControl,
-    VcpuGate, VcpuStateError, check_vcpu_states,
+    BackendError, HarvestProbe, HarvestWindow, LatencySummary, PassExtras, PassSpec, PassWorkload,
+    ProgressTrace, RingEntries, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError, check_vcpu_states,
 };
 use thiserror::Error;
 
 use crate::backend::{EngineVm, EngineWork, collect_engine_rings, vm_with_memory};
 use crate::notifier_thread::{Invalidations, MmuNotifierThread, NotifierError};
-use crate::vcpu::{FaultObserver, VcpuExit, VcpuStats};
+use crate::vcpu::{FaultObserver, VcpuExit, VcpuLossCounters, VcpuStats};
 use crate::vm::{Vm, VmConfig};
 use crate::workload::{
     AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, ReserveCounts, WORKLOAD_STATE_WORDS, WorkloadGuest,
@@ -187,6 +187,9 @@ pub struct LatencyProbe {
     pub harvest: LatencyHistogram,
     /// Write faults with no harvest running.
     pub idle: LatencyHistogram,
+    /// ns the faults that overlapped a harvest (reads too) waited for
+    /// `mmu_lock`: (for read, for write).
+    pub harvest_lock_wait_ns: (u64, u64),
 }
 
 impl LatencyProbe {
@@ -198,6 +201,7 @@ impl LatencyProbe {
             shared: None,
             harvest: LatencyHistogram::default(),
             idle: LatencyHistogram::default(),
+            harvest_lock_wait_ns: (0, 0),
         }
     }
 
@@ -213,14 +217,19 @@ impl FaultObserver for LatencyProbe {
         self.begin = self.clock.now();
     }
 
-    fn fault_end(&mut self, write: bool, ns: u64) {
-        if !write {
-            return;
-        }
+    fn fault_end(&mut self, write: bool, ns: u64, lock_wait_ns: (u64, u64)) {
         let end = self.clock.now();
         // A harvest ran at some time during the fault if one was running at
         // either end, or one started or ended in between.
-        if self.begin % 2 == 1 || end != self.begin {
+        let met_harvest = self.begin % 2 == 1 || end != self.begin;
+        if met_harvest {
+            self.harvest_lock_wait_ns.0 += lock_wait_ns.0;
+            self.harvest_lock_wait_ns.1 += lock_wait_ns.1;
+        }
+        if !write {
+            return;
+        }
+        if met_harvest {
             self.harvest.record(ns);
             if let Some(s) = &self.shared {
                 // Only faults that met a harvest take this lock, and the host
@@ -233,11 +242,139 @@ impl FaultObserver for LatencyProbe {
     }
 }
 
+/// How often the guests' progress is sampled for [`ProgressTrace`]: often
+/// enough to draw harvests of a millisecond, rarely enough that the sampler
+/// takes no CPU the vCPUs would miss on a small host.
+const PROGRESS_SAMPLE_EVERY: Duration = Duration::from_millis(1);
+
+/// Most samples kept (over 15 minutes at one a millisecond).
+const PROGRESS_MAX_SAMPLES: usize = 1 << 20;
+
+/// The guests' progress over a run ([`ProgressTrace`]): a thread samples
+/// their accesses; the host marks each probed harvest's window.
+struct ProgressRecorder {
+    t0: Instant,
+    ctl: Arc<GuestControl>,
+    /// The sweepers' clocks, for their idle time.
+    passes: Arc<[CachePadded<PassClock>]>,
+    sweepers_t0: Instant,
+    vcpus: u32,
+    windows: parking_lot::Mutex<Vec<HarvestWindow>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<Vec<(u64, u64)>>>,
+}
+
+impl ProgressRecorder {
+    fn start(sweepers: &Sweepers) -> Self {
+        let ctl = sweepers.ctl.clone();
+        let t0 = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ctl2, stop2) = (ctl.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            // Relaxed: joined after the flag is set.
+            while !stop2.load(Ordering::Relaxed) && samples.len() < PROGRESS_MAX_SAMPLES {
+                samples.push((t0.elapsed().as_nanos() as u64, ctl2.accesses()));
+                std::thread::sleep(PROGRESS_SAMPLE_EVERY);
+            }
+            samples
+        });
+        Self {
+            t0,
+            ctl,
+            passes: sweepers.passes.clone(),
+            sweepers_t0: sweepers.t0,
+            vcpus: sweepers.losses.len() as u32,
+            windows: parking_lot::Mutex::new(Vec::new()),
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// ns since the start, accesses and idle vCPU-ns so far.
+    fn now(&self) -> (u64, u64, u64) {
+        let idle = idle_now(&self.passes, self.sweepers_t0);
+        (self.t0.elapsed().as_nanos() as u64, self.ctl.accesses(), idle)
+    }
+
+    fn harvest_begin(&self) {
+        let (ns, accesses, idle) = self.now();
+        self.windows.lock().push(HarvestWindow {
+            begin_ns: ns,
+            end_ns: ns,
+            begin_accesses: accesses,
+            end_accesses: accesses,
+            begin_idle_ns: idle,
+            end_idle_ns: idle,
+        });
+    }
+
+    fn harvest_end(&self) {
+        let (ns, accesses, idle) = self.now();
+        if let Some(w) = self.windows.lock().last_mut() {
+            w.end_ns = ns;
+            w.end_accesses = accesses;
+            w.end_idle_ns = idle;
+        }
+    }
+
+    /// Stops the sampler: the trace.
+    fn finish(&mut self) -> ProgressTrace {
+        // Relaxed: the join orders everything after.
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        ProgressTrace { vcpus: self.vcpus, samples, windows: std::mem::take(&mut *self.windows.lock()) }
+    }
+}
+
+impl Drop for ProgressRecorder {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// A vCPU's pass count and the duration of its last pass.
 #[derive(Default)]
 struct PassClock {
     passes: AtomicU64,
     last_pass_ns: AtomicU64,
+    /// ns it waited for releases (the workload's own rhythm: the host
+    /// releases passes), over its completed waits.
+    idle_ns: AtomicU64,
+    /// Since when it waits now: ns since `Sweepers::t0`, plus one; 0 while
+    /// it runs.
+    idle_since: AtomicU64,
+}
+
+impl PassClock {
+    fn begin_idle(&self, t0: Instant) {
+        // Relaxed: statistics (read by `idle_now`, which tolerates a
+        // reading between the two stores of a transition).
+        self.idle_since.store(t0.elapsed().as_nanos() as u64 + 1, Ordering::Relaxed);
+    }
+
+    fn end_idle(&self, t0: Instant) {
+        // Relaxed: as in `begin_idle`.
+        let since = self.idle_since.swap(0, Ordering::Relaxed);
+        if since > 0 {
+            let now = t0.elapsed().as_nanos() as u64 + 1;
+            self.idle_ns.fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+        }
+    }
+
+    /// ns waited for releases so far, the current wait included.
+    fn idle_now(&self, t0: Instant) -> u64 {
+        // Relaxed: as in `begin_idle`. Read at a transition, the current
+        // wait may count twice or not at all, for one reading.
+        let (done, since) = (self.idle_ns.load(Ordering::Relaxed), self.idle_since.load(Ordering::Relaxed));
+        let now = t0.elapsed().as_nanos() as u64 + 1;
+        done + if since > 0 { now.saturating_sub(since) } else { 0 }
+    }
+}
+
+/// ns every vCPU of `passes` waited for releases so far, summed.
+fn idle_now(passes: &[CachePadded<PassClock>], t0: Instant) -> u64 {
+    passes.iter().map(|p| p.idle_now(t0)).sum()
 }
 
 /// vCPU threads that sweep their memory pass by pass, as far as the host
@@ -251,6 +388,10 @@ pub struct Sweepers {
     ring_waiters: Arc<AtomicU64>,
     /// Their pause and state exchange.
     gate: Arc<VcpuGate>,
+    /// What each vCPU lost, live.
+    losses: Vec<Arc<VcpuLossCounters>>,
+    /// The base of their `PassClock::idle_since`.
+    t0: Instant,
 }
 
 /// Words of a sweeper's saved state: the passes it completed, then its
@@ -268,44 +409,6 @@ fn save_sweeper(guest: &WorkloadGuest, done: u64) -> Vec<u8> {
 fn decode_sweeper(state: &[u8]) -> Option<(u64, [u64; WORKLOAD_STATE_WORDS])> {
     let w = decode_words(state, SWEEPER_STATE_WORDS)?;
     Some((w[0], w[1..].try_into().ok()?))
-}
-
-/// Outside guest mode, before the next pass: takes a restored state, holds
-/// while paused, and returns when pass `done + 1` is released or a stop is
-/// requested.
-fn await_release(
-    id: u32,
-    guest: &mut WorkloadGuest,
-    done: &mut u64,
-    clock: &PassClock,
-    allowed: &AtomicU64,
-    ctl: &GuestControl,
-    gate: &VcpuGate,
-) {
-    let idle = IdleWait::new();
-    loop {
-        gate.apply_restore(id, |state| {
-            // Checked by `PassVm::restore_vcpus` before it was given.
-            let (passes, g) = decode_sweeper(state).expect("a checked sweeper state");
-            guest.restore(&g).expect("a checked sweeper state");
-            *done = passes;
-            // Release: as the store after a pass.
-            clock.passes.store(passes, Ordering::Release);
-        });
-        // A stop wins over a pause.
-        if ctl.stop_requested() {
-            return;
-        }
-        if gate.pause_requested() {
-            gate.hold(id, || save_sweeper(guest, *done), || ctl.stop_requested());
-            continue;
-        }
-        // Acquire: pairs with `release`.
-        if allowed.load(Ordering::Acquire) > *done {
-            return;
-        }
-        idle.wait();
-    }
 }
 
 /// What a sweeper thread returns: its vCPU's counters, its guest's reserve
@@ -331,6 +434,136 @@ pub struct SweepResult {
     pub idle: LatencyHistogram,
     /// Their guests' reserve touches (`LockFaults`), summed.
     pub reserve: ReserveCounts,
+    /// Per vCPU: what it lost, and of its `mmu_lock` waits those in faults
+    /// that overlapped a harvest (read, write).
+    pub losses: Vec<(VcpuLoss, (u64, u64))>,
+}
+
+/// What a sweeper thread shares with the host.
+struct SweeperLinks {
+    id: u32,
+    passes: Arc<[CachePadded<PassClock>]>,
+    allowed: Arc<AtomicU64>,
+    ctl: Arc<GuestControl>,
+    gate: Arc<VcpuGate>,
+    /// vCPUs waiting on a full dirty ring.
+    ring_waiters: Arc<AtomicU64>,
+    /// What its vCPU lost; the thread adds its holds and ring waits.
+    loss: Arc<VcpuLossCounters>,
+    /// The base of `PassClock::idle_since`.
+    t0: Instant,
+}
+
+impl SweeperLinks {
+    /// `gate.hold`, its time counted as the vCPU's throttle loss.
+    fn hold(&self, guest: &WorkloadGuest, done: u64) {
+        let t = Instant::now();
+        self.gate.hold(self.id, || save_sweeper(guest, done), || self.ctl.stop_requested());
+        self.loss.throttle_ns.add(t.elapsed().as_nanos() as u64);
+    }
+
+    /// Outside guest mode, before the next pass: takes a restored state,
+    /// holds while paused, and returns when pass `done + 1` is released or
+    /// a stop is requested.
+    ///
+    /// The whole wait is the vCPU's idle time (a hold in it too: the guest
+    /// was not running, so a pause costs it nothing).
+    fn await_release(&self, guest: &mut WorkloadGuest, done: &mut u64) {
+        let clock = &self.passes[self.id as usize];
+        clock.begin_idle(self.t0);
+        self.wait_for_release(guest, done);
+        clock.end_idle(self.t0);
+    }
+
+    fn wait_for_release(&self, guest: &mut WorkloadGuest, done: &mut u64) {
+        let clock = &self.passes[self.id as usize];
+        let idle = IdleWait::new();
+        loop {
+            self.gate.apply_restore(self.id, |state| {
+                // Checked by `PassVm::restore_vcpus` before it was given.
+                let (passes, g) = decode_sweeper(state).expect("a checked sweeper state");
+                guest.restore(&g).expect("a checked sweeper state");
+                *done = passes;
+                // Release: as the store after a pass.
+                clock.passes.store(passes, Ordering::Release);
+            });
+            // A stop wins over a pause.
+            if self.ctl.stop_requested() {
+                return;
+            }
+            if self.gate.pause_requested() {
+                self.gate.hold(self.id, || save_sweeper(guest, *done), || self.ctl.stop_requested());
+                continue;
+            }
+            // Acquire: pairs with `release`.
+            if self.allowed.load(Ordering::Acquire) > *done {
+                return;
+            }
+            idle.wait();
+        }
+    }
+
+    /// Out of the guest until the host reaps the rings (`wait_passes` does,
+    /// seeing us wait), or a stop; the wait counted as ring-full loss.
+    fn await_ring(&self, vcpu: &crate::vcpu::Vcpu, guest: &WorkloadGuest, done: u64) {
+        let t = Instant::now();
+        // Relaxed: a hint for the reaper; the ring's own orderings carry the
+        // data.
+        self.ring_waiters.fetch_add(1, Ordering::Relaxed);
+        while vcpu.dirty_ring_full() && !self.ctl.stop_requested() {
+            self.gate.hold(self.id, || save_sweeper(guest, done), || self.ctl.stop_requested());
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        self.ring_waiters.fetch_sub(1, Ordering::Relaxed);
+        self.loss.ring_full_ns.add(t.elapsed().as_nanos() as u64);
+    }
+
+    /// The thread: passes as far as released, until a stop.
+    fn sweep(self, mut vcpu: crate::vcpu::Vcpu, mut guest: WorkloadGuest) -> SweeperExit {
+        let (id, clock) = (self.id, &self.passes[self.id as usize]);
+        let mut done = 0;
+        let finish = |vcpu: &mut crate::vcpu::Vcpu, guest: &WorkloadGuest| {
+            Ok((vcpu.stats(), guest.reserve_touches(), take_probe(vcpu)))
+        };
+        // The first pass too waits for its release (or a stop, which the
+        // guest then sees at its first access).
+        self.await_release(&mut guest, &mut done);
+        let mut pass_start = Instant::now();
+        let r = loop {
+            match vcpu.run(&mut guest) {
+                Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
+                    // Relaxed: published by the release increment below.
+                    clock.last_pass_ns.store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    done += 1;
+                    // Release: pairs with `wait_passes`' acquire load.
+                    clock.passes.store(done, Ordering::Release);
+                    // Outside guest mode (the guest parked): wait until the
+                    // host releases the next pass, or stops us.
+                    self.await_release(&mut guest, &mut done);
+                    pass_start = Instant::now();
+                }
+                Ok(VcpuExit::Intr) => {
+                    // Kicked (a pause): the last access is complete.
+                    guest.park_outside();
+                    self.hold(&guest, done);
+                }
+                Ok(VcpuExit::DirtyRingFull) => {
+                    guest.park_outside();
+                    self.await_ring(&vcpu, &guest, done);
+                    // Stopped while full: a run would only exit again (the
+                    // guest never gets to see the stop).
+                    if vcpu.dirty_ring_full() && self.ctl.stop_requested() {
+                        break finish(&mut vcpu, &guest);
+                    }
+                }
+                Ok(VcpuExit::Hypercall(HC_STOP)) => break finish(&mut vcpu, &guest),
+                Ok(exit) => break Err(PassesError::UnexpectedExit { vcpu: id, exit }),
+                Err(source) => break Err(PassesError::Vcpu { vcpu: id, source }),
+            }
+        };
+        self.ctl.park(id);
+        r
+    }
 }
 
 impl Sweepers {
@@ -347,6 +580,7 @@ impl Sweepers {
         clock: Option<(Arc<HarvestClock>, Arc<parking_lot::Mutex<LatencyHistogram>>)>,
     ) -> Result<Self, PassesError> {
         let ctl = GuestControl::new(vcpus);
+        let t0 = Instant::now();
         let passes: Arc<[CachePadded<PassClock>]> =
             (0..vcpus).map(|_| CachePadded::new(PassClock::default())).collect();
         let allowed = Arc::new(AtomicU64::new(allowed));
@@ -354,72 +588,27 @@ impl Sweepers {
         let kicker = vm.kicker();
         let gate = Arc::new(VcpuGate::new(vcpus, Box::new(move || kicker.kick())));
         let mut threads = Vec::new();
+        let mut losses = Vec::new();
         for id in 0..vcpus {
             let mut vcpu = vm.create_vcpu(id)?;
             if let Some((c, shared)) = &clock {
                 vcpu.set_fault_observer(Some(Box::new(LatencyProbe::new(c.clone()).sharing(shared.clone()))));
             }
-            let mut guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
-            let (passes, ctl, allowed) = (passes.clone(), ctl.clone(), allowed.clone());
-            let ring_waiters = ring_waiters.clone();
-            let gate = gate.clone();
-            threads.push(std::thread::spawn(move || {
-                let clock = &passes[id as usize];
-                let mut done = 0;
-                // The first pass too waits for its release (or a stop, which
-                // the guest then sees at its first access).
-                await_release(id, &mut guest, &mut done, clock, &allowed, &ctl, &gate);
-                let mut pass_start = Instant::now();
-                let r = loop {
-                    match vcpu.run(&mut guest) {
-                        Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
-                            // Relaxed: published by the release increment below.
-                            clock
-                                .last_pass_ns
-                                .store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                            done += 1;
-                            // Release: pairs with `wait_passes`' acquire load.
-                            clock.passes.store(done, Ordering::Release);
-                            // Outside guest mode (the guest parked): wait until the
-                            // host releases the next pass, or stops us.
-                            await_release(id, &mut guest, &mut done, clock, &allowed, &ctl, &gate);
-                            pass_start = Instant::now();
-                        }
-                        Ok(VcpuExit::Intr) => {
-                            // Kicked (a pause): the last access is complete.
-                            guest.park_outside();
-                            gate.hold(id, || save_sweeper(&guest, done), || ctl.stop_requested());
-                        }
-                        Ok(VcpuExit::DirtyRingFull) => {
-                            // Out of the guest until the host reaps the rings
-                            // (`wait_passes` does, seeing us wait).
-                            guest.park_outside();
-                            // Relaxed: a hint for the reaper; the ring's own
-                            // orderings carry the data.
-                            ring_waiters.fetch_add(1, Ordering::Relaxed);
-                            while vcpu.dirty_ring_full() && !ctl.stop_requested() {
-                                gate.hold(id, || save_sweeper(&guest, done), || ctl.stop_requested());
-                                std::thread::sleep(Duration::from_micros(20));
-                            }
-                            ring_waiters.fetch_sub(1, Ordering::Relaxed);
-                            // Stopped while full: a run would only exit again
-                            // (the guest never gets to see the stop).
-                            if vcpu.dirty_ring_full() && ctl.stop_requested() {
-                                break Ok((vcpu.stats(), guest.reserve_touches(), take_probe(&mut vcpu)));
-                            }
-                        }
-                        Ok(VcpuExit::Hypercall(HC_STOP)) => {
-                            break Ok((vcpu.stats(), guest.reserve_touches(), take_probe(&mut vcpu)));
-                        }
-                        Ok(exit) => break Err(PassesError::UnexpectedExit { vcpu: id, exit }),
-                        Err(source) => break Err(PassesError::Vcpu { vcpu: id, source }),
-                    }
-                };
-                ctl.park(id);
-                r
-            }));
+            let guest = WorkloadGuest::new(spec, id, vcpus, 0, npages, ctl.clone());
+            losses.push(vcpu.loss_counters());
+            let links = SweeperLinks {
+                id,
+                passes: passes.clone(),
+                allowed: allowed.clone(),
+                ctl: ctl.clone(),
+                gate: gate.clone(),
+                ring_waiters: ring_waiters.clone(),
+                loss: vcpu.loss_counters(),
+                t0,
+            };
+            threads.push(std::thread::spawn(move || links.sweep(vcpu, guest)));
         }
-        Ok(Self { ctl, passes, allowed, threads, ring_waiters, gate })
+        Ok(Self { ctl, passes, allowed, threads, ring_waiters, gate, losses, t0 })
     }
 
     /// Lets every vCPU go on up to pass `n`.
@@ -462,10 +651,13 @@ impl Sweepers {
             let (stats, reserve, probe) = t.join().map_err(|_| PassesError::Panicked)??;
             r.stats += stats;
             r.reserve += reserve;
+            let mut harvest_waits = (0, 0);
             if let Some(p) = probe {
                 r.harvest.add(&p.harvest);
                 r.idle.add(&p.idle);
+                harvest_waits = p.harvest_lock_wait_ns;
             }
+            r.losses.push((self.losses[r.losses.len()].snapshot(), harvest_waits));
         }
         Ok(r)
     }
@@ -502,6 +694,8 @@ pub struct EnginePasses {
     invalidations: u64,
     /// Why it stopped, if it failed.
     notifier_error: Option<NotifierError>,
+    /// The guests' progress, and the harvest windows.
+    progress: ProgressRecorder,
 }
 
 impl EnginePasses {
@@ -572,6 +766,7 @@ impl EnginePassVm {
         let harvest_latency = Arc::new(parking_lot::Mutex::new(LatencyHistogram::default()));
         let probes = Some((clock.clone(), harvest_latency.clone()));
         let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, probes)?;
+        let progress = ProgressRecorder::start(&sweepers);
         let work = EnginePasses {
             fast_page_fault,
             sweepers,
@@ -584,6 +779,7 @@ impl EnginePassVm {
             notifier: None,
             invalidations: 0,
             notifier_error: None,
+            progress,
         };
         Ok(EngineVm { name, vm, mem, work, ring: shadow_mmu_vmm::RingState::default() })
     }
@@ -712,6 +908,8 @@ impl VcpuControl for EnginePassVm {
         }
         Ok(PassExtras {
             latency: Some((swept.harvest.summary(), swept.idle.summary())),
+            vcpu_losses: swept.losses,
+            progress: Some(self.work.progress.finish()),
             figures: vec![
                 ("vcpu_write_faults", swept.stats.write_faults),
                 ("fast_page_faults", s.mmu.fast_page_faults),
@@ -754,11 +952,17 @@ impl HarvestProbe for EnginePassVm {
     }
 
     fn harvest_begin(&self) {
+        self.work.progress.harvest_begin();
         self.work.clock.tick();
     }
 
     fn harvest_end(&self) {
         self.work.clock.tick();
+        self.work.progress.harvest_end();
+    }
+
+    fn vcpu_losses(&self) -> Vec<VcpuLoss> {
+        self.work.sweepers.losses.iter().map(|l| l.snapshot()).collect()
     }
 
     fn take_harvest_latency(&self) -> Option<LatencySummary> {
@@ -776,30 +980,33 @@ mod tests {
         let mut p = LatencyProbe::new(clock.clone());
         // No harvest at all: idle.
         p.fault_begin();
-        p.fault_end(true, 100);
+        p.fault_end(true, 100, (0, 7));
         // Begins and ends inside one harvest.
         clock.tick();
         p.fault_begin();
-        p.fault_end(true, 200);
+        p.fault_end(true, 200, (0, 1));
         clock.tick();
         // Begins before a harvest that ends before the fault does.
         p.fault_begin();
         clock.tick();
         clock.tick();
-        p.fault_end(true, 300);
+        p.fault_end(true, 300, (0, 1));
         // Begins inside a harvest, ends after it.
         clock.tick();
         p.fault_begin();
         clock.tick();
-        p.fault_end(true, 400);
+        p.fault_end(true, 400, (0, 1));
         // Read faults are not write faults: not recorded.
         clock.tick();
         p.fault_begin();
-        p.fault_end(false, 500);
+        p.fault_end(false, 500, (2, 0));
         clock.tick();
         assert_eq!((p.idle.count(), p.harvest.count()), (1, 3));
         assert_eq!(p.idle.max_ns(), 100);
         assert_eq!((p.harvest.quantile_ns(0.0), p.harvest.max_ns()), (200, 400));
+        // Lock waits of faults that met a harvest, reads included; not the
+        // idle fault's.
+        assert_eq!(p.harvest_lock_wait_ns, (2, 3));
     }
 
     #[test]

@@ -146,7 +146,12 @@ pub struct GuestControl {
     /// The guests make their [`LockFaults`] touches (logging is on).
     lock_faults_on: AtomicBool,
     seen: Box<[CachePadded<AtomicU64>]>,
+    /// Each vCPU's accesses, published every `PROGRESS_EVERY`.
+    progress: Box<[CachePadded<AtomicU64>]>,
 }
+
+/// Accesses between two publications of a guest's progress.
+const PROGRESS_EVERY: u64 = 64;
 
 impl GuestControl {
     /// For `vcpus` vCPUs, at iteration 1, all parked.
@@ -156,6 +161,7 @@ impl GuestControl {
             stop: AtomicBool::new(false),
             lock_faults_on: AtomicBool::new(false),
             seen: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(PARKED))).collect(),
+            progress: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
         })
     }
 
@@ -184,6 +190,13 @@ impl GuestControl {
     pub fn stop_requested(&self) -> bool {
         // Relaxed: see `request_stop`.
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The guests' accesses so far, all vCPUs (each as of its last
+    /// publication, at most `PROGRESS_EVERY` behind): their progress.
+    pub fn accesses(&self) -> u64 {
+        // Relaxed: a statistic; no data is read through it.
+        self.progress.iter().map(|p| p.load(Ordering::Relaxed)).sum()
     }
 
     /// Starts or stops the guests' [`LockFaults`] touches: the host turns
@@ -589,6 +602,10 @@ impl GuestCode for WorkloadGuest {
         };
         self.pos = (self.pos + 1) % self.slice_len;
         self.accesses += 1;
+        if self.accesses.is_multiple_of(PROGRESS_EVERY) {
+            // Relaxed: see `GuestControl::accesses`.
+            self.ctl.progress[self.vcpu as usize].store(self.accesses, Ordering::Relaxed);
+        }
         self.pass_reported = false;
         self.pending_seen = Some(tag);
         let gpa = self.gpa(index);

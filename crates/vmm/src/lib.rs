@@ -45,7 +45,7 @@ pub use dirty_log::{Capabilities, DirtyLog, DirtyLogProtect, RingState, harvest,
 pub use error::{BackendError, VcpuStateError, error_chain};
 pub use interface::{DirtyLogInterface, HarvestSpec, RingEntries};
 pub use memory::{GuestAccessError, GuestMemory, check_guest_access};
-pub use passes::{LockFaults, PassExtras, PassSpec, PassWorkload};
-pub use probe::{HarvestProbe, LatencySummary};
+pub use passes::{HarvestWindow, LockFaults, PassExtras, PassSpec, PassWorkload, ProgressTrace};
+pub use probe::{HarvestProbe, LatencySummary, VcpuLoss};
 pub use vcpu::{VcpuControl, check_vcpu_states};
 pub use vcpu_gate::{PauseTimeout, VcpuGate};

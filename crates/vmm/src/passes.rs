@@ -133,11 +133,111 @@ pub trait PassWorkload {
     fn iteration_floor(&self) -> u64;
 }
 
+/// One harvest window as the guest lived it: from the harvest's start to
+/// its end, ns since the passes started; the guest's accesses (all vCPUs)
+/// at both ends; and the vCPU-ns they had spent waiting for the host to
+/// release a pass (the workload's own rhythm, not time a harvest took).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HarvestWindow {
+    /// Start, ns.
+    pub begin_ns: u64,
+    /// End, ns.
+    pub end_ns: u64,
+    /// Accesses made by then.
+    pub begin_accesses: u64,
+    /// ... and by its end.
+    pub end_accesses: u64,
+    /// vCPU-ns waited for releases by then, all vCPUs.
+    pub begin_idle_ns: u64,
+    /// ... and by its end.
+    pub end_idle_ns: u64,
+}
+
+/// The guest's progress over a run: its accesses sampled over time, and the
+/// harvest windows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgressTrace {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// (ns since the passes started, accesses made by then, all vCPUs).
+    pub samples: Vec<(u64, u64)>,
+    /// Each probed harvest.
+    pub windows: Vec<HarvestWindow>,
+}
+
+impl ProgressTrace {
+    /// Accesses per vCPU-second the vCPUs ran (not waiting for a release)
+    /// inside the harvest windows, and outside them between the first
+    /// window's start and the last one's end; `None` without a window, or
+    /// with no running time on either side.
+    pub fn rates(&self) -> Option<(f64, f64)> {
+        let (first, last) = (self.windows.first()?, self.windows.last()?);
+        let vcpus = u64::from(self.vcpus.max(1));
+        // vCPU-ns running in a span of `ns` in which they idled `idle`.
+        let running = |ns: u64, idle: u64| (ns * vcpus).saturating_sub(idle);
+        let inside_ns: u64 = self
+            .windows
+            .iter()
+            .map(|w| running(w.end_ns - w.begin_ns, w.end_idle_ns - w.begin_idle_ns))
+            .sum();
+        let inside: u64 = self.windows.iter().map(|w| w.end_accesses - w.begin_accesses).sum();
+        let span_ns = running(last.end_ns - first.begin_ns, last.end_idle_ns - first.begin_idle_ns);
+        let outside_ns = span_ns.checked_sub(inside_ns).filter(|&n| n > 0)?;
+        let outside = (last.end_accesses - first.begin_accesses).saturating_sub(inside);
+        (inside_ns > 0)
+            .then(|| (inside as f64 / (inside_ns as f64 / 1e9), outside as f64 / (outside_ns as f64 / 1e9)))
+    }
+
+    /// Progress inside harvest windows as a fraction of progress outside
+    /// them, per running vCPU-second (1.0: the harvests cost the guest
+    /// nothing).
+    pub fn fraction(&self) -> Option<f64> {
+        self.rates().filter(|r| r.1 > 0.0).map(|(i, o)| i / o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_rates_count_running_time_only() {
+        let w = |b: u64, e: u64, ab: u64, ae: u64, ib: u64, ie: u64| HarvestWindow {
+            begin_ns: b,
+            end_ns: e,
+            begin_accesses: ab,
+            end_accesses: ae,
+            begin_idle_ns: ib,
+            end_idle_ns: ie,
+        };
+        // One vCPU: 1 s windows at 0 and 10 s; between them it ran 4 s and
+        // idled 4 s; 100 accesses in each window, 800 outside.
+        let t = ProgressTrace {
+            vcpus: 1,
+            samples: Vec::new(),
+            windows: vec![
+                w(0, 1_000_000_000, 0, 100, 0, 0),
+                w(9_000_000_000, 10_000_000_000, 900, 1000, 4_000_000_000, 4_000_000_000),
+            ],
+        };
+        let (inside, outside) = t.rates().unwrap();
+        assert_eq!((inside, outside), (100.0, 200.0));
+        assert_eq!(t.fraction(), Some(0.5));
+        assert_eq!(ProgressTrace::default().rates(), None, "no window");
+    }
+}
+
 /// What a VM measured beyond the common figures, at its stop.
 #[derive(Debug, Clone, Default)]
 pub struct PassExtras {
     /// vCPU write-fault latencies: during a harvest, and with none running.
     pub latency: Option<(crate::LatencySummary, crate::LatencySummary)>,
+    /// What each vCPU lost, by cause, over the whole run; and, of its
+    /// `mmu_lock` waits, those in faults that overlapped a harvest (read,
+    /// write).
+    pub vcpu_losses: Vec<(crate::VcpuLoss, (u64, u64))>,
+    /// The guest's progress, where the backend samples it.
+    pub progress: Option<ProgressTrace>,
     /// Named figures, for the JSON's `details`.
     pub figures: Vec<(&'static str, u64)>,
     /// Lines for the report.

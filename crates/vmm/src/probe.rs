@@ -43,6 +43,69 @@ impl LatencySummary {
     }
 }
 
+/// What the vCPUs lost to the host's work, in ns of vCPU time, summed
+/// since they started, by cause: the stall a migration or a harvest costs
+/// the guest beyond its own work. Where a backend cannot see a cause (KVM
+/// hides its lock waits and flushes), it reports 0 and says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuLoss {
+    /// Waiting for `mmu_lock` for read in page faults.
+    pub mmu_lock_read_wait_ns: u64,
+    /// ... for write.
+    pub mmu_lock_write_wait_ns: u64,
+    /// Handling remote TLB flush requests.
+    pub tlb_flush_ns: u64,
+    /// Held out of the guest by a throttle or a pause (`VcpuGate`).
+    pub throttle_ns: u64,
+    /// Waiting for the host to reap a full dirty ring.
+    pub ring_full_ns: u64,
+}
+
+impl VcpuLoss {
+    /// Every cause together.
+    pub fn total_ns(&self) -> u64 {
+        self.mmu_lock_read_wait_ns
+            + self.mmu_lock_write_wait_ns
+            + self.tlb_flush_ns
+            + self.throttle_ns
+            + self.ring_full_ns
+    }
+
+    /// What was lost since `earlier`, a reading of the same counters.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            mmu_lock_read_wait_ns: self.mmu_lock_read_wait_ns.saturating_sub(earlier.mmu_lock_read_wait_ns),
+            mmu_lock_write_wait_ns: self
+                .mmu_lock_write_wait_ns
+                .saturating_sub(earlier.mmu_lock_write_wait_ns),
+            tlb_flush_ns: self.tlb_flush_ns.saturating_sub(earlier.tlb_flush_ns),
+            throttle_ns: self.throttle_ns.saturating_sub(earlier.throttle_ns),
+            ring_full_ns: self.ring_full_ns.saturating_sub(earlier.ring_full_ns),
+        }
+    }
+
+    /// Each cause with its name, for reports and JSON.
+    pub fn causes(&self) -> [(&'static str, u64); 5] {
+        [
+            ("mmu_lock_read_wait", self.mmu_lock_read_wait_ns),
+            ("mmu_lock_write_wait", self.mmu_lock_write_wait_ns),
+            ("tlb_flush", self.tlb_flush_ns),
+            ("throttle", self.throttle_ns),
+            ("ring_full", self.ring_full_ns),
+        ]
+    }
+}
+
+impl std::ops::AddAssign for VcpuLoss {
+    fn add_assign(&mut self, o: Self) {
+        self.mmu_lock_read_wait_ns += o.mmu_lock_read_wait_ns;
+        self.mmu_lock_write_wait_ns += o.mmu_lock_write_wait_ns;
+        self.tlb_flush_ns += o.tlb_flush_ns;
+        self.throttle_ns += o.throttle_ns;
+        self.ring_full_ns += o.ring_full_ns;
+    }
+}
+
 /// Harvest instrumentation (module docs).
 pub trait HarvestProbe {
     /// The final harvest is coming (the stop-and-copy): wake whatever
@@ -60,5 +123,11 @@ pub trait HarvestProbe {
     /// call, where the backend times its faults.
     fn take_harvest_latency(&self) -> Option<LatencySummary> {
         None
+    }
+
+    /// What each vCPU has lost so far ([`VcpuLoss`]), read live; empty
+    /// where the backend measures none.
+    fn vcpu_losses(&self) -> Vec<VcpuLoss> {
+        Vec::new()
     }
 }

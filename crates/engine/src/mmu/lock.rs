@@ -40,9 +40,12 @@ pub struct LockStats {
 }
 
 impl LockStats {
-    fn account_wait(&self, t0: Instant) {
+    /// Accounts a wait that began at `t0`; returns its length, ns.
+    fn account_wait(&self, t0: Instant) -> u64 {
+        let ns = t0.elapsed().as_nanos() as u64;
         self.contended.inc();
-        self.wait_ns.add(t0.elapsed().as_nanos() as u64);
+        self.wait_ns.add(ns);
+        ns
     }
 
     fn account_hold(&self, since: Instant) {
@@ -74,15 +77,17 @@ impl MmuLock {
         }
     }
 
-    /// Blocks in `take`, counted as a waiter for `needbreak`.
-    fn wait<G>(&self, stats: &LockStats, take: impl FnOnce() -> G) -> G {
+    /// Blocks in `take` (for write or read), counted as a waiter for
+    /// `needbreak`, and the wait accounted to the lock and to this thread.
+    fn wait<G>(&self, write: bool, take: impl FnOnce() -> G) -> G {
         let t0 = Instant::now();
         // Relaxed: a hint for `needbreak`; the lock orders everything that
         // matters.
         self.waiters.fetch_add(1, Ordering::Relaxed);
         let g = take();
         self.waiters.fetch_sub(1, Ordering::Relaxed);
-        stats.account_wait(t0);
+        let ns = if write { &self.stats } else { &self.read_stats }.account_wait(t0);
+        shadow_mmu_core::lockdep::add_mmu_lock_wait(write, ns);
         g
     }
 
@@ -90,7 +95,7 @@ impl MmuLock {
     pub(crate) fn lock(&self) -> MmuGuard<'_> {
         let guard = match self.rwlock.try_write() {
             Some(g) => g,
-            None => self.wait(&self.stats, || self.rwlock.write()),
+            None => self.wait(true, || self.rwlock.write()),
         };
         self.stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);
@@ -108,7 +113,7 @@ impl MmuLock {
     fn take_read(&self) -> RwLockReadGuard<'_, MmuLocked> {
         let guard = match self.rwlock.try_read() {
             Some(g) => g,
-            None => self.wait(&self.read_stats, || self.rwlock.read()),
+            None => self.wait(false, || self.rwlock.read()),
         };
         self.read_stats.acquisitions.inc();
         shadow_mmu_core::lockdep::set_holds_mmu_lock(true);

@@ -39,7 +39,9 @@ use shadow_mmu_core::spte::{
     PAGE_SHIFT, PT_DIRTY_MASK, PT64_ROOT_LEVEL, is_last_spte, is_shadow_present_pte, is_writable_pte,
     pages_per_spte, spte_index, spte_to_pfn,
 };
+use shadow_mmu_core::stats::Counter;
 use shadow_mmu_core::sync::atomic::Ordering;
+use shadow_mmu_vmm::VcpuLoss;
 use tlb::{Tlb, Translation};
 
 /// Why [`Vcpu::run`] returned.
@@ -139,6 +141,39 @@ impl std::ops::AddAssign for VcpuStats {
     }
 }
 
+/// What a vCPU lost to the host's work so far, live: bumped by its thread
+/// (and by the thread that runs it, for waits outside `Vcpu::run`), read by
+/// anyone (a migration, per round). Relaxed counters, each in its own line
+/// (`shadow_mmu_core::stats`): bumped only when something was lost, so a
+/// fault that waited for nothing costs no atomic.
+#[derive(Debug, Default)]
+pub struct VcpuLossCounters {
+    /// ns waiting for `mmu_lock` for read, in page faults.
+    pub mmu_lock_read_wait_ns: Counter,
+    /// ... for write.
+    pub mmu_lock_write_wait_ns: Counter,
+    /// ns handling remote TLB flush requests.
+    pub tlb_flush_ns: Counter,
+    /// ns held out of the guest by a throttle or a pause (the thread that
+    /// runs the vCPU adds it).
+    pub throttle_ns: Counter,
+    /// ns waiting for a full dirty ring to be reaped (likewise).
+    pub ring_full_ns: Counter,
+}
+
+impl VcpuLossCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> VcpuLoss {
+        VcpuLoss {
+            mmu_lock_read_wait_ns: self.mmu_lock_read_wait_ns.get(),
+            mmu_lock_write_wait_ns: self.mmu_lock_write_wait_ns.get(),
+            tlb_flush_ns: self.tlb_flush_ns.get(),
+            throttle_ns: self.throttle_ns.get(),
+            ring_full_ns: self.ring_full_ns.get(),
+        }
+    }
+}
+
 /// A probe that sees every page fault of one vCPU, for benchmarks (the
 /// fault latency histograms of `bench migrate-perf`). It runs on the vCPU's
 /// thread, outside guest mode.
@@ -146,9 +181,9 @@ pub trait FaultObserver: std::any::Any + Send {
     /// A page fault exits guest mode.
     fn fault_begin(&mut self);
     /// The vCPU is back in guest mode, `ns` after the exit: the fault's
-    /// latency as the guest sees it, including waits for `mmu_lock` and the
-    /// requests handled on entry.
-    fn fault_end(&mut self, write: bool, ns: u64);
+    /// latency as the guest sees it, including waits for `mmu_lock` (of
+    /// which `lock_wait_ns`) and the requests handled on entry.
+    fn fault_end(&mut self, write: bool, ns: u64, lock_wait_ns: (u64, u64));
 }
 
 /// A vCPU (the `kvm_vcpu` of one thread). Create with
@@ -161,6 +196,8 @@ pub struct Vcpu {
     asid: u16,
     stats: VcpuStats,
     observer: Option<Box<dyn FaultObserver>>,
+    /// What it lost, live.
+    loss: Arc<VcpuLossCounters>,
     /// This vCPU's dirty ring, when the ring is on.
     ring: Option<Arc<crate::dirty_ring::VcpuRing>>,
     /// A fault filled the ring to its soft limit: exit at the next access
@@ -208,6 +245,7 @@ impl Vcpu {
             asid: 0,
             stats: VcpuStats::default(),
             observer: None,
+            loss: Arc::default(),
             ring,
             ring_full: false,
             exit_pending: false,
@@ -235,6 +273,12 @@ impl Vcpu {
     /// The vCPU id.
     pub fn id(&self) -> u32 {
         self.shared.id()
+    }
+
+    /// What it has lost so far, live (the thread that runs it adds its own
+    /// waits: throttle, ring full).
+    pub fn loss_counters(&self) -> Arc<VcpuLossCounters> {
+        self.loss.clone()
     }
 
     /// Counters so far.
@@ -335,11 +379,13 @@ impl Vcpu {
                 self.exit_pending = true;
             }
             if self.shared.pending_requests() & KVM_REQ_TLB_FLUSH != 0 {
+                let t = Instant::now();
                 // Flush first, then clear the request (requests.rs, point 2):
                 // nothing is cached between the two.
                 self.tlb.flush();
                 self.shared.ack_tlb_flush();
                 self.stats.tlb_flushes += 1;
+                self.loss.tlb_flush_ns.add(t.elapsed().as_nanos() as u64);
             }
             if self.shared.try_enter_guest_mode() {
                 return;
@@ -462,16 +508,25 @@ impl Vcpu {
         self.flush_pml_buffer();
         self.shared.exit_guest_mode();
         let t0 = Instant::now();
+        let waited0 = shadow_mmu_core::lockdep::mmu_lock_waits();
         let fault = PageFault { gfn: gpa >> PAGE_SHIFT, write, present, asid: self.asid };
         let ring = self.ring.as_deref().map(|r| &r.ring);
         let r = self.kvm.page_fault(&self.shared, &mut self.caches, ring, fault);
         self.ring_full = ring.is_some_and(|r| r.soft_full());
         self.stats.fault_ns += t0.elapsed().as_nanos() as u64;
+        let waited1 = shadow_mmu_core::lockdep::mmu_lock_waits();
+        let waited = (waited1.0 - waited0.0, waited1.1 - waited0.1);
+        if waited.0 > 0 {
+            self.loss.mmu_lock_read_wait_ns.add(waited.0);
+        }
+        if waited.1 > 0 {
+            self.loss.mmu_lock_write_wait_ns.add(waited.1);
+        }
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);
         self.enter_guest();
         if let (Some(o), Some(exit)) = (self.observer.as_mut(), exit) {
-            o.fault_end(write, exit.elapsed().as_nanos() as u64);
+            o.fault_end(write, exit.elapsed().as_nanos() as u64, waited);
         }
         r.map_err(|e| match e {
             FaultExit::NoSlot | FaultExit::ReadOnly => {

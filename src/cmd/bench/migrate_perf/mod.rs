@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{MmuDesign, VmConfig};
 use shadow_mmu_testkit::perf;
-use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary, ProgressTrace};
 
 use crate::backend_kind::BackendKind;
 use crate::cmd::bench::BenchResult;
@@ -316,6 +316,7 @@ fn print_spec_lines<'r>(
     for r in records.iter().filter(|r| r.guest_bytes == size && r.spec == *spec && r.backend == "engine") {
         print_phases(&tag, r);
         print_lock_modes(&tag, r);
+        print_stall(&tag, r);
         if let Some(held) = r.figure("harvest_mmu_lock_hold_ns") {
             println!(
                 "{tag}: engine {}: the harvests held mmu_lock {held} ns in all, longest {} ns{}",
@@ -391,6 +392,34 @@ fn print_lock_modes(tag: &str, r: &Record) {
     );
 }
 
+/// What the vCPUs lost to the harvests in one run: their `mmu_lock` wait
+/// in faults during harvests, the fault latency inside harvest windows
+/// against outside them, and the guest's progress in them.
+fn print_stall(tag: &str, r: &Record) {
+    let us = |ns: u64| ns as f64 / 1e3;
+    let Some((inside, outside)) = &r.latency else { return };
+    println!(
+        "{tag}: engine {}: vCPU mmu_lock wait in faults during harvests {:.3} ms (of {:.3} ms in all); \
+         write-fault p50/p99/max inside harvests {:.2}/{:.2}/{:.2} us ({} faults), outside {:.2}/{:.2}/{:.2} \
+         us; p99 inside/outside {:.2}; guest progress during harvests {}",
+        r.mmu,
+        r.harvest_lock_wait_ns() as f64 / 1e6,
+        (r.loss().mmu_lock_read_wait_ns + r.loss().mmu_lock_write_wait_ns) as f64 / 1e6,
+        us(inside.quantile_ns(0.5)),
+        us(inside.quantile_ns(0.99)),
+        us(inside.max_ns()),
+        inside.count(),
+        us(outside.quantile_ns(0.5)),
+        us(outside.quantile_ns(0.99)),
+        us(outside.max_ns()),
+        inside.quantile_ns(0.99) as f64 / outside.quantile_ns(0.99).max(1) as f64,
+        r.progress
+            .as_ref()
+            .and_then(ProgressTrace::fraction)
+            .map_or("unmeasured".into(), |f| format!("{f:.3} of outside"))
+    );
+}
+
 /// A harvest on several threads against one: the floor's, and each
 /// design's.
 fn print_thread_lines<'r>(
@@ -446,11 +475,20 @@ fn print_design_lines(tag: &str, records: &[Record], size: u64, spec: &HarvestSp
         "{tag}: the floor bounds that ratio from below: {bound:.3} (one compare-exchange per dirty page, \
          nothing else, on each of the harvest threads, against this locked run)"
     );
-    if let (Some((lh, _)), Some((llh, _))) = (&l.latency, &ll.latency) {
+    if let (Some((lh, _)), Some((llh, lli))) = (&l.latency, &ll.latency) {
         println!(
-            "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us",
+            "{tag}: vCPU write-fault p99 during harvest: locked {:.2} us, lockless {:.2} us; lockless inside \
+             harvests against outside: {:.2} (target <= 1.5)",
             lh.quantile_ns(0.99) as f64 / 1e3,
-            llh.quantile_ns(0.99) as f64 / 1e3
+            llh.quantile_ns(0.99) as f64 / 1e3,
+            llh.quantile_ns(0.99) as f64 / lli.quantile_ns(0.99).max(1) as f64
+        );
+        println!(
+            "{tag}: vCPU mmu_lock wait during harvests: lockless {:.3} ms against locked {:.3} ms: {:.3} \
+             (target <= 0.1)",
+            ll.harvest_lock_wait_ns() as f64 / 1e6,
+            l.harvest_lock_wait_ns() as f64 / 1e6,
+            ll.harvest_lock_wait_ns() as f64 / l.harvest_lock_wait_ns().max(1) as f64
         );
     }
     println!(

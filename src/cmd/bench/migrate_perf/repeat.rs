@@ -13,6 +13,10 @@ use crate::output::Spread;
 /// against one.
 const LOCKLESS_THREADS_TARGET: f64 = 0.6;
 
+/// The lockless design's target for its vCPUs' `mmu_lock` wait during
+/// harvests, against the locked design's.
+const LOCK_WAIT_TARGET: f64 = 0.1;
+
 /// The runs of one backend, design and harvest at one guest size, by round.
 struct Group<'r> {
     guest_bytes: u64,
@@ -90,6 +94,30 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
             ms(g, |r| r.run.iterations.first().map_or(0, |i| i.dirty_memory_ns)),
             ms(g, later_passes_ns),
         );
+        if g.runs.iter().all(|r| r.latency.is_some()) {
+            let p99 = |r: &Record, inside: bool| {
+                r.latency.as_ref().map_or(0, |(i, o)| if inside { i } else { o }.quantile_ns(0.99))
+            };
+            let us = |f: &dyn Fn(&Record) -> u64| {
+                let s = Spread::of(&g.runs.iter().map(|r| f(r) as f64 / 1e3).collect::<Vec<_>>());
+                format!("{:.2} us [{:.2}, {:.2}]", s.median, s.min, s.max)
+            };
+            let fr = Spread::of(
+                &g.runs.iter().filter_map(|r| r.progress.as_ref()?.fraction()).collect::<Vec<_>>(),
+            );
+            println!(
+                "{tag}: {} {}: vCPU mmu_lock wait during harvests {}, write-fault p99 inside harvests {}, \
+                 outside {}, guest progress during harvests {:.3} [{:.3}, {:.3}] of outside",
+                g.backend,
+                g.mmu,
+                ms(g, Record::harvest_lock_wait_ns),
+                us(&|r| p99(r, true)),
+                us(&|r| p99(r, false)),
+                fr.median,
+                fr.min,
+                fr.max
+            );
+        }
     }
     let find = |g: &Group<'_>, mmu: &str, spec: HarvestSpec| {
         gs.iter().find(|o| {
@@ -103,6 +131,17 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
         {
             let h = ratio(g, l, |r| r.run.harvest_avg_ns());
             let q = ratio(g, l, |r| r.run.quiet.harvest_ns());
+            if l.runs.iter().any(|r| r.harvest_lock_wait_ns() > 0) {
+                let w = ratio(g, l, Record::harvest_lock_wait_ns);
+                println!(
+                    "{tag}: {}/locked vCPU mmu_lock wait during harvests {:.3} [{:.3}, {:.3}]{}",
+                    g.mmu,
+                    w.median,
+                    w.min,
+                    w.max,
+                    verdict(&w, LOCK_WAIT_TARGET)
+                );
+            }
             println!(
                 "{tag}: {}/locked harvest {:.3} [{:.3}, {:.3}]{}; quiet {:.3} [{:.3}, {:.3}]{}",
                 g.mmu,

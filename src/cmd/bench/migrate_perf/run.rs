@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use shadow_mmu_testkit::perf::{self, PerfRun};
-use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary, PassSpec};
+use shadow_mmu_vmm::{DirtyLogInterface, HarvestSpec, LatencySummary, PassSpec, ProgressTrace, VcpuLoss};
 
 use crate::cmd::bench::BenchResult;
 use crate::output::{Progress, secs};
@@ -27,6 +27,11 @@ pub struct Record {
     pub(super) floor_ns_per_page: f64,
     /// Engine only: KVM's faults cannot be timed from userspace.
     pub(super) latency: Option<(LatencySummary, LatencySummary)>,
+    /// Per vCPU: what it lost, and its `mmu_lock` waits during harvests
+    /// (read, write); empty where the backend measures none.
+    pub(super) losses: Vec<(VcpuLoss, (u64, u64))>,
+    /// The guest's progress and the harvest windows, where sampled.
+    pub(super) progress: Option<ProgressTrace>,
     pub(super) fault_heavy_faults_per_sec: Option<f64>,
     pub(super) extra: Value,
 }
@@ -34,6 +39,21 @@ pub struct Record {
 impl Record {
     pub(super) fn label(&self) -> String {
         format!("{} {} {}", self.backend, self.mmu, self.spec.label())
+    }
+
+    /// The vCPUs' `mmu_lock` waits in faults that overlapped a harvest, ns,
+    /// read and write together, summed over the vCPUs.
+    pub(super) fn harvest_lock_wait_ns(&self) -> u64 {
+        self.losses.iter().map(|(_, (r, w))| r + w).sum()
+    }
+
+    /// What the vCPUs lost, summed.
+    pub(super) fn loss(&self) -> VcpuLoss {
+        let mut t = VcpuLoss::default();
+        for (l, _) in &self.losses {
+            t += *l;
+        }
+        t
     }
 
     /// A figure of the backend's own (`PassExtras::figures`).
@@ -88,6 +108,20 @@ impl Record {
             "quiet_dirty_pages": self.run.quiet.dirty_pages,
             "quiet_ns_per_dirty_page": self.run.quiet.ns_per_page(),
             "fault_heavy_faults_per_sec": self.fault_heavy_faults_per_sec,
+            "vcpu_losses": self.losses.iter().map(|(l, (hr, hw))| {
+                let mut o: serde_json::Map<String, Value> =
+                    l.causes().iter().map(|(k, v)| (format!("{k}_ns"), json!(v))).collect();
+                o.insert("harvest_mmu_lock_read_wait_ns".into(), json!(hr));
+                o.insert("harvest_mmu_lock_write_wait_ns".into(), json!(hw));
+                Value::Object(o)
+            }).collect::<Vec<_>>(),
+            "progress": self.progress.as_ref().map(|p| json!({
+                "inside_harvest_per_sec": p.rates().map(|r| r.0),
+                "outside_harvest_per_sec": p.rates().map(|r| r.1),
+                "fraction": p.fraction(),
+                "windows": p.windows.iter().map(|w| json!([w.begin_ns, w.end_ns, w.begin_accesses, w.end_accesses])).collect::<Vec<_>>(),
+                "samples": p.samples,
+            })),
             "iterations": self.run.iterations.iter().map(|i| json!({
                 "dirty_memory_ns": i.dirty_memory_ns,
                 "get_dirty_log_ns": i.get_dirty_log_ns,
@@ -109,6 +143,48 @@ fn latency_line(what: &str, h: &LatencySummary) -> String {
         us(h.max_ns()),
         h.count()
     )
+}
+
+/// What the vCPUs lost, per vCPU (up to 8; beyond, summed), and the
+/// guest's progress during harvests against outside them.
+fn loss_lines(r: &Record) -> Vec<String> {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let line = |who: String, l: &VcpuLoss, (hr, hw): (u64, u64)| {
+        format!(
+            "{who} lost: mmu_lock waits {:.3} ms for read, {:.3} ms for write (in faults during harvests: \
+             {:.3} ms, {:.3} ms); TLB flush requests {:.3} ms; throttled {:.3} ms; ring full {:.3} ms",
+            ms(l.mmu_lock_read_wait_ns),
+            ms(l.mmu_lock_write_wait_ns),
+            ms(hr),
+            ms(hw),
+            ms(l.tlb_flush_ns),
+            ms(l.throttle_ns),
+            ms(l.ring_full_ns)
+        )
+    };
+    let mut out = Vec::new();
+    if r.losses.len() <= 8 {
+        for (i, (l, h)) in r.losses.iter().enumerate() {
+            out.push(line(format!("vCPU {i}"), l, *h));
+        }
+    } else {
+        let h = r.losses.iter().fold((0, 0), |a, (_, (x, y))| (a.0 + x, a.1 + y));
+        out.push(line(format!("{} vCPUs together", r.losses.len()), &r.loss(), h));
+    }
+    if let Some(p) = &r.progress {
+        out.push(match (p.rates(), p.fraction()) {
+            (Some((inside, outside)), Some(f)) => format!(
+                "Guest progress during harvests: {:.2} M accesses/s against {:.2} M outside them: {f:.3} \
+                 ({} harvest windows, {:.3} ms in all)",
+                inside / 1e6,
+                outside / 1e6,
+                p.windows.len(),
+                ms(p.windows.iter().map(|w| w.end_ns - w.begin_ns).sum())
+            ),
+            _ => "Guest progress during harvests: no harvest window to measure".into(),
+        });
+    }
+    out
 }
 
 /// `dirty_log_perf_test`'s closing lines, and ours.
@@ -176,6 +252,9 @@ pub fn print_summary(p: &Progress, r: &Record) {
         }
         None => p.line("vCPU write-fault latency: not measurable from userspace on this backend"),
     }
+    for line in loss_lines(r) {
+        p.line(line);
+    }
     p.line(format!("Lost pages: {}", run.lost_pages));
 }
 
@@ -227,6 +306,8 @@ pub(super) fn backend_run(
         repetition: 0,
         floor_ns_per_page: perf::cmpxchg_floor(run.dirty_pages_avg()),
         latency: extras.latency,
+        losses: extras.vcpu_losses,
+        progress: extras.progress,
         fault_heavy_faults_per_sec: None,
         run,
         extra: Value::Object(details),

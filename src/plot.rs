@@ -5,8 +5,8 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use shadow_mmu_vmm::LatencySummary;
 use shadow_mmu_vmm::probe::SUMMARY_QUANTILES;
+use shadow_mmu_vmm::{LatencySummary, ProgressTrace};
 
 /// Colours of the series, in order.
 const COLOURS: [RGBColor; 6] = [
@@ -90,7 +90,10 @@ pub fn fault_latency(
     let y_min = hists.iter().map(|(_, h)| h.quantile_ns(0.5)).min().unwrap_or(1).max(1) as f64 / 1e3 / 2.0;
     let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
-    let title = format!("vCPU write-fault latency during get_dirty_log ({} MiB guest)", guest_bytes >> 20);
+    let title = format!(
+        "vCPU write-fault latency, during harvests and outside them ({} MiB guest)",
+        guest_bytes >> 20
+    );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
@@ -114,6 +117,56 @@ pub fn fault_latency(
             .label(format!("{label} ({} faults)", h.count()))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    drop(chart);
+    drop(root);
+    Ok(path)
+}
+
+/// `guest-progress.svg`: each run's guest progress (million accesses per
+/// second, from the samples) over time, its harvest windows shaded in its
+/// colour: where a harvest stops the guest, its line drops to zero there.
+pub fn guest_progress(dir: &Path, runs: &[(String, &ProgressTrace)]) -> Result<PathBuf, Box<dyn Error>> {
+    let path = dir.join("guest-progress.svg");
+    let rate = |t: &ProgressTrace| -> Vec<(f64, f64)> {
+        t.samples
+            .windows(2)
+            .map(|w| {
+                let dt = (w[1].0 - w[0].0).max(1) as f64;
+                (w[1].0 as f64 / 1e6, (w[1].1 - w[0].1) as f64 / dt * 1e3)
+            })
+            .collect()
+    };
+    let series: Vec<(&String, &ProgressTrace, Vec<(f64, f64)>)> =
+        runs.iter().map(|(l, t)| (l, *t, rate(t))).collect();
+    let x_max = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let y_max = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).fold(0.1, f64::max) * 1.1;
+    let root = SVGBackend::new(&path, (1000, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Guest progress, harvest windows shaded", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart.configure_mesh().x_desc("ms since the vCPUs started").y_desc("M accesses/s (all vCPUs)").draw()?;
+    for (i, (label, t, pts)) in series.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        chart.draw_series(t.windows.iter().map(|w| {
+            Rectangle::new(
+                [(w.begin_ns as f64 / 1e6, 0.0), (w.end_ns as f64 / 1e6, y_max)],
+                c.mix(0.2).filled(),
+            )
+        }))?;
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(1)))?
+            .label(format!(
+                "{label}: {}",
+                t.fraction().map_or("no window".into(), |f| format!("{f:.3} of outside during harvests"))
+            ))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
     root.present()?;

@@ -323,7 +323,7 @@ impl Vm {
     }
 
     /// The shared state, for the engine's own tests.
-    #[cfg(all(test, feature = "break-rules"))]
+    #[cfg(test)]
     pub(crate) fn kvm(&self) -> &Arc<Kvm> {
         &self.kvm
     }

@@ -544,3 +544,30 @@ impl Drop for Vcpu {
         self.kvm.mmu.free_memory_caches(&mut self.caches);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::time::Duration;
+
+    use crate::backend::vm_with_memory;
+    use crate::guest::{GuestOp, Script};
+    use crate::vm::VmConfig;
+
+    /// A fault that waits for `mmu_lock` counts the wait as its vCPU's
+    /// loss, in the mode it took: here the shadow MMU's write lock, held by
+    /// the test while the vCPU faults on a page no spte maps.
+    #[test]
+    fn a_fault_that_waits_for_mmu_lock_counts_the_wait_as_the_vcpus_loss() {
+        let (vm, _mem) = vm_with_memory(VmConfig::default(), 4 << 20, true).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let loss = vcpu.loss_counters();
+        let held = vm.kvm().mmu.lock.lock();
+        let t = std::thread::spawn(move || vcpu.run(&mut Script::new([GuestOp::Write(0x5000, 1)])).unwrap());
+        std::thread::sleep(Duration::from_millis(30));
+        drop(held);
+        t.join().unwrap();
+        let l = loss.snapshot();
+        assert!(l.mmu_lock_write_wait_ns >= 10_000_000, "{l:?}");
+        assert_eq!(l.mmu_lock_read_wait_ns, 0, "{l:?}");
+    }
+}

@@ -269,13 +269,21 @@ fn sweep_point(a: &MigratePerfArgs) -> BenchResult<Vec<Record>> {
             &first.iter().map(|r| (r.label(), r.guest_bytes, r.run.harvest_avg_ns())).collect::<Vec<_>>(),
         )?;
         let largest = sizes.iter().max().copied().unwrap_or(0);
-        let lat: Vec<(String, &LatencySummary)> = first
+        let at_largest: Vec<&Record> = first.iter().filter(|r| r.guest_bytes == largest).collect();
+        let lat: Vec<(String, &LatencySummary)> = at_largest
             .iter()
-            .filter(|r| r.guest_bytes == largest)
-            .filter_map(|r| r.latency.as_ref().map(|(h, _)| (r.label(), h)))
+            .filter_map(|r| r.latency.as_ref().map(|(h, i)| (r, h, i)))
+            .flat_map(|(r, h, i)| {
+                [(format!("{} during harvests", r.label()), h), (format!("{} outside", r.label()), i)]
+            })
             .collect();
         if !lat.is_empty() {
             written.push(plot::fault_latency(dir, &lat, largest)?);
+        }
+        let progress: Vec<(String, &ProgressTrace)> =
+            at_largest.iter().filter_map(|r| r.progress.as_ref().map(|p| (r.label(), p))).collect();
+        if !progress.is_empty() {
+            written.push(plot::guest_progress(dir, &progress)?);
         }
         for w in written {
             println!("wrote {}", w.display());

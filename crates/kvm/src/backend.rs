@@ -11,7 +11,7 @@ use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_vmm::{
     Backend, BackendError, BackendVm, Capabilities, DirtyLog, GuestMemory, HarvestProbe, PassExtras,
-    PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuStateError,
+    PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError,
     check_guest_access, check_vcpu_states,
 };
 
@@ -311,5 +311,10 @@ impl VcpuControl for KvmBackendVm<KvmPerfVm> {
     }
 }
 
-/// KVM shows userspace no fault of its vCPUs: nothing to time.
-impl HarvestProbe for KvmBackendVm<KvmPerfVm> {}
+/// KVM shows userspace no fault of its vCPUs: nothing to time; the vCPU
+/// threads see their holds and ring-full waits.
+impl HarvestProbe for KvmBackendVm<KvmPerfVm> {
+    fn vcpu_losses(&self) -> Vec<VcpuLoss> {
+        self.inner.vcpu_losses()
+    }
+}

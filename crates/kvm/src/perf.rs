@@ -40,7 +40,7 @@ use crate::error::{BadConfig, KvmError, UnexpectedExit};
 use crate::guest::{PassProgram, Program, UCALL_PASS_DONE, pass_program};
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
-use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate};
+use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate, VcpuLoss};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -143,6 +143,10 @@ fn pass_words_gpa(vcpus: u32) -> u64 {
 struct PassClock {
     passes: AtomicU64,
     last_pass_ns: AtomicU64,
+    /// ns the vCPU was held out of a pass by a throttle or a pause.
+    throttle_ns: AtomicU64,
+    /// ns it waited on a full dirty ring.
+    ring_full_ns: AtomicU64,
 }
 
 /// What the host and the vCPU threads share.
@@ -290,7 +294,10 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                 GuestExit::Interrupted => {
                     // Kicked out of a pass: hold mid-pass (the registers say
                     // where the pass is).
+                    let held = Instant::now();
                     hold(vcpu, done, shared)?;
+                    // Relaxed: a statistic (`vcpu_losses`).
+                    clock.throttle_ns.fetch_add(held.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     // Relaxed: as above.
                     if shared.stop.load(Ordering::Relaxed) {
                         return Ok(());
@@ -305,11 +312,13 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     // ring's own orderings carry the data.
                     shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
                     shared.ring_waiters.fetch_add(1, Ordering::Relaxed);
+                    let waited = Instant::now();
                     // Re-entering while still full exits at once: wait a
                     // little for the host to reap, then try again.
                     std::thread::sleep(Duration::from_micros(50));
                     hold(vcpu, done, shared)?;
                     shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
+                    clock.ring_full_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
                 GuestExit::Ucall(UCALL_PASS_DONE) => break,
                 exit => return Err(UnexpectedExit::Exit { vcpu: id, program: Program::Pass, exit }.into()),
@@ -414,6 +423,23 @@ impl KvmPerfVm {
     /// The vCPUs' pause and state exchange.
     pub fn gate(&self) -> &Arc<VcpuGate> {
         &self.shared.gate
+    }
+
+    /// What each vCPU lost so far, as its thread sees it: held by a
+    /// throttle or a pause, and waiting on a full dirty ring. KVM's own
+    /// `mmu_lock` waits and TLB flushes happen inside `KVM_RUN`, where
+    /// userspace cannot tell them from the guest's work: 0.
+    pub fn vcpu_losses(&self) -> Vec<VcpuLoss> {
+        self.shared
+            .clocks
+            .iter()
+            .map(|c| VcpuLoss {
+                // Relaxed: statistics.
+                throttle_ns: c.throttle_ns.load(Ordering::Relaxed),
+                ring_full_ns: c.ring_full_ns.load(Ordering::Relaxed),
+                ..VcpuLoss::default()
+            })
+            .collect()
     }
 
     /// `KVM_EXIT_DIRTY_RING_FULL` exits of the vCPU threads so far.

@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 use shadow_mmu_core::breakage::Breakage;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_vmm::{
-    BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PauseTimeout, error_chain, timed_harvest,
+    BackendError, DirtyLogProtect, HarvestSpec, LatencySummary, PauseTimeout, VcpuLoss, error_chain,
+    timed_harvest,
 };
 use thiserror::Error;
 
@@ -55,7 +56,7 @@ use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
 use crate::link::{self, Heartbeat, Inbox, Sender};
 use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
 use crate::refusal::Refusal;
-use crate::stats::{MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
+use crate::stats::{GuestStall, MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
 use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, StreamError};
 use crate::throttle::Throttle;
 use crate::{MigrationVm, Phase, SourceHooks};
@@ -367,6 +368,18 @@ struct Outgoing<'a, V: MigrationVm + ?Sized> {
     harvest_latency: Option<LatencySummary>,
     /// When the vCPUs stopped for the stop-and-copy.
     stopped: Option<Instant>,
+    /// The vCPUs' losses at the marks of `account_stall` (`None`: the
+    /// backend measures none).
+    stall_marks: Option<StallMarks>,
+}
+
+/// The vCPUs' losses (`VcpuLoss`) when logging went on, when the current
+/// round began (the end of the one before), and when last accounted.
+#[derive(Debug, Clone, Copy)]
+struct StallMarks {
+    start: VcpuLoss,
+    round_start: VcpuLoss,
+    last: VcpuLoss,
 }
 
 /// How often the rings are reaped while a round is sent: a ring of 65536
@@ -433,6 +446,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         last_reap: start,
         harvest_latency: None,
         stopped: None,
+        stall_marks: None,
     };
     let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
     let r = m.run(&header, throttle.as_mut(), hooks).map_err(|e| match e {
@@ -599,8 +613,34 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
         hooks.phase(Phase::ReadyReceived);
         self.vm.set_dirty_logging(true)?;
+        self.stall_marks = self.vcpu_loss().map(|l| StallMarks { start: l, round_start: l, last: l });
         self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
         Ok(())
+    }
+
+    /// The vCPUs' losses now, summed (`None`: the backend measures none).
+    fn vcpu_loss(&self) -> Option<VcpuLoss> {
+        let v = self.vm.vcpu_losses();
+        (!v.is_empty()).then(|| {
+            let mut t = VcpuLoss::default();
+            v.iter().for_each(|l| t += *l);
+            t
+        })
+    }
+
+    /// Brings the guest's stall up to now: the total since logging went on,
+    /// and the current round's. A round's stall runs from the end of the
+    /// round before (logging on, for round 0), its harvest included, to its
+    /// own end, or, for the last pre-copy round, to the pause.
+    fn account_stall(&mut self) {
+        let now = self.vcpu_loss();
+        let (Some(m), Some(now)) = (self.stall_marks.as_mut(), now) else { return };
+        m.last = now;
+        let (round, total) = (GuestStall::of(&now.since(&m.round_start)), GuestStall::of(&now.since(&m.start)));
+        if let Some(r) = self.stats.rounds.last_mut() {
+            (r.guest_stall_ms, r.guest_stall) = (Some(round.total_ms), Some(round));
+        }
+        (self.stats.guest_stall_ms, self.stats.guest_stall) = (Some(total.total_ms), Some(total));
     }
 
     /// Whether pre-copy's time is up: an error with `cancel`, `true` with
@@ -724,6 +764,11 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         r.pages_harvested = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         r.cpu_throttle_percentage = self.stats.cpu_throttle_percentage;
         self.stats.rounds.push(r);
+        if let (Some(m), None) = (self.stall_marks.as_mut(), self.stopped) {
+            // This round's stall starts where the last one's was last
+            // brought up to: its end.
+            m.round_start = m.last;
+        }
         self.sender.send(&Frame::Round { round })?;
         let window_words = (self.frame_pages / 64) as usize;
         let clear_words = (self.params.clear_chunk_pages / 64).max(1) as usize;
@@ -771,8 +816,12 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         Ok(RoundEnd::Sent)
     }
 
-    /// Brings the round's byte count, time and bandwidth up to now.
+    /// Brings the round's byte count, time, bandwidth and (in pre-copy)
+    /// the guest's stall up to now.
     fn end_round(&mut self, before: u64, t: Instant) {
+        if self.stopped.is_none() {
+            self.account_stall();
+        }
         let bytes = self.sender.bytes();
         let r = self.stats.rounds.last_mut().expect("this round");
         r.bytes_sent = bytes - before;
@@ -792,6 +841,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let gate = self.vm.vcpu_gate();
         // The parallel harvest's threads get ready while the vCPUs stop.
         self.vm.prepare_harvest(Duration::from_millis(100));
+        // The stall ends where the downtime begins.
+        self.account_stall();
         let stop = Instant::now();
         gate.pause(self.params.progress_timeout)?;
         self.stopped = Some(stop);

@@ -10,6 +10,7 @@
 //! measured" or "not checked" on the terminal, never 0.
 
 use serde::Serialize;
+use shadow_mmu_vmm::VcpuLoss;
 
 /// How a migration ended, QEMU's `status` words (at the destination:
 /// `completed` or `failed`).
@@ -69,6 +70,59 @@ pub enum OperatorAction {
     Discard,
 }
 
+/// The guest's stall: the vCPU time a migration cost the guest beyond its
+/// own work, summed over the vCPUs, by cause, ms (`shadow_mmu_vmm::VcpuLoss`).
+/// Counted: waits for `mmu_lock` in page faults, remote TLB flush handling,
+/// throttle holds, waits on a full dirty ring. Not counted: the downtime
+/// (the vCPUs paused for the stop-and-copy); faults that take no lock but
+/// would not have happened without logging (the write-protection faults
+/// themselves); on KVM, the lock waits and flushes inside `KVM_RUN`, which
+/// userspace cannot see (reported as 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct GuestStall {
+    /// All causes.
+    pub total_ms: f64,
+    /// `mmu_lock` waits for read.
+    pub mmu_lock_read_wait_ms: f64,
+    /// `mmu_lock` waits for write.
+    pub mmu_lock_write_wait_ms: f64,
+    /// TLB flush requests.
+    pub tlb_flush_ms: f64,
+    /// Throttle holds (auto-converge).
+    pub throttle_ms: f64,
+    /// Full dirty rings.
+    pub ring_full_ms: f64,
+}
+
+impl GuestStall {
+    /// The stall of `loss`.
+    pub fn of(loss: &VcpuLoss) -> Self {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        Self {
+            total_ms: ms(loss.total_ns()),
+            mmu_lock_read_wait_ms: ms(loss.mmu_lock_read_wait_ns),
+            mmu_lock_write_wait_ms: ms(loss.mmu_lock_write_wait_ns),
+            tlb_flush_ms: ms(loss.tlb_flush_ns),
+            throttle_ms: ms(loss.throttle_ns),
+            ring_full_ms: ms(loss.ring_full_ns),
+        }
+    }
+
+    /// `12.3 ms (mmu_lock 1.0 ms read, 2.0 ms write; TLB flushes ...)`.
+    pub fn line(&self) -> String {
+        format!(
+            "{:.1} ms (mmu_lock waits {:.1} ms for read, {:.1} ms for write; TLB flushes {:.1} ms; throttle {:.1} \
+             ms; ring full {:.1} ms)",
+            self.total_ms,
+            self.mmu_lock_read_wait_ms,
+            self.mmu_lock_write_wait_ms,
+            self.tlb_flush_ms,
+            self.throttle_ms,
+            self.ring_full_ms
+        )
+    }
+}
+
 /// One pre-copy round (round 0 is the bulk copy, the last one the
 /// stop-and-copy's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -97,6 +151,13 @@ pub struct RoundStats {
     pub bandwidth_bytes_per_s: f64,
     /// The vCPU throttle during it, percent.
     pub cpu_throttle_percentage: u32,
+    /// The guest's stall from the end of the round before (for round 0, from
+    /// logging on) to its end: its harvest and its send (`None` for the
+    /// stop-and-copy's round, which is downtime, or where the backend
+    /// measures none).
+    pub guest_stall_ms: Option<f64>,
+    /// ... by cause.
+    pub guest_stall: Option<GuestStall>,
 }
 
 /// The source's statistics (`info migrate` on the source).
@@ -152,6 +213,11 @@ pub struct MigrationStats {
     /// Whether the rules converged (pending fit in bandwidth x downtime
     /// limit), rather than a forced stop at the timeout.
     pub converged: bool,
+    /// The guest's stall from logging on to the pause (or to now), ms
+    /// (`None` where the backend measures none).
+    pub guest_stall_ms: Option<f64>,
+    /// ... by cause.
+    pub guest_stall: Option<GuestStall>,
     /// Every round.
     pub rounds: Vec<RoundStats>,
 }
@@ -181,6 +247,8 @@ impl MigrationStats {
             duplicate_pages: 0,
             cpu_throttle_percentage: 0,
             converged: false,
+            guest_stall_ms: None,
+            guest_stall: None,
             rounds: Vec::new(),
         }
     }
@@ -219,6 +287,7 @@ impl MigrationStats {
             format!("dirty sync count: {}", self.dirty_sync_count),
             format!("dirty pages rate: {:.0} pages", self.dirty_pages_rate),
             format!("cpu throttle percentage: {}", self.cpu_throttle_percentage),
+            format!("guest stall: {}", self.guest_stall.map_or_else(|| "not measured".into(), |s| s.line())),
         ];
         if let Some(e) = &self.error {
             l.push(format!("error: {e}"));

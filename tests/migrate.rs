@@ -148,7 +148,10 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
     let json = dir.join("out.json");
     let out = bin()
         .args(["migrate", "outgoing", "--to", &dest.addr, "--guest-mib", "32", "--dirty-rate-mibps", "64"])
-        .args(["--dirty-log", "clear", "--harvest-threads", "2", "--warmup-ms", "50", "--json"])
+        .args(["--dirty-log", "clear", "--harvest-threads", "2", "--warmup-ms", "50"])
+        // Faults that need mmu_lock while logging is on, at both ends (the
+        // destination watches its guest with a dirty log after the resume).
+        .args(["--fresh-faults", "20000", "--invalidations", "5000", "--json"])
         .arg(&json)
         .arg("--plot")
         .arg(&dir)
@@ -156,7 +159,14 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    for l in ["Migration status: completed", "downtime:", "dirty sync count:", "throughput:", "round   0:"] {
+    for l in [
+        "Migration status: completed",
+        "downtime:",
+        "dirty sync count:",
+        "throughput:",
+        "round   0:",
+        "guest stall: ",
+    ] {
         assert!(text.contains(l), "missing {l:?}:\n{text}");
     }
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -175,8 +185,21 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
         "normal_pages",
         "duplicate_pages",
         "cpu_throttle_percentage",
+        "guest_stall_ms",
     ] {
         assert!(s[key].is_number(), "{key} in {s}");
+    }
+    // The rounds' stalls add up to the total (the stop-and-copy's is
+    // downtime, not stall), each broken down by cause.
+    let rounds = s["rounds"].as_array().unwrap();
+    let sum: f64 = rounds.iter().filter_map(|r| r["guest_stall_ms"].as_f64()).sum();
+    assert!((sum - s["guest_stall_ms"].as_f64().unwrap()).abs() < 1e-6, "{sum} against {s}");
+    assert!(rounds.last().unwrap()["guest_stall_ms"].is_null());
+    let causes = &s["guest_stall"];
+    for k in
+        ["mmu_lock_read_wait_ms", "mmu_lock_write_wait_ms", "tlb_flush_ms", "throttle_ms", "ring_full_ms"]
+    {
+        assert!(causes[k].is_number(), "{k} in {causes}");
     }
     assert_eq!(s["status"], "completed");
     assert_eq!(s["total_bytes"], 32 * MIB);
@@ -214,6 +237,10 @@ fn kvm_migrates_between_two_processes() {
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}: {text}");
+        assert!(
+            text.contains("guest stall: ") && !text.contains("guest stall: not measured"),
+            "{log}: {text}"
+        );
         let (code, out, d) = dest.finish();
         assert_eq!(code, 0, "{log}: {out}");
         assert_eq!(d["mismatched_pages"], 0, "{log}");

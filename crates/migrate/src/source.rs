@@ -636,7 +636,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let now = self.vcpu_loss();
         let (Some(m), Some(now)) = (self.stall_marks.as_mut(), now) else { return };
         m.last = now;
-        let (round, total) = (GuestStall::of(&now.since(&m.round_start)), GuestStall::of(&now.since(&m.start)));
+        let (round, total) =
+            (GuestStall::of(&now.since(&m.round_start)), GuestStall::of(&now.since(&m.start)));
         if let Some(r) = self.stats.rounds.last_mut() {
             (r.guest_stall_ms, r.guest_stall) = (Some(round.total_ms), Some(round));
         }

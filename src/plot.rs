@@ -139,10 +139,9 @@ pub fn guest_progress(dir: &Path, runs: &[(String, &ProgressTrace)]) -> Result<P
             })
             .collect()
     };
-    let series: Vec<(&String, &ProgressTrace, Vec<(f64, f64)>)> =
-        runs.iter().map(|(l, t)| (l, *t, rate(t))).collect();
-    let x_max = series.iter().flat_map(|s| s.2.iter().map(|p| p.0)).fold(1.0, f64::max);
-    let y_max = series.iter().flat_map(|s| s.2.iter().map(|p| p.1)).fold(0.1, f64::max) * 1.1;
+    let rates: Vec<Vec<(f64, f64)>> = runs.iter().map(|(_, t)| rate(t)).collect();
+    let x_max = rates.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = rates.iter().flatten().map(|p| p.1).fold(0.1, f64::max) * 1.1;
     let root = SVGBackend::new(&path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -152,7 +151,7 @@ pub fn guest_progress(dir: &Path, runs: &[(String, &ProgressTrace)]) -> Result<P
         .y_label_area_size(65)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
     chart.configure_mesh().x_desc("ms since the vCPUs started").y_desc("M accesses/s (all vCPUs)").draw()?;
-    for (i, (label, t, pts)) in series.iter().enumerate() {
+    for (i, ((label, t), pts)) in runs.iter().zip(&rates).enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         chart.draw_series(t.windows.iter().map(|w| {
             Rectangle::new(

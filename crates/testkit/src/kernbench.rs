@@ -33,6 +33,8 @@ use shadow_mmu_core::spte::{PAGE_SHIFT, PAGE_SIZE};
 use shadow_mmu_engine::backend::vm_with_memory;
 use shadow_mmu_engine::guest::{GuestCode, GuestOp};
 use shadow_mmu_engine::mmu::MmuDesign;
+use shadow_mmu_engine::notifier_thread::{Invalidations, MmuNotifierThread};
+use shadow_mmu_engine::passes::Sweepers;
 use shadow_mmu_engine::vcpu::{VcpuExit, VcpuStats};
 use shadow_mmu_engine::vm::VmConfig;
 use shadow_mmu_engine::workload::{GuestControl, HC_STOP, WorkloadGuest, WorkloadSpec};
@@ -183,20 +185,21 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
             }
         }));
     }
-    let mut invalidations = 0;
-    let mut rng = fastrand::Rng::with_seed(cfg.seed);
-    let regions = guest_bytes.div_ceil(INVALIDATE_BYTES);
-    while t0.elapsed() < cfg.duration {
-        match cfg.invalidate_every {
-            Some(every) => {
-                std::thread::sleep(every);
-                let gpa = rng.u64(..regions) * INVALIDATE_BYTES;
-                vm.mmu_notifier_invalidate_range(gpa, INVALIDATE_BYTES.min(guest_bytes - gpa))?;
-                invalidations += 1;
-            }
-            None => std::thread::sleep(cfg.duration.saturating_sub(t0.elapsed())),
-        }
-    }
+    let notifier = cfg.invalidate_every.map(|every| {
+        let what = Invalidations {
+            gpa: 0,
+            bytes: guest_bytes,
+            range_bytes: INVALIDATE_BYTES,
+            per_sec: 1.0 / every.as_secs_f64(),
+            seed: cfg.seed,
+        };
+        MmuNotifierThread::start(&vm, what)
+    });
+    std::thread::sleep(cfg.duration);
+    let invalidations = match notifier.map(MmuNotifierThread::stop).transpose() {
+        Ok(n) => n.unwrap_or(0),
+        Err(e) => return Err(HarnessError::BadConfig(e.to_string())),
+    };
     ctl.request_stop();
     // Relaxed: see `ReplayGuest::next_op`.
     stop.store(true, Ordering::Relaxed);
@@ -217,5 +220,43 @@ pub fn kernbench(cfg: &KernbenchConfig) -> Result<KernbenchRun, HarnessError> {
         invalidations,
         sp_shrunk: stats.mmu.sp_shrunk - stats0.mmu.sp_shrunk,
         guest_bytes,
+    })
+}
+
+/// What [`populate`] measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Populate {
+    /// From the release to the last vCPU's last first touch, ns.
+    pub ns: u64,
+    /// The slow faults' waits for `mmu_lock`, all vCPUs: (read, write), ns.
+    pub lock_wait_ns: (u64, u64),
+    /// Slow faults that took `mmu_lock` for read, and for write.
+    pub fault_locks: (u64, u64),
+}
+
+/// `vcpus` vCPUs populate a fresh guest of `guest_bytes` in parallel, each
+/// its own slice, one store per page, with 4 KiB mappings (every store a
+/// slow fault): `dirty_log_perf_test`'s "populate memory time". The shadow
+/// MMU designs' faults take `mmu_lock` for write, one at a time; the TDP
+/// design's take it for read, side by side (Gardon's parallel faults).
+pub fn populate(design: &VmConfig, vcpus: u32, guest_bytes: u64) -> Result<Populate, HarnessError> {
+    let config = VmConfig { large_pages: false, ..design.clone() };
+    let (vm, _mem) = vm_with_memory(config, guest_bytes, true)?;
+    let spec = WorkloadSpec { exit_each_pass: true, ..WorkloadSpec::default() };
+    let mut sweepers = Sweepers::start(&vm, vcpus, guest_bytes / PAGE_SIZE, spec, 0, None)?;
+    let t0 = Instant::now();
+    sweepers.release(1);
+    sweepers.wait_passes(&vec![0; vcpus as usize], &mut || {});
+    let ns = t0.elapsed().as_nanos() as u64;
+    let swept = sweepers.stop()?;
+    let waits = swept
+        .losses
+        .iter()
+        .fold((0, 0), |(r, w), (l, _)| (r + l.mmu_lock_read_wait_ns, w + l.mmu_lock_write_wait_ns));
+    let s = vm.stats();
+    Ok(Populate {
+        ns,
+        lock_wait_ns: waits,
+        fault_locks: (s.mmu.fault_mmu_lock_reads, s.mmu.fault_mmu_lock_writes),
     })
 }

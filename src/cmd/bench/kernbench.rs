@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
-use shadow_mmu_testkit::kernbench::{KernbenchConfig, KernbenchRun, Workload, kernbench};
+use shadow_mmu_engine::VmConfig;
+use shadow_mmu_testkit::kernbench::{KernbenchConfig, KernbenchRun, Populate, Workload, kernbench, populate};
 use shadow_mmu_testkit::trace::PageTrace;
 
 use super::BenchResult;
@@ -104,8 +105,21 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
     );
     let p = Progress::new(u64::from(a.rounds) * a.mmu.len() as u64, "kernbench");
     let mut samples: Vec<Vec<KernbenchRun>> = vec![Vec::new(); a.mmu.len()];
+    let mut populates: Vec<Vec<Populate>> = vec![Vec::new(); a.mmu.len()];
     for round in 0..a.rounds {
         for (i, &mmu) in a.mmu.iter().enumerate() {
+            let design = VmConfig { mmu, fast_page_fault: !a.no_fast_page_fault, ..VmConfig::default() };
+            let pop = populate(&design, a.vcpus, a.guest_mib << 20)?;
+            p.line(format!(
+                "round {} {mmu}: populate {:.2} ms ({} vCPUs in parallel, 4 KiB faults; mmu_lock waited {:.2} ms \
+                 for read, {:.2} ms for write)",
+                round + 1,
+                pop.ns as f64 / 1e6,
+                a.vcpus,
+                pop.lock_wait_ns.0 as f64 / 1e6,
+                pop.lock_wait_ns.1 as f64 / 1e6
+            ));
+            populates[i].push(pop);
             let cfg = KernbenchConfig {
                 mmu,
                 fast_page_fault: !a.no_fast_page_fault,
@@ -156,6 +170,8 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
             "faults_per_sec": faults,
             "max_mmu_pages": a.max_mmu_pages,
             "invalidate_every_us": a.invalidate_every_us,
+            "populate_ns": populates[runs.len()].iter().map(|p| p.ns).collect::<Vec<_>>(),
+            "populate_mmu_lock_wait_ns": populates[runs.len()].iter().map(|p| [p.lock_wait_ns.0, p.lock_wait_ns.1]).collect::<Vec<_>>(),
             "rounds": s.iter().map(|r| json!({
                 "ops_per_sec": r.ops_per_sec,
                 "faults_per_sec": r.faults_per_sec,
@@ -164,6 +180,7 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
             })).collect::<Vec<_>>(),
         }));
     }
+    print_populate(a, &populates);
     let pos = |d: MmuDesign| a.mmu.iter().position(|&m| m == d);
     if let (Some(l), Some(ll)) = (pos(MmuDesign::Locked), pos(MmuDesign::Lockless)) {
         // Per round: the two designs ran one after the other.
@@ -187,4 +204,29 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
         println!("wrote {}", path.display());
     }
     Ok(true)
+}
+
+/// The parallel populate: each design's median with its spread, and its
+/// time against the locked design's, per round.
+fn print_populate(a: &KernbenchArgs, populates: &[Vec<Populate>]) {
+    let locked = a.mmu.iter().position(|&m| m == MmuDesign::Locked);
+    for (mmu, s) in a.mmu.iter().zip(populates) {
+        let t = Spread::of(&s.iter().map(|p| p.ns as f64 / 1e6).collect::<Vec<_>>());
+        let against = locked.filter(|&l| populates[l].len() == s.len()).map(|l| {
+            let r: Vec<f64> =
+                s.iter().zip(&populates[l]).map(|(x, y)| x.ns as f64 / y.ns.max(1) as f64).collect();
+            let r = Spread::of(&r);
+            format!("; against locked {:.3} [{:.3}, {:.3}] per round", r.median, r.min, r.max)
+        });
+        let (fr, fw) = s.first().map_or((0, 0), |p| p.fault_locks);
+        println!(
+            "{mmu}: populate with {} vCPUs in parallel: median {:.2} ms [{:.2}, {:.2}]{} (slow faults took mmu_lock \
+             {fr} times for read, {fw} for write)",
+            a.vcpus,
+            t.median,
+            t.min,
+            t.max,
+            against.unwrap_or_default()
+        );
+    }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
-use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
+use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
     BackendError, HarvestProbe, HarvestWindow, LatencySummary, PassExtras, PassSpec, PassWorkload,
     ProgressTrace, RingEntries, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError, check_vcpu_states,
@@ -477,8 +477,9 @@ impl SweeperLinks {
 
     fn wait_for_release(&self, guest: &mut WorkloadGuest, done: &mut u64) {
         let clock = &self.passes[self.id as usize];
-        let idle = IdleWait::new();
         loop {
+            // Before the checks: a change after them rings after it.
+            let ticket = self.gate.bell().ticket();
             self.gate.apply_restore(self.id, |state| {
                 // Checked by `PassVm::restore_vcpus` before it was given.
                 let (passes, g) = decode_sweeper(state).expect("a checked sweeper state");
@@ -499,7 +500,7 @@ impl SweeperLinks {
             if self.allowed.load(Ordering::Acquire) > *done {
                 return;
             }
-            idle.wait();
+            self.gate.bell().wait(ticket);
         }
     }
 
@@ -615,6 +616,7 @@ impl Sweepers {
     pub fn release(&self, n: u64) {
         // Release: pairs with the vCPUs' acquire load.
         self.allowed.store(n, Ordering::Release);
+        self.gate.bell().ring();
     }
 
     /// Passes each vCPU has completed.
@@ -646,6 +648,7 @@ impl Sweepers {
     /// them: their counters and latencies.
     pub fn stop(&mut self) -> Result<SweepResult, PassesError> {
         self.ctl.request_stop();
+        self.gate.bell().ring();
         let mut r = SweepResult::default();
         for t in self.threads.drain(..) {
             let (stats, reserve, probe) = t.join().map_err(|_| PassesError::Panicked)??;

@@ -39,7 +39,7 @@ use shadow_mmu_core::spte::PAGE_SIZE;
 use crate::error::{BadConfig, KvmError, UnexpectedExit};
 use crate::guest::{PassProgram, Program, UCALL_PASS_DONE, pass_program};
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
-use shadow_mmu_vmm::vcpu_gate::{IdleWait, decode_words, encode_words};
+use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate, VcpuLoss};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
@@ -258,8 +258,9 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let clock = &shared.clocks[id as usize];
     let mut done = 0u64;
     loop {
-        let idle = IdleWait::new();
         loop {
+            // Before the checks: a change after them rings after it.
+            let ticket = shared.gate.bell().ticket();
             let restored = shared.gate.apply_restore(id, |state| {
                 // Checked by `restore_vcpus` before it was given.
                 let w = decode_words(state, PASS_VCPU_STATE_WORDS).expect("a checked vCPU state");
@@ -286,7 +287,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
             if shared.allowed.load(Ordering::Acquire) > done {
                 break;
             }
-            idle.wait();
+            shared.gate.bell().wait(ticket);
         }
         let t = Instant::now();
         loop {
@@ -404,6 +405,7 @@ impl KvmPerfVm {
     pub fn release(&self, n: u64) {
         // Release: pairs with the vCPU threads' acquire load.
         self.shared.allowed.store(n, Ordering::Release);
+        self.shared.gate.bell().ring();
     }
 
     /// Passes each vCPU has completed.
@@ -490,8 +492,10 @@ impl KvmPerfVm {
     /// them; returns the first failure (a thread's error before a panic).
     /// Idempotent.
     pub fn stop(&mut self) -> Result<(), KvmError> {
-        // Relaxed: see `vcpu_thread`; the joins below order the rest.
+        // Relaxed: see `vcpu_thread`; the joins below order the rest, and
+        // the ring's release wakes a waiting thread to see it.
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.gate.bell().ring();
         let mut panicked = None;
         for (vcpu, t) in self.threads.drain(..).enumerate() {
             if t.join().is_err() {

@@ -23,6 +23,7 @@
 
 use shadow_mmu_core::breakage::Breakage;
 use shadow_mmu_core::pause::PauseProtocol;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -36,6 +37,9 @@ pub struct VcpuGate {
     kick: Kick,
     saved: Box<[Mutex<Option<Vec<u8>>>]>,
     restore: Box<[Mutex<Option<Vec<u8>>>]>,
+    /// Where the vCPU threads wait outside guest mode: rung by every change
+    /// of the gate, and by the backend's own (a release, a stop).
+    bell: Doorbell,
 }
 
 impl std::fmt::Debug for VcpuGate {
@@ -67,7 +71,15 @@ impl VcpuGate {
             kick,
             saved: (0..vcpus).map(|_| Mutex::new(None)).collect(),
             restore: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+            bell: Doorbell::default(),
         }
+    }
+
+    /// The doorbell the vCPU threads wait on outside guest mode: the
+    /// backend rings it after each change they wait for (a release, a
+    /// stop); the gate rings it after its own.
+    pub fn bell(&self) -> &Doorbell {
+        &self.bell
     }
 
     /// vCPUs.
@@ -81,6 +93,7 @@ impl VcpuGate {
         // The kick comes after the request, so a vCPU the kick reached sees
         // it once out of guest mode (the protocol's SeqCst store and load).
         self.protocol.request();
+        self.bell.ring();
         (self.kick)();
     }
 
@@ -110,6 +123,7 @@ impl VcpuGate {
         // is visible to the vCPUs when they run again (the protocol's
         // release store).
         self.protocol.release();
+        self.bell.ring();
     }
 
     /// Is a pause requested (vCPU side, outside guest mode)?
@@ -127,9 +141,19 @@ impl VcpuGate {
         }
         *self.saved[id as usize].lock() = Some(save());
         // The core's protocol, loom-checked (`shadow_mmu_core::pause`): a
-        // pause that comes while we leave a hold keeps us held.
-        let idle = IdleWait::new();
-        self.protocol.hold(|| idle.wait(), stop, &Breakage::SEED);
+        // pause that comes while we leave a hold keeps us held. The ticket
+        // for each wait is taken before the protocol's next look at the
+        // word (the first here, the next after each wait), so a resume
+        // between that look and the wait is not slept through.
+        let mut ticket = self.bell.ticket();
+        self.protocol.hold(
+            || {
+                self.bell.wait(ticket);
+                ticket = self.bell.ticket();
+            },
+            stop,
+            &Breakage::SEED,
+        );
     }
 
     /// The states the vCPUs saved at their last hold, by id (`None` for a
@@ -149,6 +173,7 @@ impl VcpuGate {
         for (slot, s) in self.restore.iter().zip(states) {
             *slot.lock() = Some(s);
         }
+        self.bell.ring();
     }
 
     /// Waits until every vCPU applied the state [`Self::restore`] gave it
@@ -177,30 +202,69 @@ impl VcpuGate {
     }
 }
 
-/// How a vCPU thread outside guest mode waits for the host (a release, a
-/// resume): every 20 µs at first, so that a release right after a harvest
-/// is seen at once (migrate-perf's rhythm), then, after 5 ms, every
-/// millisecond, so that vCPUs waiting through a whole migration do not wake
-/// 50,000 times a second on a host that needs its CPUs for the copy.
-#[derive(Debug)]
-pub struct IdleWait(Instant);
-
-impl IdleWait {
-    /// Starts waiting.
-    pub fn new() -> Self {
-        Self(Instant::now())
-    }
-
-    /// Sleeps one step.
-    pub fn wait(&self) {
-        let step = if self.0.elapsed() < Duration::from_millis(5) { 20 } else { 1000 };
-        std::thread::sleep(Duration::from_micros(step));
-    }
+/// How a thread outside guest mode waits for the host (a release, a
+/// resume, a restored state, a stop): it takes a ticket, checks what it
+/// waits for, and parks (a futex, through `Condvar`) until the host rings
+/// after that ticket. The host rings after every change a waiter may wait
+/// for. Nothing polls: a parked vCPU thread takes no CPU from the harvest
+/// beside it on a small host (a poll every 20 µs did, and made the
+/// parallel harvest's time jump).
+///
+/// ```text
+///   waiter                                host
+///   t = ticket()          (SeqCst)        change (release store)
+///   check: not yet                        rings += 1          (SeqCst)
+///   waiters += 1          (SeqCst)        if waiters > 0 {
+///   lock; if rings == t { wait }            lock; notify_all }
+/// ```
+/// Store buffering between `waiters` and `rings`, all SeqCst: either the
+/// host sees the waiter and notifies it under the lock (the waiter holds
+/// the lock from its check to its wait, so the notify comes after), or the
+/// waiter sees the ring and does not wait.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    rings: AtomicU64,
+    waiters: AtomicU32,
+    lock: std::sync::Mutex<()>,
+    cv: std::sync::Condvar,
 }
 
-impl Default for IdleWait {
-    fn default() -> Self {
-        Self::new()
+/// The longest a waiter parks without a ring: a safety net for a change
+/// that forgot to ring, not a poll (a ring wakes it at once).
+pub const DOORBELL_TIMEOUT: Duration = Duration::from_millis(50);
+
+impl Doorbell {
+    /// A ticket: take it before checking what you wait for.
+    pub fn ticket(&self) -> u64 {
+        // SeqCst: see the type's docs.
+        self.rings.load(Ordering::SeqCst)
+    }
+
+    /// Parks until a ring after `ticket` (at once if one came), or
+    /// [`DOORBELL_TIMEOUT`].
+    pub fn wait(&self, ticket: u64) {
+        // SeqCst: see the type's docs.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let g = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // SeqCst: see the type's docs.
+        if self.rings.load(Ordering::SeqCst) == ticket {
+            drop(
+                self.cv.wait_timeout(g, DOORBELL_TIMEOUT).unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        } else {
+            drop(g);
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wakes every waiter: call after each change they may wait for.
+    pub fn ring(&self) {
+        // SeqCst: see the type's docs.
+        self.rings.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.cv.notify_all();
+        }
     }
 }
 

@@ -102,20 +102,21 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
                 let s = Spread::of(&g.runs.iter().map(|r| f(r) as f64 / 1e3).collect::<Vec<_>>());
                 format!("{:.2} us [{:.2}, {:.2}]", s.median, s.min, s.max)
             };
-            let fr = Spread::of(
-                &g.runs.iter().filter_map(|r| r.progress.as_ref()?.fraction()).collect::<Vec<_>>(),
-            );
+            let fractions: Vec<f64> = g.runs.iter().filter_map(|r| r.progress.as_ref()?.fraction()).collect();
+            let fr = if fractions.is_empty() {
+                "unmeasured".to_string()
+            } else {
+                let f = Spread::of(&fractions);
+                format!("{:.3} [{:.3}, {:.3}] of outside", f.median, f.min, f.max)
+            };
             println!(
                 "{tag}: {} {}: vCPU mmu_lock wait during harvests {}, write-fault p99 inside harvests {}, \
-                 outside {}, guest progress during harvests {:.3} [{:.3}, {:.3}] of outside",
+                 outside {}, guest progress during harvests {fr}",
                 g.backend,
                 g.mmu,
                 ms(g, Record::harvest_lock_wait_ns),
                 us(&|r| p99(r, true)),
                 us(&|r| p99(r, false)),
-                fr.median,
-                fr.min,
-                fr.max
             );
         }
     }

@@ -459,6 +459,15 @@ fn print_thread_lines<'r>(
                 n.run.harvest_avg_ns() as f64 / o.run.harvest_avg_ns().max(1) as f64,
                 n.figure("harvest_thread_start_max_ns").unwrap_or(0) as f64 / 1e3
             );
+            // The helpers spin through the vCPUs' last pass before a quiet
+            // harvest (`prepare_harvest`): what that costs the guest.
+            println!(
+                "{tag}: engine {mmu}: the vCPUs' pass before the quiet harvest, the helpers woken ahead and \
+                 spinning: {} against {} with no helper: {:.3}",
+                secs(n.run.quiet.dirty_memory_ns),
+                secs(o.run.quiet.dirty_memory_ns),
+                n.run.quiet.dirty_memory_ns as f64 / o.run.quiet.dirty_memory_ns.max(1) as f64
+            );
         }
     }
 }

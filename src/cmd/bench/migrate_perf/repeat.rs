@@ -163,6 +163,16 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
             // against 1.0 (does a second thread help at all?).
             let target = if g.mmu == "lockless" { LOCKLESS_THREADS_TARGET } else { 1.0 };
             let q = ratio(g, one, |r| r.run.quiet.harvest_ns());
+            let pass = ratio(g, one, |r| r.run.quiet.dirty_memory_ns);
+            println!(
+                "{tag}: {}: the vCPUs' pass before the quiet harvest, {} helper(s) woken ahead and spinning, \
+                 against none: {:.3} [{:.3}, {:.3}]",
+                g.mmu,
+                g.spec.harvest_threads - 1,
+                pass.median,
+                pass.min,
+                pass.max
+            );
             let met = g.runs.iter().zip(&one.runs).filter(|(x, y)| {
                 (x.run.quiet.harvest_ns() as f64) <= target * y.run.quiet.harvest_ns() as f64
             });

@@ -105,23 +105,13 @@ impl Record {
             "vcpu_fault_latency_idle": lat(idle),
             "lost_pages": self.run.lost_pages,
             "quiet_get_dirty_log_ns": self.run.quiet.get_dirty_log_ns,
+            "quiet_harvests_ns": self.run.quiet_harvests_ns,
+            "quiet_pass_before_ns": self.run.quiet.dirty_memory_ns,
             "quiet_dirty_pages": self.run.quiet.dirty_pages,
             "quiet_ns_per_dirty_page": self.run.quiet.ns_per_page(),
             "fault_heavy_faults_per_sec": self.fault_heavy_faults_per_sec,
-            "vcpu_losses": self.losses.iter().map(|(l, (hr, hw))| {
-                let mut o: serde_json::Map<String, Value> =
-                    l.causes().iter().map(|(k, v)| (format!("{k}_ns"), json!(v))).collect();
-                o.insert("harvest_mmu_lock_read_wait_ns".into(), json!(hr));
-                o.insert("harvest_mmu_lock_write_wait_ns".into(), json!(hw));
-                Value::Object(o)
-            }).collect::<Vec<_>>(),
-            "progress": self.progress.as_ref().map(|p| json!({
-                "inside_harvest_per_sec": p.rates().map(|r| r.0),
-                "outside_harvest_per_sec": p.rates().map(|r| r.1),
-                "fraction": p.fraction(),
-                "windows": p.windows.iter().map(|w| json!([w.begin_ns, w.end_ns, w.begin_accesses, w.end_accesses])).collect::<Vec<_>>(),
-                "samples": p.samples,
-            })),
+            "vcpu_losses": self.losses.iter().map(loss_json).collect::<Vec<_>>(),
+            "progress": self.progress.as_ref().map(progress_json),
             "iterations": self.run.iterations.iter().map(|i| json!({
                 "dirty_memory_ns": i.dirty_memory_ns,
                 "get_dirty_log_ns": i.get_dirty_log_ns,
@@ -131,6 +121,33 @@ impl Record {
             "details": self.extra,
         })
     }
+}
+
+/// One vCPU's losses, by cause, with its lock waits during harvests.
+fn loss_json((l, (hr, hw)): &(VcpuLoss, (u64, u64))) -> Value {
+    let mut o: serde_json::Map<String, Value> =
+        l.causes().iter().map(|(k, v)| (format!("{k}_ns"), json!(v))).collect();
+    o.insert("harvest_mmu_lock_read_wait_ns".into(), json!(hr));
+    o.insert("harvest_mmu_lock_write_wait_ns".into(), json!(hw));
+    Value::Object(o)
+}
+
+/// The guest's progress: the rates, the windows, the samples.
+fn progress_json(p: &ProgressTrace) -> Value {
+    let windows: Vec<Value> = p
+        .windows
+        .iter()
+        .map(|w| {
+            json!([w.begin_ns, w.end_ns, w.begin_accesses, w.end_accesses, w.begin_idle_ns, w.end_idle_ns])
+        })
+        .collect();
+    json!({
+        "inside_harvest_per_sec": p.rates().map(|r| r.0),
+        "outside_harvest_per_sec": p.rates().map(|r| r.1),
+        "fraction": p.fraction(),
+        "windows": windows,
+        "samples": p.samples,
+    })
 }
 
 fn latency_line(what: &str, h: &LatencySummary) -> String {
@@ -221,10 +238,12 @@ pub fn print_summary(p: &Progress, r: &Record) {
         let q = run.quiet;
         let per = q.ns_per_page();
         p.line(format!(
-            "Harvest with no vCPU running: {} for {} dirty pages, {per:.2} ns per page = {:.2} x floor",
+            "Harvest with no vCPU running: {} for {} dirty pages, {per:.2} ns per page = {:.2} x floor (the \
+             median of {:?} ns)",
             secs(q.harvest_ns()),
             q.dirty_pages,
-            per / r.floor_ns_per_page
+            per / r.floor_ns_per_page,
+            run.quiet_harvests_ns
         ));
     }
     // The rhythm's one race: the vCPUs start their next pass as the harvest

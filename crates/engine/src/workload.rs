@@ -118,7 +118,7 @@ pub struct WorkloadSpec {
     pub seed: u64,
     /// Faults that need `mmu_lock`, paced while the host says logging is on
     /// ([`GuestControl::set_lock_faults`]): the guest makes the fresh and
-    /// split touches ([`ReserveTouches`]); the invalidations are the host's
+    /// split touches (`ReserveTouches`); the invalidations are the host's
     /// (`crate::notifier_thread`).
     pub lock_faults: LockFaults,
 }

@@ -176,6 +176,32 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
             let met = g.runs.iter().zip(&one.runs).filter(|(x, y)| {
                 (x.run.quiet.harvest_ns() as f64) <= target * y.run.quiet.harvest_ns() as f64
             });
+            let floor: Vec<f64> = g.runs.iter().filter_map(|r| r.floor_threads_ratio).collect();
+            if !floor.is_empty() {
+                let f = Spread::of(&floor);
+                let per_round: Vec<String> = g
+                    .runs
+                    .iter()
+                    .zip(&one.runs)
+                    .map(|(x, y)| {
+                        format!(
+                            "{:.3} (floor {:.3})",
+                            x.run.quiet.harvest_ns() as f64 / y.run.quiet.harvest_ns().max(1) as f64,
+                            x.floor_threads_ratio.unwrap_or(f64::NAN)
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{tag}: {}: the compare-exchange floor on {} threads against 1, right after each round's run: \
+                     {:.3} [{:.3}, {:.3}]; per round, the quiet harvest's ratio and the floor's: {}",
+                    g.mmu,
+                    g.spec.harvest_threads,
+                    f.median,
+                    f.min,
+                    f.max,
+                    per_round.join(", ")
+                );
+            }
             println!(
                 "{tag}: {}: quiet harvest on {} threads against 1: {:.3} [{:.3}, {:.3}], at or under {target:.1} in \
                  {} of {} rounds{}",

@@ -25,6 +25,11 @@ pub struct Record {
     pub(super) repetition: u32,
     pub(super) run: PerfRun,
     pub(super) floor_ns_per_page: f64,
+    /// With several harvest threads: the compare-exchange floor on that
+    /// many threads against one, measured right after this run, so that a
+    /// round's harvest ratio can be set against what the machine ran in
+    /// parallel at that moment.
+    pub(super) floor_threads_ratio: Option<f64>,
     /// Engine only: KVM's faults cannot be timed from userspace.
     pub(super) latency: Option<(LatencySummary, LatencySummary)>,
     /// Per vCPU: what it lost, and its `mmu_lock` waits during harvests
@@ -99,6 +104,7 @@ impl Record {
             "dirty_pages_avg": self.run.dirty_pages_avg(),
             "ns_per_dirty_page": self.run.ns_per_dirty_page(),
             "floor_ns_per_page": self.floor_ns_per_page,
+            "floor_threads_ratio": self.floor_threads_ratio,
             "vcpu_fault_p99_ns_harvest": harvest.map(|h| h.quantile_ns(0.99)),
             "vcpu_fault_p99_ns_idle": idle.map(|h| h.quantile_ns(0.99)),
             "vcpu_fault_latency_harvest": lat(harvest),
@@ -189,10 +195,18 @@ fn loss_lines(r: &Record) -> Vec<String> {
         out.push(line(format!("{} vCPUs together", r.losses.len()), &r.loss(), h));
     }
     if let Some(p) = &r.progress {
+        // A vCPU woken but waiting for a CPU counts as idle until it runs,
+        // one preempted as running: with more threads than CPUs, the two
+        // sides of the ratio see different shares of the CPUs.
+        let caveat = if crate::output::oversubscribed(r.vcpus, 1).is_some() {
+            "; oversubscribed, so not comparable: a vCPU waiting for a CPU counts as running"
+        } else {
+            ""
+        };
         out.push(match (p.rates(), p.fraction()) {
             (Some((inside, outside)), Some(f)) => format!(
                 "Guest progress during harvests: {:.2} M accesses/s against {:.2} M outside them: {f:.3} \
-                 ({} harvest windows, {:.3} ms in all)",
+                 ({} harvest windows, {:.3} ms in all{caveat})",
                 inside / 1e6,
                 outside / 1e6,
                 p.windows.len(),
@@ -324,6 +338,10 @@ pub(super) fn backend_run(
         guest_bytes,
         repetition: 0,
         floor_ns_per_page: perf::cmpxchg_floor(run.dirty_pages_avg()),
+        floor_threads_ratio: (harvest.harvest_threads > 1).then(|| {
+            let pages = run.quiet.dirty_pages;
+            perf::cmpxchg_floor_on(pages, harvest.harvest_threads) / perf::cmpxchg_floor_on(pages, 1)
+        }),
         latency: extras.latency,
         losses: extras.vcpu_losses,
         progress: extras.progress,

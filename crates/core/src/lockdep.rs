@@ -10,24 +10,27 @@ thread_local! {
     static HELD_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     /// Times this thread took `mmu_lock`: (for read, for write).
     static TAKEN: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-    /// Nanoseconds this thread waited for `mmu_lock`: (for read, for write).
-    static WAITED_NS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Nanoseconds this thread waited for `mmu_lock`: (for read, for
+    /// write, of either behind a harvest).
+    static WAITED_NS: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
 }
 
-/// Adds one wait for `mmu_lock` by this thread, `ns` long.
+/// Adds one wait for `mmu_lock` by this thread, `ns` long; `behind_harvest`:
+/// a harvest held the lock (or was between its holds) when it began.
 #[inline]
-pub fn add_mmu_lock_wait(write: bool, ns: u64) {
+pub fn add_mmu_lock_wait(write: bool, ns: u64, behind_harvest: bool) {
     WAITED_NS.with(|c| {
-        let (r, w) = c.get();
-        c.set(if write { (r, w + ns) } else { (r + ns, w) });
+        let (r, w, h) = c.get();
+        let h = h + if behind_harvest { ns } else { 0 };
+        c.set(if write { (r, w + ns, h) } else { (r + ns, w, h) });
     });
 }
 
-/// This thread's waits for `mmu_lock` so far, ns: (for read, for write). A
-/// vCPU reads it around each fault, so that what it lost to the lock is
-/// its own, not the VM's.
+/// This thread's waits for `mmu_lock` so far, ns: (for read, for write, of
+/// either behind a harvest). A vCPU reads it around each fault, so that
+/// what it lost to the lock is its own, not the VM's.
 #[inline]
-pub fn mmu_lock_waits() -> (u64, u64) {
+pub fn mmu_lock_waits() -> (u64, u64, u64) {
     WAITED_NS.with(Cell::get)
 }
 

@@ -151,13 +151,13 @@ impl Kvm {
         let (held_before, _) = shadow_mmu_core::lockdep::mmu_lock_holds();
         let taken_before = shadow_mmu_core::lockdep::mmu_lock_takes();
         match self.mmu.design {
-            MmuDesign::Locked => {
+            MmuDesign::Locked => self.mmu.lock.harvesting(|| {
                 let g = self.mmu.lock.lock();
                 walk(&mut Protector::Locked(&g), &mut t);
                 if t.pages > 0 && !self.mmu.breakage.skip_get_dirty_log_flush() {
                     self.kvm_flush_remote_tlbs();
                 }
-            }
+            }),
             MmuDesign::Lockless => {
                 let mut guard = self.mmu.rcu.read_lock();
                 t.sections = 1;
@@ -166,12 +166,12 @@ impl Kvm {
             MmuDesign::RmapLock => walk(&mut Protector::RmapLocked, &mut t),
             // The write lock for the chunk, as `kvm_get_dirty_log_protect`
             // takes it around its loop; the flush comes after the join.
-            MmuDesign::Tdp => {
+            MmuDesign::Tdp => self.mmu.lock.harvesting(|| {
                 // The split cache before mmu_lock (`TdpMmu::split_cache`).
                 let mut cache = self.mmu.tdp.split_cache.lock();
                 let mut g = self.mmu.lock.lock();
                 walk(&mut Protector::Tdp(&mut g, &mut cache), &mut t);
-            }
+            }),
         }
         let (held_after, max) = shadow_mmu_core::lockdep::mmu_lock_holds();
         t.lock_hold_ns = held_after - held_before;

@@ -61,6 +61,9 @@ pub(crate) struct MmuLock {
     rwlock: RwLock<MmuLocked>,
     /// Threads blocked in `lock` or `read` (for `rwlock_needbreak`).
     waiters: AtomicU32,
+    /// Harvest walks under way that take the lock (`harvest.rs`): a wait
+    /// that begins while one is counts as behind a harvest.
+    harvesting: AtomicU32,
     /// Write holds (every hold, in the shadow MMU designs).
     pub(crate) stats: LockStats,
     /// Read holds (the TDP design's).
@@ -72,6 +75,7 @@ impl MmuLock {
         Self {
             rwlock: RwLock::new(state),
             waiters: AtomicU32::new(0),
+            harvesting: AtomicU32::new(0),
             stats: LockStats::default(),
             read_stats: LockStats::default(),
         }
@@ -84,11 +88,23 @@ impl MmuLock {
         // Relaxed: a hint for `needbreak`; the lock orders everything that
         // matters.
         self.waiters.fetch_add(1, Ordering::Relaxed);
+        // Relaxed: a classification for statistics.
+        let behind_harvest = self.harvesting.load(Ordering::Relaxed) > 0;
         let g = take();
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         let ns = if write { &self.stats } else { &self.read_stats }.account_wait(t0);
-        shadow_mmu_core::lockdep::add_mmu_lock_wait(write, ns);
+        shadow_mmu_core::lockdep::add_mmu_lock_wait(write, ns, behind_harvest);
         g
+    }
+
+    /// Runs `f`, a harvest walk that takes the lock, counted as harvesting:
+    /// the waits that begin meanwhile are the harvest's doing.
+    pub(crate) fn harvesting<R>(&self, f: impl FnOnce() -> R) -> R {
+        // Relaxed: a classification for statistics (`wait`).
+        self.harvesting.fetch_add(1, Ordering::Relaxed);
+        let r = f();
+        self.harvesting.fetch_sub(1, Ordering::Relaxed);
+        r
     }
 
     /// `write_lock(&kvm->mmu_lock)` (`spin_lock` in the 3.11 designs).

@@ -152,6 +152,8 @@ pub struct VcpuLossCounters {
     pub mmu_lock_read_wait_ns: Counter,
     /// ... for write.
     pub mmu_lock_write_wait_ns: Counter,
+    /// Of those, ns of waits that began behind a harvest.
+    pub harvest_lock_wait_ns: Counter,
     /// ns handling remote TLB flush requests.
     pub tlb_flush_ns: Counter,
     /// ns held out of the guest by a throttle or a pause (the thread that
@@ -167,6 +169,7 @@ impl VcpuLossCounters {
         VcpuLoss {
             mmu_lock_read_wait_ns: self.mmu_lock_read_wait_ns.get(),
             mmu_lock_write_wait_ns: self.mmu_lock_write_wait_ns.get(),
+            harvest_lock_wait_ns: self.harvest_lock_wait_ns.get(),
             tlb_flush_ns: self.tlb_flush_ns.get(),
             throttle_ns: self.throttle_ns.get(),
             ring_full_ns: self.ring_full_ns.get(),
@@ -522,6 +525,9 @@ impl Vcpu {
         if waited.1 > 0 {
             self.loss.mmu_lock_write_wait_ns.add(waited.1);
         }
+        if waited1.2 > waited0.2 {
+            self.loss.harvest_lock_wait_ns.add(waited1.2 - waited0.2);
+        }
         self.stats.page_faults += 1;
         self.stats.write_faults += u64::from(write);
         self.enter_guest();
@@ -554,20 +560,33 @@ mod tests {
     use crate::vm::VmConfig;
 
     /// A fault that waits for `mmu_lock` counts the wait as its vCPU's
-    /// loss, in the mode it took: here the shadow MMU's write lock, held by
-    /// the test while the vCPU faults on a page no spte maps.
+    /// loss, in the mode it took (here the shadow MMU's write lock, held by
+    /// the test while the vCPU faults on a page no spte maps), and as the
+    /// harvest's doing only when a harvest held the lock.
     #[test]
     fn a_fault_that_waits_for_mmu_lock_counts_the_wait_as_the_vcpus_loss() {
         let (vm, _mem) = vm_with_memory(VmConfig::default(), 4 << 20, true).unwrap();
         let mut vcpu = vm.create_vcpu(0).unwrap();
         let loss = vcpu.loss_counters();
-        let held = vm.kvm().mmu.lock.lock();
-        let t = std::thread::spawn(move || vcpu.run(&mut Script::new([GuestOp::Write(0x5000, 1)])).unwrap());
-        std::thread::sleep(Duration::from_millis(30));
-        drop(held);
-        t.join().unwrap();
-        let l = loss.snapshot();
-        assert!(l.mmu_lock_write_wait_ns >= 10_000_000, "{l:?}");
-        assert_eq!(l.mmu_lock_read_wait_ns, 0, "{l:?}");
+        let lock = &vm.kvm().mmu.lock;
+        // Two 2 MiB regions: the first fault maps the whole of its own.
+        for (gpa, harvest) in [(0x5000, false), (0x20_5000, true)] {
+            let before = loss.snapshot();
+            let run = |mut v: super::Vcpu| {
+                let held = lock.lock();
+                let t = std::thread::spawn(move || {
+                    v.run(&mut Script::new([GuestOp::Write(gpa, 1)])).unwrap();
+                    v
+                });
+                std::thread::sleep(Duration::from_millis(30));
+                drop(held);
+                t.join().unwrap()
+            };
+            vcpu = if harvest { lock.harvesting(|| run(vcpu)) } else { run(vcpu) };
+            let l = loss.snapshot().since(&before);
+            assert!(l.mmu_lock_write_wait_ns >= 10_000_000, "{l:?}");
+            assert_eq!(l.mmu_lock_read_wait_ns, 0, "{l:?}");
+            assert_eq!(l.harvest_lock_wait_ns, if harvest { l.mmu_lock_write_wait_ns } else { 0 }, "{l:?}");
+        }
     }
 }

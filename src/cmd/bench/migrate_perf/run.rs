@@ -175,11 +175,13 @@ fn loss_lines(r: &Record) -> Vec<String> {
     let line = |who: String, l: &VcpuLoss, (hr, hw): (u64, u64)| {
         format!(
             "{who} lost: mmu_lock waits {:.3} ms for read, {:.3} ms for write (in faults during harvests: \
-             {:.3} ms, {:.3} ms); TLB flush requests {:.3} ms; throttled {:.3} ms; ring full {:.3} ms",
+             {:.3} ms, {:.3} ms; begun behind a harvest: {:.3} ms); TLB flush requests {:.3} ms; throttled \
+             {:.3} ms; ring full {:.3} ms",
             ms(l.mmu_lock_read_wait_ns),
             ms(l.mmu_lock_write_wait_ns),
             ms(hr),
             ms(hw),
+            ms(l.harvest_lock_wait_ns),
             ms(l.tlb_flush_ns),
             ms(l.throttle_ns),
             ms(l.ring_full_ns)

@@ -196,9 +196,7 @@ fn two_processes_migrate_and_report_in_qemu_terms() {
     assert!((sum - s["guest_stall_ms"].as_f64().unwrap()).abs() < 1e-6, "{sum} against {s}");
     assert!(rounds.last().unwrap()["guest_stall_ms"].is_null());
     let causes = &s["guest_stall"];
-    for k in
-        ["mmu_lock_read_wait_ms", "mmu_lock_write_wait_ms", "tlb_flush_ms", "throttle_ms", "ring_full_ms"]
-    {
+    for k in ["harvest_lock_wait_ms", "tlb_flush_ms", "throttle_ms", "ring_full_ms", "other_lock_wait_ms"] {
         assert!(causes[k].is_number(), "{k} in {causes}");
     }
     assert_eq!(s["status"], "completed");

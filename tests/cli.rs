@@ -477,3 +477,41 @@ fn bench_migrate_perf_sweeps_vcpu_counts() {
     assert_eq!(vcpus, [1, 2]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_migrate_repeats_interleaved_and_reports_the_guest_stall() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-bm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bm.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "migrate",
+        "--backend",
+        "engine,kvm",
+        "--mmu",
+        "locked,lockless",
+        "--guest-mib",
+        "8",
+        "--dirty-rate-mibps",
+        "64",
+        "--fresh-faults",
+        "20000",
+        "--repeat",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(KVM: skipped: the lock faults run on the engine only)"), "{out}");
+    assert!(out.contains("== over 2 repetitions: median [min, max]"), "{out}");
+    assert!(out.contains("engine lockless, get, 8 MiB, 64 MiB/s: total "), "{out}");
+    assert!(out.contains("guest stall: "), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let order: Vec<(u64, String)> =
+        runs.iter().map(|r| (r["repetition"].as_u64().unwrap(), r["mmu"].as_str().unwrap().into())).collect();
+    let want = [(0, "locked"), (0, "lockless"), (1, "locked"), (1, "lockless")];
+    assert_eq!(order, want.map(|(r, m)| (r, m.to_string())), "the rounds interleave the designs");
+    assert!(runs.iter().all(|r| r["source"]["guest_stall_ms"].is_number()), "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+}

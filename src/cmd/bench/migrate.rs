@@ -18,14 +18,14 @@ use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
-use shadow_mmu_migrate::stats::MigrationStats;
+use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus};
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
 use super::BenchResult;
 use crate::backend_kind::BackendKind;
 use crate::harvest_args::HarvestKnobs;
-use crate::output::Progress;
+use crate::output::{Progress, Spread};
 use crate::vm_description::VmDescription;
 
 #[derive(Debug, Args)]
@@ -68,6 +68,11 @@ pub struct MigrateArgs {
     /// How long the guest runs at the destination before its check, ms.
     #[arg(long, default_value_t = 300)]
     pub run_after_ms: u64,
+    /// Repetitions of every migration, interleaved (each round migrates
+    /// every combination once, in turn): each figure is summed up as its
+    /// median with its min and max.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
     /// Write the runs here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -397,7 +402,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
 pub fn main(a: &MigrateArgs) -> BenchResult {
     a.lock.spec()?;
     let combos = Combo::all(a);
-    let bar = Progress::new(combos.len() as u64, "migrations");
+    let bar = Progress::new(combos.len() as u64 * u64::from(a.repeat), "migrations");
     let mut raw = std::collections::BTreeMap::new();
     for &mib in &a.guest_mib {
         let t = raw_copy(mib << 20)?;
@@ -410,25 +415,35 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     let mut runs = Vec::new();
     let mut all_ok = true;
     let mut plotted = Vec::new();
-    for (i, c) in combos.iter().enumerate() {
-        let m = migrate_one(a, c, &dir.join(format!("dest-{i}.json")))?;
-        let (row, record, ok) = report_one(c, &m, raw[&c.mib]);
-        all_ok &= ok;
-        bar.line(row);
-        if let Some(s) = &m.stats.guest_stall {
-            bar.line(format!("  guest stall: {}", s.line()));
+    let mut measured: Vec<Vec<MigrationStats>> = vec![Vec::new(); combos.len()];
+    for round in 0..a.repeat {
+        for (i, c) in combos.iter().enumerate() {
+            let m = migrate_one(a, c, &dir.join(format!("dest-{round}-{i}.json")))?;
+            let (row, mut record, ok) = report_one(c, &m, raw[&c.mib]);
+            record["repetition"] = json!(round);
+            all_ok &= ok;
+            bar.line(row);
+            if let Some(s) = &m.stats.guest_stall {
+                bar.line(format!("  guest stall: {}", s.line()));
+            }
+            if let Some(e) = &m.error {
+                bar.line(format!("  {}: {e}", c.label()));
+            }
+            if !m.dest_ok {
+                bar.line(format!("  destination: {}", m.dest_stderr));
+            }
+            runs.push(record);
+            if round == 0 {
+                plotted.push((c.label(), c.mib, c.rate, m.stats.clone()));
+            }
+            measured[i].push(m.stats);
+            bar.step(format!("round {} {}/{}", round + 1, i + 1, combos.len()));
         }
-        if let Some(e) = &m.error {
-            bar.line(format!("  {}: {e}", c.label()));
-        }
-        if !m.dest_ok {
-            bar.line(format!("  destination: {}", m.dest_stderr));
-        }
-        runs.push(record);
-        plotted.push((c.label(), c.mib, c.rate, m.stats));
-        bar.step(format!("{}/{}", i + 1, combos.len()));
     }
     bar.finish();
+    if a.repeat > 1 {
+        print_repetitions(&combos, &measured, a.repeat);
+    }
     if let Some(p) = &a.json {
         crate::output::write_runs(p, runs)?;
     }
@@ -441,4 +456,35 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     }
     println!("{}", if all_ok { "OK" } else { "FAILED" });
     Ok(all_ok)
+}
+
+/// Each combination's figures over the rounds: median [min, max] of those
+/// measured (a failed migration has no downtime).
+fn print_repetitions(combos: &[Combo], measured: &[Vec<MigrationStats>], repeat: u32) {
+    println!("== over {repeat} repetitions: median [min, max]");
+    for (c, runs) in combos.iter().zip(measured) {
+        let spread = |f: &dyn Fn(&MigrationStats) -> Option<f64>| {
+            let v: Vec<f64> = runs.iter().filter_map(f).collect();
+            if v.is_empty() {
+                return "not measured".to_string();
+            }
+            let s = Spread::of(&v);
+            format!("{:.1} [{:.1}, {:.1}]", s.median, s.min, s.max)
+        };
+        println!(
+            "{}, {} MiB, {} MiB/s: total {} ms, setup {} ms, downtime {} ms, guest stall {} ms, rounds {}, \
+             {} mbps; completed {} of {}",
+            c.label(),
+            c.mib,
+            c.rate,
+            spread(&|s| Some(s.total_time_ms)),
+            spread(&|s| s.setup_time_ms),
+            spread(&|s| s.downtime_ms),
+            spread(&|s| s.guest_stall_ms),
+            spread(&|s| Some(s.rounds.len() as f64)),
+            spread(&|s| Some(s.mbps)),
+            runs.iter().filter(|s| s.status == MigrationStatus::Completed).count(),
+            runs.len()
+        );
+    }
 }

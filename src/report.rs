@@ -13,7 +13,7 @@ pub fn describe(cfg: &RunConfig) -> String {
     format!(
         "mmu={} fast-page-fault={} vcpus={} guest={} MiB workload={} writes={}% address-spaces={} \
          interval={} ms budget={} tlb={} large-pages={} slot-churn={} relog-every={} slots={} \
-         invalidate-every={} dirty-log={} clear-chunk-pages={} ring-entries={}",
+         invalidate-every={} dirty-log={} clear-chunk-pages={} ring-entries={} lock-faults={}",
         cfg.mmu,
         cfg.fast_page_fault,
         cfg.vcpus,
@@ -32,6 +32,7 @@ pub fn describe(cfg: &RunConfig) -> String {
         cfg.harvest.label(),
         cfg.harvest.clear_chunk_pages,
         cfg.harvest.ring_entries,
+        cfg.workload.lock_faults.label(),
     )
 }
 
@@ -164,6 +165,19 @@ fn mmu_lines(s: &mut String, cfg: &RunConfig, r: &RunReport, secs: f64) {
     );
     if r.invalidations > 0 {
         let _ = writeln!(s, "  mmu notifier          {} invalidations during logging", r.invalidations);
+    }
+    if cfg.workload.lock_faults.needs_reserve() {
+        let _ = writeln!(
+            s,
+            "  lock faults           {} fresh touches, {} split touches during logging{}",
+            r.reserve.fresh,
+            r.reserve.split,
+            if r.reserve.fresh_exhausted || r.reserve.split_exhausted {
+                " (a vCPU touched all of its reserve part: fewer than asked)"
+            } else {
+                ""
+            }
+        );
     }
     if r.relogs > 0 {
         let _ = writeln!(s, "  logging re-enabled    {} times with the vCPUs running", r.relogs);

@@ -253,11 +253,12 @@ const PROGRESS_MAX_SAMPLES: usize = 1 << 20;
 /// The guests' progress over a run ([`ProgressTrace`]): a thread samples
 /// their accesses; the host marks each probed harvest's window.
 struct ProgressRecorder {
+    /// The sweepers' start: the base of every time here, and of their
+    /// `PassClock::idle_since`.
     t0: Instant,
     ctl: Arc<GuestControl>,
     /// The sweepers' clocks, for their idle time.
     passes: Arc<[CachePadded<PassClock>]>,
-    sweepers_t0: Instant,
     vcpus: u32,
     windows: parking_lot::Mutex<Vec<HarvestWindow>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -266,8 +267,7 @@ struct ProgressRecorder {
 
 impl ProgressRecorder {
     fn start(sweepers: &Sweepers) -> Self {
-        let ctl = sweepers.ctl.clone();
-        let t0 = Instant::now();
+        let (ctl, t0) = (sweepers.ctl.clone(), sweepers.t0);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ctl2, stop2) = (ctl.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
@@ -283,7 +283,6 @@ impl ProgressRecorder {
             t0,
             ctl,
             passes: sweepers.passes.clone(),
-            sweepers_t0: sweepers.t0,
             vcpus: sweepers.losses.len() as u32,
             windows: parking_lot::Mutex::new(Vec::new()),
             stop,
@@ -293,7 +292,7 @@ impl ProgressRecorder {
 
     /// ns since the start, accesses and idle vCPU-ns so far.
     fn now(&self) -> (u64, u64, u64) {
-        let idle = idle_now(&self.passes, self.sweepers_t0);
+        let idle = idle_now(&self.passes, self.t0);
         (self.t0.elapsed().as_nanos() as u64, self.ctl.accesses(), idle)
     }
 

@@ -83,42 +83,7 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
     let gs = groups(records);
     println!("== over {repeat} repetitions: median [min, max]");
     for g in &gs {
-        let tag = format!("{} MiB, {}", g.guest_bytes >> 20, g.spec.label());
-        println!(
-            "{tag}: {} {}: harvest {}, quiet harvest {}, enable {}, first dirtying pass {}, later passes {}",
-            g.backend,
-            g.mmu,
-            ms(g, |r| r.run.harvest_avg_ns()),
-            ms(g, |r| r.run.quiet.harvest_ns()),
-            ms(g, |r| r.run.enable_dirty_logging_ns),
-            ms(g, |r| r.run.iterations.first().map_or(0, |i| i.dirty_memory_ns)),
-            ms(g, later_passes_ns),
-        );
-        if g.runs.iter().all(|r| r.latency.is_some()) {
-            let p99 = |r: &Record, inside: bool| {
-                r.latency.as_ref().map_or(0, |(i, o)| if inside { i } else { o }.quantile_ns(0.99))
-            };
-            let us = |f: &dyn Fn(&Record) -> u64| {
-                let s = Spread::of(&g.runs.iter().map(|r| f(r) as f64 / 1e3).collect::<Vec<_>>());
-                format!("{:.2} us [{:.2}, {:.2}]", s.median, s.min, s.max)
-            };
-            let fractions: Vec<f64> = g.runs.iter().filter_map(|r| r.progress.as_ref()?.fraction()).collect();
-            let fr = if fractions.is_empty() {
-                "unmeasured".to_string()
-            } else {
-                let f = Spread::of(&fractions);
-                format!("{:.3} [{:.3}, {:.3}] of outside", f.median, f.min, f.max)
-            };
-            println!(
-                "{tag}: {} {}: vCPU mmu_lock wait during harvests {}, write-fault p99 inside harvests {}, \
-                 outside {}, guest progress during harvests {fr}",
-                g.backend,
-                g.mmu,
-                ms(g, Record::harvest_lock_wait_ns),
-                us(&|r| p99(r, true)),
-                us(&|r| p99(r, false)),
-            );
-        }
+        print_group(g);
     }
     let find = |g: &Group<'_>, mmu: &str, spec: HarvestSpec| {
         gs.iter().find(|o| {
@@ -126,94 +91,149 @@ pub(super) fn print_repetitions(records: &[Record], repeat: u32) {
         })
     };
     for g in gs.iter().filter(|g| g.backend == "engine") {
-        let tag = format!("{} MiB, {}", g.guest_bytes >> 20, g.spec.label());
         if g.mmu != "locked"
             && let Some(l) = find(g, "locked", g.spec)
         {
-            let h = ratio(g, l, |r| r.run.harvest_avg_ns());
-            let q = ratio(g, l, |r| r.run.quiet.harvest_ns());
-            if l.runs.iter().any(|r| r.harvest_lock_wait_ns() > 0) {
-                let w = ratio(g, l, Record::harvest_lock_wait_ns);
-                println!(
-                    "{tag}: {}/locked vCPU mmu_lock wait during harvests {:.3} [{:.3}, {:.3}]{}",
-                    g.mmu,
-                    w.median,
-                    w.min,
-                    w.max,
-                    verdict(&w, LOCK_WAIT_TARGET)
-                );
-            }
-            println!(
-                "{tag}: {}/locked harvest {:.3} [{:.3}, {:.3}]{}; quiet {:.3} [{:.3}, {:.3}]{}",
-                g.mmu,
-                h.median,
-                h.min,
-                h.max,
-                verdict(&h, 1.0),
-                q.median,
-                q.min,
-                q.max,
-                verdict(&q, 1.0)
-            );
+            print_against_locked(g, l);
         }
         if g.spec.harvest_threads > 1
             && let Some(one) = find(g, &g.mmu, HarvestSpec { harvest_threads: 1, ..g.spec })
         {
-            // The lockless design's target is 0.6; the others are checked
-            // against 1.0 (does a second thread help at all?).
-            let target = if g.mmu == "lockless" { LOCKLESS_THREADS_TARGET } else { 1.0 };
-            let q = ratio(g, one, |r| r.run.quiet.harvest_ns());
-            let pass = ratio(g, one, |r| r.run.quiet.dirty_memory_ns);
-            println!(
-                "{tag}: {}: the vCPUs' pass before the quiet harvest, {} helper(s) woken ahead and spinning, \
-                 against none: {:.3} [{:.3}, {:.3}]",
-                g.mmu,
-                g.spec.harvest_threads - 1,
-                pass.median,
-                pass.min,
-                pass.max
-            );
-            let met = g.runs.iter().zip(&one.runs).filter(|(x, y)| {
-                (x.run.quiet.harvest_ns() as f64) <= target * y.run.quiet.harvest_ns() as f64
-            });
-            let floor: Vec<f64> = g.runs.iter().filter_map(|r| r.floor_threads_ratio).collect();
-            if !floor.is_empty() {
-                let f = Spread::of(&floor);
-                let per_round: Vec<String> = g
-                    .runs
-                    .iter()
-                    .zip(&one.runs)
-                    .map(|(x, y)| {
-                        format!(
-                            "{:.3} (floor {:.3})",
-                            x.run.quiet.harvest_ns() as f64 / y.run.quiet.harvest_ns().max(1) as f64,
-                            x.floor_threads_ratio.unwrap_or(f64::NAN)
-                        )
-                    })
-                    .collect();
-                println!(
-                    "{tag}: {}: the compare-exchange floor on {} threads against 1, right after each round's run: \
-                     {:.3} [{:.3}, {:.3}]; per round, the quiet harvest's ratio and the floor's: {}",
-                    g.mmu,
-                    g.spec.harvest_threads,
-                    f.median,
-                    f.min,
-                    f.max,
-                    per_round.join(", ")
-                );
-            }
-            println!(
-                "{tag}: {}: quiet harvest on {} threads against 1: {:.3} [{:.3}, {:.3}], at or under {target:.1} in \
-                 {} of {} rounds{}",
-                g.mmu,
-                g.spec.harvest_threads,
-                q.median,
-                q.min,
-                q.max,
-                met.count(),
-                g.runs.len().min(one.runs.len()),
-                verdict(&q, target)
-            );
+            print_threads(g, one);
         }
     }
+}
+
+fn tag(g: &Group<'_>) -> String {
+    format!("{} MiB, {}", g.guest_bytes >> 20, g.spec.label())
+}
+
+/// One group's timed figures, and where the backend measures them, what
+/// its vCPUs lost during harvests.
+fn print_group(g: &Group<'_>) {
+    let tag = tag(g);
+    println!(
+        "{tag}: {} {}: harvest {}, quiet harvest {}, enable {}, first dirtying pass {}, later passes {}",
+        g.backend,
+        g.mmu,
+        ms(g, |r| r.run.harvest_avg_ns()),
+        ms(g, |r| r.run.quiet.harvest_ns()),
+        ms(g, |r| r.run.enable_dirty_logging_ns),
+        ms(g, |r| r.run.iterations.first().map_or(0, |i| i.dirty_memory_ns)),
+        ms(g, later_passes_ns),
+    );
+    if !g.runs.iter().all(|r| r.latency.is_some()) {
+        return;
+    }
+    let p99 = |r: &Record, inside: bool| {
+        r.latency.as_ref().map_or(0, |(i, o)| if inside { i } else { o }.quantile_ns(0.99))
+    };
+    let us = |f: &dyn Fn(&Record) -> u64| {
+        let s = Spread::of(&g.runs.iter().map(|r| f(r) as f64 / 1e3).collect::<Vec<_>>());
+        format!("{:.2} us [{:.2}, {:.2}]", s.median, s.min, s.max)
+    };
+    let fractions: Vec<f64> = g.runs.iter().filter_map(|r| r.progress.as_ref()?.fraction()).collect();
+    let fr = if fractions.is_empty() {
+        "unmeasured".to_string()
+    } else {
+        let f = Spread::of(&fractions);
+        format!("{:.3} [{:.3}, {:.3}] of outside", f.median, f.min, f.max)
+    };
+    println!(
+        "{tag}: {} {}: vCPU mmu_lock wait during harvests {}, write-fault p99 inside harvests {}, outside {}, \
+         guest progress during harvests {fr}",
+        g.backend,
+        g.mmu,
+        ms(g, Record::harvest_lock_wait_ns),
+        us(&|r| p99(r, true)),
+        us(&|r| p99(r, false)),
+    );
+}
+
+/// A design against the locked design, round by round: the vCPUs' lock
+/// wait during harvests (against its target), the harvest, the quiet one.
+fn print_against_locked(g: &Group<'_>, l: &Group<'_>) {
+    let tag = tag(g);
+    let h = ratio(g, l, |r| r.run.harvest_avg_ns());
+    let q = ratio(g, l, |r| r.run.quiet.harvest_ns());
+    if l.runs.iter().any(|r| r.harvest_lock_wait_ns() > 0) {
+        let w = ratio(g, l, Record::harvest_lock_wait_ns);
+        println!(
+            "{tag}: {}/locked vCPU mmu_lock wait during harvests {:.3} [{:.3}, {:.3}]{}",
+            g.mmu,
+            w.median,
+            w.min,
+            w.max,
+            verdict(&w, LOCK_WAIT_TARGET)
+        );
+    }
+    println!(
+        "{tag}: {}/locked harvest {:.3} [{:.3}, {:.3}]{}; quiet {:.3} [{:.3}, {:.3}]{}",
+        g.mmu,
+        h.median,
+        h.min,
+        h.max,
+        verdict(&h, 1.0),
+        q.median,
+        q.min,
+        q.max,
+        verdict(&q, 1.0)
+    );
+}
+
+/// A harvest on several threads against one thread (`one`), round by
+/// round: what waking the helpers ahead costs the vCPUs' pass, the floor's
+/// own ratio beside the harvest's, and the quiet harvest against its target.
+fn print_threads(g: &Group<'_>, one: &Group<'_>) {
+    let tag = tag(g);
+    // The lockless design's target is 0.6; the others are checked against
+    // 1.0 (does a second thread help at all?).
+    let target = if g.mmu == "lockless" { LOCKLESS_THREADS_TARGET } else { 1.0 };
+    let quiet =
+        |x: &Record, y: &Record| x.run.quiet.harvest_ns() as f64 / y.run.quiet.harvest_ns().max(1) as f64;
+    let pass = ratio(g, one, |r| r.run.quiet.dirty_memory_ns);
+    println!(
+        "{tag}: {}: the vCPUs' pass before the quiet harvest, {} helper(s) woken ahead and spinning, against \
+         none: {:.3} [{:.3}, {:.3}]",
+        g.mmu,
+        g.spec.harvest_threads - 1,
+        pass.median,
+        pass.min,
+        pass.max
+    );
+    let floor: Vec<f64> = g.runs.iter().filter_map(|r| r.floor_threads_ratio).collect();
+    if !floor.is_empty() {
+        let f = Spread::of(&floor);
+        let per_round: Vec<String> = g
+            .runs
+            .iter()
+            .zip(&one.runs)
+            .map(|(x, y)| {
+                format!("{:.3} (floor {:.3})", quiet(x, y), x.floor_threads_ratio.unwrap_or(f64::NAN))
+            })
+            .collect();
+        println!(
+            "{tag}: {}: the compare-exchange floor on {} threads against 1, right after each round's run: {:.3} \
+             [{:.3}, {:.3}]; per round, the quiet harvest's ratio and the floor's: {}",
+            g.mmu,
+            g.spec.harvest_threads,
+            f.median,
+            f.min,
+            f.max,
+            per_round.join(", ")
+        );
+    }
+    let q = ratio(g, one, |r| r.run.quiet.harvest_ns());
+    let met = g.runs.iter().zip(&one.runs).filter(|(x, y)| quiet(x, y) <= target).count();
+    println!(
+        "{tag}: {}: quiet harvest on {} threads against 1: {:.3} [{:.3}, {:.3}], at or under {target:.1} in {met} \
+         of {} rounds{}",
+        g.mmu,
+        g.spec.harvest_threads,
+        q.median,
+        q.min,
+        q.max,
+        g.runs.len().min(one.runs.len()),
+        verdict(&q, target)
+    );
 }

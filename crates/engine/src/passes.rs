@@ -701,6 +701,53 @@ pub struct EnginePasses {
 }
 
 impl EnginePasses {
+    /// The run's closing lines: faults, `mmu_lock`, the pool, the lock
+    /// faults made.
+    fn stop_lines(&self, swept: &SweepResult, s: &crate::vm::VmStats) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms for write, \
+                 {:.1} ms for read (summed over readers)",
+                swept.stats.write_faults,
+                s.mmu.fast_page_faults,
+                if self.fast_page_fault { "" } else { ", which is off" },
+                s.mmu_lock_hold_ns as f64 / 1e6,
+                s.mmu_lock_read_hold_ns as f64 / 1e6
+            ),
+            format!(
+                "mmu_lock taken by slow faults: {} for read, {} for write; by harvests: {} for read, {} for \
+                 write; vCPUs and harvesters waited {:.1} ms for read, {:.1} ms for write",
+                s.mmu.fault_mmu_lock_reads,
+                s.mmu.fault_mmu_lock_writes,
+                s.mmu.harvest_mmu_lock_reads,
+                s.mmu.harvest_mmu_lock_writes,
+                s.mmu_lock_read_wait_ns as f64 / 1e6,
+                s.mmu_lock_wait_ns as f64 / 1e6
+            ),
+            format!(
+                "Pool backlog waits under mmu_lock: {} (longest {:.1} us)",
+                s.pool_backlog_waits,
+                s.pool_backlog_wait_max_ns as f64 / 1e3
+            ),
+        ];
+        let lock = self.workload.lock_faults;
+        if lock.any() {
+            let r = swept.reserve;
+            let note =
+                |spent: bool| if spent { " (a vCPU touched all of its part: fewer than asked)" } else { "" };
+            lines.push(format!(
+                "Lock faults ({}): {} fresh touches{}, {} split touches{}, {} mmu notifier invalidations",
+                lock.label(),
+                r.fresh,
+                note(r.fresh_exhausted),
+                r.split,
+                note(r.split_exhausted),
+                self.invalidations
+            ));
+        }
+        lines
+    }
+
     /// Stops the mmu notifier thread, if it runs, and counts its work.
     fn stop_notifier(&mut self) {
         match self.notifier.take().map(MmuNotifierThread::stop) {
@@ -867,47 +914,7 @@ impl VcpuControl for EnginePassVm {
         }
         let swept = self.work.sweepers.stop().map_err(|e| self.fail("stopping the vCPUs", e))?;
         let s = self.vm.stats();
-        let mut lines = vec![
-            format!(
-                "vCPU write faults: {} ({} fixed by fast_page_fault{}), mmu_lock held {:.1} ms for write, \
-                 {:.1} ms for read (summed over readers)",
-                swept.stats.write_faults,
-                s.mmu.fast_page_faults,
-                if self.work.fast_page_fault { "" } else { ", which is off" },
-                s.mmu_lock_hold_ns as f64 / 1e6,
-                s.mmu_lock_read_hold_ns as f64 / 1e6
-            ),
-            format!(
-                "mmu_lock taken by slow faults: {} for read, {} for write; by harvests: {} for read, {} for \
-                 write; vCPUs and harvesters waited {:.1} ms for read, {:.1} ms for write",
-                s.mmu.fault_mmu_lock_reads,
-                s.mmu.fault_mmu_lock_writes,
-                s.mmu.harvest_mmu_lock_reads,
-                s.mmu.harvest_mmu_lock_writes,
-                s.mmu_lock_read_wait_ns as f64 / 1e6,
-                s.mmu_lock_wait_ns as f64 / 1e6
-            ),
-            format!(
-                "Pool backlog waits under mmu_lock: {} (longest {:.1} us)",
-                s.pool_backlog_waits,
-                s.pool_backlog_wait_max_ns as f64 / 1e3
-            ),
-        ];
-        let lock = self.work.workload.lock_faults;
-        if lock.any() {
-            let r = swept.reserve;
-            let note =
-                |spent: bool| if spent { " (a vCPU touched all of its part: fewer than asked)" } else { "" };
-            lines.push(format!(
-                "Lock faults ({}): {} fresh touches{}, {} split touches{}, {} mmu notifier invalidations",
-                lock.label(),
-                r.fresh,
-                note(r.fresh_exhausted),
-                r.split,
-                note(r.split_exhausted),
-                self.work.invalidations
-            ));
-        }
+        let lines = self.work.stop_lines(&swept, &s);
         Ok(PassExtras {
             latency: Some((swept.harvest.summary(), swept.idle.summary())),
             vcpu_losses: swept.losses,

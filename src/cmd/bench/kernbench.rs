@@ -92,7 +92,6 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
             )
         }
     };
-    let per = Duration::from_secs_f64(a.seconds / f64::from(a.rounds));
     println!(
         "== kernbench: {what}; {} vCPUs, shadow page budget {}, {}, dirty logging off",
         a.vcpus,
@@ -103,49 +102,7 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
             format!("a 2 MiB invalidation every {} us", a.invalidate_every_us)
         }
     );
-    let p = Progress::new(u64::from(a.rounds) * a.mmu.len() as u64, "kernbench");
-    let mut samples: Vec<Vec<KernbenchRun>> = vec![Vec::new(); a.mmu.len()];
-    let mut populates: Vec<Vec<Populate>> = vec![Vec::new(); a.mmu.len()];
-    for round in 0..a.rounds {
-        for (i, &mmu) in a.mmu.iter().enumerate() {
-            let design = VmConfig { mmu, fast_page_fault: !a.no_fast_page_fault, ..VmConfig::default() };
-            let pop = populate(&design, a.vcpus, a.guest_mib << 20)?;
-            p.line(format!(
-                "round {} {mmu}: populate {:.2} ms ({} vCPUs in parallel, 4 KiB faults; mmu_lock waited {:.2} ms \
-                 for read, {:.2} ms for write)",
-                round + 1,
-                pop.ns as f64 / 1e6,
-                a.vcpus,
-                pop.lock_wait_ns.0 as f64 / 1e6,
-                pop.lock_wait_ns.1 as f64 / 1e6
-            ));
-            populates[i].push(pop);
-            let cfg = KernbenchConfig {
-                mmu,
-                fast_page_fault: !a.no_fast_page_fault,
-                vcpus: a.vcpus,
-                guest_bytes: a.guest_mib << 20,
-                workload: workload.clone(),
-                max_mmu_pages: a.max_mmu_pages,
-                invalidate_every: (a.invalidate_every_us > 0)
-                    .then(|| Duration::from_micros(a.invalidate_every_us)),
-                duration: per,
-                seed: a.seed.wrapping_add(u64::from(round)),
-            };
-            let r = kernbench(&cfg)?;
-            p.line(format!(
-                "round {} {mmu}: {:.0} ops/s, {:.0} faults/s, {} invalidations, {} shadow pages shrunk",
-                round + 1,
-                r.ops_per_sec,
-                r.faults_per_sec,
-                r.invalidations,
-                r.sp_shrunk
-            ));
-            p.step(format!("{mmu} round {}", round + 1));
-            samples[i].push(r);
-        }
-    }
-    p.finish();
+    let (samples, populates) = run_rounds(a, &workload)?;
     let mut runs = Vec::new();
     for (mmu, s) in a.mmu.iter().zip(&samples) {
         let ops = Spread::of(&s.iter().map(|r| r.ops_per_sec).collect::<Vec<_>>());
@@ -204,6 +161,60 @@ pub fn main(a: &KernbenchArgs) -> BenchResult {
         println!("wrote {}", path.display());
     }
     Ok(true)
+}
+
+/// Per design (in `--mmu` order), its kernbench runs and its populates,
+/// one of each a round.
+type Rounds = (Vec<Vec<KernbenchRun>>, Vec<Vec<Populate>>);
+
+/// Every round, each design in turn: its parallel populate, then its
+/// kernbench run of `--seconds / --rounds`.
+fn run_rounds(a: &KernbenchArgs, workload: &Workload) -> BenchResult<Rounds> {
+    let per = Duration::from_secs_f64(a.seconds / f64::from(a.rounds));
+    let p = Progress::new(u64::from(a.rounds) * a.mmu.len() as u64, "kernbench");
+    let mut samples: Vec<Vec<KernbenchRun>> = vec![Vec::new(); a.mmu.len()];
+    let mut populates: Vec<Vec<Populate>> = vec![Vec::new(); a.mmu.len()];
+    for round in 0..a.rounds {
+        for (i, &mmu) in a.mmu.iter().enumerate() {
+            let design = VmConfig { mmu, fast_page_fault: !a.no_fast_page_fault, ..VmConfig::default() };
+            let pop = populate(&design, a.vcpus, a.guest_mib << 20)?;
+            p.line(format!(
+                "round {} {mmu}: populate {:.2} ms ({} vCPUs in parallel, 4 KiB faults; mmu_lock waited {:.2} ms \
+                 for read, {:.2} ms for write)",
+                round + 1,
+                pop.ns as f64 / 1e6,
+                a.vcpus,
+                pop.lock_wait_ns.0 as f64 / 1e6,
+                pop.lock_wait_ns.1 as f64 / 1e6
+            ));
+            populates[i].push(pop);
+            let cfg = KernbenchConfig {
+                mmu,
+                fast_page_fault: !a.no_fast_page_fault,
+                vcpus: a.vcpus,
+                guest_bytes: a.guest_mib << 20,
+                workload: workload.clone(),
+                max_mmu_pages: a.max_mmu_pages,
+                invalidate_every: (a.invalidate_every_us > 0)
+                    .then(|| Duration::from_micros(a.invalidate_every_us)),
+                duration: per,
+                seed: a.seed.wrapping_add(u64::from(round)),
+            };
+            let r = kernbench(&cfg)?;
+            p.line(format!(
+                "round {} {mmu}: {:.0} ops/s, {:.0} faults/s, {} invalidations, {} shadow pages shrunk",
+                round + 1,
+                r.ops_per_sec,
+                r.faults_per_sec,
+                r.invalidations,
+                r.sp_shrunk
+            ));
+            p.step(format!("{mmu} round {}", round + 1));
+            samples[i].push(r);
+        }
+    }
+    p.finish();
+    Ok((samples, populates))
 }
 
 /// The parallel populate: each design's median with its spread, and its

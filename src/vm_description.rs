@@ -119,7 +119,7 @@ impl VmDescription {
         Ok(self.backend.backend(&engine, &spec))
     }
 
-    fn pass_spec(&self) -> PassSpec {
+    fn pass_spec(&self, lazy_memory: bool) -> PassSpec {
         PassSpec {
             vcpus: self.vcpus,
             guest_bytes: self.guest_bytes,
@@ -128,6 +128,7 @@ impl VmDescription {
             seed: self.seed,
             dirty_pages: None,
             lock_faults: self.lock_faults(),
+            lazy_memory,
         }
     }
 
@@ -142,7 +143,14 @@ impl VmDescription {
 
     /// Builds and starts the VM, vCPUs waiting for their first release.
     pub fn start(&self) -> Result<Box<dyn PassVm>, DescriptionError> {
-        Ok(self.backend()?.start_passes(&self.pass_spec())?)
+        Ok(self.backend()?.start_passes(&self.pass_spec(false))?)
+    }
+
+    /// Builds and starts the VM a migration's destination loads: its memory
+    /// mapped lazily (the stream fills it; populating it first made the
+    /// destination take 0.4 to 2.8 s per GiB before it said `Ready`).
+    pub fn start_destination(&self) -> Result<Box<dyn PassVm>, DescriptionError> {
+        Ok(self.backend()?.start_passes(&self.pass_spec(true))?)
     }
 
     /// Builds the VM and boots it: a first pass, so that every page holds

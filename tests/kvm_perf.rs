@@ -182,6 +182,7 @@ fn migrate_perf_reports_every_figure() {
         seed: 1,
         dirty_pages: None,
         lock_faults: Default::default(),
+        lazy_memory: false,
     };
     let mut vm = KvmBackend {
         protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },

@@ -30,6 +30,7 @@ fn spec(guest_bytes: u64) -> PassSpec {
         seed: 7,
         dirty_pages: None,
         lock_faults: Default::default(),
+        lazy_memory: false,
     }
 }
 

@@ -86,6 +86,7 @@ fn spec(guest_bytes: u64) -> PassSpec {
         seed: 3,
         dirty_pages: None,
         lock_faults: Default::default(),
+        lazy_memory: false,
     }
 }
 

@@ -114,6 +114,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 seed: a.seed,
                 dirty_pages: None,
                 lock_faults: Default::default(),
+                lazy_memory: false,
             };
             let mut vm = backend.start_passes(&pass)?;
             let r = dirty_log_test(

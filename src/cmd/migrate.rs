@@ -315,7 +315,7 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
             return Err(BuildError::TooLarge { bytes: d.guest_bytes, max });
         }
         pace.set((d.dirty_rate, d.write_pct));
-        d.start().map_err(|e| match e {
+        d.start_destination().map_err(|e| match e {
             DescriptionError::Backend(e) => BuildError::Backend(e),
             e => BuildError::Description(Box::new(e)),
         })

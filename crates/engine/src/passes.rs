@@ -798,8 +798,10 @@ impl EnginePassVm {
             return Err(PassesError::NoReserve { swept, guest_pages: npages });
         }
         // A working set is swept in a lazily mapped guest (`MAP_NORESERVE`):
-        // populating it all would defeat the point of a large guest.
-        let (vm, mem) = vm_with_memory(config, spec.guest_bytes, spec.dirty_pages.is_none())?;
+        // populating it all would defeat the point of a large guest. A
+        // destination's is lazy too (`PassSpec::lazy_memory`).
+        let populate = spec.dirty_pages.is_none() && !spec.lazy_memory;
+        let (vm, mem) = vm_with_memory(config, spec.guest_bytes, populate)?;
         if let Some(n) = dirty_ring {
             vm.enable_dirty_ring(n.bytes())?;
         }

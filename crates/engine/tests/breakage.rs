@@ -343,6 +343,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
                 seed: 3,
                 dirty_pages: None,
                 lock_faults: Default::default(),
+                lazy_memory: false,
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 6, Duration::from_millis(2), 3, |_, _| {});
@@ -445,6 +446,7 @@ fn the_fresh_memory_workload_catches_a_slow_fault_that_does_not_mark_dirty() {
             seed: 9,
             dirty_pages: None,
             lock_faults: LockFaults { fresh_per_sec: 200_000, ..LockFaults::default() },
+            lazy_memory: false,
         };
         let mut vm = backend.start_passes(&pass).unwrap();
         let (run, _) = migrate_perf(vm.as_mut(), 6, &HarvestSpec::default(), |_, _| {}).unwrap();

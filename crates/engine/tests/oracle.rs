@@ -341,6 +341,7 @@ fn dirty_log_test_in_every_design_and_interface() {
                 seed: 5,
                 dirty_pages: None,
                 lock_faults: Default::default(),
+                lazy_memory: false,
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 8, Duration::from_millis(3), 5, |_, _| {})
@@ -402,6 +403,7 @@ fn lock_fault_workloads_under_migrate_perf_in_every_design() {
                 seed: 9,
                 dirty_pages: None,
                 lock_faults: lock,
+                lazy_memory: false,
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let (swept, reserve) = if lock.needs_reserve() { (2048, 2048) } else { (4096, 0) };

@@ -94,6 +94,7 @@ impl Backend for KvmBackend {
             seed: spec.seed,
             protect: self.protect,
             dirty_ring_bytes: self.dirty_ring.map(RingEntries::bytes),
+            lazy_memory: spec.lazy_memory,
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))

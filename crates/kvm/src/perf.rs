@@ -69,6 +69,9 @@ pub struct KvmPerfConfig {
     pub protect: DirtyLogProtect,
     /// The dirty ring, of this many bytes per vCPU, instead of the bitmap.
     pub dirty_ring_bytes: Option<u32>,
+    /// Map the test slot lazily (a migration's destination), not populated
+    /// up front (`vmm::PassSpec::lazy_memory`).
+    pub lazy_memory: bool,
 }
 
 impl Default for KvmPerfConfig {
@@ -81,6 +84,7 @@ impl Default for KvmPerfConfig {
             seed: 1,
             protect: DirtyLogProtect::Auto,
             dirty_ring_bytes: None,
+            lazy_memory: false,
         }
     }
 }
@@ -337,7 +341,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
 }
 
 impl KvmPerfVm {
-    /// Creates the VM (test slot populated, logging off), generates each
+    /// Creates the VM (test slot populated unless lazy, logging off), generates each
     /// vCPU's code and starts the vCPU threads, waiting for [`Self::release`].
     pub fn new(cfg: &KvmPerfConfig) -> Result<Self, KvmError> {
         cfg.check().map_err(KvmError::BadConfig)?;
@@ -349,9 +353,13 @@ impl KvmPerfVm {
             protect: cfg.protect,
             dirty_ring_bytes: cfg.dirty_ring_bytes,
             // As the engine: the first pass measures KVM, not the host
-            // kernel's first-touch faults.
-            populate: true,
+            // kernel's first-touch faults; a destination's pages come from
+            // the stream.
+            populate: !cfg.lazy_memory,
         })?;
+        if cfg.lazy_memory {
+            vm.memory().test.advise_huge_pages();
+        }
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let code = pass_program(&cfg.pass_program(id))?;

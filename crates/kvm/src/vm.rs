@@ -100,6 +100,19 @@ impl GuestMemory {
         Ok(Self { base, bytes })
     }
 
+    /// Asks for transparent huge pages behind this mapping (`MADV_HUGEPAGE`,
+    /// as QEMU asks for its RAM), so that a lazily mapped guest takes a host
+    /// fault per 2 MiB, not per 4 KiB. A hint: where the host refuses it,
+    /// nothing changes.
+    pub fn advise_huge_pages(&self) {
+        // SAFETY: `[base, base + bytes)` is our own live mapping (made in
+        // `map`, unmapped only in `Drop`); `MADV_HUGEPAGE` changes no
+        // content and no protection, only how later faults are served.
+        unsafe {
+            libc::madvise(self.base.as_ptr().cast(), self.bytes as usize, libc::MADV_HUGEPAGE);
+        }
+    }
+
     /// Size in bytes.
     pub fn len(&self) -> u64 {
         self.bytes

@@ -24,6 +24,12 @@ pub struct PassSpec {
     pub dirty_pages: Option<u64>,
     /// Faults that need `mmu_lock`, paced while dirty logging is on.
     pub lock_faults: LockFaults,
+    /// Map the guest's memory lazily, each page on its first touch, not
+    /// all of it up front: a migration's destination, whose pages come
+    /// from the stream, is ready at once (QEMU's and Cloud Hypervisor's
+    /// are). Benchmarks populate, so that a first pass measures the MMU,
+    /// not the host kernel's first-touch faults.
+    pub lazy_memory: bool,
 }
 
 /// Faults that need `mmu_lock` while dirty logging is on, each paced per

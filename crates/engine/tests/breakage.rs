@@ -432,23 +432,12 @@ fn a_pml_harvest_that_does_not_drain_the_logs_is_caught() {
 /// lost (with `fast_page_fault` on, the swept pages fault on the fast path).
 #[test]
 fn the_fresh_memory_workload_catches_a_slow_fault_that_does_not_mark_dirty() {
-    use shadow_mmu_engine::EngineBackend;
     use shadow_mmu_testkit::perf::migrate_perf;
-    use shadow_mmu_vmm::{Backend, HarvestSpec, LockFaults, PassSpec};
+    use shadow_mmu_vmm::{HarvestSpec, LockFaults};
     let b = Breakage { slow_fault_skips_mark_dirty: true, ..Breakage::default() };
+    let fresh = LockFaults { fresh_per_sec: 200_000, ..LockFaults::default() };
     for base in every_design().into_iter().filter(|d| d.fast_page_fault) {
-        let backend = EngineBackend { config: VmConfig { breakage: b, ..base.clone() }, dirty_ring: None };
-        let pass = PassSpec {
-            vcpus: 1,
-            guest_bytes: 16 << 20,
-            write_pct: 100,
-            random: false,
-            seed: 9,
-            dirty_pages: None,
-            lock_faults: LockFaults { fresh_per_sec: 200_000, ..LockFaults::default() },
-            lazy_memory: false,
-        };
-        let mut vm = backend.start_passes(&pass).unwrap();
+        let mut vm = lock_fault_passes(VmConfig { breakage: b, ..base.clone() }, fresh);
         let (run, _) = migrate_perf(vm.as_mut(), 6, &HarvestSpec::default(), |_, _| {}).unwrap();
         assert!(run.lost_pages > 0, "{}: a fresh page's lost first store went unnoticed", describe(&base));
     }

@@ -389,23 +389,12 @@ fn lock_fault_workloads_in_every_design() {
 /// reserve included, and the figures count each workload's faults.
 #[test]
 fn lock_fault_workloads_under_migrate_perf_in_every_design() {
-    use shadow_mmu_engine::EngineBackend;
+    use shadow_mmu_testkit::fixtures::lock_fault_passes;
     use shadow_mmu_testkit::perf::migrate_perf;
-    use shadow_mmu_vmm::{Backend, HarvestSpec, PassSpec};
+    use shadow_mmu_vmm::HarvestSpec;
     for d in every_design() {
         for (what, lock) in lock_fault_workloads(200_000) {
-            let backend = EngineBackend { config: d.clone(), dirty_ring: None };
-            let pass = PassSpec {
-                vcpus: 1,
-                guest_bytes: 16 << 20,
-                write_pct: 100,
-                random: false,
-                seed: 9,
-                dirty_pages: None,
-                lock_faults: lock,
-                lazy_memory: false,
-            };
-            let mut vm = backend.start_passes(&pass).unwrap();
+            let mut vm = lock_fault_passes(d.clone(), lock);
             let (swept, reserve) = if lock.needs_reserve() { (2048, 2048) } else { (4096, 0) };
             assert_eq!((vm.swept_pages(), vm.stored_pages()), (swept, swept + reserve), "{what}");
             let (run, extras) = migrate_perf(vm.as_mut(), 6, &HarvestSpec::default(), |_, _| {})

@@ -621,11 +621,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// The vCPUs' losses now, summed (`None`: the backend measures none).
     fn vcpu_loss(&self) -> Option<VcpuLoss> {
         let v = self.vm.vcpu_losses();
-        (!v.is_empty()).then(|| {
-            let mut t = VcpuLoss::default();
-            v.iter().for_each(|l| t += *l);
-            t
-        })
+        (!v.is_empty()).then(|| v.into_iter().sum())
     }
 
     /// Brings the guest's stall up to now: the total since logging went on,

@@ -13,6 +13,28 @@ use shadow_mmu_engine::{
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
 
+/// The pass VM the lock-fault tests run `migrate-perf` on: one vCPU over
+/// 16 MiB (half of it the lock faults' reserve, where they need one), the
+/// design of `config`, making the lock faults `lock`.
+pub fn lock_fault_passes(
+    config: VmConfig,
+    lock: shadow_mmu_vmm::LockFaults,
+) -> Box<dyn shadow_mmu_vmm::PassVm> {
+    use shadow_mmu_vmm::Backend;
+    let backend = shadow_mmu_engine::EngineBackend { config, dirty_ring: None };
+    let pass = shadow_mmu_vmm::PassSpec {
+        vcpus: 1,
+        guest_bytes: 16 * MIB,
+        write_pct: 100,
+        random: false,
+        seed: 9,
+        dirty_pages: None,
+        lock_faults: lock,
+        lazy_memory: false,
+    };
+    backend.start_passes(&pass).expect("a pass VM of 16 MiB")
+}
+
 /// Every design the engine runs: each MMU design, with `fast_page_fault` on
 /// (KVM 3.11 and the seed) and off (the baseline of the first
 /// measurements), and the TDP design also with PML and without eager split.

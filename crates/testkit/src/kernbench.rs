@@ -249,10 +249,8 @@ pub fn populate(design: &VmConfig, vcpus: u32, guest_bytes: u64) -> Result<Popul
     sweepers.wait_passes(&vec![0; vcpus as usize], &mut || {});
     let ns = t0.elapsed().as_nanos() as u64;
     let swept = sweepers.stop()?;
-    let waits = swept
-        .losses
-        .iter()
-        .fold((0, 0), |(r, w), (l, _)| (r + l.mmu_lock_read_wait_ns, w + l.mmu_lock_write_wait_ns));
+    let loss: shadow_mmu_vmm::VcpuLoss = swept.losses.iter().map(|(l, _)| *l).sum();
+    let waits = (loss.mmu_lock_read_wait_ns, loss.mmu_lock_write_wait_ns);
     let s = vm.stats();
     Ok(Populate {
         ns,

@@ -102,6 +102,15 @@ impl VcpuLoss {
     }
 }
 
+impl std::iter::Sum for VcpuLoss {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |mut t, l| {
+            t += l;
+            t
+        })
+    }
+}
+
 impl std::ops::AddAssign for VcpuLoss {
     fn add_assign(&mut self, o: Self) {
         self.mmu_lock_read_wait_ns += o.mmu_lock_read_wait_ns;

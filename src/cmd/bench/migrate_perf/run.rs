@@ -54,11 +54,7 @@ impl Record {
 
     /// What the vCPUs lost, summed.
     pub(super) fn loss(&self) -> VcpuLoss {
-        let mut t = VcpuLoss::default();
-        for (l, _) in &self.losses {
-            t += *l;
-        }
-        t
+        self.losses.iter().map(|(l, _)| *l).sum()
     }
 
     /// A figure of the backend's own (`PassExtras::figures`).

@@ -12,7 +12,9 @@ use std::time::Duration;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
-use shadow_mmu_migrate::source::{MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams};
+use shadow_mmu_migrate::source::{
+    MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, Precopy,
+};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
 use shadow_mmu_testkit::fixtures::{describe, every_design};
@@ -333,5 +335,53 @@ fn the_timeout_holds_inside_a_round() {
             }
         }
         vm.stop().unwrap();
+    }
+}
+
+/// QEMU's loop syncs mid-pass and stops with the rest of round 0 still to
+/// send: an idle 16 MiB guest over a link held to 8 MiB/s with a 1 s
+/// downtime limit syncs once about 8 MiB are left, and those go in the
+/// stop-and-copy. Whole rounds send all of round 0 first. Either way the
+/// downtime's phases add up to it, every page matches, and the fixed costs
+/// were counted.
+#[test]
+fn qemu_s_loop_syncs_mid_pass_and_whole_rounds_do_not() {
+    let backend = EngineBackend::default();
+    let spec = spec(16 * MIB);
+    let pages = 16 * MIB / PAGE_SIZE;
+    for precopy in [Precopy::Qemu, Precopy::Rounds] {
+        let mut vm = boot(&backend, &spec);
+        let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
+        let conn = TcpStream::connect(addr).unwrap();
+        let h = header(vm.as_ref());
+        let params = OutgoingParams {
+            max_bandwidth: Some(8 * MIB),
+            downtime_limit: Duration::from_secs(1),
+            precopy,
+            ..OutgoingParams::default()
+        };
+        let stats = completed(common::migrate(&mut vm, &conn, &h, &params, Some(0)), &precopy.to_string());
+        vm.stop().unwrap();
+        assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0), "{precopy}");
+        assert!(stats.converged, "{precopy}: {stats:?}");
+        let sent = |r: &shadow_mmu_migrate::stats::RoundStats| r.normal_pages + r.duplicate_pages;
+        let first = sent(&stats.rounds[0]);
+        match precopy {
+            Precopy::Qemu => {
+                assert!(
+                    first < pages,
+                    "synced mid-pass: round 0 sent {first} of {pages}: {:?}",
+                    stats.rounds
+                );
+                let last = stats.rounds.last().unwrap();
+                assert!(sent(last) >= pages - first, "the stop-and-copy sent the rest: {:?}", stats.rounds);
+            }
+            Precopy::Rounds => assert_eq!(first, pages, "round 0 sends every page"),
+        }
+        let phases = stats.downtime_phases.expect("the downtime's phases");
+        let downtime = stats.downtime_ms.unwrap();
+        assert!((phases.sum_ms() - downtime).abs() < 1.0, "{precopy}: {phases:?} against {downtime} ms");
+        assert!(phases.named().iter().all(|(_, v)| v.is_some()), "{precopy}: every phase: {phases:?}");
+        assert!(stats.fixed_downtime_ms > Some(0.0), "{precopy}: the digest pass counted");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::dest::{BuildError, IncomingParams, migrate_incoming};
-use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Unsettled, migrate_outgoing};
+use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Precopy, Unsettled, migrate_outgoing};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::Header;
 use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
@@ -186,6 +186,10 @@ pub struct OutgoingArgs {
     /// that does not converge, up to 99%.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Pre-copy's loop: `qemu` syncs mid-pass when the unsent pages fit
+    /// (QEMU's); `rounds` sends whole rounds (the loop before it).
+    #[arg(long, default_value = "qemu")]
+    pub precopy: Precopy,
     /// How long the guest runs before the migration starts, ms.
     #[arg(long, default_value_t = 300)]
     pub warmup_ms: u64,
@@ -421,6 +425,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
             TimeoutAction::Force => OnTimeout::Force,
         },
         auto_converge: a.auto_converge,
+        precopy: a.precopy,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),
         settle_timeout: Duration::from_secs_f64(a.settle_timeout_s.max(0.0)),

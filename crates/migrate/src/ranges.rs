@@ -137,6 +137,37 @@ pub fn page_digests(bytes: &[u8], first: u64, n: u64, threads: usize) -> Vec<u64
     })
 }
 
+/// The digests of `pages` of a running guest's `memory`, on `threads`
+/// threads: each page is copied out through atomics, then digested, as
+/// [`page_digest`] would of the same bytes (a page stored to meanwhile
+/// gives one of its states or a mix: the caller wants the time, or a
+/// digest of a page nothing writes).
+pub fn running_page_digests(memory: &[AtomicU64], pages: &[u64], threads: usize) -> Vec<u64> {
+    let digest = |p: u64| {
+        let mut copy = [0u8; PAGE_SIZE as usize];
+        let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+        for (w, b) in words.iter().zip(copy.chunks_exact_mut(8)) {
+            // Relaxed: a racy read is what the caller asked for.
+            b.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        digest_of(p, crc32c::crc32c(&copy))
+    };
+    let threads = threads.clamp(1, pages.len().max(1));
+    let share = pages.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = pages
+            .chunks(share.max(1))
+            .skip(1)
+            .map(|c| s.spawn(move || c.iter().map(|&p| digest(p)).collect::<Vec<_>>()))
+            .collect();
+        let mut out: Vec<u64> = pages.iter().take(share).map(|&p| digest(p)).collect();
+        for h in helpers {
+            out.extend(h.join().expect("a digest thread panicked"));
+        }
+        out
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +217,11 @@ mod tests {
         assert_ne!(page_digest(b, 2), page_digest(b, 6), "equal pages, different places");
         assert_eq!(page_digests(b, 1, 150, 2), page_digests(b, 1, 150, 1));
         assert_eq!(zero_page_digest(2), page_digest(b, 2));
+        // Digests of copies of the pages: the same, on any threads.
+        let some = [1u64, 3, 4, 70, 130, 199];
+        let want: Vec<u64> = some.iter().map(|&p| page_digest(b, p)).collect();
+        assert_eq!(running_page_digests(&m, &some, 1), want);
+        assert_eq!(running_page_digests(&m, &some, 4), want);
         // A window of the bitmap from page 128 on: the same pages above it.
         let got: Vec<_> =
             dirty_ranges(&bm[2..], 128, &m, 8).iter().map(|r| (r.first, r.pages, r.zero)).collect();

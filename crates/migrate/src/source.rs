@@ -10,14 +10,24 @@
 //! 2. Round 0 sends every page; with `INITIALLY_SET` the log starts all
 //!    ones and each window is CLEARed (write-protected) just before it is
 //!    sent, so CLEAR paces the bulk copy.
-//! 3. Each later round harvests (GET; GET with a CLEAR of each window just
-//!    before it is sent, as QEMU clears lazily; or the dirty rings) and
-//!    sends what was dirtied, measuring the bandwidth as it goes.
-//! 4. When the pages pending fit in bandwidth x downtime limit, or at the
-//!    timeout with `force` (checked between frames, not only between
-//!    rounds), the stop-and-copy: pause the vCPUs, the final harvest (on
-//!    the VM's harvest threads), the rest of the pages, a digest of every
-//!    page, the vCPUs' state, `Done`.
+//! 3. QEMU's loop ([`Precopy::Qemu`], `migration_iteration_run`): pages go
+//!    window by window from a cursor that wraps; every [`ITERATION_CHECK`]
+//!    the pages not yet sent are compared with the threshold, the
+//!    bandwidth ([`BANDWIDTH_PERIOD`]s) times what the downtime limit
+//!    leaves after the fixed costs. At or below it, the dirty log is
+//!    synced at once (GET, or GET whose CLEARs wait for each window, or the
+//!    rings): a new round begins, its pages join those still unsent.
+//!    [`Precopy::Rounds`], kept to compare with, sends all of a harvest
+//!    before the next one.
+//! 4. When the exact pending work (unsent plus just synced) fits the
+//!    threshold, or at the timeout with `force` (checked between frames),
+//!    the stop-and-copy: pause the vCPUs, the final harvest (on the VM's
+//!    harvest threads), the rest of the pages, a digest of every page, the
+//!    vCPUs' state, `Done`. The fixed costs are those measured in this
+//!    migration: the digest pass at the rate of a sample of this guest's
+//!    memory, and the digests' bytes at the bandwidth; the pause, the
+//!    destination's check and the resume are measured as they happen
+//!    ([`DowntimePhases`]), not foreseen.
 //! 5. The handover: `Verified`, then `Commit` (the point of no return),
 //!    then `Running`. Downtime runs from the pause to `Running`, as QEMU
 //!    measures it. Without an answer after `Commit`, the source asks the
@@ -54,9 +64,11 @@ use thiserror::Error;
 
 use crate::handover::{Answer, SourceAction, SourceEvent, SourceState};
 use crate::link::{self, Heartbeat, Inbox, Sender};
-use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes};
+use crate::ranges::{dirty_ranges, page_digests, quiescent_bytes, running_page_digests};
 use crate::refusal::Refusal;
-use crate::stats::{GuestStall, MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm};
+use crate::stats::{
+    DowntimePhases, GuestStall, MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm,
+};
 use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, StreamError};
 use crate::throttle::Throttle;
 use crate::{MigrationVm, Phase, SourceHooks};
@@ -79,6 +91,45 @@ pub enum OnTimeout {
     Force,
 }
 
+/// How pre-copy decides when to harvest and when to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precopy {
+    /// QEMU's loop (`migration_iteration_run`): every
+    /// [`ITERATION_CHECK`], the pages not yet sent are compared with the
+    /// bandwidth over the last [`BANDWIDTH_PERIOD`] times the downtime
+    /// limit; at or below it, the dirty log is synced at once, mid-pass,
+    /// and the guest stops if the exact pending work (the unsent pages and
+    /// the sync's) fits. The cursor does not go back to page 0 at a sync:
+    /// the pages behind it wait for the next pass.
+    #[default]
+    Qemu,
+    /// The loop before it, kept to compare with: a round sends everything
+    /// its harvest found, then harvests again, and stops when a harvest fits
+    /// the last round's bandwidth times the limit.
+    Rounds,
+}
+
+impl std::fmt::Display for Precopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precopy::Qemu => "qemu",
+            Precopy::Rounds => "rounds",
+        })
+    }
+}
+
+impl std::str::FromStr for Precopy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(Precopy::Qemu),
+            "rounds" => Ok(Precopy::Rounds),
+            _ => Err(format!("{s:?}: qemu or rounds")),
+        }
+    }
+}
+
 /// The source's knobs (QEMU's migration parameters).
 #[derive(Debug, Clone)]
 pub struct OutgoingParams {
@@ -92,6 +143,8 @@ pub struct OutgoingParams {
     pub on_timeout: OnTimeout,
     /// QEMU's `auto-converge`.
     pub auto_converge: bool,
+    /// When to sync and when to stop.
+    pub precopy: Precopy,
     /// The harvest's CLEAR window, pages (a multiple of 64), with manual
     /// protect; also the window of the round-0 CLEAR with `INITIALLY_SET`.
     pub clear_chunk_pages: u64,
@@ -114,6 +167,7 @@ impl Default for OutgoingParams {
             timeout: None,
             on_timeout: OnTimeout::Cancel,
             auto_converge: false,
+            precopy: Precopy::Qemu,
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
             progress_timeout: Duration::from_secs(10),
             settle_timeout: Duration::from_secs(30),
@@ -368,6 +422,14 @@ struct Outgoing<'a, V: MigrationVm + ?Sized> {
     harvest_latency: Option<LatencySummary>,
     /// When the vCPUs stopped for the stop-and-copy.
     stopped: Option<Instant>,
+    /// Where the current downtime phase began.
+    phase_start: Instant,
+    /// When the current round began, and the bytes sent before it.
+    round_start: (Instant, u64),
+    /// QEMU's bandwidth estimate.
+    bandwidth_window: BandwidthWindow,
+    /// The digest pass's rate, ns a page (`measure_digest_rate`).
+    digest_ns_per_page: f64,
     /// The vCPUs' losses at the marks of `account_stall` (`None`: the
     /// backend measures none).
     stall_marks: Option<StallMarks>,
@@ -387,12 +449,132 @@ struct StallMarks {
 /// which pushes one entry per store.
 const REAP_EVERY: Duration = Duration::from_millis(20);
 
-/// How a round's sending ended.
-enum RoundEnd {
-    /// Every page of its bitmap went.
+/// QEMU's `MAX_WAIT`: pre-copy checks its pending work at least this often.
+pub const ITERATION_CHECK: Duration = Duration::from_millis(50);
+/// QEMU's `BUFFER_DELAY`: the bandwidth is measured over periods this long.
+pub const BANDWIDTH_PERIOD: Duration = Duration::from_millis(100);
+/// Pages of the guest the digest rate is measured on: 64 MiB, twice this
+/// host's L3 and most servers', so that they come from DRAM as in the
+/// pass.
+const DIGEST_SAMPLE_PAGES: u64 = 2 * DIGEST_PAGES;
+/// Bytes a page's digest takes on the wire.
+const DIGEST_BYTES_PER_PAGE: f64 = 8.0;
+
+/// How a window's sending ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Window {
+    /// Its pages went (or there were none).
     Sent,
-    /// The timeout came with `force`: these pages did not go.
-    TimedOut(Vec<u64>),
+    /// The timeout came with `force` before it: stop and copy.
+    TimedOut,
+}
+
+/// The pages to send: dirty and not yet sent, and a cursor that walks them
+/// window by window and wraps (QEMU's dirty bitmap and its page search).
+struct SendQueue {
+    unsent: Vec<u64>,
+    /// With manual protect, the pages a GET reported whose log is not yet
+    /// CLEARed (QEMU's `clear_bmap`); a subset of `unsent`.
+    uncleared: Vec<u64>,
+    /// The bits set in `unsent`.
+    pending: u64,
+    /// The window to look at next, in words of `unsent`.
+    cursor: usize,
+}
+
+impl SendQueue {
+    /// Every page of a guest of `pages` pages, none to CLEAR.
+    fn every_page(pages: u64) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        let mut unsent = vec![u64::MAX; words];
+        if !pages.is_multiple_of(64) {
+            unsent[words - 1] = (1 << (pages % 64)) - 1;
+        }
+        Self { uncleared: vec![0; words], unsent, pending: pages, cursor: 0 }
+    }
+
+    /// Adds a sync's pages; with `manual`, their log is to be CLEARed
+    /// before they are sent.
+    fn add(&mut self, fresh: &[u64], manual: bool) {
+        for (u, f) in self.unsent.iter_mut().zip(fresh) {
+            *u |= f;
+        }
+        if manual {
+            for (c, f) in self.uncleared.iter_mut().zip(fresh) {
+                *c |= f;
+            }
+        }
+        self.pending = self.unsent.iter().map(|w| u64::from(w.count_ones())).sum();
+    }
+
+    /// The words of the next window of `window_words` words, from the
+    /// cursor on and wrapping, that holds a page; the cursor moves past it.
+    fn next_window(&mut self, window_words: usize) -> Option<std::ops::Range<usize>> {
+        let (len, at) = (self.unsent.len(), self.cursor / window_words);
+        let windows = len.div_ceil(window_words);
+        let words = (0..windows)
+            .map(|k| (at + k) % windows)
+            .map(|w| w * window_words..((w + 1) * window_words).min(len))
+            .find(|words| self.unsent[words.clone()].iter().any(|&x| x != 0))?;
+        self.cursor = words.end % len;
+        Some(words)
+    }
+
+    /// The pages of `words` are sent.
+    fn take(&mut self, words: std::ops::Range<usize>) {
+        for w in &mut self.unsent[words] {
+            self.pending -= u64::from(w.count_ones());
+            *w = 0;
+        }
+    }
+}
+
+/// QEMU's bandwidth estimate (`migration_update_counters`), made safer:
+/// the bytes sent over each period of at least [`BANDWIDTH_PERIOD`], and
+/// the slowest of the last [`BANDWIDTH_PERIODS`] periods. QEMU takes the
+/// last period alone; on a shared host one period in five runs at half the
+/// speed of the next, and the stop-and-copy may be that one.
+struct BandwidthWindow {
+    mark: Instant,
+    mark_bytes: u64,
+    periods: std::collections::VecDeque<f64>,
+}
+
+/// Periods the bandwidth estimate looks back over.
+pub const BANDWIDTH_PERIODS: usize = 5;
+
+impl BandwidthWindow {
+    fn new(bytes: u64) -> Self {
+        Self { mark: Instant::now(), mark_bytes: bytes, periods: Default::default() }
+    }
+
+    /// `bytes` have been sent so far: closes the period if it is long
+    /// enough.
+    fn update(&mut self, bytes: u64) {
+        let e = self.mark.elapsed();
+        if e >= BANDWIDTH_PERIOD {
+            if self.periods.len() == BANDWIDTH_PERIODS {
+                self.periods.pop_front();
+            }
+            self.periods.push_back((bytes - self.mark_bytes) as f64 / e.as_secs_f64());
+            (self.mark, self.mark_bytes) = (Instant::now(), bytes);
+        }
+    }
+
+    /// Bytes a second: the slowest recent period's, or before one
+    /// completed, the current one's so far (`None`: nothing measured yet).
+    fn bytes_per_s(&self, bytes: u64) -> Option<f64> {
+        let e = self.mark.elapsed().as_secs_f64();
+        let current = || (bytes > self.mark_bytes && e > 0.0).then(|| (bytes - self.mark_bytes) as f64 / e);
+        self.periods.iter().copied().reduce(f64::min).or_else(current)
+    }
+}
+
+/// Threads of the digest pass: this host's CPUs are ours while the guest
+/// is paused (the destination only compares: it digested each page as it
+/// loaded it).
+fn digest_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Migrates `vm` over `conn` (connected to a destination), announcing it
@@ -446,6 +628,10 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         last_reap: start,
         harvest_latency: None,
         stopped: None,
+        phase_start: start,
+        round_start: (start, 0),
+        bandwidth_window: BandwidthWindow::new(0),
+        digest_ns_per_page: 0.0,
         stall_marks: None,
     };
     let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
@@ -545,53 +731,75 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let caps = self.vm.capabilities();
         let manual = caps.dirty_ring.is_none() && caps.protect.is_manual();
         let logging = Instant::now();
-
-        // Round 0: everything.
-        let pages = self.vm.pages();
-        let words = pages.div_ceil(64) as usize;
-        let mut bitmap = vec![u64::MAX; words];
-        if !pages.is_multiple_of(64) {
-            bitmap[words - 1] = (1 << (pages % 64)) - 1;
-        }
-        let initially_set = caps.dirty_ring.is_none() && caps.protect == DirtyLogProtect::ManualInitiallySet;
-        if initially_set {
+        let mut q = SendQueue::every_page(self.vm.pages());
+        if caps.dirty_ring.is_none() && caps.protect == DirtyLogProtect::ManualInitiallySet {
             // The log starts all ones: GET copies it, and each window's
             // CLEAR protects it just before it is sent.
-            self.vm.get_dirty_log(&mut bitmap)?;
+            self.vm.get_dirty_log(&mut q.uncleared)?;
         }
-        let (mut round, mut clear, mut harvest_ns) = (0, initially_set, 0);
+        self.measure_digest_rate();
+        self.bandwidth_window = BandwidthWindow::new(self.sender.bytes());
+        self.begin_round(0, q.pending, 0)?;
+        let mut fresh = vec![0u64; q.unsent.len()];
         let mut dirtied_pages = 0u64;
-        let pending = loop {
-            if let RoundEnd::TimedOut(unsent) = self.send_round(round, &bitmap, harvest_ns, clear, hooks)? {
-                break unsent;
+        let mut round = 0;
+        let whole_rounds = self.params.precopy == Precopy::Rounds;
+        loop {
+            // Send until the next check (whole rounds: until all is sent).
+            let check = Instant::now() + if whole_rounds { Duration::MAX / 4 } else { ITERATION_CHECK };
+            while q.pending > 0 && Instant::now() < check {
+                if self.send_window(&mut q, hooks)? == Window::TimedOut {
+                    return self.stop_and_copy(round, q.unsent, hooks);
+                }
             }
+            if q.pending * PAGE_SIZE > self.threshold_bytes() {
+                continue;
+            }
+            // The sync: it ends this round and begins the next.
+            self.end_round();
             hooks.round(&self.stats);
             hooks.phase(Phase::RoundSent(round));
             round += 1;
-            let (dirty, ns) = self.harvest(&mut bitmap, false)?;
-            (clear, harvest_ns) = (manual, ns);
-            // The harvests together cover the time since logging began.
+            fresh.fill(0);
+            let (dirty, ns) = self.harvest(&mut fresh, false)?;
+            q.add(&fresh, manual);
+            if whole_rounds {
+                q.cursor = 0;
+            }
+            // The syncs together cover the time since logging began.
             dirtied_pages += dirty;
             self.stats.dirty_pages_rate = dirtied_pages as f64 / logging.elapsed().as_secs_f64().max(1e-9);
-            let bandwidth = self.bandwidth();
-            let pending = dirty * PAGE_SIZE;
+            let pending = q.pending * PAGE_SIZE;
             self.stats.remaining_bytes = pending;
-            self.stats.expected_downtime_ms = Some(pending as f64 / bandwidth * 1e3);
-            if pending as f64 <= bandwidth * self.params.downtime_limit.as_secs_f64() {
+            let threshold = self.threshold_bytes();
+            let fixed = self.stats.fixed_downtime_ms.unwrap_or(0.0);
+            self.stats.expected_downtime_ms = Some(pending as f64 / self.bandwidth() * 1e3 + fixed);
+            if pending <= threshold {
                 self.stats.converged = true;
-                break std::mem::take(&mut bitmap);
+                break;
             }
             if self.timed_out()? {
-                break std::mem::take(&mut bitmap);
+                break;
             }
             if let Some(t) = throttle.as_deref_mut() {
                 self.stats.cpu_throttle_percentage = t.raise();
             }
-        };
+            self.begin_round(round, dirty, ns)?;
+        }
         if let Some(t) = throttle {
             t.stop();
         }
-        self.stop_and_copy(round, pending, hooks)
+        self.stop_and_copy(round, q.unsent, hooks)
+    }
+
+    /// The most bytes that may be pending at a stop: the bandwidth times
+    /// what the downtime limit leaves after the fixed costs (brought up to
+    /// date in the statistics).
+    fn threshold_bytes(&mut self) -> u64 {
+        let fixed = self.fixed_downtime_ms();
+        self.stats.fixed_downtime_ms = Some(fixed);
+        let budget = self.params.downtime_limit.saturating_sub(Duration::from_secs_f64(fixed / 1e3));
+        (self.bandwidth() * budget.as_secs_f64()) as u64
     }
 
     /// The header, the destination's `Ready` (within the migration's
@@ -675,9 +883,39 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
     }
 
-    /// The bandwidth of the last round, bytes a second (at least 1 MB/s).
+    /// The bandwidth the rule uses, bytes a second (at least 1 MB/s): over
+    /// the last [`BANDWIDTH_PERIOD`] with QEMU's loop, over the last whole
+    /// round with whole rounds.
     fn bandwidth(&self) -> f64 {
-        self.stats.rounds.last().map_or(1e6, |r| r.bandwidth_bytes_per_s).max(1e6)
+        let bps = match self.params.precopy {
+            Precopy::Qemu => self.bandwidth_window.bytes_per_s(self.sender.bytes()),
+            Precopy::Rounds => self.stats.rounds.last().map(|r| r.bandwidth_bytes_per_s),
+        };
+        bps.unwrap_or(1e6).max(1e6)
+    }
+
+    /// The digest pass's rate on this guest, ns a page: a sample of its
+    /// memory ([`DIGEST_SAMPLE_PAGES`] pages in runs of 64, spread over
+    /// it), digested on the pass's threads. The guest runs, so each page
+    /// is copied out through atomics first: a little slower than the paused
+    /// pass, which reads memory plainly, never faster.
+    fn measure_digest_rate(&mut self) {
+        let pages = self.vm.pages();
+        let runs = DIGEST_SAMPLE_PAGES.min(pages).div_ceil(64);
+        let stride = (pages / 64 / runs).max(1) * 64;
+        let sample: Vec<u64> = (0..runs).flat_map(|r| r * stride..(r * stride + 64).min(pages)).collect();
+        let t = Instant::now();
+        std::hint::black_box(running_page_digests(self.vm.memory(), &sample, digest_threads()));
+        self.digest_ns_per_page = t.elapsed().as_nanos() as f64 / sample.len().max(1) as f64;
+    }
+
+    /// The fixed downtime now, ms: the digest pass at the measured rate,
+    /// and the digests' bytes over the bandwidth.
+    fn fixed_downtime_ms(&self) -> f64 {
+        let pages = self.vm.pages() as f64;
+        let compute_ns = self.digest_ns_per_page * pages;
+        let send_ns = pages * DIGEST_BYTES_PER_PAGE / self.bandwidth() * 1e9;
+        (compute_ns + send_ns) / 1e6
     }
 
     /// A harvest into `bitmap` by the VM's interface: GET (without its
@@ -737,28 +975,15 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         Ok(())
     }
 
-    /// Sends the pages of `bitmap` as round `round`, window by window,
-    /// CLEARing each window first if `clear`; between windows, checks the
-    /// destination and pre-copy's timeout (in the stop-and-copy, `stopped`,
-    /// only the destination). Its statistics are in `stats.rounds` from its
-    /// first frame on, so that a failed round reports what it sent.
-    #[allow(clippy::too_many_arguments)]
-    fn send_round(
-        &mut self,
-        round: u32,
-        bitmap: &[u64],
-        harvest_ns: u64,
-        clear: bool,
-        hooks: &mut dyn SourceHooks<V>,
-    ) -> Result<RoundEnd, MigrationError> {
-        let t = Instant::now();
-        let before = self.sender.bytes();
-        let mut r = RoundStats { round, harvest_ns, ..RoundStats::default() };
+    /// Begins round `round`, which the sync that found `harvested` pages in
+    /// `harvest_ns` opened: its statistics are in `stats.rounds` from now
+    /// on, so that a failed round reports what it sent.
+    fn begin_round(&mut self, round: u32, harvested: u64, harvest_ns: u64) -> Result<(), MigrationError> {
+        let mut r = RoundStats { round, harvest_ns, pages_harvested: harvested, ..RoundStats::default() };
         if let Some(h) = self.harvest_latency.take().filter(|_| round > 0) {
             r.harvest_faults = Some(h.count());
             r.fault_p99_during_harvest_ns = (h.count() > 0).then(|| h.quantile_ns(0.99));
         }
-        r.pages_harvested = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         r.cpu_throttle_percentage = self.stats.cpu_throttle_percentage;
         self.stats.rounds.push(r);
         if let (Some(m), None) = (self.stall_marks.as_mut(), self.stopped) {
@@ -766,59 +991,65 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             // brought up to: its end.
             m.round_start = m.last;
         }
+        self.round_start = (Instant::now(), self.sender.bytes());
         self.sender.send(&Frame::Round { round })?;
+        Ok(())
+    }
+
+    /// Sends the next window of `q` that holds pages, CLEARing its log
+    /// first where a GET left it uncleared; before it, checks the
+    /// destination and (in pre-copy) the timeout.
+    fn send_window(
+        &mut self,
+        q: &mut SendQueue,
+        hooks: &mut dyn SourceHooks<V>,
+    ) -> Result<Window, MigrationError> {
+        self.check_destination()?;
+        if self.stopped.is_none() && self.timed_out()? {
+            return Ok(Window::TimedOut);
+        }
         let window_words = (self.frame_pages / 64) as usize;
+        let Some(words) = q.next_window(window_words) else { return Ok(Window::Sent) };
+        let first = (words.start * 64) as u64;
+        // CLEAR just before sending (QEMU's `clear_bmap`), in the clear
+        // window's size: a store after it dirties the page again.
         let clear_words = (self.params.clear_chunk_pages / 64).max(1) as usize;
-        for (i, window) in bitmap.chunks(window_words).enumerate() {
-            self.check_destination()?;
-            if self.stopped.is_none() && self.timed_out()? {
-                let mut unsent = bitmap.to_vec();
-                unsent[..i * window_words].fill(0);
-                self.end_round(before, t);
-                return Ok(RoundEnd::TimedOut(unsent));
-            }
-            let first = (i * window_words * 64) as u64;
-            if clear {
-                // CLEAR just before sending, in the clear window's size.
-                for (j, mask) in window.chunks(clear_words).enumerate() {
-                    if mask.iter().any(|&w| w != 0) {
-                        self.vm.clear_dirty_log(first + (j * clear_words * 64) as u64, mask)?;
-                    }
-                }
-            }
-            let ranges = dirty_ranges(window, first, self.vm.memory(), self.frame_pages);
-            if ranges.is_empty() {
-                continue;
-            }
-            self.sender.send_pages(0, &ranges, self.vm.memory())?;
-            let r = self.stats.rounds.last_mut().expect("this round");
-            for x in &ranges {
-                let (stat, total) = if x.zero {
-                    (&mut r.duplicate_pages, &mut self.stats.duplicate_pages)
-                } else {
-                    (&mut r.normal_pages, &mut self.stats.normal_pages)
-                };
-                *stat += u64::from(x.pages);
-                *total += u64::from(x.pages);
-            }
-            self.end_round(before, t);
-            self.limit()?;
-            if self.stopped.is_none() {
-                hooks.tick(self.vm);
-                self.reap()?;
+        for (j, mask) in q.uncleared[words.clone()].chunks(clear_words).enumerate() {
+            if mask.iter().any(|&w| w != 0) {
+                self.vm.clear_dirty_log(first + (j * clear_words * 64) as u64, mask)?;
             }
         }
-        self.sender.flush()?;
-        self.end_round(before, t);
-        Ok(RoundEnd::Sent)
+        q.uncleared[words.clone()].fill(0);
+        let ranges = dirty_ranges(&q.unsent[words.clone()], first, self.vm.memory(), self.frame_pages);
+        q.take(words);
+        self.sender.send_pages(0, &ranges, self.vm.memory())?;
+        let r = self.stats.rounds.last_mut().expect("this round");
+        for x in &ranges {
+            let (stat, total) = if x.zero {
+                (&mut r.duplicate_pages, &mut self.stats.duplicate_pages)
+            } else {
+                (&mut r.normal_pages, &mut self.stats.normal_pages)
+            };
+            *stat += u64::from(x.pages);
+            *total += u64::from(x.pages);
+        }
+        self.end_round();
+        self.bandwidth_window.update(self.sender.bytes());
+        self.limit()?;
+        if self.stopped.is_none() {
+            hooks.tick(self.vm);
+            self.reap()?;
+        }
+        Ok(Window::Sent)
     }
 
     /// Brings the round's byte count, time, bandwidth and (in pre-copy)
     /// the guest's stall up to now.
-    fn end_round(&mut self, before: u64, t: Instant) {
+    fn end_round(&mut self) {
         if self.stopped.is_none() {
             self.account_stall();
         }
+        let (t, before) = self.round_start;
         let bytes = self.sender.bytes();
         let r = self.stats.rounds.last_mut().expect("this round");
         r.bytes_sent = bytes - before;
@@ -827,12 +1058,21 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         self.stats.transferred_bytes = bytes;
     }
 
-    /// Pauses the guest and sends the rest: `pending` (harvested, not sent),
+    /// Ends downtime phase `field` now, and begins the next.
+    fn phase_ends(&mut self, field: fn(&mut DowntimePhases) -> &mut Option<f64>) -> Instant {
+        let now = Instant::now();
+        let p = self.stats.downtime_phases.get_or_insert_with(DowntimePhases::default);
+        *field(p) = Some(ms(now - self.phase_start));
+        self.phase_start = now;
+        now
+    }
+
+    /// Pauses the guest and sends the rest: `pending` (dirty, not sent),
     /// the final harvest, the digests, the vCPUs, `Done`.
     fn stop_and_copy(
         &mut self,
         round: u32,
-        mut pending: Vec<u64>,
+        pending: Vec<u64>,
         hooks: &mut dyn SourceHooks<V>,
     ) -> Result<(), MigrationError> {
         let gate = self.vm.vcpu_gate();
@@ -841,41 +1081,51 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         // The stall ends where the downtime begins.
         self.account_stall();
         let stop = Instant::now();
+        (self.stopped, self.phase_start) = (Some(stop), stop);
         gate.pause(self.params.progress_timeout)?;
-        self.stopped = Some(stop);
-        self.stats.pause_ms = Some(ms(stop.elapsed()));
+        self.phase_ends(|p| &mut p.pause_ms);
         self.stats.source_vm = SourceVm::Postmigrate;
         hooks.phase(Phase::Paused);
         let mut last = vec![0u64; pending.len()];
-        let (_, harvest_ns) = self.harvest(&mut last, true)?;
-        self.stats.final_harvest_ms = Some(harvest_ns as f64 / 1e6);
-        for (p, l) in pending.iter_mut().zip(&last) {
-            *p |= l;
+        let (found, harvest_ns) = self.harvest(&mut last, true)?;
+        self.phase_ends(|p| &mut p.final_harvest_ms);
+        let mut q = SendQueue { uncleared: vec![0; pending.len()], unsent: pending, pending: 0, cursor: 0 };
+        q.add(&last, false);
+        self.begin_round(round, found, harvest_ns)?;
+        while q.pending > 0 {
+            self.send_window(&mut q, hooks)?;
         }
-        self.send_round(round, &pending, harvest_ns, false, hooks)?;
-        let pages = self.vm.pages();
-        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
-        // stores before us) and nothing else writes guest memory until we
-        // resume them or the VM stops; `bytes` dies before either.
-        let bytes = unsafe { quiescent_bytes(self.vm.memory()) };
-        // The destination only compares (it digested each page as it
-        // loaded it): this host's CPUs are ours.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut first = 0;
-        while first < pages {
-            self.check_destination()?;
-            let n = DIGEST_PAGES.min(pages - first);
-            let digests = page_digests(bytes, first, n, threads);
-            self.sender.send(&Frame::Digest { slot: 0, first, digests })?;
-            first += n;
-        }
+        self.sender.flush()?;
+        self.end_round();
+        self.phase_ends(|p| &mut p.send_ms);
+        self.send_digests()?;
+        self.phase_ends(|p| &mut p.digests_ms);
         for (vcpu, state) in gate.saved().into_iter().enumerate() {
             let state = state.expect("every vCPU saved its state when it paused");
             self.sender.send(&Frame::VcpuState { vcpu: vcpu as u32, state })?;
         }
         self.sender.send_now(&Frame::Done)?;
+        self.phase_ends(|p| &mut p.state_ms);
         self.stats.transferred_bytes = self.sender.bytes();
         hooks.phase(Phase::DoneSent);
+        Ok(())
+    }
+
+    /// A digest of every page of the paused guest, frame by frame.
+    fn send_digests(&mut self) -> Result<(), MigrationError> {
+        let pages = self.vm.pages();
+        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
+        // stores before us) and nothing else writes guest memory until we
+        // resume them or the VM stops; `bytes` dies before either.
+        let bytes = unsafe { quiescent_bytes(self.vm.memory()) };
+        let mut first = 0;
+        while first < pages {
+            self.check_destination()?;
+            let n = DIGEST_PAGES.min(pages - first);
+            let digests = page_digests(bytes, first, n, digest_threads());
+            self.sender.send(&Frame::Digest { slot: 0, first, digests })?;
+            first += n;
+        }
         Ok(())
     }
 
@@ -898,6 +1148,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         };
         let (state, action) = self.state.on(event, &b);
         debug_assert_eq!(action, SourceAction::SendCommit);
+        self.phase_ends(|p| &mut p.check_ms);
         hooks.phase(Phase::VerifiedReceived);
         // The point of no return: from the first byte of `Commit` on, the
         // destination may run the guest.
@@ -926,13 +1177,20 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let (state, action) = self.state.on(event, &b);
         self.state = state;
         if state == SourceState::Completed {
-            self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
+            self.running_heard();
             hooks.phase(Phase::RunningReceived);
         }
         if action != SourceAction::Query {
             return Ok(HandoverEnd { state, action, why });
         }
         Ok(self.settling(header.id))
+    }
+
+    /// The destination runs the guest: the downtime ends, its last phase
+    /// with it.
+    fn running_heard(&mut self) {
+        let now = self.phase_ends(|p| &mut p.resume_ms);
+        self.stats.downtime_ms = self.stopped.map(|s| ms(now - s));
     }
 
     /// `Settling`: asks the destination over new connections until it
@@ -948,7 +1206,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             self.state = state;
             let why = said.filter(|_| state != SourceState::Completed);
             if state == SourceState::Completed {
-                self.stats.downtime_ms = self.stopped.map(|s| ms(s.elapsed()));
+                self.running_heard();
             }
             if action != SourceAction::Query {
                 return HandoverEnd { state, action, why };
@@ -961,5 +1219,52 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             }
             std::thread::sleep(left.min(p / 4));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_send_queue_walks_windows_from_its_cursor_and_wraps() {
+        // 200 pages: 4 words, the last one 8 pages; windows of 2 words.
+        let mut q = SendQueue::every_page(200);
+        assert_eq!((q.pending, q.unsent[3]), (200, 0xff));
+        assert_eq!(q.next_window(2), Some(0..2));
+        q.take(0..2);
+        assert_eq!(q.pending, 72);
+        // A sync mid-pass: pages 5 (behind the cursor) and 130 (ahead),
+        // page 130 to CLEAR first.
+        let mut fresh = vec![0u64; 4];
+        fresh[0] = 1 << 5;
+        fresh[2] = 1 << 2;
+        q.add(&fresh, true);
+        assert_eq!((q.pending, q.uncleared[2], q.uncleared[0]), (73, 1 << 2, 1 << 5));
+        // On from the cursor, not from page 0: the window ahead first.
+        assert_eq!(q.next_window(2), Some(2..4));
+        q.take(2..4);
+        assert_eq!(q.next_window(2), Some(0..2), "then it wraps to the page behind");
+        q.take(0..2);
+        assert_eq!((q.pending, q.next_window(2)), (0, None));
+    }
+
+    #[test]
+    fn the_bandwidth_is_the_slowest_recent_period() {
+        let mut b = BandwidthWindow::new(0);
+        assert_eq!(b.bytes_per_s(0), None, "nothing sent, nothing measured");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(b.bytes_per_s(1_000_000).is_some(), "the current period before one closes");
+        let mut sent = 0;
+        for mb in [100u64, 10, 100, 100, 100, 100, 100] {
+            b.mark -= BANDWIDTH_PERIOD;
+            sent += mb * 1_000_000;
+            b.update(sent);
+        }
+        assert_eq!(b.periods.len(), BANDWIDTH_PERIODS);
+        // The slow period (10 MB) is out of the window; the rest are at
+        // most 100 MB per 100 ms (each a little longer).
+        let bps = b.bytes_per_s(sent).unwrap();
+        assert!(bps > 0.9e9 && bps <= 1e9, "{bps}");
     }
 }

@@ -127,13 +127,67 @@ impl GuestStall {
     }
 }
 
-/// One pre-copy round (round 0 is the bulk copy, the last one the
-/// stop-and-copy's).
+/// The downtime by phase, ms, from the source's clock: consecutive
+/// intervals from the vCPUs' stop to the destination's `Running`, so that
+/// they sum to `downtime_ms` (a phase not reached is `None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DowntimePhases {
+    /// Pausing the vCPUs (each saves its state as it stops).
+    pub pause_ms: Option<f64>,
+    /// The final harvest.
+    pub final_harvest_ms: Option<f64>,
+    /// Sending the pages pending and those the final harvest found.
+    pub send_ms: Option<f64>,
+    /// Computing and sending a digest of every page (0 with
+    /// `--verify audit`, which sends them after the guest runs).
+    pub digests_ms: Option<f64>,
+    /// Sending the vCPUs' states and `Done`.
+    pub state_ms: Option<f64>,
+    /// From `Done` to `Verified`: the destination's last checks, its
+    /// vCPUs' restore, and the trip back.
+    pub check_ms: Option<f64>,
+    /// From `Verified` to `Running`: `Commit`'s trip, the destination
+    /// starting the guest, and the acknowledgement's trip back.
+    pub resume_ms: Option<f64>,
+}
+
+impl DowntimePhases {
+    /// The phases in order, with their names.
+    pub fn named(&self) -> [(&'static str, Option<f64>); 7] {
+        [
+            ("pause", self.pause_ms),
+            ("final harvest", self.final_harvest_ms),
+            ("send", self.send_ms),
+            ("digests", self.digests_ms),
+            ("state", self.state_ms),
+            ("check", self.check_ms),
+            ("resume", self.resume_ms),
+        ]
+    }
+
+    /// Their sum, ms.
+    pub fn sum_ms(&self) -> f64 {
+        self.named().iter().filter_map(|(_, v)| *v).sum()
+    }
+
+    /// `pause 0.1 ms, final harvest 1.2 ms, ...`.
+    pub fn line(&self) -> String {
+        let parts: Vec<String> =
+            self.named().iter().map(|(n, v)| format!("{n} {}", measured_ms(*v))).collect();
+        parts.join(", ")
+    }
+}
+
+/// One pre-copy round: from one sync of the dirty log to the next (round
+/// 0, from logging on; the last one is the stop-and-copy's). With QEMU's
+/// loop a sync comes mid-pass, when the unsent pages fit the threshold, so
+/// a round also sends what the round before left; with whole rounds, it
+/// sends exactly what its harvest found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RoundStats {
     /// Its number.
     pub round: u32,
-    /// Pages the harvest before it reported (round 0: every page).
+    /// Pages the sync that began it found dirty (round 0: every page).
     pub pages_harvested: u64,
     /// Bytes it put on the wire (frames included).
     pub bytes_sent: u64,
@@ -141,7 +195,7 @@ pub struct RoundStats {
     pub normal_pages: u64,
     /// Zero pages sent as a flag.
     pub duplicate_pages: u64,
-    /// Time of the harvest before it, ns (0 for round 0).
+    /// Time of the sync that began it, ns (0 for round 0).
     pub harvest_ns: u64,
     /// The vCPUs' write faults that overlapped that harvest: how many, and
     /// their 99th percentile, ns (where the backend times faults: the
@@ -186,13 +240,19 @@ pub struct MigrationStats {
     /// unless it completed; when `Running` was lost and a query found the
     /// guest running, until the source heard it).
     pub downtime_ms: Option<f64>,
-    /// Of it: pausing the vCPUs, ms (`None`: they were not paused).
-    pub pause_ms: Option<f64>,
-    /// Of it: the final harvest, ms (`None`: none ran).
-    pub final_harvest_ms: Option<f64>,
+    /// Where the downtime went, phase by phase (`None`: the vCPUs were
+    /// not paused).
+    pub downtime_phases: Option<DowntimePhases>,
     /// The last estimate before the stop: the pages pending over the
-    /// measured bandwidth, ms (`None`: no round was measured).
+    /// measured bandwidth, plus `fixed_downtime_ms`, ms (`None`: no
+    /// bandwidth was measured).
     pub expected_downtime_ms: Option<f64>,
+    /// The downtime's costs that do not depend on the pages pending, as
+    /// the switchover rule counted them: the digest pass at the rate
+    /// measured at setup, the digests' bytes over the measured bandwidth,
+    /// ms (Cloud Hypervisor's proposed `fixed_downtime`; `None`: not yet
+    /// measured).
+    pub fixed_downtime_ms: Option<f64>,
     /// The downtime limit the convergence rule used, ms.
     pub downtime_limit_ms: u64,
     /// Bytes put on the wire.
@@ -206,7 +266,8 @@ pub struct MigrationStats {
     /// Pages the guest dirtied per second, over the iterative rounds'
     /// harvests.
     pub dirty_pages_rate: f64,
-    /// Harvests of the dirty log (QEMU's bitmap syncs).
+    /// Syncs of the dirty log (QEMU's `dirty-sync-count`): one per round
+    /// after round 0, and the stop-and-copy's.
     pub dirty_sync_count: u64,
     /// Pages sent as data.
     pub normal_pages: u64,
@@ -237,9 +298,9 @@ impl MigrationStats {
             total_time_ms: 0.0,
             setup_time_ms: None,
             downtime_ms: None,
-            pause_ms: None,
-            final_harvest_ms: None,
+            downtime_phases: None,
             expected_downtime_ms: None,
+            fixed_downtime_ms: None,
             downtime_limit_ms,
             transferred_bytes: 0,
             remaining_bytes: total_bytes,
@@ -279,7 +340,12 @@ impl MigrationStats {
             self.source_vm_line(),
             format!("total time: {:.0} ms", self.total_time_ms),
             format!("downtime: {}", measured_ms(self.downtime_ms)),
+            format!(
+                "downtime phases: {}",
+                self.downtime_phases.map_or_else(|| "not measured".into(), |p| p.line())
+            ),
             format!("expected downtime: {}", measured_ms(self.expected_downtime_ms)),
+            format!("fixed downtime: {}", measured_ms(self.fixed_downtime_ms)),
             format!("setup: {}", measured_ms(self.setup_time_ms)),
             format!("transferred ram: {} kbytes", self.transferred_bytes / 1024),
             format!("throughput: {:.2} mbps", self.mbps),

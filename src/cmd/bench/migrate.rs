@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
-use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
-use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus};
+use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, migrate_outgoing};
+use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, measured_ms};
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
@@ -65,6 +65,10 @@ pub struct MigrateArgs {
     /// QEMU's auto-converge.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Pre-copy loops, comma-separated: `qemu` (QEMU's, mid-pass syncs),
+    /// `rounds` (whole rounds, the loop before it).
+    #[arg(long, value_delimiter = ',', default_value = "qemu")]
+    pub precopy: Vec<Precopy>,
     /// How long the guest runs at the destination before its check, ms.
     #[arg(long, default_value_t = 300)]
     pub run_after_ms: u64,
@@ -160,6 +164,7 @@ struct Combo {
     threads: u32,
     mib: u64,
     rate: Rate,
+    precopy: Precopy,
 }
 
 impl Combo {
@@ -184,7 +189,9 @@ impl Combo {
                     for &threads in threads {
                         for &mib in &a.guest_mib {
                             for &rate in &a.dirty_rate_mibps {
-                                combos.push(Combo { backend, mmu, log, threads, mib, rate });
+                                for &precopy in &a.precopy {
+                                    combos.push(Combo { backend, mmu, log, threads, mib, rate, precopy });
+                                }
                             }
                         }
                     }
@@ -195,12 +202,16 @@ impl Combo {
     }
 
     fn label(&self) -> String {
-        match self.backend {
+        let l = match self.backend {
             BackendKind::Engine if self.threads > 1 => {
                 format!("engine {}, {} x{}", self.mmu, self.log, self.threads)
             }
             BackendKind::Engine => format!("engine {}, {}", self.mmu, self.log),
             BackendKind::Kvm => format!("kvm, {}", self.log),
+        };
+        match self.precopy {
+            Precopy::Qemu => l,
+            other => format!("{l}, {other}"),
         }
     }
 
@@ -268,6 +279,7 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         downtime_limit: Duration::from_millis(a.downtime_limit_ms),
         timeout: Some(Duration::from_secs(a.timeout_s)),
         auto_converge: a.auto_converge,
+        precopy: c.precopy,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
     };
@@ -386,6 +398,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
         "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
+        "precopy": c.precopy.to_string(),
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,
@@ -425,6 +438,16 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             bar.line(row);
             if let Some(s) = &m.stats.guest_stall {
                 bar.line(format!("  guest stall: {}", s.line()));
+            }
+            if let Some(p) = &m.stats.downtime_phases {
+                let s = &m.stats;
+                bar.line(format!(
+                    "  downtime phases: {}; expected {}, of it fixed {}; syncs {}",
+                    p.line(),
+                    measured_ms(s.expected_downtime_ms),
+                    measured_ms(s.fixed_downtime_ms),
+                    s.dirty_sync_count
+                ));
             }
             if let Some(e) = &m.error {
                 bar.line(format!("  {}: {e}", c.label()));
@@ -473,7 +496,7 @@ fn print_repetitions(combos: &[Combo], measured: &[Vec<MigrationStats>], repeat:
         };
         println!(
             "{}, {} MiB, {} MiB/s: total {} ms, setup {} ms, downtime {} ms, guest stall {} ms, rounds {}, \
-             {} mbps; completed {} of {}",
+             syncs {}, sent {} MiB, {} mbps; completed {} of {}",
             c.label(),
             c.mib,
             c.rate,
@@ -482,6 +505,8 @@ fn print_repetitions(combos: &[Combo], measured: &[Vec<MigrationStats>], repeat:
             spread(&|s| s.downtime_ms),
             spread(&|s| s.guest_stall_ms),
             spread(&|s| Some(s.rounds.len() as f64)),
+            spread(&|s| Some(s.dirty_sync_count as f64)),
+            spread(&|s| Some(s.transferred_bytes as f64 / f64::from(1u32 << 20))),
             spread(&|s| Some(s.mbps)),
             runs.iter().filter(|s| s.status == MigrationStatus::Completed).count(),
             runs.len()

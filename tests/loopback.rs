@@ -76,7 +76,7 @@ fn destination(
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
         let mut build = |_: &Header| Ok(backend.start_passes(&spec)?);
-        let mut start = PassStart::new(Some(64 * MIB), 100);
+        let mut start = PassStart::new(Some(64 * MIB));
         match migrate_incoming(&l, &mut build, &IncomingParams::default(), &mut start) {
             Ok(mut incoming) => {
                 let vm = incoming.vm.as_mut();

@@ -26,6 +26,7 @@ use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Precopy, Un
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::Header;
 use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
+use shadow_mmu_testkit::pacer::GuestRate;
 use shadow_mmu_testkit::resume::{PassPacing, PassStart, ResumeCheck, ResumeReport, check_after_resume};
 use shadow_mmu_vmm::{DirtyLogInterface, PassVm, error_chain};
 
@@ -273,6 +274,7 @@ impl SourceHooks<dyn PassVm> for SourceCli<'_> {
     }
 
     fn phase(&mut self, phase: Phase) {
+        self.pacing.phase(phase);
         stop_at(self.stop_at, phase);
     }
 
@@ -295,8 +297,8 @@ impl DestHooks<dyn PassVm> for DestCli<'_> {
     }
 
     fn prepare(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
-        let (rate, write_pct) = self.pace.get();
-        self.start.insert(PassStart::new(rate, write_pct)).prepare(vm)
+        let (rate, _) = self.pace.get();
+        self.start.insert(PassStart::new(rate)).prepare(vm)
     }
 
     fn start(&mut self, vm: &mut (dyn PassVm + 'static)) {
@@ -439,7 +441,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let desc = describe(a)?;
     let mut vm = desc.boot()?;
-    let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm.as_ref(), desc.dirty_rate)?;
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(a.warmup_ms) {
         pacer.tick(vm.as_ref());
@@ -475,10 +477,13 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
             s.remaining_bytes >> 20
         ));
     };
-    let pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate)?;
     let mut hooks = SourceCli { stop_at: a.stop_at.as_deref(), rounds: &mut progress, pacing };
     let outcome = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut hooks);
+    let reached = hooks.pacing.reached();
     bar.finish();
+    let rate = GuestRate::of(desc.dirty_rate, reached);
+    println!("{}", rate.line());
     drop(conn);
     let report = |stats: &MigrationStats| -> Result<(), Box<dyn std::error::Error>> {
         for l in stats.lines() {
@@ -486,7 +491,7 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         std::io::stdout().flush()?;
         if let Some(p) = &a.json {
-            write_json(p, &serde_json::json!({ "config": desc, "source": stats }))?;
+            write_json(p, &serde_json::json!({ "config": desc, "source": stats, "guest_dirty_rate": rate }))?;
         }
         Ok(())
     };
@@ -526,7 +531,12 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
 /// own pace (--dirty-rate-mibps) for 300 ms, dirty logging off.
 fn runs_on(vm: &mut dyn PassVm, desc: &VmDescription) {
     let before = vm.passes_done();
-    let mut pacer = shadow_mmu_testkit::pacer::Pacer::new(vm, desc.dirty_rate, desc.write_pct);
+    let mut pacer = match shadow_mmu_testkit::pacer::Pacer::new(vm, desc.dirty_rate) {
+        Ok(p) => p,
+        Err(e) => {
+            return println!("the source VM runs on, but its pace could not be set: {}", error_chain(&e));
+        }
+    };
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(300) {
         pacer.tick(vm);

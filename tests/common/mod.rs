@@ -16,6 +16,6 @@ pub fn migrate(
     params: &OutgoingParams,
     rate: Option<u64>,
 ) -> Outcome {
-    let mut pacing = PassPacing::new(vm.as_ref(), rate, 100);
+    let mut pacing = PassPacing::new(vm.as_ref(), rate).expect("the guest's pace");
     migrate_outgoing(vm.as_mut(), conn, header, params, &mut pacing)
 }

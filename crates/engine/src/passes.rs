@@ -20,8 +20,9 @@ use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
-    BackendError, HarvestProbe, HarvestWindow, LatencySummary, PassExtras, PassSpec, PassWorkload,
-    ProgressTrace, RingEntries, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError, check_vcpu_states,
+    BackendError, ChunkPacer, DirtyPace, HarvestProbe, HarvestWindow, LatencySummary, PassExtras, PassSpec,
+    PassWorkload, ProgressTrace, RingEntries, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError,
+    check_vcpu_states,
 };
 use thiserror::Error;
 
@@ -30,8 +31,8 @@ use crate::notifier_thread::{Invalidations, MmuNotifierThread, NotifierError};
 use crate::vcpu::{FaultObserver, VcpuExit, VcpuLossCounters, VcpuStats};
 use crate::vm::{Vm, VmConfig};
 use crate::workload::{
-    AccessPattern, GuestControl, HC_PASS_DONE, HC_STOP, ReserveCounts, WORKLOAD_STATE_WORDS, WorkloadGuest,
-    WorkloadSpec,
+    AccessPattern, GuestControl, HC_CHUNK, HC_PASS_DONE, HC_STOP, ReserveCounts, WORKLOAD_STATE_WORDS,
+    WorkloadGuest, WorkloadSpec,
 };
 use crate::{DirtyRingError, MemoryError, MemslotError, VcpuError, VmError};
 use shadow_mmu_core::spte::PAGE_SIZE;
@@ -529,9 +530,15 @@ impl SweeperLinks {
         // guest then sees at its first access).
         self.await_release(&mut guest, &mut done);
         let mut pass_start = Instant::now();
+        let pace = self.ctl.pace().clone();
+        let mut pacer = ChunkPacer::default();
         let r = loop {
             match vcpu.run(&mut guest) {
+                Ok(VcpuExit::Hypercall(HC_CHUNK)) => {
+                    pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                }
                 Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
+                    pacer.chunk_done(&pace, guest.take_chunk_bytes());
                     // Relaxed: published by the release increment below.
                     clock.last_pass_ns.store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     done += 1;
@@ -541,6 +548,7 @@ impl SweeperLinks {
                     // host releases the next pass, or stops us.
                     self.await_release(&mut guest, &mut done);
                     pass_start = Instant::now();
+                    pacer.restart();
                 }
                 Ok(VcpuExit::Intr) => {
                     // Kicked (a pause): the last access is complete.
@@ -839,6 +847,10 @@ impl EnginePassVm {
 impl PassWorkload for EnginePassVm {
     fn release(&self, n: u64) {
         self.work.sweepers.release(n);
+    }
+
+    fn dirty_pace(&self) -> Arc<DirtyPace> {
+        self.work.sweepers.ctl.pace().clone()
     }
 
     fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
-use shadow_mmu_vmm::LockFaults;
+use shadow_mmu_vmm::{DirtyPace, LockFaults, PACE_CHUNK_PAGES, chunk_bytes};
 
 use crate::guest::{GuestCode, GuestOp};
 use shadow_mmu_core::spte::{PAGE_SHIFT, WORDS_PER_PAGE};
@@ -42,6 +42,10 @@ use shadow_mmu_core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const HC_STOP: u64 = 1;
 /// Hypercall code: a pass is done (only with `exit_each_pass`).
 pub const HC_PASS_DONE: u64 = 2;
+/// Hypercall code: a chunk of [`PACE_CHUNK_PAGES`] pass accesses is done
+/// and a dirty rate is set ([`GuestControl::pace`]): the vCPU thread keeps
+/// the pace ([`shadow_mmu_vmm::ChunkPacer`]).
+pub const HC_CHUNK: u64 = 3;
 
 /// `seen` value of a parked vCPU.
 pub(crate) const PARKED: u64 = u64::MAX;
@@ -148,6 +152,8 @@ pub struct GuestControl {
     seen: Box<[CachePadded<AtomicU64>]>,
     /// Each vCPU's accesses, published every `PROGRESS_EVERY`.
     progress: Box<[CachePadded<AtomicU64>]>,
+    /// The dirty rate inside passes, and the bytes stored.
+    pace: Arc<DirtyPace>,
 }
 
 /// Accesses between two publications of a guest's progress.
@@ -162,7 +168,13 @@ impl GuestControl {
             lock_faults_on: AtomicBool::new(false),
             seen: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(PARKED))).collect(),
             progress: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            pace: Arc::new(DirtyPace::new(vcpus)),
         })
+    }
+
+    /// The guests' dirty rate inside passes.
+    pub fn pace(&self) -> &Arc<DirtyPace> {
+        &self.pace
     }
 
     /// The current iteration.
@@ -364,6 +376,9 @@ pub struct WorkloadGuest {
     /// access starts the next pass.
     pass_reported: bool,
     accesses: u64,
+    /// Pass accesses and stores of the current chunk.
+    chunk_accesses: u64,
+    chunk_stores: u64,
     asid: u16,
     /// The reserve touches of `spec.lock_faults`.
     reserve: ReserveTouches,
@@ -443,6 +458,8 @@ impl WorkloadGuest {
             pending_seen: None,
             parked: true,
             pass_reported: false,
+            chunk_accesses: 0,
+            chunk_stores: 0,
             accesses: 0,
             asid,
             reserve: ReserveTouches::new(&spec.lock_faults, slice_len),
@@ -527,6 +544,15 @@ impl WorkloadGuest {
         ((self.reserve_gfn + index) << PAGE_SHIFT) | self.word_offset
     }
 
+    /// The bytes the pass accesses since the last chunk stored (a page
+    /// each), and a new chunk begins: at an `HC_CHUNK` or `HC_PASS_DONE`
+    /// exit, for the vCPU thread's pace.
+    pub fn take_chunk_bytes(&mut self) -> u64 {
+        let bytes = chunk_bytes(self.chunk_stores, 100);
+        (self.chunk_accesses, self.chunk_stores) = (0, 0);
+        bytes
+    }
+
     /// The vCPU left `run` with an exit of its own (a `DirtyRingFull`), not
     /// one of ours: the last access is complete, so park, that cuts do not
     /// wait for a vCPU that is not running. The next operation resumes as
@@ -557,6 +583,14 @@ impl GuestCode for WorkloadGuest {
         // Relaxed: see `GuestControl::request_stop`.
         if self.ctl.stop.load(Ordering::Relaxed) {
             return self.park(HC_STOP);
+        }
+        if self.chunk_accesses == PACE_CHUNK_PAGES {
+            if self.ctl.pace.on() {
+                // The vCPU thread takes the chunk's bytes and its time.
+                return self.park(HC_CHUNK);
+            }
+            self.ctl.pace.count(chunk_bytes(self.chunk_stores, 100));
+            (self.chunk_accesses, self.chunk_stores) = (0, 0);
         }
         if self.spec.exit_each_pass && self.accesses > 0 && self.pos == 0 && !self.pass_reported {
             // Not `!parked`: a vCPU kicked out right after a pass's last
@@ -602,6 +636,7 @@ impl GuestCode for WorkloadGuest {
         };
         self.pos = (self.pos + 1) % self.slice_len;
         self.accesses += 1;
+        self.chunk_accesses += 1;
         if self.accesses.is_multiple_of(PROGRESS_EVERY) {
             // Relaxed: see `GuestControl::accesses`.
             self.ctl.progress[self.vcpu as usize].store(self.accesses, Ordering::Relaxed);
@@ -611,6 +646,7 @@ impl GuestCode for WorkloadGuest {
         let gpa = self.gpa(index);
         if self.spec.write_pct == 100 || self.rng.u8(..100) < self.spec.write_pct {
             self.seq = self.seq.wrapping_add(1);
+            self.chunk_stores += 1;
             GuestOp::Write(gpa, encode_value(tag, self.vcpu, self.seq))
         } else {
             GuestOp::Read(gpa)

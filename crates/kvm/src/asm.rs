@@ -42,6 +42,8 @@ pub(crate) enum Cond {
     Eq = 0x4,
     /// Not equal (ZF = 0): `jne`.
     NotEq = 0x5,
+    /// Not sign (SF = 0): `jns`.
+    NotSign = 0x9,
 }
 
 /// A jump target.
@@ -281,8 +283,8 @@ mod tests {
             a.jcc(Cond::NotEq, top);
         });
         assert_eq!(back, [0x49, 0x0f, 0x85, 0xf9, 0xff, 0xff, 0xff]);
-        // jae / je forward over one hlt: 0f 83 01 00 00 00 f4, 0f 84 ...
-        for (cond, op) in [(Cond::AboveEq, 0x83), (Cond::Eq, 0x84)] {
+        // jae / je / jns forward over one hlt: 0f 83 01 00 00 00 f4, 0f 84 ...
+        for (cond, op) in [(Cond::AboveEq, 0x83), (Cond::Eq, 0x84), (Cond::NotSign, 0x89)] {
             let fwd = bytes(|a| {
                 let over = a.label();
                 a.jcc(cond, over);

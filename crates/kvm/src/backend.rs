@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use shadow_mmu_core::dirty_bitmap::DirtyBitmap;
 use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_vmm::{
-    Backend, BackendError, BackendVm, Capabilities, DirtyLog, GuestMemory, HarvestProbe, PassExtras,
-    PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError,
-    check_guest_access, check_vcpu_states,
+    Backend, BackendError, BackendVm, Capabilities, DirtyLog, DirtyPace, GuestMemory, HarvestProbe,
+    PassExtras, PassSpec, PassVm, PassWorkload, RingEntries, RingState, VcpuControl, VcpuGate, VcpuLoss,
+    VcpuStateError, check_guest_access, check_vcpu_states,
 };
 
 use crate::error::{BadConfig, KvmError};
@@ -252,6 +252,14 @@ impl BackendVm for KvmBackendVm<KvmScriptVm> {
 impl PassWorkload for KvmBackendVm<KvmPerfVm> {
     fn release(&self, n: u64) {
         self.inner.release(n);
+    }
+
+    fn dirty_pace(&self) -> Arc<DirtyPace> {
+        self.inner.dirty_pace().clone()
+    }
+
+    fn set_dirty_rate(&self, rate: Option<u64>) -> Result<(), BackendError> {
+        self.inner.set_dirty_rate(rate).map_err(|e| self.fail("setting the dirty rate", e))
     }
 
     fn wait_passes(&self, since: u64) -> Result<u64, BackendError> {

@@ -31,6 +31,16 @@ pub const UCALL_PASS_DONE: u8 = 1;
 pub const UCALL_SCRIPT_DONE: u8 = 2;
 /// Ucall code: [`probe_program`] ran to its end.
 pub const UCALL_PROBE: u8 = 3;
+/// Ucall code: a chunk of [`pass_program`] is done and the host set the
+/// pace flag: the vCPU thread keeps the dirty rate
+/// ([`shadow_mmu_vmm::ChunkPacer`]).
+pub const UCALL_CHUNK: u8 = 4;
+/// Pages of a chunk of [`pass_program`] (a pass's first chunk holds the
+/// remainder: 1 to this many pages).
+pub const CHUNK_PAGES: u32 = shadow_mmu_vmm::PACE_CHUNK_PAGES as u32;
+/// Where the pace flag is, from the pass word: a `u32` the host sets to
+/// non-zero for a chunk exit after each chunk.
+pub const PACE_FLAG_OFFSET: u32 = 8;
 
 /// Which of the programs a vCPU runs: an unexpected exit names it, as the
 /// same exit means something else in each.
@@ -117,17 +127,30 @@ fn emit_lcg_step(a: &mut Asm) {
 ///        mov [edi], ebp              ; the high dword stays 0
 ///        movq mm0, [edi]             ; the 8-byte value every store stores
 ///        mov ebx, base_gpa
-///        mov ecx, pages
+///        mov esp, chunks - 1         ; chunks of CHUNK_PAGES, the first
+///        mov ecx, first              ; one the remainder (1..=CHUNK_PAGES)
 /// next:  ; random: esi = lcg(esi); edx = base_gpa + 4096 * hi32(esi * pages)
 ///        ; mixed:  esi = lcg(esi); store iff esi < write_pct% of 2^32
 ///        movq [page], mm0            ; or movq mm1, [page] for a load
 ///        add ebx, 4096               ; (sequential)
 ///        dec ecx
 ///        jne next
+///        mov eax, [edi + PACE_FLAG_OFFSET]
+///        cmp eax, 0
+///        je nopace
+///        mov eax, UCALL_CHUNK        ; a chunk is done: the host's pace
+///        out UCALL_PORT, al
+/// nopace: mov ecx, CHUNK_PAGES
+///        dec esp
+///        jns next
 ///        mov eax, UCALL_PASS_DONE
 ///        out UCALL_PORT, al
 ///        jmp pass
 /// ```
+///
+/// The per-page loop is the one before chunks; a chunk adds six
+/// instructions per 64 pages (an emulated guest pays each). `esp` serves
+/// as the chunk count: the program has no stack.
 ///
 /// Registers at entry: `ebp` = 0 (passes done), `esi` = LCG seed.
 pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
@@ -142,7 +165,9 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     a.store(Edi, 0, Ebp);
     a.movq_load(Mm(0), Edi, 0);
     a.mov_imm(Ebx, p.base_gpa);
-    a.mov_imm(Ecx, p.pages);
+    let chunks = p.pages.div_ceil(CHUNK_PAGES);
+    a.mov_imm(Esp, chunks - 1);
+    a.mov_imm(Ecx, p.pages - CHUNK_PAGES * (chunks - 1));
     a.bind(next);
     let page = if p.random {
         emit_lcg_step(&mut a);
@@ -175,6 +200,16 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     }
     a.dec(Ecx);
     a.jcc(Cond::NotEq, next);
+    let nopace = a.label();
+    a.load(Eax, Edi, PACE_FLAG_OFFSET as i8);
+    a.cmp_imm(Eax, 0);
+    a.jcc(Cond::Eq, nopace);
+    a.mov_imm(Eax, u32::from(UCALL_CHUNK));
+    a.out_al(UCALL_PORT as u8);
+    a.bind(nopace);
+    a.mov_imm(Ecx, CHUNK_PAGES);
+    a.dec(Esp);
+    a.jcc(Cond::NotSign, next);
     a.mov_imm(Eax, u32::from(UCALL_PASS_DONE));
     a.out_al(UCALL_PORT as u8);
     a.jmp(pass);

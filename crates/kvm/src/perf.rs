@@ -37,10 +37,12 @@ use std::time::{Duration, Instant};
 use shadow_mmu_core::spte::PAGE_SIZE;
 
 use crate::error::{BadConfig, KvmError, UnexpectedExit};
-use crate::guest::{PassProgram, Program, UCALL_PASS_DONE, pass_program};
+use crate::guest::{
+    CHUNK_PAGES, PACE_FLAG_OFFSET, PassProgram, Program, UCALL_CHUNK, UCALL_PASS_DONE, pass_program,
+};
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
-use shadow_mmu_vmm::{DirtyLogProtect, VcpuGate, VcpuLoss};
+use shadow_mmu_vmm::{ChunkPacer, DirtyLogProtect, DirtyPace, VcpuGate, VcpuLoss, chunk_bytes};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -170,6 +172,11 @@ struct PerfShared {
     gate: Arc<VcpuGate>,
     /// The vCPU threads to signal for a kick.
     threads: Arc<KickList>,
+    /// The dirty rate inside passes, and the bytes stored.
+    pace: Arc<DirtyPace>,
+    /// Each vCPU's pages a pass, and the share of them stored.
+    pass_pages: Box<[u32]>,
+    write_pct: u8,
 }
 
 /// The live vCPU threads of a VM, by id, for [`KickList::kick`]: each
@@ -261,6 +268,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let id = vcpu.id();
     let clock = &shared.clocks[id as usize];
     let mut done = 0u64;
+    let mut pace = PassPace::new(shared.pass_pages[id as usize], shared.write_pct);
     loop {
         loop {
             // Before the checks: a change after them rings after it.
@@ -294,6 +302,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
             shared.gate.bell().wait(ticket);
         }
         let t = Instant::now();
+        pace.pass_begins();
         loop {
             match vcpu.run_interruptible(&|| shared.gate.pause_requested())? {
                 GuestExit::Interrupted => {
@@ -325,7 +334,11 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
                     clock.ring_full_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                GuestExit::Ucall(UCALL_PASS_DONE) => break,
+                GuestExit::Ucall(UCALL_CHUNK) => pace.chunk_done(&shared.pace),
+                GuestExit::Ucall(UCALL_PASS_DONE) => {
+                    pace.pass_done(&shared.pace);
+                    break;
+                }
                 exit => return Err(UnexpectedExit::Exit { vcpu: id, program: Program::Pass, exit }.into()),
             }
         }
@@ -337,6 +350,44 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
         // whoever sees pass `done` complete also sees its duration and every
         // guest store of the pass (KVM_RUN returned before this store).
         clock.passes.store(done, Ordering::Release);
+    }
+}
+
+/// A vCPU thread's side of the dirty rate: which chunk of the pass the
+/// guest is in (the first holds the remainder), and the bytes counted.
+struct PassPace {
+    pacer: ChunkPacer,
+    pass_pages: u32,
+    write_pct: u8,
+    chunk: u32,
+    counted: u64,
+}
+
+impl PassPace {
+    fn new(pass_pages: u32, write_pct: u8) -> Self {
+        Self { pacer: ChunkPacer::default(), pass_pages, write_pct, chunk: 0, counted: 0 }
+    }
+
+    fn pass_begins(&mut self) {
+        (self.chunk, self.counted) = (0, 0);
+        self.pacer.restart();
+    }
+
+    /// A `UCALL_CHUNK`: the chunk's share of time.
+    fn chunk_done(&mut self, pace: &DirtyPace) {
+        let chunks = self.pass_pages.div_ceil(CHUNK_PAGES);
+        let pages = if self.chunk == 0 { self.pass_pages - CHUNK_PAGES * (chunks - 1) } else { CHUNK_PAGES };
+        self.chunk += 1;
+        let bytes = chunk_bytes(u64::from(pages), self.write_pct);
+        self.counted += bytes;
+        self.pacer.chunk_done(pace, bytes);
+    }
+
+    /// A pass is done: what its chunks did not count (all of it, without a
+    /// pace; after a restore mid-pass, the chunk sizes are a guess).
+    fn pass_done(&mut self, pace: &DirtyPace) {
+        let pass = chunk_bytes(u64::from(self.pass_pages), self.write_pct);
+        pace.count(pass.saturating_sub(self.counted));
     }
 }
 
@@ -391,6 +442,9 @@ impl KvmPerfVm {
             ring_full_exits: AtomicU64::new(0),
             gate,
             threads,
+            pace: Arc::new(DirtyPace::new(cfg.vcpus)),
+            pass_pages: (0..cfg.vcpus).map(|id| cfg.pass_program(id).pages).collect(),
+            write_pct: cfg.write_pct,
         });
         let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
         for vcpu in vcpus {
@@ -407,6 +461,23 @@ impl KvmPerfVm {
     /// The configuration.
     pub fn config(&self) -> &KvmPerfConfig {
         &self.cfg
+    }
+
+    /// The dirty rate inside passes, and the bytes stored.
+    pub fn dirty_pace(&self) -> &Arc<DirtyPace> {
+        &self.shared.pace
+    }
+
+    /// Paces the guest at `rate` bytes a second (`None`: flat out): sets
+    /// each vCPU's pace flag, so that its guest exits after each chunk.
+    pub fn set_dirty_rate(&self, rate: Option<u64>) -> Result<(), KvmError> {
+        self.shared.pace.set(rate);
+        let on = u64::from(self.shared.pace.on());
+        for id in 0..self.cfg.vcpus {
+            let word = u64::from(self.cfg.pass_program(id).pass_word_gpa) + u64::from(PACE_FLAG_OFFSET);
+            self.vm.set_control_word(word, on)?;
+        }
+        Ok(())
     }
 
     /// Lets every vCPU go on up to pass `n`.

@@ -14,8 +14,8 @@ use serde::Serialize;
 use shadow_mmu_core::spte::WORDS_PER_PAGE;
 use shadow_mmu_migrate::dest::BuildError;
 use shadow_mmu_migrate::ranges::{digest_of, page_digest, quiescent_bytes};
-use shadow_mmu_migrate::{DestHooks, SourceHooks};
-use shadow_mmu_vmm::{PassVm, error_chain, harvest};
+use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
+use shadow_mmu_vmm::{BackendError, PassVm, error_chain, harvest};
 
 use crate::pacer::Pacer;
 
@@ -62,19 +62,36 @@ pub struct ResumeReport {
 /// The pass guest's pace while it migrates: a [`Pacer`] ticked between
 /// frames (the source's hook).
 #[derive(Debug)]
-pub struct PassPacing(Pacer);
+pub struct PassPacing {
+    pacer: Pacer,
+    /// The rate reached up to the pause of the stop-and-copy.
+    at_pause: Option<f64>,
+}
 
 impl PassPacing {
     /// Paces `vm`'s guest at `rate` bytes a second (`None`: flat out; 0:
-    /// idle), `write_pct`% of its accesses stores, from now on.
-    pub fn new(vm: &dyn PassVm, rate: Option<u64>, write_pct: u8) -> Self {
-        Self(Pacer::new(vm, rate, write_pct))
+    /// idle) from now on.
+    pub fn new(vm: &dyn PassVm, rate: Option<u64>) -> Result<Self, BackendError> {
+        Ok(Self { pacer: Pacer::new(vm, rate)?, at_pause: None })
+    }
+
+    /// Bytes a second the guest stored from the pacing's start to the
+    /// migration's pause (to now, if it did not pause): its rate while it
+    /// ran, the downtime left out.
+    pub fn reached(&self) -> f64 {
+        self.at_pause.unwrap_or_else(|| self.pacer.reached())
     }
 }
 
 impl SourceHooks<dyn PassVm> for PassPacing {
+    fn phase(&mut self, phase: Phase) {
+        if phase == Phase::Paused {
+            self.at_pause = Some(self.pacer.reached());
+        }
+    }
+
     fn tick(&mut self, vm: &(dyn PassVm + 'static)) {
-        self.0.tick(vm);
+        self.pacer.tick(vm);
     }
 }
 
@@ -84,7 +101,8 @@ impl SourceHooks<dyn PassVm> for PassPacing {
 #[derive(Debug)]
 pub struct PassStart {
     rate: Option<u64>,
-    write_pct: u8,
+    /// Why the pace could not be set, if it could not.
+    failed: Option<String>,
     /// The least iteration the guest's new stores carry, and its passes,
     /// read before it starts.
     floor: u64,
@@ -94,9 +112,9 @@ pub struct PassStart {
 
 impl PassStart {
     /// A start at `rate` bytes a second (`None`: flat out; 0: idle after a
-    /// first pass), `write_pct`% of accesses stores.
-    pub fn new(rate: Option<u64>, write_pct: u8) -> Self {
-        Self { rate, write_pct, floor: 0, passes_at_resume: 0, pacer: None }
+    /// first pass).
+    pub fn new(rate: Option<u64>) -> Self {
+        Self { rate, failed: None, floor: 0, passes_at_resume: 0, pacer: None }
     }
 }
 
@@ -109,10 +127,18 @@ impl DestHooks<dyn PassVm> for PassStart {
     }
 
     fn start(&mut self, vm: &mut (dyn PassVm + 'static)) {
-        let mut pacer = Pacer::new(vm, self.rate, self.write_pct);
-        // At least one pass here, even for a guest that migrated idle.
-        pacer.at_least(vm, 1);
-        self.pacer = Some(pacer);
+        match Pacer::new(vm, self.rate) {
+            Ok(mut pacer) => {
+                // At least one pass here, even for a guest that migrated idle.
+                pacer.at_least(vm, 1);
+                self.pacer = Some(pacer);
+            }
+            Err(e) => {
+                // The guest runs, flat out; the check says why it cannot tell.
+                vm.release(u64::MAX);
+                self.failed = Some(format!("the guest's pace: {}", error_chain(&e)));
+            }
+        }
     }
 }
 
@@ -163,7 +189,10 @@ fn watch(
     pause_within: Duration,
     report: &mut ResumeReport,
 ) -> Result<(u64, u64, u64), String> {
-    let PassStart { floor, passes_at_resume, pacer, .. } = start;
+    let PassStart { floor, passes_at_resume, pacer, failed, .. } = start;
+    if let Some(why) = failed {
+        return Err(why);
+    }
     let mut pacer = pacer.ok_or("the guest was never started")?;
     let pages = vm.pages();
     // The log of the run: harvests every 20 ms, OR-ed (a ring must be

@@ -102,6 +102,17 @@ pub trait PassWorkload {
     /// Lets every vCPU go on up to pass `n`.
     fn release(&self, n: u64);
 
+    /// The dirty rate the vCPUs keep inside their passes, and the bytes
+    /// they stored.
+    fn dirty_pace(&self) -> std::sync::Arc<crate::DirtyPace>;
+
+    /// Paces the vCPUs at `rate` bytes a second inside their passes
+    /// (`None`: flat out), as far as the passes released let them go.
+    fn set_dirty_rate(&self, rate: Option<u64>) -> Result<(), BackendError> {
+        self.dirty_pace().set(rate);
+        Ok(())
+    }
+
     /// The iteration a word the guest stored carries: the pass number on
     /// KVM (its guest stores it), the workload's tag on the engine.
     fn stored_iteration(&self, word: u64) -> u64 {

@@ -19,6 +19,7 @@ use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, migrate_outgoing};
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, measured_ms};
+use shadow_mmu_testkit::pacer::GuestRate;
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
 
@@ -261,6 +262,8 @@ struct Measured {
     fraction: Option<f64>,
     /// vCPU write-fault p99 during harvests.
     p99: Option<u64>,
+    /// The guest's dirty rate while it migrated.
+    rate: GuestRate,
     details: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -286,8 +289,9 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
     let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
     let header = desc.header(vm.as_ref())?;
     let p0 = vm.passes_done();
-    let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate, desc.write_pct);
+    let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate).map_err(|e| error_chain(&e))?;
     let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut pacing);
+    let rate = GuestRate::of(desc.dirty_rate, pacing.reached());
     let passes_during = vm.passes_done() - p0;
     let extras = vm.stop().map_err(|e| error_chain(&e))?;
     let out = child.wait_with_output()?;
@@ -328,6 +332,7 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         expected,
         fraction: (expected >= 5.0).then(|| passes_during as f64 / expected),
         p99,
+        rate,
         details: extras.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect(),
     })
 }
@@ -406,6 +411,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
         "guest_bytes_per_pass": m.pass_bytes,
         "guest_passes_during": m.passes_during,
         "vcpu_fault_p99_during_harvest_ns": m.p99,
+        "guest_dirty_rate": m.rate,
         "error": m.error, "source": stats, "destination": m.dest,
         "details": m.details,
     });
@@ -436,6 +442,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             record["repetition"] = json!(round);
             all_ok &= ok;
             bar.line(row);
+            bar.line(format!("  {}", m.rate.line()));
             if let Some(s) = &m.stats.guest_stall {
                 bar.line(format!("  guest stall: {}", s.line()));
             }

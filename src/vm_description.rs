@@ -83,6 +83,10 @@ pub struct VmDescription {
     /// See `fresh_faults`.
     #[serde(default)]
     pub invalidations: u32,
+    /// vCPUs that only compute (load), the last ones (absent in older
+    /// streams: none).
+    #[serde(default)]
+    pub compute_vcpus: u32,
 }
 
 fn eager_split_default() -> bool {
@@ -129,6 +133,7 @@ impl VmDescription {
             dirty_pages: None,
             lock_faults: self.lock_faults(),
             lazy_memory,
+            compute_vcpus: self.compute_vcpus,
         }
     }
 

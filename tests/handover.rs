@@ -825,6 +825,7 @@ fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
             dirty_pages: None,
             lock_faults: Default::default(),
             lazy_memory: false,
+            compute_vcpus: 0,
         };
         let mut vm = EngineBackend::default().start_passes(&spec).unwrap();
         vm.release(1);

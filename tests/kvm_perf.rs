@@ -183,6 +183,7 @@ fn migrate_perf_reports_every_figure() {
         dirty_pages: None,
         lock_faults: Default::default(),
         lazy_memory: false,
+        compute_vcpus: 0,
     };
     let mut vm = KvmBackend {
         protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },

@@ -87,6 +87,7 @@ fn spec(guest_bytes: u64) -> PassSpec {
         dirty_pages: None,
         lock_faults: Default::default(),
         lazy_memory: false,
+        compute_vcpus: 0,
     }
 }
 

@@ -22,6 +22,7 @@ fn spec() -> PassSpec {
         dirty_pages: None,
         lock_faults: Default::default(),
         lazy_memory: false,
+        compute_vcpus: 0,
     }
 }
 

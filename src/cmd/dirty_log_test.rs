@@ -115,6 +115,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 dirty_pages: None,
                 lock_faults: Default::default(),
                 lazy_memory: false,
+                compute_vcpus: 0,
             };
             let mut vm = backend.start_passes(&pass)?;
             let r = dirty_log_test(

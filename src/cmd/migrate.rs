@@ -187,6 +187,13 @@ pub struct OutgoingArgs {
     /// that does not converge, up to 99%.
     #[arg(long)]
     pub auto_converge: bool,
+    /// QEMU's dirty-limit: hold each vCPU that dirties more than this many
+    /// MiB/s (that vCPU alone) while the migration runs.
+    #[arg(long)]
+    pub dirty_limit_mibps: Option<u64>,
+    /// The last this many vCPUs only compute (load, never store).
+    #[arg(long, default_value_t = 0)]
+    pub compute_vcpus: u32,
     /// Pre-copy's loop: `qemu` syncs mid-pass when the unsent pages fit
     /// (QEMU's); `rounds` sends whole rounds (the loop before it).
     #[arg(long, default_value = "qemu")]
@@ -239,6 +246,7 @@ fn describe(a: &OutgoingArgs) -> Result<VmDescription, String> {
         fresh_faults: lock.fresh_per_sec,
         split_faults: lock.split_per_sec,
         invalidations: lock.invalidations_per_sec,
+        compute_vcpus: a.compute_vcpus,
     })
 }
 
@@ -427,6 +435,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
             TimeoutAction::Force => OnTimeout::Force,
         },
         auto_converge: a.auto_converge,
+        dirty_limit: a.dirty_limit_mibps.map(|l| l << 20),
         precopy: a.precopy,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),

@@ -535,10 +535,12 @@ impl SweeperLinks {
         let r = loop {
             match vcpu.run(&mut guest) {
                 Ok(VcpuExit::Hypercall(HC_CHUNK)) => {
-                    pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    self.loss.throttle_ns.add(held.as_nanos() as u64);
                 }
                 Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
-                    pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    self.loss.throttle_ns.add(held.as_nanos() as u64);
                     // Relaxed: published by the release increment below.
                     clock.last_pass_ns.store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     done += 1;
@@ -819,6 +821,7 @@ impl EnginePassVm {
             exit_each_pass: true,
             seed: spec.seed,
             lock_faults: spec.lock_faults,
+            compute_vcpus: spec.compute_vcpus,
             ..WorkloadSpec::default()
         };
         let clock = Arc::new(HarvestClock::default());
@@ -877,6 +880,10 @@ impl PassWorkload for EnginePassVm {
         self.work.sweepers.passes().into_iter().min().unwrap_or(0)
     }
 
+    fn vcpu_passes(&self) -> Vec<u64> {
+        self.work.sweepers.passes()
+    }
+
     fn iteration_floor(&self) -> u64 {
         // Every store is tagged with the iteration current at the store.
         self.work.sweepers.ctl.iteration()
@@ -901,6 +908,11 @@ const RESTORE_WITHIN: Duration = Duration::from_secs(5);
 impl VcpuControl for EnginePassVm {
     fn vcpu_gate(&self) -> Arc<VcpuGate> {
         self.work.sweepers.gate.clone()
+    }
+
+    fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), BackendError> {
+        self.work.sweepers.ctl.pace().set_limit(limit);
+        Ok(())
     }
 
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {

@@ -125,6 +125,8 @@ pub struct WorkloadSpec {
     /// split touches (`ReserveTouches`); the invalidations are the host's
     /// (`crate::notifier_thread`).
     pub lock_faults: LockFaults,
+    /// The last this many vCPUs only load (`PassSpec::compute_vcpus`).
+    pub compute_vcpus: u32,
 }
 
 impl Default for WorkloadSpec {
@@ -137,6 +139,7 @@ impl Default for WorkloadSpec {
             exit_each_pass: false,
             seed: 1,
             lock_faults: LockFaults::default(),
+            compute_vcpus: 0,
         }
     }
 }
@@ -432,6 +435,11 @@ impl WorkloadGuest {
         assert!(vcpu < vcpus && vcpus <= MAX_WORKLOAD_VCPUS, "vCPU {vcpu} of {vcpus}");
         assert!(u64::from(vcpus) <= npages, "{vcpus} vCPUs need at least as many pages");
         assert!(spec.write_pct <= 100, "write_pct {}", spec.write_pct);
+        let spec = if shadow_mmu_vmm::is_compute_vcpu(vcpu, vcpus, spec.compute_vcpus) {
+            WorkloadSpec { write_pct: 0, ..spec }
+        } else {
+            spec
+        };
         let slice_start = npages * u64::from(vcpu) / u64::from(vcpus);
         let slice_end = npages * u64::from(vcpu + 1) / u64::from(vcpus);
         let slice_len = slice_end - slice_start;

@@ -344,6 +344,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
                 dirty_pages: None,
                 lock_faults: Default::default(),
                 lazy_memory: false,
+                compute_vcpus: 0,
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 6, Duration::from_millis(2), 3, |_, _| {});

@@ -342,6 +342,7 @@ fn dirty_log_test_in_every_design_and_interface() {
                 dirty_pages: None,
                 lock_faults: Default::default(),
                 lazy_memory: false,
+                compute_vcpus: 0,
             };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 8, Duration::from_millis(3), 5, |_, _| {})

@@ -95,6 +95,7 @@ impl Backend for KvmBackend {
             protect: self.protect,
             dirty_ring_bytes: self.dirty_ring.map(RingEntries::bytes),
             lazy_memory: spec.lazy_memory,
+            compute_vcpus: spec.compute_vcpus,
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
         Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
@@ -282,6 +283,10 @@ impl PassWorkload for KvmBackendVm<KvmPerfVm> {
         self.inner.passes().into_iter().min().unwrap_or(0)
     }
 
+    fn vcpu_passes(&self) -> Vec<u64> {
+        self.inner.passes()
+    }
+
     fn iteration_floor(&self) -> u64 {
         // A vCPU in or before pass `done + 1` stores `done + 1` (the pass
         // number it loaded into mm0 at the pass's start).
@@ -295,6 +300,10 @@ const RESTORE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 impl VcpuControl for KvmBackendVm<KvmPerfVm> {
     fn vcpu_gate(&self) -> Arc<VcpuGate> {
         self.inner.gate().clone()
+    }
+
+    fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), BackendError> {
+        self.inner.set_dirty_limit(limit).map_err(|e| self.fail("setting the dirty-limit", e))
     }
 
     fn restore_vcpus(&self, states: Vec<Vec<u8>>) -> Result<(), BackendError> {

@@ -42,7 +42,9 @@ use crate::guest::{
 };
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
-use shadow_mmu_vmm::{ChunkPacer, DirtyLogProtect, DirtyPace, VcpuGate, VcpuLoss, chunk_bytes};
+use shadow_mmu_vmm::{
+    ChunkPacer, DirtyLogProtect, DirtyPace, VcpuGate, VcpuLoss, chunk_bytes, is_compute_vcpu,
+};
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
 pub const MAX_PERF_VCPUS: u32 = 256;
@@ -74,6 +76,8 @@ pub struct KvmPerfConfig {
     /// Map the test slot lazily (a migration's destination), not populated
     /// up front (`vmm::PassSpec::lazy_memory`).
     pub lazy_memory: bool,
+    /// The last this many vCPUs only load (`vmm::PassSpec::compute_vcpus`).
+    pub compute_vcpus: u32,
 }
 
 impl Default for KvmPerfConfig {
@@ -87,6 +91,7 @@ impl Default for KvmPerfConfig {
             protect: DirtyLogProtect::Auto,
             dirty_ring_bytes: None,
             lazy_memory: false,
+            compute_vcpus: 0,
         }
     }
 }
@@ -117,7 +122,7 @@ impl KvmPerfConfig {
             // The test slot ends below 4 GiB (checked), so these fit.
             base_gpa: (TEST_GPA + start * PAGE_SIZE) as u32,
             pages: (end - start) as u32,
-            write_pct: self.write_pct,
+            write_pct: if is_compute_vcpu(id, self.vcpus, self.compute_vcpus) { 0 } else { self.write_pct },
             random: self.random,
             pass_word_gpa: (pass_words_gpa(self.vcpus) + u64::from(id) * PASS_WORD_STRIDE) as u32,
         }
@@ -174,9 +179,8 @@ struct PerfShared {
     threads: Arc<KickList>,
     /// The dirty rate inside passes, and the bytes stored.
     pace: Arc<DirtyPace>,
-    /// Each vCPU's pages a pass, and the share of them stored.
-    pass_pages: Box<[u32]>,
-    write_pct: u8,
+    /// Each vCPU's program: its pages a pass, and the share of them stored.
+    programs: Box<[PassProgram]>,
 }
 
 /// The live vCPU threads of a VM, by id, for [`KickList::kick`]: each
@@ -268,7 +272,8 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let id = vcpu.id();
     let clock = &shared.clocks[id as usize];
     let mut done = 0u64;
-    let mut pace = PassPace::new(shared.pass_pages[id as usize], shared.write_pct);
+    let program = &shared.programs[id as usize];
+    let mut pace = PassPace::new(program.pages, program.write_pct);
     loop {
         loop {
             // Before the checks: a change after them rings after it.
@@ -334,7 +339,11 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     shared.ring_waiters.fetch_sub(1, Ordering::Relaxed);
                     clock.ring_full_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                GuestExit::Ucall(UCALL_CHUNK) => pace.chunk_done(&shared.pace),
+                GuestExit::Ucall(UCALL_CHUNK) => {
+                    let held = pace.chunk_done(&shared.pace);
+                    // Relaxed: a statistic (`vcpu_losses`).
+                    clock.throttle_ns.fetch_add(held.as_nanos() as u64, Ordering::Relaxed);
+                }
                 GuestExit::Ucall(UCALL_PASS_DONE) => {
                     pace.pass_done(&shared.pace);
                     break;
@@ -373,14 +382,15 @@ impl PassPace {
         self.pacer.restart();
     }
 
-    /// A `UCALL_CHUNK`: the chunk's share of time.
-    fn chunk_done(&mut self, pace: &DirtyPace) {
+    /// A `UCALL_CHUNK`: the chunk's share of time. Returns the part of the
+    /// wait a dirty-limit added.
+    fn chunk_done(&mut self, pace: &DirtyPace) -> Duration {
         let chunks = self.pass_pages.div_ceil(CHUNK_PAGES);
         let pages = if self.chunk == 0 { self.pass_pages - CHUNK_PAGES * (chunks - 1) } else { CHUNK_PAGES };
         self.chunk += 1;
         let bytes = chunk_bytes(u64::from(pages), self.write_pct);
         self.counted += bytes;
-        self.pacer.chunk_done(pace, bytes);
+        self.pacer.chunk_done(pace, bytes)
     }
 
     /// A pass is done: what its chunks did not count (all of it, without a
@@ -443,8 +453,7 @@ impl KvmPerfVm {
             gate,
             threads,
             pace: Arc::new(DirtyPace::new(cfg.vcpus)),
-            pass_pages: (0..cfg.vcpus).map(|id| cfg.pass_program(id).pages).collect(),
-            write_pct: cfg.write_pct,
+            programs: (0..cfg.vcpus).map(|id| cfg.pass_program(id)).collect(),
         });
         let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
         for vcpu in vcpus {
@@ -472,6 +481,18 @@ impl KvmPerfVm {
     /// each vCPU's pace flag, so that its guest exits after each chunk.
     pub fn set_dirty_rate(&self, rate: Option<u64>) -> Result<(), KvmError> {
         self.shared.pace.set(rate);
+        self.set_pace_flags()
+    }
+
+    /// Caps each vCPU's dirty rate at `limit` bytes a second (`None`: no
+    /// cap): QEMU's dirty-limit, held at the chunk exits.
+    pub fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), KvmError> {
+        self.shared.pace.set_limit(limit);
+        self.set_pace_flags()
+    }
+
+    /// Each vCPU's pace flag: set while a rate or a limit is.
+    fn set_pace_flags(&self) -> Result<(), KvmError> {
         let on = u64::from(self.shared.pace.on());
         for id in 0..self.cfg.vcpus {
             let word = u64::from(self.cfg.pass_program(id).pass_word_gpa) + u64::from(PACE_FLAG_OFFSET);

@@ -137,35 +137,52 @@ pub fn page_digests(bytes: &[u8], first: u64, n: u64, threads: usize) -> Vec<u64
     })
 }
 
-/// The digests of `pages` of a running guest's `memory`, on `threads`
-/// threads: each page is copied out through atomics, then digested, as
-/// [`page_digest`] would of the same bytes (a page stored to meanwhile
-/// gives one of its states or a mix: the caller wants the time, or a
-/// digest of a page nothing writes).
-pub fn running_page_digests(memory: &[AtomicU64], pages: &[u64], threads: usize) -> Vec<u64> {
-    let digest = |p: u64| {
-        let mut copy = [0u8; PAGE_SIZE as usize];
-        let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
-        for (w, b) in words.iter().zip(copy.chunks_exact_mut(8)) {
-            // Relaxed: a racy read is what the caller asked for.
-            b.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-        }
-        digest_of(p, crc32c::crc32c(&copy))
+/// The digest of page `p` of a running guest's `memory`: the page copied
+/// out through atomics, then digested as [`page_digest`] would the same
+/// bytes (a page stored to meanwhile gives one of its states or a mix).
+fn running_page_digest(memory: &[AtomicU64], p: u64) -> u64 {
+    let mut copy = [0u8; PAGE_SIZE as usize];
+    let words = &memory[p as usize * WORDS_PER_PAGE..][..WORDS_PER_PAGE];
+    for (w, b) in words.iter().zip(copy.chunks_exact_mut(8)) {
+        // Relaxed: a racy read is what the caller asked for.
+        b.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    digest_of(p, crc32c::crc32c(&copy))
+}
+
+/// The digests of `pages` of a running guest's `memory` on `threads`
+/// threads ([`running_page_digest`]), and the CPU time they took, ns, summed
+/// over the threads: what the digest pass costs, whatever else ran on the
+/// host's CPUs meanwhile (the wall time would count the vCPUs' turns).
+pub fn running_page_digests(memory: &[AtomicU64], pages: &[u64], threads: usize) -> (Vec<u64>, u64) {
+    let share = pages.len().div_ceil(threads.clamp(1, pages.len().max(1))).max(1);
+    let digest = |c: &[u64]| {
+        let t = thread_cpu_ns();
+        let d: Vec<u64> = c.iter().map(|&p| running_page_digest(memory, p)).collect();
+        (d, thread_cpu_ns().saturating_sub(t))
     };
-    let threads = threads.clamp(1, pages.len().max(1));
-    let share = pages.len().div_ceil(threads);
     std::thread::scope(|s| {
-        let helpers: Vec<_> = pages
-            .chunks(share.max(1))
-            .skip(1)
-            .map(|c| s.spawn(move || c.iter().map(|&p| digest(p)).collect::<Vec<_>>()))
-            .collect();
-        let mut out: Vec<u64> = pages.iter().take(share).map(|&p| digest(p)).collect();
+        let helpers: Vec<_> = pages.chunks(share).skip(1).map(|c| s.spawn(move || digest(c))).collect();
+        let (mut out, mut cpu) = digest(&pages[..share.min(pages.len())]);
         for h in helpers {
-            out.extend(h.join().expect("a digest thread panicked"));
+            let (d, ns) = h.join().expect("a digest thread panicked");
+            out.extend(d);
+            cpu += ns;
         }
-        out
+        (out, cpu)
     })
+}
+
+/// This thread's CPU time, ns (0 if the clock cannot be read).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration;
+    // CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
@@ -220,8 +237,8 @@ mod tests {
         // Digests of copies of the pages: the same, on any threads.
         let some = [1u64, 3, 4, 70, 130, 199];
         let want: Vec<u64> = some.iter().map(|&p| page_digest(b, p)).collect();
-        assert_eq!(running_page_digests(&m, &some, 1), want);
-        assert_eq!(running_page_digests(&m, &some, 4), want);
+        assert_eq!(running_page_digests(&m, &some, 1).0, want);
+        assert_eq!(running_page_digests(&m, &some, 4).0, want);
         // A window of the bitmap from page 128 on: the same pages above it.
         let got: Vec<_> =
             dirty_ranges(&bm[2..], 128, &m, 8).iter().map(|r| (r.first, r.pages, r.zero)).collect();

@@ -261,3 +261,37 @@ fn a_vm_of_the_vmm_s_own_migrates_page_by_page() {
     let first_here = (stopped_at % PAGES) as usize * WORDS;
     assert!(toy.shared.memory[first_here].load(Ordering::Relaxed) > stopped_at);
 }
+
+/// A VM that cannot hold its vCPUs one by one refuses a dirty-limit with a
+/// clear error before any page goes, and runs on.
+#[test]
+fn a_dirty_limit_the_vm_cannot_keep_is_refused_and_the_source_runs_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let mut build = |_: &Header| Ok(Box::new(ToyVm::new(false)));
+        migrate_incoming(&listener, &mut build, &IncomingParams::default(), &mut Start).map(|_| ())
+    });
+    let mut vm = ToyVm::new(true);
+    let conn = TcpStream::connect(addr).unwrap();
+    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
+    let header = Header::new("toy".into(), String::new(), slots);
+    let params = OutgoingParams { dirty_limit: Some(1 << 20), ..OutgoingParams::default() };
+    let e = match migrate_outgoing(&mut vm, &conn, &header, &params, &mut Nothing) {
+        Outcome::RunsOn(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let why = shadow_mmu_vmm::error_chain(&e);
+    assert!(why.contains("dirty-limit") && why.contains("held one by one"), "{why}");
+    assert_eq!(e.stats.normal_pages, 0, "refused before any page");
+    drop(conn);
+    assert!(dest.join().unwrap().is_err(), "the destination discards its partial VM");
+    // Still running: it stores on.
+    let before = vm.shared.last.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while vm.shared.last.load(Ordering::Relaxed) == before {
+        assert!(t.elapsed() < Duration::from_secs(10), "the source runs on");
+        std::thread::yield_now();
+    }
+    vm.stop().unwrap();
+}

@@ -31,6 +31,7 @@ pub fn lock_fault_passes(
         dirty_pages: None,
         lock_faults: lock,
         lazy_memory: false,
+        compute_vcpus: 0,
     };
     backend.start_passes(&pass).expect("a pass VM of 16 MiB")
 }

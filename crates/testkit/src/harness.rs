@@ -801,6 +801,7 @@ pub fn random_config(seed: u64, max_duration: Duration) -> RunConfig {
             exit_each_pass: rng.bool(),
             seed: rng.u64(..),
             lock_faults: LockFaults::default(),
+            compute_vcpus: 0,
         },
         max_mmu_pages,
         tlb_entries: [1, 64, 1 << 10, 1 << 12][rng.usize(..4)],

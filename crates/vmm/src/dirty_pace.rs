@@ -15,6 +15,15 @@
 //! The threads also count the bytes their guests store, paced or not, so
 //! that the rate a guest really reached can be printed beside the one asked
 //! for.
+//!
+//! The same holds carry QEMU's dirty-limit (`vcpu-dirty-limit`, 8.1), which
+//! a migration sets ([`DirtyPace::set_limit`]): a cap on each vCPU's dirty
+//! rate, kept by holding that vCPU alone, never the others (auto-converge's
+//! throttle pauses them all). QEMU holds a vCPU at its dirty ring's full
+//! exit, for a time it recomputes each second from the ring's count; ours
+//! holds it at its next chunk's end, for exactly what the chunk's bytes
+//! exceed, with either dirty-log interface (a ring reaped every 20 ms, as
+//! our migration reaps it, rarely fills).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +40,8 @@ pub struct DirtyPace {
     vcpus: u32,
     /// Bytes a second each vCPU may store; 0: no pace (flat out).
     per_vcpu: AtomicU64,
+    /// The migration's dirty-limit, bytes a second a vCPU; 0: none.
+    limit: AtomicU64,
     /// Bytes the vCPUs stored so far, counted chunk by chunk.
     stored: AtomicU64,
 }
@@ -38,7 +49,12 @@ pub struct DirtyPace {
 impl DirtyPace {
     /// The pace of a VM of `vcpus` vCPUs, off.
     pub fn new(vcpus: u32) -> Self {
-        Self { vcpus: vcpus.max(1), per_vcpu: AtomicU64::new(0), stored: AtomicU64::new(0) }
+        Self {
+            vcpus: vcpus.max(1),
+            per_vcpu: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+        }
     }
 
     /// Paces every vCPU at `rate / vcpus` bytes a second (`None` or 0: no
@@ -50,11 +66,23 @@ impl DirtyPace {
         self.per_vcpu.store(per, Ordering::Relaxed);
     }
 
-    /// Whether a rate is set (the guest code then ends each chunk with an
-    /// exit).
-    pub fn on(&self) -> bool {
+    /// Caps every vCPU's dirty rate at `limit` bytes a second (`None` or
+    /// 0: no cap), whatever its pace.
+    pub fn set_limit(&self, limit: Option<u64>) {
         // Relaxed: as in `set`.
-        self.per_vcpu.load(Ordering::Relaxed) > 0
+        self.limit.store(limit.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The dirty-limit, bytes a second a vCPU (0: none).
+    pub fn limit(&self) -> u64 {
+        // Relaxed: as in `set`.
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Whether a rate or a limit is set (the guest code then ends each
+    /// chunk with an exit).
+    pub fn on(&self) -> bool {
+        self.per_vcpu() > 0 || self.limit() > 0
     }
 
     /// Bytes each vCPU may store a second (0: no pace).
@@ -111,28 +139,32 @@ impl Default for ChunkPacer {
 }
 
 impl ChunkPacer {
-    /// A chunk that stored `bytes` ended: counts them and, under a pace,
-    /// waits until the chunk has taken its share of time. Returns the
-    /// wait.
+    /// A chunk that stored `bytes` ended: counts them and, under a pace or
+    /// a limit, waits until the chunk has taken its share of time at the
+    /// lower of the two. Returns the part of the wait the limit added (the
+    /// guest's own pace is not a loss).
     pub fn chunk_done(&mut self, pace: &DirtyPace, bytes: u64) -> Duration {
         pace.count(bytes);
-        let per = pace.per_vcpu();
-        let mut waited = Duration::ZERO;
-        if per > 0 {
-            let share = Duration::from_secs_f64(bytes as f64 / per as f64);
-            let want = share.saturating_sub(self.chunk_start.elapsed()).saturating_sub(self.overslept);
+        let share = |rate: u64| (rate > 0).then(|| Duration::from_secs_f64(bytes as f64 / rate as f64));
+        let (own, limited) = (share(pace.per_vcpu()), share(pace.limit()));
+        let mut by_limit = Duration::ZERO;
+        if let Some(share) = own.max(limited) {
+            let ran = self.chunk_start.elapsed();
+            let want = share.saturating_sub(ran).saturating_sub(self.overslept);
             self.overslept = Duration::ZERO;
             if !want.is_zero() {
                 let t = Instant::now();
                 std::thread::sleep(want);
-                waited = t.elapsed();
+                let waited = t.elapsed();
                 // A late wake-up only: never more than the chunk's share, so
                 // a vCPU descheduled for long does not run flat out after.
                 self.overslept = waited.saturating_sub(want).min(share);
+                let unlimited = own.map_or(Duration::ZERO, |o| o.saturating_sub(ran));
+                by_limit = waited.saturating_sub(unlimited);
             }
         }
         self.chunk_start = Instant::now();
-        waited
+        by_limit
     }
 
     /// The guest stopped between chunks (a pass's end, a pause): the next
@@ -172,5 +204,12 @@ mod tests {
         pace.set(None);
         assert_eq!(p.chunk_done(&pace, chunk), Duration::ZERO);
         assert!(!pace.on());
+        // A dirty-limit of 512 MiB/s: 20 chunks take 10 ms at least, all
+        // of the wait the limit's.
+        pace.set_limit(Some(512 << 20));
+        assert!(pace.on());
+        let t = Instant::now();
+        let held: Duration = (0..20).map(|_| p.chunk_done(&pace, chunk)).sum();
+        assert!(t.elapsed() >= Duration::from_millis(9) && held > Duration::ZERO, "{held:?}");
     }
 }

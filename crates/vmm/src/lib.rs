@@ -47,7 +47,9 @@ pub use dirty_pace::{ChunkPacer, DirtyPace, PACE_CHUNK_PAGES, ReachedRate, chunk
 pub use error::{BackendError, VcpuStateError, error_chain};
 pub use interface::{DirtyLogInterface, HarvestSpec, RingEntries};
 pub use memory::{GuestAccessError, GuestMemory, check_guest_access};
-pub use passes::{HarvestWindow, LockFaults, PassExtras, PassSpec, PassWorkload, ProgressTrace};
+pub use passes::{
+    HarvestWindow, LockFaults, PassExtras, PassSpec, PassWorkload, ProgressTrace, is_compute_vcpu,
+};
 pub use probe::{HarvestProbe, LatencySummary, VcpuLoss};
 pub use vcpu::{VcpuControl, check_vcpu_states};
 pub use vcpu_gate::{PauseTimeout, VcpuGate};

@@ -30,6 +30,18 @@ pub struct PassSpec {
     /// are). Benchmarks populate, so that a first pass measures the MMU,
     /// not the host kernel's first-touch faults.
     pub lazy_memory: bool,
+    /// The last this many vCPUs only load (their passes store nothing):
+    /// vCPUs that compute while the others dirty memory, whose progress
+    /// shows what a throttle costs the part of the guest that does not
+    /// dirty (auto-converge holds every vCPU; dirty-limit only those over
+    /// the limit).
+    pub compute_vcpus: u32,
+}
+
+/// Whether vCPU `id` of `vcpus` is one of the last `compute_vcpus`, which
+/// only load ([`PassSpec::compute_vcpus`]).
+pub fn is_compute_vcpu(id: u32, vcpus: u32, compute_vcpus: u32) -> bool {
+    compute_vcpus > 0 && id + compute_vcpus >= vcpus
 }
 
 /// Faults that need `mmu_lock` while dirty logging is on, each paced per
@@ -142,6 +154,9 @@ pub trait PassWorkload {
 
     /// Passes every vCPU has completed (the least of their counts).
     fn passes_done(&self) -> u64;
+
+    /// Passes each vCPU has completed, by vCPU.
+    fn vcpu_passes(&self) -> Vec<u64>;
 
     /// The least iteration ([`Self::stored_iteration`]) any store the vCPUs
     /// make from now on carries: after

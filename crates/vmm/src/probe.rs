@@ -60,7 +60,8 @@ pub struct VcpuLoss {
     pub harvest_lock_wait_ns: u64,
     /// Handling remote TLB flush requests.
     pub tlb_flush_ns: u64,
-    /// Held out of the guest by a throttle or a pause (`VcpuGate`).
+    /// Held out of the guest by a throttle (auto-converge's pauses through
+    /// the `VcpuGate`, dirty-limit's holds of one vCPU) or a pause.
     pub throttle_ns: u64,
     /// Waiting for the host to reap a full dirty ring.
     pub ring_full_ns: u64,

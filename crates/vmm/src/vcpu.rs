@@ -22,6 +22,20 @@ pub trait VcpuControl {
     /// Stops the vCPUs (each finishes what it is in) and joins them;
     /// returns what only this backend measured.
     fn stop(&mut self) -> Result<PassExtras, BackendError>;
+
+    /// QEMU's dirty-limit: caps each vCPU's dirty rate at `limit` bytes a
+    /// second (`None`: no cap), holding that vCPU alone
+    /// ([`crate::DirtyPace`]). A VM that cannot says so.
+    fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), BackendError> {
+        match limit {
+            None => Ok(()),
+            Some(_) => Err(BackendError::new(
+                "this VM",
+                "setting a dirty-limit",
+                "its vCPUs cannot be held one by one",
+            )),
+        }
+    }
 }
 
 /// The check every backend's [`VcpuControl::restore_vcpus`] makes first: one

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
+use shadow_mmu_migrate::SourceHooks;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, migrate_outgoing};
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, measured_ms};
 use shadow_mmu_testkit::pacer::GuestRate;
@@ -66,6 +67,15 @@ pub struct MigrateArgs {
     /// QEMU's auto-converge.
     #[arg(long)]
     pub auto_converge: bool,
+    /// QEMU's dirty-limit, MiB/s a vCPU, comma-separated (0: none): each
+    /// migration runs once with each.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub dirty_limit_mibps: Vec<u64>,
+    /// The last this many vCPUs only compute (load, never store); their
+    /// progress during the migration is reported against their speed
+    /// before it.
+    #[arg(long, default_value_t = 0)]
+    pub compute_vcpus: u32,
     /// Pre-copy loops, comma-separated: `qemu` (QEMU's, mid-pass syncs),
     /// `rounds` (whole rounds, the loop before it).
     #[arg(long, value_delimiter = ',', default_value = "qemu")]
@@ -156,6 +166,9 @@ fn spawn_destination(
     Ok((child, addr.to_string()))
 }
 
+/// How long the computing vCPU's speed is measured before a migration.
+const COMPUTE_BASELINE: Duration = Duration::from_millis(500);
+
 /// One migration of the sweep.
 #[derive(Debug, Clone, Copy)]
 struct Combo {
@@ -166,6 +179,8 @@ struct Combo {
     mib: u64,
     rate: Rate,
     precopy: Precopy,
+    /// The dirty-limit, MiB/s a vCPU (0: none).
+    limit: u64,
 }
 
 impl Combo {
@@ -191,7 +206,11 @@ impl Combo {
                         for &mib in &a.guest_mib {
                             for &rate in &a.dirty_rate_mibps {
                                 for &precopy in &a.precopy {
-                                    combos.push(Combo { backend, mmu, log, threads, mib, rate, precopy });
+                                    for &limit in &a.dirty_limit_mibps {
+                                        let c =
+                                            Combo { backend, mmu, log, threads, mib, rate, precopy, limit };
+                                        combos.push(c);
+                                    }
                                 }
                             }
                         }
@@ -210,9 +229,13 @@ impl Combo {
             BackendKind::Engine => format!("engine {}, {}", self.mmu, self.log),
             BackendKind::Kvm => format!("kvm, {}", self.log),
         };
-        match self.precopy {
+        let l = match self.precopy {
             Precopy::Qemu => l,
             other => format!("{l}, {other}"),
+        };
+        match self.limit {
+            0 => l,
+            limit => format!("{l}, limit {limit}"),
         }
     }
 
@@ -239,6 +262,7 @@ impl Combo {
             fresh_faults: lock.fresh_per_sec,
             split_faults: lock.split_per_sec,
             invalidations: lock.invalidations_per_sec,
+            compute_vcpus: a.compute_vcpus,
         }
     }
 }
@@ -264,6 +288,9 @@ struct Measured {
     p99: Option<u64>,
     /// The guest's dirty rate while it migrated.
     rate: GuestRate,
+    /// The last computing vCPU's passes a second before the migration and
+    /// during it (to the pause), with `--compute-vcpus`.
+    compute: Option<(f64, f64)>,
     details: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -283,16 +310,28 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         timeout: Some(Duration::from_secs(a.timeout_s)),
         auto_converge: a.auto_converge,
         precopy: c.precopy,
+        dirty_limit: Some(c.limit << 20).filter(|&l| l > 0),
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
     };
     let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
     let header = desc.header(vm.as_ref())?;
-    let p0 = vm.passes_done();
     let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate).map_err(|e| error_chain(&e))?;
+    let computing = (a.compute_vcpus > 0).then(|| desc.vcpus as usize - 1);
+    // The computing vCPU's speed at the guest's pace, before the migration.
+    let before = computing.map(|id| {
+        let (p, t) = (vm.vcpu_passes()[id], Instant::now());
+        while t.elapsed() < COMPUTE_BASELINE {
+            SourceHooks::tick(&mut pacing, vm.as_ref());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (vm.vcpu_passes()[id] - p) as f64 / t.elapsed().as_secs_f64()
+    });
+    let (p0, c0) = (vm.passes_done(), computing.map(|id| vm.vcpu_passes()[id]));
     let r = migrate_outgoing(vm.as_mut(), &conn, &header, &params, &mut pacing);
     let rate = GuestRate::of(desc.dirty_rate, pacing.reached());
     let passes_during = vm.passes_done() - p0;
+    let c1 = computing.map(|id| vm.vcpu_passes()[id]);
     let extras = vm.stop().map_err(|e| error_chain(&e))?;
     let out = child.wait_with_output()?;
     let dest: serde_json::Value = std::fs::read_to_string(dest_json)
@@ -315,6 +354,9 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
     let secs = stats.total_time_ms / 1e3;
     let by_speed = secs * 1e9 / baseline_pass_ns.max(1) as f64;
     let expected = desc.dirty_rate.map_or(by_speed, |r| by_speed.min(secs * r as f64 / desc.pass_bytes()));
+    // Up to the pause: the downtime is nobody's progress.
+    let ran = (stats.total_time_ms - stats.downtime_ms.unwrap_or(0.0)) / 1e3;
+    let compute = before.zip(c0.zip(c1)).map(|(b, (c0, c1))| (b, (c1 - c0) as f64 / ran.max(1e-3)));
     let p99 = extras
         .latency
         .as_ref()
@@ -333,6 +375,7 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         fraction: (expected >= 5.0).then(|| passes_during as f64 / expected),
         p99,
         rate,
+        compute,
         details: extras.figures.iter().map(|(k, v)| (k.to_string(), json!(v))).collect(),
     })
 }
@@ -403,7 +446,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
         "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.precopy.to_string(),
+        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit,
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,
@@ -412,6 +455,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
         "guest_passes_during": m.passes_during,
         "vcpu_fault_p99_during_harvest_ns": m.p99,
         "guest_dirty_rate": m.rate,
+        "compute_vcpu_passes_per_s": m.compute.map(|(before, during)| json!({"before": before, "during": during})),
         "error": m.error, "source": stats, "destination": m.dest,
         "details": m.details,
     });
@@ -443,6 +487,12 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             all_ok &= ok;
             bar.line(row);
             bar.line(format!("  {}", m.rate.line()));
+            if let Some((before, during)) = m.compute {
+                bar.line(format!(
+                    "  computing vCPU: {:.2} of its speed before the migration ({during:.1} passes/s against {before:.1})",
+                    during / before.max(1e-9)
+                ));
+            }
             if let Some(s) = &m.stats.guest_stall {
                 bar.line(format!("  guest stall: {}", s.line()));
             }

@@ -315,6 +315,7 @@ pub(super) fn backend_run(
         dirty_pages: a.dirty_pages,
         lock_faults: a.lock_point,
         lazy_memory: false,
+        compute_vcpus: 0,
     };
     let mut vm = backend.start_passes(&spec)?;
     let step = format!("{kind} {mmu} {} {} MiB", harvest.label(), guest_bytes >> 20);

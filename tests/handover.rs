@@ -778,6 +778,29 @@ fn the_destination_killed_or_stopped_at_each_phase_boundary() {
     run_all(cases);
 }
 
+/// Every fault above, and the clean migrations, over four page streams
+/// (`--connections 4`): the proxy's rule acts on the migration's own
+/// connection, its partitions on all of them. Where one side must say the
+/// other went silent, it may instead hear the other close one of the
+/// streams (the other gave up first, and its close crossed the healed
+/// partition on a stream this side was not reading): either is the cause.
+#[test]
+fn every_fault_over_four_page_streams() {
+    let mut cases = design_cases();
+    cases.extend(ack_cases("engine"));
+    cases.extend(partition_cases("engine"));
+    cases.extend(source_cases(true));
+    cases.extend(dest_cases(true));
+    for c in &mut cases {
+        c.source_args.extend(["--connections", "4"]);
+        c.name += ", 4 streams";
+        if c.dest_says.is_some_and(|s| s.starts_with("no progress from the source")) {
+            c.dest_says = None;
+        }
+    }
+    run_all(cases);
+}
+
 #[test]
 fn on_kvm_the_acknowledgement_and_partitions() {
     if !shadow_mmu_kvm::usable_or_skip() {

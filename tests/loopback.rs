@@ -108,8 +108,10 @@ fn every_design_and_interface_migrates_and_goes_on() {
         ("initially-set", DirtyLogProtect::ManualInitiallySet, None),
         ("ring", DirtyLogProtect::Auto, Some(RingEntries(1 << 12))),
     ];
-    for config in every_design() {
-        for (log, protect, ring) in logs {
+    for (i, config) in every_design().into_iter().enumerate() {
+        for (j, (log, protect, ring)) in logs.into_iter().enumerate() {
+            // Half of them over four page streams.
+            let connections = if (i + j) % 2 == 0 { 1 } else { 4 };
             let backend = EngineBackend {
                 config: VmConfig { dirty_log_protect: protect, harvest_threads: 2, ..config.clone() },
                 dirty_ring: ring,
@@ -119,11 +121,9 @@ fn every_design_and_interface_migrates_and_goes_on() {
             let mut vm = boot(&backend, &spec);
             let conn = TcpStream::connect(addr).unwrap();
             let h = header(vm.as_ref());
-            let what = format!("{} {log}", describe(&config));
-            let stats = completed(
-                common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), Some(32 * MIB)),
-                &what,
-            );
+            let what = format!("{} {log}, {connections} streams", describe(&config));
+            let params = OutgoingParams { connections, ..OutgoingParams::default() };
+            let stats = completed(common::migrate(&mut vm, &conn, &h, &params, Some(32 * MIB)), &what);
             vm.stop().unwrap();
             let (incoming, check) =
                 dest.join().unwrap().unwrap_or_else(|e| panic!("{} {log}: {e}", describe(&config)));
@@ -174,6 +174,7 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
         timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Cancel,
         downtime_limit: Duration::ZERO,
+        connections: 4,
         ..OutgoingParams::default()
     };
     let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
@@ -185,7 +186,8 @@ fn a_failed_migration_leaves_the_source_running_and_it_migrates_again() {
     // And a second migration succeeds.
     let (addr, dest) = destination(backend, spec, Duration::from_millis(50));
     let conn = TcpStream::connect(addr).unwrap();
-    let stats = completed(common::migrate(&mut vm, &conn, &h, &OutgoingParams::default(), None), "again");
+    let params = OutgoingParams { connections: 4, ..OutgoingParams::default() };
+    let stats = completed(common::migrate(&mut vm, &conn, &h, &params, None), "again");
     vm.stop().unwrap();
     assert_eq!(stats.status, MigrationStatus::Completed);
     assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0));
@@ -196,7 +198,9 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
     let backend = EngineBackend::default();
     let spec = spec(16 * MIB);
     // No downtime allowed and the guest flat out: the rule never converges.
-    for (force, auto_converge) in [(true, false), (false, true)] {
+    for (force, auto_converge, connections) in
+        [(true, false, 1), (false, true, 1), (true, false, 4), (false, true, 4)]
+    {
         let mut vm = boot(&backend, &spec);
         let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
         let conn = TcpStream::connect(addr).unwrap();
@@ -206,6 +210,7 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
             timeout: Some(Duration::from_millis(if force { 300 } else { 20_000 })),
             on_timeout: if force { OnTimeout::Force } else { OnTimeout::Cancel },
             auto_converge,
+            connections,
             ..OutgoingParams::default()
         };
         let r = common::migrate(&mut vm, &conn, &h, &params, None);
@@ -243,6 +248,7 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
         downtime_limit: Duration::ZERO,
         timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Force,
+        connections: 4,
         ..OutgoingParams::default()
     };
     let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
@@ -303,7 +309,9 @@ fn throttled_migrations_stress() {
 fn the_timeout_holds_inside_a_round() {
     let backend = EngineBackend::default();
     let spec = spec(32 * MIB);
-    for on_timeout in [OnTimeout::Cancel, OnTimeout::Force] {
+    for (on_timeout, connections) in
+        [(OnTimeout::Cancel, 1), (OnTimeout::Force, 1), (OnTimeout::Cancel, 4), (OnTimeout::Force, 4)]
+    {
         let mut vm = boot(&backend, &spec);
         let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
         let conn = TcpStream::connect(addr).unwrap();
@@ -312,6 +320,7 @@ fn the_timeout_holds_inside_a_round() {
             max_bandwidth: Some(8 * MIB),
             timeout: Some(Duration::from_secs(1)),
             on_timeout,
+            connections,
             ..OutgoingParams::default()
         };
         let t = std::time::Instant::now();

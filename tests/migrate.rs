@@ -395,3 +395,59 @@ fn a_source_killed_mid_stream_and_a_cancelled_timeout() {
     assert_ne!(code, 0);
     assert!(err.contains("partial VM is discarded"), "{err}");
 }
+
+/// A source whose extra page streams are hostile or missing: the
+/// destination refuses with a reason, never waits forever, never runs the
+/// guest.
+#[test]
+fn extra_streams_that_never_come_come_wrong_or_come_corrupt() {
+    let spec = spec(8 * MIB);
+    let mut good = header(&spec, 2048);
+    good.id = 77;
+    good.progress_timeout_ms = 500;
+    // Announces a stream count, attaches `attach`, sends `extra` on the last
+    // attached stream; returns the destination's exit and stderr.
+    let run = |tag: &str, streams: u32, attach: &[u32], extra: &[u8]| {
+        let dest = Dest::spawn(0, tag);
+        let mut c = TcpStream::connect(&dest.addr).unwrap();
+        write_frame(&mut c, &Frame::Header(Header { streams, ..good.clone() })).unwrap();
+        let mut ready = false;
+        while let Ok(f) = read_frame(&mut c, PAGE_BYTES) {
+            match f {
+                Frame::Heartbeat { .. } => continue,
+                Frame::Ready => {
+                    ready = true;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        let mut extras = Vec::new();
+        if ready {
+            for &stream in attach {
+                let mut s = TcpStream::connect(&dest.addr).unwrap();
+                write_frame(&mut s, &Frame::Attach { id: 77, stream }).unwrap();
+                extras.push(s);
+            }
+            if let Some(s) = extras.last_mut() {
+                let _ = s.write_all(extra);
+            }
+        }
+        let (code, _, err) = dest.wait();
+        (code, err)
+    };
+    let (code, err) = run("too-many", 65, &[], &[]);
+    assert!(code != 0 && err.contains("65 page streams: this destination takes 1 to 64"), "{err}");
+    let (code, err) = run("missing", 3, &[1], &[]);
+    assert!(code != 0 && err.contains("1 of 2 extra page streams attached"), "{err}");
+    let (code, err) = run("wrong-index", 2, &[5], &[]);
+    assert!(code != 0 && err.contains("extra page streams [5] attached: 1 to 1 expected"), "{err}");
+    let mut b = Vec::new();
+    write_frame(&mut b, &Frame::Round { round: 0 }).unwrap();
+    b[4] ^= 1;
+    let (code, err) = run("corrupt", 2, &[1], &b);
+    assert!(
+        code != 0 && err.contains("frame checksum mismatch") && err.contains("partial VM is discarded"),
+        "{err}"
+    );
+}

@@ -194,6 +194,10 @@ pub struct OutgoingArgs {
     /// The last this many vCPUs only compute (load, never store).
     #[arg(long, default_value_t = 0)]
     pub compute_vcpus: u32,
+    /// TCP streams for the pages, this connection included (QEMU's multifd
+    /// channels).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: u32,
     /// Pre-copy's loop: `qemu` syncs mid-pass when the unsent pages fit
     /// (QEMU's); `rounds` sends whole rounds (the loop before it).
     #[arg(long, default_value = "qemu")]
@@ -437,6 +441,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
         auto_converge: a.auto_converge,
         dirty_limit: a.dirty_limit_mibps.map(|l| l << 20),
         precopy: a.precopy,
+        connections: a.connections,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),
         settle_timeout: Duration::from_secs_f64(a.settle_timeout_s.max(0.0)),

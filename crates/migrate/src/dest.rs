@@ -31,12 +31,14 @@ use thiserror::Error;
 
 use crate::handover::{DestAction, DestEvent, DestState};
 use crate::link::{self, Counting, Heartbeat, Sender};
-use shadow_mmu_core::spte::{PAGE_SIZE, WORDS_PER_PAGE};
 
-use crate::ranges::{PageRange, digest_of, zero_page_digest};
+use crate::ranges::PageRange;
 use crate::refusal::Refusal;
 use crate::stats::{IncomingStats, MigrationStatus};
-use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, SlotLayout, StreamError, read_header};
+use crate::stream::{
+    Frame, FrameReader, Header, MAX_STREAMS, PAGE_BYTES, SlotLayout, StreamError, read_header,
+};
+use crate::streams::{PageLoader, RoundBarrier, StreamEnd, receive_stream};
 use crate::{DestHooks, MigrationVm, Phase};
 
 /// Why the caller could not build, or prepare, the VM a header describes
@@ -160,6 +162,8 @@ struct CellState {
     queried: bool,
     /// The source said it knows the outcome.
     settled: bool,
+    /// The extra page streams that attached so far, by index.
+    attached: Vec<(u32, TcpStream)>,
 }
 
 impl Cell {
@@ -226,7 +230,7 @@ impl Answering {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((conn, _)) => {
-                        let _ = answer(&conn, &cell, progress);
+                        let _ = answer(conn, &cell, progress);
                     }
                     Err(_) => std::thread::sleep(ACCEPT_POLL),
                 }
@@ -245,15 +249,26 @@ impl Drop for Answering {
     }
 }
 
-/// One query connection: a `Query` is answered by the handover's state
-/// (aborting a migration not yet committed: the query fences its `Commit`),
-/// then a `Settled` may follow; a second migration is refused.
-fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), StreamError> {
+/// One connection besides the migration's: an extra page stream of this
+/// migration (an `Attach`, read to its last byte and no further, so that
+/// the pages after it stay in the socket) is handed to the receiver; a
+/// `Query` is answered by the handover's state (aborting a migration not
+/// yet committed: the query fences its `Commit`), then a `Settled` may
+/// follow; a second migration is refused.
+fn answer(conn: TcpStream, cell: &Cell, progress: Duration) -> Result<(), StreamError> {
     conn.set_nonblocking(false)?;
-    link::configure(conn, progress)?;
+    link::configure(&conn, progress)?;
     conn.set_read_timeout(Some(progress))?;
-    let mut w = conn;
-    match FrameReader::default().read(&mut &*conn, 0)? {
+    let mut w = &conn;
+    match FrameReader::default().read(&mut &conn, 0)? {
+        Frame::Attach { id, stream } => {
+            let mut c = cell.lock();
+            if c.id == Some(id) && c.state == DestState::Receiving {
+                c.attached.push((stream, conn));
+                cell.changed.notify_all();
+                return Ok(());
+            }
+        }
         Frame::Query { id } => {
             let ours = cell.lock().id == Some(id);
             let answer = if ours {
@@ -266,7 +281,7 @@ fn answer(conn: &TcpStream, cell: &Cell, progress: Duration) -> Result<(), Strea
                 crate::handover::Answer::Unknown
             };
             crate::stream::write_frame(&mut w, &Frame::Status { id, answer })?;
-            if let Ok(Frame::Settled { id: s }) = FrameReader::default().read(&mut &*conn, 0)
+            if let Ok(Frame::Settled { id: s }) = FrameReader::default().read(&mut &conn, 0)
                 && ours
                 && s == id
             {
@@ -310,6 +325,7 @@ pub fn migrate_incoming<V: MigrationVm + ?Sized>(
             decided: None,
             queried: false,
             settled: false,
+            attached: Vec::new(),
         }),
         changed: Condvar::new(),
     });
@@ -417,9 +433,14 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
             let (theirs, page_size, ours) = (header.slots.clone(), header.page_size, want.to_vec());
             return Err(IncomingError::Refused(Refusal::Layout { theirs, page_size, ours }));
         }
+        if !(1..=MAX_STREAMS).contains(&header.streams) {
+            let cause = format!("{} page streams: this destination takes 1 to {MAX_STREAMS}", header.streams);
+            return Err(IncomingError::Refused(Refusal::Stream { cause }));
+        }
         sender.send_now(&Frame::Ready)?;
         hooks.phase(Phase::ReadySent);
-        let (digests, states) = self.load(&header, stats, hooks)?;
+        let extra = self.await_streams(&header)?;
+        let (digests, states) = self.load(&header, extra, stats, hooks)?;
 
         // Every page checked against the source's digest, before anything
         // runs: a page with no digest counts as mismatched.
@@ -457,76 +478,76 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         Ok(digests.into_iter().map(|d| d.expect("every page matched its digest")).collect())
     }
 
-    /// The rounds, the digests and the vCPU states, up to `Done`: each
-    /// page's digest as loaded is compared with the source's as it comes.
-    /// Returns the source's digests and the states.
+    /// The extra page streams the header announced, attached within the
+    /// progress timeout (on the listener: `answer`), by index.
+    fn await_streams(&mut self, header: &Header) -> Result<Vec<TcpStream>, IncomingError> {
+        let want = header.streams.saturating_sub(1) as usize;
+        let end = Instant::now() + self.progress;
+        let mut c = self.cell.lock();
+        while c.attached.len() < want {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let cause = format!(
+                    "no progress from the source for {} s: {} of {want} extra page streams attached",
+                    crate::stream::secs(self.progress),
+                    c.attached.len()
+                );
+                return Err(IncomingError::Refused(Refusal::Stream { cause }));
+            }
+            c = self.cell.changed.wait_timeout(c, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let mut streams = std::mem::take(&mut c.attached);
+        streams.sort_by_key(|(i, _)| *i);
+        if !streams.iter().map(|(i, _)| *i as usize).eq(1..=want) {
+            let got: Vec<u32> = streams.iter().map(|(i, _)| *i).collect();
+            let cause = format!("extra page streams {got:?} attached: 1 to {want} expected, once each");
+            return Err(IncomingError::Refused(Refusal::Stream { cause }));
+        }
+        Ok(streams.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// The rounds, the digests and the vCPU states, up to `Done`, over this
+    /// connection and the `extra` page streams (`crate::streams`): each
+    /// page's digest as loaded is compared with the source's as it comes,
+    /// once every stream has ended. Returns the source's digests and the
+    /// states.
     #[allow(clippy::type_complexity)]
     fn load(
         &mut self,
         header: &Header,
+        extra: Vec<TcpStream>,
         stats: &mut IncomingStats,
         hooks: &mut dyn DestHooks<V>,
     ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>), IncomingError> {
-        let vm = self.vm.as_mut().expect("built");
-        let pages = vm.pages();
-        let vcpus = vm.vcpu_gate().vcpus() as usize;
-        let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
-        let mut loader = Loader::new(pages);
-        let mut frames = FrameReader::borrowing();
-        let mut mismatched = 0u64;
-        let mut verify: Option<Duration> = None;
-        let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
-        loop {
-            let f = frames
-                .read(&mut self.reader, header.page_size)
-                .map_err(|e| link::peer_error(e, "source", self.progress))?;
-            match f {
-                Frame::Heartbeat { .. } => {}
-                Frame::Round { round } => {
-                    stats.rounds = round + 1;
-                    hooks.phase(Phase::RoundBegun(round));
-                }
-                Frame::Pages { slot, ranges, .. } => {
-                    check_ranges(slot, &ranges, pages)?;
-                    if verify.is_some() {
-                        return Err(IncomingError::Refused(Refusal::PagesAfterDigests));
-                    }
-                    // Straight from the reader's buffer (a borrowing reader).
-                    loader.load(&mut **vm, &ranges, frames.pages_data(), frames.page_crcs(), stats)?;
-                }
-                Frame::Digest { slot, first, digests: d } => {
-                    let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
-                    if end.is_none() {
-                        let (count, slot_pages) = (d.len() as u32, pages);
-                        return Err(IncomingError::Refused(Refusal::DigestsOutside {
-                            slot,
-                            first,
-                            count,
-                            slot_pages,
-                        }));
-                    }
-                    let t = Instant::now();
-                    for (i, v) in d.into_iter().enumerate() {
-                        let p = first + i as u64;
-                        mismatched += u64::from(loader.loaded[p as usize] != Some(v));
-                        digests[p as usize] = Some(v);
-                    }
-                    *verify.get_or_insert(Duration::ZERO) += t.elapsed();
-                }
-                Frame::VcpuState { vcpu, state } => {
-                    let slot = states.get_mut(vcpu as usize).ok_or({
-                        IncomingError::Refused(Refusal::VcpuOutside { vcpu, vcpus: vcpus as u32 })
-                    })?;
-                    *slot = Some(state);
-                }
-                Frame::Done => break,
-                other => {
-                    return Err(
-                        StreamError::Unexpected { expected: "pages or done", got: other.name() }.into()
-                    );
-                }
+        let vm = self.vm.as_ref().expect("built");
+        let shape = (vm.pages(), vm.vcpu_gate().vcpus() as usize);
+        let loader = PageLoader::new(vm.memory());
+        let barrier = RoundBarrier::new(extra.len() as u32 + 1);
+        let (progress, received) = (self.progress, self.received.clone());
+        let (reader, conn) = (&mut self.reader, self.conn);
+        let r = std::thread::scope(|s| {
+            let mut threads: Vec<_> = extra
+                .iter()
+                .map(|c| {
+                    let (loader, barrier, received) = (&loader, &barrier, &received);
+                    s.spawn(move || receive_stream(c, conn, loader, barrier, received, progress))
+                })
+                .collect();
+            let main = MainStream { reader, progress, header, shape, loader: &loader, barrier: &barrier };
+            let r = main.load(&mut threads, stats, hooks);
+            let Err(e) = r else { return r };
+            // A stream that failed first is the cause (it stopped this
+            // one's reading); the others stop reading now.
+            barrier.r#break();
+            for c in &extra {
+                let _ = c.shutdown(Shutdown::Both);
             }
-        }
+            let first = threads.into_iter().filter_map(|t| t.join().ok()?.err()).find(|e| !e.induced());
+            Err(first.map_or(e, |f| stream_end(f, shape.0, progress)))
+        });
+        stats.normal_pages = loader.normal.load(Ordering::Relaxed);
+        stats.duplicate_pages = loader.duplicate.load(Ordering::Relaxed);
+        let (digests, states, mismatched, verify) = r?;
         hooks.phase(Phase::DoneReceived);
         stats.verify_ms = verify.map(|v| v.as_secs_f64() * 1e3);
         stats.mismatched_pages = Some(mismatched);
@@ -632,62 +653,124 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
     }
 }
 
-/// Loads `Pages` frames into the VM, keeping the digest of each page as
-/// loaded (its CRC, checked as the frame was read) so that the final check
-/// only compares.
-struct Loader {
-    /// Per page, its digest as loaded.
-    loaded: Vec<Option<u64>>,
-    /// A frame's data as words.
-    words: Vec<u64>,
-    /// Zeros to write a zero range with, a frame's worth at most.
-    zeros: Vec<u64>,
+/// The migration's own connection at the destination (stream 0): the
+/// rounds' marks and pages, the digests, the states, `Done`.
+struct MainStream<'s, 'a, 'm> {
+    reader: &'s mut Counting<BufReader<&'a TcpStream>>,
+    progress: Duration,
+    header: &'s Header,
+    /// The VM's pages and vCPUs.
+    shape: (u64, usize),
+    loader: &'s PageLoader<'m>,
+    barrier: &'s RoundBarrier,
 }
 
-impl Loader {
-    fn new(pages: u64) -> Self {
-        let zeros = vec![0u64; WORDS_PER_PAGE * crate::source::FRAME_PAGES as usize];
-        Self { loaded: vec![None; pages as usize], words: Vec::new(), zeros }
-    }
-
-    /// Writes `ranges` into `vm`: a zero range as zeros, a data range from
-    /// `data` (its pages in order, `crcs` their checked CRCs).
-    fn load<V: MigrationVm + ?Sized>(
-        &mut self,
-        vm: &mut V,
-        ranges: &[PageRange],
-        data: &[u8],
-        crcs: &[u32],
+impl MainStream<'_, '_, '_> {
+    /// Its frames up to `Done`; the other streams' `threads` are joined
+    /// before the first digest. Returns the digests, the states, the
+    /// mismatched pages and the time comparing.
+    #[allow(clippy::type_complexity)]
+    fn load<V: ?Sized>(
+        self,
+        threads: &mut Vec<std::thread::ScopedJoinHandle<'_, Result<(), StreamEnd>>>,
         stats: &mut IncomingStats,
-    ) -> Result<(), IncomingError> {
-        self.words.clear();
-        self.words.extend(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
-        let mut next = 0;
-        for x in ranges {
-            let n = x.pages as usize * WORDS_PER_PAGE;
-            let offset = x.first * PAGE_SIZE;
-            if x.zero {
-                for chunk in (0..n).step_by(self.zeros.len()) {
-                    let len = self.zeros.len().min(n - chunk);
-                    vm.write_guest(offset + chunk as u64 * 8, &self.zeros[..len])?;
+        hooks: &mut dyn DestHooks<V>,
+    ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>, u64, Option<Duration>), IncomingError> {
+        let (pages, vcpus) = self.shape;
+        let (loader, barrier, header) = (self.loader, self.barrier, self.header);
+        let mut digests: Vec<Option<u64>> = vec![None; pages as usize];
+        let mut frames = FrameReader::borrowing();
+        let mut mismatched = 0u64;
+        let mut verify: Option<Duration> = None;
+        let mut states: Vec<Option<Vec<u8>>> = vec![None; vcpus];
+        loop {
+            let f = frames
+                .read(&mut *self.reader, header.page_size)
+                .map_err(|e| link::peer_error(e, "source", self.progress))?;
+            if matches!(f, Frame::Digest { .. } | Frame::VcpuState { .. } | Frame::Done) {
+                // Every stream's pages are in before anything is compared.
+                for t in threads.drain(..) {
+                    t.join()
+                        .map_err(|_| StreamError::Io(std::io::Error::other("a page stream panicked")))?
+                        .map_err(|e| stream_end(e, pages, self.progress))?;
                 }
-                for p in x.first..x.first + u64::from(x.pages) {
-                    self.loaded[p as usize] = Some(zero_page_digest(p));
+            }
+            match f {
+                Frame::Heartbeat { .. } => {}
+                Frame::Round { round } => {
+                    stats.rounds = round + 1;
+                    hooks.phase(Phase::RoundBegun(round));
+                    if !barrier.wait(round, self.progress) {
+                        let failed = threads.iter().position(|t| t.is_finished());
+                        return Err(match failed {
+                            Some(i) => match threads.remove(i).join() {
+                                Ok(Err(e)) => stream_end(e, pages, self.progress),
+                                _ => stream_end(StreamEnd::Barrier(round), pages, self.progress),
+                            },
+                            None => stream_end(StreamEnd::Barrier(round), pages, self.progress),
+                        });
+                    }
                 }
-                stats.duplicate_pages += u64::from(x.pages);
-            } else {
-                vm.write_guest(offset, &self.words[next..next + n])?;
-                // The page CRCs the reader checked are the digests of what
-                // was loaded.
-                let crcs = &crcs[next / WORDS_PER_PAGE..][..x.pages as usize];
-                for (p, &c) in (x.first..).zip(crcs) {
-                    self.loaded[p as usize] = Some(digest_of(p, c));
+                Frame::Pages { slot, ranges, .. } => {
+                    check_ranges(slot, &ranges, pages)?;
+                    if verify.is_some() {
+                        return Err(IncomingError::Refused(Refusal::PagesAfterDigests));
+                    }
+                    // Straight from the reader's buffer (a borrowing reader).
+                    loader.load(&ranges, frames.pages_data(), frames.page_crcs());
                 }
-                next += n;
-                stats.normal_pages += u64::from(x.pages);
+                Frame::Digest { slot, first, digests: d } => {
+                    let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
+                    if end.is_none() {
+                        let (count, slot_pages) = (d.len() as u32, pages);
+                        return Err(IncomingError::Refused(Refusal::DigestsOutside {
+                            slot,
+                            first,
+                            count,
+                            slot_pages,
+                        }));
+                    }
+                    let t = Instant::now();
+                    for (i, v) in d.into_iter().enumerate() {
+                        let p = first + i as u64;
+                        mismatched += u64::from(loader.loaded(p) != Some(v));
+                        digests[p as usize] = Some(v);
+                    }
+                    *verify.get_or_insert(Duration::ZERO) += t.elapsed();
+                }
+                Frame::VcpuState { vcpu, state } => {
+                    let slot = states.get_mut(vcpu as usize).ok_or({
+                        IncomingError::Refused(Refusal::VcpuOutside { vcpu, vcpus: vcpus as u32 })
+                    })?;
+                    *slot = Some(state);
+                }
+                Frame::Done => break,
+                other => {
+                    return Err(
+                        StreamError::Unexpected { expected: "pages or done", got: other.name() }.into()
+                    );
+                }
             }
         }
-        Ok(())
+        Ok((digests, states, mismatched, verify))
+    }
+}
+
+/// What an extra page stream's end says, as the destination's error
+/// (`progress`: how long a stream may lag the others at a round's mark).
+fn stream_end(e: StreamEnd, slot_pages: u64, progress: Duration) -> IncomingError {
+    match e {
+        StreamEnd::Stream(e) => IncomingError::Stream(e),
+        StreamEnd::Outside { first, pages } => {
+            IncomingError::Refused(Refusal::PagesOutside { slot: 0, first, pages, slot_pages })
+        }
+        StreamEnd::Unexpected(got) => StreamError::Unexpected { expected: "pages or done", got }.into(),
+        StreamEnd::Barrier(round) => IncomingError::Refused(Refusal::Stream {
+            cause: format!(
+                "no progress from the source for {} s: the page streams did not all reach round {round}",
+                crate::stream::secs(progress)
+            ),
+        }),
     }
 }
 

@@ -31,6 +31,7 @@ pub mod refusal;
 pub mod source;
 pub mod stats;
 pub mod stream;
+pub(crate) mod streams;
 pub mod throttle;
 
 /// A point of a migration, at either end, that its hooks hear of

@@ -69,7 +69,8 @@ use crate::refusal::Refusal;
 use crate::stats::{
     DowntimePhases, GuestStall, MigrationStats, MigrationStatus, OperatorAction, RoundStats, SourceVm,
 };
-use crate::stream::{Frame, FrameReader, Header, PAGE_BYTES, StreamError};
+use crate::stream::{Frame, FrameReader, Header, MAX_STREAMS, PAGE_BYTES, StreamError};
+use crate::streams::{PageStreams, SentPages, SharedMemory};
 use crate::throttle::Throttle;
 use crate::{MigrationVm, Phase, SourceHooks};
 
@@ -149,6 +150,9 @@ pub struct OutgoingParams {
     pub dirty_limit: Option<u64>,
     /// When to sync and when to stop.
     pub precopy: Precopy,
+    /// TCP streams for the pages, this connection included (QEMU's multifd
+    /// channels; 1 to [`MAX_STREAMS`]): `crate::streams`.
+    pub connections: u32,
     /// The harvest's CLEAR window, pages (a multiple of 64), with manual
     /// protect; also the window of the round-0 CLEAR with `INITIALLY_SET`.
     pub clear_chunk_pages: u64,
@@ -173,6 +177,7 @@ impl Default for OutgoingParams {
             auto_converge: false,
             dirty_limit: None,
             precopy: Precopy::Qemu,
+            connections: 1,
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
             progress_timeout: Duration::from_secs(10),
             settle_timeout: Duration::from_secs(30),
@@ -437,6 +442,12 @@ struct Outgoing<'a, V: MigrationVm + ?Sized> {
     bandwidth_window: BandwidthWindow,
     /// The digest pass's rate, ns a page (`measure_digest_rate`).
     digest_ns_per_page: f64,
+    /// The extra page streams, with `connections` above 1.
+    streams: Option<PageStreams>,
+    /// What their threads sent, data and zero pages.
+    stream_pages: Arc<SentPages>,
+    /// The round the extra streams were last marked for.
+    streams_marked: Option<u32>,
     /// The vCPUs' losses at the marks of `account_stall` (`None`: the
     /// backend measures none).
     stall_marks: Option<StallMarks>,
@@ -615,6 +626,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         id: new_id(),
         progress_timeout_ms: params.progress_timeout.as_millis() as u32,
         settle_ms: params.settle_timeout.as_millis() as u32,
+        streams: params.connections.clamp(1, MAX_STREAMS),
         ..header.clone()
     };
     let frame_pages = params.max_bandwidth.filter(|&b| b > 0).map_or(FRAME_PAGES, |b| {
@@ -639,6 +651,9 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         round_start: (start, 0),
         bandwidth_window: BandwidthWindow::new(0),
         digest_ns_per_page: 0.0,
+        streams: None,
+        stream_pages: Arc::default(),
+        streams_marked: None,
         stall_marks: None,
     };
     let mut throttle = params.auto_converge.then(|| Throttle::start(m.vm.vcpu_gate()));
@@ -655,7 +670,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         m.handover(&header, hooks)
     });
     drop(heartbeat);
-    m.stats.transferred_bytes = m.sender.bytes();
+    m.stats.transferred_bytes = m.sent_bytes();
     m.stats.total_time_ms = ms(start.elapsed());
     m.stats.mbps = m.stats.transferred_bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
     match r {
@@ -745,7 +760,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             self.vm.get_dirty_log(&mut q.uncleared)?;
         }
         self.measure_digest_rate();
-        self.bandwidth_window = BandwidthWindow::new(self.sender.bytes());
+        self.bandwidth_window = BandwidthWindow::new(self.sent_bytes());
         self.begin_round(0, q.pending, 0)?;
         let mut fresh = vec![0u64; q.unsent.len()];
         let mut dirtied_pages = 0u64;
@@ -762,7 +777,9 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             if q.pending * PAGE_SIZE > self.threshold_bytes() {
                 continue;
             }
-            // The sync: it ends this round and begins the next.
+            // The sync: it ends this round and begins the next. Every stream
+            // ends the round before the sync counts it.
+            self.mark_streams(round + 1)?;
             self.end_round();
             hooks.round(&self.stats);
             hooks.phase(Phase::RoundSent(round));
@@ -817,7 +834,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         // The destination builds its VM (heartbeats meanwhile), then says so
         // (or why not).
         let deadline = self.start + self.params.timeout.unwrap_or(Duration::MAX / 4);
-        match self.inbox.wait(self.sender.bytes(), deadline, "ready") {
+        match self.inbox.wait(self.sent_bytes(), deadline, "ready") {
             Ok(Frame::Ready) => {}
             Ok(Frame::Refuse { why }) => return Err(MigrationError::Refused(why)),
             Ok(other) => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
@@ -827,10 +844,53 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             Err(e) => return Err(self.refusal_or(e)),
         }
         hooks.phase(Phase::ReadyReceived);
+        self.open_streams(header)?;
         self.vm.set_dirty_logging(true)?;
         self.vm.set_dirty_limit(self.params.dirty_limit)?;
         self.stall_marks = self.vcpu_loss().map(|l| StallMarks { start: l, round_start: l, last: l });
         self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
+        Ok(())
+    }
+
+    /// Bytes sent on every stream.
+    fn sent_bytes(&self) -> u64 {
+        self.sender.bytes() + self.streams.as_ref().map_or(0, PageStreams::bytes)
+    }
+
+    /// The header's extra page streams: a connection each to the
+    /// destination, announced by an `Attach`, with its sender thread.
+    fn open_streams(&mut self, header: &Header) -> Result<(), MigrationError> {
+        if header.streams <= 1 {
+            return Ok(());
+        }
+        let p = self.params.progress_timeout;
+        let mut conns = Vec::new();
+        for stream in 1..header.streams {
+            let c = TcpStream::connect_timeout(&self.dest, p).map_err(StreamError::Io)?;
+            link::configure(&c, p).map_err(StreamError::Io)?;
+            crate::stream::write_frame(&mut &c, &Frame::Attach { id: header.id, stream })?;
+            conns.push(c);
+        }
+        // SAFETY: `PageStreams` joins its threads when dropped, and it is a
+        // field of this migration, which ends before `migrate_outgoing`
+        // returns: while the caller still lends us the VM.
+        let memory = unsafe { SharedMemory::of(self.vm.memory()) };
+        let streams =
+            PageStreams::start(conns, memory, p, self.stream_pages.clone()).map_err(StreamError::Io)?;
+        self.streams = Some(streams);
+        Ok(())
+    }
+
+    /// Ends the extra streams' round with the mark of `round`, all of them
+    /// (module docs of `crate::streams`), once per round.
+    fn mark_streams(&mut self, round: u32) -> Result<(), MigrationError> {
+        if self.streams_marked == Some(round) {
+            return Ok(());
+        }
+        if let Some(s) = self.streams.as_mut() {
+            s.end_round(round)?;
+        }
+        self.streams_marked = Some(round);
         Ok(())
     }
 
@@ -871,7 +931,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// Between two frames: what the destination said (a refusal ends the
     /// migration with its cause), and whether it is still heard from.
     fn check_destination(&self) -> Result<(), MigrationError> {
-        match self.inbox.poll(self.sender.bytes()) {
+        match self.inbox.poll(self.sent_bytes()) {
             Ok(None) => Ok(()),
             Ok(Some(Frame::Refuse { why })) => Err(MigrationError::Refused(why)),
             Ok(Some(other)) => Err(StreamError::Unexpected { expected: "nothing", got: other.name() }.into()),
@@ -896,7 +956,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// round with whole rounds.
     fn bandwidth(&self) -> f64 {
         let bps = match self.params.precopy {
-            Precopy::Qemu => self.bandwidth_window.bytes_per_s(self.sender.bytes()),
+            Precopy::Qemu => self.bandwidth_window.bytes_per_s(self.sent_bytes()),
             Precopy::Rounds => self.stats.rounds.last().map(|r| r.bandwidth_bytes_per_s),
         };
         bps.unwrap_or(1e6).max(1e6)
@@ -977,7 +1037,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// limit: never ahead of `max` bytes a second).
     fn limit(&self) -> Result<(), MigrationError> {
         if let Some(max) = self.params.max_bandwidth.filter(|&m| m > 0) {
-            let due = Duration::from_secs_f64(self.sender.bytes() as f64 / max as f64);
+            let due = Duration::from_secs_f64(self.sent_bytes() as f64 / max as f64);
             if let Some(wait) = due.checked_sub(self.start.elapsed()) {
                 self.sender.flush()?;
                 std::thread::sleep(wait);
@@ -996,13 +1056,14 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             r.fault_p99_during_harvest_ns = (h.count() > 0).then(|| h.quantile_ns(0.99));
         }
         r.cpu_throttle_percentage = self.stats.cpu_throttle_percentage;
+        self.mark_streams(round)?;
         self.stats.rounds.push(r);
         if let (Some(m), None) = (self.stall_marks.as_mut(), self.stopped) {
             // This round's stall starts where the last one's was last
             // brought up to: its end.
             m.round_start = m.last;
         }
-        self.round_start = (Instant::now(), self.sender.bytes());
+        self.round_start = (Instant::now(), self.sent_bytes());
         self.sender.send(&Frame::Round { round })?;
         Ok(())
     }
@@ -1031,21 +1092,21 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             }
         }
         q.uncleared[words.clone()].fill(0);
-        let ranges = dirty_ranges(&q.unsent[words.clone()], first, self.vm.memory(), self.frame_pages);
-        q.take(words);
-        self.sender.send_pages(0, &ranges, self.vm.memory())?;
-        let r = self.stats.rounds.last_mut().expect("this round");
-        for x in &ranges {
-            let (stat, total) = if x.zero {
-                (&mut r.duplicate_pages, &mut self.stats.duplicate_pages)
-            } else {
-                (&mut r.normal_pages, &mut self.stats.normal_pages)
-            };
-            *stat += u64::from(x.pages);
-            *total += u64::from(x.pages);
+        // Window `w` of the pass to stream `w % streams` (0: this thread).
+        let stream = self.streams.as_ref().map_or(0, |s| words.start / window_words % s.count());
+        if let (Some(s), true) = (self.streams.as_mut(), stream > 0) {
+            s.window(stream, first, q.unsent[words.clone()].to_vec(), self.frame_pages)?;
+            q.take(words);
+        } else {
+            let ranges = dirty_ranges(&q.unsent[words.clone()], first, self.vm.memory(), self.frame_pages);
+            q.take(words);
+            self.sender.send_pages(0, &ranges, self.vm.memory())?;
+            let zero: u64 = ranges.iter().filter(|x| x.zero).map(|x| u64::from(x.pages)).sum();
+            let data: u64 = ranges.iter().filter(|x| !x.zero).map(|x| u64::from(x.pages)).sum();
+            self.count_pages(data, zero);
         }
         self.end_round();
-        self.bandwidth_window.update(self.sender.bytes());
+        self.bandwidth_window.update(self.sent_bytes());
         self.limit()?;
         if self.stopped.is_none() {
             hooks.tick(self.vm);
@@ -1054,14 +1115,26 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         Ok(Window::Sent)
     }
 
-    /// Brings the round's byte count, time, bandwidth and (in pre-copy)
-    /// the guest's stall up to now.
+    /// Counts `data` and `zero` pages sent in this round.
+    fn count_pages(&mut self, data: u64, zero: u64) {
+        let r = self.stats.rounds.last_mut().expect("this round");
+        (r.normal_pages, r.duplicate_pages) = (r.normal_pages + data, r.duplicate_pages + zero);
+        self.stats.normal_pages += data;
+        self.stats.duplicate_pages += zero;
+    }
+
+    /// Brings the round's byte count, time, bandwidth, the pages the other
+    /// streams sent, and (in pre-copy) the guest's stall up to now.
     fn end_round(&mut self) {
         if self.stopped.is_none() {
             self.account_stall();
         }
+        // Relaxed: counts; after a round's mark, its channel ordered them.
+        let data = self.stream_pages.normal.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let zero = self.stream_pages.duplicate.swap(0, std::sync::atomic::Ordering::Relaxed);
+        self.count_pages(data, zero);
         let (t, before) = self.round_start;
-        let bytes = self.sender.bytes();
+        let bytes = self.sent_bytes();
         let r = self.stats.rounds.last_mut().expect("this round");
         r.bytes_sent = bytes - before;
         r.send_ms = ms(t.elapsed());
@@ -1110,6 +1183,10 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         while q.pending > 0 {
             self.send_window(&mut q, hooks)?;
         }
+        // Every stream's pages before the digests: each ends with `Done`.
+        if let Some(s) = self.streams.as_mut() {
+            s.finish()?;
+        }
         self.sender.flush()?;
         self.end_round();
         self.phase_ends(|p| &mut p.send_ms);
@@ -1121,7 +1198,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
         self.sender.send_now(&Frame::Done)?;
         self.phase_ends(|p| &mut p.state_ms);
-        self.stats.transferred_bytes = self.sender.bytes();
+        self.stats.transferred_bytes = self.sent_bytes();
         hooks.phase(Phase::DoneSent);
         Ok(())
     }
@@ -1153,7 +1230,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     ) -> Result<HandoverEnd, MigrationError> {
         let p = self.params.progress_timeout;
         let b = self.params.breakage;
-        let event = match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "verified") {
+        let event = match self.inbox.wait(self.sent_bytes(), Instant::now() + p, "verified") {
             Ok(Frame::Verified) => SourceEvent::Verified,
             Ok(Frame::Refuse { why }) => return Err(MigrationError::Refused(why)),
             Ok(other) => {
@@ -1173,7 +1250,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         hooks.phase(Phase::CommitSent);
         let heard = sent.map_err(MigrationError::from).and_then(|_| {
             loop {
-                match self.inbox.wait(self.sender.bytes(), Instant::now() + p, "running")? {
+                match self.inbox.wait(self.sent_bytes(), Instant::now() + p, "running")? {
                     Frame::Running { id: got } if got == id => return Ok(SourceEvent::Running),
                     Frame::Refuse { why } => return Err(MigrationError::Refused(why)),
                     // A duplicate `Verified`: no answer yet.

@@ -46,7 +46,7 @@ use crate::refusal::Refusal;
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The largest frame payload either side accepts: 16 MiB, twice a
 /// full frame (`FRAME_PAGES` data pages with their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
@@ -90,7 +90,14 @@ pub struct Header {
     /// for the handover's outcome, which the destination keeps answering
     /// that long after deciding.
     pub settle_ms: u32,
+    /// TCP streams the pages go over (QEMU's multifd channels): this
+    /// connection and `streams - 1` more, each opened with an
+    /// [`Frame::Attach`] (1 to [`MAX_STREAMS`]).
+    pub streams: u32,
 }
+
+/// Streams a migration may use at most.
+pub const MAX_STREAMS: u32 = 64;
 
 impl Header {
     /// The header of a migration of `slots` (4 KiB pages) from `backend`
@@ -106,6 +113,7 @@ impl Header {
             id: 0,
             progress_timeout_ms: 0,
             settle_ms: 0,
+            streams: 1,
         }
     }
 }
@@ -194,6 +202,15 @@ pub enum Frame {
     Heartbeat {
         /// Bytes read off the stream so far.
         received: u64,
+    },
+    /// The first frame of one of a migration's extra page streams
+    /// ([`Header::streams`]): which migration, which stream. The stream
+    /// then carries `Round` marks, `Pages` and, at its end, `Done`.
+    Attach {
+        /// The migration's id.
+        id: u64,
+        /// The stream's index, 1 to `streams - 1`.
+        stream: u32,
     },
 }
 
@@ -397,10 +414,11 @@ enum Kind {
     Status = 13,
     Settled = 14,
     Heartbeat = 15,
+    Attach = 16,
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 16] = [
         Kind::Header,
         Kind::Round,
         Kind::Pages,
@@ -416,6 +434,7 @@ impl Kind {
         Kind::Status,
         Kind::Settled,
         Kind::Heartbeat,
+        Kind::Attach,
     ];
 
     /// The kind byte `b` names, if any.
@@ -441,6 +460,7 @@ impl Kind {
             Kind::Status => "status",
             Kind::Settled => "settled",
             Kind::Heartbeat => "heartbeat",
+            Kind::Attach => "attach",
         }
     }
 }
@@ -478,6 +498,7 @@ impl Frame {
             Frame::Status { .. } => Kind::Status,
             Frame::Settled { .. } => Kind::Settled,
             Frame::Heartbeat { .. } => Kind::Heartbeat,
+            Frame::Attach { .. } => Kind::Attach,
         }
     }
 
@@ -504,6 +525,7 @@ impl Frame {
                 put_u64(b, h.id);
                 put_u32(b, h.progress_timeout_ms);
                 put_u32(b, h.settle_ms);
+                put_u32(b, h.streams);
             }
             Frame::Round { round } => put_u32(b, *round),
             Frame::Pages { slot, ranges, data } => {
@@ -535,6 +557,10 @@ impl Frame {
                 b.push(answer.to_byte());
             }
             Frame::Heartbeat { received } => put_u64(b, *received),
+            Frame::Attach { id, stream } => {
+                put_u64(b, *id);
+                put_u32(b, *stream);
+            }
         }
     }
 
@@ -579,6 +605,7 @@ impl Frame {
             }
             Kind::Settled => Frame::Settled { id: c.u64()? },
             Kind::Heartbeat => Frame::Heartbeat { received: c.u64()? },
+            Kind::Attach => Frame::Attach { id: c.u64()?, stream: c.u32()? },
         };
         if !c.b.is_empty() {
             return Err(c.bad(Malformation::LeftOver(c.b.len())));
@@ -727,7 +754,8 @@ impl<'a> Cursor<'a> {
         let config = self.string()?;
         let slots = self.slots()?;
         let (id, progress_timeout_ms, settle_ms) = (self.u64()?, self.u32()?, self.u32()?);
-        Ok(Header { version, page_size, backend, config, slots, id, progress_timeout_ms, settle_ms })
+        let streams = self.u32()?;
+        Ok(Header { version, page_size, backend, config, slots, id, progress_timeout_ms, settle_ms, streams })
     }
 
     /// A `Pages` body of `page_size`-byte pages: the ranges, the page CRCs
@@ -1053,6 +1081,7 @@ mod tests {
             id: 0x1d,
             progress_timeout_ms: 10_000,
             settle_ms: 30_000,
+            streams: 3,
         }
     }
 
@@ -1080,6 +1109,7 @@ mod tests {
             Frame::Query { id: 3 },
             Frame::Status { id: 4, answer: Answer::Aborted },
             Frame::Settled { id: 5 },
+            Frame::Attach { id: 6, stream: 2 },
             Frame::Heartbeat { received: 6 },
         ]
     }

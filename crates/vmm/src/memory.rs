@@ -51,7 +51,10 @@ pub trait GuestMemory {
     /// Pages of the test slot.
     fn pages(&self) -> u64;
 
-    /// The test slot's memory, as the host sees it (one word per 8 bytes).
+    /// The test slot's memory, as the host sees it (one word per 8 bytes):
+    /// the same slice, at the same address, for the VM's whole life (the
+    /// slot is mapped once and never moved), so that a migration's page
+    /// streams may read it while the VM is borrowed for its harvests.
     fn memory(&self) -> &[AtomicU64];
 
     /// Reads `out.len()` words of guest memory from byte `offset` of the test

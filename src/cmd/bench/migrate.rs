@@ -76,6 +76,10 @@ pub struct MigrateArgs {
     /// before it.
     #[arg(long, default_value_t = 0)]
     pub compute_vcpus: u32,
+    /// TCP streams for the pages, comma-separated (each migration runs
+    /// over each; the raw copy too).
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: Vec<u32>,
     /// Pre-copy loops, comma-separated: `qemu` (QEMU's, mid-pass syncs),
     /// `rounds` (whole rounds, the loop before it).
     #[arg(long, value_delimiter = ',', default_value = "qemu")]
@@ -116,33 +120,58 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     }
 }
 
-/// A raw loopback TCP copy of `bytes` (1 MiB writes into a reused buffer
-/// read by another thread): the link's limit. Returns its time.
-fn raw_copy(bytes: u64) -> std::io::Result<Duration> {
+/// A raw loopback TCP copy of `bytes` over `streams` connections at once
+/// (each a share, 1 MiB writes from a reused buffer, read by a thread of
+/// its own): the link's limit for a migration over as many streams.
+/// Returns its time.
+fn raw_copy(bytes: u64, streams: u32) -> std::io::Result<Duration> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut c, _) = l.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        loop {
-            match c.read(&mut buf)? {
-                0 => return Ok(got),
-                n => got += n as u64,
-            }
+    let streams = u64::from(streams.max(1));
+    let readers = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut threads = Vec::new();
+        for _ in 0..streams {
+            let (mut c, _) = l.accept()?;
+            threads.push(std::thread::spawn(move || -> std::io::Result<u64> {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0;
+                loop {
+                    match c.read(&mut buf)? {
+                        0 => return Ok(got),
+                        n => got += n as u64,
+                    }
+                }
+            }));
         }
+        let mut got = 0;
+        for t in threads {
+            got += t.join().map_err(|_| std::io::Error::other("a reader panicked"))??;
+        }
+        Ok(got)
     });
-    let mut s = TcpStream::connect(addr)?;
-    let buf = vec![0x5au8; 1 << 20];
+    let conns = (0..streams).map(|_| TcpStream::connect(addr)).collect::<std::io::Result<Vec<_>>>()?;
     let t = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        let n = (bytes - sent).min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        sent += n as u64;
+    let writers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut s)| {
+            let share = bytes * (k as u64 + 1) / streams - bytes * k as u64 / streams;
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let buf = vec![0x5au8; 1 << 20];
+                let mut sent = 0;
+                while sent < share {
+                    let n = (share - sent).min(buf.len() as u64) as usize;
+                    s.write_all(&buf[..n])?;
+                    sent += n as u64;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().map_err(|_| std::io::Error::other("a writer panicked"))??;
     }
-    drop(s);
-    let got = rx.join().map_err(|_| std::io::Error::other("the reader panicked"))??;
+    let got = readers.join().map_err(|_| std::io::Error::other("the readers panicked"))??;
     assert_eq!(got, bytes);
     Ok(t.elapsed())
 }
@@ -181,12 +210,14 @@ struct Combo {
     precopy: Precopy,
     /// The dirty-limit, MiB/s a vCPU (0: none).
     limit: u64,
+    /// TCP streams for the pages.
+    connections: u32,
 }
 
 impl Combo {
     /// Every combination `a` asks for (KVM: one design, one harvest thread).
     fn all(a: &MigrateArgs) -> Vec<Combo> {
-        let mut combos = Vec::new();
+        let mut vms = Vec::new();
         let lock_faults = a.lock.spec().is_ok_and(|l| l.any());
         for &backend in &a.backend {
             if backend == BackendKind::Kvm && lock_faults {
@@ -197,22 +228,27 @@ impl Combo {
                 BackendKind::Engine => a.mmu.clone(),
                 BackendKind::Kvm => a.mmu.first().copied().into_iter().collect(),
             };
+            // More than one harvest thread: the engine only.
+            let threads =
+                || a.harvest_threads.iter().filter(move |&&t| backend == BackendKind::Engine || t == 1);
             for &mmu in &mmus {
                 for &log in &a.dirty_log {
-                    // More than one harvest thread: the engine only.
-                    let threads =
-                        a.harvest_threads.iter().filter(|&&t| backend == BackendKind::Engine || t == 1);
-                    for &threads in threads {
-                        for &mib in &a.guest_mib {
-                            for &rate in &a.dirty_rate_mibps {
-                                for &precopy in &a.precopy {
-                                    for &limit in &a.dirty_limit_mibps {
-                                        let c =
-                                            Combo { backend, mmu, log, threads, mib, rate, precopy, limit };
-                                        combos.push(c);
-                                    }
-                                }
-                            }
+                    for &threads in threads() {
+                        vms.extend(a.guest_mib.iter().map(|&mib| (backend, mmu, log, threads, mib)));
+                    }
+                }
+            }
+        }
+        // Each VM under each of the migration's own settings.
+        let mut combos = Vec::new();
+        for (backend, mmu, log, threads, mib) in vms {
+            for &rate in &a.dirty_rate_mibps {
+                for &precopy in &a.precopy {
+                    for &limit in &a.dirty_limit_mibps {
+                        for &connections in &a.connections {
+                            let c =
+                                Combo { backend, mmu, log, threads, mib, rate, precopy, limit, connections };
+                            combos.push(c);
                         }
                     }
                 }
@@ -233,9 +269,13 @@ impl Combo {
             Precopy::Qemu => l,
             other => format!("{l}, {other}"),
         };
-        match self.limit {
+        let l = match self.limit {
             0 => l,
             limit => format!("{l}, limit {limit}"),
+        };
+        match self.connections {
+            1 => l,
+            n => format!("{l}, x{n} streams"),
         }
     }
 
@@ -311,6 +351,7 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         auto_converge: a.auto_converge,
         precopy: c.precopy,
         dirty_limit: Some(c.limit << 20).filter(|&l| l > 0),
+        connections: c.connections,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
     };
@@ -446,7 +487,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
         "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit,
+        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections,
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,
@@ -468,9 +509,12 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     let bar = Progress::new(combos.len() as u64 * u64::from(a.repeat), "migrations");
     let mut raw = std::collections::BTreeMap::new();
     for &mib in &a.guest_mib {
-        let t = raw_copy(mib << 20)?;
-        bar.line(format!("raw loopback TCP copy of {mib} MiB: {:.1} ms", t.as_secs_f64() * 1e3));
-        raw.insert(mib, t);
+        for &n in &a.connections {
+            let t = raw_copy(mib << 20, n)?;
+            let ms = t.as_secs_f64() * 1e3;
+            bar.line(format!("raw loopback TCP copy of {mib} MiB over {n} stream(s): {ms:.1} ms"));
+            raw.insert((mib, n), t);
+        }
     }
     table_head(&bar);
     let dir = std::env::temp_dir().join(format!("shadow-mmu-bench-migrate-{}", std::process::id()));
@@ -482,7 +526,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     for round in 0..a.repeat {
         for (i, c) in combos.iter().enumerate() {
             let m = migrate_one(a, c, &dir.join(format!("dest-{round}-{i}.json")))?;
-            let (row, mut record, ok) = report_one(c, &m, raw[&c.mib]);
+            let (row, mut record, ok) = report_one(c, &m, raw[&(c.mib, c.connections)]);
             record["repetition"] = json!(round);
             all_ok &= ok;
             bar.line(row);

@@ -451,3 +451,107 @@ fn extra_streams_that_never_come_come_wrong_or_come_corrupt() {
         "{err}"
     );
 }
+
+/// Forwards connections to `upstream`, the source's bytes held to `rate`
+/// bytes a second (all connections together): a slow link. Returns its
+/// address.
+fn throttled_link(upstream: &str, rate: u64) -> String {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let upstream = upstream.to_string();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new((Instant::now(), 0u64)));
+    std::thread::spawn(move || {
+        for client in l.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(up) = TcpStream::connect(&upstream) else { return };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut u2, &mut c2));
+            let (mut from, mut to, sent) = (client, up, sent.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => return to.shutdown(std::net::Shutdown::Write),
+                        Ok(n) => n,
+                    };
+                    // Due when the link's bytes so far fit its rate.
+                    let due = {
+                        let mut s = sent.lock().unwrap();
+                        s.1 += n as u64;
+                        s.0 + Duration::from_secs_f64(s.1 as f64 / rate as f64)
+                    };
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    if to.write_all(&buf[..n]).is_err() {
+                        return Ok(());
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs a source to `to` (a guest of 16 MiB at 8 MiB/s, over `streams`
+/// page streams); asserts it completed and the destination's checks
+/// passed.
+fn completes_correct(dest: Dest, to: &str, streams: &str, what: &str) {
+    let out = bin()
+        .args(["migrate", "outgoing", "--to", to, "--guest-mib", "16", "--dirty-rate-mibps", "8"])
+        .args(["--warmup-ms", "50", "--connections", streams])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("Migration status: completed"), "{what}: {text}");
+    let (code, out, d) = dest.finish();
+    assert_eq!(code, 0, "{what}: {out}");
+    assert_eq!(d["mismatched_pages"], 0, "{what}: {d}");
+    assert_eq!(d["check_after_resume"], "passed", "{what}: {d}");
+}
+
+/// A link held to 50 MiB/s: the bandwidth the rules measure is the link's,
+/// and the migration completes, page for page, on one stream and on four.
+#[test]
+fn a_link_held_to_50_mib_a_second_completes_correct() {
+    for streams in ["1", "4"] {
+        let dest = Dest::spawn(200, &format!("slow-{streams}"));
+        let link = throttled_link(&dest.addr, 50 * MIB);
+        completes_correct(dest, &link, streams, &format!("50 MiB/s, {streams} streams"));
+    }
+}
+
+/// The destination stopped for 2 s (SIGSTOP) while it loads, then
+/// continued: within the progress timeout, so the migration completes,
+/// correct.
+#[test]
+fn a_destination_stopped_for_two_seconds_completes_correct() {
+    for streams in ["1", "4"] {
+        let dest = Dest::spawn(200, &format!("sigstop-{streams}"));
+        let (pid, addr) = (dest.child.id() as i32, dest.addr.clone());
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            // SAFETY: `pid` is our child, alive until `finish` reaps it
+            // (after this thread is joined).
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_secs(2));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        });
+        let what = format!("SIGSTOP 2 s, {streams} streams");
+        let out = bin()
+            .args(["migrate", "outgoing", "--to", &addr, "--guest-mib", "64", "--dirty-rate-mibps", "8"])
+            .args(["--warmup-ms", "50", "--connections", streams, "--max-bandwidth-mibps", "128"])
+            .output()
+            .unwrap();
+        stopper.join().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("Migration status: completed"), "{what}: {text}");
+        let (code, out, d) = dest.finish();
+        assert_eq!(code, 0, "{what}: {out}");
+        assert_eq!(d["mismatched_pages"], 0, "{what}: {d}");
+        assert_eq!(d["check_after_resume"], "passed", "{what}: {d}");
+        let total = text.lines().find_map(|l| l.strip_prefix("total time: ")).unwrap_or("");
+        let ms: f64 = total.trim_end_matches(" ms").parse().unwrap_or(0.0);
+        assert!(ms >= 2000.0, "{what}: the stop was inside the migration ({total})");
+    }
+}

@@ -555,3 +555,107 @@ fn a_destination_stopped_for_two_seconds_completes_correct() {
         assert!(ms >= 2000.0, "{what}: the stop was inside the migration ({total})");
     }
 }
+
+/// Forwards connections to `upstream`, flipping one bit of the source's
+/// bytes `at` bytes into the first connection. Returns its address.
+fn flipping_link(upstream: &str, at: usize) -> String {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let upstream = upstream.to_string();
+    std::thread::spawn(move || {
+        for (i, client) in l.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(up) = TcpStream::connect(&upstream) else { return };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut u2, &mut c2));
+            let (mut from, mut to) = (client, up);
+            std::thread::spawn(move || {
+                let (mut buf, mut seen) = (vec![0u8; 64 << 10], 0usize);
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => return to.shutdown(std::net::Shutdown::Write),
+                        Ok(n) => n,
+                    };
+                    if i == 0 && seen <= at && at < seen + n {
+                        buf[at - seen] ^= 0x08;
+                    }
+                    seen += n;
+                    if to.write_all(&buf[..n]).is_err() {
+                        return Ok(());
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Mutual TLS, both ends with certificates of a CA made here: a source
+/// whose certificate another CA signed is refused at the handshake, and so
+/// is a destination whose certificate is not the CA's; a bit flipped on the
+/// wire ends the migration with an error (TLS, not the stream's CRC, finds
+/// it), never a completed one; the source runs on after each, and a good
+/// migration over TLS completes, correct.
+#[test]
+fn tls_refuses_bad_certificates_and_a_flipped_bit_fails_the_migration() {
+    use shadow_mmu_migrate::tls::{Dialer, TlsConfig};
+    use shadow_mmu_testkit::credentials::Authority;
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Authority::new(&dir, "ours").unwrap();
+    let rogue = Authority::new(&dir, "rogue").unwrap();
+    let dest_creds = ca.issue(&dir, "dest", &["127.0.0.1"]).unwrap();
+    let config = |c: &shadow_mmu_testkit::credentials::Credentials| {
+        std::sync::Arc::new(TlsConfig::from_pem_files(&c.cert, &c.key, &c.ca).unwrap())
+    };
+    let good = config(&ca.issue(&dir, "source", &["source"]).unwrap());
+    // A certificate of the rogue CA, the destination's trusted.
+    let rogue_source = rogue.issue(&dir, "rogue-source", &["source"]).unwrap();
+    let bad = std::sync::Arc::new(
+        TlsConfig::from_pem_files(&rogue_source.cert, &rogue_source.key, &dest_creds.ca).unwrap(),
+    );
+    let spec = spec(16 * MIB);
+    let mut vm = source(&spec);
+    let h = header(&spec, vm.pages());
+    let dest =
+        Dest::spawn_with(200, "tls", &dest_creds.args().iter().map(String::as_str).collect::<Vec<_>>());
+    let addr: std::net::SocketAddr = dest.addr.parse().unwrap();
+    let timeout = Duration::from_secs(5);
+    // A source the destination does not trust.
+    let e = Dialer::tls(bad, "127.0.0.1".into(), addr).connect(addr, timeout).map(|_| ()).unwrap_err();
+    let why = shadow_mmu_vmm::error_chain(&e);
+    assert!(why.contains("TLS handshake") && why.contains("alert"), "{why}");
+    // A destination this source does not trust: another CA's view of it.
+    let rogue_view = config(&rogue.issue(&dir, "rogue-view", &["source"]).unwrap());
+    let e = Dialer::tls(rogue_view, "127.0.0.1".into(), addr).connect(addr, timeout).map(|_| ()).unwrap_err();
+    let why = shadow_mmu_vmm::error_chain(&e);
+    assert!(why.contains("invalid peer certificate"), "{why}");
+    // A bit flipped a megabyte into the stream, on a trusted connection.
+    let link = flipping_link(&dest.addr, 1 << 20);
+    let via: std::net::SocketAddr = link.parse().unwrap();
+    let dialer = Dialer::tls(good.clone(), "127.0.0.1".into(), via);
+    let conn = dialer.connect(via, timeout).unwrap();
+    let params = OutgoingParams { dialer, ..OutgoingParams::default() };
+    let f = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
+    assert!(matches!(f.error, MigrationError::Stream(_) | MigrationError::Refused(_)), "{f:?}");
+    let (code, _, err) = dest.wait();
+    assert_ne!(code, 0);
+    assert!(err.contains("failed TLS") && err.contains("partial VM is discarded"), "{err}");
+    // Runs on, and migrates again over TLS, correct.
+    let before = vm.passes_done();
+    vm.release(before + 2);
+    vm.wait_passes(before + 1).unwrap();
+    let dest =
+        Dest::spawn_with(200, "tls-again", &dest_creds.args().iter().map(String::as_str).collect::<Vec<_>>());
+    let addr: std::net::SocketAddr = dest.addr.parse().unwrap();
+    let dialer = Dialer::tls(good, "127.0.0.1".into(), addr);
+    let conn = dialer.connect(addr, timeout).unwrap();
+    let params = OutgoingParams { dialer, connections: 2, ..OutgoingParams::default() };
+    assert!(matches!(common::migrate(&mut vm, &conn, &h, &params, None), Outcome::Completed(_)));
+    vm.stop().unwrap();
+    let (code, out, d) = dest.finish();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(d["mismatched_pages"], 0);
+    assert_eq!(d["check_after_resume"], "passed");
+}

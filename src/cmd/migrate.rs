@@ -14,9 +14,10 @@
 //! behind.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -25,6 +26,7 @@ use shadow_mmu_migrate::dest::{BuildError, IncomingParams, migrate_incoming};
 use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Precopy, Unsettled, migrate_outgoing};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::Header;
+use shadow_mmu_migrate::tls::{Dialer, TlsConfig, TlsError, TlsListener};
 use shadow_mmu_migrate::{DestHooks, Phase, SourceHooks};
 use shadow_mmu_testkit::pacer::GuestRate;
 use shadow_mmu_testkit::resume::{PassPacing, PassStart, ResumeCheck, ResumeReport, check_after_resume};
@@ -95,6 +97,8 @@ pub struct IncomingArgs {
     /// Address to listen on (port 0: any; the address is printed).
     #[arg(long)]
     pub listen: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// How long the guest runs here before its writes are checked, ms (0:
     /// resume only).
     #[arg(long, default_value_t = 1000)]
@@ -115,11 +119,45 @@ pub struct IncomingArgs {
     pub stop_at: Option<String>,
 }
 
+/// Mutual TLS on every connection, both ends (QEMU's `tls-creds`): all
+/// three files, or none.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// This side's certificate chain, PEM.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key, PEM.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates this side trusts for the other's certificate,
+    /// PEM (the destination requires the source's).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The credentials, if TLS was asked for.
+    pub fn config(&self) -> Result<Option<Arc<TlsConfig>>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => {
+                TlsConfig::from_pem_files(c, k, ca).map(|t| Some(Arc::new(t))).map_err(|e| error_chain(&e))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct OutgoingArgs {
     /// The destination's address.
     #[arg(long)]
     pub to: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// The name the destination's certificate must bear (default: the
+    /// host of --to).
+    #[arg(long)]
+    pub tls_hostname: Option<String>,
     /// Where the VM runs.
     #[arg(long, value_enum, default_value = "engine")]
     pub backend: BackendKind,
@@ -319,9 +357,17 @@ impl DestHooks<dyn PassVm> for DestCli<'_> {
 }
 
 fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let l = TcpListener::bind(&a.listen).map_err(|e| format!("listening on {}: {e}", a.listen))?;
-    println!("listening on {}", l.local_addr()?);
+    let public = TcpListener::bind(&a.listen).map_err(|e| format!("listening on {}: {e}", a.listen))?;
+    println!("listening on {}", public.local_addr()?);
     std::io::stdout().flush()?;
+    // With TLS the migration accepts the pumps' plain ends on a loopback
+    // listener (`shadow_mmu_migrate::tls`).
+    let tls = a.tls.config()?;
+    let tls_listener = match &tls {
+        Some(t) => Some(TlsListener::start(public.try_clone()?, t.clone())?),
+        None => None,
+    };
+    let l = tls_listener.as_ref().map_or(&public, |t| t.local());
     let pace = std::cell::Cell::new((None, 100));
     let mut build = |h: &Header| -> Result<Box<dyn PassVm>, BuildError> {
         if h.backend != "engine" && h.backend != "kvm" {
@@ -341,7 +387,7 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let progress_timeout = Duration::from_secs(a.progress_timeout_s.max(1));
     let params = IncomingParams { progress_timeout };
     let mut hooks = DestCli { stop_at: a.stop_at.as_deref(), pace: &pace, start: None };
-    let (stats, report, code) = match migrate_incoming(&l, &mut build, &params, &mut hooks) {
+    let (stats, report, code) = match migrate_incoming(l, &mut build, &params, &mut hooks) {
         Ok(mut incoming) => {
             let start = hooks.start.take().expect("a started guest was prepared");
             let run_after = Duration::from_millis(a.run_after_ms);
@@ -359,6 +405,9 @@ fn incoming(a: &IncomingArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     if let Some(e) = &stats.error {
         eprintln!("error: {e}");
+    }
+    for f in tls.iter().flat_map(|t| t.failures()) {
+        eprintln!("tls: {f}");
     }
     if let Some(p) = &a.json {
         // One object: the migration's figures, then the check's.
@@ -415,22 +464,38 @@ fn incoming_lines(s: &IncomingStats, r: &ResumeReport) -> Vec<String> {
 
 /// Connects to `to`, retrying for up to `within` (the destination may
 /// still be starting).
-pub fn connect(to: &str, within: Duration) -> Result<TcpStream, String> {
+pub fn connect(to: &str, dialer: &Dialer, within: Duration) -> Result<TcpStream, String> {
     let t = Instant::now();
+    let addr = to
+        .to_socket_addrs()
+        .map_err(|e| format!("{to}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{to}: no address"))?;
     loop {
-        match TcpStream::connect(to) {
+        match dialer.connect(addr, within) {
             Ok(c) => return Ok(c),
-            Err(e) if t.elapsed() > within => {
-                return Err(format!("connecting to {to}: {e}"));
+            // A TLS refusal is an answer: no point asking again.
+            Err(e) if !matches!(e, TlsError::Io(_)) || t.elapsed() > within => {
+                return Err(format!("connecting to {to}: {}", error_chain(&e)));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
 
+/// How the source dials `a.to`: plain, or TLS with `a`'s credentials.
+fn dialer(a: &OutgoingArgs) -> Result<Dialer, String> {
+    let Some(tls) = a.tls.config()? else { return Ok(Dialer::default()) };
+    let addr = a.to.to_socket_addrs().map_err(|e| format!("{}: {e}", a.to))?.next();
+    let addr = addr.ok_or_else(|| format!("{}: no address", a.to))?;
+    let host = a.to.rsplit_once(':').map_or(a.to.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+    Ok(Dialer::tls(tls, a.tls_hostname.clone().unwrap_or_else(|| host.to_string()), addr))
+}
+
 /// The source's parameters from its arguments.
-pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams {
-    OutgoingParams {
+pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> Result<OutgoingParams, String> {
+    Ok(OutgoingParams {
+        dialer: dialer(a)?,
         downtime_limit: Duration::from_millis(a.downtime_limit_ms),
         max_bandwidth: Some(a.max_bandwidth_mibps << 20).filter(|&b| b > 0),
         timeout: Some(Duration::from_secs(a.timeout_s)),
@@ -446,7 +511,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> OutgoingParams
         progress_timeout: a.progress_timeout(),
         settle_timeout: Duration::from_secs_f64(a.settle_timeout_s.max(0.0)),
         ..OutgoingParams::default()
-    }
+    })
 }
 
 fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -462,14 +527,14 @@ fn outgoing(a: &OutgoingArgs) -> Result<u8, Box<dyn std::error::Error>> {
         std::thread::sleep(Duration::from_millis(1));
     }
     let header = desc.header(vm.as_ref())?;
-    let params = outgoing_params(a, &desc);
+    let params = outgoing_params(a, &desc)?;
     let socket = a.control_socket.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("shadow-mmu-migrate-{}.sock", std::process::id()))
     });
     println!("migrating {} ({}) to {}", vm.name(), header.config, a.to);
     println!("control socket (if the outcome is unknown): {}", socket.display());
     std::io::stdout().flush()?;
-    let conn = connect(&a.to, params.progress_timeout)?;
+    let conn = connect(&a.to, &params.dialer, params.progress_timeout)?;
     let bar = crate::output::Progress::spinner("round 0: the bulk copy");
     let mut progress = |s: &MigrationStats| {
         let r = s.rounds.last().expect("a round");

@@ -19,6 +19,8 @@
 //! - [`dest`]: the destination, which loads, checks, takes the handover,
 //!   answers the source's questions, and checks the resumed guest;
 //! - [`throttle`]: QEMU's auto-converge throttle;
+//! - [`tls`]: mutual TLS on every connection, in pump threads;
+//! - `streams`: the extra TCP streams of the pages (QEMU's multifd);
 //! - [`stats`]: QEMU's `info migrate` figures.
 
 use shadow_mmu_vmm::{DirtyLog, GuestMemory, HarvestProbe, VcpuControl};
@@ -33,6 +35,7 @@ pub mod stats;
 pub mod stream;
 pub(crate) mod streams;
 pub mod throttle;
+pub mod tls;
 
 /// A point of a migration, at either end, that its hooks hear of
 /// the phase boundaries of `docs/migration.md`.

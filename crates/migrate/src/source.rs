@@ -72,6 +72,7 @@ use crate::stats::{
 use crate::stream::{Frame, FrameReader, Header, MAX_STREAMS, PAGE_BYTES, StreamError};
 use crate::streams::{PageStreams, SentPages, SharedMemory};
 use crate::throttle::Throttle;
+use crate::tls::{Dialer, TlsError};
 use crate::{MigrationVm, Phase, SourceHooks};
 
 /// Pages per `Pages` frame at most: 8 MiB of data, under the stream's
@@ -153,6 +154,10 @@ pub struct OutgoingParams {
     /// TCP streams for the pages, this connection included (QEMU's multifd
     /// channels; 1 to [`MAX_STREAMS`]): `crate::streams`.
     pub connections: u32,
+    /// How the source opens its other connections to the destination (the
+    /// extra streams, the settle queries): plain TCP or TLS. With TLS, the
+    /// connection given to [`migrate_outgoing`] is one this dialer made.
+    pub dialer: Dialer,
     /// The harvest's CLEAR window, pages (a multiple of 64), with manual
     /// protect; also the window of the round-0 CLEAR with `INITIALLY_SET`.
     pub clear_chunk_pages: u64,
@@ -178,6 +183,7 @@ impl Default for OutgoingParams {
             dirty_limit: None,
             precopy: Precopy::Qemu,
             connections: 1,
+            dialer: Dialer::default(),
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
             progress_timeout: Duration::from_secs(10),
             settle_timeout: Duration::from_secs(30),
@@ -276,6 +282,7 @@ pub struct Unsettled {
     stats: Box<MigrationStats>,
     id: u64,
     dest: SocketAddr,
+    dialer: Dialer,
     progress: Duration,
     settle: Duration,
     breakage: Breakage,
@@ -301,7 +308,7 @@ impl Unsettled {
     /// Asks the destination once more: its answer settles the migration
     /// (`vm` resumed, or to be stopped), its silence leaves it unsettled.
     pub fn ask<V: MigrationVm + ?Sized>(mut self, vm: &mut V) -> Outcome {
-        let (event, why) = ask(self.dest, self.id, self.progress);
+        let (event, why) = ask(&self.dialer, self.dest, self.id, self.progress);
         let (state, action) = SourceState::Postmigrate.on(event, &self.breakage);
         if state == SourceState::Postmigrate {
             self.stats.error = Some(unsettled_error(self.settle, why.as_ref()));
@@ -357,6 +364,14 @@ fn settle<V: MigrationVm + ?Sized>(
     }
 }
 
+/// A connection the dialer could not make, as the stream's error.
+fn dial_error(e: TlsError) -> StreamError {
+    match e {
+        TlsError::Io(io) => StreamError::Io(io),
+        e => StreamError::Io(std::io::Error::other(error_chain(&e))),
+    }
+}
+
 /// The guest runs here again, as before the migration.
 fn resume_here<V: MigrationVm + ?Sized>(vm: &mut V) {
     // Unlimited first: a vCPU resumed under the limit would be held.
@@ -368,8 +383,8 @@ fn resume_here<V: MigrationVm + ?Sized>(vm: &mut V) {
 
 /// One question to the destination at `dest`, over a connection of its
 /// own: what became of migration `id`? Every step within `progress`.
-pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, StreamError> {
-    let conn = TcpStream::connect_timeout(&dest, progress)?;
+pub fn query(dialer: &Dialer, dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, StreamError> {
+    let conn = dialer.connect(dest, progress).map_err(dial_error)?;
     link::configure(&conn, progress)?;
     conn.set_read_timeout(Some(progress))?;
     let mut w = &conn;
@@ -391,8 +406,13 @@ pub fn query(dest: SocketAddr, id: u64, progress: Duration) -> Result<Answer, St
 
 /// One question to the destination, as the handover's event (`Running`,
 /// `Aborted`, or a `Failed` attempt), with the error it means, if any.
-fn ask(dest: SocketAddr, id: u64, progress: Duration) -> (SourceEvent, Option<MigrationError>) {
-    match query(dest, id, progress) {
+fn ask(
+    dialer: &Dialer,
+    dest: SocketAddr,
+    id: u64,
+    progress: Duration,
+) -> (SourceEvent, Option<MigrationError>) {
+    match query(dialer, dest, id, progress) {
         Ok(Answer::Running) => (SourceEvent::Running, None),
         Ok(Answer::Aborted) => (SourceEvent::Aborted, Some(MigrationError::AbortedAfterCommit)),
         Ok(Answer::Unknown) => (SourceEvent::Failed, Some(MigrationError::UnknownMigration { dest, id })),
@@ -609,8 +629,12 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
     let start = Instant::now();
     let stats = MigrationStats::new(vm.pages() * PAGE_SIZE, params.downtime_limit.as_millis() as u64);
     let link = (|| -> std::io::Result<_> {
-        // Where the settle queries go, known before the peer can reset.
-        let dest = conn.peer_addr()?;
+        // Where the settle queries go, known before the peer can reset
+        // (with TLS `conn`'s peer is the pump: the dialer knows).
+        let dest = match params.dialer.destination() {
+            Some(d) => d,
+            None => conn.peer_addr()?,
+        };
         link::configure(conn, params.progress_timeout)?;
         let received = Arc::new(AtomicU64::new(0));
         let sender = Arc::new(Sender::new(conn, "destination", params.progress_timeout, received.clone())?);
@@ -738,8 +762,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         stats.downtime_ms = None;
         let settle = params.settle_timeout;
         stats.error = Some(unsettled_error(settle, why.as_ref()));
-        let (progress, breakage) = (params.progress_timeout, params.breakage);
-        Outcome::Unsettled(Unsettled { stats, id, dest, progress, settle, breakage })
+        let (progress, breakage, dialer) = (params.progress_timeout, params.breakage, params.dialer.clone());
+        Outcome::Unsettled(Unsettled { stats, id, dest, dialer, progress, settle, breakage })
     }
 
     /// Setup, pre-copy and the stop-and-copy, up to `Done`.
@@ -866,7 +890,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let p = self.params.progress_timeout;
         let mut conns = Vec::new();
         for stream in 1..header.streams {
-            let c = TcpStream::connect_timeout(&self.dest, p).map_err(StreamError::Io)?;
+            let c = self.params.dialer.connect(self.dest, p).map_err(dial_error)?;
             link::configure(&c, p).map_err(StreamError::Io)?;
             crate::stream::write_frame(&mut &c, &Frame::Attach { id: header.id, stream })?;
             conns.push(c);
@@ -1293,7 +1317,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let end = Instant::now() + self.params.settle_timeout;
         let dest = self.dest;
         loop {
-            let (event, said) = ask(dest, id, p);
+            let (event, said) = ask(&self.params.dialer, dest, id, p);
             let (state, action) = self.state.on(event, &b);
             self.state = state;
             let why = said.filter(|_| state != SourceState::Completed);

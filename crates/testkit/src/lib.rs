@@ -14,8 +14,10 @@
 //!   check on either side of a live migration;
 //! - [`kernbench`] and [`trace`]: the seed's no-regression check, a sweep or
 //!   a replay of a real program's page trace;
-//! - [`fixtures`]: small VMs and guests the tests share.
+//! - [`fixtures`]: small VMs and guests the tests share;
+//! - [`credentials`]: throwaway TLS credentials, a CA made at run time.
 
+pub mod credentials;
 pub mod dirty_log_test;
 pub mod fixtures;
 pub mod harness;

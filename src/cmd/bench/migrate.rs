@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -20,6 +21,8 @@ use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::SourceHooks;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, migrate_outgoing};
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, measured_ms};
+use shadow_mmu_migrate::tls::{Dialer, TlsConfig};
+use shadow_mmu_testkit::credentials::{Authority, Credentials};
 use shadow_mmu_testkit::pacer::GuestRate;
 use shadow_mmu_testkit::resume::PassPacing;
 use shadow_mmu_vmm::{DirtyLogInterface, error_chain};
@@ -80,6 +83,10 @@ pub struct MigrateArgs {
     /// over each; the raw copy too).
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub connections: Vec<u32>,
+    /// Transports, comma-separated: `plain` TCP, `tls` (mutual TLS with a
+    /// CA made for the run, both ends in this host).
+    #[arg(long, value_delimiter = ',', default_value = "plain")]
+    pub transport: Vec<Transport>,
     /// Pre-copy loops, comma-separated: `qemu` (QEMU's, mid-pass syncs),
     /// `rounds` (whole rounds, the loop before it).
     #[arg(long, value_delimiter = ',', default_value = "qemu")]
@@ -98,6 +105,33 @@ pub struct MigrateArgs {
     /// Write SVGs into this directory.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+/// How the migration's connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// TCP.
+    Plain,
+    /// Mutual TLS over TCP.
+    Tls,
+}
+
+/// The run's TLS credentials: the destination's files, the source's
+/// configuration.
+struct BenchTls {
+    dest: Credentials,
+    source: Arc<TlsConfig>,
+}
+
+impl BenchTls {
+    /// A CA for the run, and a certificate each for both ends, in `dir`.
+    fn new(dir: &std::path::Path) -> BenchResult<Self> {
+        let ca = Authority::new(dir, "bench").map_err(|e| e.to_string())?;
+        let dest = ca.issue(dir, "destination", &["127.0.0.1", "localhost"]).map_err(|e| e.to_string())?;
+        let src = ca.issue(dir, "source", &["source"]).map_err(|e| e.to_string())?;
+        let source = TlsConfig::from_pem_files(&src.cert, &src.key, &src.ca).map_err(|e| error_chain(&e))?;
+        Ok(Self { dest, source: Arc::new(source) })
+    }
 }
 
 /// A dirty-rate cap of the command line: MiB/s, or none (`max`).
@@ -180,12 +214,14 @@ fn raw_copy(bytes: u64, streams: u32) -> std::io::Result<Duration> {
 fn spawn_destination(
     run_after_ms: u64,
     json: &std::path::Path,
+    tls: Option<&Credentials>,
 ) -> BenchResult<(std::process::Child, String)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["migrate", "incoming", "--listen", "127.0.0.1:0", "--run-after-ms"])
         .arg(run_after_ms.to_string())
         .arg("--json")
         .arg(json)
+        .args(tls.map(Credentials::args).unwrap_or_default())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -212,6 +248,8 @@ struct Combo {
     limit: u64,
     /// TCP streams for the pages.
     connections: u32,
+    /// Mutual TLS on every connection.
+    tls: bool,
 }
 
 impl Combo {
@@ -246,9 +284,22 @@ impl Combo {
                 for &precopy in &a.precopy {
                     for &limit in &a.dirty_limit_mibps {
                         for &connections in &a.connections {
-                            let c =
-                                Combo { backend, mmu, log, threads, mib, rate, precopy, limit, connections };
-                            combos.push(c);
+                            for &transport in &a.transport {
+                                let tls = transport == Transport::Tls;
+                                let c = Combo {
+                                    backend,
+                                    mmu,
+                                    log,
+                                    threads,
+                                    mib,
+                                    rate,
+                                    precopy,
+                                    limit,
+                                    connections,
+                                    tls,
+                                };
+                                combos.push(c);
+                            }
                         }
                     }
                 }
@@ -273,10 +324,11 @@ impl Combo {
             0 => l,
             limit => format!("{l}, limit {limit}"),
         };
-        match self.connections {
+        let l = match self.connections {
             1 => l,
             n => format!("{l}, x{n} streams"),
-        }
+        };
+        if self.tls { format!("{l}, tls") } else { l }
     }
 
     fn description(&self, a: &MigrateArgs) -> VmDescription {
@@ -336,7 +388,13 @@ struct Measured {
 
 /// Boots the guest, times a pass without a migration, migrates it to a
 /// destination process of its own (which writes `dest_json`).
-fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> BenchResult<Measured> {
+fn migrate_one(
+    a: &MigrateArgs,
+    c: &Combo,
+    dest_json: &std::path::Path,
+    tls: Option<&BenchTls>,
+) -> BenchResult<Measured> {
+    let tls = tls.filter(|_| c.tls);
     let desc = c.description(a);
     let mut vm = desc.boot()?;
     // The guest's speed without a migration: two passes flat out, the
@@ -344,7 +402,15 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
     let p = vm.passes_done();
     vm.release(p + 2);
     let baseline_pass_ns = vm.wait_passes(p + 1).map_err(|e| error_chain(&e))?;
-    let (child, addr) = spawn_destination(a.run_after_ms, dest_json)?;
+    let (child, addr) = spawn_destination(a.run_after_ms, dest_json, tls.map(|t| &t.dest))?;
+    let dialer = match tls {
+        Some(t) => Dialer::tls(
+            t.source.clone(),
+            "127.0.0.1".into(),
+            addr.parse().map_err(|e| format!("{addr}: {e}"))?,
+        ),
+        None => Dialer::default(),
+    };
     let params = OutgoingParams {
         downtime_limit: Duration::from_millis(a.downtime_limit_ms),
         timeout: Some(Duration::from_secs(a.timeout_s)),
@@ -352,10 +418,11 @@ fn migrate_one(a: &MigrateArgs, c: &Combo, dest_json: &std::path::Path) -> Bench
         precopy: c.precopy,
         dirty_limit: Some(c.limit << 20).filter(|&l| l > 0),
         connections: c.connections,
+        dialer,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
     };
-    let conn = crate::cmd::migrate::connect(&addr, params.progress_timeout)?;
+    let conn = crate::cmd::migrate::connect(&addr, &params.dialer, params.progress_timeout)?;
     let header = desc.header(vm.as_ref())?;
     let mut pacing = PassPacing::new(vm.as_ref(), desc.dirty_rate).map_err(|e| error_chain(&e))?;
     let computing = (a.compute_vcpus > 0).then(|| desc.vcpus as usize - 1);
@@ -487,7 +554,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
         "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections,
+        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections, "tls": c.tls,
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,
@@ -519,13 +586,14 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     table_head(&bar);
     let dir = std::env::temp_dir().join(format!("shadow-mmu-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let tls = a.transport.contains(&Transport::Tls).then(|| BenchTls::new(&dir)).transpose()?;
     let mut runs = Vec::new();
     let mut all_ok = true;
     let mut plotted = Vec::new();
     let mut measured: Vec<Vec<MigrationStats>> = vec![Vec::new(); combos.len()];
     for round in 0..a.repeat {
         for (i, c) in combos.iter().enumerate() {
-            let m = migrate_one(a, c, &dir.join(format!("dest-{round}-{i}.json")))?;
+            let m = migrate_one(a, c, &dir.join(format!("dest-{round}-{i}.json")), tls.as_ref())?;
             let (row, mut record, ok) = report_one(c, &m, raw[&(c.mib, c.connections)]);
             record["repetition"] = json!(round);
             all_ok &= ok;

@@ -215,6 +215,9 @@ struct Answering {
 const MIN_TIMEOUT: Duration = Duration::from_millis(50);
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How often the destination reports the bytes it read while it loads.
+const RECEIVED_EVERY: Duration = Duration::from_millis(20);
+
 /// How often the answering thread looks for a connection.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
 
@@ -426,7 +429,9 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         );
         self.sender = Some(sender.clone());
         // Heartbeats while the VM is built, loaded and checked.
-        let _heartbeat = Heartbeat::start(sender.clone());
+        // Often, while it loads: its count of the bytes read tells the
+        // source how much is still in flight (`Outgoing::in_flight`).
+        let _heartbeat = Heartbeat::every(sender.clone(), RECEIVED_EVERY);
         let vm = self.vm.insert(build(&header).map_err(IncomingError::Build)?);
         let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
         if header.page_size != PAGE_BYTES || header.slots != want {

@@ -195,10 +195,18 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts beating on `sender`.
+    /// Starts beating on `sender` whenever it sent nothing for a quarter of
+    /// the progress timeout.
     pub fn start(sender: Arc<Sender>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
         let every = sender.progress / 4;
+        Self::every(sender, every)
+    }
+
+    /// Starts beating on `sender` whenever it sent nothing for `every` (at
+    /// most a quarter of the progress timeout).
+    pub fn every(sender: Arc<Sender>, every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let every = every.min(sender.progress / 4);
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("migrate-heartbeat".into())
@@ -323,6 +331,14 @@ impl Inbox {
             return Err(stalled(Some(Unread { read: got, sent })));
         }
         Ok(())
+    }
+
+    /// The destination's count of the bytes it read, from its last
+    /// heartbeat, and when that count last moved.
+    pub fn peer_received(&self) -> (u64, Instant) {
+        let times = *self.heard.times.lock().unwrap_or_else(|p| p.into_inner());
+        // Relaxed: written under the same lock by the reader thread.
+        (self.heard.peer_received.load(Ordering::Relaxed), times.1)
     }
 
     /// A frame the destination sent, if one came.

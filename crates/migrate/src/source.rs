@@ -569,8 +569,8 @@ impl SendQueue {
 
 /// QEMU's bandwidth estimate (`migration_update_counters`), made safer:
 /// the bytes sent over each period of at least [`BANDWIDTH_PERIOD`], and
-/// the slowest of the last [`BANDWIDTH_PERIODS`] periods. QEMU takes the
-/// last period alone; on a shared host one period in five runs at half the
+/// the slowest of the last [`BANDWIDTH_PERIODS`] periods (2 s). QEMU takes
+/// the last period alone; on a shared host a period may run at half the
 /// speed of the next, and the stop-and-copy may be that one.
 struct BandwidthWindow {
     mark: Instant,
@@ -579,7 +579,7 @@ struct BandwidthWindow {
 }
 
 /// Periods the bandwidth estimate looks back over.
-pub const BANDWIDTH_PERIODS: usize = 5;
+pub const BANDWIDTH_PERIODS: usize = 20;
 
 impl BandwidthWindow {
     fn new(bytes: u64) -> Self {
@@ -798,7 +798,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
                     return self.stop_and_copy(round, q.unsent, hooks);
                 }
             }
-            if q.pending * PAGE_SIZE > self.threshold_bytes() {
+            if q.pending * PAGE_SIZE + self.in_flight() > self.threshold_bytes() {
                 continue;
             }
             // The sync: it ends this round and begins the next. Every stream
@@ -817,8 +817,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             // The syncs together cover the time since logging began.
             dirtied_pages += dirty;
             self.stats.dirty_pages_rate = dirtied_pages as f64 / logging.elapsed().as_secs_f64().max(1e-9);
-            let pending = q.pending * PAGE_SIZE;
-            self.stats.remaining_bytes = pending;
+            self.stats.remaining_bytes = q.pending * PAGE_SIZE;
+            let pending = self.stats.remaining_bytes + self.in_flight();
             let threshold = self.threshold_bytes();
             let fixed = self.stats.fixed_downtime_ms.unwrap_or(0.0);
             self.stats.expected_downtime_ms = Some(pending as f64 / self.bandwidth() * 1e3 + fixed);
@@ -838,6 +838,15 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
             t.stop();
         }
         self.stop_and_copy(round, q.unsent, hooks)
+    }
+
+    /// Bytes sent that the destination has not read yet (in socket buffers,
+    /// TLS pumps): its last report of what it read, and what the bandwidth
+    /// delivered since. They too must arrive in the downtime.
+    fn in_flight(&self) -> u64 {
+        let (read, at) = self.inbox.peer_received();
+        let since = (self.bandwidth() * at.elapsed().as_secs_f64()) as u64;
+        self.sent_bytes().saturating_sub(read).saturating_sub(since)
     }
 
     /// The most bytes that may be pending at a stop: the bandwidth times
@@ -1372,14 +1381,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(b.bytes_per_s(1_000_000).is_some(), "the current period before one closes");
         let mut sent = 0;
-        for mb in [100u64, 10, 100, 100, 100, 100, 100] {
+        let period = |b: &mut BandwidthWindow, sent: &mut u64, mb: u64| {
             b.mark -= BANDWIDTH_PERIOD;
-            sent += mb * 1_000_000;
-            b.update(sent);
+            *sent += mb * 1_000_000;
+            b.update(*sent);
+        };
+        period(&mut b, &mut sent, 100);
+        period(&mut b, &mut sent, 10);
+        // The slow period (10 MB in 100 ms) rules while in the window.
+        let bps = b.bytes_per_s(sent).unwrap();
+        assert!(bps <= 1e8, "{bps}");
+        for _ in 0..BANDWIDTH_PERIODS {
+            period(&mut b, &mut sent, 100);
         }
         assert_eq!(b.periods.len(), BANDWIDTH_PERIODS);
-        // The slow period (10 MB) is out of the window; the rest are at
-        // most 100 MB per 100 ms (each a little longer).
+        // Out of it: the rest are at most 100 MB per 100 ms (each a little
+        // longer).
         let bps = b.bytes_per_s(sent).unwrap();
         assert!(bps > 0.9e9 && bps <= 1e9, "{bps}");
     }

@@ -38,7 +38,7 @@ enum Command {
     DirtyLogTest(dirty_log_test::DirtyLogTestArgs),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(Box<bench::BenchCommand>),
     /// Live migration between two processes over TCP.
     #[command(subcommand)]
     Migrate(migrate::MigrateCommand),

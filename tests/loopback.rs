@@ -13,7 +13,7 @@ use shadow_mmu_core::spte::PAGE_SIZE;
 use shadow_mmu_engine::{EngineBackend, VmConfig};
 use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
 use shadow_mmu_migrate::source::{
-    MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, Precopy,
+    MigrationError, MigrationFailure, OnTimeout, Outcome, OutgoingParams, Precopy, Verify,
 };
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::{Header, SlotLayout};
@@ -416,4 +416,63 @@ fn a_dirty_limit_holds_the_dirtying_vcpu_and_the_migration_completes() {
     let held = stats.guest_stall.expect("the engine measures its stall").throttle_ms;
     assert!(held > 0.0, "the dirtying vCPU was held: {stats:?}");
     assert_eq!(stats.cpu_throttle_percentage, 0, "no auto-converge");
+}
+
+/// `--verify audit`: the digests come after the guest runs at the
+/// destination, so the downtime has no digest pass; every page matched,
+/// and the source heard it.
+#[test]
+fn an_audit_after_the_resume_leaves_the_digests_out_of_the_downtime() {
+    let backend = EngineBackend::default();
+    let spec = spec(16 * MIB);
+    let mut vm = boot(&backend, &spec);
+    let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
+    let conn = TcpStream::connect(addr).unwrap();
+    let h = header(vm.as_ref());
+    let params = OutgoingParams { verify: Verify::Audit, connections: 2, ..OutgoingParams::default() };
+    let stats = completed(common::migrate(&mut vm, &conn, &h, &params, Some(32 * MIB)), "audit");
+    vm.stop().unwrap();
+    let (incoming, check) = dest.join().unwrap().unwrap();
+    assert_eq!(incoming.mismatched_pages, Some(0));
+    assert_eq!(check.check_after_resume, ResumeCheck::Passed, "{check:?}");
+    assert_eq!(stats.audit_mismatched_pages, Some(0), "{stats:?}");
+    assert_eq!(stats.fixed_downtime_ms, Some(0.0), "no digest pass to foresee");
+    let phases = stats.downtime_phases.unwrap();
+    assert!(phases.digests_ms < Some(1.0), "no digest pass in the downtime: {phases:?}");
+}
+
+/// An engine that harvests without write-protecting, audited after the
+/// resume: the destination's audit finds the pages, the source names them
+/// and stays paused with its good copy (unsettled), for the operator.
+#[test]
+#[cfg(feature = "break-rules")]
+fn a_failed_audit_names_the_pages_and_keeps_the_source_paused() {
+    let breakage = shadow_mmu_core::breakage::Breakage { skip_write_protect: true, ..Default::default() };
+    let backend = EngineBackend { config: VmConfig { breakage, ..VmConfig::default() }, dirty_ring: None };
+    let spec = spec(16 * MIB);
+    let mut vm = boot(&backend, &spec);
+    let (addr, dest) = destination(backend.clone(), spec, Duration::ZERO);
+    let conn = TcpStream::connect(addr).unwrap();
+    let h = header(vm.as_ref());
+    let params = OutgoingParams {
+        downtime_limit: Duration::ZERO,
+        timeout: Some(Duration::from_millis(300)),
+        on_timeout: OnTimeout::Force,
+        verify: Verify::Audit,
+        ..OutgoingParams::default()
+    };
+    let u = match common::migrate(&mut vm, &conn, &h, &params, None) {
+        Outcome::Unsettled(u) => u,
+        other => panic!("{other:?}"),
+    };
+    let why = u.stats().error.clone().unwrap();
+    assert!(why.contains("pages that differ") && why.contains("first: ["), "{why}");
+    assert!(u.stats().audit_mismatched_pages > Some(0));
+    assert!(vm.vcpu_gate().pause_requested(), "the source stays paused");
+    // The guest runs at the destination, which says so too.
+    let (incoming, _) = dest.join().unwrap().unwrap();
+    assert!(incoming.mismatched_pages > Some(0));
+    assert!(incoming.error.unwrap().contains("the audit found"));
+    let _ = u.discard();
+    vm.stop().unwrap();
 }

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::dest::{BuildError, IncomingParams, migrate_incoming};
-use shadow_mmu_migrate::source::{OnTimeout, Outcome, OutgoingParams, Precopy, Unsettled, migrate_outgoing};
+use shadow_mmu_migrate::source::{
+    OnTimeout, Outcome, OutgoingParams, Precopy, Unsettled, Verify, migrate_outgoing,
+};
 use shadow_mmu_migrate::stats::{IncomingStats, MigrationStats, MigrationStatus};
 use shadow_mmu_migrate::stream::Header;
 use shadow_mmu_migrate::tls::{Dialer, TlsConfig, TlsError, TlsListener};
@@ -240,6 +242,11 @@ pub struct OutgoingArgs {
     /// (QEMU's); `rounds` sends whole rounds (the loop before it).
     #[arg(long, default_value = "qemu")]
     pub precopy: Precopy,
+    /// When the destination compares every page with the source's digest:
+    /// `strict`, before the guest runs there (in the downtime); `audit`,
+    /// after (the source keeps its paused copy until the audit passed).
+    #[arg(long, default_value = "strict")]
+    pub verify: Verify,
     /// How long the guest runs before the migration starts, ms.
     #[arg(long, default_value_t = 300)]
     pub warmup_ms: u64,
@@ -506,6 +513,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> Result<Outgoin
         auto_converge: a.auto_converge,
         dirty_limit: a.dirty_limit_mibps.map(|l| l << 20),
         precopy: a.precopy,
+        verify: a.verify,
         connections: a.connections,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),

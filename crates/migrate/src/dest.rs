@@ -36,7 +36,7 @@ use crate::ranges::PageRange;
 use crate::refusal::Refusal;
 use crate::stats::{IncomingStats, MigrationStatus};
 use crate::stream::{
-    Frame, FrameReader, Header, MAX_STREAMS, PAGE_BYTES, SlotLayout, StreamError, read_header,
+    AUDIT_PAGES, Frame, FrameReader, Header, MAX_STREAMS, PAGE_BYTES, SlotLayout, StreamError, read_header,
 };
 use crate::streams::{PageLoader, RoundBarrier, StreamEnd, receive_stream};
 use crate::{DestHooks, MigrationVm, Phase};
@@ -445,16 +445,19 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         sender.send_now(&Frame::Ready)?;
         hooks.phase(Phase::ReadySent);
         let extra = self.await_streams(&header)?;
-        let (digests, states) = self.load(&header, extra, stats, hooks)?;
+        let (digests, states, loaded) = self.load(&header, extra, stats, hooks)?;
 
         // Every page checked against the source's digest, before anything
-        // runs: a page with no digest counts as mismatched.
+        // runs: a page with no digest counts as mismatched (with an audit,
+        // after: `audit`).
         let vm = self.vm.as_mut().expect("built");
-        let mismatched =
-            stats.mismatched_pages.unwrap_or(0) + digests.iter().filter(|d| d.is_none()).count() as u64;
-        stats.mismatched_pages = Some(mismatched);
-        if mismatched > 0 {
-            return Err(IncomingError::Refused(Refusal::Mismatch { pages: mismatched }));
+        if !header.audit {
+            let mismatched =
+                stats.mismatched_pages.unwrap_or(0) + digests.iter().filter(|d| d.is_none()).count() as u64;
+            stats.mismatched_pages = Some(mismatched);
+            if mismatched > 0 {
+                return Err(IncomingError::Refused(Refusal::Mismatch { pages: mismatched }));
+            }
         }
         let vcpus = states.len() as u32;
         let Some(states) = states.into_iter().collect::<Option<Vec<_>>>() else {
@@ -480,7 +483,72 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let _ = sender.send_now(&Frame::Running { id: header.id });
         self.cell.lock().decided = Some(Instant::now());
         hooks.phase(Phase::RunningSent);
+        if header.audit {
+            return Ok(self.audit(&header, &loaded, &sender, stats));
+        }
         Ok(digests.into_iter().map(|d| d.expect("every page matched its digest")).collect())
+    }
+
+    /// `--verify audit`, the guest running here: the source's digests,
+    /// compared with the pages as they were loaded, and the answer. Returns
+    /// the source's digests (where the audit could not finish, the loaded
+    /// pages' instead: the guest runs, and it says so in `stats.error`).
+    fn audit(
+        &mut self,
+        header: &Header,
+        loaded: &[Option<u64>],
+        sender: &Sender,
+        stats: &mut IncomingStats,
+    ) -> Vec<u64> {
+        let pages = loaded.len() as u64;
+        let mut digests: Vec<Option<u64>> = vec![None; loaded.len()];
+        let mut frames = FrameReader::default();
+        let mut verify = Duration::ZERO;
+        let r = loop {
+            match frames.read(&mut self.reader, header.page_size) {
+                Ok(Frame::Heartbeat { .. }) => {}
+                Ok(Frame::Digest { slot: 0, first, digests: d })
+                    if first.checked_add(d.len() as u64).is_some_and(|e| e <= pages) =>
+                {
+                    let t = Instant::now();
+                    for (i, v) in d.into_iter().enumerate() {
+                        digests[first as usize + i] = Some(v);
+                    }
+                    verify += t.elapsed();
+                }
+                Ok(Frame::Done) => break Ok(()),
+                Ok(other) => {
+                    break Err(StreamError::Unexpected { expected: "digest or done", got: other.name() });
+                }
+                Err(e) => break Err(link::peer_error(e, "source", self.progress)),
+            }
+        };
+        let differ: Vec<u64> = (0..pages)
+            .filter(|&p| digests[p as usize].is_none() || digests[p as usize] != loaded[p as usize])
+            .collect();
+        stats.verify_ms = Some(verify.as_secs_f64() * 1e3);
+        match r {
+            Ok(()) => {
+                stats.mismatched_pages = Some(differ.len() as u64);
+                let f = Frame::Audit {
+                    mismatched: differ.len() as u64,
+                    pages: differ.iter().take(AUDIT_PAGES).copied().collect(),
+                };
+                let _ = sender.send_now(&f);
+                if !differ.is_empty() {
+                    stats.error = Some(format!(
+                        "the audit found {} pages that differ from the source's final memory (first: {:?})",
+                        differ.len(),
+                        &differ[..differ.len().min(AUDIT_PAGES)]
+                    ));
+                }
+                digests.into_iter().zip(loaded).map(|(d, l)| d.or(*l).unwrap_or(0)).collect()
+            }
+            Err(e) => {
+                stats.error = Some(format!("the audit did not finish: {}", error_chain(&e)));
+                loaded.iter().map(|l| l.unwrap_or(0)).collect()
+            }
+        }
     }
 
     /// The extra page streams the header announced, attached within the
@@ -523,7 +591,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         extra: Vec<TcpStream>,
         stats: &mut IncomingStats,
         hooks: &mut dyn DestHooks<V>,
-    ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>), IncomingError> {
+    ) -> Result<(Vec<Option<u64>>, Vec<Option<Vec<u8>>>, Vec<Option<u64>>), IncomingError> {
         let vm = self.vm.as_ref().expect("built");
         let shape = (vm.pages(), vm.vcpu_gate().vcpus() as usize);
         let loader = PageLoader::new(vm.memory());
@@ -556,7 +624,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         hooks.phase(Phase::DoneReceived);
         stats.verify_ms = verify.map(|v| v.as_secs_f64() * 1e3);
         stats.mismatched_pages = Some(mismatched);
-        Ok((digests, states))
+        let loaded = (0..shape.0).map(|p| loader.loaded(p)).collect();
+        Ok((digests, states, loaded))
     }
 
     /// `Prepared`: the source's `Commit`, within the progress timeout.

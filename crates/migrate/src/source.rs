@@ -132,6 +132,43 @@ impl std::str::FromStr for Precopy {
     }
 }
 
+/// When the destination compares every page with the source's final
+/// digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Verify {
+    /// Before the guest runs there: the digest pass is in the downtime,
+    /// and a mismatch stops the handover (the guest runs on here).
+    #[default]
+    Strict,
+    /// After the guest runs there: the digests go once `Running` came,
+    /// the source keeping its paused copy until the destination's
+    /// [`Frame::Audit`] says every page matched; a failed audit is an
+    /// error that names the pages, and the source stays paused for the
+    /// operator.
+    Audit,
+}
+
+impl std::fmt::Display for Verify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verify::Strict => "strict",
+            Verify::Audit => "audit",
+        })
+    }
+}
+
+impl std::str::FromStr for Verify {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Verify::Strict),
+            "audit" => Ok(Verify::Audit),
+            _ => Err(format!("{s:?}: strict or audit")),
+        }
+    }
+}
+
 /// The source's knobs (QEMU's migration parameters).
 #[derive(Debug, Clone)]
 pub struct OutgoingParams {
@@ -151,6 +188,8 @@ pub struct OutgoingParams {
     pub dirty_limit: Option<u64>,
     /// When to sync and when to stop.
     pub precopy: Precopy,
+    /// When the destination checks the pages.
+    pub verify: Verify,
     /// TCP streams for the pages, this connection included (QEMU's multifd
     /// channels; 1 to [`MAX_STREAMS`]): `crate::streams`.
     pub connections: u32,
@@ -182,6 +221,7 @@ impl Default for OutgoingParams {
             auto_converge: false,
             dirty_limit: None,
             precopy: Precopy::Qemu,
+            verify: Verify::Strict,
             connections: 1,
             dialer: Dialer::default(),
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
@@ -235,6 +275,21 @@ pub enum MigrationError {
         #[source]
         source: StreamError,
     },
+    /// The audit after the resume found pages that differ (the guest runs
+    /// at the destination; the source stays paused).
+    #[error(
+        "the audit after the resume found {pages} pages that differ from the source's final memory (first: {first:?}); the source keeps its paused copy"
+    )]
+    AuditFailed {
+        /// Pages that differ.
+        pages: u64,
+        /// The first of them.
+        first: Vec<u64>,
+    },
+    /// The audit after the resume did not finish (the guest runs at the
+    /// destination; the source stays paused).
+    #[error("the audit after the resume did not finish; the source keeps its paused copy")]
+    AuditUnfinished(#[source] StreamError),
     /// The handover's outcome is unknown (the source stays paused).
     #[error(
         "no word from the destination after the commit, nor in {0:?} of asking: it may or may not run the guest"
@@ -651,6 +706,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         progress_timeout_ms: params.progress_timeout.as_millis() as u32,
         settle_ms: params.settle_timeout.as_millis() as u32,
         streams: params.connections.clamp(1, MAX_STREAMS),
+        audit: params.verify == Verify::Audit,
         ..header.clone()
     };
     let frame_pages = params.max_bandwidth.filter(|&b| b > 0).map_or(FRAME_PAGES, |b| {
@@ -693,12 +749,18 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         m.state = m.state.on(SourceEvent::DoneSent, &params.breakage).0;
         m.handover(&header, hooks)
     });
+    // The audit, the guest running there: our paused copy is kept until it
+    // passes.
+    let audit = match &r {
+        Ok(end) if end.state == SourceState::Completed && header.audit => m.audit().err(),
+        _ => None,
+    };
     drop(heartbeat);
     m.stats.transferred_bytes = m.sent_bytes();
     m.stats.total_time_ms = ms(start.elapsed());
     m.stats.mbps = m.stats.transferred_bytes as f64 * 8.0 / 1e6 / start.elapsed().as_secs_f64();
     match r {
-        Ok(end) => m.finish(conn, end, header.id),
+        Ok(end) => m.finish(conn, end, header.id, audit),
         Err(error) => {
             // Before `Commit`, any failure resumes here (the handover).
             debug_assert!(matches!(m.state, SourceState::Sending | SourceState::AwaitVerified));
@@ -743,7 +805,7 @@ fn ms(d: Duration) -> f64 {
 impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     /// The end of a handover that reached `Commit`: `end.state` is
     /// `Completed`, `RunsOn` (the destination aborted) or `Postmigrate`.
-    fn finish(self, conn: &TcpStream, end: HandoverEnd, id: u64) -> Outcome {
+    fn finish(self, conn: &TcpStream, end: HandoverEnd, id: u64, audit: Option<MigrationError>) -> Outcome {
         let HandoverEnd { state, action, why } = end;
         let Outgoing { vm, stats, inbox, dest, params, .. } = self;
         let mut stats = Box::new(stats);
@@ -754,16 +816,50 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
         drop(inbox);
         let _ = conn.shutdown(Shutdown::Both);
+        let window = params.settle_timeout;
+        let (progress, breakage, dialer) = (params.progress_timeout, params.breakage, params.dialer.clone());
+        let unsettled = |stats| Unsettled { stats, id, dest, dialer, progress, settle: window, breakage };
+        if let Some(failed) = audit {
+            // The guest runs there, but differs: ours is the good copy, kept
+            // paused for the operator.
+            stats.status = MigrationStatus::Completed;
+            stats.source_vm = SourceVm::Postmigrate;
+            stats.error = Some(error_chain(&failed));
+            return Outcome::Unsettled(unsettled(stats));
+        }
         if state != SourceState::Postmigrate {
             return settle(state, action, vm, stats, why);
         }
         stats.status = MigrationStatus::Unknown;
         stats.source_vm = SourceVm::Postmigrate;
         stats.downtime_ms = None;
-        let settle = params.settle_timeout;
-        stats.error = Some(unsettled_error(settle, why.as_ref()));
-        let (progress, breakage, dialer) = (params.progress_timeout, params.breakage, params.dialer.clone());
-        Outcome::Unsettled(Unsettled { stats, id, dest, dialer, progress, settle, breakage })
+        stats.error = Some(unsettled_error(window, why.as_ref()));
+        Outcome::Unsettled(unsettled(stats))
+    }
+
+    /// `--verify audit`, the guest running at the destination: the digests
+    /// of our paused memory, `Done`, and the destination's verdict.
+    fn audit(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        let p = self.params.progress_timeout;
+        let unfinished = |e: StreamError| MigrationError::AuditUnfinished(e);
+        self.send_digests().map_err(|e| match e {
+            MigrationError::Stream(e) => unfinished(e),
+            e => e,
+        })?;
+        self.sender.send_now(&Frame::Done).map_err(unfinished)?;
+        let verdict = self.inbox.wait(self.sent_bytes(), Instant::now() + p, "audit").map_err(unfinished)?;
+        self.stats.audit_ms = Some(ms(t.elapsed()));
+        match verdict {
+            Frame::Audit { mismatched, pages } => {
+                self.stats.audit_mismatched_pages = Some(mismatched);
+                if mismatched > 0 {
+                    return Err(MigrationError::AuditFailed { pages: mismatched, first: pages });
+                }
+                Ok(())
+            }
+            other => Err(unfinished(StreamError::Unexpected { expected: "audit", got: other.name() })),
+        }
     }
 
     /// Setup, pre-copy and the stop-and-copy, up to `Done`.
@@ -1014,8 +1110,12 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     }
 
     /// The fixed downtime now, ms: the digest pass at the measured rate,
-    /// and the digests' bytes over the bandwidth.
+    /// and the digests' bytes over the bandwidth (none with an audit after
+    /// the resume).
     fn fixed_downtime_ms(&self) -> f64 {
+        if self.params.verify == Verify::Audit {
+            return 0.0;
+        }
         let pages = self.vm.pages() as f64;
         let compute_ns = self.digest_ns_per_page * pages;
         let send_ns = pages * DIGEST_BYTES_PER_PAGE / self.bandwidth() * 1e9;
@@ -1185,7 +1285,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     }
 
     /// Pauses the guest and sends the rest: `pending` (dirty, not sent),
-    /// the final harvest, the digests, the vCPUs, `Done`.
+    /// the final harvest, the digests (unless audited after), the vCPUs,
+    /// `Done`.
     fn stop_and_copy(
         &mut self,
         round: u32,
@@ -1223,7 +1324,9 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         self.sender.flush()?;
         self.end_round();
         self.phase_ends(|p| &mut p.send_ms);
-        self.send_digests()?;
+        if self.params.verify == Verify::Strict {
+            self.send_digests()?;
+        }
         self.phase_ends(|p| &mut p.digests_ms);
         for (vcpu, state) in gate.saved().into_iter().enumerate() {
             let state = state.expect("every vCPU saved its state when it paused");

@@ -278,6 +278,11 @@ pub struct MigrationStats {
     /// Whether the rules converged (pending fit in bandwidth x downtime
     /// limit), rather than a forced stop at the timeout.
     pub converged: bool,
+    /// With `--verify audit`: the pages the destination's audit found
+    /// different (`None`: no audit ran, or it did not finish).
+    pub audit_mismatched_pages: Option<u64>,
+    /// ... and the audit's time, from `Running` to the verdict, ms.
+    pub audit_ms: Option<f64>,
     /// The guest's stall from logging on to the pause (or to now), ms
     /// (`None` where the backend measures none).
     pub guest_stall_ms: Option<f64>,
@@ -312,6 +317,8 @@ impl MigrationStats {
             duplicate_pages: 0,
             cpu_throttle_percentage: 0,
             converged: false,
+            audit_mismatched_pages: None,
+            audit_ms: None,
             guest_stall_ms: None,
             guest_stall: None,
             rounds: Vec::new(),
@@ -357,6 +364,13 @@ impl MigrationStats {
             format!("dirty sync count: {}", self.dirty_sync_count),
             format!("dirty pages rate: {:.0} pages", self.dirty_pages_rate),
             format!("cpu throttle percentage: {}", self.cpu_throttle_percentage),
+            format!(
+                "audit: {}",
+                match (self.audit_mismatched_pages, self.audit_ms) {
+                    (Some(n), Some(ms)) => format!("{n} pages differ ({ms:.1} ms after the resume)"),
+                    _ => "not run".into(),
+                }
+            ),
             format!("guest stall: {}", self.guest_stall.map_or_else(|| "not measured".into(), |s| s.line())),
         ];
         if let Some(e) = &self.error {

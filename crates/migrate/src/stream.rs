@@ -94,7 +94,14 @@ pub struct Header {
     /// connection and `streams - 1` more, each opened with an
     /// [`Frame::Attach`] (1 to [`MAX_STREAMS`]).
     pub streams: u32,
+    /// `--verify audit`: the digests come after the guest runs at the
+    /// destination, which answers them with an [`Frame::Audit`]; without
+    /// it they come before `Done`, and a mismatch stops the handover.
+    pub audit: bool,
 }
+
+/// Pages an [`Frame::Audit`] names at most.
+pub const AUDIT_PAGES: usize = 16;
 
 /// Streams a migration may use at most.
 pub const MAX_STREAMS: u32 = 64;
@@ -114,6 +121,7 @@ impl Header {
             progress_timeout_ms: 0,
             settle_ms: 0,
             streams: 1,
+            audit: false,
         }
     }
 }
@@ -202,6 +210,15 @@ pub enum Frame {
     Heartbeat {
         /// Bytes read off the stream so far.
         received: u64,
+    },
+    /// The destination's audit of the final digests that came after the
+    /// guest started there (`--verify audit`): how many pages differ, and
+    /// the first of them.
+    Audit {
+        /// Pages that differ (or were never loaded).
+        mismatched: u64,
+        /// The first of them, at most [`AUDIT_PAGES`].
+        pages: Vec<u64>,
     },
     /// The first frame of one of a migration's extra page streams
     /// ([`Header::streams`]): which migration, which stream. The stream
@@ -415,10 +432,11 @@ enum Kind {
     Settled = 14,
     Heartbeat = 15,
     Attach = 16,
+    Audit = 17,
 }
 
 impl Kind {
-    const ALL: [Kind; 16] = [
+    const ALL: [Kind; 17] = [
         Kind::Header,
         Kind::Round,
         Kind::Pages,
@@ -435,6 +453,7 @@ impl Kind {
         Kind::Settled,
         Kind::Heartbeat,
         Kind::Attach,
+        Kind::Audit,
     ];
 
     /// The kind byte `b` names, if any.
@@ -461,6 +480,7 @@ impl Kind {
             Kind::Settled => "settled",
             Kind::Heartbeat => "heartbeat",
             Kind::Attach => "attach",
+            Kind::Audit => "audit",
         }
     }
 }
@@ -499,6 +519,7 @@ impl Frame {
             Frame::Settled { .. } => Kind::Settled,
             Frame::Heartbeat { .. } => Kind::Heartbeat,
             Frame::Attach { .. } => Kind::Attach,
+            Frame::Audit { .. } => Kind::Audit,
         }
     }
 
@@ -526,6 +547,7 @@ impl Frame {
                 put_u32(b, h.progress_timeout_ms);
                 put_u32(b, h.settle_ms);
                 put_u32(b, h.streams);
+                b.push(u8::from(h.audit));
             }
             Frame::Round { round } => put_u32(b, *round),
             Frame::Pages { slot, ranges, data } => {
@@ -560,6 +582,13 @@ impl Frame {
             Frame::Attach { id, stream } => {
                 put_u64(b, *id);
                 put_u32(b, *stream);
+            }
+            Frame::Audit { mismatched, pages } => {
+                put_u64(b, *mismatched);
+                put_u32(b, pages.len() as u32);
+                for p in pages {
+                    put_u64(b, *p);
+                }
             }
         }
     }
@@ -606,6 +635,15 @@ impl Frame {
             Kind::Settled => Frame::Settled { id: c.u64()? },
             Kind::Heartbeat => Frame::Heartbeat { received: c.u64()? },
             Kind::Attach => Frame::Attach { id: c.u64()?, stream: c.u32()? },
+            Kind::Audit => {
+                let mismatched = c.u64()?;
+                let n = c.count(8)?;
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pages.push(c.u64()?);
+                }
+                Frame::Audit { mismatched, pages }
+            }
         };
         if !c.b.is_empty() {
             return Err(c.bad(Malformation::LeftOver(c.b.len())));
@@ -755,7 +793,19 @@ impl<'a> Cursor<'a> {
         let slots = self.slots()?;
         let (id, progress_timeout_ms, settle_ms) = (self.u64()?, self.u32()?, self.u32()?);
         let streams = self.u32()?;
-        Ok(Header { version, page_size, backend, config, slots, id, progress_timeout_ms, settle_ms, streams })
+        let audit = self.flag()?;
+        Ok(Header {
+            version,
+            page_size,
+            backend,
+            config,
+            slots,
+            id,
+            progress_timeout_ms,
+            settle_ms,
+            streams,
+            audit,
+        })
     }
 
     /// A `Pages` body of `page_size`-byte pages: the ranges, the page CRCs
@@ -1082,6 +1132,7 @@ mod tests {
             progress_timeout_ms: 10_000,
             settle_ms: 30_000,
             streams: 3,
+            audit: true,
         }
     }
 
@@ -1110,6 +1161,7 @@ mod tests {
             Frame::Status { id: 4, answer: Answer::Aborted },
             Frame::Settled { id: 5 },
             Frame::Attach { id: 6, stream: 2 },
+            Frame::Audit { mismatched: 3, pages: vec![1, 5, 9] },
             Frame::Heartbeat { received: 6 },
         ]
     }

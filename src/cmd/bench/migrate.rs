@@ -19,7 +19,7 @@ use clap::Args;
 use serde_json::json;
 use shadow_mmu_engine::MmuDesign;
 use shadow_mmu_migrate::SourceHooks;
-use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, migrate_outgoing};
+use shadow_mmu_migrate::source::{Outcome, OutgoingParams, Precopy, Verify, migrate_outgoing};
 use shadow_mmu_migrate::stats::{MigrationStats, MigrationStatus, measured_ms};
 use shadow_mmu_migrate::tls::{Dialer, TlsConfig};
 use shadow_mmu_testkit::credentials::{Authority, Credentials};
@@ -83,6 +83,10 @@ pub struct MigrateArgs {
     /// over each; the raw copy too).
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub connections: Vec<u32>,
+    /// When the destination checks the pages, comma-separated: `strict`
+    /// (before the guest runs there), `audit` (after).
+    #[arg(long, value_delimiter = ',', default_value = "strict")]
+    pub verify: Vec<Verify>,
     /// Transports, comma-separated: `plain` TCP, `tls` (mutual TLS with a
     /// CA made for the run, both ends in this host).
     #[arg(long, value_delimiter = ',', default_value = "plain")]
@@ -250,6 +254,7 @@ struct Combo {
     connections: u32,
     /// Mutual TLS on every connection.
     tls: bool,
+    verify: Verify,
 }
 
 impl Combo {
@@ -278,31 +283,21 @@ impl Combo {
             }
         }
         // Each VM under each of the migration's own settings.
+        let settings: Vec<_> = a
+            .dirty_rate_mibps
+            .iter()
+            .flat_map(|&r| a.precopy.iter().map(move |&p| (r, p)))
+            .flat_map(|(r, p)| a.dirty_limit_mibps.iter().map(move |&l| (r, p, l)))
+            .flat_map(|(r, p, l)| a.connections.iter().map(move |&n| (r, p, l, n)))
+            .flat_map(|(r, p, l, n)| a.transport.iter().map(move |&t| (r, p, l, n, t == Transport::Tls)))
+            .flat_map(|(r, p, l, n, t)| a.verify.iter().map(move |&v| (r, p, l, n, t, v)))
+            .collect();
         let mut combos = Vec::new();
         for (backend, mmu, log, threads, mib) in vms {
-            for &rate in &a.dirty_rate_mibps {
-                for &precopy in &a.precopy {
-                    for &limit in &a.dirty_limit_mibps {
-                        for &connections in &a.connections {
-                            for &transport in &a.transport {
-                                let tls = transport == Transport::Tls;
-                                let c = Combo {
-                                    backend,
-                                    mmu,
-                                    log,
-                                    threads,
-                                    mib,
-                                    rate,
-                                    precopy,
-                                    limit,
-                                    connections,
-                                    tls,
-                                };
-                                combos.push(c);
-                            }
-                        }
-                    }
-                }
+            for &(rate, precopy, limit, connections, tls, verify) in &settings {
+                let c =
+                    Combo { backend, mmu, log, threads, mib, rate, precopy, limit, connections, tls, verify };
+                combos.push(c);
             }
         }
         combos
@@ -328,7 +323,11 @@ impl Combo {
             1 => l,
             n => format!("{l}, x{n} streams"),
         };
-        if self.tls { format!("{l}, tls") } else { l }
+        let l = if self.tls { format!("{l}, tls") } else { l };
+        match self.verify {
+            Verify::Strict => l,
+            Verify::Audit => format!("{l}, audit"),
+        }
     }
 
     fn description(&self, a: &MigrateArgs) -> VmDescription {
@@ -418,6 +417,7 @@ fn migrate_one(
         precopy: c.precopy,
         dirty_limit: Some(c.limit << 20).filter(|&l| l > 0),
         connections: c.connections,
+        verify: c.verify,
         dialer,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
@@ -554,7 +554,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
         "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections, "tls": c.tls,
+        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections, "tls": c.tls, "verify": c.verify.to_string(),
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,

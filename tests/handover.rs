@@ -262,6 +262,8 @@ struct Case {
     dest_says: Option<&'static str>,
     /// Both must end within this long of the fault (partitions).
     bounded: Option<Duration>,
+    /// The guest's dirty rate, MiB/s (`None`: flat out).
+    dirty_rate: Option<&'static str>,
 }
 
 impl Case {
@@ -281,6 +283,7 @@ impl Case {
             source_says: None,
             dest_says: None,
             bounded: None,
+            dirty_rate: Some("16"),
         }
     }
 }
@@ -404,7 +407,10 @@ fn run(c: &Case) {
     let socket = scratch(&format!("{tag}.sock"));
     let mut src_cmd = bin();
     src_cmd.args(["migrate", "outgoing", "--to", &to, "--backend", c.backend]);
-    src_cmd.args(["--guest-mib", &c.guest_mib.to_string(), "--dirty-rate-mibps", "16", "--warmup-ms", "50"]);
+    src_cmd.args(["--guest-mib", &c.guest_mib.to_string(), "--warmup-ms", "50"]);
+    if let Some(rate) = c.dirty_rate {
+        src_cmd.args(["--dirty-rate-mibps", rate]);
+    }
     src_cmd.args(["--progress-timeout-s", &P.to_string(), "--settle-timeout-s", &SETTLE.to_string()]);
     src_cmd.arg("--control-socket").arg(&socket).args(&c.source_args);
     if let Some((phase, _)) = &c.source_at {
@@ -628,7 +634,12 @@ fn partition_cases(backend: &'static str) -> Vec<Case> {
     vec![
         failed("in the setup", part(Dir::ToSource, READY, 1), vec![], 8),
         failed("in round 0", part(Dir::ToDest, PAGES, 2), vec![], 32),
-        failed("in a later round", part(Dir::ToDest, ROUND, 2), vec!["--downtime-limit-ms", "0"], 8),
+        // Flat out with no downtime allowed: it never converges (a steady
+        // guest may dirty nothing between two syncs, and converge at once).
+        Case {
+            dirty_rate: None,
+            ..failed("in a later round", part(Dir::ToDest, ROUND, 2), vec!["--downtime-limit-ms", "0"], 8)
+        },
         failed("in the stop-and-copy", part(Dir::ToDest, DIGEST, 1), vec![], 8),
         // After the commit: the destination runs the guest. Healed while
         // the source asks, the source hears so.

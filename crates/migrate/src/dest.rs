@@ -428,10 +428,12 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                 .map_err(StreamError::Io)?,
         );
         self.sender = Some(sender.clone());
-        // Heartbeats while the VM is built, loaded and checked.
-        // Often, while it loads: its count of the bytes read tells the
-        // source how much is still in flight (`Outgoing::in_flight`).
-        let _heartbeat = Heartbeat::every(sender.clone(), RECEIVED_EVERY);
+        // Heartbeats while the VM is built, loaded and checked: often while
+        // it loads (its count of the bytes read tells the source how much
+        // is still in flight, `Outgoing::in_flight`), then as usual (a
+        // beat just before a partition would reach the source after it
+        // began to wait, and make its silence look shorter).
+        let loading = Heartbeat::every(sender.clone(), RECEIVED_EVERY);
         let vm = self.vm.insert(build(&header).map_err(IncomingError::Build)?);
         let want = [SlotLayout { id: 0, guest_phys_addr: 0, pages: vm.pages() }];
         if header.page_size != PAGE_BYTES || header.slots != want {
@@ -446,6 +448,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         hooks.phase(Phase::ReadySent);
         let extra = self.await_streams(&header)?;
         let (digests, states, loaded) = self.load(&header, extra, stats, hooks)?;
+        drop(loading);
+        let _heartbeat = Heartbeat::start(sender.clone());
 
         // Every page checked against the source's digest, before anything
         // runs: a page with no digest counts as mismatched (with an audit,

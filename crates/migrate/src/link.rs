@@ -373,6 +373,16 @@ impl Inbox {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // A peer silent for most of the wait is silent, not late (its
+                // last word may have come just after the wait began).
+                let silent = self.heard.times.lock().unwrap_or_else(|p| p.into_inner()).0.elapsed();
+                if silent > self.progress / 2 {
+                    return Err(StreamError::Stalled {
+                        peer: "destination",
+                        waited: self.progress,
+                        unread: None,
+                    });
+                }
                 return Err(StreamError::Late { peer: "destination", expected, waited: start.elapsed() });
             }
             match self.rx.recv_timeout(left.min(self.progress / 4)) {

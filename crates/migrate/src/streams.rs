@@ -286,20 +286,31 @@ impl<'m> PageLoader<'m> {
     /// range from `data` (its pages in order, `crcs` their checked CRCs).
     /// Stores straight into the host's mapping, as QEMU's destination
     /// copies into its RAM: nothing logs here before the guest runs.
+    ///
+    /// A zero page never loaded before is left alone: a destination's
+    /// guest memory is fresh anonymous memory, zero until loaded (QEMU
+    /// skips a zero page that already reads zero, `ram_handle_zero`). Its
+    /// first touch would cost a fault and a 2 MiB clear, and a round of
+    /// them, tiny on the wire, would still be clearing when the
+    /// stop-and-copy's pages come.
     pub(crate) fn load(&self, ranges: &[PageRange], data: &[u8], crcs: &[u32]) {
         let mut next = 0;
         for x in ranges {
             let words =
                 &self.memory[x.first as usize * WORDS_PER_PAGE..][..x.pages as usize * WORDS_PER_PAGE];
             if x.zero {
-                for w in words {
-                    // Relaxed: the guest runs only after every stream
-                    // thread is joined and the vCPUs are released (a
-                    // release, paired with their acquire).
-                    w.store(0, Ordering::Relaxed);
-                }
-                for p in x.first..x.first + u64::from(x.pages) {
-                    self.loaded[p as usize].store(zero_page_digest(p), Ordering::Relaxed);
+                for (p, page) in (x.first..).zip(words.chunks_exact(WORDS_PER_PAGE)) {
+                    // Relaxed: a page goes once a round, and the rounds are
+                    // ordered by the streams' barrier.
+                    if self.loaded[p as usize].swap(zero_page_digest(p), Ordering::Relaxed) == NOT_LOADED {
+                        continue;
+                    }
+                    for w in page {
+                        // Relaxed: the guest runs only after every stream
+                        // thread is joined and the vCPUs are released (a
+                        // release, paired with their acquire).
+                        w.store(0, Ordering::Relaxed);
+                    }
                 }
                 self.duplicate.fetch_add(u64::from(x.pages), Ordering::Relaxed);
             } else {

@@ -663,6 +663,19 @@ impl BandwidthWindow {
     }
 }
 
+/// A digest of every page of `memory`, of a paused guest, on
+/// [`digest_threads`] threads.
+fn digest_pass(memory: SharedMemory) -> Vec<u64> {
+    let words = memory.words();
+    // SAFETY: the vCPUs are paused (the gate's acquire ordered their stores
+    // before the pause returned) and nothing else writes guest memory until
+    // they resume or the VM stops, both after this pass is joined; the
+    // send beside it only reads.
+    let bytes = unsafe { quiescent_bytes(words) };
+    let pages = (words.len() / shadow_mmu_core::spte::WORDS_PER_PAGE) as u64;
+    page_digests(bytes, 0, pages, digest_threads())
+}
+
 /// Threads of the digest pass: this host's CPUs are ours while the guest
 /// is paused (the destination only compares: it digested each page as it
 /// loaded it).
@@ -843,7 +856,10 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let t = Instant::now();
         let p = self.params.progress_timeout;
         let unfinished = |e: StreamError| MigrationError::AuditUnfinished(e);
-        self.send_digests().map_err(|e| match e {
+        // SAFETY: the guest is still paused here (its copy is kept until
+        // the audit passes), and the pass ends before we return.
+        let digests = digest_pass(unsafe { SharedMemory::of(self.vm.memory()) });
+        self.send_digests(&digests).map_err(|e| match e {
             MigrationError::Stream(e) => unfinished(e),
             e => e,
         })?;
@@ -895,6 +911,15 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
                 }
             }
             if q.pending * PAGE_SIZE + self.in_flight() > self.threshold_bytes() {
+                if q.pending == 0 {
+                    // All sent, not all arrived: wait for the destination's
+                    // next count, still heeding it and the timeout.
+                    self.check_destination()?;
+                    if self.timed_out()? {
+                        return self.stop_and_copy(round, q.unsent, hooks);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 continue;
             }
             // The sync: it ends this round and begins the next. Every stream
@@ -1314,18 +1339,27 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let mut q = SendQueue { uncleared: vec![0; pending.len()], unsent: pending, pending: 0, cursor: 0 };
         q.add(&last, false);
         self.begin_round(round, found, harvest_ns)?;
-        while q.pending > 0 {
-            self.send_window(&mut q, hooks)?;
-        }
-        // Every stream's pages before the digests: each ends with `Done`.
-        if let Some(s) = self.streams.as_mut() {
-            s.finish()?;
-        }
-        self.sender.flush()?;
-        self.end_round();
-        self.phase_ends(|p| &mut p.send_ms);
-        if self.params.verify == Verify::Strict {
-            self.send_digests()?;
+        // SAFETY: the digest thread is joined before this function returns,
+        // while the caller still lends us the VM.
+        let memory = unsafe { SharedMemory::of(self.vm.memory()) };
+        let digests = std::thread::scope(|s| -> Result<_, MigrationError> {
+            // The digest pass beside the send: both read the paused memory,
+            // and the send mostly waits for the destination.
+            let pass = (self.params.verify == Verify::Strict).then(|| s.spawn(move || digest_pass(memory)));
+            while q.pending > 0 {
+                self.send_window(&mut q, hooks)?;
+            }
+            // Every stream's pages before the digests: each ends with `Done`.
+            if let Some(s) = self.streams.as_mut() {
+                s.finish()?;
+            }
+            self.sender.flush()?;
+            self.end_round();
+            self.phase_ends(|p| &mut p.send_ms);
+            Ok(pass.map(|t| t.join().expect("the digest pass panicked")))
+        })?;
+        if let Some(d) = digests {
+            self.send_digests(&d)?;
         }
         self.phase_ends(|p| &mut p.digests_ms);
         for (vcpu, state) in gate.saved().into_iter().enumerate() {
@@ -1339,20 +1373,12 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         Ok(())
     }
 
-    /// A digest of every page of the paused guest, frame by frame.
-    fn send_digests(&mut self) -> Result<(), MigrationError> {
-        let pages = self.vm.pages();
-        // SAFETY: the vCPUs are paused (the gate's acquire ordered their
-        // stores before us) and nothing else writes guest memory until we
-        // resume them or the VM stops; `bytes` dies before either.
-        let bytes = unsafe { quiescent_bytes(self.vm.memory()) };
-        let mut first = 0;
-        while first < pages {
+    /// `digests`, a digest of every page, frame by frame.
+    fn send_digests(&mut self, digests: &[u64]) -> Result<(), MigrationError> {
+        for (i, d) in digests.chunks(DIGEST_PAGES as usize).enumerate() {
             self.check_destination()?;
-            let n = DIGEST_PAGES.min(pages - first);
-            let digests = page_digests(bytes, first, n, digest_threads());
-            self.sender.send(&Frame::Digest { slot: 0, first, digests })?;
-            first += n;
+            let first = i as u64 * DIGEST_PAGES;
+            self.sender.send(&Frame::Digest { slot: 0, first, digests: d.to_vec() })?;
         }
         Ok(())
     }

@@ -86,6 +86,11 @@ impl SharedMemory {
         // may race without undefined behaviour.
         Self(unsafe { &*std::ptr::from_ref(memory) })
     }
+
+    /// The words.
+    pub(crate) fn words(self) -> &'static [AtomicU64] {
+        self.0
+    }
 }
 
 impl PageStreams {

@@ -138,8 +138,9 @@ pub struct DowntimePhases {
     pub final_harvest_ms: Option<f64>,
     /// Sending the pages pending and those the final harvest found.
     pub send_ms: Option<f64>,
-    /// Computing and sending a digest of every page (0 with
-    /// `--verify audit`, which sends them after the guest runs).
+    /// Waiting for the digest pass, which runs beside the send, and
+    /// sending a digest of every page (0 with `--verify audit`, which sends
+    /// them after the guest runs).
     pub digests_ms: Option<f64>,
     /// Sending the vCPUs' states and `Done`.
     pub state_ms: Option<f64>,

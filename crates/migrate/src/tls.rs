@@ -289,121 +289,168 @@ fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
 const PUMP_CHUNK: usize = 256 << 10;
 
 /// Moves bytes between `plain` and `tcp` through `tls` until both
-/// directions ended: one thread, `poll` on both sockets. Backpressure: it
-/// reads plain bytes only when the last ones are out on the network, and
-/// network bytes only when the last plain ones were delivered. A record
-/// that fails its authentication (a byte changed on the way) ends it with
-/// the reason; both sockets are shut, so the migration sees its
-/// connection end.
-fn pump(mut tls: Connection, tcp: TcpStream, plain: TcpStream) -> Result<(), String> {
-    let shut = |why: String| {
-        let _ = tcp.shutdown(Shutdown::Both);
-        let _ = plain.shutdown(Shutdown::Both);
-        Err(why)
+/// directions ended ([`Pump`]). A record that fails its authentication (a
+/// byte changed on the way) ends it with the reason; both sockets are
+/// shut, so the migration sees its connection end.
+fn pump(tls: Connection, tcp: TcpStream, plain: TcpStream) -> Result<(), String> {
+    let mut p = Pump {
+        tls,
+        tcp,
+        plain,
+        buf: vec![0u8; PUMP_CHUNK],
+        out: Vec::new(),
+        plain_eof: false,
+        tcp_eof: false,
     };
-    for s in [&tcp, &plain] {
-        if let Err(e) = s.set_nonblocking(true) {
-            return shut(e.to_string());
+    let r = p.run();
+    if r.is_err() {
+        let _ = p.tcp.shutdown(Shutdown::Both);
+        let _ = p.plain.shutdown(Shutdown::Both);
+    }
+    r
+}
+
+/// One connection's pump: one thread, `poll` on both sockets.
+/// Backpressure: it reads plain bytes only when the last ones are out on
+/// the network, and network bytes only when the last plain ones were
+/// delivered.
+struct Pump {
+    tls: Connection,
+    tcp: TcpStream,
+    plain: TcpStream,
+    buf: Vec<u8>,
+    /// Plain bytes decrypted, not yet delivered.
+    out: Vec<u8>,
+    plain_eof: bool,
+    tcp_eof: bool,
+}
+
+/// A socket error, unless it only says "not now".
+fn hard(e: io::Error) -> Result<(), String> {
+    if e.kind() == io::ErrorKind::WouldBlock { Ok(()) } else { Err(e.to_string()) }
+}
+
+impl Pump {
+    fn run(&mut self) -> Result<(), String> {
+        for s in [&self.tcp, &self.plain] {
+            s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        }
+        loop {
+            let read_plain = !self.plain_eof && !self.tls.wants_write();
+            let read_tcp = !self.tcp_eof && self.out.is_empty();
+            if self.plain_eof && self.tcp_eof && self.out.is_empty() && !self.tls.wants_write() {
+                return Ok(());
+            }
+            let (plain_ready, tcp_ready) = self.wait(read_plain, read_tcp)?;
+            if read_plain && plain_ready {
+                self.encrypt()?;
+            }
+            self.flush_network()?;
+            if read_tcp && tcp_ready {
+                self.decrypt()?;
+            }
+            self.deliver()?;
         }
     }
-    let mut buf = vec![0u8; PUMP_CHUNK];
-    // Plain bytes decrypted, not yet delivered.
-    let mut out: Vec<u8> = Vec::new();
-    let (mut plain_eof, mut tcp_eof) = (false, false);
-    loop {
-        let read_plain = !plain_eof && !tls.wants_write();
-        let read_tcp = !tcp_eof && out.is_empty();
+
+    /// Polls both sockets for what this round can do (a second at most);
+    /// returns which are ready.
+    fn wait(&self, read_plain: bool, read_tcp: bool) -> Result<(bool, bool), String> {
+        let ev = |on: bool, e: libc::c_short| if on { e } else { 0 };
         let mut fds = [
             libc::pollfd {
-                fd: plain.as_raw_fd(),
-                events: if read_plain { libc::POLLIN } else { 0 }
-                    | if out.is_empty() { 0 } else { libc::POLLOUT },
+                fd: self.plain.as_raw_fd(),
+                events: ev(read_plain, libc::POLLIN) | ev(!self.out.is_empty(), libc::POLLOUT),
                 revents: 0,
             },
             libc::pollfd {
-                fd: tcp.as_raw_fd(),
-                events: if read_tcp { libc::POLLIN } else { 0 }
-                    | if tls.wants_write() { libc::POLLOUT } else { 0 },
+                fd: self.tcp.as_raw_fd(),
+                events: ev(read_tcp, libc::POLLIN) | ev(self.tls.wants_write(), libc::POLLOUT),
                 revents: 0,
             },
         ];
-        if plain_eof && tcp_eof && out.is_empty() && !tls.wants_write() {
-            return Ok(());
-        }
         // SAFETY: `fds` is a valid array of two pollfds for the call's
         // duration, and its length is the count given.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return shut(e.to_string());
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok((false, false))
+            } else {
+                Err(e.to_string())
+            };
         }
-        let ready = |i: usize| fds[i].revents != 0;
-        // Plain to the network.
-        if read_plain && ready(0) {
-            match (&plain).read(&mut buf) {
-                Ok(0) => {
-                    plain_eof = true;
-                    tls.send_close_notify();
-                }
-                Ok(n) => {
-                    if let Err(e) = tls.writer().write_all(&buf[..n]) {
-                        return shut(e.to_string());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return shut(e.to_string()),
+        Ok((fds[0].revents != 0, fds[1].revents != 0))
+    }
+
+    /// Plain bytes into TLS records (at its end, `close_notify`).
+    fn encrypt(&mut self) -> Result<(), String> {
+        match (&self.plain).read(&mut self.buf) {
+            Ok(0) => {
+                self.plain_eof = true;
+                self.tls.send_close_notify();
+                Ok(())
             }
+            Ok(n) => self.tls.writer().write_all(&self.buf[..n]).map_err(|e| e.to_string()),
+            Err(e) => hard(e),
         }
-        while tls.wants_write() {
-            match tls.write_tls(&mut &tcp) {
+    }
+
+    /// TLS records out on the network, as far as it takes them.
+    fn flush_network(&mut self) -> Result<(), String> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut &self.tcp) {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return shut(e.to_string()),
+                Err(e) => return hard(e),
             }
         }
-        if plain_eof && !tls.wants_write() {
-            let _ = tcp.shutdown(Shutdown::Write);
+        if self.plain_eof && !self.tls.wants_write() {
+            let _ = self.tcp.shutdown(Shutdown::Write);
         }
-        // The network to plain.
-        if read_tcp && ready(1) {
-            match tls.read_tls(&mut &tcp) {
-                Ok(0) => tcp_eof = true,
-                Ok(_) => {
-                    if let Err(e) = tls.process_new_packets() {
-                        // The alert for the peer, then the end.
-                        let _ = tls.write_tls(&mut &tcp);
-                        return shut(format!("the peer's data failed TLS: {e}"));
-                    }
-                    loop {
-                        match tls.reader().read(&mut buf) {
-                            Ok(0) => {
-                                tcp_eof = true;
-                                break;
-                            }
-                            Ok(n) => out.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return shut(e.to_string()),
+        Ok(())
+    }
+
+    /// Records from the network, checked and decrypted into `out`.
+    fn decrypt(&mut self) -> Result<(), String> {
+        match self.tls.read_tls(&mut &self.tcp) {
+            Ok(0) => self.tcp_eof = true,
+            Ok(_) => {
+                if let Err(e) = self.tls.process_new_packets() {
+                    // The alert for the peer, then the end.
+                    let _ = self.tls.write_tls(&mut &self.tcp);
+                    return Err(format!("the peer's data failed TLS: {e}"));
+                }
+                loop {
+                    match self.tls.reader().read(&mut self.buf) {
+                        Ok(0) => {
+                            self.tcp_eof = true;
+                            break;
                         }
+                        Ok(n) => self.out.extend_from_slice(&self.buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.to_string()),
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return shut(e.to_string()),
             }
+            Err(e) => return hard(e),
         }
-        if !out.is_empty() {
-            match (&plain).write(&out) {
+        Ok(())
+    }
+
+    /// Decrypted bytes to the plain side, as far as it takes them (at the
+    /// network's end, the plain side's).
+    fn deliver(&mut self) -> Result<(), String> {
+        if !self.out.is_empty() {
+            match (&self.plain).write(&self.out) {
                 Ok(n) => {
-                    out.drain(..n);
+                    self.out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return shut(e.to_string()),
+                Err(e) => hard(e)?,
             }
         }
-        if tcp_eof && out.is_empty() {
-            let _ = plain.shutdown(Shutdown::Write);
+        if self.tcp_eof && self.out.is_empty() {
+            let _ = self.plain.shutdown(Shutdown::Write);
         }
+        Ok(())
     }
 }

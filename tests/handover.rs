@@ -850,17 +850,7 @@ fn a_source_that_resumes_without_an_answer_runs_the_guest_twice() {
             addr.parse().unwrap(),
             Rule { dir: Dir::ToSource, kind: RUNNING, nth: 1, act: Act::Drop },
         );
-        let spec = PassSpec {
-            vcpus: 1,
-            guest_bytes: 8 << 20,
-            write_pct: 100,
-            random: false,
-            seed: 3,
-            dirty_pages: None,
-            lock_faults: Default::default(),
-            lazy_memory: false,
-            compute_vcpus: 0,
-        };
+        let spec = PassSpec::sweep(1, 8 << 20, 3);
         let mut vm = EngineBackend::default().start_passes(&spec).unwrap();
         vm.release(1);
         vm.wait_passes(0).unwrap();

@@ -174,17 +174,7 @@ fn migrate_perf_reports_every_figure() {
     let manual = shadow_mmu_kvm::probed().has_manual_protect();
     // Through the testkit's Backend trait and its one migrate-perf
     // procedure, as `bench migrate-perf` runs it.
-    let spec = PassSpec {
-        vcpus: 2,
-        guest_bytes: MIB16,
-        write_pct: 100,
-        random: false,
-        seed: 1,
-        dirty_pages: None,
-        lock_faults: Default::default(),
-        lazy_memory: false,
-        compute_vcpus: 0,
-    };
+    let spec = PassSpec::sweep(2, MIB16, 1);
     let mut vm = KvmBackend {
         protect: if manual { DirtyLogProtect::Manual } else { DirtyLogProtect::Auto },
         dirty_ring: None,

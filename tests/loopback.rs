@@ -24,17 +24,7 @@ use shadow_mmu_vmm::{Backend, DirtyLogProtect, PassSpec, PassVm, RingEntries};
 const MIB: u64 = 1 << 20;
 
 fn spec(guest_bytes: u64) -> PassSpec {
-    PassSpec {
-        vcpus: 2,
-        guest_bytes,
-        write_pct: 100,
-        random: false,
-        seed: 7,
-        dirty_pages: None,
-        lock_faults: Default::default(),
-        lazy_memory: false,
-        compute_vcpus: 0,
-    }
+    PassSpec::sweep(2, guest_bytes, 7)
 }
 
 fn header(vm: &dyn PassVm) -> Header {
@@ -231,12 +221,14 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
     }
 }
 
-/// An engine that harvests without write-protecting loses the pages the
-/// guest writes after each harvest: the destination's page-by-page check
-/// finds them, refuses to run the guest, and the source says so.
-#[test]
+/// Migrates a 16 MiB guest of an engine that harvests without
+/// write-protecting (`break-rules`), flat out, forced into the stop-and-copy
+/// 300 ms in, with `params`' other settings: the source, the outcome, the
+/// destination.
 #[cfg(feature = "break-rules")]
-fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
+fn migrate_without_write_protection(
+    params: OutgoingParams,
+) -> (Box<dyn PassVm>, Outcome, std::thread::JoinHandle<Received>) {
     let breakage = shadow_mmu_core::breakage::Breakage { skip_write_protect: true, ..Default::default() };
     let backend = EngineBackend { config: VmConfig { breakage, ..VmConfig::default() }, dirty_ring: None };
     let spec = spec(16 * MIB);
@@ -248,10 +240,21 @@ fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
         downtime_limit: Duration::ZERO,
         timeout: Some(Duration::from_millis(300)),
         on_timeout: OnTimeout::Force,
-        connections: 4,
-        ..OutgoingParams::default()
+        ..params
     };
-    let e = runs_on(common::migrate(&mut vm, &conn, &h, &params, None));
+    let outcome = common::migrate(&mut vm, &conn, &h, &params, None);
+    (vm, outcome, dest)
+}
+
+/// An engine that harvests without write-protecting loses the pages the
+/// guest writes after each harvest: the destination's page-by-page check
+/// finds them, refuses to run the guest, and the source says so.
+#[test]
+#[cfg(feature = "break-rules")]
+fn a_harvest_that_does_not_protect_is_caught_by_the_digests() {
+    let params = OutgoingParams { connections: 4, ..OutgoingParams::default() };
+    let (mut vm, outcome, dest) = migrate_without_write_protection(params);
+    let e = runs_on(outcome);
     // The source learns the destination's cause.
     assert!(
         matches!(&e.error, MigrationError::Refused(shadow_mmu_migrate::refusal::Refusal::Mismatch { pages }) if *pages > 0),
@@ -447,21 +450,9 @@ fn an_audit_after_the_resume_leaves_the_digests_out_of_the_downtime() {
 #[test]
 #[cfg(feature = "break-rules")]
 fn a_failed_audit_names_the_pages_and_keeps_the_source_paused() {
-    let breakage = shadow_mmu_core::breakage::Breakage { skip_write_protect: true, ..Default::default() };
-    let backend = EngineBackend { config: VmConfig { breakage, ..VmConfig::default() }, dirty_ring: None };
-    let spec = spec(16 * MIB);
-    let mut vm = boot(&backend, &spec);
-    let (addr, dest) = destination(backend.clone(), spec, Duration::ZERO);
-    let conn = TcpStream::connect(addr).unwrap();
-    let h = header(vm.as_ref());
-    let params = OutgoingParams {
-        downtime_limit: Duration::ZERO,
-        timeout: Some(Duration::from_millis(300)),
-        on_timeout: OnTimeout::Force,
-        verify: Verify::Audit,
-        ..OutgoingParams::default()
-    };
-    let u = match common::migrate(&mut vm, &conn, &h, &params, None) {
+    let params = OutgoingParams { verify: Verify::Audit, ..OutgoingParams::default() };
+    let (mut vm, outcome, dest) = migrate_without_write_protection(params);
+    let u = match outcome {
         Outcome::Unsettled(u) => u,
         other => panic!("{other:?}"),
     };

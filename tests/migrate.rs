@@ -78,17 +78,7 @@ impl Dest {
 }
 
 fn spec(guest_bytes: u64) -> PassSpec {
-    PassSpec {
-        vcpus: 1,
-        guest_bytes,
-        write_pct: 100,
-        random: false,
-        seed: 3,
-        dirty_pages: None,
-        lock_faults: Default::default(),
-        lazy_memory: false,
-        compute_vcpus: 0,
-    }
+    PassSpec::sweep(1, guest_bytes, 3)
 }
 
 /// The header the CLI writes for an engine VM of `spec` (its VM
@@ -492,17 +482,23 @@ fn throttled_link(upstream: &str, rate: u64) -> String {
     addr
 }
 
-/// Runs a source to `to` (a guest of 16 MiB at 8 MiB/s, over `streams`
-/// page streams); asserts it completed and the destination's checks
-/// passed.
-fn completes_correct(dest: Dest, to: &str, streams: &str, what: &str) {
+/// Runs a source to `to` (a guest of `mib` MiB at 8 MiB/s, over `streams`
+/// page streams, with `extra` arguments) and asserts it completed; returns
+/// its output.
+fn source_completes(to: &str, mib: &str, streams: &str, extra: &[&str], what: &str) -> String {
     let out = bin()
-        .args(["migrate", "outgoing", "--to", to, "--guest-mib", "16", "--dirty-rate-mibps", "8"])
+        .args(["migrate", "outgoing", "--to", to, "--guest-mib", mib, "--dirty-rate-mibps", "8"])
         .args(["--warmup-ms", "50", "--connections", streams])
+        .args(extra)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("Migration status: completed"), "{what}: {text}");
+    text
+}
+
+/// The destination's exit and its checks passed.
+fn dest_correct(dest: Dest, what: &str) {
     let (code, out, d) = dest.finish();
     assert_eq!(code, 0, "{what}: {out}");
     assert_eq!(d["mismatched_pages"], 0, "{what}: {d}");
@@ -516,7 +512,9 @@ fn a_link_held_to_50_mib_a_second_completes_correct() {
     for streams in ["1", "4"] {
         let dest = Dest::spawn(200, &format!("slow-{streams}"));
         let link = throttled_link(&dest.addr, 50 * MIB);
-        completes_correct(dest, &link, streams, &format!("50 MiB/s, {streams} streams"));
+        let what = format!("50 MiB/s, {streams} streams");
+        source_completes(&link, "16", streams, &[], &what);
+        dest_correct(dest, &what);
     }
 }
 
@@ -538,18 +536,9 @@ fn a_destination_stopped_for_two_seconds_completes_correct() {
             unsafe { libc::kill(pid, libc::SIGCONT) };
         });
         let what = format!("SIGSTOP 2 s, {streams} streams");
-        let out = bin()
-            .args(["migrate", "outgoing", "--to", &addr, "--guest-mib", "64", "--dirty-rate-mibps", "8"])
-            .args(["--warmup-ms", "50", "--connections", streams, "--max-bandwidth-mibps", "128"])
-            .output()
-            .unwrap();
+        let text = source_completes(&addr, "64", streams, &["--max-bandwidth-mibps", "128"], &what);
         stopper.join().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && text.contains("Migration status: completed"), "{what}: {text}");
-        let (code, out, d) = dest.finish();
-        assert_eq!(code, 0, "{what}: {out}");
-        assert_eq!(d["mismatched_pages"], 0, "{what}: {d}");
-        assert_eq!(d["check_after_resume"], "passed", "{what}: {d}");
+        dest_correct(dest, &what);
         let total = text.lines().find_map(|l| l.strip_prefix("total time: ")).unwrap_or("");
         let ms: f64 = total.trim_end_matches(" ms").parse().unwrap_or(0.0);
         assert!(ms >= 2000.0, "{what}: the stop was inside the migration ({total})");

@@ -13,17 +13,7 @@ use shadow_mmu_vmm::{Backend, PACE_CHUNK_PAGES, PassSpec, PassVm, chunk_bytes};
 const MIB: u64 = 1 << 20;
 
 fn spec() -> PassSpec {
-    PassSpec {
-        vcpus: 2,
-        guest_bytes: 64 * MIB,
-        write_pct: 100,
-        random: false,
-        seed: 3,
-        dirty_pages: None,
-        lock_faults: Default::default(),
-        lazy_memory: false,
-        compute_vcpus: 0,
-    }
+    PassSpec::sweep(2, 64 * MIB, 3)
 }
 
 /// At 16 MiB/s a pass of 64 MiB takes 4 s: after 300 ms the guest has

@@ -335,17 +335,7 @@ fn the_dirty_log_test_catches_a_harvest_that_does_not_protect() {
                 ..base.clone()
             };
             let backend = EngineBackend { config, dirty_ring: None };
-            let pass = PassSpec {
-                vcpus: 1,
-                guest_bytes: 4099 * PAGE_SIZE,
-                write_pct: 100,
-                random: true,
-                seed: 3,
-                dirty_pages: None,
-                lock_faults: Default::default(),
-                lazy_memory: false,
-                compute_vcpus: 0,
-            };
+            let pass = PassSpec { random: true, ..PassSpec::sweep(1, 4099 * PAGE_SIZE, 3) };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 6, Duration::from_millis(2), 3, |_, _| {});
             assert!(

@@ -333,17 +333,7 @@ fn dirty_log_test_in_every_design_and_interface() {
             };
             let config = VmConfig { dirty_log_protect: spec.protect(), ..d.clone() };
             let backend = EngineBackend { config, dirty_ring: spec.ring() };
-            let pass = PassSpec {
-                vcpus: 1,
-                guest_bytes: 4099 * PAGE_SIZE,
-                write_pct: 100,
-                random: true,
-                seed: 5,
-                dirty_pages: None,
-                lock_faults: Default::default(),
-                lazy_memory: false,
-                compute_vcpus: 0,
-            };
+            let pass = PassSpec { random: true, ..PassSpec::sweep(1, 4099 * PAGE_SIZE, 5) };
             let mut vm = backend.start_passes(&pass).unwrap();
             let r = dirty_log_test(vm.as_mut(), &spec, 8, Duration::from_millis(3), 5, |_, _| {})
                 .unwrap_or_else(|e| panic!("{} {}: {e}", describe(&d), spec.label()));

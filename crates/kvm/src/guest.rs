@@ -38,6 +38,13 @@ pub const UCALL_CHUNK: u8 = 4;
 /// Pages of a chunk of [`pass_program`] (a pass's first chunk holds the
 /// remainder: 1 to this many pages).
 pub const CHUNK_PAGES: u32 = shadow_mmu_vmm::PACE_CHUNK_PAGES as u32;
+/// The pages of chunk `k` of a pass of `pages` pages in [`pass_program`]:
+/// the first holds the remainder (1 to [`CHUNK_PAGES`]), the rest are full.
+pub fn chunk_pages(pages: u32, k: u32) -> u32 {
+    let chunks = pages.div_ceil(CHUNK_PAGES);
+    if k == 0 { pages - CHUNK_PAGES * (chunks - 1) } else { CHUNK_PAGES }
+}
+
 /// Where the pace flag is, from the pass word: a `u32` the host sets to
 /// non-zero for a chunk exit after each chunk.
 pub const PACE_FLAG_OFFSET: u32 = 8;
@@ -165,9 +172,8 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     a.store(Edi, 0, Ebp);
     a.movq_load(Mm(0), Edi, 0);
     a.mov_imm(Ebx, p.base_gpa);
-    let chunks = p.pages.div_ceil(CHUNK_PAGES);
-    a.mov_imm(Esp, chunks - 1);
-    a.mov_imm(Ecx, p.pages - CHUNK_PAGES * (chunks - 1));
+    a.mov_imm(Esp, p.pages.div_ceil(CHUNK_PAGES) - 1);
+    a.mov_imm(Ecx, chunk_pages(p.pages, 0));
     a.bind(next);
     let page = if p.random {
         emit_lcg_step(&mut a);

@@ -38,7 +38,7 @@ use shadow_mmu_core::spte::PAGE_SIZE;
 
 use crate::error::{BadConfig, KvmError, UnexpectedExit};
 use crate::guest::{
-    CHUNK_PAGES, PACE_FLAG_OFFSET, PassProgram, Program, UCALL_CHUNK, UCALL_PASS_DONE, pass_program,
+    PACE_FLAG_OFFSET, PassProgram, Program, UCALL_CHUNK, UCALL_PASS_DONE, chunk_pages, pass_program,
 };
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
@@ -385,8 +385,7 @@ impl PassPace {
     /// A `UCALL_CHUNK`: the chunk's share of time. Returns the part of the
     /// wait a dirty-limit added.
     fn chunk_done(&mut self, pace: &DirtyPace) -> Duration {
-        let chunks = self.pass_pages.div_ceil(CHUNK_PAGES);
-        let pages = if self.chunk == 0 { self.pass_pages - CHUNK_PAGES * (chunks - 1) } else { CHUNK_PAGES };
+        let pages = chunk_pages(self.pass_pages, self.chunk);
         self.chunk += 1;
         let bytes = chunk_bytes(u64::from(pages), self.write_pct);
         self.counted += bytes;

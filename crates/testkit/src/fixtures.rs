@@ -22,17 +22,8 @@ pub fn lock_fault_passes(
 ) -> Box<dyn shadow_mmu_vmm::PassVm> {
     use shadow_mmu_vmm::Backend;
     let backend = shadow_mmu_engine::EngineBackend { config, dirty_ring: None };
-    let pass = shadow_mmu_vmm::PassSpec {
-        vcpus: 1,
-        guest_bytes: 16 * MIB,
-        write_pct: 100,
-        random: false,
-        seed: 9,
-        dirty_pages: None,
-        lock_faults: lock,
-        lazy_memory: false,
-        compute_vcpus: 0,
-    };
+    let pass =
+        shadow_mmu_vmm::PassSpec { lock_faults: lock, ..shadow_mmu_vmm::PassSpec::sweep(1, 16 * MIB, 9) };
     backend.start_passes(&pass).expect("a pass VM of 16 MiB")
 }
 

@@ -38,6 +38,26 @@ pub struct PassSpec {
     pub compute_vcpus: u32,
 }
 
+impl PassSpec {
+    /// `vcpus` vCPUs storing to every page of `guest_bytes` in order, each
+    /// pass, from `seed`: nothing else (no working set, no lock faults,
+    /// memory populated, no computing vCPU). The other fields are set on
+    /// top of it.
+    pub fn sweep(vcpus: u32, guest_bytes: u64, seed: u64) -> Self {
+        Self {
+            vcpus,
+            guest_bytes,
+            write_pct: 100,
+            random: false,
+            seed,
+            dirty_pages: None,
+            lock_faults: LockFaults::default(),
+            lazy_memory: false,
+            compute_vcpus: 0,
+        }
+    }
+}
+
 /// Whether vCPU `id` of `vcpus` is one of the last `compute_vcpus`, which
 /// only load ([`PassSpec::compute_vcpus`]).
 pub fn is_compute_vcpu(id: u32, vcpus: u32, compute_vcpus: u32) -> bool {

@@ -400,25 +400,30 @@ fn qemu_s_loop_syncs_mid_pass_and_whole_rounds_do_not() {
 }
 
 /// QEMU's dirty-limit on a guest where one vCPU dirties flat out and the
-/// other only computes: the migration completes, every page matches, and
-/// the dirtying vCPU was held (the guest's stall is the limit's holds)
-/// while the limit is gone once the source runs on or stops.
+/// other only computes, with the bitmaps (held at chunk exits) and with
+/// the dirty ring (held at ring-full exits, each vCPU reaping its own ring
+/// while the migration's reaper sleeps): the migration completes, every
+/// page matches, and the dirtying vCPU was held (the guest's stall is the
+/// limit's holds) while the limit is gone once the source runs on or stops.
 #[test]
 fn a_dirty_limit_holds_the_dirtying_vcpu_and_the_migration_completes() {
-    let backend = EngineBackend::default();
-    let spec = PassSpec { compute_vcpus: 1, ..spec(16 * MIB) };
-    let mut vm = boot(&backend, &spec);
-    let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
-    let conn = TcpStream::connect(addr).unwrap();
-    let h = header(vm.as_ref());
-    let params = OutgoingParams { dirty_limit: Some(16 * MIB), ..OutgoingParams::default() };
-    let stats = completed(common::migrate(&mut vm, &conn, &h, &params, None), "dirty-limit");
-    assert_eq!(vm.dirty_pace().limit(), 0, "the limit ends with pre-copy");
-    vm.stop().unwrap();
-    assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0));
-    let held = stats.guest_stall.expect("the engine measures its stall").throttle_ms;
-    assert!(held > 0.0, "the dirtying vCPU was held: {stats:?}");
-    assert_eq!(stats.cpu_throttle_percentage, 0, "no auto-converge");
+    let ring = EngineBackend { dirty_ring: Some(RingEntries(1024)), ..EngineBackend::default() };
+    for backend in [EngineBackend::default(), ring] {
+        let what = backend.name();
+        let spec = PassSpec { compute_vcpus: 1, ..spec(16 * MIB) };
+        let mut vm = boot(&backend, &spec);
+        let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
+        let conn = TcpStream::connect(addr).unwrap();
+        let h = header(vm.as_ref());
+        let params = OutgoingParams { dirty_limit: Some(16 * MIB), ..OutgoingParams::default() };
+        let stats = completed(common::migrate(&mut vm, &conn, &h, &params, None), "dirty-limit");
+        assert_eq!(vm.dirty_pace().limit(), 0, "{what}: the limit ends with pre-copy");
+        vm.stop().unwrap();
+        assert_eq!(dest.join().unwrap().unwrap().0.mismatched_pages, Some(0), "{what}");
+        let held = stats.guest_stall.expect("the engine measures its stall").throttle_ms;
+        assert!(held > 0.0, "{what}: the dirtying vCPU was held: {stats:?}");
+        assert_eq!(stats.cpu_throttle_percentage, 0, "{what}: no auto-converge");
+    }
 }
 
 /// `--verify audit`: the digests come after the guest runs at the

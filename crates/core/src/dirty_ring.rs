@@ -119,6 +119,15 @@ impl DirtyRing {
         self.dirty_index.load(Ordering::Relaxed).wrapping_sub(self.reset_index.load(Ordering::Relaxed))
     }
 
+    /// Entries harvested from this ring since it was made, by whoever
+    /// harvested them (wrapping): the vCPU's dirty pages, as QEMU's
+    /// dirty-limit counts them (`cpu->dirty_pages`).
+    pub fn harvested(&self) -> u32 {
+        // Relaxed: a count, read by the ring's own vCPU thread after it
+        // harvested (its own store) or by statistics.
+        self.fetch_index.load(Ordering::Relaxed)
+    }
+
     /// At or past the soft limit (`kvm_dirty_ring_soft_full`)?
     pub fn soft_full(&self) -> bool {
         self.used() >= self.soft_limit

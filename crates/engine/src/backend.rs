@@ -61,7 +61,7 @@ impl Backend for EngineBackend {
                 .map_err(|e| BackendError::new(&name, "enabling the dirty ring", e))?;
         }
         let vcpu = vm.create_vcpu(0).map_err(|e| BackendError::new(&name, "creating the vCPU", e))?;
-        Ok(Box::new(EngineVm { name, vm, mem, work: vcpu, ring: RingState::default() }))
+        Ok(Box::new(EngineVm { name, vm, mem, work: vcpu, ring: Arc::default() }))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -80,7 +80,9 @@ pub struct EngineVm<W> {
     pub(crate) vm: Vm,
     pub(crate) mem: Arc<HostMemory>,
     pub(crate) work: W,
-    pub(crate) ring: RingState,
+    /// Shared with the passes' vCPU threads, which reap their own rings
+    /// into it under a dirty-limit.
+    pub(crate) ring: Arc<RingState>,
 }
 
 impl<W> EngineVm<W> {

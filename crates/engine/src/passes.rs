@@ -21,8 +21,8 @@ use hdrhistogram::Histogram;
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
     BackendError, ChunkPacer, DirtyPace, HarvestProbe, HarvestWindow, LatencySummary, PassExtras, PassSpec,
-    PassWorkload, ProgressTrace, RingEntries, VcpuControl, VcpuGate, VcpuLoss, VcpuStateError,
-    check_vcpu_states,
+    PassWorkload, ProgressTrace, RingEntries, RingFullLimit, RingState, VcpuControl, VcpuGate, VcpuLoss,
+    VcpuStateError, check_vcpu_states,
 };
 use thiserror::Error;
 
@@ -388,6 +388,9 @@ pub struct Sweepers {
     ring_waiters: Arc<AtomicU64>,
     /// Their pause and state exchange.
     gate: Arc<VcpuGate>,
+    /// What they reaped of their own rings under a dirty-limit, for the
+    /// host's next harvest.
+    ring: Arc<RingState>,
     /// What each vCPU lost, live.
     losses: Vec<Arc<VcpuLossCounters>>,
     /// The base of their `PassClock::idle_since`.
@@ -448,6 +451,8 @@ struct SweeperLinks {
     gate: Arc<VcpuGate>,
     /// vCPUs waiting on a full dirty ring.
     ring_waiters: Arc<AtomicU64>,
+    /// Where it reaps its own ring under a dirty-limit.
+    ring: Arc<RingState>,
     /// What its vCPU lost; the thread adds its holds and ring waits.
     loss: Arc<VcpuLossCounters>,
     /// The base of `PassClock::idle_since`.
@@ -519,6 +524,35 @@ impl SweeperLinks {
         self.loss.ring_full_ns.add(t.elapsed().as_nanos() as u64);
     }
 
+    /// Under a dirty-limit, at a ring-full exit (QEMU's `kvm_cpu_exec` with
+    /// `dirtylimit_in_service()`): reaps this vCPU's own ring, for the
+    /// host's next harvest, then keeps the vCPU out for what its pages since
+    /// its last hold exceed at the limit, or until a pause (then holds it)
+    /// or a stop. The time out counts as throttle loss.
+    fn limit_at_ring_full(
+        &self,
+        vcpu: &crate::vcpu::Vcpu,
+        guest: &WorkloadGuest,
+        done: u64,
+        limit: &mut RingFullLimit,
+    ) -> Result<(), DirtyRingError> {
+        let harvested = {
+            let mut collected = self.ring.collected.lock();
+            vcpu.reap_own_dirty_ring(|slot, offset| {
+                if slot == 0 {
+                    collected.push(offset);
+                }
+            })?
+        };
+        let d = limit.hold_for(self.ctl.pace(), harvested);
+        // A limit lifted ends the hold too (`set_dirty_limit` rings).
+        let held =
+            self.gate.hold_off(d, || self.ctl.stop_requested() || self.ctl.pace().ring_full_limit() == 0);
+        self.loss.throttle_ns.add(held.as_nanos() as u64);
+        self.hold(guest, done);
+        Ok(())
+    }
+
     /// The thread: passes as far as released, until a stop.
     fn sweep(self, mut vcpu: crate::vcpu::Vcpu, mut guest: WorkloadGuest) -> SweeperExit {
         let (id, clock) = (self.id, &self.passes[self.id as usize]);
@@ -532,6 +566,7 @@ impl SweeperLinks {
         let mut pass_start = Instant::now();
         let pace = self.ctl.pace().clone();
         let mut pacer = ChunkPacer::default();
+        let mut limit = RingFullLimit::default();
         let r = loop {
             match vcpu.run(&mut guest) {
                 Ok(VcpuExit::Hypercall(HC_CHUNK)) => {
@@ -556,6 +591,12 @@ impl SweeperLinks {
                     // Kicked (a pause): the last access is complete.
                     guest.park_outside();
                     self.hold(&guest, done);
+                }
+                Ok(VcpuExit::DirtyRingFull) if pace.ring_full_limit() > 0 => {
+                    guest.park_outside();
+                    if let Err(e) = self.limit_at_ring_full(&vcpu, &guest, done, &mut limit) {
+                        break Err(e.into());
+                    }
                 }
                 Ok(VcpuExit::DirtyRingFull) => {
                     guest.park_outside();
@@ -589,7 +630,8 @@ impl Sweepers {
         allowed: u64,
         clock: Option<(Arc<HarvestClock>, Arc<parking_lot::Mutex<LatencyHistogram>>)>,
     ) -> Result<Self, PassesError> {
-        let ctl = GuestControl::new(vcpus);
+        let ctl = GuestControl::with_pace(vcpus, DirtyPace::new(vcpus, vm.dirty_ring_entries().is_some()));
+        let ring = Arc::new(RingState::default());
         let t0 = Instant::now();
         let passes: Arc<[CachePadded<PassClock>]> =
             (0..vcpus).map(|_| CachePadded::new(PassClock::default())).collect();
@@ -613,12 +655,13 @@ impl Sweepers {
                 ctl: ctl.clone(),
                 gate: gate.clone(),
                 ring_waiters: ring_waiters.clone(),
+                ring: ring.clone(),
                 loss: vcpu.loss_counters(),
                 t0,
             };
             threads.push(std::thread::spawn(move || links.sweep(vcpu, guest)));
         }
-        Ok(Self { ctl, passes, allowed, threads, ring_waiters, gate, losses, t0 })
+        Ok(Self { ctl, passes, allowed, threads, ring_waiters, gate, ring, losses, t0 })
     }
 
     /// Lets every vCPU go on up to pass `n`.
@@ -829,6 +872,7 @@ impl EnginePassVm {
         let probes = Some((clock.clone(), harvest_latency.clone()));
         let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, probes)?;
         let progress = ProgressRecorder::start(&sweepers);
+        let ring = sweepers.ring.clone();
         let work = EnginePasses {
             fast_page_fault,
             sweepers,
@@ -843,7 +887,7 @@ impl EnginePassVm {
             notifier_error: None,
             progress,
         };
-        Ok(EngineVm { name, vm, mem, work, ring: shadow_mmu_vmm::RingState::default() })
+        Ok(EngineVm { name, vm, mem, work, ring })
     }
 }
 
@@ -912,6 +956,8 @@ impl VcpuControl for EnginePassVm {
 
     fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), BackendError> {
         self.work.sweepers.ctl.pace().set_limit(limit);
+        // A vCPU held at its ring-full exit sees a lifted limit at once.
+        self.work.sweepers.gate.bell().ring();
         Ok(())
     }
 

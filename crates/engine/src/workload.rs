@@ -163,15 +163,21 @@ pub struct GuestControl {
 const PROGRESS_EVERY: u64 = 64;
 
 impl GuestControl {
-    /// For `vcpus` vCPUs, at iteration 1, all parked.
+    /// For `vcpus` vCPUs, at iteration 1, all parked; a dirty-limit held
+    /// at chunk exits.
     pub fn new(vcpus: u32) -> Arc<Self> {
+        Self::with_pace(vcpus, DirtyPace::new(vcpus, false))
+    }
+
+    /// As [`Self::new`], with `pace`.
+    pub fn with_pace(vcpus: u32, pace: DirtyPace) -> Arc<Self> {
         Arc::new(Self {
             iteration: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             lock_faults_on: AtomicBool::new(false),
             seen: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(PARKED))).collect(),
             progress: (0..vcpus).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
-            pace: Arc::new(DirtyPace::new(vcpus)),
+            pace: Arc::new(pace),
         })
     }
 

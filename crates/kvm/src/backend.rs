@@ -73,7 +73,7 @@ impl Backend for KvmBackend {
             None => KvmScriptVm::new(guest_bytes, self.protect),
         }
         .map_err(|e| BackendError::new(&name, "creating the VM", e))?;
-        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
+        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm, Arc::default())))
     }
 
     fn start_passes(&self, spec: &PassSpec) -> Result<Box<dyn PassVm>, BackendError> {
@@ -98,7 +98,8 @@ impl Backend for KvmBackend {
             compute_vcpus: spec.compute_vcpus,
         };
         let vm = KvmPerfVm::new(&cfg).map_err(|e| BackendError::new(&name, "starting the passes", e))?;
-        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm)))
+        let ring = vm.ring_state().clone();
+        Ok(Box::new(KvmBackendVm::new(name, self.protect, vm, ring)))
     }
 }
 
@@ -117,13 +118,15 @@ struct KvmBackendVm<V> {
     protect: DirtyLogProtect,
     inner: V,
     host_dirty: DirtyBitmap,
-    ring: RingState,
+    /// Shared with the vCPU threads, which reap their own rings into it
+    /// under a dirty-limit.
+    ring: Arc<RingState>,
 }
 
 impl<V: DerefMut<Target = KvmVm>> KvmBackendVm<V> {
-    fn new(name: String, protect: DirtyLogProtect, inner: V) -> Self {
+    fn new(name: String, protect: DirtyLogProtect, inner: V, ring: Arc<RingState>) -> Self {
         let host_dirty = DirtyBitmap::new(inner.test_pages());
-        Self { name, protect, inner, host_dirty, ring: RingState::default() }
+        Self { name, protect, inner, host_dirty, ring }
     }
 }
 

@@ -43,7 +43,8 @@ use crate::guest::{
 use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
-    ChunkPacer, DirtyLogProtect, DirtyPace, VcpuGate, VcpuLoss, chunk_bytes, is_compute_vcpu,
+    ChunkPacer, DirtyLogProtect, DirtyPace, RingFullLimit, RingState, VcpuGate, VcpuLoss, chunk_bytes,
+    is_compute_vcpu,
 };
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
@@ -179,6 +180,9 @@ struct PerfShared {
     threads: Arc<KickList>,
     /// The dirty rate inside passes, and the bytes stored.
     pace: Arc<DirtyPace>,
+    /// What the vCPU threads reaped of their own rings under a dirty-limit,
+    /// for the host's next harvest (the backend VM's).
+    ring: Arc<RingState>,
     /// Each vCPU's program: its pages a pass, and the share of them stored.
     programs: Box<[PassProgram]>,
 }
@@ -244,6 +248,28 @@ fn hold(vcpu: &mut Vcpu, done: u64, shared: &PerfShared) -> Result<(), KvmError>
     Ok(())
 }
 
+/// Under a dirty-limit, at a ring-full exit (QEMU's `kvm_cpu_exec` with
+/// `dirtylimit_in_service()`): the vCPU's thread reaps its own ring, for
+/// the host's next harvest, then keeps the vCPU out for what its pages
+/// since its last hold exceed at the limit, or until a pause or a stop.
+/// Returns how long it was kept out.
+fn limit_at_ring_full(
+    vcpu: &Vcpu,
+    shared: &PerfShared,
+    limit: &mut RingFullLimit,
+) -> Result<Duration, KvmError> {
+    let harvested = {
+        let mut collected = shared.ring.collected.lock();
+        vcpu.reap_own_dirty_ring(|offset| collected.push(offset))?
+    };
+    // Relaxed: a counter.
+    shared.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+    let d = limit.hold_for(&shared.pace, harvested);
+    // Relaxed: as the vCPU thread's stop checks. A limit lifted ends the
+    // hold too (`set_dirty_limit` rings).
+    Ok(shared.gate.hold_off(d, || shared.stop.load(Ordering::Relaxed) || shared.pace.ring_full_limit() == 0))
+}
+
 /// A VM running `migrate-perf` vCPU threads on KVM.
 #[derive(Debug)]
 pub struct KvmPerfVm {
@@ -274,6 +300,7 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     let mut done = 0u64;
     let program = &shared.programs[id as usize];
     let mut pace = PassPace::new(program.pages, program.write_pct);
+    let mut limit = RingFullLimit::default();
     loop {
         loop {
             // Before the checks: a change after them rings after it.
@@ -321,6 +348,12 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     if shared.stop.load(Ordering::Relaxed) {
                         return Ok(());
                     }
+                }
+                GuestExit::DirtyRingFull if shared.pace.ring_full_limit() > 0 => {
+                    let held = limit_at_ring_full(vcpu, shared, &mut limit)?;
+                    // Relaxed: a statistic (`vcpu_losses`).
+                    clock.throttle_ns.fetch_add(held.as_nanos() as u64, Ordering::Relaxed);
+                    hold(vcpu, done, shared)?;
                 }
                 GuestExit::DirtyRingFull => {
                     // Relaxed: see the wait for a release above.
@@ -451,7 +484,8 @@ impl KvmPerfVm {
             ring_full_exits: AtomicU64::new(0),
             gate,
             threads,
-            pace: Arc::new(DirtyPace::new(cfg.vcpus)),
+            pace: Arc::new(DirtyPace::new(cfg.vcpus, cfg.dirty_ring_bytes.is_some())),
+            ring: Arc::new(RingState::default()),
             programs: (0..cfg.vcpus).map(|id| cfg.pass_program(id)).collect(),
         });
         let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
@@ -471,6 +505,12 @@ impl KvmPerfVm {
         &self.cfg
     }
 
+    /// What the vCPU threads reaped of their own dirty rings (under a
+    /// dirty-limit), for the backend VM's harvest.
+    pub fn ring_state(&self) -> &Arc<RingState> {
+        &self.shared.ring
+    }
+
     /// The dirty rate inside passes, and the bytes stored.
     pub fn dirty_pace(&self) -> &Arc<DirtyPace> {
         &self.shared.pace
@@ -484,9 +524,12 @@ impl KvmPerfVm {
     }
 
     /// Caps each vCPU's dirty rate at `limit` bytes a second (`None`: no
-    /// cap): QEMU's dirty-limit, held at the chunk exits.
+    /// cap): QEMU's dirty-limit, held at the ring-full exits with the dirty
+    /// ring, else at the chunk exits.
     pub fn set_dirty_limit(&self, limit: Option<u64>) -> Result<(), KvmError> {
         self.shared.pace.set_limit(limit);
+        // A vCPU held at its ring-full exit sees a lifted limit at once.
+        self.shared.gate.bell().ring();
         self.set_pace_flags()
     }
 

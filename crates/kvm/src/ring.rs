@@ -77,6 +77,12 @@ impl KvmRing {
         self.entries
     }
 
+    /// Entries harvested from this ring since it was mapped, by any
+    /// harvester (wrapping).
+    pub fn harvested(&self) -> u32 {
+        *self.fetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Collects the entries KVM pushed since the last harvest, in order,
     /// and marks them harvested (for `KVM_RESET_DIRTY_RINGS`).
     pub fn harvest(&self, f: impl FnMut(u32, u64)) -> u32 {

@@ -203,8 +203,9 @@ pub struct VmSetup {
 /// A VM: `/dev/kvm`, `KVM_CREATE_VM`, the two memslots.
 pub struct KvmVm {
     // Field order is drop order: the VM fd closes before the memory's Arc
-    // goes (module invariant).
-    vm: VmFd,
+    // goes (module invariant). Shared with the vCPUs of a ring VM, for
+    // their own `KVM_RESET_DIRTY_RINGS` (`Vcpu::reap_own_dirty_ring`) only.
+    vm: Arc<VmFd>,
     memory: Arc<VmMemory>,
     test_pages: u64,
     logging: bool,
@@ -298,7 +299,7 @@ impl KvmVm {
             test: GuestMemory::map(test_bytes, populate)?,
         });
         let this = Self {
-            vm,
+            vm: Arc::new(vm),
             memory,
             test_pages: test_bytes / PAGE_SIZE,
             logging: false,
@@ -518,25 +519,30 @@ impl KvmVm {
             ..Default::default()
         };
         fd.set_regs(&r).map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+        let mut own_ring = None;
         if let Some(bytes) = self.dirty_ring_bytes {
             let ring = Arc::new(crate::ring::KvmRing::map(&fd, bytes)?);
-            self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ring);
+            self.rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ring.clone());
+            own_ring = Some((ring, self.vm.clone()));
         }
         // KVM_CAP_XSAVE2: the bytes KVM_GET_XSAVE fills (0: the
         // traditional 4096).
         let xsave_bytes = self.vm.check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into()).max(0) as usize;
-        Ok(Vcpu { fd, id, xsave_bytes, _memory: self.memory.clone() })
+        Ok(Vcpu { fd, id, xsave_bytes, own_ring, _memory: self.memory.clone() })
     }
 }
 
 /// A vCPU of a [`KvmVm`]; may move to its own thread.
 pub struct Vcpu {
-    // Field order is drop order: the vCPU fd closes before the memory's Arc
-    // goes (module invariant).
+    // Field order is drop order: the vCPU fd closes, then the VM fd if this
+    // vCPU held it last, before the memory's Arc goes (module invariant).
     fd: VcpuFd,
     id: u32,
     /// What `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` said.
     xsave_bytes: usize,
+    /// With the dirty ring: this vCPU's ring and the VM fd, for its
+    /// thread's own reap.
+    own_ring: Option<(Arc<crate::ring::KvmRing>, Arc<VmFd>)>,
     _memory: Arc<VmMemory>,
 }
 
@@ -690,6 +696,30 @@ impl Vcpu {
     /// The vCPU id.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Reaps this vCPU's own dirty ring, as QEMU's vCPU thread does at a
+    /// ring-full exit under a dirty-limit (`kvm_dirty_ring_reap_one`, then
+    /// `KVM_RESET_DIRTY_RINGS`, which resets what any harvester marked):
+    /// `f(offset)` for each test-slot entry pushed since the last harvest,
+    /// in order. Returns the ring's entries harvested so far, by any
+    /// harvester (wrapping): the vCPU's dirty pages. A ring found completely
+    /// full is [`KvmError::DirtyRingOverflow`], after the reset.
+    pub fn reap_own_dirty_ring(&self, mut f: impl FnMut(u64)) -> Result<u32, KvmError> {
+        let Some((ring, vm)) = &self.own_ring else {
+            return Err(BadConfig::NoDirtyRing.into());
+        };
+        let got = ring.harvest(|slot, offset| {
+            if slot == TEST_SLOT {
+                f(offset);
+            }
+        });
+        ioctls::reset_dirty_rings(vm)
+            .map_err(|source| KvmError::Ioctl { op: "KVM_RESET_DIRTY_RINGS", source })?;
+        if got == ring.entries() {
+            return Err(KvmError::DirtyRingOverflow);
+        }
+        Ok(ring.harvested())
     }
 
     /// One `KVM_RUN` (re-entered on `EINTR`/`EAGAIN`).

@@ -1177,9 +1177,12 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
 
     /// With the dirty ring, every [`REAP_EVERY`]: collects and resets the
     /// rings into `reaped`, so that no vCPU waits on a full ring for a whole
-    /// round (and KVM's never overflows).
+    /// round (and KVM's never overflows). Not under a dirty-limit, as
+    /// QEMU's reaper thread sleeps on then: each vCPU reaps its own ring
+    /// when it fills, and is held there (`DirtyPace`).
     fn reap(&mut self) -> Result<(), MigrationError> {
-        if self.vm.capabilities().dirty_ring.is_none() || self.last_reap.elapsed() < REAP_EVERY {
+        let limited = self.params.dirty_limit.is_some_and(|l| l > 0);
+        if self.vm.capabilities().dirty_ring.is_none() || limited || self.last_reap.elapsed() < REAP_EVERY {
             return Ok(());
         }
         self.last_reap = Instant::now();

@@ -16,14 +16,23 @@
 //! that the rate a guest really reached can be printed beside the one asked
 //! for.
 //!
-//! The same holds carry QEMU's dirty-limit (`vcpu-dirty-limit`, 8.1), which
-//! a migration sets ([`DirtyPace::set_limit`]): a cap on each vCPU's dirty
-//! rate, kept by holding that vCPU alone, never the others (auto-converge's
-//! throttle pauses them all). QEMU holds a vCPU at its dirty ring's full
-//! exit, for a time it recomputes each second from the ring's count; ours
-//! holds it at its next chunk's end, for exactly what the chunk's bytes
-//! exceed, with either dirty-log interface (a ring reaped every 20 ms, as
-//! our migration reaps it, rarely fills).
+//! QEMU's dirty-limit (`vcpu-dirty-limit`, 8.1), which a migration sets
+//! ([`DirtyPace::set_limit`]), caps each vCPU's dirty rate by holding that
+//! vCPU alone, never the others (auto-converge's throttle pauses them all).
+//! Where it is held depends on the VM's dirty log:
+//! - with the dirty ring, as QEMU does: at the vCPU's ring-full exit. The
+//!   vCPU thread reaps its own ring (QEMU's `kvm_dirty_ring_reap_one`;
+//!   the migration's periodic reaper stays asleep under the limit, as
+//!   QEMU's does, so that the rings fill), then sleeps ([`RingFullLimit`]).
+//!   QEMU's sleep (`throttle_us_per_full`) is recomputed once a second from
+//!   the vCPU's measured rate; ours is exactly what the pages the vCPU
+//!   dirtied since its last hold exceed at the limit, the value QEMU's
+//!   controller converges to. Its grain is the ring: a vCPU of a 65536-entry
+//!   ring dirties 256 MiB flat out between holds. The chunk exits stay on
+//!   (see [`DirtyPace::on`]), but hold nothing for the limit.
+//! - with the bitmaps, which QEMU's dirty-limit refuses (it needs the
+//!   ring's per-vCPU counts): at the vCPU's next chunk exit, for exactly
+//!   what the chunk's bytes exceed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,17 +51,27 @@ pub struct DirtyPace {
     per_vcpu: AtomicU64,
     /// The migration's dirty-limit, bytes a second a vCPU; 0: none.
     limit: AtomicU64,
+    /// Bumped by each [`Self::set_limit`], so that a vCPU measures its rate
+    /// under a limit from when that limit was set.
+    limit_epoch: AtomicU64,
+    /// Whether the limit is held at ring-full exits (the VM has a dirty
+    /// ring) rather than at chunk exits.
+    limit_at_ring_full: bool,
     /// Bytes the vCPUs stored so far, counted chunk by chunk.
     stored: AtomicU64,
 }
 
 impl DirtyPace {
-    /// The pace of a VM of `vcpus` vCPUs, off.
-    pub fn new(vcpus: u32) -> Self {
+    /// The pace of a VM of `vcpus` vCPUs, off; its dirty-limit held at
+    /// ring-full exits if `limit_at_ring_full` (the VM has a dirty ring),
+    /// else at chunk exits (module docs).
+    pub fn new(vcpus: u32, limit_at_ring_full: bool) -> Self {
         Self {
             vcpus: vcpus.max(1),
             per_vcpu: AtomicU64::new(0),
             limit: AtomicU64::new(0),
+            limit_epoch: AtomicU64::new(0),
+            limit_at_ring_full,
             stored: AtomicU64::new(0),
         }
     }
@@ -69,8 +88,10 @@ impl DirtyPace {
     /// Caps every vCPU's dirty rate at `limit` bytes a second (`None` or
     /// 0: no cap), whatever its pace.
     pub fn set_limit(&self, limit: Option<u64>) {
-        // Relaxed: as in `set`.
+        // Relaxed: as in `set`; a vCPU that reads the new epoch with the old
+        // limit (or the reverse) only starts its measure one hold late.
         self.limit.store(limit.unwrap_or(0), Ordering::Relaxed);
+        self.limit_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The dirty-limit, bytes a second a vCPU (0: none).
@@ -79,8 +100,30 @@ impl DirtyPace {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Whether a rate or a limit is set (the guest code then ends each
-    /// chunk with an exit).
+    /// Whether the dirty-limit is held at ring-full exits (module docs).
+    pub fn limit_at_ring_full(&self) -> bool {
+        self.limit_at_ring_full
+    }
+
+    /// The dirty-limit where chunk exits hold it (0: none, or held at
+    /// ring-full exits).
+    fn chunk_limit(&self) -> u64 {
+        if self.limit_at_ring_full { 0 } else { self.limit() }
+    }
+
+    /// The dirty-limit where ring-full exits hold it (0: none, or held at
+    /// chunk exits).
+    pub fn ring_full_limit(&self) -> u64 {
+        if self.limit_at_ring_full { self.limit() } else { 0 }
+    }
+
+    /// Whether a rate or a limit is set: the guest code then ends each
+    /// chunk with an exit. A limit held at ring-full exits needs them too,
+    /// on a host whose KVM emulates the guest's stores: there a vCPU that
+    /// never exits runs past its ring's soft limit and overflows it (KVM
+    /// checks the soft-full request only when it enters the guest, and the
+    /// emulator pushes an entry per store), where a CPU would fault on each
+    /// page's first store. An exit every 64 stores stays within the reserve.
     pub fn on(&self) -> bool {
         self.per_vcpu() > 0 || self.limit() > 0
     }
@@ -146,7 +189,7 @@ impl ChunkPacer {
     pub fn chunk_done(&mut self, pace: &DirtyPace, bytes: u64) -> Duration {
         pace.count(bytes);
         let share = |rate: u64| (rate > 0).then(|| Duration::from_secs_f64(bytes as f64 / rate as f64));
-        let (own, limited) = (share(pace.per_vcpu()), share(pace.limit()));
+        let (own, limited) = (share(pace.per_vcpu()), share(pace.chunk_limit()));
         let mut by_limit = Duration::ZERO;
         if let Some(share) = own.max(limited) {
             let (ran, credit) = (self.chunk_start.elapsed(), std::mem::take(&mut self.overslept));
@@ -176,6 +219,41 @@ impl ChunkPacer {
     }
 }
 
+/// One vCPU thread's side of a dirty-limit held at its ring-full exit
+/// (module docs): after the thread reaped its own full ring, how long to
+/// hold the vCPU.
+#[derive(Debug, Default)]
+pub struct RingFullLimit {
+    /// The limit's epoch the window below was opened under.
+    epoch: u64,
+    /// Since when, and from which of the ring's harvested count, the vCPU's
+    /// pages are measured: the end of its last hold.
+    since: Option<(Instant, u32)>,
+}
+
+impl RingFullLimit {
+    /// The vCPU reaped its full ring, whose entries harvested so far (by
+    /// any thread, a migration's syncs too) number `harvested`: the time
+    /// to hold it so that the pages it dirtied since its last hold have
+    /// taken their share at the limit. The first fill under a limit opens
+    /// the measure and holds nothing (what the vCPU dirtied before the
+    /// limit is not held against it).
+    pub fn hold_for(&mut self, pace: &DirtyPace, harvested: u32) -> Duration {
+        let (limit, now) = (pace.ring_full_limit(), Instant::now());
+        // Relaxed: as in `set_limit`.
+        let epoch = pace.limit_epoch.load(Ordering::Relaxed);
+        let hold = match self.since {
+            Some((at, from)) if self.epoch == epoch && limit > 0 => {
+                let bytes = u64::from(harvested.wrapping_sub(from)) * PAGE_SIZE;
+                Duration::from_secs_f64(bytes as f64 / limit as f64).saturating_sub(now - at)
+            }
+            _ => Duration::ZERO,
+        };
+        (self.epoch, self.since) = (epoch, Some((now + hold, harvested)));
+        hold
+    }
+}
+
 /// Bytes of a chunk of `pages` pages of which `write_pct`% are stores.
 pub fn chunk_bytes(pages: u64, write_pct: u8) -> u64 {
     pages * PAGE_SIZE * u64::from(write_pct) / 100
@@ -187,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_paced_vcpu_takes_each_chunk_s_share_of_time() {
-        let pace = DirtyPace::new(2);
+        let pace = DirtyPace::new(2, false);
         pace.set(Some(512 << 20));
         assert_eq!(pace.per_vcpu(), 256 << 20);
         let mut p = ChunkPacer::default();
@@ -213,4 +291,37 @@ mod tests {
         let held: Duration = (0..20).map(|_| p.chunk_done(&pace, chunk)).sum();
         assert!(t.elapsed() >= Duration::from_millis(9) && held > Duration::ZERO, "{held:?}");
     }
+
+    #[test]
+    fn a_ring_full_hold_is_what_the_pages_since_the_last_exceed_at_the_limit() {
+        let pace = DirtyPace::new(1, true);
+        let mut l = RingFullLimit::default();
+        // No limit: nothing held, and chunk exits stay off.
+        assert_eq!(l.hold_for(&pace, 1000), Duration::ZERO);
+        pace.set_limit(Some(4 * MIB));
+        assert!(pace.on(), "chunk exits, for KVM to check the soft limit");
+        assert_eq!(pace.ring_full_limit(), 4 * MIB);
+        // The first fill under the limit opens the measure.
+        assert_eq!(l.hold_for(&pace, 2000), Duration::ZERO);
+        // 1024 pages (4 MiB) at 4 MiB/s: a second, less the time since.
+        let held = l.hold_for(&pace, 3024);
+        assert!(held > Duration::from_millis(990) && held <= Duration::from_secs(1), "{held:?}");
+        // The harvested count wraps.
+        let mut w = RingFullLimit::default();
+        w.hold_for(&pace, u32::MAX - 511);
+        let held = w.hold_for(&pace, 512);
+        assert!(held > Duration::from_millis(990), "{held:?}");
+        // A new limit starts a new measure.
+        pace.set_limit(Some(8 * MIB));
+        assert_eq!(l.hold_for(&pace, 9000), Duration::ZERO);
+        // Held at chunk exits instead, a VM without a ring never holds here.
+        let chunks = DirtyPace::new(1, false);
+        chunks.set_limit(Some(MIB));
+        let mut c = RingFullLimit::default();
+        c.hold_for(&chunks, 0);
+        assert_eq!(c.hold_for(&chunks, 1 << 20), Duration::ZERO);
+        assert!(chunks.on());
+    }
+
+    const MIB: u64 = 1 << 20;
 }

@@ -156,6 +156,23 @@ impl VcpuGate {
         );
     }
 
+    /// vCPU side, outside guest mode: keeps the vCPU out for `d` (a
+    /// dirty-limit's hold at its ring-full exit), ending early when a pause
+    /// is requested (so that a pause never waits out a long hold: call
+    /// [`Self::hold`] next) or `stop()` says so. Returns how long it kept
+    /// the vCPU out.
+    pub fn hold_off(&self, d: Duration, stop: impl Fn() -> bool) -> Duration {
+        let t = Instant::now();
+        loop {
+            let ticket = self.bell.ticket();
+            let left = d.saturating_sub(t.elapsed());
+            if left.is_zero() || self.pause_requested() || stop() {
+                return t.elapsed();
+            }
+            self.bell.wait_for(ticket, left);
+        }
+    }
+
     /// The states the vCPUs saved at their last hold, by id (`None` for a
     /// vCPU never held). Meaningful while [`Self::pause`]d.
     pub fn saved(&self) -> Vec<Option<Vec<u8>>> {
@@ -243,14 +260,19 @@ impl Doorbell {
     /// Parks until a ring after `ticket` (at once if one came), or
     /// [`DOORBELL_TIMEOUT`].
     pub fn wait(&self, ticket: u64) {
+        self.wait_for(ticket, DOORBELL_TIMEOUT);
+    }
+
+    /// Parks until a ring after `ticket` (at once if one came), or
+    /// `timeout` (at most [`DOORBELL_TIMEOUT`]).
+    pub fn wait_for(&self, ticket: u64, timeout: Duration) {
         // SeqCst: see the type's docs.
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let g = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // SeqCst: see the type's docs.
         if self.rings.load(Ordering::SeqCst) == ticket {
-            drop(
-                self.cv.wait_timeout(g, DOORBELL_TIMEOUT).unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            let timeout = timeout.min(DOORBELL_TIMEOUT);
+            drop(self.cv.wait_timeout(g, timeout).unwrap_or_else(std::sync::PoisonError::into_inner));
         } else {
             drop(g);
         }
@@ -374,5 +396,24 @@ mod tests {
         let e = gate.pause(Duration::from_millis(5)).unwrap_err();
         assert_eq!((e.held, e.vcpus), (0, 1));
         assert!(e.to_string().contains("0 of 1 vCPUs paused"), "{e}");
+    }
+
+    #[test]
+    fn a_hold_off_lasts_its_time_unless_a_pause_or_a_stop_comes() {
+        let gate = Arc::new(VcpuGate::new(1, Box::new(|| {})));
+        let held = gate.hold_off(Duration::from_millis(20), || false);
+        assert!(held >= Duration::from_millis(20), "{held:?}");
+        // A pause ends a long hold at once (the vCPU then holds at the gate).
+        let g = gate.clone();
+        let pauser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            g.request_pause();
+        });
+        let held = gate.hold_off(Duration::from_secs(30), || false);
+        pauser.join().unwrap();
+        assert!(held < Duration::from_secs(10), "{held:?}");
+        gate.resume();
+        // So does a stop.
+        assert!(gate.hold_off(Duration::from_secs(30), || true) < Duration::from_secs(1));
     }
 }

@@ -278,6 +278,19 @@ impl Vcpu {
         self.shared.id()
     }
 
+    /// Reaps this vCPU's own dirty ring, as QEMU's vCPU thread does at a
+    /// ring-full exit under a dirty-limit (`kvm_dirty_ring_reap_one`, then
+    /// `KVM_RESET_DIRTY_RINGS`, which resets what any harvester marked):
+    /// `f(slot, offset)` for each entry pushed since the last harvest, in
+    /// order. Returns the ring's entries harvested so far, by any harvester
+    /// (wrapping): the vCPU's dirty pages.
+    pub fn reap_own_dirty_ring(&self, f: impl FnMut(u32, u64)) -> Result<u32, crate::DirtyRingError> {
+        let ring = self.ring.as_ref().ok_or(crate::DirtyRingError::NotEnabled)?;
+        self.kvm.harvest_dirty_ring(self.id(), f)?;
+        self.kvm.reset_dirty_rings()?;
+        Ok(ring.ring.harvested())
+    }
+
     /// What it has lost so far, live (the thread that runs it adds its own
     /// waits: throttle, ring full).
     pub fn loss_counters(&self) -> Arc<VcpuLossCounters> {

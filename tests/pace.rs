@@ -95,3 +95,30 @@ fn a_dirty_limit_holds_each_vcpu_at_its_ring_full_exit() {
         held_at_ring_full(kvm.start_passes(&spec).unwrap(), "kvm");
     }
 }
+
+/// A dirty-limit of 64 KiB/s holds a vCPU four seconds a chunk: a pause
+/// (a stop-and-copy's) must not wait that out, on either backend, with the
+/// bitmaps (held at chunk exits) or the ring (at ring-full exits).
+fn paused_while_held(vm: Box<dyn PassVm>, what: &str) {
+    vm.set_dirty_limit(Some(64 << 10)).unwrap();
+    vm.release(u64::MAX);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    vm.vcpu_gate().pause(Duration::from_secs(3)).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(t.elapsed() < Duration::from_secs(1), "{what}: the pause took {:?}", t.elapsed());
+    vm.vcpu_gate().resume();
+}
+
+#[test]
+fn a_pause_ends_a_dirty_limit_s_hold() {
+    let spec = PassSpec::sweep(2, 64 * MIB, 3);
+    let ring = EngineBackend { dirty_ring: Some(RingEntries(RING)), ..EngineBackend::default() };
+    for backend in [EngineBackend::default(), ring] {
+        let mut vm = backend.start_passes(&spec).unwrap();
+        vm.set_dirty_logging(true).unwrap();
+        paused_while_held(vm, &backend.name());
+    }
+    if usable_or_skip() {
+        paused_while_held(KvmBackend::default().start_passes(&spec).unwrap(), "kvm");
+    }
+}

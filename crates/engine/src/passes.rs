@@ -467,6 +467,12 @@ impl SweeperLinks {
         self.loss.throttle_ns.add(t.elapsed().as_nanos() as u64);
     }
 
+    /// Outside guest mode: keeps the vCPU out for `d` (a chunk's pace or
+    /// dirty-limit), or until a pause or a stop.
+    fn hold_off(&self, d: Duration) -> Duration {
+        self.gate.hold_off(d, || self.ctl.stop_requested())
+    }
+
     /// Outside guest mode, before the next pass: takes a restored state,
     /// holds while paused, and returns when pass `done + 1` is released or
     /// a stop is requested.
@@ -570,11 +576,12 @@ impl SweeperLinks {
         let r = loop {
             match vcpu.run(&mut guest) {
                 Ok(VcpuExit::Hypercall(HC_CHUNK)) => {
-                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes(), |d| self.hold_off(d));
                     self.loss.throttle_ns.add(held.as_nanos() as u64);
+                    self.hold(&guest, done);
                 }
                 Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
-                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes());
+                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes(), |d| self.hold_off(d));
                     self.loss.throttle_ns.add(held.as_nanos() as u64);
                     // Relaxed: published by the release increment below.
                     clock.last_pass_ns.store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -373,7 +373,10 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                     clock.ring_full_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
                 GuestExit::Ucall(UCALL_CHUNK) => {
-                    let held = pace.chunk_done(&shared.pace);
+                    // Relaxed: as the stop checks above.
+                    let wait = |d| shared.gate.hold_off(d, || shared.stop.load(Ordering::Relaxed));
+                    let held = pace.chunk_done(&shared.pace, wait);
+                    hold(vcpu, done, shared)?;
                     // Relaxed: a statistic (`vcpu_losses`).
                     clock.throttle_ns.fetch_add(held.as_nanos() as u64, Ordering::Relaxed);
                 }
@@ -417,12 +420,12 @@ impl PassPace {
 
     /// A `UCALL_CHUNK`: the chunk's share of time. Returns the part of the
     /// wait a dirty-limit added.
-    fn chunk_done(&mut self, pace: &DirtyPace) -> Duration {
+    fn chunk_done(&mut self, pace: &DirtyPace, wait: impl FnOnce(Duration) -> Duration) -> Duration {
         let pages = chunk_pages(self.pass_pages, self.chunk);
         self.chunk += 1;
         let bytes = chunk_bytes(u64::from(pages), self.write_pct);
         self.counted += bytes;
-        self.pacer.chunk_done(pace, bytes)
+        self.pacer.chunk_done(pace, bytes, wait)
     }
 
     /// A pass is done: what its chunks did not count (all of it, without a

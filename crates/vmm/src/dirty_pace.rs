@@ -33,6 +33,10 @@
 //! - with the bitmaps, which QEMU's dirty-limit refuses (it needs the
 //!   ring's per-vCPU counts): at the vCPU's next chunk exit, for exactly
 //!   what the chunk's bytes exceed.
+//!
+//! Either hold, and a paced chunk's wait, goes through the vCPU's
+//! [`VcpuGate::hold_off`](crate::VcpuGate::hold_off): a pause ends it at
+//! once, so that a stop-and-copy never waits out a hold.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -183,10 +187,19 @@ impl Default for ChunkPacer {
 
 impl ChunkPacer {
     /// A chunk that stored `bytes` ended: counts them and, under a pace or
-    /// a limit, waits until the chunk has taken its share of time at the
-    /// lower of the two. Returns the part of the wait the limit added (the
-    /// guest's own pace is not a loss).
-    pub fn chunk_done(&mut self, pace: &DirtyPace, bytes: u64) -> Duration {
+    /// a limit, waits with `wait` until the chunk has taken its share of
+    /// time at the lower of the two. `wait(d)` keeps the vCPU out for `d`
+    /// and returns how long it did: a vCPU thread waits through its
+    /// [`VcpuGate::hold_off`](crate::VcpuGate::hold_off), so that a pause
+    /// ends the wait (with the bitmaps, QEMU's dirty-limit has no other
+    /// place to hold a vCPU than its gate). Returns the part of the wait
+    /// the limit added (the guest's own pace is not a loss).
+    pub fn chunk_done(
+        &mut self,
+        pace: &DirtyPace,
+        bytes: u64,
+        wait: impl FnOnce(Duration) -> Duration,
+    ) -> Duration {
         pace.count(bytes);
         let share = |rate: u64| (rate > 0).then(|| Duration::from_secs_f64(bytes as f64 / rate as f64));
         let (own, limited) = (share(pace.per_vcpu()), share(pace.chunk_limit()));
@@ -196,15 +209,13 @@ impl ChunkPacer {
             let left = |s: Duration| s.saturating_sub(ran).saturating_sub(credit);
             let want = left(share);
             if !want.is_zero() {
-                let t = Instant::now();
-                std::thread::sleep(want);
-                let waited = t.elapsed();
+                let waited = wait(want);
                 // A late wake-up only: never more than the chunk's share, so
                 // a vCPU descheduled for long does not run flat out after.
                 self.overslept = waited.saturating_sub(want).min(share);
                 if limited > own {
                     // What the guest's own pace would not have waited.
-                    by_limit = want - own.map_or(Duration::ZERO, left);
+                    by_limit = waited.min(want).saturating_sub(own.map_or(Duration::ZERO, left));
                 }
             }
         }
@@ -272,7 +283,7 @@ mod tests {
         let chunk = chunk_bytes(PACE_CHUNK_PAGES, 100);
         let t = Instant::now();
         for _ in 0..100 {
-            p.chunk_done(&pace, chunk);
+            p.chunk_done(&pace, chunk, sleep);
         }
         // 100 chunks of 256 KiB at 256 MiB/s, 1/1024 s each: 97.66 ms at
         // least (the oversleep credit only gives back what a wait overslept).
@@ -281,15 +292,32 @@ mod tests {
         assert_eq!(pace.stored(), 100 * chunk);
         // Off: no wait.
         pace.set(None);
-        assert_eq!(p.chunk_done(&pace, chunk), Duration::ZERO);
+        assert_eq!(p.chunk_done(&pace, chunk, sleep), Duration::ZERO);
         assert!(!pace.on());
         // A dirty-limit of 512 MiB/s: 20 chunks take 10 ms at least, all
         // of the wait the limit's.
         pace.set_limit(Some(512 << 20));
         assert!(pace.on());
         let t = Instant::now();
-        let held: Duration = (0..20).map(|_| p.chunk_done(&pace, chunk)).sum();
+        let held: Duration = (0..20).map(|_| p.chunk_done(&pace, chunk, sleep)).sum();
         assert!(t.elapsed() >= Duration::from_millis(9) && held > Duration::ZERO, "{held:?}");
+    }
+
+    fn sleep(d: Duration) -> Duration {
+        let t = Instant::now();
+        std::thread::sleep(d);
+        t.elapsed()
+    }
+
+    #[test]
+    fn a_wait_cut_short_counts_only_what_it_waited() {
+        let pace = DirtyPace::new(1, false);
+        pace.set_limit(Some(1 << 20));
+        let mut p = ChunkPacer::default();
+        // 256 KiB at 1 MiB/s: a quarter second asked, 1 ms waited (a pause
+        // came): 1 ms of it is the limit's.
+        let held = p.chunk_done(&pace, chunk_bytes(PACE_CHUNK_PAGES, 100), |_| Duration::from_millis(1));
+        assert_eq!(held, Duration::from_millis(1));
     }
 
     #[test]

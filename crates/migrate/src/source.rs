@@ -999,8 +999,10 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
         hooks.phase(Phase::ReadyReceived);
         self.open_streams(header)?;
-        self.vm.set_dirty_logging(true)?;
+        // The limit first: a ring that fills under it finds its vCPU's
+        // guest already exiting at each chunk (`DirtyPace::on`).
         self.vm.set_dirty_limit(self.params.dirty_limit)?;
+        self.vm.set_dirty_logging(true)?;
         self.stall_marks = self.vcpu_loss().map(|l| StallMarks { start: l, round_start: l, last: l });
         self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
         Ok(())

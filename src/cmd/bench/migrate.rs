@@ -235,8 +235,15 @@ fn spawn_destination(
     Ok((child, addr.to_string()))
 }
 
-/// How long the computing vCPU's speed is measured before a migration.
+/// How long the computing vCPU's speed is measured before a migration, at
+/// least: from a pass's end, until [`COMPUTE_BASELINE_PASSES`] more ended
+/// (a KVM guest's computing vCPU makes two passes a second), or at most
+/// [`COMPUTE_BASELINE_MAX`].
 const COMPUTE_BASELINE: Duration = Duration::from_millis(500);
+/// Passes the computing vCPU's baseline counts, at least.
+const COMPUTE_BASELINE_PASSES: u64 = 2;
+/// The longest the baseline waits for them.
+const COMPUTE_BASELINE_MAX: Duration = Duration::from_secs(10);
 
 /// One migration of the sweep.
 #[derive(Debug, Clone, Copy)]
@@ -428,11 +435,17 @@ fn migrate_one(
     let computing = (a.compute_vcpus > 0).then(|| desc.vcpus as usize - 1);
     // The computing vCPU's speed at the guest's pace, before the migration.
     let before = computing.map(|id| {
+        let mut wait_until = |done: &dyn Fn(u64, Duration) -> bool| {
+            let t = Instant::now();
+            while !done(vm.vcpu_passes()[id], t.elapsed()) && t.elapsed() < COMPUTE_BASELINE_MAX {
+                SourceHooks::tick(&mut pacing, vm.as_ref());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let p = vm.vcpu_passes()[id];
+        wait_until(&|n, _| n > p);
         let (p, t) = (vm.vcpu_passes()[id], Instant::now());
-        while t.elapsed() < COMPUTE_BASELINE {
-            SourceHooks::tick(&mut pacing, vm.as_ref());
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(&|n, ran| ran >= COMPUTE_BASELINE && n >= p + COMPUTE_BASELINE_PASSES);
         (vm.vcpu_passes()[id] - p) as f64 / t.elapsed().as_secs_f64()
     });
     let (p0, c0) = (vm.passes_done(), computing.map(|id| vm.vcpu_passes()[id]));

@@ -467,6 +467,15 @@ impl SweeperLinks {
         self.loss.throttle_ns.add(t.elapsed().as_nanos() as u64);
     }
 
+    /// A chunk ended (the pace's exit, or the pass's end): counts its
+    /// stores, and keeps the vCPU out for the pace's or the limit's share.
+    fn chunk_done(&self, pacer: &mut ChunkPacer, guest: &mut WorkloadGuest) {
+        let (pace, bytes) = (self.ctl.pace(), guest.take_chunk_bytes());
+        pace.count(bytes);
+        let held = pacer.chunk_done(pace, bytes, |d| self.hold_off(d));
+        self.loss.throttle_ns.add(held.as_nanos() as u64);
+    }
+
     /// Outside guest mode: keeps the vCPU out for `d` (a chunk's pace or
     /// dirty-limit), or until a pause or a stop.
     fn hold_off(&self, d: Duration) -> Duration {
@@ -576,13 +585,11 @@ impl SweeperLinks {
         let r = loop {
             match vcpu.run(&mut guest) {
                 Ok(VcpuExit::Hypercall(HC_CHUNK)) => {
-                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes(), |d| self.hold_off(d));
-                    self.loss.throttle_ns.add(held.as_nanos() as u64);
+                    self.chunk_done(&mut pacer, &mut guest);
                     self.hold(&guest, done);
                 }
                 Ok(VcpuExit::Hypercall(HC_PASS_DONE)) => {
-                    let held = pacer.chunk_done(&pace, guest.take_chunk_bytes(), |d| self.hold_off(d));
-                    self.loss.throttle_ns.add(held.as_nanos() as u64);
+                    self.chunk_done(&mut pacer, &mut guest);
                     // Relaxed: published by the release increment below.
                     clock.last_pass_ns.store(pass_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     done += 1;

@@ -116,6 +116,12 @@ impl Asm {
     }
 
     /// `mov r32, [base + disp8]`: `8B /r`.
+    /// `add [base + disp], src`: a read-modify-write of guest memory.
+    pub(crate) fn add_to_mem(&mut self, base: Reg, disp: i8, src: Reg) {
+        self.emit(&[0x01]);
+        self.mem_operand(src as u8, base, disp);
+    }
+
     pub(crate) fn load(&mut self, dst: Reg, base: Reg, disp: i8) {
         self.emit(&[0x8b]);
         self.mem_operand(dst as u8, base, disp);
@@ -245,6 +251,8 @@ mod tests {
         // mov 0x8(%esi),%eax / mov 0xc(%esi),%edx
         assert_eq!(bytes(|a| a.load(Eax, Esi, 8)), [0x8b, 0x46, 0x08]);
         assert_eq!(bytes(|a| a.load(Edx, Esi, 12)), [0x8b, 0x56, 0x0c]);
+        // add %ecx,0x18(%edi)
+        assert_eq!(bytes(|a| a.add_to_mem(Edi, 24, Ecx)), [0x01, 0x4f, 0x18]);
     }
 
     #[test]

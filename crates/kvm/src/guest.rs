@@ -32,8 +32,9 @@ pub const UCALL_SCRIPT_DONE: u8 = 2;
 /// Ucall code: [`probe_program`] ran to its end.
 pub const UCALL_PROBE: u8 = 3;
 /// Ucall code: a chunk of [`pass_program`] is done and the host set the
-/// pace flag: the vCPU thread keeps the dirty rate
-/// ([`shadow_mmu_vmm::ChunkPacer`]).
+/// pace flag: the vCPU thread calibrates the guest's delay
+/// ([`crate::delay`]), holds it for a dirty-limit
+/// ([`shadow_mmu_vmm::ChunkPacer`]), or lets KVM check its dirty ring.
 pub const UCALL_CHUNK: u8 = 4;
 /// Pages of a chunk of [`pass_program`] (a pass's first chunk holds the
 /// remainder: 1 to this many pages).
@@ -48,6 +49,14 @@ pub fn chunk_pages(pages: u32, k: u32) -> u32 {
 /// Where the pace flag is, from the pass word: a `u32` the host sets to
 /// non-zero for a chunk exit after each chunk.
 pub const PACE_FLAG_OFFSET: u32 = 8;
+/// Where the delay is, from the pass word: a `u32` count of iterations of
+/// the delay loop the guest runs after each chunk (0: none), which the
+/// host calibrates to the guest's pace.
+pub const DELAY_OFFSET: u32 = 16;
+/// Where the guest counts the pages it began, from the pass word: a
+/// wrapping `u32` it adds each chunk's pages to as the chunk begins, from
+/// which the host counts the bytes stored.
+pub const PAGES_BEGUN_OFFSET: u32 = 24;
 
 /// Which of the programs a vCPU runs: an unexpected exit names it, as the
 /// same exit means something else in each.
@@ -136,28 +145,35 @@ fn emit_lcg_step(a: &mut Asm) {
 ///        mov ebx, base_gpa
 ///        mov esp, chunks - 1         ; chunks of CHUNK_PAGES, the first
 ///        mov ecx, first              ; one the remainder (1..=CHUNK_PAGES)
+/// chunk: add [edi + PAGES_BEGUN_OFFSET], ecx
 /// next:  ; random: esi = lcg(esi); edx = base_gpa + 4096 * hi32(esi * pages)
 ///        ; mixed:  esi = lcg(esi); store iff esi < write_pct% of 2^32
 ///        movq [page], mm0            ; or movq mm1, [page] for a load
 ///        add ebx, 4096               ; (sequential)
 ///        dec ecx
 ///        jne next
-///        mov eax, [edi + PACE_FLAG_OFFSET]
+///        mov eax, [edi + DELAY_OFFSET]
+///        cmp eax, 0
+///        je nodelay
+/// delay: dec eax                     ; the calibrated delay: the pace
+///        jne delay
+/// nodelay: mov eax, [edi + PACE_FLAG_OFFSET]
 ///        cmp eax, 0
 ///        je nopace
 ///        mov eax, UCALL_CHUNK        ; a chunk is done: the host's pace
 ///        out UCALL_PORT, al
 /// nopace: mov ecx, CHUNK_PAGES
 ///        dec esp
-///        jns next
+///        jns chunk
 ///        mov eax, UCALL_PASS_DONE
 ///        out UCALL_PORT, al
 ///        jmp pass
 /// ```
 ///
-/// The per-page loop is the one before chunks; a chunk adds six
-/// instructions per 64 pages (an emulated guest pays each). `esp` serves
-/// as the chunk count: the program has no stack.
+/// The per-page loop is the one before chunks; a chunk adds ten
+/// instructions per 64 pages (an emulated guest pays each), and two per
+/// iteration of its delay. `esp` serves as the chunk count: the program has
+/// no stack.
 ///
 /// Registers at entry: `ebp` = 0 (passes done), `esi` = LCG seed.
 pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
@@ -174,6 +190,9 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     a.mov_imm(Ebx, p.base_gpa);
     a.mov_imm(Esp, p.pages.div_ceil(CHUNK_PAGES) - 1);
     a.mov_imm(Ecx, chunk_pages(p.pages, 0));
+    let chunk = a.label();
+    a.bind(chunk);
+    a.add_to_mem(Edi, PAGES_BEGUN_OFFSET as i8, Ecx);
     a.bind(next);
     let page = if p.random {
         emit_lcg_step(&mut a);
@@ -206,6 +225,14 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     }
     a.dec(Ecx);
     a.jcc(Cond::NotEq, next);
+    let (delay, nodelay) = (a.label(), a.label());
+    a.load(Eax, Edi, DELAY_OFFSET as i8);
+    a.cmp_imm(Eax, 0);
+    a.jcc(Cond::Eq, nodelay);
+    a.bind(delay);
+    a.dec(Eax);
+    a.jcc(Cond::NotEq, delay);
+    a.bind(nodelay);
     let nopace = a.label();
     a.load(Eax, Edi, PACE_FLAG_OFFSET as i8);
     a.cmp_imm(Eax, 0);
@@ -215,7 +242,7 @@ pub fn pass_program(p: &PassProgram) -> Result<Vec<u8>, KvmError> {
     a.bind(nopace);
     a.mov_imm(Ecx, CHUNK_PAGES);
     a.dec(Esp);
-    a.jcc(Cond::NotSign, next);
+    a.jcc(Cond::NotSign, chunk);
     a.mov_imm(Eax, u32::from(UCALL_PASS_DONE));
     a.out_al(UCALL_PORT as u8);
     a.jmp(pass);

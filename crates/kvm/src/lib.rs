@@ -37,6 +37,7 @@
 
 mod asm;
 pub mod backend;
+pub mod delay;
 pub mod error;
 pub mod guest;
 pub mod ioctls;

@@ -36,15 +36,17 @@ use std::time::{Duration, Instant};
 
 use shadow_mmu_core::spte::PAGE_SIZE;
 
+use crate::delay::{Calibration, DelayModel};
 use crate::error::{BadConfig, KvmError, UnexpectedExit};
 use crate::guest::{
-    PACE_FLAG_OFFSET, PassProgram, Program, UCALL_CHUNK, UCALL_PASS_DONE, chunk_pages, pass_program,
+    CHUNK_PAGES, DELAY_OFFSET, PACE_FLAG_OFFSET, PAGES_BEGUN_OFFSET, PassProgram, Program, UCALL_CHUNK,
+    UCALL_PASS_DONE, chunk_pages, pass_program,
 };
-use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
+use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmMemory, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
-    ChunkPacer, DirtyLogProtect, DirtyPace, RingFullLimit, RingState, VcpuGate, VcpuLoss, chunk_bytes,
-    is_compute_vcpu,
+    ChunkPacer, DirtyLogProtect, DirtyPace, GuestCount, RingFullLimit, RingState, VcpuGate, VcpuLoss,
+    chunk_bytes, is_compute_vcpu,
 };
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
@@ -159,6 +161,9 @@ struct PassClock {
     throttle_ns: AtomicU64,
     /// ns it waited on a full dirty ring.
     ring_full_ns: AtomicU64,
+    /// Exits to the thread so far: the pacer corrects the delay only over
+    /// a window without one.
+    exits: AtomicU64,
 }
 
 /// What the host and the vCPU threads share.
@@ -185,6 +190,132 @@ struct PerfShared {
     ring: Arc<RingState>,
     /// Each vCPU's program: its pages a pass, and the share of them stored.
     programs: Box<[PassProgram]>,
+    /// The guest memory, for the pass words (`pass_word`).
+    memory: Arc<VmMemory>,
+    /// Each vCPU's delay model, once its thread calibrated it
+    /// ([`crate::delay`]).
+    delay: Box<[Mutex<Option<DelayModel>>]>,
+}
+
+impl PerfShared {
+    /// vCPU `id`'s pass word at byte `offset` (inside the control slot: the
+    /// slot was sized for every pass word).
+    fn pass_word(&self, id: u32, offset: u32) -> &AtomicU64 {
+        let gpa = self.programs[id as usize].pass_word_gpa + offset;
+        &self.memory.control.words()[(gpa / 8) as usize]
+    }
+
+    /// Sets vCPU `id`'s delay and pace flag for the rate and the limit now
+    /// set: the delay its model gives for the rate, and chunk exits while
+    /// a limit is set (its holds), the model is still to calibrate, or the
+    /// VM has a dirty ring and a rate (KVM checks a ring's soft limit only
+    /// when it enters the guest, and on a host that emulates the stores a
+    /// guest that never exits overflows its ring: `DirtyPace::on`). Under
+    /// the vCPU's model lock, which its thread takes to publish the model,
+    /// so that the last to set the words read the latest rate.
+    fn apply_pace(&self, id: u32) {
+        let model = self.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.set_pace_words(id, *model);
+    }
+
+    /// The guest of vCPU `id` began `pages` pages in `window` without an
+    /// exit: corrects its model, if it has one and a rate is set, and sets
+    /// the delay the model then gives.
+    fn correct_pace(&self, id: u32, pages: u32, window: Duration) {
+        let mut model = self.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bytes = chunk_bytes(u64::from(CHUNK_PAGES), self.programs[id as usize].write_pct);
+        let rate = self.pace.per_vcpu();
+        let Some(m) = model.as_mut().filter(|_| rate > 0 && bytes > 0) else { return };
+        let chunk_ns = window.as_nanos() as f64 * f64::from(CHUNK_PAGES) / f64::from(pages);
+        // Relaxed: our own last store (or the calibration's), under the lock.
+        let delay = self.pass_word(id, DELAY_OFFSET).load(Ordering::Relaxed) as u32;
+        m.correct(chunk_ns, delay, DelayModel::share_ns(bytes, rate));
+        self.set_pace_words(id, *model);
+    }
+
+    /// `apply_pace`'s words, for `model` (the caller holds its lock).
+    fn set_pace_words(&self, id: u32, model: Option<DelayModel>) {
+        let bytes = chunk_bytes(u64::from(CHUNK_PAGES), self.programs[id as usize].write_pct);
+        let rate = self.pace.per_vcpu();
+        let calibrating = rate > 0 && bytes > 0 && model.is_none();
+        // Relaxed: words the guest reads at its next chunk's end; nothing
+        // else is published through them.
+        if !calibrating {
+            let delay = model.map_or(0, |m| m.delay_for(bytes, rate));
+            self.pass_word(id, DELAY_OFFSET).store(u64::from(delay), Ordering::Relaxed);
+        }
+        let ring = self.pace.limit_at_ring_full();
+        let exits = calibrating || self.pace.limit() > 0 || (ring && rate > 0);
+        self.pass_word(id, PACE_FLAG_OFFSET).store(u64::from(exits), Ordering::Relaxed);
+    }
+}
+
+/// How often the pacer thread looks at each vCPU's guest.
+const PACE_TICK: Duration = Duration::from_millis(20);
+/// Pages a vCPU's guest begins between two corrections, at least: sixteen
+/// chunks, so that the count's grain (a chunk) biases the chunk time it
+/// shows by well under a percent.
+const PACE_WINDOW_PAGES: u32 = 16 * CHUNK_PAGES;
+
+/// Where a vCPU's current window began: its guest's page count, its
+/// thread's exits, the time.
+#[derive(Clone, Copy)]
+struct PaceWindow {
+    pages: u32,
+    exits: u64,
+    at: Instant,
+}
+
+/// The pacer thread ([`crate::delay`]): every [`PACE_TICK`], for each vCPU
+/// whose guest began [`PACE_WINDOW_PAGES`] pages since its window opened,
+/// without an exit, corrects its delay model with the chunk time the count
+/// shows, sets the delay the model then gives, and opens a new window (an
+/// exit opens one too). Ends at the VM's stop.
+fn pacer_thread(shared: Arc<PerfShared>) {
+    let n = shared.programs.len() as u32;
+    let read = |id: u32| PaceWindow {
+        // Relaxed: the guest's count is a statistic; the exits too.
+        pages: shared.pass_word(id, PAGES_BEGUN_OFFSET).load(Ordering::Relaxed) as u32,
+        exits: shared.clocks[id as usize].exits.load(Ordering::Relaxed),
+        at: Instant::now(),
+    };
+    let mut windows: Vec<PaceWindow> = (0..n).map(read).collect();
+    // Relaxed: as the vCPU threads' stop checks; `stop` rings the bell.
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (ticket, tick) = (shared.gate.bell().ticket(), Instant::now());
+        while tick.elapsed() < PACE_TICK && !shared.stop.load(Ordering::Relaxed) {
+            shared.gate.bell().wait_for(ticket, PACE_TICK.saturating_sub(tick.elapsed()));
+        }
+        for (id, w) in (0..n).zip(windows.iter_mut()) {
+            let now = read(id);
+            let pages = now.pages.wrapping_sub(w.pages);
+            if now.exits != w.exits {
+                *w = now;
+            } else if pages >= PACE_WINDOW_PAGES {
+                shared.correct_pace(id, pages, now.at - w.at);
+                *w = now;
+            }
+        }
+    }
+}
+
+/// The bytes the guests of `programs` stored, from the pages each counted
+/// as it began a chunk: at most a chunk a vCPU ahead, and each counter
+/// wraps at 2^32 pages (16 TiB). It owns what it reads (no cycle through
+/// the `PerfShared` that owns the pace).
+fn guest_count(memory: Arc<VmMemory>, programs: &[PassProgram]) -> GuestCount {
+    let words: Vec<(usize, u8)> = programs
+        .iter()
+        .map(|p| (((p.pass_word_gpa + PAGES_BEGUN_OFFSET) / 8) as usize, p.write_pct))
+        .collect();
+    GuestCount(Box::new(move || {
+        let control = memory.control.words();
+        // Relaxed: a statistic; the guest's add is one aligned 4-byte write.
+        words
+            .iter()
+            .map(|&(w, pct)| chunk_bytes(u64::from(control[w].load(Ordering::Relaxed) as u32), pct))
+            .sum()
+    }))
 }
 
 /// The live vCPU threads of a VM, by id, for [`KickList::kick`]: each
@@ -276,6 +407,8 @@ pub struct KvmPerfVm {
     shared: Arc<PerfShared>,
     /// The vCPU threads, by vCPU id.
     threads: Vec<JoinHandle<()>>,
+    /// The pacer thread (`pacer_thread`).
+    pacer: Option<JoinHandle<()>>,
     vm: KvmVm,
     cfg: KvmPerfConfig,
 }
@@ -335,8 +468,16 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
         }
         let t = Instant::now();
         pace.pass_begins();
+        // The last exit ended a chunk: the next run is one whole chunk.
+        let mut after_chunk = false;
         loop {
-            match vcpu.run_interruptible(&|| shared.gate.pause_requested())? {
+            let entered = Instant::now();
+            let exit = vcpu.run_interruptible(&|| shared.gate.pause_requested())?;
+            // Relaxed: read by the pacer thread, which only needs to see
+            // that the count moved.
+            clock.exits.fetch_add(1, Ordering::Relaxed);
+            let whole_chunk = std::mem::replace(&mut after_chunk, exit == GuestExit::Ucall(UCALL_CHUNK));
+            match exit {
                 GuestExit::Interrupted => {
                     // Kicked out of a pass: hold mid-pass (the registers say
                     // where the pass is).
@@ -375,15 +516,13 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
                 GuestExit::Ucall(UCALL_CHUNK) => {
                     // Relaxed: as the stop checks above.
                     let wait = |d| shared.gate.hold_off(d, || shared.stop.load(Ordering::Relaxed));
-                    let held = pace.chunk_done(&shared.pace, wait);
+                    let ran = whole_chunk.then(|| entered.elapsed());
+                    let held = pace.chunk_done(shared, id, ran, wait);
                     hold(vcpu, done, shared)?;
                     // Relaxed: a statistic (`vcpu_losses`).
                     clock.throttle_ns.fetch_add(held.as_nanos() as u64, Ordering::Relaxed);
                 }
-                GuestExit::Ucall(UCALL_PASS_DONE) => {
-                    pace.pass_done(&shared.pace);
-                    break;
-                }
+                GuestExit::Ucall(UCALL_PASS_DONE) => break,
                 exit => return Err(UnexpectedExit::Exit { vcpu: id, program: Program::Pass, exit }.into()),
             }
         }
@@ -398,41 +537,70 @@ fn vcpu_loop(vcpu: &mut Vcpu, shared: &PerfShared) -> Result<(), KvmError> {
     }
 }
 
-/// A vCPU thread's side of the dirty rate: which chunk of the pass the
-/// guest is in (the first holds the remainder), and the bytes counted.
+/// A vCPU thread's side of the dirty rate, at its chunk exits: which
+/// chunk of the pass the guest is in (the first holds the remainder; after
+/// exits begin mid-pass, or a restore, the count is a guess until the next
+/// pass), the holds, and the calibration of its delay. The guest counts its
+/// own stores (`guest_count`).
 struct PassPace {
     pacer: ChunkPacer,
     pass_pages: u32,
     write_pct: u8,
     chunk: u32,
-    counted: u64,
+    /// While the vCPU's delay model is being calibrated: the samples.
+    calibration: Option<Calibration>,
 }
 
 impl PassPace {
     fn new(pass_pages: u32, write_pct: u8) -> Self {
-        Self { pacer: ChunkPacer::default(), pass_pages, write_pct, chunk: 0, counted: 0 }
+        Self { pacer: ChunkPacer::default(), pass_pages, write_pct, chunk: 0, calibration: None }
     }
 
     fn pass_begins(&mut self) {
-        (self.chunk, self.counted) = (0, 0);
+        self.chunk = 0;
         self.pacer.restart();
     }
 
-    /// A `UCALL_CHUNK`: the chunk's share of time. Returns the part of the
-    /// wait a dirty-limit added.
-    fn chunk_done(&mut self, pace: &DirtyPace, wait: impl FnOnce(Duration) -> Duration) -> Duration {
+    /// A `UCALL_CHUNK` after `ran` in the guest (`None`: the run was not one
+    /// whole chunk): a sample for vCPU `id`'s calibration if it is under
+    /// way, then the chunk's share of time at the pace or the limit. Returns
+    /// the part of the wait the limit added.
+    fn chunk_done(
+        &mut self,
+        shared: &PerfShared,
+        id: u32,
+        ran: Option<Duration>,
+        wait: impl FnOnce(Duration) -> Duration,
+    ) -> Duration {
         let pages = chunk_pages(self.pass_pages, self.chunk);
+        // A pass's first chunk holds the remainder: not a sample.
+        let full = self.chunk > 0;
         self.chunk += 1;
-        let bytes = chunk_bytes(u64::from(pages), self.write_pct);
-        self.counted += bytes;
-        self.pacer.chunk_done(pace, bytes, wait)
+        self.calibrate(shared, id, ran.filter(|_| full));
+        self.pacer.chunk_done(&shared.pace, chunk_bytes(u64::from(pages), self.write_pct), wait)
     }
 
-    /// A pass is done: what its chunks did not count (all of it, without a
-    /// pace; after a restore mid-pass, the chunk sizes are a guess).
-    fn pass_done(&mut self, pace: &DirtyPace) {
-        let pass = chunk_bytes(u64::from(self.pass_pages), self.write_pct);
-        pace.count(pass.saturating_sub(self.counted));
+    /// While a rate is set and vCPU `id` has no delay model: takes `ran`
+    /// as a sample of the delay last set, and sets the next; with enough,
+    /// publishes the model and the delay it gives (its exits then end,
+    /// unless a limit needs them).
+    fn calibrate(&mut self, shared: &PerfShared, id: u32, ran: Option<Duration>) {
+        let calibrated =
+            shared.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some();
+        if shared.pace.per_vcpu() == 0 || calibrated || chunk_bytes(1, self.write_pct) == 0 {
+            self.calibration = None;
+            return;
+        }
+        let c = self.calibration.get_or_insert_with(Calibration::default);
+        if let Some(model) = ran.and_then(|d| c.sample(d.as_nanos() as f64)) {
+            *shared.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(model);
+            self.calibration = None;
+            shared.apply_pace(id);
+            return;
+        }
+        // Relaxed: as in `apply_pace`.
+        shared.pass_word(id, DELAY_OFFSET).store(u64::from(c.next_delay()), Ordering::Relaxed);
     }
 }
 
@@ -478,6 +646,9 @@ impl KvmPerfVm {
         let threads = Arc::new(KickList::default());
         let kick = threads.clone();
         let gate = Arc::new(VcpuGate::new(cfg.vcpus, Box::new(move || kick.kick())));
+        let programs: Box<[PassProgram]> = (0..cfg.vcpus).map(|id| cfg.pass_program(id)).collect();
+        let pace = DirtyPace::new(cfg.vcpus, cfg.dirty_ring_bytes.is_some());
+        pace.count_from_guest(guest_count(vm.shared_memory(), &programs));
         let shared = Arc::new(PerfShared {
             clocks: (0..cfg.vcpus).map(|_| PassClock::default()).collect(),
             allowed: AtomicU64::new(0),
@@ -487,11 +658,13 @@ impl KvmPerfVm {
             ring_full_exits: AtomicU64::new(0),
             gate,
             threads,
-            pace: Arc::new(DirtyPace::new(cfg.vcpus, cfg.dirty_ring_bytes.is_some())),
+            pace: Arc::new(pace),
             ring: Arc::new(RingState::default()),
-            programs: (0..cfg.vcpus).map(|id| cfg.pass_program(id)).collect(),
+            programs,
+            memory: vm.shared_memory(),
+            delay: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
         });
-        let mut this = Self { shared, threads: Vec::new(), vm, cfg: cfg.clone() };
+        let mut this = Self { shared, threads: Vec::new(), pacer: None, vm, cfg: cfg.clone() };
         for vcpu in vcpus {
             let shared = this.shared.clone();
             let t = std::thread::Builder::new()
@@ -500,6 +673,12 @@ impl KvmPerfVm {
                 .map_err(|source| KvmError::Ioctl { op: "spawn vCPU thread", source })?;
             this.threads.push(t);
         }
+        let shared = this.shared.clone();
+        let pacer = std::thread::Builder::new()
+            .name("kvm-pacer".into())
+            .spawn(move || pacer_thread(shared))
+            .map_err(|source| KvmError::Ioctl { op: "spawn the pacer thread", source })?;
+        this.pacer = Some(pacer);
         Ok(this)
     }
 
@@ -520,10 +699,13 @@ impl KvmPerfVm {
     }
 
     /// Paces the guest at `rate` bytes a second (`None`: flat out): sets
-    /// each vCPU's pace flag, so that its guest exits after each chunk.
+    /// each vCPU's delay from its model, or, until its thread calibrated
+    /// one, its pace flag, so that its guest exits after each chunk and the
+    /// thread paces it meanwhile ([`crate::delay`]).
     pub fn set_dirty_rate(&self, rate: Option<u64>) -> Result<(), KvmError> {
         self.shared.pace.set(rate);
-        self.set_pace_flags()
+        self.apply_pace();
+        Ok(())
     }
 
     /// Caps each vCPU's dirty rate at `limit` bytes a second (`None`: no
@@ -533,17 +715,15 @@ impl KvmPerfVm {
         self.shared.pace.set_limit(limit);
         // A vCPU held at its ring-full exit sees a lifted limit at once.
         self.shared.gate.bell().ring();
-        self.set_pace_flags()
+        self.apply_pace();
+        Ok(())
     }
 
-    /// Each vCPU's pace flag: set while a rate or a limit is.
-    fn set_pace_flags(&self) -> Result<(), KvmError> {
-        let on = u64::from(self.shared.pace.on());
+    /// Each vCPU's delay and pace flag for the rate and limit now set.
+    fn apply_pace(&self) {
         for id in 0..self.cfg.vcpus {
-            let word = u64::from(self.cfg.pass_program(id).pass_word_gpa) + u64::from(PACE_FLAG_OFFSET);
-            self.vm.set_control_word(word, on)?;
+            self.shared.apply_pace(id);
         }
-        Ok(())
     }
 
     /// Lets every vCPU go on up to pass `n`.
@@ -587,6 +767,20 @@ impl KvmPerfVm {
                 ..VcpuLoss::default()
             })
             .collect()
+    }
+
+    /// Each vCPU's delay model, once its thread calibrated one
+    /// ([`crate::delay`]).
+    pub fn delay_models(&self) -> Vec<Option<DelayModel>> {
+        let lock =
+            |m: &Mutex<Option<DelayModel>>| *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.shared.delay.iter().map(lock).collect()
+    }
+
+    /// Exits of the vCPU threads from `KVM_RUN` so far, of every kind.
+    pub fn exits(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.shared.clocks.iter().map(|c| c.exits.load(Ordering::Relaxed)).sum()
     }
 
     /// `KVM_EXIT_DIRTY_RING_FULL` exits of the vCPU threads so far.
@@ -641,6 +835,10 @@ impl KvmPerfVm {
         // the ring's release wakes a waiting thread to see it.
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.gate.bell().ring();
+        // Never fails: the pacer only reads and stores words.
+        if let Some(p) = self.pacer.take() {
+            let _ = p.join();
+        }
         let mut panicked = None;
         for (vcpu, t) in self.threads.drain(..).enumerate() {
             if t.join().is_err() {

@@ -354,6 +354,11 @@ impl KvmVm {
         &self.memory
     }
 
+    /// The guest memory, shared (it lives while any holder does).
+    pub(crate) fn shared_memory(&self) -> Arc<VmMemory> {
+        self.memory.clone()
+    }
+
     /// The dirty ring's bytes per vCPU, if on.
     pub fn dirty_ring_bytes(&self) -> Option<u32> {
         self.dirty_ring_bytes

@@ -1,8 +1,12 @@
-//! A steady dirty rate inside a pass: each vCPU's guest code returns to its
-//! vCPU thread after every chunk of at most [`PACE_CHUNK_PAGES`] pages
+//! A steady dirty rate inside a pass, R / vCPUs a vCPU for a rate of R
+//! bytes a second, spread over the pass at the scale of a chunk of
+//! [`PACE_CHUNK_PAGES`] pages, never a pass at full speed and then nothing.
+//! The engine's guest code returns to its vCPU thread after every chunk
 //! while a rate is set, and the thread holds it until the chunk has taken
-//! its share of time, so a rate of R bytes a second is R / vCPUs a vCPU,
-//! spread over the pass, never a pass at full speed and then nothing.
+//! its share of time ([`ChunkPacer`]); KVM's guest code runs a calibrated
+//! delay loop after each chunk instead (`shadow_mmu_kvm::delay`), and exits
+//! only while its delay is calibrated, a limit needs its exits, or its
+//! dirty ring needs them.
 //!
 //! The pace is a floor on each chunk's time, not a schedule: time the vCPU
 //! loses inside a chunk (a throttle hold, a full ring, a lock) is not made
@@ -12,9 +16,9 @@
 //! last one overslept, so that a `sleep` that wakes late does not lower the
 //! rate.
 //!
-//! The threads also count the bytes their guests store, paced or not, so
-//! that the rate a guest really reached can be printed beside the one asked
-//! for.
+//! The bytes the guests store, paced or not, are counted (by the engine's
+//! threads; KVM's guests count their own, [`GuestCount`]), so that the rate
+//! a guest really reached can be printed beside the one asked for.
 //!
 //! QEMU's dirty-limit (`vcpu-dirty-limit`, 8.1), which a migration sets
 //! ([`DirtyPace::set_limit`]), caps each vCPU's dirty rate by holding that
@@ -28,8 +32,13 @@
 //!   the vCPU's measured rate; ours is exactly what the pages the vCPU
 //!   dirtied since its last hold exceed at the limit, the value QEMU's
 //!   controller converges to. Its grain is the ring: a vCPU of a 65536-entry
-//!   ring dirties 256 MiB flat out between holds. The chunk exits stay on
-//!   (see [`DirtyPace::on`]), but hold nothing for the limit.
+//!   ring dirties 256 MiB flat out between holds. KVM's guest still exits
+//!   after each chunk under a limit, without a hold: on a host whose KVM
+//!   emulates the guest's stores, a vCPU that never exits runs past its
+//!   ring's soft limit and overflows it (KVM checks the soft-full request
+//!   only when it enters the guest, and the emulator pushes an entry per
+//!   store, where a CPU faults on each page's first store); an exit every
+//!   64 stores stays within the ring's reserve.
 //! - with the bitmaps, which QEMU's dirty-limit refuses (it needs the
 //!   ring's per-vCPU counts): at the vCPU's next chunk exit, for exactly
 //!   what the chunk's bytes exceed.
@@ -63,6 +72,18 @@ pub struct DirtyPace {
     limit_at_ring_full: bool,
     /// Bytes the vCPUs stored so far, counted chunk by chunk.
     stored: AtomicU64,
+    /// Where a backend whose guests count their own stores reads them
+    /// (KVM's guest code counts the pages it begins), added to `stored`.
+    guest_count: std::sync::OnceLock<GuestCount>,
+}
+
+/// Reads the bytes the guests stored, as they count them.
+pub struct GuestCount(pub Box<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for GuestCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuestCount")
+    }
 }
 
 impl DirtyPace {
@@ -77,7 +98,15 @@ impl DirtyPace {
             limit_epoch: AtomicU64::new(0),
             limit_at_ring_full,
             stored: AtomicU64::new(0),
+            guest_count: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts the guests' stores with `count` (bytes so far) from now on,
+    /// beside [`Self::count`]'s; set once, by the backend that makes the
+    /// VM.
+    pub fn count_from_guest(&self, count: GuestCount) {
+        let _ = self.guest_count.set(count);
     }
 
     /// Paces every vCPU at `rate / vcpus` bytes a second (`None` or 0: no
@@ -121,15 +150,11 @@ impl DirtyPace {
         if self.limit_at_ring_full { self.limit() } else { 0 }
     }
 
-    /// Whether a rate or a limit is set: the guest code then ends each
-    /// chunk with an exit. A limit held at ring-full exits needs them too,
-    /// on a host whose KVM emulates the guest's stores: there a vCPU that
-    /// never exits runs past its ring's soft limit and overflows it (KVM
-    /// checks the soft-full request only when it enters the guest, and the
-    /// emulator pushes an entry per store), where a CPU would fault on each
-    /// page's first store. An exit every 64 stores stays within the reserve.
+    /// Whether the engine's guest ends each chunk with an exit: while a
+    /// rate, or a limit held at chunk exits, is set (its vCPUs see their
+    /// ring fill at every access; KVM decides its exits per vCPU).
     pub fn on(&self) -> bool {
-        self.per_vcpu() > 0 || self.limit() > 0
+        self.per_vcpu() > 0 || self.chunk_limit() > 0
     }
 
     /// Bytes each vCPU may store a second (0: no pace).
@@ -147,7 +172,7 @@ impl DirtyPace {
     /// Bytes the vCPUs stored so far.
     pub fn stored(&self) -> u64 {
         // Relaxed: as in `count`.
-        self.stored.load(Ordering::Relaxed)
+        self.stored.load(Ordering::Relaxed) + self.guest_count.get().map_or(0, |c| (c.0)())
     }
 }
 
@@ -186,9 +211,9 @@ impl Default for ChunkPacer {
 }
 
 impl ChunkPacer {
-    /// A chunk that stored `bytes` ended: counts them and, under a pace or
-    /// a limit, waits with `wait` until the chunk has taken its share of
-    /// time at the lower of the two. `wait(d)` keeps the vCPU out for `d`
+    /// A chunk that stored `bytes` ended (counted by the caller, or by the
+    /// guest): under a pace or a limit, waits with `wait` until the chunk
+    /// has taken its share of time at the lower of the two. `wait(d)` keeps the vCPU out for `d`
     /// and returns how long it did: a vCPU thread waits through its
     /// [`VcpuGate::hold_off`](crate::VcpuGate::hold_off), so that a pause
     /// ends the wait (with the bitmaps, QEMU's dirty-limit has no other
@@ -200,7 +225,6 @@ impl ChunkPacer {
         bytes: u64,
         wait: impl FnOnce(Duration) -> Duration,
     ) -> Duration {
-        pace.count(bytes);
         let share = |rate: u64| (rate > 0).then(|| Duration::from_secs_f64(bytes as f64 / rate as f64));
         let (own, limited) = (share(pace.per_vcpu()), share(pace.chunk_limit()));
         let mut by_limit = Duration::ZERO;
@@ -283,6 +307,7 @@ mod tests {
         let chunk = chunk_bytes(PACE_CHUNK_PAGES, 100);
         let t = Instant::now();
         for _ in 0..100 {
+            pace.count(chunk);
             p.chunk_done(&pace, chunk, sleep);
         }
         // 100 chunks of 256 KiB at 256 MiB/s, 1/1024 s each: 97.66 ms at
@@ -327,7 +352,7 @@ mod tests {
         // No limit: nothing held, and chunk exits stay off.
         assert_eq!(l.hold_for(&pace, 1000), Duration::ZERO);
         pace.set_limit(Some(4 * MIB));
-        assert!(pace.on(), "chunk exits, for KVM to check the soft limit");
+        assert!(!pace.on(), "a ring-full limit holds nothing at chunk exits");
         assert_eq!(pace.ring_full_limit(), 4 * MIB);
         // The first fill under the limit opens the measure.
         assert_eq!(l.hold_for(&pace, 2000), Duration::ZERO);

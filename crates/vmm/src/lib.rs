@@ -43,7 +43,9 @@ pub mod vcpu_gate;
 
 pub use backend::{Backend, BackendVm, DirtyLogVm, PassVm};
 pub use dirty_log::{Capabilities, DirtyLog, DirtyLogProtect, RingState, harvest, timed_harvest};
-pub use dirty_pace::{ChunkPacer, DirtyPace, PACE_CHUNK_PAGES, ReachedRate, RingFullLimit, chunk_bytes};
+pub use dirty_pace::{
+    ChunkPacer, DirtyPace, GuestCount, PACE_CHUNK_PAGES, ReachedRate, RingFullLimit, chunk_bytes,
+};
 pub use error::{BackendError, VcpuStateError, error_chain};
 pub use interface::{DirtyLogInterface, HarvestSpec, RingEntries};
 pub use memory::{GuestAccessError, GuestMemory, check_guest_access};

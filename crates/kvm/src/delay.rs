@@ -17,6 +17,15 @@
 //! then the delay is 0 and the rate reached, measured and printed beside
 //! the one asked, is lower.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use shadow_mmu_vmm::{DirtyPace, GuestCount, chunk_bytes};
+
+use crate::guest::{CHUNK_PAGES, DELAY_OFFSET, PACE_FLAG_OFFSET, PAGES_BEGUN_OFFSET, PassProgram};
+use crate::vm::VmMemory;
+
 /// How far [`DelayModel::correct`] moves the work toward a measure: a
 /// third, stable while the guest's iterations run up to five times slower
 /// than when they were calibrated.
@@ -116,6 +125,186 @@ impl Calibration {
             return None;
         }
         Some(DelayModel { work_ns: work, iter_ns: ((probed - work) / f64::from(self.probe)).max(1e-3) })
+    }
+}
+
+/// The guests' pace words and each vCPU's model: what the host and the
+/// vCPU threads of a VM share to pace its guests (module docs).
+#[derive(Debug)]
+pub(crate) struct GuestPace {
+    pace: Arc<DirtyPace>,
+    memory: Arc<VmMemory>,
+    /// Each vCPU's pass word's address and share of stores.
+    programs: Box<[(u32, u8)]>,
+    /// Each vCPU's model, once its thread calibrated one.
+    models: Box<[Mutex<Option<DelayModel>>]>,
+}
+
+impl GuestPace {
+    /// The pace of guests running `programs` in `memory`'s control slot,
+    /// whose pass words the slot holds (the VM sized it for them).
+    pub(crate) fn new(pace: Arc<DirtyPace>, memory: Arc<VmMemory>, programs: &[PassProgram]) -> Self {
+        Self {
+            pace,
+            memory,
+            programs: programs.iter().map(|p| (p.pass_word_gpa, p.write_pct)).collect(),
+            models: programs.iter().map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// vCPU `id`'s pass word at byte `offset`.
+    fn word(&self, id: u32, offset: u32) -> &AtomicU64 {
+        &self.memory.control.words()[((self.programs[id as usize].0 + offset) / 8) as usize]
+    }
+
+    /// Bytes a full chunk of vCPU `id` stores.
+    fn chunk_bytes(&self, id: u32) -> u64 {
+        chunk_bytes(u64::from(CHUNK_PAGES), self.programs[id as usize].1)
+    }
+
+    fn model(&self, id: u32) -> std::sync::MutexGuard<'_, Option<DelayModel>> {
+        self.models[id as usize].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Each vCPU's model, once calibrated.
+    pub(crate) fn models(&self) -> Vec<Option<DelayModel>> {
+        (0..self.models.len() as u32).map(|id| *self.model(id)).collect()
+    }
+
+    /// Sets vCPU `id`'s delay and pace flag for the rate and the limit now
+    /// set: the delay its model gives for the rate, and chunk exits while
+    /// a limit is set (its holds), the model is still to calibrate, or the
+    /// VM has a dirty ring and a rate (`DirtyPace`'s docs: on a host that
+    /// emulates the stores a guest that never exits overflows a ring that
+    /// fills). Under the vCPU's model lock, which its thread takes to
+    /// publish the model, so that the last to set the words read the latest
+    /// rate.
+    pub(crate) fn apply(&self, id: u32) {
+        let model = self.model(id);
+        self.set_words(id, *model);
+    }
+
+    /// `apply`'s words, for `model` (the caller holds its lock).
+    fn set_words(&self, id: u32, model: Option<DelayModel>) {
+        let (bytes, rate) = (self.chunk_bytes(id), self.pace.per_vcpu());
+        let calibrating = rate > 0 && bytes > 0 && model.is_none();
+        // Relaxed: words the guest reads at its next chunk's end; nothing
+        // else is published through them.
+        if !calibrating {
+            let delay = model.map_or(0, |m| m.delay_for(bytes, rate));
+            self.word(id, DELAY_OFFSET).store(u64::from(delay), Ordering::Relaxed);
+        }
+        let ring = self.pace.limit_at_ring_full();
+        let exits = calibrating || self.pace.limit() > 0 || (ring && rate > 0);
+        self.word(id, PACE_FLAG_OFFSET).store(u64::from(exits), Ordering::Relaxed);
+    }
+
+    /// vCPU `id`'s thread, at a chunk exit: while a rate is set and the
+    /// vCPU has no model, takes `ran` (the guest's time for one whole full
+    /// chunk, if it was one) as a sample of the delay last set, and sets
+    /// the next; with enough, publishes the model and the delay it gives
+    /// (the exits then end, unless a limit or the ring needs them).
+    pub(crate) fn calibrate(&self, id: u32, calibration: &mut Option<Calibration>, ran: Option<Duration>) {
+        let mut model = self.model(id);
+        if self.pace.per_vcpu() == 0 || model.is_some() || self.chunk_bytes(id) == 0 {
+            *calibration = None;
+            return;
+        }
+        let c = calibration.get_or_insert_with(Calibration::default);
+        if let Some(m) = ran.and_then(|d| c.sample(d.as_nanos() as f64)) {
+            *model = Some(m);
+            *calibration = None;
+            self.set_words(id, *model);
+            return;
+        }
+        // Relaxed: as in `set_words`.
+        self.word(id, DELAY_OFFSET).store(u64::from(c.next_delay()), Ordering::Relaxed);
+    }
+
+    /// vCPU `id`'s guest began `pages` pages in `window` without an exit:
+    /// corrects its model, if it has one and a rate is set, and sets the
+    /// delay the model then gives.
+    fn correct(&self, id: u32, pages: u32, window: Duration) {
+        let mut model = self.model(id);
+        let (bytes, rate) = (self.chunk_bytes(id), self.pace.per_vcpu());
+        let Some(m) = model.as_mut().filter(|_| rate > 0 && bytes > 0) else { return };
+        let chunk_ns = window.as_nanos() as f64 * f64::from(CHUNK_PAGES) / f64::from(pages);
+        // Relaxed: our own last store (or the calibration's), under the lock.
+        let delay = self.word(id, DELAY_OFFSET).load(Ordering::Relaxed) as u32;
+        m.correct(chunk_ns, delay, DelayModel::share_ns(bytes, rate));
+        self.set_words(id, *model);
+    }
+
+    /// The pages vCPU `id`'s guest began so far (wrapping).
+    fn pages_begun(&self, id: u32) -> u32 {
+        // Relaxed: a count; the guest's add is one aligned 4-byte write.
+        self.word(id, PAGES_BEGUN_OFFSET).load(Ordering::Relaxed) as u32
+    }
+
+    /// The bytes the guests stored, from the pages each counted as it
+    /// began a chunk: at most a chunk a vCPU ahead, each counter wrapping
+    /// at 2^32 pages (16 TiB). It owns what it reads, not the `DirtyPace`
+    /// it is given to (no cycle).
+    pub(crate) fn guest_count(memory: Arc<VmMemory>, programs: &[PassProgram]) -> GuestCount {
+        let words: Vec<(usize, u8)> = programs
+            .iter()
+            .map(|p| (((p.pass_word_gpa + PAGES_BEGUN_OFFSET) / 8) as usize, p.write_pct))
+            .collect();
+        GuestCount(Box::new(move || {
+            let control = memory.control.words();
+            // Relaxed: as in `pages_begun`.
+            let pages = |w: usize| u64::from(control[w].load(Ordering::Relaxed) as u32);
+            words.iter().map(|&(w, pct)| chunk_bytes(pages(w), pct)).sum()
+        }))
+    }
+}
+
+/// How often the pacer looks at each vCPU's guest.
+const PACE_TICK: Duration = Duration::from_millis(20);
+/// Pages a vCPU's guest begins between two corrections, at least: sixteen
+/// chunks, so that the count's grain (a chunk) biases the chunk time it
+/// shows by well under a percent.
+const PACE_WINDOW_PAGES: u32 = 16 * CHUNK_PAGES;
+
+/// Where a vCPU's current window began: its guest's page count, its
+/// thread's exits, the time.
+#[derive(Clone, Copy)]
+struct PaceWindow {
+    pages: u32,
+    exits: u64,
+    at: Instant,
+}
+
+/// The pacer (module docs), on a thread of its own until `stop()`: every
+/// [`PACE_TICK`] (or sooner, when `wait` returns early), for each vCPU
+/// whose guest began [`PACE_WINDOW_PAGES`] pages since its window opened
+/// with no exit (`exits(id)`: its thread's count), corrects its model with
+/// the chunk time the count shows, sets the delay the model then gives,
+/// and opens a new window (an exit opens one too).
+pub(crate) fn run_pacer(
+    guest: &GuestPace,
+    exits: impl Fn(u32) -> u64,
+    wait: impl Fn(Duration),
+    stop: impl Fn() -> bool,
+) {
+    let n = guest.models.len() as u32;
+    let read = |id: u32| PaceWindow { pages: guest.pages_begun(id), exits: exits(id), at: Instant::now() };
+    let mut windows: Vec<PaceWindow> = (0..n).map(read).collect();
+    while !stop() {
+        let tick = Instant::now();
+        while tick.elapsed() < PACE_TICK && !stop() {
+            wait(PACE_TICK.saturating_sub(tick.elapsed()));
+        }
+        for (id, w) in (0..n).zip(windows.iter_mut()) {
+            let now = read(id);
+            let pages = now.pages.wrapping_sub(w.pages);
+            if now.exits != w.exits {
+                *w = now;
+            } else if pages >= PACE_WINDOW_PAGES {
+                guest.correct(id, pages, now.at - w.at);
+                *w = now;
+            }
+        }
     }
 }
 

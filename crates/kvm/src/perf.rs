@@ -8,7 +8,10 @@
 //! of the slice, storing the pass number (1, 2, ...) with probability
 //! `write_pct`%, in order or at LCG-chosen pages; after each pass it exits
 //! to the host with a ucall and its thread waits, outside `KVM_RUN`, until
-//! the host releases the next pass.
+//! the host releases the next pass. A rate set paces the guest from inside
+//! (a calibrated delay after each 64-page chunk, [`crate::delay`], with a
+//! pacer thread that keeps it true); a dirty-limit holds a vCPU at its
+//! chunk exits, or with the dirty ring at its ring-full exits.
 //!
 //! The procedure is the testkit's (`shadow_mmu_testkit::perf::migrate_perf`,
 //! through [`crate::KvmBackend`]'s `start_passes`), the same as the
@@ -36,17 +39,14 @@ use std::time::{Duration, Instant};
 
 use shadow_mmu_core::spte::PAGE_SIZE;
 
-use crate::delay::{Calibration, DelayModel};
+use crate::delay::{Calibration, DelayModel, GuestPace, run_pacer};
 use crate::error::{BadConfig, KvmError, UnexpectedExit};
-use crate::guest::{
-    CHUNK_PAGES, DELAY_OFFSET, PACE_FLAG_OFFSET, PAGES_BEGUN_OFFSET, PassProgram, Program, UCALL_CHUNK,
-    UCALL_PASS_DONE, chunk_pages, pass_program,
-};
-use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmMemory, VmSetup};
+use crate::guest::{PassProgram, Program, UCALL_CHUNK, UCALL_PASS_DONE, chunk_pages, pass_program};
+use crate::vm::{GuestExit, KvmVm, MAX_TEST_BYTES, TEST_GPA, VCPU_STATE_WORDS, Vcpu, VmSetup};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
-    ChunkPacer, DirtyLogProtect, DirtyPace, GuestCount, RingFullLimit, RingState, VcpuGate, VcpuLoss,
-    chunk_bytes, is_compute_vcpu,
+    ChunkPacer, DirtyLogProtect, DirtyPace, RingFullLimit, RingState, VcpuGate, VcpuLoss, chunk_bytes,
+    is_compute_vcpu,
 };
 
 /// Most vCPUs a [`KvmPerfVm`] runs.
@@ -190,132 +190,8 @@ struct PerfShared {
     ring: Arc<RingState>,
     /// Each vCPU's program: its pages a pass, and the share of them stored.
     programs: Box<[PassProgram]>,
-    /// The guest memory, for the pass words (`pass_word`).
-    memory: Arc<VmMemory>,
-    /// Each vCPU's delay model, once its thread calibrated it
-    /// ([`crate::delay`]).
-    delay: Box<[Mutex<Option<DelayModel>>]>,
-}
-
-impl PerfShared {
-    /// vCPU `id`'s pass word at byte `offset` (inside the control slot: the
-    /// slot was sized for every pass word).
-    fn pass_word(&self, id: u32, offset: u32) -> &AtomicU64 {
-        let gpa = self.programs[id as usize].pass_word_gpa + offset;
-        &self.memory.control.words()[(gpa / 8) as usize]
-    }
-
-    /// Sets vCPU `id`'s delay and pace flag for the rate and the limit now
-    /// set: the delay its model gives for the rate, and chunk exits while
-    /// a limit is set (its holds), the model is still to calibrate, or the
-    /// VM has a dirty ring and a rate (KVM checks a ring's soft limit only
-    /// when it enters the guest, and on a host that emulates the stores a
-    /// guest that never exits overflows its ring: `DirtyPace::on`). Under
-    /// the vCPU's model lock, which its thread takes to publish the model,
-    /// so that the last to set the words read the latest rate.
-    fn apply_pace(&self, id: u32) {
-        let model = self.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.set_pace_words(id, *model);
-    }
-
-    /// The guest of vCPU `id` began `pages` pages in `window` without an
-    /// exit: corrects its model, if it has one and a rate is set, and sets
-    /// the delay the model then gives.
-    fn correct_pace(&self, id: u32, pages: u32, window: Duration) {
-        let mut model = self.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bytes = chunk_bytes(u64::from(CHUNK_PAGES), self.programs[id as usize].write_pct);
-        let rate = self.pace.per_vcpu();
-        let Some(m) = model.as_mut().filter(|_| rate > 0 && bytes > 0) else { return };
-        let chunk_ns = window.as_nanos() as f64 * f64::from(CHUNK_PAGES) / f64::from(pages);
-        // Relaxed: our own last store (or the calibration's), under the lock.
-        let delay = self.pass_word(id, DELAY_OFFSET).load(Ordering::Relaxed) as u32;
-        m.correct(chunk_ns, delay, DelayModel::share_ns(bytes, rate));
-        self.set_pace_words(id, *model);
-    }
-
-    /// `apply_pace`'s words, for `model` (the caller holds its lock).
-    fn set_pace_words(&self, id: u32, model: Option<DelayModel>) {
-        let bytes = chunk_bytes(u64::from(CHUNK_PAGES), self.programs[id as usize].write_pct);
-        let rate = self.pace.per_vcpu();
-        let calibrating = rate > 0 && bytes > 0 && model.is_none();
-        // Relaxed: words the guest reads at its next chunk's end; nothing
-        // else is published through them.
-        if !calibrating {
-            let delay = model.map_or(0, |m| m.delay_for(bytes, rate));
-            self.pass_word(id, DELAY_OFFSET).store(u64::from(delay), Ordering::Relaxed);
-        }
-        let ring = self.pace.limit_at_ring_full();
-        let exits = calibrating || self.pace.limit() > 0 || (ring && rate > 0);
-        self.pass_word(id, PACE_FLAG_OFFSET).store(u64::from(exits), Ordering::Relaxed);
-    }
-}
-
-/// How often the pacer thread looks at each vCPU's guest.
-const PACE_TICK: Duration = Duration::from_millis(20);
-/// Pages a vCPU's guest begins between two corrections, at least: sixteen
-/// chunks, so that the count's grain (a chunk) biases the chunk time it
-/// shows by well under a percent.
-const PACE_WINDOW_PAGES: u32 = 16 * CHUNK_PAGES;
-
-/// Where a vCPU's current window began: its guest's page count, its
-/// thread's exits, the time.
-#[derive(Clone, Copy)]
-struct PaceWindow {
-    pages: u32,
-    exits: u64,
-    at: Instant,
-}
-
-/// The pacer thread ([`crate::delay`]): every [`PACE_TICK`], for each vCPU
-/// whose guest began [`PACE_WINDOW_PAGES`] pages since its window opened,
-/// without an exit, corrects its delay model with the chunk time the count
-/// shows, sets the delay the model then gives, and opens a new window (an
-/// exit opens one too). Ends at the VM's stop.
-fn pacer_thread(shared: Arc<PerfShared>) {
-    let n = shared.programs.len() as u32;
-    let read = |id: u32| PaceWindow {
-        // Relaxed: the guest's count is a statistic; the exits too.
-        pages: shared.pass_word(id, PAGES_BEGUN_OFFSET).load(Ordering::Relaxed) as u32,
-        exits: shared.clocks[id as usize].exits.load(Ordering::Relaxed),
-        at: Instant::now(),
-    };
-    let mut windows: Vec<PaceWindow> = (0..n).map(read).collect();
-    // Relaxed: as the vCPU threads' stop checks; `stop` rings the bell.
-    while !shared.stop.load(Ordering::Relaxed) {
-        let (ticket, tick) = (shared.gate.bell().ticket(), Instant::now());
-        while tick.elapsed() < PACE_TICK && !shared.stop.load(Ordering::Relaxed) {
-            shared.gate.bell().wait_for(ticket, PACE_TICK.saturating_sub(tick.elapsed()));
-        }
-        for (id, w) in (0..n).zip(windows.iter_mut()) {
-            let now = read(id);
-            let pages = now.pages.wrapping_sub(w.pages);
-            if now.exits != w.exits {
-                *w = now;
-            } else if pages >= PACE_WINDOW_PAGES {
-                shared.correct_pace(id, pages, now.at - w.at);
-                *w = now;
-            }
-        }
-    }
-}
-
-/// The bytes the guests of `programs` stored, from the pages each counted
-/// as it began a chunk: at most a chunk a vCPU ahead, and each counter
-/// wraps at 2^32 pages (16 TiB). It owns what it reads (no cycle through
-/// the `PerfShared` that owns the pace).
-fn guest_count(memory: Arc<VmMemory>, programs: &[PassProgram]) -> GuestCount {
-    let words: Vec<(usize, u8)> = programs
-        .iter()
-        .map(|p| (((p.pass_word_gpa + PAGES_BEGUN_OFFSET) / 8) as usize, p.write_pct))
-        .collect();
-    GuestCount(Box::new(move || {
-        let control = memory.control.words();
-        // Relaxed: a statistic; the guest's add is one aligned 4-byte write.
-        words
-            .iter()
-            .map(|&(w, pct)| chunk_bytes(u64::from(control[w].load(Ordering::Relaxed) as u32), pct))
-            .sum()
-    }))
+    /// The guests' own pace: their delays, their models, their counts.
+    guest_pace: GuestPace,
 }
 
 /// The live vCPU threads of a VM, by id, for [`KickList::kick`]: each
@@ -576,31 +452,8 @@ impl PassPace {
         // A pass's first chunk holds the remainder: not a sample.
         let full = self.chunk > 0;
         self.chunk += 1;
-        self.calibrate(shared, id, ran.filter(|_| full));
+        shared.guest_pace.calibrate(id, &mut self.calibration, ran.filter(|_| full));
         self.pacer.chunk_done(&shared.pace, chunk_bytes(u64::from(pages), self.write_pct), wait)
-    }
-
-    /// While a rate is set and vCPU `id` has no delay model: takes `ran`
-    /// as a sample of the delay last set, and sets the next; with enough,
-    /// publishes the model and the delay it gives (its exits then end,
-    /// unless a limit needs them).
-    fn calibrate(&mut self, shared: &PerfShared, id: u32, ran: Option<Duration>) {
-        let calibrated =
-            shared.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some();
-        if shared.pace.per_vcpu() == 0 || calibrated || chunk_bytes(1, self.write_pct) == 0 {
-            self.calibration = None;
-            return;
-        }
-        let c = self.calibration.get_or_insert_with(Calibration::default);
-        if let Some(model) = ran.and_then(|d| c.sample(d.as_nanos() as f64)) {
-            *shared.delay[id as usize].lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some(model);
-            self.calibration = None;
-            shared.apply_pace(id);
-            return;
-        }
-        // Relaxed: as in `apply_pace`.
-        shared.pass_word(id, DELAY_OFFSET).store(u64::from(c.next_delay()), Ordering::Relaxed);
     }
 }
 
@@ -648,7 +501,9 @@ impl KvmPerfVm {
         let gate = Arc::new(VcpuGate::new(cfg.vcpus, Box::new(move || kick.kick())));
         let programs: Box<[PassProgram]> = (0..cfg.vcpus).map(|id| cfg.pass_program(id)).collect();
         let pace = DirtyPace::new(cfg.vcpus, cfg.dirty_ring_bytes.is_some());
-        pace.count_from_guest(guest_count(vm.shared_memory(), &programs));
+        pace.count_from_guest(GuestPace::guest_count(vm.shared_memory(), &programs));
+        let pace = Arc::new(pace);
+        let guest_pace = GuestPace::new(pace.clone(), vm.shared_memory(), &programs);
         let shared = Arc::new(PerfShared {
             clocks: (0..cfg.vcpus).map(|_| PassClock::default()).collect(),
             allowed: AtomicU64::new(0),
@@ -658,11 +513,10 @@ impl KvmPerfVm {
             ring_full_exits: AtomicU64::new(0),
             gate,
             threads,
-            pace: Arc::new(pace),
+            pace,
             ring: Arc::new(RingState::default()),
             programs,
-            memory: vm.shared_memory(),
-            delay: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
+            guest_pace,
         });
         let mut this = Self { shared, threads: Vec::new(), pacer: None, vm, cfg: cfg.clone() };
         for vcpu in vcpus {
@@ -676,7 +530,13 @@ impl KvmPerfVm {
         let shared = this.shared.clone();
         let pacer = std::thread::Builder::new()
             .name("kvm-pacer".into())
-            .spawn(move || pacer_thread(shared))
+            .spawn(move || {
+                // Relaxed: a statistic, and the stop as the vCPU threads
+                // read it (`stop` rings the bell).
+                let exits = |id: u32| shared.clocks[id as usize].exits.load(Ordering::Relaxed);
+                let wait = |d| shared.gate.bell().wait_for(shared.gate.bell().ticket(), d);
+                run_pacer(&shared.guest_pace, exits, wait, || shared.stop.load(Ordering::Relaxed));
+            })
             .map_err(|source| KvmError::Ioctl { op: "spawn the pacer thread", source })?;
         this.pacer = Some(pacer);
         Ok(this)
@@ -722,7 +582,7 @@ impl KvmPerfVm {
     /// Each vCPU's delay and pace flag for the rate and limit now set.
     fn apply_pace(&self) {
         for id in 0..self.cfg.vcpus {
-            self.shared.apply_pace(id);
+            self.shared.guest_pace.apply(id);
         }
     }
 
@@ -772,9 +632,7 @@ impl KvmPerfVm {
     /// Each vCPU's delay model, once its thread calibrated one
     /// ([`crate::delay`]).
     pub fn delay_models(&self) -> Vec<Option<DelayModel>> {
-        let lock =
-            |m: &Mutex<Option<DelayModel>>| *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.shared.delay.iter().map(lock).collect()
+        self.shared.guest_pace.models()
     }
 
     /// Exits of the vCPU threads from `KVM_RUN` so far, of every kind.

@@ -345,9 +345,15 @@ fn a_corrupt_frame_a_wrong_version_and_a_source_that_closes() {
     let ranges = vec![shadow_mmu_migrate::ranges::PageRange { first: 0, pages: 1, zero: false }];
     write_frame(&mut b, &Frame::Pages { slot: 0, ranges, data: vec![7; PAGE_BYTES as usize] }).unwrap();
     b.truncate(b.len() - 100);
-    let (code, err) = raw_stream("closed", good, &b);
+    let (code, err) = raw_stream("closed", good.clone(), &b);
     assert_ne!(code, 0);
     assert!(err.contains("ended inside a frame") && err.contains("partial VM is discarded"), "{err}");
+    // Digests of pages past the slot's end, refused as such.
+    let mut b = Vec::new();
+    write_frame(&mut b, &Frame::Digest { slot: 0, first: 2047, digests: vec![1, 2] }).unwrap();
+    let (code, err) = raw_stream("digests", good, &b);
+    assert_ne!(code, 0);
+    assert!(err.contains("digests of slot 0 pages 2047..+2: outside its 2048 pages"), "{err}");
 }
 
 #[test]

@@ -511,9 +511,10 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let r = loop {
             match frames.read(&mut self.reader, header.page_size) {
                 Ok(Frame::Heartbeat { .. }) => {}
-                Ok(Frame::Digest { slot: 0, first, digests: d })
-                    if first.checked_add(d.len() as u64).is_some_and(|e| e <= pages) =>
-                {
+                Ok(Frame::Digest { slot, first, digests: d }) => {
+                    if let Err(e) = check_digests(slot, first, &d, pages) {
+                        break Err(e);
+                    }
                     let t = Instant::now();
                     for (i, v) in d.into_iter().enumerate() {
                         digests[first as usize + i] = Some(v);
@@ -522,9 +523,10 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                 }
                 Ok(Frame::Done) => break Ok(()),
                 Ok(other) => {
-                    break Err(StreamError::Unexpected { expected: "digest or done", got: other.name() });
+                    let e = StreamError::Unexpected { expected: "digest or done", got: other.name() };
+                    break Err(e.into());
                 }
-                Err(e) => break Err(link::peer_error(e, "source", self.progress)),
+                Err(e) => break Err(link::peer_error(e, "source", self.progress).into()),
             }
         };
         let differ: Vec<u64> = (0..pages)
@@ -798,16 +800,7 @@ impl MainStream<'_, '_, '_> {
                     loader.load(&ranges, frames.pages_data(), frames.page_crcs());
                 }
                 Frame::Digest { slot, first, digests: d } => {
-                    let end = first.checked_add(d.len() as u64).filter(|&e| slot == 0 && e <= pages);
-                    if end.is_none() {
-                        let (count, slot_pages) = (d.len() as u32, pages);
-                        return Err(IncomingError::Refused(Refusal::DigestsOutside {
-                            slot,
-                            first,
-                            count,
-                            slot_pages,
-                        }));
-                    }
+                    check_digests(slot, first, &d, pages)?;
                     let t = Instant::now();
                     for (i, v) in d.into_iter().enumerate() {
                         let p = first + i as u64;
@@ -850,6 +843,16 @@ fn stream_end(e: StreamEnd, slot_pages: u64, progress: Duration) -> IncomingErro
             ),
         }),
     }
+}
+
+/// Refuses digests outside slot 0's `pages` pages.
+fn check_digests(slot: u32, first: u64, digests: &[u64], pages: u64) -> Result<(), IncomingError> {
+    let end = first.checked_add(digests.len() as u64).filter(|&e| slot == 0 && e <= pages);
+    if end.is_none() {
+        let (count, slot_pages) = (digests.len() as u32, pages);
+        return Err(IncomingError::Refused(Refusal::DigestsOutside { slot, first, count, slot_pages }));
+    }
+    Ok(())
 }
 
 /// Refuses ranges outside slot 0's `pages` pages.

@@ -999,8 +999,8 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         }
         hooks.phase(Phase::ReadyReceived);
         self.open_streams(header)?;
-        // The limit first: a ring that fills under it finds its vCPU's
-        // guest already exiting at each chunk (`DirtyPace::on`).
+        // The limit first: a ring that fills under it finds its vCPU held
+        // as the limit says, never running on with no one reaping it.
         self.vm.set_dirty_limit(self.params.dirty_limit)?;
         self.vm.set_dirty_logging(true)?;
         self.stall_marks = self.vcpu_loss().map(|l| StallMarks { start: l, round_start: l, last: l });

@@ -515,3 +515,35 @@ fn bench_migrate_repeats_interleaved_and_reports_the_guest_stall() {
     assert!(runs.iter().all(|r| r["source"]["guest_stall_ms"].is_number()), "{v}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `bench pace`: a line per rate on each backend (KVM's skipped with one
+/// line where it cannot run), and the JSON.
+#[test]
+fn bench_pace_reports_the_rate_reached_beside_the_one_asked() {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-pace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("pace.json");
+    let (code, out, err) = shadow_mmu(&[
+        "bench",
+        "pace",
+        "--guest-mib",
+        "64",
+        "--vcpus",
+        "1",
+        "--dirty-rate-mibps",
+        "64",
+        "--settle-ms",
+        "100",
+        "--measure-ms",
+        "100",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("engine      1     flat out"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("engine ") && l.contains(" 64 ")), "{out}");
+    assert!(out.contains("kvm ") || out.contains("(KVM: skipped"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["runs"].as_array().unwrap().iter().any(|r| r["asked_mibps"] == 64), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@
 mod kernbench;
 mod migrate;
 mod migrate_perf;
+mod pace;
 
 use std::error::Error;
 
@@ -11,6 +12,7 @@ use clap::Subcommand;
 
 pub use kernbench::KernbenchArgs;
 pub use migrate_perf::MigratePerfArgs;
+pub use pace::PaceArgs;
 
 /// What a bench returns: whether every check passed.
 pub type BenchResult<T = bool> = Result<T, Box<dyn Error>>;
@@ -29,6 +31,9 @@ pub enum BenchCommand {
     /// own: QEMU's statistics per backend, design, interface and dirty rate,
     /// beside a raw loopback copy of the same bytes.
     Migrate(migrate::MigrateArgs),
+    /// How closely a guest keeps the dirty rate asked of it, per backend
+    /// and vCPU count, with nothing else running.
+    Pace(PaceArgs),
 }
 
 /// Runs a bench.
@@ -37,5 +42,6 @@ pub fn main(cmd: &BenchCommand) -> BenchResult {
         BenchCommand::MigratePerf(a) => migrate_perf::main(a),
         BenchCommand::Kernbench(a) => kernbench::main(a),
         BenchCommand::Migrate(a) => migrate::main(a),
+        BenchCommand::Pace(a) => pace::main(a),
     }
 }

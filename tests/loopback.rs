@@ -444,7 +444,8 @@ fn an_audit_after_the_resume_leaves_the_digests_out_of_the_downtime() {
     assert_eq!(incoming.mismatched_pages, Some(0));
     assert_eq!(check.check_after_resume, ResumeCheck::Passed, "{check:?}");
     assert_eq!(stats.audit_mismatched_pages, Some(0), "{stats:?}");
-    assert_eq!(stats.fixed_downtime_ms, Some(0.0), "no digest pass to foresee");
+    let rtt = stats.round_trip_ms.expect("measured at setup");
+    assert_eq!(stats.fixed_downtime_ms, Some(2.0 * rtt), "no digest pass to foresee, the two exchanges");
     let phases = stats.downtime_phases.unwrap();
     assert!(phases.digests_ms < Some(1.0), "no digest pass in the downtime: {phases:?}");
 }

@@ -353,9 +353,13 @@ impl DestHooks<dyn PassVm> for DestCli<'_> {
         stop_at(self.stop_at, phase);
     }
 
-    fn prepare(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
+    fn built(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
         let (rate, _) = self.pace.get();
-        self.start.insert(PassStart::new(rate)).prepare(vm)
+        self.start.insert(PassStart::new(rate)).built(vm)
+    }
+
+    fn prepare(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
+        self.start.as_mut().expect("built before prepared").prepare(vm)
     }
 
     fn start(&mut self, vm: &mut (dyn PassVm + 'static)) {

@@ -444,6 +444,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
             let cause = format!("{} page streams: this destination takes 1 to {MAX_STREAMS}", header.streams);
             return Err(IncomingError::Refused(Refusal::Stream { cause }));
         }
+        hooks.built(vm).map_err(IncomingError::Build)?;
         sender.send_now(&Frame::Ready)?;
         hooks.phase(Phase::ReadySent);
         let extra = self.await_streams(&header)?;
@@ -604,6 +605,7 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         let barrier = RoundBarrier::new(extra.len() as u32 + 1);
         let (progress, received) = (self.progress, self.received.clone());
         let (reader, conn) = (&mut self.reader, self.conn);
+        let sender = self.sender.clone().expect("set before Ready");
         let r = std::thread::scope(|s| {
             let mut threads: Vec<_> = extra
                 .iter()
@@ -612,7 +614,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
                     s.spawn(move || receive_stream(c, conn, loader, barrier, received, progress))
                 })
                 .collect();
-            let main = MainStream { reader, progress, header, shape, loader: &loader, barrier: &barrier };
+            let (loader, barrier, sender) = (&loader, &barrier, &sender);
+            let main = MainStream { reader, sender, progress, header, shape, loader, barrier };
             let r = main.load(&mut threads, stats, hooks);
             let Err(e) = r else { return r };
             // A stream that failed first is the cause (it stopped this
@@ -737,6 +740,8 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
 /// rounds' marks and pages, the digests, the states, `Done`.
 struct MainStream<'s, 'a, 'm> {
     reader: &'s mut Counting<BufReader<&'a TcpStream>>,
+    /// For the `Pong` that answers the source's `Ping`.
+    sender: &'s Sender,
     progress: Duration,
     header: &'s Header,
     /// The VM's pages and vCPUs.
@@ -777,6 +782,9 @@ impl MainStream<'_, '_, '_> {
             }
             match f {
                 Frame::Heartbeat { .. } => {}
+                Frame::Ping { seq } => {
+                    self.sender.send_now(&Frame::Pong { seq })?;
+                }
                 Frame::Round { round } => {
                     stats.rounds = round + 1;
                     hooks.phase(Phase::RoundBegun(round));

@@ -125,10 +125,17 @@ impl<V: ?Sized> SourceHooks<V> for () {}
 pub trait DestHooks<V: ?Sized> {
     /// At each phase boundary.
     fn phase(&mut self, _phase: Phase) {}
+    /// The VM was built and its layout accepted, before `Ready`: what need
+    /// not wait for the pages (a dirty log to watch the guest with once it
+    /// runs) is set up now, outside the downtime.
+    fn built(&mut self, _vm: &mut V) -> Result<(), dest::BuildError> {
+        Ok(())
+    }
     /// Every page matched and every vCPU took its state: the last moment to
     /// refuse (the error is the source's refusal), before `Verified` tells
     /// the source it may commit. Whatever must hold before the guest runs
-    /// here (a dirty log to watch it with) is set up now.
+    /// here and could not be set up at `built` is set up now, inside the
+    /// downtime.
     fn prepare(&mut self, _vm: &mut V) -> Result<(), dest::BuildError> {
         Ok(())
     }

@@ -251,9 +251,13 @@ pub struct MigrationStats {
     /// The downtime's costs that do not depend on the pages pending, as
     /// the switchover rule counted them: the digest pass at the rate
     /// measured at setup, the digests' bytes over the measured bandwidth,
-    /// ms (Cloud Hypervisor's proposed `fixed_downtime`; `None`: not yet
-    /// measured).
+    /// and the handover's two exchanges (`Done` to `Verified`, `Commit` to
+    /// `Running`) at `round_trip_ms` each, ms (Cloud Hypervisor's proposed
+    /// `fixed_downtime`; `None`: not yet measured).
     pub fixed_downtime_ms: Option<f64>,
+    /// The round trip to the destination, ms: a `Ping` and its `Pong` once
+    /// the destination was ready, with nothing else on the wire.
+    pub round_trip_ms: Option<f64>,
     /// The downtime limit the convergence rule used, ms.
     pub downtime_limit_ms: u64,
     /// Bytes put on the wire.
@@ -307,6 +311,7 @@ impl MigrationStats {
             downtime_phases: None,
             expected_downtime_ms: None,
             fixed_downtime_ms: None,
+            round_trip_ms: None,
             downtime_limit_ms,
             transferred_bytes: 0,
             remaining_bytes: total_bytes,
@@ -354,6 +359,7 @@ impl MigrationStats {
             ),
             format!("expected downtime: {}", measured_ms(self.expected_downtime_ms)),
             format!("fixed downtime: {}", measured_ms(self.fixed_downtime_ms)),
+            format!("round trip: {}", measured_ms(self.round_trip_ms)),
             format!("setup: {}", measured_ms(self.setup_time_ms)),
             format!("transferred ram: {} kbytes", self.transferred_bytes / 1024),
             format!("throughput: {:.2} mbps", self.mbps),

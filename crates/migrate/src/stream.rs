@@ -46,7 +46,7 @@ use crate::refusal::Refusal;
 /// The stream's first eight bytes of the header body.
 pub const MAGIC: [u8; 8] = *b"SHMMUMIG";
 /// The stream format's version; a peer of another version is refused.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The largest frame payload either side accepts: 16 MiB, twice a
 /// full frame (`FRAME_PAGES` data pages with their table).
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
@@ -219,6 +219,18 @@ pub enum Frame {
         mismatched: u64,
         /// The first of them, at most [`AUDIT_PAGES`].
         pages: Vec<u64>,
+    },
+    /// The source's probe of the round trip, once the destination is
+    /// `Ready` and nothing else is on the wire: the destination answers
+    /// with a [`Frame::Pong`] at once.
+    Ping {
+        /// Echoed.
+        seq: u64,
+    },
+    /// The destination's answer to a [`Frame::Ping`].
+    Pong {
+        /// The ping's.
+        seq: u64,
     },
     /// The first frame of one of a migration's extra page streams
     /// ([`Header::streams`]): which migration, which stream. The stream
@@ -433,10 +445,12 @@ enum Kind {
     Heartbeat = 15,
     Attach = 16,
     Audit = 17,
+    Ping = 18,
+    Pong = 19,
 }
 
 impl Kind {
-    const ALL: [Kind; 17] = [
+    const ALL: [Kind; 19] = [
         Kind::Header,
         Kind::Round,
         Kind::Pages,
@@ -454,6 +468,8 @@ impl Kind {
         Kind::Heartbeat,
         Kind::Attach,
         Kind::Audit,
+        Kind::Ping,
+        Kind::Pong,
     ];
 
     /// The kind byte `b` names, if any.
@@ -481,6 +497,8 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::Attach => "attach",
             Kind::Audit => "audit",
+            Kind::Ping => "ping",
+            Kind::Pong => "pong",
         }
     }
 }
@@ -520,6 +538,8 @@ impl Frame {
             Frame::Heartbeat { .. } => Kind::Heartbeat,
             Frame::Attach { .. } => Kind::Attach,
             Frame::Audit { .. } => Kind::Audit,
+            Frame::Ping { .. } => Kind::Ping,
+            Frame::Pong { .. } => Kind::Pong,
         }
     }
 
@@ -579,6 +599,7 @@ impl Frame {
                 b.push(answer.to_byte());
             }
             Frame::Heartbeat { received } => put_u64(b, *received),
+            Frame::Ping { seq } | Frame::Pong { seq } => put_u64(b, *seq),
             Frame::Attach { id, stream } => {
                 put_u64(b, *id);
                 put_u32(b, *stream);
@@ -634,6 +655,8 @@ impl Frame {
             }
             Kind::Settled => Frame::Settled { id: c.u64()? },
             Kind::Heartbeat => Frame::Heartbeat { received: c.u64()? },
+            Kind::Ping => Frame::Ping { seq: c.u64()? },
+            Kind::Pong => Frame::Pong { seq: c.u64()? },
             Kind::Attach => Frame::Attach { id: c.u64()?, stream: c.u32()? },
             Kind::Audit => {
                 let mismatched = c.u64()?;
@@ -1163,6 +1186,8 @@ mod tests {
             Frame::Attach { id: 6, stream: 2 },
             Frame::Audit { mismatched: 3, pages: vec![1, 5, 9] },
             Frame::Heartbeat { received: 6 },
+            Frame::Ping { seq: 7 },
+            Frame::Pong { seq: 7 },
         ]
     }
 

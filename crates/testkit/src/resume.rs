@@ -96,8 +96,11 @@ impl SourceHooks<dyn PassVm> for PassPacing {
 }
 
 /// The pass guest's start at the destination (the destination's hook): its
-/// dirty log on before the guest may run (the check watches it), where its
-/// passes stand, then at least one pass released, then the pace.
+/// dirty log on once the VM is built (the check watches it; on before any
+/// page loads, outside the downtime: the pages the stream loads are the
+/// host's writes, which no dirty log sees, and the guest stores nothing
+/// before its start), where its passes stand, then at least one pass
+/// released, then the pace.
 #[derive(Debug)]
 pub struct PassStart {
     rate: Option<u64>,
@@ -119,8 +122,11 @@ impl PassStart {
 }
 
 impl DestHooks<dyn PassVm> for PassStart {
+    fn built(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
+        Ok(vm.set_dirty_logging(true)?)
+    }
+
     fn prepare(&mut self, vm: &mut (dyn PassVm + 'static)) -> Result<(), BuildError> {
-        vm.set_dirty_logging(true)?;
         self.passes_at_resume = vm.passes_done();
         self.floor = vm.iteration_floor();
         Ok(())

@@ -624,10 +624,11 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             if let Some(p) = &m.stats.downtime_phases {
                 let s = &m.stats;
                 bar.line(format!(
-                    "  downtime phases: {}; expected {}, of it fixed {}; syncs {}",
+                    "  downtime phases: {}; expected {}, of it fixed {} (round trip {}); syncs {}",
                     p.line(),
                     measured_ms(s.expected_downtime_ms),
                     measured_ms(s.fixed_downtime_ms),
+                    measured_ms(s.round_trip_ms),
                     s.dirty_sync_count
                 ));
             }

@@ -1,7 +1,8 @@
 //! The KVM guest's own pace: after each chunk of its pass the guest runs a
 //! delay loop of as many iterations as its pass word's delay says
-//! ([`crate::guest::pass_program`]), as QEMU's migration test guests pace
-//! themselves in guest code. The host calibrates the count per vCPU, once:
+//! ([`crate::guest::pass_program`]): the guest paces itself in guest code,
+//! busy as a guest doing real work is, rather than sleeping in its vCPU
+//! thread between chunks. The host calibrates the count per vCPU, once:
 //! for a few chunks the guest exits after each (the pace flag), the vCPU
 //! thread times them with and without a probe delay ([`Calibration`]), and
 //! from then on the delay for any rate follows from the model
@@ -10,9 +11,10 @@
 //! The timed chunks include an exit's round trip, and a guest's speed
 //! changes with what runs beside it (the other vCPUs' delay loops, dirty
 //! logging's faults, the migration's threads), so the host keeps the model
-//! true: every 20 ms in which a vCPU's guest ran without an exit, it
-//! compares the chunk time its page count shows with the model's and moves
-//! the model's work part a third of the way ([`DelayModel::correct`]).
+//! true: each time a vCPU's guest has begun 16 chunks without an exit
+//! (looked at every 20 ms), it compares the chunk time its page count
+//! shows with the model's and moves the model's work part a third of the
+//! way ([`DelayModel::correct`]).
 //! What it cannot do is make a guest faster than it runs without delay:
 //! then the delay is 0 and the rate reached, measured and printed beside
 //! the one asked, is lower.

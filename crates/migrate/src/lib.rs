@@ -25,6 +25,30 @@
 
 use shadow_mmu_vmm::{DirtyLog, GuestMemory, HarvestProbe, VcpuControl};
 
+/// `Display` and `FromStr` for an enum of unit variants, from one table of
+/// their names (the CLI's `--precopy`, `--verify`: this crate has no clap
+/// to derive them with).
+macro_rules! named_choices {
+    ($t:ident { $($v:ident => $name:literal),+ $(,)? }) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $($t::$v => $name),+ })
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($name => Ok($t::$v),)+
+                    _ => Err(format!("{s:?}: {}", [$($name),+].join(" or "))),
+                }
+            }
+        }
+    };
+}
+
 pub mod dest;
 pub mod handover;
 pub(crate) mod link;

@@ -111,26 +111,7 @@ pub enum Precopy {
     Rounds,
 }
 
-impl std::fmt::Display for Precopy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precopy::Qemu => "qemu",
-            Precopy::Rounds => "rounds",
-        })
-    }
-}
-
-impl std::str::FromStr for Precopy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "qemu" => Ok(Precopy::Qemu),
-            "rounds" => Ok(Precopy::Rounds),
-            _ => Err(format!("{s:?}: qemu or rounds")),
-        }
-    }
-}
+named_choices!(Precopy { Qemu => "qemu", Rounds => "rounds" });
 
 /// When the destination compares every page with the source's final
 /// digest.
@@ -148,26 +129,7 @@ pub enum Verify {
     Audit,
 }
 
-impl std::fmt::Display for Verify {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Verify::Strict => "strict",
-            Verify::Audit => "audit",
-        })
-    }
-}
-
-impl std::str::FromStr for Verify {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "strict" => Ok(Verify::Strict),
-            "audit" => Ok(Verify::Audit),
-            _ => Err(format!("{s:?}: strict or audit")),
-        }
-    }
-}
+named_choices!(Verify { Strict => "strict", Audit => "audit" });
 
 /// The source's knobs (QEMU's migration parameters).
 #[derive(Debug, Clone)]
@@ -1510,6 +1472,18 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choices_print_and_parse_by_one_table() {
+        for p in [Precopy::Qemu, Precopy::Rounds] {
+            assert_eq!(p.to_string().parse::<Precopy>(), Ok(p));
+        }
+        for v in [Verify::Strict, Verify::Audit] {
+            assert_eq!(v.to_string().parse::<Verify>(), Ok(v));
+        }
+        assert_eq!("round".parse::<Precopy>(), Err("\"round\": qemu or rounds".to_string()));
+        assert_eq!("lax".parse::<Verify>(), Err("\"lax\": strict or audit".to_string()));
+    }
 
     #[test]
     fn the_send_queue_walks_windows_from_its_cursor_and_wraps() {

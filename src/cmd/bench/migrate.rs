@@ -245,14 +245,19 @@ const COMPUTE_BASELINE_PASSES: u64 = 2;
 /// The longest the baseline waits for them.
 const COMPUTE_BASELINE_MAX: Duration = Duration::from_secs(10);
 
-/// One migration of the sweep.
+/// A VM of the sweep: where it runs and how its dirty log is harvested.
 #[derive(Debug, Clone, Copy)]
-struct Combo {
+struct VmChoice {
     backend: BackendKind,
     mmu: MmuDesign,
     log: DirtyLogInterface,
     threads: u32,
     mib: u64,
+}
+
+/// The migration's own settings in one run of the sweep.
+#[derive(Debug, Clone, Copy)]
+struct RunChoice {
     rate: Rate,
     precopy: Precopy,
     /// The dirty-limit, MiB/s a vCPU (0: none).
@@ -262,6 +267,13 @@ struct Combo {
     /// Mutual TLS on every connection.
     tls: bool,
     verify: Verify,
+}
+
+/// One migration of the sweep: a VM under the migration's settings.
+#[derive(Debug, Clone, Copy)]
+struct Combo {
+    vm: VmChoice,
+    run: RunChoice,
 }
 
 impl Combo {
@@ -284,54 +296,61 @@ impl Combo {
             for &mmu in &mmus {
                 for &log in &a.dirty_log {
                     for &threads in threads() {
-                        vms.extend(a.guest_mib.iter().map(|&mib| (backend, mmu, log, threads, mib)));
+                        vms.extend(a.guest_mib.iter().map(|&mib| VmChoice {
+                            backend,
+                            mmu,
+                            log,
+                            threads,
+                            mib,
+                        }));
                     }
                 }
             }
         }
         // Each VM under each of the migration's own settings.
-        let settings: Vec<_> = a
+        let runs: Vec<RunChoice> = a
             .dirty_rate_mibps
             .iter()
             .flat_map(|&r| a.precopy.iter().map(move |&p| (r, p)))
             .flat_map(|(r, p)| a.dirty_limit_mibps.iter().map(move |&l| (r, p, l)))
             .flat_map(|(r, p, l)| a.connections.iter().map(move |&n| (r, p, l, n)))
             .flat_map(|(r, p, l, n)| a.transport.iter().map(move |&t| (r, p, l, n, t == Transport::Tls)))
-            .flat_map(|(r, p, l, n, t)| a.verify.iter().map(move |&v| (r, p, l, n, t, v)))
+            .flat_map(|(r, p, l, n, tls)| {
+                a.verify.iter().map(move |&verify| RunChoice {
+                    rate: r,
+                    precopy: p,
+                    limit: l,
+                    connections: n,
+                    tls,
+                    verify,
+                })
+            })
             .collect();
-        let mut combos = Vec::new();
-        for (backend, mmu, log, threads, mib) in vms {
-            for &(rate, precopy, limit, connections, tls, verify) in &settings {
-                let c =
-                    Combo { backend, mmu, log, threads, mib, rate, precopy, limit, connections, tls, verify };
-                combos.push(c);
-            }
-        }
-        combos
+        vms.into_iter().flat_map(|vm| runs.iter().map(move |&run| Combo { vm, run })).collect()
     }
 
     fn label(&self) -> String {
-        let l = match self.backend {
-            BackendKind::Engine if self.threads > 1 => {
-                format!("engine {}, {} x{}", self.mmu, self.log, self.threads)
+        let l = match self.vm.backend {
+            BackendKind::Engine if self.vm.threads > 1 => {
+                format!("engine {}, {} x{}", self.vm.mmu, self.vm.log, self.vm.threads)
             }
-            BackendKind::Engine => format!("engine {}, {}", self.mmu, self.log),
-            BackendKind::Kvm => format!("kvm, {}", self.log),
+            BackendKind::Engine => format!("engine {}, {}", self.vm.mmu, self.vm.log),
+            BackendKind::Kvm => format!("kvm, {}", self.vm.log),
         };
-        let l = match self.precopy {
+        let l = match self.run.precopy {
             Precopy::Qemu => l,
             other => format!("{l}, {other}"),
         };
-        let l = match self.limit {
+        let l = match self.run.limit {
             0 => l,
             limit => format!("{l}, limit {limit}"),
         };
-        let l = match self.connections {
+        let l = match self.run.connections {
             1 => l,
             n => format!("{l}, x{n} streams"),
         };
-        let l = if self.tls { format!("{l}, tls") } else { l };
-        match self.verify {
+        let l = if self.run.tls { format!("{l}, tls") } else { l };
+        match self.run.verify {
             Verify::Strict => l,
             Verify::Audit => format!("{l}, audit"),
         }
@@ -340,22 +359,22 @@ impl Combo {
     fn description(&self, a: &MigrateArgs) -> VmDescription {
         let lock = a.lock.spec().unwrap_or_default();
         VmDescription {
-            backend: self.backend,
-            mmu: self.mmu.to_string(),
+            backend: self.vm.backend,
+            mmu: self.vm.mmu.to_string(),
             fast_page_fault: true,
             eager_page_split: true,
             pml: false,
-            dirty_log: self.log.to_string(),
-            initially_set: a.knobs.initially_set && self.log == DirtyLogInterface::Clear,
+            dirty_log: self.vm.log.to_string(),
+            initially_set: a.knobs.initially_set && self.vm.log == DirtyLogInterface::Clear,
             ring_entries: a.knobs.ring_entries,
-            harvest_threads: self.threads,
+            harvest_threads: self.vm.threads,
             clear_chunk_pages: a.knobs.clear_chunk_pages,
             vcpus: a.vcpus,
-            guest_bytes: self.mib << 20,
+            guest_bytes: self.vm.mib << 20,
             random: false,
             write_pct: 100,
             seed: 1,
-            dirty_rate: self.rate.0.map(|r| r << 20),
+            dirty_rate: self.run.rate.0.map(|r| r << 20),
             // Checked once, in `main`.
             fresh_faults: lock.fresh_per_sec,
             split_faults: lock.split_per_sec,
@@ -400,7 +419,7 @@ fn migrate_one(
     dest_json: &std::path::Path,
     tls: Option<&BenchTls>,
 ) -> BenchResult<Measured> {
-    let tls = tls.filter(|_| c.tls);
+    let tls = tls.filter(|_| c.run.tls);
     let desc = c.description(a);
     let mut vm = desc.boot()?;
     // The guest's speed without a migration: two passes flat out, the
@@ -421,10 +440,10 @@ fn migrate_one(
         downtime_limit: Duration::from_millis(a.downtime_limit_ms),
         timeout: Some(Duration::from_secs(a.timeout_s)),
         auto_converge: a.auto_converge,
-        precopy: c.precopy,
-        dirty_limit: Some(c.limit << 20).filter(|&l| l > 0),
-        connections: c.connections,
-        verify: c.verify,
+        precopy: c.run.precopy,
+        dirty_limit: Some(c.run.limit << 20).filter(|&l| l > 0),
+        connections: c.run.connections,
+        verify: c.run.verify,
         dialer,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
@@ -547,8 +566,8 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let row = format!(
         "{:<26} {:>5} {:>5} {:>8.1} {:>7.1} {:>6.2} {:>7.2} {:>8.1} {:>8} {:>6} {:>8.1} {:>6.0} {:>6} {:>9} {:>6} {:>4} {:>4}",
         c.label(),
-        c.mib,
-        c.rate.to_string(),
+        c.vm.mib,
+        c.run.rate.to_string(),
         stats.total_time_ms,
         setup_ms,
         xraw,
@@ -565,9 +584,9 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
         lost.map_or("?".into(), |m| m.to_string()),
     );
     let record = json!({
-        "backend": c.backend, "mmu": c.mmu.to_string(), "dirty_log": c.log.to_string(),
-        "harvest_threads": c.threads, "guest_mib": c.mib, "dirty_rate_mibps": c.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.precopy.to_string(), "dirty_limit_mibps": c.limit, "connections": c.connections, "tls": c.tls, "verify": c.verify.to_string(),
+        "backend": c.vm.backend, "mmu": c.vm.mmu.to_string(), "dirty_log": c.vm.log.to_string(),
+        "harvest_threads": c.vm.threads, "guest_mib": c.vm.mib, "dirty_rate_mibps": c.run.rate.0, "raw_copy_ms": raw_ms,
+        "precopy": c.run.precopy.to_string(), "dirty_limit_mibps": c.run.limit, "connections": c.run.connections, "tls": c.run.tls, "verify": c.run.verify.to_string(),
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,
@@ -607,7 +626,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
     for round in 0..a.repeat {
         for (i, c) in combos.iter().enumerate() {
             let m = migrate_one(a, c, &dir.join(format!("dest-{round}-{i}.json")), tls.as_ref())?;
-            let (row, mut record, ok) = report_one(c, &m, raw[&(c.mib, c.connections)]);
+            let (row, mut record, ok) = report_one(c, &m, raw[&(c.vm.mib, c.run.connections)]);
             record["repetition"] = json!(round);
             all_ok &= ok;
             bar.line(row);
@@ -640,7 +659,7 @@ pub fn main(a: &MigrateArgs) -> BenchResult {
             }
             runs.push(record);
             if round == 0 {
-                plotted.push((c.label(), c.mib, c.rate, m.stats.clone()));
+                plotted.push((c.label(), c.vm.mib, c.run.rate, m.stats.clone()));
             }
             measured[i].push(m.stats);
             bar.step(format!("round {} {}/{}", round + 1, i + 1, combos.len()));
@@ -681,8 +700,8 @@ fn print_repetitions(combos: &[Combo], measured: &[Vec<MigrationStats>], repeat:
             "{}, {} MiB, {} MiB/s: total {} ms, setup {} ms, downtime {} ms, guest stall {} ms, rounds {}, \
              syncs {}, sent {} MiB, {} mbps; completed {} of {}",
             c.label(),
-            c.mib,
-            c.rate,
+            c.vm.mib,
+            c.run.rate,
             spread(&|s| Some(s.total_time_ms)),
             spread(&|s| s.setup_time_ms),
             spread(&|s| s.downtime_ms),

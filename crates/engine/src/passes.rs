@@ -857,8 +857,7 @@ impl EnginePassVm {
                 return Err(PassesError::BadWorkingSet { pages: n, guest_pages: npages });
             }
             Some(n) => n,
-            None if reserve_needed => npages / 2,
-            None => npages,
+            None => spec.lock_faults.swept_pages(npages),
         };
         let reserve = if reserve_needed { swept } else { 0 };
         if swept + reserve > npages || swept < u64::from(spec.vcpus) {

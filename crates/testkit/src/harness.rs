@@ -339,11 +339,9 @@ impl Drop for Vcpus {
     }
 }
 
-/// Pages the vCPUs sweep: all of the guest, or its first half where the
-/// workload's lock faults need a reserve (`LockFaults`).
+/// Pages the vCPUs sweep (`LockFaults::swept_pages`).
 fn swept_pages(cfg: &RunConfig) -> u64 {
-    let pages = cfg.guest_bytes / PAGE_SIZE;
-    if cfg.workload.lock_faults.needs_reserve() { pages / 2 } else { pages }
+    cfg.workload.lock_faults.swept_pages(cfg.guest_bytes / PAGE_SIZE)
 }
 
 fn spawn_vcpus(

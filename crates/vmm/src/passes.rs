@@ -111,6 +111,13 @@ impl LockFaults {
         self.fresh_per_sec > 0 || self.split_per_sec > 0
     }
 
+    /// The pages a guest of `guest_pages` pages sweeps by default: all of
+    /// them, or the first half where these faults need the reserve (the
+    /// second half).
+    pub fn swept_pages(&self, guest_pages: u64) -> u64 {
+        if self.needs_reserve() { guest_pages / 2 } else { guest_pages }
+    }
+
     /// Faults per second per vCPU, all three together.
     pub fn total_per_sec(&self) -> u64 {
         u64::from(self.fresh_per_sec) + u64::from(self.split_per_sec) + u64::from(self.invalidations_per_sec)

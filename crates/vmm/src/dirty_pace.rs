@@ -10,8 +10,8 @@
 //!
 //! The pace is a floor on each chunk's time, not a schedule: time the vCPU
 //! loses inside a chunk (a throttle hold, a full ring, a lock) is not made
-//! up afterwards, as a guest whose work costs a fixed time per page (QEMU's
-//! migration test guests, a delay loop per page) would not make it up. Only
+//! up afterwards, as a guest whose work costs a fixed time per page (a
+//! delay loop, as KVM's guest here) would not make it up. Only
 //! the host's own oversleeping is: a chunk's wait is shortened by what the
 //! last one overslept, so that a `sleep` that wakes late does not lower the
 //! rate.

@@ -247,6 +247,10 @@ pub struct OutgoingArgs {
     /// after (the source keeps its paused copy until the audit passed).
     #[arg(long, default_value = "strict")]
     pub verify: Verify,
+    /// Threads of the digest pass (default: the CPUs, less one where the
+    /// destination is on this host).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub digest_threads: Option<u32>,
     /// How long the guest runs before the migration starts, ms.
     #[arg(long, default_value_t = 300)]
     pub warmup_ms: u64,
@@ -518,6 +522,7 @@ pub fn outgoing_params(a: &OutgoingArgs, desc: &VmDescription) -> Result<Outgoin
         dirty_limit: a.dirty_limit_mibps.map(|l| l << 20),
         precopy: a.precopy,
         verify: a.verify,
+        digest_threads: a.digest_threads.map(|n| n as usize),
         connections: a.connections,
         clear_chunk_pages: desc.clear_chunk_pages,
         progress_timeout: a.progress_timeout(),

@@ -152,6 +152,8 @@ pub struct OutgoingParams {
     pub precopy: Precopy,
     /// When the destination checks the pages.
     pub verify: Verify,
+    /// Threads of the digest pass (`None`: [`auto_digest_threads`]).
+    pub digest_threads: Option<usize>,
     /// TCP streams for the pages, this connection included (QEMU's multifd
     /// channels; 1 to [`MAX_STREAMS`]): `crate::streams`.
     pub connections: u32,
@@ -184,6 +186,7 @@ impl Default for OutgoingParams {
             dirty_limit: None,
             precopy: Precopy::Qemu,
             verify: Verify::Strict,
+            digest_threads: None,
             connections: 1,
             dialer: Dialer::default(),
             clear_chunk_pages: HarvestSpec::default().clear_chunk_pages,
@@ -479,6 +482,8 @@ struct Outgoing<'a, V: MigrationVm + ?Sized> {
     bandwidth_window: BandwidthWindow,
     /// The digest pass's rate, ns a page (`measure_digest_rate`).
     digest_ns_per_page: f64,
+    /// Threads of the digest pass (`OutgoingParams::digest_threads`).
+    digest_threads: usize,
     /// The round trip to the destination (`measure_round_trip`).
     round_trip: Duration,
     /// The extra page streams, with `connections` above 1.
@@ -627,9 +632,9 @@ impl BandwidthWindow {
     }
 }
 
-/// A digest of every page of `memory`, of a paused guest, on
-/// [`digest_threads`] threads.
-fn digest_pass(memory: SharedMemory) -> Vec<u64> {
+/// A digest of every page of `memory`, of a paused guest, on `threads`
+/// threads.
+fn digest_pass(memory: SharedMemory, threads: usize) -> Vec<u64> {
     let words = memory.words();
     // SAFETY: the vCPUs are paused (the gate's acquire ordered their stores
     // before the pause returned) and nothing else writes guest memory until
@@ -637,14 +642,20 @@ fn digest_pass(memory: SharedMemory) -> Vec<u64> {
     // send beside it only reads.
     let bytes = unsafe { quiescent_bytes(words) };
     let pages = (words.len() / shadow_mmu_core::spte::WORDS_PER_PAGE) as u64;
-    page_digests(bytes, 0, pages, digest_threads())
+    page_digests(bytes, 0, pages, threads)
 }
 
-/// Threads of the digest pass: this host's CPUs are ours while the guest
-/// is paused (the destination only compares: it digested each page as it
-/// loaded it).
-fn digest_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Threads of the digest pass by default: this host's CPUs are ours while
+/// the guest is paused (the destination only compares: it digested each
+/// page as it loaded it), less one where the peer is on this host (the
+/// destination, or the TLS pump that encrypts for it, carries the send
+/// beside the pass and needs a CPU for it). On this 2-CPU host, idle
+/// guests of 256 MiB and 1 GiB on both backends, the digest on both CPUs
+/// let 2 of 24 migrations go past 300 ms, to 372 and 1028; on one, none of
+/// 24 passed 203 ms (docs/results/README.md).
+pub fn auto_digest_threads(peer_on_this_host: bool) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if peer_on_this_host { (cpus - 1).max(1) } else { cpus }
 }
 
 /// Migrates `vm` over `conn` (connected to a destination), announcing it
@@ -708,6 +719,10 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         round_start: (start, 0),
         bandwidth_window: BandwidthWindow::new(0),
         digest_ns_per_page: 0.0,
+        digest_threads: params
+            .digest_threads
+            .map(|n| n.max(1))
+            .unwrap_or_else(|| auto_digest_threads(conn.peer_addr().is_ok_and(|a| a.ip().is_loopback()))),
         round_trip: Duration::ZERO,
         streams: None,
         stream_pages: Arc::default(),
@@ -823,7 +838,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let unfinished = |e: StreamError| MigrationError::AuditUnfinished(e);
         // SAFETY: the guest is still paused here (its copy is kept until
         // the audit passes), and the pass ends before we return.
-        let digests = digest_pass(unsafe { SharedMemory::of(self.vm.memory()) });
+        let digests = digest_pass(unsafe { SharedMemory::of(self.vm.memory()) }, self.digest_threads);
         self.send_digests(&digests).map_err(|e| match e {
             MigrationError::Stream(e) => unfinished(e),
             e => e,
@@ -1097,7 +1112,7 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let runs = DIGEST_SAMPLE_PAGES.min(pages).div_ceil(64);
         let stride = (pages / 64 / runs).max(1) * 64;
         let sample: Vec<u64> = (0..runs).flat_map(|r| r * stride..(r * stride + 64).min(pages)).collect();
-        let threads = digest_threads();
+        let threads = self.digest_threads;
         let (_, cpu_ns) = running_page_digests(self.vm.memory(), &sample, threads);
         self.digest_ns_per_page = cpu_ns as f64 / sample.len().max(1) as f64 / threads as f64;
     }
@@ -1338,7 +1353,9 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         let digests = std::thread::scope(|s| -> Result<_, MigrationError> {
             // The digest pass beside the send: both read the paused memory,
             // and the send mostly waits for the destination.
-            let pass = (self.params.verify == Verify::Strict).then(|| s.spawn(move || digest_pass(memory)));
+            let threads = self.digest_threads;
+            let pass =
+                (self.params.verify == Verify::Strict).then(|| s.spawn(move || digest_pass(memory, threads)));
             while q.pending > 0 {
                 self.send_window(&mut q, hooks)?;
             }

@@ -87,6 +87,10 @@ pub struct MigrateArgs {
     /// (before the guest runs there), `audit` (after).
     #[arg(long, value_delimiter = ',', default_value = "strict")]
     pub verify: Vec<Verify>,
+    /// Threads of the source's digest pass, comma-separated: `auto` (the
+    /// CPUs, less one for a destination on this host) or a count.
+    #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = parse_threads)]
+    pub digest_threads: Vec<Threads>,
     /// Transports, comma-separated: `plain` TCP, `tls` (mutual TLS with a
     /// CA made for the run, both ends in this host).
     #[arg(long, value_delimiter = ',', default_value = "plain")]
@@ -148,6 +152,22 @@ impl std::fmt::Display for Rate {
             Some(r) => write!(f, "{r}"),
             None => f.write_str("max"),
         }
+    }
+}
+
+/// A thread count or `auto` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads(Option<usize>);
+
+fn parse_threads(s: &str) -> Result<Threads, String> {
+    match s {
+        "auto" => Ok(Threads(None)),
+        n => n
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| Threads(Some(n)))
+            .ok_or(format!("{s:?}: auto or a count")),
     }
 }
 
@@ -267,6 +287,8 @@ struct RunChoice {
     /// Mutual TLS on every connection.
     tls: bool,
     verify: Verify,
+    /// The digest pass's threads (`None`: automatic).
+    digest_threads: Option<usize>,
 }
 
 /// One migration of the sweep: a VM under the migration's settings.
@@ -315,14 +337,16 @@ impl Combo {
             .flat_map(|(r, p)| a.dirty_limit_mibps.iter().map(move |&l| (r, p, l)))
             .flat_map(|(r, p, l)| a.connections.iter().map(move |&n| (r, p, l, n)))
             .flat_map(|(r, p, l, n)| a.transport.iter().map(move |&t| (r, p, l, n, t == Transport::Tls)))
-            .flat_map(|(r, p, l, n, tls)| {
-                a.verify.iter().map(move |&verify| RunChoice {
+            .flat_map(|(r, p, l, n, tls)| a.verify.iter().map(move |&v| (r, p, l, n, tls, v)))
+            .flat_map(|(r, p, l, n, tls, verify)| {
+                a.digest_threads.iter().map(move |&Threads(digest_threads)| RunChoice {
                     rate: r,
                     precopy: p,
                     limit: l,
                     connections: n,
                     tls,
                     verify,
+                    digest_threads,
                 })
             })
             .collect();
@@ -350,9 +374,13 @@ impl Combo {
             n => format!("{l}, x{n} streams"),
         };
         let l = if self.run.tls { format!("{l}, tls") } else { l };
-        match self.run.verify {
+        let l = match self.run.verify {
             Verify::Strict => l,
             Verify::Audit => format!("{l}, audit"),
+        };
+        match self.run.digest_threads {
+            None => l,
+            Some(n) => format!("{l}, digest x{n}"),
         }
     }
 
@@ -444,6 +472,7 @@ fn migrate_one(
         dirty_limit: Some(c.run.limit << 20).filter(|&l| l > 0),
         connections: c.run.connections,
         verify: c.run.verify,
+        digest_threads: c.run.digest_threads,
         dialer,
         clear_chunk_pages: desc.clear_chunk_pages,
         ..OutgoingParams::default()
@@ -586,7 +615,7 @@ fn report_one(c: &Combo, m: &Measured, raw: Duration) -> (String, serde_json::Va
     let record = json!({
         "backend": c.vm.backend, "mmu": c.vm.mmu.to_string(), "dirty_log": c.vm.log.to_string(),
         "harvest_threads": c.vm.threads, "guest_mib": c.vm.mib, "dirty_rate_mibps": c.run.rate.0, "raw_copy_ms": raw_ms,
-        "precopy": c.run.precopy.to_string(), "dirty_limit_mibps": c.run.limit, "connections": c.run.connections, "tls": c.run.tls, "verify": c.run.verify.to_string(),
+        "precopy": c.run.precopy.to_string(), "dirty_limit_mibps": c.run.limit, "connections": c.run.connections, "tls": c.run.tls, "verify": c.run.verify.to_string(), "digest_threads": c.run.digest_threads,
         "total_time_vs_raw_copy": xraw, "total_time_without_setup_vs_raw_copy": xraw_su,
         "guest_pass_ns_without_migration": m.baseline_pass_ns,
         "guest_passes_expected_without_migration": m.expected,

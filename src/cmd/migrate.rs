@@ -247,8 +247,7 @@ pub struct OutgoingArgs {
     /// after (the source keeps its paused copy until the audit passed).
     #[arg(long, default_value = "strict")]
     pub verify: Verify,
-    /// Threads of the digest pass (default: the CPUs, less one where the
-    /// destination is on this host).
+    /// Threads of the digest pass (default: the host's CPUs).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub digest_threads: Option<u32>,
     /// How long the guest runs before the migration starts, ms.

@@ -152,7 +152,7 @@ pub struct OutgoingParams {
     pub precopy: Precopy,
     /// When the destination checks the pages.
     pub verify: Verify,
-    /// Threads of the digest pass (`None`: [`auto_digest_threads`]).
+    /// Threads of the digest pass (`None`: [`default_digest_threads`]).
     pub digest_threads: Option<usize>,
     /// TCP streams for the pages, this connection included (QEMU's multifd
     /// channels; 1 to [`MAX_STREAMS`]): `crate::streams`.
@@ -647,15 +647,13 @@ fn digest_pass(memory: SharedMemory, threads: usize) -> Vec<u64> {
 
 /// Threads of the digest pass by default: this host's CPUs are ours while
 /// the guest is paused (the destination only compares: it digested each
-/// page as it loaded it), less one where the peer is on this host (the
-/// destination, or the TLS pump that encrypts for it, carries the send
-/// beside the pass and needs a CPU for it). On this 2-CPU host, idle
-/// guests of 256 MiB and 1 GiB on both backends, the digest on both CPUs
-/// let 2 of 24 migrations go past 300 ms, to 372 and 1028; on one, none of
-/// 24 passed 203 ms (docs/results/README.md).
-pub fn auto_digest_threads(peer_on_this_host: bool) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if peer_on_this_host { (cpus - 1).max(1) } else { cpus }
+/// page as it loaded it). A destination on the same host shares them; on
+/// this 2-CPU host, leaving it one (`--digest-threads 1`) made no
+/// difference that stood out of the noise (idle guests of 256 MiB and
+/// 1 GiB on both backends, 24 migrations each way: none over 300 ms on two
+/// threads, 2 on one; docs/results/README.md).
+pub fn default_digest_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Migrates `vm` over `conn` (connected to a destination), announcing it
@@ -719,10 +717,7 @@ pub fn migrate_outgoing<V: MigrationVm + ?Sized>(
         round_start: (start, 0),
         bandwidth_window: BandwidthWindow::new(0),
         digest_ns_per_page: 0.0,
-        digest_threads: params
-            .digest_threads
-            .map(|n| n.max(1))
-            .unwrap_or_else(|| auto_digest_threads(conn.peer_addr().is_ok_and(|a| a.ip().is_loopback()))),
+        digest_threads: params.digest_threads.map_or_else(default_digest_threads, |n| n.max(1)),
         round_trip: Duration::ZERO,
         streams: None,
         stream_pages: Arc::default(),

@@ -88,7 +88,7 @@ pub struct MigrateArgs {
     #[arg(long, value_delimiter = ',', default_value = "strict")]
     pub verify: Vec<Verify>,
     /// Threads of the source's digest pass, comma-separated: `auto` (the
-    /// CPUs, less one for a destination on this host) or a count.
+    /// host's CPUs) or a count.
     #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = parse_threads)]
     pub digest_threads: Vec<Threads>,
     /// Transports, comma-separated: `plain` TCP, `tls` (mutual TLS with a

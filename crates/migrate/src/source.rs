@@ -963,14 +963,9 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         // The destination builds its VM (heartbeats meanwhile), then says so
         // (or why not).
         let deadline = self.start + self.params.timeout.unwrap_or(Duration::MAX / 4);
-        match self.inbox.wait(self.sent_bytes(), deadline, "ready") {
-            Ok(Frame::Ready) => {}
-            Ok(Frame::Refuse { why }) => return Err(MigrationError::Refused(why)),
-            Ok(other) => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
-            Err(StreamError::Late { .. }) => {
-                return Err(MigrationError::SetupTimeout(self.params.timeout.unwrap_or_default()));
-            }
-            Err(e) => return Err(self.refusal_or(e)),
+        match self.setup_answer(deadline, "ready")? {
+            Frame::Ready => {}
+            other => return Err(StreamError::Unexpected { expected: "ready", got: other.name() }.into()),
         }
         hooks.phase(Phase::ReadyReceived);
         self.open_streams(header)?;
@@ -982,6 +977,21 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
         self.stall_marks = self.vcpu_loss().map(|l| StallMarks { start: l, round_start: l, last: l });
         self.stats.setup_time_ms = Some(ms(self.start.elapsed()));
         Ok(())
+    }
+
+    /// The destination's next frame during the setup, by `deadline`: a
+    /// refusal (of the header, or of the extra streams, which the
+    /// destination checks after `Ready`) is the error, and lateness the
+    /// setup's timeout.
+    fn setup_answer(&mut self, deadline: Instant, expected: &'static str) -> Result<Frame, MigrationError> {
+        match self.inbox.wait(self.sent_bytes(), deadline, expected) {
+            Ok(Frame::Refuse { why }) => Err(MigrationError::Refused(why)),
+            Ok(f) => Ok(f),
+            Err(StreamError::Late { .. }) => {
+                Err(MigrationError::SetupTimeout(self.params.timeout.unwrap_or_default()))
+            }
+            Err(e) => Err(self.refusal_or(e)),
+        }
     }
 
     /// Bytes sent on every stream.
@@ -1137,10 +1147,9 @@ impl<V: MigrationVm + ?Sized> Outgoing<'_, V> {
     fn measure_round_trip(&mut self, deadline: Instant) -> Result<(), MigrationError> {
         let t = Instant::now();
         self.sender.send_now(&Frame::Ping { seq: 1 })?;
-        match self.inbox.wait(self.sent_bytes(), deadline, "pong") {
-            Ok(Frame::Pong { seq: 1 }) => {}
-            Ok(other) => return Err(StreamError::Unexpected { expected: "pong", got: other.name() }.into()),
-            Err(e) => return Err(self.refusal_or(e)),
+        match self.setup_answer(deadline, "pong")? {
+            Frame::Pong { seq: 1 } => {}
+            other => return Err(StreamError::Unexpected { expected: "pong", got: other.name() }.into()),
         }
         self.round_trip = t.elapsed();
         self.stats.round_trip_ms = Some(ms(self.round_trip));

@@ -12,8 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shadow_mmu_migrate::dest::{IncomingParams, migrate_incoming};
+use shadow_mmu_migrate::refusal::Refusal;
 use shadow_mmu_migrate::source::{Outcome, OutgoingParams, migrate_outgoing};
-use shadow_mmu_migrate::stream::{Header, SlotLayout};
+use shadow_mmu_migrate::stream::{Frame, Header, PAGE_BYTES, SlotLayout, read_frame, write_frame};
 use shadow_mmu_migrate::{DestHooks, SourceHooks};
 use shadow_mmu_vmm::vcpu_gate::{decode_words, encode_words};
 use shadow_mmu_vmm::{
@@ -293,5 +294,42 @@ fn a_dirty_limit_the_vm_cannot_keep_is_refused_and_the_source_runs_on() {
         assert!(t.elapsed() < Duration::from_secs(10), "the source runs on");
         std::thread::yield_now();
     }
+    vm.stop().unwrap();
+}
+
+/// A destination that says `Ready`, then refuses while the source measures
+/// the round trip (as it refuses extra streams it found wrong): the source
+/// reports the refusal, not an unexpected frame, and runs on.
+#[test]
+fn a_refusal_after_ready_is_the_source_s_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        assert!(matches!(read_frame(&mut c, PAGE_BYTES).unwrap(), Frame::Header(_)));
+        write_frame(&mut c, &Frame::Ready).unwrap();
+        loop {
+            match read_frame(&mut c, PAGE_BYTES).unwrap() {
+                Frame::Heartbeat { .. } => continue,
+                Frame::Ping { .. } => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        write_frame(&mut c, &Frame::Refuse { why: Refusal::Busy }).unwrap();
+        // Held open until the source has read the refusal and closed.
+        while read_frame(&mut c, PAGE_BYTES).is_ok() {}
+    });
+    let mut vm = ToyVm::new(true);
+    let conn = TcpStream::connect(addr).unwrap();
+    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
+    let header = Header::new("toy".into(), String::new(), slots);
+    let e = match migrate_outgoing(&mut vm, &conn, &header, &OutgoingParams::default(), &mut Nothing) {
+        Outcome::RunsOn(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let why = shadow_mmu_vmm::error_chain(&e);
+    assert!(why.contains("this destination is busy with another migration"), "{why}");
+    drop(conn);
+    dest.join().unwrap();
     vm.stop().unwrap();
 }

@@ -393,21 +393,6 @@ impl KvmVm {
         self.memory.control.write_bytes(offset, code)
     }
 
-    /// Sets the control slot's word at byte `offset` (8-aligned) to
-    /// `value` while the vCPUs may run: a flag the guest polls, which sees
-    /// the old or the new value at each read.
-    pub fn set_control_word(&self, offset: u64, value: u64) -> Result<(), KvmError> {
-        let words = self.memory.control.words();
-        let w = words
-            .get((offset / 8) as usize)
-            .filter(|_| offset.is_multiple_of(8))
-            .ok_or(BadConfig::WriteOutsideSlot { bytes: 8, offset, slot_bytes: self.memory.control.bytes })?;
-        // Relaxed: a flag read by the guest's next chunk; nothing else is
-        // published through it.
-        w.store(value, Ordering::Relaxed);
-        Ok(())
-    }
-
     fn set_logging(&mut self, on: bool) -> Result<u64, KvmError> {
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         let t = Instant::now();

@@ -5,6 +5,14 @@ use std::process::Command;
 
 use shadow_mmu_core::spte::PAGE_SIZE;
 
+/// A directory of this test process's own for a test's files:
+/// `shadow-mmu-<tag>-<pid>` under the temporary directory, created.
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shadow-mmu-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn shadow_mmu(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_shadow-mmu")).args(args).output().unwrap();
     (
@@ -105,8 +113,7 @@ fn stress_replays_one_run_by_seed() {
 
 #[test]
 fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli");
     let json = dir.join("mp.json");
     let plots = dir.join("plots");
     let (code, out, err) = shadow_mmu(&[
@@ -213,8 +220,7 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
 /// per-interface keys.
 #[test]
 fn bench_migrate_perf_runs_every_interface_and_thread_count() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-if-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-if");
     let json = dir.join("mp.json");
     let (code, out, err) = shadow_mmu(&[
         "bench",
@@ -275,8 +281,7 @@ fn bench_migrate_perf_runs_every_interface_and_thread_count() {
 /// reported outside it.
 #[test]
 fn bench_migrate_perf_sweeps_a_working_set_of_any_guest_size() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-ws-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-ws");
     let json = dir.join("mp.json");
     let (code, out, err) = shadow_mmu(&[
         "bench",
@@ -332,8 +337,7 @@ fn bench_migrate_perf_sweeps_a_working_set_of_any_guest_size() {
 
 #[test]
 fn bench_kernbench_sweeps_and_replays_the_shipped_trace() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-kb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("kb");
     for workload in ["sweep", "replay"] {
         let json = dir.join(format!("{workload}.json"));
         let (code, out, err) = shadow_mmu(&[
@@ -379,8 +383,7 @@ fn bench_kernbench_sweeps_and_replays_the_shipped_trace() {
 
 #[test]
 fn bench_migrate_perf_without_kvm_skips_the_kvm_runs_with_one_line() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-nodev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("nodev");
     let json = dir.join("mp.json");
     let out = Command::new(env!("CARGO_BIN_EXE_shadow-mmu"))
         .env("SHADOW_MMU_KVM_DEVICE", "/dev/null")
@@ -446,8 +449,7 @@ fn dirty_log_test_prints_the_selftests_lines_on_every_backend() {
 
 #[test]
 fn bench_migrate_perf_sweeps_vcpu_counts() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-vcpus-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-vcpus");
     let json = dir.join("sweep.json");
     let (code, out, err) = shadow_mmu(&[
         "bench",
@@ -480,8 +482,7 @@ fn bench_migrate_perf_sweeps_vcpu_counts() {
 
 #[test]
 fn bench_migrate_repeats_interleaved_and_reports_the_guest_stall() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-bm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-bm");
     let json = dir.join("bm.json");
     let (code, out, err) = shadow_mmu(&[
         "bench",
@@ -520,8 +521,7 @@ fn bench_migrate_repeats_interleaved_and_reports_the_guest_stall() {
 /// line where it cannot run), and the JSON.
 #[test]
 fn bench_pace_reports_the_rate_reached_beside_the_one_asked() {
-    let dir = std::env::temp_dir().join(format!("shadow-mmu-cli-pace-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-pace");
     let json = dir.join("pace.json");
     let (code, out, err) = shadow_mmu(&[
         "bench",

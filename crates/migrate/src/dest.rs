@@ -589,8 +589,9 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
     /// The rounds, the digests and the vCPU states, up to `Done`, over this
     /// connection and the `extra` page streams (`crate::streams`): each
     /// page's digest as loaded is compared with the source's as it comes,
-    /// once every stream has ended. Returns the source's digests and the
-    /// states.
+    /// once every stream has ended. Returns the source's digests, the
+    /// states, and, for an audit after the resume, each page's digest as
+    /// loaded (empty otherwise).
     #[allow(clippy::type_complexity)]
     fn load(
         &mut self,
@@ -633,7 +634,9 @@ impl<V: MigrationVm + ?Sized> Receiver<'_, V> {
         hooks.phase(Phase::DoneReceived);
         stats.verify_ms = verify.map(|v| v.as_secs_f64() * 1e3);
         stats.mismatched_pages = Some(mismatched);
-        let loaded = (0..shape.0).map(|p| loader.loaded(p)).collect();
+        // The pages' digests as loaded, for an audit after the resume only
+        // (this is the downtime: the strict check is already done).
+        let loaded = if header.audit { (0..shape.0).map(|p| loader.loaded(p)).collect() } else { Vec::new() };
         Ok((digests, states, loaded))
     }
 

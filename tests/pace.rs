@@ -2,8 +2,14 @@
 //! stores faster than its rate (plus a chunk a vCPU), spreads its stores
 //! over the pass instead of making it at full speed, and counts what it
 //! stored; unpaced, it runs flat out. Only upper bounds on speed are
-//! asserted: a loaded host makes a guest slower, never faster.
+//! asserted: a loaded host makes a guest slower, never faster, with one
+//! exception, KVM's delay loop. It is calibrated under whatever runs
+//! beside it, and runs faster once that load goes, until the pacer's
+//! corrections catch up (`shadow_mmu_kvm::delay`). So these tests run one
+//! at a time (`serial`), and KVM's paced guest is held to the tolerance of
+//! that feedback, half again its rate, as in `crates/kvm/tests/delay.rs`.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use shadow_mmu_engine::EngineBackend;
@@ -14,14 +20,23 @@ use shadow_mmu_vmm::{
 
 const MIB: u64 = 1 << 20;
 
+/// One test of this file at a time (module docs): a KVM guest calibrated
+/// beside another test's vCPUs would speed up when that test ends.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn spec() -> PassSpec {
     PassSpec::sweep(2, 64 * MIB, 3)
 }
 
 /// At 16 MiB/s a pass of 64 MiB takes 4 s: after 300 ms the guest has
-/// stored at most 16 MiB/s times the time, plus a chunk and an oversleep a
-/// vCPU, and no pass is done; the rate off, it completes passes.
-fn paced_then_flat_out(vm: Box<dyn PassVm>, what: &str) {
+/// stored at most `over` times 16 MiB/s times the time (1 where the vCPU
+/// threads sleep out each chunk's share, module docs otherwise), plus a
+/// chunk and an oversleep a vCPU, and no pass is done; the rate off, it
+/// completes passes.
+fn paced_then_flat_out(vm: Box<dyn PassVm>, what: &str, over: f64) {
     let rate = 16 * MIB;
     vm.release(1);
     vm.wait_passes(0).unwrap();
@@ -32,7 +47,7 @@ fn paced_then_flat_out(vm: Box<dyn PassVm>, what: &str) {
     std::thread::sleep(Duration::from_millis(300));
     let (got, took) = (pace.stored() - stored, t.elapsed());
     let slack = 2 * 2 * chunk_bytes(PACE_CHUNK_PAGES, 100);
-    let most = (rate as f64 * took.as_secs_f64()) as u64 + slack;
+    let most = (over * rate as f64 * took.as_secs_f64()) as u64 + slack;
     assert!(got > 0 && got <= most, "{what}: {got} bytes stored in {took:?}, at most {most}");
     assert_eq!(vm.passes_done(), 1, "{what}: no pass at full speed");
     vm.set_dirty_rate(None).unwrap();
@@ -42,9 +57,10 @@ fn paced_then_flat_out(vm: Box<dyn PassVm>, what: &str) {
 
 #[test]
 fn a_paced_guest_keeps_its_rate_inside_the_pass() {
-    paced_then_flat_out(EngineBackend::default().start_passes(&spec()).unwrap(), "engine");
+    let _serial = serial();
+    paced_then_flat_out(EngineBackend::default().start_passes(&spec()).unwrap(), "engine", 1.0);
     if usable_or_skip() {
-        paced_then_flat_out(KvmBackend::default().start_passes(&spec()).unwrap(), "kvm");
+        paced_then_flat_out(KvmBackend::default().start_passes(&spec()).unwrap(), "kvm", 1.5);
     }
 }
 
@@ -87,6 +103,7 @@ fn held_at_ring_full(mut vm: Box<dyn PassVm>, what: &str) {
 
 #[test]
 fn a_dirty_limit_holds_each_vcpu_at_its_ring_full_exit() {
+    let _serial = serial();
     let spec = PassSpec::sweep(2, 128 * MIB, 3);
     let engine = EngineBackend { dirty_ring: Some(RingEntries(RING)), ..EngineBackend::default() };
     held_at_ring_full(engine.start_passes(&spec).unwrap(), "engine");
@@ -111,6 +128,7 @@ fn paused_while_held(vm: Box<dyn PassVm>, what: &str) {
 
 #[test]
 fn a_pause_ends_a_dirty_limit_s_hold() {
+    let _serial = serial();
     let spec = PassSpec::sweep(2, 64 * MIB, 3);
     let ring = EngineBackend { dirty_ring: Some(RingEntries(RING)), ..EngineBackend::default() };
     for backend in [EngineBackend::default(), ring] {

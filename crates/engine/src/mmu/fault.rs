@@ -48,6 +48,14 @@ pub(crate) struct PageFault {
     pub(crate) asid: u16,
 }
 
+/// What a slow path's map under `mmu_lock` came to.
+pub(crate) enum Mapped {
+    /// The mapping is installed (or another vCPU's fault installed it).
+    Done,
+    /// The walk lost a race: fault again, from the slot lookup.
+    Retry,
+}
+
 /// Why a fault could not be fixed: the access goes to userspace as MMIO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultExit {
@@ -79,8 +87,41 @@ impl Kvm {
         if self.mmu.fast_page_fault && write && present && self.fast_page_fault(vcpu, ring, gfn, asid) {
             return Ok(());
         }
+        self.slow_page_fault(
+            caches,
+            fault,
+            || {
+                let g = self.mmu.lock.lock();
+                self.mmu.stats.fault_mmu_lock_writes.inc();
+                g
+            },
+            |mut g, slot, caches| {
+                self.make_mmu_pages_available(&mut g);
+                let level = self.mapping_level(slot, gfn);
+                self.__direct_map(&mut g, caches, ring, slot, gfn, level, write, asid);
+                Mapped::Done
+            },
+        )
+    }
+
+    /// The slow path's loop, both designs' (the slot checks of
+    /// `kvm_mmu_faultin_pfn`, then the design's map under its side of
+    /// `mmu_lock`). Outside the lock: the caches topped up (never allocate
+    /// under `mmu_lock`), then `gfn`'s memslot and whether a write may map
+    /// it. Under the guard `lock` takes, what only the lock keeps
+    /// consistent: a slot being deleted, whose sptes are zapped under the
+    /// write lock before the set without it is published (look it up
+    /// again), and write tracking, which changes under the write lock (a
+    /// write to a tracked page is never mapped). Then `map` installs the
+    /// mapping, or asks for another try.
+    pub(crate) fn slow_page_fault<G>(
+        &self,
+        caches: &mut MmuCaches,
+        PageFault { gfn, write, .. }: PageFault,
+        lock: impl Fn() -> G,
+        mut map: impl FnMut(G, &Memslot, &mut MmuCaches) -> Mapped,
+    ) -> Result<(), FaultExit> {
         loop {
-            // Never allocate under mmu_lock.
             self.mmu.topup_memory_caches(caches);
             // A guard, not a clone: no shared refcount bounces between vCPUs.
             let slots = self.memslots.load();
@@ -88,24 +129,18 @@ impl Kvm {
             if write && slot.readonly() {
                 return Err(FaultExit::ReadOnly);
             }
-            let mut g = self.mmu.lock.lock();
-            self.mmu.stats.fault_mmu_lock_writes.inc();
+            let g = lock();
             if slot.is_invalid() {
-                // Being deleted: its sptes are zapped under this lock and the
-                // set without it is published next. Look it up again.
                 drop(g);
                 std::thread::yield_now();
                 continue;
             }
             if write && slot.is_write_tracked(gfn) {
-                // Under mmu_lock, where tracking changes: a write to a
-                // tracked page is never mapped.
                 return Err(FaultExit::WriteTracked);
             }
-            self.make_mmu_pages_available(&mut g);
-            let level = self.mapping_level(slot, gfn);
-            self.__direct_map(&mut g, caches, ring, slot, gfn, level, write, asid);
-            return Ok(());
+            if let Mapped::Done = map(g, slot, caches) {
+                return Ok(());
+            }
         }
     }
 

@@ -21,7 +21,7 @@
 use super::tdp_iter::TdpIter;
 use crate::memslot::Memslot;
 use crate::mmu::MmuCaches;
-use crate::mmu::fault::{FaultExit, PageFault};
+use crate::mmu::fault::{FaultExit, Mapped, PageFault};
 use crate::mmu::lock::MmuReadGuard;
 use crate::mmu::walk::LocklessWalk;
 use crate::shadow_page::SpPtr;
@@ -89,41 +89,36 @@ impl Kvm {
         if self.mmu.fast_page_fault && write && present && self.tdp_fast_page_fault(vcpu, ring, gfn, asid) {
             return Ok(());
         }
-        loop {
-            self.mmu.topup_memory_caches(caches);
-            let slots = self.memslots.load();
-            let slot = slots.find(gfn).ok_or(FaultExit::NoSlot)?;
-            if write && slot.readonly() {
-                return Err(FaultExit::ReadOnly);
-            }
-            let g = self.mmu.lock.read();
-            self.mmu.stats.fault_mmu_lock_reads.inc();
-            if slot.is_invalid() {
+        self.slow_page_fault(
+            caches,
+            fault,
+            || {
+                let g = self.mmu.lock.read();
+                self.mmu.stats.fault_mmu_lock_reads.inc();
+                g
+            },
+            |g, slot, caches| {
+                let goal = self.mapping_level(slot, gfn);
+                let root = self.tdp_mmu_root(asid, caches);
+                let section = self.mmu.rcu.read_lock();
+                let t = Target { slot, gfn, goal, write, asid, ring };
+                let r = self.kvm_tdp_mmu_map(&g, &section, caches, root, &t);
+                drop(section);
                 drop(g);
-                std::thread::yield_now();
-                continue;
-            }
-            if write && slot.is_write_tracked(gfn) {
-                // Tracking changes under the write lock: consistent here.
-                return Err(FaultExit::WriteTracked);
-            }
-            let goal = self.mapping_level(slot, gfn);
-            let root = self.tdp_mmu_root(asid, caches);
-            let section = self.mmu.rcu.read_lock();
-            let t = Target { slot, gfn, goal, write, asid, ring };
-            let r = self.kvm_tdp_mmu_map(&g, &section, caches, root, &t);
-            drop(section);
-            drop(g);
-            self.tdp_mmu_reclaim();
-            match r {
-                Map::Done => return Ok(()),
-                Map::DoneFlushAfterSection => {
-                    self.kvm_flush_remote_tlbs();
-                    return Ok(());
+                self.tdp_mmu_reclaim();
+                match r {
+                    Map::Done => Mapped::Done,
+                    Map::DoneFlushAfterSection => {
+                        self.kvm_flush_remote_tlbs();
+                        Mapped::Done
+                    }
+                    Map::Retry => {
+                        self.mmu.stats.tdp_fault_retries.inc();
+                        Mapped::Retry
+                    }
                 }
-                Map::Retry => self.mmu.stats.tdp_fault_retries.inc(),
-            }
-        }
+            },
+        )
     }
 
     /// `kvm_tdp_mmu_map`: walks to the goal level, linking and splitting on

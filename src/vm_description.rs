@@ -73,20 +73,26 @@ pub struct VmDescription {
     pub seed: u64,
     /// The dirty-rate cap, bytes a second.
     pub dirty_rate: Option<u64>,
-    /// The lock faults of the workload, per second per vCPU (absent in
-    /// older streams: none).
-    #[serde(default)]
-    pub fresh_faults: u32,
-    /// See `fresh_faults`.
-    #[serde(default)]
-    pub split_faults: u32,
-    /// See `fresh_faults`.
-    #[serde(default)]
-    pub invalidations: u32,
+    /// The workload's lock faults (absent in older streams: none).
+    #[serde(flatten, with = "LockFaultsDef")]
+    pub lock_faults: LockFaults,
     /// vCPUs that only compute (load), the last ones (absent in older
     /// streams: none).
     #[serde(default)]
     pub compute_vcpus: u32,
+}
+
+/// `LockFaults` in the header, with the names its fields have had there
+/// since streams first carried them.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "LockFaults")]
+struct LockFaultsDef {
+    #[serde(rename = "fresh_faults", default)]
+    fresh_per_sec: u32,
+    #[serde(rename = "split_faults", default)]
+    split_per_sec: u32,
+    #[serde(rename = "invalidations", default)]
+    invalidations_per_sec: u32,
 }
 
 fn eager_split_default() -> bool {
@@ -131,18 +137,9 @@ impl VmDescription {
             random: self.random,
             seed: self.seed,
             dirty_pages: None,
-            lock_faults: self.lock_faults(),
+            lock_faults: self.lock_faults,
             lazy_memory,
             compute_vcpus: self.compute_vcpus,
-        }
-    }
-
-    /// The workload's lock faults.
-    pub fn lock_faults(&self) -> LockFaults {
-        LockFaults {
-            fresh_per_sec: self.fresh_faults,
-            split_per_sec: self.split_faults,
-            invalidations_per_sec: self.invalidations,
         }
     }
 
@@ -177,5 +174,51 @@ impl VmDescription {
     /// `write_pct`% of them; a page dirtied counts 4 KiB).
     pub fn pass_bytes(&self) -> f64 {
         self.guest_bytes as f64 * f64::from(self.write_pct) / 100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn description(lock_faults: LockFaults) -> VmDescription {
+        VmDescription {
+            backend: BackendKind::Engine,
+            mmu: "lockless".into(),
+            fast_page_fault: true,
+            eager_page_split: true,
+            pml: false,
+            dirty_log: "get".into(),
+            initially_set: false,
+            ring_entries: 0,
+            harvest_threads: 1,
+            clear_chunk_pages: 4096,
+            vcpus: 2,
+            guest_bytes: 1 << 30,
+            random: false,
+            write_pct: 100,
+            seed: 1,
+            dirty_rate: None,
+            lock_faults,
+            compute_vcpus: 0,
+        }
+    }
+
+    /// The lock faults keep the names streams have carried them under, and
+    /// a stream from before them reads as none.
+    #[test]
+    fn lock_faults_keep_their_names_in_the_header() {
+        let lock = LockFaults { fresh_per_sec: 1, split_per_sec: 2, invalidations_per_sec: 3 };
+        let json = serde_json::to_value(description(lock)).unwrap();
+        assert_eq!((json["fresh_faults"].as_u64(), json["split_faults"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(json["invalidations"].as_u64(), Some(3));
+        let back: VmDescription = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, description(lock));
+        let mut older = json;
+        for k in ["fresh_faults", "split_faults", "invalidations"] {
+            older.as_object_mut().unwrap().remove(k);
+        }
+        let back: VmDescription = serde_json::from_value(older).unwrap();
+        assert_eq!(back.lock_faults, LockFaults::default());
     }
 }

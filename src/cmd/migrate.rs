@@ -295,9 +295,7 @@ fn describe(a: &OutgoingArgs) -> Result<VmDescription, String> {
         write_pct: a.write_pct,
         seed: a.seed,
         dirty_rate: a.dirty_rate_mibps.map(|r| r << 20),
-        fresh_faults: lock.fresh_per_sec,
-        split_faults: lock.split_per_sec,
-        invalidations: lock.invalidations_per_sec,
+        lock_faults: lock,
         compute_vcpus: a.compute_vcpus,
     })
 }

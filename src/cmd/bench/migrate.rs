@@ -404,9 +404,7 @@ impl Combo {
             seed: 1,
             dirty_rate: self.run.rate.0.map(|r| r << 20),
             // Checked once, in `main`.
-            fresh_faults: lock.fresh_per_sec,
-            split_faults: lock.split_per_sec,
-            invalidations: lock.invalidations_per_sec,
+            lock_faults: lock,
             compute_vcpus: a.compute_vcpus,
         }
     }

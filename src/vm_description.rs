@@ -140,6 +140,7 @@ impl VmDescription {
             lock_faults: self.lock_faults,
             lazy_memory,
             compute_vcpus: self.compute_vcpus,
+            progress_samples: false,
         }
     }
 

@@ -106,17 +106,7 @@ pub fn main(a: &DirtyLogTestArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 "== dirty-log-test: backend={name} mode={mode} pages={} iterations={}",
                 a.guest_pages, a.iterations
             );
-            let pass = PassSpec {
-                vcpus: 1,
-                guest_bytes: a.guest_pages * PAGE_SIZE,
-                write_pct: 100,
-                random: true,
-                seed: a.seed,
-                dirty_pages: None,
-                lock_faults: Default::default(),
-                lazy_memory: false,
-                compute_vcpus: 0,
-            };
+            let pass = PassSpec { random: true, ..PassSpec::sweep(1, a.guest_pages * PAGE_SIZE, a.seed) };
             let mut vm = backend.start_passes(&pass)?;
             let r = dirty_log_test(
                 vm.as_mut(),

@@ -252,7 +252,8 @@ const PROGRESS_SAMPLE_EVERY: Duration = Duration::from_millis(1);
 const PROGRESS_MAX_SAMPLES: usize = 1 << 20;
 
 /// The guests' progress over a run ([`ProgressTrace`]): a thread samples
-/// their accesses; the host marks each probed harvest's window.
+/// their accesses, where the spec asks (`PassSpec::progress_samples`); the
+/// host marks each probed harvest's window.
 struct ProgressRecorder {
     /// The sweepers' start: the base of every time here, and of their
     /// `PassClock::idle_since`.
@@ -267,18 +268,20 @@ struct ProgressRecorder {
 }
 
 impl ProgressRecorder {
-    fn start(sweepers: &Sweepers) -> Self {
+    fn start(sweepers: &Sweepers, samples: bool) -> Self {
         let (ctl, t0) = (sweepers.ctl.clone(), sweepers.t0);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ctl2, stop2) = (ctl.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut samples = Vec::new();
-            // Relaxed: joined after the flag is set.
-            while !stop2.load(Ordering::Relaxed) && samples.len() < PROGRESS_MAX_SAMPLES {
-                samples.push((t0.elapsed().as_nanos() as u64, ctl2.accesses()));
-                std::thread::sleep(PROGRESS_SAMPLE_EVERY);
-            }
-            samples
+        let thread = samples.then(|| {
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                // Relaxed: joined after the flag is set.
+                while !stop2.load(Ordering::Relaxed) && samples.len() < PROGRESS_MAX_SAMPLES {
+                    samples.push((t0.elapsed().as_nanos() as u64, ctl2.accesses()));
+                    std::thread::sleep(PROGRESS_SAMPLE_EVERY);
+                }
+                samples
+            })
         });
         Self {
             t0,
@@ -287,7 +290,7 @@ impl ProgressRecorder {
             vcpus: sweepers.losses.len() as u32,
             windows: parking_lot::Mutex::new(Vec::new()),
             stop,
-            thread: Some(thread),
+            thread,
         }
     }
 
@@ -884,7 +887,7 @@ impl EnginePassVm {
         let harvest_latency = Arc::new(parking_lot::Mutex::new(LatencyHistogram::default()));
         let probes = Some((clock.clone(), harvest_latency.clone()));
         let sweepers = Sweepers::start(&vm, spec.vcpus, swept, workload, 0, probes)?;
-        let progress = ProgressRecorder::start(&sweepers);
+        let progress = ProgressRecorder::start(&sweepers, spec.progress_samples);
         let ring = sweepers.ring.clone();
         let work = EnginePasses {
             fast_page_fault,

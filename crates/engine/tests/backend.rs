@@ -27,3 +27,27 @@ fn the_engine_as_a_backend() {
         assert!(vm.large_sptes_mapped().is_some());
     }
 }
+
+/// The guest's progress: its harvest windows always, its samples a
+/// millisecond apart only where the spec asks for them (a thread of their
+/// own beside the vCPUs).
+#[test]
+fn progress_samples_only_when_asked() {
+    use shadow_mmu_vmm::PassSpec;
+    for asked in [false, true] {
+        let spec = PassSpec { progress_samples: asked, ..PassSpec::sweep(1, 4 * MIB, 1) };
+        let mut vm = EngineBackend::default().start_passes(&spec).unwrap();
+        vm.set_dirty_logging(true).unwrap();
+        vm.release(2);
+        vm.wait_passes(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        vm.harvest_begin();
+        let mut bitmap = vec![0u64; 16];
+        harvest(vm.as_mut(), &mut bitmap).unwrap();
+        vm.harvest_end();
+        let trace = vm.stop().unwrap().progress.unwrap();
+        assert_eq!(trace.windows.len(), 1, "asked {asked}");
+        assert_eq!(!trace.samples.is_empty(), asked, "asked {asked}: {} samples", trace.samples.len());
+        assert!(trace.samples.windows(2).all(|w| w[0] <= w[1]), "in order");
+    }
+}

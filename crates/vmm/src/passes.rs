@@ -36,6 +36,11 @@ pub struct PassSpec {
     /// dirty (auto-converge holds every vCPU; dirty-limit only those over
     /// the limit).
     pub compute_vcpus: u32,
+    /// Sample the guest's progress every millisecond for
+    /// [`PassExtras::progress`], where the backend can: a thread of its
+    /// own on a host the vCPUs share, so only a benchmark that plots the
+    /// samples asks. The harvest windows are recorded either way.
+    pub progress_samples: bool,
 }
 
 impl PassSpec {
@@ -54,6 +59,7 @@ impl PassSpec {
             lock_faults: LockFaults::default(),
             lazy_memory: false,
             compute_vcpus: 0,
+            progress_samples: false,
         }
     }
 }

@@ -316,6 +316,8 @@ pub(super) fn backend_run(
         lock_faults: a.lock_point,
         lazy_memory: false,
         compute_vcpus: 0,
+        // The guest-progress plot.
+        progress_samples: true,
     };
     let mut vm = backend.start_passes(&spec)?;
     let step = format!("{kind} {mmu} {} {} MiB", harvest.label(), guest_bytes >> 20);

@@ -200,7 +200,10 @@ fn bench_migrate_perf_writes_json_and_plots_for_both_designs_and_sizes() {
         }
         assert_eq!(r["iterations"].as_array().unwrap().len(), 2);
         assert_eq!(r["quiet_dirty_pages"], (bytes << 20) / PAGE_SIZE, "a full pass dirties every page");
-        assert!(!r["progress"]["samples"].as_array().unwrap().is_empty(), "the guest's progress sampled: {r}");
+        assert!(
+            !r["progress"]["samples"].as_array().unwrap().is_empty(),
+            "the guest's progress sampled: {r}"
+        );
     }
     for svg in ["get-dirty-log.svg", "fault-latency.svg", "guest-progress.svg"] {
         let text = std::fs::read_to_string(plots.join(svg)).unwrap();

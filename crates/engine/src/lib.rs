@@ -8,7 +8,7 @@
 //! Everything runs for real: guest memory is anonymous host memory
 //! ([`memory`]), shadow pages hold real 512-entry tables of atomic sptes
 //! (`shadow_page`, `spte`), rmaps are the seed's pte_lists
-//! ([`pte_list`]), vCPUs are OS threads with software TLBs that execute guest
+//! ([`pte_list`](shadow_mmu_core::pte_list)), vCPUs are OS threads with software TLBs that execute guest
 //! accesses through the shadow page tables ([`vcpu`]), and dirty logging
 //! write-protects and harvests ([`dirty_log`]).
 //!

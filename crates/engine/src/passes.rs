@@ -741,7 +741,7 @@ impl Drop for Sweepers {
     }
 }
 
-/// The engine's [`PassVm`]: a VM with one slot over populated host memory
+/// The engine's [`PassVm`](shadow_mmu_vmm::PassVm): a VM with one slot over populated host memory
 /// (so the first pass measures shadow page faults, not the host kernel's
 /// first-touch faults), and sweeper threads with latency probes.
 pub type EnginePassVm = EngineVm<EnginePasses>;

@@ -23,7 +23,7 @@
 //! new iteration ([`GuestControl::cut`]). Since a vCPU publishes `seen` only
 //! after its access has completed, every store tagged with an older
 //! iteration is complete (and visible) when the cut returns. A vCPU that is
-//! parked (between runs) publishes [`PARKED`]; on resume it first clears its
+//! parked (between runs) publishes `PARKED`; on resume it first clears its
 //! `seen` and then reads the iteration, both SeqCst, so that a resumed vCPU
 //! cannot slip a store with an old tag past a cut.
 

@@ -73,7 +73,7 @@ impl DelayModel {
 
     /// The guest's chunks took `chunk_ns` each with `delay` iterations
     /// after each: scales the model's costs, work and iterations alike,
-    /// [`FEEDBACK_GAIN`] of the way toward what it predicted against what
+    /// `FEEDBACK_GAIN` of the way toward what it predicted against what
     /// it took. A host's speed changes both alike (the clock, what runs
     /// beside the vCPU): after calibration, over chunk exits between
     /// sleeps, KVM's guests here ran their iterations 10 to 25% faster
@@ -98,7 +98,7 @@ impl DelayModel {
 
 /// A vCPU thread's calibration over chunk exits (module docs): chunks
 /// alternate between no delay and a probe delay, the probe growing eightfold
-/// until it adds at least half a chunk's work and [`MIN_PROBE_NS`], so that
+/// until it adds at least half a chunk's work and `MIN_PROBE_NS`, so that
 /// the iteration's cost stands out of the noise.
 #[derive(Debug)]
 pub struct Calibration {

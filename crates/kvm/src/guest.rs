@@ -1,4 +1,4 @@
-//! The guest programs, generated at run time with [`crate::asm`], and a host
+//! The guest programs, generated at run time with `crate::asm`, and a host
 //! model of what the dirtying one does.
 //!
 //! All run in 32-bit protected mode with paging off (see [`crate::vm`]) and
@@ -7,7 +7,7 @@
 //! jump back to their start, so re-entering `KVM_RUN` runs the next piece.
 //! Their 8-byte accesses are MMX `movq` loads and stores (one access each,
 //! as the engine's `u64` ones); `movq` is also what KVM's instruction
-//! emulator implements, where `movd` is not (which [`crate::probe`] uses to
+//! emulator implements, where `movd` is not (which [`crate::probe()`] uses to
 //! tell emulation from hardware execution).
 //!
 //! Invariants:

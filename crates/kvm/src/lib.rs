@@ -5,7 +5,7 @@
 //! `vmm-sys-util`), as a reference for the engine's dirty-log semantics and
 //! harvest cost:
 //!
-//! - [`probe`]: is `/dev/kvm` usable, which flavour (PVM, VMX, SVM), are
+//! - [`probe`](mod@probe): is `/dev/kvm` usable, which flavour (PVM, VMX, SVM), are
 //!   guests executed by the CPU or by KVM's instruction emulator, which
 //!   dirty-log capabilities;
 //! - [`vm`]: a VM with a code/control slot and a test slot that can log

@@ -151,7 +151,7 @@ fn running_page_digest(memory: &[AtomicU64], p: u64) -> u64 {
 }
 
 /// The digests of `pages` of a running guest's `memory` on `threads`
-/// threads ([`running_page_digest`]), and the CPU time they took, ns, summed
+/// threads (`running_page_digest`), and the CPU time they took, ns, summed
 /// over the threads: what the digest pass costs, whatever else ran on the
 /// host's CPUs meanwhile (the wall time would count the vCPUs' turns).
 pub fn running_page_digests(memory: &[AtomicU64], pages: &[u64], threads: usize) -> (Vec<u64>, u64) {

@@ -19,7 +19,7 @@
 //! backend.
 //!
 //! What the store's "iteration" is depends on the backend
-//! ([`PassVm::stored_iteration`]): KVM's guest stores the pass number, the
+//! ([`PassWorkload::stored_iteration`](shadow_mmu_vmm::PassWorkload::stored_iteration)): KVM's guest stores the pass number, the
 //! engine's the workload's iteration tag, which the host advances with each
 //! cut, one per iteration, so that both count the same way.
 

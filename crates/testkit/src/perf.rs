@@ -2,7 +2,7 @@
 //! `dirty_log_perf_test` reports it, plus the seed's two claims.
 //!
 //! Procedure ([`migrate_perf`]), on any backend's [`PassVm`] (the engine's is
-//! [`EnginePassVm`]), in `dirty_log_perf_test`'s rhythm:
+//! [`EnginePassVm`](shadow_mmu_engine::EnginePassVm)), in `dirty_log_perf_test`'s rhythm:
 //! 1. vCPU threads start; once released, each sweeps its slice of guest
 //!    memory once, one 8-byte store per page (or the chosen mix of loads and
 //!    stores), then waits for the host to release its next pass. The first
@@ -25,7 +25,7 @@
 //! fault-heavy workload with dirty logging off, whose shadow page budget is
 //! too small to hold the map, so every pass faults on every page again.
 //!
-//! Every vCPU carries a [`LatencyProbe`]: each write fault's latency, from
+//! Every vCPU carries a [`LatencyProbe`](shadow_mmu_engine::passes::LatencyProbe): each write fault's latency, from
 //! the exit of guest mode to the re-entry, goes into one HDR histogram if a
 //! harvest ran at any time during the fault, into another if none did. The
 //! host brackets each `get_dirty_log` with two increments of a harvest
@@ -271,7 +271,7 @@ impl RunCheck {
 /// Runs `migrate-perf` on `vm`, whichever its backend (module docs);
 /// `on_iteration` sees each iteration as it completes. Lost pages are
 /// counted by the oracle: at every harvest where the backend's stores carry
-/// iteration tags ([`PassVm::cut`]), and exactly at the end, with the vCPUs
+/// iteration tags ([`PassWorkload::cut`](shadow_mmu_vmm::PassWorkload::cut)), and exactly at the end, with the vCPUs
 /// stopped, on every backend.
 pub fn migrate_perf(
     vm: &mut dyn PassVm,

@@ -415,7 +415,14 @@ fn a_dirty_limit_holds_the_dirtying_vcpu_and_the_migration_completes() {
         let (addr, dest) = destination(backend.clone(), spec, Duration::from_millis(50));
         let conn = TcpStream::connect(addr).unwrap();
         let h = header(vm.as_ref());
-        let params = OutgoingParams { dirty_limit: Some(16 * MIB), ..OutgoingParams::default() };
+        // A quarter second or more at 32 MiB/s: the dirtying vCPU fills its
+        // ring (4 MiB) and meets the limit even where its thread waits for
+        // a CPU. Unbounded, a migration of 66 ms once ended before it ran.
+        let params = OutgoingParams {
+            dirty_limit: Some(16 * MIB),
+            max_bandwidth: Some(32 * MIB),
+            ..OutgoingParams::default()
+        };
         let stats = completed(common::migrate(&mut vm, &conn, &h, &params, None), "dirty-limit");
         assert_eq!(vm.dirty_pace().limit(), 0, "{what}: the limit ends with pre-copy");
         vm.stop().unwrap();

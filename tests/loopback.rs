@@ -223,8 +223,10 @@ fn force_at_the_timeout_and_auto_converge_complete_a_migration_that_cannot_conve
 
 /// Migrates a 16 MiB guest of an engine that harvests without
 /// write-protecting (`break-rules`), flat out, forced into the stop-and-copy
-/// 300 ms in, with `params`' other settings: the source, the outcome, the
-/// destination.
+/// a second in, with `params`' other settings: the source, the outcome, the
+/// destination. The pages are lost only if the guest stores after a
+/// harvest: 300 ms was not always enough for its vCPUs on a host with more
+/// busy threads than CPUs (4 of 12 found nothing to lose).
 #[cfg(feature = "break-rules")]
 fn migrate_without_write_protection(
     params: OutgoingParams,
@@ -238,7 +240,7 @@ fn migrate_without_write_protection(
     let h = header(vm.as_ref());
     let params = OutgoingParams {
         downtime_limit: Duration::ZERO,
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(Duration::from_secs(1)),
         on_timeout: OnTimeout::Force,
         ..params
     };

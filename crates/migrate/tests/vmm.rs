@@ -222,6 +222,12 @@ struct Nothing;
 
 impl SourceHooks<ToyVm> for Nothing {}
 
+/// The stream's header for a `ToyVm`: one slot of `PAGES` pages.
+fn toy_header() -> Header {
+    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
+    Header::new("toy".into(), String::new(), slots)
+}
+
 #[test]
 fn a_vm_of_the_vmm_s_own_migrates_page_by_page() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -239,8 +245,7 @@ fn a_vm_of_the_vmm_s_own_migrates_page_by_page() {
         std::thread::yield_now();
     }
     let conn = TcpStream::connect(addr).unwrap();
-    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
-    let header = Header::new("toy".into(), String::new(), slots);
+    let header = toy_header();
     let stats = match migrate_outgoing(&mut vm, &conn, &header, &OutgoingParams::default(), &mut Nothing) {
         Outcome::Completed(s) => s,
         other => panic!("{other:?}"),
@@ -275,8 +280,7 @@ fn a_dirty_limit_the_vm_cannot_keep_is_refused_and_the_source_runs_on() {
     });
     let mut vm = ToyVm::new(true);
     let conn = TcpStream::connect(addr).unwrap();
-    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
-    let header = Header::new("toy".into(), String::new(), slots);
+    let header = toy_header();
     let params = OutgoingParams { dirty_limit: Some(1 << 20), ..OutgoingParams::default() };
     let e = match migrate_outgoing(&mut vm, &conn, &header, &params, &mut Nothing) {
         Outcome::RunsOn(f) => f,
@@ -321,8 +325,7 @@ fn a_refusal_after_ready_is_the_source_s_error() {
     });
     let mut vm = ToyVm::new(true);
     let conn = TcpStream::connect(addr).unwrap();
-    let slots = vec![SlotLayout { id: 0, guest_phys_addr: 0, pages: PAGES }];
-    let header = Header::new("toy".into(), String::new(), slots);
+    let header = toy_header();
     let e = match migrate_outgoing(&mut vm, &conn, &header, &OutgoingParams::default(), &mut Nothing) {
         Outcome::RunsOn(f) => f,
         other => panic!("{other:?}"),
